@@ -1,0 +1,78 @@
+"""Input validation shared by every module.
+
+Each check raises before any long work starts, with a message that names the
+argument, what was wrong and how to fix it.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import TypeVar
+
+import torch
+
+E = TypeVar("E", bound=Enum)
+
+
+def check_choice(value: object, enum: type[E], name: str) -> E:
+    """Convert ``value`` (an enum member or its string value) to ``enum``.
+
+    Raises ``ValueError`` listing the valid options when ``value`` is unknown.
+    """
+    if isinstance(value, enum):
+        return value
+    for member in enum:
+        if value == member.value:
+            return member
+    options = ", ".join(repr(m.value) for m in enum)
+    raise ValueError(f"unknown {name} {value!r}; choose one of {options}")
+
+
+def check_finite(x: torch.Tensor, name: str) -> torch.Tensor:
+    """Raise ``ValueError`` if ``x`` holds NaN or Inf (cost: one pass over ``x``)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.is_floating_point() or x.is_complex():
+        bad = ~torch.isfinite(x)
+        if bool(bad.any()):
+            n_bad = int(bad.sum())
+            raise ValueError(
+                f"{name} contains {n_bad} NaN/Inf value(s) out of {x.numel()}; "
+                "clean or impute the inputs before calling"
+            )
+    return x
+
+
+def check_ndim(x: torch.Tensor, ndim: int | tuple[int, ...], name: str, shape_doc: str) -> torch.Tensor:
+    """Raise ``ValueError`` unless ``x.ndim`` is ``ndim`` (or one of them)."""
+    allowed = (ndim,) if isinstance(ndim, int) else ndim
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape {shape_doc}, got {type(x).__name__}")
+    if x.ndim not in allowed:
+        raise ValueError(f"{name} must have shape {shape_doc}, got {tuple(x.shape)}")
+    return x
+
+
+def check_labels(y: torch.Tensor, n_classes: int, name: str = "y") -> torch.Tensor:
+    """Check integer class labels in ``[0, n_classes)``; returns ``y`` as int64."""
+    if not isinstance(y, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of integer class labels")
+    if y.is_floating_point():
+        if not bool(torch.all(y == y.round())):
+            raise ValueError(f"{name} must hold integer class labels, got non-integer floats")
+        y = y.long()
+    if y.ndim != 1:
+        raise ValueError(f"{name} must have shape (N,), got {tuple(y.shape)}")
+    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= n_classes):
+        raise ValueError(
+            f"{name} has labels in [{int(y.min())}, {int(y.max())}] but there are "
+            f"{n_classes} classes; labels must lie in [0, {n_classes - 1}]"
+        )
+    return y.long()
+
+
+def check_positive(value: float | torch.Tensor, name: str) -> None:
+    """Raise ``ValueError`` unless every entry of ``value`` is finite and > 0."""
+    t = torch.as_tensor(value)
+    if not bool(torch.all(torch.isfinite(t))) or not bool(torch.all(t > 0)):
+        raise ValueError(f"{name} must be finite and > 0, got {value!r}")
