@@ -1,0 +1,77 @@
+"""The predictive every posthoc method returns from ``.predict(x)``."""
+
+from __future__ import annotations
+
+import abc
+
+import torch
+
+from posthoc.predictive.links import LinkApprox
+from posthoc.utils.checks import check_choice, check_finite
+
+
+class Predictive(abc.ABC):
+    """A distribution over the network's C outputs for a batch of B inputs.
+
+    Classification: outputs are logits, and ``probs`` applies a link
+    approximation. Regression: outputs are means; ``with_noise(sigma)`` gives
+    the distribution of y, and ``log_prob(y)`` its log density.
+    """
+
+    @property
+    @abc.abstractmethod
+    def mean(self) -> torch.Tensor:
+        """Predictive mean (B, C)."""
+
+    @property
+    @abc.abstractmethod
+    def var(self) -> torch.Tensor:
+        """Predictive marginal variances (B, C)."""
+
+    @property
+    @abc.abstractmethod
+    def cov(self) -> torch.Tensor:
+        """Predictive covariance (B, C, C) (diagonal when only variances are known)."""
+
+    @abc.abstractmethod
+    def probs(self, link_approx: LinkApprox | str = ..., n_samples: int = 1000, seed: int = 0) -> torch.Tensor:
+        """Class probabilities (B, C)."""
+
+    @abc.abstractmethod
+    def with_noise(self, sigma_noise: float | torch.Tensor) -> "Predictive":
+        """The predictive of y = f + eps, eps ~ N(0, sigma_noise^2 I) (regression)."""
+
+    @abc.abstractmethod
+    def log_prob(self, y: torch.Tensor) -> torch.Tensor:
+        """Log density (B,) of targets y (B, C) under this predictive (regression)."""
+
+    @abc.abstractmethod
+    def sample(self, n_samples: int, seed: int = 0) -> torch.Tensor:
+        """Draw (S, B, C) output samples."""
+
+    def __len__(self) -> int:
+        return self.mean.shape[0]
+
+    @property
+    def n_outputs(self) -> int:
+        return self.mean.shape[-1]
+
+    def _check_targets(self, y: torch.Tensor) -> torch.Tensor:
+        if not isinstance(y, torch.Tensor):
+            raise TypeError("y must be a torch.Tensor of targets with shape (B, C)")
+        if y.ndim == 1 and self.n_outputs == 1:
+            y = y.unsqueeze(-1)
+        if y.shape != self.mean.shape:
+            raise ValueError(
+                f"targets must have the predictive's shape {tuple(self.mean.shape)}, got {tuple(y.shape)}"
+            )
+        return check_finite(y.to(self.mean.dtype), "y")
+
+
+def parse_link(link_approx: LinkApprox | str) -> LinkApprox:
+    return check_choice(link_approx, LinkApprox, "link_approx")
+
+
+def check_n_samples(n_samples: int) -> None:
+    if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
+        raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}")

@@ -1,0 +1,144 @@
+"""Gaussian predictive over outputs: N(mean (B,C), cov (B,C,C) or var (B,C))."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from posthoc.predictive import links
+from posthoc.predictive.base import Predictive, check_n_samples, parse_link
+from posthoc.predictive.links import LinkApprox
+from posthoc.utils.checks import check_finite, check_positive
+
+
+class GaussianPredictive(Predictive):
+    """f(x) ~ N(mean, Sigma) for each of B inputs.
+
+    Args:
+        mean: (B, C) predictive mean (logits for classification).
+        cov: (B, C, C) full covariance, or
+        var: (B, C) marginal variances (a diagonal covariance). Give exactly one.
+            A zero variance is allowed (e.g. the MAP predictive).
+
+    Full covariances are checked to be symmetric (relative 1e-6); positive
+    semi-definiteness is checked where it is used (sampling, log-determinant).
+    """
+
+    def __init__(
+        self,
+        mean: torch.Tensor,
+        cov: torch.Tensor | None = None,
+        var: torch.Tensor | None = None,
+    ) -> None:
+        if (cov is None) == (var is None):
+            raise ValueError("give exactly one of cov (B, C, C) or var (B, C)")
+        if not isinstance(mean, torch.Tensor) or mean.ndim != 2:
+            shape = tuple(mean.shape) if isinstance(mean, torch.Tensor) else type(mean).__name__
+            raise ValueError(f"mean must be a tensor of shape (B, C), got {shape}")
+        check_finite(mean, "mean")
+        batch, n_out = mean.shape
+        if cov is not None:
+            if cov.shape != (batch, n_out, n_out):
+                raise ValueError(f"cov must have shape {(batch, n_out, n_out)}, got {tuple(cov.shape)}")
+            check_finite(cov, "cov")
+            asym = (cov - cov.transpose(-1, -2)).abs().amax() if cov.numel() else 0.0
+            if float(asym) > 1e-6 * max(float(cov.abs().amax()) if cov.numel() else 0.0, 1e-30):
+                raise ValueError("cov must be symmetric in its last two dimensions")
+            if bool((torch.diagonal(cov, dim1=-2, dim2=-1) < 0).any()):
+                raise ValueError("cov has negative diagonal entries: not a covariance")
+            self._cov, self._var = cov.to(mean.dtype), None
+        else:
+            assert var is not None
+            if var.shape != (batch, n_out):
+                raise ValueError(f"var must have shape {(batch, n_out)}, got {tuple(var.shape)}")
+            check_finite(var, "var")
+            if bool((var < 0).any()):
+                raise ValueError("var has negative entries: variances must be >= 0")
+            self._cov, self._var = None, var.to(mean.dtype)
+        self._mean = mean
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self._mean
+
+    @property
+    def var(self) -> torch.Tensor:
+        return self._var if self._cov is None else torch.diagonal(self._cov, dim1=-2, dim2=-1)
+
+    @property
+    def cov(self) -> torch.Tensor:
+        return self._cov if self._cov is not None else torch.diag_embed(self._var)
+
+    @property
+    def has_full_cov(self) -> bool:
+        """Whether cross-output covariances are known (else only the diagonal)."""
+        return self._cov is not None
+
+    @property
+    def _cov_or_var(self) -> torch.Tensor:
+        return self._cov if self._cov is not None else self._var
+
+    def probs(
+        self,
+        link_approx: LinkApprox | str = LinkApprox.PROBIT,
+        n_samples: int = 1000,
+        seed: int = 0,
+        bridge_correction: bool = True,
+    ) -> torch.Tensor:
+        """Class probabilities (B, C) by the chosen link approximation.
+
+        ``n_samples`` and ``seed`` are used by ``"mc"`` only; ``bridge_correction``
+        by ``"bridge"`` only (see :func:`posthoc.predictive.links.bridge_alpha`).
+        """
+        link = parse_link(link_approx)
+        if link is LinkApprox.PROBIT:
+            return links.probit(self.mean, self._cov_or_var)
+        if link is LinkApprox.BRIDGE:
+            return links.laplace_bridge(self.mean, self._cov_or_var, correction=bridge_correction)
+        check_n_samples(n_samples)
+        generator = links.make_generator(seed, self.mean.device)
+        return links.mc_probs(self.mean, self._cov_or_var, n_samples, generator)
+
+    def sample(self, n_samples: int, seed: int = 0) -> torch.Tensor:
+        check_n_samples(n_samples)
+        generator = links.make_generator(seed, self.mean.device)
+        return links.sample_gaussian(self.mean, self._cov_or_var, n_samples, generator)
+
+    def with_noise(self, sigma_noise: float | torch.Tensor) -> "GaussianPredictive":
+        """N(mean, Sigma + sigma_noise^2 I): the predictive of y for regression."""
+        check_positive(sigma_noise, "sigma_noise")
+        noise_var = torch.as_tensor(sigma_noise, dtype=self.mean.dtype, device=self.mean.device) ** 2
+        if self._cov is None:
+            return GaussianPredictive(self.mean, var=self._var + noise_var)
+        eye = torch.eye(self.n_outputs, dtype=self.mean.dtype, device=self.mean.device)
+        return GaussianPredictive(self.mean, cov=self._cov + noise_var * eye)
+
+    def log_prob(self, y: torch.Tensor) -> torch.Tensor:
+        """log N(y; mean, Sigma) per input (B,). Call on ``with_noise(sigma)`` for y.
+
+        Raises ValueError where Sigma is singular (a noise-free predictive).
+        """
+        y = self._check_targets(y)
+        resid = y - self.mean
+        if self._cov is None:
+            if bool((self._var <= 0).any()):
+                raise ValueError("log_prob needs positive variances; add observation noise with with_noise(sigma)")
+            return -0.5 * (resid**2 / self._var + torch.log(2 * math.pi * self._var)).sum(-1)
+        chol, info = torch.linalg.cholesky_ex(self._cov)
+        if bool((info != 0).any()):
+            raise ValueError("log_prob needs a positive definite covariance; add noise with with_noise(sigma)")
+        white = torch.linalg.solve_triangular(chol, resid.unsqueeze(-1), upper=False).squeeze(-1)
+        logdet = 2 * torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1)
+        return -0.5 * ((white**2).sum(-1) + logdet + self.n_outputs * math.log(2 * math.pi))
+
+    def to(self, *args, **kwargs) -> "GaussianPredictive":
+        """A copy with tensors moved/cast like ``torch.Tensor.to``."""
+        mean = self.mean.to(*args, **kwargs)
+        if self._cov is not None:
+            return GaussianPredictive(mean, cov=self._cov.to(*args, **kwargs))
+        return GaussianPredictive(mean, var=self._var.to(*args, **kwargs))
+
+    def __repr__(self) -> str:
+        kind = "cov" if self._cov is not None else "var"
+        return f"GaussianPredictive(B={len(self)}, C={self.n_outputs}, {kind}, dtype={self.mean.dtype})"

@@ -1,0 +1,125 @@
+"""Link approximations: class probabilities from a Gaussian over logits.
+
+All functions take ``mean`` of shape (B, C) and a covariance, either full
+``cov`` (B, C, C) or its diagonal ``var`` (B, C), and return probabilities
+(B, C). Formulas follow METHODS.md (common notation).
+"""
+
+from __future__ import annotations
+
+import math
+from enum import Enum
+
+import torch
+
+
+class LinkApprox(str, Enum):
+    """How to turn a Gaussian over logits into class probabilities."""
+
+    PROBIT = "probit"  # softmax(mu / sqrt(1 + pi/8 var)); O(BC)
+    BRIDGE = "bridge"  # Laplace bridge to a Dirichlet; O(BC^2) with a full cov
+    MC = "mc"  # Monte Carlo average of softmax over logit samples; O(SBC + BC^3)
+
+
+def diagonal(cov_or_var: torch.Tensor) -> torch.Tensor:
+    """The variances (B, C) of a full (B, C, C) or diagonal (B, C) covariance."""
+    if cov_or_var.ndim == 3:
+        return torch.diagonal(cov_or_var, dim1=-2, dim2=-1)
+    return cov_or_var
+
+
+def probit(mean: torch.Tensor, cov_or_var: torch.Tensor) -> torch.Tensor:
+    """Probit (mean-field) approximation: softmax(mu_c / sqrt(1 + pi/8 Sigma_cc)).
+
+    Uses the diagonal of the covariance only. Cost O(BC).
+    """
+    kappa = torch.rsqrt(1.0 + math.pi / 8.0 * diagonal(cov_or_var))
+    return torch.softmax(mean * kappa, dim=-1)
+
+
+def bridge_alpha(mean: torch.Tensor, cov_or_var: torch.Tensor, correction: bool = True) -> torch.Tensor:
+    """Dirichlet concentrations alpha (B, C) of the Laplace bridge.
+
+    alpha_k = (1 - 2/C + e^{mu_k} sum_l e^{-mu_l} / C^2) / Sigma_kk.
+
+    With ``correction`` (the default), mu and Sigma are first projected onto the
+    zero-sum subspace (mu - mean(mu), P Sigma P with P = I - 11^T/C), which makes
+    the result invariant to adding the same random offset to every logit, as
+    softmax is. Without it, the formula is applied to mu and diag(Sigma) as given.
+    Raises ValueError when a (projected) variance is not positive: the bridge is
+    undefined at zero variance.
+    """
+    n_classes = mean.shape[-1]
+    if correction:
+        mean = mean - mean.mean(dim=-1, keepdim=True)
+        if cov_or_var.ndim == 3:
+            centred = cov_or_var - cov_or_var.mean(dim=-1, keepdim=True)
+            centred = centred - centred.mean(dim=-2, keepdim=True)
+            var = torch.diagonal(centred, dim1=-2, dim2=-1)
+        else:
+            # P diag(v) P has diagonal v_k (1 - 2/C) + sum(v) / C^2.
+            var = cov_or_var * (1.0 - 2.0 / n_classes) + cov_or_var.sum(-1, keepdim=True) / n_classes**2
+    else:
+        var = diagonal(cov_or_var)
+    if bool((var <= 0).any()):
+        raise ValueError(
+            "the Laplace bridge needs strictly positive logit variances; got a zero or negative "
+            "variance (e.g. a MAP predictive with no uncertainty). Use link_approx='probit' or 'mc' instead"
+        )
+    sum_exp_neg = torch.exp(-mean).sum(dim=-1, keepdim=True)
+    return (1.0 - 2.0 / n_classes + torch.exp(mean) * sum_exp_neg / n_classes**2) / var
+
+
+def laplace_bridge(mean: torch.Tensor, cov_or_var: torch.Tensor, correction: bool = True) -> torch.Tensor:
+    """Predictive probabilities alpha_k / sum_l alpha_l of the Laplace bridge. Cost O(BC^2)."""
+    alpha = bridge_alpha(mean, cov_or_var, correction=correction)
+    return alpha / alpha.sum(dim=-1, keepdim=True)
+
+
+def covariance_sqrt(cov_or_var: torch.Tensor) -> torch.Tensor:
+    """A matrix L (B, C, C) with L L^T = Sigma, for sampling.
+
+    A diagonal input gives diag(sqrt(var)). A positive definite covariance
+    gives its Cholesky factor (so a diagonal covariance given in full draws the
+    same samples as its diagonal). A singular one (PSD, e.g. rank-deficient GGN
+    predictives) needs a symmetric eigendecomposition instead; eigenvalues below
+    -1e-6 * max|eigenvalue| mean the input is not a covariance and raise
+    ValueError. Cost O(BC^3).
+    """
+    if cov_or_var.ndim == 2:
+        return torch.diag_embed(cov_or_var.clamp_min(0).sqrt())
+    chol, info = torch.linalg.cholesky_ex(cov_or_var)
+    if not bool((info != 0).any()):
+        return chol
+    evals, evecs = torch.linalg.eigh(cov_or_var)
+    scale = evals.abs().amax(dim=-1, keepdim=True).clamp_min(torch.finfo(evals.dtype).tiny)
+    if bool((evals < -1e-6 * scale).any()):
+        raise ValueError("covariance is not positive semi-definite (a clearly negative eigenvalue)")
+    return evecs * evals.clamp_min(0).sqrt().unsqueeze(-2)
+
+
+def sample_gaussian(
+    mean: torch.Tensor, cov_or_var: torch.Tensor, n_samples: int, generator: torch.Generator
+) -> torch.Tensor:
+    """Draw (S, B, C) samples of N(mean, Sigma) with the given generator."""
+    noise = torch.randn(
+        (n_samples, *mean.shape), generator=generator, dtype=mean.dtype, device=mean.device
+    )
+    if cov_or_var.ndim == 2:
+        return mean + noise * cov_or_var.clamp_min(0).sqrt()
+    root = covariance_sqrt(cov_or_var)
+    return mean + torch.einsum("bij,sbj->sbi", root, noise)
+
+
+def mc_probs(
+    mean: torch.Tensor, cov_or_var: torch.Tensor, n_samples: int, generator: torch.Generator
+) -> torch.Tensor:
+    """Monte Carlo estimate of E[softmax(f)], f ~ N(mean, Sigma). Cost O(SBC + BC^3)."""
+    return torch.softmax(sample_gaussian(mean, cov_or_var, n_samples, generator), dim=-1).mean(0)
+
+
+def make_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """A torch.Generator seeded with ``seed`` (so MC links are reproducible)."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed(int(seed))
+    return generator
