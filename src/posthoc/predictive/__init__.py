@@ -6,6 +6,7 @@ for classification and ``.with_noise(sigma)`` / ``.log_prob(y)`` for regression.
 """
 
 from posthoc.predictive.base import Predictive
+from posthoc.predictive.batching import concat, predict_loader
 from posthoc.predictive.gaussian import GaussianPredictive
 from posthoc.predictive.links import LinkApprox, laplace_bridge, mc_probs, probit
 from posthoc.predictive.samples import SamplePredictive
@@ -18,4 +19,6 @@ __all__ = [
     "probit",
     "laplace_bridge",
     "mc_probs",
+    "concat",
+    "predict_loader",
 ]

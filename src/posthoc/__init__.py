@@ -1,0 +1,22 @@
+"""posthoc: calibrated predictive uncertainty for trained PyTorch networks, after the fact.
+
+Every method returns a :class:`~posthoc.predictive.GaussianPredictive` or
+:class:`~posthoc.predictive.SamplePredictive` from ``.predict(x)``.
+"""
+
+__version__ = "0.1.0"
+
+from posthoc.baselines import MAP, TemperatureScaling
+from posthoc.likelihood import Likelihood
+from posthoc.predictive import GaussianPredictive, LinkApprox, Predictive, SamplePredictive
+
+__all__ = [
+    "__version__",
+    "GaussianPredictive",
+    "Likelihood",
+    "LinkApprox",
+    "MAP",
+    "Predictive",
+    "SamplePredictive",
+    "TemperatureScaling",
+]

@@ -1,0 +1,83 @@
+"""The registry of methods ``posthoc bench`` can run.
+
+A method is registered with a builder that takes a :class:`BenchContext`
+(the trained MAP model and the data loaders) and returns a fitted object with
+``predict(x) -> Predictive``. New approximations plug in with
+:func:`register_method`; nothing else in the runner changes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from posthoc.baselines import MAP, TemperatureScaling
+from posthoc.data.suites import ImageSuite
+from posthoc.predictive import LinkApprox, Predictive
+
+
+class Predictor(Protocol):
+    def predict(self, x: torch.Tensor) -> Predictive: ...
+
+
+@dataclass
+class BenchContext:
+    """What a method's builder gets: the MAP model and the suite's loaders.
+
+    ``val_loader`` is the only data for tuning; ``context_loader`` holds the
+    suite's context inputs (for methods that use them, e.g. ScaLLA).
+    """
+
+    model: nn.Module
+    suite: ImageSuite
+    train_loader: DataLoader
+    val_loader: DataLoader
+    context_loader: DataLoader
+    seed: int
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A registered method: its builder, a one-line description and its link."""
+
+    name: str
+    build: Callable[[BenchContext], Predictor]
+    description: str
+    link_approx: LinkApprox = LinkApprox.PROBIT
+
+
+METHODS: dict[str, MethodSpec] = {}
+
+
+def register_method(
+    name: str, build: Callable[[BenchContext], Predictor], description: str,
+    link_approx: LinkApprox | str = LinkApprox.PROBIT,
+) -> MethodSpec:
+    """Add a method to the registry (a name may be registered once)."""
+    if name in METHODS:
+        raise ValueError(f"a method named {name!r} is already registered")
+    spec = MethodSpec(name, build, description, LinkApprox(link_approx))
+    METHODS[name] = spec
+    return spec
+
+
+def get_methods(names: list[str]) -> list[MethodSpec]:
+    """Look up method names, failing on the first unknown one with the valid list."""
+    unknown = [n for n in names if n not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown method(s) {', '.join(map(repr, unknown))}; available: {', '.join(METHODS)}")
+    if not names:
+        raise ValueError(f"no methods given; available: {', '.join(METHODS)}")
+    return [METHODS[n] for n in names]
+
+
+register_method("map", lambda ctx: MAP(ctx.model), "the trained network, no uncertainty")
+register_method(
+    "temperature",
+    lambda ctx: TemperatureScaling(ctx.model).fit(ctx.val_loader),
+    "MAP with a temperature fitted on validation NLL",
+)

@@ -1,0 +1,93 @@
+"""Writing benchmark results: markdown, CSV and JSON, with machine and versions."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import platform
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from posthoc.utils.io import atomic_write_text
+
+COLUMNS: tuple[tuple[str, str, str], ...] = (
+    # (key, header, format)
+    ("method", "method", "{}"),
+    ("accuracy", "ACC", "{:.4f}"),
+    ("nll", "NLL", "{:.4f}"),
+    ("ece", "ECE", "{:.4f}"),
+    ("brier", "Brier", "{:.4f}"),
+    ("auroc_entropy", "OOD AUROC (entropy)", "{:.3f}"),
+    ("auroc_variance", "OOD AUROC (variance)", "{:.3f}"),
+    ("fit_s", "fit s", "{:.1f}"),
+    ("predict_s", "predict s", "{:.1f}"),
+)
+
+
+def machine_info() -> dict[str, Any]:
+    """Where the benchmark ran: OS, processor, cores, memory, torch threads, accelerator."""
+    mem_gib = None
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemTotal:"):
+                    mem_gib = round(int(line.split()[1]) / 2**20, 1)
+    except OSError:
+        pass
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "memory_gib": mem_gib,
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+
+
+def versions() -> dict[str, str]:
+    from posthoc import __version__
+
+    return {"python": sys.version.split()[0], "torch": torch.__version__, "numpy": np.__version__,
+            "posthoc": __version__}
+
+
+def format_markdown(rows: list[dict[str, Any]]) -> str:
+    """A markdown table of the result rows; missing values print as '—'."""
+    header = "| " + " | ".join(h for _, h, _ in COLUMNS) + " |"
+    rule = "|" + "|".join("---" for _ in COLUMNS) + "|"
+    lines = [header, rule]
+    for row in rows:
+        cells = []
+        for key, _, fmt in COLUMNS:
+            value = row.get(key)
+            cells.append("—" if value is None or (isinstance(value, float) and np.isnan(value)) else fmt.format(value))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_results(out_dir: str | os.PathLike, meta: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Path]:
+    """Write results.md, results.csv and results.json atomically into ``out_dir``."""
+    out = Path(out_dir)
+    stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    meta = {**meta, "created": stamp, "machine": machine_info(), "versions": versions()}
+    md = [f"# posthoc bench: {meta['suite']}", "", format_markdown(rows)]
+    md.append(f"MAP: {meta['map']}\n")
+    md.append(f"Seed {meta['seed']}; {stamp}; machine: {json.dumps(meta['machine'])}; versions: "
+              f"{json.dumps(meta['versions'])}\n")
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=[k for k, _, _ in COLUMNS], extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    paths = {
+        "markdown": atomic_write_text(out / "results.md", "\n".join(md)),
+        "csv": atomic_write_text(out / "results.csv", buffer.getvalue()),
+        "json": atomic_write_text(out / "results.json", json.dumps({**meta, "rows": rows}, indent=2, default=str)),
+    }
+    return paths

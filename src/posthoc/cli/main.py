@@ -1,0 +1,98 @@
+"""``posthoc train | demo | bench``: MAP training and benchmark runs from the shell."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+DEMO_OUT = Path("runs") / "demo"
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-dir", default=None,
+                        help="root of the full data sets (<root>/FashionMNIST/raw/...); default: $POSTHOC_DATA")
+    parser.add_argument("--checkpoint-dir", default=None,
+                        help="where MAP checkpoints are cached; default: $POSTHOC_CACHE/checkpoints "
+                             "or ~/.cache/posthoc/checkpoints")
+    parser.add_argument("--seed", type=int, default=0, help="seed for model init, data order and MC (default 0)")
+    parser.add_argument("--epochs", type=int, default=None, help="override the suite's MAP epochs")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from posthoc.bench import BENCH_SUITES, METHODS
+
+    parser = argparse.ArgumentParser(prog="posthoc", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train (or reuse) the MAP model of a suite and report test accuracy")
+    train.add_argument("--suite", default="fmnist-embedded", choices=sorted(BENCH_SUITES))
+    _add_common(train)
+
+    demo = sub.add_parser("demo", help="the MAP CNN on the embedded FMNIST subset, all available methods")
+    demo.add_argument("--out", default=str(DEMO_OUT), help=f"results folder (default {DEMO_OUT})")
+    _add_common(demo)
+
+    bench = sub.add_parser("bench", help="run methods on a suite and write results tables and plots")
+    bench.add_argument("--suite", default="fmnist-embedded", choices=sorted(BENCH_SUITES))
+    bench.add_argument("--methods", default=None,
+                       help=f"comma-separated, from: {', '.join(METHODS)} (default: the suite's list)")
+    bench.add_argument("--out", default=None, help="results folder (default benchmarks/results/<suite>)")
+    _add_common(bench)
+    return parser
+
+
+def _train(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from posthoc import metrics
+    from posthoc.bench.runner import EVAL_BATCH, train_suite_model
+    from posthoc.bench.suites import get_bench_suite
+    from posthoc.baselines import MAP
+    from posthoc.data.loaders import make_loader
+    from posthoc.data.suites import get_suite
+    from posthoc.predictive import predict_loader
+
+    bench = get_bench_suite(args.suite)
+    config = replace(bench.train, seed=args.seed, epochs=args.epochs or bench.train.epochs)
+    suite = get_suite(bench.data, data_dir=args.data_dir)
+    result = train_suite_model(bench, suite, config, args.checkpoint_dir, not args.no_progress, print)
+    pred, y = predict_loader(MAP(result.model).predict, make_loader(suite.test, EVAL_BATCH, shuffle=False))
+    acc = metrics.accuracy(pred.probs(), y)
+    origin = "reused" if result.from_cache else "trained"
+    print(f"{origin} {bench.model} on {args.suite} ({config.epochs} epochs, {result.wall_time_s:.0f} s of training): "
+          f"test accuracy {acc:.4f}; checkpoint {result.checkpoint}")
+    return 0
+
+
+def _bench(args: argparse.Namespace, suite: str, methods: list[str] | None, out: str) -> int:
+    from posthoc.bench import run_bench
+
+    report = run_bench(suite, methods=methods, data_dir=args.data_dir, out_dir=out,
+                       checkpoint_dir=args.checkpoint_dir, seed=args.seed, epochs=args.epochs,
+                       progress=not args.no_progress)
+    print()
+    print(report.markdown())
+    print(f"results written to {Path(out).resolve()}/ (results.md, results.csv, results.json, plots)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "train":
+            return _train(args)
+        if args.command == "demo":
+            from posthoc.bench import METHODS
+
+            return _bench(args, "fmnist-embedded", list(METHODS), args.out)
+        methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
+        return _bench(args, args.suite, methods, args.out or str(Path("benchmarks") / "results" / args.suite))
+    except (ValueError, FileNotFoundError) as err:
+        print(f"posthoc {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,24 @@
+"""Deterministic DataLoaders."""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+__all__ = ["make_loader"]
+
+
+def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int = 0,
+                drop_last: bool = False) -> DataLoader:
+    """A single-process ``DataLoader`` (``num_workers=0``).
+
+    When ``shuffle`` is true the order comes from a ``torch.Generator`` seeded
+    with ``seed``: two loaders built with the same seed give the same batches
+    epoch after epoch (each epoch draws a new permutation from that
+    generator). Without shuffling the order is the dataset's.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    generator = torch.Generator().manual_seed(int(seed)) if shuffle else None
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator,
+                      num_workers=0, drop_last=drop_last)

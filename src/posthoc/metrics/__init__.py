@@ -1,0 +1,26 @@
+"""Evaluation metrics: accuracy, NLL, Brier, ECE, OOD scores and AUROC, regression NLL/RMSE."""
+
+from posthoc.metrics.classification import (
+    CalibrationBins,
+    accuracy,
+    brier,
+    calibration_bins,
+    ece,
+    nll,
+)
+from posthoc.metrics.ood import auroc, entropy, half_logdet
+from posthoc.metrics.regression import gaussian_nll, rmse
+
+__all__ = [
+    "CalibrationBins",
+    "accuracy",
+    "auroc",
+    "brier",
+    "calibration_bins",
+    "ece",
+    "entropy",
+    "gaussian_nll",
+    "half_logdet",
+    "nll",
+    "rmse",
+]

@@ -1,0 +1,40 @@
+"""Run a method's ``predict`` over a DataLoader and join the batches."""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import torch
+
+from posthoc.predictive.base import Predictive
+from posthoc.predictive.gaussian import GaussianPredictive
+from posthoc.predictive.samples import SamplePredictive
+
+
+def concat(predictives: list[Predictive]) -> Predictive:
+    """Join per-batch predictives of one kind along the batch dimension."""
+    if not predictives:
+        raise ValueError("nothing to concatenate: the loader yielded no batches")
+    first = predictives[0]
+    if all(isinstance(p, GaussianPredictive) for p in predictives):
+        mean = torch.cat([p.mean for p in predictives])
+        if all(p.has_full_cov for p in predictives):
+            return GaussianPredictive(mean, cov=torch.cat([p.cov for p in predictives]))
+        return GaussianPredictive(mean, var=torch.cat([p.var for p in predictives]))
+    if all(isinstance(p, SamplePredictive) for p in predictives):
+        return SamplePredictive(torch.cat([p.samples for p in predictives], dim=1), sigma_noise=first.sigma_noise)
+    raise TypeError("cannot concatenate predictives of different kinds")
+
+
+@torch.no_grad()
+def predict_loader(predict: Callable[[torch.Tensor], Predictive], batches: Iterable) -> tuple[Predictive, torch.Tensor]:
+    """Apply ``predict`` to the inputs of every (x, y) batch.
+
+    Returns the joined predictive and the concatenated targets. Memory: the
+    whole predictive (B, C) or (B, C, C) for all inputs.
+    """
+    outputs, targets = [], []
+    for x, y in batches:
+        outputs.append(predict(x))
+        targets.append(y)
+    return concat(outputs), torch.cat(targets)
