@@ -31,9 +31,12 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, max_iter: int = 
         return loss
 
     optimizer.step(closure)
-    temperature = float(log_t.exp())
+    temperature = float(log_t.detach().exp())
     if not 1e-3 < temperature < 1e3:
-        raise RuntimeError(f"temperature fit diverged (T = {temperature}); check the validation labels")
+        raise RuntimeError(
+            f"temperature fit diverged (T = {temperature:.3g}): the validation labels look unrelated to the "
+            "logits; check that the labels match the inputs and the model is trained"
+        )
     return temperature
 
 

@@ -1,0 +1,28 @@
+"""The command line: errors are clear and raised before long work."""
+
+import pytest
+
+from posthoc.cli.main import main
+
+
+def test_unknown_method(capsys, tmp_path):
+    assert main(["bench", "--methods", "map,nope", "--checkpoint-dir", str(tmp_path)]) == 2
+    assert "unknown method(s) 'nope'" in capsys.readouterr().err
+
+
+def test_missing_data_names_the_file(capsys, tmp_path):
+    code = main(["train", "--suite", "fmnist", "--data-dir", str(tmp_path), "--checkpoint-dir", str(tmp_path)])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert str(tmp_path / "FashionMNIST" / "raw") in err and "http" in err
+
+
+def test_unknown_suite_is_an_argparse_error(capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "--suite", "nope"])
+    assert "invalid choice" in capsys.readouterr().err
+
+
+def test_train_embedded_one_epoch(capsys, tmp_path):
+    assert main(["train", "--epochs", "1", "--checkpoint-dir", str(tmp_path), "--no-progress"]) == 0
+    assert "test accuracy" in capsys.readouterr().out
