@@ -6,6 +6,7 @@ Every method returns a :class:`~posthoc.predictive.GaussianPredictive` or
 
 __version__ = "0.1.0"
 
+from posthoc import metrics
 from posthoc.baselines import MAP, TemperatureScaling
 from posthoc.likelihood import Likelihood
 from posthoc.predictive import GaussianPredictive, LinkApprox, Predictive, SamplePredictive
