@@ -1,0 +1,100 @@
+"""Output-space factors S_n (C, K) with H = sum_n J_n^T S_n S_n^T J_n.
+
+- GGN (exact): S_n S_n^T = Gamma_n, the Hessian of -log p(y | f) in f.
+  Classification: Gamma = diag(p) - p p^T, S = diag(sqrt p) - p sqrt(p)^T (K = C).
+  Regression: Gamma = sigma^-2 I, stored at sigma = 1: S = I (K = C).
+- GGN_MC (Monte-Carlo GGN / Fisher with sampled labels): S_n = gradient in f of
+  -log p(y_hat | f) for y_hat drawn from the model's predictive, divided by
+  sqrt(M) for M samples (K = M); unbiased for Gamma_n.
+- EF (empirical Fisher): S_n = gradient in f of -log p(y_n | f) (K = 1).
+
+Regression curvature is stored at sigma_noise = 1 and rescaled later:
+GGN and GGN_MC scale as sigma^-2, EF as sigma^-4 (see :meth:`OutputFactors.scale`).
+"""
+
+from __future__ import annotations
+
+import math
+from enum import Enum
+
+import torch
+
+from posthoc.likelihood import Likelihood
+from posthoc.utils.checks import check_choice
+
+
+class CurvatureType(str, Enum):
+    GGN = "ggn"
+    GGN_MC = "ggn_mc"
+    EF = "ef"
+
+
+class OutputFactors:
+    """Computes S (B, C, K) from outputs and targets for one likelihood and curvature type.
+
+    ``generator`` seeds the label sampling of GGN_MC (``mc_samples`` labels per example).
+    """
+
+    def __init__(
+        self,
+        likelihood: Likelihood | str,
+        curvature: CurvatureType | str = CurvatureType.GGN,
+        mc_samples: int = 1,
+        seed: int = 0,
+    ) -> None:
+        self.likelihood = check_choice(likelihood, Likelihood, "likelihood")
+        self.curvature = check_choice(curvature, CurvatureType, "curvature")
+        if mc_samples < 1:
+            raise ValueError(f"mc_samples must be >= 1, got {mc_samples}")
+        self.mc_samples = mc_samples
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __call__(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """S (B, C, K) for outputs (B, C) (detached) and targets (B,) labels or (B, C) values."""
+        f = outputs.detach()
+        batch, n_out = f.shape
+        if self.likelihood is Likelihood.CLASSIFICATION:
+            p = torch.softmax(f, dim=-1)
+            if self.curvature is CurvatureType.GGN:
+                sqrt_p = p.sqrt()
+                return torch.diag_embed(sqrt_p) - p.unsqueeze(-1) * sqrt_p.unsqueeze(-2)
+            if self.curvature is CurvatureType.EF:
+                onehot = torch.nn.functional.one_hot(targets.long(), n_out).to(f.dtype)
+                return (p - onehot).unsqueeze(-1)
+            draws = torch.multinomial(p.cpu(), self.mc_samples, replacement=True, generator=self.generator)
+            onehot = torch.nn.functional.one_hot(draws.to(f.device), n_out).to(f.dtype)  # (B, M, C)
+            return (p.unsqueeze(1) - onehot).transpose(1, 2) / math.sqrt(self.mc_samples)
+        if self.curvature is CurvatureType.GGN:
+            return torch.eye(n_out, dtype=f.dtype, device=f.device).expand(batch, n_out, n_out)
+        if self.curvature is CurvatureType.EF:
+            return (f - targets.reshape(f.shape).to(f.dtype)).unsqueeze(-1)
+        noise = torch.randn((batch, n_out, self.mc_samples), generator=self.generator, dtype=f.dtype)
+        return noise.to(f.device) / math.sqrt(self.mc_samples)
+
+    def scale(self, sigma_noise: torch.Tensor) -> torch.Tensor:
+        """Factor multiplying the stored curvature at noise sigma (1 for classification)."""
+        if self.likelihood is Likelihood.CLASSIFICATION:
+            return torch.ones_like(sigma_noise)
+        power = 4 if self.curvature is CurvatureType.EF else 2
+        return sigma_noise ** (-power)
+
+
+def log_likelihood_terms(outputs: torch.Tensor, targets: torch.Tensor, likelihood: Likelihood) -> torch.Tensor:
+    """Sufficient statistic of log p(D | theta*) for a batch.
+
+    Classification: sum_n log softmax(f_n)[y_n]. Regression: the sum of squared
+    residuals sum_n ||y_n - f_n||^2 (the noise enters later, see
+    :func:`log_likelihood`).
+    """
+    f = outputs.detach()
+    if likelihood is Likelihood.CLASSIFICATION:
+        return torch.log_softmax(f, -1).gather(-1, targets.long().reshape(-1, 1)).sum()
+    return ((targets.reshape(f.shape).to(f.dtype) - f) ** 2).sum()
+
+
+def log_likelihood(stat: torch.Tensor, n_outputs_total: int, likelihood: Likelihood,
+                   sigma_noise: torch.Tensor) -> torch.Tensor:
+    """log p(D | theta*) from the accumulated statistic; ``n_outputs_total`` = N * C."""
+    if likelihood is Likelihood.CLASSIFICATION:
+        return stat
+    return -0.5 * stat / sigma_noise**2 - 0.5 * n_outputs_total * torch.log(2 * math.pi * sigma_noise**2)

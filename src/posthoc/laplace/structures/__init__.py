@@ -1,0 +1,11 @@
+"""Hessian structures; importing this package registers the built-in ones."""
+
+from posthoc.laplace.structures.base import (
+    STRUCTURES,
+    CurvatureStructure,
+    HessianStructure,
+    register_structure,
+)
+from posthoc.laplace.structures.full import FullCurvature
+
+__all__ = ["STRUCTURES", "CurvatureStructure", "FullCurvature", "HessianStructure", "register_structure"]
