@@ -8,12 +8,14 @@ __version__ = "0.1.0"
 
 from posthoc import metrics
 from posthoc.baselines import MAP, TemperatureScaling
+from posthoc.laplace import Laplace
 from posthoc.likelihood import Likelihood
 from posthoc.predictive import GaussianPredictive, LinkApprox, Predictive, SamplePredictive
 
 __all__ = [
     "__version__",
     "GaussianPredictive",
+    "Laplace",
     "Likelihood",
     "LinkApprox",
     "MAP",

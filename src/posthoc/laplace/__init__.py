@@ -1,0 +1,19 @@
+"""Laplace approximations: full, diag, KFAC, EKFAC and low-rank posteriors over all
+weights, the last layer or a subnetwork, with glm and sampled predictives."""
+
+from posthoc.laplace.function_space import exact_lla
+from posthoc.laplace.laplace import Laplace, PredType, PriorOptimization
+from posthoc.laplace.structures import STRUCTURES, HessianStructure, register_structure
+from posthoc.laplace.subset import ParameterSubset, SubsetOfWeights
+
+__all__ = [
+    "Laplace",
+    "PredType",
+    "PriorOptimization",
+    "HessianStructure",
+    "SubsetOfWeights",
+    "ParameterSubset",
+    "STRUCTURES",
+    "register_structure",
+    "exact_lla",
+]

@@ -1,0 +1,378 @@
+"""``posthoc.Laplace``: the Laplace Redux family behind laplace-torch's API.
+
+    la = Laplace(model, "classification", subset_of_weights="all", hessian_structure="kron")
+    la.fit(train_loader)
+    la.optimize_prior_precision(method="marglik")
+    probs = la(x, pred_type="glm", link_approx="probit")
+
+The curvature is fitted once; the posterior precision Lambda = s(sigma) H +
+diag(delta) is a function of the prior precision delta and the noise sigma, so
+marginal-likelihood tuning and grid search never refit.
+"""
+
+from __future__ import annotations
+
+import math
+from enum import Enum
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from posthoc.curvature.output_factors import CurvatureType, OutputFactors, log_likelihood, log_likelihood_terms
+from posthoc.laplace.batches import checked_batches
+from posthoc.laplace.prior import PriorKind, as_prior_tensor, per_parameter, prior_kind
+from posthoc.laplace.structures import STRUCTURES, CurvatureStructure, HessianStructure
+from posthoc.laplace.subset import ParameterSubset, SubsetOfWeights
+from posthoc.likelihood import Likelihood
+from posthoc.predictive import GaussianPredictive, LinkApprox, Predictive, SamplePredictive
+from posthoc.utils.checks import check_choice, check_finite, check_positive
+
+STATE_VERSION = 1
+
+
+class PredType(str, Enum):
+    GLM = "glm"  # linearised: N(f(x; theta*), J Lambda^-1 J^T)
+    NN = "nn"  # sampled weights, full forward passes
+
+
+class PriorOptimization(str, Enum):
+    MARGLIK = "marglik"
+    GRIDSEARCH = "gridsearch"
+
+
+class Laplace:
+    """Laplace approximation N(theta*, Lambda^-1) of a trained network's posterior.
+
+    Args:
+        model: the trained network (its current weights are the MAP theta*);
+            put in eval mode by ``fit``.
+        likelihood: "classification" (outputs are logits) or "regression".
+        subset_of_weights: "all", "last_layer" or "subnetwork" (with
+            ``subnetwork_indices``, positions in parameters_to_vector order;
+            see :func:`posthoc.laplace.subnetwork.largest_variance_indices`).
+        hessian_structure: "full", "diag", "kron", "ekfac" or "lowrank".
+        prior_precision: delta: a scalar, one value per parameter tensor, or one per parameter.
+        sigma_noise: observation noise (regression; must stay 1 for classification).
+        curvature: "ggn" (exact), "ggn_mc" (sampled labels) or "ef" (empirical Fisher).
+        mc_samples: labels sampled per example for "ggn_mc".
+        seed: seeds label sampling, posterior samples and MC links.
+        dict_key_x, dict_key_y: the keys read from loaders that yield dict batches.
+        progress: show progress bars.
+        structure_options: passed to the structure's fit (e.g. lowrank
+            ``{"rank": 20, "subsample": 1000}``, kron ``{"conv_approx": "reduce"}``).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        likelihood: Likelihood | str,
+        subset_of_weights: SubsetOfWeights | str = SubsetOfWeights.LAST_LAYER,
+        hessian_structure: HessianStructure | str = HessianStructure.KRON,
+        prior_precision: float | torch.Tensor = 1.0,
+        sigma_noise: float | torch.Tensor = 1.0,
+        curvature: CurvatureType | str = CurvatureType.GGN,
+        subnetwork_indices: torch.Tensor | None = None,
+        mc_samples: int = 1,
+        seed: int = 0,
+        dict_key_x: str = "input",
+        dict_key_y: str = "target",
+        progress: bool = True,
+        structure_options: dict[str, Any] | None = None,
+    ) -> None:
+        self.model = model
+        self.likelihood = check_choice(likelihood, Likelihood, "likelihood")
+        structure = check_choice(hessian_structure, HessianStructure, "hessian_structure")
+        if structure not in STRUCTURES:
+            raise ValueError(f"hessian_structure {structure.value!r} is not available; "
+                             f"registered: {', '.join(s.value for s in STRUCTURES)}")
+        self.structure_cls: type[CurvatureStructure] = STRUCTURES[structure]
+        self.subset = ParameterSubset(model, subset_of_weights, subnetwork_indices)
+        if self.subset.kind is SubsetOfWeights.SUBNETWORK and not self.structure_cls.supports_subnetwork:
+            raise ValueError(f"hessian_structure={structure.value!r} does not support subset_of_weights='subnetwork'; "
+                             "use 'full', 'diag' or 'lowrank'")
+        self.factors = OutputFactors(self.likelihood, curvature, mc_samples=mc_samples, seed=seed)
+        self.prior_precision = prior_precision
+        self.sigma_noise = sigma_noise
+        self.seed = seed
+        self.dict_key_x, self.dict_key_y = dict_key_x, dict_key_y
+        self.progress = progress
+        self.structure_options = dict(structure_options or {})
+        self.curvature: CurvatureStructure | None = None
+        self.n_data = 0
+        self.n_outputs: int | None = None
+        self._loglik_stat: torch.Tensor | None = None
+
+    # ----------------------------------------------------------------- hyperparameters
+    @property
+    def prior_precision(self) -> torch.Tensor:
+        """delta as a 1-D tensor: (1,), (n_tensors,) or (P,)."""
+        return self._prior_precision
+
+    @prior_precision.setter
+    def prior_precision(self, value: float | torch.Tensor) -> None:
+        prior = as_prior_tensor(torch.as_tensor(value).detach(), self.subset)
+        if self.structure_cls.structure in (HessianStructure.KRON, HessianStructure.EKFAC) and \
+                prior_kind(prior, self.subset) is PriorKind.PARAMETER:
+            raise ValueError(f"hessian_structure={self.structure_cls.structure.value!r} supports a scalar or "
+                             "per-layer prior precision only, not a per-parameter one")
+        self._prior_precision = prior
+
+    @property
+    def sigma_noise(self) -> torch.Tensor:
+        return self._sigma_noise
+
+    @sigma_noise.setter
+    def sigma_noise(self, value: float | torch.Tensor) -> None:
+        sigma = torch.as_tensor(value, dtype=self.subset.dtype, device=self.subset.device).detach().reshape(())
+        check_positive(sigma, "sigma_noise")
+        if self.likelihood is Likelihood.CLASSIFICATION and float(sigma) != 1.0:
+            raise ValueError("sigma_noise is for regression; leave it at 1 for classification")
+        self._sigma_noise = sigma
+
+    @property
+    def n_params(self) -> int:
+        return self.subset.n_params
+
+    # ----------------------------------------------------------------- fitting
+    def _batches(self, loader: Iterable) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+        return checked_batches(loader, self.likelihood, self.n_outputs, self.dict_key_x, self.dict_key_y,
+                               self.subset.dtype, self.subset.device)
+
+    def fit(self, train_loader: Iterable) -> "Laplace":
+        """Fit the curvature on the training data (one pass for full/diag/kron, two for ekfac,
+        one per Lanczos product for lowrank).
+
+        ``train_loader`` yields (x, y) tuples or dicts (read with ``dict_key_x`` and ``dict_key_y``).
+        Refitting replaces the previous curvature.
+        """
+        self.model.eval()
+        first = next(iter(train_loader), None)
+        if first is None:
+            raise ValueError("the training loader yielded no batches: nothing to fit")
+        x0, _ = next(iter(checked_batches([first], self.likelihood, None, self.dict_key_x, self.dict_key_y,
+                                          self.subset.dtype, self.subset.device)))
+        with torch.no_grad():
+            out0 = self.model(x0[:1])
+        if out0.ndim != 2:
+            raise ValueError(f"the model must return (B, C) outputs, got {tuple(out0.shape)}")
+        self.n_outputs = out0.shape[-1]
+        totals: dict[str, Any] = {}
+
+        def batches():
+            # N and log p(D | theta*) are taken from the first complete pass over the data.
+            n_data, stat = 0, torch.zeros((), dtype=self.subset.dtype, device=self.subset.device)
+            for x, y in self._batches(train_loader):
+                inputs = self.subset.inputs(x)
+                if not totals:
+                    n_data += x.shape[0]
+                    with torch.no_grad():
+                        stat = stat + log_likelihood_terms(self.subset.forward(inputs), y, self.likelihood)
+                yield inputs, y
+            totals.setdefault("n_data", n_data)
+            totals.setdefault("stat", stat)
+
+        self.curvature = self.structure_cls.fit(self.subset, batches, self.factors, progress=self.progress,
+                                                **self.structure_options)
+        if not totals:  # the structure read only part of the data (e.g. a subsample)
+            for _ in batches():
+                pass
+        self.n_data = totals["n_data"]
+        self._loglik_stat = totals["stat"]
+        return self
+
+    def _require_fit(self) -> CurvatureStructure:
+        if self.curvature is None:
+            raise RuntimeError("call fit(train_loader) first: the Laplace approximation is not fitted")
+        return self.curvature
+
+    # ----------------------------------------------------------------- evidence
+    def _hyper(self, prior_precision, sigma_noise) -> tuple[torch.Tensor, torch.Tensor]:
+        prior = self.prior_precision if prior_precision is None else torch.as_tensor(
+            prior_precision, dtype=self.subset.dtype, device=self.subset.device).reshape(-1)
+        sigma = self.sigma_noise if sigma_noise is None else torch.as_tensor(
+            sigma_noise, dtype=self.subset.dtype, device=self.subset.device).reshape(())
+        if self.likelihood is Likelihood.CLASSIFICATION and sigma_noise is not None and float(sigma) != 1.0:
+            raise ValueError("sigma_noise is for regression; classification has no noise to tune")
+        return prior, sigma
+
+    def log_marginal_likelihood(self, prior_precision: torch.Tensor | float | None = None,
+                                sigma_noise: torch.Tensor | float | None = None) -> torch.Tensor:
+        """Laplace evidence log p(D | delta, sigma), differentiable in both:
+
+        log p(D | theta*) - 1/2 sum_p delta_p theta*_p^2 + 1/2 sum_p log delta_p - 1/2 log det Lambda.
+
+        Defaults to the stored hyperparameters. No refit: cost is the structure's log-determinant.
+        """
+        curvature = self._require_fit()
+        prior, sigma = self._hyper(prior_precision, sigma_noise)
+        delta = per_parameter(prior, self.subset)
+        scatter = (delta * self.subset.theta_map**2).sum()
+        loglik = log_likelihood(self._loglik_stat, self.n_data * self.n_outputs, self.likelihood, sigma)
+        logdet = curvature.logdet_precision(prior, self.factors.scale(sigma))
+        return loglik - 0.5 * scatter + 0.5 * torch.log(delta).sum() - 0.5 * logdet
+
+    def optimize_prior_precision(
+        self,
+        method: PriorOptimization | str = PriorOptimization.MARGLIK,
+        prior_structure: str = "scalar",
+        n_steps: int = 100,
+        lr: float = 0.1,
+        init_prior_prec: float | None = None,
+        tune_sigma_noise: bool | None = None,
+        val_loader: Iterable | None = None,
+        grid: torch.Tensor | None = None,
+        pred_type: PredType | str = PredType.GLM,
+        link_approx: LinkApprox | str = LinkApprox.PROBIT,
+    ) -> torch.Tensor:
+        """Tune the prior precision (and sigma_noise for regression) without refitting.
+
+        "marglik": Adam on log delta (and log sigma) maximising the evidence for
+        ``n_steps`` steps; ``prior_structure`` "scalar", "layer" (one per
+        parameter tensor) or "parameter". "gridsearch": the scalar delta in
+        ``grid`` (default logspace(-4, 4, 21)) with the lowest NLL of the
+        ``pred_type`` predictive on ``val_loader``. Returns the new delta.
+        """
+        self._require_fit()
+        how = check_choice(method, PriorOptimization, "method")
+        if how is PriorOptimization.GRIDSEARCH:
+            return self._gridsearch(val_loader, grid, pred_type, link_approx)
+        if tune_sigma_noise is None:
+            tune_sigma_noise = self.likelihood is Likelihood.REGRESSION
+        if tune_sigma_noise and self.likelihood is Likelihood.CLASSIFICATION:
+            raise ValueError("tune_sigma_noise applies to regression only")
+        sizes = {"scalar": 1, "layer": len(self.subset.blocks), "parameter": self.n_params}
+        if prior_structure not in sizes:
+            raise ValueError(f"unknown prior_structure {prior_structure!r}; choose one of {', '.join(sizes)}")
+        start = float(init_prior_prec) if init_prior_prec is not None else float(self.prior_precision.mean())
+        log_prior = torch.full((sizes[prior_structure],), math.log(start), dtype=self.subset.dtype,
+                               device=self.subset.device, requires_grad=True)
+        log_sigma = self.sigma_noise.log().clone().requires_grad_(tune_sigma_noise)
+        params = [log_prior] + ([log_sigma] if tune_sigma_noise else [])
+        optimizer = torch.optim.Adam(params, lr=lr)
+        for _ in tqdm(range(n_steps), desc="marglik", disable=not self.progress, leave=False):
+            optimizer.zero_grad()
+            loss = -self.log_marginal_likelihood(log_prior.exp(), log_sigma.exp())
+            if not torch.isfinite(loss):
+                raise FloatingPointError("the marginal likelihood became non-finite; lower lr")
+            loss.backward()
+            optimizer.step()
+        self.prior_precision = log_prior.detach().exp()
+        if tune_sigma_noise:
+            self.sigma_noise = log_sigma.detach().exp()
+        return self.prior_precision
+
+    def _gridsearch(self, val_loader, grid, pred_type, link_approx) -> torch.Tensor:
+        if val_loader is None:
+            raise ValueError("method='gridsearch' needs val_loader (held-out data, never the test set)")
+        grid = torch.logspace(-4, 4, 21, dtype=self.subset.dtype) if grid is None else torch.as_tensor(grid)
+        val = list(self._batches(val_loader))
+        if not val:
+            raise ValueError("val_loader yielded no batches")
+        best, best_nll = None, math.inf
+        for delta in grid:
+            self.prior_precision = delta.reshape(1)
+            nll = 0.0
+            for x, y in val:
+                pred = self.predict(x, pred_type=pred_type, seed=self.seed)
+                nll += float(self._nll_sum(pred, y, link_approx))
+            if nll < best_nll:
+                best, best_nll = delta.reshape(1), nll
+        self.prior_precision = best
+        return self.prior_precision
+
+    def _nll_sum(self, pred: Predictive, y: torch.Tensor, link_approx) -> torch.Tensor:
+        if self.likelihood is Likelihood.CLASSIFICATION:
+            probs = pred.probs(link_approx, seed=self.seed)
+            return -torch.log(probs.gather(-1, y.reshape(-1, 1)).clamp_min(torch.finfo(probs.dtype).tiny)).sum()
+        return -pred.with_noise(self.sigma_noise).log_prob(y.reshape(pred.mean.shape)).sum()
+
+    # ----------------------------------------------------------------- prediction
+    def predict(self, x: torch.Tensor, pred_type: PredType | str = PredType.GLM, n_samples: int = 100,
+                seed: int | None = None) -> Predictive:
+        """Predictive over outputs for inputs x (B, ...).
+
+        "glm": GaussianPredictive(f(x; theta*), J Lambda^-1 J^T) with full (B, C, C) covariance.
+        "nn": SamplePredictive of f(x; theta_s) for n_samples weight samples (seeded).
+        Neither includes observation noise: use ``.with_noise(la.sigma_noise)`` or ``la(x)``.
+        """
+        curvature = self._require_fit()
+        kind = check_choice(pred_type, PredType, "pred_type")
+        x = x.to(device=self.subset.device, dtype=self.subset.dtype if x.is_floating_point() else x.dtype)
+        check_finite(x, "x")
+        inputs = self.subset.inputs(x)
+        scale = self.factors.scale(self.sigma_noise)
+        if kind is PredType.GLM:
+            with torch.no_grad():
+                mean = self.subset.forward(inputs)
+            cov = curvature.functional_covariance(inputs, self.prior_precision, scale).detach()
+            return GaussianPredictive(mean, cov=0.5 * (cov + cov.transpose(1, 2)))
+        thetas = self.sample(n_samples, seed=seed)
+        with torch.no_grad():
+            outputs = torch.stack([self.subset.forward(inputs, th) for th in thetas])
+        return SamplePredictive(outputs)
+
+    def __call__(self, x: torch.Tensor, pred_type: PredType | str = PredType.GLM,
+                 link_approx: LinkApprox | str = LinkApprox.PROBIT, n_samples: int = 100,
+                 seed: int | None = None) -> torch.Tensor | Predictive:
+        """Classification: class probabilities (B, C). Regression: the predictive of y (noise added)."""
+        pred = self.predict(x, pred_type=pred_type, n_samples=n_samples, seed=seed)
+        if self.likelihood is Likelihood.REGRESSION:
+            return pred.with_noise(self.sigma_noise)
+        if isinstance(pred, SamplePredictive):
+            return pred.probs(link_approx)
+        return pred.probs(link_approx, n_samples=n_samples, seed=self.seed if seed is None else seed)
+
+    def sample(self, n_samples: int = 100, seed: int | None = None) -> torch.Tensor:
+        """Parameter samples theta ~ N(theta*, Lambda^-1): (n_samples, P), seeded."""
+        curvature = self._require_fit()
+        if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
+            raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}")
+        generator = torch.Generator().manual_seed(self.seed if seed is None else seed)
+        offsets = curvature.sample(n_samples, self.prior_precision, self.factors.scale(self.sigma_noise), generator)
+        return self.subset.theta_map + offsets.detach()
+
+    def posterior_variance(self) -> torch.Tensor:
+        """diag(Lambda^-1), (P,)."""
+        curvature = self._require_fit()
+        return curvature.posterior_variance(self.prior_precision, self.factors.scale(self.sigma_noise)).detach()
+
+    # ----------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        """Everything that restores the fitted approximation exactly (with the same model weights)."""
+        curvature = self._require_fit()
+        return {
+            "version": STATE_VERSION,
+            "likelihood": self.likelihood.value,
+            "hessian_structure": self.structure_cls.structure.value,
+            "subset_of_weights": self.subset.kind.value,
+            "subnetwork_indices": self.subset.indices,
+            "curvature_type": self.factors.curvature.value,
+            "theta_map": self.subset.theta_map,
+            "prior_precision": self.prior_precision,
+            "sigma_noise": self.sigma_noise,
+            "n_data": self.n_data,
+            "n_outputs": self.n_outputs,
+            "loglik_stat": self._loglik_stat,
+            "curvature": curvature.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> "Laplace":
+        """Restore a fitted state; the settings and the model's weights must match those it was fitted with."""
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"unsupported Laplace state version {state.get('version')!r}")
+        mine = {"likelihood": self.likelihood.value, "hessian_structure": self.structure_cls.structure.value,
+                "subset_of_weights": self.subset.kind.value, "curvature_type": self.factors.curvature.value}
+        for key, value in mine.items():
+            if state[key] != value:
+                raise ValueError(f"state has {key}={state[key]!r} but this Laplace has {value!r}")
+        theta = state["theta_map"].to(self.subset.theta_map)
+        if theta.shape != self.subset.theta_map.shape or not torch.equal(theta, self.subset.theta_map):
+            raise ValueError("the model's weights differ from those the state was fitted at; load the matching "
+                             "model checkpoint first")
+        self.curvature = self.structure_cls.from_state_dict(self.subset, state["curvature"])
+        self.prior_precision = state["prior_precision"]
+        self.sigma_noise = state["sigma_noise"]
+        self.n_data, self.n_outputs, self._loglik_stat = state["n_data"], state["n_outputs"], state["loglik_stat"]
+        return self
