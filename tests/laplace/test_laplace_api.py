@@ -67,6 +67,7 @@ def test_marglik_gradient_matches_finite_differences(regression_data):
     value = la.log_marginal_likelihood(log_prior.exp(), log_sigma.exp())
     g_prior, g_sigma = torch.autograd.grad(value, (log_prior, log_sigma))
     eps = 1e-6
+    log_prior, log_sigma = log_prior.detach(), log_sigma.detach()
     for i in range(n_layers):
         step = torch.zeros(n_layers, dtype=DTYPE)
         step[i] = eps

@@ -52,3 +52,172 @@ def per_example_factor_gradients(subset: ParameterSubset, inputs: torch.Tensor, 
         return vmap(lambda col: pullback(col)[0])(s.T)
 
     return vmap(single, chunk_size=chunk_size)(inputs, factors)
+
+
+# --- Per-example squared gradients without a (B, K, P) tensor where the layers allow ---------------------------
+#
+# For a Linear or Conv2d layer the per-example gradient of J_n^T s is sum_l g_l (x) a_l over positions l
+# (output-side gradient (x) layer input, the input unfolded for Conv2d). The two helpers below reduce these
+# per-example gradients layer by layer: a Linear layer on 2-D inputs (one position) never materialises them
+# (closed forms in g^2 and a^2), a layer with several positions materialises one layer's (K, b, O, I) block per
+# chunk of b examples. Covered parameters outside Linear/Conv2d (groups=1, numeric padding) or a layer called more
+# than once per forward fall back to per-example VJPs of the whole network (per_example_factor_gradients).
+
+DEFAULT_CHUNK_BYTES = 2**29  # working-memory budget of one chunk of examples (512 MiB)
+
+
+def _covered_layers(subset: ParameterSubset) -> list[torch.nn.Module] | None:
+    """The distinct layers owning the covered parameters, or None if one is not a supported Linear/Conv2d."""
+    layers: list[torch.nn.Module] = []
+    for block in subset.blocks:
+        layer = block.layer
+        if block.kind not in ("weight", "bias") or not isinstance(layer, (torch.nn.Linear, torch.nn.Conv2d)):
+            return None
+        if isinstance(layer, torch.nn.Conv2d) and (layer.groups != 1 or layer.padding_mode != "zeros"
+                                                   or isinstance(layer.padding, str)):
+            return None
+        if not any(layer is seen for seen in layers):
+            layers.append(layer)
+    return layers
+
+
+def _layer_signals(subset: ParameterSubset, inputs: torch.Tensor, cotangents: torch.Tensor,
+                   layers: list[torch.nn.Module]) -> dict[int, tuple[torch.Tensor, torch.Tensor]] | None:
+    """For each layer, inputs a (b, L, I) and output gradients g (K, b, L, O) of the K columns of S (b, C, K).
+
+    One forward pass and one backward pass vectorised over the K cotangents. Returns None when a layer is not
+    called exactly once (weight sharing), which the callers handle by the generic route.
+    """
+    captured: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {id(layer): [] for layer in layers}
+
+    def hook(module: torch.nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        captured[id(module)].append((args[0].detach(), output))
+
+    handles = [layer.register_forward_hook(hook) for layer in layers]
+    with torch.enable_grad():  # callers may run under no_grad (prediction)
+        try:
+            # theta requires grad only so that the graph exists; no parameter gradient is ever computed
+            outputs = subset.forward(inputs, subset.theta_map.detach().requires_grad_(True))
+        finally:
+            for handle in handles:
+                handle.remove()
+        if any(len(calls) != 1 for calls in captured.values()):
+            return None
+        zs = [captured[id(layer)][0][1] for layer in layers]
+        grads = torch.autograd.grad(outputs, zs, grad_outputs=cotangents.permute(2, 0, 1).contiguous(),
+                                    is_grads_batched=True)
+    signals = {}
+    for layer, z_grad in zip(layers, grads):
+        a = captured[id(layer)][0][0]
+        n_cot, batch = z_grad.shape[:2]
+        if isinstance(layer, torch.nn.Conv2d):
+            a = torch.nn.functional.unfold(a, layer.kernel_size, layer.dilation, layer.padding, layer.stride)
+            a = a.transpose(1, 2)  # (b, L, I) with I = in*kh*kw in the weight's row-major order
+            g = z_grad.reshape(n_cot, batch, layer.out_channels, -1).transpose(2, 3)
+        else:
+            a = a.reshape(batch, -1, layer.in_features)
+            g = z_grad.reshape(n_cot, batch, -1, layer.out_features)
+        signals[id(layer)] = (a, g.detach())
+    return signals
+
+
+def _plan(subset: ParameterSubset, inputs: torch.Tensor, n_cot: int,
+          chunk_bytes: int) -> tuple[list[torch.nn.Module] | None, int]:
+    """The layers of the fast route (None: generic route) and the examples per chunk within ``chunk_bytes``.
+
+    Fast route, per example: K * (inputs and outputs of all layers + the largest per-example block), probed on
+    one example. Generic route: 2 K P (the per-example gradients and one elementwise product of them).
+    """
+    itemsize = subset.theta_map.element_size()
+    layers = _covered_layers(subset)
+    probe = None
+    if layers is not None:
+        with torch.no_grad():
+            n_out = subset.forward(inputs[:1]).shape[-1]
+        zero = torch.zeros(1, n_out, 1, dtype=subset.dtype, device=subset.device)
+        probe = _layer_signals(subset, inputs[:1], zero, layers)
+    if probe is None:
+        return None, max(1, chunk_bytes // (2 * n_cot * subset.n_params * itemsize))
+    sizes = sum(g[0, 0].numel() + a[0].numel() for a, g in probe.values())
+    largest = max(g.shape[-1] * a.shape[-1] if a.shape[1] > 1 else 0 for a, g in probe.values())
+    return layers, max(1, chunk_bytes // (n_cot * (sizes + largest) * itemsize))
+
+
+def _full_size(subset: ParameterSubset) -> int:
+    return sum(block.numel for block in subset.blocks)
+
+
+def factor_gradient_squares(subset: ParameterSubset, inputs: torch.Tensor, factors: torch.Tensor,
+                            chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> torch.Tensor:
+    """sum_n sum_k (J_n^T s_nk)^2 elementwise: (P,), for factors S (B, C, K).
+
+    This is diag(sum_n J_n^T S_n S_n^T J_n). Linear/Conv2d networks: one forward and one K-batched backward
+    per chunk plus, per layer with several positions, a (K, b, O, I) per-example gradient block (for Conv2d
+    the cost of K weight-gradient passes); a Linear layer on 2-D inputs costs an (O, I) matmul. Other networks:
+    per-example VJPs of the whole network, (b, K, P) per chunk. Chunks of b examples keep the working memory
+    under about ``chunk_bytes``.
+    """
+    layers, step = _plan(subset, inputs, factors.shape[-1], chunk_bytes)
+    if layers is None:
+        total = torch.zeros(subset.n_params, dtype=subset.dtype, device=subset.device)
+        for start in range(0, inputs.shape[0], step):
+            grads = per_example_factor_gradients(subset, inputs[start:start + step], factors[start:start + step])
+            total += grads.square_().sum((0, 1))  # grads is (b, K, P)
+        return total
+    full = torch.zeros(_full_size(subset), dtype=subset.dtype, device=subset.device)
+    for start in range(0, inputs.shape[0], step):
+        signals = _layer_signals(subset, inputs[start:start + step], factors[start:start + step], layers)
+        assert signals is not None  # the call pattern of the layers does not depend on the inputs
+        for block in subset.blocks:
+            a, g = signals[id(block.layer)]
+            if block.kind == "bias":
+                part = g.sum(2).square().sum((0, 1))
+            elif a.shape[1] == 1:
+                part = torch.einsum("kbo,bi->oi", g[:, :, 0].square(), a[:, 0].square())
+            else:
+                part = torch.einsum("kblo,bli->kboi", g, a).square_().sum((0, 1))
+            full[block.slice] += part.reshape(-1)
+    return full if subset.indices is None else full[subset.indices]
+
+
+def per_example_weighted_grams(subset: ParameterSubset, inputs: torch.Tensor, weights: torch.Tensor,
+                               chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> torch.Tensor:
+    """J(x_n) diag(w) J(x_n)^T for each input: (B, C, C), differentiable in ``weights`` (P,).
+
+    The glm covariance of a diagonal Gaussian. Linear layers on 2-D inputs need no per-example Jacobian
+    (sum_{o,i} g_co g_do a_i^2 w_oi: one matmul); layers with several positions (Conv2d) materialise one
+    layer's per-example Jacobian block (C, b, O, I) per chunk; other networks use per-example Jacobians of the
+    whole network, (b, C, P) per chunk. Chunks of b examples keep the working memory under about ``chunk_bytes``.
+    """
+    with torch.no_grad():
+        n_out = subset.forward(inputs[:1]).shape[-1]
+    layers, step = _plan(subset, inputs, n_out, chunk_bytes)
+    if layers is not None and subset.indices is not None:
+        full_w = torch.zeros(_full_size(subset), dtype=weights.dtype, device=weights.device)
+        full_w = full_w.index_put((subset.indices,), weights)  # entries outside the subnetwork weigh 0
+    else:
+        full_w = weights
+    eye = torch.eye(n_out, dtype=subset.dtype, device=subset.device)
+    out = []
+    for start in range(0, inputs.shape[0], step):
+        x = inputs[start:start + step]
+        signals = None if layers is None else _layer_signals(subset, x, eye.expand(x.shape[0], n_out, n_out), layers)
+        if signals is None:
+            jac = per_example_jacobians(subset, x)  # (b, C, P)
+            out.append((jac * weights) @ jac.transpose(1, 2))
+            continue
+        gram = torch.zeros(x.shape[0], n_out, n_out, dtype=torch.result_type(eye, weights), device=subset.device)
+        for block in subset.blocks:
+            a, g = signals[id(block.layer)]
+            w = full_w[block.slice]
+            if block.kind == "bias":
+                gb = g.sum(2)
+                gram = gram + torch.einsum("kbo,lbo,o->bkl", gb, gb, w)
+            elif a.shape[1] == 1:
+                t = a[:, 0].square() @ w.reshape(g.shape[-1], -1).T  # (b, O)
+                gram = gram + torch.einsum("kbo,lbo,bo->bkl", g[:, :, 0], g[:, :, 0], t)
+            else:
+                jb = torch.einsum("kblo,bli->kboi", g, a).flatten(2)  # (C, b, O*I)
+                gram = gram + torch.einsum("kbp,lbp->bkl", jb * w, jb)
+        out.append(gram)
+    return torch.cat(out)

@@ -6,6 +6,8 @@ from posthoc.laplace.structures.base import (
     HessianStructure,
     register_structure,
 )
+from posthoc.laplace.structures.ekfac import EKFACCurvature
 from posthoc.laplace.structures.full import FullCurvature
+from posthoc.laplace.structures.kron import KronCurvature
 
 __all__ = ["STRUCTURES", "CurvatureStructure", "FullCurvature", "HessianStructure", "register_structure"]
