@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader
 
 from posthoc.baselines import MAP, TemperatureScaling
 from posthoc.data.suites import ImageSuite
+from posthoc.laplace import Laplace
 from posthoc.predictive import LinkApprox, Predictive
 
 
@@ -81,3 +82,27 @@ register_method(
     lambda ctx: TemperatureScaling(ctx.model).fit(ctx.val_loader),
     "MAP with a temperature fitted on validation NLL",
 )
+
+
+def laplace_builder(structure: str, subset: str, marglik_steps: int = 100,
+                    **structure_options) -> Callable[[BenchContext], Predictor]:
+    """A bench builder: fit a Laplace approximation on the training loader, tune a scalar
+    prior precision by marginal likelihood, predict with glm (probit link)."""
+
+    def build(ctx: BenchContext) -> Laplace:
+        la = Laplace(ctx.model, "classification", subset_of_weights=subset, hessian_structure=structure,
+                     seed=ctx.seed, structure_options=structure_options)
+        la.fit(ctx.train_loader)
+        la.optimize_prior_precision(method="marglik", n_steps=marglik_steps)
+        return la
+
+    return build
+
+
+register_method("la_kron", laplace_builder("kron", "all"), "LA, all weights, KFAC, glm, marglik prior")
+register_method("la_diag", laplace_builder("diag", "all"), "LA, all weights, diagonal, glm, marglik prior")
+register_method("la_lowrank", laplace_builder("lowrank", "all", rank=50, subsample=2000),
+                "LA, all weights, top-50 GGN eigenpairs (Lanczos on a 2,000-example subsample) + prior, glm, "
+                "marglik prior")
+register_method("la_lastlayer_full", laplace_builder("full", "last_layer"),
+                "LA, last layer, full GGN, glm, marglik prior")

@@ -18,7 +18,7 @@ class BenchSuite:
     train: TrainConfig
     description: str
     model_kwargs: dict[str, Any] = field(default_factory=dict)
-    default_methods: tuple[str, ...] = ("map", "temperature")
+    default_methods: tuple[str, ...] = ("map", "temperature", "la_lastlayer_full", "la_kron", "la_diag", "la_lowrank")
 
 
 BENCH_SUITES: dict[str, BenchSuite] = {

@@ -113,8 +113,7 @@ class Laplace:
     @prior_precision.setter
     def prior_precision(self, value: float | torch.Tensor) -> None:
         prior = as_prior_tensor(torch.as_tensor(value).detach(), self.subset)
-        if self.structure_cls.structure in (HessianStructure.KRON, HessianStructure.EKFAC) and \
-                prior_kind(prior, self.subset) is PriorKind.PARAMETER:
+        if not self.structure_cls.supports_parameter_prior and prior_kind(prior, self.subset) is PriorKind.PARAMETER:
             raise ValueError(f"hessian_structure={self.structure_cls.structure.value!r} supports a scalar or "
                              "per-layer prior precision only, not a per-parameter one")
         self._prior_precision = prior

@@ -6,8 +6,20 @@ from posthoc.laplace.structures.base import (
     HessianStructure,
     register_structure,
 )
+from posthoc.laplace.structures.diag import DiagCurvature
 from posthoc.laplace.structures.ekfac import EKFACCurvature
 from posthoc.laplace.structures.full import FullCurvature
 from posthoc.laplace.structures.kron import KronCurvature
+from posthoc.laplace.structures.lowrank import LowRankCurvature
 
-__all__ = ["STRUCTURES", "CurvatureStructure", "FullCurvature", "HessianStructure", "register_structure"]
+__all__ = [
+    "STRUCTURES",
+    "CurvatureStructure",
+    "DiagCurvature",
+    "EKFACCurvature",
+    "FullCurvature",
+    "HessianStructure",
+    "KronCurvature",
+    "LowRankCurvature",
+    "register_structure",
+]

@@ -41,6 +41,7 @@ class CurvatureStructure(abc.ABC):
 
     structure: ClassVar[HessianStructure]
     supports_subnetwork: ClassVar[bool] = True
+    supports_parameter_prior: ClassVar[bool] = True
 
     def __init__(self, subset: ParameterSubset) -> None:
         self.subset = subset

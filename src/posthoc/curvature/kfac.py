@@ -1,0 +1,437 @@
+"""KFAC: Kronecker factors of the curvature of Linear and Conv2d layers, by hooks.
+
+Convention (METHODS.md §1; curvlinops' ``KFACLinearOperator`` with
+``separate_weight_and_bias=True``, the one laplace-torch uses). For a layer
+with weight W (D_out, D_in) (a Conv2d weight flattened to (C_out, C_in·kh·kw)
+in PyTorch's row-major order) the curvature block of W is G ⊗ A (``torch.kron``
+order, matching the row-major flattening), and the block of its bias is G:
+
+- expand (default): A = 1/(N·L) Σ_n Σ_l a_nl a_nlᵀ,   G = Σ_n Σ_k Σ_l g_nkl g_nklᵀ;
+- reduce:            A = 1/N Σ_n ā_n ā_nᵀ (ā_n = mean_l a_nl),
+                     G = Σ_n Σ_k (Σ_l g_nkl)(Σ_l g_nkl)ᵀ.
+
+a_nl are the layer inputs at weight-sharing position l (Conv2d: the unfolded
+input patches, ``torch.nn.functional.unfold``; a Linear applied to (B, ..., D_in)
+shares its weight over the middle dimensions; a plain Linear has L = 1), and
+g_nkl the gradient of the output column S_n[:, k]ᵀ f(x_n) in the layer's output
+at position l, with S from :class:`posthoc.curvature.OutputFactors`
+(S_n S_nᵀ = Γ_n for the GGN). So the N sits in G and H_l ≈ G_l ⊗ A_l
+approximates the *sum* over examples of the per-example curvature; for one
+example and L = 1 it is exact.
+
+Agreement with curvlinops 3.0.1: A equals its input covariance for any loss
+reduction; G equals its gradient covariance with ``fisher_type="type-2"`` for
+``CrossEntropyLoss(reduction="sum")`` exactly, while for
+``MSELoss(reduction="sum")`` its G is twice ours (its loss Σ(f−y)² is twice the
+Gaussian negative log-likelihood at σ = 1 that our curvature is stored at).
+Read its factors from ``op.state_dict()["input_covariances"]`` and
+``["gradient_covariances"]`` after ``op.compute_kronecker_factors()``.
+
+Covered parameters outside a supported layer fall back to an exact diagonal
+GGN block, diag(Σ_n Σ_k (J_nᵀ s_nk)²) restricted to those entries, from
+per-example gradients of only those parameters (torch.func). This covers e.g.
+BatchNorm/LayerNorm affine parameters and embeddings, and also Linear/Conv2d
+layers KFAC cannot treat: a Conv2d with groups > 1, non-zero padding modes or
+string padding, and any layer not called exactly once through its own forward
+per model call (reused layers; ``nn.MultiheadAttention``'s ``out_proj``, whose
+weight is used without calling the module), found by one probe forward.
+
+Cost per batch of B examples with K output factor columns: one forward, K
+backward passes to the layer outputs (no parameter gradients), and the factor
+products O(B·L·(D_in² + K·D_out²)) per layer. Inputs and output gradients are
+kept channels first, (B, D, L), the layout unfold and Conv2d produce, so the
+products need no transposed copies.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Iterable, Iterator
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from posthoc.curvature.jacobians import per_example_factor_gradients, per_example_jacobians
+from posthoc.curvature.output_factors import OutputFactors
+from posthoc.laplace.subset import ParameterSubset, SubsetOfWeights
+
+# Elements of stacked output gradients / per-example rotated weight gradients held at once
+# (about 64 MB in float32); larger work is chunked over examples or output columns.
+ELEMENT_BUDGET = 1 << 24
+
+
+class KFACApproximation(str, Enum):
+    """How weight sharing (Conv2d positions, Linear over sequences) enters the factors."""
+
+    EXPAND = "expand"
+    REDUCE = "reduce"
+
+
+@dataclass(frozen=True)
+class KronLayer:
+    """A Linear/Conv2d module of ``subset.module`` whose covered weight/bias get Kronecker blocks.
+
+    ``weight``/``bias`` index ``subset.blocks`` (None when not covered).
+    """
+
+    name: str
+    module: nn.Module
+    weight: int | None
+    bias: int | None
+
+    @property
+    def block_indices(self) -> list[int]:
+        return [b for b in (self.weight, self.bias) if b is not None]
+
+
+def _conv_padding(module: nn.Conv2d) -> tuple[int, int] | None:
+    """Integer padding for ``unfold``, or None when the conv is not supported by KFAC here."""
+    if module.groups != 1 or module.padding_mode != "zeros" or isinstance(module.padding, str):
+        return None
+    return tuple(module.padding)  # type: ignore[return-value]
+
+
+def _supported(module: nn.Module) -> bool:
+    if isinstance(module, nn.Linear):
+        return True
+    return isinstance(module, nn.Conv2d) and _conv_padding(module) is not None
+
+
+def check_kron_subset(subset: ParameterSubset, structure: str) -> None:
+    """KFAC's blocks are whole parameter tensors: a subnetwork subset is an error."""
+    if subset.kind is SubsetOfWeights.SUBNETWORK:
+        raise ValueError(
+            f"hessian_structure={structure!r} needs whole weight matrices and does not support "
+            "subset_of_weights='subnetwork'; use 'full', 'diag' or 'lowrank' for a subnetwork"
+        )
+
+
+def candidate_layers(subset: ParameterSubset) -> list[KronLayer]:
+    """Linear/Conv2d modules with a covered ``weight`` or ``bias``, in block order (no probing)."""
+    layers: dict[str, dict[str, int]] = {}
+    modules: dict[str, nn.Module] = {}
+    for index, block in enumerate(subset.blocks):
+        if block.kind in ("weight", "bias") and _supported(block.layer):
+            layers.setdefault(block.layer_name, {})[block.kind] = index
+            modules[block.layer_name] = block.layer
+    return [KronLayer(name, modules[name], kinds.get("weight"), kinds.get("bias")) for name, kinds in layers.items()]
+
+
+def layers_by_name(subset: ParameterSubset, names: Iterable[str]) -> list[KronLayer]:
+    """The KronLayers of ``names`` (e.g. restored from a state dict)."""
+    found = {layer.name: layer for layer in candidate_layers(subset)}
+    missing = [n for n in names if n not in found]
+    if missing:
+        raise ValueError(f"Kronecker layers {missing} are not covered Linear/Conv2d modules of this model")
+    return [found[n] for n in names]
+
+
+def fallback_blocks(subset: ParameterSubset, layers: list[KronLayer]) -> list[int]:
+    """Indices of the covered blocks not in a Kronecker layer (diagonal fallback)."""
+    in_kron = {b for layer in layers for b in layer.block_indices}
+    return [i for i in range(len(subset.blocks)) if i not in in_kron]
+
+
+def fallback_positions(subset: ParameterSubset, blocks: list[int]) -> torch.Tensor:
+    """(P_fb,) positions in theta of the fallback blocks, in theta order."""
+    if not blocks:
+        return torch.zeros(0, dtype=torch.long, device=subset.device)
+    return torch.cat([torch.arange(subset.blocks[i].offset, subset.blocks[i].offset + subset.blocks[i].numel,
+                                   device=subset.device) for i in blocks])
+
+
+@torch.no_grad()
+def probe_layers(subset: ParameterSubset, inputs: torch.Tensor) -> tuple[list[KronLayer], dict[str, int]]:
+    """One forward pass on ``inputs`` to keep the candidates called exactly once through their forward.
+
+    Returns the kept layers and their number of weight-sharing positions L.
+    """
+    calls: dict[str, list[int]] = {}
+    handles = []
+    candidates = candidate_layers(subset)
+    for layer in candidates:
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor, name: str = layer.name) -> None:
+            calls.setdefault(name, []).append(_positions(module, output))
+        handles.append(layer.module.register_forward_hook(hook))
+    try:
+        subset.forward(inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    kept = [layer for layer in candidates if len(calls.get(layer.name, [])) == 1]
+    return kept, {layer.name: calls[layer.name][0] for layer in kept}
+
+
+def _positions(module: nn.Module, output: torch.Tensor) -> int:
+    if isinstance(module, nn.Conv2d):
+        return output.shape[-2] * output.shape[-1]
+    return output[0].numel() // output.shape[-1]
+
+
+def _out_dim(module: nn.Module) -> int:
+    return module.out_channels if isinstance(module, nn.Conv2d) else module.out_features
+
+
+def _patches(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Layer inputs per weight-sharing position, channels first: (B, D_in, L)."""
+    if isinstance(module, nn.Conv2d):
+        # (B, C_in·kh·kw, L), channel-major like the flattened weight
+        return nn.functional.unfold(x, module.kernel_size, dilation=module.dilation, padding=_conv_padding(module),
+                                    stride=module.stride)
+    return x.reshape(x.shape[0], -1, x.shape[-1]).clone().mT
+
+
+def _channels_first(module: nn.Module, grad: torch.Tensor) -> torch.Tensor:
+    """Gradient in the layer output per position: (B, D_out, L) (a view)."""
+    if isinstance(module, nn.Conv2d):
+        return grad.flatten(2)
+    return grad.reshape(grad.shape[0], -1, grad.shape[-1]).mT
+
+
+def gram(x: torch.Tensor) -> torch.Tensor:
+    """Σ over leading dims and positions of x xᵀ for x (..., D, L): (D, D).
+
+    Batched products when D ≤ 4·L (no copy of x), else one GEMM on a (·, D) copy;
+    extra memory at most 4 times the size of x.
+    """
+    d, n_pos = x.shape[-2:]
+    if n_pos == 1:
+        flat = x[..., 0].reshape(-1, d)
+    elif d <= 4 * n_pos:
+        return torch.matmul(x, x.mT).sum(tuple(range(x.ndim - 2)))
+    else:
+        flat = x.transpose(-1, -2).reshape(-1, d)
+    return flat.T @ flat
+
+
+@dataclass
+class TappedForward:
+    """Outputs of one forward pass with the Kronecker layers' inputs and output handles recorded.
+
+    Each layer output y is replaced by y + z with a zero leaf z (B, *out),
+    so ∂/∂z is the gradient in the layer output even if a later in-place
+    operation overwrites y, and the backward stops at the earliest layer.
+    """
+
+    outputs: torch.Tensor
+    patches: dict[str, torch.Tensor] = field(default_factory=dict)  # (B, D_in, L), weight layers only
+    _leaves: dict[str, torch.Tensor] = field(default_factory=dict)
+    _layers: dict[str, KronLayer] = field(default_factory=dict)
+
+    def column_gradients(self, cotangents: torch.Tensor, retain_graph: bool) -> Iterator[dict[str, torch.Tensor]]:
+        """For each column k of ``cotangents`` (B, C, K): g (B, D_out, L) per layer (views), the gradient
+        of Σ_n cotangents[n, :, k]ᵀ f(x_n) in the layer outputs. One backward pass per column, to the
+        layer outputs only; the graph is kept after the last one if ``retain_graph``.
+        """
+        names = list(self._leaves)
+        n_cols = cotangents.shape[2]
+        for k in range(n_cols if names else 0):
+            grads = torch.autograd.grad(self.outputs, [self._leaves[n] for n in names],
+                                        grad_outputs=cotangents[:, :, k], retain_graph=retain_graph or k < n_cols - 1,
+                                        allow_unused=True, materialize_grads=True)
+            yield {name: _channels_first(self._layers[name].module, g) for name, g in zip(names, grads)}
+
+    def output_gradients(self, cotangents: torch.Tensor, retain_graph: bool) -> dict[str, torch.Tensor]:
+        """:meth:`column_gradients` stacked: g (B, K, D_out, L) per layer (contiguous)."""
+        out: dict[str, torch.Tensor] = {}
+        n_cols = cotangents.shape[2]
+        for k, grads in enumerate(self.column_gradients(cotangents, retain_graph)):
+            for name, g in grads.items():
+                if name not in out:
+                    out[name] = g.new_empty(g.shape[0], n_cols, *g.shape[1:])
+                out[name][:, k] = g
+        return out
+
+
+def tapped_forward(subset: ParameterSubset, layers: list[KronLayer], inputs: torch.Tensor) -> TappedForward:
+    """Forward pass at the MAP recording what KFAC, EKFAC and the Kronecker glm predictive need."""
+    record = TappedForward(outputs=torch.empty(0), _layers={layer.name: layer for layer in layers})
+    handles = []
+    for layer in layers:
+        if layer.weight is not None:
+            def pre(module: nn.Module, args: tuple, name: str = layer.name) -> None:
+                record.patches[name] = _patches(module, args[0].detach())
+            handles.append(layer.module.register_forward_pre_hook(pre))
+
+        def post(module: nn.Module, args: tuple, output: torch.Tensor, name: str = layer.name) -> torch.Tensor:
+            leaf = torch.zeros_like(output, requires_grad=True)
+            record._leaves[name] = leaf
+            return output + leaf
+        handles.append(layer.module.register_forward_hook(post))
+    try:
+        with torch.enable_grad():
+            record.outputs = subset.forward(inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return record
+
+
+def gradient_elements(layers: list[KronLayer], positions: dict[str, int]) -> int:
+    """Elements of one example's output gradients over all layers, Σ_l D_out·L (for memory budgets)."""
+    return sum(_out_dim(layer.module) * positions[layer.name] for layer in layers)
+
+
+class RestrictedSubset:
+    """A few entries of theta as the only free parameters (the rest held at the MAP).
+
+    Duck-types the part of :class:`ParameterSubset` that
+    :mod:`posthoc.curvature.jacobians` uses (``theta_map``, ``forward``), so
+    per-example gradients of the diagonal fallback blocks cost B·K·P_fb memory,
+    not B·K·P.
+    """
+
+    def __init__(self, subset: ParameterSubset, positions: torch.Tensor) -> None:
+        self._subset = subset
+        self._positions = positions
+        self.theta_map = subset.theta_map[positions]
+
+    def forward(self, inputs: torch.Tensor, theta: torch.Tensor | None = None) -> torch.Tensor:
+        if theta is None:
+            return self._subset.forward(inputs)
+        return self._subset.forward(inputs, self._subset.theta_map.index_put((self._positions,), theta))
+
+    def factor_gradients(self, inputs: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """J_nᵀ s_nk restricted to these entries: (B, K, P_fb)."""
+        return per_example_factor_gradients(self, inputs, s)  # type: ignore[arg-type]
+
+    def jacobians(self, inputs: torch.Tensor) -> torch.Tensor:
+        """J_n restricted to these entries: (B, C, P_fb)."""
+        return per_example_jacobians(self, inputs)  # type: ignore[arg-type]
+
+
+def chunks(n: int, elements_per_item: int, budget: int = ELEMENT_BUDGET) -> Iterator[slice]:
+    """Slices of range(n) with ≤ budget / elements_per_item items each (at least one)."""
+    step = max(1, budget // max(1, elements_per_item))
+    for start in range(0, n, step):
+        yield slice(start, min(n, start + step))
+
+
+def rotated_weight_gradients(g: torch.Tensor, a: torch.Tensor, q_out: torch.Tensor, q_in: torch.Tensor) -> torch.Tensor:
+    """Per-example weight gradients in the eigenbasis, Q_Gᵀ (Σ_l g_l a_lᵀ) Q_A: (B, K, D_out, D_in).
+
+    g (B, K, D_out, L) contiguous, a (B, D_in, L). Rotates the factors first
+    (cost B·L·(K·D_out² + D_in²)) or the products (B·K·D_out·D_in·(D_out + D_in)),
+    whichever is cheaper, plus the products themselves, B·K·L·D_out·D_in.
+    """
+    n, k, d_out, n_pos = g.shape
+    d_in = a.shape[1]
+    if n_pos * (k * d_out**2 + d_in**2) <= k * d_out * d_in * (d_out + d_in):
+        g = torch.matmul(q_out.T, g)
+        a = torch.matmul(q_in.T, a)
+        return torch.bmm(g.reshape(n, k * d_out, n_pos), a.mT).view(n, k, d_out, d_in)
+    prod = torch.bmm(g.reshape(n, k * d_out, n_pos), a.mT) @ q_in
+    return torch.matmul(q_out.T, prod.view(n, k, d_out, d_in))
+
+
+@dataclass
+class KFACFactors:
+    """Result of one KFAC pass.
+
+    ``input_factors[name]`` A (D_in, D_in) for layers with a covered weight;
+    ``output_factors[name]`` G (D_out, D_out) for every layer; ``fallback_diag``
+    (P_fb,) the exact diagonal GGN of ``fallback`` blocks (theta order of
+    :func:`fallback_positions`); ``positions[name]`` L; ``n_outputs`` C.
+    """
+
+    layers: list[KronLayer]
+    input_factors: dict[str, torch.Tensor]
+    output_factors: dict[str, torch.Tensor]
+    fallback: list[int]
+    fallback_diag: torch.Tensor
+    positions: dict[str, int]
+    n_data: int
+    n_outputs: int
+
+
+def _first_and_rest(batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
+                    ) -> tuple[tuple[torch.Tensor, torch.Tensor], Iterator[tuple[torch.Tensor, torch.Tensor]]]:
+    it = iter(batches)
+    try:
+        first = next(it)
+    except StopIteration:
+        raise ValueError("cannot fit the curvature on an empty data loader") from None
+    return first, itertools.chain([first], it)
+
+
+def kfac_factors(subset: ParameterSubset, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                 factors: OutputFactors, approximation: KFACApproximation = KFACApproximation.EXPAND,
+                 progress: bool = True, desc: str = "Laplace fit (kron)") -> KFACFactors:
+    """Accumulate the KFAC factors and the diagonal fallback over one pass of ``batches``.
+
+    ``batches`` yields (inputs of ``subset.module``, targets). Run with the
+    model in eval mode (the per-example curvature assumes examples do not
+    interact, as in BatchNorm's training mode they would).
+    """
+    first, stream = _first_and_rest(batches)
+    layers, positions = probe_layers(subset, first[0])
+    fallback = fallback_blocks(subset, layers)
+    restricted = RestrictedSubset(subset, fallback_positions(subset, fallback)) if fallback else None
+    dtype, device = subset.dtype, subset.device
+    a_sum: dict[str, torch.Tensor] = {}
+    g_sum: dict[str, torch.Tensor] = {}
+    diag = torch.zeros(0 if restricted is None else restricted.theta_map.numel(), dtype=dtype, device=device)
+    n_data, n_outputs = 0, 0
+    reduce = approximation is KFACApproximation.REDUCE
+    for inputs, targets in tqdm(stream, desc=desc, disable=not progress, leave=False):
+        record = tapped_forward(subset, layers, inputs)
+        s = factors(record.outputs.detach(), targets)  # (B, C, K)
+        n_data += inputs.shape[0]
+        n_outputs = record.outputs.shape[1]
+        for name, a in record.patches.items():
+            term = gram(a.mean(-1, keepdim=True)) if reduce else gram(a) / positions[name]
+            a_sum[name] = a_sum[name] + term if name in a_sum else term
+        for grads in record.column_gradients(s, retain_graph=False):
+            for name, g in grads.items():  # (B, D_out, L)
+                term = gram(g.sum(-1, keepdim=True)) if reduce else gram(g)
+                g_sum[name] = g_sum[name] + term if name in g_sum else term
+        del record
+        if restricted is not None:
+            diag += restricted.factor_gradients(inputs, s).square().sum((0, 1))
+    a_factors = {name: a / n_data for name, a in a_sum.items()}
+    return KFACFactors(layers, a_factors, g_sum, fallback, diag, positions, n_data, n_outputs)
+
+
+def ekfac_eigenvalues(subset: ParameterSubset, layers: list[KronLayer], positions: dict[str, int],
+                      bases: dict[str, tuple[torch.Tensor, torch.Tensor | None]],
+                      batches: Iterable[tuple[torch.Tensor, torch.Tensor]], factors: OutputFactors,
+                      progress: bool = True, desc: str = "Laplace fit (ekfac, eigenvalues)") -> dict[int, torch.Tensor]:
+    """EKFAC's corrected eigenvalues, a second data pass.
+
+    For each block, Σ_n Σ_k (Q_Gᵀ ∇W_nk Q_A)² with ∇W_nk = Σ_l g_nkl a_nlᵀ the
+    exact per-example weight gradient of column k (positions summed before
+    squaring): (D_out, D_in) for a weight, Σ_n Σ_k (Q_Gᵀ Σ_l g_nkl)² (D_out,)
+    for a bias. These are diag(Qᵀ H Q) of the exact curvature block H in the
+    KFAC eigenbasis Q = Q_G ⊗ Q_A. ``bases[name]`` = (Q_G, Q_A or None).
+    Returns a dict from block index to eigenvalues. Cost per batch: one forward,
+    K backward passes, and O(B·K·L·D_out·D_in) per weight (O(B·K·D_out·D_in)
+    when L = 1, where the square of the rank-one gradient factorises).
+    """
+    out: dict[int, torch.Tensor] = {}
+
+    def add(index: int, term: torch.Tensor) -> None:
+        out[index] = out[index] + term if index in out else term
+
+    for inputs, targets in tqdm(batches, desc=desc, disable=not progress, leave=False):
+        record = tapped_forward(subset, layers, inputs)
+        s = factors(record.outputs.detach(), targets)
+        n_cols = s.shape[2]
+        for cols in chunks(n_cols, inputs.shape[0] * gradient_elements(layers, positions)):
+            grads = record.output_gradients(s[:, :, cols], retain_graph=cols.stop < n_cols)
+            for layer in layers:
+                g, (q_out, q_in) = grads[layer.name], bases[layer.name]  # g (B, K, D_out, L)
+                if layer.weight is not None:
+                    a = record.patches[layer.name]  # (B, D_in, L)
+                    if a.shape[-1] == 1:
+                        add(layer.weight, (g[..., 0] @ q_out).square().sum(1).T @ (a[..., 0] @ q_in).square())
+                    else:
+                        per_example = g.shape[1] * g.shape[2] * a.shape[1]
+                        for part in chunks(g.shape[0], per_example):
+                            add(layer.weight, rotated_weight_gradients(g[part], a[part], q_out, q_in)
+                                .square().sum((0, 1)))
+                if layer.bias is not None:
+                    add(layer.bias, (g.sum(-1) @ q_out).square().sum((0, 1)))
+    return out

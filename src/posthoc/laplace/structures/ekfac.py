@@ -1,0 +1,46 @@
+"""Eigenvalue-corrected KFAC (EKFAC; George et al. 2018) with the prior added in the eigenbasis.
+
+Fit takes two data passes: the KFAC factors and their eigenbases Q_G, Q_A
+(:class:`posthoc.laplace.structures.kron.KronCurvature`), then the corrected
+eigenvalues E = Σ_n Σ_k (Q_Gᵀ ∇W_nk Q_A)², the exact second moments of the
+per-example factor gradients in that basis
+(:func:`posthoc.curvature.kfac.ekfac_eigenvalues`). E is diag(Qᵀ H Q) of the
+exact curvature block H in the basis Q = Q_G ⊗ Q_A, the best diagonal
+approximation of H in that basis in Frobenius norm. The posterior precision is
+(Q_G ⊗ Q_A) diag(s·E + δ) (Q_G ⊗ Q_A)ᵀ; all posterior algebra, the prior rule
+(scalar or per-layer only), the diagonal fallback and the state dict are
+KronCurvature's.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from posthoc.curvature.kfac import check_kron_subset, ekfac_eigenvalues, kfac_factors
+from posthoc.curvature.output_factors import OutputFactors
+from posthoc.laplace.structures.base import Batches, HessianStructure, check_curvature_finite, register_structure
+from posthoc.laplace.structures.kron import KronCurvature
+from posthoc.laplace.subset import ParameterSubset
+
+
+@register_structure
+class EKFACCurvature(KronCurvature):
+    """EKFAC curvature; fit option ``kfac_approx`` chooses the KFAC basis ("expand" default, or "reduce")."""
+
+    structure = HessianStructure.EKFAC
+
+    @classmethod
+    def fit(cls, subset: ParameterSubset, batches: Batches, factors: OutputFactors, progress: bool = True,
+            **options: Any) -> "EKFACCurvature":
+        approximation = cls._parse_options(options)
+        check_kron_subset(subset, cls.structure.value)
+        result = kfac_factors(subset, batches(), factors, approximation, progress,
+                              desc="Laplace fit (ekfac, factors)")
+        curvature = cls._from_factors(subset, result, approximation)
+        corrected = ekfac_eigenvalues(subset, curvature.layers, curvature.positions, curvature.bases(), batches(),
+                                      factors, progress)
+        for blk in curvature.blocks:
+            values = corrected[blk.index]
+            check_curvature_finite(values, f"ekfac (layer {blk.layer!r}, eigenvalues)")
+            blk.eigenvalues = values
+        return curvature  # type: ignore[return-value]

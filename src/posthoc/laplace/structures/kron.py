@@ -1,0 +1,289 @@
+"""Kronecker-factored (KFAC) structure with the prior added exactly in the eigenbasis.
+
+Each covered Linear/Conv2d weight W (D_out, D_in) gets the curvature block
+G ⊗ A and its bias the block G (:mod:`posthoc.curvature.kfac` for the factors'
+convention). With the eigendecompositions A = Q_A diag(λ_A) Q_Aᵀ and
+G = Q_G diag(λ_G) Q_Gᵀ (computed once at fit), the posterior precision block is
+
+    Λ_l = (Q_G ⊗ Q_A) diag(s·E_l + δ_l) (Q_G ⊗ Q_A)ᵀ,   E_l = λ_G λ_Aᵀ (D_out, D_in)
+
+(bias: Q_G diag(s λ_G + δ_l) Q_Gᵀ), for a scalar or per-layer prior δ (a layer
+is one parameter tensor, so a Linear's weight and bias are two) and curvature
+scale s. A per-parameter prior has no such closed form and raises ValueError.
+Parameters outside supported layers (BatchNorm, LayerNorm, embeddings, ...)
+get an exact diagonal GGN block s·h + δ. Everything below only rotates
+D_out × D_in matrices: memory O(P + Σ_l (D_out² + D_in²)), no P × P object
+except in :meth:`dense_precision` (tests only).
+
+:class:`posthoc.laplace.structures.ekfac.EKFACCurvature` reuses all of it with
+corrected eigenvalues E_l.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from posthoc.curvature.kfac import (
+    KFACApproximation,
+    KFACFactors,
+    KronLayer,
+    RestrictedSubset,
+    check_kron_subset,
+    chunks,
+    fallback_positions,
+    gradient_elements,
+    kfac_factors,
+    layers_by_name,
+    rotated_weight_gradients,
+    tapped_forward,
+)
+from posthoc.curvature.output_factors import OutputFactors
+from posthoc.laplace.prior import per_block
+from posthoc.laplace.structures.base import (
+    Batches,
+    CurvatureStructure,
+    HessianStructure,
+    check_curvature_finite,
+    register_structure,
+)
+from posthoc.laplace.subset import ParameterSubset
+from posthoc.utils.checks import check_choice
+from posthoc.utils.linalg import psd_eigh
+
+
+@dataclass
+class KronBlock:
+    """Eigenstructure of one Kronecker-covered parameter tensor.
+
+    ``index`` in ``subset.blocks``; ``q_out`` (D_out, D_out) = Q_G; ``q_in``
+    (D_in, D_in) = Q_A, None for a bias; ``eigenvalues`` E, (D_out, D_in) for a
+    weight, (D_out,) for a bias (curvature eigenvalues at s = 1, no prior).
+    """
+
+    index: int
+    layer: str
+    q_out: torch.Tensor
+    q_in: torch.Tensor | None
+    eigenvalues: torch.Tensor
+
+    @property
+    def is_weight(self) -> bool:
+        return self.q_in is not None
+
+
+@register_structure
+class KronCurvature(CurvatureStructure):
+    """KFAC curvature; fit options: ``kfac_approx`` ("expand" default, or "reduce") for Conv2d weight sharing."""
+
+    structure = HessianStructure.KRON
+    supports_subnetwork = False
+    supports_parameter_prior = False
+
+    def __init__(self, subset: ParameterSubset, layer_names: list[str], blocks: list[KronBlock],
+                 fallback: list[int], fallback_diag: torch.Tensor, positions: dict[str, int], n_outputs: int,
+                 approximation: KFACApproximation) -> None:
+        check_kron_subset(subset, self.structure.value)
+        super().__init__(subset)
+        self.layers: list[KronLayer] = layers_by_name(subset, layer_names)
+        self.blocks = blocks
+        self.fallback = fallback
+        self.fallback_diag = fallback_diag  # (P_fb,) exact diagonal GGN of the fallback blocks
+        self.positions = positions
+        self.n_outputs = n_outputs
+        self.approximation = approximation
+        self._fallback_positions = fallback_positions(subset, fallback)
+        self._fallback_ids = torch.repeat_interleave(
+            torch.tensor(fallback, dtype=torch.long, device=subset.device),
+            torch.tensor([subset.blocks[i].numel for i in fallback], dtype=torch.long, device=subset.device))
+        self._by_index = {blk.index: blk for blk in blocks}
+
+    # ----------------------------------------------------------------- fitting
+
+    @classmethod
+    def fit(cls, subset: ParameterSubset, batches: Batches, factors: OutputFactors, progress: bool = True,
+            **options: Any) -> "KronCurvature":
+        """One data pass (:func:`posthoc.curvature.kfac.kfac_factors`), then eigendecompositions of A and G."""
+        approximation = cls._parse_options(options)
+        check_kron_subset(subset, cls.structure.value)
+        result = kfac_factors(subset, batches(), factors, approximation, progress,
+                              desc=f"Laplace fit ({cls.structure.value})")
+        return cls._from_factors(subset, result, approximation)
+
+    @classmethod
+    def _parse_options(cls, options: dict[str, Any]) -> KFACApproximation:
+        unknown = sorted(set(options) - {"kfac_approx"})
+        if unknown:
+            raise TypeError(f"hessian_structure={cls.structure.value!r} takes the option 'kfac_approx' only, "
+                            f"got {unknown}")
+        return check_choice(options.get("kfac_approx", KFACApproximation.EXPAND), KFACApproximation, "kfac_approx")
+
+    @classmethod
+    def _from_factors(cls, subset: ParameterSubset, result: KFACFactors,
+                      approximation: KFACApproximation) -> "KronCurvature":
+        blocks: list[KronBlock] = []
+        for layer in result.layers:
+            g = result.output_factors[layer.name]
+            check_curvature_finite(g, f"{cls.structure.value} (layer {layer.name!r}, output factor)")
+            lam_g, q_g = psd_eigh(g)
+            if layer.weight is not None:
+                a = result.input_factors[layer.name]
+                check_curvature_finite(a, f"{cls.structure.value} (layer {layer.name!r}, input factor)")
+                lam_a, q_a = psd_eigh(a)
+                blocks.append(KronBlock(layer.weight, layer.name, q_g, q_a, torch.outer(lam_g, lam_a)))
+            if layer.bias is not None:
+                blocks.append(KronBlock(layer.bias, layer.name, q_g, None, lam_g))
+        check_curvature_finite(result.fallback_diag, f"{cls.structure.value} (diagonal fallback)")
+        return cls(subset, [layer.name for layer in result.layers], blocks, result.fallback, result.fallback_diag,
+                   result.positions, result.n_outputs, approximation)
+
+    def bases(self) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+        """(Q_G, Q_A or None) per Kronecker layer name."""
+        out: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        for blk in self.blocks:
+            q_out, q_in = out.get(blk.layer, (blk.q_out, None))
+            out[blk.layer] = (q_out, blk.q_in if blk.q_in is not None else q_in)
+        return out
+
+    # ------------------------------------------------------- posterior algebra
+
+    def _precision_eigenvalues(self, prior: torch.Tensor, scale: torch.Tensor
+                               ) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+        """s·E + δ per Kronecker block, and s·h + δ (P_fb,) for the fallback entries."""
+        delta = per_block(prior, self.subset, self.structure.value)
+        kron = {blk.index: scale * blk.eigenvalues + delta[blk.index] for blk in self.blocks}
+        return kron, scale * self.fallback_diag + delta[self._fallback_ids]
+
+    def _per_block(self, kron: dict[int, torch.Tensor], fallback: torch.Tensor,
+                   fallback_part: Callable[[torch.Tensor], torch.Tensor]) -> list[torch.Tensor]:
+        """Per-block tensors in block (= theta) order: ``kron[i]``, or ``fallback_part`` of block i's entries."""
+        fb = self._split_fallback(fallback)
+        return [kron[i] if i in kron else fallback_part(fb[i]) for i in range(len(self.subset.blocks))]
+
+    def _split_fallback(self, fallback: torch.Tensor) -> dict[int, torch.Tensor]:
+        """(P_fb,) fallback entries split per block index."""
+        return dict(zip(self.fallback, torch.split(fallback, [self.subset.blocks[i].numel for i in self.fallback])))
+
+    def logdet_precision(self, prior: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """Σ_blocks Σ log(s·E + δ) + Σ log(s·h + δ). Cost O(P)."""
+        kron, fallback = self._precision_eigenvalues(prior, scale)
+        total = torch.log(fallback).sum()
+        for values in kron.values():
+            total = total + torch.log(values).sum()
+        return total
+
+    def posterior_variance(self, prior: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """diag(Λ⁻¹) (P,): (Q_G∘Q_G) D (Q_A∘Q_A)ᵀ per weight, D = 1/(s·E + δ).
+
+        Cost O(Σ_l D_out·D_in·(D_out + D_in)).
+        """
+        kron, fallback = self._precision_eigenvalues(prior, scale)
+        parts = {}
+        for blk in self.blocks:
+            inv = 1.0 / kron[blk.index]
+            q_out_sq = blk.q_out.square()
+            parts[blk.index] = (q_out_sq @ inv @ blk.q_in.square().T).reshape(-1) if blk.is_weight \
+                else q_out_sq @ inv
+        return torch.cat(self._per_block(parts, 1.0 / fallback, lambda v: v))
+
+    def sample(self, n_samples: int, prior: torch.Tensor, scale: torch.Tensor,
+               generator: torch.Generator) -> torch.Tensor:
+        """(n_samples, P): Q_G (ε ∘ (s·E + δ)^-1/2) Q_Aᵀ per weight, ε ~ N(0, I) drawn in block order.
+
+        Cost O(n_samples · Σ_l D_out·D_in·(D_out + D_in)).
+        """
+        kron, fallback = self._precision_eigenvalues(prior, scale)
+        fb = self._split_fallback(fallback)
+        parts = []
+        for index, block in enumerate(self.subset.blocks):
+            values = kron[index] if index in kron else fb[index]
+            eps = torch.randn(n_samples, *values.shape, generator=generator, dtype=values.dtype).to(values.device)
+            white = eps * values.rsqrt()
+            if index in self._by_index:
+                blk = self._by_index[index]
+                white = blk.q_out @ white @ blk.q_in.T if blk.is_weight else white @ blk.q_out.T
+            parts.append(white.reshape(n_samples, block.numel))
+        return torch.cat(parts, dim=1)
+
+    def dense_precision(self, prior: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """The (P, P) block-diagonal Λ (tests and small nets only)."""
+        kron, fallback = self._precision_eigenvalues(prior, scale)
+        dense = {}
+        for blk in self.blocks:
+            basis = torch.kron(blk.q_out, blk.q_in) if blk.is_weight else blk.q_out
+            dense[blk.index] = (basis * kron[blk.index].reshape(-1)) @ basis.T
+        return torch.block_diag(*self._per_block(dense, fallback, torch.diag))
+
+    def functional_covariance(self, inputs: torch.Tensor, prior: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """J Λ⁻¹ Jᵀ (B, C, C) by C backward passes per example chunk and small rotations (METHODS.md §1).
+
+        With b_c (B, L, D_out) the gradient of output c in a layer's output and
+        a (B, L, D_in) its inputs, the rotated Jacobian of a weight is
+        R_c = Q_Gᵀ (Σ_l b_cl a_lᵀ) Q_A and its contribution Σ_qp R_c R_c' / (s·E + δ);
+        for L = 1 this factorises into (Q_Gᵀ b_c)_q (Q_Gᵀ b_c')_q Σ_p (Q_Aᵀ a)_p² / (s·E_qp + δ).
+        Fallback entries add J_fb diag(1/(s·h + δ)) J_fbᵀ from per-example
+        Jacobians of those entries only. Memory per chunk ≤ ~2^24 elements of
+        rotated gradients (examples are chunked), never P × P or B × C × P.
+        """
+        kron, fallback = self._precision_eigenvalues(prior, scale)
+        inverse = {index: 1.0 / values for index, values in kron.items()}
+        # per example: the stacked output gradients, and the rotated Jacobians of weights shared over positions
+        per_example = self.n_outputs * (gradient_elements(self.layers, self.positions) + sum(
+            blk.eigenvalues.numel() for blk in self.blocks if blk.is_weight and self.positions[blk.layer] > 1))
+        cov = torch.cat([self._kron_covariance(inputs[part], inverse)
+                         for part in chunks(inputs.shape[0], per_example)])
+        if self.fallback:
+            jac = RestrictedSubset(self.subset, self._fallback_positions).jacobians(inputs)  # (B, C, P_fb)
+            cov = cov + (jac / fallback) @ jac.transpose(1, 2)
+        return cov
+
+    def _kron_covariance(self, inputs: torch.Tensor, inverse: dict[int, torch.Tensor]) -> torch.Tensor:
+        record = tapped_forward(self.subset, self.layers, inputs)
+        n, n_out = record.outputs.shape
+        eye = torch.eye(n_out, dtype=record.outputs.dtype, device=record.outputs.device)
+        grads = record.output_gradients(eye.expand(n, n_out, n_out), retain_graph=False)  # (B, C, D_out, L)
+        cov = inputs.new_zeros(n, n_out, n_out, dtype=record.outputs.dtype)
+        bases = self.bases()
+        for layer in self.layers:
+            g, (q_out, q_in) = grads[layer.name], bases[layer.name]
+            if layer.weight is not None:
+                a, inv = record.patches[layer.name], inverse[layer.weight]
+                if a.shape[-1] == 1:
+                    # rank-one rows: Σ_p (Q_Aᵀa)_p² / (s·E_qp + δ) folds the input side into one weight per q
+                    rows = g[..., 0] @ q_out  # (B, C, D_out)
+                    weight = ((a[..., 0] @ q_in).square() @ inv.T).unsqueeze(1)
+                else:
+                    rows = rotated_weight_gradients(g, a, q_out, q_in).reshape(n, n_out, -1)
+                    weight = inv.reshape(1, 1, -1)
+                cov = cov + (rows * weight) @ rows.mT
+            if layer.bias is not None:
+                rows = g.sum(-1) @ q_out
+                cov = cov + (rows * inverse[layer.bias]) @ rows.mT
+        return cov
+
+    # -------------------------------------------------------------- state dict
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "approximation": self.approximation.value,
+            "layers": [layer.name for layer in self.layers],
+            "positions": dict(self.positions),
+            "n_outputs": self.n_outputs,
+            "blocks": [{"index": b.index, "layer": b.layer, "q_out": b.q_out, "q_in": b.q_in,
+                        "eigenvalues": b.eigenvalues} for b in self.blocks],
+            "fallback": list(self.fallback),
+            "fallback_diag": self.fallback_diag,
+        }
+
+    @classmethod
+    def from_state_dict(cls, subset: ParameterSubset, state: dict[str, Any]) -> "KronCurvature":
+        def conv(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device=subset.device, dtype=subset.dtype)
+
+        blocks = [KronBlock(int(b["index"]), b["layer"], conv(b["q_out"]), conv(b["q_in"]), conv(b["eigenvalues"]))
+                  for b in state["blocks"]]
+        return cls(subset, list(state["layers"]), blocks, [int(i) for i in state["fallback"]],
+                   conv(state["fallback_diag"]), dict(state["positions"]), int(state["n_outputs"]),
+                   KFACApproximation(state["approximation"]))

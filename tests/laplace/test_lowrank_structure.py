@@ -1,0 +1,161 @@
+"""Low-rank structure: eigenpairs, posterior algebra and convergence to the full posterior (float64)."""
+
+import pytest
+import torch
+
+from posthoc.curvature.output_factors import OutputFactors
+from posthoc.laplace.prior import per_parameter
+from posthoc.laplace.structures.lowrank import LowRankCurvature
+from posthoc.laplace.subset import ParameterSubset
+
+from references import DTYPE, dense_ggn, dense_jacobians, small_cnn, small_mlp
+
+
+def _batches(subset, x, y, batch=7):
+    def batches():
+        for i in range(0, len(x), batch):
+            yield subset.inputs(x[i:i + batch]), y[i:i + batch]
+    return batches
+
+
+def _fit(subset, x, y, likelihood="classification", **options):
+    return LowRankCurvature.fit(subset, _batches(subset, x, y), OutputFactors(likelihood), progress=False, **options)
+
+
+def _priors(subset):
+    g = torch.Generator().manual_seed(5)
+    return {
+        "scalar": torch.tensor([0.7], dtype=DTYPE),
+        "layer": 0.3 + torch.rand(len(subset.blocks), generator=g, dtype=DTYPE),
+        "parameter": 0.3 + torch.rand(subset.n_params, generator=g, dtype=DTYPE),
+    }
+
+
+def _full_posterior(hessian, subset, prior, scale):
+    return scale * hessian + torch.diag(per_parameter(prior, subset))
+
+
+@pytest.mark.parametrize("model_kind", ["mlp", "cnn"])
+def test_lowrank_full_rank_equals_full_posterior(classification_data, image_data, model_kind):
+    x, y = image_data if model_kind == "cnn" else classification_data
+    subset = ParameterSubset(small_cnn() if model_kind == "cnn" else small_mlp(), "all")
+    hessian = dense_ggn(subset, x, "classification")
+    curv = _fit(subset, x, y, rank=subset.n_params)  # the dense eigh path
+    # eigenpairs of the rank-deficient GGN at round-off level are dropped; the kept ones rebuild H
+    assert curv.rank <= torch.linalg.matrix_rank(hessian)
+    u, lam = curv.eigenvectors, curv.eigenvalues
+    torch.testing.assert_close((u * lam) @ u.T, hessian, rtol=0, atol=1e-10 * float(hessian.abs().max()))
+    jac = dense_jacobians(subset, x[:8])
+    for prior in _priors(subset).values():
+        scale = torch.tensor(2.3, dtype=DTYPE)
+        precision = _full_posterior(hessian, subset, prior, scale)
+        cov = torch.linalg.inv(precision)
+        torch.testing.assert_close(curv.functional_covariance(x[:8], prior, scale), jac @ cov @ jac.transpose(1, 2),
+                                   rtol=1e-6, atol=1e-12)
+        torch.testing.assert_close(curv.logdet_precision(prior, scale), torch.logdet(precision), rtol=1e-6, atol=0)
+        torch.testing.assert_close(curv.posterior_variance(prior, scale), torch.diagonal(cov), rtol=1e-6, atol=0)
+        torch.testing.assert_close(curv.dense_precision(prior, scale), precision, rtol=1e-6, atol=1e-10)
+
+
+def test_lowrank_lanczos_eigenpairs_and_algebra(classification_data):
+    x, y = classification_data
+    subset = ParameterSubset(small_mlp(), "all")
+    hessian = dense_ggn(subset, x, "classification")
+    curv = _fit(subset, x, y, rank=6, seed=3)
+    top = torch.linalg.eigvalsh(hessian).flip(0)[:6]
+    torch.testing.assert_close(curv.eigenvalues, top, rtol=1e-8, atol=0)
+    u = curv.eigenvectors
+    torch.testing.assert_close(hessian @ u, u * curv.eigenvalues, rtol=0, atol=1e-6 * float(top[0]))
+    # the Woodbury / determinant-lemma algebra equals the dense matrix of this structure
+    jac = dense_jacobians(subset, x[:8])
+    for prior in _priors(subset).values():
+        scale = torch.tensor(0.6, dtype=DTYPE)
+        precision = curv.dense_precision(prior, scale)
+        cov = torch.linalg.inv(precision)
+        torch.testing.assert_close(curv.functional_covariance(x[:8], prior, scale), jac @ cov @ jac.transpose(1, 2),
+                                   rtol=1e-6, atol=1e-12)
+        torch.testing.assert_close(curv.logdet_precision(prior, scale), torch.logdet(precision), rtol=1e-6, atol=0)
+        torch.testing.assert_close(curv.posterior_variance(prior, scale), torch.diagonal(cov), rtol=1e-6, atol=0)
+
+
+def test_lowrank_converges_to_full_as_rank_grows(classification_data):
+    x, y = classification_data
+    subset = ParameterSubset(small_mlp(), "all")
+    hessian = dense_ggn(subset, x, "classification")
+    prior, scale = torch.tensor([0.05], dtype=DTYPE), torch.tensor(1.0, dtype=DTYPE)
+    jac = dense_jacobians(subset, x)
+    exact = jac @ torch.linalg.inv(_full_posterior(hessian, subset, prior, scale)) @ jac.transpose(1, 2)
+    errors = []
+    for rank in (1, 3, 6, 12, 24, 40, subset.n_params):  # seen: 1.07 .34 .11 .023 5e-5 2e-8 5e-14
+        approx = _fit(subset, x, y, rank=rank).functional_covariance(x, prior, scale)
+        errors.append(float((approx - exact).norm() / exact.norm()))
+    assert all(later <= earlier for earlier, later in zip(errors, errors[1:])), errors
+    assert errors[0] > 0.1 and errors[-1] < 1e-8, errors
+
+
+def test_lowrank_subsample_scaling(classification_data):
+    x, y = classification_data
+    subset = ParameterSubset(small_mlp(), "all")
+    n_sub = 10  # not a multiple of the batch size 7: the second batch is cut
+    expected = dense_ggn(subset, x[:n_sub], "classification") * (len(x) / n_sub)
+    for n_data in (None, len(x)):
+        curv = _fit(subset, x, y, rank=subset.n_params, subsample=n_sub, n_data=n_data)
+        assert curv.info["n_sub"] == n_sub and curv.info["n_data"] == len(x)
+        u, lam = curv.eigenvectors, curv.eigenvalues
+        torch.testing.assert_close((u * lam) @ u.T, expected, rtol=0, atol=1e-10 * float(expected.abs().max()))
+    curv = _fit(subset, x, y, rank=subset.n_params, subsample=n_sub, n_data=1000)
+    torch.testing.assert_close(curv.eigenvalues, _fit(subset, x, y, rank=subset.n_params,
+                                                      subsample=n_sub).eigenvalues * 1000 / len(x))
+
+
+@pytest.mark.parametrize("prior_kind", ["scalar", "parameter"])
+def test_lowrank_logdet_gradient_matches_finite_differences(classification_data, prior_kind):
+    x, y = classification_data
+    subset = ParameterSubset(small_mlp(), "all")
+    curv = _fit(subset, x, y, rank=8)
+    log_prior = torch.log(_priors(subset)[prior_kind]).requires_grad_(True)
+    log_scale = torch.tensor(0.4, dtype=DTYPE, requires_grad=True)
+    value = curv.logdet_precision(log_prior.exp(), log_scale.exp())
+    g_prior, g_scale = torch.autograd.grad(value, (log_prior, log_scale))
+    h = 1e-6
+    for i in range(min(3, log_prior.numel())):
+        step = torch.zeros_like(log_prior)
+        step[i] = h
+        fd = (curv.logdet_precision((log_prior + step).exp(), log_scale.exp())
+              - curv.logdet_precision((log_prior - step).exp(), log_scale.exp())) / (2 * h)
+        torch.testing.assert_close(g_prior[i], fd.detach(), rtol=1e-6, atol=1e-9)
+    fd = (curv.logdet_precision(log_prior.exp(), (log_scale + h).exp())
+          - curv.logdet_precision(log_prior.exp(), (log_scale - h).exp())) / (2 * h)
+    torch.testing.assert_close(g_scale, fd.detach(), rtol=1e-6, atol=1e-9)
+
+
+def test_lowrank_sample_covariance(classification_data):
+    x, y = classification_data
+    subset = ParameterSubset(small_mlp(), "all")
+    curv = _fit(subset, x, y, rank=10)
+    prior, scale = _priors(subset)["parameter"], torch.tensor(1.7, dtype=DTYPE)
+    cov = torch.linalg.inv(curv.dense_precision(prior, scale))
+    n = 40_000
+    draws = curv.sample(n, prior, scale, torch.Generator().manual_seed(0))
+    assert draws.shape == (n, subset.n_params)
+    empirical = draws.T @ draws / n
+    # entrywise standard error of a Gaussian second moment: sqrt((S_ii S_jj + S_ij^2) / n); allow 6 of them
+    var = torch.diagonal(cov)
+    std_err = ((var.unsqueeze(0) * var.unsqueeze(1) + cov.square()) / n).sqrt()
+    assert float(((empirical - cov).abs() / std_err).max()) < 6
+
+
+def test_lowrank_state_dict_round_trip_and_options(classification_data):
+    x, y = classification_data
+    subset = ParameterSubset(small_mlp(), "all")
+    curv = _fit(subset, x, y, rank=5)
+    loaded = LowRankCurvature.from_state_dict(subset, curv.state_dict())
+    prior, scale = torch.tensor([0.5], dtype=DTYPE), torch.tensor(1.0, dtype=DTYPE)
+    assert torch.equal(loaded.eigenvectors, curv.eigenvectors) and loaded.info == curv.info
+    assert torch.equal(loaded.functional_covariance(x, prior, scale), curv.functional_covariance(x, prior, scale))
+    with pytest.raises(TypeError, match="unknown options"):
+        _fit(subset, x, y, rank=5, bogus=1)
+    with pytest.raises(ValueError, match="rank"):
+        _fit(subset, x, y, rank=0)
+    with pytest.raises(ValueError, match="empty"):
+        LowRankCurvature.fit(subset, lambda: iter([]), OutputFactors("classification"), progress=False)
