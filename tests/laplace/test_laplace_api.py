@@ -215,3 +215,24 @@ def test_bad_input(classification_data):
         la.optimize_prior_precision(method="gridsearch")
     with pytest.raises(ValueError, match="NaN"):
         la.predict(torch.full((2, 3), float("nan"), dtype=DTYPE))
+
+
+@pytest.mark.parametrize("prior_kind", ["scalar", "layer", "parameter"])
+def test_full_structure_prior_kinds_match_dense(classification_data, prior_kind):
+    # scalar priors take the eigendecomposition path, the others the Cholesky path
+    x, y = classification_data
+    model = small_mlp()
+    la = Laplace(model, "classification", subset_of_weights="last_layer", hessian_structure="full",
+                 progress=False).fit(_loader(x, y))
+    sizes = {"scalar": 1, "layer": len(la.subset.blocks), "parameter": la.n_params}
+    la.prior_precision = torch.linspace(0.5, 2.0, sizes[prior_kind], dtype=DTYPE)
+    lam = la.curvature.dense_precision(la.prior_precision, torch.tensor(1.0, dtype=DTYPE))
+    cov = torch.linalg.inv(lam)
+    torch.testing.assert_close(la.posterior_variance(), torch.diagonal(cov))
+    jac = dense_jacobians(la.subset, la.subset.inputs(x[:5]))
+    torch.testing.assert_close(la.predict(x[:5]).cov, jac @ cov @ jac.transpose(1, 2))
+    torch.testing.assert_close(la.curvature.logdet_precision(la.prior_precision, torch.tensor(1.0, dtype=DTYPE)),
+                               torch.logdet(lam))
+    samples = la.sample(40_000, seed=0)
+    max_var = float(torch.diagonal(cov).max())
+    torch.testing.assert_close(torch.cov(samples.T), cov, atol=5 * math.sqrt(2 / 40_000) * max_var, rtol=0)

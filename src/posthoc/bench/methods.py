@@ -39,6 +39,7 @@ class BenchContext:
     val_loader: DataLoader
     context_loader: DataLoader
     seed: int
+    progress: bool = True
 
 
 @dataclass(frozen=True)
@@ -84,25 +85,35 @@ register_method(
 )
 
 
-def laplace_builder(structure: str, subset: str, marglik_steps: int = 100,
+GRIDSEARCH_PRIORS = (1e-2, 1e-1, 1.0, 1e1, 1e2, 1e3, 1e4)
+
+
+def laplace_builder(structure: str, subset: str, tuning: str = "marglik", marglik_steps: int = 100,
                     **structure_options) -> Callable[[BenchContext], Predictor]:
     """A bench builder: fit a Laplace approximation on the training loader, tune a scalar
-    prior precision by marginal likelihood, predict with glm (probit link)."""
+    prior precision by marginal likelihood (100 Adam steps) or by validation NLL over
+    GRIDSEARCH_PRIORS, predict with glm (probit link)."""
 
     def build(ctx: BenchContext) -> Laplace:
         la = Laplace(ctx.model, "classification", subset_of_weights=subset, hessian_structure=structure,
-                     seed=ctx.seed, structure_options=structure_options)
+                     seed=ctx.seed, progress=ctx.progress, structure_options=structure_options)
         la.fit(ctx.train_loader)
-        la.optimize_prior_precision(method="marglik", n_steps=marglik_steps)
+        if tuning == "marglik":
+            la.optimize_prior_precision(method="marglik", n_steps=marglik_steps)
+        else:
+            la.optimize_prior_precision(method="gridsearch", val_loader=ctx.val_loader,
+                                        grid=torch.tensor(GRIDSEARCH_PRIORS))
         return la
 
     return build
 
 
 register_method("la_kron", laplace_builder("kron", "all"), "LA, all weights, KFAC, glm, marglik prior")
+register_method("la_kron_gridsearch", laplace_builder("kron", "all", tuning="gridsearch"),
+                "LA, all weights, KFAC, glm, prior by validation NLL")
 register_method("la_diag", laplace_builder("diag", "all"), "LA, all weights, diagonal, glm, marglik prior")
-register_method("la_lowrank", laplace_builder("lowrank", "all", rank=50, subsample=2000),
-                "LA, all weights, top-50 GGN eigenpairs (Lanczos on a 2,000-example subsample) + prior, glm, "
+register_method("la_lowrank", laplace_builder("lowrank", "all", rank=20, subsample=1000),
+                "LA, all weights, top-20 GGN eigenpairs (Lanczos on a 1,000-example subsample) + prior, glm, "
                 "marglik prior")
 register_method("la_lastlayer_full", laplace_builder("full", "last_layer"),
                 "LA, last layer, full GGN, glm, marglik prior")

@@ -127,24 +127,25 @@ def run_bench(
         val_loader=make_loader(suite.val, EVAL_BATCH, shuffle=False),
         context_loader=make_loader(suite.context, config.batch_size, shuffle=True, seed=seed + 1),
         seed=seed,
+        progress=progress,
     )
     out = Path(out_dir) if out_dir is not None else None
-    rows, all_bins = [], {}
+    meta = {
+        "suite": suite_name,
+        "suite_description": bench.description,
+        "seed": seed,
+        "map": {"model": bench.model, "epochs": config.epochs, "train_wall_s": round(result.wall_time_s, 1),
+                "from_cache": result.from_cache, "checkpoint": str(result.checkpoint)},
+    }
+    report = BenchReport(suite_name, [], map_result=result)
+    all_bins = {}
     for spec in specs:
         torch.manual_seed(seed)
         row, bins = evaluate_method(spec, ctx, suite, out, log)
-        rows.append(row)
+        report.rows.append(row)
         all_bins[spec.name] = bins
-    report = BenchReport(suite_name, rows, map_result=result)
-    if out is not None:
-        meta = {
-            "suite": suite_name,
-            "suite_description": bench.description,
-            "seed": seed,
-            "map": {"model": bench.model, "epochs": config.epochs, "train_wall_s": round(result.wall_time_s, 1),
-                    "from_cache": result.from_cache, "checkpoint": str(result.checkpoint)},
-        }
-        report.files = write_results(out, meta, rows)
-        report.files["reliability"] = save_figure(
-            reliability_diagram(all_bins, title=f"{suite_name} test"), out / "reliability.png")
+        if out is not None:  # rewritten after every method, so an interrupted run keeps what it finished
+            report.files = write_results(out, {**meta, "methods_requested": [s.name for s in specs]}, report.rows)
+            report.files["reliability"] = save_figure(
+                reliability_diagram(all_bins, title=f"{suite_name} test"), out / "reliability.png")
     return report

@@ -18,7 +18,8 @@ class BenchSuite:
     train: TrainConfig
     description: str
     model_kwargs: dict[str, Any] = field(default_factory=dict)
-    default_methods: tuple[str, ...] = ("map", "temperature", "la_lastlayer_full", "la_kron", "la_diag", "la_lowrank")
+    default_methods: tuple[str, ...] = (
+        "map", "temperature", "la_lastlayer_full", "la_kron", "la_kron_gridsearch", "la_diag", "la_lowrank")
 
 
 BENCH_SUITES: dict[str, BenchSuite] = {

@@ -1,7 +1,10 @@
 """Full structure: the dense P x P curvature. For small networks and last layers.
 
-Memory P^2; fit costs one pass with per-example Jacobians (B*C*P per batch);
-posterior algebra is a Cholesky of Lambda, O(P^3).
+Memory P^2; fit costs one pass with per-example Jacobians (B*C*P per batch).
+With a scalar prior the posterior algebra uses the eigendecomposition of H,
+computed once (O(P^3)), so every later (delta, sigma) costs O(P) for the
+log-determinant: marginal-likelihood tuning never refactorises. Per-layer and
+per-parameter priors use a Cholesky of Lambda, O(P^3) per new (delta, sigma).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from posthoc.laplace.structures.base import (
     register_structure,
 )
 from posthoc.laplace.subset import ParameterSubset
-from posthoc.utils.linalg import cholesky_with_jitter
+from posthoc.utils.linalg import cholesky_with_jitter, psd_eigh
 
 
 @register_structure
@@ -32,6 +35,20 @@ class FullCurvature(CurvatureStructure):
     def __init__(self, subset: ParameterSubset, hessian: torch.Tensor) -> None:
         super().__init__(subset)
         self.hessian = hessian  # (P, P) at sigma = 1, without prior
+        self._eigen: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def _eigh(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(eigenvalues (P,), eigenvectors (P, P)) of H, clamped at 0, computed once."""
+        if self._eigen is None:
+            self._eigen = psd_eigh(self.hessian)
+        return self._eigen
+
+    def _scalar_spectrum(self, prior: torch.Tensor, scale: torch.Tensor) -> torch.Tensor | None:
+        """Eigenvalues s * lambda + delta of Lambda when the prior is scalar, else None."""
+        if prior.numel() != 1:
+            return None
+        evals, _ = self._eigh()
+        return scale * evals + prior.reshape(())
 
     @classmethod
     def fit(cls, subset: ParameterSubset, batches: Batches, factors: OutputFactors, progress: bool = True,
@@ -56,22 +73,39 @@ class FullCurvature(CurvatureStructure):
         return cholesky_with_jitter(self.dense_precision(prior, scale), "full posterior precision")
 
     def logdet_precision(self, prior: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        spectrum = self._scalar_spectrum(prior, scale)
+        if spectrum is not None:
+            return torch.log(spectrum).sum()
         return 2 * torch.log(torch.diagonal(self._cholesky(prior, scale))).sum()
 
     def functional_covariance(self, inputs: torch.Tensor, prior: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         jac = per_example_jacobians(self.subset, inputs)  # (B, C, P)
+        spectrum = self._scalar_spectrum(prior, scale)
+        if spectrum is not None:
+            rotated = jac @ self._eigh()[1]  # (B, C, P) in the eigenbasis of H
+            return (rotated / spectrum) @ rotated.transpose(1, 2)
         chol = self._cholesky(prior, scale)
-        white = torch.linalg.solve_triangular(chol, jac.transpose(1, 2), upper=False)  # (B, P, C)
-        return white.transpose(1, 2) @ white
+        batch, n_out, n_params = jac.shape
+        # one solve against all B*C Jacobian rows (a batched solve would copy L per example)
+        white = torch.linalg.solve_triangular(chol, jac.reshape(-1, n_params).T, upper=False)  # (P, B*C)
+        white = white.T.reshape(batch, n_out, n_params)
+        return white @ white.transpose(1, 2)
 
     def sample(self, n_samples: int, prior: torch.Tensor, scale: torch.Tensor,
                generator: torch.Generator) -> torch.Tensor:
+        spectrum = self._scalar_spectrum(prior, scale)
+        if spectrum is not None:
+            eps = torch.randn(n_samples, self.subset.n_params, generator=generator, dtype=spectrum.dtype)
+            return (eps.to(spectrum.device) * spectrum.rsqrt()) @ self._eigh()[1].T
         chol = self._cholesky(prior, scale)
         eps = torch.randn(self.subset.n_params, n_samples, generator=generator, dtype=chol.dtype)
         # Lambda = L L^T, so L^-T eps ~ N(0, Lambda^-1)
         return torch.linalg.solve_triangular(chol.T, eps.to(chol.device), upper=True).T
 
     def posterior_variance(self, prior: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        spectrum = self._scalar_spectrum(prior, scale)
+        if spectrum is not None:
+            return (self._eigh()[1] ** 2) @ (1.0 / spectrum)
         return torch.diagonal(torch.cholesky_inverse(self._cholesky(prior, scale)))
 
     def state_dict(self) -> dict[str, Any]:
