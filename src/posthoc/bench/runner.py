@@ -49,6 +49,10 @@ def variance_score(pred: Predictive) -> torch.Tensor:
     return metrics.half_logdet(pred.cov if isinstance(pred, GaussianPredictive) and pred.has_full_cov else pred.var)
 
 
+def _mean_or_none(value) -> float | None:
+    return None if value is None else float(torch.as_tensor(value).float().mean())
+
+
 def train_suite_model(bench: BenchSuite, suite, config: TrainConfig, checkpoint_dir: str | os.PathLike | None,
                       progress: bool, log: Callable[[str], None]) -> TrainResult:
     """Build the suite's model (seeded) and train or reuse its MAP checkpoint."""
@@ -84,6 +88,9 @@ def evaluate_method(spec: MethodSpec, ctx: BenchContext, suite, out_dir: Path | 
         "fit_s": fit_s,
         "predict_s": predict_s,
         "link_approx": spec.link_approx.value,
+        # what the method tuned, for the record (JSON only)
+        "prior_precision": _mean_or_none(getattr(predictor, "prior_precision", None)),
+        "temperature": getattr(predictor, "temperature", None),
     }
     if out_dir is not None:
         save_figure(ood_histograms(ent_in, ent_out, score_name="predictive entropy",
