@@ -1,7 +1,8 @@
 """Output-space factors S_n (C, K) with H = sum_n J_n^T S_n S_n^T J_n.
 
 - GGN (exact): S_n S_n^T = Gamma_n, the Hessian of -log p(y | f) in f.
-  Classification: Gamma = diag(p) - p p^T, S = diag(sqrt p) - p sqrt(p)^T (K = C).
+  Classification: Gamma = diag(p) - p p^T has rank C - 1, so S has K = C - 1 columns
+  (one backward pass fewer per example than the C-column root; see _softmax_hessian_factor).
   Regression: Gamma = sigma^-2 I, stored at sigma = 1: S = I (K = C).
 - GGN_MC (Monte-Carlo GGN / Fisher with sampled labels): S_n = gradient in f of
   -log p(y_hat | f) for y_hat drawn from the model's predictive, divided by
@@ -56,8 +57,7 @@ class OutputFactors:
         if self.likelihood is Likelihood.CLASSIFICATION:
             p = torch.softmax(f, dim=-1)
             if self.curvature is CurvatureType.GGN:
-                sqrt_p = p.sqrt()
-                return torch.diag_embed(sqrt_p) - p.unsqueeze(-1) * sqrt_p.unsqueeze(-2)
+                return _softmax_hessian_factor(p)
             if self.curvature is CurvatureType.EF:
                 onehot = torch.nn.functional.one_hot(targets.long(), n_out).to(f.dtype)
                 return (p - onehot).unsqueeze(-1)
@@ -77,6 +77,27 @@ class OutputFactors:
             return torch.ones_like(sigma_noise)
         power = 4 if self.curvature is CurvatureType.EF else 2
         return sigma_noise ** (-power)
+
+
+def _softmax_hessian_factor(p: torch.Tensor) -> torch.Tensor:
+    """An exact rank-(C-1) factor S (B, C, C-1) with S S^T = diag(p) - p p^T.
+
+    R = diag(sqrt p) - p sqrt(p)^T satisfies R R^T = Gamma and R sqrt(p) = 0. The
+    Householder reflection Q with Q sqrt(p) = -e_j (j = argmax p, so the reflection
+    vector sqrt(p) + e_j has norm >= sqrt 2 and is never ill-conditioned) is orthogonal,
+    so (R Q)(R Q)^T = Gamma, and its column j is -R sqrt(p) = 0: dropping it loses nothing.
+    """
+    batch, n_out = p.shape
+    sqrt_p = p.sqrt()
+    root = torch.diag_embed(sqrt_p) - p.unsqueeze(-1) * sqrt_p.unsqueeze(-2)
+    if n_out == 1:
+        return root
+    j = p.argmax(dim=-1)
+    v = sqrt_p + torch.nn.functional.one_hot(j, n_out).to(p.dtype)
+    # R Q = R - 2 (R v) v^T / (v^T v)
+    rotated = root - 2 * (root @ v.unsqueeze(-1)) * v.unsqueeze(-2) / (v * v).sum(-1)[:, None, None]
+    keep = torch.argsort((torch.arange(n_out, device=p.device) == j[:, None]).to(torch.int8), dim=-1, stable=True)
+    return rotated.gather(2, keep[:, None, : n_out - 1].expand(batch, n_out, n_out - 1))
 
 
 def log_likelihood_terms(outputs: torch.Tensor, targets: torch.Tensor, likelihood: Likelihood) -> torch.Tensor:
