@@ -236,3 +236,13 @@ def test_full_structure_prior_kinds_match_dense(classification_data, prior_kind)
     samples = la.sample(40_000, seed=0)
     max_var = float(torch.diagonal(cov).max())
     torch.testing.assert_close(torch.cov(samples.T), cov, atol=5 * math.sqrt(2 / 40_000) * max_var, rtol=0)
+
+
+def test_non_finite_curvature_is_an_error(classification_data):
+    x, y = classification_data
+    model = small_mlp()
+    with torch.no_grad():
+        model[-1].weight.fill_(1e308)  # outputs overflow to inf, softmax to NaN
+    with pytest.raises(FloatingPointError, match="NaN/Inf"):
+        Laplace(model, "classification", subset_of_weights="last_layer", hessian_structure="full",
+                progress=False).fit(_loader(x, y))
