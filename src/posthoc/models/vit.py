@@ -209,10 +209,6 @@ class SmallViT(nn.Module):
         super().__init__()
         _check_positive_int(depth, "depth")
         _check_positive_int(n_classes, "n_classes")
-        _check_positive_int(dim, "dim")
-        _check_positive_int(n_heads, "n_heads")
-        if dim % n_heads != 0:
-            raise ValueError(f"dim ({dim}) must be divisible by n_heads ({n_heads})")
         self.image_size = image_size
         self.patch_size = patch_size
         self.in_channels = in_channels
