@@ -246,3 +246,18 @@ def test_non_finite_curvature_is_an_error(classification_data):
     with pytest.raises(FloatingPointError, match="NaN/Inf"):
         Laplace(model, "classification", subset_of_weights="last_layer", hessian_structure="full",
                 progress=False).fit(_loader(x, y))
+
+
+@pytest.mark.parametrize("structure, options", [("full", {}), ("diag", {}), ("kron", {}), ("ekfac", {}),
+                                                ("lowrank", {"rank": 3, "subsample": 10})])
+def test_log_likelihood_and_n_data_for_every_structure(classification_data, structure, options):
+    # kron/full/diag record log p(D | theta*) during their pass; ekfac (two passes) and a subsampled
+    # low rank (part of the data) take a separate pass: all must give the full-data value
+    x, y = classification_data
+    model = small_mlp()
+    la = Laplace(model, "classification", subset_of_weights="all", hessian_structure=structure,
+                 structure_options=options, progress=False).fit(_loader(x, y))
+    with torch.no_grad():
+        expected = torch.log_softmax(model(x), -1).gather(1, y[:, None]).sum()
+    assert la.n_data == len(x)
+    torch.testing.assert_close(la._loglik_stat, expected)

@@ -42,6 +42,24 @@ class PriorOptimization(str, Enum):
     GRIDSEARCH = "gridsearch"
 
 
+class _RecordingFactors:
+    """OutputFactors that also sum the log-likelihood statistic of the outputs they see (while active),
+    so log p(D | theta*) costs no extra forward pass for structures that see every example once."""
+
+    def __init__(self, factors: OutputFactors, likelihood: Likelihood) -> None:
+        self.factors, self.likelihood = factors, likelihood
+        self.active, self.n_seen, self.stat = False, 0, torch.zeros(())
+
+    def __call__(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if self.active:
+            self.n_seen += outputs.shape[0]
+            self.stat = self.stat.to(outputs.dtype) + log_likelihood_terms(outputs, targets, self.likelihood)
+        return self.factors(outputs, targets)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.factors, name)
+
+
 class Laplace:
     """Laplace approximation N(theta*, Lambda^-1) of a trained network's posterior.
 
@@ -157,28 +175,34 @@ class Laplace:
         if out0.ndim != 2:
             raise ValueError(f"the model must return (B, C) outputs, got {tuple(out0.shape)}")
         self.n_outputs = out0.shape[-1]
-        totals: dict[str, Any] = {}
+        recorder = _RecordingFactors(self.factors, self.likelihood)
+        totals: dict[str, int] = {}
 
         def batches():
-            # N and log p(D | theta*) are taken from the first complete pass over the data.
-            n_data, stat = 0, torch.zeros((), dtype=self.subset.dtype, device=self.subset.device)
+            # N is counted on the first complete pass; the recorder sums log p(y | f) over what the
+            # structure evaluates during that pass.
+            first_pass, n_data = not totals, 0
+            recorder.active = first_pass
             for x, y in self._batches(train_loader):
-                inputs = self.subset.inputs(x)
-                if not totals:
-                    n_data += x.shape[0]
-                    with torch.no_grad():
-                        stat = stat + log_likelihood_terms(self.subset.forward(inputs), y, self.likelihood)
-                yield inputs, y
+                n_data += x.shape[0]
+                yield self.subset.inputs(x), y
+            recorder.active = False
             totals.setdefault("n_data", n_data)
-            totals.setdefault("stat", stat)
 
-        self.curvature = self.structure_cls.fit(self.subset, batches, self.factors, progress=self.progress,
+        self.curvature = self.structure_cls.fit(self.subset, batches, recorder, progress=self.progress,
                                                 **self.structure_options)
-        if not totals:  # the structure read only part of the data (e.g. a subsample)
+        if not totals:  # the structure stopped before the end of the data (e.g. a subsample)
             for _ in batches():
                 pass
         self.n_data = totals["n_data"]
-        self._loglik_stat = totals["stat"]
+        if recorder.n_seen == self.n_data:
+            self._loglik_stat = recorder.stat
+        else:  # the structure did not evaluate every example exactly once: one more forward pass
+            self._loglik_stat = sum(
+                (log_likelihood_terms(self.subset.forward(self.subset.inputs(x)).detach(), y, self.likelihood)
+                 for x, y in self._batches(train_loader)),
+                torch.zeros((), dtype=self.subset.dtype, device=self.subset.device),
+            )
         return self
 
     def _require_fit(self) -> CurvatureStructure:
