@@ -64,3 +64,23 @@ def dense_ef(subset: ParameterSubset, inputs: torch.Tensor, targets: torch.Tenso
         grads.append(torch.autograd.functional.jacobian(loss, subset.theta_map))
     g = torch.stack(grads)
     return g.T @ g
+
+
+def check_logdet_gradient(curvature, prior: torch.Tensor, log_scale: float = 0.4, n_entries: int = 3) -> None:
+    """Autograd gradient of curvature.logdet_precision in log prior (first n_entries) and log scale
+    equals central finite differences (step 1e-6) to 1e-6 relative."""
+    log_prior = torch.log(prior).requires_grad_(True)
+    log_s = torch.tensor(log_scale, dtype=prior.dtype, requires_grad=True)
+    value = curvature.logdet_precision(log_prior.exp(), log_s.exp())
+    g_prior, g_scale = torch.autograd.grad(value, (log_prior, log_s))
+    h = 1e-6
+    with torch.no_grad():
+        for i in range(min(n_entries, log_prior.numel())):
+            step = torch.zeros_like(log_prior)
+            step[i] = h
+            fd = (curvature.logdet_precision((log_prior + step).exp(), log_s.exp())
+                  - curvature.logdet_precision((log_prior - step).exp(), log_s.exp())) / (2 * h)
+            torch.testing.assert_close(g_prior[i], fd, rtol=1e-6, atol=1e-9)
+        fd = (curvature.logdet_precision(log_prior.exp(), (log_s + h).exp())
+              - curvature.logdet_precision(log_prior.exp(), (log_s - h).exp())) / (2 * h)
+        torch.testing.assert_close(g_scale, fd, rtol=1e-6, atol=1e-9)

@@ -8,7 +8,7 @@ from posthoc.curvature.output_factors import OutputFactors
 from posthoc.laplace.structures.diag import DiagCurvature
 from posthoc.laplace.subset import ParameterSubset
 
-from references import DTYPE, dense_ef, dense_ggn, dense_jacobians, small_cnn, small_mlp
+from references import DTYPE, check_logdet_gradient, dense_ef, dense_ggn, dense_jacobians, small_cnn, small_mlp
 
 
 def _batches(subset, x, y, batch=7):
@@ -129,20 +129,7 @@ def test_diag_logdet_gradient_matches_finite_differences(classification_data, pr
     x, y = classification_data
     subset = ParameterSubset(small_mlp(), "all")
     curv = _fit(subset, x, y, "classification")
-    log_prior = torch.log(_priors(subset)[prior_kind]).requires_grad_(True)
-    log_scale = torch.tensor(0.4, dtype=DTYPE, requires_grad=True)
-    value = curv.logdet_precision(log_prior.exp(), log_scale.exp())
-    g_prior, g_scale = torch.autograd.grad(value, (log_prior, log_scale))
-    h = 1e-6
-    for i in range(min(3, log_prior.numel())):
-        step = torch.zeros_like(log_prior)
-        step[i] = h
-        fd = (curv.logdet_precision((log_prior + step).exp(), log_scale.exp())
-              - curv.logdet_precision((log_prior - step).exp(), log_scale.exp())) / (2 * h)
-        torch.testing.assert_close(g_prior[i], fd.detach(), rtol=1e-6, atol=1e-9)
-    fd = (curv.logdet_precision(log_prior.exp(), (log_scale + h).exp())
-          - curv.logdet_precision(log_prior.exp(), (log_scale - h).exp())) / (2 * h)
-    torch.testing.assert_close(g_scale, fd.detach(), rtol=1e-6, atol=1e-9)
+    check_logdet_gradient(curv, _priors(subset)[prior_kind])
 
 
 def test_diag_sample_covariance(classification_data):

@@ -26,7 +26,9 @@ from posthoc.laplace.prior import PriorKind, as_prior_tensor, per_parameter, pri
 from posthoc.laplace.structures import STRUCTURES, CurvatureStructure, HessianStructure
 from posthoc.laplace.subset import ParameterSubset, SubsetOfWeights
 from posthoc.likelihood import Likelihood
+from posthoc.metrics import nll
 from posthoc.predictive import GaussianPredictive, LinkApprox, Predictive, SamplePredictive
+from posthoc.predictive.base import check_n_samples
 from posthoc.utils.checks import check_choice, check_finite, check_positive
 
 STATE_VERSION = 1
@@ -296,20 +298,19 @@ class Laplace:
         best, best_nll = None, math.inf
         for delta in grid:
             self.prior_precision = delta.reshape(1)
-            nll = 0.0
+            total = 0.0
             for x, y in val:
                 pred = self.predict(x, pred_type=pred_type, seed=self.seed)
-                nll += float(self._nll_sum(pred, y, link_approx))
-            if nll < best_nll:
-                best, best_nll = delta.reshape(1), nll
+                total += self._nll_sum(pred, y, link_approx)
+            if total < best_nll:
+                best, best_nll = delta.reshape(1), total
         self.prior_precision = best
         return self.prior_precision
 
-    def _nll_sum(self, pred: Predictive, y: torch.Tensor, link_approx) -> torch.Tensor:
+    def _nll_sum(self, pred: Predictive, y: torch.Tensor, link_approx) -> float:
         if self.likelihood is Likelihood.CLASSIFICATION:
-            probs = pred.probs(link_approx, seed=self.seed)
-            return -torch.log(probs.gather(-1, y.reshape(-1, 1)).clamp_min(torch.finfo(probs.dtype).tiny)).sum()
-        return -pred.with_noise(self.sigma_noise).log_prob(y.reshape(pred.mean.shape)).sum()
+            return nll(pred.probs(link_approx, seed=self.seed), y) * len(y)
+        return float(-pred.with_noise(self.sigma_noise).log_prob(y.reshape(pred.mean.shape)).sum())
 
     # ----------------------------------------------------------------- prediction
     def predict(self, x: torch.Tensor, pred_type: PredType | str = PredType.GLM, n_samples: int = 100,
@@ -350,8 +351,7 @@ class Laplace:
     def sample(self, n_samples: int = 100, seed: int | None = None) -> torch.Tensor:
         """Parameter samples theta ~ N(theta*, Lambda^-1): (n_samples, P), seeded."""
         curvature = self._require_fit()
-        if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
-            raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}")
+        check_n_samples(n_samples)
         generator = torch.Generator().manual_seed(self.seed if seed is None else seed)
         offsets = curvature.sample(n_samples, self.prior_precision, self.factors.scale(self.sigma_noise), generator)
         return self.subset.theta_map + offsets.detach()
