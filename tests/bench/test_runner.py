@@ -54,3 +54,24 @@ def test_variance_score():
     assert torch.equal(variance_score(GaussianPredictive(mean, var=torch.zeros(3, 2))), torch.zeros(3))
     var = torch.tensor([[1.0, 4.0], [1.0, 1.0], [2.0, 2.0]])
     torch.testing.assert_close(variance_score(GaussianPredictive(mean, var=var)), 0.5 * var.log().sum(-1))
+
+
+def test_bench_info_figures_are_recorded(tmp_path):
+    """A fitted method's bench_info() lands in the JSON row and under the markdown table."""
+    from posthoc.baselines import MAP
+
+    class WithInfo(MAP):
+        def bench_info(self):
+            return {"jvp_evaluations": 1234, "within_tolerance": 0.875}
+
+    name = "map_with_info_test"
+    register_method(name, lambda ctx: WithInfo(ctx.model), "MAP that reports figures")
+    try:
+        report = run_bench("fmnist-embedded", [name], out_dir=tmp_path / "out", checkpoint_dir=tmp_path / "ckpt",
+                           epochs=1, progress=False, log=lambda s: None)
+    finally:
+        METHODS.pop(name)
+    assert report.rows[0]["info"] == {"jvp_evaluations": 1234, "within_tolerance": 0.875}
+    row = json.loads((tmp_path / "out" / "results.json").read_text())["rows"][0]
+    assert row["info"]["within_tolerance"] == 0.875
+    assert f"- {name}: jvp_evaluations 1234, within_tolerance 0.875" in (tmp_path / "out" / "results.md").read_text()

@@ -78,6 +78,11 @@ def write_results(out_dir: str | os.PathLike, meta: dict[str, Any], rows: list[d
     stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
     meta = {**meta, "created": stamp, "machine": machine_info(), "versions": versions()}
     md = [f"# posthoc bench: {meta['suite']}", "", format_markdown(rows)]
+    infos = [f"- {row['method']}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                              for k, v in row["info"].items())
+             for row in rows if row.get("info")]
+    if infos:
+        md += ["Method figures:", "", *infos, ""]
     md.append(f"MAP: {meta['map']}\n")
     md.append(f"Seed {meta['seed']}; {stamp}; machine: {json.dumps(meta['machine'])}; versions: "
               f"{json.dumps(meta['versions'])}\n")

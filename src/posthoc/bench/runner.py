@@ -91,6 +91,8 @@ def evaluate_method(spec: MethodSpec, ctx: BenchContext, suite, out_dir: Path | 
         # what the method tuned, for the record (JSON only)
         "prior_precision": _mean_or_none(getattr(predictor, "prior_precision", None)),
         "temperature": getattr(predictor, "temperature", None),
+        # method-specific figures (e.g. JVP evaluations spent, samples within a loss tolerance)
+        "info": dict(predictor.bench_info()) if callable(getattr(predictor, "bench_info", None)) else {},
     }
     if out_dir is not None:
         save_figure(ood_histograms(ent_in, ent_out, score_name="predictive entropy",
