@@ -54,6 +54,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from posthoc.distributed import sum_count, sum_over_ranks
 from posthoc.curvature.jacobians import per_example_factor_gradients, per_example_jacobians
 from posthoc.curvature.output_factors import OutputFactors
 from posthoc.laplace.subset import ParameterSubset, SubsetOfWeights
@@ -391,8 +392,19 @@ def kfac_factors(subset: ParameterSubset, batches: Iterable[tuple[torch.Tensor, 
         del record
         if restricted is not None:
             diag += restricted.factor_gradients(inputs, s).square().sum((0, 1))
+    a_sum, g_sum, diag, n_data = _sum_factors_over_ranks(a_sum, g_sum, diag, n_data)
     a_factors = {name: a / n_data for name, a in a_sum.items()}
     return KFACFactors(layers, a_factors, g_sum, fallback, diag, positions, n_data, n_outputs)
+
+
+def _sum_factors_over_ranks(a_sum: dict[str, torch.Tensor], g_sum: dict[str, torch.Tensor], diag: torch.Tensor,
+                            n_data: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], torch.Tensor, int]:
+    """Under torch.distributed, the factor sums and the example count over all ranks (one all-reduce)."""
+    names_a, names_g = list(a_sum), list(g_sum)
+    summed = sum_over_ranks([a_sum[n] for n in names_a] + [g_sum[n] for n in names_g] + [diag], "the KFAC factors")
+    n_total = sum_count(n_data, "the number of training examples")
+    return (dict(zip(names_a, summed[:len(names_a)])), dict(zip(names_g, summed[len(names_a):-1])), summed[-1],
+            n_total)
 
 
 def ekfac_eigenvalues(subset: ParameterSubset, layers: list[KronLayer], positions: dict[str, int],
@@ -434,4 +446,5 @@ def ekfac_eigenvalues(subset: ParameterSubset, layers: list[KronLayer], position
                                 .square().sum((0, 1)))
                 if layer.bias is not None:
                     add(layer.bias, (g.sum(-1) @ q_out).square().sum((0, 1)))
-    return out
+    indices = sorted(out)
+    return dict(zip(indices, sum_over_ranks([out[i] for i in indices], "the EKFAC eigenvalues")))

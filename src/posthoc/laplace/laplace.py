@@ -21,6 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from posthoc.curvature.output_factors import CurvatureType, OutputFactors, log_likelihood, log_likelihood_terms
+from posthoc.distributed import check_same_on_all_ranks, sum_count, sum_over_ranks
 from posthoc.laplace.batches import checked_batches
 from posthoc.laplace.prior import PriorKind, as_prior_tensor, per_parameter, prior_kind
 from posthoc.laplace.structures import STRUCTURES, CurvatureStructure, HessianStructure
@@ -164,9 +165,12 @@ class Laplace:
         one per Lanczos product for lowrank).
 
         ``train_loader`` yields (x, y) tuples or dicts (read with ``dict_key_x`` and ``dict_key_y``).
-        Refitting replaces the previous curvature.
+        Refitting replaces the previous curvature. Under torch.distributed, give each rank its shard
+        (e.g. a DistributedSampler): the curvature sums, N and log p(D | theta*) are all-reduced, so
+        every rank ends with the posterior of the whole data; the MAP weights must agree across ranks.
         """
         self.model.eval()
+        check_same_on_all_ranks(self.subset.theta_map, "the MAP weights")
         first = next(iter(train_loader), None)
         if first is None:
             raise ValueError("the training loader yielded no batches: nothing to fit")
@@ -196,15 +200,16 @@ class Laplace:
         if not totals:  # the structure stopped before the end of the data (e.g. a subsample)
             for _ in batches():
                 pass
-        self.n_data = totals["n_data"]
-        if recorder.n_seen == self.n_data:
-            self._loglik_stat = recorder.stat
+        if recorder.n_seen == totals["n_data"]:
+            stat = recorder.stat
         else:  # the structure did not evaluate every example exactly once: one more forward pass
-            self._loglik_stat = sum(
+            stat = sum(
                 (log_likelihood_terms(self.subset.forward(self.subset.inputs(x)).detach(), y, self.likelihood)
                  for x, y in self._batches(train_loader)),
                 torch.zeros((), dtype=self.subset.dtype, device=self.subset.device),
             )
+        self.n_data = sum_count(totals["n_data"], "the number of training examples")
+        (self._loglik_stat,) = sum_over_ranks([stat.detach().to(self.subset.dtype)], "log p(D | theta*)")
         return self
 
     def _require_fit(self) -> CurvatureStructure:
@@ -295,16 +300,18 @@ class Laplace:
         val = list(self._batches(val_loader))
         if not val:
             raise ValueError("val_loader yielded no batches")
-        best, best_nll = None, math.inf
-        for delta in grid:
+        totals = torch.zeros(len(grid), dtype=torch.float64)
+        for i, delta in enumerate(grid):
             self.prior_precision = delta.reshape(1)
-            total = 0.0
             for x, y in val:
                 pred = self.predict(x, pred_type=pred_type, seed=self.seed)
-                total += self._nll_sum(pred, y, link_approx)
-            if total < best_nll:
-                best, best_nll = delta.reshape(1), total
-        self.prior_precision = best
+                totals[i] += self._nll_sum(pred, y, link_approx)
+        # a sharded val_loader under torch.distributed: the NLL sums of all ranks (first minimum wins)
+        (totals,) = sum_over_ranks([totals], "the validation NLL of the grid")
+        totals = torch.nan_to_num(totals, nan=math.inf)
+        if not bool(torch.isfinite(totals).any()):
+            raise FloatingPointError("the validation NLL is not finite for any prior precision on the grid")
+        self.prior_precision = grid[int(torch.argmin(totals))].reshape(1)
         return self.prior_precision
 
     def _nll_sum(self, pred: Predictive, y: torch.Tensor, link_approx) -> float:

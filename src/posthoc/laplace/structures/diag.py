@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from posthoc.curvature.jacobians import DEFAULT_CHUNK_BYTES, factor_gradient_squares, per_example_weighted_grams
 from posthoc.curvature.output_factors import OutputFactors
+from posthoc.distributed import sum_over_ranks
 from posthoc.laplace.prior import per_parameter
 from posthoc.laplace.structures.base import (
     Batches,
@@ -57,6 +58,7 @@ class DiagCurvature(CurvatureStructure):
             with torch.no_grad():
                 outputs = subset.forward(inputs)
             diagonal += factor_gradient_squares(subset, inputs, factors(outputs, targets), chunk_bytes)
+        (diagonal,) = sum_over_ranks([diagonal], "the diag curvature")
         check_curvature_finite(diagonal, "diag")
         return cls(subset, diagonal, chunk_bytes)
 

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from posthoc.curvature.jacobians import per_example_factor_gradients, per_example_jacobians
 from posthoc.curvature.output_factors import OutputFactors
+from posthoc.distributed import sum_over_ranks
 from posthoc.laplace.prior import per_parameter
 from posthoc.laplace.structures.base import (
     Batches,
@@ -63,6 +64,7 @@ class FullCurvature(CurvatureStructure):
             s = factors(outputs, targets)
             grads = per_example_factor_gradients(subset, inputs, s).reshape(-1, n)  # (B*K, P)
             hessian += grads.T @ grads
+        (hessian,) = sum_over_ranks([hessian], "the full curvature")
         check_curvature_finite(hessian, "full")
         return cls(subset, hessian)
 

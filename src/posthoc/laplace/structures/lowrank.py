@@ -42,6 +42,7 @@ from posthoc.curvature.jacobians import (
     vjp_sum,
 )
 from posthoc.curvature.output_factors import OutputFactors
+from posthoc.distributed import sum_count, sum_over_ranks
 from posthoc.laplace.prior import per_parameter
 from posthoc.laplace.structures.base import (
     Batches,
@@ -77,6 +78,7 @@ class _GGNOperator:
             else:
                 _, pullback = vjp(lambda th: subset.forward(inputs, th), subset.theta_map)
                 out += vmap(lambda cot: pullback(cot)[0])(w)
+        (out,) = sum_over_ranks([out], "a GGN product")
         self.products += directions.shape[0]
         self.bar.update(directions.shape[0])
         return out * self.scaling
@@ -92,7 +94,8 @@ class LowRankCurvature(CurvatureStructure):
 
     Options of :meth:`fit`:
         rank: k, number of eigenpairs (default 20).
-        subsample: number of examples the GGN products use (default None: all).
+        subsample: number of examples the GGN products use (default None: all); under torch.distributed,
+            per rank (each rank caches up to this many of its shard).
         n_data: total number of training examples N, if known (saves the counting pass).
         seed: seed of Lanczos' start vector (default 0).
         tol: relative accuracy of the eigenvalues passed to eigsh (default 1e-10 in float64,
@@ -133,7 +136,9 @@ class LowRankCurvature(CurvatureStructure):
         if subsample is not None and subsample < 1:
             raise ValueError(f"subsample must be >= 1 or None, got {subsample}")
         cached, n_seen = cls._read(subset, batches, factors, subsample, stop_early=n_data is not None)
-        n_sub = sum(x.shape[0] for x, _ in cached)
+        # under torch.distributed each rank caches up to `subsample` of its shard; counts are totals
+        n_sub = sum_count(sum(x.shape[0] for x, _ in cached), "the subsample size")
+        n_seen = sum_count(n_seen, "the number of training examples")
         if n_sub == 0:
             raise ValueError("the training data is empty; lowrank fit needs at least one example")
         n_total = n_seen if n_data is None else n_data
@@ -187,6 +192,7 @@ class LowRankCurvature(CurvatureStructure):
         for inputs, s in operator.cached:
             grads = per_example_factor_gradients(subset, inputs, s).reshape(-1, n_params)
             hessian += grads.T @ grads
+        (hessian,) = sum_over_ranks([hessian], "the low-rank curvature (dense path)")
         evals, evecs = torch.linalg.eigh(hessian * operator.scaling)
         return evals.flip(0), evecs.flip(1)
 

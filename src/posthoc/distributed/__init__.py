@@ -1,0 +1,34 @@
+"""Data-parallel fitting on torch.distributed (gloo on CPU, nccl on GPUs).
+
+Run the same script under ``torchrun``; give each rank its shard of the data
+(a ``DistributedSampler``, :func:`posthoc.data.loaders.make_loader` with
+``shard=True``, or your own split). Curvature sums and example counts are
+all-reduced once per data pass, so every rank holds the same posterior. In a
+single process none of this calls torch.distributed.
+"""
+
+from posthoc.distributed.collectives import (
+    PeerFailure,
+    check_same_on_all_ranks,
+    gather_rows,
+    init_from_env,
+    is_distributed,
+    is_main_process,
+    rank,
+    sum_count,
+    sum_over_ranks,
+    world_size,
+)
+
+__all__ = [
+    "PeerFailure",
+    "check_same_on_all_ranks",
+    "gather_rows",
+    "init_from_env",
+    "is_distributed",
+    "is_main_process",
+    "rank",
+    "sum_count",
+    "sum_over_ranks",
+    "world_size",
+]

@@ -1,0 +1,128 @@
+"""The few collectives posthoc needs, each a no-op in a single process.
+
+A fit under ``torchrun`` accumulates sums on each rank's shard of the data and
+calls :func:`sum_over_ranks` once per data pass, so every rank ends with the
+same totals; nothing here runs unless ``torch.distributed`` is initialised.
+A collective that fails because a peer died or hung is re-raised as
+:class:`PeerFailure` naming the rank, the quantity and the likely cause, so a
+crashed rank makes the others stop instead of waiting forever (a peer that is
+alive but silent is caught by the process group's timeout: set it with
+``init_process_group(..., timeout=...)`` or :func:`init_from_env`).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+
+
+class PeerFailure(RuntimeError):
+    """A collective could not complete: another rank exited, crashed or stopped answering."""
+
+
+def is_distributed() -> bool:
+    """True when torch.distributed is initialised with more than one process."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def is_main_process() -> bool:
+    """Rank 0, or the only process: the one that writes files."""
+    return rank() == 0
+
+
+def _run(op, what: str):
+    try:
+        return op()
+    except (RuntimeError, dist.DistBackendError) as err:  # gloo/nccl report a dead peer as RuntimeError
+        raise PeerFailure(
+            f"rank {rank()} of {world_size()}: the collective for {what} failed ({str(err).splitlines()[0]}); "
+            "another rank exited, crashed or timed out; check its log, then restart every rank"
+        ) from err
+
+
+def sum_over_ranks(tensors: Sequence[torch.Tensor], what: str) -> list[torch.Tensor]:
+    """Element-wise sums over ranks of same-shaped tensors, in one all-reduce.
+
+    Single process: the inputs are returned unchanged. Under torch.distributed
+    the tensors are flattened into one buffer (one collective, whatever their
+    number), summed, and returned as new tensors of the original shapes and
+    dtypes. Every rank must pass tensors of the same shapes in the same order.
+    """
+    tensors = list(tensors)
+    if not is_distributed() or not tensors:
+        return tensors
+    dtype = tensors[0].dtype
+    if any(t.dtype != dtype for t in tensors):
+        raise TypeError("sum_over_ranks needs tensors of one dtype; reduce the others separately")
+    flat = torch.cat([t.detach().reshape(-1) for t in tensors])
+    _run(lambda: dist.all_reduce(flat, op=dist.ReduceOp.SUM), what)
+    return [part.reshape(t.shape) for part, t in zip(torch.split(flat, [t.numel() for t in tensors]), tensors)]
+
+
+def sum_count(count: int, what: str) -> int:
+    """An integer (e.g. the number of examples seen) summed over ranks."""
+    if not is_distributed():
+        return count
+    (total,) = sum_over_ranks([torch.tensor([count], dtype=torch.float64)], what)
+    return int(round(float(total)))
+
+
+def gather_rows(tensor: torch.Tensor, what: str) -> torch.Tensor:
+    """Concatenate (n_r, ...) tensors from every rank along dim 0, in rank order (n_r may differ).
+
+    Used to gather sharded evaluation results; single process: returned unchanged.
+    """
+    if not is_distributed():
+        return tensor
+    sizes = [None] * world_size()
+    _run(lambda: dist.all_gather_object(sizes, int(tensor.shape[0])), f"{what} (sizes)")
+    biggest = max(sizes)
+    padded = torch.zeros((biggest, *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
+    padded[: tensor.shape[0]] = tensor
+    parts = [torch.empty_like(padded) for _ in sizes]
+    _run(lambda: dist.all_gather(parts, padded), what)
+    return torch.cat([part[:n] for part, n in zip(parts, sizes)])
+
+
+def check_same_on_all_ranks(value: torch.Tensor, what: str, rtol: float = 0.0) -> None:
+    """Raise on every rank when ``value`` differs between ranks (e.g. the MAP weights or a setting)."""
+    if not is_distributed():
+        return
+    flat = value.detach().reshape(-1).to(torch.float64)
+    low, high = flat.clone(), flat.clone()
+    _run(lambda: dist.all_reduce(low, op=dist.ReduceOp.MIN), what)
+    _run(lambda: dist.all_reduce(high, op=dist.ReduceOp.MAX), what)
+    spread = float((high - low).abs().max()) if flat.numel() else 0.0
+    if spread > rtol * float(flat.abs().max() if flat.numel() else 0.0):
+        raise ValueError(f"{what} differs between ranks (max spread {spread:.3g}); every rank must start from "
+                         "the same model and settings")
+
+
+def init_from_env(backend: str | None = None, timeout_s: float = 600.0) -> bool:
+    """Initialise torch.distributed from torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR, ...).
+
+    Returns False (and does nothing) when not launched by torchrun. The backend
+    defaults to nccl with CUDA, gloo otherwise; ``timeout_s`` bounds how long a
+    rank waits for a silent peer before failing.
+    """
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return False
+    if dist.is_initialized():
+        return True
+    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    return True

@@ -1,0 +1,122 @@
+"""Worker functions for the multi-process tests (spawned processes import them by name).
+
+Each worker joins a gloo process group on 127.0.0.1, runs one scenario on its
+shard and saves what it computed under ``out_dir/rank{r}.pt`` (or the error it
+raised), so the parent test can compare with a single-process run.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+from references import DTYPE, small_cnn, small_mlp
+
+STRUCTURES = ("full", "diag", "kron", "ekfac", "lowrank")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def problems() -> dict[str, tuple[torch.nn.Module, TensorDataset, TensorDataset, str]]:
+    """(model, train set, validation set, likelihood) per case; the same on every process."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(40, 3, generator=g, dtype=DTYPE)
+    y_cls = (x[:, 0] + x[:, 1] ** 2 > 0.5).long() + (x[:, 2] > 0.8).long()
+    y_reg = torch.sin(x[:, :1]) + 0.1 * torch.randn(40, 1, generator=g, dtype=DTYPE)
+    images = torch.rand(24, 1, 6, 6, generator=g, dtype=DTYPE)
+    labels = torch.randint(0, 3, (24,), generator=g)
+    return {
+        "mlp_classification": (small_mlp(seed=1), TensorDataset(x[:32], y_cls[:32]), TensorDataset(x[32:], y_cls[32:]),
+                               "classification"),
+        "mlp_regression": (small_mlp(n_out=1, seed=2), TensorDataset(x[:32], y_reg[:32]),
+                           TensorDataset(x[32:], y_reg[32:]), "regression"),
+        "cnn_classification": (small_cnn(seed=3), TensorDataset(images[:16], labels[:16]),
+                               TensorDataset(images[16:], labels[16:]), "classification"),
+    }
+
+
+def fit_everything(loader_for, val_loader_for) -> dict[str, torch.Tensor]:
+    """Every structure on every problem: dense precision, evidence, tuned priors. Flat dict of tensors."""
+    from posthoc import Laplace
+
+    out: dict[str, torch.Tensor] = {}
+    for case, (model, train, val, likelihood) in problems().items():
+        for structure in STRUCTURES:
+            options = {"rank": 6} if structure == "lowrank" else {}
+            la = Laplace(model, likelihood, subset_of_weights="all", hessian_structure=structure,
+                         sigma_noise=0.3 if likelihood == "regression" else 1.0, progress=False,
+                         structure_options=options)
+            la.fit(loader_for(train))
+            key = f"{case}/{structure}"
+            out[f"{key}/n_data"] = torch.tensor(float(la.n_data))
+            prior, scale = torch.tensor([0.7], dtype=DTYPE), la.factors.scale(la.sigma_noise)
+            out[f"{key}/precision"] = la.curvature.dense_precision(prior, scale)
+            out[f"{key}/marglik"] = la.log_marginal_likelihood(prior_precision=0.7).detach()
+            if structure in ("full", "kron"):
+                la.optimize_prior_precision(method="marglik", n_steps=20)
+                out[f"{key}/marglik_prior"] = la.prior_precision.clone()
+                la.optimize_prior_precision(method="gridsearch", val_loader=val_loader_for(val),
+                                            grid=torch.logspace(-2, 2, 9, dtype=DTYPE))
+                out[f"{key}/gridsearch_prior"] = la.prior_precision.clone()
+    return out
+
+
+def sharded(dataset: TensorDataset, batch_size: int = 5) -> DataLoader:
+    sampler = DistributedSampler(dataset, shuffle=False, drop_last=False)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler)
+
+
+def _join(rank: int, world: int, port: int) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=30))
+
+
+def laplace_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    """Fit every structure on this rank's shard; save the results."""
+    _join(rank, world, port)
+    try:
+        torch.save(fit_everything(sharded, sharded), Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+class _DyingLoader:
+    """Yields the shard's batches; on rank 1 the process exits hard after the first one (a crashed worker)."""
+
+    def __init__(self, loader: DataLoader, rank: int) -> None:
+        self.loader, self.rank = loader, rank
+
+    def __iter__(self):
+        for i, batch in enumerate(self.loader):
+            if self.rank == 1 and i == 1:
+                os._exit(7)
+            yield batch
+
+
+def dying_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    """Rank 1 dies mid-fit; rank 0 records the error it gets and how long it took."""
+    _join(rank, world, port)
+    from posthoc import Laplace
+
+    model, train, _, likelihood = problems()["mlp_classification"]
+    la = Laplace(model, likelihood, subset_of_weights="all", hessian_structure="kron", progress=False)
+    start = time.perf_counter()
+    try:
+        la.fit(_DyingLoader(sharded(train, batch_size=2), rank))
+        outcome = "finished"
+    except Exception as err:  # noqa: BLE001 - the test inspects what was raised
+        outcome = f"{type(err).__name__}: {err}\n{traceback.format_exc()}"
+    (Path(out_dir) / f"rank{rank}.txt").write_text(f"{time.perf_counter() - start:.2f}\n{outcome}")
