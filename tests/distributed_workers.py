@@ -8,6 +8,7 @@ raised), so the parent test can compare with a single-process run.
 from __future__ import annotations
 
 import datetime
+import multiprocessing
 import os
 import socket
 import time
@@ -21,6 +22,29 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 from references import DTYPE, small_cnn, small_mlp
 
 STRUCTURES = ("full", "diag", "kron", "ekfac", "lowrank")
+WORLD = 2
+DEADLINE_S = 240  # generous bound on the whole 2-process run; a hang fails the test instead of blocking CI
+
+
+def run_processes(target, out_dir) -> list[int | None]:
+    """Start WORLD spawned processes running ``target(rank, WORLD, port, out_dir)``; exit codes (None: killed)."""
+    ctx = multiprocessing.get_context("spawn")
+    port = free_port()
+    procs = [ctx.Process(target=target, args=(rank, WORLD, port, str(out_dir))) for rank in range(WORLD)]
+    for p in procs:
+        p.start()
+    end = time.monotonic() + DEADLINE_S
+    for p in procs:
+        p.join(max(0.0, end - time.monotonic()))
+    codes = []
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join()
+            codes.append(None)
+        else:
+            codes.append(p.exitcode)
+    return codes
 
 
 def free_port() -> int:
@@ -120,3 +144,34 @@ def dying_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     except Exception as err:  # noqa: BLE001 - the test inspects what was raised
         outcome = f"{type(err).__name__}: {err}\n{traceback.format_exc()}"
     (Path(out_dir) / f"rank{rank}.txt").write_text(f"{time.perf_counter() - start:.2f}\n{outcome}")
+
+
+def training_problem() -> tuple[torch.nn.Module, TensorDataset]:
+    """A float64 MLP and 37 examples (batches of 8 leave an odd last batch, which ranks split unevenly)."""
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(37, 3, generator=g, dtype=DTYPE)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0.5).long()
+    return small_mlp(seed=4), TensorDataset(x, y)
+
+
+def train(checkpoint_dir: str) -> dict[str, torch.Tensor]:
+    from posthoc.models.training import TrainConfig, train_map
+
+    model, data = training_problem()
+    result = train_map(model, data, TrainConfig(epochs=3, batch_size=8, lr=1e-2, gamma=0.9, weight_decay=1e-3),
+                       checkpoint_dir=checkpoint_dir, key="mlp", progress=False, log=lambda s: None)
+    return {"weights": torch.nn.utils.parameters_to_vector(result.model.parameters()).detach(),
+            "losses": torch.tensor([h["train_loss"] for h in result.history]),
+            "from_cache": torch.tensor(result.from_cache)}
+
+
+def training_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    """MAP training of the same model on 2 ranks (checkpoints in out_dir/ckpt), twice: the second run reuses."""
+    _join(rank, world, port)
+    try:
+        first = train(str(Path(out_dir) / "ckpt"))
+        dist.barrier()
+        second = train(str(Path(out_dir) / "ckpt"))
+        torch.save({"first": first, "second": second}, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()

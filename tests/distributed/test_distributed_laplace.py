@@ -2,40 +2,13 @@
 
 from __future__ import annotations
 
-import multiprocessing
-import time
-
 import pytest
 import torch
 from torch.utils.data import DataLoader
 
 import distributed_workers as workers
+from distributed_workers import DEADLINE_S, WORLD, run_processes
 from posthoc.distributed import gather_rows, is_distributed, sum_count, sum_over_ranks
-
-WORLD = 2
-DEADLINE_S = 240  # generous bound on the whole 2-process run; a hang fails the test instead of blocking CI
-
-
-def run_processes(target, out_dir) -> list[int | None]:
-    """Start WORLD spawned processes running ``target(rank, WORLD, port, out_dir)``; exit codes (None: killed)."""
-    ctx = multiprocessing.get_context("spawn")
-    port = workers.free_port()
-    procs = [ctx.Process(target=target, args=(rank, WORLD, port, str(out_dir))) for rank in range(WORLD)]
-    for p in procs:
-        p.start()
-    end = time.monotonic() + DEADLINE_S
-    for p in procs:
-        p.join(max(0.0, end - time.monotonic()))
-    codes = []
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-            p.join()
-            codes.append(None)
-        else:
-            codes.append(p.exitcode)
-    return codes
-
 
 def test_single_process_makes_no_collective_calls():
     assert not is_distributed()

@@ -9,6 +9,7 @@ single process none of this calls torch.distributed.
 
 from posthoc.distributed.collectives import (
     PeerFailure,
+    broadcast_object,
     check_same_on_all_ranks,
     gather_rows,
     init_from_env,
@@ -22,6 +23,7 @@ from posthoc.distributed.collectives import (
 
 __all__ = [
     "PeerFailure",
+    "broadcast_object",
     "check_same_on_all_ranks",
     "gather_rows",
     "init_from_env",

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import datetime
 import os
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.distributed as dist
@@ -77,6 +77,15 @@ def sum_count(count: int, what: str) -> int:
         return count
     (total,) = sum_over_ranks([torch.tensor([count], dtype=torch.float64)], what)
     return int(round(float(total)))
+
+
+def broadcast_object(obj: Any, what: str) -> Any:
+    """Rank 0's ``obj`` (any picklable value) on every rank; single process: ``obj`` unchanged."""
+    if not is_distributed():
+        return obj
+    box = [obj if rank() == 0 else None]
+    _run(lambda: dist.broadcast_object_list(box, src=0), what)
+    return box[0]
 
 
 def gather_rows(tensor: torch.Tensor, what: str) -> torch.Tensor:

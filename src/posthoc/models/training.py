@@ -5,6 +5,13 @@ same data, model and settings come again. While training, the full state
 (model, optimizer, scheduler, RNG) is written atomically after every epoch to
 ``<key>.partial.pt``, so an interrupted run resumes from its last finished
 epoch with the same result as an uninterrupted one.
+
+Under torch.distributed (e.g. ``torchrun``) every rank draws the same seeded
+minibatch and trains on its slice of it; the gradients are summed over ranks
+with the loss normalised by the global batch size, so each step is the
+single-process step on the whole minibatch (up to summation order; BatchNorm's
+training statistics are per rank). Rank 0 reads and writes the checkpoints and
+sends their contents to the other ranks.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from posthoc.data.loaders import make_loader
+from posthoc.distributed import collectives
 from posthoc.likelihood import Likelihood
 from posthoc.utils.checks import check_choice, check_finite, check_labels
 from posthoc.utils.io import atomic_save_torch
@@ -115,6 +123,17 @@ def _epoch_loader(dataset: Dataset, config: TrainConfig, epoch: int) -> DataLoad
     return make_loader(dataset, config.batch_size, shuffle=True, seed=config.seed * 1_000_003 + epoch)
 
 
+def _load_if_exists(path: Path) -> dict[str, Any] | None:
+    return torch.load(path, map_location="cpu", weights_only=False) if path.exists() else None
+
+
+def _sum_gradients(model: nn.Module) -> None:
+    """All-reduce the parameter gradients (one collective for all of them)."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    for p, summed in zip(params, collectives.sum_over_ranks([p.grad for p in params], "the gradients")):
+        p.grad.copy_(summed)
+
+
 def train_map(
     model: nn.Module,
     train_set: Dataset,
@@ -136,11 +155,12 @@ def train_map(
     if (checkpoint_dir is None) != (key is None):
         raise ValueError("give both checkpoint_dir and key to checkpoint, or neither")
     final_path = partial_path = None
+    writer = collectives.is_main_process()
     if checkpoint_dir is not None:
         final_path = Path(checkpoint_dir) / f"{key}.pt"
         partial_path = Path(checkpoint_dir) / f"{key}.partial.pt"
-        if final_path.exists():
-            state = torch.load(final_path, map_location="cpu", weights_only=False)
+        state = collectives.broadcast_object(_load_if_exists(final_path) if writer else None, "the MAP checkpoint")
+        if state is not None:
             model.load_state_dict(state["model"])
             log(f"reusing MAP checkpoint {final_path}")
             return TrainResult(model.eval(), state["history"], True, state["wall_time_s"], final_path)
@@ -151,16 +171,24 @@ def train_map(
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=config.gamma)
     history: list[dict[str, float]] = []
     start_epoch, elapsed = 0, 0.0
-    if partial_path is not None and partial_path.exists():
-        state = torch.load(partial_path, map_location="cpu", weights_only=False)
+    state = None
+    if partial_path is not None:
+        state = collectives.broadcast_object(_load_if_exists(partial_path) if writer else None,
+                                             "the partial MAP checkpoint")
+    if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
         history, start_epoch, elapsed = state["history"], state["epoch"], state["wall_time_s"]
         log(f"resuming MAP training from epoch {start_epoch} ({partial_path})")
+    collectives.check_same_on_all_ranks(nn.utils.parameters_to_vector(model.parameters()),
+                                        "the initial model weights (seed every rank alike)")
+    rank, world = collectives.rank(), collectives.world_size()
+    reduction = "mean" if world == 1 else "sum"
 
-    loss_fn = nn.CrossEntropyLoss() if likelihood is Likelihood.CLASSIFICATION else nn.MSELoss()
+    loss_fn = nn.CrossEntropyLoss(reduction=reduction) if likelihood is Likelihood.CLASSIFICATION \
+        else nn.MSELoss(reduction=reduction)
     t0 = time.perf_counter() - elapsed
     for epoch in range(start_epoch, config.epochs):
         model.train()
@@ -168,20 +196,30 @@ def train_map(
         bar = tqdm(_epoch_loader(train_set, config, epoch), desc=f"MAP epoch {epoch + 1}/{config.epochs}",
                    disable=not progress, leave=False)
         for x, y in bar:
+            batch = len(x)
+            if world > 1:  # this rank's slice of the common minibatch
+                x, y = x[rank::world], y[rank::world]
             optimizer.zero_grad(set_to_none=True)
             out = model(x)
             target = y if likelihood is Likelihood.CLASSIFICATION else y.reshape(out.shape).to(out.dtype)
             loss = loss_fn(out, target)
+            if world > 1:  # sum over the slice / global batch: the ranks' gradients add up to the batch mean
+                loss = loss / (batch * (target[0].numel() if likelihood is Likelihood.REGRESSION else 1))
             if not torch.isfinite(loss.detach()):
                 raise FloatingPointError(f"training loss became {loss.item()} at epoch {epoch + 1}; lower lr")
             loss.backward()
+            if world > 1:
+                _sum_gradients(model)
             optimizer.step()
-            total += loss.item() * len(x)
-            count += len(x)
+            total += loss.item() * (batch if world > 1 else len(x))
+            count += batch if world > 1 else len(x)
             bar.set_postfix(loss=f"{total / count:.4f}")
         scheduler.step()
+        if world > 1:  # the epoch's loss: each rank summed its slices' shares of the batch means
+            total = float(collectives.sum_over_ranks([torch.tensor([total], dtype=torch.float64)],
+                                                     "the epoch's training loss")[0])
         history.append({"epoch": epoch + 1, "train_loss": total / count})
-        if partial_path is not None:
+        if partial_path is not None and writer:
             atomic_save_torch(
                 {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                  "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
@@ -192,7 +230,7 @@ def train_map(
             log(f"MAP epoch {epoch + 1}/{config.epochs}: train loss {total / count:.4f}")
     wall = time.perf_counter() - t0
     model.eval()
-    if final_path is not None and partial_path is not None:
+    if final_path is not None and partial_path is not None and writer:
         atomic_save_torch(
             {"model": model.state_dict(), "history": history, "wall_time_s": wall, "config": asdict(config)},
             final_path,
