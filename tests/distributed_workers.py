@@ -175,3 +175,16 @@ def training_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         torch.save({"first": first, "second": second}, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
+
+
+def bench_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    """``run_bench`` on the embedded suite (1 MAP epoch) on 2 ranks; rank 0 writes the results."""
+    _join(rank, world, port)
+    try:
+        from posthoc.bench import run_bench
+
+        report = run_bench("fmnist-embedded", ["map", "la_kron"], out_dir=Path(out_dir) / "results",
+                           checkpoint_dir=Path(out_dir) / "ckpt", epochs=1, progress=False, log=lambda s: None)
+        torch.save(report.rows, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()

@@ -44,12 +44,19 @@ class BenchContext:
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """A registered method: its builder, a one-line description and its link."""
+    """A registered method: its builder, a one-line description and its link.
+
+    ``shards_fit``: the builder fits and tunes correctly on this rank's shard
+    of the training and validation data under torch.distributed (it
+    all-reduces what it sums, as Laplace.fit and its gridsearch do); otherwise
+    every rank gets all of both.
+    """
 
     name: str
     build: Callable[[BenchContext], Predictor]
     description: str
     link_approx: LinkApprox = LinkApprox.PROBIT
+    shards_fit: bool = False
 
 
 METHODS: dict[str, MethodSpec] = {}
@@ -57,12 +64,12 @@ METHODS: dict[str, MethodSpec] = {}
 
 def register_method(
     name: str, build: Callable[[BenchContext], Predictor], description: str,
-    link_approx: LinkApprox | str = LinkApprox.PROBIT,
+    link_approx: LinkApprox | str = LinkApprox.PROBIT, shards_fit: bool = False,
 ) -> MethodSpec:
     """Add a method to the registry (a name may be registered once)."""
     if name in METHODS:
         raise ValueError(f"a method named {name!r} is already registered")
-    spec = MethodSpec(name, build, description, LinkApprox(link_approx))
+    spec = MethodSpec(name, build, description, LinkApprox(link_approx), shards_fit)
     METHODS[name] = spec
     return spec
 
@@ -108,12 +115,13 @@ def laplace_builder(structure: str, subset: str, tuning: str = "marglik", margli
     return build
 
 
-register_method("la_kron", laplace_builder("kron", "all"), "LA, all weights, KFAC, glm, marglik prior")
+register_method("la_kron", laplace_builder("kron", "all"), "LA, all weights, KFAC, glm, marglik prior", shards_fit=True)
 register_method("la_kron_gridsearch", laplace_builder("kron", "all", tuning="gridsearch"),
-                "LA, all weights, KFAC, glm, prior by validation NLL")
-register_method("la_diag", laplace_builder("diag", "all"), "LA, all weights, diagonal, glm, marglik prior")
+                "LA, all weights, KFAC, glm, prior by validation NLL", shards_fit=True)
+register_method("la_diag", laplace_builder("diag", "all"), "LA, all weights, diagonal, glm, marglik prior",
+                shards_fit=True)
 register_method("la_lowrank", laplace_builder("lowrank", "all", rank=20, subsample=1000),
                 "LA, all weights, top-20 GGN eigenpairs (Lanczos on a 1,000-example subsample) + prior, glm, "
-                "marglik prior")
+                "marglik prior", shards_fit=True)
 register_method("la_lastlayer_full", laplace_builder("full", "last_layer"),
-                "LA, last layer, full GGN, glm, marglik prior")
+                "LA, last layer, full GGN, glm, marglik prior", shards_fit=True)

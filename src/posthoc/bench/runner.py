@@ -14,12 +14,14 @@ from posthoc import metrics
 from posthoc.bench.methods import BenchContext, MethodSpec, get_methods
 from posthoc.bench.report import format_markdown, write_results
 from posthoc.bench.suites import BenchSuite, get_bench_suite
-from posthoc.data.loaders import make_loader
+from posthoc.data.loaders import make_loader, shard
+from posthoc.distributed import is_distributed, is_main_process, world_size
 from posthoc.data.suites import get_suite
 from posthoc.models.registry import build_model
 from posthoc.models.training import TrainConfig, TrainResult, checkpoint_key, default_checkpoint_dir, train_map
 from posthoc.plots import ood_histograms, reliability_diagram, save_figure
 from posthoc.predictive import GaussianPredictive, Predictive, predict_loader
+from posthoc.predictive.batching import gather
 
 EVAL_BATCH = 500
 
@@ -70,8 +72,11 @@ def evaluate_method(spec: MethodSpec, ctx: BenchContext, suite, out_dir: Path | 
     predictor = spec.build(ctx)
     fit_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    test_pred, test_y = predict_loader(predictor.predict, make_loader(suite.test, EVAL_BATCH, shuffle=False))
-    ood_pred, _ = predict_loader(predictor.predict, make_loader(suite.ood, EVAL_BATCH, shuffle=False))
+    # under torch.distributed each rank predicts its contiguous part; gathered in rank order = dataset order
+    test_pred, test_y = predict_loader(predictor.predict, make_loader(shard(suite.test), EVAL_BATCH, shuffle=False))
+    ood_pred, _ = predict_loader(predictor.predict, make_loader(shard(suite.ood), EVAL_BATCH, shuffle=False))
+    test_pred, ood_pred = gather(test_pred, "test predictions"), gather(ood_pred, "OOD predictions")
+    test_y = suite.test.tensors[1] if is_distributed() else test_y
     predict_s = time.perf_counter() - t0
     probs = test_pred.probs(spec.link_approx)
     ood_probs = ood_pred.probs(spec.link_approx)
@@ -94,7 +99,7 @@ def evaluate_method(spec: MethodSpec, ctx: BenchContext, suite, out_dir: Path | 
         # method-specific figures (e.g. JVP evaluations spent, samples within a loss tolerance)
         "info": dict(predictor.bench_info()) if callable(getattr(predictor, "bench_info", None)) else {},
     }
-    if out_dir is not None:
+    if out_dir is not None and is_main_process():
         save_figure(ood_histograms(ent_in, ent_out, score_name="predictive entropy",
                                    labels=(f"{suite.name} test", "OOD"), title=spec.name),
                     out_dir / f"ood_entropy_{spec.name}.png")
@@ -120,7 +125,14 @@ def run_bench(
     model is trained with the suite's schedule (``epochs`` overrides its length)
     or reused from ``checkpoint_dir``. Results: ``results.{md,csv,json}``, a
     reliability diagram of all methods, and an OOD entropy histogram per method.
+
+    Under torch.distributed (``posthoc bench --distributed`` via torchrun) the
+    MAP is trained data-parallel, methods registered with ``shards_fit`` fit on
+    each rank's shard of the training data (the others on all of it),
+    predictions are sharded and gathered, and rank 0 alone logs and writes.
     """
+    if not is_main_process():
+        log, progress = (lambda message: None), False
     bench = get_bench_suite(suite_name)
     specs = get_methods(list(methods) if methods is not None else list(bench.default_methods))
     config = replace(bench.train, seed=seed, epochs=epochs if epochs is not None else bench.train.epochs)
@@ -129,11 +141,16 @@ def run_bench(
         f"{len(suite.ood)} OOD")
     result = train_suite_model(bench, suite, config, checkpoint_dir, progress, log)
     model = result.model.eval()
+    train_all = make_loader(suite.train, config.batch_size, shuffle=True, seed=seed)
+    train_shard = make_loader(shard(suite.train), config.batch_size, shuffle=True, seed=seed) \
+        if is_distributed() else train_all
+    val_all = make_loader(suite.val, EVAL_BATCH, shuffle=False)
+    val_shard = make_loader(shard(suite.val), EVAL_BATCH, shuffle=False) if is_distributed() else val_all
     ctx = BenchContext(
         model=model,
         suite=suite,
-        train_loader=make_loader(suite.train, config.batch_size, shuffle=True, seed=seed),
-        val_loader=make_loader(suite.val, EVAL_BATCH, shuffle=False),
+        train_loader=train_all,
+        val_loader=val_all,
         context_loader=make_loader(suite.context, config.batch_size, shuffle=True, seed=seed + 1),
         seed=seed,
         progress=progress,
@@ -143,6 +160,7 @@ def run_bench(
         "suite": suite_name,
         "suite_description": bench.description,
         "seed": seed,
+        "processes": world_size(),
         "map": {"model": bench.model, "epochs": config.epochs, "train_wall_s": round(result.wall_time_s, 1),
                 "from_cache": result.from_cache, "checkpoint": str(result.checkpoint)},
     }
@@ -150,10 +168,11 @@ def run_bench(
     all_bins = {}
     for spec in specs:
         torch.manual_seed(seed)
-        row, bins = evaluate_method(spec, ctx, suite, out, log)
+        sharded = replace(ctx, train_loader=train_shard, val_loader=val_shard)
+        row, bins = evaluate_method(spec, sharded if spec.shards_fit else ctx, suite, out, log)
         report.rows.append(row)
         all_bins[spec.name] = bins
-        if out is not None:  # rewritten after every method, so an interrupted run keeps what it finished
+        if out is not None and is_main_process():  # rewritten after every method, so an interrupted run keeps what it finished
             report.files = write_results(out, {**meta, "methods_requested": [s.name for s in specs]}, report.rows)
             report.files["reliability"] = save_figure(
                 reliability_diagram(all_bins, title=f"{suite_name} test"), out / "reliability.png")

@@ -20,6 +20,9 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed for model init, data order and MC (default 0)")
     parser.add_argument("--epochs", type=int, default=None, help="override the suite's MAP epochs")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--distributed", action="store_true",
+                        help="data-parallel over the processes started by torchrun (gloo on CPU, nccl on GPUs); "
+                             "rank 0 prints and writes")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,18 +55,19 @@ def _train(args: argparse.Namespace) -> int:
     from posthoc.bench.runner import EVAL_BATCH, train_suite_model
     from posthoc.bench.suites import get_bench_suite
     from posthoc.baselines import MAP
-    from posthoc.data.loaders import make_loader
+    from posthoc.data.loaders import make_loader, shard
     from posthoc.data.suites import get_suite
     from posthoc.predictive import predict_loader
+    from posthoc.predictive.batching import gather
 
     bench = get_bench_suite(args.suite)
     config = replace(bench.train, seed=args.seed, epochs=args.epochs or bench.train.epochs)
     suite = get_suite(bench.data, data_dir=args.data_dir)
-    result = train_suite_model(bench, suite, config, args.checkpoint_dir, not args.no_progress, print)
-    pred, y = predict_loader(MAP(result.model).predict, make_loader(suite.test, EVAL_BATCH, shuffle=False))
-    acc = metrics.accuracy(pred.probs(), y)
+    result = train_suite_model(bench, suite, config, args.checkpoint_dir, not args.no_progress, _say)
+    pred, _ = predict_loader(MAP(result.model).predict, make_loader(shard(suite.test), EVAL_BATCH, shuffle=False))
+    acc = metrics.accuracy(gather(pred, "test predictions").probs(), suite.test.tensors[1])
     origin = "reused" if result.from_cache else "trained"
-    print(f"{origin} {bench.model} on {args.suite} ({config.epochs} epochs, {result.wall_time_s:.0f} s of training): "
+    _say(f"{origin} {bench.model} on {args.suite} ({config.epochs} epochs, {result.wall_time_s:.0f} s of training): "
           f"test accuracy {acc:.4f}; checkpoint {result.checkpoint}")
     return 0
 
@@ -74,14 +78,29 @@ def _bench(args: argparse.Namespace, suite: str, methods: list[str] | None, out:
     report = run_bench(suite, methods=methods, data_dir=args.data_dir, out_dir=out,
                        checkpoint_dir=args.checkpoint_dir, seed=args.seed, epochs=args.epochs,
                        progress=not args.no_progress)
-    print()
-    print(report.markdown())
-    print(f"results written to {Path(out).resolve()}/ (results.md, results.csv, results.json, plots)")
+    _say("")
+    _say(report.markdown())
+    _say(f"results written to {Path(out).resolve()}/ (results.md, results.csv, results.json, plots)")
     return 0
+
+
+def _say(message: str) -> None:
+    from posthoc.distributed import is_main_process
+
+    if is_main_process():
+        print(message)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "distributed", False):
+        from posthoc.distributed import init_from_env
+
+        if not init_from_env():
+            print(f"posthoc {args.command}: error: --distributed needs the environment torchrun sets (RANK, "
+                  "WORLD_SIZE, MASTER_ADDR, MASTER_PORT); start with e.g. `torchrun --nproc-per-node 2 -m "
+                  f"posthoc.cli.main {args.command} --distributed ...`", file=sys.stderr)
+            return 2
     try:
         if args.command == "train":
             return _train(args)

@@ -3,9 +3,24 @@
 from __future__ import annotations
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
-__all__ = ["make_loader"]
+from posthoc.distributed import rank, world_size
+
+__all__ = ["make_loader", "shard"]
+
+
+def shard(dataset: Dataset) -> Dataset:
+    """This rank's contiguous part of ``dataset`` under torch.distributed (the dataset itself otherwise).
+
+    Rank r of W gets indices [r N / W, (r + 1) N / W): concatenating the ranks'
+    results in rank order restores the dataset's order.
+    """
+    world = world_size()
+    if world == 1:
+        return dataset
+    n, r = len(dataset), rank()
+    return Subset(dataset, range(r * n // world, (r + 1) * n // world))
 
 
 def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int = 0,

@@ -6,6 +6,7 @@ from typing import Callable, Iterable
 
 import torch
 
+from posthoc.distributed import gather_rows, is_distributed
 from posthoc.predictive.base import Predictive
 from posthoc.predictive.gaussian import GaussianPredictive
 from posthoc.predictive.samples import SamplePredictive
@@ -24,6 +25,24 @@ def concat(predictives: list[Predictive]) -> Predictive:
     if all(isinstance(p, SamplePredictive) for p in predictives):
         return SamplePredictive(torch.cat([p.samples for p in predictives], dim=1), sigma_noise=first.sigma_noise)
     raise TypeError("cannot concatenate predictives of different kinds")
+
+
+def gather(pred: Predictive, what: str = "predictions") -> Predictive:
+    """Under torch.distributed, join every rank's predictive along the batch, in rank order (all ranks get it).
+
+    Single process: ``pred`` unchanged. Every rank must hold the same kind of predictive.
+    """
+    if not is_distributed():
+        return pred
+    if isinstance(pred, GaussianPredictive):
+        mean = gather_rows(pred.mean, f"{what} (means)")
+        if pred.has_full_cov:
+            return GaussianPredictive(mean, cov=gather_rows(pred.cov, f"{what} (covariances)"))
+        return GaussianPredictive(mean, var=gather_rows(pred.var, f"{what} (variances)"))
+    if isinstance(pred, SamplePredictive):
+        samples = gather_rows(pred.samples.transpose(0, 1).contiguous(), f"{what} (samples)").transpose(0, 1)
+        return SamplePredictive(samples, sigma_noise=pred.sigma_noise)
+    raise TypeError(f"cannot gather a {type(pred).__name__}")
 
 
 @torch.no_grad()
