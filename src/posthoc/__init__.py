@@ -11,6 +11,7 @@ from posthoc.baselines import MAP, TemperatureScaling
 from posthoc.laplace import Laplace
 from posthoc.likelihood import Likelihood
 from posthoc.predictive import GaussianPredictive, LinkApprox, Predictive, SamplePredictive
+from posthoc.scalla import ScaLLA
 
 __all__ = [
     "__version__",
@@ -21,5 +22,6 @@ __all__ = [
     "MAP",
     "Predictive",
     "SamplePredictive",
+    "ScaLLA",
     "TemperatureScaling",
 ]

@@ -16,3 +16,5 @@ __all__ = [
     "register_method",
     "run_bench",
 ]
+
+from posthoc.bench import scalla_methods  # noqa: E402,F401  (registers scalla, scalla_biased)

@@ -1,0 +1,407 @@
+"""``posthoc.ScaLLA``: the linearised Laplace predictive through a learned surrogate kernel (METHODS.md §3).
+
+    s = ScaLLA(model, "classification", n_features=100, biased=True)
+    s.fit(train_loader, context_loader=context_loader, checkpoint="scalla.pt")
+    s.optimize_prior_precision(method="gridsearch", val_loader=val_loader)
+    pred = s.predict(x)          # GaussianPredictive(f(x; theta*), phi(x)^T Sigma_w phi(x))
+
+A surrogate phi(x) (m, C) is trained from JVPs of the fixed network so that phi(x)^T phi(x') approximates the
+NTK J(x) J(x')^T; the posterior is Gaussian over m latent weights; prediction costs one network forward and one
+surrogate forward, no Jacobian.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from enum import Enum
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from posthoc.curvature.output_factors import CurvatureType, OutputFactors, log_likelihood, log_likelihood_terms
+from posthoc.laplace.batches import checked_batches
+from posthoc.laplace.subset import ParameterSubset
+from posthoc.likelihood import Likelihood
+from posthoc.metrics import nll
+from posthoc.predictive import GaussianPredictive, LinkApprox
+from posthoc.scalla import objectives
+from posthoc.scalla.posterior import LatentPosterior, batch_precision
+from posthoc.scalla.surrogate import FeatureMap, SurrogateInit, build_default_surrogate
+from posthoc.scalla.training import InputPool, SurrogateTrainer, TrainSettings
+from posthoc.utils.checks import check_choice, check_finite, check_positive
+
+STATE_VERSION = 1
+
+
+class PriorOptimization(str, Enum):
+    MARGLIK = "marglik"  # the authors' hybrid evidence (see LatentPosterior.hybrid_evidence)
+    GRIDSEARCH = "gridsearch"  # validation NLL
+
+
+class EvidenceKind(str, Enum):
+    HYBRID = "hybrid"
+    LATENT = "latent"
+
+
+class ScaLLA:
+    """Scalable linearised Laplace with a surrogate kernel.
+
+    Args:
+        model: the trained network (its current weights are theta*; put in eval mode, never changed).
+        likelihood: "classification" (logits) or "regression".
+        n_features: m, the number of latent features (phi(x) is m x C).
+        surrogate: an nn.Module mapping inputs to (B, m C) or (B, m, C) features, trained in place; None
+            builds the default from the model (posthoc.scalla.surrogate: trunk + FC 200 + FC m C, scaled by
+            sqrt(P / m); ``surrogate_init`` "model" starts the trunk at the trained weights, "fresh" re-draws it
+            seeded by ``seed``).
+        prior_precision: delta (scalar); sigma_noise: observation noise (regression only).
+        biased: zero the train x context kernel while training (needs a context loader at fit).
+        objective: "directions" (regression onto JVPs along fixed directions, the default) or "probes" (the
+            paper's (K - Q)^2 with fresh Rademacher probes); see posthoc.scalla.training.
+        steps, batch_size, n_probes, lr, lr_schedule, n_target_points, directions, eigen_subsample,
+            checkpoint_every: training settings (posthoc.scalla.training.TrainSettings).
+        seed: seeds everything random in training (init, batches, probes, directions).
+        dict_key_x, dict_key_y: the keys read from loaders that yield dict batches.
+        progress: progress bars.
+
+    Defaults and the measurements behind them (tests/scalla, benchmarks/results/scalla_efficiency.md):
+    "directions" with 100 Rademacher directions, 2,000 target points (half train, half context, 2e5 JVP
+    evaluations), 3,000 Adam steps of 64 points, lr 1e-3 with cosine decay, trunk initialised from the model.
+    On the 1,315-parameter tanh MLP it reaches a held-out kernel error of 0.38-0.44 in seconds (exact rank-100
+    Rademacher features: 0.35) where the paper's objective with the same evaluations stays at 0.62. On the
+    FMNIST CNN it does NOT beat the paper's objective at equal budget: 0.46 at 1e5 evaluations against 0.375
+    for the reference recipe (the directions objective sees only its 1,000-2,000 target points and its
+    generalisation from them, not the directions, limits it: exact eigen-direction features reach 0.365 but the
+    surrogate trained on them stays at 0.46). For CNN-scale models use objective="probes" with the reference
+    per-step settings (batch_size=5, n_probes=1, lr=5e-5, lr_schedule="constant") and a budget of steps, as
+    the bench rows do (posthoc.bench.scalla_methods).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        likelihood: Likelihood | str,
+        n_features: int = 100,
+        surrogate: nn.Module | None = None,
+        prior_precision: float = 1.0,
+        biased: bool = False,
+        sigma_noise: float = 1.0,
+        objective: str = "directions",
+        steps: int = 3000,
+        batch_size: int = 64,
+        n_probes: int = 1,
+        lr: float = 1e-3,
+        lr_schedule: str = "cosine",
+        n_target_points: int = 2000,
+        directions: str = "rademacher",
+        eigen_subsample: int = 200,
+        surrogate_init: SurrogateInit | str = SurrogateInit.MODEL,
+        checkpoint_every: int = 500,
+        seed: int = 0,
+        dict_key_x: str = "input",
+        dict_key_y: str = "target",
+        progress: bool = True,
+    ) -> None:
+        if isinstance(n_features, bool) or not isinstance(n_features, int) or n_features < 1:
+            raise ValueError(f"n_features must be a positive int (the number of latent features m), got {n_features!r}")
+        if surrogate is not None and not isinstance(surrogate, nn.Module):
+            raise TypeError(f"surrogate must be an nn.Module or None, got {type(surrogate).__name__}")
+        self.model = model.eval()
+        self.likelihood = check_choice(likelihood, Likelihood, "likelihood")
+        self.n_features, self.biased, self.seed = n_features, bool(biased), seed
+        self.surrogate_init = check_choice(surrogate_init, SurrogateInit, "surrogate_init")
+        self._user_surrogate = surrogate
+        self.surrogate: nn.Module | None = None
+        self.subset = ParameterSubset(model, "all")
+        self.settings = TrainSettings(objective=objective, steps=steps, batch_size=batch_size, n_probes=n_probes,
+                                      lr=lr, lr_schedule=lr_schedule, n_target_points=n_target_points,
+                                      directions=directions, eigen_subsample=eigen_subsample,
+                                      checkpoint_every=checkpoint_every, seed=seed)
+        self.factors = OutputFactors(self.likelihood, CurvatureType.GGN)
+        self.dict_key_x, self.dict_key_y, self.progress = dict_key_x, dict_key_y, progress
+        self.prior_precision = prior_precision
+        self.sigma_noise = sigma_noise
+        self.posterior: LatentPosterior | None = None
+        self.input_shape: tuple[int, ...] | None = None
+        self.n_outputs: int | None = None
+        self.train_record: dict[str, Any] = {}
+
+    # ----------------------------------------------------------------- hyperparameters
+    @property
+    def prior_precision(self) -> torch.Tensor:
+        """delta, a scalar tensor."""
+        return self._prior_precision
+
+    @prior_precision.setter
+    def prior_precision(self, value: float | torch.Tensor) -> None:
+        t = torch.as_tensor(value, dtype=self.subset.dtype).detach()
+        if t.numel() != 1:
+            raise ValueError(f"ScaLLA takes a scalar prior precision, got shape {tuple(t.shape)}")
+        check_positive(t, "prior_precision")
+        self._prior_precision = t.reshape(()).to(self.subset.device)
+
+    @property
+    def sigma_noise(self) -> torch.Tensor:
+        return self._sigma_noise
+
+    @sigma_noise.setter
+    def sigma_noise(self, value: float | torch.Tensor) -> None:
+        sigma = torch.as_tensor(value, dtype=self.subset.dtype).detach().reshape(())
+        check_positive(sigma, "sigma_noise")
+        if self.likelihood is Likelihood.CLASSIFICATION and float(sigma) != 1.0:
+            raise ValueError("sigma_noise is for regression; leave it at 1 for classification")
+        self._sigma_noise = sigma.to(self.subset.device)
+
+    # ----------------------------------------------------------------- fitting
+    def _batches(self, loader: Iterable):
+        return checked_batches(loader, self.likelihood, self.n_outputs, self.dict_key_x, self.dict_key_y,
+                               self.subset.dtype, self.subset.device)
+
+    def _build_surrogate(self, example: torch.Tensor) -> nn.Module:
+        assert self.n_outputs is not None
+        if self._user_surrogate is not None:
+            surrogate: nn.Module = FeatureMap(self._user_surrogate, self.n_features, self.n_outputs)
+            with torch.no_grad():
+                surrogate.eval()(example[:1])  # fails now, with the shape message, if the output is wrong
+            return surrogate
+        return build_default_surrogate(self.model, example, self.n_features, self.n_outputs,
+                                       init=self.surrogate_init, seed=self.seed)
+
+    def fit(self, train_loader: Iterable, context_loader: Iterable | None = None, steps: int | None = None,
+            checkpoint: str | os.PathLike | None = None,
+            callback: Callable[[int, int], None] | None = None) -> "ScaLLA":
+        """Train the surrogate (resuming from ``checkpoint`` if it exists), then fit the m x m posterior
+        by one pass over ``train_loader``.
+
+        ``context_loader`` yields context inputs (tuples/dicts like the training loader, or bare tensors) of
+        the training inputs' shape; the biased variant needs it. ``steps`` overrides the constructor's.
+        ``callback(step, jvp_evaluations)`` runs after every training step.
+        """
+        self.model.eval()
+        first = next(iter(train_loader), None)
+        if first is None:
+            raise ValueError("the training loader yielded no batches: nothing to fit")
+        x0, _ = next(iter(checked_batches([first], self.likelihood, None, self.dict_key_x, self.dict_key_y,
+                                          self.subset.dtype, self.subset.device)))
+        with torch.no_grad():
+            out0 = self.model(x0[:1])
+        if out0.ndim != 2:
+            raise ValueError(f"the model must return (B, C) outputs, got {tuple(out0.shape)}")
+        self.n_outputs, self.input_shape = out0.shape[-1], tuple(x0.shape[1:])
+        if self.biased and context_loader is None:
+            raise ValueError("biased=True needs context points: pass context_loader (inputs resembling OOD data)")
+        train_pool = InputPool(train_loader, "training", self.subset.dtype, self.subset.device,
+                               self.dict_key_x, self.dict_key_y)
+        context_pool = None
+        if context_loader is not None:
+            context_pool = InputPool(context_loader, "context", self.subset.dtype, self.subset.device,
+                                     self.dict_key_x, self.dict_key_y)
+            if context_pool.example_shape != train_pool.example_shape:
+                raise ValueError(f"context inputs have shape (B, {', '.join(map(str, context_pool.example_shape))}) "
+                                 f"but training inputs (B, {', '.join(map(str, train_pool.example_shape))}); "
+                                 "context points must be valid inputs of the network")
+        settings = self.settings if steps is None else TrainSettings(**{**self.settings.__dict__, "steps": steps})
+        self.surrogate = self._build_surrogate(x0)
+        trainer = SurrogateTrainer(self.surrogate, self.subset, self.likelihood, train_pool, context_pool, settings,
+                                   biased=self.biased, checkpoint=checkpoint, progress=self.progress,
+                                   callback=callback).run(self.n_features)
+        self.train_record = {"steps": trainer.step, "jvp_evaluations": trainer.jvp_evaluations,
+                             "history": trainer.history, "wall_time_s": trainer.wall_time_s}
+        self.fit_posterior(train_loader)
+        return self
+
+    @torch.no_grad()
+    def fit_posterior(self, train_loader: Iterable) -> "ScaLLA":
+        """H = sum_n phi(x_n) Gamma_n phi(x_n)^T by one pass over the data (the surrogate stays as it is)."""
+        surrogate = self._require_surrogate()
+        surrogate.eval()
+        m = self.n_features
+        precision = torch.zeros(m, m, dtype=self.subset.dtype, device=self.subset.device)
+        stat = torch.zeros((), dtype=self.subset.dtype, device=self.subset.device)
+        n_data = 0
+        for x, y in tqdm(self._batches(train_loader), desc="ScaLLA posterior", disable=not self.progress, leave=False):
+            outputs = self.model(x)
+            precision += batch_precision(surrogate(x), self.factors(outputs, y))
+            stat += log_likelihood_terms(outputs, y, self.likelihood)
+            n_data += x.shape[0]
+        theta = self.subset.theta_map
+        self.posterior = LatentPosterior(precision, stat, n_data, self.n_outputs, theta.square().sum(),
+                                         self.subset.n_params)
+        return self
+
+    def _require_surrogate(self) -> nn.Module:
+        if self.surrogate is None:
+            raise RuntimeError("call fit(train_loader) first: ScaLLA has no trained surrogate")
+        return self.surrogate
+
+    def _require_fit(self) -> LatentPosterior:
+        if self.posterior is None:
+            raise RuntimeError("call fit(train_loader) first: ScaLLA is not fitted")
+        return self.posterior
+
+    # ----------------------------------------------------------------- prediction
+    def _inputs(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor")
+        x = x.to(device=self.subset.device, dtype=self.subset.dtype if x.is_floating_point() else x.dtype)
+        check_finite(x, name)
+        if self.input_shape is not None and tuple(x.shape[1:]) != self.input_shape:
+            raise ValueError(f"{name} must have shape (B, {', '.join(map(str, self.input_shape))}), "
+                             f"got {tuple(x.shape)}")
+        return x
+
+    @torch.no_grad()
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """phi(x): (B, m, C)."""
+        return self._require_surrogate().eval()(self._inputs(x, "x"))
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor) -> GaussianPredictive:
+        """N(f(x; theta*), phi(x)^T Sigma_w phi(x)) with full (B, C, C) covariance, no observation noise.
+
+        Cost: one forward pass of the network and one of the surrogate.
+        """
+        posterior = self._require_fit()
+        x = self._inputs(x, "x")
+        mean = self.model(x)
+        cov = posterior.covariance(self.surrogate(x), self.prior_precision, self.factors.scale(self.sigma_noise))
+        return GaussianPredictive(mean, cov=cov)
+
+    def __call__(self, x: torch.Tensor, link_approx: LinkApprox | str = LinkApprox.PROBIT):
+        """Classification: class probabilities (B, C). Regression: the predictive of y (noise added)."""
+        pred = self.predict(x)
+        if self.likelihood is Likelihood.REGRESSION:
+            return pred.with_noise(self.sigma_noise)
+        return pred.probs(link_approx, seed=self.seed)
+
+    @torch.no_grad()
+    def kernel(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+        """The surrogate kernel phi(x1)^T phi(x2), (B1, B2, C, C): the approximation of the NTK J(x1) J(x2)^T
+        (not divided by the prior precision)."""
+        surrogate = self._require_surrogate().eval()
+        return objectives.surrogate_kernel(surrogate(self._inputs(x1, "x1")), surrogate(self._inputs(x2, "x2")))
+
+    # ----------------------------------------------------------------- evidence and tuning
+    def log_marginal_likelihood(self, prior_precision: float | torch.Tensor | None = None,
+                                sigma_noise: float | torch.Tensor | None = None,
+                                kind: EvidenceKind | str = EvidenceKind.HYBRID) -> torch.Tensor:
+        """The evidence used to tune delta (and sigma), differentiable in both.
+
+        "hybrid" (default, the authors'): log p(D | theta*) - 1/2 delta ||theta*||^2 + 1/2 P log delta
+        - 1/2 log det(s H + delta I_m). "latent": log p(D | theta*) - 1/2 log det(I + s H / delta), the evidence
+        of the m-dimensional latent model, which grows without bound in delta (no interior optimum).
+        """
+        posterior = self._require_fit()
+        delta = self.prior_precision if prior_precision is None else torch.as_tensor(
+            prior_precision, dtype=self.subset.dtype, device=self.subset.device).reshape(())
+        sigma = self.sigma_noise if sigma_noise is None else torch.as_tensor(
+            sigma_noise, dtype=self.subset.dtype, device=self.subset.device).reshape(())
+        if self.likelihood is Likelihood.CLASSIFICATION and sigma_noise is not None and float(sigma) != 1.0:
+            raise ValueError("sigma_noise is for regression; classification has no noise")
+        loglik = log_likelihood(posterior.loglik_stat, posterior.n_data * posterior.n_outputs, self.likelihood, sigma)
+        scale = self.factors.scale(sigma)
+        if check_choice(kind, EvidenceKind, "kind") is EvidenceKind.LATENT:
+            return loglik + posterior.latent_evidence_term(delta, scale)
+        return posterior.hybrid_evidence(loglik, delta, scale)
+
+    def optimize_prior_precision(self, method: PriorOptimization | str = PriorOptimization.GRIDSEARCH,
+                                 val_loader: Iterable | None = None, grid: torch.Tensor | None = None,
+                                 n_steps: int = 200, lr: float = 0.1, tune_sigma_noise: bool | None = None,
+                                 link_approx: LinkApprox | str = LinkApprox.PROBIT) -> torch.Tensor:
+        """Tune delta without refitting (the posterior is reused).
+
+        "gridsearch": the delta in ``grid`` (default logspace(-4, 4, 33)) with the lowest NLL on ``val_loader``
+        (features computed once). "marglik": Adam on log delta (and log sigma for regression) maximising the
+        hybrid evidence. Returns the new delta.
+        """
+        self._require_fit()
+        how = check_choice(method, PriorOptimization, "method")
+        if how is PriorOptimization.GRIDSEARCH:
+            return self._gridsearch(val_loader, grid, link_approx)
+        if tune_sigma_noise is None:
+            tune_sigma_noise = self.likelihood is Likelihood.REGRESSION
+        if tune_sigma_noise and self.likelihood is Likelihood.CLASSIFICATION:
+            raise ValueError("tune_sigma_noise applies to regression only")
+        log_delta = self.prior_precision.log().clone().requires_grad_(True)
+        log_sigma = self.sigma_noise.log().clone().requires_grad_(tune_sigma_noise)
+        params = [log_delta] + ([log_sigma] if tune_sigma_noise else [])
+        optimizer = torch.optim.Adam(params, lr=lr)
+        for _ in range(n_steps):
+            optimizer.zero_grad()
+            loss = -self.log_marginal_likelihood(log_delta.exp(), log_sigma.exp())
+            if not torch.isfinite(loss):
+                raise FloatingPointError("the evidence became non-finite; lower lr")
+            loss.backward()
+            optimizer.step()
+        self.prior_precision = log_delta.detach().exp()
+        if tune_sigma_noise:
+            self.sigma_noise = log_sigma.detach().exp()
+        return self.prior_precision
+
+    @torch.no_grad()
+    def _gridsearch(self, val_loader, grid, link_approx) -> torch.Tensor:
+        if val_loader is None:
+            raise ValueError("method='gridsearch' needs val_loader (held-out data, never the test set)")
+        posterior = self._require_fit()
+        grid = torch.logspace(-4, 4, 33, dtype=self.subset.dtype) if grid is None else torch.as_tensor(
+            grid, dtype=self.subset.dtype).reshape(-1)
+        cached = [(self.model(x), self.surrogate(x), y) for x, y in self._batches(val_loader)]
+        if not cached:
+            raise ValueError("val_loader yielded no batches")
+        scale = self.factors.scale(self.sigma_noise)
+        best, best_nll = None, math.inf
+        for delta in grid:
+            check_positive(delta, "grid values")
+            total = 0.0
+            for mean, phi, y in cached:
+                pred = GaussianPredictive(mean, cov=posterior.covariance(phi, delta, scale))
+                if self.likelihood is Likelihood.CLASSIFICATION:
+                    total += nll(pred.probs(link_approx, seed=self.seed), y) * len(y)
+                else:
+                    total += float(-pred.with_noise(self.sigma_noise).log_prob(y.reshape(mean.shape)).sum())
+            if total < best_nll:
+                best, best_nll = delta, total
+        self.prior_precision = best
+        return self.prior_precision
+
+    # ----------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        """Everything that restores the fitted ScaLLA (with the same network weights)."""
+        posterior = self._require_fit()
+        theta = self.subset.theta_map.detach().double()
+        return {
+            "version": STATE_VERSION, "likelihood": self.likelihood.value, "n_features": self.n_features,
+            "biased": self.biased, "input_shape": self.input_shape, "n_outputs": self.n_outputs,
+            "theta_check": (float(theta.sum()), float(theta.square().sum())),
+            "surrogate": self._require_surrogate().state_dict(), "posterior": posterior.state_dict(),
+            "prior_precision": self.prior_precision, "sigma_noise": self.sigma_noise,
+            "train_record": self.train_record,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> "ScaLLA":
+        """Restore a fitted state into this (unfitted or fitted) ScaLLA built with the same settings and model."""
+        if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+            version = state.get("version") if isinstance(state, dict) else None
+            raise ValueError(f"not a ScaLLA state (version {version!r}, expected {STATE_VERSION})")
+        for key, mine in (("likelihood", self.likelihood.value), ("n_features", self.n_features),
+                          ("biased", self.biased)):
+            if state[key] != mine:
+                raise ValueError(f"the state has {key}={state[key]!r} but this ScaLLA has {mine!r}")
+        theta = self.subset.theta_map.detach().double()
+        if not torch.allclose(torch.tensor(state["theta_check"], dtype=torch.float64),
+                              torch.tensor((float(theta.sum()), float(theta.square().sum())), dtype=torch.float64),
+                              rtol=1e-9, atol=0.0):
+            raise ValueError("the model's weights differ from those the state was fitted at; load the matching "
+                             "model checkpoint first")
+        self.input_shape, self.n_outputs = tuple(state["input_shape"]), state["n_outputs"]
+        example = torch.zeros(1, *self.input_shape, dtype=self.subset.dtype, device=self.subset.device)
+        self.surrogate = self._build_surrogate(example)
+        self.surrogate.load_state_dict(state["surrogate"])
+        self.surrogate.eval()
+        self.posterior = LatentPosterior.from_state_dict(state["posterior"])
+        self.prior_precision, self.sigma_noise = state["prior_precision"], state["sigma_noise"]
+        self.train_record = state.get("train_record", {})
+        return self

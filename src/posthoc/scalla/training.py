@@ -1,0 +1,374 @@
+"""Training the ScaLLA surrogate from JVPs only, with checkpoint and exact resume.
+
+Two objectives (both keep the network fixed, in eval mode, and use forward-mode JVPs through
+torch.func.functional_call; no Jacobian is ever stored):
+
+- ``"probes"``, the paper's: each step draws ``batch_size`` training and as many context points and
+  ``n_probes`` fresh Rademacher vectors v, computes u = J(X) v and fits the surrogate kernel to the noisy
+  NTK estimate mean_s u_s u_s^T by the (K - Q)^2 loss (:func:`objectives.probe_kernel_loss`).
+  Cost: 2 batch_size n_probes JVP evaluations per step.
+- ``"directions"``, a deterministic target: h fixed directions V (Rademacher, or the top-h GGN eigenvectors
+  found matrix-free by Lanczos) and ``n_target_points`` points (half training, half context) whose JVPs
+  J(x) V are computed once (n_target_points h JVP evaluations), then plain regression of phi(x) onto them
+  for ``steps`` minibatch steps (:func:`objectives.direction_regression_loss`). The targets are cached,
+  so training steps spend no JVPs. Biased variant: the m features are split, training points regress onto
+  [J V_1 / sqrt(m - h); 0] and context points onto [0; J V_2 / sqrt(h)] with h = BIASED_CONTEXT_SHARE m, so the
+  train x context kernel is exactly zero and each block estimates the NTK (unbiased for Rademacher directions;
+  for "eigen" directions each block is the projection on the top eigenvectors it uses). The context block only
+  has to carry the prior-level variance k(x, x) (unbiased at any rank), so it gets the smaller share and
+  the training block keeps most of the rank (the training-point variances depend on it).
+
+A JVP evaluation is one point along one direction (a GGN product in Lanczos counts two per point: its
+JVP and its VJP). Checkpoints (every ``checkpoint_every`` steps, atomic) hold the surrogate, optimizer,
+scheduler and generator state, the history, and the cached targets, so a resumed run gives the same
+result as an uninterrupted one; a checkpoint written with other settings or another network is refused.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+from tqdm.auto import tqdm
+
+from posthoc.curvature.jacobians import jvp_many
+from posthoc.curvature.output_factors import OutputFactors
+from posthoc.laplace.batches import split_batch
+from posthoc.laplace.subset import ParameterSubset
+from posthoc.likelihood import Likelihood
+from posthoc.scalla import objectives
+from posthoc.utils.checks import check_choice, check_finite
+from posthoc.utils.io import atomic_save_torch
+
+CHECKPOINT_FORMAT = 1
+# Lanczos tolerance of the "eigen" directions: they only need to span the top GGN subspace roughly
+# (on the FMNIST CNN, 1e-2 takes ~2 k products for k = 100 directions).
+EIGEN_TOL = 1e-2
+BIASED_CONTEXT_SHARE = 0.2  # share of the m features given to context points by the biased "directions" targets
+
+
+class Objective(str, Enum):
+    PROBES = "probes"  # the paper's (K - Q)^2 with fresh Rademacher probes
+    DIRECTIONS = "directions"  # regression onto JVPs along fixed directions
+
+
+class Directions(str, Enum):
+    RADEMACHER = "rademacher"
+    EIGEN = "eigen"  # top GGN eigenvectors (Lanczos on a subsample)
+
+
+class LRSchedule(str, Enum):
+    CONSTANT = "constant"
+    COSINE = "cosine"  # cosine decay from lr to 0 over the run
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """How the surrogate is trained (defaults: see ScaLLA's docstring for the measurement behind them).
+
+    ``batch_size`` training points per step (plus as many context points for "probes"; for "directions" a
+    step draws ``batch_size`` points of the cached target set). ``checkpoint_every`` does not change the
+    result and is not part of a checkpoint's identity.
+    """
+
+    objective: str = Objective.DIRECTIONS.value
+    steps: int = 3000
+    batch_size: int = 64
+    n_probes: int = 1
+    lr: float = 1e-3
+    lr_schedule: str = LRSchedule.COSINE.value
+    n_target_points: int = 2000
+    directions: str = Directions.RADEMACHER.value
+    eigen_subsample: int = 200
+    jvp_chunk: int = 16
+    checkpoint_every: int = 500
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_choice(self.objective, Objective, "objective")
+        check_choice(self.directions, Directions, "directions")
+        check_choice(self.lr_schedule, LRSchedule, "lr_schedule")
+        for name in ("steps", "batch_size", "n_probes", "n_target_points", "eigen_subsample", "jvp_chunk",
+                     "checkpoint_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+
+
+REFERENCE_RECIPE = TrainSettings(objective="probes", steps=1_000_000, batch_size=5, n_probes=1, lr=5e-5,
+                                 lr_schedule="constant")
+"""The authors' FMNIST recipe (METHODS.md §3): 5 train + 5 context points, one probe, Adam 5e-5, 1M steps."""
+
+
+class InputPool:
+    """The inputs of a loader, indexable by position (a TensorDataset's tensor, else read once into memory)."""
+
+    def __init__(self, loader: Iterable, name: str, dtype: torch.dtype, device: torch.device,
+                 dict_key_x: str = "input", dict_key_y: str = "target") -> None:
+        dataset = getattr(loader, "dataset", None)
+        if isinstance(dataset, TensorDataset):
+            x = dataset.tensors[0]
+        else:
+            parts = []
+            for batch in loader:
+                x = batch if isinstance(batch, torch.Tensor) else split_batch(batch, dict_key_x, dict_key_y)[0]
+                parts.append(x)
+            if not parts:
+                raise ValueError(f"the {name} loader yielded no batches")
+            x = torch.cat(parts)
+        if len(x) == 0:
+            raise ValueError(f"the {name} data are empty")
+        self.inputs, self.name, self.dtype, self.device = x, name, dtype, device
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    @property
+    def example_shape(self) -> tuple[int, ...]:
+        return tuple(self.inputs.shape[1:])
+
+    def take(self, index: torch.Tensor) -> torch.Tensor:
+        x = self.inputs[index].to(self.device)
+        x = x.to(self.dtype) if x.is_floating_point() else x
+        return check_finite(x, f"{self.name} inputs")
+
+
+def _rademacher(n: int, p: int, generator: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
+    return (torch.randint(0, 2, (n, p), generator=generator) * 2 - 1).to(dtype)
+
+
+def _fingerprint(subset: ParameterSubset, surrogate: nn.Module, settings: TrainSettings, biased: bool,
+                 n_train: int, n_context: int) -> dict[str, Any]:
+    theta = subset.theta_map.detach().double()
+    identity = {k: v for k, v in asdict(settings).items() if k != "checkpoint_every"}
+    return {"settings": identity, "biased": biased, "n_params": subset.n_params,
+            "theta_sum": float(theta.sum()), "theta_sq": float(theta.square().sum()),
+            "surrogate_params": sum(p.numel() for p in surrogate.parameters()),
+            "n_train": n_train, "n_context": n_context}
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Read a training checkpoint, raising ValueError (never restarting silently) if it is unreadable."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # noqa: BLE001 - any unpickling failure means the same thing here
+        raise ValueError(f"the ScaLLA checkpoint {path} is unreadable ({type(err).__name__}: {err}); delete it to "
+                         "start over, or pass another checkpoint path") from err
+    needed = {"format", "fingerprint", "step", "surrogate", "optimizer", "scheduler", "generator",
+              "jvp_evaluations", "history", "targets"}
+    if not isinstance(state, dict) or not needed <= set(state):
+        raise ValueError(f"the ScaLLA checkpoint {path} is corrupt or not a ScaLLA checkpoint (missing "
+                         f"{sorted(needed - set(state)) if isinstance(state, dict) else 'everything'}); delete it "
+                         "to start over")
+    if state["format"] != CHECKPOINT_FORMAT:
+        raise ValueError(f"the ScaLLA checkpoint {path} has format {state['format']!r}, expected {CHECKPOINT_FORMAT}")
+    return state
+
+
+class SurrogateTrainer:
+    """Runs one training of ``surrogate`` (see the module docstring). Use :meth:`run`.
+
+    Args:
+        surrogate: maps inputs (B, ...) to features (B, m, C); trained in place.
+        subset: the network's parameters (all weights) as a ParameterSubset.
+        likelihood: for the GGN of the "eigen" directions.
+        train_pool / context_pool: the inputs (context may be None unless ``biased``).
+        biased: zero the train x context kernel (METHODS.md §3).
+        callback: called as callback(step, jvp_evaluations) after every step (for learning curves); it may
+            raise to interrupt a run (a checkpointed run then resumes from its last checkpoint).
+    """
+
+    def __init__(self, surrogate: nn.Module, subset: ParameterSubset, likelihood: Likelihood,
+                 train_pool: InputPool, context_pool: InputPool | None, settings: TrainSettings,
+                 biased: bool = False, checkpoint: str | os.PathLike | None = None, progress: bool = True,
+                 log: Callable[[str], None] = print,
+                 callback: Callable[[int, int], None] | None = None) -> None:
+        if biased and context_pool is None:
+            raise ValueError("the biased variant needs context points: pass context_loader")
+        self.surrogate, self.subset, self.likelihood = surrogate, subset, likelihood
+        self.train_pool, self.context_pool, self.settings, self.biased = train_pool, context_pool, settings, biased
+        self.checkpoint = None if checkpoint is None else Path(checkpoint)
+        self.progress, self.log, self.callback = progress, log, callback
+        self.objective = check_choice(settings.objective, Objective, "objective")
+        self.n_features = None
+        self.generator = torch.Generator().manual_seed(settings.seed)
+        self.optimizer = torch.optim.Adam(surrogate.parameters(), lr=settings.lr)
+        total = settings.steps
+        cosine = check_choice(settings.lr_schedule, LRSchedule, "lr_schedule") is LRSchedule.COSINE
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, (lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total))) if cosine else
+            (lambda s: 1.0))
+        self.step, self.jvp_evaluations, self.history, self.running_loss = 0, 0, [], None
+        self.targets: dict[str, torch.Tensor] | None = None
+        self.wall_time_s = 0.0
+        self.fingerprint = _fingerprint(subset, surrogate, settings, biased, len(train_pool),
+                                        0 if context_pool is None else len(context_pool))
+
+    # ------------------------------------------------------------------ checkpoints
+    def _save(self) -> None:
+        if self.checkpoint is None:
+            return
+        atomic_save_torch({
+            "format": CHECKPOINT_FORMAT, "fingerprint": self.fingerprint, "step": self.step,
+            "surrogate": self.surrogate.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "generator": self.generator.get_state(),
+            "jvp_evaluations": self.jvp_evaluations, "history": self.history, "targets": self.targets,
+            "wall_time_s": self.wall_time_s, "running_loss": self.running_loss,
+        }, self.checkpoint)
+
+    def _resume(self) -> None:
+        if self.checkpoint is None or not self.checkpoint.exists():
+            return
+        state = load_checkpoint(self.checkpoint)
+        if state["fingerprint"] != self.fingerprint:
+            diff = sorted(k for k in self.fingerprint if state["fingerprint"].get(k) != self.fingerprint[k])
+            raise ValueError(f"the ScaLLA checkpoint {self.checkpoint} was written with other settings, network or "
+                             f"data (differs in {diff}); pass another checkpoint path or delete it")
+        self.surrogate.load_state_dict(state["surrogate"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.generator.set_state(state["generator"])
+        self.step, self.jvp_evaluations = state["step"], state["jvp_evaluations"]
+        self.history, self.targets = state["history"], state["targets"]
+        self.wall_time_s, self.running_loss = state.get("wall_time_s", 0.0), state.get("running_loss")
+        self.log(f"resuming ScaLLA surrogate training from step {self.step} ({self.checkpoint})")
+
+    # ------------------------------------------------------------------ deterministic targets
+    def _directions(self, n_dirs: int) -> tuple[torch.Tensor, bool]:
+        """(h, P) directions and whether targets are divided by sqrt(h)."""
+        how = check_choice(self.settings.directions, Directions, "directions")
+        if how is Directions.RADEMACHER:
+            return _rademacher(n_dirs, self.subset.n_params, self.generator, self.subset.dtype), True
+        from posthoc.laplace.structures.lowrank import LowRankCurvature  # Lanczos with JVP/VJP products
+
+        n_sub = min(self.settings.eigen_subsample, len(self.train_pool))
+        index = torch.randperm(len(self.train_pool), generator=self.generator)[:n_sub]
+        chunk = max(1, self.settings.jvp_chunk * 8)
+
+        def batches():
+            for start in range(0, n_sub, chunk):
+                x = self.train_pool.take(index[start:start + chunk])
+                yield x, torch.zeros(x.shape[0], dtype=torch.long)  # the GGN factors ignore the labels
+
+        rank = min(n_dirs, self.subset.n_params - 1) if self.subset.n_params > 1 else 1
+        curvature = LowRankCurvature.fit(self.subset, batches, OutputFactors(self.likelihood), progress=self.progress,
+                                         rank=rank, seed=self.settings.seed, tol=EIGEN_TOL)
+        self.jvp_evaluations += 2 * int(curvature.info["products"]) * n_sub
+        vectors = curvature.eigenvectors.T.to(self.subset.dtype)  # (k, P), k <= h if eigenvalues were dropped
+        if vectors.shape[0] < n_dirs:
+            vectors = torch.cat([vectors, vectors.new_zeros(n_dirs - vectors.shape[0], vectors.shape[1])])
+        return vectors, False
+
+    def _compute_targets(self) -> None:
+        s = self.settings
+        m = self.n_features
+        n_dirs = m
+        directions, normalise = self._directions(n_dirs)
+        if self.context_pool is None:
+            n_train, n_ctx = min(s.n_target_points, len(self.train_pool)), 0
+        else:
+            n_ctx = min(s.n_target_points // 2, len(self.context_pool))
+            n_train = min(s.n_target_points - n_ctx, len(self.train_pool))
+        idx_train = torch.randperm(len(self.train_pool), generator=self.generator)[:n_train]
+        idx_ctx = (torch.randperm(len(self.context_pool), generator=self.generator)[:n_ctx]
+                   if n_ctx else torch.zeros(0, dtype=torch.long))
+        jvps = []
+        bar = tqdm(total=n_train + n_ctx, desc="ScaLLA targets (JVPs)", disable=not self.progress, leave=False)
+        for pool, index in ((self.train_pool, idx_train), (self.context_pool, idx_ctx)):
+            for start in range(0, len(index), s.jvp_chunk):
+                x = pool.take(index[start:start + s.jvp_chunk])
+                with torch.no_grad():
+                    jvps.append(jvp_many(self.subset, x, directions).detach())  # (h, b, C)
+                self.jvp_evaluations += x.shape[0] * n_dirs
+                bar.update(x.shape[0])
+        bar.close()
+        jvp = torch.cat(jvps, dim=1)
+        is_context = torch.cat([torch.zeros(n_train, dtype=torch.bool), torch.ones(n_ctx, dtype=torch.bool)])
+        h_context = max(1, round(BIASED_CONTEXT_SHARE * m)) if self.biased and m > 1 else 0
+        targets = objectives.direction_targets(jvp, normalise, is_context, self.biased, h_context)
+        self.targets = {"values": targets, "train_index": idx_train, "context_index": idx_ctx}
+
+    def _target_batch(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        assert self.targets is not None
+        n_train = len(self.targets["train_index"])
+        is_ctx = index >= n_train
+        x = torch.empty(len(index), *self.train_pool.example_shape, dtype=self.subset.dtype, device=self.subset.device)
+        if bool((~is_ctx).any()):
+            x[~is_ctx] = self.train_pool.take(self.targets["train_index"][index[~is_ctx]])
+        if bool(is_ctx.any()):
+            assert self.context_pool is not None
+            x[is_ctx] = self.context_pool.take(self.targets["context_index"][index[is_ctx] - n_train])
+        return x, self.targets["values"][index].to(device=self.subset.device)
+
+    # ------------------------------------------------------------------ one step
+    def _loss(self) -> torch.Tensor:
+        s = self.settings
+        if self.objective is Objective.DIRECTIONS:
+            assert self.targets is not None
+            index = torch.randint(len(self.targets["values"]), (s.batch_size,), generator=self.generator)
+            x, targets = self._target_batch(index)
+            return objectives.direction_regression_loss(self.surrogate(x), targets)
+        x = self.train_pool.take(torch.randint(len(self.train_pool), (s.batch_size,), generator=self.generator))
+        is_context = torch.zeros(s.batch_size, dtype=torch.bool)
+        if self.context_pool is not None:
+            xc = self.context_pool.take(torch.randint(len(self.context_pool), (s.batch_size,),
+                                                      generator=self.generator))
+            x = torch.cat([x, xc])
+            is_context = torch.cat([is_context, torch.ones(s.batch_size, dtype=torch.bool)])
+        probes = _rademacher(s.n_probes, self.subset.n_params, self.generator, self.subset.dtype)
+        with torch.no_grad():
+            jvps = jvp_many(self.subset, x, probes.to(self.subset.device))  # (S, n, C)
+        self.jvp_evaluations += s.n_probes * x.shape[0]
+        return objectives.probe_kernel_loss(self.surrogate(x), jvps, is_context.to(x.device), self.biased)
+
+    # ------------------------------------------------------------------ the loop
+    def run(self, n_features: int) -> "SurrogateTrainer":
+        """Train to ``settings.steps`` steps (resuming from the checkpoint if there is one)."""
+        self.n_features = n_features
+        self.subset.model.eval()
+        self._resume()
+        t0 = time.perf_counter() - self.wall_time_s
+        if self.objective is Objective.DIRECTIONS and self.targets is None:
+            self._compute_targets()
+            self.wall_time_s = time.perf_counter() - t0
+            self._save()
+        total = self.settings.steps
+        if self.step > total:
+            raise ValueError(f"the checkpoint is at step {self.step}, beyond steps={total}")
+        self.surrogate.train()
+        bar = tqdm(range(self.step, total), initial=self.step, total=total, desc="ScaLLA surrogate",
+                   disable=not self.progress, leave=False)
+        for _ in bar:
+            self.optimizer.zero_grad(set_to_none=True)
+            loss = self._loss()
+            if not torch.isfinite(loss.detach()):
+                raise FloatingPointError(f"the ScaLLA loss became {loss.item()} at step {self.step + 1}; lower lr")
+            loss.backward()
+            self.optimizer.step()
+            self.scheduler.step()
+            self.step += 1
+            value = float(loss.detach())
+            running = value if self.running_loss is None else 0.98 * self.running_loss + 0.02 * value
+            self.running_loss = running
+            if self.step % 10 == 0 or self.step == total:
+                bar.set_postfix(loss=f"{running:.4g}")
+                self.history.append({"step": self.step, "jvp_evaluations": self.jvp_evaluations, "loss": running})
+            if self.step % self.settings.checkpoint_every == 0 or self.step == total:
+                self.wall_time_s = time.perf_counter() - t0
+                self._save()
+            if self.callback is not None:
+                self.callback(self.step, self.jvp_evaluations)
+        bar.close()
+        self.wall_time_s = time.perf_counter() - t0
+        self.surrogate.eval()
+        return self
