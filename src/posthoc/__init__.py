@@ -12,6 +12,7 @@ from posthoc.laplace import Laplace
 from posthoc.likelihood import Likelihood
 from posthoc.predictive import GaussianPredictive, LinkApprox, Predictive, SamplePredictive
 from posthoc.scalla import ScaLLA
+from posthoc.streamlined import Streamlined
 
 __all__ = [
     "__version__",
@@ -23,5 +24,6 @@ __all__ = [
     "Predictive",
     "SamplePredictive",
     "ScaLLA",
+    "Streamlined",
     "TemperatureScaling",
 ]

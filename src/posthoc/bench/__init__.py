@@ -17,4 +17,5 @@ __all__ = [
     "run_bench",
 ]
 
-from posthoc.bench import scalla_methods  # noqa: E402,F401  (registers scalla, scalla_biased)
+# the method families register their bench rows on import
+from posthoc.bench import scalla_methods, streamlined_methods  # noqa: E402,F401

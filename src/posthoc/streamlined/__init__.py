@@ -1,0 +1,21 @@
+"""Streamlined prediction (Li, Klasson, Solin, Trapp, ICLR 2025): moment propagation of a
+Gaussian weight posterior through the network, no sampling and no Jacobians (METHODS.md §4)."""
+
+from posthoc.streamlined.moments import ActivationCovariance, Moments
+from posthoc.streamlined.rules import RULES, AttentionRule, LayerNormRule, UnsupportedLayerError, register_rule
+from posthoc.streamlined.streamlined import Streamlined
+from posthoc.streamlined.walk import GRAPHS, register_graph, supported_layers
+
+__all__ = [
+    "ActivationCovariance",
+    "AttentionRule",
+    "GRAPHS",
+    "LayerNormRule",
+    "Moments",
+    "RULES",
+    "Streamlined",
+    "UnsupportedLayerError",
+    "register_graph",
+    "register_rule",
+    "supported_layers",
+]

@@ -1,0 +1,229 @@
+"""Walking a network with moment-propagation rules.
+
+Design: a registry of per-module rules (:data:`posthoc.streamlined.rules.RULES`, exact type
+match) plus explicit *graph* descriptions (:data:`GRAPHS`) for modules whose forward is not
+a chain: the library's residual block, transformer block, attention and patch embedding.
+Everything else that has children is walked as the chain of its children in order (every
+``nn.Sequential``; also e.g. ``SmallResNet`` and ``SmallViT``, whose forwards are chains);
+:class:`posthoc.streamlined.Streamlined` checks on the first batch that the propagated mean
+equals ``model(x)``, so a module whose forward is not that chain is reported, not
+silently mis-propagated. Why not torch.fx: a traced graph is a list of tensor ops
+(matmul of two activations, softmax, reshape), so the streamlined approximations that are
+stated per layer ("Q, K deterministic, V random", LayerNorm statistics frozen or
+linearised) would have to be recovered by pattern matching; module-level rules keep them
+explicit, and a user's layer plugs in with :func:`posthoc.streamlined.rules.register_rule`
+or :func:`register_graph`.
+
+Residual connections: diagonal mode adds means and variances (the authors' rule, the
+branch/skip covariance dropped). Full mode keeps that covariance: the branch carries its
+cross-covariance with the block input (J_branch Σ_x, one extra D x D product per layer), and
+the join adds Cov(branch, skip) + its transpose.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from posthoc.models.resnet import ResidualBlock
+from posthoc.models.vit import MultiHeadSelfAttention, PatchEmbedding, PositionalEmbedding, TokenMeanPool, \
+    TransformerBlock
+from posthoc.streamlined.moments import Moments, add_optional, rearrange
+from posthoc.streamlined.rules import (
+    RULES,
+    AttentionRule,
+    Context,
+    LinearMapStep,
+    LinearStep,
+    Step,
+    UnsupportedLayerError,
+    _affine_noise,
+    advance,
+)
+
+Graph = Callable[[nn.Module, Moments, Context, bool], Moments]
+GRAPHS: dict[type, Graph] = {}
+
+
+def register_graph(*types: type) -> Callable[[Graph], Graph]:
+    """Decorator: ``graph(module, state, ctx, last) -> Moments`` describing a non-chain forward."""
+
+    def wrap(graph: Graph) -> Graph:
+        for t in types:
+            GRAPHS[t] = graph
+        return graph
+
+    return wrap
+
+
+def supported_layers() -> list[str]:
+    return sorted({t.__name__ for t in RULES} | {t.__name__ for t in GRAPHS} | {"Sequential (chains)"})
+
+
+def propagate(module: nn.Module, state: Moments, ctx: Context, last: bool = False) -> Moments:
+    """Propagate a state through ``module``; ``last`` marks the network's final layer."""
+    kind = type(module)
+    if kind in RULES:
+        return RULES[kind](module, state, ctx, last)
+    if kind in GRAPHS:
+        return GRAPHS[kind](module, state, ctx, last)
+    children = list(module.children())
+    if children:
+        for i, child in enumerate(children):
+            state = propagate(child, state, ctx, last and i == len(children) - 1)
+        return state
+    raise UnsupportedLayerError(f"no moment-propagation rule for {kind.__name__}; supported layers: "
+                                f"{', '.join(supported_layers())} (add one with register_rule)")
+
+
+def residual(state: Moments, branch: Callable[[Moments], Moments], ctx: Context,
+             shortcut: Callable[[Moments], Moments] | None = None) -> Moments:
+    """branch(x) + shortcut(x) (identity when None); see the module docstring for the covariances."""
+    if not (ctx.full and state.cov is not None):
+        b = branch(state)
+        s = state if shortcut is None else shortcut(state)
+        if ctx.full:  # a deterministic input: branch and skip noise come from different weights
+            return Moments(b.mean + s.mean, cov=add_optional(b.cov, s.cov))
+        return Moments(b.mean + s.mean, var=add_optional(b.var, s.var))
+    b = branch(Moments(state.mean, cov=state.cov, crosses=[*state.crosses, state.cov]))
+    cross_b = b.crosses.pop()  # Cov(branch, x) (B, D_b, D_x)
+    if shortcut is None:
+        s, cross_sb = state, cross_b.transpose(1, 2)
+    else:
+        s = shortcut(Moments(state.mean, cov=state.cov, crosses=[*state.crosses, cross_b.transpose(1, 2)]))
+        cross_sb = s.crosses.pop()  # Cov(shortcut, branch)
+    cov = b.cov + s.cov + cross_sb + cross_sb.transpose(1, 2)
+    crosses = [cb + cs for cb, cs in zip(b.crosses, s.crosses)]
+    return Moments(b.mean + s.mean, cov=0.5 * (cov + cov.transpose(1, 2)), crosses=crosses)
+
+
+def _chain(*modules: nn.Module) -> Callable[[Moments], Moments]:
+    def run(state: Moments, ctx: Context) -> Moments:
+        for m in modules:
+            state = propagate(m, state, ctx)
+        return state
+    return run
+
+
+@register_graph(ResidualBlock)
+def residual_block_graph(module: ResidualBlock, state: Moments, ctx: Context, last: bool) -> Moments:
+    """act2(branch(x) + shortcut(x))."""
+    branch = _chain(module.conv1, module.bn1, module.act1, module.conv2, module.bn2)
+    shortcut = None if isinstance(module.shortcut, nn.Identity) else _chain(module.shortcut)
+    out = residual(state, lambda s: branch(s, ctx), ctx, None if shortcut is None else lambda s: shortcut(s, ctx))
+    return propagate(module.act2, out, ctx)
+
+
+@register_graph(TransformerBlock)
+def transformer_block_graph(module: TransformerBlock, state: Moments, ctx: Context, last: bool) -> Moments:
+    """x + attn(ln1(x)), then x + mlp(ln2(x))."""
+    state = residual(state, lambda s: _chain(module.ln1, module.attn)(s, ctx), ctx)
+    return residual(state, lambda s: _chain(module.ln2, module.mlp)(s, ctx), ctx)
+
+
+@register_graph(PatchEmbedding)
+def patch_embedding_graph(module: PatchEmbedding, state: Moments, ctx: Context, last: bool) -> Moments:
+    """Conv2d, then (B, D, h, w) -> (B, T, D) by re-indexing."""
+    state = propagate(module.proj, state, ctx)
+    return rearrange(state, lambda t: t.flatten(2).transpose(1, 2))
+
+
+class ShiftStep(Step):
+    """x + w with a (possibly random, diagonal-variance) table w."""
+
+    def __init__(self, state: Moments, weight: torch.Tensor, weight_var: torch.Tensor | None) -> None:
+        self.mean, self.weight_var = state.mean + weight, weight_var
+
+    def jac(self, directions: torch.Tensor) -> torch.Tensor:
+        return directions
+
+    def var(self, var_in):
+        return add_optional(var_in, None if self.weight_var is None else self.weight_var.expand_as(self.mean))
+
+    def noise_full(self, cov_in):
+        if self.weight_var is None:
+            return None
+        return torch.diag_embed(self.weight_var.reshape(1, -1).expand(self.mean.shape[0], -1))
+
+
+@register_graph(PositionalEmbedding)
+def positional_embedding_graph(module: PositionalEmbedding, state: Moments, ctx: Context, last: bool) -> Moments:
+    post = ctx.posterior.get(module)
+    var = None if post is None else post.diag.get("weight")
+    if post is not None and var is None and post.is_random("weight"):
+        raise ValueError("PositionalEmbedding.weight supports a diagonal posterior only")
+    return advance(state, ShiftStep(state, module.weight, var), ctx)
+
+
+@register_graph(TokenMeanPool)
+def token_mean_pool_graph(module: TokenMeanPool, state: Moments, ctx: Context, last: bool) -> Moments:
+    """Mean over tokens (linear; diagonal mode: Σ_t var_t / T²)."""
+    n_tokens = state.shape[0]
+    return advance(state, LinearMapStep(module, state, lambda v: v.sum(1) / n_tokens**2), ctx)
+
+
+class AttentionMixStep(Step):
+    """out_t = Σ_s A_ts v_s per head, with A (B, H, T, T) fixed (from the mean input)."""
+
+    def __init__(self, module: MultiHeadSelfAttention, weights: torch.Tensor, v_mean: torch.Tensor) -> None:
+        self.module, self.weights = module, weights
+        self.mean = module.merge_heads(weights @ module.split_heads(v_mean))
+
+    def _mix(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-2]
+        t, d = x.shape[-2:]
+        heads = x.reshape(*lead, t, self.module.n_heads, self.module.head_dim).transpose(-3, -2)  # (..., H, T, d)
+        return (weights @ heads).transpose(-3, -2).reshape(*lead, t, d)
+
+    def jac(self, directions: torch.Tensor) -> torch.Tensor:
+        return self._mix(directions, self.weights.unsqueeze(1))
+
+    def var(self, var_in):
+        return None if var_in is None else self._mix(var_in, self.weights.square())
+
+
+def _shared_value_variance(module: MultiHeadSelfAttention, state: Moments, weights: torch.Tensor,
+                           ctx: Context) -> torch.Tensor | None:
+    """Diagonal-mode variances of A v keeping the cross-token covariance of the shared random W_v.
+
+    Var(out_tj) = Σ_s A_ts² [W̄² σ²_s + Var(δW)·σ²_s]_j + Var(δW ā_t + δb)_j with ā_t = Σ_s A_ts μ_s
+    (per head): the weight noise acting on the input means is the same for all tokens, so it
+    acts on the attention-averaged mean; input variances stay token-independent.
+    """
+    v_step = LinearStep(module.v_proj, state, ctx)
+    noise = _affine_noise(module.v_proj, ctx)
+    var = None
+    if state.var is not None:
+        per_token = torch.nn.functional.linear(state.var, module.v_proj.weight.square())
+        if noise is not None:
+            per_token = per_token + noise.from_input(state.var)
+        var = AttentionMixStep(module, weights, v_step.mean).var(per_token)
+    if noise is not None:
+        b, h, t, _ = weights.shape
+        attended = weights @ state.mean.unsqueeze(1)  # (B, H, T, D_in)
+        shared = noise.shared(attended).reshape(b, h, t, h, module.head_dim)  # (B, H, T, H', d)
+        shared = torch.diagonal(shared, dim1=1, dim2=3).permute(0, 1, 3, 2)  # head h's own features
+        var = add_optional(var, shared.reshape(b, t, h * module.head_dim))
+    return var
+
+
+@register_graph(MultiHeadSelfAttention)
+def attention_graph(module: MultiHeadSelfAttention, state: Moments, ctx: Context, last: bool) -> Moments:
+    """Self-attention with Q, K deterministic (from the mean input and mean weights; their
+    posterior is not used) and V random: out = out_proj(A v), linear in v.
+
+    Diagonal mode: ``attention="independent"`` Σ_o,t = Σ_s A_ts² Σ_v,s (the authors' rule), or
+    ``"shared_value"`` (see :func:`_shared_value_variance`). Full mode carries the complete
+    cross-token covariance of v (shared W_v included) through the mixing.
+    """
+    with torch.no_grad():
+        weights = module.attention_weights(state.mean)
+    if not ctx.full and ctx.attention is AttentionRule.SHARED_VALUE:
+        mix = AttentionMixStep(module, weights, module.v_proj(state.mean))
+        mixed = Moments(mix.mean, var=_shared_value_variance(module, state, weights, ctx))
+    else:
+        v = propagate(module.v_proj, state, ctx)
+        mixed = advance(v, AttentionMixStep(module, weights, v.mean), ctx)
+    return propagate(module.out_proj, mixed, ctx, last)
