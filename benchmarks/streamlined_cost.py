@@ -1,0 +1,183 @@
+"""Cost of streamlined prediction vs the MAP forward pass, MC with 100 weight samples and glm.
+
+    .venv/bin/python benchmarks/streamlined_cost.py [--batch 100] [--repeats 3]
+
+Models: the FMNIST CNN (trained 15-epoch checkpoint if present, else fresh weights) and
+SmallViT (fresh weights): cost does not depend on training. Inputs: the embedded FMNIST test
+images. Posteriors: Laplace diag and kron over all weights, fitted on 64 training images (the
+fit is not timed; its values do not change the cost). Each case runs in its own subprocess
+so its peak memory is measured as the rise of the peak resident set (ru_maxrss) over the
+resident set just before the timed calls. Time: median of ``--repeats`` calls after one
+warm-up call, for one batch. Writes benchmarks/results/streamlined_cost.{md,json}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+CASES = {
+    # name: (needs structure, description)
+    "map": (None, "MAP forward pass"),
+    "streamlined_diag": ("diag", "streamlined, diag posterior, diagonal mode"),
+    "streamlined_kron": ("kron", "streamlined, KFAC posterior, diagonal mode"),
+    "streamlined_diag_full": ("diag", "streamlined, diag posterior, full mode"),
+    "streamlined_kron_full": ("kron", "streamlined, KFAC posterior, full mode"),
+    "mc100_diag": ("diag", "MC, 100 weight samples, diag posterior"),
+    "mc100_kron": ("kron", "MC, 100 weight samples, KFAC posterior"),
+    "glm_diag": ("diag", "glm (linearised), diag posterior"),
+    "glm_kron": ("kron", "glm (linearised), KFAC posterior"),
+}
+FULL_BATCH = 8  # full mode: per-example D x D covariances; timed on this many inputs and scaled
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _model(name: str) -> torch.nn.Module:
+    from posthoc.models import FMNISTCNN, SmallViT
+
+    torch.manual_seed(0)
+    if name == "fmnist_cnn":
+        model = FMNISTCNN()
+        ckpt = Path("/work/ckpt/fmnist_cnn-e15-s0-65212a9a7e26.pt")
+        if ckpt.exists():
+            state = torch.load(ckpt, map_location="cpu", weights_only=False)
+            state = state.get("model", state) if isinstance(state, dict) else state
+            try:
+                model.load_state_dict(state)
+            except Exception:  # noqa: BLE001 - fresh weights are as good for timing
+                pass
+        return model.eval()
+    return SmallViT().eval()
+
+
+def run_case(model_name: str, case: str, batch: int, repeats: int) -> dict:
+    from posthoc.data import get_suite
+    from posthoc.laplace import Laplace
+    from posthoc.streamlined import Streamlined
+
+    suite = get_suite("fmnist-embedded")
+    model = _model(model_name)
+    x = suite.test.tensors[0][:batch].float()
+    structure, _ = CASES[case]
+    la = None
+    if structure is not None:
+        xt, yt = suite.train.tensors[0][:64].float(), suite.train.tensors[1][:64]
+        la = Laplace(model, "classification", "all", structure, prior_precision=10.0, progress=False)
+        la.fit([(xt[i:i + 32], yt[i:i + 32]) for i in range(0, 64, 32)])
+    n_inputs = batch
+    if case == "map":
+        def call():
+            with torch.no_grad():
+                model(x)
+    elif case.startswith("streamlined"):
+        full = case.endswith("_full")
+        sp = Streamlined(model, posterior=la, activation_covariance="full" if full else "diagonal",
+                         max_full_dim=4096, batch_size=FULL_BATCH if full else None)
+        if full:
+            n_inputs = FULL_BATCH
+        xs = x[:n_inputs]
+
+        def call():
+            sp.predict(xs)
+    elif case.startswith("mc100"):
+        def call():
+            la.predict(x, pred_type="nn", n_samples=100, seed=0)
+    else:
+        def call():
+            la.predict(x, pred_type="glm")
+    rss0 = _rss_bytes()
+    try:
+        t0 = time.perf_counter()
+        call()
+        first = time.perf_counter() - t0
+    except MemoryError as err:
+        return {"model": model_name, "case": case, "error": str(err)}
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss0
+    times = [first]
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - t0)
+    seconds = statistics.median(times[1:]) if repeats else first
+    return {"model": model_name, "case": case, "inputs": n_inputs, "seconds": seconds,
+            "ms_per_input": 1e3 * seconds / n_inputs, "peak_mb": max(peak, 0) / 2**20}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=100)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--one", nargs=2, metavar=("MODEL", "CASE"), help=argparse.SUPPRESS)
+    parser.add_argument("--models", default="fmnist_cnn,vit")
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(run_case(args.one[0], args.one[1], args.batch, args.repeats)))
+        return
+    rows = []
+    for model_name in args.models.split(","):
+        for case in CASES:
+            proc = subprocess.run([sys.executable, __file__, "--one", model_name, case, "--batch", str(args.batch),
+                                   "--repeats", str(args.repeats)], capture_output=True, text=True)
+            if proc.returncode != 0:
+                tail = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"
+                row = {"model": model_name, "case": case, "error": tail}
+            else:
+                row = json.loads(proc.stdout.strip().splitlines()[-1])
+            rows.append(row)
+            print(row, flush=True)
+    for model_name in args.models.split(","):
+        base = next((r for r in rows if r["model"] == model_name and r["case"] == "map" and "seconds" in r), None)
+        for r in rows:
+            if r["model"] == model_name and "ms_per_input" in r and base is not None:
+                r["x_map"] = r["ms_per_input"] / base["ms_per_input"]
+        for structure in ("diag", "kron"):
+            mc = next((r for r in rows if r["model"] == model_name and r["case"] == f"mc100_{structure}"
+                       and "ms_per_input" in r), None)
+            for r in rows:
+                if r["model"] == model_name and r["case"].startswith(f"streamlined_{structure}") and mc \
+                        and "ms_per_input" in r:
+                    r["speedup_vs_mc100"] = mc["ms_per_input"] / r["ms_per_input"]
+    meta = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "platform": platform.platform(),
+            "cpu_count": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "batch": args.batch, "full_mode_batch": FULL_BATCH,
+            "repeats": args.repeats, "dtype": "float32",
+            "note": "shared machine (2 cores, other jobs running): absolute times are noisy, ratios less so"}
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "streamlined_cost.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    lines = ["# Streamlined prediction: cost", "",
+             f"{meta['date']}, {meta['platform']}, {meta['cpu_count']} CPUs (shared), Python {meta['python']}, "
+             f"torch {meta['torch']}, float32. Batch {args.batch} embedded FMNIST test images "
+             f"(full mode: {FULL_BATCH}); median of {args.repeats} calls after a warm-up; peak = rise of the "
+             "peak RSS during the calls.", "",
+             "| model | method | ms / input | × MAP | speed-up vs MC-100 (same posterior) | peak MB |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        desc = CASES[r["case"]][1]
+        if "error" in r:
+            lines.append(f"| {r['model']} | {desc} | not run: {r['error'][:160]} | | | |")
+            continue
+        speed = f"{r['speedup_vs_mc100']:.1f}×" if "speedup_vs_mc100" in r else ""
+        lines.append(f"| {r['model']} | {desc} | {r['ms_per_input']:.3f} | {r.get('x_map', float('nan')):.2f} | "
+                     f"{speed} | {r['peak_mb']:.0f} |")
+    (RESULTS / "streamlined_cost.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
