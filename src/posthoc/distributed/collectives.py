@@ -105,6 +105,42 @@ def gather_rows(tensor: torch.Tensor, what: str) -> torch.Tensor:
     return torch.cat([part[:n] for part, n in zip(parts, sizes)])
 
 
+def rank_slice(n: int) -> slice:
+    """This rank's contiguous part of a batch of ``n`` items that every rank drew alike (all of it in one process).
+
+    Rank r of W gets [r n / W, (r + 1) n / W), so gathering the parts in rank order restores the batch.
+    """
+    world = world_size()
+    if world == 1:
+        return slice(0, n)
+    r = rank()
+    return slice(r * n // world, (r + 1) * n // world)
+
+
+def gather_with_grad(tensor: torch.Tensor, what: str) -> torch.Tensor:
+    """Every rank's ``tensor`` concatenated along dim 0 in rank order, differentiable (single process: itself).
+
+    Built on torch.distributed.nn.functional.all_gather: the backward pass sums, into each rank's
+    own part, the gradients that every rank's copy of the result receives. All ranks must pass
+    the same shape.
+    """
+    if not is_distributed():
+        return tensor
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(_run(lambda: all_gather(tensor), what))
+
+
+def sum_gradients(parameters: Sequence[torch.nn.Parameter], what: str = "the gradients",
+                  scale: float = 1.0) -> None:
+    """Replace each ``.grad`` by ``scale`` times its sum over ranks (one all-reduce; no-op in one process)."""
+    if not is_distributed():
+        return
+    params = [p for p in parameters if p.grad is not None]
+    for p, summed in zip(params, sum_over_ranks([p.grad for p in params], what)):
+        p.grad.copy_(summed * scale if scale != 1.0 else summed)
+
+
 def check_same_on_all_ranks(value: torch.Tensor, what: str, rtol: float = 0.0) -> None:
     """Raise on every rank when ``value`` differs between ranks (e.g. the MAP weights or a setting)."""
     if not is_distributed():

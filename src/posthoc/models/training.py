@@ -127,13 +127,6 @@ def _load_if_exists(path: Path) -> dict[str, Any] | None:
     return torch.load(path, map_location="cpu", weights_only=False) if path.exists() else None
 
 
-def _sum_gradients(model: nn.Module) -> None:
-    """All-reduce the parameter gradients (one collective for all of them)."""
-    params = [p for p in model.parameters() if p.grad is not None]
-    for p, summed in zip(params, collectives.sum_over_ranks([p.grad for p in params], "the gradients")):
-        p.grad.copy_(summed)
-
-
 def train_map(
     model: nn.Module,
     train_set: Dataset,
@@ -184,7 +177,7 @@ def train_map(
         log(f"resuming MAP training from epoch {start_epoch} ({partial_path})")
     collectives.check_same_on_all_ranks(nn.utils.parameters_to_vector(model.parameters()),
                                         "the initial model weights (seed every rank alike)")
-    rank, world = collectives.rank(), collectives.world_size()
+    world = collectives.world_size()
     reduction = "mean" if world == 1 else "sum"
 
     loss_fn = nn.CrossEntropyLoss(reduction=reduction) if likelihood is Likelihood.CLASSIFICATION \
@@ -198,7 +191,8 @@ def train_map(
         for x, y in bar:
             batch = len(x)
             if world > 1:  # this rank's slice of the common minibatch
-                x, y = x[rank::world], y[rank::world]
+                part = collectives.rank_slice(batch)
+                x, y = x[part], y[part]
             optimizer.zero_grad(set_to_none=True)
             out = model(x)
             target = y if likelihood is Likelihood.CLASSIFICATION else y.reshape(out.shape).to(out.dtype)
@@ -208,8 +202,7 @@ def train_map(
             if not torch.isfinite(loss.detach()):
                 raise FloatingPointError(f"training loss became {loss.item()} at epoch {epoch + 1}; lower lr")
             loss.backward()
-            if world > 1:
-                _sum_gradients(model)
+            collectives.sum_gradients(list(model.parameters()))
             optimizer.step()
             total += loss.item() * (batch if world > 1 else len(x))
             count += batch if world > 1 else len(x)
