@@ -188,3 +188,53 @@ def bench_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         torch.save(report.rows, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
+
+
+class _Stop(Exception):
+    """Raised by a training callback to interrupt a run (as a crash would)."""
+
+
+def scalla_problem() -> tuple[torch.nn.Module, DataLoader, DataLoader]:
+    """A float64 MLP, 40 training and 20 context points; every rank gets the same loaders (ScaLLA splits steps)."""
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(40, 3, generator=g, dtype=DTYPE)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0.3).long()
+    context = 2.5 * torch.randn(20, 3, generator=g, dtype=DTYPE)
+    return (small_mlp(seed=6), DataLoader(TensorDataset(x, y), batch_size=10),
+            DataLoader(TensorDataset(context, torch.zeros(20, dtype=torch.long)), batch_size=10))
+
+
+def scalla_run(objective: str, steps: int, checkpoint: str | None = None, stop_at: int | None = None
+               ) -> dict[str, torch.Tensor]:
+    """Train a ScaLLA surrogate (a small user-given MLP) for ``steps`` steps; its parameters, posterior and evidence."""
+    from posthoc import ScaLLA
+
+    model, train, context = scalla_problem()
+    torch.manual_seed(0)
+    surrogate = torch.nn.Sequential(torch.nn.Linear(3, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4 * 3)).to(DTYPE)
+
+    def stop(step: int, _: int) -> None:
+        if stop_at is not None and step == stop_at:
+            raise _Stop
+
+    s = ScaLLA(model, "classification", n_features=4, surrogate=surrogate, objective=objective, steps=steps,
+               batch_size=4, n_probes=2, n_target_points=16, lr=1e-2, checkpoint_every=2, seed=0, progress=False)
+    try:
+        s.fit(train, context_loader=context, checkpoint=checkpoint, callback=stop)
+    except _Stop:
+        return {}
+    return {"surrogate": torch.nn.utils.parameters_to_vector(s.surrogate.parameters()).detach(),
+            "precision": s.posterior.precision.clone(),
+            "evidence": s.log_marginal_likelihood().detach().reshape(1),
+            "jvp_evaluations": torch.tensor([float(s.train_record["jvp_evaluations"])])}
+
+
+def scalla_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    """Both objectives on 2 ranks; then a checkpointed run interrupted at step 3 (resumed by the parent)."""
+    _join(rank, world, port)
+    try:
+        results = {objective: scalla_run(objective, steps=5) for objective in ("probes", "directions")}
+        scalla_run("probes", steps=6, checkpoint=str(Path(out_dir) / "scalla.pt"), stop_at=3)
+        torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()

@@ -18,7 +18,6 @@ from typing import Any, Iterable
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from posthoc.curvature.output_factors import CurvatureType, OutputFactors, log_likelihood, log_likelihood_terms
 from posthoc.distributed import check_same_on_all_ranks, sum_count, sum_over_ranks
@@ -31,6 +30,7 @@ from posthoc.metrics import nll
 from posthoc.predictive import GaussianPredictive, LinkApprox, Predictive, SamplePredictive
 from posthoc.predictive.base import check_n_samples
 from posthoc.utils.checks import check_choice, check_finite, check_positive
+from posthoc.utils.optim import maximise
 
 STATE_VERSION = 1
 
@@ -279,15 +279,9 @@ class Laplace:
         log_prior = torch.full((sizes[prior_structure],), math.log(start), dtype=self.subset.dtype,
                                device=self.subset.device, requires_grad=True)
         log_sigma = self.sigma_noise.log().clone().requires_grad_(tune_sigma_noise)
-        params = [log_prior] + ([log_sigma] if tune_sigma_noise else [])
-        optimizer = torch.optim.Adam(params, lr=lr)
-        for _ in tqdm(range(n_steps), desc="marglik", disable=not self.progress, leave=False):
-            optimizer.zero_grad()
-            loss = -self.log_marginal_likelihood(log_prior.exp(), log_sigma.exp())
-            if not torch.isfinite(loss):
-                raise FloatingPointError("the marginal likelihood became non-finite; lower lr")
-            loss.backward()
-            optimizer.step()
+        maximise(lambda: self.log_marginal_likelihood(log_prior.exp(), log_sigma.exp()),
+                 [log_prior] + ([log_sigma] if tune_sigma_noise else []), n_steps, lr, "marginal likelihood",
+                 self.progress)
         self.prior_precision = log_prior.detach().exp()
         if tune_sigma_noise:
             self.sigma_noise = log_sigma.detach().exp()

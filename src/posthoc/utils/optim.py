@@ -1,0 +1,24 @@
+"""Gradient ascent of a scalar objective over a few unconstrained hyperparameters (log delta, log sigma)."""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+
+def maximise(objective: Callable[[], torch.Tensor], params: Sequence[torch.Tensor], n_steps: int, lr: float,
+             what: str, progress: bool = False) -> None:
+    """``n_steps`` Adam steps on -objective() over ``params`` (leaf tensors, updated in place).
+
+    Raises FloatingPointError naming ``what`` as soon as the objective stops being finite.
+    """
+    optimizer = torch.optim.Adam(list(params), lr=lr)
+    for _ in tqdm(range(n_steps), desc=what, disable=not progress, leave=False):
+        optimizer.zero_grad()
+        loss = -objective()
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"the {what} became non-finite; lower lr")
+        loss.backward()
+        optimizer.step()
