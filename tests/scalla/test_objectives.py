@@ -61,14 +61,14 @@ def test_direction_targets_reproduce_the_kernel_of_their_directions():
     k = objectives.surrogate_kernel(t, t)  # (n, n, c, c)
     expected = torch.einsum("icp,hp,hq,jdq->ijcd", jac, v, v, jac) / h
     torch.testing.assert_close(k, expected)
-    is_ctx = torch.tensor([False, False, True, True, True])
-    tb = objectives.direction_targets(jvps, normalise=True, is_context=is_ctx, biased=True, n_context_features=1)
+    # biased: 2 training points along the m = 4 directions V, 3 context points along h = 2 other directions W
+    w = torch.randint(0, 2, (2, p)).to(DTYPE) * 2 - 1
+    tb = objectives.biased_direction_targets(jvps[:, :2], torch.einsum("ncp,hp->hnc", jac[2:], w), normalise_train=True)
     kb = objectives.surrogate_kernel(tb, tb)
-    assert tb.shape == (n, h, c)
+    assert tb.shape == (n, h + 2, c)
     torch.testing.assert_close(kb[:2, 2:], torch.zeros_like(kb[:2, 2:]))  # train x context exactly 0
-    k_train = torch.einsum("icp,hp,hq,jdq->ijcd", jac, v[:3], v[:3], jac) / 3
-    k_ctx = torch.einsum("icp,p,q,jdq->ijcd", jac, v[0], v[0], jac)
-    torch.testing.assert_close(kb[:2, :2], k_train[:2, :2])
+    torch.testing.assert_close(kb[:2, :2], expected[:2, :2])  # the training block is the unbiased kernel
+    k_ctx = torch.einsum("icp,hp,hq,jdq->ijcd", jac, w, w, jac) / 2
     torch.testing.assert_close(kb[2:, 2:], k_ctx[2:, 2:])
 
 

@@ -19,8 +19,8 @@ from posthoc.scalla.surrogate import FeatureMap
 
 DTYPE = torch.float64
 # Fast settings for the 1,315-parameter MLP: 3,400 target points (capped by the data: 400 train, 1,700 context),
-# 100 Rademacher directions (no Lanczos: keeps the tests fast), Adam 3e-3 cosine.
-FAST = dict(n_features=100, steps=2000, batch_size=64, lr=3e-3, n_target_points=3400, directions="rademacher",
+# the default 100 top-GGN eigenvector directions, Adam 3e-3 cosine (2,000 steps instead of 3,000).
+FAST = dict(n_features=100, steps=2000, batch_size=64, lr=3e-3, n_target_points=3400, directions="eigen",
             progress=False)
 
 
@@ -56,8 +56,9 @@ def test_held_out_kernel_error_falls(fitted):
     print("held-out kernel error (step, JVP evaluations, error):", errors)
     (_, _, first), (_, _, mid), (_, _, last) = errors
     assert last < mid < first
-    # exact rank-100 Rademacher features reach 0.35 on these points; the learned ones reach about 0.38
-    assert last < 0.45
+    # exact rank-100 eigen features reach 0.14 on these points (Rademacher 0.20); the learned eigen ones reached
+    # 0.42-0.44 (seeds 0, 1): generalisation from the 2,100 target points, not the directions, limits them
+    assert last < 0.5
 
 
 def test_predictive_variances_track_the_exact_lla(mlp_problem, fitted):
@@ -68,11 +69,12 @@ def test_predictive_variances_track_the_exact_lla(mlp_problem, fitted):
     rho_ood = spearmanr(var_ood.flatten(), ref_ood.flatten())[0]
     rho_all = spearmanr(torch.cat([var_id, var_ood]).flatten(), torch.cat([ref_id, ref_ood]).flatten())[0]
     print(f"Spearman vs exact LLA: ID {rho_id:.3f}, OOD {rho_ood:.3f}, pooled {rho_all:.3f}")
-    assert rho_ood >= 0.9 and rho_all >= 0.9
-    # In-distribution variances are small and their ranking hinges on small kernel residuals: the learned
-    # features reach 0.75-0.87 here (seed and settings dependent) where exact rank-100 Rademacher features reach
-    # 0.92. The issue's goal of 0.9 on ID points alone is not met; this guards against regressions.
-    assert rho_id >= 0.7
+    assert rho_ood >= 0.9 and rho_all >= 0.9  # measured OOD 0.953 / 0.946, pooled 0.922 / 0.908 (seeds 0 / 1)
+    # In-distribution variances are small and their ranking hinges on small kernel residuals: the learned eigen
+    # features reach 0.876 / 0.862 here (seeds 0 / 1; 0.886 / 0.897 with 6,000 steps) where exact rank-100 eigen
+    # features reach 0.967. The issue's goal of 0.9 on ID points alone is NOT met; this guards against regressions
+    # (Rademacher directions measured 0.66-0.82 and would fail it).
+    assert rho_id >= 0.83
 
 
 def test_biased_variant_raises_context_variance_and_keeps_training_variance(mlp_problem, fitted, fitted_biased):
@@ -84,10 +86,13 @@ def test_biased_variant_raises_context_variance_and_keeps_training_variance(mlp_
     train_ratio = float(train_b.mean() / train_u.mean())
     ood_ratio = float(ood_b.mean() / ood_u.mean())
     print(f"biased / unbiased mean variance: training points {train_ratio:.3f}, context-like points {ood_ratio:.3f}")
-    assert ood_ratio > 1.2
-    # The issue asks for training-point variances within 10% of the unbiased ones; measured 0.76-0.80 (mean
-    # ratio) with the split-feature targets: NOT met. This bound guards the measured behaviour only.
-    assert abs(train_ratio - 1) < 0.3
+    # the biased surrogate has m + h features: the training points keep the unbiased targets (rank m), the context
+    # points get h = 20 extra ones, so the training-point kernel is the unbiased one up to learning error.
+    assert fitted_biased.surrogate(mlp_problem.x[:2]).shape == (2, 120, 3)
+    assert ood_ratio > 1.5  # measured 2.94 / 3.12 (seeds 0 / 1)
+    # the issue's band; measured 0.975 / 0.966 (seeds 0 / 1). With the m features split between the groups
+    # (the previous design) it was 0.76-0.80, with m + h features but uniform target draws 0.85-0.90.
+    assert abs(train_ratio - 1) < 0.1
 
 
 def test_posterior_and_predictive_equal_the_exact_lla_for_exact_features(mlp_problem):

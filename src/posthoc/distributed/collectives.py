@@ -117,18 +117,39 @@ def rank_slice(n: int) -> slice:
     return slice(r * n // world, (r + 1) * n // world)
 
 
+class _GatherRows(torch.autograd.Function):
+    """All-gather along dim 0 whose backward all-reduces the incoming gradient and keeps this rank's rows.
+
+    Written out rather than taken from torch.distributed.nn.functional.all_gather: with torch 2.13 and
+    gloo that function's backward gave wrong gradients for a gathered non-leaf (a network's output)
+    in our 2-process check (tests/distributed/test_distributed_scalla.py), while a leaf came out right.
+    """
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, what: str) -> torch.Tensor:
+        ctx.what, ctx.n = what, tensor.shape[0]
+        parts = [torch.empty_like(tensor) for _ in range(world_size())]
+        _run(lambda: dist.all_gather(parts, tensor.contiguous()), what)
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.contiguous().clone()
+        _run(lambda: dist.all_reduce(grad, op=dist.ReduceOp.SUM), f"{ctx.what} (gradient)")
+        start = rank() * ctx.n
+        return grad[start:start + ctx.n], None
+
+
 def gather_with_grad(tensor: torch.Tensor, what: str) -> torch.Tensor:
     """Every rank's ``tensor`` concatenated along dim 0 in rank order, differentiable (single process: itself).
 
-    Built on torch.distributed.nn.functional.all_gather: the backward pass sums, into each rank's
-    own part, the gradients that every rank's copy of the result receives. All ranks must pass
-    the same shape.
+    The backward pass sums, into each rank's own rows, the gradients that every rank's copy of
+    the result receives (so if every rank computes the same loss of the gathered tensor, each
+    rank's gradient is ``world_size`` times its own share). All ranks must pass the same shape.
     """
     if not is_distributed():
         return tensor
-    from torch.distributed.nn.functional import all_gather
-
-    return torch.cat(_run(lambda: all_gather(tensor), what))
+    return _GatherRows.apply(tensor, what)
 
 
 def sum_gradients(parameters: Sequence[torch.nn.Parameter], what: str = "the gradients",

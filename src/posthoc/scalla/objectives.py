@@ -46,31 +46,34 @@ def probe_kernel_loss(features: torch.Tensor, jvps: torch.Tensor, is_context: to
     return (target - phi.T @ phi).square().mean()
 
 
-def direction_targets(jvps: torch.Tensor, normalise: bool, is_context: torch.Tensor | None = None,
-                      biased: bool = False, n_context_features: int = 0) -> torch.Tensor:
+def direction_targets(jvps: torch.Tensor, normalise: bool) -> torch.Tensor:
     """Feature targets (n, m, C) of the deterministic objective from JVPs (m, n, C) along m fixed directions.
 
-    Unbiased: phi_k(x) = J(x) v_k (divided by sqrt(m) when ``normalise``, for Rademacher directions, so that
-    Phi^T Phi = J V V^T J^T / m estimates the NTK). Biased, with h = ``n_context_features``: training points get
-    [J V_{:m-h} / sqrt(m - h); 0] and context points [0; J V_{:h} / sqrt(h)], so the train x context kernel is
-    exactly zero and each group keeps an unbiased NTK estimate (rank m - h and h), the feature form of the
-    paper's masked target.
+    phi_k(x) = J(x) v_k (divided by sqrt(m) when ``normalise``, for Rademacher directions, so that
+    Phi^T Phi = J V V^T J^T / m estimates the NTK without bias).
     """
-    m = jvps.shape[0]
     t = jvps.permute(1, 0, 2)
-    if not biased:
-        return (t / math.sqrt(m) if normalise else t).contiguous()
-    if is_context is None:
-        raise ValueError("biased targets need is_context (which points are context points)")
-    h = n_context_features
-    if not 1 <= h < m:
-        raise ValueError(f"biased targets need 1 <= n_context_features < m = {m}, got {h}")
-    train_part, ctx_part = t[:, : m - h], t[:, :h]
-    if normalise:
-        train_part, ctx_part = train_part / math.sqrt(m - h), ctx_part / math.sqrt(h)
-    ctx = is_context.reshape(-1, 1, 1)
-    return torch.cat([torch.where(ctx, torch.zeros_like(train_part), train_part),
-                      torch.where(ctx, ctx_part, torch.zeros_like(ctx_part))], dim=1)
+    return (t / math.sqrt(jvps.shape[0]) if normalise else t).contiguous()
+
+
+def biased_direction_targets(train_jvps: torch.Tensor, context_jvps: torch.Tensor, normalise_train: bool
+                             ) -> torch.Tensor:
+    """Feature targets (n_t + n_c, m + h, C) of the biased variant, training points first.
+
+    ``train_jvps`` (m, n_t, C) along the m training directions V, ``context_jvps`` (h, n_c, C) along h Rademacher
+    directions W. Training points get [J V / sqrt(m) (or J V, see ``normalise_train``); 0_h], exactly their
+    unbiased targets, and context points [0_m; J W / sqrt(h)]. So the train x context kernel is exactly zero
+    (the feature form of the paper's masked target), the training block is the unbiased variant's kernel
+    (same rank m) and the context block an unbiased rank-h estimate of the NTK among context points.
+    """
+    m, n_t, c = train_jvps.shape
+    h, n_c, c_ctx = context_jvps.shape
+    if c != c_ctx:
+        raise ValueError(f"training JVPs have {c} outputs but context JVPs {c_ctx}")
+    train = direction_targets(train_jvps, normalise_train)
+    ctx = direction_targets(context_jvps, True)
+    return torch.cat([torch.cat([train, train.new_zeros(n_t, h, c)], dim=1),
+                      torch.cat([ctx.new_zeros(n_c, m, c), ctx], dim=1)])
 
 
 def direction_regression_loss(features: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
