@@ -75,3 +75,20 @@ def test_bench_info_figures_are_recorded(tmp_path):
     row = json.loads((tmp_path / "out" / "results.json").read_text())["rows"][0]
     assert row["info"]["within_tolerance"] == 0.875
     assert f"- {name}: jvp_evaluations 1234, within_tolerance 0.875" in (tmp_path / "out" / "results.md").read_text()
+
+
+def test_laplace_rows_share_one_fit_per_model_and_data():
+    """la_diag and the rows that predict its posterior differently (nn, streamlined) reuse one fitted Laplace."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from posthoc.bench.methods import BenchContext, laplace_builder
+    from references import small_mlp
+
+    x = torch.randn(20, 3, dtype=torch.float64)
+    loader = DataLoader(TensorDataset(x, (x[:, 0] > 0).long()), batch_size=10)
+    ctx = BenchContext(small_mlp(), None, loader, loader, loader, seed=0, progress=False)
+    first = laplace_builder("diag", "all", marglik_steps=2)(ctx)
+    assert laplace_builder("diag", "all", marglik_steps=2)(ctx) is first
+    assert laplace_builder("kron", "all", marglik_steps=2)(ctx) is not first
+    other = BenchContext(small_mlp(seed=1), None, loader, loader, loader, seed=0, progress=False)
+    assert laplace_builder("diag", "all", marglik_steps=2)(other) is not first

@@ -5,7 +5,7 @@ weights and a marglik-tuned scalar prior, predicted by 100 weight samples and fu
 passes, MC link), ``streamlined_diag`` / ``streamlined_kron`` (the same posteriors pushed
 through the network in the diagonal activation mode, the output-variance scale fitted on the
 validation split) and ``*_noscale`` (the same without that scale, to show its effect).
-One fitted Laplace per (structure, model, seed) is cached, so these rows share one fit.
+The rows share the la_diag / la_kron rows' fit (laplace_builder keeps the last fits of a run).
 """
 
 from __future__ import annotations
@@ -20,16 +20,11 @@ from posthoc.predictive import Predictive
 from posthoc.streamlined import Streamlined
 
 NN_SAMPLES = 100
-_CACHE: dict[tuple[str, int, int], Laplace] = {}
 
 
 def cached_laplace(ctx: BenchContext, structure: str) -> Laplace:
-    """The la_<structure> Laplace (all weights, marglik prior), fitted once per model and seed."""
-    key = (structure, id(ctx.model), ctx.seed)
-    if key not in _CACHE:
-        _CACHE.clear()  # keep at most one model's posteriors alive
-        _CACHE[key] = laplace_builder(structure, "all")(ctx)
-    return _CACHE[key]
+    """The la_<structure> row's Laplace (all weights, marglik prior): fitted once per run."""
+    return laplace_builder(structure, "all")(ctx)
 
 
 class SampledLaplace:
