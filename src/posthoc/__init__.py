@@ -27,3 +27,7 @@ __all__ = [
     "Streamlined",
     "TemperatureScaling",
 ]
+
+from posthoc.fiber import FiberSampler  # noqa: E402
+
+__all__ += ["FiberSampler"]

@@ -1,0 +1,172 @@
+"""Stage 2 of fiber sampling: a one-step map from a latent z ~ N(0, I) to parameters.
+
+The walked samples theta_1..theta_M (M, P) are first reduced to their principal coordinates:
+
+    theta = centre + U diag(s) c,    U (P, r) orthonormal, s (r,) the coordinate scales,
+
+with centre the sample mean or a given point (the sampler uses theta*: the mean of samples from a curved
+low-loss set can lie far outside it, theta* never does), r = min(latent_dim, rank of the centred samples)
+and s the root mean square of the samples along each direction. Directions outside the top r are dropped
+(the kept share of the spread is ``explained``). The map from z to c is either
+
+- ``gaussian``: c = z (a Gaussian with the samples' second moments in the principal subspace), or
+- ``flow``: c = g(z), an elementwise affine layer and a RealNVP-style stack of affine couplings, initialised
+  at the identity (an untrained flow is the Gaussian map), trained by maximum likelihood on the samples'
+  coordinates plus, in the sampler, a loss-aware term that penalises decoded samples leaving the low-loss
+  set on a training minibatch.
+
+Either way a new sample costs one map evaluation: O(r^2) for the flow plus one (r x P) product.
+"""
+
+from __future__ import annotations
+
+import math
+from enum import Enum
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+
+class DeformKind(str, Enum):
+    GAUSSIAN = "gaussian"
+    FLOW = "flow"
+
+
+class PrincipalCoordinates:
+    """Principal coordinates of M samples (M, P): mean (P,), basis (P, r), scales (r,), explained (share of
+    the total sample variance kept). Cost of fitting: a thin SVD of the (M, P) centred samples."""
+
+    def __init__(self, mean: torch.Tensor, basis: torch.Tensor, scales: torch.Tensor, explained: float) -> None:
+        self.mean, self.basis, self.scales, self.explained = mean, basis, scales, float(explained)
+
+    @classmethod
+    def fit(cls, samples: torch.Tensor, rank: int, centre: torch.Tensor | None = None) -> "PrincipalCoordinates":
+        """``centre`` (P,) replaces the sample mean as origin (the walk uses theta*: the mean of samples from a
+        curved low-loss set can lie far outside it, the MAP never does)."""
+        if samples.ndim != 2 or samples.shape[0] < 2:
+            raise ValueError(f"need at least 2 samples of shape (M, P) for principal coordinates, got "
+                             f"{tuple(samples.shape)}")
+        mean = samples.mean(0) if centre is None else centre
+        centred = samples - mean
+        _, sing, vh = torch.linalg.svd(centred, full_matrices=False)
+        total = float((sing**2).sum())
+        keep = int((sing > sing[0] * 1e-6).sum()) if total > 0 else 0
+        if keep == 0:
+            raise ValueError("the walked samples do not move away from their mean: no spread to model; "
+                             "raise step_size or steps")
+        r = min(rank, keep)
+        scales = sing[:r] / math.sqrt(samples.shape[0] - 1)
+        return cls(mean, vh[:r].T.contiguous(), scales, float((sing[:r] ** 2).sum()) / total)
+
+    @property
+    def rank(self) -> int:
+        return self.scales.numel()
+
+    def encode(self, thetas: torch.Tensor) -> torch.Tensor:
+        """Whitened coordinates (M, r) of parameter vectors (M, P)."""
+        return ((thetas - self.mean) @ self.basis) / self.scales
+
+    def decode(self, coords: torch.Tensor) -> torch.Tensor:
+        """Parameter vectors (M, P) of whitened coordinates (M, r)."""
+        return self.mean + (coords * self.scales) @ self.basis.T
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"mean": self.mean, "basis": self.basis, "scales": self.scales, "explained": self.explained}
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> "PrincipalCoordinates":
+        return cls(state["mean"], state["basis"], state["scales"], state["explained"])
+
+
+class AffineCoupling(nn.Module):
+    """x_b = x_b * exp(s(x_a)) + t(x_a) on the entries where ``mask`` is 0 (x_a: where it is 1).
+
+    s is bounded by tanh (scale factors in [e^-2, e^2]); the last layer starts at zero (identity map).
+    """
+
+    def __init__(self, dim: int, mask: torch.Tensor, hidden: int) -> None:
+        super().__init__()
+        self.register_buffer("mask", mask)
+        self.net = nn.Sequential(nn.Linear(dim, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh(),
+                                 nn.Linear(hidden, 2 * dim))
+        nn.init.zeros_(self.net[-1].weight)
+        nn.init.zeros_(self.net[-1].bias)
+
+    def _scale_shift(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        s, t = self.net(x * self.mask).chunk(2, -1)
+        keep = 1 - self.mask
+        return 2.0 * torch.tanh(s / 2.0) * keep, t * keep
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        s, t = self._scale_shift(z)
+        return z * torch.exp(s) + t
+
+    def inverse(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(z, log|det dz/dx|) per row."""
+        s, t = self._scale_shift(x)
+        return (x - t) * torch.exp(-s), -s.sum(-1)
+
+
+class CouplingFlow(nn.Module):
+    """An elementwise affine layer x = exp(a) z + b, then a stack of affine couplings with alternating (then
+    random, seeded) masks on r dimensions (r >= 2). Starts as the identity."""
+
+    def __init__(self, dim: int, n_layers: int = 4, hidden: int = 64, seed: int = 0) -> None:
+        super().__init__()
+        self.log_scale = nn.Parameter(torch.zeros(dim))
+        self.shift = nn.Parameter(torch.zeros(dim))
+        if dim < 2:
+            raise ValueError("a coupling flow needs at least 2 latent dimensions; use deform='gaussian'")
+        generator = torch.Generator().manual_seed(seed)
+        layers = []
+        for i in range(n_layers):
+            if i < 2:
+                mask = (torch.arange(dim) % 2 == i % 2).float()
+            else:
+                mask = torch.zeros(dim)
+                mask[torch.randperm(dim, generator=generator)[: dim // 2]] = 1.0
+            layers.append(AffineCoupling(dim, mask, hidden))
+        self.layers = nn.ModuleList(layers)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        z = z * torch.exp(self.log_scale) + self.shift
+        for layer in self.layers:
+            z = layer(z)
+        return z
+
+    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
+        """log density (M,) of coordinates x (M, r) under the flow with a N(0, I) base."""
+        logdet = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+        for layer in reversed(self.layers):
+            x, ld = layer.inverse(x)
+            logdet = logdet + ld
+        x = (x - self.shift) * torch.exp(-self.log_scale)
+        logdet = logdet - self.log_scale.sum()
+        return -0.5 * (x**2).sum(-1) - 0.5 * x.shape[-1] * math.log(2 * math.pi) + logdet
+
+
+def gaussian_log_prob(coords: torch.Tensor) -> torch.Tensor:
+    """log N(c; 0, I) per row (M,)."""
+    return -0.5 * (coords**2).sum(-1) - 0.5 * coords.shape[-1] * math.log(2 * math.pi)
+
+
+def flow_training_step(flow: CouplingFlow, optimizer: torch.optim.Optimizer, coords: torch.Tensor,
+                       penalty: Callable[[CouplingFlow], torch.Tensor] | None = None,
+                       penalty_weight: float = 0.0) -> float:
+    """One full-batch Adam step on whitened coordinates (M, r): the mean NLL of the samples under the flow,
+    plus ``penalty_weight * penalty(flow)`` (the loss-aware term, see the sampler). Returns the total loss."""
+    optimizer.zero_grad(set_to_none=True)
+    loss = -flow.log_prob(coords).mean()
+    if penalty is not None and penalty_weight > 0:
+        loss = loss + penalty_weight * penalty(flow)
+    if not torch.isfinite(loss):
+        raise FloatingPointError("flow training diverged (non-finite loss); lower flow_lr")
+    loss.backward()
+    optimizer.step()
+    return float(loss.detach())
+
+
+def make_flow_optimizer(flow: CouplingFlow, lr: float) -> torch.optim.Optimizer:
+    # weight decay keeps the flow close to the identity when there are few samples
+    return torch.optim.Adam(flow.parameters(), lr=lr, weight_decay=1e-3)

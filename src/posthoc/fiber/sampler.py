@@ -1,0 +1,493 @@
+"""``posthoc.FiberSampler``: posterior samples from walking the low-loss set, then a one-step sampler.
+
+    fs = FiberSampler(model, "classification", subset_of_weights="last_layer", prior_precision=1.0)
+    fs.fit(train_loader, checkpoint="fiber.pt")   # stage 1 (walk) then stage 2 (deform)
+    thetas = fs.sample(100)                       # (100, P), one map evaluation each
+    pred = fs.predict(x)                          # SamplePredictive over outputs
+
+Stage 1 (:mod:`posthoc.fiber.walk`) runs projected Langevin dynamics on the fiber through theta*,
+targeting the prior N(0, delta^-1 I) restricted to the low-loss set; stage 2
+(:mod:`posthoc.fiber.deform`) fits a map z -> theta on the walked samples. METHODS.md §5.
+
+Checkpoints: with ``checkpoint=path`` the state is written atomically every ``checkpoint_every`` walk
+steps and flow steps, after the walk's final check, and when done; a rerun with the same path, settings,
+model weights and data resumes where it stopped and gives the same result as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from posthoc.fiber.deform import (CouplingFlow, DeformKind, PrincipalCoordinates, flow_training_step,
+                                  make_flow_optimizer)
+from posthoc.fiber.projection import outputs_many
+from posthoc.fiber.walk import (FiberProblem, WalkConfig, WalkState, finalize, full_data_nll, init_walk, mean_nll,
+                                walk_step)
+from posthoc.laplace.batches import checked_batches
+from posthoc.laplace.subset import ParameterSubset, SubsetOfWeights
+from posthoc.likelihood import Likelihood
+from posthoc.predictive import LinkApprox, Predictive, SamplePredictive
+from posthoc.predictive.base import check_n_samples
+from posthoc.utils.checks import check_choice, check_finite, check_positive
+from posthoc.utils.io import atomic_save_torch
+
+STATE_VERSION = 1
+
+
+class _Interrupted(RuntimeError):
+    """Raised by the test hooks ``_stop_after_walk_step`` / ``_stop_after_flow_step`` (simulated crash)."""
+
+
+class FiberSampler:
+    """Fiber sampling (Reichlin, Vasco, Kragic 2025; METHODS.md §5) behind the Laplace-style API.
+
+    Args:
+        model: the trained network (its weights are theta*); put in eval mode.
+        likelihood: "classification" (logits) or "regression" (Gaussian, noise ``sigma_noise``).
+        n_particles: K independent walkers, vectorised with vmap.
+        steps: walk steps per particle, burn-in included.
+        loss_tolerance: epsilon, nats per example: samples keep the mean training NLL within epsilon
+            of the MAP's.
+        latent_dim: dimension of stage 2's latent (at most the rank of the walked samples).
+        subset_of_weights: "all" or "last_layer".
+        prior_precision: delta of the prior N(0, delta^-1 I): a scalar or one value per parameter.
+        sigma_noise: regression noise; None estimates it as the MAP's training residual RMS.
+        burn_in: steps discarded before keeping samples (default steps // 2).
+        thin: keep every thin-th state after burn-in.
+        step_size: eta of the Langevin step (shrunk during burn-in only, see walk.py).
+        batch_size: examples whose outputs one projection keeps.
+        subsample_size: the fixed training subsample of the NLL check during the walk.
+        cg_steps, damping: CG iterations and damping of the (B*C)-dimensional solves.
+        pullback_steps: at most this many Gauss-Newton steps back to the low-loss set per walk step.
+        final_rounds: correction rounds of the final all-data check.
+        deform: stage 2 map, "flow" (coupling flow on principal coordinates) or "gaussian".
+        flow_layers, flow_hidden, flow_steps, flow_lr: the flow and its full-batch Adam training.
+        flow_loss_weight, flow_loss_batch, flow_loss_samples: the loss-aware term of the flow's objective
+            (decoded samples whose minibatch NLL exceeds the MAP's by more than 0.8 eps are penalised; 0 turns
+            it off, leaving plain maximum likelihood on the walked samples).
+        n_check: stage-2 samples whose all-data NLL is checked after fitting (0: no check).
+        seed: seeds the walk, the flow and the default sampling seed.
+        checkpoint_every: walk / flow steps between checkpoints.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        likelihood: Likelihood | str,
+        n_particles: int = 8,
+        steps: int = 200,
+        loss_tolerance: float = 0.05,
+        latent_dim: int = 8,
+        subset_of_weights: SubsetOfWeights | str = SubsetOfWeights.ALL,
+        prior_precision: float | torch.Tensor = 1.0,
+        sigma_noise: float | None = None,
+        burn_in: int | None = None,
+        thin: int = 5,
+        step_size: float = 1e-4,
+        batch_size: int = 64,
+        subsample_size: int = 256,
+        cg_steps: int = 5,
+        damping: float = 1e-6,
+        pullback_steps: int = 5,
+        final_rounds: int = 3,
+        deform: DeformKind | str = DeformKind.FLOW,
+        flow_layers: int = 4,
+        flow_hidden: int = 64,
+        flow_steps: int = 300,
+        flow_lr: float = 5e-3,
+        flow_loss_weight: float = 10.0,
+        flow_loss_batch: int = 128,
+        flow_loss_samples: int = 8,
+        n_check: int = 32,
+        seed: int = 0,
+        checkpoint_every: int = 10,
+        progress: bool = True,
+        dict_key_x: str = "input",
+        dict_key_y: str = "target",
+    ) -> None:
+        self.model = model
+        self.likelihood = check_choice(likelihood, Likelihood, "likelihood")
+        self.subset = ParameterSubset(model, subset_of_weights)
+        if self.subset.kind is SubsetOfWeights.SUBNETWORK:
+            raise ValueError("FiberSampler supports subset_of_weights='all' or 'last_layer'")
+        self.config = WalkConfig(
+            n_particles=n_particles, steps=steps, burn_in=steps // 2 if burn_in is None else burn_in, thin=thin,
+            step_size=step_size, loss_tolerance=loss_tolerance, batch_size=batch_size,
+            subsample_size=subsample_size, cg_steps=cg_steps, damping=damping, pullback_steps=pullback_steps,
+            final_rounds=final_rounds)
+        if self.config.n_particles * self.config.n_kept_per_particle < 2:
+            raise ValueError("the walk keeps fewer than 2 samples: raise n_particles or steps, or lower burn_in/thin")
+        if isinstance(latent_dim, bool) or not isinstance(latent_dim, int) or latent_dim < 1:
+            raise ValueError(f"latent_dim must be a positive integer, got {latent_dim!r}")
+        self.latent_dim = latent_dim
+        prior = torch.as_tensor(prior_precision, dtype=self.subset.dtype, device=self.subset.device).detach()
+        if prior.numel() not in (1, self.subset.n_params):
+            raise ValueError(f"prior_precision must be a scalar or have one entry per parameter "
+                             f"({self.subset.n_params}), got {prior.numel()} entries")
+        check_positive(prior, "prior_precision")
+        self.prior_precision = prior.reshape(-1) if prior.numel() > 1 else prior.reshape(())
+        if sigma_noise is not None:
+            check_positive(sigma_noise, "sigma_noise")
+            if self.likelihood is Likelihood.CLASSIFICATION and float(sigma_noise) != 1.0:
+                raise ValueError("sigma_noise is for regression; leave it unset for classification")
+        self._sigma_given = sigma_noise
+        self.sigma_noise = torch.as_tensor(1.0 if sigma_noise is None else float(sigma_noise),
+                                           dtype=self.subset.dtype, device=self.subset.device)
+        self.deform = check_choice(deform, DeformKind, "deform")
+        for name, value in (("flow_layers", flow_layers), ("flow_hidden", flow_hidden), ("flow_steps", flow_steps),
+                            ("n_check", n_check), ("checkpoint_every", checkpoint_every)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name in (
+                    "flow_hidden", "checkpoint_every") else 0):
+                raise ValueError(f"{name} must be a {'positive' if name in ('flow_hidden', 'checkpoint_every') else 'non-negative'} "
+                                 f"integer, got {value!r}")
+        check_positive(flow_lr, "flow_lr")
+        if not flow_loss_weight >= 0:
+            raise ValueError(f"flow_loss_weight must be >= 0, got {flow_loss_weight!r}")
+        for name, value in (("flow_loss_batch", flow_loss_batch), ("flow_loss_samples", flow_loss_samples)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        self.flow_loss_weight, self.flow_loss_batch, self.flow_loss_samples = (flow_loss_weight, flow_loss_batch,
+                                                                               flow_loss_samples)
+        self.flow_layers, self.flow_hidden, self.flow_steps, self.flow_lr = flow_layers, flow_hidden, flow_steps, flow_lr
+        self.n_check = n_check
+        self.seed = seed
+        self.checkpoint_every = checkpoint_every
+        self.progress = progress
+        self.dict_key_x, self.dict_key_y = dict_key_x, dict_key_y
+        # fitted state
+        self.particles: torch.Tensor | None = None
+        self.particle_nll: torch.Tensor | None = None
+        self.map_nll: float | None = None
+        self.coords: PrincipalCoordinates | None = None
+        self.flow: CouplingFlow | None = None
+        self.info: dict[str, float] = {}
+        self._cache: tuple[tuple[int, int], torch.Tensor] | None = None
+        self._problem_cache: FiberProblem | None = None
+        self._stop_after_walk_step: int | None = None
+        self._stop_after_flow_step: int | None = None
+
+    @property
+    def n_params(self) -> int:
+        return self.subset.n_params
+
+    # ----------------------------------------------------------------- data
+    def _settings(self) -> dict[str, Any]:
+        return {"likelihood": self.likelihood.value, "subset_of_weights": self.subset.kind.value,
+                "walk": self.config.to_dict(), "latent_dim": self.latent_dim, "deform": self.deform.value,
+                "flow": [self.flow_layers, self.flow_hidden, self.flow_steps, self.flow_lr, self.flow_loss_weight,
+                         self.flow_loss_batch, self.flow_loss_samples],
+                "sigma_given": self._sigma_given, "seed": self.seed, "n_check": self.n_check}
+
+    def _problem(self, train_loader: Iterable) -> FiberProblem:
+        """Collect the covered module's inputs and the targets of the whole loader, in a canonical order
+        (sorted by a fixed random projection of each example), so the walk does not depend on the loader's
+        shuffling. Memory: the whole training set (or its last-layer features)."""
+        self.model.eval()
+        xs, ys = [], []
+        for x, y in checked_batches(train_loader, self.likelihood, None, self.dict_key_x, self.dict_key_y,
+                                    self.subset.dtype, self.subset.device):
+            xs.append(self.subset.inputs(x))
+            ys.append(y)
+        if not xs:
+            raise ValueError("the training loader yielded no batches: nothing to fit")
+        inputs, targets = torch.cat(xs), torch.cat(ys)
+        with torch.no_grad():
+            out = self.subset.forward(inputs[:1])
+        if out.ndim != 2:
+            raise ValueError(f"the model must return (B, C) outputs, got {tuple(out.shape)}")
+        if self.likelihood is Likelihood.CLASSIFICATION:
+            targets = targets.reshape(-1).long()
+            if int(targets.min()) < 0 or int(targets.max()) >= out.shape[-1]:
+                raise ValueError(f"class labels must lie in [0, {out.shape[-1] - 1}]")
+        else:
+            targets = targets.reshape(inputs.shape[0], -1)
+            if targets.shape[-1] != out.shape[-1]:
+                raise ValueError(f"targets have {targets.shape[-1]} outputs, the model {out.shape[-1]}")
+        probe = torch.randn(inputs[0].numel(), generator=torch.Generator().manual_seed(12345), dtype=inputs.dtype)
+        key = inputs.reshape(inputs.shape[0], -1) @ probe + 1e-3 * targets.reshape(inputs.shape[0], -1).to(
+            inputs.dtype).sum(-1)
+        order = torch.argsort(key, stable=True)
+        inputs, targets = inputs[order], targets[order]
+        if self.likelihood is Likelihood.REGRESSION and self._sigma_given is None:
+            with torch.no_grad():
+                resid = torch.cat([targets[i:i + 4096] - self.subset.forward(inputs[i:i + 4096])
+                                   for i in range(0, inputs.shape[0], 4096)])
+            self.sigma_noise = resid.pow(2).mean().sqrt().clamp_min(1e-6).to(self.subset.dtype)
+        return FiberProblem(self.subset, inputs, targets, self.likelihood, self.prior_precision, self.sigma_noise)
+
+    def _fingerprint(self, problem: FiberProblem) -> list[float]:
+        return [float(problem.n_data), float(problem.inputs.double().sum()), float(problem.targets.double().sum())]
+
+    # ----------------------------------------------------------------- checkpoints
+    def _load_checkpoint(self, path: Path | None, problem: FiberProblem) -> dict[str, Any] | None:
+        if path is None or not path.exists():
+            return None
+        try:
+            state = torch.load(path, map_location=self.subset.device, weights_only=False)
+        except Exception as err:  # noqa: BLE001 - any unreadable file is reported the same way
+            raise ValueError(f"checkpoint {path} is unreadable ({err}); delete it to start afresh") from err
+        if not isinstance(state, dict) or state.get("version") != STATE_VERSION or "stage" not in state:
+            raise ValueError(f"checkpoint {path} is not a FiberSampler checkpoint of version {STATE_VERSION}; "
+                             "delete it to start afresh")
+        if state["settings"] != self._settings():
+            raise ValueError(f"checkpoint {path} was written with other settings; use another path or the same "
+                             "settings")
+        if not torch.equal(state["theta_map"].to(self.subset.theta_map), self.subset.theta_map):
+            raise ValueError(f"checkpoint {path} was written for other model weights")
+        if state["data"] != self._fingerprint(problem):
+            raise ValueError(f"checkpoint {path} was written for other training data")
+        return state
+
+    def _save(self, path: Path | None, problem: FiberProblem, stage: str, **payload: Any) -> None:
+        if path is None:
+            return
+        atomic_save_torch({"version": STATE_VERSION, "stage": stage, "settings": self._settings(),
+                           "theta_map": self.subset.theta_map, "data": self._fingerprint(problem),
+                           "sigma_noise": self.sigma_noise, **payload}, path)
+
+    # ----------------------------------------------------------------- stage 1
+    def walk(self, train_loader: Iterable, checkpoint: str | os.PathLike | None = None) -> torch.Tensor:
+        """Stage 1: walk the particles, check the kept samples on all data; returns them (M, P).
+
+        M = n_particles * ((steps - burn_in) // thin). Also sets ``particle_nll`` (M,) (all-data mean NLL)
+        and ``map_nll``. Cost per step: see :func:`posthoc.fiber.walk.walk_step`; the final check costs M
+        forward passes over the data per round.
+        """
+        path = Path(checkpoint) if checkpoint is not None else None
+        problem = self._problem(train_loader)
+        self._problem_cache = problem
+        saved = self._load_checkpoint(path, problem)
+        self._walk(problem, path, saved)
+        return self.particles
+
+    def _walk(self, problem: FiberProblem, path: Path | None, saved: dict[str, Any] | None) -> None:
+        if saved is not None and saved["stage"] != "walk":
+            self.particles, self.particle_nll = saved["particles"], saved["particle_nll"]
+            self.map_nll, self.info = saved["map_nll"], dict(saved["info"])
+            return
+        cfg = self.config
+        state = WalkState.from_state_dict(saved["walk"]) if saved is not None else init_walk(problem, cfg, self.seed)
+        bar = tqdm(total=cfg.steps, initial=state.step, desc="fiber walk", disable=not self.progress, leave=False)
+        while state.step < cfg.steps:
+            t0 = time.perf_counter()
+            state = walk_step(problem, cfg, state)
+            state.stats["walk_seconds"] += time.perf_counter() - t0
+            bar.update(1)
+            bar.set_postfix(eta=f"{state.step_size:.2e}", kept=state.samples.shape[0])
+            if state.step % self.checkpoint_every == 0 or state.step == cfg.steps:
+                self._save(path, problem, "walk", walk=state.state_dict())
+                if self._stop_after_walk_step is not None and state.step >= self._stop_after_walk_step:
+                    raise _Interrupted(f"stopped after walk step {state.step}")
+        bar.close()
+        t0 = time.perf_counter()
+        map_nll = float(full_data_nll(problem, self.subset.theta_map.unsqueeze(0))[0])
+        particles, nll = finalize(problem, cfg, state.samples, map_nll, self.seed + 1)
+        within = nll <= map_nll + cfg.loss_tolerance
+        self.particles, self.particle_nll, self.map_nll = particles, nll, map_nll
+        n_steps = max(cfg.steps, 1)
+        self.info = {
+            "walk_s": state.stats["walk_seconds"], "final_check_s": time.perf_counter() - t0,
+            "step_size_final": state.step_size, "pullback_steps_per_step": state.stats["pullback_steps"] / n_steps,
+            "failed_pullbacks": state.stats["failed_pullbacks"], "n_walked": float(particles.shape[0]),
+            "stage1_within_tol": float(within.double().mean()), "map_train_nll": map_nll,
+            "sigma_noise": float(self.sigma_noise),
+            # mixing diagnostics: the prior drift relaxes a particle's offset along the fiber by a factor
+            # (1 - eta delta / 2) per step, so eta * delta * (steps after burn-in) >~ 5 means the kept part of the
+            # chain has forgotten theta*; the norm ratio compares the particles' mean norm with the prior's
+            # sqrt(sum 1/delta) (about 1 at stationarity when the fiber's minimum-norm point is short)
+            "eta_delta_kept_steps": state.step_size * float(self.prior_precision.mean()) * (cfg.steps - cfg.burn_in),
+            "particle_norm_ratio": float(particles.norm(dim=1).mean()) / math.sqrt(
+                float((1.0 / self.prior_precision).expand(self.subset.n_params).sum())),
+        }
+        self._save(path, problem, "walked", particles=particles, particle_nll=nll, map_nll=map_nll, info=self.info)
+
+    # ----------------------------------------------------------------- stage 2
+    def fit(self, train_loader: Iterable, checkpoint: str | os.PathLike | None = None) -> "FiberSampler":
+        """Stage 1 (walk), then stage 2 (principal coordinates + map z -> theta), then the all-data check of
+        ``n_check`` stage-2 samples (``info["stage2_within_tol"]``). Returns self."""
+        path = Path(checkpoint) if checkpoint is not None else None
+        problem = self._problem(train_loader)
+        self._problem_cache = problem
+        saved = self._load_checkpoint(path, problem)
+        if saved is not None and saved["stage"] == "done":
+            self.load_state_dict(saved["state"])
+            return self
+        self._walk(problem, path, saved)
+        t0 = time.perf_counter()
+        within = self.particle_nll <= self.map_nll + self.config.loss_tolerance
+        train = self.particles[within] if int(within.sum()) >= 2 else self.particles
+        self.coords = PrincipalCoordinates.fit(train, self.latent_dim, centre=self.subset.theta_map)
+        self.info["explained_variance"] = self.coords.explained
+        self.info["latent_dim"] = float(self.coords.rank)
+        self.flow = None
+        if self.deform is DeformKind.FLOW and self.coords.rank >= 2 and self.flow_steps > 0:
+            self._train_flow(problem, path, saved if saved is not None and saved["stage"] == "deform" else None)
+        self.info["deform_s"] = self.info.get("deform_s", 0.0) + time.perf_counter() - t0
+        self._cache = None
+        if self.n_check > 0:
+            t0 = time.perf_counter()
+            nll = full_data_nll(problem, self.sample(self.n_check, seed=self.seed + 7))
+            self.info["stage2_within_tol"] = float((nll <= self.map_nll + self.config.loss_tolerance).double().mean())
+            self.info["stage2_nll_excess_mean"] = float((nll - self.map_nll).mean())
+            self.info["stage2_check_s"] = time.perf_counter() - t0
+        self._save(path, problem, "done", state=self.state_dict())
+        return self
+
+    def _train_flow(self, problem: FiberProblem, path: Path | None, saved: dict[str, Any] | None) -> None:
+        torch.manual_seed(self.seed)  # not used by the deterministic full-batch training; kept for clarity
+        flow = CouplingFlow(self.coords.rank, self.flow_layers, self.flow_hidden, seed=self.seed).to(
+            dtype=self.subset.dtype, device=self.subset.device)
+        optimizer = make_flow_optimizer(flow, self.flow_lr)
+        start, losses = 0, []
+        generator = torch.Generator().manual_seed(self.seed + 2)
+        if saved is not None:
+            flow.load_state_dict(saved["flow"])
+            optimizer.load_state_dict(saved["optimizer"])
+            start, losses = saved["flow_step"], list(saved["losses"])
+            generator.set_state(saved["flow_rng"])
+            self.info["deform_s"] = saved["deform_s"]
+        coords = self.coords.encode(
+            self.particles[self.particle_nll <= self.map_nll + self.config.loss_tolerance]
+            if int((self.particle_nll <= self.map_nll + self.config.loss_tolerance).sum()) >= 2 else self.particles)
+        flow.train()
+        t0 = time.perf_counter()
+        threads = torch.get_num_threads()
+        # the flow is tiny (r <= latent_dim inputs, M samples): extra threads only add synchronisation cost,
+        # which on a busy machine made full-batch steps ~100x slower than on one thread (measured)
+        torch.set_num_threads(1)
+        try:
+            losses = self._flow_loop(problem, path, flow, optimizer, coords, start, losses, t0, generator)
+        finally:
+            torch.set_num_threads(threads)
+        flow.eval()
+        for p in flow.parameters():
+            p.requires_grad_(False)
+        self.flow = flow
+        self.info["flow_final_nll"] = losses[-1] if losses else float("nan")
+
+    def _loss_penalty(self, problem: FiberProblem, generator: torch.Generator):
+        """The loss-aware term of stage 2: for ``flow_loss_samples`` decoded samples and a random minibatch of
+        ``flow_loss_batch`` training examples, the mean hinge max(0, excess - 0.8 eps) / eps of their NLL over
+        the MAP's on that minibatch (0.8: a margin for the minibatch noise). Cost: one forward and backward
+        pass per decoded sample on the minibatch."""
+        coords, tol = self.coords, self.config.loss_tolerance
+
+        def penalty(flow: CouplingFlow) -> torch.Tensor:
+            index = torch.randint(problem.n_data, (min(self.flow_loss_batch, problem.n_data),), generator=generator)
+            z = torch.randn((self.flow_loss_samples, coords.rank), generator=generator, dtype=self.subset.dtype)
+            x, y = problem.inputs[index], problem.targets[index]
+            thetas = coords.decode(flow(z.to(self.subset.device)))
+            nll = mean_nll(outputs_many(self.subset, x, thetas), y, self.likelihood, self.sigma_noise)
+            with torch.no_grad():
+                ref = mean_nll(self.subset.forward(x).unsqueeze(0), y, self.likelihood, self.sigma_noise)
+            return torch.relu(nll - ref - 0.8 * tol).mean() / tol
+
+        return penalty
+
+    def _flow_loop(self, problem, path, flow, optimizer, coords, start, losses, t0, generator) -> list[float]:
+        penalty = self._loss_penalty(problem, generator)
+        for step in tqdm(range(start, self.flow_steps), desc="fiber flow", disable=not self.progress, leave=False):
+            losses.append(flow_training_step(flow, optimizer, coords, penalty, self.flow_loss_weight))
+            done = step + 1
+            if done % self.checkpoint_every == 0 and done < self.flow_steps:
+                self._save(path, problem, "deform", particles=self.particles, particle_nll=self.particle_nll,
+                           map_nll=self.map_nll, info=self.info, flow=flow.state_dict(),
+                           optimizer=optimizer.state_dict(), flow_step=done, losses=losses,
+                           flow_rng=generator.get_state(),
+                           deform_s=self.info.get("deform_s", 0.0) + time.perf_counter() - t0)
+                if self._stop_after_flow_step is not None and done >= self._stop_after_flow_step:
+                    raise _Interrupted(f"stopped after flow step {done}")
+        return losses
+
+    # ----------------------------------------------------------------- sampling and prediction
+    def _require_fit(self) -> PrincipalCoordinates:
+        if self.coords is None:
+            raise RuntimeError("call fit(train_loader) first: the FiberSampler has no stage-2 map")
+        return self.coords
+
+    def sample(self, n_samples: int = 100, seed: int | None = None) -> torch.Tensor:
+        """Stage 2: n parameter samples (n, P) decoded from z ~ N(0, I) (seeded). Cost: one map evaluation
+        each (the flow plus an (r x P) product), no iteration."""
+        coords = self._require_fit()
+        check_n_samples(n_samples)
+        generator = torch.Generator().manual_seed(self.seed if seed is None else seed)
+        z = torch.randn((n_samples, coords.rank), generator=generator, dtype=self.subset.dtype).to(self.subset.device)
+        with torch.no_grad():
+            c = self.flow(z) if self.flow is not None else z
+            return coords.decode(c)
+
+    def predict(self, x: torch.Tensor, n_samples: int = 100, seed: int | None = None,
+                chunk_size: int = 25) -> SamplePredictive:
+        """SamplePredictive (n_samples, B, C) of f(x; theta_s) for stage-2 samples theta_s (the same samples
+        for every call with the same n_samples and seed). Regression: the predictive of f; use
+        ``.with_noise(fs.sigma_noise)`` or ``fs(x)`` for y. Cost: n_samples forward passes (vmapped in chunks)."""
+        self._require_fit()
+        check_n_samples(n_samples)
+        if n_samples < 2:
+            raise ValueError("predict needs n_samples >= 2 (a sample predictive)")
+        key = (n_samples, self.seed if seed is None else seed)
+        if self._cache is None or self._cache[0] != key:
+            self._cache = (key, self.sample(n_samples, seed=key[1]))
+        thetas = self._cache[1]
+        x = x.to(device=self.subset.device, dtype=self.subset.dtype if x.is_floating_point() else x.dtype)
+        check_finite(x, "x")
+        inputs = self.subset.inputs(x)
+        with torch.no_grad():
+            outputs = torch.cat([self.subset.forward_many(inputs, thetas[i:i + chunk_size])
+                                 for i in range(0, n_samples, chunk_size)])
+        return SamplePredictive(outputs)
+
+    def __call__(self, x: torch.Tensor, n_samples: int = 100, seed: int | None = None) -> torch.Tensor | Predictive:
+        """Classification: MC class probabilities (B, C). Regression: the predictive of y (noise added)."""
+        pred = self.predict(x, n_samples=n_samples, seed=seed)
+        if self.likelihood is Likelihood.REGRESSION:
+            return pred.with_noise(self.sigma_noise)
+        return pred.probs(LinkApprox.MC)
+
+    def bench_info(self) -> dict[str, float]:
+        """Diagnostics stored with a bench row (within-tolerance fractions, step size, timings)."""
+        return {k: float(v) for k, v in self.info.items()}
+
+    # ----------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        """Everything that restores the fitted sampler exactly (with the same model weights)."""
+        coords = self._require_fit()
+        return {"version": STATE_VERSION, "settings": self._settings(), "theta_map": self.subset.theta_map,
+                "prior_precision": self.prior_precision, "sigma_noise": self.sigma_noise,
+                "particles": self.particles, "particle_nll": self.particle_nll, "map_nll": self.map_nll,
+                "coords": coords.state_dict(), "flow": None if self.flow is None else self.flow.state_dict(),
+                "info": dict(self.info)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> "FiberSampler":
+        """Restore a fitted state; the settings and model weights must match those it was fitted with."""
+        if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+            raise ValueError(f"unsupported FiberSampler state (version {getattr(state, 'get', lambda k: None)('version')!r})")
+        if state["settings"] != self._settings():
+            raise ValueError("the state was fitted with other settings; construct the FiberSampler with the same ones")
+        if not torch.equal(state["theta_map"].to(self.subset.theta_map), self.subset.theta_map):
+            raise ValueError("the model's weights differ from those the state was fitted at; load the matching "
+                             "model checkpoint first")
+        self.prior_precision = state["prior_precision"]
+        self.sigma_noise = state["sigma_noise"]
+        self.particles, self.particle_nll, self.map_nll = state["particles"], state["particle_nll"], state["map_nll"]
+        self.coords = PrincipalCoordinates.from_state_dict(state["coords"])
+        self.flow = None
+        if state["flow"] is not None:
+            flow = CouplingFlow(self.coords.rank, self.flow_layers, self.flow_hidden, seed=self.seed).to(
+                dtype=self.subset.dtype, device=self.subset.device)
+            flow.load_state_dict(state["flow"])
+            flow.eval()
+            for p in flow.parameters():
+                p.requires_grad_(False)
+            self.flow = flow
+        self.info = dict(state["info"])
+        self._cache = None
+        return self

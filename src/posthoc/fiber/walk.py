@@ -1,0 +1,290 @@
+"""Stage 1 of fiber sampling: projected Langevin dynamics on the low-loss set (METHODS.md §5).
+
+Pure functions over an explicit :class:`WalkState`, so a walk can be checkpointed after any step
+and resumed exactly (the state carries the random generator's state).
+
+One step for K particles thetas (K, P), on a minibatch X_b drawn with replacement (all the data when
+``batch_size >= N``):
+
+    theta <- theta + P_b[ (eta / 2) (-delta theta) + sqrt(eta) xi ],   xi ~ N(0, I),
+
+P_b the projection onto null(J(X_b)) (``projection.project_null``: CG on the (B*C)-dimensional
+system, JVP/VJP products, no stored Jacobian). Then the pull-back: while a particle's mean
+per-example NLL on a fixed training subsample exceeds the MAP's (on the same subsample) by more
+than ``loss_tolerance``, take a Gauss-Newton step that moves its subsample outputs back to the
+MAP's outputs along the minimum-norm direction (``projection.min_norm_step``), at most
+``pullback_steps`` times per walk step. The fiber is {theta : f(X; theta) = f(X; theta*)}, so this is
+a Newton-type projection back onto it, stopped as soon as the loss criterion holds. A particle still
+above the tolerance after that keeps its previous state (the move is rejected; counted in
+``failed_pullbacks``).
+
+Samples: after ``burn_in`` steps, every ``thin``-th state of every particle. During burn-in only,
+the step size shrinks by ``adapt_factor`` after every step in which more than a quarter of the
+particles (``MAX_REJECTED_FRACTION``; any, with fewer than 4 particles) could not be pulled back
+within ``pullback_steps`` (it never grows); after burn-in it is fixed, so the kept part of the chain
+is a fixed-step Markov chain. Rejected moves keep the chain in the low-loss set, so an occasional
+rejection needs no smaller step; shrinking on every single one drove the step to ~1e-7 in 100 steps
+on the UCI networks (measured), freezing the walk.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+import torch
+
+from posthoc.fiber.projection import min_norm_step, outputs_many, project_null
+from posthoc.laplace.subset import ParameterSubset
+from posthoc.likelihood import Likelihood
+
+
+MAX_REJECTED_FRACTION = 0.25  # burn-in shrinks the step after a walk step that rejected more particles than this
+
+
+@dataclass(frozen=True)
+class WalkConfig:
+    """Settings of stage 1 (see the module docstring for their roles)."""
+
+    n_particles: int = 8
+    steps: int = 200
+    burn_in: int = 100
+    thin: int = 5
+    step_size: float = 1e-4
+    loss_tolerance: float = 0.05
+    batch_size: int = 64
+    subsample_size: int = 256
+    cg_steps: int = 5
+    damping: float = 1e-6
+    pullback_steps: int = 5
+    adapt_factor: float = 0.8
+    final_rounds: int = 3
+
+    def __post_init__(self) -> None:
+        for name in ("n_particles", "steps", "thin", "batch_size", "subsample_size", "cg_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("burn_in", "pullback_steps", "final_rounds"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+        if self.burn_in >= self.steps:
+            raise ValueError(f"burn_in ({self.burn_in}) must be smaller than steps ({self.steps}) to keep samples")
+        if not (self.step_size > 0 and math.isfinite(self.step_size)):
+            raise ValueError(f"step_size must be positive, got {self.step_size!r}")
+        if not (self.loss_tolerance > 0 and math.isfinite(self.loss_tolerance)):
+            raise ValueError(f"loss_tolerance must be positive (nats per example), got {self.loss_tolerance!r}")
+        if not self.damping >= 0:
+            raise ValueError(f"damping must be >= 0, got {self.damping!r}")
+        if not 0 < self.adapt_factor <= 1:
+            raise ValueError(f"adapt_factor must be in (0, 1], got {self.adapt_factor!r}")
+
+    @property
+    def n_kept_per_particle(self) -> int:
+        return (self.steps - self.burn_in) // self.thin
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class FiberProblem:
+    """What the walk needs about the model and data.
+
+    inputs (N, ...): the covered module's inputs (images, or last-layer features); targets (N,)
+    labels or (N, C) values; prior_precision: scalar () or per-parameter (P,); sigma_noise: the
+    regression noise (1 for classification).
+    """
+
+    subset: ParameterSubset
+    inputs: torch.Tensor
+    targets: torch.Tensor
+    likelihood: Likelihood
+    prior_precision: torch.Tensor
+    sigma_noise: torch.Tensor
+
+    @property
+    def n_data(self) -> int:
+        return self.inputs.shape[0]
+
+
+@dataclass
+class WalkState:
+    """Everything that determines the rest of a walk.
+
+    thetas (K, P): current particles; samples (M, P): kept states so far; sub_index (S,): the fixed
+    NLL-check subsample; map_nll_sub: the MAP's mean NLL on it; rng: the generator state.
+    """
+
+    thetas: torch.Tensor
+    samples: torch.Tensor
+    sub_index: torch.Tensor
+    map_nll_sub: float
+    step_size: float
+    rng: torch.Tensor
+    step: int = 0
+    stats: dict[str, float] = field(default_factory=lambda: {"pullback_steps": 0.0, "failed_pullbacks": 0.0,
+                                                              "walk_seconds": 0.0})
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"thetas": self.thetas, "samples": self.samples, "sub_index": self.sub_index,
+                "map_nll_sub": self.map_nll_sub, "step_size": self.step_size, "rng": self.rng, "step": self.step,
+                "stats": dict(self.stats)}
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> "WalkState":
+        return cls(state["thetas"], state["samples"], state["sub_index"], float(state["map_nll_sub"]),
+                   float(state["step_size"]), state["rng"], int(state["step"]), dict(state["stats"]))
+
+
+def mean_nll(outputs: torch.Tensor, targets: torch.Tensor, likelihood: Likelihood,
+             sigma_noise: torch.Tensor) -> torch.Tensor:
+    """Mean per-example negative log-likelihood for outputs (K, B, C): (K,).
+
+    Classification: cross-entropy of the logits. Regression: Gaussian NLL with noise sigma, summed
+    over the C outputs.
+    """
+    if likelihood is Likelihood.CLASSIFICATION:
+        logp = torch.log_softmax(outputs, -1)
+        index = targets.long().reshape(1, -1, 1).expand(outputs.shape[0], -1, 1)
+        return -logp.gather(-1, index).squeeze(-1).mean(-1)
+    resid = targets.reshape(outputs.shape[1:]).to(outputs.dtype) - outputs
+    var = sigma_noise.to(outputs.dtype) ** 2
+    return (0.5 * resid**2 / var + 0.5 * torch.log(2 * math.pi * var)).sum(-1).mean(-1)
+
+
+def _generator(state: torch.Tensor) -> torch.Generator:
+    generator = torch.Generator()
+    generator.set_state(state)
+    return generator
+
+
+def init_walk(problem: FiberProblem, config: WalkConfig, seed: int) -> WalkState:
+    """All particles at theta*, a fixed NLL subsample drawn without replacement. Cost: one forward pass on it."""
+    generator = torch.Generator().manual_seed(seed)
+    n_sub = min(config.subsample_size, problem.n_data)
+    sub_index = torch.randperm(problem.n_data, generator=generator)[:n_sub]
+    subset = problem.subset
+    theta0 = subset.theta_map
+    with torch.no_grad():
+        out = subset.forward(problem.inputs[sub_index], theta0).unsqueeze(0)
+        map_nll = float(mean_nll(out, problem.targets[sub_index], problem.likelihood, problem.sigma_noise)[0])
+    thetas = theta0.unsqueeze(0).repeat(config.n_particles, 1)
+    samples = theta0.new_zeros((0, subset.n_params))
+    return WalkState(thetas, samples, sub_index, map_nll, config.step_size, generator.get_state())
+
+
+def pull_back(problem: FiberProblem, thetas: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor,
+              reference: torch.Tensor, threshold: float, config: WalkConfig) -> tuple[torch.Tensor, int, torch.Tensor]:
+    """Gauss-Newton steps towards the reference outputs (B, C) for the particles whose mean NLL on
+    (inputs, targets) exceeds ``threshold``, until none does or ``config.pullback_steps`` were taken.
+
+    Returns the new thetas (K, P), the number of steps taken and the final within-threshold mask (K,).
+    Cost per step: one forward pass per particle plus ``cg_steps`` Gram products per corrected particle.
+    """
+    subset = problem.subset
+    taken = 0
+    while True:
+        with torch.no_grad():
+            out = outputs_many(subset, inputs, thetas)
+            ok = mean_nll(out, targets, problem.likelihood, problem.sigma_noise) <= threshold
+        if bool(ok.all()) or taken == config.pullback_steps:
+            return thetas, taken, ok
+        bad = torch.nonzero(~ok).reshape(-1)
+        change = reference.unsqueeze(0) - out[bad]
+        with torch.no_grad():
+            delta = min_norm_step(subset, inputs, thetas[bad], change, config.cg_steps, config.damping)
+        thetas = thetas.clone()
+        thetas[bad] = thetas[bad] + delta
+        taken += 1
+
+
+def walk_step(problem: FiberProblem, config: WalkConfig, state: WalkState) -> WalkState:
+    """One projected Langevin step plus pull-back for all particles; returns the next state.
+
+    Cost: (cg_steps + 2) JVP/VJP pairs on ``batch_size`` examples per particle, plus per pull-back
+    step a forward pass and ``cg_steps`` Gram products on the subsample.
+    """
+    subset = problem.subset
+    generator = _generator(state.rng)
+    thetas = state.thetas
+    k, p = thetas.shape
+    if config.batch_size >= problem.n_data:  # full batch: the projection keeps every training output
+        batch = torch.arange(problem.n_data)
+    else:
+        batch = torch.randint(problem.n_data, (config.batch_size,), generator=generator)
+    noise = torch.randn((k, p), generator=generator, dtype=thetas.dtype).to(thetas.device)
+    eta = state.step_size
+    move = 0.5 * eta * (-problem.prior_precision * thetas) + math.sqrt(eta) * noise
+    with torch.no_grad():
+        thetas = thetas + project_null(subset, problem.inputs[batch], thetas, move, config.cg_steps, config.damping)
+        sub_x, sub_y = problem.inputs[state.sub_index], problem.targets[state.sub_index]
+        reference = subset.forward(sub_x, subset.theta_map)
+    thetas, taken, ok = pull_back(problem, thetas, sub_x, sub_y, reference,
+                                  state.map_nll_sub + config.loss_tolerance, config)
+    # a particle whose pull-back failed stays where it was: a move that leaves the low-loss set is rejected, so
+    # a too-large step cannot strand a particle off the fiber (where later, smaller steps would never find it)
+    thetas = torch.where(ok.unsqueeze(-1), thetas, state.thetas)
+    step = state.step + 1
+    stats = dict(state.stats)
+    stats["pullback_steps"] += taken
+    stats["failed_pullbacks"] += float((~ok).sum())
+    step_size = eta
+    if step <= config.burn_in and float((~ok).double().mean()) > MAX_REJECTED_FRACTION:
+        step_size = eta * config.adapt_factor
+    samples = state.samples
+    if step > config.burn_in and (step - config.burn_in) % config.thin == 0:
+        samples = torch.cat([samples, thetas.detach()])
+    if not bool(torch.isfinite(thetas).all()):
+        raise FloatingPointError(f"the walk produced non-finite parameters at step {step}; lower step_size")
+    return WalkState(thetas.detach(), samples, state.sub_index, state.map_nll_sub, step_size,
+                     generator.get_state(), step, stats)
+
+
+def full_data_nll(problem: FiberProblem, thetas: torch.Tensor, chunk_examples: int = 512,
+                  chunk_particles: int = 8) -> torch.Tensor:
+    """Mean per-example NLL on all N training examples for each of M parameter vectors: (M,).
+
+    Cost: M forward passes over the data, in chunks of ``chunk_particles`` x ``chunk_examples``.
+    """
+    out = []
+    with torch.no_grad():
+        for i in range(0, thetas.shape[0], chunk_particles):
+            th = thetas[i:i + chunk_particles]
+            total = torch.zeros(th.shape[0], dtype=th.dtype, device=th.device)
+            for j in range(0, problem.n_data, chunk_examples):
+                x, y = problem.inputs[j:j + chunk_examples], problem.targets[j:j + chunk_examples]
+                nll = mean_nll(outputs_many(problem.subset, x, th), y, problem.likelihood, problem.sigma_noise)
+                total += nll * x.shape[0]
+            out.append(total / problem.n_data)
+    return torch.cat(out)
+
+
+def finalize(problem: FiberProblem, config: WalkConfig, samples: torch.Tensor, map_nll_full: float,
+             seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Check the kept samples on all training data; correct those above tolerance.
+
+    Up to ``final_rounds`` rounds: evaluate the full-data mean NLL of every sample; each sample above
+    ``map_nll_full + loss_tolerance`` gets one Gauss-Newton step towards the MAP outputs on a fresh
+    random subsample of ``subsample_size`` examples. Returns (samples (M, P), full-data NLL (M,)).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    threshold = map_nll_full + config.loss_tolerance
+    nll = full_data_nll(problem, samples)
+    for _ in range(config.final_rounds):
+        bad = torch.nonzero(nll > threshold).reshape(-1)
+        if bad.numel() == 0:
+            break
+        index = torch.randperm(problem.n_data, generator=generator)[:config.subsample_size]
+        x, y = problem.inputs[index], problem.targets[index]
+        with torch.no_grad():
+            reference = problem.subset.forward(x, problem.subset.theta_map)
+        one_step = replace(config, pullback_steps=1)
+        fixed, _, _ = pull_back(problem, samples[bad], x, y, reference, -math.inf, one_step)
+        samples = samples.clone()
+        samples[bad] = fixed
+        nll = nll.clone()
+        nll[bad] = full_data_nll(problem, fixed)
+    return samples, nll

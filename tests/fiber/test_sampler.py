@@ -1,0 +1,118 @@
+"""FiberSampler API: checkpoint/resume exactness, state round trip, prediction and clear errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from posthoc.fiber import FiberSampler
+from posthoc.fiber.sampler import _Interrupted
+from posthoc.predictive import SamplePredictive
+from references import DTYPE, small_mlp
+
+
+def _data(n: int = 40):
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(n, 3, generator=generator, dtype=DTYPE)
+    y = (x[:, 0] + x[:, 1] > 0).long() + (x[:, 2] > 1).long()
+    return x, y
+
+
+def _trained_model(x, y):
+    model = small_mlp(n_in=3, n_hidden=8, n_out=3)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
+    for _ in range(150):
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    return model.eval()
+
+
+SETTINGS = dict(n_particles=3, steps=20, burn_in=8, thin=3, step_size=3e-3, batch_size=8, subsample_size=16,
+                cg_steps=3, loss_tolerance=0.05, latent_dim=3, flow_layers=2, flow_hidden=8, flow_steps=20,
+                n_check=4, checkpoint_every=4, progress=False)
+
+
+@pytest.fixture(scope="module")
+def problem():
+    torch.set_num_threads(1)
+    x, y = _data()
+    return _trained_model(x, y), x, y
+
+
+def _loader(x, y, seed):
+    return DataLoader(TensorDataset(x, y), batch_size=16, shuffle=True, generator=torch.Generator().manual_seed(seed))
+
+
+def test_fit_samples_and_predicts(problem):
+    model, x, y = problem
+    fs = FiberSampler(model, "classification", **SETTINGS).fit(_loader(x, y, 0))
+    thetas = fs.sample(5, seed=1)
+    assert thetas.shape == (5, fs.n_params)
+    torch.testing.assert_close(fs.sample(5, seed=1), thetas)  # seeded
+    assert not torch.allclose(thetas[0], thetas[1])
+    pred = fs.predict(x[:7], n_samples=6)
+    assert isinstance(pred, SamplePredictive) and pred.samples.shape == (6, 7, 3)
+    probs = fs(x[:7], n_samples=6)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(7, dtype=DTYPE))
+    info = fs.bench_info()
+    assert 0.0 <= info["stage2_within_tol"] <= 1.0 and info["stage1_within_tol"] == 1.0
+    assert fs.particles.shape == (3 * 4, fs.n_params)
+
+
+def test_resume_after_interruption_is_exact(problem, tmp_path):
+    model, x, y = problem
+    reference = FiberSampler(model, "classification", **SETTINGS).fit(_loader(x, y, 0))
+    path = tmp_path / "fiber.pt"
+    for stop in ("walk", "flow"):
+        path.unlink(missing_ok=True)
+        fs = FiberSampler(model, "classification", **SETTINGS)
+        if stop == "walk":
+            fs._stop_after_walk_step = 8
+        else:
+            fs._stop_after_flow_step = 12
+        with pytest.raises(_Interrupted):
+            fs.fit(_loader(x, y, 1), checkpoint=path)  # another shuffle order: the walk does not depend on it
+        assert torch.load(path, weights_only=False)["stage"] == ("walk" if stop == "walk" else "deform")
+        resumed = FiberSampler(model, "classification", **SETTINGS).fit(_loader(x, y, 2), checkpoint=path)
+        torch.testing.assert_close(resumed.particles, reference.particles, rtol=0, atol=0)
+        torch.testing.assert_close(resumed.sample(4), reference.sample(4), rtol=0, atol=0)
+    # a finished checkpoint is loaded, not refitted
+    again = FiberSampler(model, "classification", **SETTINGS).fit(_loader(x, y, 0), checkpoint=path)
+    torch.testing.assert_close(again.sample(4), reference.sample(4), rtol=0, atol=0)
+
+
+def test_state_dict_round_trip_and_mismatches(problem, tmp_path):
+    model, x, y = problem
+    fs = FiberSampler(model, "classification", **SETTINGS).fit(_loader(x, y, 0))
+    other = FiberSampler(model, "classification", **SETTINGS).load_state_dict(fs.state_dict())
+    torch.testing.assert_close(other.predict(x[:4], n_samples=5).samples, fs.predict(x[:4], n_samples=5).samples)
+    with pytest.raises(ValueError, match="other settings"):
+        FiberSampler(model, "classification", **{**SETTINGS, "steps": 21}).load_state_dict(fs.state_dict())
+    path = tmp_path / "bad.pt"
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="unreadable"):
+        FiberSampler(model, "classification", **SETTINGS).fit(_loader(x, y, 0), checkpoint=path)
+
+
+def test_clear_errors(problem):
+    model, x, y = problem
+    fs = FiberSampler(model, "classification", **SETTINGS)
+    with pytest.raises(RuntimeError, match="call fit"):
+        fs.predict(x[:2])
+    with pytest.raises(ValueError, match="subset_of_weights"):
+        FiberSampler(model, "classification", subset_of_weights="everything")
+    with pytest.raises(ValueError, match="burn_in"):
+        FiberSampler(model, "classification", steps=10, burn_in=10)
+    with pytest.raises(ValueError, match="prior_precision"):
+        FiberSampler(model, "classification", prior_precision=-1.0)
+    with pytest.raises(ValueError, match="sigma_noise"):
+        FiberSampler(model, "classification", sigma_noise=0.5)
+    with pytest.raises(ValueError, match="loss_tolerance"):
+        FiberSampler(model, "classification", loss_tolerance=0.0)
+    fitted = FiberSampler(model, "classification", **SETTINGS).fit(_loader(x, y, 0))
+    with pytest.raises(ValueError, match="NaN"):
+        fitted.predict(torch.full((2, 3), float("nan"), dtype=DTYPE))
+    with pytest.raises(ValueError, match="labels"):
+        FiberSampler(model, "classification", **SETTINGS).fit(_loader(x, y + 5, 0))
