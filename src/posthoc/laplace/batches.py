@@ -40,3 +40,20 @@ def checked_batches(loader: Iterable, likelihood: Likelihood, n_outputs: int | N
         else:
             y = check_finite(y.to(dtype), "targets")
         yield x, y
+
+
+def first_batch_inputs(loader: Iterable, model: torch.nn.Module, likelihood: Likelihood, dict_key_x: str,
+                       dict_key_y: str, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, int]:
+    """The first batch's checked inputs and the model's number of outputs C (one forward of one example).
+
+    Raises ValueError for an empty loader or a model whose outputs are not (B, C).
+    """
+    first = next(iter(loader), None)
+    if first is None:
+        raise ValueError("the training loader yielded no batches: nothing to fit")
+    x0, _ = next(iter(checked_batches([first], likelihood, None, dict_key_x, dict_key_y, dtype, device)))
+    with torch.no_grad():
+        out0 = model(x0[:1])
+    if out0.ndim != 2:
+        raise ValueError(f"the model must return (B, C) outputs, got {tuple(out0.shape)}")
+    return x0, out0.shape[-1]

@@ -21,7 +21,7 @@ from torch import nn
 
 from posthoc.curvature.output_factors import CurvatureType, OutputFactors, log_likelihood, log_likelihood_terms
 from posthoc.distributed import check_same_on_all_ranks, sum_count, sum_over_ranks
-from posthoc.laplace.batches import checked_batches
+from posthoc.laplace.batches import checked_batches, first_batch_inputs
 from posthoc.laplace.prior import PriorKind, as_prior_tensor, per_parameter, prior_kind
 from posthoc.laplace.structures import STRUCTURES, CurvatureStructure, HessianStructure
 from posthoc.laplace.subset import ParameterSubset, SubsetOfWeights
@@ -171,16 +171,8 @@ class Laplace:
         """
         self.model.eval()
         check_same_on_all_ranks(self.subset.theta_map, "the MAP weights")
-        first = next(iter(train_loader), None)
-        if first is None:
-            raise ValueError("the training loader yielded no batches: nothing to fit")
-        x0, _ = next(iter(checked_batches([first], self.likelihood, None, self.dict_key_x, self.dict_key_y,
-                                          self.subset.dtype, self.subset.device)))
-        with torch.no_grad():
-            out0 = self.model(x0[:1])
-        if out0.ndim != 2:
-            raise ValueError(f"the model must return (B, C) outputs, got {tuple(out0.shape)}")
-        self.n_outputs = out0.shape[-1]
+        _, self.n_outputs = first_batch_inputs(train_loader, self.model, self.likelihood, self.dict_key_x,
+                                               self.dict_key_y, self.subset.dtype, self.subset.device)
         recorder = _RecordingFactors(self.factors, self.likelihood)
         totals: dict[str, int] = {}
 

@@ -22,7 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from posthoc.curvature.output_factors import CurvatureType, OutputFactors, log_likelihood, log_likelihood_terms
-from posthoc.laplace.batches import checked_batches
+from posthoc.laplace.batches import checked_batches, first_batch_inputs
 from posthoc.laplace.subset import ParameterSubset
 from posthoc.distributed import rank_slice, sum_count, sum_over_ranks
 from posthoc.likelihood import Likelihood
@@ -33,6 +33,7 @@ from posthoc.scalla.posterior import LatentPosterior, batch_precision
 from posthoc.scalla.surrogate import FeatureMap, SurrogateInit, build_default_surrogate
 from posthoc.scalla.training import InputPool, SurrogateTrainer, TrainSettings, n_context_features
 from posthoc.utils.checks import check_choice, check_finite, check_positive
+from posthoc.utils.optim import maximise
 
 STATE_VERSION = 2  # 2: biased states have m + h latent features
 
@@ -201,16 +202,9 @@ class ScaLLA:
         ``callback(step, jvp_evaluations)`` runs after every training step.
         """
         self.model.eval()
-        first = next(iter(train_loader), None)
-        if first is None:
-            raise ValueError("the training loader yielded no batches: nothing to fit")
-        x0, _ = next(iter(checked_batches([first], self.likelihood, None, self.dict_key_x, self.dict_key_y,
-                                          self.subset.dtype, self.subset.device)))
-        with torch.no_grad():
-            out0 = self.model(x0[:1])
-        if out0.ndim != 2:
-            raise ValueError(f"the model must return (B, C) outputs, got {tuple(out0.shape)}")
-        self.n_outputs, self.input_shape = out0.shape[-1], tuple(x0.shape[1:])
+        x0, self.n_outputs = first_batch_inputs(train_loader, self.model, self.likelihood, self.dict_key_x,
+                                                self.dict_key_y, self.subset.dtype, self.subset.device)
+        self.input_shape = tuple(x0.shape[1:])
         if self.biased and context_loader is None:
             raise ValueError("biased=True needs context points: pass context_loader (inputs resembling OOD data)")
         train_pool = InputPool(train_loader, "training", self.subset.dtype, self.subset.device,
@@ -355,15 +349,8 @@ class ScaLLA:
             raise ValueError("tune_sigma_noise applies to regression only")
         log_delta = self.prior_precision.log().clone().requires_grad_(True)
         log_sigma = self.sigma_noise.log().clone().requires_grad_(tune_sigma_noise)
-        params = [log_delta] + ([log_sigma] if tune_sigma_noise else [])
-        optimizer = torch.optim.Adam(params, lr=lr)
-        for _ in range(n_steps):
-            optimizer.zero_grad()
-            loss = -self.log_marginal_likelihood(log_delta.exp(), log_sigma.exp())
-            if not torch.isfinite(loss):
-                raise FloatingPointError("the evidence became non-finite; lower lr")
-            loss.backward()
-            optimizer.step()
+        maximise(lambda: self.log_marginal_likelihood(log_delta.exp(), log_sigma.exp()),
+                 [log_delta] + ([log_sigma] if tune_sigma_noise else []), n_steps, lr, "evidence", self.progress)
         self.prior_precision = log_delta.detach().exp()
         if tune_sigma_noise:
             self.sigma_noise = log_sigma.detach().exp()
