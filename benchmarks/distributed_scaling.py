@@ -22,7 +22,6 @@ import argparse
 import datetime
 import json
 import multiprocessing
-import os
 import socket
 import sys
 import tempfile
@@ -158,7 +157,7 @@ def main() -> int:
         if not found:
             parser.error("no FMNIST CNN checkpoint found; run `posthoc train` first or pass --checkpoint")
         args.checkpoint = str(found[0])
-    rows, raw = [], {}
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for case in [c.strip() for c in args.cases.split(",") if c.strip()]:
             one = run(case, 1, args.threads, args, tmp)

@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -25,12 +23,13 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from posthoc import Laplace
 from posthoc.bench.fiber_methods import fiber_settings
-from posthoc.bench.report import machine_info, versions
+from posthoc.bench.report import run_meta
 from posthoc.data import get_suite
 from posthoc.data.loaders import make_loader
 from posthoc.data.toy import gap_regression
 from posthoc.fiber import FiberSampler
 from posthoc.laplace.subset import ParameterSubset
+from posthoc.utils.io import atomic_write_text
 from posthoc.models import MLP, build_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -104,10 +103,9 @@ def main() -> None:
         row = measure(name)
         rows.append(row)
         print(json.dumps(row), flush=True)
-    meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine_info(),
-            "versions": versions(), "command": " ".join(sys.argv)}
+    meta = run_meta()
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "fiber_cost.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    atomic_write_text(RESULTS / "fiber_cost.json", json.dumps({"meta": meta, "rows": rows}, indent=2))
     lines = ["# Fiber sampling cost", "", __doc__.split("\n\n", 2)[1].strip(), "",
              "| case | P | stage-1 samples/s | stage-2 samples/s | stage 2 / stage 1 | fiber fit s | LA kron fit s | "
              "fiber / LA fit | stage-2 within tol |", "|---|---|---|---|---|---|---|---|---|"]
@@ -117,7 +115,7 @@ def main() -> None:
                      f"{r['stage2_within_tol']} |")
     lines += ["", f"Threads {args.threads}. Date {meta['date']}; machine {json.dumps(meta['machine'])}; "
               f"versions {json.dumps(meta['versions'])}"]
-    (RESULTS / "fiber_cost.md").write_text("\n".join(lines) + "\n")
+    atomic_write_text(RESULTS / "fiber_cost.md", "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -15,21 +15,19 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from posthoc.bench.report import machine_info, versions
+from posthoc.bench.report import run_meta
 from posthoc.data.toy import GAP_INTERVAL, gap_regression, two_moons
 from posthoc.fiber import FiberSampler
 from posthoc.fiber.deform import (CouplingFlow, PrincipalCoordinates, flow_training_step, gaussian_log_prob,
                                   make_flow_optimizer)
 from posthoc.fiber.walk import full_data_nll
+from posthoc.utils.io import atomic_write_text
 from posthoc.models import MLP
 from posthoc.plots.figures import regression_band, save_figure, uncertainty_map
 
@@ -186,9 +184,8 @@ def main() -> None:
                 c = {"problem": name, **stage2_choice(fs)}
                 choice.append(c)
                 print(json.dumps(c), flush=True)
-    meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine_info(),
-            "versions": versions(), "command": " ".join(sys.argv)}
-    (RESULTS / "fiber_toy.json").write_text(json.dumps({"meta": meta, "rows": rows, "stage2_choice": choice},
+    meta = run_meta()
+    atomic_write_text(RESULTS / "fiber_toy.json", json.dumps({"meta": meta, "rows": rows, "stage2_choice": choice},
                                                        indent=2))
     lines = ["# Fiber sampling on toy problems", "",
              "Settings: 16 particles, 400 steps (burn-in 200, thin 10: 320 walked samples), prior precision "
@@ -223,7 +220,7 @@ def main() -> None:
                      f"| {c['flow_loss_aware_heldout_logp']:.2f} | {c['gaussian_within_tol']:.3f} | "
                      f"{c['flow_ml_within_tol']:.3f} | {c['flow_loss_aware_within_tol']:.3f} |")
     lines += ["", f"Date {meta['date']}; machine {json.dumps(meta['machine'])}; versions {json.dumps(meta['versions'])}"]
-    (RESULTS / "fiber_toy.md").write_text("\n".join(lines) + "\n")
+    atomic_write_text(RESULTS / "fiber_toy.md", "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -19,18 +19,17 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from posthoc import Laplace
-from posthoc.bench.report import machine_info, versions
+from posthoc.bench.report import run_meta
 from posthoc.data.uci import load_uci
 from posthoc.fiber import FiberSampler
+from posthoc.utils.io import atomic_write_text
 from posthoc.models import MLP
 from posthoc.models.training import TrainConfig, train_map
 
@@ -107,10 +106,9 @@ def main() -> None:
             row = run_split(name, index)
             rows.append(row)
             print(json.dumps(row), flush=True)
-    meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine_info(),
-            "versions": versions(), "command": " ".join(sys.argv)}
+    meta = run_meta()
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "fiber_uci.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    atomic_write_text(RESULTS / "fiber_uci.json", json.dumps({"meta": meta, "rows": rows}, indent=2))
     lines = ["# Fiber sampling vs LA kron (marglik) on UCI regression", "", __doc__.split("\n\n", 2)[2].strip(), "",
              f"Splits 0..{args.splits - 1} of each data set; mean ± standard error over splits; original units.", "",
              "| dataset | LA kron NLL | fiber NLL | LA kron RMSE | fiber RMSE | MAP RMSE | stage-2 within tol | "
@@ -126,7 +124,7 @@ def main() -> None:
             f"{sum(r['fiber_prior_precision'] for r in rs) / len(rs):.2f} | "
             f"{sum(r['fiber_eta_delta_kept_steps'] for r in rs) / len(rs):.4f} |")
     lines += ["", f"Date {meta['date']}; machine {json.dumps(meta['machine'])}; versions {json.dumps(meta['versions'])}"]
-    (RESULTS / "fiber_uci.md").write_text("\n".join(lines) + "\n")
+    atomic_write_text(RESULTS / "fiber_uci.md", "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

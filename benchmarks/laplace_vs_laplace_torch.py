@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import resource
 import subprocess
@@ -406,8 +405,6 @@ def _throughput(res: dict[str, Any] | None) -> float | None:
 
 def compare_tensors(a, b) -> dict[str, float]:
     """Max abs difference, and relative: normwise (max |a-b| / max |b|) and elementwise on the diagonal."""
-    import torch
-
     a, b = a.double(), b.double()
     diff = (a - b).abs()
     out = {"max_abs": float(diff.max()), "max_abs_ref": float(b.abs().max()),

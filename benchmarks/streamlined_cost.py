@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from posthoc.utils.io import atomic_write_text
+
 RESULTS = Path(__file__).resolve().parent / "results"
 CASES = {
     # name: (needs structure, description)
@@ -159,7 +161,7 @@ def main() -> None:
             "repeats": args.repeats, "dtype": "float32",
             "note": "shared machine (2 cores, other jobs running): absolute times are noisy, ratios less so"}
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "streamlined_cost.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    atomic_write_text(RESULTS / "streamlined_cost.json", json.dumps({"meta": meta, "rows": rows}, indent=2))
     lines = ["# Streamlined prediction: cost", "",
              f"{meta['date']}, {meta['platform']}, {meta['cpu_count']} CPUs (shared), Python {meta['python']}, "
              f"torch {meta['torch']}, float32. Batch {args.batch} embedded FMNIST test images "
@@ -175,7 +177,7 @@ def main() -> None:
         speed = f"{r['speedup_vs_mc100']:.1f}×" if "speedup_vs_mc100" in r else ""
         lines.append(f"| {r['model']} | {desc} | {r['ms_per_input']:.3f} | {r.get('x_map', float('nan')):.2f} | "
                      f"{speed} | {r['peak_mb']:.0f} |")
-    (RESULTS / "streamlined_cost.md").write_text("\n".join(lines) + "\n")
+    atomic_write_text(RESULTS / "streamlined_cost.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

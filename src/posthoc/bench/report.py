@@ -58,6 +58,12 @@ def versions() -> dict[str, str]:
             "posthoc": __version__}
 
 
+def run_meta() -> dict[str, Any]:
+    """What a benchmark script records about its run: UTC date, machine, versions and the command line."""
+    return {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine_info(),
+            "versions": versions(), "command": " ".join(sys.argv)}
+
+
 def format_markdown(rows: list[dict[str, Any]]) -> str:
     """A markdown table of the result rows; missing values print as '—'."""
     header = "| " + " | ".join(h for _, h, _ in COLUMNS) + " |"
