@@ -12,7 +12,8 @@ from torch import nn
 
 from streamlined.mc import laplace_sampler, mc_moments, mean_field_sampler, total_ratio
 from posthoc.laplace import Laplace
-from posthoc.models.vit import MultiHeadSelfAttention, SmallViT, TokenMeanPool
+from references import small_cnn
+from posthoc.models.vit import MultiHeadSelfAttention, SmallViT
 from posthoc.models.resnet import ResidualBlock
 from posthoc.streamlined import Streamlined
 
@@ -68,25 +69,23 @@ def _mlp(activation: type[nn.Module], seed: int = 0) -> nn.Module:
 DIAGONAL_MODE_MLP = {("relu", "diag"): 1.068, ("relu", "kron"): 1.065, ("tanh", "diag"): 1.055, ("tanh", "kron"): 1.056}
 
 
-@pytest.mark.parametrize(("activation", "structure"), [("relu", "diag"), ("tanh", "kron")])
-def test_mlp_full_mode_within_10_percent(activation, structure, record):
-    model = _mlp({"relu": nn.ReLU, "tanh": nn.Tanh}[activation])
-    x, loader = _data(256, (5,), seed=1)
-    la = _fit(model, loader, structure, prior=PRIOR)
+def _mode_ratios(model: nn.Module, x: torch.Tensor, la: Laplace):
+    """Total output variance / MC for the full and the diagonal mode on the first 8 inputs, and the MC reference."""
     x = x[:8]
     ref = mc_moments(model, x, laplace_sampler(la))
     full = Streamlined(model, posterior=la, activation_covariance="full").predict(x)
     diagonal = Streamlined(model, posterior=la).predict(x)
-    r_full, r_diag = total_ratio(full.var, ref), total_ratio(diagonal.var, ref)
+    return total_ratio(full.var, ref), total_ratio(diagonal.var, ref), ref
+
+
+@pytest.mark.parametrize(("activation", "structure"), [("relu", "diag"), ("tanh", "kron")])
+def test_mlp_full_mode_within_10_percent(activation, structure, record):
+    model = _mlp({"relu": nn.ReLU, "tanh": nn.Tanh}[activation])
+    x, loader = _data(256, (5,), seed=1)
+    r_full, r_diag, ref = _mode_ratios(model, x, _fit(model, loader, structure, prior=PRIOR))
     record(f"MLP 5-24-24-3 {activation}, LA {structure}", full=r_full, diagonal=r_diag, mc_se=ref.total_var_se_rel)
     assert abs(r_full - 1) < 0.10 + 3 * ref.total_var_se_rel
     assert abs(r_diag - DIAGONAL_MODE_MLP[(activation, structure)]) < 0.03
-
-
-def _cnn(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(2, 3, 2),
-                         nn.Tanh(), nn.Flatten(), nn.Linear(12, 3)).to(DTYPE)
 
 
 DIAGONAL_MODE_CNN = {"diag": 1.089, "kron": 1.085}
@@ -94,14 +93,9 @@ DIAGONAL_MODE_CNN = {"diag": 1.089, "kron": 1.085}
 
 @pytest.mark.parametrize("structure", ["diag", "kron"])
 def test_cnn_full_mode_within_10_percent(structure, record):
-    model = _cnn()
+    model = small_cnn(n_out=3, seed=0)  # conv-relu-maxpool-conv-tanh-fc on 6x6 inputs
     x, loader = _data(256, (1, 6, 6), seed=2)
-    la = _fit(model, loader, structure, prior=PRIOR)
-    x = x[:8]
-    ref = mc_moments(model, x, laplace_sampler(la))
-    full = Streamlined(model, posterior=la, activation_covariance="full").predict(x)
-    diagonal = Streamlined(model, posterior=la).predict(x)
-    r_full, r_diag = total_ratio(full.var, ref), total_ratio(diagonal.var, ref)
+    r_full, r_diag, ref = _mode_ratios(model, x, _fit(model, loader, structure, prior=PRIOR))
     record(f"CNN conv-relu-maxpool-conv-tanh-fc (6x6), LA {structure}", full=r_full, diagonal=r_diag,
            mc_se=ref.total_var_se_rel)
     assert abs(r_full - 1) < 0.10 + 3 * ref.total_var_se_rel
