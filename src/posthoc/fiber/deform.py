@@ -13,7 +13,14 @@ and s the root mean square of the samples along each direction. Directions outsi
 - ``flow``: c = g(z), an elementwise affine layer and a RealNVP-style stack of affine couplings, initialised
   at the identity (an untrained flow is the Gaussian map), trained by maximum likelihood on the samples'
   coordinates plus, in the sampler, a loss-aware term that penalises decoded samples leaving the low-loss
-  set on a training minibatch.
+  set on a training minibatch, or
+- ``variational``: the same flow, trained as a variational approximation of the walk's own target (the prior
+  restricted to the low-loss set) within the principal subspace: it minimises
+  E_q[log q(c) - log prior(theta(c))] + barrier_weight * E_q[hinge(training-NLL excess)], started narrow around
+  theta* (inside the low-loss set). The entropy -E_q[log q] is what keeps the spread: the loss term alone
+  shrinks the flow onto theta*. The walked samples give the subspace (and its scales), not the density: they
+  lie far from theta* on a strongly curved set, so no linear decoding of their coordinates stays in the
+  low-loss set (benchmarks/results/fiber_toy.md).
 
 Either way a new sample costs one map evaluation: O(r^2) for the flow plus one (r x P) product.
 """
@@ -31,6 +38,7 @@ from torch import nn
 class DeformKind(str, Enum):
     GAUSSIAN = "gaussian"
     FLOW = "flow"
+    VARIATIONAL = "variational"
 
 
 class PrincipalCoordinates:
@@ -135,6 +143,17 @@ class CouplingFlow(nn.Module):
             z = layer(z)
         return z
 
+    def sample_with_log_prob(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x = g(z) (M, r) and its log density log q(x) (M,) under the flow, for base draws z (M, r). Cost: one
+        forward pass (no inverse)."""
+        logdet = self.log_scale.sum().expand(z.shape[0])
+        x = z * torch.exp(self.log_scale) + self.shift
+        for layer in self.layers:
+            s, t = layer._scale_shift(x)
+            x = x * torch.exp(s) + t
+            logdet = logdet + s.sum(-1)
+        return x, gaussian_log_prob(z) - logdet
+
     def log_prob(self, x: torch.Tensor) -> torch.Tensor:
         """log density (M,) of coordinates x (M, r) under the flow with a N(0, I) base."""
         logdet = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
@@ -162,6 +181,21 @@ def flow_training_step(flow: CouplingFlow, optimizer: torch.optim.Optimizer, coo
         loss = loss + penalty_weight * penalty(flow)
     if not torch.isfinite(loss):
         raise FloatingPointError("flow training diverged (non-finite loss); lower flow_lr")
+    loss.backward()
+    optimizer.step()
+    return float(loss.detach())
+
+
+def variational_training_step(flow: CouplingFlow, optimizer: torch.optim.Optimizer, z: torch.Tensor,
+                              energy: Callable[[torch.Tensor], torch.Tensor]) -> float:
+    """One Adam step on the reverse KL of the flow to a target density exp(-energy) known up to a constant:
+    the mean over the base draws z (S, r) of log q(c) + energy(c), c = g(z), with ``energy`` mapping coordinates
+    (S, r) to (S,) (the sampler's: minus the log prior plus the weighted loss-excess barrier). Returns the loss."""
+    optimizer.zero_grad(set_to_none=True)
+    coords, log_q = flow.sample_with_log_prob(z)
+    loss = (log_q + energy(coords)).mean()
+    if not torch.isfinite(loss):
+        raise FloatingPointError("variational flow training diverged (non-finite loss); lower flow_lr")
     loss.backward()
     optimizer.step()
     return float(loss.detach())

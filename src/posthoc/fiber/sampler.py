@@ -27,7 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from posthoc.fiber.deform import (CouplingFlow, DeformKind, PrincipalCoordinates, flow_training_step,
-                                  make_flow_optimizer)
+                                  make_flow_optimizer, variational_training_step)
 from posthoc.fiber.projection import outputs_many
 from posthoc.fiber.walk import (FiberProblem, WalkConfig, WalkState, finalize, full_data_nll, init_walk, mean_nll,
                                 walk_step)
@@ -68,11 +68,20 @@ class FiberSampler:
         cg_steps, damping: CG iterations and damping of the (B*C)-dimensional solves.
         pullback_steps: at most this many Gauss-Newton steps back to the low-loss set per walk step.
         final_rounds: correction rounds of the final all-data check.
-        deform: stage 2 map, "flow" (coupling flow on principal coordinates) or "gaussian".
-        flow_layers, flow_hidden, flow_steps, flow_lr: the flow and its full-batch Adam training.
-        flow_loss_weight, flow_loss_batch, flow_loss_samples: the loss-aware term of the flow's objective
+        deform: stage 2 map, "flow" (coupling flow on principal coordinates, maximum likelihood on the walked
+            samples plus the loss-aware term), "variational" (the same flow trained as a variational approximation
+            of the prior restricted to the low-loss set, see deform.py; the one that keeps both the tolerance and
+            the spread on the toy problems, benchmarks/results/fiber_toy.md) or "gaussian".
+        flow_layers, flow_hidden, flow_steps, flow_lr: the flow and its Adam training.
+        flow_loss_weight, flow_loss_batch, flow_loss_samples: the loss-aware term of the "flow" objective
             (decoded samples whose minibatch NLL exceeds the MAP's by more than 0.8 eps are penalised; 0 turns
-            it off, leaving plain maximum likelihood on the walked samples).
+            it off, leaving plain maximum likelihood on the walked samples). flow_loss_batch and
+            flow_loss_samples are also the minibatch and the draws per step of the "variational" objective.
+        barrier_weight: "variational" only: weight of the hinge max(0, excess - eps / 2) / eps on a decoded
+            sample's minibatch NLL excess over the MAP's, in nats of the KL objective.
+        variational_init_scale: "variational" only: the flow starts as N(0, scale^2 I) in the whitened
+            principal coordinates (scale 1: the walked samples' spread), small enough to start in the low-loss
+            set.
         n_check: stage-2 samples whose all-data NLL is checked after fitting (0: no check).
         seed: seeds the walk, the flow and the default sampling seed.
         checkpoint_every: walk / flow steps between checkpoints.
@@ -106,6 +115,8 @@ class FiberSampler:
         flow_loss_weight: float = 10.0,
         flow_loss_batch: int = 128,
         flow_loss_samples: int = 8,
+        barrier_weight: float = 100.0,
+        variational_init_scale: float = 0.1,
         n_check: int = 32,
         seed: int = 0,
         checkpoint_every: int = 10,
@@ -156,6 +167,9 @@ class FiberSampler:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         self.flow_loss_weight, self.flow_loss_batch, self.flow_loss_samples = (flow_loss_weight, flow_loss_batch,
                                                                                flow_loss_samples)
+        check_positive(barrier_weight, "barrier_weight")
+        check_positive(variational_init_scale, "variational_init_scale")
+        self.barrier_weight, self.variational_init_scale = float(barrier_weight), float(variational_init_scale)
         self.flow_layers, self.flow_hidden, self.flow_steps, self.flow_lr = flow_layers, flow_hidden, flow_steps, flow_lr
         self.n_check = n_check
         self.seed = seed
@@ -184,7 +198,10 @@ class FiberSampler:
                 "walk": self.config.to_dict(), "latent_dim": self.latent_dim, "deform": self.deform.value,
                 "flow": [self.flow_layers, self.flow_hidden, self.flow_steps, self.flow_lr, self.flow_loss_weight,
                          self.flow_loss_batch, self.flow_loss_samples],
-                "sigma_given": self._sigma_given, "seed": self.seed, "n_check": self.n_check}
+                "sigma_given": self._sigma_given, "seed": self.seed, "n_check": self.n_check,
+                # only for the variational map, so checkpoints of the other maps written before it existed still load
+                **({"variational": [self.barrier_weight, self.variational_init_scale]}
+                   if self.deform is DeformKind.VARIATIONAL else {})}
 
     def _problem(self, train_loader: Iterable) -> FiberProblem:
         """Collect the covered module's inputs and the targets of the whole loader, in a canonical order
@@ -328,7 +345,7 @@ class FiberSampler:
         self.info["explained_variance"] = self.coords.explained
         self.info["latent_dim"] = float(self.coords.rank)
         self.flow = None
-        if self.deform is DeformKind.FLOW and self.coords.rank >= 2 and self.flow_steps > 0:
+        if self.deform in (DeformKind.FLOW, DeformKind.VARIATIONAL) and self.coords.rank >= 2 and self.flow_steps > 0:
             self._train_flow(problem, path, saved if saved is not None and saved["stage"] == "deform" else None)
         self.info["deform_s"] = self.info.get("deform_s", 0.0) + time.perf_counter() - t0
         self._cache = None
@@ -345,7 +362,13 @@ class FiberSampler:
         torch.manual_seed(self.seed)  # not used by the deterministic full-batch training; kept for clarity
         flow = CouplingFlow(self.coords.rank, self.flow_layers, self.flow_hidden, seed=self.seed).to(
             dtype=self.subset.dtype, device=self.subset.device)
-        optimizer = make_flow_optimizer(flow, self.flow_lr)
+        if self.deform is DeformKind.VARIATIONAL:
+            with torch.no_grad():
+                flow.log_scale.fill_(math.log(self.variational_init_scale))
+            # no weight decay: it would pull the flow back to the identity, i.e. to the walked samples' scales
+            optimizer = torch.optim.Adam(flow.parameters(), lr=self.flow_lr)
+        else:
+            optimizer = make_flow_optimizer(flow, self.flow_lr)
         start, losses = 0, []
         generator = torch.Generator().manual_seed(self.seed + 2)
         if saved is not None:
@@ -371,7 +394,9 @@ class FiberSampler:
         for p in flow.parameters():
             p.requires_grad_(False)
         self.flow = flow
-        self.info["flow_final_nll"] = losses[-1] if losses else float("nan")
+        # the final objective: the negative log-likelihood of the walked samples ("flow") or the KL up to a constant
+        key = "flow_final_kl" if self.deform is DeformKind.VARIATIONAL else "flow_final_nll"
+        self.info[key] = losses[-1] if losses else float("nan")
 
     def _loss_penalty(self, problem: FiberProblem, generator: torch.Generator):
         """The loss-aware term of stage 2: for ``flow_loss_samples`` decoded samples and a random minibatch of
@@ -392,10 +417,35 @@ class FiberSampler:
 
         return penalty
 
+    def _variational_energy(self, problem: FiberProblem, generator: torch.Generator):
+        """Minus the log target of the "variational" map at whitened coordinates (S, r): per sample,
+        delta/2 ||theta||^2 (the prior, up to a constant) plus barrier_weight * max(0, excess - eps/2) / eps, the
+        excess of its mean NLL over the MAP's on a random minibatch of ``flow_loss_batch`` examples (eps/2: a
+        margin for the minibatch noise). Cost: one forward and backward pass per sample on the minibatch."""
+        tol = self.config.loss_tolerance
+
+        def energy(coords: torch.Tensor) -> torch.Tensor:
+            index = torch.randint(problem.n_data, (min(self.flow_loss_batch, problem.n_data),), generator=generator)
+            x, y = problem.inputs[index], problem.targets[index]
+            thetas = self.coords.decode(coords)
+            nll = mean_nll(outputs_many(self.subset, x, thetas), y, self.likelihood, self.sigma_noise)
+            with torch.no_grad():
+                ref = mean_nll(self.subset.forward(x).unsqueeze(0), y, self.likelihood, self.sigma_noise)
+            neg_log_prior = 0.5 * (self.prior_precision * thetas**2).sum(-1)
+            return neg_log_prior + self.barrier_weight * torch.relu(nll - ref - 0.5 * tol) / tol
+
+        return energy
+
     def _flow_loop(self, problem, path, flow, optimizer, coords, start, losses, t0, generator) -> list[float]:
         penalty = self._loss_penalty(problem, generator)
+        energy = self._variational_energy(problem, generator)
         for step in tqdm(range(start, self.flow_steps), desc="fiber flow", disable=not self.progress, leave=False):
-            losses.append(flow_training_step(flow, optimizer, coords, penalty, self.flow_loss_weight))
+            if self.deform is DeformKind.VARIATIONAL:
+                z = torch.randn((self.flow_loss_samples, coords.shape[1]), generator=generator,
+                                dtype=self.subset.dtype).to(self.subset.device)
+                losses.append(variational_training_step(flow, optimizer, z, energy))
+            else:
+                losses.append(flow_training_step(flow, optimizer, coords, penalty, self.flow_loss_weight))
             done = step + 1
             if done % self.checkpoint_every == 0 and done < self.flow_steps:
                 self._save(path, problem, "deform", particles=self.particles, particle_nll=self.particle_nll,
