@@ -145,7 +145,6 @@ class AffineNoise:
             self.w_kron = (f.q_out, f.q_in, f.inv, f.q_out.square(), f.q_in.square())
         if bias is not None and "bias" in post.diag:
             self.b_var = post.diag["bias"]
-            self.b_cov = torch.diag(self.b_var)
         elif bias is not None and "bias" in post.kron:
             self.b_cov = post.kron["bias"].dense_bias_cov()
             self.b_var = post.kron["bias"].q_out.square() @ post.kron["bias"].inv
@@ -153,10 +152,10 @@ class AffineNoise:
     # ---- diagonal mode
     def shared(self, mu: torch.Tensor) -> torch.Tensor:
         """Var(δW μ + δb) per output, μ (..., K) -> (..., C)."""
-        out = torch.zeros(*mu.shape[:-1], self.c_out, dtype=mu.dtype, device=mu.device)
         if self.w_diag is not None:
-            out = out + mu.square() @ self.w_diag.T
-        elif self.w_kron is not None:
+            return F.linear(mu.square(), self.w_diag, self.b_var)
+        out = torch.zeros(*mu.shape[:-1], self.c_out, dtype=mu.dtype, device=mu.device)
+        if self.w_kron is not None:
             _, q_in, inv, q_out_sq, _ = self.w_kron
             out = out + ((mu @ q_in).square() @ inv.T) @ q_out_sq.T
         elif self.full is not None:
@@ -221,6 +220,8 @@ class AffineNoise:
                 noise = noise + x.unsqueeze(3) + x.permute(0, 3, 1, 2).unsqueeze(1)
         if self.b_cov is not None:
             noise = noise + self.b_cov[None, None, :, None, :]
+        elif self.b_var is not None:
+            noise = noise + torch.diag(self.b_var)[None, None, :, None, :]
         noise = noise.reshape(b, n_pos * c, n_pos * c)
         return 0.5 * (noise + noise.transpose(1, 2))
 
@@ -244,12 +245,15 @@ class LinearStep(Step):
         return F.linear(directions, self.module.weight)
 
     def var(self, var_in: torch.Tensor | None) -> torch.Tensor | None:
-        out = None if var_in is None else F.linear(var_in, self.module.weight.square())
-        if self.noise is not None:
-            out = add_optional(out, self.noise.shared(self.mu))
-            if var_in is not None:
-                out = out + self.noise.from_input(var_in)
-        return out
+        w_sq = self.module.weight.square()
+        if self.noise is None:
+            return None if var_in is None else F.linear(var_in, w_sq)
+        out = self.noise.shared(self.mu)
+        if var_in is None:
+            return out
+        if self.noise.w_diag is not None:  # one product: Σ_k (W̄_ck² + Var(W_ck)) var_k
+            return out + F.linear(var_in, w_sq + self.noise.w_diag)
+        return out + F.linear(var_in, w_sq) + self.noise.from_input(var_in)
 
     def noise_full(self, cov_in: torch.Tensor | None) -> torch.Tensor | None:
         if self.noise is None:
@@ -321,20 +325,18 @@ class ConvStep(Step):
         return out.reshape(b, n, *self.out_shape)
 
     def var(self, var_in: torch.Tensor | None) -> torch.Tensor | None:
-        out = None if var_in is None else self._conv(var_in, self.module.weight.square())
+        w_sq = self.module.weight.square()
         if self.noise is None:
-            return out
-        if self.noise.w_diag is not None:  # two convolutions, no unfolding
-            second = self.mu.square() if var_in is None else self.mu.square() + var_in
-            noise = self._conv(second, self.noise.w_diag.reshape(self.module.weight.shape))
-            if self.noise.b_var is not None:
-                noise = noise + self.noise.b_var.reshape(-1, 1, 1)
-        else:
-            noise_p = self.noise.shared(self._patches(self.mu))
-            if var_in is not None:
-                noise_p = noise_p + self.noise.from_input(self._patches(var_in))
-            noise = self._to_image(noise_p)
-        return add_optional(out, noise)
+            return None if var_in is None else self._conv(var_in, w_sq)
+        if self.noise.w_diag is not None:  # conv(σ²_a, W̄² + S) + conv(μ², S): two convolutions, no unfolding
+            s_w = self.noise.w_diag.reshape(w_sq.shape)
+            noise = self._conv(self.mu.square(), s_w, self.noise.b_var)
+            return noise if var_in is None else noise + self._conv(var_in, w_sq + s_w)
+        noise_p = self.noise.shared(self._patches(self.mu))
+        if var_in is not None:
+            noise_p = noise_p + self.noise.from_input(self._patches(var_in))
+        noise = self._to_image(noise_p)
+        return noise if var_in is None else noise + self._conv(var_in, w_sq)
 
     def noise_full(self, cov_in: torch.Tensor | None) -> torch.Tensor | None:
         if self.noise is None:
@@ -391,7 +393,9 @@ class ElementwiseStep(Step):
         return directions * self.slope.unsqueeze(1)
 
     def var(self, var_in: torch.Tensor | None) -> torch.Tensor | None:
-        return None if var_in is None else var_in * self.slope.square()
+        if var_in is None:
+            return None
+        return var_in * (self.slope if self.slope.dtype == torch.bool else self.slope.square())
 
 
 @register_rule(nn.ReLU, nn.GELU, nn.Tanh, nn.Sigmoid, nn.SiLU)
