@@ -78,6 +78,10 @@ def test_bad_input(mlp_problem):
         ScaLLA(p.model, "classification", n_features=0)
     with pytest.raises(ValueError, match="objective"):
         ScaLLA(p.model, "classification", objective="nope")
+    with pytest.raises(ValueError, match="surrogate_hidden"):
+        ScaLLA(p.model, "classification", surrogate_hidden=0)
+    with pytest.raises(ValueError, match="surrogate_hidden"):
+        ScaLLA(p.model, "classification", surrogate=torch.nn.Linear(4, 300), surrogate_hidden=500)
     s = ScaLLA(p.model, "classification", steps=3, **SMALL)
     with pytest.raises(RuntimeError, match="fit"):
         s.predict(p.x_test)
