@@ -4,7 +4,9 @@ Registered: ``la_diag_nn`` / ``la_kron_nn`` (the ``la_diag`` / ``la_kron`` Lapla
 weights and a marglik-tuned scalar prior, predicted by 100 weight samples and full forward
 passes, MC link), ``streamlined_diag`` / ``streamlined_kron`` (the same posteriors pushed
 through the network in the diagonal activation mode, the output-variance scale fitted on the
-validation split) and ``*_noscale`` (the same without that scale, to show its effect).
+validation split) and ``*_noscale`` (the same without that scale, to show its effect), and
+``la_diag_scaled`` / ``la_kron_scaled`` (the glm predictive with the same kind of validation-fitted
+variance scale, so that the scaled streamlined rows have a like-for-like glm row).
 The rows share the la_diag / la_kron rows' fit (laplace_builder keeps the last fits of a run).
 """
 
@@ -16,7 +18,8 @@ import torch
 
 from posthoc.bench.methods import BenchContext, Predictor, laplace_builder, register_method
 from posthoc.laplace import Laplace
-from posthoc.predictive import Predictive
+from posthoc.predictive import GaussianPredictive, Predictive, predict_loader
+from posthoc.predictive.scale import fit_variance_scale, scale_predictive
 from posthoc.streamlined import Streamlined
 
 NN_SAMPLES = 100
@@ -38,6 +41,21 @@ class SampledLaplace:
         return self.la.predict(x, pred_type="nn", n_samples=self.n_samples, seed=self.seed)
 
 
+class ScaledGLM:
+    """A Laplace's glm predictive with its covariance multiplied by κ fitted on validation data."""
+
+    def __init__(self, la: Laplace, val_loader) -> None:
+        self.la, self.prior_precision = la, la.prior_precision
+        pred, targets = predict_loader(lambda x: la.predict(x, pred_type="glm"), val_loader)
+        self.variance_scale = fit_variance_scale(pred, targets, "classification")
+
+    def predict(self, x: torch.Tensor) -> GaussianPredictive:
+        return scale_predictive(self.la.predict(x, pred_type="glm"), self.variance_scale)
+
+    def bench_info(self) -> dict[str, float]:
+        return {"variance_scale": self.variance_scale}
+
+
 def nn_builder(structure: str) -> Callable[[BenchContext], Predictor]:
     return lambda ctx: SampledLaplace(cached_laplace(ctx, structure), NN_SAMPLES, ctx.seed)
 
@@ -57,6 +75,11 @@ register_method("la_diag_nn", nn_builder("diag"),
                 "LA, all weights, diagonal, marglik prior; nn predictive (100 weight samples)", link_approx="mc")
 register_method("la_kron_nn", nn_builder("kron"),
                 "LA, all weights, KFAC, marglik prior; nn predictive (100 weight samples)", link_approx="mc")
+register_method("la_diag_scaled", lambda ctx: ScaledGLM(cached_laplace(ctx, "diag"), ctx.val_loader),
+                "LA, all weights, diagonal, marglik prior; glm with an output-variance scale fitted on the validation "
+                "split")
+register_method("la_kron_scaled", lambda ctx: ScaledGLM(cached_laplace(ctx, "kron"), ctx.val_loader),
+                "LA, all weights, KFAC, marglik prior; glm with an output-variance scale fitted on the validation split")
 register_method("streamlined_diag", streamlined_builder("diag", scale=True),
                 "the la_diag posterior by streamlined moment propagation (diagonal activations), "
                 "output-variance scale fitted on the validation split")

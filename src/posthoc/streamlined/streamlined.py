@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import copy
-import math
 from typing import Any, Iterable, Mapping
 
 import torch
@@ -19,9 +18,8 @@ from torch import nn
 from posthoc.laplace import Laplace
 from posthoc.laplace.batches import checked_batches
 from posthoc.likelihood import Likelihood
-from posthoc.metrics import nll
 from posthoc.predictive import GaussianPredictive
-from posthoc.predictive.links import probit
+from posthoc.predictive.scale import fit_variance_scale
 from posthoc.streamlined.moments import ActivationCovariance, Moments
 from posthoc.streamlined.rules import AttentionRule, Context, LayerNormRule
 from posthoc.streamlined.walk import propagate
@@ -206,8 +204,8 @@ class Streamlined:
         """Fit the single output-variance scale κ on validation data (never the test set).
 
         Minimises the validation NLL (classification: probit link; regression: Gaussian with
-        ``sigma_noise``) over log κ in ``bounds``: a grid of 61 points, then golden-section
-        refinement. The network is propagated once; κ only rescales the output covariance.
+        ``sigma_noise``) over log κ in ``bounds`` with :func:`posthoc.predictive.scale.fit_variance_scale`.
+        The network is propagated once; κ only rescales the output covariance.
         Sets and returns ``variance_scale``.
         """
         n_out = None
@@ -217,29 +215,8 @@ class Streamlined:
             means.append(mean), covs.append(cov), targets.append(y)
         if not means:
             raise ValueError("val_loader yielded no batches")
-        mean, cov, y = torch.cat(means), torch.cat(covs), torch.cat(targets)
-        var = torch.diagonal(cov, dim1=-2, dim2=-1) if cov.ndim == 3 else cov
-
-        def loss(log_k: float) -> float:
-            k = math.exp(log_k)
-            if self.likelihood is Likelihood.CLASSIFICATION:
-                return nll(probit(mean, k * var), y)
-            pred = self._gaussian(mean, cov, k).with_noise(self.sigma_noise)
-            return float(-pred.log_prob(y.reshape(mean.shape)).mean())
-
-        lo, hi = math.log(bounds[0]), math.log(bounds[1])
-        grid = [lo + (hi - lo) * i / 60 for i in range(61)]
-        values = [loss(g) for g in grid]
-        best = min(range(len(grid)), key=values.__getitem__)
-        a, b = grid[max(best - 1, 0)], grid[min(best + 1, len(grid) - 1)]
-        ratio = (math.sqrt(5) - 1) / 2
-        for _ in range(40):
-            c, d = b - ratio * (b - a), a + ratio * (b - a)
-            if loss(c) < loss(d):
-                b = d
-            else:
-                a = c
-        self.variance_scale = math.exp(0.5 * (a + b))
+        pred = self._gaussian(torch.cat(means), torch.cat(covs), 1.0)
+        self.variance_scale = fit_variance_scale(pred, torch.cat(targets), self.likelihood, self.sigma_noise, bounds)
         return self.variance_scale
 
     def bench_info(self) -> dict[str, Any]:

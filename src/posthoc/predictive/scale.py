@@ -1,0 +1,70 @@
+"""One output-variance scale κ fitted on validation data, for any Gaussian predictive.
+
+κ multiplies the predictive covariance (Σ -> κ Σ, the mean is kept). It is the calibration
+step METHODS.md §4 allows for streamlined prediction; the same function fits it for any
+method's Gaussian predictive (e.g. the glm predictive of a Laplace approximation), so that
+methods can be compared with and without it on equal terms.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from posthoc.likelihood import Likelihood
+from posthoc.metrics import nll
+from posthoc.predictive.gaussian import GaussianPredictive
+from posthoc.predictive.links import probit
+from posthoc.utils.checks import check_choice
+
+GRID_POINTS = 61
+GOLDEN_STEPS = 40
+
+
+def scale_predictive(pred: GaussianPredictive, scale: float) -> GaussianPredictive:
+    """N(mean, κ Σ): the same predictive with its covariance (or variances) multiplied by κ > 0."""
+    if not scale > 0:
+        raise ValueError(f"the variance scale must be > 0, got {scale}")
+    if pred.has_full_cov:
+        cov = scale * pred.cov
+        return GaussianPredictive(pred.mean, cov=0.5 * (cov + cov.transpose(1, 2)))
+    return GaussianPredictive(pred.mean, var=scale * pred.var)
+
+
+def fit_variance_scale(pred: GaussianPredictive, targets: torch.Tensor, likelihood: Likelihood | str,
+                       sigma_noise: float = 1.0, bounds: tuple[float, float] = (1e-3, 1e3)) -> float:
+    """κ minimising the validation NLL of ``scale_predictive(pred, κ)`` over log κ in ``bounds``.
+
+    ``pred``: the predictive on the validation inputs (B, C); ``targets``: labels (B,) for
+    classification (probit link) or values (B, C) for regression (Gaussian likelihood with
+    ``sigma_noise`` added). A grid of 61 points in log κ, then 40 golden-section steps around
+    the best. Cost: about 140 NLL evaluations on the B predictions, no network pass.
+    """
+    likelihood = check_choice(likelihood, Likelihood, "likelihood")
+    lo, hi = bounds
+    if not 0 < lo < hi:
+        raise ValueError(f"bounds must satisfy 0 < low < high, got {bounds}")
+    mean = pred.mean
+    var = pred.var
+
+    def loss(log_k: float) -> float:
+        k = math.exp(log_k)
+        if likelihood is Likelihood.CLASSIFICATION:
+            return nll(probit(mean, k * var), targets)
+        scaled = scale_predictive(pred, k).with_noise(sigma_noise)
+        return float(-scaled.log_prob(targets.reshape(mean.shape)).mean())
+
+    lo, hi = math.log(lo), math.log(hi)
+    grid = [lo + (hi - lo) * i / (GRID_POINTS - 1) for i in range(GRID_POINTS)]
+    values = [loss(g) for g in grid]
+    best = min(range(len(grid)), key=values.__getitem__)
+    a, b = grid[max(best - 1, 0)], grid[min(best + 1, len(grid) - 1)]
+    ratio = (math.sqrt(5) - 1) / 2
+    for _ in range(GOLDEN_STEPS):
+        c, d = b - ratio * (b - a), a + ratio * (b - a)
+        if loss(c) < loss(d):
+            b = d
+        else:
+            a = c
+    return math.exp(0.5 * (a + b))
