@@ -84,3 +84,19 @@ def check_logdet_gradient(curvature, prior: torch.Tensor, log_scale: float = 0.4
         fd = (curvature.logdet_precision(log_prior.exp(), (log_s + h).exp())
               - curvature.logdet_precision(log_prior.exp(), (log_s - h).exp())) / (2 * h)
         torch.testing.assert_close(g_scale, fd, rtol=1e-6, atol=1e-9)
+
+
+def linear_gaussian_fiber(n: int = 4, p: int = 10, delta: float = 2.0, sigma: float = 0.3):
+    """A ridge-regression linear model f(x) = x^T theta (P > N) at its MAP, float64: the fiber is theta* + null(X).
+
+    Returns (model, X (N, P), y (N, 1), theta* (P,), the projector onto null(X) (P, P)).
+    """
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(n, p, generator=generator, dtype=DTYPE)
+    y = torch.randn(n, 1, generator=generator, dtype=DTYPE)
+    theta = torch.linalg.solve(x.T @ x / sigma**2 + delta * torch.eye(p, dtype=DTYPE), x.T @ y[:, 0] / sigma**2)
+    model = torch.nn.Linear(p, 1, bias=False).to(DTYPE)
+    with torch.no_grad():
+        model.weight.copy_(theta.reshape(1, p))
+    null = torch.eye(p, dtype=DTYPE) - torch.linalg.pinv(x) @ x
+    return model, x, y, theta, null

@@ -9,6 +9,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from posthoc.fiber import CouplingFlow, FiberSampler
 from posthoc.fiber.deform import variational_training_step
+from references import linear_gaussian_fiber
 
 DTYPE = torch.float64
 
@@ -62,14 +63,7 @@ def test_variational_sampler_recovers_the_prior_on_a_linear_fiber():
     change)."""
     torch.set_num_threads(1)
     n, p, delta, sigma = 4, 10, 2.0, 0.3
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn(n, p, generator=generator, dtype=DTYPE)
-    y = torch.randn(n, 1, generator=generator, dtype=DTYPE)
-    theta = torch.linalg.solve(x.T @ x / sigma**2 + delta * torch.eye(p, dtype=DTYPE), x.T @ y[:, 0] / sigma**2)
-    model = torch.nn.Linear(p, 1, bias=False).to(DTYPE)
-    with torch.no_grad():
-        model.weight.copy_(theta.reshape(1, p))
-    null = torch.eye(p, dtype=DTYPE) - torch.linalg.pinv(x) @ x
+    model, x, y, theta, null = linear_gaussian_fiber(n, p, delta, sigma)
     fs = FiberSampler(model, "regression", n_particles=8, steps=40, burn_in=20, thin=4, step_size=0.05,
                       prior_precision=delta, sigma_noise=sigma, batch_size=n, subsample_size=n, cg_steps=n + 2,
                       damping=0.0, loss_tolerance=1e-3, latent_dim=p - n, deform="variational", flow_layers=2,

@@ -19,26 +19,15 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from posthoc.fiber import FiberSampler
+from references import linear_gaussian_fiber
 
 DTYPE = torch.float64
-
-
-def _problem(n: int = 4, p: int = 10, delta: float = 2.0, sigma: float = 0.3):
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn(n, p, generator=generator, dtype=DTYPE)
-    y = torch.randn(n, 1, generator=generator, dtype=DTYPE)
-    theta = torch.linalg.solve(x.T @ x / sigma**2 + delta * torch.eye(p, dtype=DTYPE), x.T @ y[:, 0] / sigma**2)
-    model = torch.nn.Linear(p, 1, bias=False).to(DTYPE)
-    with torch.no_grad():
-        model.weight.copy_(theta.reshape(1, p))
-    null = torch.eye(p, dtype=DTYPE) - torch.linalg.pinv(x) @ x
-    return model, x, y, theta, null
 
 
 def test_walk_stays_on_fiber_and_matches_prior_projection():
     torch.set_num_threads(1)
     delta, sigma, eta = 2.0, 0.3, 0.02  # eta * delta = 0.04
-    model, x, y, theta_star, null = _problem(delta=delta, sigma=sigma)
+    model, x, y, theta_star, null = linear_gaussian_fiber(delta=delta, sigma=sigma)
     n, p = x.shape
     # autocorrelation time of u^2 is about 1 / (eta delta) = 25 steps: burn-in 150 leaves a variance
     # deficit of (1 - eta delta / 2)^300 < 0.3 %; 256 chains run in one vmapped walk
@@ -80,7 +69,7 @@ def test_walk_without_full_batch_is_pulled_back_to_low_loss():
     """With minibatches of 2 of the 4 examples the projection alone leaves the fiber; the pull-back keeps the
     training NLL on the subsample (here: all data) within the tolerance."""
     torch.set_num_threads(1)
-    model, x, y, _, _ = _problem()
+    model, x, y, _, _ = linear_gaussian_fiber()
     fs = FiberSampler(model, "regression", n_particles=8, steps=60, burn_in=20, thin=5, step_size=0.01,
                       prior_precision=2.0, sigma_noise=0.3, batch_size=2, subsample_size=4, cg_steps=4,
                       damping=0.0, loss_tolerance=0.01, pullback_steps=3, latent_dim=4, deform="gaussian",
@@ -95,7 +84,7 @@ def test_moves_that_leave_the_low_loss_set_are_rejected():
     """A step far too large for the fiber and no pull-back steps: every move that raises the subsample NLL above
     the tolerance is rejected, so all kept samples stay within it (the subsample is all the data here)."""
     torch.set_num_threads(1)
-    model, x, y, _, _ = _problem()
+    model, x, y, _, _ = linear_gaussian_fiber()
     fs = FiberSampler(model, "regression", n_particles=4, steps=20, burn_in=10, thin=2, step_size=1.0,
                       prior_precision=2.0, sigma_noise=0.3, batch_size=2, subsample_size=4, cg_steps=2,
                       damping=0.0, loss_tolerance=0.01, pullback_steps=0, latent_dim=2, deform="gaussian",
