@@ -53,7 +53,10 @@ def fitted_biased(mlp_problem):
 
 
 def test_held_out_kernel_error_falls(fitted):
-    _, errors = fitted
+    s, errors = fitted
+    info = s.bench_info()  # what a bench row records: the budget the callback saw, the objective
+    assert info["jvp_evaluations"] == errors[-1][1] and info["steps"] == FAST["steps"]
+    assert info["objective"] == "directions" and "history" not in info
     print("held-out kernel error (step, JVP evaluations, error):", errors)
     (_, _, first), (_, _, mid), (_, _, last) = errors
     assert last < mid < first

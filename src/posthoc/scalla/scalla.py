@@ -399,6 +399,14 @@ class ScaLLA:
         self.prior_precision = best
         return self.prior_precision
 
+    def bench_info(self) -> dict[str, Any]:
+        """What a bench row records: training budget and wall time, objective, prior precision."""
+        info: dict[str, Any] = {"objective": self.settings.objective, "n_latent": self.n_latent,
+                                "prior_precision": float(torch.as_tensor(self.prior_precision).reshape(-1)[0])}
+        info.update(getattr(self, "train_record", {}) or {})
+        info.pop("history", None)
+        return info
+
     # ----------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
         """Everything that restores the fitted ScaLLA (with the same network weights)."""
