@@ -116,3 +116,14 @@ def test_bench_methods_registered():
     for name in ("la_diag_nn", "la_kron_nn", "streamlined_diag", "streamlined_kron"):
         assert name in METHODS
     assert METHODS["la_diag_nn"].link_approx.value == "mc"
+
+
+@pytest.mark.parametrize("module", [nn.ReLU(), nn.Tanh(), nn.Sigmoid(), nn.SiLU(), nn.GELU(), nn.GELU("tanh")],
+                         ids=["relu", "tanh", "sigmoid", "silu", "gelu", "gelu_tanh"])
+def test_activation_slopes_equal_autograd(module):
+    # the linearisation every activation rule uses: its slope must be the exact derivative (float64)
+    from posthoc.streamlined.rules import _activation_derivative
+
+    x = torch.linspace(-5, 5, 101, dtype=torch.float64)
+    ref = torch.func.vmap(torch.func.grad(lambda t: module(t)))(x)
+    torch.testing.assert_close(_activation_derivative(module, x).to(x.dtype), ref, rtol=1e-12, atol=1e-12)

@@ -17,7 +17,6 @@ LayerNorm, attention weights) and, in diagonal mode, the dropped covariances.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from enum import Enum
 from typing import Callable
@@ -366,22 +365,17 @@ def conv2d_rule(module: nn.Conv2d, state: Moments, ctx: Context, last: bool) -> 
 
 def _activation_derivative(module: nn.Module, mu: torch.Tensor) -> torch.Tensor:
     if isinstance(module, nn.ReLU):
-        return (mu > 0).to(mu.dtype)
+        return mu > 0  # a mask: multiplying by it needs no float copy and no squaring
     if isinstance(module, nn.Tanh):
         return 1 - torch.tanh(mu).square()
     if isinstance(module, nn.Sigmoid):
         s = torch.sigmoid(mu)
         return s * (1 - s)
+    # SiLU and GELU: torch's own fused derivative kernels (one op instead of about ten elementwise ones)
     if isinstance(module, nn.SiLU):
-        s = torch.sigmoid(mu)
-        return s * (1 + mu * (1 - s))
+        return torch.ops.aten.silu_backward(torch.ones_like(mu), mu)
     if isinstance(module, nn.GELU):
-        if module.approximate == "tanh":
-            c = math.sqrt(2 / math.pi)
-            inner = c * (mu + 0.044715 * mu**3)
-            t = torch.tanh(inner)
-            return 0.5 * (1 + t) + 0.5 * mu * (1 - t.square()) * c * (1 + 3 * 0.044715 * mu.square())
-        return 0.5 * (1 + torch.erf(mu / math.sqrt(2))) + mu * torch.exp(-0.5 * mu.square()) / math.sqrt(2 * math.pi)
+        return torch.ops.aten.gelu_backward(torch.ones_like(mu), mu, approximate=module.approximate)
     raise UnsupportedLayerError(type(module).__name__)
 
 
