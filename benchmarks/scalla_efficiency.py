@@ -124,7 +124,7 @@ def main() -> None:
                      TrainSettings(objective="probes", batch_size=32, n_probes=4, lr=1e-3, lr_schedule="cosine"),
                      args.ref_budget)
 
-    shared_targets = None
+    shared_targets, shared_target_s = None, 0.0
     trained = {}
     for lr in [float(v) for v in args.lrs.split(",")]:
         kind = ("Rademacher" if args.directions == "rademacher"

@@ -107,9 +107,7 @@ def run_case(model_name: str, case: str, batch: int, repeats: int, min_seconds: 
             la.predict(x, pred_type="glm")
     rss0 = _rss_bytes()
     try:
-        t0 = time.perf_counter()
-        call()
-        first = time.perf_counter() - t0
+        call()  # warm-up, and the peak memory of one call
     except MemoryError as err:
         return {"model": model_name, "case": case, "error": str(err)}
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss0
