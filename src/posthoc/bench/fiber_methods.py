@@ -67,10 +67,10 @@ class BenchFiber:
         return self.sampler.bench_info()
 
 
-def fiber_builder(subset: str) -> Callable[[BenchContext], BenchFiber]:
+def fiber_builder(subset: str, **options: Any) -> Callable[[BenchContext], BenchFiber]:
     def build(ctx: BenchContext) -> BenchFiber:
         fs = FiberSampler(ctx.model, "classification", subset_of_weights=subset, seed=ctx.seed, progress=ctx.progress,
-                          **fiber_settings(ctx.model, subset))
+                          **{**fiber_settings(ctx.model, subset), **options})
         fs.fit(ctx.train_loader)
         return BenchFiber(fs, PREDICT_SAMPLES[subset])
 
@@ -82,4 +82,10 @@ register_method("fiber_lastlayer", fiber_builder("last_layer"),
                 link_approx=LinkApprox.MC)
 register_method("fiber_all", fiber_builder("all"),
                 "fiber sampling, all weights: 4 particles x 30 steps (not mixed), coupling flow, 30 MC samples",
+                link_approx=LinkApprox.MC)
+# stage 2 as the variational map of the toy benchmarks (latent 32, 800 steps of 16 draws on minibatches of 128)
+register_method("fiber_lastlayer_variational",
+                fiber_builder("last_layer", deform="variational", latent_dim=32, flow_steps=800, flow_lr=5e-3,
+                              flow_loss_batch=128, flow_loss_samples=16),
+                "fiber sampling, last layer, the walk of fiber_lastlayer, variational stage 2, 100 MC samples",
                 link_approx=LinkApprox.MC)
