@@ -22,14 +22,20 @@ GRID_POINTS = 61
 GOLDEN_STEPS = 40
 
 
-def scale_predictive(pred: GaussianPredictive, scale: float) -> GaussianPredictive:
-    """N(mean, κ Σ): the same predictive with its covariance (or variances) multiplied by κ > 0."""
+def scaled_gaussian(mean: torch.Tensor, cov_or_var: torch.Tensor, scale: float) -> GaussianPredictive:
+    """N(mean (B, C), κ Σ) from a covariance (B, C, C), symmetrised (round-off of propagated covariances), or
+    variances (B, C); κ > 0."""
     if not scale > 0:
         raise ValueError(f"the variance scale must be > 0, got {scale}")
-    if pred.has_full_cov:
-        cov = scale * pred.cov
-        return GaussianPredictive(pred.mean, cov=0.5 * (cov + cov.transpose(1, 2)))
-    return GaussianPredictive(pred.mean, var=scale * pred.var)
+    if cov_or_var.ndim == 3:
+        cov = scale * cov_or_var
+        return GaussianPredictive(mean, cov=0.5 * (cov + cov.transpose(1, 2)))
+    return GaussianPredictive(mean, var=scale * cov_or_var)
+
+
+def scale_predictive(pred: GaussianPredictive, scale: float) -> GaussianPredictive:
+    """N(mean, κ Σ): the same predictive with its covariance (or variances) multiplied by κ > 0."""
+    return scaled_gaussian(pred.mean, pred.cov if pred.has_full_cov else pred.var, scale)
 
 
 def fit_variance_scale(pred: GaussianPredictive, targets: torch.Tensor, likelihood: Likelihood | str,

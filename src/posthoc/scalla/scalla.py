@@ -404,8 +404,7 @@ class ScaLLA:
         """What a bench row records: training budget and wall time, objective, prior precision."""
         info: dict[str, Any] = {"objective": self.settings.objective, "n_latent": self.n_latent,
                                 "prior_precision": float(torch.as_tensor(self.prior_precision).reshape(-1)[0])}
-        info.update(getattr(self, "train_record", {}) or {})
-        info.pop("history", None)
+        info.update({key: value for key, value in self.train_record.items() if key != "history"})
         return info
 
     # ----------------------------------------------------------------- state

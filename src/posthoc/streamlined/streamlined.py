@@ -19,7 +19,7 @@ from posthoc.laplace import Laplace
 from posthoc.laplace.batches import checked_batches
 from posthoc.likelihood import Likelihood
 from posthoc.predictive import GaussianPredictive
-from posthoc.predictive.scale import fit_variance_scale
+from posthoc.predictive.scale import fit_variance_scale, scaled_gaussian
 from posthoc.streamlined.moments import ActivationCovariance, Moments
 from posthoc.streamlined.rules import AttentionRule, Context, LayerNormRule
 from posthoc.streamlined.walk import propagate
@@ -174,13 +174,6 @@ class Streamlined:
             return input_var[start:start + step]
         return input_var
 
-    @staticmethod
-    def _gaussian(mean: torch.Tensor, cov_or_var: torch.Tensor, scale: float) -> GaussianPredictive:
-        if cov_or_var.ndim == 3:
-            cov = scale * cov_or_var
-            return GaussianPredictive(mean, cov=0.5 * (cov + cov.transpose(1, 2)))
-        return GaussianPredictive(mean, var=scale * cov_or_var)
-
     def predict(self, x: torch.Tensor, input_var: float | torch.Tensor | None = None) -> GaussianPredictive:
         """Predictive over outputs for inputs x (B, ...), weight posterior and optional input noise.
 
@@ -191,14 +184,14 @@ class Streamlined:
         diagonal posterior about 2-3 forward passes; full mode O(D²) per layer and example.
         """
         mean, cov = self._propagate(x, input_var, self.posterior)
-        return self._gaussian(mean, cov, self.variance_scale)
+        return scaled_gaussian(mean, cov, self.variance_scale)
 
     def input_sensitivity(self, x: torch.Tensor, input_var: float | torch.Tensor) -> GaussianPredictive:
         """The output covariance due to input noise alone (weights at their means), unscaled."""
         if input_var is None:
             raise ValueError("input_sensitivity needs input_var")
         mean, cov = self._propagate(x, input_var, self.posterior.deterministic())
-        return self._gaussian(mean, cov, 1.0)
+        return scaled_gaussian(mean, cov, 1.0)
 
     def fit_variance_scale(self, val_loader: Iterable, bounds: tuple[float, float] = (1e-3, 1e3)) -> float:
         """Fit the single output-variance scale κ on validation data (never the test set).
@@ -215,7 +208,7 @@ class Streamlined:
             means.append(mean), covs.append(cov), targets.append(y)
         if not means:
             raise ValueError("val_loader yielded no batches")
-        pred = self._gaussian(torch.cat(means), torch.cat(covs), 1.0)
+        pred = scaled_gaussian(torch.cat(means), torch.cat(covs), 1.0)
         self.variance_scale = fit_variance_scale(pred, torch.cat(targets), self.likelihood, self.sigma_noise, bounds)
         return self.variance_scale
 
