@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from posthoc import Laplace
-from posthoc.bench.fiber_methods import fiber_settings
+from posthoc.bench.fiber_methods import fiber_settings, map_scaled_prior
 from posthoc.bench.report import run_meta
 from posthoc.data import get_suite
 from posthoc.data.loaders import make_loader
@@ -47,7 +47,7 @@ def gap_case():
         optimizer.step()
     model = model.eval()
     theta = ParameterSubset(model, "all").theta_map
-    prior = 0.1 * theta.numel() / float(theta.pow(2).sum())  # the toy rule of benchmarks/fiber_toy.py
+    prior = map_scaled_prior(theta)  # the toy rule of benchmarks/fiber_toy.py
     settings = dict(n_particles=16, steps=400, burn_in=200, thin=10, step_size=0.03 / prior, latent_dim=16,
                     batch_size=32, subsample_size=160, cg_steps=10, pullback_steps=5, n_check=64,
                     prior_precision=prior, loss_tolerance=0.05)

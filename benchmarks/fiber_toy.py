@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from posthoc.bench.fiber_methods import map_scaled_prior
 from posthoc.bench.report import run_meta
 from posthoc.data.toy import GAP_INTERVAL, gap_regression, two_moons
 from posthoc.fiber import FiberSampler
@@ -108,16 +109,22 @@ def stage2_choice(fs: FiberSampler, spread, seed: int = 0) -> dict[str, float]:
     return out
 
 
+def toy_sampler(model: torch.nn.Module, likelihood: str, n_data: int) -> tuple[FiberSampler, float]:
+    """The toy problems' sampler and its prior precision delta: all weights, delta = PRIOR_SCALE * P / ||theta*||^2,
+    step ETA_DELTA / delta, the NLL checked on all n_data training points during the walk, the STAGE2 map."""
+    prior = map_scaled_prior(torch.cat([p.detach().reshape(-1) for p in model.parameters()]), PRIOR_SCALE)
+    fs = FiberSampler(model, likelihood, n_particles=16, steps=400, burn_in=200, thin=10, step_size=ETA_DELTA / prior,
+                      loss_tolerance=0.05, subset_of_weights="all", prior_precision=prior,
+                      batch_size=32, subsample_size=n_data, cg_steps=10, pullback_steps=5, **STAGE2,
+                      n_check=64, progress=False, seed=0)
+    return fs, prior
+
+
 def gap_problem() -> tuple[dict, FiberSampler, object]:
     x, y = gap_regression(n=160, noise=0.1, seed=0)
     torch.manual_seed(0)
     model, loss = train(MLP(1, (50, 50), 1, "tanh", flatten=False), x, y, torch.nn.functional.mse_loss)
-    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-    prior = PRIOR_SCALE * theta.numel() / float(theta.pow(2).sum())
-    fs = FiberSampler(model, "regression", n_particles=16, steps=400, burn_in=200, thin=10, step_size=ETA_DELTA / prior,
-                      loss_tolerance=0.05, subset_of_weights="all", prior_precision=prior,
-                      batch_size=32, subsample_size=160, cg_steps=10, pullback_steps=5, **STAGE2,
-                      n_check=64, progress=False, seed=0)
+    fs, prior = toy_sampler(model, "regression", n_data=160)
     t0 = time.perf_counter()
     fs.fit(DataLoader(TensorDataset(x, y), batch_size=40, shuffle=True, generator=torch.Generator().manual_seed(0)))
     fit_s = time.perf_counter() - t0
@@ -156,13 +163,7 @@ def moons_problem() -> tuple[dict, FiberSampler, object]:
     torch.manual_seed(0)
     model, loss = train(MLP(2, (32, 32), 2, "tanh", flatten=False), x, y, torch.nn.functional.cross_entropy,
                         steps=2000)
-    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-    prior = PRIOR_SCALE * theta.numel() / float(theta.pow(2).sum())
-    fs = FiberSampler(model, "classification", n_particles=16, steps=400, burn_in=200, thin=10,
-                      step_size=ETA_DELTA / prior,
-                      loss_tolerance=0.05, subset_of_weights="all", prior_precision=prior,
-                      batch_size=32, subsample_size=200, cg_steps=10, pullback_steps=5, **STAGE2,
-                      n_check=64, progress=False, seed=0)
+    fs, prior = toy_sampler(model, "classification", n_data=200)
     t0 = time.perf_counter()
     fs.fit(DataLoader(TensorDataset(x, y), batch_size=50, shuffle=True, generator=torch.Generator().manual_seed(0)))
     fit_s = time.perf_counter() - t0

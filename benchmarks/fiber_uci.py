@@ -26,6 +26,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from posthoc import Laplace
+from posthoc.bench.fiber_methods import map_scaled_prior
 from posthoc.bench.report import run_meta
 from posthoc.data.uci import load_uci
 from posthoc.fiber import FiberSampler
@@ -69,7 +70,7 @@ def run_split(name: str, index: int) -> dict:
 
     theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     t0 = time.perf_counter()
-    prior = 0.1 * theta.numel() / float(theta.pow(2).sum())
+    prior = map_scaled_prior(theta)
     fs = FiberSampler(model, "regression", n_particles=8, steps=200, burn_in=100, thin=5, step_size=0.03 / prior,
                       loss_tolerance=0.05, latent_dim=8, subset_of_weights="all",
                       prior_precision=prior, batch_size=32, subsample_size=n,

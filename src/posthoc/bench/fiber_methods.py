@@ -43,10 +43,14 @@ ETA_DELTA = {"last_layer": 0.03}
 PREDICT_SAMPLES = {"last_layer": 100, "all": 30}
 
 
+def map_scaled_prior(theta: torch.Tensor, scale: float = PRIOR_SCALE) -> float:
+    """delta = scale * P / ||theta*||^2 for the P covered MAP weights theta* (the fiber benchmarks' prior rule)."""
+    return scale * theta.numel() / float(theta.pow(2).sum())
+
+
 def fiber_settings(model: torch.nn.Module, subset: str) -> dict[str, Any]:
     """The bench's FiberSampler keyword arguments for ``subset`` ("last_layer" or "all"), prior included."""
-    theta = ParameterSubset(model, subset).theta_map
-    prior = PRIOR_SCALE * theta.numel() / float(theta.pow(2).sum())
+    prior = map_scaled_prior(ParameterSubset(model, subset).theta_map)
     settings = dict(FIBER_SETTINGS[subset], prior_precision=prior, loss_tolerance=0.05)
     if subset in ETA_DELTA:
         settings["step_size"] = ETA_DELTA[subset] / prior
