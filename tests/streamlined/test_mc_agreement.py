@@ -60,6 +60,36 @@ def test_single_linear_mean_field_exact():
     assert float(((pred.var - ref.var) / ref.var_se).abs().max()) < Z_MAX
 
 
+
+@pytest.mark.parametrize("structure", ["diag", "kron"])
+def test_hidden_linear_diagonal_rule_is_exact(structure):
+    """A Linear that is not the last layer takes the per-unit variance path (the last layer's
+    (B, C, C) path is tested above); with independent input noise its marginals are exact."""
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Identity()).to(DTYPE)
+    x, loader = _data(64, (4,))
+    la = _fit(model, loader, structure, prior=2.0)
+    x = x[:6]
+    ref = mc_moments(model, x, laplace_sampler(la), input_std=0.3)
+    pred = Streamlined(model, posterior=la).predict(x, input_var=0.09)
+    assert not pred.has_full_cov
+    assert float(((pred.var - ref.var) / ref.var_se).abs().max()) < Z_MAX
+
+
+def test_layernorm_random_affine_is_exact_on_fixed_inputs():
+    """y = γ n(x) + β with independent random γ, β: Var y = Var(γ) n² + Var(β), for both rules."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.LayerNorm(5), nn.Identity()).to(DTYPE)
+    with torch.no_grad():
+        model[0].weight.uniform_(0.5, 1.5), model[0].bias.normal_()
+    variances = {"0.weight": 0.05 * torch.rand(5, dtype=DTYPE), "0.bias": 0.02 * torch.rand(5, dtype=DTYPE)}
+    x = torch.randn(6, 5, dtype=DTYPE)
+    ref = mc_moments(model, x, mean_field_sampler(model, variances))
+    for rule in ("frozen", "linearized"):
+        pred = Streamlined(model, weight_var=variances, layernorm=rule).predict(x)
+        assert float(((pred.var - ref.var) / ref.var_se).abs().max()) < Z_MAX
+
+
 def _mlp(activation: type[nn.Module], seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(5, 24), activation(), nn.Linear(24, 24), activation(), nn.Linear(24, 3)).to(DTYPE)

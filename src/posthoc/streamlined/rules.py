@@ -247,11 +247,15 @@ class LinearStep(Step):
         w_sq = self.module.weight.square()
         if self.noise is None:
             return None if var_in is None else F.linear(var_in, w_sq)
+        if var_in is not None and self.noise.w_diag is not None:
+            # Σ_k Var(W_ck) (μ_k² + var_k) + Var(b_c), then += Σ_k W̄_ck² var_k in place: two products, one
+            # elementwise op (the per-token cost of a diagonal posterior; see the module docstring)
+            out = F.linear(torch.addcmul(var_in, self.mu, self.mu), self.noise.w_diag, self.noise.b_var)
+            out.view(-1, out.shape[-1]).addmm_(var_in.reshape(-1, var_in.shape[-1]), w_sq.T)
+            return out
         out = self.noise.shared(self.mu)
         if var_in is None:
             return out
-        if self.noise.w_diag is not None:  # one product: Σ_k (W̄_ck² + Var(W_ck)) var_k
-            return out + F.linear(var_in, w_sq + self.noise.w_diag)
         return out + F.linear(var_in, w_sq) + self.noise.from_input(var_in)
 
     def noise_full(self, cov_in: torch.Tensor | None) -> torch.Tensor | None:
@@ -389,7 +393,9 @@ class ElementwiseStep(Step):
     def var(self, var_in: torch.Tensor | None) -> torch.Tensor | None:
         if var_in is None:
             return None
-        return var_in * (self.slope if self.slope.dtype == torch.bool else self.slope.square())
+        if self.slope.dtype == torch.bool:
+            return var_in * self.slope
+        return torch.mul(var_in, self.slope).mul_(self.slope)
 
 
 @register_rule(nn.ReLU, nn.GELU, nn.Tanh, nn.Sigmoid, nn.SiLU)
@@ -509,8 +515,11 @@ class AffineNormStep(Step):
         self.gamma, self.beta = self._view(gamma), self._view(beta)
         self.gamma_var, self.beta_var = self._view(gamma_var), self._view(beta_var)
         self.feature_axis = feature_axis
-        mean = mean_n if self.gamma is None else mean_n * self.gamma
-        self.mean = mean if self.beta is None else mean + self.beta
+        if self.gamma is not None and self.beta is not None:
+            self.mean = torch.addcmul(self.beta, mean_n, self.gamma)
+        else:
+            mean = mean_n if self.gamma is None else mean_n * self.gamma
+            self.mean = mean if self.beta is None else mean + self.beta
 
     def _scale(self, x: torch.Tensor, power: int = 1) -> torch.Tensor:
         return x if self.gamma is None else x * self.gamma**power
@@ -519,13 +528,19 @@ class AffineNormStep(Step):
         return self._scale(self.n_jac(directions))
 
     def var(self, var_in: torch.Tensor | None) -> torch.Tensor | None:
+        # (γ̄² + Var γ) var_n + Var(γ) n̄² + Var(β), accumulated in place on the fresh output
         var_n = None if var_in is None else self.n_var(var_in)
-        out = None if var_n is None else self._scale(var_n, 2)
+        out = None
+        if var_n is not None:
+            coef = None if self.gamma is None else self.gamma.square()
+            if self.gamma_var is not None:
+                coef = self.gamma_var if coef is None else coef + self.gamma_var
+            out = var_n if coef is None else var_n * coef
         if self.gamma_var is not None:
-            second = self.mean_n.square() if var_n is None else self.mean_n.square() + var_n
-            out = add_optional(out, second * self.gamma_var)
+            term = self.mean_n.square().mul_(self.gamma_var)
+            out = term if out is None else out.add_(term)
         if self.beta_var is not None:
-            out = add_optional(out, self.beta_var.expand_as(self.mean_n))
+            out = self.beta_var.expand_as(self.mean_n).clone() if out is None else out.add_(self.beta_var)
         return out
 
     def noise_full(self, cov_in: torch.Tensor | None) -> torch.Tensor | None:
