@@ -9,6 +9,7 @@ import torch
 from torch.func import jacrev, jvp, vjp, vmap
 
 from posthoc.laplace.subset import ParameterSubset
+from posthoc.utils.conv import unfold_patches
 
 
 def per_example_jacobians(subset: ParameterSubset, inputs: torch.Tensor, theta: torch.Tensor | None = None,
@@ -111,7 +112,7 @@ def _layer_signals(subset: ParameterSubset, inputs: torch.Tensor, cotangents: to
         a = captured[id(layer)][0][0]
         n_cot, batch = z_grad.shape[:2]
         if isinstance(layer, torch.nn.Conv2d):
-            a = torch.nn.functional.unfold(a, layer.kernel_size, layer.dilation, layer.padding, layer.stride)
+            a = unfold_patches(a, layer.kernel_size, layer.dilation, layer.padding, layer.stride)
             a = a.transpose(1, 2)  # (b, L, I) with I = in*kh*kw in the weight's row-major order
             g = z_grad.reshape(n_cot, batch, layer.out_channels, -1).transpose(2, 3)
         else:

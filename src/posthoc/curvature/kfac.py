@@ -58,6 +58,7 @@ from posthoc.distributed import sum_count, sum_over_ranks
 from posthoc.curvature.jacobians import per_example_factor_gradients, per_example_jacobians
 from posthoc.curvature.output_factors import OutputFactors
 from posthoc.laplace.subset import ParameterSubset, SubsetOfWeights
+from posthoc.utils.conv import unfold_patches
 
 # Elements of stacked output gradients / per-example rotated weight gradients held at once
 # (about 64 MB in float32); larger work is chunked over examples or output columns.
@@ -180,8 +181,7 @@ def _patches(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Layer inputs per weight-sharing position, channels first: (B, D_in, L)."""
     if isinstance(module, nn.Conv2d):
         # (B, C_in·kh·kw, L), channel-major like the flattened weight
-        return nn.functional.unfold(x, module.kernel_size, dilation=module.dilation, padding=_conv_padding(module),
-                                    stride=module.stride)
+        return unfold_patches(x, module.kernel_size, module.dilation, _conv_padding(module), module.stride)
     return x.reshape(x.shape[0], -1, x.shape[-1]).clone().mT
 
 

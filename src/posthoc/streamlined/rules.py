@@ -34,6 +34,7 @@ from posthoc.streamlined.moments import (
     sandwich,
 )
 from posthoc.streamlined.weight_posteriors import LayerPosterior, WeightPosterior
+from posthoc.utils.conv import unfold_patches
 
 
 class AttentionRule(str, Enum):
@@ -316,7 +317,7 @@ class ConvStep(Step):
     def _patches(self, x: torch.Tensor) -> torch.Tensor:
         """(N, C_in, H, W) -> (N, L, K)."""
         m = self.module
-        return F.unfold(x, m.kernel_size, dilation=m.dilation, padding=self.padding, stride=m.stride).transpose(1, 2)
+        return unfold_patches(x, m.kernel_size, m.dilation, self.padding, m.stride).transpose(1, 2)
 
     def _to_image(self, per_position: torch.Tensor) -> torch.Tensor:
         """(B, L, C) -> (B, C, H', W')."""
