@@ -22,7 +22,24 @@ and s the root mean square of the samples along each direction. Directions outsi
   lie far from theta* on a strongly curved set, so no linear decoding of their coordinates stays in the
   low-loss set (benchmarks/results/fiber_toy.md).
 
-Either way a new sample costs one map evaluation: O(r^2) for the flow plus one (r x P) product.
+- ``anchored``: not a map of the principal coordinates but a mixture on the fiber built from the walk itself
+  (:class:`AnchoredJitter`): the latent is (m, u), m uniform over the walked samples within the tolerance (the
+  anchors), u ~ N(0, I_r), and
+
+      theta = theta_m + U diag(sigma * room_m * s) u,     room_m = sqrt(slack_m / eps),
+
+  U, s the principal directions and scales above (shared by all anchors), sigma (r,) a learned jitter scale and
+  slack_m = eps - (anchor m's all-data NLL excess over the MAP's) the anchor's distance to the tolerance edge, so
+  an anchor at the edge gets no jitter. sigma is trained like the ``variational`` flow: reverse KL to the prior
+  restricted to the low-loss set, E[log q - log prior(theta)] + barrier. Its spread is stage 1's by construction
+  (the anchors carry it); the jitter adds only local diversity around each anchor, small where the low-loss set
+  is narrow (benchmarks/results/fiber_toy.md measures how small). The other maps cannot keep stage 1's spread
+  away from the data: the principal coordinates of the walk explain almost none of the walked functions' spread
+  there, and the prior restricted to any r-dimensional slice has offsets of norm ~ sqrt(r / delta), against
+  ~ sqrt(P / delta) for the walk (same file).
+
+Each way a new sample costs one map evaluation: O(r^2) for the flow plus one (r x P) product (``anchored``: one
+(r x P) product and one row of the stored anchors, which cost M x P memory).
 """
 
 from __future__ import annotations
@@ -39,6 +56,7 @@ class DeformKind(str, Enum):
     GAUSSIAN = "gaussian"
     FLOW = "flow"
     VARIATIONAL = "variational"
+    ANCHORED = "anchored"
 
 
 class PrincipalCoordinates:
@@ -204,3 +222,71 @@ def variational_training_step(flow: CouplingFlow, optimizer: torch.optim.Optimiz
 def make_flow_optimizer(flow: CouplingFlow, lr: float) -> torch.optim.Optimizer:
     # weight decay keeps the flow close to the identity when there are few samples
     return torch.optim.Adam(flow.parameters(), lr=lr, weight_decay=1e-3)
+
+
+class AnchoredJitter(nn.Module):
+    """Stage 2's ``anchored`` map (module doc): theta = anchors[m] + U diag(sigma * room[m] * s) u.
+
+    Args:
+        anchors: (M, P) the walked samples within the tolerance (not saved in the state dict: the sampler keeps
+            them as its particles).
+        room: (M,) per-anchor jitter factor in [0, 1] (sqrt of the anchor's share of the tolerance left).
+        basis: (P, r) orthonormal shared jitter directions; scales: (r,) their scales (the walk's RMS spread).
+        init_scale: sigma at the start of training (all r entries).
+
+    The components live in the parallel r-dimensional slices theta_m + span(U), which are disjoint unless two
+    anchors differ by a vector in span(U) (not the case for walked samples: they spread in far more than r
+    directions), so the mixture's log density on the union of slices is exactly log N(u; 0, I) - log M -
+    sum log(sigma * room_m * s); only -sum log sigma depends on the trained parameters. Cost per sample: one
+    (r x P) product.
+    """
+
+    def __init__(self, anchors: torch.Tensor, room: torch.Tensor, basis: torch.Tensor, scales: torch.Tensor,
+                 init_scale: float) -> None:
+        super().__init__()
+        if anchors.ndim != 2 or anchors.shape[0] < 1 or room.shape != (anchors.shape[0],):
+            raise ValueError(f"need anchors (M, P) and room (M,), got {tuple(anchors.shape)} and {tuple(room.shape)}")
+        if basis.shape != (anchors.shape[1], scales.numel()):
+            raise ValueError(f"basis must be (P, r) = ({anchors.shape[1]}, {scales.numel()}), got {tuple(basis.shape)}")
+        self.register_buffer("anchors", anchors, persistent=False)
+        self.register_buffer("room", room, persistent=False)
+        self.register_buffer("basis", basis, persistent=False)
+        self.register_buffer("scales", scales, persistent=False)
+        self.log_sigma = nn.Parameter(torch.full_like(scales, math.log(init_scale)))
+
+    @property
+    def n_anchors(self) -> int:
+        return self.anchors.shape[0]
+
+    @property
+    def rank(self) -> int:
+        return self.scales.numel()
+
+    def forward(self, index: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """Parameter vectors (S, P) for anchor indices (S,) and jitter draws u (S, r)."""
+        jitter = u * (torch.exp(self.log_sigma) * self.scales) * self.room[index].unsqueeze(-1)
+        return self.anchors[index] + jitter @ self.basis.T
+
+    def sample_with_log_prob(self, index: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """thetas (S, P) and their log density (S,) up to a constant that does not depend on sigma."""
+        return self.forward(index, u), gaussian_log_prob(u) - self.log_sigma.sum()
+
+    def draw(self, n_samples: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Latent draws: anchor indices (n,) uniform over the anchors and u (n, r) ~ N(0, I)."""
+        index = torch.randint(self.n_anchors, (n_samples,), generator=generator)
+        u = torch.randn((n_samples, self.rank), generator=generator, dtype=self.scales.dtype)
+        return index.to(self.anchors.device), u.to(self.anchors.device)
+
+
+def anchored_training_step(jitter: AnchoredJitter, optimizer: torch.optim.Optimizer, index: torch.Tensor,
+                           u: torch.Tensor, energy: Callable[[torch.Tensor], torch.Tensor]) -> float:
+    """One Adam step on the reverse KL of the anchored mixture to exp(-energy) (energy: thetas (S, P) -> (S,)),
+    averaged over the latent draws (index (S,), u (S, r)). Returns the loss."""
+    optimizer.zero_grad(set_to_none=True)
+    thetas, log_q = jitter.sample_with_log_prob(index, u)
+    loss = (log_q + energy(thetas)).mean()
+    if not torch.isfinite(loss):
+        raise FloatingPointError("anchored jitter training diverged (non-finite loss); lower flow_lr")
+    loss.backward()
+    optimizer.step()
+    return float(loss.detach())

@@ -26,8 +26,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from posthoc.fiber.deform import (CouplingFlow, DeformKind, PrincipalCoordinates, flow_training_step,
-                                  make_flow_optimizer, variational_training_step)
+from posthoc.fiber.deform import (AnchoredJitter, CouplingFlow, DeformKind, PrincipalCoordinates,
+                                  anchored_training_step, flow_training_step, make_flow_optimizer,
+                                  variational_training_step)
 from posthoc.fiber.projection import outputs_many
 from posthoc.fiber.walk import (FiberProblem, WalkConfig, WalkState, finalize, full_data_nll, init_walk, mean_nll,
                                 walk_step)
@@ -70,18 +71,24 @@ class FiberSampler:
         final_rounds: correction rounds of the final all-data check.
         deform: stage 2 map, "flow" (coupling flow on principal coordinates, maximum likelihood on the walked
             samples plus the loss-aware term), "variational" (the same flow trained as a variational approximation
-            of the prior restricted to the low-loss set, see deform.py; the one that keeps both the tolerance and
-            the spread on the toy problems, benchmarks/results/fiber_toy.md) or "gaussian".
+            of the prior restricted to the low-loss set, see deform.py; it keeps the tolerance but not stage 1's
+            spread away from the data), "anchored" (a mixture on the fiber: a walked sample within the tolerance,
+            uniformly drawn, plus a learned Gaussian jitter in the principal directions, trained with the
+            "variational" objective; it keeps stage 1's spread because the walked samples carry it, see
+            deform.py and benchmarks/results/fiber_toy.md) or "gaussian".
         flow_layers, flow_hidden, flow_steps, flow_lr: the flow and its Adam training.
         flow_loss_weight, flow_loss_batch, flow_loss_samples: the loss-aware term of the "flow" objective
             (decoded samples whose minibatch NLL exceeds the MAP's by more than 0.8 eps are penalised; 0 turns
             it off, leaving plain maximum likelihood on the walked samples). flow_loss_batch and
-            flow_loss_samples are also the minibatch and the draws per step of the "variational" objective.
-        barrier_weight: "variational" only: weight of the hinge max(0, excess - eps / 2) / eps on a decoded
-            sample's minibatch NLL excess over the MAP's, in nats of the KL objective.
-        variational_init_scale: "variational" only: the flow starts as N(0, scale^2 I) in the whitened
+            flow_loss_samples are also the minibatch and the draws per step of the "variational" and "anchored"
+            objectives.
+        barrier_weight: "variational" and "anchored": weight of the hinge max(0, excess - eps / 2) / eps on a decoded
+            sample's minibatch NLL excess over the MAP's, in nats of the KL objective (default 100; "anchored":
+            300).
+        variational_init_scale: "variational": the flow starts as N(0, scale^2 I) in the whitened
             principal coordinates (scale 1: the walked samples' spread), small enough to start in the low-loss
-            set.
+            set (default 0.1); "anchored": the jitter's starting sigma, same units (default 0.01: close to plain
+            resampling of the walk, which is within the tolerance).
         n_check: stage-2 samples whose all-data NLL is checked after fitting (0: no check).
         seed: seeds the walk, the flow and the default sampling seed.
         checkpoint_every: walk / flow steps between checkpoints.
@@ -115,8 +122,8 @@ class FiberSampler:
         flow_loss_weight: float = 10.0,
         flow_loss_batch: int = 128,
         flow_loss_samples: int = 8,
-        barrier_weight: float = 100.0,
-        variational_init_scale: float = 0.1,
+        barrier_weight: float | None = None,
+        variational_init_scale: float | None = None,
         n_check: int = 32,
         seed: int = 0,
         checkpoint_every: int = 10,
@@ -167,6 +174,13 @@ class FiberSampler:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         self.flow_loss_weight, self.flow_loss_batch, self.flow_loss_samples = (flow_loss_weight, flow_loss_batch,
                                                                                flow_loss_samples)
+        # defaults per map (measured on the toys, benchmarks/results/fiber_toy.md): the anchored jitter starts from
+        # plain resampling of the walk (0.01) and needs the stiffer barrier to keep >= 0.9 within the tolerance
+        anchored = self.deform is DeformKind.ANCHORED
+        if barrier_weight is None:
+            barrier_weight = 300.0 if anchored else 100.0
+        if variational_init_scale is None:
+            variational_init_scale = 0.01 if anchored else 0.1
         check_positive(barrier_weight, "barrier_weight")
         check_positive(variational_init_scale, "variational_init_scale")
         self.barrier_weight, self.variational_init_scale = float(barrier_weight), float(variational_init_scale)
@@ -181,7 +195,7 @@ class FiberSampler:
         self.particle_nll: torch.Tensor | None = None
         self.map_nll: float | None = None
         self.coords: PrincipalCoordinates | None = None
-        self.flow: CouplingFlow | None = None
+        self.flow: CouplingFlow | AnchoredJitter | None = None
         self.info: dict[str, float] = {}
         self._cache: tuple[tuple[int, int], torch.Tensor] | None = None
         self._problem_cache: FiberProblem | None = None
@@ -199,9 +213,9 @@ class FiberSampler:
                 "flow": [self.flow_layers, self.flow_hidden, self.flow_steps, self.flow_lr, self.flow_loss_weight,
                          self.flow_loss_batch, self.flow_loss_samples],
                 "sigma_given": self._sigma_given, "seed": self.seed, "n_check": self.n_check,
-                # only for the variational map, so checkpoints of the other maps written before it existed still load
+                # only for the maps that use them, so checkpoints of the other maps written before they existed load
                 **({"variational": [self.barrier_weight, self.variational_init_scale]}
-                   if self.deform is DeformKind.VARIATIONAL else {})}
+                   if self.deform in (DeformKind.VARIATIONAL, DeformKind.ANCHORED) else {})}
 
     def _problem(self, train_loader: Iterable) -> FiberProblem:
         """Collect the covered module's inputs and the targets of the whole loader, in a canonical order
@@ -345,7 +359,9 @@ class FiberSampler:
         self.info["explained_variance"] = self.coords.explained
         self.info["latent_dim"] = float(self.coords.rank)
         self.flow = None
-        if self.deform in (DeformKind.FLOW, DeformKind.VARIATIONAL) and self.coords.rank >= 2 and self.flow_steps > 0:
+        # the anchored map is built even untrained (flow_steps 0: jitter at its starting scale); the flows need r >= 2
+        if self.deform is DeformKind.ANCHORED or (self.deform in (DeformKind.FLOW, DeformKind.VARIATIONAL)
+                                                  and self.coords.rank >= 2 and self.flow_steps > 0):
             self._train_flow(problem, path, saved if saved is not None and saved["stage"] == "deform" else None)
         self.info["deform_s"] = self.info.get("deform_s", 0.0) + time.perf_counter() - t0
         self._cache = None
@@ -355,20 +371,48 @@ class FiberSampler:
             self.info["stage2_within_tol"] = float((nll <= self.map_nll + self.config.loss_tolerance).double().mean())
             self.info["stage2_nll_excess_mean"] = float((nll - self.map_nll).mean())
             self.info["stage2_check_s"] = time.perf_counter() - t0
+            if self.deform is DeformKind.ANCHORED:
+                self.info.update(self._jitter_diagnostics(self.n_check, self.seed + 7))
         self._save(path, problem, "done", state=self.state_dict())
         return self
 
+    def _anchored_map(self) -> AnchoredJitter:
+        """The ``anchored`` map (untrained) on the walked samples within the tolerance; see deform.py."""
+        tol = self.config.loss_tolerance
+        within = self.particle_nll <= self.map_nll + tol
+        if not bool(within.any()):
+            raise ValueError("no walked sample is within the loss tolerance, so deform='anchored' has no anchors; "
+                             "lower step_size or raise final_rounds / loss_tolerance")
+        room = ((self.map_nll + tol - self.particle_nll[within]).clamp_min(0) / tol).sqrt()
+        return AnchoredJitter(self.particles[within], room.to(self.particles.dtype), self.coords.basis,
+                              self.coords.scales, self.variational_init_scale)
+
+    def _jitter_diagnostics(self, n_samples: int, seed: int) -> dict[str, float]:
+        """How much diversity the anchored jitter adds beyond resampling the walk: the mean distance of n samples
+        from their anchors over the mean distance of the anchors from the anchors' mean, and sigma's mean."""
+        jitter = self.flow
+        index, u = jitter.draw(n_samples, torch.Generator().manual_seed(seed))
+        with torch.no_grad():
+            moved = (jitter(index, u) - jitter.anchors[index]).norm(dim=-1).mean()
+            spread = (jitter.anchors - jitter.anchors.mean(0)).norm(dim=-1).mean()
+        return {"anchored_jitter_over_anchor_spread": float(moved / spread) if float(spread) > 0 else 0.0,
+                "anchored_sigma_mean": float(torch.exp(jitter.log_sigma).mean())}
+
     def _train_flow(self, problem: FiberProblem, path: Path | None, saved: dict[str, Any] | None) -> None:
         torch.manual_seed(self.seed)  # not used by the deterministic full-batch training; kept for clarity
-        flow = CouplingFlow(self.coords.rank, self.flow_layers, self.flow_hidden, seed=self.seed).to(
-            dtype=self.subset.dtype, device=self.subset.device)
-        if self.deform is DeformKind.VARIATIONAL:
-            with torch.no_grad():
-                flow.log_scale.fill_(math.log(self.variational_init_scale))
-            # no weight decay: it would pull the flow back to the identity, i.e. to the walked samples' scales
+        if self.deform is DeformKind.ANCHORED:
+            flow = self._anchored_map()
             optimizer = torch.optim.Adam(flow.parameters(), lr=self.flow_lr)
         else:
-            optimizer = make_flow_optimizer(flow, self.flow_lr)
+            flow = CouplingFlow(self.coords.rank, self.flow_layers, self.flow_hidden, seed=self.seed).to(
+                dtype=self.subset.dtype, device=self.subset.device)
+            if self.deform is DeformKind.VARIATIONAL:
+                with torch.no_grad():
+                    flow.log_scale.fill_(math.log(self.variational_init_scale))
+                # no weight decay: it would pull the flow back to the identity, i.e. to the walked samples' scales
+                optimizer = torch.optim.Adam(flow.parameters(), lr=self.flow_lr)
+            else:
+                optimizer = make_flow_optimizer(flow, self.flow_lr)
         start, losses = 0, []
         generator = torch.Generator().manual_seed(self.seed + 2)
         if saved is not None:
@@ -395,7 +439,7 @@ class FiberSampler:
             p.requires_grad_(False)
         self.flow = flow
         # the final objective: the negative log-likelihood of the walked samples ("flow") or the KL up to a constant
-        key = "flow_final_kl" if self.deform is DeformKind.VARIATIONAL else "flow_final_nll"
+        key = "flow_final_kl" if self.deform in (DeformKind.VARIATIONAL, DeformKind.ANCHORED) else "flow_final_nll"
         self.info[key] = losses[-1] if losses else float("nan")
 
     def _loss_penalty(self, problem: FiberProblem, generator: torch.Generator):
@@ -417,17 +461,18 @@ class FiberSampler:
 
         return penalty
 
-    def _variational_energy(self, problem: FiberProblem, generator: torch.Generator):
-        """Minus the log target of the "variational" map at whitened coordinates (S, r): per sample,
-        delta/2 ||theta||^2 (the prior, up to a constant) plus barrier_weight * max(0, excess - eps/2) / eps, the
-        excess of its mean NLL over the MAP's on a random minibatch of ``flow_loss_batch`` examples (eps/2: a
-        margin for the minibatch noise). Cost: one forward and backward pass per sample on the minibatch."""
+    def _variational_energy(self, problem: FiberProblem, generator: torch.Generator, decode: bool = True):
+        """Minus the log target of the "variational" and "anchored" maps, per sample: delta/2 ||theta||^2 (the
+        prior, up to a constant) plus barrier_weight * max(0, excess - eps/2) / eps, the excess of its mean NLL
+        over the MAP's on a random minibatch of ``flow_loss_batch`` examples (eps/2: a margin for the minibatch
+        noise). Takes whitened coordinates (S, r) (``decode``) or parameter vectors (S, P). Cost: one forward and
+        backward pass per sample on the minibatch."""
         tol = self.config.loss_tolerance
 
         def energy(coords: torch.Tensor) -> torch.Tensor:
             index = torch.randint(problem.n_data, (min(self.flow_loss_batch, problem.n_data),), generator=generator)
             x, y = problem.inputs[index], problem.targets[index]
-            thetas = self.coords.decode(coords)
+            thetas = self.coords.decode(coords) if decode else coords
             nll = mean_nll(outputs_many(self.subset, x, thetas), y, self.likelihood, self.sigma_noise)
             with torch.no_grad():
                 ref = mean_nll(self.subset.forward(x).unsqueeze(0), y, self.likelihood, self.sigma_noise)
@@ -438,9 +483,12 @@ class FiberSampler:
 
     def _flow_loop(self, problem, path, flow, optimizer, coords, start, losses, t0, generator) -> list[float]:
         penalty = self._loss_penalty(problem, generator)
-        energy = self._variational_energy(problem, generator)
+        energy = self._variational_energy(problem, generator, decode=self.deform is not DeformKind.ANCHORED)
         for step in tqdm(range(start, self.flow_steps), desc="fiber flow", disable=not self.progress, leave=False):
-            if self.deform is DeformKind.VARIATIONAL:
+            if self.deform is DeformKind.ANCHORED:
+                index, u = flow.draw(self.flow_loss_samples, generator)
+                losses.append(anchored_training_step(flow, optimizer, index, u, energy))
+            elif self.deform is DeformKind.VARIATIONAL:
                 z = torch.randn((self.flow_loss_samples, coords.shape[1]), generator=generator,
                                 dtype=self.subset.dtype).to(self.subset.device)
                 losses.append(variational_training_step(flow, optimizer, z, energy))
@@ -464,11 +512,15 @@ class FiberSampler:
         return self.coords
 
     def sample(self, n_samples: int = 100, seed: int | None = None) -> torch.Tensor:
-        """Stage 2: n parameter samples (n, P) decoded from z ~ N(0, I) (seeded). Cost: one map evaluation
-        each (the flow plus an (r x P) product), no iteration."""
+        """Stage 2: n parameter samples (n, P) decoded from z ~ N(0, I) (seeded; "anchored": from an anchor index
+        and a jitter draw). Cost: one map evaluation each (the flow plus an (r x P) product), no iteration."""
         coords = self._require_fit()
         check_n_samples(n_samples)
         generator = torch.Generator().manual_seed(self.seed if seed is None else seed)
+        if isinstance(self.flow, AnchoredJitter):
+            index, u = self.flow.draw(n_samples, generator)
+            with torch.no_grad():
+                return self.flow(index, u)
         z = torch.randn((n_samples, coords.rank), generator=generator, dtype=self.subset.dtype).to(self.subset.device)
         with torch.no_grad():
             c = self.flow(z) if self.flow is not None else z
@@ -531,8 +583,11 @@ class FiberSampler:
         self.coords = PrincipalCoordinates.from_state_dict(state["coords"])
         self.flow = None
         if state["flow"] is not None:
-            flow = CouplingFlow(self.coords.rank, self.flow_layers, self.flow_hidden, seed=self.seed).to(
-                dtype=self.subset.dtype, device=self.subset.device)
+            if self.deform is DeformKind.ANCHORED:
+                flow = self._anchored_map()
+            else:
+                flow = CouplingFlow(self.coords.rank, self.flow_layers, self.flow_hidden, seed=self.seed).to(
+                    dtype=self.subset.dtype, device=self.subset.device)
             flow.load_state_dict(state["flow"])
             flow.eval()
             for p in flow.parameters():
