@@ -93,3 +93,9 @@ register_method("fiber_lastlayer_variational",
                               flow_loss_batch=128, flow_loss_samples=16),
                 "fiber sampling, last layer, the walk of fiber_lastlayer, variational stage 2, 100 MC samples",
                 link_approx=LinkApprox.MC)
+# stage 2 as the anchored mixture of the toy benchmarks (walked samples within the tolerance plus a learned jitter)
+register_method("fiber_lastlayer_anchored",
+                fiber_builder("last_layer", deform="anchored", latent_dim=32, flow_steps=800, flow_lr=5e-3,
+                              flow_loss_batch=128, flow_loss_samples=16),
+                "fiber sampling, last layer, the walk of fiber_lastlayer, anchored stage 2, 100 MC samples",
+                link_approx=LinkApprox.MC)
