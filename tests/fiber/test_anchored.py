@@ -9,8 +9,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from posthoc.fiber import FiberSampler
 from posthoc.fiber.deform import AnchoredJitter, anchored_training_step
-from posthoc.fiber.sampler import _Interrupted
 from references import DTYPE, linear_gaussian_fiber, small_mlp
+from fiber.resume import assert_stage2_resumes_exactly, shuffled_loader
 
 SETTINGS = dict(n_particles=3, steps=20, burn_in=8, thin=3, step_size=3e-3, batch_size=8, subsample_size=16,
                 cg_steps=3, loss_tolerance=0.05, latent_dim=3, flow_steps=20, flow_loss_samples=4, n_check=8,
@@ -30,10 +30,6 @@ def problem():
         torch.nn.functional.cross_entropy(model(x), y).backward()
         optimizer.step()
     return model.eval(), x, y
-
-
-def _loader(x, y, seed):
-    return DataLoader(TensorDataset(x, y), batch_size=16, shuffle=True, generator=torch.Generator().manual_seed(seed))
 
 
 def test_jitter_map_decodes_in_the_shared_basis_and_respects_room():
@@ -95,21 +91,8 @@ def test_anchored_samples_stay_on_a_linear_fiber():
 
 def test_anchored_resumes_exactly_and_round_trips(problem, tmp_path):
     model, x, y = problem
-    reference = FiberSampler(model, "classification", **SETTINGS).fit(_loader(x, y, 0))
-    info = reference.info
-    assert 0.0 <= info["stage2_within_tol"] <= 1.0 and "stage2_nll_excess_mean" in info
-    assert info["anchored_jitter_over_anchor_spread"] > 0 and "flow_final_kl" in info
-    assert not torch.allclose(reference.sample(2)[0], reference.sample(2)[1])
-    path = tmp_path / "fiber.pt"
-    fs = FiberSampler(model, "classification", **SETTINGS)
-    fs._stop_after_flow_step = 12
-    with pytest.raises(_Interrupted):
-        fs.fit(_loader(x, y, 1), checkpoint=path)
-    assert torch.load(path, weights_only=False)["stage"] == "deform"
-    resumed = FiberSampler(model, "classification", **SETTINGS).fit(_loader(x, y, 2), checkpoint=path)
-    torch.testing.assert_close(resumed.sample(4), reference.sample(4), rtol=0, atol=0)
-    untimed = lambda info: {k: v for k, v in info.items() if not k.endswith("_s")}  # noqa: E731 - wall times differ
-    assert untimed(resumed.info) == untimed(reference.info)
+    reference = assert_stage2_resumes_exactly(model, x, y, SETTINGS, tmp_path)
+    assert reference.info["anchored_jitter_over_anchor_spread"] > 0 and "stage2_nll_excess_mean" in reference.info
     state = reference.state_dict()
     assert "anchors" not in state["flow"]  # the anchors are the saved particles, not stored twice
     loaded = FiberSampler(model, "classification", **SETTINGS).load_state_dict(state)
@@ -133,7 +116,7 @@ def test_anchored_errors(problem):
         AnchoredJitter(torch.zeros(3, 5), torch.ones(3), torch.zeros(4, 2), torch.ones(2), 0.1)
     with pytest.raises(ValueError, match="room"):
         AnchoredJitter(torch.zeros(3, 5), torch.ones(2), torch.zeros(5, 2), torch.ones(2), 0.1)
-    fs = FiberSampler(model, "classification", **{**SETTINGS, "flow_steps": 0, "n_check": 0}).fit(_loader(x, y, 0))
+    fs = FiberSampler(model, "classification", **{**SETTINGS, "flow_steps": 0, "n_check": 0}).fit(shuffled_loader(x, y, 0))
     fs.particle_nll = torch.full_like(fs.particle_nll, fs.map_nll + 1.0)  # as if no walked sample kept the tolerance
     with pytest.raises(ValueError, match="no walked sample is within the loss tolerance"):
         fs._anchored_map()

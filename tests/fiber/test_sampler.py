@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils.data import DataLoader, TensorDataset
 
 from posthoc.fiber import FiberSampler
 from posthoc.fiber.sampler import _Interrupted
 from posthoc.predictive import SamplePredictive
 from references import DTYPE, small_mlp
+from fiber.resume import assert_stage2_resumes_exactly, shuffled_loader
 
 
 def _data(n: int = 40):
@@ -41,13 +41,9 @@ def problem():
     return _trained_model(x, y), x, y
 
 
-def _loader(x, y, seed):
-    return DataLoader(TensorDataset(x, y), batch_size=16, shuffle=True, generator=torch.Generator().manual_seed(seed))
-
-
 def test_fit_samples_and_predicts(problem):
     model, x, y = problem
-    fs = FiberSampler(model, "classification", **SETTINGS).fit(_loader(x, y, 0))
+    fs = FiberSampler(model, "classification", **SETTINGS).fit(shuffled_loader(x, y, 0))
     thetas = fs.sample(5, seed=1)
     assert thetas.shape == (5, fs.n_params)
     torch.testing.assert_close(fs.sample(5, seed=1), thetas)  # seeded
@@ -63,7 +59,7 @@ def test_fit_samples_and_predicts(problem):
 
 def test_resume_after_interruption_is_exact(problem, tmp_path):
     model, x, y = problem
-    reference = FiberSampler(model, "classification", **SETTINGS).fit(_loader(x, y, 0))
+    reference = FiberSampler(model, "classification", **SETTINGS).fit(shuffled_loader(x, y, 0))
     path = tmp_path / "fiber.pt"
     for stop in ("walk", "flow"):
         path.unlink(missing_ok=True)
@@ -73,33 +69,20 @@ def test_resume_after_interruption_is_exact(problem, tmp_path):
         else:
             fs._stop_after_flow_step = 12
         with pytest.raises(_Interrupted):
-            fs.fit(_loader(x, y, 1), checkpoint=path)  # another shuffle order: the walk does not depend on it
+            fs.fit(shuffled_loader(x, y, 1), checkpoint=path)  # another shuffle order: the walk does not depend on it
         assert torch.load(path, weights_only=False)["stage"] == ("walk" if stop == "walk" else "deform")
-        resumed = FiberSampler(model, "classification", **SETTINGS).fit(_loader(x, y, 2), checkpoint=path)
+        resumed = FiberSampler(model, "classification", **SETTINGS).fit(shuffled_loader(x, y, 2), checkpoint=path)
         torch.testing.assert_close(resumed.particles, reference.particles, rtol=0, atol=0)
         torch.testing.assert_close(resumed.sample(4), reference.sample(4), rtol=0, atol=0)
     # a finished checkpoint is loaded, not refitted
-    again = FiberSampler(model, "classification", **SETTINGS).fit(_loader(x, y, 0), checkpoint=path)
+    again = FiberSampler(model, "classification", **SETTINGS).fit(shuffled_loader(x, y, 0), checkpoint=path)
     torch.testing.assert_close(again.sample(4), reference.sample(4), rtol=0, atol=0)
 
 
 def test_variational_map_resumes_exactly_and_keeps_its_settings(problem, tmp_path):
     model, x, y = problem
     settings = {**SETTINGS, "deform": "variational", "flow_loss_samples": 4}
-    reference = FiberSampler(model, "classification", **settings).fit(_loader(x, y, 0))
-    assert 0.0 <= reference.info["stage2_within_tol"] <= 1.0 and "flow_final_kl" in reference.info
-    assert not torch.allclose(reference.sample(2)[0], reference.sample(2)[1])
-    path = tmp_path / "fiber.pt"
-    fs = FiberSampler(model, "classification", **settings)
-    fs._stop_after_flow_step = 12
-    with pytest.raises(_Interrupted):
-        fs.fit(_loader(x, y, 1), checkpoint=path)
-    assert torch.load(path, weights_only=False)["stage"] == "deform"
-    resumed = FiberSampler(model, "classification", **settings).fit(_loader(x, y, 2), checkpoint=path)
-    torch.testing.assert_close(resumed.sample(4), reference.sample(4), rtol=0, atol=0)
-    state = reference.state_dict()
-    torch.testing.assert_close(FiberSampler(model, "classification", **settings).load_state_dict(state).sample(3),
-                               reference.sample(3), rtol=0, atol=0)
+    state = assert_stage2_resumes_exactly(model, x, y, settings, tmp_path).state_dict()
     for other in ({"barrier_weight": 50.0}, {"variational_init_scale": 0.2}, {"deform": "flow"}):
         with pytest.raises(ValueError, match="other settings"):
             FiberSampler(model, "classification", **{**settings, **other}).load_state_dict(state)
@@ -115,15 +98,15 @@ def test_variational_barrier_keeps_samples_in_the_low_loss_set(problem):
     model, x, y = problem
     settings = {**SETTINGS, "deform": "variational", "flow_loss_samples": 8, "flow_steps": 100, "n_check": 32,
                 "variational_init_scale": 1.0, "prior_precision": 1e-2, "steps": 40, "burn_in": 20, "step_size": 3e-2}
-    without = FiberSampler(model, "classification", **{**settings, "barrier_weight": 1e-6}).fit(_loader(x, y, 0))
-    held = FiberSampler(model, "classification", **{**settings, "barrier_weight": 100.0}).fit(_loader(x, y, 0))
+    without = FiberSampler(model, "classification", **{**settings, "barrier_weight": 1e-6}).fit(shuffled_loader(x, y, 0))
+    held = FiberSampler(model, "classification", **{**settings, "barrier_weight": 100.0}).fit(shuffled_loader(x, y, 0))
     assert without.info["stage2_within_tol"] < 0.2 and without.info["stage2_nll_excess_mean"] > 1.0
     assert held.info["stage2_within_tol"] >= 0.8 and held.info["stage2_nll_excess_mean"] < 0.05
 
 
 def test_state_dict_round_trip_and_mismatches(problem, tmp_path):
     model, x, y = problem
-    fs = FiberSampler(model, "classification", **SETTINGS).fit(_loader(x, y, 0))
+    fs = FiberSampler(model, "classification", **SETTINGS).fit(shuffled_loader(x, y, 0))
     other = FiberSampler(model, "classification", **SETTINGS).load_state_dict(fs.state_dict())
     torch.testing.assert_close(other.predict(x[:4], n_samples=5).samples, fs.predict(x[:4], n_samples=5).samples)
     with pytest.raises(ValueError, match="other settings"):
@@ -131,7 +114,7 @@ def test_state_dict_round_trip_and_mismatches(problem, tmp_path):
     path = tmp_path / "bad.pt"
     path.write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="unreadable"):
-        FiberSampler(model, "classification", **SETTINGS).fit(_loader(x, y, 0), checkpoint=path)
+        FiberSampler(model, "classification", **SETTINGS).fit(shuffled_loader(x, y, 0), checkpoint=path)
 
 
 def test_clear_errors(problem):
@@ -149,8 +132,8 @@ def test_clear_errors(problem):
         FiberSampler(model, "classification", sigma_noise=0.5)
     with pytest.raises(ValueError, match="loss_tolerance"):
         FiberSampler(model, "classification", loss_tolerance=0.0)
-    fitted = FiberSampler(model, "classification", **SETTINGS).fit(_loader(x, y, 0))
+    fitted = FiberSampler(model, "classification", **SETTINGS).fit(shuffled_loader(x, y, 0))
     with pytest.raises(ValueError, match="NaN"):
         fitted.predict(torch.full((2, 3), float("nan"), dtype=DTYPE))
     with pytest.raises(ValueError, match="labels"):
-        FiberSampler(model, "classification", **SETTINGS).fit(_loader(x, y + 5, 0))
+        FiberSampler(model, "classification", **SETTINGS).fit(shuffled_loader(x, y + 5, 0))
