@@ -197,11 +197,26 @@ def flow_training_step(flow: CouplingFlow, optimizer: torch.optim.Optimizer, coo
     loss = -flow.log_prob(coords).mean()
     if penalty is not None and penalty_weight > 0:
         loss = loss + penalty_weight * penalty(flow)
+    return _descend(optimizer, loss, "flow training")
+
+
+def _descend(optimizer: torch.optim.Optimizer, loss: torch.Tensor, what: str) -> float:
+    """Backward and one optimizer step on a finite loss (gradients zeroed by the caller); returns the loss."""
     if not torch.isfinite(loss):
-        raise FloatingPointError("flow training diverged (non-finite loss); lower flow_lr")
+        raise FloatingPointError(f"{what} diverged (non-finite loss); lower flow_lr")
     loss.backward()
     optimizer.step()
     return float(loss.detach())
+
+
+def reverse_kl_step(optimizer: torch.optim.Optimizer,
+                    sample_with_log_prob: Callable[[], tuple[torch.Tensor, torch.Tensor]],
+                    energy: Callable[[torch.Tensor], torch.Tensor], what: str) -> float:
+    """One step on the reverse KL to exp(-energy) known up to a constant: the mean of log q(x) + energy(x) over
+    draws x (S, ...) with their log densities (S,) from ``sample_with_log_prob()``. Returns the loss."""
+    optimizer.zero_grad(set_to_none=True)
+    draws, log_q = sample_with_log_prob()
+    return _descend(optimizer, (log_q + energy(draws)).mean(), what)
 
 
 def variational_training_step(flow: CouplingFlow, optimizer: torch.optim.Optimizer, z: torch.Tensor,
@@ -209,14 +224,7 @@ def variational_training_step(flow: CouplingFlow, optimizer: torch.optim.Optimiz
     """One Adam step on the reverse KL of the flow to a target density exp(-energy) known up to a constant:
     the mean over the base draws z (S, r) of log q(c) + energy(c), c = g(z), with ``energy`` mapping coordinates
     (S, r) to (S,) (the sampler's: minus the log prior plus the weighted loss-excess barrier). Returns the loss."""
-    optimizer.zero_grad(set_to_none=True)
-    coords, log_q = flow.sample_with_log_prob(z)
-    loss = (log_q + energy(coords)).mean()
-    if not torch.isfinite(loss):
-        raise FloatingPointError("variational flow training diverged (non-finite loss); lower flow_lr")
-    loss.backward()
-    optimizer.step()
-    return float(loss.detach())
+    return reverse_kl_step(optimizer, lambda: flow.sample_with_log_prob(z), energy, "variational flow training")
 
 
 def make_flow_optimizer(flow: CouplingFlow, lr: float) -> torch.optim.Optimizer:
@@ -282,11 +290,5 @@ def anchored_training_step(jitter: AnchoredJitter, optimizer: torch.optim.Optimi
                            u: torch.Tensor, energy: Callable[[torch.Tensor], torch.Tensor]) -> float:
     """One Adam step on the reverse KL of the anchored mixture to exp(-energy) (energy: thetas (S, P) -> (S,)),
     averaged over the latent draws (index (S,), u (S, r)). Returns the loss."""
-    optimizer.zero_grad(set_to_none=True)
-    thetas, log_q = jitter.sample_with_log_prob(index, u)
-    loss = (log_q + energy(thetas)).mean()
-    if not torch.isfinite(loss):
-        raise FloatingPointError("anchored jitter training diverged (non-finite loss); lower flow_lr")
-    loss.backward()
-    optimizer.step()
-    return float(loss.detach())
+    return reverse_kl_step(optimizer, lambda: jitter.sample_with_log_prob(index, u), energy,
+                           "anchored jitter training")
