@@ -1,4 +1,4 @@
-"""Shared checks of the fiber sampler's checkpoints (imported by the stage-2 tests)."""
+"""Problems and checks shared by the fiber sampler's tests."""
 
 from __future__ import annotations
 
@@ -8,6 +8,40 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from posthoc.fiber import FiberSampler
 from posthoc.fiber.sampler import _Interrupted
+from references import DTYPE, linear_gaussian_fiber, small_mlp
+
+
+def trained_classifier() -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+    """A 3-8-3 MLP trained (150 Adam steps) on 40 points of a 3-class problem: (model in eval mode, x, y)."""
+    torch.set_num_threads(1)
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(40, 3, generator=generator, dtype=DTYPE)
+    y = (x[:, 0] + x[:, 1] > 0).long() + (x[:, 2] > 1).long()
+    model = small_mlp(n_in=3, n_hidden=8, n_out=3)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
+    for _ in range(150):
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    return model.eval(), x, y
+
+
+# the linear-Gaussian fiber problem of fit_on_linear_fiber: N examples, P parameters, prior precision, noise
+LINEAR_N, LINEAR_P, LINEAR_DELTA, LINEAR_SIGMA = 4, 10, 2.0, 0.3
+
+
+def fit_on_linear_fiber(deform: str, **settings) -> tuple[FiberSampler, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """FiberSampler fitted on f(x) = x^T theta with P > N (LINEAR_*), exact projections
+    (full batch, CG to N + 2 steps, no damping) and latent P - N; ``settings`` add the walk and map settings.
+    Returns (sampler, x, theta*, null-space basis)."""
+    torch.set_num_threads(1)
+    n, p, delta, sigma = LINEAR_N, LINEAR_P, LINEAR_DELTA, LINEAR_SIGMA
+    model, x, y, theta, null = linear_gaussian_fiber(n, p, delta, sigma)
+    fs = FiberSampler(model, "regression", prior_precision=delta, sigma_noise=sigma, batch_size=n, subsample_size=n,
+                      cg_steps=n + 2, damping=0.0, loss_tolerance=1e-3, latent_dim=p - n, deform=deform, n_check=16,
+                      progress=False, **settings)
+    fs.fit(DataLoader(TensorDataset(x, y), batch_size=n))
+    return fs, x, theta, null
 
 
 def shuffled_loader(x: torch.Tensor, y: torch.Tensor, seed: int) -> DataLoader:

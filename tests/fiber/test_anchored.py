@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils.data import DataLoader, TensorDataset
 
 from posthoc.fiber import FiberSampler
 from posthoc.fiber.deform import AnchoredJitter, anchored_training_step
-from references import DTYPE, linear_gaussian_fiber, small_mlp
-from fiber.resume import assert_stage2_resumes_exactly, shuffled_loader
+from references import DTYPE
+from fiber.common import assert_stage2_resumes_exactly, fit_on_linear_fiber, shuffled_loader, trained_classifier
 
 SETTINGS = dict(n_particles=3, steps=20, burn_in=8, thin=3, step_size=3e-3, batch_size=8, subsample_size=16,
                 cg_steps=3, loss_tolerance=0.05, latent_dim=3, flow_steps=20, flow_loss_samples=4, n_check=8,
@@ -19,17 +18,7 @@ SETTINGS = dict(n_particles=3, steps=20, burn_in=8, thin=3, step_size=3e-3, batc
 
 @pytest.fixture(scope="module")
 def problem():
-    torch.set_num_threads(1)
-    generator = torch.Generator().manual_seed(1)
-    x = torch.randn(40, 3, generator=generator, dtype=DTYPE)
-    y = (x[:, 0] + x[:, 1] > 0).long() + (x[:, 2] > 1).long()
-    model = small_mlp(n_in=3, n_hidden=8, n_out=3)
-    optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
-    for _ in range(150):
-        optimizer.zero_grad()
-        torch.nn.functional.cross_entropy(model(x), y).backward()
-        optimizer.step()
-    return model.eval(), x, y
+    return trained_classifier()
 
 
 def test_jitter_map_decodes_in_the_shared_basis_and_respects_room():
@@ -74,14 +63,8 @@ def test_jitter_objective_recovers_the_prior_scale():
 def test_anchored_samples_stay_on_a_linear_fiber():
     """On f(x) = x^T theta the walked samples differ by vectors of null(X), so the shared basis lies in null(X) and
     every anchored sample keeps the training outputs exactly (the check reports 1.0 within the tolerance)."""
-    torch.set_num_threads(1)
-    n, p, delta, sigma = 4, 10, 2.0, 0.3
-    model, x, y, theta, _ = linear_gaussian_fiber(n, p, delta, sigma)
-    fs = FiberSampler(model, "regression", n_particles=4, steps=20, burn_in=10, thin=2, step_size=0.05,
-                      prior_precision=delta, sigma_noise=sigma, batch_size=n, subsample_size=n, cg_steps=n + 2,
-                      damping=0.0, loss_tolerance=1e-3, latent_dim=p - n, deform="anchored", flow_steps=50,
-                      flow_lr=0.05, flow_loss_samples=8, n_check=16, progress=False)
-    fs.fit(DataLoader(TensorDataset(x, y), batch_size=n))
+    fs, x, theta, _ = fit_on_linear_fiber("anchored", n_particles=4, steps=20, burn_in=10, thin=2, step_size=0.05,
+                                          flow_steps=50, flow_lr=0.05, flow_loss_samples=8)
     assert fs.info["stage2_within_tol"] == 1.0
     samples = fs.sample(200, seed=3)
     assert float((samples @ x.T - x @ theta).abs().max()) < 1e-9

@@ -5,11 +5,10 @@ from __future__ import annotations
 import math
 
 import torch
-from torch.utils.data import DataLoader, TensorDataset
 
-from posthoc.fiber import CouplingFlow, FiberSampler
+from posthoc.fiber import CouplingFlow
 from posthoc.fiber.deform import variational_training_step
-from references import linear_gaussian_fiber
+from fiber.common import LINEAR_DELTA, LINEAR_N, LINEAR_P, fit_on_linear_fiber
 
 DTYPE = torch.float64
 
@@ -61,14 +60,10 @@ def test_variational_sampler_recovers_the_prior_on_a_linear_fiber():
     prior N(0, delta^-1 I) restricted to it is N(theta*, delta^-1 Pi). The walked samples span null(X) (latent
     6 = P - N), so the variational map's optimum is exactly that Gaussian; the barrier never acts (outputs do not
     change)."""
-    torch.set_num_threads(1)
-    n, p, delta, sigma = 4, 10, 2.0, 0.3
-    model, x, y, theta, null = linear_gaussian_fiber(n, p, delta, sigma)
-    fs = FiberSampler(model, "regression", n_particles=8, steps=40, burn_in=20, thin=4, step_size=0.05,
-                      prior_precision=delta, sigma_noise=sigma, batch_size=n, subsample_size=n, cg_steps=n + 2,
-                      damping=0.0, loss_tolerance=1e-3, latent_dim=p - n, deform="variational", flow_layers=2,
-                      flow_hidden=8, flow_steps=250, flow_lr=0.03, flow_loss_samples=32, n_check=16, progress=False)
-    fs.fit(DataLoader(TensorDataset(x, y), batch_size=n))
+    fs, x, theta, null = fit_on_linear_fiber("variational", n_particles=8, steps=40, burn_in=20, thin=4,
+                                             step_size=0.05, flow_layers=2, flow_hidden=8, flow_steps=250,
+                                             flow_lr=0.03, flow_loss_samples=32)
+    n, p, delta = LINEAR_N, LINEAR_P, LINEAR_DELTA
     assert fs.info["stage2_within_tol"] == 1.0
     samples = fs.sample(4000, seed=3)
     assert float((samples @ x.T - x @ theta).abs().max()) < 1e-9  # on the fiber: decoded in null(X)

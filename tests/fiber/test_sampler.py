@@ -8,25 +8,8 @@ import torch
 from posthoc.fiber import FiberSampler
 from posthoc.fiber.sampler import _Interrupted
 from posthoc.predictive import SamplePredictive
-from references import DTYPE, small_mlp
-from fiber.resume import assert_stage2_resumes_exactly, shuffled_loader
-
-
-def _data(n: int = 40):
-    generator = torch.Generator().manual_seed(1)
-    x = torch.randn(n, 3, generator=generator, dtype=DTYPE)
-    y = (x[:, 0] + x[:, 1] > 0).long() + (x[:, 2] > 1).long()
-    return x, y
-
-
-def _trained_model(x, y):
-    model = small_mlp(n_in=3, n_hidden=8, n_out=3)
-    optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
-    for _ in range(150):
-        optimizer.zero_grad()
-        torch.nn.functional.cross_entropy(model(x), y).backward()
-        optimizer.step()
-    return model.eval()
+from references import DTYPE
+from fiber.common import assert_stage2_resumes_exactly, shuffled_loader, trained_classifier
 
 
 SETTINGS = dict(n_particles=3, steps=20, burn_in=8, thin=3, step_size=3e-3, batch_size=8, subsample_size=16,
@@ -36,9 +19,7 @@ SETTINGS = dict(n_particles=3, steps=20, burn_in=8, thin=3, step_size=3e-3, batc
 
 @pytest.fixture(scope="module")
 def problem():
-    torch.set_num_threads(1)
-    x, y = _data()
-    return _trained_model(x, y), x, y
+    return trained_classifier()
 
 
 def test_fit_samples_and_predicts(problem):
