@@ -51,6 +51,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from posthoc.utils.optim import guarded_step
+
 
 class DeformKind(str, Enum):
     GAUSSIAN = "gaussian"
@@ -197,16 +199,11 @@ def flow_training_step(flow: CouplingFlow, optimizer: torch.optim.Optimizer, coo
     loss = -flow.log_prob(coords).mean()
     if penalty is not None and penalty_weight > 0:
         loss = loss + penalty_weight * penalty(flow)
-    return _descend(optimizer, loss, "flow training")
+    return guarded_step(optimizer, loss, _diverged("flow training"))
 
 
-def _descend(optimizer: torch.optim.Optimizer, loss: torch.Tensor, what: str) -> float:
-    """Backward and one optimizer step on a finite loss (gradients zeroed by the caller); returns the loss."""
-    if not torch.isfinite(loss):
-        raise FloatingPointError(f"{what} diverged (non-finite loss); lower flow_lr")
-    loss.backward()
-    optimizer.step()
-    return float(loss.detach())
+def _diverged(what: str) -> str:
+    return f"{what} diverged (non-finite loss); lower flow_lr"
 
 
 def reverse_kl_step(optimizer: torch.optim.Optimizer,
@@ -216,7 +213,7 @@ def reverse_kl_step(optimizer: torch.optim.Optimizer,
     draws x (S, ...) with their log densities (S,) from ``sample_with_log_prob()``. Returns the loss."""
     optimizer.zero_grad(set_to_none=True)
     draws, log_q = sample_with_log_prob()
-    return _descend(optimizer, (log_q + energy(draws)).mean(), what)
+    return guarded_step(optimizer, (log_q + energy(draws)).mean(), _diverged(what))
 
 
 def variational_training_step(flow: CouplingFlow, optimizer: torch.optim.Optimizer, z: torch.Tensor,

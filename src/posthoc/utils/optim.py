@@ -1,4 +1,5 @@
-"""Gradient ascent of a scalar objective over a few unconstrained hyperparameters (log delta, log sigma)."""
+"""Guarded optimizer steps, and gradient ascent of a scalar objective over a few unconstrained hyperparameters
+(log delta, log sigma)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,18 @@ from typing import Callable, Sequence
 
 import torch
 from tqdm.auto import tqdm
+
+
+def guarded_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, error: str) -> float:
+    """Backward and one optimizer step on ``loss`` (gradients zeroed by the caller); returns the loss.
+
+    Raises FloatingPointError(``error``) instead when the loss is not finite.
+    """
+    if not torch.isfinite(loss):
+        raise FloatingPointError(error)
+    loss.backward()
+    optimizer.step()
+    return float(loss.detach())
 
 
 def maximise(objective: Callable[[], torch.Tensor], params: Sequence[torch.Tensor], n_steps: int, lr: float,
@@ -17,8 +30,4 @@ def maximise(objective: Callable[[], torch.Tensor], params: Sequence[torch.Tenso
     optimizer = torch.optim.Adam(list(params), lr=lr)
     for _ in tqdm(range(n_steps), desc=what, disable=not progress, leave=False):
         optimizer.zero_grad()
-        loss = -objective()
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"the {what} became non-finite; lower lr")
-        loss.backward()
-        optimizer.step()
+        guarded_step(optimizer, -objective(), f"the {what} became non-finite; lower lr")
