@@ -353,9 +353,7 @@ class FiberSampler:
             return self
         self._walk(problem, path, saved)
         t0 = time.perf_counter()
-        within = self.particle_nll <= self.map_nll + self.config.loss_tolerance
-        train = self.particles[within] if int(within.sum()) >= 2 else self.particles
-        self.coords = PrincipalCoordinates.fit(train, self.latent_dim, centre=self.subset.theta_map)
+        self.coords = PrincipalCoordinates.fit(self._stage2_samples(), self.latent_dim, centre=self.subset.theta_map)
         self.info["explained_variance"] = self.coords.explained
         self.info["latent_dim"] = float(self.coords.rank)
         self.flow = None
@@ -376,10 +374,19 @@ class FiberSampler:
         self._save(path, problem, "done", state=self.state_dict())
         return self
 
+    def _within_tolerance(self) -> torch.Tensor:
+        """(M,) mask of the walked samples whose all-data NLL is within the tolerance of the MAP's."""
+        return self.particle_nll <= self.map_nll + self.config.loss_tolerance
+
+    def _stage2_samples(self) -> torch.Tensor:
+        """The walked samples stage 2 is fitted on: those within the tolerance, or all when fewer than 2 are."""
+        within = self._within_tolerance()
+        return self.particles[within] if int(within.sum()) >= 2 else self.particles
+
     def _anchored_map(self) -> AnchoredJitter:
         """The ``anchored`` map (untrained) on the walked samples within the tolerance; see deform.py."""
         tol = self.config.loss_tolerance
-        within = self.particle_nll <= self.map_nll + tol
+        within = self._within_tolerance()
         if not bool(within.any()):
             raise ValueError("no walked sample is within the loss tolerance, so deform='anchored' has no anchors; "
                              "lower step_size or raise final_rounds / loss_tolerance")
@@ -421,9 +428,7 @@ class FiberSampler:
             start, losses = saved["flow_step"], list(saved["losses"])
             generator.set_state(saved["flow_rng"])
             self.info["deform_s"] = saved["deform_s"]
-        coords = self.coords.encode(
-            self.particles[self.particle_nll <= self.map_nll + self.config.loss_tolerance]
-            if int((self.particle_nll <= self.map_nll + self.config.loss_tolerance).sum()) >= 2 else self.particles)
+        coords = self.coords.encode(self._stage2_samples())
         flow.train()
         t0 = time.perf_counter()
         threads = torch.get_num_threads()
