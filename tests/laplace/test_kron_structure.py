@@ -80,8 +80,16 @@ def _sequence_model() -> nn.Module:
     return nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Flatten(), nn.Linear(20, 3)).to(DTYPE)
 
 
+def _wide_cnn() -> nn.Module:
+    """Convolutions wide enough (C_in·kw >= MIN_ROW_WIDTH) for the row-lag route of the input factor."""
+    torch.manual_seed(2)
+    return nn.Sequential(nn.Conv2d(1, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 8, 3, padding=1, stride=2),
+                         nn.Tanh(), nn.Conv2d(8, 2, (3, 2), padding=(0, 1), dilation=(1, 2)), nn.Flatten(),
+                         nn.Linear(6, 3)).to(DTYPE)
+
+
 @pytest.mark.parametrize("approx", list(KFACApproximation))
-@pytest.mark.parametrize("case", ["mlp", "regression", "cnn", "sequence"])
+@pytest.mark.parametrize("case", ["mlp", "regression", "cnn", "wide_cnn", "sequence"])
 def test_factors_match_curvlinops(classification_data, regression_data, image_data, approx, case):
     """A equals curvlinops' for any reduction; G for CrossEntropyLoss(sum), and half of MSELoss(sum)'s."""
     if case == "mlp":
@@ -92,6 +100,8 @@ def test_factors_match_curvlinops(classification_data, regression_data, image_da
         y = torch.cat([regression_data[1], regression_data[1] ** 2], dim=1)
     elif case == "cnn":
         (x, y), model, likelihood = image_data, small_cnn(), "classification"
+    elif case == "wide_cnn":
+        (x, y), model, likelihood = image_data, _wide_cnn(), "classification"
     else:
         model, likelihood = _sequence_model(), "classification"
         x = torch.randn(10, 5, 3, dtype=DTYPE, generator=torch.Generator().manual_seed(3))

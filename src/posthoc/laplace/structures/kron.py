@@ -249,7 +249,7 @@ class KronCurvature(CurvatureStructure):
         for layer in self.layers:
             g, (q_out, q_in) = grads[layer.name], bases[layer.name]
             if layer.weight is not None:
-                a, inv = record.patches[layer.name], inverse[layer.weight]
+                a, inv = record.patches(layer.name), inverse[layer.weight]
                 if a.shape[-1] == 1:
                     # rank-one rows: Σ_p (Q_Aᵀa)_p² / (s·E_qp + δ) folds the input side into one weight per q
                     rows = g[..., 0] @ q_out  # (B, C, D_out)
