@@ -60,6 +60,7 @@ from posthoc.curvature.jacobians import per_example_factor_gradients, per_exampl
 from posthoc.curvature.output_factors import OutputFactors
 from posthoc.laplace.subset import ParameterSubset, SubsetOfWeights
 from posthoc.utils.conv import conv_input_gram, unfold_patches
+from posthoc.utils.linalg import gram
 
 # Elements of stacked output gradients / per-example rotated weight gradients held at once
 # (about 64 MB in float32); larger work is chunked over examples or output columns.
@@ -191,22 +192,6 @@ def _channels_first(module: nn.Module, grad: torch.Tensor) -> torch.Tensor:
     if isinstance(module, nn.Conv2d):
         return grad.flatten(2)
     return grad.reshape(grad.shape[0], -1, grad.shape[-1]).mT
-
-
-def gram(x: torch.Tensor) -> torch.Tensor:
-    """Σ over leading dims and positions of x xᵀ for x (..., D, L): (D, D).
-
-    Batched products when D ≤ 4·L (no copy of x), else one GEMM on a (·, D) copy;
-    extra memory at most 4 times the size of x.
-    """
-    d, n_pos = x.shape[-2:]
-    if n_pos == 1:
-        flat = x[..., 0].reshape(-1, d)
-    elif d <= 4 * n_pos:
-        return torch.matmul(x, x.mT).sum(tuple(range(x.ndim - 2)))
-    else:
-        flat = x.transpose(-1, -2).reshape(-1, d)
-    return flat.T @ flat
 
 
 def input_gram(module: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from posthoc.utils.linalg import gram
+
 
 def _pair(value: int | tuple[int, ...]) -> tuple[int, int]:
     return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
@@ -57,9 +59,7 @@ def conv_input_gram(x: torch.Tensor, kernel_size: int | tuple[int, int], dilatio
         raise ValueError(f"conv_input_gram expects (N, C, H, W), got shape {tuple(x.shape)}")
     n, c = x.shape[:2]
     if kh == 1 or c * kw < MIN_ROW_WIDTH:
-        patches = unfold_patches(x, kernel_size, dilation, padding, stride)
-        flat = patches.transpose(1, 2).reshape(-1, patches.shape[1])
-        return flat.T @ flat
+        return gram(unfold_patches(x, kernel_size, dilation, padding, stride))
     xp = F.pad(x, (pw, pw, ph, ph)) if ph or pw else x
     h, w = xp.shape[-2:]
     h_out, w_out = (h - dh * (kh - 1) - 1) // sh + 1, (w - dw * (kw - 1) - 1) // sw + 1

@@ -41,3 +41,19 @@ def psd_eigh(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Eigendecomposition of a symmetric PSD matrix with eigenvalues clamped at 0 (round-off)."""
     evals, evecs = torch.linalg.eigh(matrix)
     return evals.clamp_min(0), evecs
+
+
+def gram(x: torch.Tensor) -> torch.Tensor:
+    """Σ over leading dims and positions of x xᵀ for x (..., D, L): (D, D).
+
+    Batched products when D ≤ 4·L (no copy of x), else one GEMM on a (·, D) copy;
+    extra memory at most 4 times the size of x.
+    """
+    d, n_pos = x.shape[-2:]
+    if n_pos == 1:
+        flat = x[..., 0].reshape(-1, d)
+    elif d <= 4 * n_pos:
+        return torch.matmul(x, x.mT).sum(tuple(range(x.ndim - 2)))
+    else:
+        flat = x.transpose(-1, -2).reshape(-1, d)
+    return flat.T @ flat
