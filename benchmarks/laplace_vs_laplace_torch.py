@@ -379,6 +379,9 @@ def _cell(res: dict[str, Any] | None, kind: str, n_test: int) -> str:
     status = res["status"]
     mem = _fmt_bytes(res.get("peak_rss_bytes"))
     if status == OK and kind == "fit":
+        runs = res.get("repeat_seconds", [])
+        if len(runs) > 1:
+            return f"median {_median(runs):.1f} s (runs {', '.join(f'{t:.1f}' for t in runs)}), peak {mem}"
         return f"{res['seconds']:.1f} s, peak {mem}"
     if kind == "glm" and res.get("points_done", 0) > 0 and res.get("seconds", 0) > 0:
         thr = res["points_done"] / res["seconds"]
@@ -436,6 +439,18 @@ def compare_summaries(pa: Path, pb: Path) -> dict[str, Any]:
     return out
 
 
+def fit_ratios(ph: dict[str, Any], lt: dict[str, Any]) -> list[float]:
+    """posthoc / laplace-torch fit time of each interleaved pair of runs (one pair without --repeats)."""
+    a, b = ph.get("repeat_seconds", [ph["seconds"]]), lt.get("repeat_seconds", [lt["seconds"]])
+    return [x / y for x, y in zip(a, b)]
+
+
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else 0.5 * (ordered[mid - 1] + ordered[mid])
+
+
 def ratio_cell(case: dict[str, Any], ph: dict[str, Any] | None, lt: dict[str, Any] | None) -> str:
     if ph is None or lt is None:
         return "—"
@@ -443,7 +458,11 @@ def ratio_cell(case: dict[str, Any], ph: dict[str, Any] | None, lt: dict[str, An
         if ph["status"] != OK:
             return "—"
         if lt["status"] == OK:
-            return f"{ph['seconds'] / lt['seconds']:.3g}× the time"
+            ratios = fit_ratios(ph, lt)
+            if len(ratios) == 1:
+                return f"{ratios[0]:.3g}× the time"
+            return (f"{_median(ratios):.3g}× the time (median of {len(ratios)} interleaved pairs; "
+                    f"pairs {', '.join(f'{r:.3g}' for r in ratios)})")
         if lt["status"] == TIMEOUT:
             return f"< {ph['seconds'] / lt['timeout_s']:.3g}× the time"
         return "—"
@@ -463,8 +482,12 @@ def goal_note(case: dict[str, Any], ph, lt, n_test: int) -> str:
     s, kind = case["structure"], case["kind"]
     if kind == "fit" and s == "kron":
         if lt and lt["status"] == OK:
-            r = ph["seconds"] / lt["seconds"]
-            return f"goal ≤ 0.5×: {'met' if r <= 0.5 else 'not met'}"
+            ratios = fit_ratios(ph, lt)
+            r = _median(ratios)
+            if len(ratios) == 1:
+                return f"goal ≤ 0.5×: {'met' if r <= 0.5 else 'not met'}"
+            return (f"goal ≤ 0.5×: median {'met' if r <= 0.5 else 'not met'}, "
+                    f"{sum(x <= 0.5 for x in ratios)} of {len(ratios)} pairs ≤ 0.5×")
         if lt and lt["status"] == TIMEOUT:
             return "goal ≤ 0.5×: met"
     if kind == "fit" and s == "diag":
@@ -498,6 +521,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--libraries", default=",".join(LIBRARIES), help="which sides to run")
     p.add_argument("--subset", default="all", choices=("all", "last_layer"), help="subset_of_weights")
     p.add_argument("--fit-batch-size", type=int, default=100, help="batch size of the training loader (both sides)")
+    p.add_argument("--repeats", type=int, default=1, help="run each fit case this many times, alternating the "
+                   "libraries (posthoc, laplace-torch, posthoc, ...), and report the median of the paired ratios: "
+                   "on a shared machine the speed drifts between runs")
     p.add_argument("--fit-timeout", type=float, default=600.0, help="seconds before a fit is recorded as a timeout")
     p.add_argument("--predict-budget", type=float, default=300.0, help="seconds of glm prediction after which the "
                    "throughput is extrapolated from the points done")
@@ -576,34 +602,42 @@ def main(argv: list[str] | None = None) -> int:
         fit_ok: dict[tuple[str, str], bool] = {}
         # fits first, so each predictive loads the state its fit saved
         ordered = [c for c in cases if c["kind"] == "fit"] + [c for c in cases if c["kind"] == "glm"]
-        for case in ordered:
-            for lib in libs:
-                cid = case_id(lib, case)
-                spec = spec_for(lib, case)
-                key = (lib, case["structure"])
-                if case["kind"] == "fit":
-                    timeout = args.fit_timeout
+        if args.repeats < 1:
+            raise SystemExit("--repeats must be >= 1")
+        runs = [(case, lib) for case in ordered
+                for _ in range(args.repeats if case["kind"] == "fit" else 1) for lib in libs]
+        repeat_seconds: dict[str, list[float]] = {}
+        for case, lib in runs:
+            cid = case_id(lib, case)
+            spec = spec_for(lib, case)
+            key = (lib, case["structure"])
+            if case["kind"] == "fit":
+                timeout = args.fit_timeout
+            else:
+                if key not in fit_ok:  # no fit case asked for: the predictive fits itself first
+                    spec["state_available"] = False
+                    spec["fallback_fit_n"] = data_info["n_train"]
+                    spec["fallback_fit_batch"] = args.fit_batch_size
+                    timeout = args.fit_timeout + args.predict_budget + 300
                 else:
-                    if key not in fit_ok:  # no fit case asked for: the predictive fits itself first
-                        spec["state_available"] = False
-                        spec["fallback_fit_n"] = data_info["n_train"]
-                        spec["fallback_fit_batch"] = args.fit_batch_size
-                        timeout = args.fit_timeout + args.predict_budget + 300
-                    else:
-                        spec["state_available"] = fit_ok[key]
-                        timeout = args.predict_budget + 300 + (0 if fit_ok[key] else args.fit_timeout)
-                print(f"- {lib:13s} {case_name(case):24s} ...", end=" ", flush=True)
-                res = run_child(spec, timeout=timeout, mem_limit=mem_limit)
-                if case["kind"] == "glm" and not spec["state_available"] and key in fit_ok:
-                    res["note"] = (f"its fit did not finish; predictive timed after a fit on the first "
-                                   f"{spec['fallback_fit_n']} points at batch {spec['fallback_fit_batch']} "
-                                   "(covariance not compared)")
-                if case["kind"] == "fit":
-                    fit_ok[key] = res["status"] == OK
-                res["spec"] = {k: spec[k] for k in ("lib", "structure", "kind", "batch", "subset", "fit_batch",
-                                                    "threads")}
-                results[cid] = res
-                print(_cell(res, case["kind"], n_test), flush=True)
+                    spec["state_available"] = fit_ok[key]
+                    timeout = args.predict_budget + 300 + (0 if fit_ok[key] else args.fit_timeout)
+            print(f"- {lib:13s} {case_name(case):24s} ...", end=" ", flush=True)
+            res = run_child(spec, timeout=timeout, mem_limit=mem_limit)
+            if case["kind"] == "glm" and not spec["state_available"] and key in fit_ok:
+                res["note"] = (f"its fit did not finish; predictive timed after a fit on the first "
+                               f"{spec['fallback_fit_n']} points at batch {spec['fallback_fit_batch']} "
+                               "(covariance not compared)")
+            if case["kind"] == "fit":
+                fit_ok[key] = res["status"] == OK
+            res["spec"] = {k: spec[k] for k in ("lib", "structure", "kind", "batch", "subset", "fit_batch",
+                                                "threads")}
+            if case["kind"] == "fit" and args.repeats > 1:
+                if res["status"] == OK:
+                    repeat_seconds.setdefault(cid, []).append(res["seconds"])
+                res["repeat_seconds"] = list(repeat_seconds.get(cid, []))
+            results[cid] = res
+            print(_cell(res, case["kind"], n_test), flush=True)
 
         # float64 reference (posthoc, fitted on the same data) for the first n_compare test points
         references: dict[str, Any] = {}
@@ -713,7 +747,10 @@ def main(argv: list[str] | None = None) -> int:
         f"points done (said in the cell). MAP forward pass: {map_thr or float('nan'):.4g} test points / s at batch "
         "250. Covariance differences: max |posthoc − laplace-torch| over the first "
         f"{args.n_compare} test points' (C, C) covariances; 'rel' divides by the largest |entry| of laplace-torch's; "
-        "'variances' is the largest elementwise relative difference of the diagonals.",
+        "'variances' is the largest elementwise relative difference of the diagonals."
+        + (f" Each fit case ran {args.repeats} times, the libraries alternating (posthoc, laplace-torch, posthoc, "
+           "...); its ratio is the median of the ratios of the adjacent pairs, so that a drift of the machine's "
+           "speed during the run affects both sides of a pair alike." if args.repeats > 1 else ""),
         "",
         load_line,
         "",
