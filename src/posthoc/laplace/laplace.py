@@ -82,7 +82,7 @@ class Laplace:
         dict_key_x, dict_key_y: the keys read from loaders that yield dict batches.
         progress: show progress bars.
         structure_options: passed to the structure's fit (e.g. lowrank
-            ``{"rank": 20, "subsample": 1000}``, kron ``{"conv_approx": "reduce"}``).
+            ``{"rank": 20, "subsample": 1000}``, kron/ekfac ``{"kfac_approx": "reduce"}``).
     """
 
     def __init__(
