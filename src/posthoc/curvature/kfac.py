@@ -226,6 +226,10 @@ class TappedForward:
             self._patches[name] = _patches(self._layers[name].module, self.inputs[name])
         return self._patches[name]
 
+    def input_gram(self, name: str) -> torch.Tensor:
+        """Σ over examples and positions of a aᵀ for the layer's inputs a: (D_in, D_in) (see :func:`input_gram`)."""
+        return input_gram(self._layers[name].module, self.inputs[name])
+
     def column_gradients(self, cotangents: torch.Tensor, retain_graph: bool) -> Iterator[dict[str, torch.Tensor]]:
         """For each column k of ``cotangents`` (B, C, K): g (B, D_out, L) per layer (views), the gradient
         of Σ_n cotangents[n, :, k]ᵀ f(x_n) in the layer outputs. One backward pass per column, to the
@@ -387,9 +391,11 @@ def kfac_factors(subset: ParameterSubset, batches: Iterable[tuple[torch.Tensor, 
         s = factors(record.outputs.detach(), targets)  # (B, C, K)
         n_data += inputs.shape[0]
         n_outputs = record.outputs.shape[1]
-        for name, x in record.inputs.items():
-            module = record._layers[name].module
-            term = gram(record.patches(name).mean(-1, keepdim=True)) if reduce else input_gram(module, x) / positions[name]
+        for name in record.inputs:
+            if reduce:
+                term = gram(record.patches(name).mean(-1, keepdim=True))
+            else:
+                term = record.input_gram(name) / positions[name]
             a_sum[name] = a_sum[name] + term if name in a_sum else term
         for grads in record.column_gradients(s, retain_graph=False):
             for name, g in grads.items():  # (B, D_out, L)
