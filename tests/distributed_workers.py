@@ -7,6 +7,7 @@ raised), so the parent test can compare with a single-process run.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import multiprocessing
 import os
@@ -108,13 +109,23 @@ def _join(rank: int, world: int, port: int) -> None:
                             timeout=datetime.timedelta(seconds=30))
 
 
-def laplace_worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    """Fit every structure on this rank's shard; save the results."""
+@contextlib.contextmanager
+def _group(rank: int, world: int, port: int):
+    """The process group for the worker's body. After a body that succeeded, every rank waits for the
+    others before tearing down: a rank leaving while another still talks to it made gloo abort the
+    process at exit now and then ("terminate called without an active exception", exit code -6)."""
     _join(rank, world, port)
     try:
-        torch.save(fit_everything(sharded, sharded), Path(out_dir) / f"rank{rank}.pt")
+        yield
+        dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def laplace_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    """Fit every structure on this rank's shard; save the results."""
+    with _group(rank, world, port):
+        torch.save(fit_everything(sharded, sharded), Path(out_dir) / f"rank{rank}.pt")
 
 
 class _DyingLoader:
@@ -167,27 +178,21 @@ def train(checkpoint_dir: str) -> dict[str, torch.Tensor]:
 
 def training_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     """MAP training of the same model on 2 ranks (checkpoints in out_dir/ckpt), twice: the second run reuses."""
-    _join(rank, world, port)
-    try:
+    with _group(rank, world, port):
         first = train(str(Path(out_dir) / "ckpt"))
         dist.barrier()
         second = train(str(Path(out_dir) / "ckpt"))
         torch.save({"first": first, "second": second}, Path(out_dir) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 def bench_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     """``run_bench`` on the embedded suite (1 MAP epoch) on 2 ranks; rank 0 writes the results."""
-    _join(rank, world, port)
-    try:
+    with _group(rank, world, port):
         from posthoc.bench import run_bench
 
         report = run_bench("fmnist-embedded", ["map", "la_kron"], out_dir=Path(out_dir) / "results",
                            checkpoint_dir=Path(out_dir) / "ckpt", epochs=1, progress=False, log=lambda s: None)
         torch.save(report.rows, Path(out_dir) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 class _Stop(Exception):
@@ -231,10 +236,7 @@ def scalla_run(objective: str, steps: int, checkpoint: str | None = None, stop_a
 
 def scalla_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     """Both objectives on 2 ranks; then a checkpointed run interrupted at step 3 (resumed by the parent)."""
-    _join(rank, world, port)
-    try:
+    with _group(rank, world, port):
         results = {objective: scalla_run(objective, steps=5) for objective in ("probes", "directions")}
         scalla_run("probes", steps=6, checkpoint=str(Path(out_dir) / "scalla.pt"), stop_at=3)
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
