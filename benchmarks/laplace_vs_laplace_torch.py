@@ -34,6 +34,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -381,7 +382,9 @@ def _cell(res: dict[str, Any] | None, kind: str, n_test: int) -> str:
     if status == OK and kind == "fit":
         runs = res.get("repeat_seconds", [])
         if len(runs) > 1:
-            return f"median {_median(runs):.1f} s (runs {', '.join(f'{t:.1f}' for t in runs)}), peak {mem}"
+            done = [t for t in runs if t is not None]
+            listed = ", ".join("failed" if t is None else f"{t:.1f}" for t in runs)
+            return f"median {statistics.median(done):.1f} s (runs {listed}), peak {mem}"
         return f"{res['seconds']:.1f} s, peak {mem}"
     if kind == "glm" and res.get("points_done", 0) > 0 and res.get("seconds", 0) > 0:
         thr = res["points_done"] / res["seconds"]
@@ -440,15 +443,10 @@ def compare_summaries(pa: Path, pb: Path) -> dict[str, Any]:
 
 
 def fit_ratios(ph: dict[str, Any], lt: dict[str, Any]) -> list[float]:
-    """posthoc / laplace-torch fit time of each interleaved pair of runs (one pair without --repeats)."""
+    """posthoc / laplace-torch fit time of each interleaved pair of runs where both finished (one pair without
+    --repeats; a repetition that failed is None in ``repeat_seconds`` and drops its pair)."""
     a, b = ph.get("repeat_seconds", [ph["seconds"]]), lt.get("repeat_seconds", [lt["seconds"]])
-    return [x / y for x, y in zip(a, b)]
-
-
-def _median(values: list[float]) -> float:
-    ordered = sorted(values)
-    mid = len(ordered) // 2
-    return ordered[mid] if len(ordered) % 2 else 0.5 * (ordered[mid - 1] + ordered[mid])
+    return [x / y for x, y in zip(a, b) if x is not None and y is not None]
 
 
 def ratio_cell(case: dict[str, Any], ph: dict[str, Any] | None, lt: dict[str, Any] | None) -> str:
@@ -461,7 +459,7 @@ def ratio_cell(case: dict[str, Any], ph: dict[str, Any] | None, lt: dict[str, An
             ratios = fit_ratios(ph, lt)
             if len(ratios) == 1:
                 return f"{ratios[0]:.3g}× the time"
-            return (f"{_median(ratios):.3g}× the time (median of {len(ratios)} interleaved pairs; "
+            return (f"{statistics.median(ratios):.3g}× the time (median of {len(ratios)} interleaved pairs; "
                     f"pairs {', '.join(f'{r:.3g}' for r in ratios)})")
         if lt["status"] == TIMEOUT:
             return f"< {ph['seconds'] / lt['timeout_s']:.3g}× the time"
@@ -483,7 +481,7 @@ def goal_note(case: dict[str, Any], ph, lt, n_test: int) -> str:
     if kind == "fit" and s == "kron":
         if lt and lt["status"] == OK:
             ratios = fit_ratios(ph, lt)
-            r = _median(ratios)
+            r = statistics.median(ratios)
             if len(ratios) == 1:
                 return f"goal ≤ 0.5×: {'met' if r <= 0.5 else 'not met'}"
             return (f"goal ≤ 0.5×: median {'met' if r <= 0.5 else 'not met'}, "
@@ -540,6 +538,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--name", default=RESULT_STEM, help="file stem of the results")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.repeats < 1:
+        p.error("--repeats must be >= 1")
 
     if args.child:
         child_main(json.loads(Path(args.child).read_text()))
@@ -602,8 +602,6 @@ def main(argv: list[str] | None = None) -> int:
         fit_ok: dict[tuple[str, str], bool] = {}
         # fits first, so each predictive loads the state its fit saved
         ordered = [c for c in cases if c["kind"] == "fit"] + [c for c in cases if c["kind"] == "glm"]
-        if args.repeats < 1:
-            raise SystemExit("--repeats must be >= 1")
         runs = [(case, lib) for case in ordered
                 for _ in range(args.repeats if case["kind"] == "fit" else 1) for lib in libs]
         repeat_seconds: dict[str, list[float]] = {}
@@ -632,10 +630,9 @@ def main(argv: list[str] | None = None) -> int:
                 fit_ok[key] = res["status"] == OK
             res["spec"] = {k: spec[k] for k in ("lib", "structure", "kind", "batch", "subset", "fit_batch",
                                                 "threads")}
-            if case["kind"] == "fit" and args.repeats > 1:
-                if res["status"] == OK:
-                    repeat_seconds.setdefault(cid, []).append(res["seconds"])
-                res["repeat_seconds"] = list(repeat_seconds.get(cid, []))
+            if case["kind"] == "fit" and args.repeats > 1:  # every repetition, None where it did not finish
+                repeat_seconds.setdefault(cid, []).append(res["seconds"] if res["status"] == OK else None)
+                res["repeat_seconds"] = list(repeat_seconds[cid])
             results[cid] = res
             print(_cell(res, case["kind"], n_test), flush=True)
 
