@@ -12,6 +12,7 @@ The posterior is over a flat vector theta of P entries, in PyTorch's row-major
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from enum import Enum
 
@@ -94,23 +95,75 @@ class ParameterSubset:
             offset += param.numel()
         self.blocks: list[ParamBlock] = blocks
         self._names = [n for n, _ in named]
-        full = torch.cat([p.detach().reshape(-1) for _, p in named]).clone()
-        self._full_map = full
+        self._n_full = offset
         if self.kind is SubsetOfWeights.SUBNETWORK:
             if subnetwork_indices is None:
                 raise ValueError("subset_of_weights='subnetwork' needs subnetwork_indices (a LongTensor of positions)")
             idx = torch.as_tensor(subnetwork_indices).long().reshape(-1)
-            if idx.numel() == 0 or int(idx.min()) < 0 or int(idx.max()) >= full.numel():
-                raise ValueError(f"subnetwork_indices must be non-empty positions in [0, {full.numel() - 1}]")
+            if idx.numel() == 0 or int(idx.min()) < 0 or int(idx.max()) >= offset:
+                raise ValueError(f"subnetwork_indices must be non-empty positions in [0, {offset - 1}]")
             if torch.unique(idx).numel() != idx.numel():
                 raise ValueError("subnetwork_indices contains duplicates")
-            self.indices: torch.Tensor | None = torch.sort(idx).values.to(full.device)
-            self.theta_map = full[self.indices].clone()
+            self.indices: torch.Tensor | None = torch.sort(idx).values
         else:
             if subnetwork_indices is not None:
                 raise ValueError("subnetwork_indices is only used with subset_of_weights='subnetwork'")
             self.indices = None
+        self.capture()
+
+    # ----------------------------------------------------------------- theta* and its staleness check
+    def _model_tensors(self) -> list[torch.Tensor]:
+        """Every parameter and buffer of the whole model: what the covered function's outputs depend on."""
+        return [t for t in (*self.model.parameters(), *self.model.buffers()) if t is not None]
+
+    def _tokens(self) -> list[tuple[int, int, tuple[int, ...]]]:
+        return [(t.data_ptr(), t._version, tuple(t.shape)) for t in self._model_tensors()]
+
+    def _digest(self) -> str:
+        """blake2b of every parameter and buffer's bytes, in registration order (cost: one pass over them)."""
+        h = hashlib.blake2b(digest_size=16)
+        for t in self._model_tensors():
+            h.update(str((tuple(t.shape), t.dtype)).encode())
+            h.update(t.detach().reshape(-1).contiguous().view(torch.uint8).cpu().numpy().tobytes())
+        return h.hexdigest()
+
+    def capture(self) -> None:
+        """Read theta* from the model's current weights (the MAP is the weights at ``fit``, not at construction).
+
+        Also records the model's state (every parameter and buffer) so that :meth:`check_current` can tell when
+        the weights changed afterwards. Cost: one copy of the covered entries and one hash of the model's state.
+        """
+        named = dict(self.module.named_parameters())
+        missing = [n for n in self._names if n not in named]
+        if missing or [tuple(named[n].shape) for n in self._names] != [b.shape for b in self.blocks]:
+            raise RuntimeError("the model's parameters changed shape or names since this object was built; "
+                               "build it again for the new model")
+        full = torch.cat([named[n].detach().reshape(-1) for n in self._names]).clone()
+        self._full_map = full
+        if self.indices is not None:
+            self.indices = self.indices.to(full.device)
+            self.theta_map = full[self.indices].clone()
+        else:
             self.theta_map = full
+        self._state_tokens = self._tokens()
+        self._state_digest = self._digest()
+
+    def check_current(self, action: str = "predict") -> None:
+        """Raise RuntimeError if the model's weights or buffers changed since :meth:`capture` (i.e. since fit).
+
+        Fast path (no copy) when no tensor was written in place or replaced since; otherwise one hash of the
+        model's state, so writing back identical values (e.g. ``load_state_dict`` of the same checkpoint) passes.
+        """
+        tokens = self._tokens()
+        if tokens == self._state_tokens:
+            return
+        if len(tokens) == len(self._state_tokens) and self._digest() == self._state_digest:
+            self._state_tokens = tokens
+            return
+        raise RuntimeError(
+            f"cannot {action}: the model's weights or buffers changed since fit() (theta* is the weights at fit). "
+            "Call fit() again for the new weights, or restore the weights the posterior was fitted at"
+        )
 
     @property
     def n_params(self) -> int:
