@@ -37,6 +37,43 @@ def probit(mean: torch.Tensor, cov_or_var: torch.Tensor) -> torch.Tensor:
     return torch.softmax(mean * kappa, dim=-1)
 
 
+def _bridge_log_alpha(mean: torch.Tensor, cov_or_var: torch.Tensor, correction: bool) -> torch.Tensor:
+    """log alpha (B, C) of the Laplace bridge, finite for any finite mean and positive variances.
+
+    In log space, log alpha_k = logaddexp(log(1 - 2/C), mu_k + logsumexp(-mu) - 2 log C) - log Sigma_kk,
+    so no exponential overflows (float32 e^{mu} overflows beyond mu = 88). The covariance is divided
+    by its largest diagonal entry s before the projection (and log s added back), so sums of huge
+    variances do not overflow either. A log alpha too large for the dtype (logit differences beyond
+    its range) is clamped to the dtype's maximum: that class then holds all the probability, as in probit.
+    """
+    n_classes = mean.shape[-1]
+    scale = diagonal(cov_or_var).abs().amax(dim=-1, keepdim=True).clamp_min(torch.finfo(mean.dtype).tiny)
+    if correction:
+        # mean / C summed, not mean(): the sum of huge logits may overflow where the average does not
+        mean = mean - (mean / n_classes).sum(dim=-1, keepdim=True)
+        if cov_or_var.ndim == 3:
+            centred = cov_or_var / scale.unsqueeze(-1)
+            centred = centred - centred.mean(dim=-1, keepdim=True)
+            centred = centred - centred.mean(dim=-2, keepdim=True)
+            var = torch.diagonal(centred, dim1=-2, dim2=-1)
+        else:
+            # P diag(v) P has diagonal v_k (1 - 2/C) + sum(v) / C^2.
+            scaled = cov_or_var / scale
+            var = scaled * (1.0 - 2.0 / n_classes) + scaled.sum(-1, keepdim=True) / n_classes**2
+    else:
+        var = diagonal(cov_or_var) / scale
+    if bool((var <= 0).any()):
+        raise ValueError(
+            "the Laplace bridge needs strictly positive logit variances; got a zero or negative "
+            "variance (e.g. a MAP predictive with no uncertainty). Use link_approx='probit' or 'mc' instead"
+        )
+    log_var = torch.log(var) + torch.log(scale)
+    exponent = mean + torch.logsumexp(-mean, dim=-1, keepdim=True) - 2.0 * math.log(n_classes)
+    # log(1 - 2/C) is -inf for C = 2, where logaddexp(-inf, b) = b; C = 1 is handled by the callers
+    constant = torch.full_like(exponent, math.log(1.0 - 2.0 / n_classes) if n_classes > 2 else -math.inf)
+    return (torch.logaddexp(constant, exponent) - log_var).clamp(max=torch.finfo(mean.dtype).max)
+
+
 def bridge_alpha(mean: torch.Tensor, cov_or_var: torch.Tensor, correction: bool = True) -> torch.Tensor:
     """Dirichlet concentrations alpha (B, C) of the Laplace bridge.
 
@@ -46,34 +83,26 @@ def bridge_alpha(mean: torch.Tensor, cov_or_var: torch.Tensor, correction: bool 
     zero-sum subspace (mu - mean(mu), P Sigma P with P = I - 11^T/C), which makes
     the result invariant to adding the same random offset to every logit, as
     softmax is. Without it, the formula is applied to mu and diag(Sigma) as given.
-    Raises ValueError when a (projected) variance is not positive: the bridge is
-    undefined at zero variance.
+    Computed in log space; alpha itself is inf where it exceeds the dtype's range
+    (use :func:`laplace_bridge` for the probabilities, which stay finite).
+    Needs C >= 2. Raises ValueError when a (projected) variance is not positive:
+    the bridge is undefined at zero variance.
     """
-    n_classes = mean.shape[-1]
-    if correction:
-        mean = mean - mean.mean(dim=-1, keepdim=True)
-        if cov_or_var.ndim == 3:
-            centred = cov_or_var - cov_or_var.mean(dim=-1, keepdim=True)
-            centred = centred - centred.mean(dim=-2, keepdim=True)
-            var = torch.diagonal(centred, dim1=-2, dim2=-1)
-        else:
-            # P diag(v) P has diagonal v_k (1 - 2/C) + sum(v) / C^2.
-            var = cov_or_var * (1.0 - 2.0 / n_classes) + cov_or_var.sum(-1, keepdim=True) / n_classes**2
-    else:
-        var = diagonal(cov_or_var)
-    if bool((var <= 0).any()):
-        raise ValueError(
-            "the Laplace bridge needs strictly positive logit variances; got a zero or negative "
-            "variance (e.g. a MAP predictive with no uncertainty). Use link_approx='probit' or 'mc' instead"
-        )
-    sum_exp_neg = torch.exp(-mean).sum(dim=-1, keepdim=True)
-    return (1.0 - 2.0 / n_classes + torch.exp(mean) * sum_exp_neg / n_classes**2) / var
+    if mean.shape[-1] < 2:
+        raise ValueError("the Laplace bridge needs at least 2 classes")
+    return torch.exp(_bridge_log_alpha(mean, cov_or_var, correction))
 
 
 def laplace_bridge(mean: torch.Tensor, cov_or_var: torch.Tensor, correction: bool = True) -> torch.Tensor:
-    """Predictive probabilities alpha_k / sum_l alpha_l of the Laplace bridge. Cost O(BC^2)."""
-    alpha = bridge_alpha(mean, cov_or_var, correction=correction)
-    return alpha / alpha.sum(dim=-1, keepdim=True)
+    """Predictive probabilities alpha_k / sum_l alpha_l of the Laplace bridge. Cost O(BC^2).
+
+    Computed as softmax(log alpha), so the probabilities are finite and sum to 1 for any finite
+    mean and positive, finite variances (float32 logit gaps of 90 and more included); one class
+    gives probability 1. Raises ValueError at zero variance (see :func:`bridge_alpha`).
+    """
+    if mean.shape[-1] == 1:
+        return torch.ones_like(mean)
+    return torch.softmax(_bridge_log_alpha(mean, cov_or_var, correction), dim=-1)
 
 
 def covariance_sqrt(cov_or_var: torch.Tensor) -> torch.Tensor:
