@@ -6,7 +6,7 @@ J(x) is the (C, P) Jacobian of the covered module's outputs in theta at the MAP.
 from __future__ import annotations
 
 import torch
-from torch.func import jacrev, jvp, vjp, vmap
+from torch.func import functional_call, jacrev, jvp, vjp, vmap
 
 from posthoc.laplace.subset import ParameterSubset
 from posthoc.utils.conv import unfold_patches
@@ -55,14 +55,48 @@ def per_example_factor_gradients(subset: ParameterSubset, inputs: torch.Tensor, 
     return vmap(single, chunk_size=chunk_size)(inputs, factors)
 
 
+def parameter_uses(subset: ParameterSubset, inputs: torch.Tensor) -> list[int]:
+    """How many operations of one forward pass on ``inputs`` read each covered parameter tensor, in block order.
+
+    A parameter read more than once (a layer called twice, two modules holding the same Parameter, a weight tied
+    to another use such as an embedding reused as the output head, ``F.linear(h, emb.weight)``) has a per-example
+    gradient summed over its uses, so routes that read one layer input and one layer output per parameter miss
+    part of it. Counted as the edges into each parameter's gradient accumulator in the autograd graph of one
+    forward pass at the MAP on fresh leaves (no gradient is computed; tied names share one leaf, as in
+    :meth:`ParameterSubset.forward`). Cost: one forward pass with a graph; pass one example.
+    """
+    leaves = {name: p.detach().clone().requires_grad_(True)
+              for name, p in subset.unflatten(subset.theta_map).items()}
+    position = {id(leaf): k for k, leaf in enumerate(leaves.values())}
+    uses = [0] * len(leaves)
+    with torch.enable_grad():  # callers may run under no_grad (prediction)
+        outputs = functional_call(subset.module, leaves, (inputs,))
+    stack, seen = [outputs.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))  # the graph is alive while `outputs` is, so node ids are not reused
+        for child, _ in node.next_functions:
+            variable = getattr(child, "variable", None)  # set on the gradient accumulator of a leaf
+            if variable is not None:
+                if id(variable) in position:
+                    uses[position[id(variable)]] += 1
+            elif child is not None:
+                stack.append(child)
+    return uses
+
+
 # --- Per-example squared gradients without a (B, K, P) tensor where the layers allow ---------------------------
 #
 # For a Linear or Conv2d layer the per-example gradient of J_n^T s is sum_l g_l (x) a_l over positions l
 # (output-side gradient (x) layer input, the input unfolded for Conv2d). The two helpers below reduce these
 # per-example gradients layer by layer: a Linear layer on 2-D inputs (one position) never materialises them
 # (closed forms in g^2 and a^2), a layer with several positions materialises one layer's (K, b, O, I) block per
-# chunk of b examples. Covered parameters outside Linear/Conv2d (groups=1, numeric padding) or a layer called more
-# than once per forward fall back to per-example VJPs of the whole network (per_example_factor_gradients).
+# chunk of b examples. Covered parameters outside Linear/Conv2d (groups=1, numeric padding), and networks where a
+# covered parameter is read more than once per forward (a layer called twice, a Parameter shared by two modules or
+# tied to a functional use: parameter_uses), fall back to per-example VJPs of the whole network
+# (per_example_factor_gradients), whose gradients sum every use: the result stays the exact diagonal.
 
 DEFAULT_CHUNK_BYTES = 2**29  # working-memory budget of one chunk of examples (512 MiB)
 
@@ -126,11 +160,14 @@ def _plan(subset: ParameterSubset, inputs: torch.Tensor, n_cot: int,
           chunk_bytes: int) -> tuple[list[torch.nn.Module] | None, int]:
     """The layers of the fast route (None: generic route) and the examples per chunk within ``chunk_bytes``.
 
-    Fast route, per example: K * (inputs and outputs of all layers + the largest per-example block), probed on
+    The fast route needs every covered parameter in a supported Linear/Conv2d read exactly once per forward
+    (:func:`parameter_uses`, probed on one example, like the layer signals). Fast route, per example: K * (inputs and outputs of all layers + the largest per-example block), probed on
     one example. Generic route: 2 K P (the per-example gradients and one elementwise product of them).
     """
     itemsize = subset.theta_map.element_size()
     layers = _covered_layers(subset)
+    if layers is not None and any(n != 1 for n in parameter_uses(subset, inputs[:1])):
+        layers = None  # a shared parameter: its gradient sums uses the per-layer signals do not separate
     probe = None
     if layers is not None:
         with torch.no_grad():

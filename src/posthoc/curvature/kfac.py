@@ -32,9 +32,15 @@ GGN block, diag(Σ_n Σ_k (J_nᵀ s_nk)²) restricted to those entries, from
 per-example gradients of only those parameters (torch.func). This covers e.g.
 BatchNorm/LayerNorm affine parameters and embeddings, and also Linear/Conv2d
 layers KFAC cannot treat: a Conv2d with groups > 1, non-zero padding modes or
-string padding, and any layer not called exactly once through its own forward
+string padding, any layer not called exactly once through its own forward
 per model call (reused layers; ``nn.MultiheadAttention``'s ``out_proj``, whose
-weight is used without calling the module), found by one probe forward.
+weight is used without calling the module), and any layer whose covered weight
+or bias is read more than once per model call (a Parameter held by two modules,
+``dec.weight = enc.weight``; a weight tied to a functional use such as an
+output head that is also the embedding, or an encoder weight reused transposed),
+found by one probe forward (:func:`posthoc.curvature.jacobians.parameter_uses`).
+A shared parameter's per-example gradient is the sum over its uses, which one
+layer's inputs and output gradients cannot give; its diagonal block is exact.
 
 Cost per batch of B examples with K output factor columns: one forward, K
 backward passes to the layer outputs (no parameter gradients), and the factor
@@ -56,7 +62,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from posthoc.distributed import sum_count, sum_over_ranks
-from posthoc.curvature.jacobians import per_example_factor_gradients, per_example_jacobians
+from posthoc.curvature.jacobians import parameter_uses, per_example_factor_gradients, per_example_jacobians
 from posthoc.curvature.output_factors import OutputFactors
 from posthoc.laplace.subset import ParameterSubset, SubsetOfWeights
 from posthoc.utils.conv import conv_input_gram, unfold_patches
@@ -149,9 +155,12 @@ def fallback_positions(subset: ParameterSubset, blocks: list[int]) -> torch.Tens
 
 @torch.no_grad()
 def probe_layers(subset: ParameterSubset, inputs: torch.Tensor) -> tuple[list[KronLayer], dict[str, int]]:
-    """One forward pass on ``inputs`` to keep the candidates called exactly once through their forward.
+    """Keep the candidates called exactly once through their forward whose covered weight and bias are read
+    only there (:func:`posthoc.curvature.jacobians.parameter_uses`): a layer used twice, or whose Parameter is
+    shared with another module or a functional use, is left to the exact diagonal fallback.
 
-    Returns the kept layers and their number of weight-sharing positions L.
+    Returns the kept layers and their number of weight-sharing positions L. Cost: one forward pass on
+    ``inputs`` and one with a graph on its first example.
     """
     calls: dict[str, list[int]] = {}
     handles = []
@@ -165,7 +174,9 @@ def probe_layers(subset: ParameterSubset, inputs: torch.Tensor) -> tuple[list[Kr
     finally:
         for h in handles:
             h.remove()
-    kept = [layer for layer in candidates if len(calls.get(layer.name, [])) == 1]
+    uses = parameter_uses(subset, inputs[:1])
+    kept = [layer for layer in candidates
+            if len(calls.get(layer.name, [])) == 1 and all(uses[b] == 1 for b in layer.block_indices)]
     return kept, {layer.name: calls[layer.name][0] for layer in kept}
 
 
@@ -212,6 +223,8 @@ class TappedForward:
     Each layer output y is replaced by y + z with a zero leaf z (B, *out),
     so ∂/∂z is the gradient in the layer output even if a later in-place
     operation overwrites y, and the backward stops at the earliest layer.
+    A recorded layer called a second time in the same forward raises
+    RuntimeError (one record per layer would silently keep one call only).
     """
 
     outputs: torch.Tensor
@@ -256,7 +269,11 @@ class TappedForward:
 
 
 def tapped_forward(subset: ParameterSubset, layers: list[KronLayer], inputs: torch.Tensor) -> TappedForward:
-    """Forward pass at the MAP recording what KFAC, EKFAC and the Kronecker glm predictive need."""
+    """Forward pass at the MAP recording what KFAC, EKFAC and the Kronecker glm predictive need.
+
+    ``layers`` must each be called once per forward (see :func:`probe_layers`); a second call raises
+    RuntimeError.
+    """
     record = TappedForward(outputs=torch.empty(0), _layers={layer.name: layer for layer in layers})
     handles = []
     for layer in layers:
@@ -267,6 +284,11 @@ def tapped_forward(subset: ParameterSubset, layers: list[KronLayer], inputs: tor
             handles.append(layer.module.register_forward_pre_hook(pre))
 
         def post(module: nn.Module, args: tuple, output: torch.Tensor, name: str = layer.name) -> torch.Tensor:
+            if name in record._leaves:
+                raise RuntimeError(
+                    f"layer {name!r} was called more than once in one forward pass, but its Kronecker block was "
+                    "fitted for a layer called once (the call pattern changed with the inputs?); a reused layer "
+                    "needs the diagonal block: fit again on inputs that call the layers as at prediction")
             leaf = torch.zeros_like(output, requires_grad=True)
             record._leaves[name] = leaf
             return output + leaf
