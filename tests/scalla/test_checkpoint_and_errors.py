@@ -1,11 +1,14 @@
 """Checkpoint / exact resume and the clear errors on bad input."""
 
+import copy
+
 import pytest
 import torch
 from torch.utils.data import TensorDataset
 
 from posthoc.data.loaders import make_loader
 from posthoc.scalla import ScaLLA
+from posthoc.utils.checkpoint import read_checkpoint
 
 SMALL = dict(n_features=6, batch_size=8, n_target_points=40, checkpoint_every=5, directions="rademacher",
              progress=False)
@@ -31,7 +34,7 @@ def test_resumed_run_equals_uninterrupted_run(mlp_problem, tmp_path, objective, 
     with pytest.raises(Interrupt):
         ScaLLA(p.model, "classification", objective=objective, steps=20, **opts).fit(
             p.train_loader, p.context_loader, checkpoint=path, callback=stop_at_13)
-    assert torch.load(path, weights_only=False)["step"] == 10  # the last checkpoint before the interruption
+    assert read_checkpoint(path, "ScaLLA").payload["step"] == 10  # the last checkpoint before the interruption
     messages = []
     resumed = ScaLLA(p.model, "classification", objective=objective, steps=20, **opts)
     import posthoc.scalla.scalla as module
@@ -99,3 +102,42 @@ def test_bad_input(mlp_problem):
     bad[0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         s.predict(bad)
+
+
+def test_checkpoint_of_other_data_weights_or_damaged_is_refused(mlp_problem, tmp_path):
+    """Issue 20 case 6: a checkpoint written on one data set resumed on another of the same size (on 83bdd0f:
+    accepted, kernel 71% off the uninterrupted run's), or with a bit flipped in a tensor (accepted)."""
+    p = mlp_problem
+    path = tmp_path / "a.pt"
+    ScaLLA(p.model, "classification", steps=5, **SMALL).fit(p.train_loader, p.context_loader, checkpoint=path)
+    same_size = make_loader(TensorDataset(p.x + 0.5, p.y), 100, shuffle=False)
+    with pytest.raises(ValueError, match=r"other settings, network or data \(differs in \['train_data'\]\)"):
+        ScaLLA(p.model, "classification", steps=5, **SMALL).fit(same_size, p.context_loader, checkpoint=path)
+    context = make_loader(TensorDataset(p.x_context.flip(0), torch.zeros(len(p.x_context))), 100, shuffle=False)
+    with pytest.raises(ValueError, match=r"differs in \['context_data'\]"):
+        ScaLLA(p.model, "classification", steps=5, **SMALL).fit(p.train_loader, context, checkpoint=path)
+    model = copy.deepcopy(p.model)
+    with torch.no_grad():
+        model[0].bias[0] += 1e-6  # (the default surrogate's trunk starts from the network's weights too)
+    with pytest.raises(ValueError, match=r"differs in \['network_weights', 'surrogate_init'\]"):
+        ScaLLA(model, "classification", steps=5, **SMALL).fit(p.train_loader, p.context_loader, checkpoint=path)
+    # one bit of one surrogate weight in the file
+    weight = read_checkpoint(path, "ScaLLA").payload["surrogate"]
+    raw = bytearray(path.read_bytes())
+    at = bytes(raw).find(next(iter(weight.values())).reshape(-1)[:2].numpy().tobytes())
+    assert at > 0
+    raw[at + 6] ^= 0x40
+    path.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match=rf"{path} is damaged"):
+        ScaLLA(p.model, "classification", steps=5, **SMALL).fit(p.train_loader, p.context_loader, checkpoint=path)
+
+
+def test_unwritable_checkpoint_location_fails_before_training(mlp_problem, tmp_path):
+    p = mlp_problem
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    steps = []
+    with pytest.raises(PermissionError, match=rf"ScaLLA checkpoint into {blocker}"):
+        ScaLLA(p.model, "classification", steps=5, **SMALL).fit(
+            p.train_loader, p.context_loader, checkpoint=blocker / "c.pt", callback=lambda s, e: steps.append(s))
+    assert steps == []

@@ -47,3 +47,22 @@ def atomic_save_torch(obj: Any, path: str | os.PathLike) -> Path:
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     return atomic_write_bytes(path, buffer.getvalue())
+
+
+def check_writable(directory: str | os.PathLike, what: str = "output") -> Path:
+    """Make sure files can be written into ``directory`` (created if missing) BEFORE long work starts.
+
+    Probes by creating and deleting a temporary file there, so a read-only folder, a full disk's permission
+    error or a path through a regular file fails now, not after the work. Returns the folder as a Path.
+    Raises PermissionError naming the folder, what was to be written there (``what``) and the fix.
+    """
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=directory, prefix=".posthoc-write-check.", suffix=".tmp")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise PermissionError(f"cannot write the {what} into {directory} ({type(err).__name__}: "
+                              f"{err.strerror or err}); pass a writable folder") from err
+    return directory
