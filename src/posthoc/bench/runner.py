@@ -22,6 +22,7 @@ from posthoc.models.training import TrainConfig, TrainResult, checkpoint_key, de
 from posthoc.plots import ood_histograms, reliability_diagram, save_figure
 from posthoc.predictive import GaussianPredictive, Predictive, predict_loader
 from posthoc.predictive.batching import gather
+from posthoc.utils.checkpoint import check_writable
 
 EVAL_BATCH = 500
 
@@ -125,6 +126,8 @@ def run_bench(
     model is trained with the suite's schedule (``epochs`` overrides its length)
     or reused from ``checkpoint_dir``. Results: ``results.{md,csv,json}``, a
     reliability diagram of all methods, and an OOD entropy histogram per method.
+    ``out_dir`` is created and checked to be writable before anything else
+    (PermissionError naming it), not after the work.
 
     Under torch.distributed (``posthoc bench --distributed`` via torchrun) the
     MAP is trained data-parallel, methods registered with ``shards_fit`` fit on
@@ -136,6 +139,8 @@ def run_bench(
     bench = get_bench_suite(suite_name)
     specs = get_methods(list(methods) if methods is not None else list(bench.default_methods))
     config = replace(bench.train, seed=seed, epochs=epochs if epochs is not None else bench.train.epochs)
+    if out_dir is not None and is_main_process():
+        check_writable(out_dir, "benchmark results (out_dir, --out)")
     suite = get_suite(bench.data, data_dir=data_dir)
     log(f"suite {suite_name}: {len(suite.train)} train, {len(suite.val)} val, {len(suite.test)} test, "
         f"{len(suite.ood)} OOD")

@@ -11,14 +11,33 @@ DEMO_OUT = Path("runs") / "demo"
 DEMO_METHODS = ("map", "temperature", "la_lastlayer_full", "la_kron")
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (0 is an error, not "use the default")."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}; leave the option out for the suite's default")
+    return value
+
+
+def _folder(text: str) -> str:
+    """argparse type: a non-empty folder path (an empty string is an error, not "use the default")."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path; give a folder, or leave the option out for its default")
+    return text
+
+
 def _add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data-dir", default=None,
+    parser.add_argument("--data-dir", default=None, type=_folder,
                         help="root of the full data sets (<root>/FashionMNIST/raw/...); default: $POSTHOC_DATA")
-    parser.add_argument("--checkpoint-dir", default=None,
+    parser.add_argument("--checkpoint-dir", default=None, type=_folder,
                         help="where MAP checkpoints are cached; default: $POSTHOC_CACHE/checkpoints "
                              "or ~/.cache/posthoc/checkpoints")
     parser.add_argument("--seed", type=int, default=0, help="seed for model init, data order and MC (default 0)")
-    parser.add_argument("--epochs", type=int, default=None, help="override the suite's MAP epochs")
+    parser.add_argument("--epochs", type=_positive_int, default=None,
+                        help="override the suite's MAP epochs (>= 1)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--distributed", action="store_true",
                         help="data-parallel over the processes started by torchrun (gloo on CPU, nccl on GPUs); "
@@ -36,14 +55,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(train)
 
     demo = sub.add_parser("demo", help=f"the MAP CNN on the embedded FMNIST subset: {', '.join(DEMO_METHODS)}")
-    demo.add_argument("--out", default=str(DEMO_OUT), help=f"results folder (default {DEMO_OUT})")
+    demo.add_argument("--out", default=str(DEMO_OUT), type=_folder, help=f"results folder (default {DEMO_OUT})")
     _add_common(demo)
 
     bench = sub.add_parser("bench", help="run methods on a suite and write results tables and plots")
     bench.add_argument("--suite", default="fmnist-embedded", choices=sorted(BENCH_SUITES))
     bench.add_argument("--methods", default=None,
                        help=f"comma-separated, from: {', '.join(METHODS)} (default: the suite's list)")
-    bench.add_argument("--out", default=None, help="results folder (default benchmarks/results/<suite>)")
+    bench.add_argument("--out", default=None, type=_folder, help="results folder (default benchmarks/results/<suite>)")
     _add_common(bench)
     return parser
 
@@ -61,7 +80,7 @@ def _train(args: argparse.Namespace) -> int:
     from posthoc.predictive.batching import gather
 
     bench = get_bench_suite(args.suite)
-    config = replace(bench.train, seed=args.seed, epochs=args.epochs or bench.train.epochs)
+    config = replace(bench.train, seed=args.seed, epochs=args.epochs if args.epochs is not None else bench.train.epochs)
     suite = get_suite(bench.data, data_dir=args.data_dir)
     result = train_suite_model(bench, suite, config, args.checkpoint_dir, not args.no_progress, _say)
     pred, _ = predict_loader(MAP(result.model).predict, make_loader(shard(suite.test), EVAL_BATCH, shuffle=False))
@@ -84,6 +103,33 @@ def _bench(args: argparse.Namespace, suite: str, methods: list[str] | None, out:
     return 0
 
 
+def _methods(text: str | None) -> list[str] | None:
+    """The --methods list: None (the option left out) means the suite's list; an empty list is an error."""
+    if text is None:
+        return None
+    from posthoc.bench import METHODS
+    from posthoc.bench.methods import get_methods
+
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    if not names:
+        raise ValueError(f"--methods {text!r} names no method; give a comma-separated list from: "
+                         f"{', '.join(METHODS)} (or leave --methods out for the suite's list)")
+    get_methods(names)  # unknown names: an error listing the available ones
+    return names
+
+
+def _check_checkpoint_dir(args: argparse.Namespace) -> None:
+    """Before any work: the MAP checkpoint folder must be writable (else PermissionError naming it).
+
+    The results folder (--out) is checked by run_bench, also before any work.
+    """
+    from posthoc.models.training import default_checkpoint_dir
+    from posthoc.utils.checkpoint import check_writable
+
+    folder = args.checkpoint_dir if args.checkpoint_dir is not None else default_checkpoint_dir()
+    check_writable(folder, "MAP checkpoints (--checkpoint-dir)")
+
+
 def _say(message: str) -> None:
     from posthoc.distributed import is_main_process
 
@@ -102,13 +148,15 @@ def main(argv: list[str] | None = None) -> int:
                   f"posthoc.cli.main {args.command} --distributed ...`", file=sys.stderr)
             return 2
     try:
+        methods = _methods(args.methods) if args.command == "bench" else None
+        _check_checkpoint_dir(args)
         if args.command == "train":
             return _train(args)
         if args.command == "demo":
             return _bench(args, "fmnist-embedded", list(DEMO_METHODS), args.out)
-        methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
-        return _bench(args, args.suite, methods, args.out or str(Path("benchmarks") / "results" / args.suite))
-    except (ValueError, FileNotFoundError) as err:
+        out = args.out if args.out is not None else str(Path("benchmarks") / "results" / args.suite)
+        return _bench(args, args.suite, methods, out)
+    except (ValueError, FileNotFoundError, PermissionError) as err:
         print(f"posthoc {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -13,11 +13,16 @@ DATA_ENV_VAR = "POSTHOC_DATA"
 def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
     """Root folder of the data sets.
 
-    Order: the explicit ``data_dir``, else the environment variable
-    ``POSTHOC_DATA``, else ``ValueError``. The folder is not checked here;
-    missing files are reported, with their full path, when they are read.
+    Order: the explicit ``data_dir``, else (``None``) the environment variable
+    ``POSTHOC_DATA``, else ``ValueError``. An empty ``data_dir`` is a
+    ``ValueError`` too, not a silent fall-back to the environment. The folder
+    is not checked here; missing files are reported, with their full path,
+    when they are read.
     """
-    if data_dir is not None and str(data_dir) != "":
+    if data_dir is not None:
+        if not str(data_dir).strip():
+            raise ValueError("data_dir is an empty path; pass the folder that holds FashionMNIST/, MNIST/, KMNIST/ "
+                             f"and UCI/, or None (no --data-dir) to use the environment variable {DATA_ENV_VAR}")
         return Path(data_dir).expanduser()
     env = os.environ.get(DATA_ENV_VAR, "")
     if env:
