@@ -4,6 +4,11 @@ Memory P. Fit: one pass; per chunk of examples the squared per-example gradients
 (J_n^T s_nk)^2 are summed, layer by layer for Linear/Conv2d networks (see
 :func:`posthoc.curvature.jacobians.factor_gradient_squares`), so no (B, K, P)
 tensor is held; other networks use per-example VJPs, (b, K, P) per chunk.
+The diagonal is exact for shared parameters too (a layer called twice, a
+Parameter held by two modules, an embedding tied to the output head, a weight
+reused transposed): a covered parameter read more than once per forward
+(:func:`posthoc.curvature.jacobians.parameter_uses`) sends the fit and the glm
+predictive to the per-example VJP route, whose gradients sum every use.
 Posterior algebra is elementwise, O(P). Any prior kind (scalar, per layer,
 per parameter).
 """

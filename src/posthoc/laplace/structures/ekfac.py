@@ -8,7 +8,8 @@ per-example factor gradients in that basis
 exact curvature block H in the basis Q = Q_G ⊗ Q_A, the best diagonal
 approximation of H in that basis in Frobenius norm. The posterior precision is
 (Q_G ⊗ Q_A) diag(s·E + δ) (Q_G ⊗ Q_A)ᵀ; all posterior algebra, the prior rule
-(scalar or per-layer only), the diagonal fallback and the state dict are
+(scalar or per-layer only), the diagonal fallback (which also takes every
+shared or reused layer's parameters, exactly) and the state dict are
 KronCurvature's.
 """
 

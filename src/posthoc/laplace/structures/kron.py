@@ -11,7 +11,14 @@ G = Q_G diag(λ_G) Q_Gᵀ (computed once at fit), the posterior precision block 
 is one parameter tensor, so a Linear's weight and bias are two) and curvature
 scale s. A per-parameter prior has no such closed form and raises ValueError.
 Parameters outside supported layers (BatchNorm, LayerNorm, embeddings, ...)
-get an exact diagonal GGN block s·h + δ. Everything below only rotates
+get an exact diagonal GGN block s·h + δ, and so does every covered parameter of
+a Linear/Conv2d layer whose weight or bias is shared: a layer called more than
+once per forward, a Parameter held by two modules, a weight tied to another use
+(an output head that is also the embedding, an encoder weight reused
+transposed). Such a parameter's per-example gradient sums its uses, so it has no
+exact Kronecker block; its exact diagonal (all uses, all curvature types) is
+used instead, and the glm predictive takes its whole Jacobian (every use).
+Everything below only rotates
 D_out × D_in matrices: memory O(P + Σ_l (D_out² + D_in²)), no P × P object
 except in :meth:`dense_precision` (tests only).
 
