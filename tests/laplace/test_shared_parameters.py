@@ -20,7 +20,7 @@ from torch import nn
 from torch.func import functional_call, jacrev, vmap
 
 import posthoc
-from posthoc.curvature import jacobians
+from posthoc.curvature import jacobians, kfac
 from posthoc.curvature.kfac import candidate_layers, tapped_forward
 from posthoc.curvature.output_factors import OutputFactors
 from posthoc.laplace.structures.diag import DiagCurvature
@@ -257,3 +257,17 @@ def test_laplace_glm_variance_with_tied_weights(structure):
     expected = torch.diagonal(jac @ torch.linalg.solve(precision, jac.mT), dim1=1, dim2=2)
     pred = la.predict(x[:5], pred_type="glm")
     torch.testing.assert_close(torch.diagonal(pred.cov, dim1=1, dim2=2), expected, rtol=1e-8, atol=1e-14)
+
+
+def test_kron_predictive_refuses_a_kronecker_block_of_a_shared_weight(monkeypatch):
+    """A kron fit that treated a shared weight as one use (as before shared parameters were detected, e.g. from an
+    old state dict) is refused at prediction instead of returning a variance that misses part of the Jacobian."""
+    model, x, y = _problem("two_holders")
+    subset = ParameterSubset(model, "all")
+    with monkeypatch.context() as patch:
+        patch.setattr(kfac, "parameter_uses", lambda subset, inputs: [1] * len(subset.blocks))
+        fitted = KronCurvature.fit(subset, _batches(x, y), OutputFactors("classification"), progress=False)
+    assert fitted.fallback == []
+    restored = KronCurvature.from_state_dict(subset, fitted.state_dict())
+    with pytest.raises(ValueError, match=r"'l1.weight': 2"):
+        restored.functional_covariance(x[:3], torch.tensor([1.0], dtype=DTYPE), torch.tensor(1.0, dtype=DTYPE))

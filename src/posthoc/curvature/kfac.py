@@ -180,6 +180,22 @@ def probe_layers(subset: ParameterSubset, inputs: torch.Tensor) -> tuple[list[Kr
     return kept, {layer.name: calls[layer.name][0] for layer in kept}
 
 
+def check_single_use(subset: ParameterSubset, layers: list[KronLayer], inputs: torch.Tensor) -> None:
+    """Raise ValueError if a Kronecker layer's covered weight or bias is read more than once per forward on
+    ``inputs`` (e.g. a state dict fitted before shared parameters were detected, or a model changed since).
+
+    Cost: one forward pass with a graph on the first example.
+    """
+    uses = parameter_uses(subset, inputs[:1])
+    shared = {subset.blocks[b].name: uses[b] for layer in layers for b in layer.block_indices if uses[b] != 1}
+    if shared:
+        raise ValueError(
+            f"parameters with Kronecker blocks are not read exactly once per forward pass (name: reads) {shared} "
+            "(shared or tied weights, or a changed model), so their blocks miss part of the curvature and the "
+            "predictive misses part of the Jacobian; fit again on this model, which gives a shared parameter its "
+            "exact diagonal block")
+
+
 def _positions(module: nn.Module, output: torch.Tensor) -> int:
     if isinstance(module, nn.Conv2d):
         return output.shape[-2] * output.shape[-1]

@@ -39,6 +39,7 @@ from posthoc.curvature.kfac import (
     KronLayer,
     RestrictedSubset,
     check_kron_subset,
+    check_single_use,
     chunks,
     fallback_positions,
     gradient_elements,
@@ -233,7 +234,12 @@ class KronCurvature(CurvatureStructure):
         Fallback entries add J_fb diag(1/(s·h + δ)) J_fbᵀ from per-example
         Jacobians of those entries only. Memory per chunk ≤ ~2^24 elements of
         rotated gradients (examples are chunked), never P × P or B × C × P.
+        Raises ValueError if a Kronecker layer's weight or bias is read more than
+        once per forward (:func:`posthoc.curvature.kfac.check_single_use`, one
+        extra forward of one example), e.g. for a state dict fitted before shared
+        parameters were detected.
         """
+        check_single_use(self.subset, self.layers, inputs)
         kron, fallback = self._precision_eigenvalues(prior, scale)
         inverse = {index: 1.0 / values for index, values in kron.items()}
         # per example: the stacked output gradients, and the rotated Jacobians of weights shared over positions
