@@ -162,18 +162,32 @@ def sum_gradients(parameters: Sequence[torch.nn.Parameter], what: str = "the gra
         p.grad.copy_(summed * scale if scale != 1.0 else summed)
 
 
-def check_same_on_all_ranks(value: torch.Tensor, what: str, rtol: float = 0.0) -> None:
-    """Raise on every rank when ``value`` differs between ranks (e.g. the MAP weights or a setting)."""
+def check_same_on_all_ranks(value: torch.Tensor, what: str, rtol: float = 0.0,
+                            fix: str = "every rank must start from the same model and settings") -> None:
+    """Raise ValueError on every rank when ``value`` differs between ranks (e.g. the MAP weights or a setting).
+
+    The sizes are compared first (one all-reduce of two numbers), so values of different lengths (e.g. models
+    of different widths) give this error instead of a mismatched collective, which gloo answers by aborting
+    the process. Then the elements: the largest spread between ranks must be at most ``rtol`` times the
+    largest magnitude (two all-reduces). ``fix`` ends the message: what the user should change. No-op in
+    one process.
+    """
     if not is_distributed():
         return
     flat = value.detach().reshape(-1).to(torch.float64)
+    n = flat.numel()
+    sizes = torch.tensor([n, -n], dtype=torch.float64, device=flat.device)
+    _run(lambda: dist.all_reduce(sizes, op=dist.ReduceOp.MAX), f"{what} (sizes)")
+    largest, smallest = int(sizes[0]), -int(sizes[1])
+    if largest != smallest:
+        raise ValueError(f"{what} differs between ranks: {n} entries on rank {rank()}, between {smallest} and "
+                         f"{largest} across the {world_size()} ranks; {fix}")
     low, high = flat.clone(), flat.clone()
     _run(lambda: dist.all_reduce(low, op=dist.ReduceOp.MIN), what)
     _run(lambda: dist.all_reduce(high, op=dist.ReduceOp.MAX), what)
-    spread = float((high - low).abs().max()) if flat.numel() else 0.0
-    if spread > rtol * float(flat.abs().max() if flat.numel() else 0.0):
-        raise ValueError(f"{what} differs between ranks (max spread {spread:.3g}); every rank must start from "
-                         "the same model and settings")
+    spread = float((high - low).abs().max()) if n else 0.0
+    if spread > rtol * float(flat.abs().max() if n else 0.0):
+        raise ValueError(f"{what} differs between ranks (max spread {spread:.3g}); {fix}")
 
 
 def init_from_env(backend: str | None = None, timeout_s: float = 600.0) -> bool:

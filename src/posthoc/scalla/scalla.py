@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from posthoc.curvature.output_factors import CurvatureType, OutputFactors, log_likelihood, log_likelihood_terms
 from posthoc.laplace.batches import checked_batches, first_batch_inputs
 from posthoc.laplace.subset import ParameterSubset
-from posthoc.distributed import rank_slice, sum_count, sum_over_ranks
+from posthoc.distributed import check_same_on_all_ranks, is_distributed, rank_slice, sum_count, sum_over_ranks
 from posthoc.likelihood import Likelihood
 from posthoc.metrics import nll
 from posthoc.predictive import GaussianPredictive, LinkApprox
@@ -36,6 +36,22 @@ from posthoc.utils.checks import check_choice, check_finite, check_positive
 from posthoc.utils.optim import maximise
 
 STATE_VERSION = 2  # 2: biased states have m + h latent features
+SAME_LOADERS = ("ScaLLA.fit takes the same loaders on every rank (it splits each batch over the ranks itself): "
+                "give every rank the same, unsharded loader with the same order (no DistributedSampler, the same "
+                "shuffle seed)")
+
+
+def _input_digest(x: torch.Tensor, offset: int = 0, chunk: int = 4096) -> torch.Tensor:
+    """[n, sum x, sum_i (offset + i + 1) sum x_i, sum x^2] in float64 for inputs x (n, ...): equal on two ranks
+    when they hold the same inputs in the same order (a shard or a reordering changes it). One pass over x."""
+    out = torch.zeros(4, dtype=torch.float64)
+    out[0] = x.shape[0]
+    for start in range(0, x.shape[0], chunk):
+        rows = x[start:start + chunk].detach().reshape(min(chunk, x.shape[0] - start), -1).to(torch.float64).cpu()
+        sums = rows.sum(1)
+        position = torch.arange(offset + start + 1, offset + start + 1 + rows.shape[0], dtype=torch.float64)
+        out[1:] += torch.stack([sums.sum(), (position * sums).sum(), rows.square().sum()])
+    return out
 
 
 class PriorOptimization(str, Enum):
@@ -52,7 +68,9 @@ class ScaLLA:
     """Scalable linearised Laplace with a surrogate kernel.
 
     Args:
-        model: the trained network (its current weights are theta*; put in eval mode, never changed).
+        model: the trained network (its weights at ``fit`` are theta*; put in eval mode, never changed). Changing
+            the weights or buffers after ``fit`` makes predict, features, kernel and the evidence raise until
+            ``fit`` is called again.
         likelihood: "classification" (logits) or "regression".
         n_features: m, the number of latent features the training points see (phi(x) is m x C). The biased
             variant adds h = round(0.2 m) context features (``n_latent`` = m + h; phi(x) is (m + h) x C, see
@@ -79,7 +97,12 @@ class ScaLLA:
 
     Under torch.distributed give every rank the same loaders and seed: each training step and the posterior
     pass are split over the ranks (the combined batch is the single-process batch), unlike Laplace.fit, which
-    takes each rank's shard. Rank 0 writes the checkpoint; it resumes on any number of ranks.
+    takes each rank's shard. ``fit`` compares the model's weights and a digest of the training and context
+    inputs (count, sums, order) across ranks and raises ValueError on every rank if they differ (e.g. sharded
+    loaders), naming the fix. Rank 0 writes the checkpoint; it resumes on any number of ranks.
+
+    The surrogate is a deterministic feature map, trained in eval mode (posthoc.scalla.surrogate): the same
+    ``seed`` gives the same kernel bit for bit, whatever the global RNG.
 
     Defaults and the measurements behind them (tests/scalla, benchmarks/results/scalla_efficiency.md):
     "directions" with the top 100 GGN eigenvectors (Lanczos on 200 training points), 2,000 target points (half
@@ -218,8 +241,13 @@ class ScaLLA:
         ``context_loader`` yields context inputs (tuples/dicts like the training loader, or bare tensors) of
         the training inputs' shape; the biased variant needs it. ``steps`` overrides the constructor's.
         ``callback(step, jvp_evaluations)`` runs after every training step.
+
+        theta* is read here, from the model's current weights (as is the default surrogate's trunk). Raises
+        ValueError under torch.distributed when the ranks' weights or inputs differ (see the class docstring).
         """
         self.model.eval()
+        self.subset.capture()
+        check_same_on_all_ranks(self.subset.theta_map, "the MAP weights")
         x0, self.n_outputs = first_batch_inputs(train_loader, self.model, self.likelihood, self.dict_key_x,
                                                 self.dict_key_y, self.subset.dtype, self.subset.device)
         self.input_shape = tuple(x0.shape[1:])
@@ -235,6 +263,10 @@ class ScaLLA:
                 raise ValueError(f"context inputs have shape (B, {', '.join(map(str, context_pool.example_shape))}) "
                                  f"but training inputs (B, {', '.join(map(str, train_pool.example_shape))}); "
                                  "context points must be valid inputs of the network")
+        if is_distributed():
+            for pool in (train_pool, context_pool):
+                if pool is not None:
+                    check_same_on_all_ranks(_input_digest(pool.inputs), f"the {pool.name} inputs", fix=SAME_LOADERS)
         settings = self.settings if steps is None else TrainSettings(**{**self.settings.__dict__, "steps": steps})
         self.surrogate = self._build_surrogate(x0)
         trainer = SurrogateTrainer(self.surrogate, self.subset, self.likelihood, train_pool, context_pool, settings,
@@ -250,21 +282,29 @@ class ScaLLA:
         """H = sum_n phi(x_n) Gamma_n phi(x_n)^T by one pass over the data (the surrogate stays as it is).
 
         Under torch.distributed every rank reads the same loader and takes its part of each batch; H, N and
-        log p(D | theta*) are all-reduced.
+        log p(D | theta*) are all-reduced. Raises ValueError (on every rank) if the ranks' loaders yield
+        different inputs, e.g. DistributedSampler shards: each rank would sum part of its shard. Raises
+        RuntimeError if the model's weights changed since ``fit``, ValueError for inputs of another shape.
         """
         surrogate = self._require_surrogate()
+        self.subset.check_current("fit the ScaLLA posterior")
         surrogate.eval()
         m = self.n_latent
         precision = torch.zeros(m, m, dtype=self.subset.dtype, device=self.subset.device)
         stat = torch.zeros((), dtype=self.subset.dtype, device=self.subset.device)
-        n_data = 0
+        n_data, n_seen, digest = 0, 0, torch.zeros(4, dtype=torch.float64)
         for x, y in tqdm(self._batches(train_loader), desc="ScaLLA posterior", disable=not self.progress, leave=False):
+            self._check_shape(x, "training inputs")
+            if is_distributed():
+                digest += _input_digest(x, n_seen)
+                n_seen += x.shape[0]
             part = rank_slice(x.shape[0])
             x, y = x[part], y[part]
             outputs = self.model(x)
             precision += batch_precision(surrogate(x), self.factors(outputs, y))
             stat += log_likelihood_terms(outputs, y, self.likelihood)
             n_data += x.shape[0]
+        check_same_on_all_ranks(digest, "the training inputs of the posterior pass", fix=SAME_LOADERS)
         precision, stat = sum_over_ranks([precision, stat], "the ScaLLA posterior")
         n_data = sum_count(n_data, "the number of training examples")
         theta = self.subset.theta_map
@@ -283,28 +323,38 @@ class ScaLLA:
         return self.posterior
 
     # ----------------------------------------------------------------- prediction
+    def _check_shape(self, x: torch.Tensor, name: str) -> None:
+        if self.input_shape is not None and tuple(x.shape[1:]) != self.input_shape:
+            raise ValueError(f"{name} must have shape (B, {', '.join(map(str, self.input_shape))}), the shape "
+                             f"of the inputs ScaLLA was fitted on; got {tuple(x.shape)}")
+
     def _inputs(self, x: torch.Tensor, name: str) -> torch.Tensor:
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor")
         x = x.to(device=self.subset.device, dtype=self.subset.dtype if x.is_floating_point() else x.dtype)
         check_finite(x, name)
-        if self.input_shape is not None and tuple(x.shape[1:]) != self.input_shape:
-            raise ValueError(f"{name} must have shape (B, {', '.join(map(str, self.input_shape))}), "
-                             f"got {tuple(x.shape)}")
+        self._check_shape(x, name)
         return x
 
     @torch.no_grad()
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """phi(x): (B, n_latent, C) (n_latent = m, or m + h for the biased variant)."""
-        return self._require_surrogate().eval()(self._inputs(x, "x"))
+        """phi(x): (B, n_latent, C) (n_latent = m, or m + h for the biased variant).
+
+        Raises RuntimeError before fit or if the model's weights changed since; ValueError for another input shape.
+        """
+        surrogate = self._require_surrogate()
+        self.subset.check_current("compute ScaLLA features")
+        return surrogate.eval()(self._inputs(x, "x"))
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> GaussianPredictive:
         """N(f(x; theta*), phi(x)^T Sigma_w phi(x)) with full (B, C, C) covariance, no observation noise.
 
-        Cost: one forward pass of the network and one of the surrogate.
+        Cost: one forward pass of the network and one of the surrogate. Raises RuntimeError before fit or if the
+        model's weights changed since (theta* is the weights at fit); ValueError for another input shape.
         """
         posterior = self._require_fit()
+        self.subset.check_current("predict")
         x = self._inputs(x, "x")
         mean = self.model(x)
         cov = posterior.covariance(self.surrogate(x), self.prior_precision, self.factors.scale(self.sigma_noise))
@@ -320,8 +370,9 @@ class ScaLLA:
     @torch.no_grad()
     def kernel(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
         """The surrogate kernel phi(x1)^T phi(x2), (B1, B2, C, C): the approximation of the NTK J(x1) J(x2)^T
-        (not divided by the prior precision)."""
+        (not divided by the prior precision). Raises like :meth:`features`."""
         surrogate = self._require_surrogate().eval()
+        self.subset.check_current("compute the ScaLLA kernel")
         return objectives.surrogate_kernel(surrogate(self._inputs(x1, "x1")), surrogate(self._inputs(x2, "x2")))
 
     # ----------------------------------------------------------------- evidence and tuning
@@ -333,8 +384,10 @@ class ScaLLA:
         "hybrid" (default, the authors'): log p(D | theta*) - 1/2 delta ||theta*||^2 + 1/2 P log delta
         - 1/2 log det(s H + delta I_m). "latent": log p(D | theta*) - 1/2 log det(I + s H / delta), the evidence
         of the m-dimensional latent model, which grows without bound in delta (no interior optimum).
+        Raises RuntimeError if the model's weights changed since fit.
         """
         posterior = self._require_fit()
+        self.subset.check_current("compute the evidence")
         delta = self.prior_precision if prior_precision is None else torch.as_tensor(
             prior_precision, dtype=self.subset.dtype, device=self.subset.device).reshape(())
         sigma = self.sigma_noise if sigma_noise is None else torch.as_tensor(
@@ -379,9 +432,13 @@ class ScaLLA:
         if val_loader is None:
             raise ValueError("method='gridsearch' needs val_loader (held-out data, never the test set)")
         posterior = self._require_fit()
+        self.subset.check_current("tune the prior precision")
         grid = torch.logspace(-4, 4, 33, dtype=self.subset.dtype) if grid is None else torch.as_tensor(
             grid, dtype=self.subset.dtype).reshape(-1)
-        cached = [(self.model(x), self.surrogate(x), y) for x, y in self._batches(val_loader)]
+        cached = []
+        for x, y in self._batches(val_loader):
+            self._check_shape(x, "validation inputs")
+            cached.append((self.model(x), self.surrogate(x), y))
         if not cached:
             raise ValueError("val_loader yielded no batches")
         scale = self.factors.scale(self.sigma_noise)
@@ -423,7 +480,11 @@ class ScaLLA:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> "ScaLLA":
-        """Restore a fitted state into this (unfitted or fitted) ScaLLA built with the same settings and model."""
+        """Restore a fitted state into this (unfitted or fitted) ScaLLA built with the same settings and model.
+
+        The state is checked against the model's current weights (which become theta*); raises ValueError if they
+        differ from the weights it was fitted at (this ScaLLA is then left as it was).
+        """
         if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
             version = state.get("version") if isinstance(state, dict) else None
             raise ValueError(f"not a ScaLLA state (version {version!r}, expected {STATE_VERSION})")
@@ -434,12 +495,13 @@ class ScaLLA:
             theirs = state.get(key, HIDDEN) if key == "surrogate_hidden" else state[key]
             if theirs != mine:
                 raise ValueError(f"the state has {key}={theirs!r} but this ScaLLA has {mine!r}")
-        theta = self.subset.theta_map.detach().double()
+        theta = ParameterSubset(self.model, "all").theta_map.detach().double()  # the current weights, not at fit
         if not torch.allclose(torch.tensor(state["theta_check"], dtype=torch.float64),
                               torch.tensor((float(theta.sum()), float(theta.square().sum())), dtype=torch.float64),
                               rtol=1e-9, atol=0.0):
             raise ValueError("the model's weights differ from those the state was fitted at; load the matching "
                              "model checkpoint first")
+        self.subset.capture()
         self.input_shape, self.n_outputs = tuple(state["input_shape"]), state["n_outputs"]
         example = torch.zeros(1, *self.input_shape, dtype=self.subset.dtype, device=self.subset.device)
         self.surrogate = self._build_surrogate(example)

@@ -9,6 +9,13 @@ The trunk is a deep copy (the network itself never changes). ``init="model"`` ke
 weights as the starting point; ``init="fresh"`` re-draws every trunk layer with PyTorch's default
 initialisation (``reset_parameters``) from a generator seeded by ``seed``. The two new FC layers always get
 the default initialisation from the same seed.
+
+A surrogate is a deterministic feature map: it is trained and evaluated in eval mode (``train()`` leaves
+every layer in eval mode). A trunk copied from a network with Dropout would otherwise draw its masks from the
+global RNG while training, so the same ``seed`` gave a different kernel (4.8% apart on a small MLP), fitted
+features of thinned networks that prediction never uses, different masks on different ranks and a resumed run
+that differs from an uninterrupted one; BatchNorm would normalise by each step's batch (each rank's part of it)
+and overwrite the running statistics copied from the network.
 """
 
 from __future__ import annotations
@@ -30,7 +37,14 @@ class SurrogateInit(str, Enum):
     FRESH = "fresh"  # the trunk is re-initialised (seeded)
 
 
-class FeatureSurrogate(nn.Module):
+class EvalModeModule(nn.Module):
+    """A module that stays in eval mode: ``train()`` is ``eval()`` (see the module docstring)."""
+
+    def train(self, mode: bool = True) -> "EvalModeModule":
+        return super().train(False)
+
+
+class FeatureSurrogate(EvalModeModule):
     """trunk -> Linear(D, hidden) -> ReLU -> Linear(hidden, m C), times ``scale``, reshaped to (B, m, C)."""
 
     def __init__(self, trunk: nn.Module, trunk_dim: int, n_features: int, n_outputs: int,
@@ -40,19 +54,22 @@ class FeatureSurrogate(nn.Module):
         self.head = nn.Sequential(nn.Linear(trunk_dim, hidden), nn.ReLU(), nn.Linear(hidden, n_features * n_outputs))
         self.n_features, self.n_outputs = n_features, n_outputs
         self.register_buffer("scale", torch.tensor(float(scale)))
+        self.eval()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.head(self.trunk(x).flatten(1)) * self.scale
         return out.reshape(x.shape[0], self.n_features, self.n_outputs)
 
 
-class FeatureMap(nn.Module):
-    """Wraps any module returning (B, m C) or (B, m, C) into one returning (B, m, C), with a shape check."""
+class FeatureMap(EvalModeModule):
+    """Wraps any module returning (B, m C) or (B, m, C) into one returning (B, m, C), with a shape check; the
+    wrapped module stays in eval mode."""
 
     def __init__(self, module: nn.Module, n_features: int, n_outputs: int) -> None:
         super().__init__()
         self.module = module
         self.n_features, self.n_outputs = n_features, n_outputs
+        self.eval()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.module(x)
