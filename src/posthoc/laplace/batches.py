@@ -26,19 +26,44 @@ def split_batch(batch: Any, dict_key_x: str, dict_key_y: str) -> tuple[torch.Ten
 
 
 def checked_batches(loader: Iterable, likelihood: Likelihood, n_outputs: int | None, dict_key_x: str,
-                    dict_key_y: str, dtype: torch.dtype, device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield validated (x, y) on the model's device: x finite (cast to ``dtype`` if floating), y labels in
-    range (classification) or finite values (regression)."""
+                    dict_key_y: str, dtype: torch.dtype, device: torch.device,
+                    input_shape: tuple[int, ...] | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield validated (x, y) on the model's device: x finite (cast to ``dtype`` if floating) with one target per
+    input, and y class indices (B,) in range (classification) or finite values (regression).
+
+    With ``n_outputs`` C known, regression targets must be (B, C), or (B,) when C = 1, and classification labels
+    (B,) or (B, 1) come back as (B,). With ``input_shape`` every input must be (B, *input_shape).
+
+    Raises:
+        ValueError: non-finite values; inputs and targets with different batch sizes; one-hot or probability
+            targets (B, C) for classification (pass ``y.argmax(-1)``); labels out of range; regression targets
+            of another width than the outputs; inputs shaped unlike ``input_shape``.
+    """
     for batch in loader:
         x, y = split_batch(batch, dict_key_x, dict_key_y)
+        if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
+            raise TypeError(f"batches must hold tensors, got inputs {type(x).__name__} and targets {type(y).__name__}")
         x = x.to(device=device, dtype=dtype if x.is_floating_point() else x.dtype)
         check_finite(x, "inputs")
+        if input_shape is not None and tuple(x.shape[1:]) != tuple(input_shape):
+            raise ValueError(f"inputs of shape {tuple(x.shape)}, but the first batch had inputs of shape "
+                             f"(B, {', '.join(map(str, input_shape))}); every batch must have the same input shape")
+        if x.ndim == 0 or y.ndim == 0 or y.shape[0] != x.shape[0]:
+            raise ValueError(f"a batch has inputs of shape {tuple(x.shape)} and targets of shape {tuple(y.shape)}; "
+                             "both need the batch size first and one target per input")
         y = y.to(device)
         if likelihood is Likelihood.CLASSIFICATION:
+            if y.ndim == 2 and y.shape[1] > 1:
+                raise ValueError(f"classification targets must be class indices of shape (B,), got {tuple(y.shape)} "
+                                 "(one-hot or probability vectors?); pass the class indices, y.argmax(-1)")
             if n_outputs is not None:
-                y = check_labels(y.reshape(-1), n_outputs, "targets")
+                y = check_labels(y.reshape(-1) if y.ndim == 2 else y, n_outputs, "targets")
         else:
             y = check_finite(y.to(dtype), "targets")
+            if n_outputs is not None and not (y.shape[1:] == (n_outputs,) or (n_outputs == 1 and y.ndim == 1)):
+                raise ValueError(f"regression targets of shape {tuple(y.shape)} do not match the model's {n_outputs} "
+                                 f"output(s): give targets of shape (B, {n_outputs})"
+                                 + (" or (B,)" if n_outputs == 1 else ""))
         yield x, y
 
 

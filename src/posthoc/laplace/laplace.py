@@ -13,8 +13,10 @@ marginal-likelihood tuning and grid search never refit.
 from __future__ import annotations
 
 import math
+import warnings
+from contextlib import contextmanager
 from enum import Enum
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -30,9 +32,15 @@ from posthoc.metrics import nll
 from posthoc.predictive import GaussianPredictive, LinkApprox, Predictive, SamplePredictive
 from posthoc.predictive.base import check_n_samples
 from posthoc.utils.checks import check_choice, check_finite, check_positive
+from posthoc.utils.modes import eval_mode
 from posthoc.utils.optim import maximise
 
 STATE_VERSION = 1
+
+# Relative float32 round-off of the posterior algebra above which a warning names float64 as the fix:
+# a structure's error grows like eps * s * lambda_max(H) / min(delta) (measured for full: 3% at 6e-2).
+_ROUNDOFF_WARN = 1e-2
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 class PredType(str, Enum):
@@ -66,13 +74,18 @@ class _RecordingFactors:
 class Laplace:
     """Laplace approximation N(theta*, Lambda^-1) of a trained network's posterior.
 
+    The posterior is centred at the model's weights when ``fit`` runs (theta*); predicting, sampling or
+    reading the posterior after the weights or buffers changed raises (fit again). Every forward pass runs
+    the model in eval mode (:func:`posthoc.utils.modes.eval_mode`) and leaves its train/eval flags as found.
+
     Args:
-        model: the trained network (its current weights are the MAP theta*);
-            put in eval mode by ``fit``.
+        model: the trained network, float32 or float64 (float16/bfloat16: "diag" only).
         likelihood: "classification" (outputs are logits) or "regression".
         subset_of_weights: "all", "last_layer" or "subnetwork" (with
-            ``subnetwork_indices``, positions in parameters_to_vector order;
-            see :func:`posthoc.laplace.subnetwork.largest_variance_indices`).
+            ``subnetwork_indices``, positions in parameters_to_vector order or a boolean mask;
+            see :func:`posthoc.laplace.subnetwork.largest_variance_indices`). "last_layer" covers the
+            last nn.Linear on the path to the output, located on the first training batch (see
+            :class:`posthoc.laplace.subset.ParameterSubset`), or ``last_layer_name``.
         hessian_structure: "full", "diag", "kron", "ekfac" or "lowrank".
         prior_precision: delta: a scalar, one value per parameter tensor, or one per parameter.
         sigma_noise: observation noise (regression; must stay 1 for classification).
@@ -83,6 +96,11 @@ class Laplace:
         progress: show progress bars.
         structure_options: passed to the structure's fit (e.g. lowrank
             ``{"rank": 20, "subsample": 1000}``, kron/ekfac ``{"kfac_approx": "reduce"}``).
+        last_layer_name: for "last_layer", the nn.Linear to cover (a name from ``model.named_modules()``).
+
+    Raises:
+        ValueError: unknown options, a model on the meta device, invalid prior_precision/sigma_noise.
+        TypeError: a float16/bfloat16 model with a structure other than "diag".
     """
 
     def __init__(
@@ -101,6 +119,7 @@ class Laplace:
         dict_key_y: str = "target",
         progress: bool = True,
         structure_options: dict[str, Any] | None = None,
+        last_layer_name: str | None = None,
     ) -> None:
         self.model = model
         self.likelihood = check_choice(likelihood, Likelihood, "likelihood")
@@ -109,7 +128,12 @@ class Laplace:
             raise ValueError(f"hessian_structure {structure.value!r} is not available; "
                              f"registered: {', '.join(s.value for s in STRUCTURES)}")
         self.structure_cls: type[CurvatureStructure] = STRUCTURES[structure]
-        self.subset = ParameterSubset(model, subset_of_weights, subnetwork_indices)
+        self.subset = ParameterSubset(model, subset_of_weights, subnetwork_indices, last_layer_name=last_layer_name)
+        if self.subset.dtype in _LOW_PRECISION and structure is not HessianStructure.DIAG:
+            raise TypeError(f"hessian_structure={structure.value!r} needs a float32 or float64 model (its "
+                            f"eigen/Cholesky factorisations have no {self.subset.dtype} kernels and would lose the "
+                            "variances to round-off); convert with model.float() or model.double(), or use "
+                            "hessian_structure='diag'")
         if self.subset.kind is SubsetOfWeights.SUBNETWORK and not self.structure_cls.supports_subnetwork:
             raise ValueError(f"hessian_structure={structure.value!r} does not support subset_of_weights='subnetwork'; "
                              "use 'full', 'diag' or 'lowrank'")
@@ -123,6 +147,7 @@ class Laplace:
         self.curvature: CurvatureStructure | None = None
         self.n_data = 0
         self.n_outputs: int | None = None
+        self.input_shape: tuple[int, ...] | None = None  # one training input's shape, from the first batch
         self._loglik_stat: torch.Tensor | None = None
 
     # ----------------------------------------------------------------- hyperparameters
@@ -133,11 +158,23 @@ class Laplace:
 
     @prior_precision.setter
     def prior_precision(self, value: float | torch.Tensor) -> None:
-        prior = as_prior_tensor(torch.as_tensor(value).detach(), self.subset)
+        self._prior_precision = self._checked_prior(self._as_tensor(value).detach())
+
+    def _checked_prior(self, value: torch.Tensor) -> torch.Tensor:
+        """The one validation of a prior precision (setter and explicit arguments): a 1-D tensor, entries
+        finite and > 0, of a length the covered parameters and the structure accept.
+
+        Before the last layer is located (at fit) its size is provisional: only the values are checked then,
+        and the length again at fit.
+        """
+        check_positive(value, "prior_precision")
+        if self.subset.kind is SubsetOfWeights.LAST_LAYER and not self.subset.last_layer_located:
+            return value.reshape(-1)
+        prior = as_prior_tensor(value, self.subset)
         if not self.structure_cls.supports_parameter_prior and prior_kind(prior, self.subset) is PriorKind.PARAMETER:
             raise ValueError(f"hessian_structure={self.structure_cls.structure.value!r} supports a scalar or "
                              "per-layer prior precision only, not a per-parameter one")
-        self._prior_precision = prior
+        return prior
 
     @property
     def sigma_noise(self) -> torch.Tensor:
@@ -145,11 +182,20 @@ class Laplace:
 
     @sigma_noise.setter
     def sigma_noise(self, value: float | torch.Tensor) -> None:
-        sigma = torch.as_tensor(value, dtype=self.subset.dtype, device=self.subset.device).detach().reshape(())
-        check_positive(sigma, "sigma_noise")
-        if self.likelihood is Likelihood.CLASSIFICATION and float(sigma) != 1.0:
+        self._sigma_noise = self._checked_sigma(self._as_tensor(value).detach())
+
+    def _as_tensor(self, value: float | torch.Tensor) -> torch.Tensor:
+        return torch.as_tensor(value, dtype=self.subset.dtype, device=self.subset.device)
+
+    def _checked_sigma(self, value: torch.Tensor) -> torch.Tensor:
+        """The one validation of sigma_noise (setter and explicit arguments): a finite scalar > 0, and 1 for
+        classification (differentiable: ``value`` is not detached)."""
+        if value.numel() != 1:
+            raise ValueError(f"sigma_noise must be a scalar, got shape {tuple(value.shape)}")
+        check_positive(value, "sigma_noise")
+        if self.likelihood is Likelihood.CLASSIFICATION and float(value) != 1.0:
             raise ValueError("sigma_noise is for regression; leave it at 1 for classification")
-        self._sigma_noise = sigma
+        return value.reshape(())
 
     @property
     def n_params(self) -> int:
@@ -158,21 +204,34 @@ class Laplace:
     # ----------------------------------------------------------------- fitting
     def _batches(self, loader: Iterable) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
         return checked_batches(loader, self.likelihood, self.n_outputs, self.dict_key_x, self.dict_key_y,
-                               self.subset.dtype, self.subset.device)
+                               self.subset.dtype, self.subset.device, input_shape=self.input_shape)
 
     def fit(self, train_loader: Iterable) -> "Laplace":
         """Fit the curvature on the training data (one pass for full/diag/kron, two for ekfac,
         one per Lanczos product for lowrank).
 
         ``train_loader`` yields (x, y) tuples or dicts (read with ``dict_key_x`` and ``dict_key_y``).
-        Refitting replaces the previous curvature. Under torch.distributed, give each rank its shard
-        (e.g. a DistributedSampler): the curvature sums, N and log p(D | theta*) are all-reduced, so
-        every rank ends with the posterior of the whole data; the MAP weights must agree across ranks.
+        theta* is the model's weights now (also for "last_layer", located on the first batch). The model
+        runs in eval mode; its train/eval flags are restored afterwards. Refitting replaces the previous
+        curvature. Under torch.distributed, give each rank its shard (e.g. a DistributedSampler): the
+        curvature sums, N and log p(D | theta*) are all-reduced, so every rank ends with the posterior of
+        the whole data; the MAP weights must agree across ranks.
+
+        Raises:
+            ValueError: an empty loader; inputs of varying shape; labels that are not class indices
+                (B,) in range; regression targets whose width differs from the model's outputs.
         """
-        self.model.eval()
+        with eval_mode(self.model):
+            return self._fit(train_loader)
+
+    def _fit(self, train_loader: Iterable) -> "Laplace":
+        self.curvature, self.input_shape = None, None
+        x0, self.n_outputs = first_batch_inputs(train_loader, self.model, self.likelihood, self.dict_key_x,
+                                                self.dict_key_y, self.subset.dtype, self.subset.device)
+        self.subset.capture(x0)
+        self.input_shape = tuple(x0.shape[1:])
+        self.prior_precision = self._prior_precision  # its length is checked against the located subset
         check_same_on_all_ranks(self.subset.theta_map, "the MAP weights")
-        _, self.n_outputs = first_batch_inputs(train_loader, self.model, self.likelihood, self.dict_key_x,
-                                               self.dict_key_y, self.subset.dtype, self.subset.device)
         recorder = _RecordingFactors(self.factors, self.likelihood)
         totals: dict[str, int] = {}
 
@@ -211,13 +270,35 @@ class Laplace:
 
     # ----------------------------------------------------------------- evidence
     def _hyper(self, prior_precision, sigma_noise) -> tuple[torch.Tensor, torch.Tensor]:
-        prior = self.prior_precision if prior_precision is None else torch.as_tensor(
-            prior_precision, dtype=self.subset.dtype, device=self.subset.device).reshape(-1)
-        sigma = self.sigma_noise if sigma_noise is None else torch.as_tensor(
-            sigma_noise, dtype=self.subset.dtype, device=self.subset.device).reshape(())
-        if self.likelihood is Likelihood.CLASSIFICATION and sigma_noise is not None and float(sigma) != 1.0:
-            raise ValueError("sigma_noise is for regression; classification has no noise to tune")
+        """Explicit (differentiable) or stored hyperparameters, validated like the setters."""
+        prior = self.prior_precision if prior_precision is None else self._checked_prior(
+            self._as_tensor(prior_precision))
+        sigma = self.sigma_noise if sigma_noise is None else self._checked_sigma(self._as_tensor(sigma_noise))
         return prior, sigma
+
+    def _warn_roundoff(self, curvature: CurvatureStructure, prior: torch.Tensor, scale: torch.Tensor) -> None:
+        """Warn when the model's precision (float32) cannot resolve Lambda = s H + diag(delta) at this delta.
+
+        The structures whose algebra loses variance to round-off report lambda_max(H)
+        (:meth:`CurvatureStructure.largest_eigenvalue`); the relative error grows like
+        eps * s * lambda_max / min(delta). Cost: a min over delta.
+        """
+        eps = torch.finfo(self.subset.dtype).eps
+        if eps < 1e-10:
+            return
+        lam = curvature.largest_eigenvalue()
+        if lam is None:
+            return
+        ratio = eps * float(scale.detach()) * float(lam) / float(prior.detach().min())
+        if ratio > _ROUNDOFF_WARN:
+            warnings.warn(
+                f"{self.subset.dtype} cannot resolve this posterior: the curvature's largest eigenvalue "
+                f"({float(scale.detach()) * float(lam):.3g}) is {ratio / eps:.2g} times the smallest prior precision "
+                f"({float(prior.detach().min()):.3g}), so variances may be off by up to about {min(ratio, 1.0):.0%} "
+                f"(hessian_structure={self.structure_cls.structure.value!r}). Fit in float64 (model.double() "
+                "and float64 inputs) or use a larger prior precision",
+                RuntimeWarning, stacklevel=3,
+            )
 
     def log_marginal_likelihood(self, prior_precision: torch.Tensor | float | None = None,
                                 sigma_noise: torch.Tensor | float | None = None) -> torch.Tensor:
@@ -229,6 +310,7 @@ class Laplace:
         """
         curvature = self._require_fit()
         prior, sigma = self._hyper(prior_precision, sigma_noise)
+        self._warn_roundoff(curvature, prior, self.factors.scale(sigma))
         delta = per_parameter(prior, self.subset)
         scatter = (delta * self.subset.theta_map**2).sum()
         loglik = log_likelihood(self._loglik_stat, self.n_data * self.n_outputs, self.likelihood, sigma)
@@ -267,6 +349,8 @@ class Laplace:
         sizes = {"scalar": 1, "layer": len(self.subset.blocks), "parameter": self.n_params}
         if prior_structure not in sizes:
             raise ValueError(f"unknown prior_structure {prior_structure!r}; choose one of {', '.join(sizes)}")
+        if init_prior_prec is not None:
+            check_positive(init_prior_prec, "init_prior_prec")
         start = float(init_prior_prec) if init_prior_prec is not None else float(self.prior_precision.mean())
         log_prior = torch.full((sizes[prior_structure],), math.log(start), dtype=self.subset.dtype,
                                device=self.subset.device, requires_grad=True)
@@ -283,6 +367,9 @@ class Laplace:
         if val_loader is None:
             raise ValueError("method='gridsearch' needs val_loader (held-out data, never the test set)")
         grid = torch.logspace(-4, 4, 21, dtype=self.subset.dtype) if grid is None else torch.as_tensor(grid)
+        if grid.ndim != 1 or grid.numel() == 0:
+            raise ValueError(f"grid must be a non-empty 1-D tensor of prior precisions, got shape {tuple(grid.shape)}")
+        check_positive(grid, "grid")
         val = list(self._batches(val_loader))
         if not val:
             raise ValueError("val_loader yielded no batches")
@@ -306,28 +393,63 @@ class Laplace:
         return float(-pred.with_noise(self.sigma_noise).log_prob(y.reshape(pred.mean.shape)).sum())
 
     # ----------------------------------------------------------------- prediction
+    def _fitted_posterior(self, action: str) -> CurvatureStructure:
+        """The fitted curvature, after checking the model still has the weights it was fitted at."""
+        curvature = self._require_fit()
+        self.subset.check_current(action)
+        return curvature
+
+    def _model_inputs(self, x: torch.Tensor) -> torch.Tensor:
+        """x on the model's device and dtype, finite, with one training input's number of dimensions."""
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor of shape (B, {', '.join(map(str, self.input_shape or ()))}), "
+                            f"got {type(x).__name__}")
+        x = x.to(device=self.subset.device, dtype=self.subset.dtype if x.is_floating_point() else x.dtype)
+        check_finite(x, "x")
+        if self.input_shape is not None and x.ndim != len(self.input_shape) + 1:
+            raise ValueError(f"x must have shape (B, {', '.join(map(str, self.input_shape))}) like the training "
+                             f"inputs (a batch, even of one example), got {tuple(x.shape)}")
+        return x
+
+    @contextmanager
+    def _naming_input_shape(self, x: torch.Tensor) -> Iterator[None]:
+        """Turn a failure of the model on x shaped unlike the training inputs into an error that says so."""
+        try:
+            yield
+        except (RuntimeError, ValueError, IndexError) as err:
+            if self.input_shape is not None and tuple(x.shape[1:]) != self.input_shape:
+                raise ValueError(f"the model fails on x of shape {tuple(x.shape)}; it was fitted on inputs of shape "
+                                 f"(B, {', '.join(map(str, self.input_shape))})") from err
+            raise
+
     def predict(self, x: torch.Tensor, pred_type: PredType | str = PredType.GLM, n_samples: int = 100,
                 seed: int | None = None) -> Predictive:
-        """Predictive over outputs for inputs x (B, ...).
+        """Predictive over outputs for inputs x (B, ...) shaped like the training inputs.
 
         "glm": GaussianPredictive(f(x; theta*), J Lambda^-1 J^T) with full (B, C, C) covariance.
         "nn": SamplePredictive of f(x; theta_s) for n_samples weight samples (seeded).
         Neither includes observation noise: use ``.with_noise(la.sigma_noise)`` or ``la(x)``.
+        The model runs in eval mode (its train/eval flags are restored afterwards).
+
+        Raises:
+            RuntimeError: not fitted, or the model's weights/buffers changed since fit.
+            ValueError: x not finite or not shaped like the training inputs.
         """
-        curvature = self._require_fit()
+        curvature = self._fitted_posterior("predict")
         kind = check_choice(pred_type, PredType, "pred_type")
-        x = x.to(device=self.subset.device, dtype=self.subset.dtype if x.is_floating_point() else x.dtype)
-        check_finite(x, "x")
-        inputs = self.subset.inputs(x)
+        x = self._model_inputs(x)
         scale = self.factors.scale(self.sigma_noise)
-        if kind is PredType.GLM:
+        self._warn_roundoff(curvature, self.prior_precision, scale)
+        with eval_mode(self.model), self._naming_input_shape(x):
+            inputs = self.subset.inputs(x)
+            if kind is PredType.GLM:
+                with torch.no_grad():
+                    mean = self.subset.forward(inputs)
+                cov = curvature.functional_covariance(inputs, self.prior_precision, scale).detach()
+                return GaussianPredictive(mean, cov=0.5 * (cov + cov.transpose(1, 2)))
+            thetas = self.sample(n_samples, seed=seed)
             with torch.no_grad():
-                mean = self.subset.forward(inputs)
-            cov = curvature.functional_covariance(inputs, self.prior_precision, scale).detach()
-            return GaussianPredictive(mean, cov=0.5 * (cov + cov.transpose(1, 2)))
-        thetas = self.sample(n_samples, seed=seed)
-        with torch.no_grad():
-            outputs = torch.stack([self.subset.forward(inputs, th) for th in thetas])
+                outputs = torch.stack([self.subset.forward(inputs, th) for th in thetas])
         return SamplePredictive(outputs)
 
     def __call__(self, x: torch.Tensor, pred_type: PredType | str = PredType.GLM,
@@ -342,17 +464,24 @@ class Laplace:
         return pred.probs(link_approx, n_samples=n_samples, seed=self.seed if seed is None else seed)
 
     def sample(self, n_samples: int = 100, seed: int | None = None) -> torch.Tensor:
-        """Parameter samples theta ~ N(theta*, Lambda^-1): (n_samples, P), seeded."""
-        curvature = self._require_fit()
+        """Parameter samples theta ~ N(theta*, Lambda^-1): (n_samples, P), seeded.
+
+        Raises RuntimeError if not fitted or if the model's weights changed since fit.
+        """
+        curvature = self._fitted_posterior("sample")
         check_n_samples(n_samples)
+        scale = self.factors.scale(self.sigma_noise)
+        self._warn_roundoff(curvature, self.prior_precision, scale)
         generator = torch.Generator().manual_seed(self.seed if seed is None else seed)
-        offsets = curvature.sample(n_samples, self.prior_precision, self.factors.scale(self.sigma_noise), generator)
+        offsets = curvature.sample(n_samples, self.prior_precision, scale, generator)
         return self.subset.theta_map + offsets.detach()
 
     def posterior_variance(self) -> torch.Tensor:
-        """diag(Lambda^-1), (P,)."""
-        curvature = self._require_fit()
-        return curvature.posterior_variance(self.prior_precision, self.factors.scale(self.sigma_noise)).detach()
+        """diag(Lambda^-1), (P,). Raises RuntimeError if not fitted or if the weights changed since fit."""
+        curvature = self._fitted_posterior("read the posterior variance")
+        scale = self.factors.scale(self.sigma_noise)
+        self._warn_roundoff(curvature, self.prior_precision, scale)
+        return curvature.posterior_variance(self.prior_precision, scale).detach()
 
     # ----------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
@@ -370,12 +499,19 @@ class Laplace:
             "sigma_noise": self.sigma_noise,
             "n_data": self.n_data,
             "n_outputs": self.n_outputs,
+            "input_shape": self.input_shape,
+            "last_layer": self.subset.last_layer_state(),
             "loglik_stat": self._loglik_stat,
             "curvature": curvature.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> "Laplace":
-        """Restore a fitted state; the settings and the model's weights must match those it was fitted with."""
+        """Restore a fitted state; the settings and the model's current weights must match those it was fitted
+        with (theta* is re-read from the model now, so load the model's checkpoint first).
+
+        Raises:
+            ValueError: another version, other settings, another subnetwork or last layer, or other weights.
+        """
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"unsupported Laplace state version {state.get('version')!r}")
         mine = {"likelihood": self.likelihood.value, "hessian_structure": self.structure_cls.structure.value,
@@ -383,10 +519,18 @@ class Laplace:
         for key, value in mine.items():
             if state[key] != value:
                 raise ValueError(f"state has {key}={state[key]!r} but this Laplace has {value!r}")
+        theirs, ours = state.get("subnetwork_indices"), self.subset.indices
+        if ours is not None and (theirs is None or theirs.shape != ours.shape or not torch.equal(theirs.to(ours), ours)):
+            raise ValueError("the state was fitted on another subnetwork (its subnetwork_indices differ from this "
+                             "Laplace's); build the Laplace with the state's subnetwork_indices")
+        if state.get("last_layer") is not None:
+            self.subset.load_last_layer_state(state["last_layer"])
+        self.subset.capture()  # theta* = the model's weights now
         theta = state["theta_map"].to(self.subset.theta_map)
         if theta.shape != self.subset.theta_map.shape or not torch.equal(theta, self.subset.theta_map):
             raise ValueError("the model's weights differ from those the state was fitted at; load the matching "
                              "model checkpoint first")
+        self.input_shape = None if state.get("input_shape") is None else tuple(state["input_shape"])
         self.curvature = self.structure_cls.from_state_dict(self.subset, state["curvature"])
         self.prior_precision = state["prior_precision"]
         self.sigma_noise = state["sigma_noise"]

@@ -72,7 +72,17 @@ def check_labels(y: torch.Tensor, n_classes: int, name: str = "y") -> torch.Tens
 
 
 def check_positive(value: float | torch.Tensor, name: str) -> None:
-    """Raise ``ValueError`` unless every entry of ``value`` is finite and > 0."""
-    t = torch.as_tensor(value)
-    if not bool(torch.all(torch.isfinite(t))) or not bool(torch.all(t > 0)):
-        raise ValueError(f"{name} must be finite and > 0, got {value!r}")
+    """Raise ``ValueError`` unless every entry of ``value`` is finite and > 0.
+
+    Works on tensors that require grad (nothing is differentiated). The message shows the offending value
+    (a scalar) or the first offending entry and its position (a tensor).
+    """
+    t = torch.as_tensor(value).detach()
+    bad = ~(torch.isfinite(t) & (t > 0))
+    if bool(bad.any()):
+        if t.numel() == 1:
+            shown = f"{t.item()!r}"
+        else:
+            first = int(torch.nonzero(bad.reshape(-1))[0])
+            shown = f"entry {first} = {t.reshape(-1)[first].item()!r} (of {t.numel()})"
+        raise ValueError(f"{name} must be finite and > 0, got {shown}")

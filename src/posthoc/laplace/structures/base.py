@@ -84,6 +84,12 @@ class CurvatureStructure(abc.ABC):
         """diag(Lambda^-1), (P,). Default: from the dense precision; structures override it cheaply."""
         return torch.diagonal(torch.cholesky_inverse(torch.linalg.cholesky(self.dense_precision(prior, scale))))
 
+    def largest_eigenvalue(self) -> torch.Tensor | None:
+        """lambda_max(H) (0-d), for structures whose posterior algebra loses variance to float32 round-off when
+        s * lambda_max / min(delta) approaches 1 / eps; ``Laplace`` then warns. None (the default): the
+        structure's algebra stays accurate in float32 (e.g. diag: 1 / (s h + delta) per entry)."""
+        return None
+
     @abc.abstractmethod
     def state_dict(self) -> dict[str, Any]:
         """Tensors and settings that restore the fitted curvature exactly."""

@@ -14,7 +14,9 @@ is built densely from per-example factor gradients of the same cached examples
 
 Eigenpairs whose eigenvalue is not positive to working precision
 (lam <= 10 eps sqrt(P) lam_max) are dropped: they are round-off of the PSD H,
-and a negative one would make Lambda indefinite.
+and a negative one would make Lambda indefinite. A zero curvature (outputs that
+do not depend on the covered weights) keeps no eigenpair: the posterior is the
+prior (k = 0).
 
 Posterior algebra with U~ = U diag(c), c = sqrt(s lam) and D = diag(delta)
 (any prior kind), through the k x k capacitance K = I + U~^T D^-1 U~ = L L^T:
@@ -30,7 +32,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy.sparse.linalg import LinearOperator, eigsh
+from scipy.sparse.linalg import ArpackError, LinearOperator, eigsh
 from torch.func import vjp, vmap
 from tqdm.auto import tqdm
 
@@ -157,7 +159,8 @@ class LowRankCurvature(CurvatureStructure):
         check_curvature_finite(evals, "lowrank")
         check_curvature_finite(evecs, "lowrank")
         eps = torch.finfo(subset.dtype).eps
-        keep = evals > 10 * eps * math.sqrt(n_params) * evals.max().clamp_min(0)
+        largest = evals.max().clamp_min(0) if evals.numel() else evals.new_zeros(())
+        keep = evals > 10 * eps * math.sqrt(n_params) * largest
         info = {"rank_requested": rank, "n_sub": n_sub, "n_data": n_total, "seed": seed, "products": n_products}
         return cls(subset, evecs[:, keep].contiguous(), evals[keep].contiguous(), info, chunk_bytes)
 
@@ -204,9 +207,17 @@ class LowRankCurvature(CurvatureStructure):
             tol = 1e-10 if dtype == torch.float64 else 1e-5
         linop = LinearOperator((n_params, n_params), matvec=operator.numpy_matvec, dtype=np.float64)
         v0 = np.random.default_rng(seed).standard_normal(n_params)
-        evals, evecs = eigsh(linop, k=rank, which="LA", v0=v0, tol=tol)
-        order = np.argsort(evals)[::-1].copy()
         device = operator.subset.device
+        try:
+            evals, evecs = eigsh(linop, k=rank, which="LA", v0=v0, tol=tol)
+        except ArpackError as err:
+            # ARPACK stops on an exactly zero operator (its Krylov start vector H v0 vanishes)
+            if np.any(operator.numpy_matvec(v0)):
+                raise RuntimeError(f"Lanczos (ARPACK) failed on the GGN operator: {err}; try another seed, a larger "
+                                   "tol or a smaller rank") from err
+            return (torch.zeros(0, dtype=dtype, device=device),
+                    torch.zeros(n_params, 0, dtype=dtype, device=device))
+        order = np.argsort(evals)[::-1].copy()
         return (torch.as_tensor(evals[order], dtype=dtype, device=device),
                 torch.as_tensor(evecs[:, order], dtype=dtype, device=device))
 
