@@ -161,8 +161,9 @@ def _plan(subset: ParameterSubset, inputs: torch.Tensor, n_cot: int,
     """The layers of the fast route (None: generic route) and the examples per chunk within ``chunk_bytes``.
 
     The fast route needs every covered parameter in a supported Linear/Conv2d read exactly once per forward
-    (:func:`parameter_uses`, probed on one example, like the layer signals). Fast route, per example: K * (inputs and outputs of all layers + the largest per-example block), probed on
-    one example. Generic route: 2 K P (the per-example gradients and one elementwise product of them).
+    (:func:`parameter_uses`, probed on one example, like the layer signals). Memory of the fast route, per
+    example: K * (inputs and outputs of all layers + the largest per-example block), probed on one example.
+    Generic route: 2 K P (the per-example gradients and one elementwise product of them).
     """
     itemsize = subset.theta_map.element_size()
     layers = _covered_layers(subset)
