@@ -7,7 +7,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from posthoc.fiber import FiberSampler
-from posthoc.fiber.sampler import _Interrupted
+from posthoc.utils.checkpoint import read_checkpoint
 from references import DTYPE, linear_gaussian_fiber, small_mlp
 
 
@@ -44,6 +44,18 @@ def fit_on_linear_fiber(deform: str, **settings) -> tuple[FiberSampler, torch.Te
     return fs, x, theta, null
 
 
+class Interrupted(Exception):
+    """Raised from a fit's callback to simulate a crash."""
+
+
+def stop_after(stage: str, step: int):
+    """A fit callback that raises Interrupted after ``step`` steps of ``stage`` ("walk" or "deform")."""
+    def callback(at_stage: str, at_step: int) -> None:
+        if at_stage == stage and at_step >= step:
+            raise Interrupted(f"stopped after {stage} step {at_step}")
+    return callback
+
+
 def shuffled_loader(x: torch.Tensor, y: torch.Tensor, seed: int) -> DataLoader:
     return DataLoader(TensorDataset(x, y), batch_size=16, shuffle=True, generator=torch.Generator().manual_seed(seed))
 
@@ -58,10 +70,9 @@ def assert_stage2_resumes_exactly(model, x, y, settings: dict, tmp_path) -> Fibe
     assert not torch.allclose(reference.sample(2)[0], reference.sample(2)[1])
     path = tmp_path / "fiber.pt"
     fs = FiberSampler(model, "classification", **settings)
-    fs._stop_after_flow_step = 12
-    with pytest.raises(_Interrupted):
-        fs.fit(shuffled_loader(x, y, 1), checkpoint=path)
-    assert torch.load(path, weights_only=False)["stage"] == "deform"
+    with pytest.raises(Interrupted):
+        fs.fit(shuffled_loader(x, y, 1), checkpoint=path, callback=stop_after("deform", 12))
+    assert read_checkpoint(path, "FiberSampler").payload["stage"] == "deform"
     resumed = FiberSampler(model, "classification", **settings).fit(shuffled_loader(x, y, 2), checkpoint=path)
     torch.testing.assert_close(resumed.sample(4), reference.sample(4), rtol=0, atol=0)
     untimed = lambda info: {k: v for k, v in info.items() if not k.endswith("_s")}  # noqa: E731 - wall times differ

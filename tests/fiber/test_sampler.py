@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from posthoc.fiber import FiberSampler
-from posthoc.fiber.sampler import _Interrupted
+from posthoc.utils.checkpoint import read_checkpoint
 from posthoc.predictive import SamplePredictive
 from references import DTYPE
-from fiber.common import assert_stage2_resumes_exactly, shuffled_loader, trained_classifier
+from fiber.common import Interrupted, assert_stage2_resumes_exactly, shuffled_loader, stop_after, trained_classifier
 
 
 SETTINGS = dict(n_particles=3, steps=20, burn_in=8, thin=3, step_size=3e-3, batch_size=8, subsample_size=16,
@@ -45,13 +45,10 @@ def test_resume_after_interruption_is_exact(problem, tmp_path):
     for stop in ("walk", "flow"):
         path.unlink(missing_ok=True)
         fs = FiberSampler(model, "classification", **SETTINGS)
-        if stop == "walk":
-            fs._stop_after_walk_step = 8
-        else:
-            fs._stop_after_flow_step = 12
-        with pytest.raises(_Interrupted):
-            fs.fit(shuffled_loader(x, y, 1), checkpoint=path)  # another shuffle order: the walk does not depend on it
-        assert torch.load(path, weights_only=False)["stage"] == ("walk" if stop == "walk" else "deform")
+        callback = stop_after("walk", 8) if stop == "walk" else stop_after("deform", 12)
+        with pytest.raises(Interrupted):  # another shuffle order: the walk does not depend on it
+            fs.fit(shuffled_loader(x, y, 1), checkpoint=path, callback=callback)
+        assert read_checkpoint(path, "FiberSampler").payload["stage"] == ("walk" if stop == "walk" else "deform")
         resumed = FiberSampler(model, "classification", **SETTINGS).fit(shuffled_loader(x, y, 2), checkpoint=path)
         torch.testing.assert_close(resumed.particles, reference.particles, rtol=0, atol=0)
         torch.testing.assert_close(resumed.sample(4), reference.sample(4), rtol=0, atol=0)

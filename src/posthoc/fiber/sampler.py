@@ -11,7 +11,13 @@ targeting the prior N(0, delta^-1 I) restricted to the low-loss set; stage 2
 
 Checkpoints: with ``checkpoint=path`` the state is written atomically every ``checkpoint_every`` walk
 steps and flow steps, after the walk's final check, and when done; a rerun with the same path, settings,
-model weights and data resumes where it stopped and gives the same result as an uninterrupted run.
+model weights and data resumes where it stopped and gives the same result as an uninterrupted run. They are
+:mod:`posthoc.utils.checkpoint` files: one written with other settings, other weights or buffers anywhere in the
+model, or other training data (all of it is hashed, in the walk's canonical order) is refused with the keys that
+differ, and so is a damaged file.
+
+theta* is the model's weights when ``walk``/``fit`` starts; ``sample``, ``predict`` and ``state_dict`` raise if
+the model's weights or buffers changed since.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
@@ -38,13 +44,15 @@ from posthoc.likelihood import Likelihood
 from posthoc.predictive import LinkApprox, Predictive, SamplePredictive
 from posthoc.predictive.base import check_n_samples
 from posthoc.utils.checks import check_choice, check_finite, check_positive
-from posthoc.utils.io import atomic_save_torch
+from posthoc.utils.modes import eval_mode
+from posthoc.utils.checkpoint import check_writable, data_fingerprint, load_checkpoint, module_digest, save_checkpoint
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: weights identified by a digest of the whole model; input shape; posthoc.utils.checkpoint files
+CHECKPOINT_WHAT = "FiberSampler"
 
 
-class _Interrupted(RuntimeError):
-    """Raised by the test hooks ``_stop_after_walk_step`` / ``_stop_after_flow_step`` (simulated crash)."""
+def _batch_shape(example_shape: tuple[int, ...]) -> str:
+    return "(" + ", ".join(["B", *map(str, example_shape)]) + ")"
 
 
 class FiberSampler:
@@ -156,7 +164,7 @@ class FiberSampler:
             check_positive(sigma_noise, "sigma_noise")
             if self.likelihood is Likelihood.CLASSIFICATION and float(sigma_noise) != 1.0:
                 raise ValueError("sigma_noise is for regression; leave it unset for classification")
-        self._sigma_given = sigma_noise
+        self._sigma_given = None if sigma_noise is None else float(sigma_noise)
         self.sigma_noise = torch.as_tensor(1.0 if sigma_noise is None else float(sigma_noise),
                                            dtype=self.subset.dtype, device=self.subset.device)
         self.deform = check_choice(deform, DeformKind, "deform")
@@ -199,8 +207,9 @@ class FiberSampler:
         self.info: dict[str, float] = {}
         self._cache: tuple[tuple[int, int], torch.Tensor] | None = None
         self._problem_cache: FiberProblem | None = None
-        self._stop_after_walk_step: int | None = None
-        self._stop_after_flow_step: int | None = None
+        self.input_shape: tuple[int, ...] | None = None  # of one model input, recorded by walk/fit
+        self._fingerprint: dict[str, Any] | None = None  # of the fit in progress (checkpoints)
+        self._callback: Callable[[str, int], None] | None = None
 
     @property
     def n_params(self) -> int:
@@ -225,6 +234,11 @@ class FiberSampler:
         xs, ys = [], []
         for x, y in checked_batches(train_loader, self.likelihood, None, self.dict_key_x, self.dict_key_y,
                                     self.subset.dtype, self.subset.device):
+            if not xs:
+                self.input_shape = tuple(x.shape[1:])
+            elif tuple(x.shape[1:]) != self.input_shape:
+                raise ValueError(f"the training batches have inputs of shapes {_batch_shape(self.input_shape)} and "
+                                 f"{tuple(x.shape)}; every batch must hold examples of one shape")
             xs.append(self.subset.inputs(x))
             ys.append(y)
         if not xs:
@@ -254,48 +268,46 @@ class FiberSampler:
             self.sigma_noise = resid.pow(2).mean().sqrt().clamp_min(1e-6).to(self.subset.dtype)
         return FiberProblem(self.subset, inputs, targets, self.likelihood, self.prior_precision, self.sigma_noise)
 
-    def _fingerprint(self, problem: FiberProblem) -> list[float]:
-        return [float(problem.n_data), float(problem.inputs.double().sum()), float(problem.targets.double().sum())]
+    def _start(self, train_loader: Iterable, checkpoint: str | os.PathLike | None,
+               callback: Callable[[str, int], None] | None) -> tuple[FiberProblem, Path | None, dict[str, Any] | None]:
+        """What walk and fit do first: forget any previous fit, check that the checkpoint's folder is writable, read
+        theta* from the model's current weights, collect the data, and load the checkpoint if there is one."""
+        self.particles = self.particle_nll = self.map_nll = self.coords = self.flow = None
+        self.info, self._cache, self._callback = {}, None, callback
+        path = Path(checkpoint) if checkpoint is not None else None
+        if path is not None:
+            check_writable(path.parent, "FiberSampler checkpoint")
+        self.subset.capture()
+        problem = self._problem(train_loader)
+        self._problem_cache = problem
+        # everything the result depends on; the data as the walk reads them (canonical order, covered module's inputs)
+        self._fingerprint = {"version": STATE_VERSION, "settings": self._settings(),
+                             "network_weights": module_digest(self.model),
+                             "data": data_fingerprint([problem.inputs, problem.targets])}
+        saved = None
+        if path is not None and path.exists():
+            saved = load_checkpoint(path, self._fingerprint, CHECKPOINT_WHAT, map_location=self.subset.device)
+        return problem, path, saved
 
-    # ----------------------------------------------------------------- checkpoints
-    def _load_checkpoint(self, path: Path | None, problem: FiberProblem) -> dict[str, Any] | None:
-        if path is None or not path.exists():
-            return None
-        try:
-            state = torch.load(path, map_location=self.subset.device, weights_only=False)
-        except Exception as err:  # noqa: BLE001 - any unreadable file is reported the same way
-            raise ValueError(f"checkpoint {path} is unreadable ({err}); delete it to start afresh") from err
-        if not isinstance(state, dict) or state.get("version") != STATE_VERSION or "stage" not in state:
-            raise ValueError(f"checkpoint {path} is not a FiberSampler checkpoint of version {STATE_VERSION}; "
-                             "delete it to start afresh")
-        if state["settings"] != self._settings():
-            raise ValueError(f"checkpoint {path} was written with other settings; use another path or the same "
-                             "settings")
-        if not torch.equal(state["theta_map"].to(self.subset.theta_map), self.subset.theta_map):
-            raise ValueError(f"checkpoint {path} was written for other model weights")
-        if state["data"] != self._fingerprint(problem):
-            raise ValueError(f"checkpoint {path} was written for other training data")
-        return state
-
-    def _save(self, path: Path | None, problem: FiberProblem, stage: str, **payload: Any) -> None:
+    def _save(self, path: Path | None, stage: str, **payload: Any) -> None:
         if path is None:
             return
-        atomic_save_torch({"version": STATE_VERSION, "stage": stage, "settings": self._settings(),
-                           "theta_map": self.subset.theta_map, "data": self._fingerprint(problem),
-                           "sigma_noise": self.sigma_noise, **payload}, path)
+        save_checkpoint(path, {"stage": stage, "sigma_noise": self.sigma_noise, **payload}, self._fingerprint,
+                        CHECKPOINT_WHAT)
 
     # ----------------------------------------------------------------- stage 1
-    def walk(self, train_loader: Iterable, checkpoint: str | os.PathLike | None = None) -> torch.Tensor:
+    def walk(self, train_loader: Iterable, checkpoint: str | os.PathLike | None = None,
+             callback: Callable[[str, int], None] | None = None) -> torch.Tensor:
         """Stage 1: walk the particles, check the kept samples on all data; returns them (M, P).
 
         M = n_particles * ((steps - burn_in) // thin). Also sets ``particle_nll`` (M,) (all-data mean NLL)
-        and ``map_nll``. Cost per step: see :func:`posthoc.fiber.walk.walk_step`; the final check costs M
-        forward passes over the data per round.
+        and ``map_nll``. theta* is read from the model's weights now. ``callback("walk", step)`` runs after every
+        walk step (after its checkpoint, if one is due); it may raise to stop the run, which then resumes from
+        the checkpoint. Cost per step: see :func:`posthoc.fiber.walk.walk_step`; the final check costs M
+        forward passes over the data per round. Raises PermissionError (before any work) if the checkpoint's
+        folder is not writable, ValueError for a checkpoint of another run or a damaged one.
         """
-        path = Path(checkpoint) if checkpoint is not None else None
-        problem = self._problem(train_loader)
-        self._problem_cache = problem
-        saved = self._load_checkpoint(path, problem)
+        problem, path, saved = self._start(train_loader, checkpoint, callback)
         self._walk(problem, path, saved)
         return self.particles
 
@@ -314,9 +326,9 @@ class FiberSampler:
             bar.update(1)
             bar.set_postfix(eta=f"{state.step_size:.2e}", kept=state.samples.shape[0])
             if state.step % self.checkpoint_every == 0 or state.step == cfg.steps:
-                self._save(path, problem, "walk", walk=state.state_dict())
-                if self._stop_after_walk_step is not None and state.step >= self._stop_after_walk_step:
-                    raise _Interrupted(f"stopped after walk step {state.step}")
+                self._save(path, "walk", walk=state.state_dict())
+            if self._callback is not None:
+                self._callback("walk", state.step)
         bar.close()
         t0 = time.perf_counter()
         map_nll = float(full_data_nll(problem, self.subset.theta_map.unsqueeze(0))[0])
@@ -338,16 +350,19 @@ class FiberSampler:
             "particle_norm_ratio": float(particles.norm(dim=1).mean()) / math.sqrt(
                 float((1.0 / self.prior_precision).expand(self.subset.n_params).sum())),
         }
-        self._save(path, problem, "walked", particles=particles, particle_nll=nll, map_nll=map_nll, info=self.info)
+        self._save(path, "walked", particles=particles, particle_nll=nll, map_nll=map_nll, info=self.info)
 
     # ----------------------------------------------------------------- stage 2
-    def fit(self, train_loader: Iterable, checkpoint: str | os.PathLike | None = None) -> "FiberSampler":
+    def fit(self, train_loader: Iterable, checkpoint: str | os.PathLike | None = None,
+            callback: Callable[[str, int], None] | None = None) -> "FiberSampler":
         """Stage 1 (walk), then stage 2 (principal coordinates + map z -> theta), then the all-data check of
-        ``n_check`` stage-2 samples (``info["stage2_within_tol"]``). Returns self."""
-        path = Path(checkpoint) if checkpoint is not None else None
-        problem = self._problem(train_loader)
-        self._problem_cache = problem
-        saved = self._load_checkpoint(path, problem)
+        ``n_check`` stage-2 samples (``info["stage2_within_tol"]``). Returns self.
+
+        theta* is read from the model's weights now. ``callback(stage, step)`` runs after every walk step
+        ("walk") and stage-2 training step ("deform"), after the step's checkpoint if one is due; it may raise to
+        stop the run, which then resumes from the checkpoint. Raises as :meth:`walk`.
+        """
+        problem, path, saved = self._start(train_loader, checkpoint, callback)
         if saved is not None and saved["stage"] == "done":
             self.load_state_dict(saved["state"])
             return self
@@ -371,7 +386,7 @@ class FiberSampler:
             self.info["stage2_check_s"] = time.perf_counter() - t0
             if self.deform is DeformKind.ANCHORED:
                 self.info.update(self._jitter_diagnostics(self.n_check, self.seed + 7))
-        self._save(path, problem, "done", state=self.state_dict())
+        self._save(path, "done", state=self.state_dict())
         return self
 
     def _within_tolerance(self) -> torch.Tensor:
@@ -501,25 +516,29 @@ class FiberSampler:
                 losses.append(flow_training_step(flow, optimizer, coords, penalty, self.flow_loss_weight))
             done = step + 1
             if done % self.checkpoint_every == 0 and done < self.flow_steps:
-                self._save(path, problem, "deform", particles=self.particles, particle_nll=self.particle_nll,
+                self._save(path, "deform", particles=self.particles, particle_nll=self.particle_nll,
                            map_nll=self.map_nll, info=self.info, flow=flow.state_dict(),
                            optimizer=optimizer.state_dict(), flow_step=done, losses=losses,
                            flow_rng=generator.get_state(),
                            deform_s=self.info.get("deform_s", 0.0) + time.perf_counter() - t0)
-                if self._stop_after_flow_step is not None and done >= self._stop_after_flow_step:
-                    raise _Interrupted(f"stopped after flow step {done}")
+            if self._callback is not None:
+                self._callback("deform", done)
         return losses
 
     # ----------------------------------------------------------------- sampling and prediction
-    def _require_fit(self) -> PrincipalCoordinates:
+    def _require_fit(self, action: str) -> PrincipalCoordinates:
+        """The fitted coordinates; raises RuntimeError before fit, or if the model's weights or buffers changed
+        since fit (the samples are offsets around theta* at fit)."""
         if self.coords is None:
             raise RuntimeError("call fit(train_loader) first: the FiberSampler has no stage-2 map")
+        self.subset.check_current(action)
         return self.coords
 
     def sample(self, n_samples: int = 100, seed: int | None = None) -> torch.Tensor:
         """Stage 2: n parameter samples (n, P) decoded from z ~ N(0, I) (seeded; "anchored": from an anchor index
-        and a jitter draw). Cost: one map evaluation each (the flow plus an (r x P) product), no iteration."""
-        coords = self._require_fit()
+        and a jitter draw). Cost: one map evaluation each (the flow plus an (r x P) product), no iteration.
+        Raises RuntimeError before fit or if the model's weights changed since."""
+        coords = self._require_fit("sample")
         check_n_samples(n_samples)
         generator = torch.Generator().manual_seed(self.seed if seed is None else seed)
         if isinstance(self.flow, AnchoredJitter):
@@ -534,20 +553,30 @@ class FiberSampler:
     def predict(self, x: torch.Tensor, n_samples: int = 100, seed: int | None = None,
                 chunk_size: int = 25) -> SamplePredictive:
         """SamplePredictive (n_samples, B, C) of f(x; theta_s) for stage-2 samples theta_s (the same samples
-        for every call with the same n_samples and seed). Regression: the predictive of f; use
-        ``.with_noise(fs.sigma_noise)`` or ``fs(x)`` for y. Cost: n_samples forward passes (vmapped in chunks)."""
-        self._require_fit()
+        for every call with the same n_samples and seed) and inputs x of the training inputs' shape
+        (B, ...). The network runs in eval mode whatever mode it was left in (and is given back its modes).
+        Regression: the predictive of f; use ``.with_noise(fs.sigma_noise)`` or ``fs(x)`` for y.
+        Cost: n_samples forward passes (vmapped in chunks). Raises RuntimeError before fit or if the model's
+        weights changed since; ValueError for inputs of another shape or with NaN/Inf."""
+        self._require_fit("predict")
         check_n_samples(n_samples)
         if n_samples < 2:
             raise ValueError("predict needs n_samples >= 2 (a sample predictive)")
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor of shape {_batch_shape(self.input_shape)}, "
+                            f"got {type(x).__name__}")
+        if self.input_shape is not None and tuple(x.shape[1:]) != self.input_shape or x.ndim == 0:
+            raise ValueError(f"x must have shape {_batch_shape(self.input_shape)} like the training inputs, got "
+                             f"{tuple(x.shape)}" + (" (a single example needs a batch dimension: x[None])"
+                                                    if tuple(x.shape) == self.input_shape else ""))
         key = (n_samples, self.seed if seed is None else seed)
         if self._cache is None or self._cache[0] != key:
             self._cache = (key, self.sample(n_samples, seed=key[1]))
         thetas = self._cache[1]
         x = x.to(device=self.subset.device, dtype=self.subset.dtype if x.is_floating_point() else x.dtype)
         check_finite(x, "x")
-        inputs = self.subset.inputs(x)
-        with torch.no_grad():
+        with eval_mode(self.model), torch.no_grad():
+            inputs = self.subset.inputs(x)
             outputs = torch.cat([self.subset.forward_many(inputs, thetas[i:i + chunk_size])
                                  for i in range(0, n_samples, chunk_size)])
         return SamplePredictive(outputs)
@@ -565,23 +594,29 @@ class FiberSampler:
 
     # ----------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
-        """Everything that restores the fitted sampler exactly (with the same model weights)."""
-        coords = self._require_fit()
-        return {"version": STATE_VERSION, "settings": self._settings(), "theta_map": self.subset.theta_map,
-                "prior_precision": self.prior_precision, "sigma_noise": self.sigma_noise,
+        """Everything that restores the fitted sampler exactly (with the same model weights and buffers, which
+        it identifies by a digest). Raises RuntimeError before fit or if the model's weights changed since."""
+        coords = self._require_fit("save the state")
+        return {"version": STATE_VERSION, "settings": self._settings(), "network_weights": module_digest(self.model),
+                "input_shape": list(self.input_shape), "prior_precision": self.prior_precision,
+                "sigma_noise": self.sigma_noise,
                 "particles": self.particles, "particle_nll": self.particle_nll, "map_nll": self.map_nll,
                 "coords": coords.state_dict(), "flow": None if self.flow is None else self.flow.state_dict(),
                 "info": dict(self.info)}
 
     def load_state_dict(self, state: dict[str, Any]) -> "FiberSampler":
-        """Restore a fitted state; the settings and model weights must match those it was fitted with."""
+        """Restore a fitted state; the settings must match, and the model's current weights and buffers must be
+        those it was fitted at (they become theta*). Raises ValueError otherwise (nothing is changed then)."""
         if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
-            raise ValueError(f"unsupported FiberSampler state (version {getattr(state, 'get', lambda k: None)('version')!r})")
+            raise ValueError(f"unsupported FiberSampler state (version {getattr(state, 'get', lambda k: None)('version')!r}, "
+                             f"expected {STATE_VERSION}); fit the sampler again")
         if state["settings"] != self._settings():
             raise ValueError("the state was fitted with other settings; construct the FiberSampler with the same ones")
-        if not torch.equal(state["theta_map"].to(self.subset.theta_map), self.subset.theta_map):
-            raise ValueError("the model's weights differ from those the state was fitted at; load the matching "
-                             "model checkpoint first")
+        if state["network_weights"] != module_digest(self.model):
+            raise ValueError("the model's weights or buffers differ from those the state was fitted at; load the "
+                             "matching model checkpoint first")
+        self.subset.capture()
+        self.input_shape = tuple(state["input_shape"])
         self.prior_precision = state["prior_precision"]
         self.sigma_noise = state["sigma_noise"]
         self.particles, self.particle_nll, self.map_nll = state["particles"], state["particle_nll"], state["map_nll"]

@@ -1,0 +1,173 @@
+"""FiberSampler, issue 20: theta* read at fit, stale weights refused, checkpoints of other runs or damaged ones
+refused, planted pickles never run, eval-mode prediction, clear errors for wrong input shapes."""
+
+from __future__ import annotations
+
+import copy
+import os
+import pickle
+
+import pytest
+import torch
+from torch import nn
+
+from posthoc.fiber import FiberSampler
+from posthoc.utils.checkpoint import read_checkpoint
+from references import DTYPE
+from fiber.common import Interrupted, shuffled_loader, stop_after, trained_classifier
+
+SETTINGS = dict(n_particles=3, steps=20, burn_in=8, thin=3, step_size=3e-3, batch_size=8, subsample_size=16,
+                cg_steps=3, loss_tolerance=0.05, latent_dim=3, flow_layers=2, flow_hidden=8, flow_steps=20,
+                n_check=4, checkpoint_every=4, progress=False)
+
+
+@pytest.fixture(scope="module")
+def problem():
+    return trained_classifier()
+
+
+def _perturbed(model: nn.Module, scale: float = 0.05) -> nn.Module:
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=torch.Generator().manual_seed(3), dtype=p.dtype))
+    return other
+
+
+def test_theta_star_is_read_at_fit_and_stale_weights_are_refused(problem):
+    """Case 1: on 83bdd0f theta* was read at construction, so weights loaded between construction and fit were
+    ignored: the walk started from the old weights (samples off by the whole weight change)."""
+    model, x, y = problem
+    target = _perturbed(model)
+    reference = FiberSampler(target, "classification", **SETTINGS).fit(shuffled_loader(x, y, 0))
+    live = copy.deepcopy(model)
+    fs = FiberSampler(live, "classification", **SETTINGS)
+    live.load_state_dict(target.state_dict())  # e.g. the trained weights loaded after building the sampler
+    fs.fit(shuffled_loader(x, y, 0))
+    torch.testing.assert_close(fs.sample(4), reference.sample(4), rtol=0, atol=0)
+    torch.testing.assert_close(fs.predict(x[:5], n_samples=4).samples, reference.predict(x[:5], n_samples=4).samples,
+                               rtol=0, atol=0)
+    with torch.no_grad():
+        live[0].weight[0, 0] += 1e-3
+    for call in (lambda: fs.predict(x[:5], n_samples=4), lambda: fs.sample(3), fs.state_dict):
+        with pytest.raises(RuntimeError, match="changed since fit"):
+            call()
+
+
+def test_load_state_dict_compares_with_the_current_weights_of_the_whole_model(problem):
+    """On 83bdd0f the state's theta* was compared with the weights at construction, and for last_layer only the
+    last layer's: a changed body gave predictions from other features without a word."""
+    model, x, y = problem
+    settings = {**SETTINGS, "subset_of_weights": "last_layer"}
+    fitted = FiberSampler(model, "classification", **settings).fit(shuffled_loader(x, y, 0))
+    state = fitted.state_dict()
+    live = copy.deepcopy(model)
+    fs = FiberSampler(live, "classification", **settings)
+    with torch.no_grad():
+        live[0].weight[0, 0] += 1e-3  # the body, outside the covered last layer
+    with pytest.raises(ValueError, match="weights or buffers differ"):
+        fs.load_state_dict(state)
+    with pytest.raises(RuntimeError, match="call fit"):  # nothing was loaded
+        fs.predict(x[:2])
+    later = FiberSampler(_perturbed(model), "classification", **settings)
+    later.model.load_state_dict(model.state_dict())  # the right weights, restored after construction
+    later.load_state_dict(state)
+    torch.testing.assert_close(later.predict(x[:5], n_samples=4).samples, fitted.predict(x[:5], n_samples=4).samples,
+                               rtol=0, atol=0)
+
+
+def test_checkpoint_of_other_data_of_the_same_size_is_refused(problem, tmp_path):
+    """Case 6: on 83bdd0f the data fingerprint was (n, sum of inputs, sum of labels): two input entries swapped
+    kept it, and the walk resumed on the other data (particles 3% off the uninterrupted run's)."""
+    model, x, y = problem
+    x = (x * 8).round() / 8  # multiples of 1/8, like 8-bit pixel values: their sums are exact in any order
+    path = tmp_path / "fiber.pt"
+    with pytest.raises(Interrupted):
+        FiberSampler(model, "classification", **SETTINGS).fit(shuffled_loader(x, y, 0), checkpoint=path,
+                                                               callback=stop_after("walk", 8))
+    swapped = x.clone()
+    swapped[0, 0], swapped[5, 1] = x[5, 1], x[0, 0]
+    with pytest.raises(ValueError, match=r"other settings, network or data \(differs in \['data'\]\)"):
+        FiberSampler(model, "classification", **SETTINGS).fit(shuffled_loader(swapped, y, 0), checkpoint=path)
+    with pytest.raises(ValueError, match=r"differs in \['network_weights'\]"):
+        FiberSampler(_perturbed(model, 1e-6), "classification", **SETTINGS).fit(shuffled_loader(x, y, 0),
+                                                                               checkpoint=path)
+    with pytest.raises(ValueError, match=r"differs in \['settings'\]"):
+        FiberSampler(model, "classification", **{**SETTINGS, "seed": 1}).fit(shuffled_loader(x, y, 0),
+                                                                             checkpoint=path)
+
+
+def test_a_bit_flip_in_a_checkpoint_tensor_is_refused(problem, tmp_path):
+    model, x, y = problem
+    path = tmp_path / "fiber.pt"
+    with pytest.raises(Interrupted):
+        FiberSampler(model, "classification", **SETTINGS).fit(shuffled_loader(x, y, 0), checkpoint=path,
+                                                               callback=stop_after("walk", 8))
+    thetas = read_checkpoint(path, "FiberSampler").payload["walk"]["thetas"]
+    raw = bytearray(path.read_bytes())
+    at = bytes(raw).find(thetas[1, :2].numpy().tobytes())
+    assert at > 0
+    raw[at + 6] ^= 0x08  # a plausible value: on 83bdd0f the walk resumed from it (particles 0.5% off)
+    path.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match=rf"{path} is damaged"):
+        FiberSampler(model, "classification", **SETTINGS).fit(shuffled_loader(x, y, 0), checkpoint=path)
+
+
+class _Planted:
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_planted_pickle_is_refused_and_never_runs(problem, tmp_path):
+    """Case 12: on 83bdd0f the checkpoint was read with torch.load(weights_only=False): the file's code ran."""
+    model, x, y = problem
+    marker, path = tmp_path / "pwned", tmp_path / "fiber.pt"
+    torch.save({"version": 1, "stage": "walk", "x": _Planted(str(marker))}, path)
+    with pytest.raises(ValueError, match=str(path)):
+        FiberSampler(model, "classification", **SETTINGS).fit(shuffled_loader(x, y, 0), checkpoint=path)
+    assert not marker.exists()
+    pickle.loads(pickle.dumps(_Planted(str(marker))))  # the check above can fail
+    assert marker.exists()
+
+
+def test_unwritable_checkpoint_location_fails_before_the_walk(problem, tmp_path):
+    model, x, y = problem
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    steps = []
+    with pytest.raises(PermissionError, match=rf"FiberSampler checkpoint into {blocker}"):
+        FiberSampler(model, "classification", **SETTINGS).fit(shuffled_loader(x, y, 0), checkpoint=blocker / "f.pt",
+                                                               callback=lambda stage, step: steps.append(step))
+    assert steps == []
+
+
+def test_predict_input_shape_and_eval_mode():
+    """Wrong shapes gave raw torch errors; a model left in train mode (Dropout, BatchNorm) gave random
+    predictions that also overwrote BatchNorm's running statistics."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Dropout(0.5), nn.Linear(8, 3)).to(DTYPE)
+    x = torch.randn(40, 3, generator=torch.Generator().manual_seed(1), dtype=DTYPE)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 1).long()
+    model.eval()
+    with torch.no_grad():
+        model[1].running_mean.copy_(0.1 * torch.arange(8, dtype=DTYPE))
+    fs = FiberSampler(model, "classification", **{**SETTINGS, "subset_of_weights": "last_layer"})
+    fs.fit(shuffled_loader(x, y, 0))
+    expected = fs.predict(x[:6], n_samples=4).samples
+    buffers = [b.clone() for b in model.buffers()]
+    model.train()
+    got = fs.predict(x[:6], n_samples=4).samples
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert model.training and model[3].training  # the caller's modes are given back
+    assert all(torch.equal(a, b) for a, b in zip(buffers, model.buffers()))
+    model.eval()
+    for bad, note in ((x[:2, :2], ""), (x[0], "batch dimension"), (x[:2, :, None], "")):
+        with pytest.raises(ValueError, match=rf"x must have shape \(B, 3\) like the training inputs.*{note}"):
+            fs.predict(bad, n_samples=4)
+    loaded = FiberSampler(model, "classification", **{**SETTINGS, "subset_of_weights": "last_layer"})
+    loaded.load_state_dict(fs.state_dict())
+    with pytest.raises(ValueError, match=r"\(B, 3\)"):
+        loaded.predict(x[:2, :2], n_samples=4)
