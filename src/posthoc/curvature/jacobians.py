@@ -6,7 +6,7 @@ J(x) is the (C, P) Jacobian of the covered module's outputs in theta at the MAP.
 from __future__ import annotations
 
 import torch
-from torch.func import functional_call, jacrev, jvp, vjp, vmap
+from torch.func import jacrev, jvp, vjp, vmap
 
 from posthoc.laplace.subset import ParameterSubset
 from posthoc.utils.conv import unfold_patches
@@ -70,7 +70,7 @@ def parameter_uses(subset: ParameterSubset, inputs: torch.Tensor) -> list[int]:
     position = {id(leaf): k for k, leaf in enumerate(leaves.values())}
     uses = [0] * len(leaves)
     with torch.enable_grad():  # callers may run under no_grad (prediction)
-        outputs = functional_call(subset.module, leaves, (inputs,))
+        outputs = subset.forward_with(leaves, inputs)
     stack, seen = [outputs.grad_fn], set()
     while stack:
         node = stack.pop()

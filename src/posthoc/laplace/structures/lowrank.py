@@ -256,6 +256,8 @@ class LowRankCurvature(CurvatureStructure):
         """
         delta, c, dinv_u, chol = self._factors(prior, scale)
         prior_part = per_example_weighted_grams(self.subset, inputs, 1 / delta, self.chunk_bytes)
+        if self.rank == 0:  # zero curvature: the prior's covariance
+            return prior_part
         step = max(1, _JVP_WORK // self.rank)
         jy = torch.cat([jvp_many(self.subset, inputs[i:i + step], dinv_u.T) for i in range(0, inputs.shape[0], step)],
                        dim=1)  # (k, B, C)
