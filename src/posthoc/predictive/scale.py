@@ -46,6 +46,8 @@ def fit_variance_scale(pred: GaussianPredictive, targets: torch.Tensor, likeliho
     classification (probit link) or values (B, C) for regression (Gaussian likelihood with
     ``sigma_noise`` added). A grid of 61 points in log κ, then 40 golden-section steps around
     the best. Cost: about 100 NLL evaluations on the B predictions, no network pass.
+    Raises ValueError for bounds not 0 < low < high, labels out of range, or regression targets
+    of another shape than the predictive's (B, C) ((B,) allowed when C = 1).
     """
     likelihood = check_choice(likelihood, Likelihood, "likelihood")
     lo, hi = bounds
@@ -53,6 +55,12 @@ def fit_variance_scale(pred: GaussianPredictive, targets: torch.Tensor, likeliho
         raise ValueError(f"bounds must satisfy 0 < low < high, got {bounds}")
     mean = pred.mean
     var = pred.var
+    if likelihood is Likelihood.REGRESSION and not (
+            targets.shape == mean.shape or (mean.shape[1] == 1 and targets.shape == mean.shape[:1])):
+        # a reshape would silently pair targets with the wrong outputs (e.g. (C, B) given for (B, C))
+        raise ValueError(f"regression targets of shape {tuple(targets.shape)} do not match the predictive's "
+                         f"{tuple(mean.shape)}: give targets of shape {tuple(mean.shape)}"
+                         + (f" or ({mean.shape[0]},)" if mean.shape[1] == 1 else ""))
 
     def loss(log_k: float) -> float:
         k = math.exp(log_k)

@@ -25,19 +25,25 @@ from posthoc.streamlined.rules import AttentionRule, Context, LayerNormRule
 from posthoc.streamlined.walk import propagate
 from posthoc.streamlined.weight_posteriors import WeightPosterior, from_laplace, from_mean_field, load_means
 from posthoc.utils.checks import check_choice, check_finite, check_positive
+from posthoc.utils.modes import eval_mode
 
 
 class Streamlined:
     """Push a Gaussian through the network once: the predictive without sampling or Jacobians.
 
     Args:
-        model: the trained network (the posterior mean); put in eval mode. Supported: chains
+        model: the trained network (the posterior mean). Predictions are those of the eval-mode
+            network (Dropout off, BatchNorm on its running statistics) whatever mode the model is
+            in; its train/eval flags are left as found. Supported: chains
             of Linear, Conv2d, ReLU/GELU/Tanh/Sigmoid/SiLU, MaxPool2d, AvgPool2d,
             AdaptiveAvgPool2d, Flatten, Dropout, BatchNorm (eval), LayerNorm, and the
             library's FMNISTCNN, MLP, SmallResNet and SmallViT (residual and attention blocks);
             any other layer raises an error naming it and the supported list.
         posterior: a fitted :class:`~posthoc.laplace.Laplace` with a diag, kron, ekfac or full
-            structure (full: P <= 20,000, cross-layer covariances dropped). Or give
+            structure (full: P <= 20,000, cross-layer covariances dropped), read when this object
+            is built: predictions raise RuntimeError if the model's weights changed since the
+            Laplace's fit, or if the Laplace was refitted or its prior precision or sigma_noise
+            changed since (build the Streamlined object again then). Or give
         weight_mean / weight_var: a mean-field posterior, dicts by parameter name or (P,)
             vectors in ``parameters_to_vector`` order; a missing ``weight_mean`` means the
             model's weights, a parameter missing from ``weight_var`` is deterministic.
@@ -80,6 +86,7 @@ class Streamlined:
             if weight_mean is not None or weight_var is not None:
                 raise ValueError("give either posterior=<fitted Laplace> or weight_mean/weight_var, not both")
             self.model = model
+            posterior.subset.check_current("build a Streamlined predictive from this Laplace")
             self.posterior: WeightPosterior = from_laplace(model, posterior)
             default_likelihood, default_sigma = posterior.likelihood, float(posterior.sigma_noise)
         else:
@@ -92,6 +99,9 @@ class Streamlined:
                 load_means(self.model, weight_mean)
             self.posterior = from_mean_field(self.model, weight_var)
             default_likelihood, default_sigma = Likelihood.CLASSIFICATION, 1.0
+        self._laplace = posterior
+        # what the weight posterior was built from: compared at every prediction (see _check_laplace)
+        self._laplace_state = None if posterior is None else self._laplace_snapshot(posterior)
         self.likelihood = check_choice(likelihood if likelihood is not None else default_likelihood, Likelihood,
                                        "likelihood")
         self.sigma_noise = float(sigma_noise) if sigma_noise is not None else default_sigma
@@ -112,6 +122,31 @@ class Streamlined:
         first = next(iter(self.model.parameters()), None)
         self._dtype = first.dtype if first is not None else torch.get_default_dtype()
         self._device = first.device if first is not None else torch.device("cpu")
+
+    # ----------------------------------------------------------------- staleness
+    @staticmethod
+    def _laplace_snapshot(la: Laplace) -> tuple:
+        return la.curvature, la.prior_precision.detach().clone(), la.sigma_noise.detach().clone()
+
+    def _check_laplace(self, action: str) -> None:
+        """Raise RuntimeError if the Laplace posterior this object was built from is no longer the one it read.
+
+        The model's weights (the posterior mean) must be those of the Laplace's fit (its ParameterSubset's
+        check), and the Laplace must not have been refitted nor its prior precision or sigma_noise changed,
+        which would leave this object propagating the old covariance. Cost: the subset's check (version
+        counters, a hash of the weights only if some were written) and a comparison of the hyperparameters.
+        """
+        la = self._laplace
+        if la is None:
+            return
+        la.subset.check_current(action)
+        curvature, prior, sigma = self._laplace_state
+        same_prior = la.prior_precision.shape == prior.shape and torch.equal(la.prior_precision, prior)
+        if la.curvature is not curvature or not same_prior or not torch.equal(la.sigma_noise, sigma):
+            raise RuntimeError(
+                f"cannot {action}: the Laplace posterior changed after this Streamlined object was built from it "
+                "(refitted, or prior_precision / sigma_noise changed, e.g. by optimize_prior_precision); build "
+                "Streamlined(model, posterior=la) again after tuning the Laplace")
 
     # ----------------------------------------------------------------- propagation
     def _context(self, posterior: WeightPosterior) -> Context:
@@ -140,10 +175,16 @@ class Streamlined:
         return check_finite(x, "x")
 
     @torch.no_grad()
-    def _propagate(self, x: torch.Tensor, input_var, posterior: WeightPosterior) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mean (B, C), cov (B, C, C) or var (B, C)) without the variance scale."""
-        self.model.eval()
+    def _propagate(self, x: torch.Tensor, input_var, posterior: WeightPosterior,
+                   action: str = "predict") -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean (B, C), cov (B, C, C) or var (B, C)) of the eval-mode network, without the variance scale."""
+        self._check_laplace(action)
         x = self._check_x(x)
+        with eval_mode(self.model):
+            return self._propagate_eval(x, input_var, posterior)
+
+    def _propagate_eval(self, x: torch.Tensor, input_var, posterior: WeightPosterior) -> tuple[torch.Tensor, torch.Tensor]:
+        """The propagation itself, the model in eval mode; the first batch ever is checked against model(x)."""
         ctx = self._context(posterior)
         step = x.shape[0] if self.batch_size is None else self.batch_size
         means, covs = [], []
@@ -190,21 +231,30 @@ class Streamlined:
         """The output covariance due to input noise alone (weights at their means), unscaled."""
         if input_var is None:
             raise ValueError("input_sensitivity needs input_var")
-        mean, cov = self._propagate(x, input_var, self.posterior.deterministic())
+        mean, cov = self._propagate(x, input_var, self.posterior.deterministic(), "compute input_sensitivity")
         return scaled_gaussian(mean, cov, 1.0)
 
-    def fit_variance_scale(self, val_loader: Iterable, bounds: tuple[float, float] = (1e-3, 1e3)) -> float:
+    def fit_variance_scale(self, val_loader: Iterable, bounds: tuple[float, float] = (1e-3, 1e3),
+                           dict_key_x: str = "input", dict_key_y: str = "target") -> float:
         """Fit the single output-variance scale κ on validation data (never the test set).
 
         Minimises the validation NLL (classification: probit link; regression: Gaussian with
         ``sigma_noise``) over log κ in ``bounds`` with :func:`posthoc.predictive.scale.fit_variance_scale`.
         The network is propagated once; κ only rescales the output covariance.
+        ``val_loader`` yields (x, y) tuples or dicts read with ``dict_key_x`` / ``dict_key_y``.
         Sets and returns ``variance_scale``.
+
+        Raises ValueError for an empty loader, non-finite inputs or targets, labels out of range
+        (classification) or targets of another width than the outputs (regression), and
+        RuntimeError if the Laplace posterior is stale (see the class docstring).
         """
-        n_out = None
         means, covs, targets = [], [], []
-        for x, y in checked_batches(val_loader, self.likelihood, n_out, "input", "target", self._dtype, self._device):
-            mean, cov = self._propagate(x, None, self.posterior)
+        batches = checked_batches(val_loader, self.likelihood, None, dict_key_x, dict_key_y, self._dtype, self._device)
+        for x, y in batches:
+            mean, cov = self._propagate(x, None, self.posterior, "fit_variance_scale")
+            # the targets checked again now that the number of outputs C is known (labels in [0, C), width C)
+            _, y = next(checked_batches([(x, y)], self.likelihood, mean.shape[-1], dict_key_x, dict_key_y,
+                                        self._dtype, self._device))
             means.append(mean), covs.append(cov), targets.append(y)
         if not means:
             raise ValueError("val_loader yielded no batches")
