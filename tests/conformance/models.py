@@ -102,6 +102,34 @@ class TiedEmbedding(nn.Module):
         return self.out(torch.tanh(self.mix(self.embed(tokens).mean(1))))
 
 
+class TiedHeadFirst(nn.Module):
+    """(b) As TiedEmbedding, but the output nn.Linear is registered first: the shared Parameter is the head's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.out = nn.Linear(4, VOCAB, bias=False)
+        self.embed = nn.Embedding(VOCAB, 4)
+        self.mix = nn.Linear(4, 4)
+        self.embed.weight = self.out.weight
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.mix(self.embed(tokens).mean(1))))
+
+
+class TwoHolders(nn.Module):
+    """(b) Two nn.Linear modules hold the same weight Parameter (each its own bias)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = nn.Linear(N_FEATURES, N_FEATURES)
+        self.second = nn.Linear(N_FEATURES, N_FEATURES)
+        self.second.weight = self.first.weight
+        self.head = nn.Linear(N_FEATURES, N_CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.second(torch.tanh(self.first(x)))))
+
+
 class LinearTwice(nn.Module):
     """(b') One nn.Linear applied twice in the forward pass."""
 
@@ -204,6 +232,8 @@ _NETWORKS: dict[str, tuple[Callable[[], nn.Module], str, bool]] = {
     "mlp2": (lambda: mlp(N_CLASSES, hidden_layers=2), "classification", False),
     "head_first": (HeadFirst, "classification", False),
     "tied_embedding": (TiedEmbedding, "classification", True),
+    "tied_head_first": (TiedHeadFirst, "classification", True),
+    "two_holders": (TwoHolders, "classification", False),
     "linear_twice": (LinearTwice, "classification", False),
     "unused_frozen": (UnusedAndFrozen, "classification", False),
     "scaled_head": (lambda: nn.Sequential(*mlp(N_CLASSES), Scale(2.5)), "classification", False),
@@ -243,6 +273,8 @@ MODELS: dict[str, Callable[[], Case]] = {
     "mlp_regression": lambda: _case("mlp_regression", "mlp_regression", "2"),
     "head_first": lambda: _case("head_first", "head_first", "head"),
     "tied_embedding": lambda: _case("tied_embedding", "tied_embedding", "out"),
+    "tied_head_first": lambda: _case("tied_head_first", "tied_head_first", "out"),
+    "two_holders": lambda: _case("two_holders", "two_holders", "head"),
     "linear_twice": lambda: _case("linear_twice", "linear_twice", "head"),
     "unused_frozen": lambda: _case("unused_frozen", "unused_frozen", "head"),
     "scaled_head": lambda: _case("scaled_head", "scaled_head", "2"),

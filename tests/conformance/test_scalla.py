@@ -28,6 +28,8 @@ EXPECTED_ERRORS = [
              "the default surrogate copies the trunk of an nn.Sequential (or model.trunk); a custom forward has "
              "neither, and the error asks for surrogate="),
     Expected("tied_embedding", "default_surrogate", ValueError, "pass surrogate=", "as head_first"),
+    Expected("tied_head_first", "default_surrogate", ValueError, "pass surrogate=", "as head_first"),
+    Expected("two_holders", "default_surrogate", ValueError, "pass surrogate=", "as head_first"),
     Expected("linear_twice", "default_surrogate", ValueError, "pass surrogate=", "as head_first"),
     Expected("unused_frozen", "default_surrogate", ValueError, "pass surrogate=", "as head_first"),
 ]
