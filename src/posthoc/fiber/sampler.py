@@ -607,9 +607,10 @@ class FiberSampler:
     def load_state_dict(self, state: dict[str, Any]) -> "FiberSampler":
         """Restore a fitted state; the settings must match, and the model's current weights and buffers must be
         those it was fitted at (they become theta*). Raises ValueError otherwise (nothing is changed then)."""
-        if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
-            raise ValueError(f"unsupported FiberSampler state (version {getattr(state, 'get', lambda k: None)('version')!r}, "
-                             f"expected {STATE_VERSION}); fit the sampler again")
+        version = state.get("version") if isinstance(state, dict) else None
+        if version != STATE_VERSION:
+            raise ValueError(f"unsupported FiberSampler state (version {version!r}, expected {STATE_VERSION}); "
+                             "fit the sampler again")
         if state["settings"] != self._settings():
             raise ValueError("the state was fitted with other settings; construct the FiberSampler with the same ones")
         if state["network_weights"] != module_digest(self.model):

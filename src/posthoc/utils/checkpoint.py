@@ -90,8 +90,8 @@ def data_fingerprint(tensors: Iterable[torch.Tensor]) -> dict[str, Any]:
 
     Every byte is hashed (with each tensor's shape and dtype, in order), so data of the same size with other
     values, or the same values in another order, get another digest. Tensors may be streamed (e.g. batches of a
-    loader in a fixed order). Cost: one pass over the data, about 1 GB/s (0.02 s for the 16 MB of inputs of the
-    embedded FMNIST suite), small next to any fit that reads them.
+    loader in a fixed order). Cost: one pass over the data, about 0.4 GB/s on one busy core (measured: 0.03 s
+    for the 12.6 MB training set of the embedded FMNIST suite, against 5.8 s for one MAP training epoch over it).
     """
     h = hashlib.blake2b(digest_size=16)
     count = values = 0
@@ -105,10 +105,10 @@ def data_fingerprint(tensors: Iterable[torch.Tensor]) -> dict[str, Any]:
 def _canonical(fingerprint: dict[str, Any]) -> str:
     if not isinstance(fingerprint, dict):
         raise TypeError(f"a checkpoint fingerprint must be a dict, got {type(fingerprint).__name__}")
-    try:
-        return json.dumps(fingerprint, sort_keys=True, allow_nan=True)
-    except TypeError as err:
-        raise TypeError(f"a checkpoint fingerprint must hold only JSON values (str, int, float, bool, None, "
+    try:  # NaN is refused: it never compares equal, so a file written with it could never be resumed
+        return json.dumps(fingerprint, sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"a checkpoint fingerprint must hold only JSON values (str, int, finite float, bool, None, "
                         f"lists and dicts of them): {err}") from err
 
 
