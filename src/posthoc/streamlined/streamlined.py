@@ -190,8 +190,16 @@ class Streamlined:
         means, covs = [], []
         for start in range(0, x.shape[0], step):
             xb = x[start:start + step]
-            out = propagate(self.model, self._input_state(xb, self._slice_var(input_var, x, start, step)), ctx,
-                            last=True)
+            state = self._input_state(xb, self._slice_var(input_var, x, start, step))
+            try:
+                out = propagate(self.model, state, ctx, last=True)
+            except RuntimeError as err:
+                if self._checked:
+                    raise
+                # e.g. a shape mismatch: the children, run in registration order, are not the model's forward
+                raise ValueError(f"propagating the model's children in order failed ({err}): the model's forward "
+                                 "is not the chain of its children (or a child's forward is not its class's); "
+                                 "describe it with posthoc.streamlined.register_graph") from err
             if out.mean.ndim != 2:
                 raise ValueError(f"the model must return (B, C) outputs, got {tuple(out.mean.shape)}")
             if not self._checked:
