@@ -147,6 +147,14 @@ class KronCurvature(CurvatureStructure):
         return cls(subset, [layer.name for layer in result.layers], blocks, result.fallback, result.fallback_diag,
                    result.positions, result.n_outputs, approximation)
 
+    def largest_eigenvalue(self) -> torch.Tensor | None:
+        """Largest Kronecker eigenvalue lambda_G * lambda_A: the float32 eigendecompositions of A and G are off
+        by about eps times their largest eigenvalue, so s * E + delta loses small directions when delta is
+        tiny (``Laplace`` warns). None without Kronecker blocks (the diagonal fallback is exact)."""
+        if not self.blocks:
+            return None
+        return torch.stack([blk.eigenvalues.max() for blk in self.blocks]).max()
+
     def bases(self) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
         """(Q_G, Q_A or None) per Kronecker layer name."""
         out: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
