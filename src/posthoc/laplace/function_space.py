@@ -33,9 +33,12 @@ def exact_lla(
 ) -> GaussianPredictive:
     """The exact function-space LLA predictive at ``x_test`` given training inputs ``x_train``.
 
-    Inputs are model inputs (the subset computes its own, e.g. last-layer features).
+    Inputs are model inputs (the subset computes its own, e.g. last-layer features); a ``last_layer`` subset
+    not yet located is located on ``x_train`` first.
     Returns a GaussianPredictive with full (B, C, C) covariance (no observation noise).
     """
+    if not subset.last_layer_located:  # a last layer still at its provisional guess: locate it on the data
+        subset.capture(x_train)
     factors = OutputFactors(likelihood, CurvatureType.GGN)
     prior_inv = 1.0 / per_parameter(as_prior_tensor(prior_precision, subset), subset)
     inputs_train, inputs_test = subset.inputs(x_train), subset.inputs(x_test)
@@ -57,5 +60,5 @@ def exact_lla(
     k_star = torch.einsum("bcp,bdp->bcd", jac_s * prior_inv, jac_s)
     cov = k_star - white @ white.transpose(1, 2)
     with torch.no_grad():
-        mean = subset.model(x_test) if subset.kind.value == "last_layer" else subset.forward(inputs_test)
+        mean = subset.forward(inputs_test)  # = model(x_test): a last layer's tail is part of the covered function
     return GaussianPredictive(mean.detach(), cov=0.5 * (cov + cov.transpose(1, 2)).detach())
