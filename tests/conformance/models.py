@@ -69,10 +69,11 @@ class Case:
 
     def surrogate(self, n_out: int) -> nn.Module:
         """A small user surrogate for ScaLLA returning (B, n_out) from this model's inputs (seeded)."""
-        torch.manual_seed(7)
-        if not self.x.is_floating_point():
-            return nn.Sequential(nn.Embedding(VOCAB, 4), nn.Flatten(), nn.Linear(N_TOKENS * 4, n_out)).to(DTYPE)
-        return nn.Sequential(nn.Linear(N_FEATURES, 16), nn.Tanh(), nn.Linear(16, n_out)).to(DTYPE)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(7)
+            if not self.x.is_floating_point():
+                return nn.Sequential(nn.Embedding(VOCAB, 4), nn.Flatten(), nn.Linear(N_TOKENS * 4, n_out)).to(DTYPE)
+            return nn.Sequential(nn.Linear(N_FEATURES, 16), nn.Tanh(), nn.Linear(16, n_out)).to(DTYPE)
 
 
 # ----------------------------------------------------------------------------------------------- networks
@@ -212,16 +213,17 @@ def _train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, likelihood: str) 
 @functools.lru_cache(maxsize=None)
 def _trained(name: str) -> tuple[nn.Module, str, bool]:
     build, likelihood, tokens = _NETWORKS[name]
-    torch.manual_seed(0)
-    model = build().to(DTYPE)
     x, y, _ = _data(likelihood, tokens)
-    return _train(model, x, y, likelihood), likelihood, tokens
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = build().to(DTYPE)
+        return _train(model, x, y, likelihood), likelihood, tokens
 
 
 def _case(name: str, network: str, last_layer: str, **hooks) -> Case:
     trained, likelihood, tokens = _trained(network)
     x, y, x_test = _data(likelihood, tokens)
-    model = copy.deepcopy(trained)
+    model = copy.deepcopy(trained).eval()
     reference = copy.deepcopy(trained).eval()
     return Case(name, model, likelihood, x, y, x_test, reference, last_layer, **hooks)
 
@@ -247,10 +249,11 @@ def loaded_weights(name: str, network: str, last_layer: str) -> Case:
     """(f) The estimator is built on a freshly initialised network; the user then loads the trained weights."""
     case = _case(name, network, last_layer)
     fresh = copy.deepcopy(case.model)
-    torch.manual_seed(123)
-    for module in fresh.modules():
-        if hasattr(module, "reset_parameters") and module is not fresh:
-            module.reset_parameters()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(123)
+        for module in fresh.modules():
+            if hasattr(module, "reset_parameters") and module is not fresh:
+                module.reset_parameters()
     trained_state = copy.deepcopy(case.model.state_dict())
     case.model = fresh
     case.after_build = lambda model: model.load_state_dict(trained_state)
