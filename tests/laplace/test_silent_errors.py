@@ -237,6 +237,27 @@ def test_a_trainable_parameter_after_the_last_layer_raises_naming_the_fixes():
         la.fit(_loader(x, y))
 
 
+class TiedOutput(nn.Module):
+    """The output nn.Linear's weight is also the input embedding's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(3, 4)
+        self.out = nn.Linear(4, 3, bias=False)
+        self.out.weight = self.embed.weight
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.embed(tokens).mean(1)))
+
+
+def test_a_last_layer_with_tied_weights_raises():
+    g = torch.Generator().manual_seed(6)
+    tokens, y = torch.randint(0, 3, (12, 5), generator=g), torch.randint(0, 3, (12,), generator=g)
+    la = Laplace(TiedOutput().to(DTYPE), "classification", "last_layer", "full", progress=False)
+    with pytest.raises(ValueError, match="tied weights"):
+        la.fit(_loader(tokens, y))
+
+
 def test_last_layer_name_chooses_the_layer():
     x, y = _data()
     torch.manual_seed(3)

@@ -262,9 +262,11 @@ class ParameterSubset:
         """The tail after ``self.module`` on inputs ``x`` (B >= 2), and its matrix (C, Z) when linear."""
         name, layer = self.last_layer_name, self.module
         seen: list[torch.Tensor] = []
+        layer_inputs: list[torch.Tensor] = []
         replacement: list[torch.Tensor] = []
 
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+            layer_inputs.append(args[0])
             seen.append(output)
             if replacement:
                 return replacement[0]
@@ -297,6 +299,11 @@ class ParameterSubset:
         wrt = [p for _, p in others] + ([x_leaf] if x_leaf.requires_grad else [])
         grads = torch.autograd.grad(out, wrt, torch.ones_like(out), allow_unused=True, retain_graph=True) if wrt else []
         tied = [n for (n, p), g in zip(others, grads) if g is not None and id(p) in own]
+        mine = [(n, p) for n, p in others if id(p) in own]
+        if mine and layer_inputs[0].requires_grad:  # the layer's own weights also shape its input (e.g. an embedding)
+            before = torch.autograd.grad(layer_inputs[0], [p for _, p in mine], torch.ones_like(layer_inputs[0]),
+                                         allow_unused=True, retain_graph=True)
+            tied += [n for (n, _), g in zip(mine, before) if g is not None]
         if tied:
             raise ValueError(f"the last layer {name!r}'s parameters {tied} are also used elsewhere in the forward pass "
                              "(tied weights); the last-layer Laplace cannot cover them: use subset_of_weights='all'")
