@@ -240,3 +240,51 @@ def scalla_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         results = {objective: scalla_run(objective, steps=5) for objective in ("probes", "directions")}
         scalla_run("probes", steps=6, checkpoint=str(Path(out_dir) / "scalla.pt"), stop_at=3)
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+
+
+def _outcome(fit) -> str:
+    """'finished', or the exception a call raised as 'Type: message'."""
+    try:
+        fit()
+        return "finished"
+    except Exception as err:  # noqa: BLE001 - the test inspects what was raised
+        return f"{type(err).__name__}: {err}"
+
+
+def scalla_sharded_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    """ScaLLA.fit given Laplace's convention (a shard per rank) in three forms; records what each raised."""
+    from posthoc import ScaLLA
+
+    with _group(rank, world, port):
+        model, train, _ = scalla_problem()
+        dataset = train.dataset
+        torch.manual_seed(100 + rank)  # unseeded shuffling: each rank draws its own order
+        loaders = {
+            "distributed_sampler": sharded(dataset, batch_size=10),
+            "index_shard": DataLoader(dataset, batch_size=10, sampler=list(range(rank, len(dataset), world))),
+            "batch_list_shard": [batch for i, batch in enumerate(train) if i % world == rank],
+            "unseeded_shuffle": DataLoader(dataset, batch_size=10, shuffle=True),
+        }
+        outcomes = {}
+        for case, loader in loaders.items():
+            s = ScaLLA(model, "classification", n_features=4, steps=2, n_target_points=16, eigen_subsample=10,
+                       progress=False)
+            outcomes[case] = _outcome(lambda: s.fit(loader))
+        torch.save(outcomes, Path(out_dir) / f"rank{rank}.pt")
+
+
+def mismatched_model_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    """Rank 1 holds a wider network than rank 0 (a different parameter count): Laplace and ScaLLA must raise a
+    clear error on every rank, not abort inside gloo."""
+    from posthoc import Laplace, ScaLLA
+
+    with _group(rank, world, port):
+        model = small_mlp(n_hidden=5 + 2 * rank, seed=6)
+        _, train, _ = scalla_problem()
+        outcomes = {
+            "laplace": _outcome(lambda: Laplace(model, "classification", subset_of_weights="all",
+                                                hessian_structure="kron", progress=False).fit(train)),
+            "scalla": _outcome(lambda: ScaLLA(model, "classification", n_features=4, steps=2,
+                                              progress=False).fit(train)),
+        }
+        torch.save(outcomes, Path(out_dir) / f"rank{rank}.pt")

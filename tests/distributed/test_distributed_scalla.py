@@ -38,3 +38,30 @@ def test_checkpoint_from_two_ranks_resumes_in_one_process(two_ranks):
     resumed = workers.scalla_run("probes", steps=6, checkpoint=str(out / "scalla.pt"))
     uninterrupted = workers.scalla_run("probes", steps=6)
     torch.testing.assert_close(resumed["surrogate"], uninterrupted["surrogate"], rtol=1e-8, atol=1e-10)
+
+
+def test_sharded_loaders_raise_on_every_rank_naming_the_fix(tmp_path):
+    """Laplace's convention (each rank its shard) gave ScaLLA a posterior of half of the data on 83bdd0f (each rank
+    took its part of its own shard's batches: covariance 64% off the single-process one, Frobenius, 20 steps on
+    this problem), silently; now every form of sharding raises on every rank."""
+    codes = run_processes(workers.scalla_sharded_worker, tmp_path)
+    assert codes == [0] * WORLD, codes
+    for r in range(WORLD):
+        outcomes = torch.load(tmp_path / f"rank{r}.pt")
+        assert set(outcomes) == {"distributed_sampler", "index_shard", "batch_list_shard", "unseeded_shuffle"}
+        for case, outcome in outcomes.items():
+            assert outcome.startswith("ValueError: "), (r, case, outcome)
+            assert "give every rank the same, unsharded loader" in outcome, (r, case, outcome)
+        assert "DistributedSampler" in outcomes["distributed_sampler"]
+
+
+def test_different_parameter_counts_raise_on_every_rank(tmp_path):
+    """On 83bdd0f a wider network on rank 1 reached gloo's all-reduce with mismatched sizes (ScaLLA: no check at
+    all); now the sizes are compared first and both ranks raise the same clear error and exit normally."""
+    codes = run_processes(workers.mismatched_model_worker, tmp_path)
+    assert codes == [0] * WORLD, codes
+    for r in range(WORLD):
+        outcomes = torch.load(tmp_path / f"rank{r}.pt")
+        for method, outcome in outcomes.items():
+            assert outcome.startswith("ValueError: the ranks disagree on the MAP weights:"), (r, method, outcome)
+            assert "between 68 and 108 across the 2 ranks" in outcome, (r, method, outcome)

@@ -130,3 +130,20 @@ def test_inputs_of_another_shape_name_the_expected_shape():
         s.optimize_prior_precision("gridsearch", val_loader=wrong)
     with pytest.raises(ValueError, match=r"x must have shape \(B, 3\)"):
         s.predict(x[:4, None])
+
+
+def test_network_in_train_mode_is_evaluated_in_eval_mode_and_left_as_found():
+    """predict's mean is the eval-mode network's output even if the caller left the model in train mode (on
+    83bdd0f a model put back in train mode after fit gave a Dropout-sampled mean, different on every call), and
+    fit / predict leave the caller's train/eval flags as they were (83bdd0f switched the model to eval)."""
+    x, _, loader = _data()
+    model = _mlp(1, dropout=0.5).train()
+    model[0].eval()  # mixed flags must come back as they were
+    flags = [m.training for m in model.modules()]
+    s = ScaLLA(model, "classification", **FAST).fit(loader)
+    assert [m.training for m in model.modules()] == flags
+    first, second = s.predict(x[:8]), s.predict(x[:8])
+    assert [m.training for m in model.modules()] == flags
+    reference = copy.deepcopy(model).eval()(x[:8]).detach()
+    assert torch.equal(first.mean, reference) and torch.equal(second.mean, reference)
+    assert torch.equal(first.cov, second.cov)

@@ -180,14 +180,14 @@ def check_same_on_all_ranks(value: torch.Tensor, what: str, rtol: float = 0.0,
     _run(lambda: dist.all_reduce(sizes, op=dist.ReduceOp.MAX), f"{what} (sizes)")
     largest, smallest = int(sizes[0]), -int(sizes[1])
     if largest != smallest:
-        raise ValueError(f"{what} differs between ranks: {n} entries on rank {rank()}, between {smallest} and "
+        raise ValueError(f"the ranks disagree on {what}: {n} entries on rank {rank()}, between {smallest} and "
                          f"{largest} across the {world_size()} ranks; {fix}")
     low, high = flat.clone(), flat.clone()
     _run(lambda: dist.all_reduce(low, op=dist.ReduceOp.MIN), what)
     _run(lambda: dist.all_reduce(high, op=dist.ReduceOp.MAX), what)
     spread = float((high - low).abs().max()) if n else 0.0
     if spread > rtol * float(flat.abs().max() if n else 0.0):
-        raise ValueError(f"{what} differs between ranks (max spread {spread:.3g}); {fix}")
+        raise ValueError(f"the ranks disagree on {what} (largest difference {spread:.3g}); {fix}")
 
 
 def init_from_env(backend: str | None = None, timeout_s: float = 600.0) -> bool:

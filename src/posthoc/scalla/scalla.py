@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
+from torch.utils.data import DistributedSampler
 from tqdm.auto import tqdm
 
 from posthoc.curvature.output_factors import CurvatureType, OutputFactors, log_likelihood, log_likelihood_terms
@@ -33,12 +34,20 @@ from posthoc.scalla.posterior import LatentPosterior, batch_precision
 from posthoc.scalla.surrogate import HIDDEN, FeatureMap, SurrogateInit, build_default_surrogate
 from posthoc.scalla.training import InputPool, SurrogateTrainer, TrainSettings, n_context_features
 from posthoc.utils.checks import check_choice, check_finite, check_positive
+from posthoc.utils.modes import eval_mode
 from posthoc.utils.optim import maximise
 
 STATE_VERSION = 2  # 2: biased states have m + h latent features
 SAME_LOADERS = ("ScaLLA.fit takes the same loaders on every rank (it splits each batch over the ranks itself): "
                 "give every rank the same, unsharded loader with the same order (no DistributedSampler, the same "
                 "shuffle seed)")
+
+
+def _check_not_sharded(loader: Iterable | None) -> None:
+    """Raise ValueError for a loader with a DistributedSampler over several ranks (before any work is done)."""
+    sampler = getattr(loader, "sampler", None)
+    if isinstance(sampler, DistributedSampler) and sampler.num_replicas > 1:
+        raise ValueError(f"the loader has a DistributedSampler (a shard per rank): {SAME_LOADERS}")
 
 
 def _input_digest(x: torch.Tensor, offset: int = 0, chunk: int = 4096) -> torch.Tensor:
@@ -68,7 +77,8 @@ class ScaLLA:
     """Scalable linearised Laplace with a surrogate kernel.
 
     Args:
-        model: the trained network (its weights at ``fit`` are theta*; put in eval mode, never changed). Changing
+        model: the trained network (its weights at ``fit`` are theta*; never changed). Every forward pass runs it in
+            eval mode (posthoc.utils.modes.eval_mode) and leaves its train/eval flags as found. Changing
             the weights or buffers after ``fit`` makes predict, features, kernel and the evidence raise until
             ``fit`` is called again.
         likelihood: "classification" (logits) or "regression".
@@ -158,7 +168,7 @@ class ScaLLA:
             raise ValueError(f"n_features must be a positive int (the number of latent features m), got {n_features!r}")
         if surrogate is not None and not isinstance(surrogate, nn.Module):
             raise TypeError(f"surrogate must be an nn.Module or None, got {type(surrogate).__name__}")
-        self.model = model.eval()
+        self.model = model
         self.likelihood = check_choice(likelihood, Likelihood, "likelihood")
         self.n_features, self.biased, self.seed = n_features, bool(biased), seed
         self.n_context_features = n_context_features(n_features, self.biased)
@@ -245,36 +255,41 @@ class ScaLLA:
         theta* is read here, from the model's current weights (as is the default surrogate's trunk). Raises
         ValueError under torch.distributed when the ranks' weights or inputs differ (see the class docstring).
         """
-        self.model.eval()
-        self.subset.capture()
-        check_same_on_all_ranks(self.subset.theta_map, "the MAP weights")
-        x0, self.n_outputs = first_batch_inputs(train_loader, self.model, self.likelihood, self.dict_key_x,
-                                                self.dict_key_y, self.subset.dtype, self.subset.device)
-        self.input_shape = tuple(x0.shape[1:])
-        if self.biased and context_loader is None:
-            raise ValueError("biased=True needs context points: pass context_loader (inputs resembling OOD data)")
-        train_pool = InputPool(train_loader, "training", self.subset.dtype, self.subset.device,
-                               self.dict_key_x, self.dict_key_y)
-        context_pool = None
-        if context_loader is not None:
-            context_pool = InputPool(context_loader, "context", self.subset.dtype, self.subset.device,
-                                     self.dict_key_x, self.dict_key_y)
-            if context_pool.example_shape != train_pool.example_shape:
-                raise ValueError(f"context inputs have shape (B, {', '.join(map(str, context_pool.example_shape))}) "
-                                 f"but training inputs (B, {', '.join(map(str, train_pool.example_shape))}); "
-                                 "context points must be valid inputs of the network")
-        if is_distributed():
-            for pool in (train_pool, context_pool):
-                if pool is not None:
-                    check_same_on_all_ranks(_input_digest(pool.inputs), f"the {pool.name} inputs", fix=SAME_LOADERS)
-        settings = self.settings if steps is None else TrainSettings(**{**self.settings.__dict__, "steps": steps})
-        self.surrogate = self._build_surrogate(x0)
-        trainer = SurrogateTrainer(self.surrogate, self.subset, self.likelihood, train_pool, context_pool, settings,
-                                   biased=self.biased, checkpoint=checkpoint, progress=self.progress,
-                                   callback=callback).run(self.n_features, self.n_context_features)
-        self.train_record = {"steps": trainer.step, "jvp_evaluations": trainer.jvp_evaluations,
-                             "history": trainer.history, "wall_time_s": trainer.wall_time_s}
-        self.fit_posterior(train_loader)
+        for loader in (train_loader, context_loader):
+            _check_not_sharded(loader)
+        with eval_mode(self.model):
+            self.subset.capture()
+            check_same_on_all_ranks(self.subset.theta_map, "the MAP weights")
+            x0, self.n_outputs = first_batch_inputs(train_loader, self.model, self.likelihood, self.dict_key_x,
+                                                    self.dict_key_y, self.subset.dtype, self.subset.device)
+            self.input_shape = tuple(x0.shape[1:])
+            if self.biased and context_loader is None:
+                raise ValueError("biased=True needs context points: pass context_loader (inputs resembling OOD "
+                                 "data)")
+            train_pool = InputPool(train_loader, "training", self.subset.dtype, self.subset.device,
+                                   self.dict_key_x, self.dict_key_y)
+            context_pool = None
+            if context_loader is not None:
+                context_pool = InputPool(context_loader, "context", self.subset.dtype, self.subset.device,
+                                         self.dict_key_x, self.dict_key_y)
+                if context_pool.example_shape != train_pool.example_shape:
+                    raise ValueError(f"context inputs have shape (B, {', '.join(map(str, context_pool.example_shape))})"
+                                     f" but training inputs (B, {', '.join(map(str, train_pool.example_shape))}); "
+                                     "context points must be valid inputs of the network")
+            if is_distributed():
+                for pool in (train_pool, context_pool):
+                    if pool is not None:
+                        check_same_on_all_ranks(_input_digest(pool.inputs), f"the {pool.name} inputs",
+                                                fix=SAME_LOADERS)
+            settings = (self.settings if steps is None
+                        else TrainSettings(**{**self.settings.__dict__, "steps": steps}))
+            self.surrogate = self._build_surrogate(x0)
+            trainer = SurrogateTrainer(self.surrogate, self.subset, self.likelihood, train_pool, context_pool,
+                                       settings, biased=self.biased, checkpoint=checkpoint, progress=self.progress,
+                                       callback=callback).run(self.n_features, self.n_context_features)
+            self.train_record = {"steps": trainer.step, "jvp_evaluations": trainer.jvp_evaluations,
+                                 "history": trainer.history, "wall_time_s": trainer.wall_time_s}
+            self.fit_posterior(train_loader)
         return self
 
     @torch.no_grad()
@@ -288,6 +303,7 @@ class ScaLLA:
         """
         surrogate = self._require_surrogate()
         self.subset.check_current("fit the ScaLLA posterior")
+        _check_not_sharded(train_loader)
         surrogate.eval()
         m = self.n_latent
         precision = torch.zeros(m, m, dtype=self.subset.dtype, device=self.subset.device)
@@ -300,7 +316,8 @@ class ScaLLA:
                 n_seen += x.shape[0]
             part = rank_slice(x.shape[0])
             x, y = x[part], y[part]
-            outputs = self.model(x)
+            with eval_mode(self.model):
+                outputs = self.model(x)
             precision += batch_precision(surrogate(x), self.factors(outputs, y))
             stat += log_likelihood_terms(outputs, y, self.likelihood)
             n_data += x.shape[0]
@@ -356,7 +373,8 @@ class ScaLLA:
         posterior = self._require_fit()
         self.subset.check_current("predict")
         x = self._inputs(x, "x")
-        mean = self.model(x)
+        with eval_mode(self.model):
+            mean = self.model(x)
         cov = posterior.covariance(self.surrogate(x), self.prior_precision, self.factors.scale(self.sigma_noise))
         return GaussianPredictive(mean, cov=cov)
 
@@ -438,7 +456,8 @@ class ScaLLA:
         cached = []
         for x, y in self._batches(val_loader):
             self._check_shape(x, "validation inputs")
-            cached.append((self.model(x), self.surrogate(x), y))
+            with eval_mode(self.model):
+                cached.append((self.model(x), self.surrogate(x), y))
         if not cached:
             raise ValueError("val_loader yielded no batches")
         scale = self.factors.scale(self.sigma_noise)
