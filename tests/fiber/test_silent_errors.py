@@ -171,3 +171,35 @@ def test_predict_input_shape_and_eval_mode():
     loaded.load_state_dict(fs.state_dict())
     with pytest.raises(ValueError, match=r"\(B, 3\)"):
         loaded.predict(x[:2, :2], n_samples=4)
+
+
+class _HeadFirst(nn.Module):
+    """The head is registered before the body and a scale follows it: the last registered Linear is not the head."""
+
+    def __init__(self, body: nn.Sequential) -> None:
+        super().__init__()
+        self.head = body[-1]
+        self.body = body[:-1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 2.5 * self.head(self.body(x))
+
+
+def test_last_layer_is_located_on_the_path_to_the_output_and_restored_with_the_state(problem):
+    """On 83bdd0f FiberSampler's last layer was the last registered nn.Linear (here a hidden layer), so samples
+    covered the wrong weights and the scale after the head was ignored: the predictive was not the model's."""
+    model, x, y = problem
+    wrapped = _HeadFirst(copy.deepcopy(model))
+    fs = FiberSampler(wrapped, "classification", subset_of_weights="last_layer", **SETTINGS)
+    fs.fit(shuffled_loader(x, y, 0))
+    assert fs.subset.last_layer_name == "head"
+    head_params = sum(p.numel() for p in wrapped.head.parameters())
+    assert fs.sample(2).shape == (2, head_params)
+    # the sampler's function at theta* is the model's own output, scale included
+    with torch.no_grad():
+        torch.testing.assert_close(fs.subset.forward(fs.subset.inputs(x[:5])), wrapped(x[:5]), rtol=1e-10, atol=1e-10)
+    restored = FiberSampler(wrapped, "classification", subset_of_weights="last_layer", **SETTINGS)
+    restored.load_state_dict(fs.state_dict())
+    assert restored.subset.last_layer_name == "head"
+    torch.testing.assert_close(restored.predict(x[:5], n_samples=4).samples, fs.predict(x[:5], n_samples=4).samples,
+                               rtol=0, atol=0)

@@ -38,7 +38,7 @@ from posthoc.fiber.deform import (AnchoredJitter, CouplingFlow, DeformKind, Prin
 from posthoc.fiber.projection import outputs_many
 from posthoc.fiber.walk import (FiberProblem, WalkConfig, WalkState, finalize, full_data_nll, init_walk, mean_nll,
                                 walk_step)
-from posthoc.laplace.batches import checked_batches
+from posthoc.laplace.batches import checked_batches, first_batch_inputs
 from posthoc.laplace.subset import ParameterSubset, SubsetOfWeights
 from posthoc.likelihood import Likelihood
 from posthoc.predictive import LinkApprox, Predictive, SamplePredictive
@@ -230,7 +230,6 @@ class FiberSampler:
         """Collect the covered module's inputs and the targets of the whole loader, in a canonical order
         (sorted by a fixed random projection of each example), so the walk does not depend on the loader's
         shuffling. Memory: the whole training set (or its last-layer features)."""
-        self.model.eval()
         xs, ys = [], []
         for x, y in checked_batches(train_loader, self.likelihood, None, self.dict_key_x, self.dict_key_y,
                                     self.subset.dtype, self.subset.device):
@@ -256,9 +255,11 @@ class FiberSampler:
             targets = targets.reshape(inputs.shape[0], -1)
             if targets.shape[-1] != out.shape[-1]:
                 raise ValueError(f"targets have {targets.shape[-1]} outputs, the model {out.shape[-1]}")
-        probe = torch.randn(inputs[0].numel(), generator=torch.Generator().manual_seed(12345), dtype=inputs.dtype)
-        key = inputs.reshape(inputs.shape[0], -1) @ probe + 1e-3 * targets.reshape(inputs.shape[0], -1).to(
-            inputs.dtype).sum(-1)
+        # integer inputs (token ids) are ordered by the same projection, taken in float64
+        key_dtype = inputs.dtype if inputs.is_floating_point() else torch.float64
+        probe = torch.randn(inputs[0].numel(), generator=torch.Generator().manual_seed(12345), dtype=key_dtype)
+        key = inputs.reshape(inputs.shape[0], -1).to(key_dtype) @ probe + 1e-3 * targets.reshape(
+            inputs.shape[0], -1).to(key_dtype).sum(-1)
         order = torch.argsort(key, stable=True)
         inputs, targets = inputs[order], targets[order]
         if self.likelihood is Likelihood.REGRESSION and self._sigma_given is None:
@@ -277,7 +278,9 @@ class FiberSampler:
         path = Path(checkpoint) if checkpoint is not None else None
         if path is not None:
             check_writable(path.parent, "FiberSampler checkpoint")
-        self.subset.capture()
+        x0, _ = first_batch_inputs(train_loader, self.model, self.likelihood, self.dict_key_x, self.dict_key_y,
+                                   self.subset.dtype, self.subset.device)
+        self.subset.capture(x0)  # for last_layer, also locates the layer on the first batch
         problem = self._problem(train_loader)
         self._problem_cache = problem
         # everything the result depends on; the data as the walk reads them (canonical order, covered module's inputs)
@@ -307,8 +310,9 @@ class FiberSampler:
         forward passes over the data per round. Raises PermissionError (before any work) if the checkpoint's
         folder is not writable, ValueError for a checkpoint of another run or a damaged one.
         """
-        problem, path, saved = self._start(train_loader, checkpoint, callback)
-        self._walk(problem, path, saved)
+        with eval_mode(self.model):
+            problem, path, saved = self._start(train_loader, checkpoint, callback)
+            self._walk(problem, path, saved)
         return self.particles
 
     def _walk(self, problem: FiberProblem, path: Path | None, saved: dict[str, Any] | None) -> None:
@@ -362,6 +366,11 @@ class FiberSampler:
         ("walk") and stage-2 training step ("deform"), after the step's checkpoint if one is due; it may raise to
         stop the run, which then resumes from the checkpoint. Raises as :meth:`walk`.
         """
+        with eval_mode(self.model):
+            return self._fit(train_loader, checkpoint, callback)
+
+    def _fit(self, train_loader: Iterable, checkpoint: str | os.PathLike | None,
+             callback: Callable[[str, int], None] | None) -> "FiberSampler":
         problem, path, saved = self._start(train_loader, checkpoint, callback)
         if saved is not None and saved["stage"] == "done":
             self.load_state_dict(saved["state"])
@@ -602,7 +611,7 @@ class FiberSampler:
                 "sigma_noise": self.sigma_noise,
                 "particles": self.particles, "particle_nll": self.particle_nll, "map_nll": self.map_nll,
                 "coords": coords.state_dict(), "flow": None if self.flow is None else self.flow.state_dict(),
-                "info": dict(self.info)}
+                "info": dict(self.info), "last_layer": self.subset.last_layer_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> "FiberSampler":
         """Restore a fitted state; the settings must match, and the model's current weights and buffers must be
@@ -616,6 +625,8 @@ class FiberSampler:
         if state["network_weights"] != module_digest(self.model):
             raise ValueError("the model's weights or buffers differ from those the state was fitted at; load the "
                              "matching model checkpoint first")
+        if state.get("last_layer") is not None:
+            self.subset.load_last_layer_state(state["last_layer"])
         self.subset.capture()
         self.input_shape = tuple(state["input_shape"])
         self.prior_precision = state["prior_precision"]
