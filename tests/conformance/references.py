@@ -97,6 +97,21 @@ def dense_precision(cov: Covered, case: Case, prior: float, scale: float) -> tor
     return scale * ggn + prior * torch.eye(ggn.shape[0], dtype=ggn.dtype)
 
 
+def log_evidence(cov: Covered, case: Case, prior: float, sigma_noise: float, precision: torch.Tensor) -> float:
+    """The Laplace evidence log p(D | theta*) - prior/2 ||theta*||^2 + P/2 log prior - 1/2 log det Lambda, with
+    theta* the reference weights and the likelihood (Gaussian with sigma_noise for regression) evaluated densely."""
+    with torch.no_grad():
+        out = case.reference(case.x)
+    if case.likelihood == "classification":
+        loglik = -float(torch.nn.functional.cross_entropy(out, case.y, reduction="sum"))
+    else:
+        loglik = float(-0.5 * (case.y - out).square().sum() / sigma_noise**2
+                       - 0.5 * out.numel() * math.log(2 * math.pi * sigma_noise**2))
+    theta = cov.theta()
+    return (loglik - 0.5 * prior * float(theta.square().sum()) + 0.5 * theta.numel() * math.log(prior)
+            - 0.5 * float(torch.linalg.slogdet(precision).logabsdet))
+
+
 def covariance(precision: torch.Tensor) -> torch.Tensor:
     """Lambda^-1 by Cholesky, symmetrised."""
     inv = torch.cholesky_inverse(torch.linalg.cholesky(precision))

@@ -1,8 +1,9 @@
 """Laplace on the conformance family: every structure x subset x predictive against dense references.
 
-glm: mean = the eval-mode model(x) to 1e-6; covariance = J Lambda_struct^-1 J^T (J by jacrev of the covered
-function, Lambda_struct the fitted structure's own dense precision) to 1e-6 relative; full and diag (and the
-low-rank eigenvalues) also against the exact dense GGN posterior. nn: weight samples centred on the model's
+glm: the evidence equals the dense formula at the model's weights and Lambda_struct (1e-8); mean = the eval-mode
+model(x) to 1e-6; covariance = J Lambda_struct^-1 J^T (J by jacrev of the covered function, Lambda_struct the
+fitted structure's own dense precision) to 1e-6 relative; full and diag (and the low-rank eigenvalues) also
+against the exact dense GGN posterior. nn: weight samples centred on the model's
 weights with covariance Lambda_struct^-1 (4 standard errors), and the sampled predictive equal to the eval-mode
 network at those samples. kron/ekfac, whose curvature has no dense closed form, are also held to the same
 structure fitted the plain way (eval-mode model, built after its weights were loaded) where the user's steps
@@ -28,6 +29,7 @@ from conformance.references import (
     curvature_scale,
     dense_precision,
     glm_covariance,
+    log_evidence,
     outcome,
 )
 from posthoc.laplace import Laplace
@@ -99,6 +101,10 @@ def test_laplace(model_name: str, structure: str, subset: str, pred_type: str) -
         posterior_cov = covariance(precision)
         case.before_predict(case.model)
         if pred_type == "glm":
+            evidence = float(la.log_marginal_likelihood())
+            expected = log_evidence(cov, case, PRIOR, float(la.sigma_noise), precision)
+            assert abs(evidence - expected) <= 1e-8 * abs(expected), \
+                f"log marginal likelihood {evidence:.10g} vs {expected:.10g} from the model's weights and Lambda"
             pred = la.predict(case.x_test, pred_type="glm")
             assert_mean_is_eval_model(pred.mean, case, case.x_test)
             assert_close_relative(pred.cov, glm_covariance(cov, case.x_test, posterior_cov), 1e-6,
