@@ -104,6 +104,8 @@ def sharded(dataset: TensorDataset, batch_size: int = 5) -> DataLoader:
 
 
 def _join(rank: int, world: int, port: int) -> None:
+    import posthoc.distributed  # noqa: F401 - first, as a user's script would: see posthoc.distributed.collectives
+
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=30))
@@ -111,15 +113,21 @@ def _join(rank: int, world: int, port: int) -> None:
 
 @contextlib.contextmanager
 def _group(rank: int, world: int, port: int):
-    """The process group for the worker's body. After a body that succeeded, every rank waits for the
-    others before tearing down: a rank leaving while another still talks to it made gloo abort the
-    process at exit now and then ("terminate called without an active exception", exit code -6)."""
+    """The process group for the worker's body, ended by posthoc.distributed.shutdown: after a body that
+    succeeded every rank waits for the others (a barrier), then the group is destroyed. Gloo aborted a process
+    at exit now and then ("terminate called without an active exception", exit code -6) when its threads
+    outlived destroy_process_group: torch._dynamo, imported at a fit's first torch.func pullback, imports
+    torch.distributed.nn.functional, whose defaults then hold the world group; posthoc.distributed imports it
+    before any group exists."""
+    from posthoc.distributed import shutdown
+
     _join(rank, world, port)
+    ok = False
     try:
         yield
-        dist.barrier()
+        ok = True
     finally:
-        dist.destroy_process_group()
+        shutdown(wait=ok)
 
 
 def laplace_worker(rank: int, world: int, port: int, out_dir: str) -> None:
@@ -288,3 +296,21 @@ def mismatched_model_worker(rank: int, world: int, port: int, out_dir: str) -> N
                                               progress=False).fit(train)),
         }
         torch.save(outcomes, Path(out_dir) / f"rank{rank}.pt")
+
+
+def _native_threads() -> list[str]:
+    """The names of this process's threads (Linux: /proc/self/task)."""
+    names = []
+    for task in sorted(os.listdir("/proc/self/task")):
+        with contextlib.suppress(OSError):
+            names.append(Path(f"/proc/self/task/{task}/comm").read_text().strip())
+    return names
+
+
+def teardown_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    """A ScaLLA fit (whose first torch.func pullback imports torch._dynamo after the group exists), then
+    shutdown; records the threads left."""
+    with _group(rank, world, port):
+        during = _native_threads()
+        scalla_run("directions", steps=2)
+    torch.save({"during": during, "after": _native_threads()}, Path(out_dir) / f"rank{rank}.pt")

@@ -3,6 +3,8 @@ autograd for the pairwise objective), the m x m posterior all-reduced, checkpoin
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -65,3 +67,17 @@ def test_different_parameter_counts_raise_on_every_rank(tmp_path):
         for method, outcome in outcomes.items():
             assert outcome.startswith("ValueError: the ranks disagree on the MAP weights:"), (r, method, outcome)
             assert "between 68 and 108 across the 2 ranks" in outcome, (r, method, outcome)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="lists threads through /proc (Linux)")
+def test_shutdown_leaves_no_gloo_or_store_threads(tmp_path):
+    """posthoc.distributed.shutdown ends gloo: no worker, TCP-loop or TCPStore thread outlives it. On 83bdd0f
+    destroy_process_group left all four of them running into interpreter shutdown after a ScaLLA fit (the world
+    group was held by torch.distributed.nn.functional's defaults, imported lazily by torch._dynamo after init),
+    the state in which a rank now and then aborted at exit ('terminate called without an active exception')."""
+    codes = run_processes(workers.teardown_worker, tmp_path)
+    assert codes == [0] * WORLD, codes
+    for r in range(WORLD):
+        threads = torch.load(tmp_path / f"rank{r}.pt")
+        assert any("gloo" in name for name in threads["during"]), threads  # the check can see them
+        assert not [name for name in threads["after"] if "gloo" in name or "tcpstore" in name], threads

@@ -147,6 +147,19 @@ def main(argv: list[str] | None = None) -> int:
                   "WORLD_SIZE, MASTER_ADDR, MASTER_PORT); start with e.g. `torchrun --nproc-per-node 2 -m "
                   f"posthoc.cli.main {args.command} --distributed ...`", file=sys.stderr)
             return 2
+    if not getattr(args, "distributed", False):
+        return _command(args)
+    code = 1
+    try:
+        code = _command(args)
+    finally:
+        from posthoc.distributed import shutdown
+
+        shutdown(wait=code == 0)  # the torchrun job ends cleanly: every rank done, then the group destroyed
+    return code
+
+
+def _command(args: argparse.Namespace) -> int:
     try:
         methods = _methods(args.methods) if args.command == "bench" else None
         _check_checkpoint_dir(args)

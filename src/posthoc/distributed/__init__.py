@@ -2,9 +2,11 @@
 
 Run the same script under ``torchrun``; give each rank its shard of the data
 (a ``DistributedSampler``, :func:`posthoc.data.loaders.make_loader` with
-``shard=True``, or your own split). Curvature sums and example counts are
-all-reduced once per data pass, so every rank holds the same posterior. In a
-single process none of this calls torch.distributed.
+``shard=True``, or your own split; ScaLLA instead takes the same loaders on
+every rank). Curvature sums and example counts are all-reduced once per data
+pass, so every rank holds the same posterior. End the run with :func:`shutdown`
+(a barrier, then destroy the process group). In a single process none of this
+calls torch.distributed.
 """
 
 from posthoc.distributed.collectives import (
@@ -18,6 +20,7 @@ from posthoc.distributed.collectives import (
     is_main_process,
     rank,
     rank_slice,
+    shutdown,
     sum_count,
     sum_gradients,
     sum_over_ranks,
@@ -35,6 +38,7 @@ __all__ = [
     "is_main_process",
     "rank",
     "rank_slice",
+    "shutdown",
     "sum_count",
     "sum_gradients",
     "sum_over_ranks",

@@ -19,6 +19,13 @@ from typing import Any, Sequence
 import torch
 import torch.distributed as dist
 
+if dist.is_available():
+    # Imported now, before any process group exists: its functions take ``group=group.WORLD`` as a default,
+    # evaluated at import. Imported after init_process_group (torch._dynamo imports it lazily, e.g. at the first
+    # torch.func pullback of a fit), they hold the world group for good, so destroy_process_group left gloo's
+    # worker and TCP threads and the TCPStore server running into interpreter shutdown.
+    import torch.distributed.nn.functional  # noqa: F401
+
 
 class PeerFailure(RuntimeError):
     """A collective could not complete: another rank exited, crashed or stopped answering."""
@@ -190,12 +197,29 @@ def check_same_on_all_ranks(value: torch.Tensor, what: str, rtol: float = 0.0,
         raise ValueError(f"the ranks disagree on {what} (largest difference {spread:.3g}); {fix}")
 
 
+def shutdown(wait: bool = True) -> None:
+    """End torch.distributed at the end of a run: wait for every rank (``wait``), then destroy the process group.
+
+    The counterpart of :func:`init_from_env`; a no-op when torch.distributed is not initialised. ``wait=False``
+    skips the barrier (after an error on this rank, when the others may never reach it). A process that exits
+    without destroying its group tears gloo down during interpreter shutdown, which can abort the process.
+    Raises :class:`PeerFailure` if a peer died before the barrier.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    try:
+        if wait and world_size() > 1:
+            _run(dist.barrier, "the barrier before shutdown")
+    finally:
+        dist.destroy_process_group()
+
+
 def init_from_env(backend: str | None = None, timeout_s: float = 600.0) -> bool:
     """Initialise torch.distributed from torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR, ...).
 
     Returns False (and does nothing) when not launched by torchrun. The backend
     defaults to nccl with CUDA, gloo otherwise; ``timeout_s`` bounds how long a
-    rank waits for a silent peer before failing.
+    rank waits for a silent peer before failing. End the run with :func:`shutdown`.
     """
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return False
