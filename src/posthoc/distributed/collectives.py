@@ -203,7 +203,8 @@ def shutdown(wait: bool = True) -> None:
     The counterpart of :func:`init_from_env`; a no-op when torch.distributed is not initialised. ``wait=False``
     skips the barrier (after an error on this rank, when the others may never reach it). A process that exits
     without destroying its group tears gloo down during interpreter shutdown, which can abort the process.
-    Raises :class:`PeerFailure` if a peer died before the barrier.
+    Import posthoc before creating the group yourself (:func:`init_from_env` does): see the import of
+    torch.distributed.nn.functional above. Raises :class:`PeerFailure` if a peer died before the barrier.
     """
     if not (dist.is_available() and dist.is_initialized()):
         return
