@@ -150,3 +150,19 @@ def test_regression_targets_of_another_layout_are_refused():
         fit_scale(pred, targets.T.contiguous(), "regression", sigma_noise=0.1)  # (2, 4): would reshape silently
     with pytest.raises(ValueError, match="do not match"):
         fit_scale(pred, targets.reshape(-1), "regression", sigma_noise=0.1)
+
+
+@pytest.mark.parametrize("structure", ["diag", "kron"])
+def test_a_parameter_held_by_two_layers_of_a_chain_is_refused(structure):
+    """On 83bdd0f a weight tied between two layers of a chain got its posterior in the first holder only: the
+    second layer's use was propagated as a fixed weight, and the two uses as independent (variances wrong)."""
+    torch.manual_seed(0)
+    first, second = nn.Linear(4, 4), nn.Linear(4, 4)
+    second.weight = first.weight
+    model = nn.Sequential(first, nn.Tanh(), second, nn.Tanh(), nn.Linear(4, 3)).eval()
+    x, y = _data()
+    la = posthoc.Laplace(model, "classification", subset_of_weights="all", hessian_structure=structure,
+                         prior_precision=1.0, progress=False)
+    la.fit(DataLoader(TensorDataset(x, y), batch_size=32))
+    with pytest.raises(ValueError, match="tied weights"):
+        posthoc.Streamlined(model, posterior=la).predict(x[:4])

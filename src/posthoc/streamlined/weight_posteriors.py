@@ -96,6 +96,7 @@ class WeightPosterior:
         unknown = sorted(set(layers) - set(modules))
         if unknown:
             raise ValueError(f"posterior names modules the model does not have: {unknown}")
+        _refuse_shared_parameters(model, {name for name, post in layers.items() if not post.is_empty})
         self._by_id = {id(modules[name]): post for name, post in layers.items() if not post.is_empty}
         self.layers = layers
         self.description = description
@@ -109,6 +110,24 @@ class WeightPosterior:
         empty = WeightPosterior.__new__(WeightPosterior)
         empty._by_id, empty.layers, empty.description = {}, {}, "deterministic weights"
         return empty
+
+
+def _refuse_shared_parameters(model: nn.Module, random_layers: set[str]) -> None:
+    """Raise ValueError if a parameter of a layer with a posterior is also held by another module (tied weights).
+
+    Propagation treats each layer's weights as its own and independent of every other layer's; a Parameter
+    held by two modules would be random in one and (its posterior keyed to the first holder) fixed or
+    independent in the other, so the variances would be wrong without a word.
+    """
+    holders: dict[int, list[str]] = {}
+    for name, module in model.named_modules():
+        for attr, param in module.named_parameters(recurse=False):
+            holders.setdefault(id(param), []).append(_join(name, attr))
+    for names in holders.values():
+        if len(names) > 1 and any(n.rpartition(".")[0] in random_layers for n in names):
+            raise ValueError(f"the parameters {names} are one tensor held by several modules (tied weights); "
+                             "Streamlined propagates each layer's weights as its own and cannot carry their "
+                             "correlation: use the Laplace's linearised predictive (la.predict(x)) for this model")
 
 
 def _module_name(model: nn.Module, module: nn.Module) -> str:
