@@ -37,7 +37,6 @@ Every forward pass of the model made here runs it in eval mode
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from enum import Enum
 
@@ -45,6 +44,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
+from posthoc.utils.checkpoint import module_digest
 from posthoc.utils.checks import check_choice
 from posthoc.utils.modes import eval_mode
 
@@ -367,14 +367,6 @@ class ParameterSubset:
     def _tokens(self) -> list[tuple[int, int, tuple[int, ...]]]:
         return [(t.data_ptr(), t._version, tuple(t.shape)) for t in self._model_tensors()]
 
-    def _digest(self) -> str:
-        """blake2b of every parameter and buffer's bytes, in registration order (cost: one pass over them)."""
-        h = hashlib.blake2b(digest_size=16)
-        for t in self._model_tensors():
-            h.update(str((tuple(t.shape), t.dtype)).encode())
-            h.update(t.detach().reshape(-1).contiguous().view(torch.uint8).cpu().numpy().tobytes())
-        return h.hexdigest()
-
     def capture(self, example_inputs: torch.Tensor | None = None) -> None:
         """Read theta* from the model's current weights (the MAP is the weights at ``fit``, not at construction).
 
@@ -399,7 +391,7 @@ class ParameterSubset:
         else:
             self.theta_map = full
         self._state_tokens = self._tokens()
-        self._state_digest = self._digest()
+        self._state_digest = module_digest(self.model)
 
     def check_current(self, action: str = "predict") -> None:
         """Raise RuntimeError if the model's weights or buffers changed since :meth:`capture` (i.e. since fit).
@@ -410,7 +402,7 @@ class ParameterSubset:
         tokens = self._tokens()
         if tokens == self._state_tokens:
             return
-        if len(tokens) == len(self._state_tokens) and self._digest() == self._state_digest:
+        if len(tokens) == len(self._state_tokens) and module_digest(self.model) == self._state_digest:
             self._state_tokens = tokens
             return
         raise RuntimeError(
