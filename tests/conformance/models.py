@@ -131,6 +131,14 @@ class TwoHolders(nn.Module):
         return self.head(torch.tanh(self.second(torch.tanh(self.first(x)))))
 
 
+def tied_sequential() -> nn.Sequential:
+    """(b) An nn.Sequential (a chain, so every estimator can walk it) whose two hidden Linears share one weight."""
+    net = nn.Sequential(nn.Linear(N_FEATURES, N_FEATURES), nn.Tanh(), nn.Linear(N_FEATURES, N_FEATURES), nn.Tanh(),
+                        nn.Linear(N_FEATURES, N_CLASSES))
+    net[2].weight = net[0].weight
+    return net
+
+
 class LinearTwice(nn.Module):
     """(b') One nn.Linear applied twice in the forward pass."""
 
@@ -236,6 +244,7 @@ _NETWORKS: dict[str, tuple[Callable[[], nn.Module], str, bool]] = {
     "tied_embedding": (TiedEmbedding, "classification", True),
     "tied_head_first": (TiedHeadFirst, "classification", True),
     "two_holders": (TwoHolders, "classification", False),
+    "tied_sequential": (tied_sequential, "classification", False),
     "linear_twice": (LinearTwice, "classification", False),
     "unused_frozen": (UnusedAndFrozen, "classification", False),
     "scaled_head": (lambda: nn.Sequential(*mlp(N_CLASSES), Scale(2.5)), "classification", False),
@@ -278,6 +287,7 @@ MODELS: dict[str, Callable[[], Case]] = {
     "tied_embedding": lambda: _case("tied_embedding", "tied_embedding", "out"),
     "tied_head_first": lambda: _case("tied_head_first", "tied_head_first", "out"),
     "two_holders": lambda: _case("two_holders", "two_holders", "head"),
+    "tied_sequential": lambda: _case("tied_sequential", "tied_sequential", "4"),
     "linear_twice": lambda: _case("linear_twice", "linear_twice", "head"),
     "unused_frozen": lambda: _case("unused_frozen", "unused_frozen", "head"),
     "scaled_head": lambda: _case("scaled_head", "scaled_head", "2"),

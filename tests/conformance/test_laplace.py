@@ -47,9 +47,10 @@ EXPECTED_ERRORS = [
              "KFAC blocks are whole weight matrices: a subnetwork is refused at construction"),
     Expected("*", "ekfac-subnetwork-*", ValueError, "subnetwork",
              "EKFAC shares KFAC's eigenbasis of whole weight matrices: a subnetwork is refused at construction"),
-    Expected("tied_*", "*-last_layer-*", ValueError, "tied weights",
+    Expected("tied_embedding", "*-last_layer-*", ValueError, "tied weights",
              "the output layer's weight is also the embedding's: a posterior over it that ignores its other use is "
              "not the last-layer Laplace, so fit refuses it and names subset_of_weights='all'"),
+    Expected("tied_head_first", "*-last_layer-*", ValueError, "tied weights", "as tied_embedding"),
 ]
 
 def _laplace(case: Case, model, structure: str, subset: str, indices) -> Laplace:

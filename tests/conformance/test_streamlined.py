@@ -42,7 +42,9 @@ EXPECTED_ERRORS = [
     Expected("head_first", "*", (ValueError, TypeError), "register_graph|register_rule", _NOT_A_CHAIN),
     Expected("linear_twice", "*", (ValueError, TypeError), "register_graph|register_rule", _NOT_A_CHAIN),
     Expected("unused_frozen", "*", (ValueError, TypeError), "register_graph|register_rule", _NOT_A_CHAIN),
-    Expected("tied_*", "*", ValueError, "tied weights", _TIED),
+    Expected("tied_embedding", "*", ValueError, "tied weights", _TIED),
+    Expected("tied_head_first", "*", ValueError, "tied weights", _TIED),
+    Expected("tied_sequential", "*-all-*", ValueError, "tied weights", _TIED),
     Expected("two_holders", "*-all-*", ValueError, "tied weights", _TIED),
     Expected("two_holders", "*-last_layer-*", (ValueError, TypeError), "register_graph|register_rule",
              "only the head is random, so nothing tied is propagated; the forward (a tanh between the holders) is "
