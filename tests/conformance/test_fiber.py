@@ -67,8 +67,8 @@ def test_fiber(model_name: str, subset: str) -> None:
         assert bool(torch.isfinite(samples).all())
         assert float((samples - theta).abs().max()) > 0, "stage-2 samples do not move from theta*"
         excess = torch.tensor([_mean_nll(case, cov, th, sigma) - map_nll for th in samples])
-        assert float(excess.max()) <= TOLERANCE, \
-            f"{int((excess > TOLERANCE).sum())}/16 samples exceed the loss tolerance (max excess {float(excess.max()):.3g})"
+        assert float(excess.max()) <= TOLERANCE, (f"{int((excess > TOLERANCE).sum())}/16 samples exceed the loss "
+                                                  f"tolerance (max excess {float(excess.max()):.3g})")
         case.before_predict(case.model)
         pred = fs.predict(case.x_test, n_samples=8, seed=5)
         with torch.no_grad():
