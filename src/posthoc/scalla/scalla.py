@@ -193,6 +193,7 @@ class ScaLLA:
         self.sigma_noise = sigma_noise
         self.posterior: LatentPosterior | None = None
         self.input_shape: tuple[int, ...] | None = None
+        self.input_dtype: torch.dtype | None = None  # the subset's dtype for floating inputs; integer ids keep theirs
         self.n_outputs: int | None = None
         self.train_record: dict[str, Any] = {}
 
@@ -262,7 +263,7 @@ class ScaLLA:
             check_same_on_all_ranks(self.subset.theta_map, "the MAP weights")
             x0, self.n_outputs = first_batch_inputs(train_loader, self.model, self.likelihood, self.dict_key_x,
                                                     self.dict_key_y, self.subset.dtype, self.subset.device)
-            self.input_shape = tuple(x0.shape[1:])
+            self.input_shape, self.input_dtype = tuple(x0.shape[1:]), x0.dtype
             if self.biased and context_loader is None:
                 raise ValueError("biased=True needs context points: pass context_loader (inputs resembling OOD "
                                  "data)")
@@ -491,6 +492,7 @@ class ScaLLA:
         return {
             "version": STATE_VERSION, "likelihood": self.likelihood.value, "n_features": self.n_features,
             "biased": self.biased, "surrogate_hidden": self.surrogate_hidden, "input_shape": self.input_shape,
+            "input_dtype": str(self.input_dtype).removeprefix("torch."),
             "n_outputs": self.n_outputs,
             "theta_check": (float(theta.sum()), float(theta.square().sum())),
             "surrogate": self._require_surrogate().state_dict(), "posterior": posterior.state_dict(),
@@ -522,7 +524,8 @@ class ScaLLA:
                              "model checkpoint first")
         self.subset.capture()
         self.input_shape, self.n_outputs = tuple(state["input_shape"]), state["n_outputs"]
-        example = torch.zeros(1, *self.input_shape, dtype=self.subset.dtype, device=self.subset.device)
+        self.input_dtype = getattr(torch, state["input_dtype"]) if "input_dtype" in state else self.subset.dtype
+        example = torch.zeros(1, *self.input_shape, dtype=self.input_dtype, device=self.subset.device)
         self.surrogate = self._build_surrogate(example)
         self.surrogate.load_state_dict(state["surrogate"])
         self.surrogate.eval()

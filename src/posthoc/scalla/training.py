@@ -340,7 +340,9 @@ class SurrogateTrainer:
         assert self.targets is not None
         n_train = len(self.targets["train_index"])
         is_ctx = index >= n_train
-        x = torch.empty(len(index), *self.train_pool.example_shape, dtype=self.subset.dtype, device=self.subset.device)
+        inputs = self.train_pool.inputs  # integer inputs (token ids) keep their dtype, as in InputPool.take
+        dtype = self.subset.dtype if inputs.is_floating_point() else inputs.dtype
+        x = torch.empty(len(index), *self.train_pool.example_shape, dtype=dtype, device=self.subset.device)
         if bool((~is_ctx).any()):
             x[~is_ctx] = self.train_pool.take(self.targets["train_index"][index[~is_ctx]])
         if bool(is_ctx.any()):
