@@ -147,3 +147,29 @@ def test_network_in_train_mode_is_evaluated_in_eval_mode_and_left_as_found():
     reference = copy.deepcopy(model).eval()(x[:8]).detach()
     assert torch.equal(first.mean, reference) and torch.equal(second.mean, reference)
     assert torch.equal(first.cov, second.cov)
+
+
+def test_a_failed_or_interrupted_refit_leaves_nothing_to_predict_with():
+    """fit reads theta* first: a refit that then fails must not leave the previous posterior looking current."""
+    x, y, loader = _data()
+    model = _mlp(1)
+    s = ScaLLA(model, "classification", **FAST).fit(loader)
+    model.load_state_dict(_other_weights(model))
+    bad_context = DataLoader(TensorDataset(x[:, :2]), batch_size=20)
+    with pytest.raises(ValueError, match="context inputs have shape"):
+        s.fit(loader, context_loader=bad_context)
+    for call in (lambda: s.predict(x[:5]), lambda: s.kernel(x[:5], x[:5]), lambda: s.features(x[:5])):
+        with pytest.raises(RuntimeError, match="not fitted"):
+            call()
+
+    class Stop(Exception):
+        pass
+
+    def stop(step: int, _: int) -> None:
+        if step == 3:
+            raise Stop
+
+    with pytest.raises(Stop):
+        s.fit(loader, callback=stop)
+    with pytest.raises(RuntimeError, match="not fitted"):  # a half-trained surrogate is not a kernel
+        s.kernel(x[:5], x[:5])

@@ -253,11 +253,13 @@ class ScaLLA:
         the training inputs' shape; the biased variant needs it. ``steps`` overrides the constructor's.
         ``callback(step, jvp_evaluations)`` runs after every training step.
 
-        theta* is read here, from the model's current weights (as is the default surrogate's trunk). Raises
+        theta* is read here, from the model's current weights (as is the default surrogate's trunk); a previous
+        fit is dropped first, so a fit that fails or is interrupted leaves nothing to predict with. Raises
         ValueError under torch.distributed when the ranks' weights or inputs differ (see the class docstring).
         """
         for loader in (train_loader, context_loader):
             _check_not_sharded(loader)
+        self.surrogate, self.posterior = None, None
         with eval_mode(self.model):
             self.subset.capture()
             check_same_on_all_ranks(self.subset.theta_map, "the MAP weights")
@@ -337,7 +339,7 @@ class ScaLLA:
 
     def _require_fit(self) -> LatentPosterior:
         if self.posterior is None:
-            raise RuntimeError("call fit(train_loader) first: ScaLLA is not fitted")
+            raise RuntimeError("call fit(train_loader) first: ScaLLA is not fitted (or its last fit did not finish)")
         return self.posterior
 
     # ----------------------------------------------------------------- prediction
@@ -360,6 +362,7 @@ class ScaLLA:
 
         Raises RuntimeError before fit or if the model's weights changed since; ValueError for another input shape.
         """
+        self._require_fit()
         surrogate = self._require_surrogate()
         self.subset.check_current("compute ScaLLA features")
         return surrogate.eval()(self._inputs(x, "x"))
@@ -390,6 +393,7 @@ class ScaLLA:
     def kernel(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
         """The surrogate kernel phi(x1)^T phi(x2), (B1, B2, C, C): the approximation of the NTK J(x1) J(x2)^T
         (not divided by the prior precision). Raises like :meth:`features`."""
+        self._require_fit()
         surrogate = self._require_surrogate().eval()
         self.subset.check_current("compute the ScaLLA kernel")
         return objectives.surrogate_kernel(surrogate(self._inputs(x1, "x1")), surrogate(self._inputs(x2, "x2")))
