@@ -82,7 +82,8 @@ class Laplace:
         model: the trained network, float32 or float64 (float16/bfloat16: "diag" only).
         likelihood: "classification" (outputs are logits) or "regression".
         subset_of_weights: "all", "last_layer" or "subnetwork" (with
-            ``subnetwork_indices``, positions in parameters_to_vector order or a boolean mask;
+            ``subnetwork_indices``, positions in the parameters_to_vector order of the parameters that
+            require grad (frozen ones are not counted), or a boolean mask of that length;
             see :func:`posthoc.laplace.subnetwork.largest_variance_indices`). "last_layer" covers the
             last nn.Linear on the path to the output, located on the first training batch (see
             :class:`posthoc.laplace.subset.ParameterSubset`), or ``last_layer_name``.

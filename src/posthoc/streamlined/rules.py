@@ -566,7 +566,9 @@ def _param_var(post: LayerPosterior | None, attr: str, what: str) -> torch.Tenso
     if post is None or not post.is_random(attr):
         return None
     if attr not in post.diag:
-        raise ValueError(f"{what}.{attr} has a non-diagonal posterior; only diagonal variances are supported there")
+        raise ValueError(f"{what}.{attr} has a non-diagonal posterior; only diagonal variances are supported there: "
+                         "use a diag, kron or ekfac Laplace (they give this layer diagonal variances), or a full "
+                         "Laplace on subset_of_weights='last_layer'")
     return post.diag[attr]
 
 
