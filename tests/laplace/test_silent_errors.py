@@ -463,3 +463,21 @@ def test_float32_warns_when_round_off_swamps_the_prior(structure):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         exact.predict(x[:4])
+
+
+def test_a_padding_distributed_sampler_is_refused():
+    """DistributedSampler(drop_last=False) repeats examples to even out the shards; on 83bdd0f Laplace summed
+    them over ranks (N and the curvature counted the repeats twice). An exact split is accepted."""
+    from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)).double()
+    x, y = torch.randn(9, 3, dtype=torch.float64), torch.randint(0, 2, (9,))
+    padded = DataLoader(TensorDataset(x, y), batch_size=4, sampler=DistributedSampler(
+        TensorDataset(x, y), num_replicas=2, rank=0, shuffle=False))
+    la = Laplace(model, "classification", subset_of_weights="all", hessian_structure="diag", progress=False)
+    with pytest.raises(ValueError, match="DistributedSampler pads 9 examples to 10"):
+        la.fit(padded)
+    exact = DataLoader(TensorDataset(x[:8], y[:8]), batch_size=4, sampler=DistributedSampler(
+        TensorDataset(x[:8], y[:8]), num_replicas=2, rank=0, shuffle=False))
+    assert la.fit(exact).n_data == 4

@@ -173,3 +173,20 @@ def test_a_failed_or_interrupted_refit_leaves_nothing_to_predict_with():
         s.fit(loader, callback=stop)
     with pytest.raises(RuntimeError, match="not fitted"):  # a half-trained surrogate is not a kernel
         s.kernel(x[:5], x[:5])
+
+
+@pytest.mark.parametrize("loader_kwargs, expected", [
+    (dict(batch_size=3), list(range(10))),
+    (dict(batch_size=3, drop_last=True), list(range(9))),
+    (dict(batch_size=3, sampler=torch.utils.data.SubsetRandomSampler([1, 4, 7, 8])), [1, 4, 7, 8]),
+])
+def test_input_pool_holds_what_the_loader_yields(loader_kwargs, expected):
+    """On 83bdd0f a loader over a TensorDataset gave the pool the whole tensor whatever its sampler: a subset
+    sampler (e.g. a train split of a larger dataset) trained the surrogate on examples outside the loader."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from posthoc.scalla.training import InputPool
+
+    x = torch.arange(10, dtype=torch.float64).reshape(10, 1)
+    pool = InputPool(DataLoader(TensorDataset(x, x), **loader_kwargs), "train", torch.float64, torch.device("cpu"))
+    assert sorted(pool.inputs.reshape(-1).long().tolist()) == expected

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Iterable, Iterator
 
 import torch
+from torch.utils.data import DistributedSampler
 
 from posthoc.likelihood import Likelihood
 from posthoc.utils.checks import check_finite, check_labels
@@ -25,6 +26,21 @@ def split_batch(batch: Any, dict_key_x: str, dict_key_y: str) -> tuple[torch.Ten
     raise TypeError("each batch must be an (x, y) tuple/list or a dict with the input and target keys")
 
 
+def check_unpadded_shards(loader: Iterable) -> None:
+    """Raise ValueError for a loader whose DistributedSampler pads its shards with repeated examples.
+
+    ``DistributedSampler(drop_last=False)`` over N examples on W ranks repeats W - N mod W examples so every
+    shard has ceil(N / W): summed over ranks, the curvature, N and the log-likelihood would count them twice.
+    """
+    sampler = getattr(loader, "sampler", None)
+    if isinstance(sampler, DistributedSampler) and sampler.total_size > len(sampler.dataset):
+        n, ranks = len(sampler.dataset), sampler.num_replicas
+        raise ValueError(f"the loader's DistributedSampler pads {n} examples to {sampler.total_size} for {ranks} "
+                         "ranks by repeating some, which the sums over ranks would count twice; shard with "
+                         "posthoc.data.loaders.shard(dataset) (an exact split), or use a data set whose size is a "
+                         "multiple of the number of ranks")
+
+
 def checked_batches(loader: Iterable, likelihood: Likelihood, n_outputs: int | None, dict_key_x: str,
                     dict_key_y: str, dtype: torch.dtype, device: torch.device,
                     input_shape: tuple[int, ...] | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -37,8 +53,10 @@ def checked_batches(loader: Iterable, likelihood: Likelihood, n_outputs: int | N
     Raises:
         ValueError: non-finite values; inputs and targets with different batch sizes; one-hot or probability
             targets (B, C) for classification (pass ``y.argmax(-1)``); labels out of range; regression targets
-            of another width than the outputs; inputs shaped unlike ``input_shape``.
+            of another width than the outputs; inputs shaped unlike ``input_shape``; a padding
+            DistributedSampler (:func:`check_unpadded_shards`).
     """
+    check_unpadded_shards(loader)
     for batch in loader:
         x, y = split_batch(batch, dict_key_x, dict_key_y)
         if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):

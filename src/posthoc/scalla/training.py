@@ -55,7 +55,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
-from torch.utils.data import TensorDataset
+from torch.utils.data import BatchSampler, RandomSampler, SequentialSampler, TensorDataset
 from tqdm.auto import tqdm
 
 from posthoc.curvature.jacobians import jvp_many
@@ -139,13 +139,23 @@ REFERENCE_RECIPE = TrainSettings(objective="probes", steps=1_000_000, batch_size
 """The authors' FMNIST recipe (METHODS.md §3): 5 train + 5 context points, one probe, Adam 5e-5, 1M steps."""
 
 
+def _visits_every_example_once(loader: Iterable) -> bool:
+    """True for a DataLoader whose batches hold each example of its dataset exactly once (sequential or shuffled
+    without replacement, no dropped last batch), so its TensorDataset's tensor is the loader's data."""
+    sampler, batch_sampler = getattr(loader, "sampler", None), getattr(loader, "batch_sampler", None)
+    whole = type(sampler) is SequentialSampler or (type(sampler) is RandomSampler and not sampler.replacement
+                                                   and sampler.num_samples == len(sampler.data_source))
+    return (whole and type(batch_sampler) is BatchSampler and batch_sampler.sampler is sampler
+            and (not batch_sampler.drop_last or len(sampler) % batch_sampler.batch_size == 0))
+
+
 class InputPool:
     """The inputs of a loader, indexable by position (a TensorDataset's tensor, else read once into memory)."""
 
     def __init__(self, loader: Iterable, name: str, dtype: torch.dtype, device: torch.device,
                  dict_key_x: str = "input", dict_key_y: str = "target") -> None:
         dataset = getattr(loader, "dataset", None)
-        if isinstance(dataset, TensorDataset):
+        if isinstance(dataset, TensorDataset) and _visits_every_example_once(loader):
             x = dataset.tensors[0]
         else:
             parts = []
