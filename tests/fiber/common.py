@@ -11,6 +11,12 @@ from posthoc.utils.checkpoint import read_checkpoint
 from references import DTYPE, linear_gaussian_fiber, small_mlp
 
 
+# A short flow-stage-2 run on trained_classifier's problem (seconds), shared by the sampler's tests.
+SMALL_SETTINGS = dict(n_particles=3, steps=20, burn_in=8, thin=3, step_size=3e-3, batch_size=8, subsample_size=16,
+                      cg_steps=3, loss_tolerance=0.05, latent_dim=3, flow_layers=2, flow_hidden=8, flow_steps=20,
+                      n_check=4, checkpoint_every=4, progress=False)
+
+
 def trained_classifier() -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
     """A 3-8-3 MLP trained (150 Adam steps) on 40 points of a 3-class problem: (model in eval mode, x, y)."""
     torch.set_num_threads(1)
@@ -80,3 +86,9 @@ def assert_stage2_resumes_exactly(model, x, y, settings: dict, tmp_path) -> Fibe
     loaded = FiberSampler(model, "classification", **settings).load_state_dict(reference.state_dict())
     torch.testing.assert_close(loaded.sample(3), reference.sample(3), rtol=0, atol=0)
     return reference
+
+
+@pytest.fixture(scope="module")
+def problem() -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+    """trained_classifier(), once per test module."""
+    return trained_classifier()

@@ -9,17 +9,11 @@ from posthoc.fiber import FiberSampler
 from posthoc.utils.checkpoint import read_checkpoint
 from posthoc.predictive import SamplePredictive
 from references import DTYPE
-from fiber.common import Interrupted, assert_stage2_resumes_exactly, shuffled_loader, stop_after, trained_classifier
+from fiber.common import SMALL_SETTINGS, Interrupted, assert_stage2_resumes_exactly, shuffled_loader, stop_after
+from fiber.common import problem  # noqa: F401  (a module-scoped fixture)
 
 
-SETTINGS = dict(n_particles=3, steps=20, burn_in=8, thin=3, step_size=3e-3, batch_size=8, subsample_size=16,
-                cg_steps=3, loss_tolerance=0.05, latent_dim=3, flow_layers=2, flow_hidden=8, flow_steps=20,
-                n_check=4, checkpoint_every=4, progress=False)
-
-
-@pytest.fixture(scope="module")
-def problem():
-    return trained_classifier()
+SETTINGS = SMALL_SETTINGS
 
 
 def test_fit_samples_and_predicts(problem):
