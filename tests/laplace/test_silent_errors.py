@@ -465,6 +465,21 @@ def test_float32_warns_when_round_off_swamps_the_prior(structure):
         exact.predict(x[:4])
 
 
+def test_prior_tuning_warns_once_for_the_chosen_value_only():
+    """The round-off warning names the hyperparameters the tuning ends with, not each value a search tries."""
+    x, y = _data(n=60)
+    la = Laplace(_mlp().float(), "classification", "all", "kron", progress=False).fit(_loader(x.float(), y))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        la.optimize_prior_precision("gridsearch", val_loader=_loader(x.float(), y),
+                                    grid=torch.tensor([1e-8, 1e-7, 1.0]))
+    assert float(la.prior_precision) == 1.0 and not [w for w in caught if "cannot resolve" in str(w.message)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        la.optimize_prior_precision("gridsearch", val_loader=_loader(x.float(), y), grid=torch.tensor([1e-8]))
+    assert len([w for w in caught if "cannot resolve" in str(w.message)]) == 1
+
+
 def test_a_padding_distributed_sampler_is_refused():
     """DistributedSampler(drop_last=False) repeats examples to even out the shards; on 83bdd0f Laplace summed
     them over ranks (N and the curvature counted the repeats twice). An exact split is accepted."""

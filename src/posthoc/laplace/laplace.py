@@ -150,6 +150,7 @@ class Laplace:
         self.n_outputs: int | None = None
         self.input_shape: tuple[int, ...] | None = None  # one training input's shape, from the first batch
         self._loglik_stat: torch.Tensor | None = None
+        self._roundoff_quiet = False  # set while optimize_prior_precision tries hyperparameters
 
     # ----------------------------------------------------------------- hyperparameters
     @property
@@ -285,7 +286,7 @@ class Laplace:
         eps * s * lambda_max / min(delta). Cost: a min over delta.
         """
         eps = torch.finfo(self.subset.dtype).eps
-        if eps < 1e-10:
+        if eps < 1e-10 or self._roundoff_quiet:
             return
         lam = curvature.largest_eigenvalue()
         if lam is None:
@@ -338,11 +339,25 @@ class Laplace:
         parameter tensor) or "parameter". "gridsearch": the scalar delta in
         ``grid`` (default logspace(-4, 4, 21)) with the lowest NLL of the
         ``pred_type`` predictive on ``val_loader``. Returns the new delta.
+
+        The float32 round-off warning is given once, for the chosen hyperparameters, not for every value tried.
         """
-        self._require_fit()
+        curvature = self._require_fit()
+        self._roundoff_quiet = True
+        try:
+            self._optimize_prior_precision(method, prior_structure, n_steps, lr, init_prior_prec, tune_sigma_noise,
+                                           val_loader, grid, pred_type, link_approx)
+        finally:
+            self._roundoff_quiet = False
+        self._warn_roundoff(curvature, self.prior_precision, self.factors.scale(self.sigma_noise))
+        return self.prior_precision
+
+    def _optimize_prior_precision(self, method, prior_structure, n_steps, lr, init_prior_prec, tune_sigma_noise,
+                                  val_loader, grid, pred_type, link_approx) -> None:
         how = check_choice(method, PriorOptimization, "method")
         if how is PriorOptimization.GRIDSEARCH:
-            return self._gridsearch(val_loader, grid, pred_type, link_approx)
+            self._gridsearch(val_loader, grid, pred_type, link_approx)
+            return
         if tune_sigma_noise is None:
             tune_sigma_noise = self.likelihood is Likelihood.REGRESSION
         if tune_sigma_noise and self.likelihood is Likelihood.CLASSIFICATION:
@@ -362,7 +377,6 @@ class Laplace:
         self.prior_precision = log_prior.detach().exp()
         if tune_sigma_noise:
             self.sigma_noise = log_sigma.detach().exp()
-        return self.prior_precision
 
     def _gridsearch(self, val_loader, grid, pred_type, link_approx) -> torch.Tensor:
         if val_loader is None:
