@@ -43,10 +43,10 @@ def free_port() -> int:
 def load_model_and_data(args: argparse.Namespace):
     from posthoc.data.suites import get_suite
     from posthoc.models import build_model
+    from posthoc.models.training import load_map_weights
 
     model = build_model("fmnist_cnn")
-    state = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
-    model.load_state_dict(state["model"])
+    model.load_state_dict(load_map_weights(args.checkpoint))
     try:
         suite = get_suite("fmnist", data_dir=args.data_dir)
     except FileNotFoundError:
@@ -129,7 +129,7 @@ def run(case: str, world: int, threads: int, args: argparse.Namespace, out_dir: 
     wall = time.perf_counter() - t0
     if any(p.exitcode != 0 for p in procs):
         raise RuntimeError(f"{case} on {world} processes failed: exit codes {[p.exitcode for p in procs]}")
-    result = torch.load(Path(out_dir) / f"{case}-{world}.pt", weights_only=False)
+    result = torch.load(Path(out_dir) / f"{case}-{world}.pt", weights_only=True)
     result["process_wall_s"] = wall
     return result
 

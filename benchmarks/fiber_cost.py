@@ -29,6 +29,7 @@ from posthoc.data.loaders import make_loader
 from posthoc.data.toy import gap_regression
 from posthoc.fiber import FiberSampler
 from posthoc.laplace.subset import ParameterSubset
+from posthoc.models.training import load_map_weights
 from posthoc.utils.io import atomic_write_text
 from posthoc.models import MLP, build_model
 
@@ -57,7 +58,7 @@ def gap_case():
 def fmnist_case(subset: str):
     suite = get_suite("fmnist-embedded")
     model = build_model("fmnist_cnn")
-    model.load_state_dict(torch.load(FMNIST_CKPT, map_location="cpu", weights_only=False)["model"])
+    model.load_state_dict(load_map_weights(FMNIST_CKPT))
     loader = make_loader(suite.train, 64, shuffle=True, seed=0)
     model.eval()
     return model, "classification", subset, loader, fiber_settings(model, subset)

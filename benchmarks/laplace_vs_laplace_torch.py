@@ -129,7 +129,7 @@ class PosthocSide:
     def load(self, model, path: str):
         import torch
 
-        return self.make(model).load_state_dict(torch.load(path, weights_only=False))
+        return self.make(model).load_state_dict(torch.load(path, weights_only=True))
 
     def summary(self, la) -> dict[str, Any]:
         """Cheap read-outs of the posterior to compare: curvature spectra (kron), posterior variance (diag/full)."""
@@ -173,6 +173,7 @@ class LaplaceTorchSide:
         import torch
 
         la = self.make(model)
+        # laplace-torch's state holds its own classes (e.g. Kron); the file is this run's own, written just before
         la.load_state_dict(torch.load(path, weights_only=False))
         return la
 
@@ -351,12 +352,11 @@ def prepare_model(args, path: Path) -> dict[str, Any]:
 
     from posthoc.data import get_suite
     from posthoc.models import FMNISTCNN, count_parameters
-    from posthoc.models.training import TrainConfig, train_map
+    from posthoc.models.training import TrainConfig, load_map_weights, train_map
 
     model = FMNISTCNN()
     if args.checkpoint:
-        state = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
-        model.load_state_dict(state.get("model", state) if isinstance(state, dict) else state)
+        model.load_state_dict(load_map_weights(args.checkpoint))
         info = {"weights": f"checkpoint {args.checkpoint}"}
     else:
         torch.manual_seed(0)
@@ -426,7 +426,7 @@ def compare_tensors(a, b) -> dict[str, float]:
 def compare_summaries(pa: Path, pb: Path) -> dict[str, Any]:
     import torch
 
-    a, b = torch.load(pa, weights_only=False), torch.load(pb, weights_only=False)
+    a, b = torch.load(pa, weights_only=True), torch.load(pb, weights_only=True)
     out: dict[str, Any] = {}
     if "kron_eigenvalues" in a and "kron_eigenvalues" in b:
         ea, eb = a["kron_eigenvalues"], b["kron_eigenvalues"]

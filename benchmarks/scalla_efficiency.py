@@ -36,6 +36,7 @@ from posthoc.data.suites import get_suite
 from posthoc.laplace.subset import ParameterSubset
 from posthoc.likelihood import Likelihood
 from posthoc.models.cnn import FMNISTCNN
+from posthoc.models.training import load_map_weights
 from posthoc.scalla import ScaLLA
 from posthoc.scalla.objectives import relative_kernel_error
 from posthoc.scalla.surrogate import build_default_surrogate
@@ -70,7 +71,7 @@ def main() -> None:
     t_start = time.perf_counter()
     suite = get_suite("fmnist", data_dir=args.data_dir)
     model = FMNISTCNN()
-    model.load_state_dict(torch.load(args.checkpoint, map_location="cpu", weights_only=False)["model"])
+    model.load_state_dict(load_map_weights(args.checkpoint))
     model.eval()
     subset = ParameterSubset(model, "all")
     held = torch.cat([suite.test.tensors[0][:args.held_out], suite.ood.tensors[0][:args.held_out]]).float()

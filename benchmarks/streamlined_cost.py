@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from posthoc.models.training import load_map_weights
 from posthoc.utils.io import atomic_write_text
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -60,10 +61,8 @@ def _model(name: str) -> torch.nn.Module:
         model = FMNISTCNN()
         ckpt = Path("/work/ckpt/fmnist_cnn-e15-s0-65212a9a7e26.pt")
         if ckpt.exists():
-            state = torch.load(ckpt, map_location="cpu", weights_only=False)
-            state = state.get("model", state) if isinstance(state, dict) else state
             try:
-                model.load_state_dict(state)
+                model.load_state_dict(load_map_weights(ckpt))
             except Exception:  # noqa: BLE001 - fresh weights are as good for timing
                 pass
         return model.eval()

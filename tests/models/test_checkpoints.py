@@ -122,3 +122,18 @@ def test_batch_norm_with_a_last_batch_of_one_raises_before_training_naming_drop_
     train_map(model(), TensorDataset(x[:96], y[:96]), CONFIG, progress=False)  # no batch of one: trains
     with pytest.raises(ValueError, match="leaves no batch"):
         train_map(model(), TensorDataset(x[:20], y[:20]), config, progress=False)
+
+
+def test_load_map_weights_reads_a_finished_checkpoint_and_refuses_a_planted_one(tmp_path):
+    """The benchmarks' way to load a `posthoc train` result: the trained weights, never a pickle's code."""
+    from posthoc.models.training import load_map_weights
+
+    result = train_map(_model(), _data(), CONFIG, tmp_path, "k", **QUIET)
+    weights = load_map_weights(tmp_path / "k.pt")
+    assert weights.keys() == result.model.state_dict().keys()
+    assert all(torch.equal(weights[k], v) for k, v in result.model.state_dict().items())
+    marker = tmp_path / "pwned"
+    torch.save({"model": _Planted(str(marker))}, tmp_path / "planted.pt")
+    with pytest.raises(ValueError, match=str(tmp_path / "planted.pt")):
+        load_map_weights(tmp_path / "planted.pt")
+    assert not marker.exists()

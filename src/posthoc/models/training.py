@@ -44,7 +44,7 @@ from posthoc.likelihood import Likelihood
 from posthoc.utils.checks import check_choice, check_finite, check_labels
 from posthoc.utils.modes import eval_mode
 from posthoc.utils.checkpoint import (check_writable, data_fingerprint, fingerprint_digest, load_checkpoint,
-                                      module_digest, save_checkpoint)
+                                      module_digest, read_checkpoint, save_checkpoint)
 
 CHECKPOINT_FORMAT = 2  # 2: posthoc.utils.checkpoint files (fingerprint with data and initial weights); drop_last
 FINAL, PARTIAL = "MAP model", "partial MAP training"
@@ -176,6 +176,13 @@ def _epoch_loader(dataset: Dataset, config: TrainConfig, epoch: int) -> DataLoad
     # One generator per epoch, seeded from (seed, epoch): a resumed run sees the same batches.
     return make_loader(dataset, config.batch_size, shuffle=True, seed=config.seed * 1_000_003 + epoch,
                        drop_last=config.drop_last)
+
+
+def load_map_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The model ``state_dict`` of a finished MAP checkpoint written by :func:`train_map` (e.g. by
+    ``posthoc train``), for ``model.load_state_dict``. Read with ``torch.load(weights_only=True)`` after its
+    checksum is verified; raises ValueError naming the path for a missing, damaged or other kind of file."""
+    return read_checkpoint(path, FINAL).payload["model"]
 
 
 def _load_on_main(path: Path, fingerprint: dict[str, Any] | None, what: str) -> dict[str, Any] | None:
