@@ -28,7 +28,7 @@ from posthoc.data import get_suite
 from posthoc.data.loaders import make_loader
 from posthoc.data.toy import gap_regression
 from posthoc.fiber import FiberSampler
-from posthoc.laplace.subset import ParameterSubset
+from posthoc.network.subset import ParameterSubset
 from posthoc.models.training import load_map_weights
 from posthoc.utils.io import atomic_write_text
 from posthoc.models import MLP, build_model

@@ -33,7 +33,7 @@ from torch.utils.data import TensorDataset
 from posthoc.curvature.jacobians import per_example_jacobians
 from posthoc.data.loaders import make_loader
 from posthoc.data.suites import get_suite
-from posthoc.laplace.subset import ParameterSubset
+from posthoc.network.subset import ParameterSubset
 from posthoc.likelihood import Likelihood
 from posthoc.models.cnn import FMNISTCNN
 from posthoc.models.training import load_map_weights

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from posthoc.laplace.subset import ParameterSubset
+from posthoc.network.subset import ParameterSubset
 
 DTYPE = torch.float64
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from posthoc.fiber.projection import batched_cg, min_norm_step, project_null
-from posthoc.laplace.subset import ParameterSubset
+from posthoc.network.subset import ParameterSubset
 from references import DTYPE, small_cnn, small_mlp
 
 

@@ -6,7 +6,7 @@ from torch import nn
 
 from posthoc.curvature.output_factors import OutputFactors
 from posthoc.laplace.structures.diag import DiagCurvature
-from posthoc.laplace.subset import ParameterSubset
+from posthoc.network.subset import ParameterSubset
 
 from references import DTYPE, check_logdet_gradient, dense_ef, dense_ggn, dense_jacobians, small_cnn, small_mlp
 

@@ -15,7 +15,7 @@ import torch
 from posthoc.curvature.output_factors import OutputFactors
 from posthoc.laplace.structures.ekfac import EKFACCurvature
 from posthoc.laplace.structures.kron import KronCurvature
-from posthoc.laplace.subset import ParameterSubset
+from posthoc.network.subset import ParameterSubset
 
 from references import DTYPE, dense_ef, dense_ggn, dense_jacobians, small_cnn, small_mlp
 

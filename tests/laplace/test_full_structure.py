@@ -5,7 +5,7 @@ import torch
 
 from posthoc.curvature.output_factors import OutputFactors
 from posthoc.laplace.structures.full import FullCurvature
-from posthoc.laplace.subset import ParameterSubset
+from posthoc.network.subset import ParameterSubset
 
 from references import dense_ef, dense_ggn, small_cnn, small_mlp
 

@@ -6,7 +6,7 @@ import torch
 from posthoc.curvature.output_factors import OutputFactors
 from posthoc.laplace.prior import per_parameter
 from posthoc.laplace.structures.lowrank import LowRankCurvature
-from posthoc.laplace.subset import ParameterSubset
+from posthoc.network.subset import ParameterSubset
 
 from references import DTYPE, check_logdet_gradient, dense_ggn, dense_jacobians, small_cnn, small_mlp
 

@@ -26,7 +26,7 @@ from posthoc.curvature.output_factors import OutputFactors
 from posthoc.laplace.structures.diag import DiagCurvature
 from posthoc.laplace.structures.ekfac import EKFACCurvature
 from posthoc.laplace.structures.kron import KronCurvature
-from posthoc.laplace.subset import ParameterSubset
+from posthoc.network.subset import ParameterSubset
 
 DTYPE = torch.float64
 VOCAB, WIDTH = 7, 4

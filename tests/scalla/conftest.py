@@ -9,7 +9,7 @@ from torch.utils.data import TensorDataset
 
 from posthoc.data.loaders import make_loader
 from posthoc.laplace.function_space import exact_lla
-from posthoc.laplace.subset import ParameterSubset
+from posthoc.network.subset import ParameterSubset
 
 DTYPE = torch.float64
 

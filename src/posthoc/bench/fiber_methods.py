@@ -22,7 +22,7 @@ import torch
 
 from posthoc.bench.methods import BenchContext, register_method
 from posthoc.fiber import FiberSampler
-from posthoc.laplace.subset import ParameterSubset
+from posthoc.network.subset import ParameterSubset
 from posthoc.predictive import LinkApprox, SamplePredictive
 
 PRIOR_SCALE = 0.1  # delta = PRIOR_SCALE * P / ||theta*||^2

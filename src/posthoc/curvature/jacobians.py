@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch.func import jacrev, jvp, vjp, vmap
 
-from posthoc.laplace.subset import ParameterSubset
+from posthoc.network.subset import ParameterSubset
 from posthoc.utils.conv import unfold_patches
 
 

@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 from torch.func import jvp, vjp, vmap
 
-from posthoc.laplace.subset import ParameterSubset
+from posthoc.network.subset import ParameterSubset
 
 
 def outputs_many(subset: ParameterSubset, inputs: torch.Tensor, thetas: torch.Tensor) -> torch.Tensor:

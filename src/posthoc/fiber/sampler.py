@@ -38,8 +38,8 @@ from posthoc.fiber.deform import (AnchoredJitter, CouplingFlow, DeformKind, Prin
 from posthoc.fiber.projection import outputs_many
 from posthoc.fiber.walk import (FiberProblem, WalkConfig, WalkState, finalize, full_data_nll, init_walk, mean_nll,
                                 walk_step)
-from posthoc.laplace.batches import checked_batches, first_batch_inputs
-from posthoc.laplace.subset import ParameterSubset, SubsetOfWeights
+from posthoc.network.batches import checked_batches, first_batch_inputs
+from posthoc.network.subset import ParameterSubset, SubsetOfWeights
 from posthoc.likelihood import Likelihood
 from posthoc.predictive import LinkApprox, Predictive, SamplePredictive
 from posthoc.predictive.base import check_n_samples

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 from posthoc.fiber.projection import min_norm_step, outputs_many, project_null
-from posthoc.laplace.subset import ParameterSubset
+from posthoc.network.subset import ParameterSubset
 from posthoc.likelihood import Likelihood
 
 

@@ -4,7 +4,7 @@ weights, the last layer or a subnetwork, with glm and sampled predictives."""
 from posthoc.laplace.function_space import exact_lla
 from posthoc.laplace.laplace import Laplace, PredType, PriorOptimization
 from posthoc.laplace.structures import STRUCTURES, HessianStructure, register_structure
-from posthoc.laplace.subset import ParameterSubset, SubsetOfWeights
+from posthoc.network.subset import ParameterSubset, SubsetOfWeights
 
 __all__ = [
     "Laplace",

@@ -23,10 +23,10 @@ from torch import nn
 
 from posthoc.curvature.output_factors import CurvatureType, OutputFactors, log_likelihood, log_likelihood_terms
 from posthoc.distributed import check_same_on_all_ranks, sum_count, sum_over_ranks
-from posthoc.laplace.batches import checked_batches, first_batch_inputs
+from posthoc.network.batches import checked_batches, first_batch_inputs
 from posthoc.laplace.prior import PriorKind, as_prior_tensor, per_parameter, prior_kind
 from posthoc.laplace.structures import STRUCTURES, CurvatureStructure, HessianStructure
-from posthoc.laplace.subset import ParameterSubset, SubsetOfWeights
+from posthoc.network.subset import ParameterSubset, SubsetOfWeights
 from posthoc.likelihood import Likelihood
 from posthoc.metrics import nll
 from posthoc.predictive import GaussianPredictive, LinkApprox, Predictive, SamplePredictive

@@ -10,7 +10,7 @@ from enum import Enum
 
 import torch
 
-from posthoc.laplace.subset import ParameterSubset
+from posthoc.network.subset import ParameterSubset
 
 
 class PriorKind(str, Enum):

@@ -23,8 +23,8 @@ from torch.utils.data import DistributedSampler
 from tqdm.auto import tqdm
 
 from posthoc.curvature.output_factors import CurvatureType, OutputFactors, log_likelihood, log_likelihood_terms
-from posthoc.laplace.batches import checked_batches, first_batch_inputs
-from posthoc.laplace.subset import ParameterSubset
+from posthoc.network.batches import checked_batches, first_batch_inputs
+from posthoc.network.subset import ParameterSubset
 from posthoc.distributed import check_same_on_all_ranks, is_distributed, rank_slice, sum_count, sum_over_ranks
 from posthoc.likelihood import Likelihood
 from posthoc.metrics import nll

@@ -60,8 +60,8 @@ from tqdm.auto import tqdm
 
 from posthoc.curvature.jacobians import jvp_many
 from posthoc.curvature.output_factors import OutputFactors
-from posthoc.laplace.batches import split_batch
-from posthoc.laplace.subset import ParameterSubset
+from posthoc.network.batches import split_batch
+from posthoc.network.subset import ParameterSubset
 from posthoc.likelihood import Likelihood
 from posthoc.scalla import objectives
 from posthoc.utils.checks import check_choice, check_finite

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from posthoc.laplace import Laplace
-from posthoc.laplace.batches import checked_batches
+from posthoc.network.batches import checked_batches
 from posthoc.likelihood import Likelihood
 from posthoc.predictive import GaussianPredictive
 from posthoc.predictive.scale import fit_variance_scale, scaled_gaussian

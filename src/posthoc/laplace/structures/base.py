@@ -23,7 +23,7 @@ from typing import Any, Callable, ClassVar, Iterable
 import torch
 
 from posthoc.curvature.output_factors import OutputFactors
-from posthoc.laplace.subset import ParameterSubset
+from posthoc.network.subset import ParameterSubset
 
 Batches = Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]
 

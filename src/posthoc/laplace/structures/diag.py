@@ -31,7 +31,7 @@ from posthoc.laplace.structures.base import (
     check_curvature_finite,
     register_structure,
 )
-from posthoc.laplace.subset import ParameterSubset
+from posthoc.network.subset import ParameterSubset
 
 
 @register_structure

@@ -21,7 +21,7 @@ from posthoc.curvature.kfac import check_kron_subset, ekfac_eigenvalues, kfac_fa
 from posthoc.curvature.output_factors import OutputFactors
 from posthoc.laplace.structures.base import Batches, HessianStructure, check_curvature_finite, register_structure
 from posthoc.laplace.structures.kron import KronCurvature
-from posthoc.laplace.subset import ParameterSubset
+from posthoc.network.subset import ParameterSubset
 
 
 @register_structure

@@ -25,7 +25,7 @@ from posthoc.laplace.structures.base import (
     check_curvature_finite,
     register_structure,
 )
-from posthoc.laplace.subset import ParameterSubset
+from posthoc.network.subset import ParameterSubset
 from posthoc.utils.linalg import cholesky_with_jitter, psd_eigh
 
 

@@ -57,7 +57,7 @@ from posthoc.laplace.structures.base import (
     check_curvature_finite,
     register_structure,
 )
-from posthoc.laplace.subset import ParameterSubset
+from posthoc.network.subset import ParameterSubset
 from posthoc.utils.checks import check_choice
 from posthoc.utils.linalg import psd_eigh
 

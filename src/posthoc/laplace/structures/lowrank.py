@@ -53,7 +53,7 @@ from posthoc.laplace.structures.base import (
     check_curvature_finite,
     register_structure,
 )
-from posthoc.laplace.subset import ParameterSubset
+from posthoc.network.subset import ParameterSubset
 from posthoc.utils.linalg import cholesky_with_jitter
 
 # Examples x directions per vmapped JVP call in the predictive (bounds the tangent activations held at once).

@@ -1,0 +1,498 @@
+"""Which weights a Laplace approximation covers, and the network as a function of them.
+
+The posterior is over a flat vector theta of P entries, in PyTorch's row-major
+``parameters_to_vector`` order of the covered tensors (METHODS.md notation):
+
+- ``all``: every parameter of the model that requires grad;
+- ``last_layer``: the weight and bias of the model's last ``nn.Linear``: the
+  last one *on the path to the output* in a forward pass (found with forward
+  hooks on an example input, see :meth:`ParameterSubset.capture`),
+  or the one named by ``last_layer_name``. Its inputs (the penultimate
+  features) are computed once per batch by the model's own forward pass,
+  captured with a forward pre-hook. Parameter-free operations after the layer
+  belong to the covered function, so its outputs at theta* equal ``model(x)``;
+  how they are evaluated (the "tail") is decided once, when the layer is
+  located:
+
+  * identity: the model returns the layer's output (the usual case): one Linear;
+  * linear: a fixed per-example linear map of the layer's output (scaling,
+    indexing or pooling over positions, reshapes), verified on the example and
+    stored as a (C, numel of one example's layer output) matrix: one Linear
+    and one small matmul;
+  * rerun: anything else that depends only on the layer's output and the input
+    (a softmax, a parameter-free skip connection, frozen layers): the covered
+    function re-runs the whole model with the layer's weights replaced, so
+    every evaluation costs one forward pass of the full network (the body is
+    not differentiated, but it is recomputed).
+
+  A layer whose weights require grad and that acts after the last Linear (or a
+  path around it) is not parameter-free: it raises, naming the parameters and
+  the fixes. Frozen parameters (``requires_grad=False``) count as constants;
+- ``subnetwork``: chosen entries of the full vector (the rest stay at the MAP);
+  positions, or a boolean mask with one entry per parameter.
+
+Every forward pass of the model made here runs it in eval mode
+(:func:`posthoc.utils.modes.eval_mode`), whatever mode the caller left it in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+import torch
+from torch import nn
+from torch.func import functional_call, vmap
+
+from posthoc.utils.checkpoint import module_digest
+from posthoc.utils.checks import check_choice
+from posthoc.utils.modes import eval_mode
+
+
+class SubsetOfWeights(str, Enum):
+    ALL = "all"
+    LAST_LAYER = "last_layer"
+    SUBNETWORK = "subnetwork"
+
+
+@dataclass(frozen=True)
+class ParamBlock:
+    """One covered parameter tensor of ``ParameterSubset.module``.
+
+    ``offset``/``numel`` locate it in the module's flat parameter vector (for
+    ``subnetwork`` that is the full vector, not theta). ``kind`` is the
+    attribute name on its layer ("weight", "bias", ...).
+    """
+
+    name: str
+    layer_name: str
+    layer: nn.Module
+    kind: str
+    shape: tuple[int, ...]
+    offset: int
+    numel: int
+
+    @property
+    def slice(self) -> slice:
+        return slice(self.offset, self.offset + self.numel)
+
+
+class Tail(str, Enum):
+    """How the covered function of ``last_layer`` continues after the last Linear (see the module docstring)."""
+
+    IDENTITY = "identity"
+    LINEAR = "linear"
+    RERUN = "rerun"
+
+
+def _named_linears(model: nn.Module) -> dict[str, nn.Linear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+
+
+def check_materialised(model: nn.Module) -> None:
+    """Raise ValueError if a parameter or buffer of ``model`` is on the meta device (it has no values)."""
+    meta = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t is not None and t.is_meta]
+    if meta:
+        raise ValueError(
+            f"the model's {meta[0]!r} (and {len(meta) - 1} more) is on the meta device and holds no values; "
+            "materialise and load the trained weights first (e.g. model.to_empty(device='cpu') then "
+            "model.load_state_dict(checkpoint))"
+        )
+
+
+def _subnetwork_positions(indices: torch.Tensor, n_full: int) -> torch.Tensor:
+    """Sorted positions (P,) from a LongTensor of positions or a boolean mask of length ``n_full``."""
+    idx = torch.as_tensor(indices)
+    if idx.dtype == torch.bool:
+        if idx.numel() != n_full:
+            raise ValueError(f"a boolean subnetwork_indices mask needs one entry per parameter ({n_full}), "
+                             f"got {idx.numel()}")
+        idx = torch.nonzero(idx.reshape(-1)).reshape(-1)
+    elif idx.is_floating_point() or idx.is_complex():
+        raise TypeError("subnetwork_indices must be integer positions (a LongTensor) or a boolean mask, "
+                        f"got dtype {idx.dtype}")
+    idx = idx.long().reshape(-1)
+    if idx.numel() == 0 or int(idx.min()) < 0 or int(idx.max()) >= n_full:
+        raise ValueError(f"subnetwork_indices must be non-empty positions in [0, {n_full - 1}]")
+    if torch.unique(idx).numel() != idx.numel():
+        raise ValueError("subnetwork_indices contains duplicate positions; give each position once")
+    return torch.sort(idx).values
+
+
+class ParameterSubset:
+    """The covered parameters and a pure function ``forward(inputs, theta)``.
+
+    Args:
+        model: the trained network.
+        subset_of_weights: "all", "last_layer" or "subnetwork".
+        subnetwork_indices: for "subnetwork": positions in ``parameters_to_vector`` order (LongTensor), or a
+            boolean mask with one entry per parameter.
+        last_layer_name: for "last_layer": the name (as in ``model.named_modules()``) of the nn.Linear to
+            cover; default: the last nn.Linear on the path to the output.
+        example_inputs: for "last_layer": a batch of model inputs on which to locate the last layer now.
+            Without it, the last registered nn.Linear (or ``last_layer_name``) is a provisional choice until
+            ``capture(example_inputs)`` runs, as estimators do at ``fit``.
+
+    Attributes:
+        module: the module whose parameters are covered (the whole model, or
+            its last nn.Linear for ``last_layer``).
+        blocks: covered parameter tensors of ``module`` in vector order.
+        theta_map: (P,) MAP values of the covered entries (detached copy).
+        indices: (P,) positions of theta in the module's flat vector
+            (``subnetwork`` only, else None).
+        last_layer_name: the covered nn.Linear's name (``last_layer`` only, else None).
+        last_layer_located: False while the last layer is the provisional choice (``last_layer`` only).
+        tail: how the covered function continues after the last Linear (``last_layer`` only).
+
+    Raises:
+        ValueError: a model on the meta device, no parameter that requires grad, bad subnetwork indices, no
+            nn.Linear for ``last_layer``, or (when locating) a last layer followed by parameters.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        subset_of_weights: SubsetOfWeights | str = SubsetOfWeights.ALL,
+        subnetwork_indices: torch.Tensor | None = None,
+        last_layer_name: str | None = None,
+        example_inputs: torch.Tensor | None = None,
+    ) -> None:
+        self.model = model
+        self.kind = check_choice(subset_of_weights, SubsetOfWeights, "subset_of_weights")
+        check_materialised(model)
+        is_last = self.kind is SubsetOfWeights.LAST_LAYER
+        if not is_last and (last_layer_name is not None or example_inputs is not None):
+            raise ValueError("last_layer_name and example_inputs are only used with subset_of_weights='last_layer'")
+        self._requested_last_layer = last_layer_name
+        self.last_layer_name: str | None = None
+        self.last_layer_located = not is_last
+        self.tail = Tail.IDENTITY
+        self._tail_matrix: torch.Tensor | None = None
+        if is_last:
+            linears = _named_linears(model)
+            if not linears:
+                raise ValueError("subset_of_weights='last_layer' needs an nn.Linear output layer; the model has none")
+            if last_layer_name is not None and last_layer_name not in linears:
+                raise ValueError(f"last_layer_name={last_layer_name!r} is not an nn.Linear of the model; "
+                                 f"its nn.Linear layers are {', '.join(repr(n) for n in linears)}")
+            self._set_module(last_layer_name if last_layer_name is not None else list(linears)[-1])
+        else:
+            self._set_module(None)
+        if self.kind is SubsetOfWeights.SUBNETWORK:
+            if subnetwork_indices is None:
+                raise ValueError("subset_of_weights='subnetwork' needs subnetwork_indices (a LongTensor of positions "
+                                 "or a boolean mask)")
+            self.indices: torch.Tensor | None = _subnetwork_positions(subnetwork_indices, self._n_full)
+        else:
+            if subnetwork_indices is not None:
+                raise ValueError("subnetwork_indices is only used with subset_of_weights='subnetwork'")
+            self.indices = None
+        self.capture(example_inputs)
+
+    def _set_module(self, layer_name: str | None) -> None:
+        """Cover the whole model (None) or the nn.Linear ``layer_name``: sets module, blocks and the name map."""
+        self.module = self.model if layer_name is None else dict(self.model.named_modules())[layer_name]
+        self.last_layer_name = layer_name
+        self._prefix = "" if not layer_name else layer_name + "."
+        named = [(n, p) for n, p in self.module.named_parameters() if p.requires_grad]
+        if not named:
+            what = "the model" if layer_name is None else f"the last layer {layer_name!r}"
+            raise ValueError(f"{what} has no parameters that require grad")
+        modules = dict(self.module.named_modules())
+        blocks, offset = [], 0
+        for name, param in named:
+            owner, _, attr = name.rpartition(".")
+            blocks.append(ParamBlock(name, owner, modules[owner], attr, tuple(param.shape), offset, param.numel()))
+            offset += param.numel()
+        self.blocks: list[ParamBlock] = blocks
+        self._names = [n for n, _ in named]
+        self._n_full = offset
+
+    # ----------------------------------------------------------------- locating the last layer
+    def _locate_last_layer(self, example_inputs: torch.Tensor) -> None:
+        """Find the last layer and its tail from one forward pass of the model on ``example_inputs`` (B, ...).
+
+        The last layer is the last nn.Linear, in call order, whose output the model's output depends on
+        (forward hooks replace each Linear's output by a leaf tensor; autograd says which leaves the output
+        reaches). So a head registered before the body, or an unused Linear registered last, is handled, and
+        a Linear that does not run (e.g. an nn.MultiheadAttention's out_proj, read functionally) is never it.
+        With ``last_layer_name`` that layer is checked instead. Then the tail is classified (identity, linear,
+        rerun; see the module docstring). Called by :meth:`capture` when given inputs, which then reads theta*
+        of the located layer. Cost: three or four forward passes and a few backward passes on up to 4 examples.
+
+        Raises:
+            ValueError: no nn.Linear feeds the output; the layer runs more than once per forward pass; the
+                output depends on parameters that require grad other than through the layer.
+        """
+        x = example_inputs[:4]
+        if x.shape[0] == 1:  # two rows, so that a tail mixing examples shows up
+            x = torch.cat([x, x])
+        with eval_mode(self.model), torch.enable_grad():
+            name = self._requested_last_layer or self._last_linear_on_path(x)
+            if name != self.last_layer_name:
+                self._set_module(name)
+            self.tail, self._tail_matrix = self._classify_tail(x)
+        self.last_layer_located = True
+
+    def _last_linear_on_path(self, x: torch.Tensor) -> str:
+        linears = {id(m): n for n, m in _named_linears(self.model).items()}
+        calls: list[tuple[str, torch.Tensor]] = []
+
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+            leaf = output.detach().requires_grad_(True)
+            calls.append((linears[id(module)], leaf))
+            return leaf
+
+        handles = [m.register_forward_hook(hook) for m in self.model.modules() if id(m) in linears]
+        try:
+            out = self.model(x)
+        finally:
+            for handle in handles:
+                handle.remove()
+        on_path: list[str] = []
+        if isinstance(out, torch.Tensor) and out.requires_grad and calls:
+            grads = torch.autograd.grad(out, [leaf for _, leaf in calls], torch.ones_like(out), allow_unused=True)
+            on_path = [name for (name, _), g in zip(calls, grads) if g is not None]
+        if not on_path:
+            raise ValueError("subset_of_weights='last_layer': no nn.Linear of the model feeds its output in a "
+                             "forward pass; use subset_of_weights='all'")
+        return on_path[-1]
+
+    def _classify_tail(self, x: torch.Tensor) -> tuple[Tail, torch.Tensor | None]:
+        """The tail after ``self.module`` on inputs ``x`` (B >= 2), and its matrix (C, Z) when linear."""
+        name, layer = self.last_layer_name, self.module
+        seen: list[torch.Tensor] = []
+        layer_inputs: list[torch.Tensor] = []
+        replacement: list[torch.Tensor] = []
+
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+            layer_inputs.append(args[0])
+            seen.append(output)
+            if replacement:
+                return replacement[0]
+            leaf = output.detach().requires_grad_(True)
+            seen[-1] = leaf
+            return leaf
+
+        def run(inputs: torch.Tensor) -> torch.Tensor:
+            seen.clear()
+            handle = layer.register_forward_hook(hook)
+            try:
+                return self.model(inputs)
+            finally:
+                handle.remove()
+
+        x_leaf = x.detach().clone().requires_grad_(True) if x.is_floating_point() else x
+        out = run(x_leaf)
+        if len(seen) != 1:
+            raise ValueError(f"the last layer {name!r} runs {len(seen)} times in one forward pass; the last-layer "
+                             "Laplace needs a layer applied once. Pass last_layer_name= naming another nn.Linear, "
+                             "or use subset_of_weights='all'")
+        z = seen[0]
+        if not isinstance(out, torch.Tensor) or out.ndim != 2 or not out.requires_grad:
+            if isinstance(out, torch.Tensor) and out.ndim == 2:
+                raise ValueError(f"the model's output does not depend on the layer {name!r}; pass last_layer_name= "
+                                 "naming the nn.Linear that computes the output")
+            return Tail.IDENTITY, None  # not (B, C) outputs: the estimator's output check names the problem
+        own = {id(p) for p in layer.parameters()}
+        others = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        wrt = [p for _, p in others] + ([x_leaf] if x_leaf.requires_grad else [])
+        grads = torch.autograd.grad(out, wrt, torch.ones_like(out), allow_unused=True, retain_graph=True) if wrt else []
+        tied = [n for (n, p), g in zip(others, grads) if g is not None and id(p) in own]
+        mine = [(n, p) for n, p in others if id(p) in own]
+        if mine and layer_inputs[0].requires_grad:  # the layer's own weights also shape its input (e.g. an embedding)
+            before = torch.autograd.grad(layer_inputs[0], [p for _, p in mine], torch.ones_like(layer_inputs[0]),
+                                         allow_unused=True, retain_graph=True)
+            tied += [n for (n, _), g in zip(mine, before) if g is not None]
+        if tied:
+            raise ValueError(f"the last layer {name!r}'s parameters {tied} are also used elsewhere in the forward pass "
+                             "(tied weights); the last-layer Laplace cannot cover them: use subset_of_weights='all'")
+        after = [n for (n, p), g in zip(others, grads) if g is not None and id(p) not in own]
+        if after:
+            shown = ", ".join(repr(n) for n in after[:4]) + (f" and {len(after) - 4} more" if len(after) > 4 else "")
+            raise ValueError(
+                f"the model's output depends on parameters {shown} other than through the last nn.Linear {name!r} "
+                "(a layer with weights after it, or a path around it), so the last-layer Laplace would silently "
+                "treat part of the network's last layers as fixed. Pass last_layer_name= naming the nn.Linear after "
+                "which only parameter-free operations follow, freeze those parameters (requires_grad_(False)) to "
+                "treat them as constants, or use subset_of_weights='all' or 'subnetwork'"
+            )
+        if x_leaf.requires_grad and grads[-1] is not None:
+            return Tail.RERUN, None  # the output reads the input other than through the layer
+        if out is z:
+            return Tail.IDENTITY, None
+        batch = out.shape[0]
+        rows = [torch.autograd.grad(out[0, c], z, retain_graph=True, allow_unused=True)[0] for c in range(out.shape[1])]
+        if any(r is None for r in rows):
+            return Tail.RERUN, None
+        matrix = torch.stack([r[0].reshape(-1) for r in rows]).detach()  # (C, Z): d out[0] / d z[0]
+        # linear and the same map for every example: exact on the layer's own output and on a random one
+        probe = torch.randn(z.shape, generator=torch.Generator().manual_seed(0), dtype=z.dtype).to(z.device)
+        replacement.append(probe)
+        with torch.no_grad():
+            out_probe = run(x)
+        tol = 1e3 * torch.finfo(z.dtype).eps
+        for zz, oo in ((z.detach(), out.detach()), (probe, out_probe)):
+            flat = zz.reshape(batch, -1)
+            scale = float((flat.abs() @ matrix.abs().T).max()) + torch.finfo(z.dtype).tiny
+            if oo.shape != (batch, matrix.shape[0]) or float((oo - flat @ matrix.T).abs().max()) > tol * scale:
+                return Tail.RERUN, None
+        return Tail.LINEAR, matrix
+
+    def last_layer_state(self) -> dict[str, object] | None:
+        """The located last layer (name, tail, tail matrix) for a state dict; None unless ``last_layer``."""
+        if self.kind is not SubsetOfWeights.LAST_LAYER:
+            return None
+        return {"name": self.last_layer_name, "located": self.last_layer_located, "tail": self.tail.value,
+                "matrix": self._tail_matrix}
+
+    def load_last_layer_state(self, state: dict[str, object]) -> None:
+        """Inverse of :meth:`last_layer_state` (raises ValueError if the model has no such nn.Linear)."""
+        name = state["name"]
+        if name not in _named_linears(self.model):
+            raise ValueError(f"the state covers the last layer {name!r}, which is not an nn.Linear of this model")
+        if name != self.last_layer_name:
+            self._set_module(name)
+        self.tail = Tail(state["tail"])
+        matrix = state["matrix"]
+        self._tail_matrix = None if matrix is None else matrix.to(device=self.theta_map.device,
+                                                                  dtype=self.theta_map.dtype)
+        self.last_layer_located = bool(state["located"])
+
+    # ----------------------------------------------------------------- theta* and its staleness check
+    def _model_tensors(self) -> list[torch.Tensor]:
+        """Every parameter and buffer of the whole model: what the covered function's outputs depend on."""
+        return [t for t in (*self.model.parameters(), *self.model.buffers()) if t is not None]
+
+    def _tokens(self) -> list[tuple[int, int, tuple[int, ...]]]:
+        return [(t.data_ptr(), t._version, tuple(t.shape)) for t in self._model_tensors()]
+
+    def capture(self, example_inputs: torch.Tensor | None = None) -> None:
+        """Read theta* from the model's current weights (the MAP is the weights at ``fit``, not at construction).
+
+        Also records the model's state (every parameter and buffer) so that :meth:`check_current` can tell when
+        the weights changed afterwards. Cost: one copy of the covered entries and one hash of the model's state.
+        For ``last_layer``, ``example_inputs`` (a batch of model inputs, e.g. the first training batch) first
+        locates the last layer (:meth:`_locate_last_layer`); estimators pass it at the start of ``fit``.
+        """
+        check_materialised(self.model)
+        if example_inputs is not None and self.kind is SubsetOfWeights.LAST_LAYER:
+            self._locate_last_layer(example_inputs)
+        named = dict(self.module.named_parameters())
+        missing = [n for n in self._names if n not in named]
+        if missing or [tuple(named[n].shape) for n in self._names] != [b.shape for b in self.blocks]:
+            raise RuntimeError("the model's parameters changed shape or names since this object was built; "
+                               "build it again for the new model")
+        full = torch.cat([named[n].detach().reshape(-1) for n in self._names]).clone()
+        self._full_map = full
+        if self.indices is not None:
+            self.indices = self.indices.to(full.device)
+            self.theta_map = full[self.indices].clone()
+        else:
+            self.theta_map = full
+        self._state_tokens = self._tokens()
+        self._state_digest = module_digest(self.model)
+
+    def check_current(self, action: str = "predict") -> None:
+        """Raise RuntimeError if the model's weights or buffers changed since :meth:`capture` (i.e. since fit).
+
+        Fast path (no copy) when no tensor was written in place or replaced since; otherwise one hash of the
+        model's state, so writing back identical values (e.g. ``load_state_dict`` of the same checkpoint) passes.
+        """
+        tokens = self._tokens()
+        if tokens == self._state_tokens:
+            return
+        if len(tokens) == len(self._state_tokens) and module_digest(self.model) == self._state_digest:
+            self._state_tokens = tokens
+            return
+        raise RuntimeError(
+            f"cannot {action}: the model's weights or buffers changed since fit() (theta* is the weights at fit). "
+            "Call fit() again for the new weights, or restore the weights the posterior was fitted at"
+        )
+
+    @property
+    def n_params(self) -> int:
+        """P, the dimension of the posterior."""
+        return self.theta_map.numel()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.theta_map.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.theta_map.device
+
+    @torch.no_grad()
+    def inputs(self, x: torch.Tensor) -> torch.Tensor:
+        """The covered function's inputs for model inputs ``x``: ``x``, or the last layer's inputs (B, ..., D).
+
+        ``last_layer`` with the rerun tail takes ``x`` itself. The model runs in eval mode.
+        """
+        if self.kind is not SubsetOfWeights.LAST_LAYER or self.tail is Tail.RERUN:
+            return x
+        captured: list[torch.Tensor] = []
+        handle = self.module.register_forward_pre_hook(lambda mod, args: captured.append(args[0].detach()))
+        try:
+            with eval_mode(self.model):
+                self.model(x)
+        finally:
+            handle.remove()
+        if len(captured) != 1:
+            raise RuntimeError(f"the last layer {self.last_layer_name!r} ran {len(captured)} times in this forward "
+                               "pass; the last-layer Laplace needs a layer applied once")
+        return captured[0]
+
+    def _full_vector(self, theta: torch.Tensor) -> torch.Tensor:
+        if self.indices is None:
+            return theta
+        return self._full_map.index_put((self.indices,), theta)
+
+    def unflatten(self, theta: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Parameter dict of the covered module for a theta (P,) (views, differentiable)."""
+        full = self._full_vector(theta)
+        return {b.name: full[b.slice].view(b.shape) for b in self.blocks}
+
+    def forward(self, inputs: torch.Tensor, theta: torch.Tensor | None = None) -> torch.Tensor:
+        """Outputs (B, C) of the covered function at parameters theta (default: MAP), in eval mode.
+
+        ``inputs`` come from :meth:`inputs`. Differentiable in theta (torch.func transforms apply). Cost: one
+        forward pass of the covered module (``last_layer``: one Linear, plus a (C, Z) matmul for a linear tail,
+        or a forward pass of the whole model for the rerun tail).
+        """
+        if theta is None:
+            theta = self.theta_map
+        return self.forward_with(self.unflatten(theta), inputs)
+
+    def forward_with(self, params: dict[str, torch.Tensor], inputs: torch.Tensor) -> torch.Tensor:
+        """The covered function with the covered parameters given by name (as in :meth:`unflatten`), e.g. fresh
+        leaves for autograd-graph inspection; :meth:`forward` is this at ``unflatten(theta)``."""
+        if self.tail is Tail.RERUN:
+            with eval_mode(self.model):
+                return functional_call(self.model, {self._prefix + n: t for n, t in params.items()}, (inputs,))
+        with eval_mode(self.module):
+            out = functional_call(self.module, params, (inputs,))
+        if self.tail is Tail.LINEAR:
+            return out.reshape(out.shape[0], -1) @ self._tail_matrix.T
+        return out
+
+    def forward_many(self, inputs: torch.Tensor, thetas: torch.Tensor) -> torch.Tensor:
+        """Outputs (S, B, C) for S parameter vectors thetas (S, P), vectorised with vmap."""
+        return vmap(lambda th: self.forward(inputs, th), randomness="different")(thetas)
+
+    def block_slices_in_theta(self) -> list[tuple[ParamBlock, torch.Tensor]]:
+        """For each block, the positions in theta it covers (all of it unless subnetwork)."""
+        if self.indices is None:
+            return [(b, torch.arange(b.offset, b.offset + b.numel, device=self.device)) for b in self.blocks]
+        out = []
+        for b in self.blocks:
+            mask = (self.indices >= b.offset) & (self.indices < b.offset + b.numel)
+            out.append((b, torch.nonzero(mask).reshape(-1)))
+        return out
+
+    def block_ids(self) -> torch.Tensor:
+        """(P,) index of the block (parameter tensor) each entry of theta belongs to."""
+        ids = torch.empty(self.n_params, dtype=torch.long, device=self.device)
+        for k, (_, pos) in enumerate(self.block_slices_in_theta()):
+            ids[pos] = k
+        return ids
