@@ -64,7 +64,7 @@ from tqdm.auto import tqdm
 from posthoc.distributed import sum_count, sum_over_ranks
 from posthoc.curvature.jacobians import parameter_uses, per_example_factor_gradients, per_example_jacobians
 from posthoc.curvature.output_factors import OutputFactors
-from posthoc.network.subset import ParameterSubset, SubsetOfWeights
+from posthoc.network.subset import ParameterSubset
 from posthoc.utils.conv import conv_input_gram, unfold_patches
 from posthoc.utils.linalg import gram
 
@@ -108,15 +108,6 @@ def _supported(module: nn.Module) -> bool:
     if isinstance(module, nn.Linear):
         return True
     return isinstance(module, nn.Conv2d) and _conv_padding(module) is not None
-
-
-def check_kron_subset(subset: ParameterSubset, structure: str) -> None:
-    """KFAC's blocks are whole parameter tensors: a subnetwork subset is an error."""
-    if subset.kind is SubsetOfWeights.SUBNETWORK:
-        raise ValueError(
-            f"hessian_structure={structure!r} needs whole weight matrices and does not support "
-            "subset_of_weights='subnetwork'; use 'full', 'diag' or 'lowrank' for a subnetwork"
-        )
 
 
 def candidate_layers(subset: ParameterSubset) -> list[KronLayer]:

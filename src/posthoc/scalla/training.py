@@ -58,6 +58,7 @@ from torch import nn
 from torch.utils.data import BatchSampler, RandomSampler, SequentialSampler, TensorDataset
 from tqdm.auto import tqdm
 
+from posthoc.curvature.ggn_operator import top_ggn_eigenpairs
 from posthoc.curvature.jacobians import jvp_many
 from posthoc.curvature.output_factors import OutputFactors
 from posthoc.network.batches import split_batch
@@ -282,8 +283,6 @@ class SurrogateTrainer:
         how = check_choice(self.settings.directions, Directions, "directions")
         if how is Directions.RADEMACHER:
             return _rademacher(n_dirs, self.subset.n_params, self.generator, self.subset.dtype), True
-        from posthoc.laplace.structures.lowrank import LowRankCurvature  # Lanczos with JVP/VJP products
-
         n_sub = min(self.settings.eigen_subsample, len(self.train_pool))
         index = torch.randperm(len(self.train_pool), generator=self.generator)[:n_sub]
         chunk = max(1, self.settings.jvp_chunk * 8)
@@ -296,10 +295,11 @@ class SurrogateTrainer:
                 yield x, torch.zeros(x.shape[0], dtype=torch.long)  # the GGN factors ignore the labels
 
         rank = min(n_dirs, self.subset.n_params - 1) if self.subset.n_params > 1 else 1
-        curvature = LowRankCurvature.fit(self.subset, batches, OutputFactors(self.likelihood), progress=self.progress,
-                                         rank=rank, seed=self.settings.seed, tol=EIGEN_TOL)
-        self.jvp_evaluations += 2 * int(curvature.info["products"]) * n_sub
-        vectors = curvature.eigenvectors.T.to(self.subset.dtype)  # (k, P), k <= h if eigenvalues were dropped
+        pairs = top_ggn_eigenpairs(self.subset, batches, OutputFactors(self.likelihood), rank,
+                                   seed=self.settings.seed, tol=EIGEN_TOL, progress=self.progress,
+                                   desc="ScaLLA eigen directions: GGN products")
+        self.jvp_evaluations += 2 * int(pairs.info["products"]) * n_sub
+        vectors = pairs.eigenvectors.T.to(self.subset.dtype)  # (k, P), k <= h if eigenvalues were dropped
         if vectors.shape[0] < n_dirs:
             vectors = torch.cat([vectors, vectors.new_zeros(n_dirs - vectors.shape[0], vectors.shape[1])])
         return vectors, False

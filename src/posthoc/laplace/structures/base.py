@@ -22,6 +22,7 @@ from typing import Any, Callable, ClassVar, Iterable
 
 import torch
 
+from posthoc.curvature.checks import check_curvature_finite  # noqa: F401  (the structures import it from here)
 from posthoc.curvature.output_factors import OutputFactors
 from posthoc.network.subset import ParameterSubset
 
@@ -109,12 +110,3 @@ def register_structure(cls: type[CurvatureStructure]) -> type[CurvatureStructure
         raise ValueError(f"hessian_structure {cls.structure.value!r} is already registered")
     STRUCTURES[cls.structure] = cls
     return cls
-
-
-def check_curvature_finite(tensor: torch.Tensor, what: str) -> None:
-    """Raise if accumulated curvature holds NaN/Inf (e.g. from a diverged model)."""
-    if not bool(torch.all(torch.isfinite(tensor))):
-        raise FloatingPointError(
-            f"the {what} curvature contains NaN/Inf; check the model's outputs on the training data "
-            "(a diverged or mis-scaled network)"
-        )

@@ -17,10 +17,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from posthoc.curvature.kfac import check_kron_subset, ekfac_eigenvalues, kfac_factors
+from posthoc.curvature.kfac import ekfac_eigenvalues, kfac_factors
 from posthoc.curvature.output_factors import OutputFactors
 from posthoc.laplace.structures.base import Batches, HessianStructure, check_curvature_finite, register_structure
-from posthoc.laplace.structures.kron import KronCurvature
+from posthoc.laplace.structures.kron import KronCurvature, check_kron_subset
 from posthoc.network.subset import ParameterSubset
 
 

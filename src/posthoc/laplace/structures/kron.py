@@ -38,7 +38,6 @@ from posthoc.curvature.kfac import (
     KFACFactors,
     KronLayer,
     RestrictedSubset,
-    check_kron_subset,
     check_single_use,
     chunks,
     fallback_positions,
@@ -57,9 +56,21 @@ from posthoc.laplace.structures.base import (
     check_curvature_finite,
     register_structure,
 )
-from posthoc.network.subset import ParameterSubset
+from posthoc.network.subset import ParameterSubset, SubsetOfWeights
 from posthoc.utils.checks import check_choice
 from posthoc.utils.linalg import psd_eigh
+
+
+def check_kron_subset(subset: ParameterSubset, structure: str) -> None:
+    """Raise ValueError for a subnetwork subset: the Kronecker blocks are whole parameter tensors.
+
+    ``structure`` names the structure in the message ("kron", "ekfac").
+    """
+    if subset.kind is SubsetOfWeights.SUBNETWORK:
+        raise ValueError(
+            f"hessian_structure={structure!r} needs whole weight matrices and does not support "
+            "subset_of_weights='subnetwork'; use 'full', 'diag' or 'lowrank' for a subnetwork"
+        )
 
 
 @dataclass
