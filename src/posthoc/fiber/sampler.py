@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -32,13 +33,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from posthoc.fiber.deform import (AnchoredJitter, CouplingFlow, DeformKind, PrincipalCoordinates,
-                                  anchored_training_step, flow_training_step, make_flow_optimizer,
-                                  variational_training_step)
-from posthoc.fiber.projection import outputs_many
-from posthoc.fiber.walk import (FiberProblem, WalkConfig, WalkState, finalize, full_data_nll, init_walk, mean_nll,
-                                walk_step)
-from posthoc.network.batches import checked_batches, first_batch_inputs
+from posthoc.fiber.deform import AnchoredJitter, DeformKind, PrincipalCoordinates
+from posthoc.fiber.config import DeformConfig, deform_setting, stage_configs
+from posthoc.fiber.stage2 import DeformMethod, get_deform
+from posthoc.fiber.walk import (FiberProblem, WalkConfig, WalkState, batch_shape, canonical_training_data, finalize,
+                                full_data_nll, init_walk, walk_step)
+from posthoc.network.batches import first_batch_inputs
 from posthoc.network.subset import ParameterSubset, SubsetOfWeights
 from posthoc.likelihood import Likelihood
 from posthoc.predictive import LinkApprox, Predictive, SamplePredictive
@@ -51,109 +51,62 @@ STATE_VERSION = 2  # 2: weights identified by a digest of the whole model; input
 CHECKPOINT_WHAT = "FiberSampler"
 
 
-def _batch_shape(example_shape: tuple[int, ...]) -> str:
-    return "(" + ", ".join(["B", *map(str, example_shape)]) + ")"
-
-
 class FiberSampler:
-    """Fiber sampling (Reichlin, Vasco, Kragic 2025; METHODS.md §5) behind the Laplace-style API.
+    """Fiber sampling (Reichlin, Vasco, Kragic 2025) behind the Laplace-style API.
+
+    The settings of the two stages come either as a :class:`~posthoc.fiber.WalkConfig` (``walk=``) and a
+    :class:`~posthoc.fiber.DeformConfig` (``deform=``), whose docstrings describe each setting, or as flat keywords
+    named like their fields (``FiberSampler(model, "classification", steps=400, deform="anchored",
+    flow_steps=500)``; without a WalkConfig, ``burn_in`` defaults to steps // 2). Both forms give the same
+    sampler. Giving one stage's settings both ways raises ValueError; an unknown keyword raises TypeError.
 
     Args:
         model: the trained network (its weights are theta*); put in eval mode.
         likelihood: "classification" (logits) or "regression" (Gaussian, noise ``sigma_noise``).
-        n_particles: K independent walkers, vectorised with vmap.
-        steps: walk steps per particle, burn-in included.
-        loss_tolerance: epsilon, nats per example: samples keep the mean training NLL within epsilon
-            of the MAP's.
-        latent_dim: dimension of stage 2's latent (at most the rank of the walked samples).
         subset_of_weights: "all" or "last_layer".
         prior_precision: delta of the prior N(0, delta^-1 I): a scalar or one value per parameter.
         sigma_noise: regression noise; None estimates it as the MAP's training residual RMS.
-        burn_in: steps discarded before keeping samples (default steps // 2).
-        thin: keep every thin-th state after burn-in.
-        step_size: eta of the Langevin step (shrunk during burn-in only, see walk.py).
-        batch_size: examples whose outputs one projection keeps.
-        subsample_size: the fixed training subsample of the NLL check during the walk.
-        cg_steps, damping: CG iterations and damping of the (B*C)-dimensional solves.
-        pullback_steps: at most this many Gauss-Newton steps back to the low-loss set per walk step.
-        final_rounds: correction rounds of the final all-data check.
-        deform: stage 2 map, "flow" (coupling flow on principal coordinates, maximum likelihood on the walked
-            samples plus the loss-aware term), "variational" (the same flow trained as a variational approximation
-            of the prior restricted to the low-loss set, see deform.py; it keeps the tolerance but not stage 1's
-            spread away from the data), "anchored" (a mixture on the fiber: a walked sample within the tolerance,
-            uniformly drawn, plus a learned Gaussian jitter in the principal directions, trained with the
-            "variational" objective; it keeps stage 1's spread because the walked samples carry it, see
-            deform.py and benchmarks/results/fiber_toy.md) or "gaussian".
-        flow_layers, flow_hidden, flow_steps, flow_lr: the flow and its Adam training.
-        flow_loss_weight, flow_loss_batch, flow_loss_samples: the loss-aware term of the "flow" objective
-            (decoded samples whose minibatch NLL exceeds the MAP's by more than 0.8 eps are penalised; 0 turns
-            it off, leaving plain maximum likelihood on the walked samples). flow_loss_batch and
-            flow_loss_samples are also the minibatch and the draws per step of the "variational" and "anchored"
-            objectives.
-        barrier_weight: "variational" and "anchored": weight of the hinge max(0, excess - eps / 2) / eps on a decoded
-            sample's minibatch NLL excess over the MAP's, in nats of the KL objective (default 100; "anchored":
-            300).
-        variational_init_scale: "variational": the flow starts as N(0, scale^2 I) in the whitened
-            principal coordinates (scale 1: the walked samples' spread), small enough to start in the low-loss
-            set (default 0.1); "anchored": the jitter's starting sigma, same units (default 0.01: close to plain
-            resampling of the walk, which is within the tolerance).
-        n_check: stage-2 samples whose all-data NLL is checked after fitting (0: no check).
+        walk: stage 1's settings, or None for the keywords (n_particles, steps, loss_tolerance, burn_in, thin,
+            step_size, batch_size, subsample_size, cg_steps, damping, pullback_steps, adapt_factor, final_rounds).
+        deform: stage 2's settings, or the name of a registered map ("flow", "variational", "anchored",
+            "gaussian" or one added with :func:`posthoc.fiber.register_deform`) for the keywords (latent_dim,
+            flow_layers, flow_hidden, flow_steps, flow_lr, flow_loss_weight, flow_loss_batch, flow_loss_samples,
+            barrier_weight, variational_init_scale, n_check).
         seed: seeds the walk, the flow and the default sampling seed.
         checkpoint_every: walk / flow steps between checkpoints.
+        progress: show progress bars.
+        dict_key_x, dict_key_y: the entries read from dict batches.
+
+    ``config`` (WalkConfig) and ``deform_config`` (DeformConfig) hold the settings. The stage-2 fields are also
+    attributes (``fs.flow_steps``; ``fs.barrier_weight`` with its default resolved; ``fs.deform`` the map's name,
+    a DeformKind for the built-in maps); setting one replaces ``deform_config`` (validated again).
     """
 
     def __init__(
         self,
         model: nn.Module,
         likelihood: Likelihood | str,
-        n_particles: int = 8,
-        steps: int = 200,
-        loss_tolerance: float = 0.05,
-        latent_dim: int = 8,
+        *,
         subset_of_weights: SubsetOfWeights | str = SubsetOfWeights.ALL,
         prior_precision: float | torch.Tensor = 1.0,
         sigma_noise: float | None = None,
-        burn_in: int | None = None,
-        thin: int = 5,
-        step_size: float = 1e-4,
-        batch_size: int = 64,
-        subsample_size: int = 256,
-        cg_steps: int = 5,
-        damping: float = 1e-6,
-        pullback_steps: int = 5,
-        final_rounds: int = 3,
-        deform: DeformKind | str = DeformKind.FLOW,
-        flow_layers: int = 4,
-        flow_hidden: int = 64,
-        flow_steps: int = 300,
-        flow_lr: float = 5e-3,
-        flow_loss_weight: float = 10.0,
-        flow_loss_batch: int = 128,
-        flow_loss_samples: int = 8,
-        barrier_weight: float | None = None,
-        variational_init_scale: float | None = None,
-        n_check: int = 32,
+        walk: WalkConfig | None = None,
+        deform: DeformConfig | DeformKind | str = DeformKind.FLOW,
         seed: int = 0,
         checkpoint_every: int = 10,
         progress: bool = True,
         dict_key_x: str = "input",
         dict_key_y: str = "target",
+        **settings: Any,
     ) -> None:
         self.model = model
         self.likelihood = check_choice(likelihood, Likelihood, "likelihood")
         self.subset = ParameterSubset(model, subset_of_weights)
         if self.subset.kind is SubsetOfWeights.SUBNETWORK:
             raise ValueError("FiberSampler supports subset_of_weights='all' or 'last_layer'")
-        self.config = WalkConfig(
-            n_particles=n_particles, steps=steps, burn_in=steps // 2 if burn_in is None else burn_in, thin=thin,
-            step_size=step_size, loss_tolerance=loss_tolerance, batch_size=batch_size,
-            subsample_size=subsample_size, cg_steps=cg_steps, damping=damping, pullback_steps=pullback_steps,
-            final_rounds=final_rounds)
+        self.config, self.deform_config = stage_configs(walk, deform, settings)
         if self.config.n_particles * self.config.n_kept_per_particle < 2:
             raise ValueError("the walk keeps fewer than 2 samples: raise n_particles or steps, or lower burn_in/thin")
-        if isinstance(latent_dim, bool) or not isinstance(latent_dim, int) or latent_dim < 1:
-            raise ValueError(f"latent_dim must be a positive integer, got {latent_dim!r}")
-        self.latent_dim = latent_dim
         prior = torch.as_tensor(prior_precision, dtype=self.subset.dtype, device=self.subset.device).detach()
         if prior.numel() not in (1, self.subset.n_params):
             raise ValueError(f"prior_precision must be a scalar or have one entry per parameter "
@@ -167,33 +120,8 @@ class FiberSampler:
         self._sigma_given = None if sigma_noise is None else float(sigma_noise)
         self.sigma_noise = torch.as_tensor(1.0 if sigma_noise is None else float(sigma_noise),
                                            dtype=self.subset.dtype, device=self.subset.device)
-        self.deform = check_choice(deform, DeformKind, "deform")
-        for name, value in (("flow_layers", flow_layers), ("flow_hidden", flow_hidden), ("flow_steps", flow_steps),
-                            ("n_check", n_check), ("checkpoint_every", checkpoint_every)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name in (
-                    "flow_hidden", "checkpoint_every") else 0):
-                raise ValueError(f"{name} must be a {'positive' if name in ('flow_hidden', 'checkpoint_every') else 'non-negative'} "
-                                 f"integer, got {value!r}")
-        check_positive(flow_lr, "flow_lr")
-        if not flow_loss_weight >= 0:
-            raise ValueError(f"flow_loss_weight must be >= 0, got {flow_loss_weight!r}")
-        for name, value in (("flow_loss_batch", flow_loss_batch), ("flow_loss_samples", flow_loss_samples)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        self.flow_loss_weight, self.flow_loss_batch, self.flow_loss_samples = (flow_loss_weight, flow_loss_batch,
-                                                                               flow_loss_samples)
-        # defaults per map (measured on the toys, benchmarks/results/fiber_toy.md): the anchored jitter starts from
-        # plain resampling of the walk (0.01) and needs the stiffer barrier to keep >= 0.9 within the tolerance
-        anchored = self.deform is DeformKind.ANCHORED
-        if barrier_weight is None:
-            barrier_weight = 300.0 if anchored else 100.0
-        if variational_init_scale is None:
-            variational_init_scale = 0.01 if anchored else 0.1
-        check_positive(barrier_weight, "barrier_weight")
-        check_positive(variational_init_scale, "variational_init_scale")
-        self.barrier_weight, self.variational_init_scale = float(barrier_weight), float(variational_init_scale)
-        self.flow_layers, self.flow_hidden, self.flow_steps, self.flow_lr = flow_layers, flow_hidden, flow_steps, flow_lr
-        self.n_check = n_check
+        if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 1:
+            raise ValueError(f"checkpoint_every must be a positive integer, got {checkpoint_every!r}")
         self.seed = seed
         self.checkpoint_every = checkpoint_every
         self.progress = progress
@@ -203,13 +131,40 @@ class FiberSampler:
         self.particle_nll: torch.Tensor | None = None
         self.map_nll: float | None = None
         self.coords: PrincipalCoordinates | None = None
-        self.flow: CouplingFlow | AnchoredJitter | None = None
+        self.flow: nn.Module | None = None  # the trained stage-2 map (None: the Gaussian map)
         self.info: dict[str, float] = {}
         self._cache: tuple[tuple[int, int], torch.Tensor] | None = None
         self._problem_cache: FiberProblem | None = None
         self.input_shape: tuple[int, ...] | None = None  # of one model input, recorded by walk/fit
         self._fingerprint: dict[str, Any] | None = None  # of the fit in progress (checkpoints)
         self._callback: Callable[[str, int], None] | None = None
+
+    # ----------------------------------------------------------------- settings
+    @property
+    def deform(self) -> DeformKind | str:
+        """The stage-2 map's name (a DeformKind for the built-in maps); setting it replaces ``deform_config``."""
+        kind = self.deform_config.kind
+        return DeformKind(kind) if kind in DeformKind._value2member_map_ else kind
+
+    @deform.setter
+    def deform(self, kind: DeformKind | str) -> None:
+        self.deform_config = replace(self.deform_config, kind=kind)
+
+    latent_dim = deform_setting("latent_dim")
+    flow_layers = deform_setting("flow_layers")
+    flow_hidden = deform_setting("flow_hidden")
+    flow_steps = deform_setting("flow_steps")
+    flow_lr = deform_setting("flow_lr")
+    flow_loss_weight = deform_setting("flow_loss_weight")
+    flow_loss_batch = deform_setting("flow_loss_batch")
+    flow_loss_samples = deform_setting("flow_loss_samples")
+    barrier_weight = deform_setting("barrier_weight", resolved=True)
+    variational_init_scale = deform_setting("variational_init_scale", resolved=True)
+    n_check = deform_setting("n_check")
+
+    @property
+    def _method(self) -> DeformMethod:
+        return self.deform_config.method
 
     @property
     def n_params(self) -> int:
@@ -218,50 +173,20 @@ class FiberSampler:
     # ----------------------------------------------------------------- data
     def _settings(self) -> dict[str, Any]:
         return {"likelihood": self.likelihood.value, "subset_of_weights": self.subset.kind.value,
-                "walk": self.config.to_dict(), "latent_dim": self.latent_dim, "deform": self.deform.value,
+                "walk": self.config.to_dict(), "latent_dim": self.latent_dim, "deform": self.deform_config.kind,
                 "flow": [self.flow_layers, self.flow_hidden, self.flow_steps, self.flow_lr, self.flow_loss_weight,
                          self.flow_loss_batch, self.flow_loss_samples],
                 "sigma_given": self._sigma_given, "seed": self.seed, "n_check": self.n_check,
-                # only for the maps that use them, so checkpoints of the other maps written before they existed load
-                **({"variational": [self.barrier_weight, self.variational_init_scale]}
-                   if self.deform in (DeformKind.VARIATIONAL, DeformKind.ANCHORED) else {})}
+                # the map's own entries ("variational", "anchored": the barrier settings; none for the other
+                # maps, so their checkpoints written before those settings existed load)
+                **self._method.settings(self)}
 
     def _problem(self, train_loader: Iterable) -> FiberProblem:
-        """Collect the covered module's inputs and the targets of the whole loader, in a canonical order
-        (sorted by a fixed random projection of each example), so the walk does not depend on the loader's
-        shuffling. Memory: the whole training set (or its last-layer features)."""
-        xs, ys = [], []
-        for x, y in checked_batches(train_loader, self.likelihood, None, self.dict_key_x, self.dict_key_y,
-                                    self.subset.dtype, self.subset.device):
-            if not xs:
-                self.input_shape = tuple(x.shape[1:])
-            elif tuple(x.shape[1:]) != self.input_shape:
-                raise ValueError(f"the training batches have inputs of shapes {_batch_shape(self.input_shape)} and "
-                                 f"{tuple(x.shape)}; every batch must hold examples of one shape")
-            xs.append(self.subset.inputs(x))
-            ys.append(y)
-        if not xs:
-            raise ValueError("the training loader yielded no batches: nothing to fit")
-        inputs, targets = torch.cat(xs), torch.cat(ys)
-        with torch.no_grad():
-            out = self.subset.forward(inputs[:1])
-        if out.ndim != 2:
-            raise ValueError(f"the model must return (B, C) outputs, got {tuple(out.shape)}")
-        if self.likelihood is Likelihood.CLASSIFICATION:
-            targets = targets.reshape(-1).long()
-            if int(targets.min()) < 0 or int(targets.max()) >= out.shape[-1]:
-                raise ValueError(f"class labels must lie in [0, {out.shape[-1] - 1}]")
-        else:
-            targets = targets.reshape(inputs.shape[0], -1)
-            if targets.shape[-1] != out.shape[-1]:
-                raise ValueError(f"targets have {targets.shape[-1]} outputs, the model {out.shape[-1]}")
-        # integer inputs (token ids) are ordered by the same projection, taken in float64
-        key_dtype = inputs.dtype if inputs.is_floating_point() else torch.float64
-        probe = torch.randn(inputs[0].numel(), generator=torch.Generator().manual_seed(12345), dtype=key_dtype)
-        key = inputs.reshape(inputs.shape[0], -1).to(key_dtype) @ probe + 1e-3 * targets.reshape(
-            inputs.shape[0], -1).to(key_dtype).sum(-1)
-        order = torch.argsort(key, stable=True)
-        inputs, targets = inputs[order], targets[order]
+        """The walk's problem: the whole loader's covered-module inputs and targets in a canonical order
+        (:func:`posthoc.fiber.walk.canonical_training_data`); records ``input_shape`` and, for regression without
+        a given sigma_noise, estimates it as the MAP's training residual RMS."""
+        inputs, targets, self.input_shape = canonical_training_data(
+            train_loader, self.subset, self.likelihood, self.dict_key_x, self.dict_key_y)
         if self.likelihood is Likelihood.REGRESSION and self._sigma_given is None:
             with torch.no_grad():
                 resid = torch.cat([targets[i:i + 4096] - self.subset.forward(inputs[i:i + 4096])
@@ -382,8 +307,7 @@ class FiberSampler:
         self.info["latent_dim"] = float(self.coords.rank)
         self.flow = None
         # the anchored map is built even untrained (flow_steps 0: jitter at its starting scale); the flows need r >= 2
-        if self.deform is DeformKind.ANCHORED or (self.deform in (DeformKind.FLOW, DeformKind.VARIATIONAL)
-                                                  and self.coords.rank >= 2 and self.flow_steps > 0):
+        if self._method.trains(self):
             self._train_flow(problem, path, saved if saved is not None and saved["stage"] == "deform" else None)
         self.info["deform_s"] = self.info.get("deform_s", 0.0) + time.perf_counter() - t0
         self._cache = None
@@ -393,8 +317,7 @@ class FiberSampler:
             self.info["stage2_within_tol"] = float((nll <= self.map_nll + self.config.loss_tolerance).double().mean())
             self.info["stage2_nll_excess_mean"] = float((nll - self.map_nll).mean())
             self.info["stage2_check_s"] = time.perf_counter() - t0
-            if self.deform is DeformKind.ANCHORED:
-                self.info.update(self._jitter_diagnostics(self.n_check, self.seed + 7))
+            self.info.update(self._method.diagnostics(self, self.n_check, self.seed + 7))
         self._save(path, "done", state=self.state_dict())
         return self
 
@@ -409,41 +332,18 @@ class FiberSampler:
 
     def _anchored_map(self) -> AnchoredJitter:
         """The ``anchored`` map (untrained) on the walked samples within the tolerance; see deform.py."""
-        tol = self.config.loss_tolerance
-        within = self._within_tolerance()
-        if not bool(within.any()):
-            raise ValueError("no walked sample is within the loss tolerance, so deform='anchored' has no anchors; "
-                             "lower step_size or raise final_rounds / loss_tolerance")
-        room = ((self.map_nll + tol - self.particle_nll[within]).clamp_min(0) / tol).sqrt()
-        return AnchoredJitter(self.particles[within], room.to(self.particles.dtype), self.coords.basis,
-                              self.coords.scales, self.variational_init_scale)
+        return get_deform(DeformKind.ANCHORED).build(self)
 
     def _jitter_diagnostics(self, n_samples: int, seed: int) -> dict[str, float]:
-        """How much diversity the anchored jitter adds beyond resampling the walk: the mean distance of n samples
-        from their anchors over the mean distance of the anchors from the anchors' mean, and sigma's mean."""
-        jitter = self.flow
-        index, u = jitter.draw(n_samples, torch.Generator().manual_seed(seed))
-        with torch.no_grad():
-            moved = (jitter(index, u) - jitter.anchors[index]).norm(dim=-1).mean()
-            spread = (jitter.anchors - jitter.anchors.mean(0)).norm(dim=-1).mean()
-        return {"anchored_jitter_over_anchor_spread": float(moved / spread) if float(spread) > 0 else 0.0,
-                "anchored_sigma_mean": float(torch.exp(jitter.log_sigma).mean())}
+        """How much diversity the anchored jitter adds beyond resampling the walk (see stage2.AnchoredMethod)."""
+        return get_deform(DeformKind.ANCHORED).diagnostics(self, n_samples, seed)
 
     def _train_flow(self, problem: FiberProblem, path: Path | None, saved: dict[str, Any] | None) -> None:
-        torch.manual_seed(self.seed)  # not used by the deterministic full-batch training; kept for clarity
-        if self.deform is DeformKind.ANCHORED:
-            flow = self._anchored_map()
-            optimizer = torch.optim.Adam(flow.parameters(), lr=self.flow_lr)
-        else:
-            flow = CouplingFlow(self.coords.rank, self.flow_layers, self.flow_hidden, seed=self.seed).to(
-                dtype=self.subset.dtype, device=self.subset.device)
-            if self.deform is DeformKind.VARIATIONAL:
-                with torch.no_grad():
-                    flow.log_scale.fill_(math.log(self.variational_init_scale))
-                # no weight decay: it would pull the flow back to the identity, i.e. to the walked samples' scales
-                optimizer = torch.optim.Adam(flow.parameters(), lr=self.flow_lr)
-            else:
-                optimizer = make_flow_optimizer(flow, self.flow_lr)
+        """Build and train the stage-2 map (resumed from ``saved``, a "deform" checkpoint payload, if given)."""
+        method = self._method
+        torch.manual_seed(self.seed)  # the map's initialisation (the flow's hidden layers) draws from it
+        flow = method.build(self)
+        optimizer = method.optimizer(self, flow)
         start, losses = 0, []
         generator = torch.Generator().manual_seed(self.seed + 2)
         if saved is not None:
@@ -460,70 +360,24 @@ class FiberSampler:
         # which on a busy machine made full-batch steps ~100x slower than on one thread (measured)
         torch.set_num_threads(1)
         try:
-            losses = self._flow_loop(problem, path, flow, optimizer, coords, start, losses, t0, generator)
+            step = method.training_step(self, problem, flow, optimizer, coords, generator)
+            losses = self._flow_loop(path, flow, optimizer, step, start, losses, t0, generator)
         finally:
             torch.set_num_threads(threads)
         flow.eval()
         for p in flow.parameters():
             p.requires_grad_(False)
         self.flow = flow
-        # the final objective: the negative log-likelihood of the walked samples ("flow") or the KL up to a constant
-        key = "flow_final_kl" if self.deform in (DeformKind.VARIATIONAL, DeformKind.ANCHORED) else "flow_final_nll"
-        self.info[key] = losses[-1] if losses else float("nan")
+        # the final objective: e.g. the negative log-likelihood of the walked samples ("flow") or the KL up to a
+        # constant ("variational", "anchored")
+        self.info[method.final_loss_key] = losses[-1] if losses else float("nan")
 
-    def _loss_penalty(self, problem: FiberProblem, generator: torch.Generator):
-        """The loss-aware term of stage 2: for ``flow_loss_samples`` decoded samples and a random minibatch of
-        ``flow_loss_batch`` training examples, the mean hinge max(0, excess - 0.8 eps) / eps of their NLL over
-        the MAP's on that minibatch (0.8: a margin for the minibatch noise). Cost: one forward and backward
-        pass per decoded sample on the minibatch."""
-        coords, tol = self.coords, self.config.loss_tolerance
-
-        def penalty(flow: CouplingFlow) -> torch.Tensor:
-            index = torch.randint(problem.n_data, (min(self.flow_loss_batch, problem.n_data),), generator=generator)
-            z = torch.randn((self.flow_loss_samples, coords.rank), generator=generator, dtype=self.subset.dtype)
-            x, y = problem.inputs[index], problem.targets[index]
-            thetas = coords.decode(flow(z.to(self.subset.device)))
-            nll = mean_nll(outputs_many(self.subset, x, thetas), y, self.likelihood, self.sigma_noise)
-            with torch.no_grad():
-                ref = mean_nll(self.subset.forward(x).unsqueeze(0), y, self.likelihood, self.sigma_noise)
-            return torch.relu(nll - ref - 0.8 * tol).mean() / tol
-
-        return penalty
-
-    def _variational_energy(self, problem: FiberProblem, generator: torch.Generator, decode: bool = True):
-        """Minus the log target of the "variational" and "anchored" maps, per sample: delta/2 ||theta||^2 (the
-        prior, up to a constant) plus barrier_weight * max(0, excess - eps/2) / eps, the excess of its mean NLL
-        over the MAP's on a random minibatch of ``flow_loss_batch`` examples (eps/2: a margin for the minibatch
-        noise). Takes whitened coordinates (S, r) (``decode``) or parameter vectors (S, P). Cost: one forward and
-        backward pass per sample on the minibatch."""
-        tol = self.config.loss_tolerance
-
-        def energy(coords: torch.Tensor) -> torch.Tensor:
-            index = torch.randint(problem.n_data, (min(self.flow_loss_batch, problem.n_data),), generator=generator)
-            x, y = problem.inputs[index], problem.targets[index]
-            thetas = self.coords.decode(coords) if decode else coords
-            nll = mean_nll(outputs_many(self.subset, x, thetas), y, self.likelihood, self.sigma_noise)
-            with torch.no_grad():
-                ref = mean_nll(self.subset.forward(x).unsqueeze(0), y, self.likelihood, self.sigma_noise)
-            neg_log_prior = 0.5 * (self.prior_precision * thetas**2).sum(-1)
-            return neg_log_prior + self.barrier_weight * torch.relu(nll - ref - 0.5 * tol) / tol
-
-        return energy
-
-    def _flow_loop(self, problem, path, flow, optimizer, coords, start, losses, t0, generator) -> list[float]:
-        penalty = self._loss_penalty(problem, generator)
-        energy = self._variational_energy(problem, generator, decode=self.deform is not DeformKind.ANCHORED)
-        for step in tqdm(range(start, self.flow_steps), desc="fiber flow", disable=not self.progress, leave=False):
-            if self.deform is DeformKind.ANCHORED:
-                index, u = flow.draw(self.flow_loss_samples, generator)
-                losses.append(anchored_training_step(flow, optimizer, index, u, energy))
-            elif self.deform is DeformKind.VARIATIONAL:
-                z = torch.randn((self.flow_loss_samples, coords.shape[1]), generator=generator,
-                                dtype=self.subset.dtype).to(self.subset.device)
-                losses.append(variational_training_step(flow, optimizer, z, energy))
-            else:
-                losses.append(flow_training_step(flow, optimizer, coords, penalty, self.flow_loss_weight))
-            done = step + 1
+    def _flow_loop(self, path: Path | None, flow: nn.Module, optimizer: torch.optim.Optimizer,
+                   step: Callable[[], float], start: int, losses: list[float], t0: float,
+                   generator: torch.Generator) -> list[float]:
+        for at in tqdm(range(start, self.flow_steps), desc="fiber flow", disable=not self.progress, leave=False):
+            losses.append(step())
+            done = at + 1
             if done % self.checkpoint_every == 0 and done < self.flow_steps:
                 self._save(path, "deform", particles=self.particles, particle_nll=self.particle_nll,
                            map_nll=self.map_nll, info=self.info, flow=flow.state_dict(),
@@ -544,20 +398,13 @@ class FiberSampler:
         return self.coords
 
     def sample(self, n_samples: int = 100, seed: int | None = None) -> torch.Tensor:
-        """Stage 2: n parameter samples (n, P) decoded from z ~ N(0, I) (seeded; "anchored": from an anchor index
+        """Stage 2: n parameter samples (n, P) from the map (seeded): decoded from z ~ N(0, I) ("anchored": an anchor index
         and a jitter draw). Cost: one map evaluation each (the flow plus an (r x P) product), no iteration.
         Raises RuntimeError before fit or if the model's weights changed since."""
-        coords = self._require_fit("sample")
+        self._require_fit("sample")
         check_n_samples(n_samples)
         generator = torch.Generator().manual_seed(self.seed if seed is None else seed)
-        if isinstance(self.flow, AnchoredJitter):
-            index, u = self.flow.draw(n_samples, generator)
-            with torch.no_grad():
-                return self.flow(index, u)
-        z = torch.randn((n_samples, coords.rank), generator=generator, dtype=self.subset.dtype).to(self.subset.device)
-        with torch.no_grad():
-            c = self.flow(z) if self.flow is not None else z
-            return coords.decode(c)
+        return self._method.sample(self, self.flow, n_samples, generator)
 
     def predict(self, x: torch.Tensor, n_samples: int = 100, seed: int | None = None,
                 chunk_size: int = 25) -> SamplePredictive:
@@ -572,10 +419,10 @@ class FiberSampler:
         if n_samples < 2:
             raise ValueError("predict needs n_samples >= 2 (a sample predictive)")
         if not isinstance(x, torch.Tensor):
-            raise TypeError(f"x must be a torch.Tensor of shape {_batch_shape(self.input_shape)}, "
+            raise TypeError(f"x must be a torch.Tensor of shape {batch_shape(self.input_shape)}, "
                             f"got {type(x).__name__}")
         if self.input_shape is not None and tuple(x.shape[1:]) != self.input_shape or x.ndim == 0:
-            raise ValueError(f"x must have shape {_batch_shape(self.input_shape)} like the training inputs, got "
+            raise ValueError(f"x must have shape {batch_shape(self.input_shape)} like the training inputs, got "
                              f"{tuple(x.shape)}" + (" (a single example needs a batch dimension: x[None])"
                                                     if tuple(x.shape) == self.input_shape else ""))
         key = (n_samples, self.seed if seed is None else seed)
@@ -635,11 +482,7 @@ class FiberSampler:
         self.coords = PrincipalCoordinates.from_state_dict(state["coords"])
         self.flow = None
         if state["flow"] is not None:
-            if self.deform is DeformKind.ANCHORED:
-                flow = self._anchored_map()
-            else:
-                flow = CouplingFlow(self.coords.rank, self.flow_layers, self.flow_hidden, seed=self.seed).to(
-                    dtype=self.subset.dtype, device=self.subset.device)
+            flow = self._method.build(self)
             flow.load_state_dict(state["flow"])
             flow.eval()
             for p in flow.parameters():

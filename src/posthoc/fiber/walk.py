@@ -31,11 +31,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 
 from posthoc.fiber.projection import min_norm_step, outputs_many, project_null
+from posthoc.network.batches import checked_batches
 from posthoc.network.subset import ParameterSubset
 from posthoc.likelihood import Likelihood
 
@@ -45,7 +46,22 @@ MAX_REJECTED_FRACTION = 0.25  # burn-in shrinks the step after a walk step that 
 
 @dataclass(frozen=True)
 class WalkConfig:
-    """Settings of stage 1 (see the module docstring for their roles)."""
+    """Settings of stage 1 (the module docstring describes the walk). Raises ValueError for an invalid value.
+
+    Attributes:
+        n_particles: K independent walkers, vectorised with vmap.
+        steps: walk steps per particle, burn-in included.
+        burn_in: steps discarded before keeping samples (FiberSampler's keywords: default steps // 2).
+        thin: keep every thin-th state after burn-in.
+        step_size: eta of the Langevin step (shrunk during burn-in only).
+        loss_tolerance: epsilon, nats per example: samples keep the mean training NLL within epsilon of the MAP's.
+        batch_size: examples whose outputs one projection keeps.
+        subsample_size: the fixed training subsample of the NLL check during the walk.
+        cg_steps, damping: CG iterations and damping of the (B*C)-dimensional solves.
+        pullback_steps: at most this many Gauss-Newton steps back to the low-loss set per walk step.
+        adapt_factor: the burn-in's step-size shrink factor.
+        final_rounds: correction rounds of the final all-data check.
+    """
 
     n_particles: int = 8
     steps: int = 200
@@ -108,6 +124,52 @@ class FiberProblem:
     @property
     def n_data(self) -> int:
         return self.inputs.shape[0]
+
+
+def batch_shape(example_shape: tuple[int, ...] | None) -> str:
+    """"(B, d1, d2)" for the shape of one example, as error messages name a batch's shape."""
+    return "(" + ", ".join(["B", *map(str, example_shape or ())]) + ")"
+
+
+def canonical_training_data(train_loader: Iterable, subset: ParameterSubset, likelihood: Likelihood,
+                            dict_key_x: str, dict_key_y: str
+                            ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
+    """The covered module's inputs (N, ...) and the targets (N,) labels or (N, C) values of the whole loader, in
+    a canonical order (sorted by a fixed random projection of each example), so the walk does not depend on the
+    loader's shuffling; and the shape of one model input. Memory: the whole training set (or its last-layer
+    features). Raises ValueError for an empty loader, batches of different example shapes, a model whose
+    outputs are not (B, C), or targets that do not fit them."""
+    xs, ys, input_shape = [], [], None
+    for x, y in checked_batches(train_loader, likelihood, None, dict_key_x, dict_key_y, subset.dtype, subset.device):
+        if not xs:
+            input_shape = tuple(x.shape[1:])
+        elif tuple(x.shape[1:]) != input_shape:
+            raise ValueError(f"the training batches have inputs of shapes {batch_shape(input_shape)} and "
+                             f"{tuple(x.shape)}; every batch must hold examples of one shape")
+        xs.append(subset.inputs(x))
+        ys.append(y)
+    if not xs:
+        raise ValueError("the training loader yielded no batches: nothing to fit")
+    inputs, targets = torch.cat(xs), torch.cat(ys)
+    with torch.no_grad():
+        out = subset.forward(inputs[:1])
+    if out.ndim != 2:
+        raise ValueError(f"the model must return (B, C) outputs, got {tuple(out.shape)}")
+    if likelihood is Likelihood.CLASSIFICATION:
+        targets = targets.reshape(-1).long()
+        if int(targets.min()) < 0 or int(targets.max()) >= out.shape[-1]:
+            raise ValueError(f"class labels must lie in [0, {out.shape[-1] - 1}]")
+    else:
+        targets = targets.reshape(inputs.shape[0], -1)
+        if targets.shape[-1] != out.shape[-1]:
+            raise ValueError(f"targets have {targets.shape[-1]} outputs, the model {out.shape[-1]}")
+    # integer inputs (token ids) are ordered by the same projection, taken in float64
+    key_dtype = inputs.dtype if inputs.is_floating_point() else torch.float64
+    probe = torch.randn(inputs[0].numel(), generator=torch.Generator().manual_seed(12345), dtype=key_dtype)
+    key = inputs.reshape(inputs.shape[0], -1).to(key_dtype) @ probe + 1e-3 * targets.reshape(
+        inputs.shape[0], -1).to(key_dtype).sum(-1)
+    order = torch.argsort(key, stable=True)
+    return inputs[order], targets[order], input_shape
 
 
 @dataclass

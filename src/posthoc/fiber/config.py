@@ -1,0 +1,148 @@
+"""The settings of fiber sampling: :class:`WalkConfig` (stage 1) and :class:`DeformConfig` (stage 2).
+
+``FiberSampler`` takes them as ``walk=WalkConfig(...)`` and ``deform=DeformConfig(...)``, or as flat keywords
+named like their fields (:func:`stage_configs` turns those into the configs; both forms give the same sampler).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+from posthoc.fiber.deform import DeformKind
+from posthoc.fiber.stage2 import DeformMethod, get_deform
+from posthoc.fiber.walk import WalkConfig
+from posthoc.utils.checks import check_positive
+
+__all__ = ["DeformConfig", "WalkConfig", "stage_configs"]
+
+
+def _check_int(name: str, value: object, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be a {'positive' if minimum else 'non-negative'} integer, got {value!r}")
+
+
+@dataclass(frozen=True)
+class DeformConfig:
+    """Settings of stage 2. Raises ValueError for an unknown ``kind`` or an invalid value.
+
+    Attributes:
+        kind: the registered map (:func:`posthoc.fiber.register_deform`; a name or a DeformKind): "flow" (coupling
+            flow on principal coordinates, maximum likelihood on the walked samples plus the loss-aware term),
+            "variational" (the same flow trained as a variational approximation of the prior restricted to the
+            low-loss set, see deform.py; it keeps the tolerance but not stage 1's spread away from the data),
+            "anchored" (a mixture on the fiber: a walked sample within the tolerance, uniformly drawn, plus a
+            learned Gaussian jitter in the principal directions, trained with the "variational" objective; it
+            keeps stage 1's spread because the walked samples carry it, see deform.py and
+            benchmarks/results/fiber_toy.md), "gaussian", or a user's map. The sampler's keyword is ``deform``.
+        latent_dim: dimension of stage 2's latent (at most the rank of the walked samples).
+        flow_layers, flow_hidden, flow_steps, flow_lr: the flow and its Adam training.
+        flow_loss_weight, flow_loss_batch, flow_loss_samples: the loss-aware term of the "flow" objective
+            (decoded samples whose minibatch NLL exceeds the MAP's by more than 0.8 eps are penalised; 0 turns
+            it off, leaving plain maximum likelihood on the walked samples). flow_loss_batch and
+            flow_loss_samples are also the minibatch and the draws per step of the "variational" and "anchored"
+            objectives.
+        barrier_weight: "variational" and "anchored": weight of the hinge max(0, excess - eps / 2) / eps on a
+            decoded sample's minibatch NLL excess over the MAP's, in nats of the KL objective (None: the map's
+            default, 100; "anchored": 300).
+        variational_init_scale: "variational": the flow starts as N(0, scale^2 I) in the whitened principal
+            coordinates (scale 1: the walked samples' spread), small enough to start in the low-loss set (None:
+            0.1); "anchored": the jitter's starting sigma, same units (None: 0.01, close to plain resampling of
+            the walk, which is within the tolerance).
+        n_check: stage-2 samples whose all-data NLL is checked after fitting (0: no check).
+    """
+
+    kind: str = DeformKind.FLOW.value
+    latent_dim: int = 8
+    flow_layers: int = 4
+    flow_hidden: int = 64
+    flow_steps: int = 300
+    flow_lr: float = 5e-3
+    flow_loss_weight: float = 10.0
+    flow_loss_batch: int = 128
+    flow_loss_samples: int = 8
+    barrier_weight: float | None = None
+    variational_init_scale: float | None = None
+    n_check: int = 32
+
+    def __post_init__(self) -> None:
+        get_deform(self.kind)
+        if isinstance(self.kind, DeformKind):
+            object.__setattr__(self, "kind", self.kind.value)
+        _check_int("latent_dim", self.latent_dim, 1)
+        _check_int("flow_hidden", self.flow_hidden, 1)
+        for name in ("flow_layers", "flow_steps", "n_check"):
+            _check_int(name, getattr(self, name), 0)
+        check_positive(self.flow_lr, "flow_lr")
+        if not self.flow_loss_weight >= 0:
+            raise ValueError(f"flow_loss_weight must be >= 0, got {self.flow_loss_weight!r}")
+        _check_int("flow_loss_batch", self.flow_loss_batch, 1)
+        _check_int("flow_loss_samples", self.flow_loss_samples, 1)
+        for name in ("barrier_weight", "variational_init_scale"):
+            if getattr(self, name) is not None:
+                check_positive(getattr(self, name), name)
+
+    @property
+    def method(self) -> DeformMethod:
+        """The registered map of ``kind``."""
+        return get_deform(self.kind)
+
+    def resolved(self, name: str) -> float:
+        """``barrier_weight`` or ``variational_init_scale`` as a float, the map's default when None."""
+        value = getattr(self, name)
+        if value is None:
+            value = getattr(self.method, {"barrier_weight": "default_barrier_weight",
+                                          "variational_init_scale": "default_init_scale"}[name])
+        return float(value)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+WALK_KEYWORDS = frozenset(f.name for f in fields(WalkConfig))
+DEFORM_KEYWORDS = frozenset(f.name for f in fields(DeformConfig)) - {"kind"}
+
+
+def stage_configs(walk: WalkConfig | None, deform: DeformConfig | DeformKind | str,
+                  keywords: dict[str, Any]) -> tuple[WalkConfig, DeformConfig]:
+    """The two stages' configs from config objects and/or flat keywords named like their fields (without a
+    WalkConfig, ``burn_in`` defaults to steps // 2; ``deform`` may be a map's name, then the stage-2 keywords
+    apply). Raises ValueError when one stage's settings are given both ways (a config object and keywords),
+    TypeError for a keyword that is no field of either config."""
+    unknown = sorted(set(keywords) - WALK_KEYWORDS - DEFORM_KEYWORDS)
+    if unknown:
+        raise TypeError(f"FiberSampler got unexpected keyword argument(s) {', '.join(unknown)}; the settings are "
+                        "the fields of WalkConfig and DeformConfig")
+    walk_keywords = {k: v for k, v in keywords.items() if k in WALK_KEYWORDS}
+    deform_keywords = {k: v for k, v in keywords.items() if k in DEFORM_KEYWORDS}
+    if walk is not None:
+        if not isinstance(walk, WalkConfig):
+            raise TypeError(f"walk must be a WalkConfig, got {type(walk).__name__}")
+        if walk_keywords:
+            raise ValueError(f"the walk settings were given twice: walk=WalkConfig(...) and the keyword(s) "
+                             f"{', '.join(sorted(walk_keywords))}; put them in the WalkConfig")
+    else:
+        if walk_keywords.get("burn_in") is None:  # default: half the steps
+            walk_keywords["burn_in"] = walk_keywords.get("steps", WalkConfig.steps) // 2
+        walk = WalkConfig(**walk_keywords)
+    if isinstance(deform, DeformConfig):
+        if deform_keywords:
+            raise ValueError(f"the stage-2 settings were given twice: deform=DeformConfig(...) and the keyword(s) "
+                             f"{', '.join(sorted(deform_keywords))}; put them in the DeformConfig")
+    else:
+        deform = DeformConfig(kind=deform, **deform_keywords)
+    return walk, deform
+
+
+def deform_setting(name: str, resolved: bool = False) -> property:
+    """A sampler attribute that reads one DeformConfig field of ``self.deform_config`` (``resolved``: with the
+    map's default for None, see :meth:`DeformConfig.resolved`) and, set, replaces the config with one that has
+    the new value (validated again)."""
+    def get(self: Any) -> Any:
+        return self.deform_config.resolved(name) if resolved else getattr(self.deform_config, name)
+
+    def set_(self: Any, value: Any) -> None:
+        self.deform_config = replace(self.deform_config, **{name: value})
+
+    return property(get, set_, doc=f"DeformConfig.{name}{' (the default resolved)' if resolved else ''}; setting "
+                                   "it replaces ``deform_config``.")

@@ -1,0 +1,259 @@
+"""Stage 2 of fiber sampling as an open registry: the maps z -> theta by name (settings: config.DeformConfig).
+
+A map is a :class:`DeformMethod` registered under a name with :func:`register_deform`; ``FiberSampler(...,
+deform="name")`` or ``deform=DeformConfig(kind="name")`` chooses it. The built-in maps ("gaussian", "flow",
+"variational", "anchored") are described in :mod:`posthoc.fiber.deform`. A method builds its (untrained) map,
+its optimizer and its training step; the sampler runs the loop, the checkpoints and the all-data check, so
+a registered map resumes exactly like the built-in ones (its training must draw its randomness from the
+``generator`` it is given, whose state the checkpoints carry).
+
+    class Shrunk(DeformMethod):          # the Gaussian map at half the walked samples' scale
+        def sample(self, fs, module, n_samples, generator):
+            return super().sample(fs, module, n_samples, generator) * 0.5 + 0.5 * fs.coords.mean
+    register_deform("shrunk", Shrunk())
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+from torch import nn
+
+from posthoc.fiber.deform import (AnchoredJitter, CouplingFlow, DeformKind, anchored_training_step,
+                                  flow_training_step, make_flow_optimizer, variational_training_step)
+from posthoc.fiber.projection import outputs_many
+from posthoc.fiber.walk import FiberProblem, mean_nll
+
+if TYPE_CHECKING:  # the sampler imports this module
+    from posthoc.fiber.sampler import FiberSampler
+
+TrainingStep = Callable[[], float]
+
+
+class DeformMethod:
+    """A stage-2 map. The base class is the "gaussian" map: no trained module, theta = decode(z), z ~ N(0, I_r).
+
+    Subclasses override what they change. ``fs`` is the fitting :class:`~posthoc.fiber.FiberSampler`; a method
+    reads its ``coords`` (:class:`~posthoc.fiber.deform.PrincipalCoordinates` of the walked samples),
+    ``deform_config`` (:class:`~posthoc.fiber.config.DeformConfig`), ``config`` (the walk's WalkConfig),
+    ``subset``, ``particles``/``particle_nll``/``map_nll`` and ``seed``, and changes none of them.
+
+    Attributes:
+        uses_barrier: whether ``barrier_weight`` and ``variational_init_scale`` enter the settings (and the
+            checkpoint fingerprint).
+        default_barrier_weight, default_init_scale: their values when the config leaves them None.
+        final_loss_key: the ``info`` key of the last training loss.
+    """
+
+    uses_barrier: bool = False
+    default_barrier_weight: float = 100.0
+    default_init_scale: float = 0.1
+    final_loss_key: str = "flow_final_nll"
+
+    def trains(self, fs: FiberSampler) -> bool:
+        """Whether stage 2 builds and trains a module (else the sampler keeps ``flow = None``)."""
+        return False
+
+    def build(self, fs: FiberSampler) -> nn.Module:
+        """The untrained map (also rebuilt, then loaded, by ``load_state_dict``)."""
+        raise NotImplementedError(f"{type(self).__name__} trains no module")
+
+    def optimizer(self, fs: FiberSampler, module: nn.Module) -> torch.optim.Optimizer:
+        return torch.optim.Adam(module.parameters(), lr=fs.deform_config.flow_lr)
+
+    def training_step(self, fs: FiberSampler, problem: FiberProblem, module: nn.Module,
+                      optimizer: torch.optim.Optimizer, coords: torch.Tensor,
+                      generator: torch.Generator) -> TrainingStep:
+        """A function that takes one training step and returns its loss; ``coords`` (M, r) are the whitened
+        principal coordinates of the walked samples stage 2 is fitted on."""
+        raise NotImplementedError(f"{type(self).__name__} trains no module")
+
+    def sample(self, fs: FiberSampler, module: nn.Module | None, n_samples: int,
+               generator: torch.Generator) -> torch.Tensor:
+        """n parameter vectors (n, P), drawn with ``generator``; ``module`` is the trained map (None if none)."""
+        coords, dtype, device = fs.coords, fs.subset.dtype, fs.subset.device
+        z = torch.randn((n_samples, coords.rank), generator=generator, dtype=dtype).to(device)
+        with torch.no_grad():
+            return coords.decode(module(z) if module is not None else z)
+
+    def settings(self, fs: FiberSampler) -> dict[str, Any]:
+        """Entries added to the sampler's settings (the checkpoint fingerprint) for this map."""
+        if self.uses_barrier:
+            return {"variational": [fs.barrier_weight, fs.variational_init_scale]}
+        return {}
+
+    def diagnostics(self, fs: FiberSampler, n_samples: int, seed: int) -> dict[str, float]:
+        """Extra ``info`` entries after the all-data check of stage-2 samples."""
+        return {}
+
+
+class FlowMethod(DeformMethod):
+    """"flow": a coupling flow trained by maximum likelihood on the walked samples plus the loss-aware term."""
+
+    def trains(self, fs: FiberSampler) -> bool:
+        return fs.coords.rank >= 2 and fs.deform_config.flow_steps > 0
+
+    def build(self, fs: FiberSampler) -> nn.Module:
+        cfg = fs.deform_config
+        return CouplingFlow(fs.coords.rank, cfg.flow_layers, cfg.flow_hidden, seed=fs.seed).to(
+            dtype=fs.subset.dtype, device=fs.subset.device)
+
+    def optimizer(self, fs: FiberSampler, module: nn.Module) -> torch.optim.Optimizer:
+        return make_flow_optimizer(module, fs.deform_config.flow_lr)
+
+    def training_step(self, fs, problem, module, optimizer, coords, generator) -> TrainingStep:
+        penalty, weight = loss_penalty(fs, problem, generator), fs.deform_config.flow_loss_weight
+        return lambda: flow_training_step(module, optimizer, coords, penalty, weight)
+
+
+class VariationalMethod(FlowMethod):
+    """"variational": the coupling flow as a variational approximation of the prior on the low-loss set."""
+
+    uses_barrier = True
+    final_loss_key = "flow_final_kl"
+
+    def build(self, fs: FiberSampler) -> nn.Module:
+        flow = super().build(fs)
+        with torch.no_grad():
+            flow.log_scale.fill_(math.log(fs.variational_init_scale))
+        return flow
+
+    def optimizer(self, fs: FiberSampler, module: nn.Module) -> torch.optim.Optimizer:
+        # no weight decay: it would pull the flow back to the identity, i.e. to the walked samples' scales
+        return torch.optim.Adam(module.parameters(), lr=fs.deform_config.flow_lr)
+
+    def training_step(self, fs, problem, module, optimizer, coords, generator) -> TrainingStep:
+        energy, cfg = variational_energy(fs, problem, generator, decode=True), fs.deform_config
+        dtype, device = fs.subset.dtype, fs.subset.device
+
+        def step() -> float:
+            z = torch.randn((cfg.flow_loss_samples, coords.shape[1]), generator=generator, dtype=dtype).to(device)
+            return variational_training_step(module, optimizer, z, energy)
+
+        return step
+
+
+class AnchoredMethod(DeformMethod):
+    """"anchored": walked samples within the tolerance plus a learned Gaussian jitter (built even untrained)."""
+
+    uses_barrier = True
+    # measured on the toys (benchmarks/results/fiber_toy.md): the jitter starts from plain resampling of the walk
+    # (0.01) and needs the stiffer barrier to keep >= 0.9 within the tolerance
+    default_barrier_weight = 300.0
+    default_init_scale = 0.01
+    final_loss_key = "flow_final_kl"
+
+    def trains(self, fs: FiberSampler) -> bool:
+        return True
+
+    def build(self, fs: FiberSampler) -> nn.Module:
+        tol = fs.config.loss_tolerance
+        within = fs.particle_nll <= fs.map_nll + tol
+        if not bool(within.any()):
+            raise ValueError("no walked sample is within the loss tolerance, so deform='anchored' has no anchors; "
+                             "lower step_size or raise final_rounds / loss_tolerance")
+        room = ((fs.map_nll + tol - fs.particle_nll[within]).clamp_min(0) / tol).sqrt()
+        return AnchoredJitter(fs.particles[within], room.to(fs.particles.dtype), fs.coords.basis, fs.coords.scales,
+                              fs.variational_init_scale)
+
+    def training_step(self, fs, problem, module, optimizer, coords, generator) -> TrainingStep:
+        energy, n_draws = variational_energy(fs, problem, generator, decode=False), fs.deform_config.flow_loss_samples
+
+        def step() -> float:
+            index, u = module.draw(n_draws, generator)
+            return anchored_training_step(module, optimizer, index, u, energy)
+
+        return step
+
+    def sample(self, fs, module, n_samples, generator) -> torch.Tensor:
+        if not isinstance(module, AnchoredJitter):
+            return super().sample(fs, module, n_samples, generator)
+        index, u = module.draw(n_samples, generator)
+        with torch.no_grad():
+            return module(index, u)
+
+    def diagnostics(self, fs: FiberSampler, n_samples: int, seed: int) -> dict[str, float]:
+        """How much diversity the jitter adds beyond resampling the walk: the mean distance of n samples from
+        their anchors over the mean distance of the anchors from the anchors' mean, and sigma's mean."""
+        jitter = fs.flow
+        index, u = jitter.draw(n_samples, torch.Generator().manual_seed(seed))
+        with torch.no_grad():
+            moved = (jitter(index, u) - jitter.anchors[index]).norm(dim=-1).mean()
+            spread = (jitter.anchors - jitter.anchors.mean(0)).norm(dim=-1).mean()
+        return {"anchored_jitter_over_anchor_spread": float(moved / spread) if float(spread) > 0 else 0.0,
+                "anchored_sigma_mean": float(torch.exp(jitter.log_sigma).mean())}
+
+
+DEFORMS: dict[str, DeformMethod] = {}
+
+
+def register_deform(name: str, method: DeformMethod, replace: bool = False) -> DeformMethod:
+    """Register a stage-2 map under ``name`` (then ``FiberSampler(..., deform=name)`` uses it). Raises ValueError
+    for a name already registered unless ``replace=True``, TypeError if ``method`` is not a DeformMethod."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"a deform name must be a non-empty string, got {name!r}")
+    if not isinstance(method, DeformMethod):
+        raise TypeError(f"register a DeformMethod instance, got {type(method).__name__}")
+    if name in DEFORMS and not replace:
+        raise ValueError(f"deform {name!r} is already registered; pass replace=True to replace it")
+    DEFORMS[name] = method
+    return method
+
+
+def get_deform(name: str) -> DeformMethod:
+    """The map registered under ``name``; ValueError listing the registered names otherwise."""
+    key = name.value if isinstance(name, DeformKind) else name
+    if not isinstance(key, str) or key not in DEFORMS:
+        raise ValueError(f"unknown deform {name!r}; choose one of {', '.join(map(repr, DEFORMS))} "
+                         "(or register one with posthoc.fiber.register_deform)")
+    return DEFORMS[key]
+
+
+for _kind, _method in ((DeformKind.GAUSSIAN, DeformMethod()), (DeformKind.FLOW, FlowMethod()),
+                       (DeformKind.VARIATIONAL, VariationalMethod()), (DeformKind.ANCHORED, AnchoredMethod())):
+    register_deform(_kind.value, _method)
+
+
+def loss_penalty(fs: FiberSampler, problem: FiberProblem, generator: torch.Generator) -> Callable[[nn.Module],
+                                                                                                 torch.Tensor]:
+    """The loss-aware term of the "flow" map: for ``flow_loss_samples`` decoded samples and a random minibatch of
+    ``flow_loss_batch`` training examples, the mean hinge max(0, excess - 0.8 eps) / eps of their NLL over the
+    MAP's on that minibatch (0.8: a margin for the minibatch noise). Cost: one forward and backward pass per
+    decoded sample on the minibatch."""
+    coords, tol, cfg = fs.coords, fs.config.loss_tolerance, fs.deform_config
+
+    def penalty(flow: CouplingFlow) -> torch.Tensor:
+        index = torch.randint(problem.n_data, (min(cfg.flow_loss_batch, problem.n_data),), generator=generator)
+        z = torch.randn((cfg.flow_loss_samples, coords.rank), generator=generator, dtype=fs.subset.dtype)
+        x, y = problem.inputs[index], problem.targets[index]
+        thetas = coords.decode(flow(z.to(fs.subset.device)))
+        nll = mean_nll(outputs_many(fs.subset, x, thetas), y, fs.likelihood, fs.sigma_noise)
+        with torch.no_grad():
+            ref = mean_nll(fs.subset.forward(x).unsqueeze(0), y, fs.likelihood, fs.sigma_noise)
+        return torch.relu(nll - ref - 0.8 * tol).mean() / tol
+
+    return penalty
+
+
+def variational_energy(fs: FiberSampler, problem: FiberProblem, generator: torch.Generator,
+                       decode: bool = True) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Minus the log target of the "variational" and "anchored" maps, per sample: delta/2 ||theta||^2 (the
+    prior, up to a constant) plus barrier_weight * max(0, excess - eps/2) / eps, the excess of its mean NLL over
+    the MAP's on a random minibatch of ``flow_loss_batch`` examples (eps/2: a margin for the minibatch noise).
+    Takes whitened coordinates (S, r) (``decode``) or parameter vectors (S, P). Cost: one forward and backward
+    pass per sample on the minibatch."""
+    tol, batch, barrier = fs.config.loss_tolerance, fs.deform_config.flow_loss_batch, fs.barrier_weight
+
+    def energy(coords: torch.Tensor) -> torch.Tensor:
+        index = torch.randint(problem.n_data, (min(batch, problem.n_data),), generator=generator)
+        x, y = problem.inputs[index], problem.targets[index]
+        thetas = fs.coords.decode(coords) if decode else coords
+        nll = mean_nll(outputs_many(fs.subset, x, thetas), y, fs.likelihood, fs.sigma_noise)
+        with torch.no_grad():
+            ref = mean_nll(fs.subset.forward(x).unsqueeze(0), y, fs.likelihood, fs.sigma_noise)
+        neg_log_prior = 0.5 * (fs.prior_precision * thetas**2).sum(-1)
+        return neg_log_prior + barrier * torch.relu(nll - ref - 0.5 * tol) / tol
+
+    return energy
