@@ -1,4 +1,4 @@
-"""Which weights a Laplace approximation covers, and the network as a function of them.
+"""Which weights an estimator covers, and the network as a function of them.
 
 The posterior is over a flat vector theta of P entries, in PyTorch's row-major
 ``parameters_to_vector`` order of the covered tensors (METHODS.md notation):
@@ -12,7 +12,7 @@ The posterior is over a flat vector theta of P entries, in PyTorch's row-major
   captured with a forward pre-hook. Parameter-free operations after the layer
   belong to the covered function, so its outputs at theta* equal ``model(x)``;
   how they are evaluated (the "tail") is decided once, when the layer is
-  located:
+  located (:mod:`posthoc.network.last_layer`):
 
   * identity: the model returns the layer's output (the usual case): one Linear;
   * linear: a fixed per-example linear map of the layer's output (scaling,
@@ -44,6 +44,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
+from posthoc.network.last_layer import Tail, classify_tail, last_linear_on_path, named_linears
 from posthoc.utils.checkpoint import module_digest
 from posthoc.utils.checks import check_choice
 from posthoc.utils.modes import eval_mode
@@ -75,18 +76,6 @@ class ParamBlock:
     @property
     def slice(self) -> slice:
         return slice(self.offset, self.offset + self.numel)
-
-
-class Tail(str, Enum):
-    """How the covered function of ``last_layer`` continues after the last Linear (see the module docstring)."""
-
-    IDENTITY = "identity"
-    LINEAR = "linear"
-    RERUN = "rerun"
-
-
-def _named_linears(model: nn.Module) -> dict[str, nn.Linear]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
 
 
 def check_materialised(model: nn.Module) -> None:
@@ -169,7 +158,7 @@ class ParameterSubset:
         self.tail = Tail.IDENTITY
         self._tail_matrix: torch.Tensor | None = None
         if is_last:
-            linears = _named_linears(model)
+            linears = named_linears(model)
             if not linears:
                 raise ValueError("subset_of_weights='last_layer' needs an nn.Linear output layer; the model has none")
             if last_layer_name is not None and last_layer_name not in linears:
@@ -228,116 +217,11 @@ class ParameterSubset:
         if x.shape[0] == 1:  # two rows, so that a tail mixing examples shows up
             x = torch.cat([x, x])
         with eval_mode(self.model), torch.enable_grad():
-            name = self._requested_last_layer or self._last_linear_on_path(x)
+            name = self._requested_last_layer or last_linear_on_path(self.model, x)
             if name != self.last_layer_name:
                 self._set_module(name)
-            self.tail, self._tail_matrix = self._classify_tail(x)
+            self.tail, self._tail_matrix = classify_tail(self.model, name, self.module, x)
         self.last_layer_located = True
-
-    def _last_linear_on_path(self, x: torch.Tensor) -> str:
-        linears = {id(m): n for n, m in _named_linears(self.model).items()}
-        calls: list[tuple[str, torch.Tensor]] = []
-
-        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-            leaf = output.detach().requires_grad_(True)
-            calls.append((linears[id(module)], leaf))
-            return leaf
-
-        handles = [m.register_forward_hook(hook) for m in self.model.modules() if id(m) in linears]
-        try:
-            out = self.model(x)
-        finally:
-            for handle in handles:
-                handle.remove()
-        on_path: list[str] = []
-        if isinstance(out, torch.Tensor) and out.requires_grad and calls:
-            grads = torch.autograd.grad(out, [leaf for _, leaf in calls], torch.ones_like(out), allow_unused=True)
-            on_path = [name for (name, _), g in zip(calls, grads) if g is not None]
-        if not on_path:
-            raise ValueError("subset_of_weights='last_layer': no nn.Linear of the model feeds its output in a "
-                             "forward pass; use subset_of_weights='all'")
-        return on_path[-1]
-
-    def _classify_tail(self, x: torch.Tensor) -> tuple[Tail, torch.Tensor | None]:
-        """The tail after ``self.module`` on inputs ``x`` (B >= 2), and its matrix (C, Z) when linear."""
-        name, layer = self.last_layer_name, self.module
-        seen: list[torch.Tensor] = []
-        layer_inputs: list[torch.Tensor] = []
-        replacement: list[torch.Tensor] = []
-
-        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-            layer_inputs.append(args[0])
-            seen.append(output)
-            if replacement:
-                return replacement[0]
-            leaf = output.detach().requires_grad_(True)
-            seen[-1] = leaf
-            return leaf
-
-        def run(inputs: torch.Tensor) -> torch.Tensor:
-            seen.clear()
-            handle = layer.register_forward_hook(hook)
-            try:
-                return self.model(inputs)
-            finally:
-                handle.remove()
-
-        x_leaf = x.detach().clone().requires_grad_(True) if x.is_floating_point() else x
-        out = run(x_leaf)
-        if len(seen) != 1:
-            raise ValueError(f"the last layer {name!r} runs {len(seen)} times in one forward pass; the last-layer "
-                             "Laplace needs a layer applied once. Pass last_layer_name= naming another nn.Linear, "
-                             "or use subset_of_weights='all'")
-        z = seen[0]
-        if not isinstance(out, torch.Tensor) or out.ndim != 2 or not out.requires_grad:
-            if isinstance(out, torch.Tensor) and out.ndim == 2:
-                raise ValueError(f"the model's output does not depend on the layer {name!r}; pass last_layer_name= "
-                                 "naming the nn.Linear that computes the output")
-            return Tail.IDENTITY, None  # not (B, C) outputs: the estimator's output check names the problem
-        own = {id(p) for p in layer.parameters()}
-        others = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
-        wrt = [p for _, p in others] + ([x_leaf] if x_leaf.requires_grad else [])
-        grads = torch.autograd.grad(out, wrt, torch.ones_like(out), allow_unused=True, retain_graph=True) if wrt else []
-        tied = [n for (n, p), g in zip(others, grads) if g is not None and id(p) in own]
-        mine = [(n, p) for n, p in others if id(p) in own]
-        if mine and layer_inputs[0].requires_grad:  # the layer's own weights also shape its input (e.g. an embedding)
-            before = torch.autograd.grad(layer_inputs[0], [p for _, p in mine], torch.ones_like(layer_inputs[0]),
-                                         allow_unused=True, retain_graph=True)
-            tied += [n for (n, _), g in zip(mine, before) if g is not None]
-        if tied:
-            raise ValueError(f"the last layer {name!r}'s parameters {tied} are also used elsewhere in the forward pass "
-                             "(tied weights); the last-layer Laplace cannot cover them: use subset_of_weights='all'")
-        after = [n for (n, p), g in zip(others, grads) if g is not None and id(p) not in own]
-        if after:
-            shown = ", ".join(repr(n) for n in after[:4]) + (f" and {len(after) - 4} more" if len(after) > 4 else "")
-            raise ValueError(
-                f"the model's output depends on parameters {shown} other than through the last nn.Linear {name!r} "
-                "(a layer with weights after it, or a path around it), so the last-layer Laplace would silently "
-                "treat part of the network's last layers as fixed. Pass last_layer_name= naming the nn.Linear after "
-                "which only parameter-free operations follow, freeze those parameters (requires_grad_(False)) to "
-                "treat them as constants, or use subset_of_weights='all' or 'subnetwork'"
-            )
-        if x_leaf.requires_grad and grads[-1] is not None:
-            return Tail.RERUN, None  # the output reads the input other than through the layer
-        if out is z:
-            return Tail.IDENTITY, None
-        batch = out.shape[0]
-        rows = [torch.autograd.grad(out[0, c], z, retain_graph=True, allow_unused=True)[0] for c in range(out.shape[1])]
-        if any(r is None for r in rows):
-            return Tail.RERUN, None
-        matrix = torch.stack([r[0].reshape(-1) for r in rows]).detach()  # (C, Z): d out[0] / d z[0]
-        # linear and the same map for every example: exact on the layer's own output and on a random one
-        probe = torch.randn(z.shape, generator=torch.Generator().manual_seed(0), dtype=z.dtype).to(z.device)
-        replacement.append(probe)
-        with torch.no_grad():
-            out_probe = run(x)
-        tol = 1e3 * torch.finfo(z.dtype).eps
-        for zz, oo in ((z.detach(), out.detach()), (probe, out_probe)):
-            flat = zz.reshape(batch, -1)
-            scale = float((flat.abs() @ matrix.abs().T).max()) + torch.finfo(z.dtype).tiny
-            if oo.shape != (batch, matrix.shape[0]) or float((oo - flat @ matrix.T).abs().max()) > tol * scale:
-                return Tail.RERUN, None
-        return Tail.LINEAR, matrix
 
     def last_layer_state(self) -> dict[str, object] | None:
         """The located last layer (name, tail, tail matrix) for a state dict; None unless ``last_layer``."""
@@ -349,7 +233,7 @@ class ParameterSubset:
     def load_last_layer_state(self, state: dict[str, object]) -> None:
         """Inverse of :meth:`last_layer_state` (raises ValueError if the model has no such nn.Linear)."""
         name = state["name"]
-        if name not in _named_linears(self.model):
+        if name not in named_linears(self.model):
             raise ValueError(f"the state covers the last layer {name!r}, which is not an nn.Linear of this model")
         if name != self.last_layer_name:
             self._set_module(name)
