@@ -2,7 +2,8 @@
 
 Cases (each in fresh processes, started with torch.multiprocessing spawn on 127.0.0.1):
 - ``kron``: Laplace kron fit (all weights, exact GGN) of the FMNIST CNN on the first ``--n-train``
-  training images (full FMNIST under ``--data-dir``, else the embedded suite), then marglik tuning.
+  training images (full FMNIST under ``--data-dir`` or $POSTHOC_DATA, else the embedded suite), then marglik
+  tuning.
   Difference: max relative difference of the KFAC eigenvalues, and of log p(D) at delta = 1.
 - ``scalla_probes``: ScaLLA surrogate training, the paper's pairwise objective, ``--scalla-steps`` steps of
   ``--scalla-batch`` training + as many context points (each step split over the ranks, features all-gathered).
@@ -19,7 +20,6 @@ Both configurations get the same total threads (``--threads``, default 2): 1 pro
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import multiprocessing
 import socket
@@ -49,7 +49,7 @@ def load_model_and_data(args: argparse.Namespace):
     model.load_state_dict(load_map_weights(args.checkpoint))
     try:
         suite = get_suite("fmnist", data_dir=args.data_dir)
-    except FileNotFoundError:
+    except (FileNotFoundError, ValueError):  # no data folder given, or the full files are missing there
         suite = get_suite("fmnist-embedded")
     x, y = suite.train.tensors
     n = min(args.n_train, len(y))
@@ -141,22 +141,22 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", default="kron,scalla_probes,scalla_directions")
-    parser.add_argument("--data-dir", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))
-    parser.add_argument("--checkpoint", default=None, help="MAP checkpoint of the FMNIST CNN (a posthoc train result)")
+    parser.add_argument("--data-dir", default=None, help="folder holding FashionMNIST/ (default: $POSTHOC_DATA; "
+                        "without either, the embedded suite)")
+    parser.add_argument("--checkpoint", default=None, help="MAP checkpoint of the FMNIST CNN (a posthoc train "
+                        "result; default: the training cache's 40-epoch one, else any FMNIST CNN there)")
     parser.add_argument("--n-train", type=int, default=10_000)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--scalla-steps", type=int, default=200)
     parser.add_argument("--scalla-batch", type=int, default=8)
     parser.add_argument("--scalla-targets", type=int, default=400)
     args = parser.parse_args()
-    if args.checkpoint is None:
-        from posthoc.models.training import default_checkpoint_dir
+    from posthoc.bench.checkpoints import find_map_checkpoint
 
-        found = sorted(default_checkpoint_dir().glob("fmnist_cnn-e40-*.pt")) or \
-            sorted(default_checkpoint_dir().glob("fmnist_cnn-*.pt"))
-        if not found:
-            parser.error("no FMNIST CNN checkpoint found; run `posthoc train` first or pass --checkpoint")
-        args.checkpoint = str(found[0])
+    try:
+        args.checkpoint = str(find_map_checkpoint(args.checkpoint, ["fmnist_cnn-e40-*.pt", "fmnist_cnn-*.pt"]))
+    except FileNotFoundError as exc:
+        parser.error(str(exc))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for case in [c.strip() for c in args.cases.split(",") if c.strip()]:
@@ -174,11 +174,11 @@ def main() -> int:
                    "process_wall_s_2": two["process_wall_s"], "difference": diff}
             rows.append(row)
             print(json.dumps(row), flush=True)
-    from posthoc.bench.report import machine_info, versions
+    from posthoc.bench.report import run_meta, write_json
 
-    meta = {"created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "machine": machine_info(), "versions": versions(), "args": vars(args)}
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    run_info = run_meta()
+    meta = {"created": run_info["date"], "machine": run_info["machine"], "versions": run_info["versions"],
+            "git_commit": run_info["git_commit"], "args": vars(args)}
     lines = ["# Data-parallel fitting: 1 vs 2 gloo processes on this machine", "",
              f"{args.threads} threads in total in both configurations; N = {args.n_train} training images; "
              f"ScaLLA: {args.scalla_steps} steps; probes: {args.scalla_batch} train + {args.scalla_batch} context points a step; "
@@ -194,7 +194,7 @@ def main() -> int:
     from posthoc.utils.io import atomic_write_text
 
     atomic_write_text(RESULTS / "distributed_scaling.md", "\n".join(lines))
-    atomic_write_text(RESULTS / "distributed_scaling.json", json.dumps({**meta, "rows": rows}, indent=2, default=str))
+    write_json(RESULTS / "distributed_scaling.json", {**meta, "rows": rows})
     print("\n".join(lines))
     return 0
 

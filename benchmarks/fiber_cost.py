@@ -7,8 +7,9 @@ thin * (one projected Langevin step + pull-back) / n_particles). Stage 2 through
 from ``FiberSampler.sample(n)`` per second (n = 1,000; one flow evaluation and one (r x P) product
 each). Fit time: ``FiberSampler.fit`` (walk + final check + flow + stage-2 check) vs ``Laplace`` KFAC fit
 plus 100 marginal-likelihood steps, same model, same data. gap_mlp: the settings of benchmarks/fiber_toy.py.
-FMNIST cases use the embedded suite's 4,000 training images, the bench's MAP checkpoint (/work/ckpt) and the
-bench settings of posthoc.bench.fiber_methods. Writes benchmarks/results/fiber_cost.{md,json}.
+FMNIST cases use the embedded suite's 4,000 training images, the MAP checkpoint ``--checkpoint`` (default: the
+15-epoch FMNIST CNN of the training cache, from ``posthoc train``) and the bench settings of
+posthoc.bench.fiber_methods. Writes benchmarks/results/fiber_cost.{md,json}.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from posthoc import Laplace
 from posthoc.bench.fiber_methods import fiber_settings, map_scaled_prior
-from posthoc.bench.report import run_meta
+from posthoc.bench.checkpoints import find_map_checkpoint
+from posthoc.bench.report import run_meta, write_json
 from posthoc.data import get_suite
 from posthoc.data.loaders import make_loader
 from posthoc.data.toy import gap_regression
@@ -34,10 +36,10 @@ from posthoc.utils.io import atomic_write_text
 from posthoc.models import MLP, build_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
-FMNIST_CKPT = "/work/ckpt/fmnist_cnn-e15-s0-65212a9a7e26.pt"
+FMNIST_CHECKPOINTS = ("fmnist_cnn-e15-*.pt",)  # globs in the training cache, when no --checkpoint is given
 
 
-def gap_case():
+def gap_case(checkpoint: str | None = None):  # noqa: ARG001 - a toy MLP trained here
     torch.manual_seed(0)
     x, y = gap_regression(n=160, noise=0.1, seed=0)
     model = MLP(1, (50, 50), 1, "tanh", flatten=False)
@@ -55,21 +57,21 @@ def gap_case():
     return model.eval(), "regression", "all", DataLoader(TensorDataset(x, y), batch_size=40), settings
 
 
-def fmnist_case(subset: str):
+def fmnist_case(subset: str, checkpoint: str | None = None):
     suite = get_suite("fmnist-embedded")
     model = build_model("fmnist_cnn")
-    model.load_state_dict(load_map_weights(FMNIST_CKPT))
+    model.load_state_dict(load_map_weights(find_map_checkpoint(checkpoint, FMNIST_CHECKPOINTS)))
     loader = make_loader(suite.train, 64, shuffle=True, seed=0)
     model.eval()
     return model, "classification", subset, loader, fiber_settings(model, subset)
 
 
-CASES = {"gap_mlp": gap_case, "fmnist_lastlayer": lambda: fmnist_case("last_layer"),
-         "fmnist_all": lambda: fmnist_case("all")}
+CASES = {"gap_mlp": gap_case, "fmnist_lastlayer": lambda checkpoint: fmnist_case("last_layer", checkpoint),
+         "fmnist_all": lambda checkpoint: fmnist_case("all", checkpoint)}
 
 
-def measure(name: str) -> dict:
-    model, likelihood, subset, loader, settings = CASES[name]()
+def measure(name: str, checkpoint: str | None = None) -> dict:
+    model, likelihood, subset, loader, settings = CASES[name](checkpoint)
     t0 = time.perf_counter()
     fs = FiberSampler(model, likelihood, subset_of_weights=subset, progress=False, **settings).fit(loader)
     fiber_fit = time.perf_counter() - t0
@@ -94,19 +96,20 @@ def measure(name: str) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--cases", nargs="+", default=list(CASES))
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--checkpoint", default=None, help="MAP weights of the FMNIST CNN (default: the cached "
+                        "15-epoch checkpoint of the training cache; an error names the fix when there is none)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rows = []
     for name in args.cases:
-        row = measure(name)
+        row = measure(name, args.checkpoint)
         rows.append(row)
         print(json.dumps(row), flush=True)
     meta = run_meta()
-    RESULTS.mkdir(exist_ok=True)
-    atomic_write_text(RESULTS / "fiber_cost.json", json.dumps({"meta": meta, "rows": rows}, indent=2))
+    write_json(RESULTS / "fiber_cost.json", {"meta": meta, "rows": rows})
     lines = ["# Fiber sampling cost", "", __doc__.split("\n\n", 2)[1].strip(), "",
              "| case | P | stage-1 samples/s | stage-2 samples/s | stage 2 / stage 1 | fiber fit s | LA kron fit s | "
              "fiber / LA fit | stage-2 within tol |", "|---|---|---|---|---|---|---|---|---|"]

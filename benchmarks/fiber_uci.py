@@ -27,7 +27,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from posthoc import Laplace
 from posthoc.bench.fiber_methods import map_scaled_prior
-from posthoc.bench.report import run_meta
+from posthoc.bench.report import run_meta, write_json
+from posthoc.data.paths import resolve_data_dir
 from posthoc.data.uci import load_uci
 from posthoc.fiber import FiberSampler
 from posthoc.utils.io import atomic_write_text
@@ -35,7 +36,6 @@ from posthoc.models import MLP
 from posthoc.models.training import TrainConfig, train_map
 
 RESULTS = Path(__file__).resolve().parent / "results"
-DATA_DIR = "/work/shared/data"
 
 
 def original_units(pred, split, y_test):
@@ -45,8 +45,8 @@ def original_units(pred, split, y_test):
     return nll, rmse
 
 
-def run_split(name: str, index: int) -> dict:
-    split = load_uci(name, index, data_dir=DATA_DIR)
+def run_split(name: str, index: int, data_dir: str | None = None) -> dict:
+    split = load_uci(name, index, data_dir=data_dir)
     n = split.x_train.shape[0]
     epochs = max(20, math.ceil(6000 / math.ceil(n / 32)))
     torch.manual_seed(index)
@@ -96,20 +96,24 @@ def mean_se(values: list[float]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--datasets", nargs="+", default=["bostonHousing", "concrete", "yacht"])
     parser.add_argument("--splits", type=int, default=3)
+    parser.add_argument("--data-dir", default=None, help="folder holding UCI/ (default: $POSTHOC_DATA)")
     args = parser.parse_args()
+    try:
+        args.data_dir = str(resolve_data_dir(args.data_dir))
+    except ValueError as exc:
+        parser.error(str(exc))
     torch.set_num_threads(1)  # small networks: one thread avoids contention on the shared machine
     rows = []
     for name in args.datasets:
         for index in range(args.splits):
-            row = run_split(name, index)
+            row = run_split(name, index, args.data_dir)
             rows.append(row)
             print(json.dumps(row), flush=True)
     meta = run_meta()
-    RESULTS.mkdir(exist_ok=True)
-    atomic_write_text(RESULTS / "fiber_uci.json", json.dumps({"meta": meta, "rows": rows}, indent=2))
+    write_json(RESULTS / "fiber_uci.json", {"meta": meta, "rows": rows})
     lines = ["# Fiber sampling vs LA kron (marglik) on UCI regression", "", __doc__.split("\n\n", 2)[2].strip(), "",
              f"Splits 0..{args.splits - 1} of each data set; mean ± standard error over splits; original units.", "",
              "| dataset | LA kron NLL | fiber NLL | LA kron RMSE | fiber RMSE | MAP RMSE | stage-2 within tol | "

@@ -35,7 +35,6 @@ import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -44,7 +43,6 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = REPO.parent / "shared" / "data"
 DEFAULT_OUT = REPO / "benchmarks" / "results"
 RESULT_STEM = "laplace_vs_laplace_torch"
 LIBRARIES = ("posthoc", "laplace-torch")
@@ -284,29 +282,16 @@ def child_main(spec: dict[str, Any]) -> None:
 
 
 # --------------------------------------------------------------------------- parent side
-def _limit_memory(limit_bytes: int):
-    def apply() -> None:
-        resource.setrlimit(resource.RLIMIT_AS, (limit_bytes, limit_bytes))
-
-    return apply
-
-
 def run_child(spec: dict[str, Any], timeout: float, mem_limit: int) -> dict[str, Any]:
     """Run this script with --child SPEC in a fresh process under RLIMIT_AS and a timeout."""
+    from posthoc.bench.processes import run_limited
+
     spec_path = Path(spec["result"]).with_suffix(".spec.json")
     _write_json(spec_path, spec)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", str(spec_path)]
     env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"]), "PYTHONWARNINGS": "ignore"}
-    t0 = time.perf_counter()
-    timed_out, rc, stderr = False, None, ""
-    try:
-        proc = subprocess.run(cmd, env=env, preexec_fn=_limit_memory(mem_limit), timeout=timeout,
-                              capture_output=True, text=True)
-        rc, stderr = proc.returncode, proc.stderr
-    except subprocess.TimeoutExpired as exc:
-        timed_out = True
-        stderr = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else (exc.stderr or "")
-    wall = time.perf_counter() - t0
+    outcome = run_limited(cmd, mem_limit_bytes=mem_limit, timeout=timeout, env=env)
+    timed_out, rc, stderr, wall = outcome.timed_out, outcome.returncode, outcome.stderr, outcome.wall_s
     try:
         result = json.loads(Path(spec["result"]).read_text())
     except (OSError, json.JSONDecodeError):
@@ -328,11 +313,12 @@ def run_child(spec: dict[str, Any], timeout: float, mem_limit: int) -> dict[str,
 def load_data(args) -> tuple[dict[str, Any], dict[str, Any]]:
     """The first N training images of the full FMNIST train set and the first n test images (or the embedded suite)."""
     from posthoc.data import get_suite
+    from posthoc.data.paths import resolve_data_dir
 
     info: dict[str, Any] = {}
     try:
         suite = get_suite("fmnist", data_dir=args.data_dir)
-        info["suite"] = f"fmnist (full files under {args.data_dir})"
+        info["suite"] = f"fmnist (full files under {resolve_data_dir(args.data_dir)})"
     except (FileNotFoundError, ValueError, OSError) as exc:
         print(f"!! the full FMNIST files are not usable ({exc}); falling back to the embedded suite "
               f"(4,000 training images): N below is what was used", file=sys.stderr)
@@ -508,8 +494,8 @@ def goal_note(case: dict[str, Any], ph, lt, n_test: int) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data-dir", default=str(DEFAULT_DATA), help="folder holding FashionMNIST/ (falls back to the "
-                   "embedded suite's 4,000 training images if the files are missing)")
+    p.add_argument("--data-dir", default=None, help="folder holding FashionMNIST/ (default: $POSTHOC_DATA; falls "
+                   "back to the embedded suite's 4,000 training images if neither is given or the files are missing)")
     p.add_argument("--n-train", type=int, default=10_000, help="training points the curvature is fitted on")
     p.add_argument("--n-test", type=int, default=1_000, help="test points of the glm predictive")
     p.add_argument("--checkpoint", default=None, help="MAP weights (a state_dict, or a train_map checkpoint with "

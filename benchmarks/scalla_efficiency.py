@@ -12,8 +12,9 @@ Kernel error = ||J J^T - Phi^T Phi||_F / ||J J^T||_F over the (nC x nC) Gram of 
 KMNIST test, never used in training), with the exact J by reverse mode. Also: predict cost of the trained default
 ScaLLA (network + surrogate forward + covariance) vs the MAP forward pass on the same batch of 500 images.
 
-Run: .venv/bin/python benchmarks/scalla_efficiency.py --data-dir /work/shared/data
-     --checkpoint /work/ckpt/fmnist_cnn-e40-s0-3325ed575c68.pt
+Run: .venv/bin/python benchmarks/scalla_efficiency.py [--data-dir DATA] [--checkpoint PATH]
+(data: --data-dir or $POSTHOC_DATA, holding FashionMNIST/, MNIST/ and KMNIST/; MAP weights: --checkpoint or the
+40-epoch FMNIST CNN of the training cache, written by `posthoc train`).
 Results: benchmarks/results/scalla_efficiency.{md,json}.
 """
 
@@ -21,17 +22,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 from torch.utils.data import TensorDataset
 
+from posthoc.bench.checkpoints import find_map_checkpoint
+from posthoc.bench.report import run_meta, write_json
 from posthoc.curvature.jacobians import per_example_jacobians
 from posthoc.data.loaders import make_loader
+from posthoc.data.paths import resolve_data_dir
 from posthoc.data.suites import get_suite
 from posthoc.network.subset import ParameterSubset
 from posthoc.likelihood import Likelihood
@@ -48,8 +50,10 @@ RESULTS = Path(__file__).parent / "results"
 
 def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--data-dir", default="/work/shared/data")
-    p.add_argument("--checkpoint", default="/work/ckpt/fmnist_cnn-e40-s0-3325ed575c68.pt")
+    p.add_argument("--data-dir", default=None, help="folder holding FashionMNIST/, MNIST/ and KMNIST/ "
+                   "(default: $POSTHOC_DATA)")
+    p.add_argument("--checkpoint", default=None, help="MAP weights of the FMNIST CNN (default: the 40-epoch "
+                   "checkpoint of the training cache, from `posthoc train`)")
     p.add_argument("--ref-budget", type=int, default=100_000)
     p.add_argument("--target-points", type=int, default=2000)
     p.add_argument("--steps", type=int, default=3000)
@@ -62,7 +66,13 @@ def parse() -> argparse.Namespace:
     p.add_argument("--merge-from", default=None,
                    help="a previous results JSON of this script whose curves are kept (marked with their date)")
     p.add_argument("--threads", type=int, default=1)
-    return p.parse_args()
+    args = p.parse_args()
+    try:  # fail now, before minutes of training, when the data or the weights are missing
+        args.data_dir = str(resolve_data_dir(args.data_dir))
+        args.checkpoint = str(find_map_checkpoint(args.checkpoint, ["fmnist_cnn-e40-*.pt"]))
+    except (ValueError, FileNotFoundError) as exc:
+        p.error(str(exc))
+    return args
 
 
 def main() -> None:
@@ -196,18 +206,18 @@ def main() -> None:
             if name not in curves:
                 curves[f"{name} [run of {old['date']}]"] = points
         merged_note = f"Rows marked [run of ...] come from the earlier run of this script on {old['date']}. "
+    run = run_meta()
     record = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"platform": platform.platform(), "cpu_count": __import__("os").cpu_count(),
-                    "torch_threads": args.threads, "note": "2 cores shared with other jobs; wall times are noisy"},
-        "python": platform.python_version(), "torch": torch.__version__,
+        "date": run["date"],
+        "machine": {**run["machine"], "torch_threads": args.threads,
+                    "note": "2 cores shared with other jobs; wall times are noisy"},
+        "python": run["versions"]["python"], "torch": run["versions"]["torch"], "run": run,
         "model": args.checkpoint, "held_out": f"{args.held_out} FMNIST test + {args.held_out} KMNIST test",
         "curves": curves, "best_directions_lr": best_lr,
         "predict_ms": {"map": t_map * 1e3, "scalla": t_scalla * 1e3, "ratio": ratio, "batch": 500},
         "total_wall_s": time.perf_counter() - t_start,
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(RESULTS / "scalla_efficiency.json", json.dumps(record, indent=2))
+    write_json(RESULTS / "scalla_efficiency.json", record)
     lines = ["# ScaLLA surrogate training: held-out kernel error vs JVP evaluations (FMNIST CNN)", "",
              f"{record['date']}, {record['machine']['platform']}, {record['machine']['cpu_count']} CPUs "
              f"(shared), torch {record['torch']}, {args.threads} thread(s). Held-out: {record['held_out']}. "

@@ -2,7 +2,8 @@
 
     .venv/bin/python benchmarks/streamlined_cost.py [--batch 100] [--repeats 5] [--min-seconds 3] [--note TEXT]
 
-Models: the FMNIST CNN (trained 15-epoch checkpoint if present, else fresh weights) and
+Models: the FMNIST CNN (``--checkpoint``, else the cached 15-epoch MAP checkpoint of the training cache
+if present, else fresh weights) and
 SmallViT (fresh weights): cost does not depend on training. Inputs: the embedded FMNIST test
 images. Posteriors: Laplace diag and kron over all weights, fitted on 64 training images (the
 fit is not timed; its values do not change the cost). Each case runs in its own subprocess
@@ -15,19 +16,19 @@ blocks of the MAP forward on the same inputs in the same process (the × MAP col
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+from posthoc.bench.checkpoints import find_map_checkpoint
+from posthoc.bench.processes import run_limited
+from posthoc.bench.report import run_meta
 from posthoc.models.training import load_map_weights
 from posthoc.utils.io import atomic_write_text
 
@@ -53,29 +54,29 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def _model(name: str) -> torch.nn.Module:
+def _model(name: str, checkpoint: str | None = None) -> torch.nn.Module:
     from posthoc.models import FMNISTCNN, SmallViT
 
     torch.manual_seed(0)
     if name == "fmnist_cnn":
         model = FMNISTCNN()
-        ckpt = Path("/work/ckpt/fmnist_cnn-e15-s0-65212a9a7e26.pt")
-        if ckpt.exists():
-            try:
-                model.load_state_dict(load_map_weights(ckpt))
-            except Exception:  # noqa: BLE001 - fresh weights are as good for timing
-                pass
+        try:
+            model.load_state_dict(load_map_weights(find_map_checkpoint(checkpoint, ["fmnist_cnn-e15-*.pt"])))
+        except Exception:  # noqa: BLE001 - fresh weights are as good for timing
+            if checkpoint is not None:  # a checkpoint asked for by name must load
+                raise
         return model.eval()
     return SmallViT().eval()
 
 
-def run_case(model_name: str, case: str, batch: int, repeats: int, min_seconds: float) -> dict:
+def run_case(model_name: str, case: str, batch: int, repeats: int, min_seconds: float,
+             checkpoint: str | None = None) -> dict:
     from posthoc.data import get_suite
     from posthoc.laplace import Laplace
     from posthoc.streamlined import Streamlined
 
     suite = get_suite("fmnist-embedded")
-    model = _model(model_name)
+    model = _model(model_name, checkpoint)
     x = suite.test.tensors[0][:batch].float()
     structure, _ = CASES[case]
     la = None
@@ -148,16 +149,20 @@ def main() -> None:
     parser.add_argument("--min-seconds", type=float, default=3.0, help="and at least this much timed time")
     parser.add_argument("--one", nargs=2, metavar=("MODEL", "CASE"), help=argparse.SUPPRESS)
     parser.add_argument("--models", default="fmnist_cnn,vit")
+    parser.add_argument("--checkpoint", default=None, help="MAP weights of the FMNIST CNN (default: the cached "
+                        "15-epoch checkpoint of the training cache if present, else fresh weights: the cost does "
+                        "not depend on them)")
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(run_case(args.one[0], args.one[1], args.batch, args.repeats, args.min_seconds)))
+        print(json.dumps(run_case(args.one[0], args.one[1], args.batch, args.repeats, args.min_seconds,
+                                  args.checkpoint)))
         return
     rows = []
     for model_name in args.models.split(","):
         for case in CASES:
-            proc = subprocess.run([sys.executable, __file__, "--one", model_name, case, "--batch", str(args.batch),
-                                   "--repeats", str(args.repeats), "--min-seconds", str(args.min_seconds)],
-                                  capture_output=True, text=True)
+            proc = run_limited([sys.executable, __file__, "--one", model_name, case, "--batch", str(args.batch),
+                                "--repeats", str(args.repeats), "--min-seconds", str(args.min_seconds)]
+                               + (["--checkpoint", args.checkpoint] if args.checkpoint else []))
             if proc.returncode != 0:
                 tail = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"
                 row = {"model": model_name, "case": case, "error": tail}
@@ -174,9 +179,10 @@ def main() -> None:
                         and "ms_per_input" in r:
                     # both in units of their own process's MAP forward (the full mode runs on fewer inputs)
                     r["speedup_vs_mc100"] = mc["x_map"] / r["x_map"]
-    meta = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "platform": platform.platform(),
-            "cpu_count": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "batch": args.batch, "full_mode_batch": FULL_BATCH,
+    run = run_meta()
+    meta = {"date": run["date"], "platform": run["machine"]["platform"], "cpu_count": run["machine"]["cpu_count"],
+            "python": run["versions"]["python"], "torch": run["versions"]["torch"],
+            "threads": run["machine"]["torch_threads"], "run": run, "batch": args.batch, "full_mode_batch": FULL_BATCH,
             "repeats": args.repeats, "min_seconds": args.min_seconds, "dtype": "float32",
             "note": args.note}
     RESULTS.mkdir(exist_ok=True)

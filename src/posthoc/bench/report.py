@@ -7,6 +7,7 @@ import io
 import json
 import os
 import platform
+import subprocess
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -58,10 +59,36 @@ def versions() -> dict[str, str]:
             "posthoc": __version__}
 
 
+def git_commit(repo: str | os.PathLike | None = None) -> str | None:
+    """The commit checked out in ``repo`` (default: the checkout holding the posthoc package), with a
+    ``+dirty`` suffix when tracked files differ from it; None outside a git checkout or without git.
+
+    Cost: two short ``git`` subprocesses (each limited to 10 s).
+    """
+    directory = Path(repo) if repo is not None else Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=directory, capture_output=True, text=True,
+                              timeout=10)
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=directory,
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty.returncode == 0 and dirty.stdout.strip() else "")
+
+
 def run_meta() -> dict[str, Any]:
-    """What a benchmark script records about its run: UTC date, machine, versions and the command line."""
+    """What a benchmark script records about its run: UTC date, machine (with torch threads), versions,
+    git commit and the command line."""
     return {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine_info(),
-            "versions": versions(), "command": " ".join(sys.argv)}
+            "versions": versions(), "git_commit": git_commit(), "command": " ".join(sys.argv)}
+
+
+def write_json(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
+    """Write ``payload`` as indented JSON to ``path`` atomically (values JSON cannot hold are written with
+    ``str``); returns the path. Raises OSError when the folder cannot be written."""
+    return atomic_write_text(path, json.dumps(payload, indent=2, default=str))
 
 
 def format_markdown(rows: list[dict[str, Any]]) -> str:
