@@ -16,7 +16,7 @@ import math
 import warnings
 from contextlib import contextmanager
 from enum import Enum
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -28,12 +28,14 @@ from posthoc.laplace.prior import PriorKind, as_prior_tensor, per_parameter, pri
 from posthoc.laplace.structures import STRUCTURES, CurvatureStructure, HessianStructure
 from posthoc.network.subset import ParameterSubset, SubsetOfWeights
 from posthoc.likelihood import Likelihood
-from posthoc.metrics import nll
 from posthoc.predictive import GaussianPredictive, LinkApprox, Predictive, SamplePredictive
 from posthoc.predictive.base import check_n_samples
+from posthoc.predictive.tuning import (PriorOptimization, PriorStructure, checked_grid, checked_prior_precision,
+                                       checked_sigma_noise, default_grid, grid_search, maximise_evidence,
+                                       method_choice, prior_structure_choice, tune_sigma_noise_choice,
+                                       validation_nll_sum)
 from posthoc.utils.checks import check_choice, check_finite, check_positive
 from posthoc.utils.modes import eval_mode
-from posthoc.utils.optim import maximise
 
 STATE_VERSION = 1
 
@@ -46,11 +48,6 @@ _LOW_PRECISION = (torch.float16, torch.bfloat16)
 class PredType(str, Enum):
     GLM = "glm"  # linearised: N(f(x; theta*), J Lambda^-1 J^T)
     NN = "nn"  # sampled weights, full forward passes
-
-
-class PriorOptimization(str, Enum):
-    MARGLIK = "marglik"
-    GRIDSEARCH = "gridsearch"
 
 
 class _RecordingFactors:
@@ -169,9 +166,9 @@ class Laplace:
         Before the last layer is located (at fit) its size is provisional: only the values are checked then,
         and the length again at fit.
         """
-        check_positive(value, "prior_precision")
+        value = checked_prior_precision(value)
         if self.subset.kind is SubsetOfWeights.LAST_LAYER and not self.subset.last_layer_located:
-            return value.reshape(-1)
+            return value
         prior = as_prior_tensor(value, self.subset)
         if not self.structure_cls.supports_parameter_prior and prior_kind(prior, self.subset) is PriorKind.PARAMETER:
             raise ValueError(f"hessian_structure={self.structure_cls.structure.value!r} supports a scalar or "
@@ -191,13 +188,8 @@ class Laplace:
 
     def _checked_sigma(self, value: torch.Tensor) -> torch.Tensor:
         """The one validation of sigma_noise (setter and explicit arguments): a finite scalar > 0, and 1 for
-        classification (differentiable: ``value`` is not detached)."""
-        if value.numel() != 1:
-            raise ValueError(f"sigma_noise must be a scalar, got shape {tuple(value.shape)}")
-        check_positive(value, "sigma_noise")
-        if self.likelihood is Likelihood.CLASSIFICATION and float(value) != 1.0:
-            raise ValueError("sigma_noise is for regression; leave it at 1 for classification")
-        return value.reshape(())
+        classification (differentiable: ``value`` is not detached); see :mod:`posthoc.predictive.tuning`."""
+        return checked_sigma_noise(value, self.likelihood)
 
     @property
     def n_params(self) -> int:
@@ -321,91 +313,102 @@ class Laplace:
 
     def optimize_prior_precision(
         self,
+        pred_type: PredType | str = PredType.GLM,
         method: PriorOptimization | str = PriorOptimization.MARGLIK,
-        prior_structure: str = "scalar",
         n_steps: int = 100,
         lr: float = 0.1,
         init_prior_prec: float | None = None,
-        tune_sigma_noise: bool | None = None,
+        prior_structure: PriorStructure | str = PriorStructure.SCALAR,
         val_loader: Iterable | None = None,
-        grid: torch.Tensor | None = None,
-        pred_type: PredType | str = PredType.GLM,
+        loss: Callable[[torch.Tensor, torch.Tensor], float | torch.Tensor] | None = None,
+        log_prior_prec_min: float = -4,
+        log_prior_prec_max: float = 4,
+        grid_size: int = 21,
         link_approx: LinkApprox | str = LinkApprox.PROBIT,
+        n_samples: int = 100,
+        verbose: bool = False,
+        progress_bar: bool | None = None,
+        *,
+        tune_sigma_noise: bool | None = None,
+        grid: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Tune the prior precision (and sigma_noise for regression) without refitting.
+        """Tune the prior precision (and sigma_noise for regression) without refitting; laplace-torch's signature.
 
-        "marglik": Adam on log delta (and log sigma) maximising the evidence for
-        ``n_steps`` steps; ``prior_structure`` "scalar", "layer" (one per
-        parameter tensor) or "parameter". "gridsearch": the scalar delta in
-        ``grid`` (default logspace(-4, 4, 21)) with the lowest NLL of the
-        ``pred_type`` predictive on ``val_loader``. Returns the new delta.
+        "marglik": Adam on log delta (and log sigma, ``tune_sigma_noise``, default: regression only) maximising
+        the evidence for ``n_steps`` steps from ``init_prior_prec`` (default: the mean current delta);
+        ``prior_structure`` "scalar", "layerwise" (one per parameter tensor) or "diag" (one per parameter).
+        "gridsearch": the scalar delta in ``grid`` (default logspace(log_prior_prec_min, log_prior_prec_max,
+        grid_size) = logspace(-4, 4, 21)) with the lowest loss of the ``pred_type`` predictive on ``val_loader``
+        (summed over ranks' shards): the NLL, or ``loss(outputs, y)``, a batch's mean loss, where outputs are
+        ``la(x, pred_type, link_approx, n_samples)`` (class probabilities; regression: the noisy predictive).
+        ``n_samples``: weight samples of pred_type "nn". Both go through :mod:`posthoc.predictive.tuning`.
+        ``progress_bar``: None follows ``progress``; ``verbose`` prints the result. Returns the new delta.
 
+        Deprecated spellings (DeprecationWarning): a method as the first argument (pass ``method=``);
+        prior_structure "layer" / "parameter" (now "layerwise" / "diag").
         The float32 round-off warning is given once, for the chosen hyperparameters, not for every value tried.
+
+        Raises:
+            RuntimeError: not fitted. ValueError: unknown options, gridsearch without val_loader, invalid
+            values. FloatingPointError: the evidence became non-finite, or no grid value has a finite loss.
         """
         curvature = self._require_fit()
+        pred_type, how = method_choice(pred_type, method)
+        kind = PredType.GLM if pred_type is None else check_choice(pred_type, PredType, "pred_type")
+        progress = self.progress if progress_bar is None else bool(progress_bar)
         self._roundoff_quiet = True
         try:
-            self._optimize_prior_precision(method, prior_structure, n_steps, lr, init_prior_prec, tune_sigma_noise,
-                                           val_loader, grid, pred_type, link_approx)
+            if how is PriorOptimization.GRIDSEARCH:
+                if grid is None:
+                    grid = default_grid(log_prior_prec_min, log_prior_prec_max, grid_size, self.subset.dtype)
+                self._gridsearch(val_loader, grid, kind, link_approx, loss, n_samples, progress)
+            else:
+                self._maximise_evidence(prior_structure, n_steps, lr, init_prior_prec, tune_sigma_noise, progress)
         finally:
             self._roundoff_quiet = False
         self._warn_roundoff(curvature, self.prior_precision, self.factors.scale(self.sigma_noise))
+        if verbose:
+            print(f"Optimized prior precision is {self.prior_precision}.")
         return self.prior_precision
 
-    def _optimize_prior_precision(self, method, prior_structure, n_steps, lr, init_prior_prec, tune_sigma_noise,
-                                  val_loader, grid, pred_type, link_approx) -> None:
-        how = check_choice(method, PriorOptimization, "method")
-        if how is PriorOptimization.GRIDSEARCH:
-            self._gridsearch(val_loader, grid, pred_type, link_approx)
-            return
-        if tune_sigma_noise is None:
-            tune_sigma_noise = self.likelihood is Likelihood.REGRESSION
-        if tune_sigma_noise and self.likelihood is Likelihood.CLASSIFICATION:
-            raise ValueError("tune_sigma_noise applies to regression only")
-        sizes = {"scalar": 1, "layer": len(self.subset.blocks), "parameter": self.n_params}
-        if prior_structure not in sizes:
-            raise ValueError(f"unknown prior_structure {prior_structure!r}; choose one of {', '.join(sizes)}")
+    def _maximise_evidence(self, prior_structure, n_steps, lr, init_prior_prec, tune_sigma_noise, progress) -> None:
+        tune_sigma = tune_sigma_noise_choice(tune_sigma_noise, self.likelihood)
+        structure = prior_structure_choice(prior_structure)
+        sizes = {PriorStructure.SCALAR: 1, PriorStructure.LAYERWISE: len(self.subset.blocks),
+                 PriorStructure.DIAG: self.n_params}
         if init_prior_prec is not None:
             check_positive(init_prior_prec, "init_prior_prec")
         start = float(init_prior_prec) if init_prior_prec is not None else float(self.prior_precision.mean())
-        log_prior = torch.full((sizes[prior_structure],), math.log(start), dtype=self.subset.dtype,
-                               device=self.subset.device, requires_grad=True)
-        log_sigma = self.sigma_noise.log().clone().requires_grad_(tune_sigma_noise)
-        maximise(lambda: self.log_marginal_likelihood(log_prior.exp(), log_sigma.exp()),
-                 [log_prior] + ([log_sigma] if tune_sigma_noise else []), n_steps, lr, "marginal likelihood",
-                 self.progress)
-        self.prior_precision = log_prior.detach().exp()
-        if tune_sigma_noise:
-            self.sigma_noise = log_sigma.detach().exp()
+        log_prior = torch.full((sizes[structure],), math.log(start), dtype=self.subset.dtype, device=self.subset.device)
+        prior, sigma = maximise_evidence(self.log_marginal_likelihood, log_prior, self.sigma_noise, tune_sigma,
+                                         n_steps, lr, "marginal likelihood", progress)
+        self.prior_precision = prior
+        if sigma is not None:
+            self.sigma_noise = sigma
 
-    def _gridsearch(self, val_loader, grid, pred_type, link_approx) -> torch.Tensor:
+    def _gridsearch(self, val_loader, grid, pred_type, link_approx, loss, n_samples, progress) -> None:
         if val_loader is None:
             raise ValueError("method='gridsearch' needs val_loader (held-out data, never the test set)")
-        grid = torch.logspace(-4, 4, 21, dtype=self.subset.dtype) if grid is None else torch.as_tensor(grid)
-        if grid.ndim != 1 or grid.numel() == 0:
-            raise ValueError(f"grid must be a non-empty 1-D tensor of prior precisions, got shape {tuple(grid.shape)}")
-        check_positive(grid, "grid")
+        grid = checked_grid(grid, self.subset.dtype)
         val = list(self._batches(val_loader))
         if not val:
             raise ValueError("val_loader yielded no batches")
-        totals = torch.zeros(len(grid), dtype=torch.float64)
-        for i, delta in enumerate(grid):
-            self.prior_precision = delta.reshape(1)
-            for x, y in val:
-                pred = self.predict(x, pred_type=pred_type, seed=self.seed)
-                totals[i] += self._nll_sum(pred, y, link_approx)
-        # a sharded val_loader under torch.distributed: the NLL sums of all ranks (first minimum wins)
-        (totals,) = sum_over_ranks([totals], "the validation NLL of the grid")
-        totals = torch.nan_to_num(totals, nan=math.inf)
-        if not bool(torch.isfinite(totals).any()):
-            raise FloatingPointError("the validation NLL is not finite for any prior precision on the grid")
-        self.prior_precision = grid[int(torch.argmin(totals))].reshape(1)
-        return self.prior_precision
 
-    def _nll_sum(self, pred: Predictive, y: torch.Tensor, link_approx) -> float:
-        if self.likelihood is Likelihood.CLASSIFICATION:
-            return nll(pred.probs(link_approx, seed=self.seed), y) * len(y)
-        return float(-pred.with_noise(self.sigma_noise).log_prob(y.reshape(pred.mean.shape)).sum())
+        def validation_loss(delta: torch.Tensor) -> float:
+            self.prior_precision = delta.reshape(1)
+            total = 0.0
+            for x, y in val:
+                if loss is not None:
+                    total += float(loss(self(x, pred_type, link_approx, n_samples, seed=self.seed), y)) * len(y)
+                    continue
+                pred = self.predict(x, pred_type=pred_type, n_samples=n_samples, seed=self.seed)
+                total += validation_nll_sum(pred, y, self.likelihood, self.sigma_noise, link_approx, self.seed)
+            return total
+
+        # a sharded val_loader under torch.distributed: the sums of all ranks (first minimum wins)
+        what = "validation NLL" if loss is None else "validation loss"
+        self.prior_precision = grid_search(validation_loss, grid, sum_ranks=True, what=what,
+                                           progress=progress).reshape(1)
 
     # ----------------------------------------------------------------- prediction
     def _fitted_posterior(self, action: str) -> CurvatureStructure:

@@ -12,7 +12,6 @@ surrogate forward, no Jacobian.
 
 from __future__ import annotations
 
-import math
 import os
 from enum import Enum
 from typing import Any, Callable, Iterable
@@ -27,15 +26,16 @@ from posthoc.network.batches import checked_batches, first_batch_inputs
 from posthoc.network.subset import ParameterSubset
 from posthoc.distributed import check_same_on_all_ranks, is_distributed, rank_slice, sum_count, sum_over_ranks
 from posthoc.likelihood import Likelihood
-from posthoc.metrics import nll
 from posthoc.predictive import GaussianPredictive, LinkApprox
+from posthoc.predictive.tuning import (PriorOptimization, checked_grid, checked_prior_precision, checked_sigma_noise,
+                                       default_grid, grid_search, maximise_evidence, tune_sigma_noise_choice,
+                                       validation_nll_sum)
 from posthoc.scalla import objectives
 from posthoc.scalla.posterior import LatentPosterior, batch_precision
 from posthoc.scalla.surrogate import HIDDEN, FeatureMap, SurrogateInit, build_default_surrogate
 from posthoc.scalla.training import InputPool, SurrogateTrainer, TrainSettings, n_context_features
-from posthoc.utils.checks import check_choice, check_finite, check_positive
+from posthoc.utils.checks import check_choice, check_finite
 from posthoc.utils.modes import eval_mode
-from posthoc.utils.optim import maximise
 
 STATE_VERSION = 2  # 2: biased states have m + h latent features
 SAME_LOADERS = ("ScaLLA.fit takes the same loaders on every rank (it splits each batch over the ranks itself): "
@@ -61,11 +61,6 @@ def _input_digest(x: torch.Tensor, offset: int = 0, chunk: int = 4096) -> torch.
         position = torch.arange(offset + start + 1, offset + start + 1 + rows.shape[0], dtype=torch.float64)
         out[1:] += torch.stack([sums.sum(), (position * sums).sum(), rows.square().sum()])
     return out
-
-
-class PriorOptimization(str, Enum):
-    MARGLIK = "marglik"  # the authors' hybrid evidence (see LatentPosterior.hybrid_evidence)
-    GRIDSEARCH = "gridsearch"  # validation NLL
 
 
 class EvidenceKind(str, Enum):
@@ -210,11 +205,10 @@ class ScaLLA:
 
     @prior_precision.setter
     def prior_precision(self, value: float | torch.Tensor) -> None:
-        t = torch.as_tensor(value, dtype=self.subset.dtype).detach()
-        if t.numel() != 1:
-            raise ValueError(f"ScaLLA takes a scalar prior precision, got shape {tuple(t.shape)}")
-        check_positive(t, "prior_precision")
-        self._prior_precision = t.reshape(()).to(self.subset.device)
+        prior = torch.as_tensor(value, dtype=self.subset.dtype).detach()
+        if prior.numel() != 1:
+            raise ValueError(f"ScaLLA takes a scalar prior precision, got shape {tuple(prior.shape)}")
+        self._prior_precision = checked_prior_precision(prior).reshape(()).to(self.subset.device)
 
     @property
     def sigma_noise(self) -> torch.Tensor:
@@ -222,11 +216,8 @@ class ScaLLA:
 
     @sigma_noise.setter
     def sigma_noise(self, value: float | torch.Tensor) -> None:
-        sigma = torch.as_tensor(value, dtype=self.subset.dtype).detach().reshape(())
-        check_positive(sigma, "sigma_noise")
-        if self.likelihood is Likelihood.CLASSIFICATION and float(sigma) != 1.0:
-            raise ValueError("sigma_noise is for regression; leave it at 1 for classification")
-        self._sigma_noise = sigma.to(self.subset.device)
+        sigma = torch.as_tensor(value, dtype=self.subset.dtype).detach()
+        self._sigma_noise = checked_sigma_noise(sigma, self.likelihood).to(self.subset.device)
 
     # ----------------------------------------------------------------- fitting
     def _batches(self, loader: Iterable):
@@ -427,27 +418,28 @@ class ScaLLA:
                                  val_loader: Iterable | None = None, grid: torch.Tensor | None = None,
                                  n_steps: int = 200, lr: float = 0.1, tune_sigma_noise: bool | None = None,
                                  link_approx: LinkApprox | str = LinkApprox.PROBIT) -> torch.Tensor:
-        """Tune delta without refitting (the posterior is reused).
+        """Tune delta without refitting (the posterior is reused), through :mod:`posthoc.predictive.tuning`.
 
         "gridsearch": the delta in ``grid`` (default logspace(-4, 4, 33)) with the lowest NLL on ``val_loader``
-        (features computed once). "marglik": Adam on log delta (and log sigma for regression) maximising the
-        hybrid evidence. Returns the new delta.
+        (features computed once; every rank reads the same loader, so nothing is summed over ranks). "marglik":
+        Adam on log delta (and log sigma for regression) maximising the hybrid evidence
+        (:meth:`LatentPosterior.hybrid_evidence`). Returns the new delta.
+
+        Raises:
+            RuntimeError: not fitted, or the model's weights changed since fit. ValueError: unknown method,
+            gridsearch without val_loader, invalid grid. FloatingPointError: the evidence became non-finite, or
+            no grid value has a finite NLL.
         """
         self._require_fit()
         how = check_choice(method, PriorOptimization, "method")
         if how is PriorOptimization.GRIDSEARCH:
             return self._gridsearch(val_loader, grid, link_approx)
-        if tune_sigma_noise is None:
-            tune_sigma_noise = self.likelihood is Likelihood.REGRESSION
-        if tune_sigma_noise and self.likelihood is Likelihood.CLASSIFICATION:
-            raise ValueError("tune_sigma_noise applies to regression only")
-        log_delta = self.prior_precision.log().clone().requires_grad_(True)
-        log_sigma = self.sigma_noise.log().clone().requires_grad_(tune_sigma_noise)
-        maximise(lambda: self.log_marginal_likelihood(log_delta.exp(), log_sigma.exp()),
-                 [log_delta] + ([log_sigma] if tune_sigma_noise else []), n_steps, lr, "evidence", self.progress)
-        self.prior_precision = log_delta.detach().exp()
-        if tune_sigma_noise:
-            self.sigma_noise = log_sigma.detach().exp()
+        tune_sigma = tune_sigma_noise_choice(tune_sigma_noise, self.likelihood)
+        prior, sigma = maximise_evidence(self.log_marginal_likelihood, self.prior_precision.log(), self.sigma_noise,
+                                         tune_sigma, n_steps, lr, "evidence", self.progress)
+        self.prior_precision = prior
+        if sigma is not None:
+            self.sigma_noise = sigma
         return self.prior_precision
 
     @torch.no_grad()
@@ -456,8 +448,7 @@ class ScaLLA:
             raise ValueError("method='gridsearch' needs val_loader (held-out data, never the test set)")
         posterior = self._require_fit()
         self.subset.check_current("tune the prior precision")
-        grid = torch.logspace(-4, 4, 33, dtype=self.subset.dtype) if grid is None else torch.as_tensor(
-            grid, dtype=self.subset.dtype).reshape(-1)
+        grid = checked_grid(default_grid(-4, 4, 33, self.subset.dtype) if grid is None else grid, self.subset.dtype)
         cached = []
         for x, y in self._batches(val_loader):
             self._check_shape(x, "validation inputs")
@@ -466,19 +457,13 @@ class ScaLLA:
         if not cached:
             raise ValueError("val_loader yielded no batches")
         scale = self.factors.scale(self.sigma_noise)
-        best, best_nll = None, math.inf
-        for delta in grid:
-            check_positive(delta, "grid values")
-            total = 0.0
-            for mean, phi, y in cached:
-                pred = GaussianPredictive(mean, cov=posterior.covariance(phi, delta, scale))
-                if self.likelihood is Likelihood.CLASSIFICATION:
-                    total += nll(pred.probs(link_approx, seed=self.seed), y) * len(y)
-                else:
-                    total += float(-pred.with_noise(self.sigma_noise).log_prob(y.reshape(mean.shape)).sum())
-            if total < best_nll:
-                best, best_nll = delta, total
-        self.prior_precision = best
+
+        def validation_nll(delta: torch.Tensor) -> float:
+            return sum((validation_nll_sum(GaussianPredictive(mean, cov=posterior.covariance(phi, delta, scale)), y,
+                                           self.likelihood, self.sigma_noise, link_approx, self.seed)
+                        for mean, phi, y in cached), 0.0)
+
+        self.prior_precision = grid_search(validation_nll, grid, progress=self.progress)
         return self.prior_precision
 
     def bench_info(self) -> dict[str, Any]:
