@@ -491,7 +491,8 @@ def goal_note(case: dict[str, Any], ph, lt, n_test: int) -> str:
     return ""
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line (``argv``; None: sys.argv). Exits with a usage error for --repeats < 1."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data-dir", default=None, help="folder holding FashionMNIST/ (default: $POSTHOC_DATA; falls "
@@ -526,19 +527,16 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.repeats < 1:
         p.error("--repeats must be >= 1")
+    return args
 
-    if args.child:
-        child_main(json.loads(Path(args.child).read_text()))
-        return 0
 
-    import torch
+def library_versions(libs: list[str]) -> dict[str, str]:
+    """posthoc's versions, plus laplace-torch's and its backends' when laplace-torch is among ``libs``.
 
-    from posthoc.bench.report import machine_info, versions
-    from posthoc.utils.io import atomic_write_text
+    Raises SystemExit for an unknown library name, or when laplace-torch is asked for and not installed.
+    """
+    from posthoc.bench.report import versions
 
-    torch.set_num_threads(args.threads)
-    cases = parse_cases(args.cases)
-    libs = [s.strip() for s in args.libraries.split(",") if s.strip()]
     for lib in libs:
         if lib not in LIBRARIES:
             raise SystemExit(f"unknown library {lib!r}; choose from {', '.join(LIBRARIES)}")
@@ -552,122 +550,141 @@ def main(argv: list[str] | None = None) -> int:
             except PackageNotFoundError:
                 if pkg == "laplace-torch":
                     raise SystemExit("laplace-torch is not installed in this environment; see benchmarks/README.md")
-    mem_limit = int(args.mem_limit_gb * 2**30)
-    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return lib_versions
 
-    with tempfile.TemporaryDirectory(prefix="posthoc-vs-lt-") as tmp_str:
-        tmp = Path(tmp_str)
-        print("preparing the model and data ...", flush=True)
-        model_info = prepare_model(args, tmp / "model.pt")
-        data, data_info = load_data(args)
-        torch.save(data, tmp / "data.pt")
-        n_test = data_info["n_test"]
-        print(f"  {model_info['weights']}; {model_info['n_params']:,} parameters; "
-              f"N = {data_info['n_train']:,} ({data_info['suite']}); {n_test} test points", flush=True)
 
-        def spec_for(lib: str, case: dict[str, Any]) -> dict[str, Any]:
-            cid = case_id(lib, case)
-            fit_id = case_id(lib, {**case, "kind": "fit"})
-            return {"lib": lib, "structure": case["structure"], "kind": case["kind"], "batch": case["batch"],
-                    "subset": args.subset, "threads": args.threads, "fit_batch": args.fit_batch_size,
-                    "data": str(tmp / "data.pt"), "model": str(tmp / "model.pt"),
-                    "result": str(tmp / f"{cid}.result.json"), "state": str(tmp / f"{fit_id}.state.pt"),
-                    "summary": str(tmp / f"{fit_id}.summary.pt"), "cov": str(tmp / f"{cid}.cov.pt"),
-                    "budget": args.predict_budget, "n_compare": args.n_compare,
-                    "fallback_fit_n": args.fallback_fit_n, "fallback_fit_batch": min(10, args.fit_batch_size),
-                    "dtype": args.dtype}
+def case_spec(args: argparse.Namespace, tmp: Path, lib: str, case: dict[str, Any]) -> dict[str, Any]:
+    """What the child process of ``lib`` on ``case`` reads: settings and the files under ``tmp`` it reads and
+    writes (a predictive case reads the state and summary its fit case wrote)."""
+    cid = case_id(lib, case)
+    fit_id = case_id(lib, {**case, "kind": "fit"})
+    return {"lib": lib, "structure": case["structure"], "kind": case["kind"], "batch": case["batch"],
+            "subset": args.subset, "threads": args.threads, "fit_batch": args.fit_batch_size,
+            "data": str(tmp / "data.pt"), "model": str(tmp / "model.pt"),
+            "result": str(tmp / f"{cid}.result.json"), "state": str(tmp / f"{fit_id}.state.pt"),
+            "summary": str(tmp / f"{fit_id}.summary.pt"), "cov": str(tmp / f"{cid}.cov.pt"),
+            "budget": args.predict_budget, "n_compare": args.n_compare,
+            "fallback_fit_n": args.fallback_fit_n, "fallback_fit_batch": min(10, args.fit_batch_size),
+            "dtype": args.dtype}
 
-        # Reference: the MAP forward pass (and the memory floor of a case process: torch, model, data).
-        base = run_child({**spec_for("map", {"structure": "map", "kind": "glm", "batch": 250}), "lib": "map"},
-                         timeout=300, mem_limit=mem_limit)
-        map_thr = _throughput(base)
-        print(f"  MAP forward: {map_thr or float('nan'):.4g} pts/s at batch 250; process floor "
-              f"{_fmt_bytes(base.get('peak_rss_bytes'))}", flush=True)
 
-        results: dict[str, dict[str, Any]] = {}
-        fit_ok: dict[tuple[str, str], bool] = {}
-        # fits first, so each predictive loads the state its fit saved
-        ordered = [c for c in cases if c["kind"] == "fit"] + [c for c in cases if c["kind"] == "glm"]
-        runs = [(case, lib) for case in ordered
-                for _ in range(args.repeats if case["kind"] == "fit" else 1) for lib in libs]
-        repeat_seconds: dict[str, list[float]] = {}
-        for case, lib in runs:
-            cid = case_id(lib, case)
-            spec = spec_for(lib, case)
-            key = (lib, case["structure"])
-            if case["kind"] == "fit":
-                timeout = args.fit_timeout
+def run_map_forward(args: argparse.Namespace, tmp: Path, mem_limit: int) -> tuple[dict[str, Any], float | None]:
+    """Reference: the MAP forward pass at batch 250 (and the memory floor of a case process: torch, model,
+    data). Returns its child result and its throughput (test points / s; None if it did not run)."""
+    base = run_child({**case_spec(args, tmp, "map", {"structure": "map", "kind": "glm", "batch": 250}),
+                      "lib": "map"}, timeout=300, mem_limit=mem_limit)
+    map_thr = _throughput(base)
+    print(f"  MAP forward: {map_thr or float('nan'):.4g} pts/s at batch 250; process floor "
+          f"{_fmt_bytes(base.get('peak_rss_bytes'))}", flush=True)
+    return base, map_thr
+
+
+def run_cases(args: argparse.Namespace, tmp: Path, cases: list[dict[str, Any]], libs: list[str],
+              data_info: dict[str, Any], mem_limit: int) -> dict[str, dict[str, Any]]:
+    """Every case of every library, each in its own process: fits first (each --repeats times, libraries
+    alternating), so each predictive loads the state its fit saved. Returns the results by case_id."""
+    n_test = data_info["n_test"]
+    results: dict[str, dict[str, Any]] = {}
+    fit_ok: dict[tuple[str, str], bool] = {}
+    ordered = [c for c in cases if c["kind"] == "fit"] + [c for c in cases if c["kind"] == "glm"]
+    runs = [(case, lib) for case in ordered
+            for _ in range(args.repeats if case["kind"] == "fit" else 1) for lib in libs]
+    repeat_seconds: dict[str, list[float]] = {}
+    for case, lib in runs:
+        cid = case_id(lib, case)
+        spec = case_spec(args, tmp, lib, case)
+        key = (lib, case["structure"])
+        if case["kind"] == "fit":
+            timeout = args.fit_timeout
+        else:
+            if key not in fit_ok:  # no fit case asked for: the predictive fits itself first
+                spec["state_available"] = False
+                spec["fallback_fit_n"] = data_info["n_train"]
+                spec["fallback_fit_batch"] = args.fit_batch_size
+                timeout = args.fit_timeout + args.predict_budget + 300
             else:
-                if key not in fit_ok:  # no fit case asked for: the predictive fits itself first
-                    spec["state_available"] = False
-                    spec["fallback_fit_n"] = data_info["n_train"]
-                    spec["fallback_fit_batch"] = args.fit_batch_size
-                    timeout = args.fit_timeout + args.predict_budget + 300
-                else:
-                    spec["state_available"] = fit_ok[key]
-                    timeout = args.predict_budget + 300 + (0 if fit_ok[key] else args.fit_timeout)
-            print(f"- {lib:13s} {case_name(case):24s} ...", end=" ", flush=True)
-            res = run_child(spec, timeout=timeout, mem_limit=mem_limit)
-            if case["kind"] == "glm" and not spec["state_available"] and key in fit_ok:
-                res["note"] = (f"its fit did not finish; predictive timed after a fit on the first "
-                               f"{spec['fallback_fit_n']} points at batch {spec['fallback_fit_batch']} "
-                               "(covariance not compared)")
-            if case["kind"] == "fit":
-                fit_ok[key] = res["status"] == OK
-            res["spec"] = {k: spec[k] for k in ("lib", "structure", "kind", "batch", "subset", "fit_batch",
-                                                "threads")}
-            if case["kind"] == "fit" and args.repeats > 1:  # every repetition, None where it did not finish
-                repeat_seconds.setdefault(cid, []).append(res["seconds"] if res["status"] == OK else None)
-                res["repeat_seconds"] = list(repeat_seconds[cid])
-            results[cid] = res
-            print(_cell(res, case["kind"], n_test), flush=True)
+                spec["state_available"] = fit_ok[key]
+                timeout = args.predict_budget + 300 + (0 if fit_ok[key] else args.fit_timeout)
+        print(f"- {lib:13s} {case_name(case):24s} ...", end=" ", flush=True)
+        res = run_child(spec, timeout=timeout, mem_limit=mem_limit)
+        if case["kind"] == "glm" and not spec["state_available"] and key in fit_ok:
+            res["note"] = (f"its fit did not finish; predictive timed after a fit on the first "
+                           f"{spec['fallback_fit_n']} points at batch {spec['fallback_fit_batch']} "
+                           "(covariance not compared)")
+        if case["kind"] == "fit":
+            fit_ok[key] = res["status"] == OK
+        res["spec"] = {k: spec[k] for k in ("lib", "structure", "kind", "batch", "subset", "fit_batch",
+                                            "threads")}
+        if case["kind"] == "fit" and args.repeats > 1:  # every repetition, None where it did not finish
+            repeat_seconds.setdefault(cid, []).append(res["seconds"] if res["status"] == OK else None)
+            res["repeat_seconds"] = list(repeat_seconds[cid])
+        results[cid] = res
+        print(_cell(res, case["kind"], n_test), flush=True)
+    return results
 
-        # float64 reference (posthoc, fitted on the same data) for the first n_compare test points
-        references: dict[str, Any] = {}
-        if not args.no_reference and args.dtype == "float32":
-            for structure in dict.fromkeys(c["structure"] for c in cases if c["kind"] == "glm"):
-                case = {"structure": structure, "kind": "glm", "batch": min(args.n_compare, 50)}
-                spec = {**spec_for("posthoc", case), "dtype": "float64", "state_available": False,
-                        "fallback_fit_n": data_info["n_train"], "fallback_fit_batch": args.fit_batch_size,
-                        "n_points": args.n_compare, "budget": 1e9,
-                        "result": str(tmp / f"ref-{structure}.result.json"), "cov": str(tmp / f"ref-{structure}.cov.pt")}
-                print(f"- float64 reference (posthoc) {structure} ...", end=" ", flush=True)
-                res = run_child(spec, timeout=args.fit_timeout + args.predict_budget + 300, mem_limit=mem_limit)
-                print(res["status"], flush=True)
-                references[structure] = {"result": res, "cov": spec["cov"] if res["status"] == OK else None}
 
-        # comparisons (posthoc vs laplace-torch, same test points / same fit)
-        comparisons: dict[str, Any] = {}
-        for case in cases:
-            a, b = case_id("posthoc", case), case_id("laplace-torch", case)
-            if a not in results or b not in results:
-                continue
-            ra, rb = results[a], results[b]
-            if ra["status"] != OK or rb["status"] != OK:
-                continue
-            if case["kind"] == "fit":
-                sa, sb = spec_for("posthoc", case)["summary"], spec_for("laplace-torch", case)["summary"]
-                if Path(sa).exists() and Path(sb).exists():
-                    comparisons[case_name(case)] = compare_summaries(Path(sa), Path(sb))
-            elif not rb.get("fallback_fit") and not ra.get("fallback_fit"):
-                ca, cb = spec_for("posthoc", case)["cov"], spec_for("laplace-torch", case)["cov"]
-                if Path(ca).exists() and Path(cb).exists():
-                    ta, tb = torch.load(ca), torch.load(cb)
-                    m = min(len(ta), len(tb))
-                    comparisons[case_name(case)] = {"n_points": m, **compare_tensors(ta[:m], tb[:m])}
-        for case in cases:  # each side's float32 covariances against the float64 reference
-            for lib in ("posthoc", "laplace-torch"):
-                ref = references.get(case["structure"], {}).get("cov")
-                cov_path = spec_for(lib, case)["cov"]
-                r = results.get(case_id(lib, case))
-                if (case["kind"] == "glm" and ref and r and r["status"] == OK and not r.get("fallback_fit")
-                        and Path(cov_path).exists()):
-                    ta, tr = torch.load(cov_path), torch.load(ref)
-                    m = min(len(ta), len(tr))
-                    comparisons.setdefault(case_name(case), {})[f"{lib}_vs_float64"] = {
-                        "n_points": m, **compare_tensors(ta[:m], tr[:m])}
+def run_references(args: argparse.Namespace, tmp: Path, cases: list[dict[str, Any]], data_info: dict[str, Any],
+                   mem_limit: int) -> dict[str, Any]:
+    """float64 reference (posthoc, fitted on the same data) of each predictive's structure for the first
+    n_compare test points; none for --no-reference or a float64 run. Returns {structure: {result, cov}}."""
+    references: dict[str, Any] = {}
+    if args.no_reference or args.dtype != "float32":
+        return references
+    for structure in dict.fromkeys(c["structure"] for c in cases if c["kind"] == "glm"):
+        case = {"structure": structure, "kind": "glm", "batch": min(args.n_compare, 50)}
+        spec = {**case_spec(args, tmp, "posthoc", case), "dtype": "float64", "state_available": False,
+                "fallback_fit_n": data_info["n_train"], "fallback_fit_batch": args.fit_batch_size,
+                "n_points": args.n_compare, "budget": 1e9,
+                "result": str(tmp / f"ref-{structure}.result.json"), "cov": str(tmp / f"ref-{structure}.cov.pt")}
+        print(f"- float64 reference (posthoc) {structure} ...", end=" ", flush=True)
+        res = run_child(spec, timeout=args.fit_timeout + args.predict_budget + 300, mem_limit=mem_limit)
+        print(res["status"], flush=True)
+        references[structure] = {"result": res, "cov": spec["cov"] if res["status"] == OK else None}
+    return references
 
-    # ------------------------------------------------------------------ report
+
+def compare_results(args: argparse.Namespace, tmp: Path, cases: list[dict[str, Any]],
+                    results: dict[str, dict[str, Any]], references: dict[str, Any]) -> dict[str, Any]:
+    """posthoc vs laplace-torch on the same test points / the same fit, and each side's float32 covariances
+    against the float64 reference; keyed by case_name."""
+    import torch
+
+    comparisons: dict[str, Any] = {}
+    for case in cases:
+        a, b = case_id("posthoc", case), case_id("laplace-torch", case)
+        if a not in results or b not in results:
+            continue
+        ra, rb = results[a], results[b]
+        if ra["status"] != OK or rb["status"] != OK:
+            continue
+        if case["kind"] == "fit":
+            sa = case_spec(args, tmp, "posthoc", case)["summary"]
+            sb = case_spec(args, tmp, "laplace-torch", case)["summary"]
+            if Path(sa).exists() and Path(sb).exists():
+                comparisons[case_name(case)] = compare_summaries(Path(sa), Path(sb))
+        elif not rb.get("fallback_fit") and not ra.get("fallback_fit"):
+            ca, cb = case_spec(args, tmp, "posthoc", case)["cov"], case_spec(args, tmp, "laplace-torch", case)["cov"]
+            if Path(ca).exists() and Path(cb).exists():
+                ta, tb = torch.load(ca), torch.load(cb)
+                m = min(len(ta), len(tb))
+                comparisons[case_name(case)] = {"n_points": m, **compare_tensors(ta[:m], tb[:m])}
+    for case in cases:  # each side's float32 covariances against the float64 reference
+        for lib in ("posthoc", "laplace-torch"):
+            ref = references.get(case["structure"], {}).get("cov")
+            cov_path = case_spec(args, tmp, lib, case)["cov"]
+            r = results.get(case_id(lib, case))
+            if (case["kind"] == "glm" and ref and r and r["status"] == OK and not r.get("fallback_fit")
+                    and Path(cov_path).exists()):
+                ta, tr = torch.load(cov_path), torch.load(ref)
+                m = min(len(ta), len(tr))
+                comparisons.setdefault(case_name(case), {})[f"{lib}_vs_float64"] = {
+                    "n_points": m, **compare_tensors(ta[:m], tr[:m])}
+    return comparisons
+
+
+def report_rows(cases: list[dict[str, Any]], results: dict[str, dict[str, Any]], comparisons: dict[str, Any],
+                map_thr: float | None, n_test: int) -> list[dict[str, str]]:
+    """One table row per case: both sides' cells, their ratio, and the notes (goals, differences)."""
     rows = []
     for case in cases:
         ph = results.get(case_id("posthoc", case))
@@ -696,17 +713,28 @@ def main(argv: list[str] | None = None) -> int:
         rows.append({"case": case_name(case), "posthoc": _cell(ph, case["kind"], n_test),
                      "laplace-torch": _cell(lt, case["kind"], n_test), "ratio": ratio_cell(case, ph, lt),
                      "notes": "; ".join(n for n in notes if n)})
+    return rows
 
+
+def results_table(rows: list[dict[str, str]]) -> list[str]:
+    """The markdown table of the rows, one line each (header and rule first)."""
     header = "| case | posthoc | laplace-torch | ratio (posthoc / laplace-torch) | notes |"
     table = [header, "|---|---|---|---|---|"]
     table += [f"| {r['case']} | {r['posthoc']} | {r['laplace-torch']} | {r['ratio']} | {r['notes']} |" for r in rows]
-    machine = machine_info()
+    return table
+
+
+def render_markdown(args: argparse.Namespace, table: list[str], model_info: dict[str, Any],
+                    data_info: dict[str, Any], base: dict[str, Any], map_thr: float | None,
+                    results: dict[str, dict[str, Any]], machine: dict[str, Any], lib_versions: dict[str, str],
+                    cmd: str, started: str) -> str:
+    """The results page: setup, table, how each case ran, load average, goals, command, machine, versions."""
+    n_test = data_info["n_test"]
     loads = [r[k] for r in results.values() for k in ("loadavg_start", "loadavg_end") if k in r]
     load_line = (f"1-minute load average at the starts and ends of the case processes: {min(loads):.2f} to "
                  f"{max(loads):.2f} on {machine['cpu_count']} cores (above the core count, other processes "
                  "were competing for the CPU and the timings are slower than on an idle machine)."
                  if loads else "")
-    cmd = "python benchmarks/laplace_vs_laplace_torch.py " + " ".join(sys.argv[1:] if argv is None else argv)
     md = [
         "# posthoc vs laplace-torch on the FMNIST CNN",
         "",
@@ -739,26 +767,72 @@ def main(argv: list[str] | None = None) -> int:
         "",
         "Goals (issue 3): " + "; ".join(GOALS.values()) + ".",
         "",
-        f"Command: `{cmd.strip()}`. Started {started}.",
+        f"Command: `{cmd}`. Started {started}.",
         "",
         f"Machine: {json.dumps(machine)}.",
         "",
         f"Versions: {json.dumps(lib_versions)}.",
         "",
     ]
-    text = "\n".join(md)
+    return "\n".join(md)
+
+
+def write_outputs(out_dir: str | os.PathLike, name: str, text: str, payload: dict[str, Any]) -> None:
+    """``name``.md (the page) and ``name``.json (every measurement) in ``out_dir``, each written atomically."""
+    from posthoc.bench.report import write_json
+    from posthoc.utils.io import atomic_write_text
+
+    out = Path(out_dir)
+    atomic_write_text(out / f"{name}.md", text)
+    write_json(out / f"{name}.json", payload)
+    print(f"\nwrote {out / (name + '.md')} and {out / (name + '.json')}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.child:
+        child_main(json.loads(Path(args.child).read_text()))
+        return 0
+
+    import torch
+
+    from posthoc.bench.report import machine_info
+
+    torch.set_num_threads(args.threads)
+    cases = parse_cases(args.cases)
+    libs = [s.strip() for s in args.libraries.split(",") if s.strip()]
+    lib_versions = library_versions(libs)
+    mem_limit = int(args.mem_limit_gb * 2**30)
+    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+    with tempfile.TemporaryDirectory(prefix="posthoc-vs-lt-") as tmp_str:
+        tmp = Path(tmp_str)
+        print("preparing the model and data ...", flush=True)
+        model_info = prepare_model(args, tmp / "model.pt")
+        data, data_info = load_data(args)
+        torch.save(data, tmp / "data.pt")
+        print(f"  {model_info['weights']}; {model_info['n_params']:,} parameters; "
+              f"N = {data_info['n_train']:,} ({data_info['suite']}); {data_info['n_test']} test points", flush=True)
+        base, map_thr = run_map_forward(args, tmp, mem_limit)
+        results = run_cases(args, tmp, cases, libs, data_info, mem_limit)
+        references = run_references(args, tmp, cases, data_info, mem_limit)
+        comparisons = compare_results(args, tmp, cases, results, references)
+
+    rows = report_rows(cases, results, comparisons, map_thr, data_info["n_test"])
+    table = results_table(rows)
+    machine = machine_info()
+    cmd = ("python benchmarks/laplace_vs_laplace_torch.py " + " ".join(sys.argv[1:] if argv is None else argv)).strip()
+    text = render_markdown(args, table, model_info, data_info, base, map_thr, results, machine, lib_versions, cmd,
+                           started)
     print()
     print("\n".join(table))
-    out = Path(args.out_dir)
-    payload = {"created": started, "command": cmd.strip(), "machine": machine, "versions": lib_versions,
+    payload = {"created": started, "command": cmd, "machine": machine, "versions": lib_versions,
                "model": model_info, "data": data_info, "settings": {k: v for k, v in vars(args).items()
                                                                      if k != "child"},
                "map_forward": base, "results": results, "comparisons": comparisons,
                "float64_reference": {k: v["result"] for k, v in references.items()}, "rows": rows,
                "goals": GOALS}
-    atomic_write_text(out / f"{args.name}.md", text)
-    atomic_write_text(out / f"{args.name}.json", json.dumps(payload, indent=2, default=str))
-    print(f"\nwrote {out / (args.name + '.md')} and {out / (args.name + '.json')}")
+    write_outputs(args.out_dir, args.name, text, payload)
     return 0
 
 
