@@ -12,7 +12,6 @@ marginal-likelihood tuning and grid search never refit.
 
 from __future__ import annotations
 
-import math
 import warnings
 from contextlib import contextmanager
 from enum import Enum
@@ -31,10 +30,10 @@ from posthoc.likelihood import Likelihood
 from posthoc.predictive import GaussianPredictive, LinkApprox, Predictive, SamplePredictive
 from posthoc.predictive.base import check_n_samples
 from posthoc.predictive.tuning import (PriorOptimization, PriorStructure, checked_grid, checked_prior_precision,
-                                       checked_sigma_noise, default_grid, grid_search, maximise_evidence,
-                                       method_choice, prior_structure_choice, tune_sigma_noise_choice,
-                                       validation_nll_sum)
-from posthoc.utils.checks import check_choice, check_finite, check_positive
+                                       checked_sigma_noise, default_grid, grid_search, log_prior_start,
+                                       maximise_evidence, method_choice, prior_structure_choice,
+                                       tune_sigma_noise_choice, validation_nll_sum)
+from posthoc.utils.checks import check_choice, check_finite
 from posthoc.utils.modes import eval_mode
 
 STATE_VERSION = 1
@@ -312,29 +311,17 @@ class Laplace:
         return loglik - 0.5 * scatter + 0.5 * torch.log(delta).sum() - 0.5 * logdet
 
     def optimize_prior_precision(
-        self,
-        pred_type: PredType | str = PredType.GLM,
-        method: PriorOptimization | str = PriorOptimization.MARGLIK,
-        n_steps: int = 100,
-        lr: float = 0.1,
-        init_prior_prec: float | None = None,
-        prior_structure: PriorStructure | str = PriorStructure.SCALAR,
-        val_loader: Iterable | None = None,
-        loss: Callable[[torch.Tensor, torch.Tensor], float | torch.Tensor] | None = None,
-        log_prior_prec_min: float = -4,
-        log_prior_prec_max: float = 4,
-        grid_size: int = 21,
-        link_approx: LinkApprox | str = LinkApprox.PROBIT,
-        n_samples: int = 100,
-        verbose: bool = False,
-        progress_bar: bool | None = None,
-        *,
-        tune_sigma_noise: bool | None = None,
-        grid: torch.Tensor | None = None,
+        self, pred_type: PredType | str = PredType.GLM, method: PriorOptimization | str = PriorOptimization.MARGLIK,
+        n_steps: int = 100, lr: float = 0.1, init_prior_prec: float | None = None,
+        prior_structure: PriorStructure | str = PriorStructure.SCALAR, val_loader: Iterable | None = None,
+        loss: Callable[[Any, torch.Tensor], float | torch.Tensor] | None = None, log_prior_prec_min: float = -4,
+        log_prior_prec_max: float = 4, grid_size: int = 21, link_approx: LinkApprox | str = LinkApprox.PROBIT,
+        n_samples: int = 100, verbose: bool = False, progress_bar: bool | None = None, *,
+        tune_sigma_noise: bool | None = None, grid: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Tune the prior precision (and sigma_noise for regression) without refitting; laplace-torch's signature.
 
-        "marglik": Adam on log delta (and log sigma, ``tune_sigma_noise``, default: regression only) maximising
+        "marglik": Adam on log delta (and log sigma if ``tune_sigma_noise``, default: regression only) maximising
         the evidence for ``n_steps`` steps from ``init_prior_prec`` (default: the mean current delta);
         ``prior_structure`` "scalar", "layerwise" (one per parameter tensor) or "diag" (one per parameter).
         "gridsearch": the scalar delta in ``grid`` (default logspace(log_prior_prec_min, log_prior_prec_max,
@@ -343,10 +330,9 @@ class Laplace:
         ``la(x, pred_type, link_approx, n_samples)`` (class probabilities; regression: the noisy predictive).
         ``n_samples``: weight samples of pred_type "nn". Both go through :mod:`posthoc.predictive.tuning`.
         ``progress_bar``: None follows ``progress``; ``verbose`` prints the result. Returns the new delta.
-
-        Deprecated spellings (DeprecationWarning): a method as the first argument (pass ``method=``);
-        prior_structure "layer" / "parameter" (now "layerwise" / "diag").
-        The float32 round-off warning is given once, for the chosen hyperparameters, not for every value tried.
+        Deprecated (DeprecationWarning): a method as the first argument (pass ``method=``); prior_structure
+        "layer" / "parameter" (now "layerwise" / "diag"). The float32 round-off warning is given once, for the
+        chosen hyperparameters, not for every value tried.
 
         Raises:
             RuntimeError: not fitted. ValueError: unknown options, gridsearch without val_loader, invalid
@@ -363,28 +349,22 @@ class Laplace:
                     grid = default_grid(log_prior_prec_min, log_prior_prec_max, grid_size, self.subset.dtype)
                 self._gridsearch(val_loader, grid, kind, link_approx, loss, n_samples, progress)
             else:
-                self._maximise_evidence(prior_structure, n_steps, lr, init_prior_prec, tune_sigma_noise, progress)
+                tune_sigma = tune_sigma_noise_choice(tune_sigma_noise, self.likelihood)
+                size = {PriorStructure.SCALAR: 1, PriorStructure.LAYERWISE: len(self.subset.blocks),
+                        PriorStructure.DIAG: self.n_params}[prior_structure_choice(prior_structure)]
+                prior, sigma = maximise_evidence(self.log_marginal_likelihood,
+                                                 log_prior_start(init_prior_prec, self.prior_precision, size),
+                                                 self.sigma_noise, tune_sigma, n_steps, lr, "marginal likelihood",
+                                                 progress)
+                self.prior_precision = prior
+                if sigma is not None:
+                    self.sigma_noise = sigma
         finally:
             self._roundoff_quiet = False
         self._warn_roundoff(curvature, self.prior_precision, self.factors.scale(self.sigma_noise))
         if verbose:
             print(f"Optimized prior precision is {self.prior_precision}.")
         return self.prior_precision
-
-    def _maximise_evidence(self, prior_structure, n_steps, lr, init_prior_prec, tune_sigma_noise, progress) -> None:
-        tune_sigma = tune_sigma_noise_choice(tune_sigma_noise, self.likelihood)
-        structure = prior_structure_choice(prior_structure)
-        sizes = {PriorStructure.SCALAR: 1, PriorStructure.LAYERWISE: len(self.subset.blocks),
-                 PriorStructure.DIAG: self.n_params}
-        if init_prior_prec is not None:
-            check_positive(init_prior_prec, "init_prior_prec")
-        start = float(init_prior_prec) if init_prior_prec is not None else float(self.prior_precision.mean())
-        log_prior = torch.full((sizes[structure],), math.log(start), dtype=self.subset.dtype, device=self.subset.device)
-        prior, sigma = maximise_evidence(self.log_marginal_likelihood, log_prior, self.sigma_noise, tune_sigma,
-                                         n_steps, lr, "marginal likelihood", progress)
-        self.prior_precision = prior
-        if sigma is not None:
-            self.sigma_noise = sigma
 
     def _gridsearch(self, val_loader, grid, pred_type, link_approx, loss, n_samples, progress) -> None:
         if val_loader is None:

@@ -113,6 +113,16 @@ def tune_sigma_noise_choice(tune_sigma_noise: bool | None, likelihood: Likelihoo
     return bool(tune_sigma_noise)
 
 
+def log_prior_start(init_prior_prec: float | None, current: torch.Tensor, size: int) -> torch.Tensor:
+    """Where marglik starts: log delta (size,), every entry log(init_prior_prec), by default log of the mean
+    ``current`` delta; in ``current``'s dtype and device. Raises ValueError for an init_prior_prec that is not
+    finite and > 0."""
+    if init_prior_prec is not None:
+        check_positive(init_prior_prec, "init_prior_prec")
+    start = float(init_prior_prec) if init_prior_prec is not None else float(current.mean())
+    return torch.full((size,), math.log(start), dtype=current.dtype, device=current.device)
+
+
 def default_grid(log_min: float, log_max: float, size: int, dtype: torch.dtype) -> torch.Tensor:
     """``size`` prior precisions log-spaced from 10**log_min to 10**log_max (laplace-torch's interval)."""
     return torch.logspace(log_min, log_max, size, dtype=dtype)
