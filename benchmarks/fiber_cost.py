@@ -102,6 +102,11 @@ def main() -> None:
     parser.add_argument("--checkpoint", default=None, help="MAP weights of the FMNIST CNN (default: the cached "
                         "15-epoch checkpoint of the training cache; an error names the fix when there is none)")
     args = parser.parse_args()
+    if any(name.startswith("fmnist") for name in args.cases):  # fail now, not after the toy case's minutes
+        try:
+            args.checkpoint = str(find_map_checkpoint(args.checkpoint, FMNIST_CHECKPOINTS))
+        except FileNotFoundError as exc:
+            parser.error(str(exc))
     torch.set_num_threads(args.threads)
     rows = []
     for name in args.cases:
