@@ -319,13 +319,34 @@ class ParameterSubset:
         handle = self.module.register_forward_pre_hook(lambda mod, args: captured.append(args[0].detach()))
         try:
             with eval_mode(self.model):
-                self.model(x)
+                out = self.model(x)
         finally:
             handle.remove()
         if len(captured) != 1:
             raise RuntimeError(f"the last layer {self.last_layer_name!r} ran {len(captured)} times in this forward "
                                "pass; the last-layer Laplace needs a layer applied once")
+        self._check_tail(captured[0], out)
         return captured[0]
+
+    def _check_tail(self, features: torch.Tensor, out: object) -> None:
+        """Raise ValueError unless the covered function at theta* reproduces the model's output on this batch.
+
+        The tail after the last layer was classified on the first batch; an operation whose map depends on the
+        input (e.g. pooling the last non-pad token, so the position moves with the padding) can agree there and
+        differ later. Cost: one Linear (and the tail's matmul) per batch.
+        """
+        if not self.last_layer_located or not isinstance(out, torch.Tensor):
+            return
+        with torch.no_grad():
+            mine = self.forward(features)
+        scale = 1.0 + float(out.detach().abs().max()) if out.numel() else 1.0
+        if mine.shape != out.shape or float((mine - out).abs().max()) > 1e3 * torch.finfo(mine.dtype).eps * scale:
+            raise ValueError(
+                f"what follows the last layer {self.last_layer_name!r} maps its output differently for these inputs "
+                "than for the training batch it was located on (e.g. pooling at a position that moves with the "
+                "padding), so the last-layer function would not be the model: wrap the model so that the last "
+                "nn.Linear's output is the model's output (apply the head after the pooling), or use "
+                "subset_of_weights='all'")
 
     def _full_vector(self, theta: torch.Tensor) -> torch.Tensor:
         if self.indices is None:
