@@ -82,7 +82,7 @@ class Laplace:
             require grad (frozen ones are not counted), or a boolean mask of that length;
             see :func:`posthoc.laplace.subnetwork.largest_variance_indices`). "last_layer" covers the
             last nn.Linear on the path to the output, located on the first training batch (see
-            :class:`posthoc.laplace.subset.ParameterSubset`), or ``last_layer_name``.
+            :class:`posthoc.network.subset.ParameterSubset`), or ``last_layer_name``.
         hessian_structure: "full", "diag", "kron", "ekfac" or "lowrank".
         prior_precision: delta: a scalar, one value per parameter tensor, or one per parameter.
         sigma_noise: observation noise (regression; must stay 1 for classification).
