@@ -16,6 +16,7 @@ fiber_toy.md is kept when the file is rewritten.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import time
@@ -25,7 +26,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from posthoc.bench.fiber_methods import map_scaled_prior
-from posthoc.bench.report import run_meta
+from posthoc.bench.report import run_meta, write_json
 from posthoc.data.toy import GAP_INTERVAL, gap_regression, two_moons
 from posthoc.fiber import FiberSampler
 from posthoc.fiber.deform import DeformKind, PrincipalCoordinates, gaussian_log_prob
@@ -218,6 +219,7 @@ def moons_problem() -> tuple[dict, FiberSampler, object]:
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()  # no options; --help says what runs
     torch.set_num_threads(1)  # small problems: one thread avoids contention on the shared machine
     rows, choice = [], []
     for name, fn in (("gap regression", gap_problem), ("two moons", moons_problem)):
@@ -228,8 +230,7 @@ def main() -> None:
         choice.append(c)
         print(json.dumps(c), flush=True)
     meta = run_meta()
-    atomic_write_text(RESULTS / "fiber_toy.json", json.dumps({"meta": meta, "rows": rows, "stage2_choice": choice},
-                                                       indent=2))
+    write_json(RESULTS / "fiber_toy.json", {"meta": meta, "rows": rows, "stage2_choice": choice})
     lines = ["# Fiber sampling on toy problems", "",
              "Settings: 16 particles, 400 steps (burn-in 200, thin 10: 320 walked samples), prior precision "
              f"delta = {PRIOR_SCALE} * P / ||theta*||^2, step size {ETA_DELTA} / delta (shrunk by 0.8 only during "

@@ -28,7 +28,7 @@ import torch
 
 from posthoc.bench.checkpoints import find_map_checkpoint
 from posthoc.bench.processes import run_limited
-from posthoc.bench.report import run_meta
+from posthoc.bench.report import run_meta, write_json
 from posthoc.models.training import load_map_weights
 from posthoc.utils.io import atomic_write_text
 
@@ -185,8 +185,7 @@ def main() -> None:
             "threads": run["machine"]["torch_threads"], "run": run, "batch": args.batch, "full_mode_batch": FULL_BATCH,
             "repeats": args.repeats, "min_seconds": args.min_seconds, "dtype": "float32",
             "note": args.note}
-    RESULTS.mkdir(exist_ok=True)
-    atomic_write_text(RESULTS / "streamlined_cost.json", json.dumps({"meta": meta, "rows": rows}, indent=2))
+    write_json(RESULTS / "streamlined_cost.json", {"meta": meta, "rows": rows})
     lines = ["# Streamlined prediction: cost", "",
              f"{meta['date']}, {meta['platform']}, {meta['cpu_count']} CPUs (shared), Python {meta['python']}, "
              f"torch {meta['torch']}, float32. Batch {args.batch} embedded FMNIST test images "
