@@ -161,7 +161,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fallback-fit-n", type=int, default=100, help="if a side's fit did not finish, its predictive "
                    "is timed after a fit on this many points (no comparison then)")
     p.add_argument("--out-dir", default=str(DEFAULT_OUT), help="where the .md and .json go")
-    p.add_argument("--name", default=RESULT_STEM, help="file stem of the results")
+    p.add_argument("--name", default=RESULT_STEM, help="file stem of the results (the benchmark keeps one results file, earlier runs are in git history: another stem is for a scratch run only)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.repeats < 1:
