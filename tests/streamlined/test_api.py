@@ -122,7 +122,7 @@ def test_bench_methods_registered():
                          ids=["relu", "tanh", "sigmoid", "silu", "gelu", "gelu_tanh"])
 def test_activation_slopes_equal_autograd(module):
     # the linearisation every activation rule uses: its slope must be the exact derivative (float64)
-    from posthoc.streamlined.rules import _activation_derivative
+    from posthoc.streamlined.rules.activations import _activation_derivative
 
     x = torch.linspace(-5, 5, 101, dtype=torch.float64)
     ref = torch.func.vmap(torch.func.grad(lambda t: module(t)))(x)

@@ -39,9 +39,9 @@ from posthoc.streamlined.rules import (
     LinearStep,
     Step,
     UnsupportedLayerError,
-    _affine_noise,
     advance,
 )
+from posthoc.streamlined.rules.affine import _affine_noise
 
 Graph = Callable[[nn.Module, Moments, Context, bool], Moments]
 GRAPHS: dict[type, Graph] = {}

@@ -1,0 +1,67 @@
+"""Moment-propagation rules, one per layer type, in a registry new layers plug into.
+
+A rule maps (module, input :class:`Moments`, :class:`Context`) to output Moments. Most
+rules build a :class:`Step` (the layer linearised at the input mean) and call
+:func:`advance`, which applies it in the chosen mode:
+
+- diagonal mode: ``step.var(var_in)``, the output variances (weight noise included);
+- full mode: Σ_out = J Σ_in Jᵀ + ``step.noise_full(Σ_in)`` (the weight-noise covariance,
+  cross-unit and cross-position terms included), and J applied to every open
+  cross-covariance (residual blocks).
+
+Weights are independent of the incoming activations (they belong to different layers),
+so for Linear/Conv2d layers the moments are exact given Gaussian inputs; the only
+approximations are the linearisation of nonlinear layers at the mean (activations,
+LayerNorm, attention weights) and, in diagonal mode, the dropped covariances.
+
+The rules live by layer family (:mod:`.affine`: Linear, Conv2d; :mod:`.activations`: element-wise
+activations, Identity, Dropout, Flatten; :mod:`.pooling`; :mod:`.normalisation`: BatchNorm, LayerNorm) on
+the core in :mod:`.base`; importing this package registers them all in the one registry :data:`RULES`.
+Attention and residual blocks are graphs of these rules (:mod:`posthoc.streamlined.walk`).
+"""
+
+from __future__ import annotations
+
+from posthoc.streamlined.rules.base import (
+    RULES,
+    AttentionRule,
+    Context,
+    LayerNormRule,
+    Rule,
+    Step,
+    UnsupportedLayerError,
+    advance,
+    register_rule,
+)
+from posthoc.streamlined.rules.affine import AffineNoise, ConvStep, LinearStep, conv2d_rule, linear_rule
+from posthoc.streamlined.rules.activations import ElementwiseStep, activation_rule, flatten_rule, identity_rule
+from posthoc.streamlined.rules.pooling import LinearMapStep, MaxPoolStep, avgpool_rule, maxpool_rule
+from posthoc.streamlined.rules.normalisation import AffineNormStep, batchnorm_rule, layernorm_rule
+
+__all__ = [
+    "RULES",
+    "AffineNoise",
+    "AffineNormStep",
+    "AttentionRule",
+    "Context",
+    "ConvStep",
+    "ElementwiseStep",
+    "LayerNormRule",
+    "LinearMapStep",
+    "LinearStep",
+    "MaxPoolStep",
+    "Rule",
+    "Step",
+    "UnsupportedLayerError",
+    "activation_rule",
+    "advance",
+    "avgpool_rule",
+    "batchnorm_rule",
+    "conv2d_rule",
+    "flatten_rule",
+    "identity_rule",
+    "layernorm_rule",
+    "linear_rule",
+    "maxpool_rule",
+    "register_rule",
+]

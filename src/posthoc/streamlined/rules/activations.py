@@ -1,0 +1,60 @@
+"""Rules for element-wise activations (linearised at the mean) and for the layers that only re-index or pass
+their input through (Identity, Dropout at test time, Flatten)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from posthoc.streamlined.moments import Moments, rearrange
+from posthoc.streamlined.rules.base import Context, Step, UnsupportedLayerError, advance, register_rule
+
+
+def _activation_derivative(module: nn.Module, mu: torch.Tensor) -> torch.Tensor:
+    if isinstance(module, nn.ReLU):
+        return mu > 0  # a mask: multiplying by it needs no float copy and no squaring
+    if isinstance(module, nn.Tanh):
+        return 1 - torch.tanh(mu).square()
+    if isinstance(module, nn.Sigmoid):
+        s = torch.sigmoid(mu)
+        return s * (1 - s)
+    # SiLU and GELU: torch's own fused derivative kernels (one op instead of about ten elementwise ones)
+    if isinstance(module, nn.SiLU):
+        return torch.ops.aten.silu_backward(torch.ones_like(mu), mu)
+    if isinstance(module, nn.GELU):
+        return torch.ops.aten.gelu_backward(torch.ones_like(mu), mu, approximate=module.approximate)
+    raise UnsupportedLayerError(type(module).__name__)
+
+
+class ElementwiseStep(Step):
+    def __init__(self, mean: torch.Tensor, slope: torch.Tensor) -> None:
+        self.mean, self.slope = mean, slope
+
+    def jac(self, directions: torch.Tensor) -> torch.Tensor:
+        return directions * self.slope.unsqueeze(1)
+
+    def var(self, var_in: torch.Tensor | None) -> torch.Tensor | None:
+        if var_in is None:
+            return None
+        if self.slope.dtype == torch.bool:
+            return var_in * self.slope
+        return torch.mul(var_in, self.slope).mul_(self.slope)
+
+
+@register_rule(nn.ReLU, nn.GELU, nn.Tanh, nn.Sigmoid, nn.SiLU)
+def activation_rule(module: nn.Module, state: Moments, ctx: Context, last: bool) -> Moments:
+    """g linearised at the mean: μ <- g(μ), Σ <- D Σ D with D = diag(g'(μ)) (ReLU: g'(0) = 0)."""
+    step = ElementwiseStep(module(state.mean), _activation_derivative(module, state.mean))
+    return advance(state, step, ctx)
+
+
+@register_rule(nn.Dropout, nn.Identity)
+def identity_rule(module: nn.Module, state: Moments, ctx: Context, last: bool) -> Moments:
+    """Identity (Dropout at test time)."""
+    return state
+
+
+@register_rule(nn.Flatten)
+def flatten_rule(module: nn.Flatten, state: Moments, ctx: Context, last: bool) -> Moments:
+    """A re-indexing: the full covariance's row-major order is unchanged."""
+    return rearrange(state, module)

@@ -1,0 +1,264 @@
+"""Rules for the affine layers, Linear and Conv2d: exact moments of W a + b for Gaussian a independent of the
+random (W, b), with the weight noise of a diagonal, Kronecker-factored or full layer posterior."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from posthoc.streamlined.moments import Moments
+from posthoc.streamlined.rules.base import Context, Step, UnsupportedLayerError, advance, register_rule
+from posthoc.streamlined.weight_posteriors import LayerPosterior
+from posthoc.utils.conv import unfold_patches
+
+
+class AffineNoise:
+    """Weight-noise moments of h_l = W a_l + b at L positions, inputs as patches (B, L, K).
+
+    Diagonal mode splits Var(h) into the part ``shared(μ)`` = Var(δW μ + δb), bilinear in the
+    input mean (shared by all positions that see the same W), and ``from_input(var)``, the
+    weight noise times the input variances. ``full(μ, cov | var)`` is the (B, L·C, L·C)
+    covariance in (position, channel) order, cross-position terms from the shared W included.
+    """
+
+    def __init__(self, post: LayerPosterior, weight: torch.Tensor, bias: torch.Tensor | None,
+                 module: nn.Module) -> None:
+        self.c_out, self.k = weight.shape[0], weight[0].numel()
+        self.w_diag = self.w_kron = self.full = None
+        self.b_var = self.b_cov = None
+        if post.full is not None:
+            self.full = post.full_blocks(module)
+            cww, cwb, cbb = self.full
+            if cww is not None:
+                self.cww_cc = torch.diagonal(cww, dim1=0, dim2=2).permute(2, 0, 1)  # (C, K, K)
+            if cwb is not None:
+                self.cwb_cc = torch.diagonal(cwb, dim1=0, dim2=2)  # (K, C)
+            if cbb is not None:
+                self.b_cov, self.b_var = cbb, torch.diagonal(cbb)
+        if "weight" in post.diag:
+            self.w_diag = post.diag["weight"].reshape(self.c_out, self.k)
+        elif "weight" in post.kron:
+            f = post.kron["weight"]
+            self.w_kron = (f.q_out, f.q_in, f.inv, f.q_out.square(), f.q_in.square())
+        if bias is not None and "bias" in post.diag:
+            self.b_var = post.diag["bias"]
+        elif bias is not None and "bias" in post.kron:
+            self.b_cov = post.kron["bias"].dense_bias_cov()
+            self.b_var = post.kron["bias"].q_out.square() @ post.kron["bias"].inv
+
+    # ---- diagonal mode
+    def shared(self, mu: torch.Tensor) -> torch.Tensor:
+        """Var(δW μ + δb) per output, μ (..., K) -> (..., C)."""
+        if self.w_diag is not None:
+            return F.linear(mu.square(), self.w_diag, self.b_var)
+        out = torch.zeros(*mu.shape[:-1], self.c_out, dtype=mu.dtype, device=mu.device)
+        if self.w_kron is not None:
+            _, q_in, inv, q_out_sq, _ = self.w_kron
+            out = out + ((mu @ q_in).square() @ inv.T) @ q_out_sq.T
+        elif self.full is not None:
+            if self.full[0] is not None:
+                out = out + torch.einsum("...k,ckj,...j->...c", mu, self.cww_cc, mu)
+            if self.full[1] is not None:
+                out = out + 2 * mu @ self.cwb_cc
+        return out if self.b_var is None else out + self.b_var
+
+    def from_input(self, var: torch.Tensor) -> torch.Tensor:
+        """Σ_k Var(W_ck) var_k in the weight basis, var (..., K) -> (..., C)."""
+        if self.w_diag is not None:
+            return var @ self.w_diag.T
+        if self.w_kron is not None:
+            _, _, inv, q_out_sq, q_in_sq = self.w_kron
+            return ((var @ q_in_sq) @ inv.T) @ q_out_sq.T
+        if self.full is not None and self.full[0] is not None:
+            return var @ torch.diagonal(self.cww_cc, dim1=1, dim2=2).T
+        return torch.zeros(*var.shape[:-1], self.c_out, dtype=var.dtype, device=var.device)
+
+    # ---- full mode
+    def full_cov(self, mu: torch.Tensor, cov: torch.Tensor | None = None, var: torch.Tensor | None = None
+                 ) -> torch.Tensor:
+        """(B, L·C, L·C) weight-noise covariance; input mean μ (B, L, K) and covariance either
+        ``cov`` (B, L·K, L·K) in (position, feature) order or diagonal ``var`` (B, L, K)."""
+        b, n_pos, k = mu.shape
+        c = self.c_out
+        eye_pos = torch.eye(n_pos, dtype=mu.dtype, device=mu.device)
+        cov5 = None if cov is None else cov.reshape(b, n_pos, k, n_pos, k)
+        noise = mu.new_zeros(b, n_pos, c, n_pos, c)
+        if self.w_diag is not None or self.w_kron is not None:
+            if self.w_kron is not None:
+                q_out, q_in, inv, _, q_in_sq = self.w_kron
+                mu_r = mu @ q_in
+                m = mu_r.unsqueeze(2) * mu_r.unsqueeze(1)  # (B, L, L, K) rotated second moments, k = k'
+                if cov5 is not None:
+                    t = torch.einsum("blkmj,jr->blkmr", cov5, q_in)
+                    m = m + torch.einsum("blkmr,kr->blmr", t, q_in)
+                elif var is not None:
+                    m = m + torch.diag_embed((var @ q_in_sq).transpose(1, 2)).permute(0, 2, 3, 1)
+                n = m @ inv.T  # (B, L, L, q)
+                noise = noise + torch.einsum("blmq,cq,dq->blcmd", n, q_out, q_out)
+            else:
+                m = mu.unsqueeze(2) * mu.unsqueeze(1)
+                if cov5 is not None:
+                    m = m + torch.diagonal(cov5, dim1=2, dim2=4)
+                elif var is not None:
+                    m = m + eye_pos[None, :, :, None] * var.unsqueeze(2)
+                n = m @ self.w_diag.T  # (B, L, L, C)
+                noise = noise + torch.diag_embed(n).permute(0, 1, 3, 2, 4)
+        elif self.full is not None:
+            cww, cwb, _ = self.full
+            if cww is not None:
+                e2 = torch.einsum("blk,bmj->blkmj", mu, mu)
+                if cov5 is not None:
+                    e2 = e2 + cov5
+                elif var is not None:
+                    e2 = e2 + torch.diag_embed(var).unsqueeze(3) * eye_pos[None, :, None, :, None]
+                noise = noise + torch.einsum("ckdj,blkmj->blcmd", cww, e2)
+            if cwb is not None:
+                x = torch.einsum("ckd,blk->blcd", cwb, mu)  # Cov(δW_c a_l, δb_d)
+                noise = noise + x.unsqueeze(3) + x.permute(0, 3, 1, 2).unsqueeze(1)
+        if self.b_cov is not None:
+            noise = noise + self.b_cov[None, None, :, None, :]
+        elif self.b_var is not None:
+            noise = noise + torch.diag(self.b_var)[None, None, :, None, :]
+        noise = noise.reshape(b, n_pos * c, n_pos * c)
+        return 0.5 * (noise + noise.transpose(1, 2))
+
+
+def _affine_noise(module: nn.Module, ctx: Context) -> AffineNoise | None:
+    post = ctx.posterior.get(module)
+    if post is None or not (post.is_random("weight") or post.is_random("bias")):
+        return None
+    return AffineNoise(post, module.weight, module.bias, module)
+
+
+class LinearStep(Step):
+    """nn.Linear on (B, *lead, K): the lead dims are positions sharing W (tokens)."""
+
+    def __init__(self, module: nn.Linear, state: Moments, ctx: Context) -> None:
+        self.module, self.mu = module, state.mean
+        self.noise = _affine_noise(module, ctx)
+        self.mean = F.linear(state.mean, module.weight, module.bias)
+
+    def jac(self, directions: torch.Tensor) -> torch.Tensor:
+        return F.linear(directions, self.module.weight)
+
+    def var(self, var_in: torch.Tensor | None) -> torch.Tensor | None:
+        w_sq = self.module.weight.square()
+        if self.noise is None:
+            return None if var_in is None else F.linear(var_in, w_sq)
+        if var_in is not None and self.noise.w_diag is not None:
+            # Σ_k Var(W_ck) (μ_k² + var_k) + Var(b_c), then += Σ_k W̄_ck² var_k in place: two products, one
+            # elementwise op (the per-token cost of a diagonal posterior; see the module docstring)
+            out = F.linear(torch.addcmul(var_in, self.mu, self.mu), self.noise.w_diag, self.noise.b_var)
+            out.view(-1, out.shape[-1]).addmm_(var_in.reshape(-1, var_in.shape[-1]), w_sq.T)
+            return out
+        out = self.noise.shared(self.mu)
+        if var_in is None:
+            return out
+        return out + F.linear(var_in, w_sq) + self.noise.from_input(var_in)
+
+    def noise_full(self, cov_in: torch.Tensor | None) -> torch.Tensor | None:
+        if self.noise is None:
+            return None
+        b = self.mu.shape[0]
+        return self.noise.full_cov(self.mu.reshape(b, -1, self.noise.k), cov=cov_in)
+
+    def cov_from_var(self, var_in: torch.Tensor | None) -> torch.Tensor:
+        """(B, C, C) output covariance for 2-D inputs with independent units (diagonal mode's last layer)."""
+        w = self.module.weight
+        b = self.mu.shape[0]
+        cov = self.mean.new_zeros(b, w.shape[0], w.shape[0])
+        if var_in is not None:
+            cov = cov + (w * var_in.unsqueeze(1)) @ w.T
+        if self.noise is not None:
+            cov = cov + self.noise.full_cov(self.mu.unsqueeze(1), var=None if var_in is None else var_in.unsqueeze(1))
+        return 0.5 * (cov + cov.transpose(1, 2))
+
+
+@register_rule(nn.Linear)
+def linear_rule(module: nn.Linear, state: Moments, ctx: Context, last: bool) -> Moments:
+    """Linear: exact moments of W a + b for Gaussian a independent of (W, b).
+
+    Diagonal mode: σ²_h = W̄² σ²_a + Var(δW μ_a + δb) + Var(δW)·σ²_a (per position); as the
+    last layer of a diagonal-mode walk on 2-D inputs the (B, C, C) output covariance is
+    returned (input units independent). Full mode: Σ_h = W̄ Σ_a W̄ᵀ + E[δW (Σ_a + μμᵀ) δWᵀ] + Σ_b.
+    """
+    step = LinearStep(module, state, ctx)
+    if last and not ctx.full and state.mean.ndim == 2 and not state.crosses:
+        return Moments(step.mean, cov=step.cov_from_var(state.var))
+    return advance(state, step, ctx)
+
+
+def _conv_padding(module: nn.Conv2d) -> tuple[int, int]:
+    if module.groups != 1 or module.padding_mode != "zeros" or isinstance(module.padding, str) and \
+            module.padding != "valid":
+        raise UnsupportedLayerError(f"Conv2d with groups={module.groups}, padding={module.padding!r}, "
+                                    f"padding_mode={module.padding_mode!r} is not supported; supported: groups=1, "
+                                    "integer padding, padding_mode='zeros'")
+    return (0, 0) if module.padding == "valid" else tuple(module.padding)
+
+
+class ConvStep(Step):
+    """nn.Conv2d: the affine rules on unfolded patches (positions share the kernel)."""
+
+    def __init__(self, module: nn.Conv2d, state: Moments, ctx: Context) -> None:
+        self.module, self.mu, self.in_shape = module, state.mean, state.shape
+        self.padding = _conv_padding(module)
+        self.noise = _affine_noise(module, ctx)
+        self.mean = self._conv(state.mean, module.weight, module.bias)
+        self.out_shape = tuple(self.mean.shape[1:])
+
+    def _conv(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        m = self.module
+        return F.conv2d(x, weight, bias, m.stride, self.padding, m.dilation)
+
+    def _patches(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C_in, H, W) -> (N, L, K)."""
+        m = self.module
+        return unfold_patches(x, m.kernel_size, m.dilation, self.padding, m.stride).transpose(1, 2)
+
+    def _to_image(self, per_position: torch.Tensor) -> torch.Tensor:
+        """(B, L, C) -> (B, C, H', W')."""
+        return per_position.transpose(1, 2).reshape(per_position.shape[0], *self.out_shape)
+
+    def jac(self, directions: torch.Tensor) -> torch.Tensor:
+        b, n = directions.shape[:2]
+        out = self._conv(directions.reshape(b * n, *self.in_shape), self.module.weight)
+        return out.reshape(b, n, *self.out_shape)
+
+    def var(self, var_in: torch.Tensor | None) -> torch.Tensor | None:
+        w_sq = self.module.weight.square()
+        if self.noise is None:
+            return None if var_in is None else self._conv(var_in, w_sq)
+        if self.noise.w_diag is not None:  # conv(σ²_a, W̄² + S) + conv(μ², S): two convolutions, no unfolding
+            s_w = self.noise.w_diag.reshape(w_sq.shape)
+            noise = self._conv(self.mu.square(), s_w, self.noise.b_var)
+            return noise if var_in is None else noise + self._conv(var_in, w_sq + s_w)
+        noise_p = self.noise.shared(self._patches(self.mu))
+        if var_in is not None:
+            noise_p = noise_p + self.noise.from_input(self._patches(var_in))
+        noise = self._to_image(noise_p)
+        return noise if var_in is None else noise + self._conv(var_in, w_sq)
+
+    def noise_full(self, cov_in: torch.Tensor | None) -> torch.Tensor | None:
+        if self.noise is None:
+            return None
+        b, d = self.mu.shape[0], self.mu[0].numel()
+        mu_p = self._patches(self.mu)
+        n_pos, k = mu_p.shape[1:]
+        cov_p = None
+        if cov_in is not None:
+            rows = self._patches(cov_in.reshape(b * d, *self.in_shape)).reshape(b, d, n_pos * k)
+            cov_p = self._patches(rows.transpose(1, 2).reshape(b * n_pos * k, *self.in_shape))
+            cov_p = cov_p.reshape(b, n_pos * k, n_pos * k)
+        noise = self.noise.full_cov(mu_p, cov=cov_p)  # (position, channel) order
+        c = self.noise.c_out
+        return noise.reshape(b, n_pos, c, n_pos, c).permute(0, 2, 1, 4, 3).reshape(b, c * n_pos, c * n_pos)
+
+
+@register_rule(nn.Conv2d)
+def conv2d_rule(module: nn.Conv2d, state: Moments, ctx: Context, last: bool) -> Moments:
+    """Conv2d: the Linear rules per output position on unfolded patches. Diagonal mode: a diagonal
+    posterior costs two extra convolutions; KFAC/full unfold the patches. Full mode keeps the
+    cross-position covariance the shared kernel induces (O((L·K)²) per example)."""
+    return advance(state, ConvStep(module, state, ctx), ctx)

@@ -1,0 +1,91 @@
+"""The core every moment-propagation rule builds on: the :class:`Context` of a walk, the linearised
+:class:`Step`, :func:`advance` (a step applied in diagonal or full mode) and the one registry, :data:`RULES`,
+that :func:`register_rule` fills."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from typing import Callable
+
+import torch
+from torch import nn
+
+from posthoc.streamlined.moments import ActivationCovariance, Moments, add_optional, apply_to_crosses, sandwich
+from posthoc.streamlined.weight_posteriors import WeightPosterior
+
+
+class AttentionRule(str, Enum):
+    """Diagonal-mode variance rule for self-attention (Q, K deterministic, V random)."""
+
+    INDEPENDENT = "independent"  # the authors': Σ_o,t = Σ_s A_ts² Σ_v,s (tokens independent)
+    SHARED_VALUE = "shared_value"  # keeps the cross-token covariance of the shared random W_v
+
+
+class LayerNormRule(str, Enum):
+    FROZEN = "frozen"  # the authors': statistics held at their values for the mean input
+    LINEARIZED = "linearized"  # the Jacobian of LayerNorm at the mean input
+
+
+class UnsupportedLayerError(TypeError):
+    """A module has no moment-propagation rule."""
+
+
+@dataclass
+class Context:
+    mode: ActivationCovariance
+    posterior: WeightPosterior
+    attention: AttentionRule = AttentionRule.INDEPENDENT
+    layernorm: LayerNormRule = LayerNormRule.FROZEN
+    max_full_dim: int = 4096
+
+    @property
+    def full(self) -> bool:
+        return self.mode is ActivationCovariance.FULL
+
+
+class Step:
+    """A layer linearised at its input mean. ``mean``: (B, *out_shape)."""
+
+    mean: torch.Tensor
+
+    def jac(self, directions: torch.Tensor) -> torch.Tensor:
+        """J applied to directions (B, N, *in_shape) -> (B, N, *out_shape)."""
+        raise NotImplementedError
+
+    def var(self, var_in: torch.Tensor | None) -> torch.Tensor | None:
+        """Diagonal mode: output variances (B, *out_shape) (None: no variance)."""
+        raise NotImplementedError
+
+    def noise_full(self, cov_in: torch.Tensor | None) -> torch.Tensor | None:
+        """Full mode: weight-noise covariance (B, D_out, D_out) given the input covariance, or None."""
+        return None
+
+
+def advance(state: Moments, step: Step, ctx: Context) -> Moments:
+    """Apply a linearised layer to a state in the context's mode."""
+    if not ctx.full:
+        return Moments(step.mean, var=step.var(state.var))
+    d_out = int(step.mean[0].numel())
+    if d_out > ctx.max_full_dim:
+        raise MemoryError(f"full activation covariance needs {d_out} x {d_out} per example (a layer output of "
+                          f"shape {tuple(step.mean.shape[1:])}), above max_full_dim={ctx.max_full_dim}; use "
+                          "activation_covariance='diagonal' or raise max_full_dim")
+    cov = None if state.cov is None else sandwich(step.jac, state.cov, state.shape)
+    cov = add_optional(cov, step.noise_full(state.cov))
+    return Moments(step.mean, cov=cov, crosses=apply_to_crosses(step.jac, state.crosses, state.shape))
+
+
+Rule = Callable[[nn.Module, Moments, Context, bool], Moments]
+RULES: dict[type, Rule] = {}
+
+
+def register_rule(*types: type) -> Callable[[Rule], Rule]:
+    """Decorator: ``rule(module, state, ctx, last) -> Moments`` for exactly these module types."""
+
+    def wrap(rule: Rule) -> Rule:
+        for t in types:
+            RULES[t] = rule
+        return rule
+
+    return wrap

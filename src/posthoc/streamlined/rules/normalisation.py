@@ -1,0 +1,145 @@
+"""Rules for normalisation layers: BatchNorm in eval mode (a per-channel affine map) and LayerNorm (frozen or
+linearised statistics); their γ and β may carry diagonal posterior variances."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from posthoc.streamlined.moments import Moments, sandwich
+from posthoc.streamlined.rules.base import (Context, LayerNormRule, Step, UnsupportedLayerError, advance,
+                                            register_rule)
+from posthoc.streamlined.weight_posteriors import LayerPosterior
+
+
+def _feature_ids(shape: tuple[int, ...], feature_axis: int, device) -> torch.Tensor:
+    """(D,) the feature (channel) of each flattened position."""
+    ids = torch.arange(shape[feature_axis], device=device)
+    view = [1] * len(shape)
+    view[feature_axis] = shape[feature_axis]
+    return ids.reshape(view).expand(shape).reshape(-1)
+
+
+class AffineNormStep(Step):
+    """y = γ ⊙ n(x) + β with n linearised (``n_jac``); γ, β may carry diagonal variances."""
+
+    def __init__(self, mean_n: torch.Tensor, gamma: torch.Tensor | None, beta: torch.Tensor | None,
+                 gamma_var: torch.Tensor | None, beta_var: torch.Tensor | None, feature_axis: int,
+                 n_jac: Callable[[torch.Tensor], torch.Tensor], n_var: Callable[[torch.Tensor], torch.Tensor],
+                 in_shape: tuple[int, ...]) -> None:
+        self.mean_n, self.n_jac, self.n_var, self.in_shape = mean_n, n_jac, n_var, in_shape
+        shape = [1] * (mean_n.ndim - 1)
+        shape[feature_axis] = -1
+        self._view = lambda t: None if t is None else t.reshape(shape)
+        self.gamma, self.beta = self._view(gamma), self._view(beta)
+        self.gamma_var, self.beta_var = self._view(gamma_var), self._view(beta_var)
+        self.feature_axis = feature_axis
+        if self.gamma is not None and self.beta is not None:
+            self.mean = torch.addcmul(self.beta, mean_n, self.gamma)
+        else:
+            mean = mean_n if self.gamma is None else mean_n * self.gamma
+            self.mean = mean if self.beta is None else mean + self.beta
+
+    def _scale(self, x: torch.Tensor, power: int = 1) -> torch.Tensor:
+        return x if self.gamma is None else x * self.gamma**power
+
+    def jac(self, directions: torch.Tensor) -> torch.Tensor:
+        return self._scale(self.n_jac(directions))
+
+    def var(self, var_in: torch.Tensor | None) -> torch.Tensor | None:
+        # (γ̄² + Var γ) var_n + Var(γ) n̄² + Var(β), accumulated in place on the fresh output
+        var_n = None if var_in is None else self.n_var(var_in)
+        out = None
+        if var_n is not None:
+            coef = None if self.gamma is None else self.gamma.square()
+            if self.gamma_var is not None:
+                coef = self.gamma_var if coef is None else coef + self.gamma_var
+            out = var_n if coef is None else var_n * coef
+        if self.gamma_var is not None:
+            term = self.mean_n.square().mul_(self.gamma_var)
+            out = term if out is None else out.add_(term)
+        if self.beta_var is not None:
+            out = self.beta_var.expand_as(self.mean_n).clone() if out is None else out.add_(self.beta_var)
+        return out
+
+    def noise_full(self, cov_in: torch.Tensor | None) -> torch.Tensor | None:
+        if self.gamma_var is None and self.beta_var is None:
+            return None
+        b = self.mean_n.shape[0]
+        ids = _feature_ids(self.in_shape, self.feature_axis, self.mean_n.device)
+        same = (ids[:, None] == ids[None, :]).to(self.mean_n.dtype)
+        noise = self.mean_n.new_zeros(b, ids.numel(), ids.numel())
+        if self.gamma_var is not None:
+            mu = self.mean_n.reshape(b, -1)
+            second = mu.unsqueeze(2) * mu.unsqueeze(1)
+            if cov_in is not None:
+                second = second + sandwich(self.n_jac, cov_in, self.in_shape)
+            noise = noise + second * same * self.gamma_var.reshape(-1)[ids].unsqueeze(1)
+        if self.beta_var is not None:
+            noise = noise + same * self.beta_var.reshape(-1)[ids].unsqueeze(1)
+        return noise
+
+
+def _param_var(post: LayerPosterior | None, attr: str, what: str) -> torch.Tensor | None:
+    if post is None or not post.is_random(attr):
+        return None
+    if attr not in post.diag:
+        raise ValueError(f"{what}.{attr} has a non-diagonal posterior; only diagonal variances are supported there: "
+                         "use a diag, kron or ekfac Laplace (they give this layer diagonal variances), or a full "
+                         "Laplace on subset_of_weights='last_layer'")
+    return post.diag[attr]
+
+
+@register_rule(nn.BatchNorm1d, nn.BatchNorm2d)
+def batchnorm_rule(module: nn.Module, state: Moments, ctx: Context, last: bool) -> Moments:
+    """BatchNorm in eval mode: a per-channel affine map (random γ, β with diagonal variances allowed)."""
+    if module.training or module.running_var is None:
+        raise ValueError(f"{type(module).__name__} must be in eval mode with running statistics "
+                         "(call model.eval())")
+    shape = [1] * state.mean.ndim
+    shape[1] = -1
+    inv_sd = torch.rsqrt(module.running_var + module.eps).reshape(shape)
+    mean_n = (state.mean - module.running_mean.reshape(shape)) * inv_sd
+    inv_sd_dir = inv_sd.unsqueeze(1)
+    post = ctx.posterior.get(module)
+    step = AffineNormStep(mean_n, module.weight, module.bias, _param_var(post, "weight", "BatchNorm"),
+                          _param_var(post, "bias", "BatchNorm"), 0, lambda d: d * inv_sd_dir,
+                          lambda v: v * inv_sd.square(), state.shape)
+    return advance(state, step, ctx)
+
+
+@register_rule(nn.LayerNorm)
+def layernorm_rule(module: nn.LayerNorm, state: Moments, ctx: Context, last: bool) -> Moments:
+    """LayerNorm over the last axis. ``frozen``: mean/std of the mean input held fixed (affine per token);
+    ``linearized``: the Jacobian (I - 11ᵀ/D - n nᵀ/D)/s at the mean (diagonal mode: its squared rows
+    applied to the variances, O(D))."""
+    if len(module.normalized_shape) != 1:
+        raise UnsupportedLayerError("LayerNorm over the last axis only (normalized_shape of length 1)")
+    mu = state.mean
+    centred = mu - mu.mean(-1, keepdim=True)
+    inv_s = torch.rsqrt(centred.square().mean(-1, keepdim=True) + module.eps)
+    n = centred * inv_s
+    d = mu.shape[-1]
+    if ctx.layernorm is LayerNormRule.FROZEN:
+        def n_jac(x):
+            return x * inv_s.unsqueeze(1)
+
+        def n_var(v):
+            return v * inv_s.square()
+    else:
+        n_dir, inv_s_dir = n.unsqueeze(1), inv_s.unsqueeze(1)
+
+        def n_jac(x):
+            return (x - x.mean(-1, keepdim=True) - n_dir * (n_dir * x).mean(-1, keepdim=True)) * inv_s_dir
+
+        def n_var(v):
+            # Σ_i J_ji² v_i with J_ji = (δ_ji - (1 + n_j n_i)/D)/s
+            s0, s1, s2 = v.sum(-1, keepdim=True), (n * v).sum(-1, keepdim=True), (n * n * v).sum(-1, keepdim=True)
+            out = v * (1 - 2 * (1 + n * n) / d) + (s0 + 2 * n * s1 + n * n * s2) / d**2
+            return out * inv_s.square()
+    post = ctx.posterior.get(module)
+    step = AffineNormStep(n, module.weight, module.bias, _param_var(post, "weight", "LayerNorm"),
+                          _param_var(post, "bias", "LayerNorm"), mu.ndim - 2, n_jac, n_var, state.shape)
+    return advance(state, step, ctx)
