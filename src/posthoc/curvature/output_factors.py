@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from enum import Enum
+from typing import Any
 
 import torch
 
@@ -77,6 +78,28 @@ class OutputFactors:
             return torch.ones_like(sigma_noise)
         power = 4 if self.curvature is CurvatureType.EF else 2
         return sigma_noise ** (-power)
+
+
+class RecordingFactors:
+    """OutputFactors that also sum the log-likelihood statistic of the outputs they see (while ``active``),
+    so log p(D | theta*) costs no extra forward pass for structures that see every example once.
+
+    ``n_seen`` counts the examples seen while active and ``stat`` sums :func:`log_likelihood_terms` over
+    them (a 0-d tensor in the outputs' dtype); every other attribute is the wrapped factors'.
+    """
+
+    def __init__(self, factors: OutputFactors, likelihood: Likelihood) -> None:
+        self.factors, self.likelihood = factors, likelihood
+        self.active, self.n_seen, self.stat = False, 0, torch.zeros(())
+
+    def __call__(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if self.active:
+            self.n_seen += outputs.shape[0]
+            self.stat = self.stat.to(outputs.dtype) + log_likelihood_terms(outputs, targets, self.likelihood)
+        return self.factors(outputs, targets)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.factors, name)
 
 
 def _softmax_hessian_factor(p: torch.Tensor) -> torch.Tensor:

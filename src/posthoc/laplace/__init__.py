@@ -3,7 +3,7 @@ weights, the last layer or a subnetwork, with glm and sampled predictives."""
 
 from posthoc.laplace.function_space import exact_lla
 from posthoc.laplace.laplace import Laplace, PredType, PriorOptimization
-from posthoc.laplace.structures import STRUCTURES, HessianStructure, register_structure
+from posthoc.laplace.structures import STRUCTURES, HessianStructure, get_structure, register_structure
 from posthoc.network.subset import ParameterSubset, SubsetOfWeights
 
 __all__ = [
@@ -15,5 +15,6 @@ __all__ = [
     "ParameterSubset",
     "STRUCTURES",
     "register_structure",
+    "get_structure",
     "exact_lla",
 ]

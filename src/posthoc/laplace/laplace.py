@@ -20,11 +20,13 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 from torch import nn
 
-from posthoc.curvature.output_factors import CurvatureType, OutputFactors, log_likelihood, log_likelihood_terms
+from posthoc.curvature.output_factors import (CurvatureType, OutputFactors, RecordingFactors, log_likelihood,
+                                              log_likelihood_terms)
 from posthoc.distributed import check_same_on_all_ranks, sum_count, sum_over_ranks
 from posthoc.network.batches import checked_batches, first_batch_inputs
 from posthoc.laplace.prior import PriorKind, as_prior_tensor, per_parameter, prior_kind
-from posthoc.laplace.structures import STRUCTURES, CurvatureStructure, HessianStructure
+from posthoc.laplace.state import STATE_VERSION, laplace_state_dict, load_laplace_state  # noqa: F401 (re-exported)
+from posthoc.laplace.structures import CurvatureStructure, HessianStructure, get_structure
 from posthoc.network.subset import ParameterSubset, SubsetOfWeights
 from posthoc.likelihood import Likelihood
 from posthoc.predictive import GaussianPredictive, LinkApprox, Predictive, SamplePredictive
@@ -36,8 +38,6 @@ from posthoc.predictive.tuning import (PriorOptimization, PriorStructure, checke
 from posthoc.utils.checks import check_choice, check_finite
 from posthoc.utils.modes import eval_mode
 
-STATE_VERSION = 1
-
 # Relative float32 round-off of the posterior algebra above which a warning names float64 as the fix:
 # a structure's error grows like eps * s * lambda_max(H) / min(delta) (measured for full: 3% at 6e-2).
 _ROUNDOFF_WARN = 1e-2
@@ -47,24 +47,6 @@ _LOW_PRECISION = (torch.float16, torch.bfloat16)
 class PredType(str, Enum):
     GLM = "glm"  # linearised: N(f(x; theta*), J Lambda^-1 J^T)
     NN = "nn"  # sampled weights, full forward passes
-
-
-class _RecordingFactors:
-    """OutputFactors that also sum the log-likelihood statistic of the outputs they see (while active),
-    so log p(D | theta*) costs no extra forward pass for structures that see every example once."""
-
-    def __init__(self, factors: OutputFactors, likelihood: Likelihood) -> None:
-        self.factors, self.likelihood = factors, likelihood
-        self.active, self.n_seen, self.stat = False, 0, torch.zeros(())
-
-    def __call__(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        if self.active:
-            self.n_seen += outputs.shape[0]
-            self.stat = self.stat.to(outputs.dtype) + log_likelihood_terms(outputs, targets, self.likelihood)
-        return self.factors(outputs, targets)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.factors, name)
 
 
 class Laplace:
@@ -83,7 +65,8 @@ class Laplace:
             see :func:`posthoc.laplace.subnetwork.largest_variance_indices`). "last_layer" covers the
             last nn.Linear on the path to the output, located on the first training batch (see
             :class:`posthoc.network.subset.ParameterSubset`), or ``last_layer_name``.
-        hessian_structure: "full", "diag", "kron", "ekfac" or "lowrank".
+        hessian_structure: "full", "diag", "kron", "ekfac", "lowrank" (or a HessianStructure member), or the
+            name of a structure added with :func:`posthoc.laplace.register_structure`.
         prior_precision: delta: a scalar, one value per parameter tensor, or one per parameter.
         sigma_noise: observation noise (regression; must stay 1 for classification).
         curvature: "ggn" (exact), "ggn_mc" (sampled labels) or "ef" (empirical Fisher).
@@ -96,8 +79,10 @@ class Laplace:
         last_layer_name: for "last_layer", the nn.Linear to cover (a name from ``model.named_modules()``).
 
     Raises:
-        ValueError: unknown options, a model on the meta device, invalid prior_precision/sigma_noise.
-        TypeError: a float16/bfloat16 model with a structure other than "diag".
+        ValueError: unknown options (an unknown hessian_structure lists the registered ones), a model on the
+            meta device, invalid prior_precision/sigma_noise.
+        TypeError: a float16/bfloat16 model with a structure other than "diag" (one without
+            ``supports_low_precision``).
     """
 
     def __init__(
@@ -120,20 +105,16 @@ class Laplace:
     ) -> None:
         self.model = model
         self.likelihood = check_choice(likelihood, Likelihood, "likelihood")
-        structure = check_choice(hessian_structure, HessianStructure, "hessian_structure")
-        if structure not in STRUCTURES:
-            raise ValueError(f"hessian_structure {structure.value!r} is not available; "
-                             f"registered: {', '.join(s.value for s in STRUCTURES)}")
-        self.structure_cls: type[CurvatureStructure] = STRUCTURES[structure]
+        self.structure_name, self.structure_cls = get_structure(hessian_structure)  # a registered name or member
         self.subset = ParameterSubset(model, subset_of_weights, subnetwork_indices, last_layer_name=last_layer_name)
-        if self.subset.dtype in _LOW_PRECISION and structure is not HessianStructure.DIAG:
-            raise TypeError(f"hessian_structure={structure.value!r} needs a float32 or float64 model (its "
+        if self.subset.dtype in _LOW_PRECISION and not self.structure_cls.supports_low_precision:
+            raise TypeError(f"hessian_structure={self.structure_name!r} needs a float32 or float64 model (its "
                             f"eigen/Cholesky factorisations have no {self.subset.dtype} kernels and would lose the "
                             "variances to round-off); convert with model.float() or model.double(), or use "
                             "hessian_structure='diag'")
         if self.subset.kind is SubsetOfWeights.SUBNETWORK and not self.structure_cls.supports_subnetwork:
-            raise ValueError(f"hessian_structure={structure.value!r} does not support subset_of_weights='subnetwork'; "
-                             "use 'full', 'diag' or 'lowrank'")
+            raise ValueError(f"hessian_structure={self.structure_name!r} does not support subset_of_weights="
+                             "'subnetwork'; use 'full', 'diag' or 'lowrank'")
         self.factors = OutputFactors(self.likelihood, curvature, mc_samples=mc_samples, seed=seed)
         self.prior_precision = prior_precision
         self.sigma_noise = sigma_noise
@@ -170,7 +151,7 @@ class Laplace:
             return value
         prior = as_prior_tensor(value, self.subset)
         if not self.structure_cls.supports_parameter_prior and prior_kind(prior, self.subset) is PriorKind.PARAMETER:
-            raise ValueError(f"hessian_structure={self.structure_cls.structure.value!r} supports a scalar or "
+            raise ValueError(f"hessian_structure={self.structure_name!r} supports a scalar or "
                              "per-layer prior precision only, not a per-parameter one")
         return prior
 
@@ -225,7 +206,7 @@ class Laplace:
         self.input_shape = tuple(x0.shape[1:])
         self.prior_precision = self._prior_precision  # its length is checked against the located subset
         check_same_on_all_ranks(self.subset.theta_map, "the MAP weights")
-        recorder = _RecordingFactors(self.factors, self.likelihood)
+        recorder = RecordingFactors(self.factors, self.likelihood)
         totals: dict[str, int] = {}
 
         def batches():
@@ -288,7 +269,7 @@ class Laplace:
                 f"{self.subset.dtype} cannot resolve this posterior: the curvature's largest eigenvalue "
                 f"({float(scale.detach()) * float(lam):.3g}) is {ratio / eps:.2g} times the smallest prior precision "
                 f"({float(prior.detach().min()):.3g}), so variances may be off by up to about {min(ratio, 1.0):.0%} "
-                f"(hessian_structure={self.structure_cls.structure.value!r}). Fit in float64 (model.double() "
+                f"(hessian_structure={self.structure_name!r}). Fit in float64 (model.double() "
                 "and float64 inputs) or use a larger prior precision",
                 RuntimeWarning, stacklevel=3,
             )
@@ -483,25 +464,9 @@ class Laplace:
 
     # ----------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
-        """Everything that restores the fitted approximation exactly (with the same model weights)."""
-        curvature = self._require_fit()
-        return {
-            "version": STATE_VERSION,
-            "likelihood": self.likelihood.value,
-            "hessian_structure": self.structure_cls.structure.value,
-            "subset_of_weights": self.subset.kind.value,
-            "subnetwork_indices": self.subset.indices,
-            "curvature_type": self.factors.curvature.value,
-            "theta_map": self.subset.theta_map,
-            "prior_precision": self.prior_precision,
-            "sigma_noise": self.sigma_noise,
-            "n_data": self.n_data,
-            "n_outputs": self.n_outputs,
-            "input_shape": self.input_shape,
-            "last_layer": self.subset.last_layer_state(),
-            "loglik_stat": self._loglik_stat,
-            "curvature": curvature.state_dict(),
-        }
+        """Everything that restores the fitted approximation exactly (with the same model weights);
+        see :func:`posthoc.laplace.state.laplace_state_dict`. Raises RuntimeError if not fitted."""
+        return laplace_state_dict(self)
 
     def load_state_dict(self, state: dict[str, Any]) -> "Laplace":
         """Restore a fitted state; the settings and the model's current weights must match those it was fitted
@@ -510,27 +475,4 @@ class Laplace:
         Raises:
             ValueError: another version, other settings, another subnetwork or last layer, or other weights.
         """
-        if state.get("version") != STATE_VERSION:
-            raise ValueError(f"unsupported Laplace state version {state.get('version')!r}")
-        mine = {"likelihood": self.likelihood.value, "hessian_structure": self.structure_cls.structure.value,
-                "subset_of_weights": self.subset.kind.value, "curvature_type": self.factors.curvature.value}
-        for key, value in mine.items():
-            if state[key] != value:
-                raise ValueError(f"state has {key}={state[key]!r} but this Laplace has {value!r}")
-        theirs, ours = state.get("subnetwork_indices"), self.subset.indices
-        if ours is not None and (theirs is None or theirs.shape != ours.shape or not torch.equal(theirs.to(ours), ours)):
-            raise ValueError("the state was fitted on another subnetwork (its subnetwork_indices differ from this "
-                             "Laplace's); build the Laplace with the state's subnetwork_indices")
-        if state.get("last_layer") is not None:
-            self.subset.load_last_layer_state(state["last_layer"])
-        self.subset.capture()  # theta* = the model's weights now
-        theta = state["theta_map"].to(self.subset.theta_map)
-        if theta.shape != self.subset.theta_map.shape or not torch.equal(theta, self.subset.theta_map):
-            raise ValueError("the model's weights differ from those the state was fitted at; load the matching "
-                             "model checkpoint first")
-        self.input_shape = None if state.get("input_shape") is None else tuple(state["input_shape"])
-        self.curvature = self.structure_cls.from_state_dict(self.subset, state["curvature"])
-        self.prior_precision = state["prior_precision"]
-        self.sigma_noise = state["sigma_noise"]
-        self.n_data, self.n_outputs, self._loglik_stat = state["n_data"], state["n_outputs"], state["loglik_stat"]
-        return self
+        return load_laplace_state(self, state)

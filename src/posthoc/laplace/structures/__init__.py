@@ -4,7 +4,9 @@ from posthoc.laplace.structures.base import (
     STRUCTURES,
     CurvatureStructure,
     HessianStructure,
+    get_structure,
     register_structure,
+    structure_name,
 )
 from posthoc.laplace.structures.diag import DiagCurvature
 from posthoc.laplace.structures.ekfac import EKFACCurvature
@@ -21,5 +23,7 @@ __all__ = [
     "HessianStructure",
     "KronCurvature",
     "LowRankCurvature",
+    "get_structure",
     "register_structure",
+    "structure_name",
 ]

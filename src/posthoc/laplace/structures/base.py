@@ -40,9 +40,10 @@ class HessianStructure(str, Enum):
 class CurvatureStructure(abc.ABC):
     """Curvature in one structure plus the posterior algebra of Lambda(delta, s)."""
 
-    structure: ClassVar[HessianStructure]
+    structure: ClassVar[HessianStructure | str]  # the name the decorator form of register_structure uses
     supports_subnetwork: ClassVar[bool] = True
     supports_parameter_prior: ClassVar[bool] = True
+    supports_low_precision: ClassVar[bool] = False  # float16/bfloat16 models (needs no eigen/Cholesky kernels)
 
     def __init__(self, subset: ParameterSubset) -> None:
         self.subset = subset
@@ -101,12 +102,52 @@ class CurvatureStructure(abc.ABC):
         """Inverse of :meth:`state_dict`."""
 
 
-STRUCTURES: dict[HessianStructure, type[CurvatureStructure]] = {}
+STRUCTURES: dict[str, type[CurvatureStructure]] = {}  # keyed by name (a HessianStructure member's value)
 
 
-def register_structure(cls: type[CurvatureStructure]) -> type[CurvatureStructure]:
-    """Class decorator: make a structure available to ``Laplace(hessian_structure=...)``."""
-    if cls.structure in STRUCTURES:
-        raise ValueError(f"hessian_structure {cls.structure.value!r} is already registered")
-    STRUCTURES[cls.structure] = cls
+def register_structure(name: str | type[CurvatureStructure], cls: type[CurvatureStructure] | None = None,
+                       replace: bool = False) -> type[CurvatureStructure]:
+    """Make a structure available to ``Laplace(hessian_structure=name)``.
+
+    ``register_structure("mine", MyCurvature)`` registers a plug-in under a name of its choosing;
+    ``@register_structure`` on a class (the built-ins) registers it under ``cls.structure``.
+    Returns the class, so both forms work as a decorator's result.
+
+    Raises:
+        ValueError: the name is empty or already registered (pass ``replace=True`` to replace it).
+        TypeError: ``cls`` is not a CurvatureStructure subclass.
+    """
+    if cls is None:  # the decorator form: the class names itself
+        if not isinstance(name, type):
+            raise TypeError(f"register_structure(name, cls): cls is missing for name {name!r}")
+        cls, name = name, getattr(name, "structure", None)
+    name = structure_name(name)
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"a hessian_structure name must be a non-empty string, got {name!r}")
+    if not (isinstance(cls, type) and issubclass(cls, CurvatureStructure)):
+        raise TypeError(f"register a CurvatureStructure subclass, got {cls!r}")
+    if name in STRUCTURES and not replace:
+        raise ValueError(f"hessian_structure {name!r} is already registered; pass replace=True to replace it")
+    STRUCTURES[name] = cls
     return cls
+
+
+def structure_name(structure: HessianStructure | str) -> str:
+    """The registry key of a structure: a HessianStructure member's value, or the string itself."""
+    return structure.value if isinstance(structure, HessianStructure) else structure
+
+
+def get_structure(structure: HessianStructure | str) -> tuple[str, type[CurvatureStructure]]:
+    """(name, class) of a registered structure.
+
+    Raises:
+        ValueError: no structure is registered under that name (the message lists the registered ones).
+    """
+    name = structure_name(structure)
+    if not isinstance(name, str) or name not in STRUCTURES:
+        built_in = [m.value for m in HessianStructure if m.value in STRUCTURES]
+        names = built_in + [n for n in STRUCTURES if n not in built_in]  # the built-ins in the enum's order
+        raise ValueError(f"unknown hessian_structure {structure!r}; choose one of "
+                         f"{', '.join(map(repr, names))} (or register one with "
+                         "posthoc.laplace.register_structure)")
+    return name, STRUCTURES[name]

@@ -43,6 +43,7 @@ class DiagCurvature(CurvatureStructure):
     """
 
     structure = HessianStructure.DIAG
+    supports_low_precision = True  # 1 / (s h + delta) per entry: no factorisation kernels needed
 
     def __init__(self, subset: ParameterSubset, diagonal: torch.Tensor,
                  chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> None:
