@@ -18,7 +18,6 @@ from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
-from torch.utils.data import DistributedSampler
 from tqdm.auto import tqdm
 
 from posthoc.curvature.output_factors import CurvatureType, OutputFactors, log_likelihood, log_likelihood_terms
@@ -32,35 +31,12 @@ from posthoc.predictive.tuning import (PriorOptimization, checked_grid, checked_
                                        validation_nll_sum)
 from posthoc.scalla import objectives
 from posthoc.scalla.posterior import LatentPosterior, batch_precision
+from posthoc.scalla.rank_checks import SAME_LOADERS, check_not_sharded, input_digest
+from posthoc.scalla.state import restore_scalla_state, scalla_state
 from posthoc.scalla.surrogate import HIDDEN, FeatureMap, SurrogateInit, build_default_surrogate
 from posthoc.scalla.training import InputPool, SurrogateTrainer, TrainSettings, n_context_features
 from posthoc.utils.checks import check_choice, check_finite
 from posthoc.utils.modes import eval_mode
-
-STATE_VERSION = 2  # 2: biased states have m + h latent features
-SAME_LOADERS = ("ScaLLA.fit takes the same loaders on every rank (it splits each batch over the ranks itself): "
-                "give every rank the same, unsharded loader with the same order (no DistributedSampler, the same "
-                "shuffle seed)")
-
-
-def _check_not_sharded(loader: Iterable | None) -> None:
-    """Raise ValueError for a loader with a DistributedSampler over several ranks (before any work is done)."""
-    sampler = getattr(loader, "sampler", None)
-    if isinstance(sampler, DistributedSampler) and sampler.num_replicas > 1:
-        raise ValueError(f"the loader has a DistributedSampler (a shard per rank): {SAME_LOADERS}")
-
-
-def _input_digest(x: torch.Tensor, offset: int = 0, chunk: int = 4096) -> torch.Tensor:
-    """[n, sum x, sum_i (offset + i + 1) sum x_i, sum x^2] in float64 for inputs x (n, ...): equal on two ranks
-    when they hold the same inputs in the same order (a shard or a reordering changes it). One pass over x."""
-    out = torch.zeros(4, dtype=torch.float64)
-    out[0] = x.shape[0]
-    for start in range(0, x.shape[0], chunk):
-        rows = x[start:start + chunk].detach().reshape(min(chunk, x.shape[0] - start), -1).to(torch.float64).cpu()
-        sums = rows.sum(1)
-        position = torch.arange(offset + start + 1, offset + start + 1 + rows.shape[0], dtype=torch.float64)
-        out[1:] += torch.stack([sums.sum(), (position * sums).sum(), rows.square().sum()])
-    return out
 
 
 class EvidenceKind(str, Enum):
@@ -249,7 +225,7 @@ class ScaLLA:
         ValueError under torch.distributed when the ranks' weights or inputs differ (see the class docstring).
         """
         for loader in (train_loader, context_loader):
-            _check_not_sharded(loader)
+            check_not_sharded(loader)
         self.surrogate, self.posterior = None, None
         with eval_mode(self.model):
             self.subset.capture()
@@ -273,7 +249,7 @@ class ScaLLA:
             if is_distributed():
                 for pool in (train_pool, context_pool):
                     if pool is not None:
-                        check_same_on_all_ranks(_input_digest(pool.inputs), f"the {pool.name} inputs",
+                        check_same_on_all_ranks(input_digest(pool.inputs), f"the {pool.name} inputs",
                                                 fix=SAME_LOADERS)
             settings = (self.settings if steps is None
                         else TrainSettings(**{**self.settings.__dict__, "steps": steps}))
@@ -297,7 +273,7 @@ class ScaLLA:
         """
         surrogate = self._require_surrogate()
         self.subset.check_current("fit the ScaLLA posterior")
-        _check_not_sharded(train_loader)
+        check_not_sharded(train_loader)
         surrogate.eval()
         m = self.n_latent
         precision = torch.zeros(m, m, dtype=self.subset.dtype, device=self.subset.device)
@@ -306,7 +282,7 @@ class ScaLLA:
         for x, y in tqdm(self._batches(train_loader), desc="ScaLLA posterior", disable=not self.progress, leave=False):
             self._check_shape(x, "training inputs")
             if is_distributed():
-                digest += _input_digest(x, n_seen)
+                digest += input_digest(x, n_seen)
                 n_seen += x.shape[0]
             part = rank_slice(x.shape[0])
             x, y = x[part], y[part]
@@ -475,50 +451,16 @@ class ScaLLA:
 
     # ----------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
-        """Everything that restores the fitted ScaLLA (with the same network weights)."""
-        posterior = self._require_fit()
-        theta = self.subset.theta_map.detach().double()
-        return {
-            "version": STATE_VERSION, "likelihood": self.likelihood.value, "n_features": self.n_features,
-            "biased": self.biased, "surrogate_hidden": self.surrogate_hidden, "input_shape": self.input_shape,
-            "input_dtype": str(self.input_dtype).removeprefix("torch."),
-            "n_outputs": self.n_outputs,
-            "theta_check": (float(theta.sum()), float(theta.square().sum())),
-            "surrogate": self._require_surrogate().state_dict(), "posterior": posterior.state_dict(),
-            "prior_precision": self.prior_precision, "sigma_noise": self.sigma_noise,
-            "train_record": self.train_record,
-        }
+        """Everything that restores the fitted ScaLLA (with the same network weights); see
+        :mod:`posthoc.scalla.state`. Raises RuntimeError before fit."""
+        return scalla_state(self)
 
     def load_state_dict(self, state: dict[str, Any]) -> "ScaLLA":
         """Restore a fitted state into this (unfitted or fitted) ScaLLA built with the same settings and model.
 
         The state is checked against the model's current weights (which become theta*); raises ValueError if they
-        differ from the weights it was fitted at (this ScaLLA is then left as it was).
+        differ from the weights it was fitted at, or for another version or settings (this ScaLLA is then left as
+        it was).
         """
-        if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
-            version = state.get("version") if isinstance(state, dict) else None
-            raise ValueError(f"not a ScaLLA state (version {version!r}, expected {STATE_VERSION})")
-        checks = [("likelihood", self.likelihood.value), ("n_features", self.n_features), ("biased", self.biased)]
-        if self._user_surrogate is None:  # the default surrogate's width (states without it used the default)
-            checks.append(("surrogate_hidden", self.surrogate_hidden))
-        for key, mine in checks:
-            theirs = state.get(key, HIDDEN) if key == "surrogate_hidden" else state[key]
-            if theirs != mine:
-                raise ValueError(f"the state has {key}={theirs!r} but this ScaLLA has {mine!r}")
-        theta = ParameterSubset(self.model, "all").theta_map.detach().double()  # the current weights, not at fit
-        if not torch.allclose(torch.tensor(state["theta_check"], dtype=torch.float64),
-                              torch.tensor((float(theta.sum()), float(theta.square().sum())), dtype=torch.float64),
-                              rtol=1e-9, atol=0.0):
-            raise ValueError("the model's weights differ from those the state was fitted at; load the matching "
-                             "model checkpoint first")
-        self.subset.capture()
-        self.input_shape, self.n_outputs = tuple(state["input_shape"]), state["n_outputs"]
-        self.input_dtype = getattr(torch, state["input_dtype"]) if "input_dtype" in state else self.subset.dtype
-        example = torch.zeros(1, *self.input_shape, dtype=self.input_dtype, device=self.subset.device)
-        self.surrogate = self._build_surrogate(example)
-        self.surrogate.load_state_dict(state["surrogate"])
-        self.surrogate.eval()
-        self.posterior = LatentPosterior.from_state_dict(state["posterior"])
-        self.prior_precision, self.sigma_noise = state["prior_precision"], state["sigma_noise"]
-        self.train_record = state.get("train_record", {})
+        restore_scalla_state(self, state)
         return self
