@@ -64,11 +64,21 @@ METHODS: dict[str, MethodSpec] = {}
 
 def register_method(
     name: str, build: Callable[[BenchContext], Predictor], description: str,
-    link_approx: LinkApprox | str = LinkApprox.PROBIT, shards_fit: bool = False,
+    link_approx: LinkApprox | str = LinkApprox.PROBIT, shards_fit: bool = False, replace: bool = False,
 ) -> MethodSpec:
-    """Add a method to the registry (a name may be registered once)."""
-    if name in METHODS:
-        raise ValueError(f"a method named {name!r} is already registered")
+    """Add a method to the registry under ``name`` (then ``posthoc bench --methods name`` runs it).
+
+    Raises:
+        ValueError: ``name`` is empty or already registered (pass ``replace=True`` to replace it), or
+            ``link_approx`` is unknown.
+        TypeError: ``build`` is not callable.
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"a method name must be a non-empty string, got {name!r}")
+    if not callable(build):
+        raise TypeError(f"a method's builder must be callable, got {type(build).__name__}")
+    if name in METHODS and not replace:
+        raise ValueError(f"a method named {name!r} is already registered; pass replace=True to replace it")
     spec = MethodSpec(name, build, description, LinkApprox(link_approx), shards_fit)
     METHODS[name] = spec
     return spec

@@ -6,7 +6,7 @@ network's children are listed in forward order so moment propagation can walk th
 
 from posthoc.models.cnn import FMNISTCNN
 from posthoc.models.mlp import MLP, Activation, make_activation
-from posthoc.models.registry import MODELS, build_model, count_parameters
+from posthoc.models.registry import MODELS, build_model, count_parameters, register_model
 from posthoc.models.resnet import ResidualBlock, SmallResNet
 from posthoc.models.vit import (
     MultiHeadSelfAttention,

@@ -12,7 +12,7 @@ from posthoc.models.mlp import MLP
 from posthoc.models.resnet import SmallResNet
 from posthoc.models.vit import SmallViT
 
-__all__ = ["MODELS", "build_model", "count_parameters"]
+__all__ = ["MODELS", "build_model", "count_parameters", "register_model"]
 
 
 def _default_mlp(in_features: int = 784, **kwargs: Any) -> MLP:
@@ -28,16 +28,34 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 }
 
 
+def register_model(name: str, factory: Callable[..., nn.Module], replace: bool = False) -> Callable[..., nn.Module]:
+    """Make ``build_model(name, **kwargs)`` call ``factory(**kwargs)``; returns ``factory``.
+
+    Raises:
+        ValueError: ``name`` is empty or already registered (pass ``replace=True`` to replace it).
+        TypeError: ``factory`` is not callable.
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"a model name must be a non-empty string, got {name!r}")
+    if not callable(factory):
+        raise TypeError(f"a model factory must be callable, got {type(factory).__name__}")
+    if name in MODELS and not replace:
+        raise ValueError(f"model {name!r} is already registered; pass replace=True to replace it")
+    MODELS[name] = factory
+    return factory
+
+
 def build_model(name: str, **kwargs: Any) -> nn.Module:
     """Construct the registered model ``name`` with ``kwargs`` passed to its constructor.
 
-    ``"mlp"`` defaults ``in_features`` to 784. Raises ``ValueError`` listing the valid names
-    for an unknown ``name``.
+    ``"mlp"`` defaults ``in_features`` to 784; :func:`register_model` adds names. Raises ``ValueError`` listing
+    the valid names for an unknown ``name``.
     """
     try:
         factory = MODELS[name]
     except (KeyError, TypeError):
-        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(map(repr, MODELS))}") from None
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(map(repr, MODELS))} "
+                         "(or register one with posthoc.models.register_model)") from None
     return factory(**kwargs)
 
 
