@@ -33,4 +33,5 @@ __all__ = [
     "build_model",
     "count_parameters",
     "make_activation",
+    "register_model",
 ]

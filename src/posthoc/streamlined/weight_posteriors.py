@@ -200,7 +200,7 @@ def from_laplace(model: nn.Module, la: Laplace) -> WeightPosterior:
                                                                      cov[index][:, index]))
         return WeightPosterior(model, layers, f"full Laplace ({subset.kind.value}), layer blocks")
     raise ValueError(f"Streamlined supports Laplace structures diag, kron, ekfac and full; got "
-                     f"{type(curvature).__name__} ({la.structure_cls.structure.value!r})")
+                     f"{type(curvature).__name__} ({la.structure_name!r})")
 
 
 def _as_named(model: nn.Module, value: Mapping[str, torch.Tensor] | torch.Tensor, what: str
