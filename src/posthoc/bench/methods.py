@@ -19,6 +19,7 @@ from posthoc.baselines import MAP, TemperatureScaling
 from posthoc.data.suites import ImageSuite
 from posthoc.laplace import Laplace
 from posthoc.predictive import LinkApprox, Predictive
+from posthoc.utils.registry import add_to_registry
 
 
 class Predictor(Protocol):
@@ -73,15 +74,10 @@ def register_method(
             ``link_approx`` is unknown.
         TypeError: ``build`` is not callable.
     """
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"a method name must be a non-empty string, got {name!r}")
     if not callable(build):
         raise TypeError(f"a method's builder must be callable, got {type(build).__name__}")
-    if name in METHODS and not replace:
-        raise ValueError(f"a method named {name!r} is already registered; pass replace=True to replace it")
-    spec = MethodSpec(name, build, description, LinkApprox(link_approx), shards_fit)
-    METHODS[name] = spec
-    return spec
+    return add_to_registry(METHODS, name, MethodSpec(name, build, description, LinkApprox(link_approx), shards_fit),
+                           "method", replace)
 
 
 def get_methods(names: list[str]) -> list[MethodSpec]:

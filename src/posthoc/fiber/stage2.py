@@ -25,6 +25,7 @@ from posthoc.fiber.deform import (AnchoredJitter, CouplingFlow, DeformKind, anch
                                   flow_training_step, make_flow_optimizer, variational_training_step)
 from posthoc.fiber.projection import outputs_many
 from posthoc.fiber.walk import FiberProblem, mean_nll
+from posthoc.utils.registry import add_to_registry
 
 if TYPE_CHECKING:  # the sampler imports this module
     from posthoc.fiber.sampler import FiberSampler
@@ -192,14 +193,9 @@ DEFORMS: dict[str, DeformMethod] = {}
 def register_deform(name: str, method: DeformMethod, replace: bool = False) -> DeformMethod:
     """Register a stage-2 map under ``name`` (then ``FiberSampler(..., deform=name)`` uses it). Raises ValueError
     for a name already registered unless ``replace=True``, TypeError if ``method`` is not a DeformMethod."""
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"a deform name must be a non-empty string, got {name!r}")
     if not isinstance(method, DeformMethod):
         raise TypeError(f"register a DeformMethod instance, got {type(method).__name__}")
-    if name in DEFORMS and not replace:
-        raise ValueError(f"deform {name!r} is already registered; pass replace=True to replace it")
-    DEFORMS[name] = method
-    return method
+    return add_to_registry(DEFORMS, name, method, "deform", replace)
 
 
 def get_deform(name: str) -> DeformMethod:

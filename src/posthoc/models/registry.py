@@ -11,6 +11,7 @@ from posthoc.models.cnn import FMNISTCNN
 from posthoc.models.mlp import MLP
 from posthoc.models.resnet import SmallResNet
 from posthoc.models.vit import SmallViT
+from posthoc.utils.registry import add_to_registry
 
 __all__ = ["MODELS", "build_model", "count_parameters", "register_model"]
 
@@ -35,14 +36,9 @@ def register_model(name: str, factory: Callable[..., nn.Module], replace: bool =
         ValueError: ``name`` is empty or already registered (pass ``replace=True`` to replace it).
         TypeError: ``factory`` is not callable.
     """
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"a model name must be a non-empty string, got {name!r}")
     if not callable(factory):
         raise TypeError(f"a model factory must be callable, got {type(factory).__name__}")
-    if name in MODELS and not replace:
-        raise ValueError(f"model {name!r} is already registered; pass replace=True to replace it")
-    MODELS[name] = factory
-    return factory
+    return add_to_registry(MODELS, name, factory, "model", replace)
 
 
 def build_model(name: str, **kwargs: Any) -> nn.Module:

@@ -25,6 +25,7 @@ import torch
 from posthoc.curvature.checks import check_curvature_finite  # noqa: F401  (the structures import it from here)
 from posthoc.curvature.output_factors import OutputFactors
 from posthoc.network.subset import ParameterSubset
+from posthoc.utils.registry import add_to_registry
 
 Batches = Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]
 
@@ -121,15 +122,9 @@ def register_structure(name: str | type[CurvatureStructure], cls: type[Curvature
         if not isinstance(name, type):
             raise TypeError(f"register_structure(name, cls): cls is missing for name {name!r}")
         cls, name = name, getattr(name, "structure", None)
-    name = structure_name(name)
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"a hessian_structure name must be a non-empty string, got {name!r}")
     if not (isinstance(cls, type) and issubclass(cls, CurvatureStructure)):
         raise TypeError(f"register a CurvatureStructure subclass, got {cls!r}")
-    if name in STRUCTURES and not replace:
-        raise ValueError(f"hessian_structure {name!r} is already registered; pass replace=True to replace it")
-    STRUCTURES[name] = cls
-    return cls
+    return add_to_registry(STRUCTURES, structure_name(name), cls, "hessian_structure", replace)
 
 
 def structure_name(structure: HessianStructure | str) -> str:
