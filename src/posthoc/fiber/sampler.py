@@ -36,14 +36,14 @@ from tqdm.auto import tqdm
 from posthoc.fiber.deform import AnchoredJitter, DeformKind, PrincipalCoordinates
 from posthoc.fiber.config import DeformConfig, deform_setting, stage_configs
 from posthoc.fiber.stage2 import DeformMethod, get_deform
-from posthoc.fiber.walk import (FiberProblem, WalkConfig, WalkState, batch_shape, canonical_training_data, finalize,
+from posthoc.fiber.walk import (FiberProblem, WalkConfig, WalkState, canonical_training_data, finalize,
                                 full_data_nll, init_walk, walk_step)
 from posthoc.network.batches import first_batch_inputs
 from posthoc.network.subset import ParameterSubset, SubsetOfWeights
 from posthoc.likelihood import Likelihood
 from posthoc.predictive import LinkApprox, Predictive, SamplePredictive
 from posthoc.predictive.base import check_n_samples
-from posthoc.utils.checks import check_choice, check_finite, check_positive
+from posthoc.utils.checks import batch_shape, check_choice, check_finite, check_positive
 from posthoc.utils.modes import eval_mode
 from posthoc.utils.checkpoint import check_writable, data_fingerprint, load_checkpoint, module_digest, save_checkpoint
 

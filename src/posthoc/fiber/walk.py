@@ -39,6 +39,7 @@ from posthoc.fiber.projection import min_norm_step, outputs_many, project_null
 from posthoc.network.batches import checked_batches
 from posthoc.network.subset import ParameterSubset
 from posthoc.likelihood import Likelihood
+from posthoc.utils.checks import batch_shape
 
 
 MAX_REJECTED_FRACTION = 0.25  # burn-in shrinks the step after a walk step that rejected more particles than this
@@ -124,11 +125,6 @@ class FiberProblem:
     @property
     def n_data(self) -> int:
         return self.inputs.shape[0]
-
-
-def batch_shape(example_shape: tuple[int, ...] | None) -> str:
-    """"(B, d1, d2)" for the shape of one example, as error messages name a batch's shape."""
-    return "(" + ", ".join(["B", *map(str, example_shape or ())]) + ")"
 
 
 def canonical_training_data(train_loader: Iterable, subset: ParameterSubset, likelihood: Likelihood,

@@ -35,7 +35,7 @@ from posthoc.predictive.tuning import (PriorOptimization, PriorStructure, checke
                                        checked_sigma_noise, default_grid, grid_search, log_prior_start,
                                        maximise_evidence, method_choice, prior_structure_choice,
                                        tune_sigma_noise_choice, validation_nll_sum)
-from posthoc.utils.checks import check_choice, check_finite
+from posthoc.utils.checks import batch_shape, check_choice, check_finite
 from posthoc.utils.modes import eval_mode
 
 # Relative float32 round-off of the posterior algebra above which a warning names float64 as the fix:
@@ -381,12 +381,12 @@ class Laplace:
     def _model_inputs(self, x: torch.Tensor) -> torch.Tensor:
         """x on the model's device and dtype, finite, with one training input's number of dimensions."""
         if not isinstance(x, torch.Tensor):
-            raise TypeError(f"x must be a torch.Tensor of shape (B, {', '.join(map(str, self.input_shape or ()))}), "
+            raise TypeError(f"x must be a torch.Tensor of shape {batch_shape(self.input_shape)}, "
                             f"got {type(x).__name__}")
         x = x.to(device=self.subset.device, dtype=self.subset.dtype if x.is_floating_point() else x.dtype)
         check_finite(x, "x")
         if self.input_shape is not None and x.ndim != len(self.input_shape) + 1:
-            raise ValueError(f"x must have shape (B, {', '.join(map(str, self.input_shape))}) like the training "
+            raise ValueError(f"x must have shape {batch_shape(self.input_shape)} like the training "
                              f"inputs (a batch, even of one example), got {tuple(x.shape)}")
         return x
 
@@ -398,7 +398,7 @@ class Laplace:
         except (RuntimeError, ValueError, IndexError) as err:
             if self.input_shape is not None and tuple(x.shape[1:]) != self.input_shape:
                 raise ValueError(f"the model fails on x of shape {tuple(x.shape)}; it was fitted on inputs of shape "
-                                 f"(B, {', '.join(map(str, self.input_shape))})") from err
+                                 f"{batch_shape(self.input_shape)}") from err
             raise
 
     def predict(self, x: torch.Tensor, pred_type: PredType | str = PredType.GLM, n_samples: int = 100,

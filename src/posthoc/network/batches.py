@@ -8,7 +8,7 @@ import torch
 from torch.utils.data import DistributedSampler
 
 from posthoc.likelihood import Likelihood
-from posthoc.utils.checks import check_finite, check_labels
+from posthoc.utils.checks import batch_shape, check_finite, check_labels
 
 
 def split_batch(batch: Any, dict_key_x: str, dict_key_y: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,7 +65,7 @@ def checked_batches(loader: Iterable, likelihood: Likelihood, n_outputs: int | N
         check_finite(x, "inputs")
         if input_shape is not None and tuple(x.shape[1:]) != tuple(input_shape):
             raise ValueError(f"inputs of shape {tuple(x.shape)}, but the first batch had inputs of shape "
-                             f"(B, {', '.join(map(str, input_shape))}); every batch must have the same input shape")
+                             f"{batch_shape(input_shape)}; every batch must have the same input shape")
         if x.ndim == 0 or y.ndim == 0 or y.shape[0] != x.shape[0]:
             raise ValueError(f"a batch has inputs of shape {tuple(x.shape)} and targets of shape {tuple(y.shape)}; "
                              "both need the batch size first and one target per input")

@@ -45,7 +45,7 @@ from torch import nn
 from torch.func import functional_call, vmap
 
 from posthoc.network.last_layer import Tail, classify_tail, last_linear_on_path, named_linears
-from posthoc.utils.checkpoint import module_digest
+from posthoc.utils.checkpoint import module_digest, module_tensors
 from posthoc.utils.checks import check_choice
 from posthoc.utils.modes import eval_mode
 
@@ -244,12 +244,9 @@ class ParameterSubset:
         self.last_layer_located = bool(state["located"])
 
     # ----------------------------------------------------------------- theta* and its staleness check
-    def _model_tensors(self) -> list[torch.Tensor]:
-        """Every parameter and buffer of the whole model: what the covered function's outputs depend on."""
-        return [t for t in (*self.model.parameters(), *self.model.buffers()) if t is not None]
-
     def _tokens(self) -> list[tuple[int, int, tuple[int, ...]]]:
-        return [(t.data_ptr(), t._version, tuple(t.shape)) for t in self._model_tensors()]
+        """Where and how often each parameter and buffer of the whole model was written (no copy)."""
+        return [(t.data_ptr(), t._version, tuple(t.shape)) for t in module_tensors(self.model)]
 
     def capture(self, example_inputs: torch.Tensor | None = None) -> None:
         """Read theta* from the model's current weights (the MAP is the weights at ``fit``, not at construction).

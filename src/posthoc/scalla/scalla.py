@@ -35,7 +35,7 @@ from posthoc.scalla.rank_checks import SAME_LOADERS, check_not_sharded, input_di
 from posthoc.scalla.state import restore_scalla_state, scalla_state
 from posthoc.scalla.surrogate import HIDDEN, FeatureMap, SurrogateInit, build_default_surrogate
 from posthoc.scalla.training import InputPool, SurrogateTrainer, TrainSettings, n_context_features
-from posthoc.utils.checks import check_choice, check_finite
+from posthoc.utils.checks import batch_shape, check_choice, check_finite
 from posthoc.utils.modes import eval_mode
 
 
@@ -243,8 +243,8 @@ class ScaLLA:
                 context_pool = InputPool(context_loader, "context", self.subset.dtype, self.subset.device,
                                          self.dict_key_x, self.dict_key_y)
                 if context_pool.example_shape != train_pool.example_shape:
-                    raise ValueError(f"context inputs have shape (B, {', '.join(map(str, context_pool.example_shape))})"
-                                     f" but training inputs (B, {', '.join(map(str, train_pool.example_shape))}); "
+                    raise ValueError(f"context inputs have shape {batch_shape(context_pool.example_shape)}"
+                                     f" but training inputs {batch_shape(train_pool.example_shape)}; "
                                      "context points must be valid inputs of the network")
             if is_distributed():
                 for pool in (train_pool, context_pool):
@@ -304,15 +304,18 @@ class ScaLLA:
             raise RuntimeError("call fit(train_loader) first: ScaLLA has no trained surrogate")
         return self.surrogate
 
-    def _require_fit(self) -> LatentPosterior:
+    def _require_fit(self, action: str | None = None) -> LatentPosterior:
+        """The posterior; with ``action``, also check that the model still has the weights it was fitted at."""
         if self.posterior is None:
             raise RuntimeError("call fit(train_loader) first: ScaLLA is not fitted (or its last fit did not finish)")
+        if action is not None:
+            self.subset.check_current(action)
         return self.posterior
 
     # ----------------------------------------------------------------- prediction
     def _check_shape(self, x: torch.Tensor, name: str) -> None:
         if self.input_shape is not None and tuple(x.shape[1:]) != self.input_shape:
-            raise ValueError(f"{name} must have shape (B, {', '.join(map(str, self.input_shape))}), the shape "
+            raise ValueError(f"{name} must have shape {batch_shape(self.input_shape)}, the shape "
                              f"of the inputs ScaLLA was fitted on; got {tuple(x.shape)}")
 
     def _inputs(self, x: torch.Tensor, name: str) -> torch.Tensor:
@@ -329,9 +332,8 @@ class ScaLLA:
 
         Raises RuntimeError before fit or if the model's weights changed since; ValueError for another input shape.
         """
-        self._require_fit()
+        self._require_fit("compute ScaLLA features")
         surrogate = self._require_surrogate()
-        self.subset.check_current("compute ScaLLA features")
         return surrogate.eval()(self._inputs(x, "x"))
 
     @torch.no_grad()
@@ -341,8 +343,7 @@ class ScaLLA:
         Cost: one forward pass of the network and one of the surrogate. Raises RuntimeError before fit or if the
         model's weights changed since (theta* is the weights at fit); ValueError for another input shape.
         """
-        posterior = self._require_fit()
-        self.subset.check_current("predict")
+        posterior = self._require_fit("predict")
         x = self._inputs(x, "x")
         with eval_mode(self.model):
             mean = self.model(x)
@@ -360,9 +361,8 @@ class ScaLLA:
     def kernel(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
         """The surrogate kernel phi(x1)^T phi(x2), (B1, B2, C, C): the approximation of the NTK J(x1) J(x2)^T
         (not divided by the prior precision). Raises like :meth:`features`."""
-        self._require_fit()
+        self._require_fit("compute the ScaLLA kernel")
         surrogate = self._require_surrogate().eval()
-        self.subset.check_current("compute the ScaLLA kernel")
         return objectives.surrogate_kernel(surrogate(self._inputs(x1, "x1")), surrogate(self._inputs(x2, "x2")))
 
     # ----------------------------------------------------------------- evidence and tuning
@@ -376,8 +376,7 @@ class ScaLLA:
         of the m-dimensional latent model, which grows without bound in delta (no interior optimum).
         Raises RuntimeError if the model's weights changed since fit.
         """
-        posterior = self._require_fit()
-        self.subset.check_current("compute the evidence")
+        posterior = self._require_fit("compute the evidence")
         delta = self.prior_precision if prior_precision is None else torch.as_tensor(
             prior_precision, dtype=self.subset.dtype, device=self.subset.device).reshape(())
         sigma = self.sigma_noise if sigma_noise is None else torch.as_tensor(
@@ -422,8 +421,7 @@ class ScaLLA:
     def _gridsearch(self, val_loader, grid, link_approx) -> torch.Tensor:
         if val_loader is None:
             raise ValueError("method='gridsearch' needs val_loader (held-out data, never the test set)")
-        posterior = self._require_fit()
-        self.subset.check_current("tune the prior precision")
+        posterior = self._require_fit("tune the prior precision")
         grid = checked_grid(default_grid(-4, 4, 33, self.subset.dtype) if grid is None else grid, self.subset.dtype)
         cached = []
         for x, y in self._batches(val_loader):

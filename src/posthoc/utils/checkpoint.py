@@ -79,10 +79,15 @@ def tensor_digest(tensors: Iterable[torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+def module_tensors(module: nn.Module) -> list[torch.Tensor]:
+    """Every parameter and buffer of ``module``, in registration order: what its outputs depend on."""
+    return [t for t in (*module.parameters(), *module.buffers()) if t is not None]
+
+
 def module_digest(module: nn.Module) -> str:
-    """:func:`tensor_digest` of every parameter and buffer of ``module``, in registration order: the weights a
-    fit of the network depends on (BatchNorm statistics included)."""
-    return tensor_digest(t for t in (*module.parameters(), *module.buffers()) if t is not None)
+    """:func:`tensor_digest` of :func:`module_tensors`: the weights a fit of the network depends on (BatchNorm
+    statistics included)."""
+    return tensor_digest(module_tensors(module))
 
 
 def data_fingerprint(tensors: Iterable[torch.Tensor]) -> dict[str, Any]:

@@ -86,3 +86,8 @@ def check_positive(value: float | torch.Tensor, name: str) -> None:
             first = int(torch.nonzero(bad.reshape(-1))[0])
             shown = f"entry {first} = {t.reshape(-1)[first].item()!r} (of {t.numel()})"
         raise ValueError(f"{name} must be finite and > 0, got {shown}")
+
+
+def batch_shape(example_shape: tuple[int, ...] | None) -> str:
+    """"(B, d1, d2)" for the shape of one example, as error messages name a batch's shape."""
+    return "(" + ", ".join(["B", *map(str, example_shape or ())]) + ")"
