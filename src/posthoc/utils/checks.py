@@ -91,3 +91,24 @@ def check_positive(value: float | torch.Tensor, name: str) -> None:
 def batch_shape(example_shape: tuple[int, ...] | None) -> str:
     """"(B, d1, d2)" for the shape of one example, as error messages name a batch's shape."""
     return "(" + ", ".join(["B", *map(str, example_shape or ())]) + ")"
+
+
+def check_positive_int(value: object, name: str, hint: str = "", *, allow_none: bool = False) -> int | None:
+    """Return ``value`` if it is an ``int`` >= 1 (``bool`` refused); else raise.
+
+    Args:
+        value: The argument to check.
+        name: The argument's name, used in the message.
+        hint: Appended to the message (e.g. what the argument means or how to choose it).
+        allow_none: Accept ``None`` (returned unchanged) for optional arguments.
+
+    Raises:
+        ValueError: When ``value`` is not a positive ``int`` (or ``None`` where allowed).
+    """
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        extra = f" ({hint})" if hint else ""
+        none = " or None" if allow_none else ""
+        raise ValueError(f"{name} must be a positive int{none}{extra}, got {value!r}")
+    return value
