@@ -23,17 +23,17 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from posthoc import Laplace
-from posthoc.bench.fiber_methods import fiber_settings, map_scaled_prior
 from posthoc.bench.checkpoints import find_map_checkpoint
+from posthoc.bench.fiber_methods import fiber_settings, map_scaled_prior
 from posthoc.bench.report import run_meta, write_json
 from posthoc.data import get_suite
 from posthoc.data.loaders import make_loader
 from posthoc.data.toy import gap_regression
 from posthoc.fiber import FiberSampler
-from posthoc.network.subset import ParameterSubset
-from posthoc.models.training import load_map_weights
-from posthoc.utils.io import atomic_write_text
 from posthoc.models import MLP, build_model
+from posthoc.models.training import load_map_weights
+from posthoc.network.subset import ParameterSubset
+from posthoc.utils.io import atomic_write_text
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FMNIST_CHECKPOINTS = ("fmnist_cnn-e15-*.pt",)  # globs in the training cache, when no --checkpoint is given

@@ -31,9 +31,9 @@ from posthoc.data.toy import GAP_INTERVAL, gap_regression, two_moons
 from posthoc.fiber import FiberSampler
 from posthoc.fiber.deform import DeformKind, PrincipalCoordinates, gaussian_log_prob
 from posthoc.fiber.walk import full_data_nll
-from posthoc.utils.io import atomic_write_text
 from posthoc.models import MLP
 from posthoc.plots.figures import regression_band, save_figure, uncertainty_map
+from posthoc.utils.io import atomic_write_text
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # Prior N(0, delta^-1 I) with delta = PRIOR_SCALE * P / ||theta*||^2: a prior standard deviation sqrt(10) times the
@@ -83,7 +83,8 @@ CHOICES = (("gaussian", "Gaussian"), ("flow_ml", "flow, max. likelihood"), ("flo
 
 def stage2_choice(fs: FiberSampler, spread, seed: int = 0) -> dict[str, float]:
     """Held-out log-density of walked samples, within-tolerance fraction and spread of the stage-2 maps (see the
-    module doc); each map is trained by the sampler's own code on principal coordinates of 80 % of the walk."""
+    module doc); each map is trained by the sampler's own code on principal coordinates of 80 % of the walk.
+    """
     particles = fs.particles
     generator = torch.Generator().manual_seed(seed)
     perm = torch.randperm(particles.shape[0], generator=generator)
@@ -130,7 +131,8 @@ def stage2_choice(fs: FiberSampler, spread, seed: int = 0) -> dict[str, float]:
 
 def toy_sampler(model: torch.nn.Module, likelihood: str, n_data: int) -> tuple[FiberSampler, float]:
     """The toy problems' sampler and its prior precision delta: all weights, delta = PRIOR_SCALE * P / ||theta*||^2,
-    step ETA_DELTA / delta, the NLL checked on all n_data training points during the walk, the STAGE2 map."""
+    step ETA_DELTA / delta, the NLL checked on all n_data training points during the walk, the STAGE2 map.
+    """
     prior = map_scaled_prior(torch.cat([p.detach().reshape(-1) for p in model.parameters()]), PRIOR_SCALE)
     fs = FiberSampler(model, likelihood, n_particles=16, steps=400, burn_in=200, thin=10, step_size=ETA_DELTA / prior,
                       loss_tolerance=0.05, subset_of_weights="all", prior_precision=prior,

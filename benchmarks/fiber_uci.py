@@ -31,9 +31,9 @@ from posthoc.bench.report import run_meta, write_json
 from posthoc.data.paths import resolve_data_dir
 from posthoc.data.uci import load_uci
 from posthoc.fiber import FiberSampler
-from posthoc.utils.io import atomic_write_text
 from posthoc.models import MLP
 from posthoc.models.training import TrainConfig, train_map
+from posthoc.utils.io import atomic_write_text
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -44,8 +44,18 @@ if str(Path(__file__).resolve().parent) not in sys.path:  # the two modules besi
 
 from laplace_vs_laplace_torch_child import ERROR, OK, OOM, TIMEOUT, child_main, write_child_json  # noqa: E402
 from laplace_vs_laplace_torch_report import (  # noqa: E402
-    GOALS, case_id, case_name, compare_summaries, compare_tensors, fmt_bytes, parse_cases, render_markdown,
-    report_rows, result_cell, results_table, throughput,
+    GOALS,
+    case_id,
+    case_name,
+    compare_summaries,
+    compare_tensors,
+    fmt_bytes,
+    parse_cases,
+    render_markdown,
+    report_rows,
+    result_cell,
+    results_table,
+    throughput,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -170,7 +180,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def library_versions(libs: list[str]) -> dict[str, str]:
-    """posthoc's versions, plus laplace-torch's and its backends' when laplace-torch is among ``libs``.
+    """Posthoc's versions, plus laplace-torch's and its backends' when laplace-torch is among ``libs``.
 
     Raises SystemExit for an unknown library name, or when laplace-torch is asked for and not installed.
     """
@@ -194,7 +204,8 @@ def library_versions(libs: list[str]) -> dict[str, str]:
 
 def case_spec(args: argparse.Namespace, tmp: Path, lib: str, case: dict[str, Any]) -> dict[str, Any]:
     """What the child process of ``lib`` on ``case`` reads: settings and the files under ``tmp`` it reads and
-    writes (a predictive case reads the state and summary its fit case wrote)."""
+    writes (a predictive case reads the state and summary its fit case wrote).
+    """
     cid = case_id(lib, case)
     fit_id = case_id(lib, {**case, "kind": "fit"})
     return {"lib": lib, "structure": case["structure"], "kind": case["kind"], "batch": case["batch"],
@@ -209,7 +220,8 @@ def case_spec(args: argparse.Namespace, tmp: Path, lib: str, case: dict[str, Any
 
 def run_map_forward(args: argparse.Namespace, tmp: Path, mem_limit: int) -> tuple[dict[str, Any], float | None]:
     """Reference: the MAP forward pass at batch 250 (and the memory floor of a case process: torch, model,
-    data). Returns its child result and its throughput (test points / s; None if it did not run)."""
+    data). Returns its child result and its throughput (test points / s; None if it did not run).
+    """
     base = run_child({**case_spec(args, tmp, "map", {"structure": "map", "kind": "glm", "batch": 250}),
                       "lib": "map"}, timeout=300, mem_limit=mem_limit)
     map_thr = throughput(base)
@@ -221,7 +233,8 @@ def run_map_forward(args: argparse.Namespace, tmp: Path, mem_limit: int) -> tupl
 def run_cases(args: argparse.Namespace, tmp: Path, cases: list[dict[str, Any]], libs: list[str],
               data_info: dict[str, Any], mem_limit: int) -> dict[str, dict[str, Any]]:
     """Every case of every library, each in its own process: fits first (each --repeats times, libraries
-    alternating), so each predictive loads the state its fit saved. Returns the results by case_id."""
+    alternating), so each predictive loads the state its fit saved. Returns the results by case_id.
+    """
     n_test = data_info["n_test"]
     results: dict[str, dict[str, Any]] = {}
     fit_ok: dict[tuple[str, str], bool] = {}
@@ -265,7 +278,8 @@ def run_cases(args: argparse.Namespace, tmp: Path, cases: list[dict[str, Any]], 
 def run_references(args: argparse.Namespace, tmp: Path, cases: list[dict[str, Any]], data_info: dict[str, Any],
                    mem_limit: int) -> dict[str, Any]:
     """float64 reference (posthoc, fitted on the same data) of each predictive's structure for the first
-    n_compare test points; none for --no-reference or a float64 run. Returns {structure: {result, cov}}."""
+    n_compare test points; none for --no-reference or a float64 run. Returns {structure: {result, cov}}.
+    """
     references: dict[str, Any] = {}
     if args.no_reference or args.dtype != "float32":
         return references
@@ -284,8 +298,9 @@ def run_references(args: argparse.Namespace, tmp: Path, cases: list[dict[str, An
 
 def compare_results(args: argparse.Namespace, tmp: Path, cases: list[dict[str, Any]],
                     results: dict[str, dict[str, Any]], references: dict[str, Any]) -> dict[str, Any]:
-    """posthoc vs laplace-torch on the same test points / the same fit, and each side's float32 covariances
-    against the float64 reference; keyed by case_name."""
+    """Posthoc vs laplace-torch on the same test points / the same fit, and each side's float32 covariances
+    against the float64 reference; keyed by case_name.
+    """
     import torch
 
     comparisons: dict[str, Any] = {}

@@ -27,7 +27,8 @@ def _is_oom(exc: BaseException) -> bool:
 
 def write_child_json(path: str | os.PathLike, obj: dict[str, Any]) -> None:
     """Write a spec or a (progress) result for the other side: a temporary file renamed over ``path``, so the
-    parent never reads half a file (no fsync: written after every predictive batch, inside the timing)."""
+    parent never reads half a file (no fsync: written after every predictive batch, inside the timing).
+    """
     tmp = f"{path}.tmp"
     with open(tmp, "w") as fh:
         json.dump(obj, fh, indent=1, default=str)

@@ -1,5 +1,6 @@
 """Cases and the results page of benchmarks/laplace_vs_laplace_torch.py (not a script): case names, the
-table cells, ratios against laplace-torch, the goals and the markdown page."""
+table cells, ratios against laplace-torch, the goals and the markdown page.
+"""
 
 from __future__ import annotations
 
@@ -122,8 +123,9 @@ def compare_summaries(pa: Path, pb: Path) -> dict[str, Any]:
 
 
 def fit_ratios(ph: dict[str, Any], lt: dict[str, Any]) -> list[float]:
-    """posthoc / laplace-torch fit time of each interleaved pair of runs where both finished (one pair without
-    --repeats; a repetition that failed is None in ``repeat_seconds`` and drops its pair)."""
+    """Posthoc / laplace-torch fit time of each interleaved pair of runs where both finished (one pair without
+    --repeats; a repetition that failed is None in ``repeat_seconds`` and drops its pair).
+    """
     a, b = ph.get("repeat_seconds", [ph["seconds"]]), lt.get("repeat_seconds", [lt["seconds"]])
     return [x / y for x, y in zip(a, b) if x is not None and y is not None]
 

@@ -35,10 +35,10 @@ from posthoc.curvature.jacobians import per_example_jacobians
 from posthoc.data.loaders import make_loader
 from posthoc.data.paths import resolve_data_dir
 from posthoc.data.suites import get_suite
-from posthoc.network.subset import ParameterSubset
 from posthoc.likelihood import Likelihood
 from posthoc.models.cnn import FMNISTCNN
 from posthoc.models.training import load_map_weights
+from posthoc.network.subset import ParameterSubset
 from posthoc.scalla import ScaLLA
 from posthoc.scalla.objectives import relative_kernel_error
 from posthoc.scalla.surrogate import build_default_surrogate

@@ -29,7 +29,7 @@ from posthoc.utils.io import atomic_write_text  # noqa: E402
 
 
 def _published(data_dir: Path) -> dict[str, str]:
-    """path relative to data_dir -> md5, from data_dir/MD5SUMS when there is one."""
+    """Path relative to data_dir -> md5, from data_dir/MD5SUMS when there is one."""
     sums = data_dir / "MD5SUMS"
     if not sums.is_file():
         return {}

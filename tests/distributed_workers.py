@@ -18,9 +18,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
-
 from references import DTYPE, small_cnn, small_mlp
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 STRUCTURES = ("full", "diag", "kron", "ekfac", "lowrank")
 WORLD = 2

@@ -79,10 +79,10 @@ def test_bench_info_figures_are_recorded(tmp_path):
 
 def test_laplace_rows_share_one_fit_per_model_and_data():
     """la_diag and the rows that predict its posterior differently (nn, streamlined) reuse one fitted Laplace."""
+    from references import small_mlp
     from torch.utils.data import DataLoader, TensorDataset
 
     from posthoc.bench.methods import BenchContext, laplace_builder
-    from references import small_mlp
 
     x = torch.randn(20, 3, dtype=torch.float64)
     loader = DataLoader(TensorDataset(x, (x[:, 0] > 0).long()), batch_size=10)

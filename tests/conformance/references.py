@@ -15,11 +15,10 @@ from typing import Iterator
 
 import pytest
 import torch
-from torch import nn
-from torch.func import functional_call, jacrev
-
 from conformance.models import Case
 from references import output_hessians
+from torch import nn
+from torch.func import functional_call, jacrev
 
 SUBNETWORK_STRIDE = 3  # the subnetwork covers every third entry of the all-weights vector
 Z_MAX = 4.0  # standard errors allowed for a Monte-Carlo moment

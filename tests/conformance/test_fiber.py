@@ -13,9 +13,9 @@ import math
 
 import pytest
 import torch
-
 from conformance.models import MODELS, Case, model_params
 from conformance.references import Covered, Expected, assert_finite_psd, covered, outcome
+
 from posthoc.fiber import FiberSampler
 
 SUBSETS = ["all", "last_layer"]

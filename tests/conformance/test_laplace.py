@@ -16,7 +16,6 @@ import copy
 
 import pytest
 import torch
-
 from conformance.models import MODELS, Case, model_params
 from conformance.references import (
     Expected,
@@ -32,6 +31,7 @@ from conformance.references import (
     log_evidence,
     outcome,
 )
+
 from posthoc.laplace import Laplace
 
 STRUCTURES = ["full", "diag", "kron", "ekfac", "lowrank"]

@@ -12,10 +12,15 @@ import copy
 
 import pytest
 import torch
-
 from conformance.models import MODELS, Case, model_params
-from conformance.references import (Expected, assert_close_relative, assert_finite_psd, assert_mean_is_eval_model,
-                                    outcome)
+from conformance.references import (
+    Expected,
+    assert_close_relative,
+    assert_finite_psd,
+    assert_mean_is_eval_model,
+    outcome,
+)
+
 from posthoc.scalla import ScaLLA
 
 N_FEATURES = 4

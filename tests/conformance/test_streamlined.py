@@ -17,13 +17,20 @@ import copy
 
 import pytest
 import torch
-
 from conformance.models import MODELS, Case, model_params
-from conformance.references import (Covered, Expected, assert_covers, assert_mean_is_eval_model, covariance, covered,
-                                    outcome)
+from conformance.references import (
+    Covered,
+    Expected,
+    assert_covers,
+    assert_mean_is_eval_model,
+    covariance,
+    covered,
+    outcome,
+)
+from streamlined.mc import mc_moments, total_ratio
+
 from posthoc.laplace import Laplace
 from posthoc.streamlined import Streamlined
-from streamlined.mc import mc_moments, total_ratio
 
 STRUCTURES = ["diag", "kron", "ekfac", "full"]
 SUBSETS = ["all", "last_layer"]

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 
-import torch
-
 import distributed_workers as workers
+import torch
 from distributed_workers import WORLD, run_processes
+
 from posthoc.bench import run_bench
 from posthoc.cli.main import main
 

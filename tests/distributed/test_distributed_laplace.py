@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import distributed_workers as workers
 import pytest
 import torch
+from distributed_workers import DEADLINE_S, WORLD, run_processes
 from torch.utils.data import DataLoader
 
-import distributed_workers as workers
-from distributed_workers import DEADLINE_S, WORLD, run_processes
 from posthoc.distributed import gather_rows, is_distributed, sum_count, sum_over_ranks
+
 
 def test_single_process_makes_no_collective_calls():
     assert not is_distributed()

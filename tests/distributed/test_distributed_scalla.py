@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import os
 
+import distributed_workers as workers
 import pytest
 import torch
-
-import distributed_workers as workers
 from distributed_workers import WORLD, run_processes
 
 

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import torch
-
 import distributed_workers as workers
+import torch
 from distributed_workers import WORLD, run_processes
 
 

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from references import DTYPE, linear_gaussian_fiber, small_mlp
 from torch.utils.data import DataLoader, TensorDataset
 
 from posthoc.fiber import FiberSampler
 from posthoc.utils.checkpoint import read_checkpoint
-from references import DTYPE, linear_gaussian_fiber, small_mlp
-
 
 # A short flow-stage-2 run on trained_classifier's problem (seconds), shared by the sampler's tests.
 SMALL_SETTINGS = dict(n_particles=3, steps=20, burn_in=8, thin=3, step_size=3e-3, batch_size=8, subsample_size=16,

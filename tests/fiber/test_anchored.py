@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from fiber.common import assert_stage2_resumes_exactly, fit_on_linear_fiber, shuffled_loader, trained_classifier
+from references import DTYPE
 
 from posthoc.fiber import FiberSampler
 from posthoc.fiber.deform import AnchoredJitter, anchored_training_step
-from references import DTYPE
-from fiber.common import assert_stage2_resumes_exactly, fit_on_linear_fiber, shuffled_loader, trained_classifier
 
 SETTINGS = dict(n_particles=3, steps=20, burn_in=8, thin=3, step_size=3e-3, batch_size=8, subsample_size=16,
                 cg_steps=3, loss_tolerance=0.05, latent_dim=3, flow_steps=20, flow_loss_samples=4, n_check=8,

@@ -4,14 +4,26 @@ from __future__ import annotations
 
 import pytest
 import torch
+from fiber.common import (
+    SMALL_SETTINGS,
+    Interrupted,
+    problem,  # noqa: F401  (a module-scoped fixture)
+    shuffled_loader,
+    stop_after,
+)
 from torch import nn
 
-from posthoc.fiber import (DEFORMS, DeformConfig, DeformKind, DeformMethod, FiberSampler, WalkConfig, get_deform,
-                           register_deform)
+from posthoc.fiber import (
+    DEFORMS,
+    DeformConfig,
+    DeformKind,
+    DeformMethod,
+    FiberSampler,
+    WalkConfig,
+    get_deform,
+    register_deform,
+)
 from posthoc.fiber.config import WALK_KEYWORDS
-
-from fiber.common import SMALL_SETTINGS, Interrupted, shuffled_loader, stop_after
-from fiber.common import problem  # noqa: F401  (a module-scoped fixture)
 
 
 def _split(settings: dict) -> tuple[WalkConfig, DeformConfig, dict]:

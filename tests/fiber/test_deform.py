@@ -5,10 +5,10 @@ from __future__ import annotations
 import math
 
 import torch
+from fiber.common import LINEAR_DELTA, LINEAR_N, LINEAR_P, fit_on_linear_fiber
 
 from posthoc.fiber import CouplingFlow
 from posthoc.fiber.deform import variational_training_step
-from fiber.common import LINEAR_DELTA, LINEAR_N, LINEAR_P, fit_on_linear_fiber
 
 DTYPE = torch.float64
 

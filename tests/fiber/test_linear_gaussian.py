@@ -16,10 +16,10 @@ from __future__ import annotations
 import math
 
 import torch
+from references import linear_gaussian_fiber
 from torch.utils.data import DataLoader, TensorDataset
 
 from posthoc.fiber import FiberSampler
-from references import linear_gaussian_fiber
 
 DTYPE = torch.float64
 

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import torch
+from references import DTYPE, small_cnn, small_mlp
 
 from posthoc.fiber.projection import batched_cg, min_norm_step, project_null
 from posthoc.network.subset import ParameterSubset
-from references import DTYPE, small_cnn, small_mlp
 
 
 def _dense_jacobian(subset: ParameterSubset, inputs: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:

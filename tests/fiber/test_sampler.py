@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import pytest
 import torch
+from fiber.common import (
+    SMALL_SETTINGS,
+    Interrupted,
+    assert_stage2_resumes_exactly,
+    problem,  # noqa: F401  (a module-scoped fixture)
+    shuffled_loader,
+    stop_after,
+)
+from references import DTYPE
 
 from posthoc.fiber import FiberSampler
-from posthoc.utils.checkpoint import read_checkpoint
 from posthoc.predictive import SamplePredictive
-from references import DTYPE
-from fiber.common import SMALL_SETTINGS, Interrupted, assert_stage2_resumes_exactly, shuffled_loader, stop_after
-from fiber.common import problem  # noqa: F401  (a module-scoped fixture)
-
+from posthoc.utils.checkpoint import read_checkpoint
 
 SETTINGS = SMALL_SETTINGS
 

@@ -9,13 +9,18 @@ import pickle
 
 import pytest
 import torch
+from fiber.common import (
+    SMALL_SETTINGS,
+    Interrupted,
+    problem,  # noqa: F401  (a module-scoped fixture)
+    shuffled_loader,
+    stop_after,
+)
+from references import DTYPE
 from torch import nn
 
 from posthoc.fiber import FiberSampler
 from posthoc.utils.checkpoint import read_checkpoint
-from references import DTYPE
-from fiber.common import SMALL_SETTINGS, Interrupted, shuffled_loader, stop_after
-from fiber.common import problem  # noqa: F401  (a module-scoped fixture)
 
 SETTINGS = SMALL_SETTINGS
 

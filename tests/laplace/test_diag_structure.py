@@ -2,13 +2,12 @@
 
 import pytest
 import torch
+from references import DTYPE, check_logdet_gradient, dense_ef, dense_ggn, dense_jacobians, small_cnn, small_mlp
 from torch import nn
 
 from posthoc.curvature.output_factors import OutputFactors
 from posthoc.laplace.structures.diag import DiagCurvature
 from posthoc.network.subset import ParameterSubset
-
-from references import DTYPE, check_logdet_gradient, dense_ef, dense_ggn, dense_jacobians, small_cnn, small_mlp
 
 
 def _batches(subset, x, y, batch=7):

@@ -11,13 +11,12 @@ KronCurvature's in test_kron_structure.py.
 
 import pytest
 import torch
+from references import DTYPE, dense_ef, dense_ggn, dense_jacobians, small_cnn, small_mlp
 
 from posthoc.curvature.output_factors import OutputFactors
 from posthoc.laplace.structures.ekfac import EKFACCurvature
 from posthoc.laplace.structures.kron import KronCurvature
 from posthoc.network.subset import ParameterSubset
-
-from references import DTYPE, dense_ef, dense_ggn, dense_jacobians, small_cnn, small_mlp
 
 
 def _fit(cls, subset, x, y, likelihood, curvature="ggn", **options):

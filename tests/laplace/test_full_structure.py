@@ -2,12 +2,11 @@
 
 import pytest
 import torch
+from references import dense_ef, dense_ggn, small_cnn, small_mlp
 
 from posthoc.curvature.output_factors import OutputFactors
 from posthoc.laplace.structures.full import FullCurvature
 from posthoc.network.subset import ParameterSubset
-
-from references import dense_ef, dense_ggn, small_cnn, small_mlp
 
 
 def _fit(subset, x, y, likelihood, curvature="ggn", batch=7):

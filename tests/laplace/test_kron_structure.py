@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from references import DTYPE, dense_ggn, dense_jacobians, small_cnn, small_mlp
 from torch import nn
 
 from posthoc.curvature.kfac import KFACApproximation, kfac_factors
@@ -9,8 +10,6 @@ from posthoc.curvature.output_factors import OutputFactors
 from posthoc.laplace.structures.ekfac import EKFACCurvature
 from posthoc.laplace.structures.kron import KronCurvature
 from posthoc.network.subset import ParameterSubset
-
-from references import DTYPE, dense_ggn, dense_jacobians, small_cnn, small_mlp
 
 STRUCTURES = [KronCurvature, EKFACCurvature]
 

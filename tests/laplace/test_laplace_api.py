@@ -5,12 +5,11 @@ import math
 
 import pytest
 import torch
+from references import dense_ggn, dense_jacobians, small_cnn, small_mlp
 from torch.utils.data import DataLoader, TensorDataset
 
 from posthoc import Laplace
 from posthoc.laplace import exact_lla
-
-from references import dense_ggn, dense_jacobians, small_cnn, small_mlp
 
 DTYPE = torch.float64
 

@@ -2,13 +2,12 @@
 
 import pytest
 import torch
+from references import DTYPE, check_logdet_gradient, dense_ggn, dense_jacobians, small_cnn, small_mlp
 
 from posthoc.curvature.output_factors import OutputFactors
 from posthoc.laplace.prior import per_parameter
 from posthoc.laplace.structures.lowrank import LowRankCurvature
 from posthoc.network.subset import ParameterSubset
-
-from references import DTYPE, check_logdet_gradient, dense_ggn, dense_jacobians, small_cnn, small_mlp
 
 
 def _batches(subset, x, y, batch=7):

@@ -3,13 +3,12 @@ Laplace(hessian_structure=name) and runs fit, evidence, predict, sample and a st
 
 import pytest
 import torch
+from references import small_mlp
 from torch.utils.data import DataLoader, TensorDataset
 
 from posthoc import Laplace
 from posthoc.laplace import STRUCTURES, HessianStructure, get_structure, register_structure
 from posthoc.laplace.structures import CurvatureStructure, DiagCurvature
-
-from references import small_mlp
 
 PLUGIN = "diag_plugin_test"
 

@@ -1,12 +1,11 @@
 """Subnetwork Laplace: selection by largest diagonal-LA variance, and the posterior over it."""
 
 import torch
+from references import dense_ggn, small_mlp
 from torch.utils.data import DataLoader, TensorDataset
 
 from posthoc import Laplace
 from posthoc.laplace.subnetwork import largest_variance_indices
-
-from references import dense_ggn, small_mlp
 
 
 def test_largest_variance_selection_and_subnetwork_posterior(classification_data):

@@ -10,7 +10,6 @@ from posthoc.predictive import GaussianPredictive
 from posthoc.predictive.links import bridge_alpha, laplace_bridge, make_generator, mc_probs, probit
 
 
-
 @pytest.fixture(autouse=True)
 def _float64_default():
     previous = torch.get_default_dtype()

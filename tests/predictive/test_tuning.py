@@ -16,9 +16,17 @@ import posthoc.scalla.scalla as scalla_module
 from posthoc import Laplace, ScaLLA
 from posthoc.likelihood import Likelihood
 from posthoc.predictive import tuning
-from posthoc.predictive.tuning import (PriorStructure, checked_grid, checked_sigma_noise, default_grid, grid_search,
-                                       maximise_evidence, method_choice, prior_structure_choice,
-                                       tune_sigma_noise_choice)
+from posthoc.predictive.tuning import (
+    PriorStructure,
+    checked_grid,
+    checked_sigma_noise,
+    default_grid,
+    grid_search,
+    maximise_evidence,
+    method_choice,
+    prior_structure_choice,
+    tune_sigma_noise_choice,
+)
 
 DTYPE = torch.float64
 

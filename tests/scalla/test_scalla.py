@@ -11,8 +11,8 @@ from torch.utils.data import TensorDataset
 from posthoc.curvature.jacobians import per_example_jacobians
 from posthoc.data.loaders import make_loader
 from posthoc.laplace.function_space import exact_lla
-from posthoc.network.subset import ParameterSubset
 from posthoc.models.cnn import FMNISTCNN
+from posthoc.network.subset import ParameterSubset
 from posthoc.scalla import ScaLLA, build_default_surrogate
 from posthoc.scalla.objectives import relative_kernel_error
 from posthoc.scalla.surrogate import FeatureMap

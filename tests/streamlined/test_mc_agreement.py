@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from references import small_cnn
+from streamlined.mc import laplace_sampler, mc_moments, mean_field_sampler, total_ratio
 from torch import nn
 
-from streamlined.mc import laplace_sampler, mc_moments, mean_field_sampler, total_ratio
 from posthoc.laplace import Laplace
-from references import small_cnn
-from posthoc.models.vit import MultiHeadSelfAttention, SmallViT
 from posthoc.models.resnet import ResidualBlock
+from posthoc.models.vit import MultiHeadSelfAttention, SmallViT
 from posthoc.streamlined import Streamlined
 
 DTYPE = torch.float64

@@ -14,8 +14,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import posthoc
-from posthoc.predictive.scale import fit_variance_scale as fit_scale
 from posthoc.predictive import GaussianPredictive
+from posthoc.predictive.scale import fit_variance_scale as fit_scale
 
 
 @pytest.fixture(autouse=True)

@@ -10,8 +10,15 @@ import pytest
 import torch
 from torch import nn
 
-from posthoc.utils.checkpoint import (CheckpointError, data_fingerprint, fingerprint_digest, load_checkpoint,
-                                      module_digest, read_checkpoint, save_checkpoint)
+from posthoc.utils.checkpoint import (
+    CheckpointError,
+    data_fingerprint,
+    fingerprint_digest,
+    load_checkpoint,
+    module_digest,
+    read_checkpoint,
+    save_checkpoint,
+)
 from posthoc.utils.io import check_writable
 
 FINGERPRINT = {"settings": {"lr": 1e-3, "steps": 10}, "weights": "abc", "data": {"digest": "d", "values": 3}}

@@ -18,5 +18,8 @@ __all__ = [
 ]
 
 # the method families register their bench rows on import
-from posthoc.bench import scalla_methods, streamlined_methods  # noqa: E402,F401
-from posthoc.bench import fiber_methods  # noqa: E402,F401  (registers fiber_lastlayer, fiber_all)
+from posthoc.bench import (  # noqa: E402,F401
+    fiber_methods,  # noqa: E402,F401  (registers fiber_lastlayer, fiber_all)
+    scalla_methods,
+    streamlined_methods,
+)

@@ -44,7 +44,7 @@ PREDICT_SAMPLES = {"last_layer": 100, "all": 30}
 
 
 def map_scaled_prior(theta: torch.Tensor, scale: float = PRIOR_SCALE) -> float:
-    """delta = scale * P / ||theta*||^2 for the P covered MAP weights theta* (the fiber benchmarks' prior rule)."""
+    """Delta = scale * P / ||theta*||^2 for the P covered MAP weights theta* (the fiber benchmarks' prior rule)."""
     return scale * theta.numel() / float(theta.pow(2).sum())
 
 

@@ -108,8 +108,8 @@ def laplace_builder(structure: str, subset: str, tuning: str = "marglik", margli
                     **structure_options) -> Callable[[BenchContext], Predictor]:
     """A bench builder: fit a Laplace approximation on the training loader, tune a scalar
     prior precision by marginal likelihood (100 Adam steps) or by validation NLL over
-    GRIDSEARCH_PRIORS, predict with glm (probit link)."""
-
+    GRIDSEARCH_PRIORS, predict with glm (probit link).
+    """
     settings = (structure, subset, tuning, marglik_steps, tuple(sorted(structure_options.items())))
 
     def build(ctx: BenchContext) -> Laplace:

@@ -80,14 +80,16 @@ def git_commit(repo: str | os.PathLike | None = None) -> str | None:
 
 def run_meta() -> dict[str, Any]:
     """What a benchmark script records about its run: UTC date, machine (with torch threads), versions,
-    git commit and the command line."""
+    git commit and the command line.
+    """
     return {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine_info(),
             "versions": versions(), "git_commit": git_commit(), "command": " ".join(sys.argv)}
 
 
 def write_json(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
     """Write ``payload`` as indented JSON to ``path`` atomically (values JSON cannot hold are written with
-    ``str``); returns the path. Raises OSError when the folder cannot be written."""
+    ``str``); returns the path. Raises OSError when the folder cannot be written.
+    """
     return atomic_write_text(path, json.dumps(payload, indent=2, default=str))
 
 

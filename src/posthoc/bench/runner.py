@@ -15,8 +15,8 @@ from posthoc.bench.methods import BenchContext, MethodSpec, get_methods
 from posthoc.bench.report import format_markdown, write_results
 from posthoc.bench.suites import BenchSuite, get_bench_suite
 from posthoc.data.loaders import make_loader, shard
-from posthoc.distributed import is_distributed, is_main_process, world_size
 from posthoc.data.suites import get_suite
+from posthoc.distributed import is_distributed, is_main_process, world_size
 from posthoc.models.registry import build_model
 from posthoc.models.training import TrainConfig, TrainResult, checkpoint_key, default_checkpoint_dir, train_map
 from posthoc.plots import ood_histograms, reliability_diagram, save_figure

@@ -12,7 +12,7 @@ DEMO_METHODS = ("map", "temperature", "la_lastlayer_full", "la_kron")
 
 
 def _positive_int(text: str) -> int:
-    """argparse type: an integer >= 1 (0 is an error, not "use the default")."""
+    """Argparse type: an integer >= 1 (0 is an error, not "use the default")."""
     try:
         value = int(text)
     except ValueError:
@@ -23,7 +23,7 @@ def _positive_int(text: str) -> int:
 
 
 def _folder(text: str) -> str:
-    """argparse type: a non-empty folder path (an empty string is an error, not "use the default")."""
+    """Argparse type: a non-empty folder path (an empty string is an error, not "use the default")."""
     if not text.strip():
         raise argparse.ArgumentTypeError("an empty path; give a folder, or leave the option out for its default")
     return text
@@ -71,9 +71,9 @@ def _train(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     from posthoc import metrics
+    from posthoc.baselines import MAP
     from posthoc.bench.runner import EVAL_BATCH, train_suite_model
     from posthoc.bench.suites import get_bench_suite
-    from posthoc.baselines import MAP
     from posthoc.data.loaders import make_loader, shard
     from posthoc.data.suites import get_suite
     from posthoc.predictive import predict_loader

@@ -61,9 +61,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from posthoc.distributed import sum_count, sum_over_ranks
 from posthoc.curvature.jacobians import parameter_uses, per_example_factor_gradients, per_example_jacobians
 from posthoc.curvature.output_factors import OutputFactors
+from posthoc.distributed import sum_count, sum_over_ranks
 from posthoc.network.subset import ParameterSubset
 from posthoc.utils.conv import conv_input_gram, unfold_patches
 from posthoc.utils.linalg import gram

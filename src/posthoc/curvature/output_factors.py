@@ -138,7 +138,7 @@ def log_likelihood_terms(outputs: torch.Tensor, targets: torch.Tensor, likelihoo
 
 def log_likelihood(stat: torch.Tensor, n_outputs_total: int, likelihood: Likelihood,
                    sigma_noise: torch.Tensor) -> torch.Tensor:
-    """log p(D | theta*) from the accumulated statistic; ``n_outputs_total`` = N * C."""
+    """Log p(D | theta*) from the accumulated statistic; ``n_outputs_total`` = N * C."""
     if likelihood is Likelihood.CLASSIFICATION:
         return stat
     return -0.5 * stat / sigma_noise**2 - 0.5 * n_outputs_total * torch.log(2 * math.pi * sigma_noise**2)

@@ -180,7 +180,8 @@ def embedded_suite() -> ImageSuite:
 
 def get_suite(name: str, data_dir: str | os.PathLike | None = None) -> ImageSuite:
     """Suite by name: ``"fmnist"`` (full files, see :func:`fmnist_suite`) or
-    ``"fmnist-embedded"`` (shipped subset, ``data_dir`` ignored)."""
+    ``"fmnist-embedded"`` (shipped subset, ``data_dir`` ignored).
+    """
     if name == "fmnist":
         return fmnist_suite(data_dir)
     if name == "fmnist-embedded":

@@ -108,7 +108,8 @@ def stage_configs(walk: WalkConfig | None, deform: DeformConfig | DeformKind | s
     """The two stages' configs from config objects and/or flat keywords named like their fields (without a
     WalkConfig, ``burn_in`` defaults to steps // 2; ``deform`` may be a map's name, then the stage-2 keywords
     apply). Raises ValueError when one stage's settings are given both ways (a config object and keywords),
-    TypeError for a keyword that is no field of either config."""
+    TypeError for a keyword that is no field of either config.
+    """
     unknown = sorted(set(keywords) - WALK_KEYWORDS - DEFORM_KEYWORDS)
     if unknown:
         raise TypeError(f"FiberSampler got unexpected keyword argument(s) {', '.join(unknown)}; the settings are "
@@ -137,7 +138,8 @@ def stage_configs(walk: WalkConfig | None, deform: DeformConfig | DeformKind | s
 def deform_setting(name: str, resolved: bool = False) -> property:
     """A sampler attribute that reads one DeformConfig field of ``self.deform_config`` (``resolved``: with the
     map's default for None, see :meth:`DeformConfig.resolved`) and, set, replaces the config with one that has
-    the new value (validated again)."""
+    the new value (validated again).
+    """
     def get(self: Any) -> Any:
         return self.deform_config.resolved(name) if resolved else getattr(self.deform_config, name)
 

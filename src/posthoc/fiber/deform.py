@@ -63,7 +63,8 @@ class DeformKind(str, Enum):
 
 class PrincipalCoordinates:
     """Principal coordinates of M samples (M, P): mean (P,), basis (P, r), scales (r,), explained (share of
-    the total sample variance kept). Cost of fitting: a thin SVD of the (M, P) centred samples."""
+    the total sample variance kept). Cost of fitting: a thin SVD of the (M, P) centred samples.
+    """
 
     def __init__(self, mean: torch.Tensor, basis: torch.Tensor, scales: torch.Tensor, explained: float) -> None:
         self.mean, self.basis, self.scales, self.explained = mean, basis, scales, float(explained)
@@ -71,7 +72,8 @@ class PrincipalCoordinates:
     @classmethod
     def fit(cls, samples: torch.Tensor, rank: int, centre: torch.Tensor | None = None) -> "PrincipalCoordinates":
         """``centre`` (P,) replaces the sample mean as origin (the walk uses theta*: the mean of samples from a
-        curved low-loss set can lie far outside it, the MAP never does)."""
+        curved low-loss set can lie far outside it, the MAP never does).
+        """
         if samples.ndim != 2 or samples.shape[0] < 2:
             raise ValueError(f"need at least 2 samples of shape (M, P) for principal coordinates, got "
                              f"{tuple(samples.shape)}")
@@ -138,7 +140,8 @@ class AffineCoupling(nn.Module):
 
 class CouplingFlow(nn.Module):
     """An elementwise affine layer x = exp(a) z + b, then a stack of affine couplings with alternating (then
-    random, seeded) masks on r dimensions (r >= 2). Starts as the identity."""
+    random, seeded) masks on r dimensions (r >= 2). Starts as the identity.
+    """
 
     def __init__(self, dim: int, n_layers: int = 4, hidden: int = 64, seed: int = 0) -> None:
         super().__init__()
@@ -164,8 +167,9 @@ class CouplingFlow(nn.Module):
         return z
 
     def sample_with_log_prob(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x = g(z) (M, r) and its log density log q(x) (M,) under the flow, for base draws z (M, r). Cost: one
-        forward pass (no inverse)."""
+        """X = g(z) (M, r) and its log density log q(x) (M,) under the flow, for base draws z (M, r). Cost: one
+        forward pass (no inverse).
+        """
         logdet = self.log_scale.sum().expand(z.shape[0])
         x = z * torch.exp(self.log_scale) + self.shift
         for layer in self.layers:
@@ -175,7 +179,7 @@ class CouplingFlow(nn.Module):
         return x, gaussian_log_prob(z) - logdet
 
     def log_prob(self, x: torch.Tensor) -> torch.Tensor:
-        """log density (M,) of coordinates x (M, r) under the flow with a N(0, I) base."""
+        """Log density (M,) of coordinates x (M, r) under the flow with a N(0, I) base."""
         logdet = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
         for layer in reversed(self.layers):
             x, ld = layer.inverse(x)
@@ -186,7 +190,7 @@ class CouplingFlow(nn.Module):
 
 
 def gaussian_log_prob(coords: torch.Tensor) -> torch.Tensor:
-    """log N(c; 0, I) per row (M,)."""
+    """Log N(c; 0, I) per row (M,)."""
     return -0.5 * (coords**2).sum(-1) - 0.5 * coords.shape[-1] * math.log(2 * math.pi)
 
 
@@ -194,7 +198,8 @@ def flow_training_step(flow: CouplingFlow, optimizer: torch.optim.Optimizer, coo
                        penalty: Callable[[CouplingFlow], torch.Tensor] | None = None,
                        penalty_weight: float = 0.0) -> float:
     """One full-batch Adam step on whitened coordinates (M, r): the mean NLL of the samples under the flow,
-    plus ``penalty_weight * penalty(flow)`` (the loss-aware term, see the sampler). Returns the total loss."""
+    plus ``penalty_weight * penalty(flow)`` (the loss-aware term, see the sampler). Returns the total loss.
+    """
     optimizer.zero_grad(set_to_none=True)
     loss = -flow.log_prob(coords).mean()
     if penalty is not None and penalty_weight > 0:
@@ -210,7 +215,8 @@ def reverse_kl_step(optimizer: torch.optim.Optimizer,
                     sample_with_log_prob: Callable[[], tuple[torch.Tensor, torch.Tensor]],
                     energy: Callable[[torch.Tensor], torch.Tensor], what: str) -> float:
     """One step on the reverse KL to exp(-energy) known up to a constant: the mean of log q(x) + energy(x) over
-    draws x (S, ...) with their log densities (S,) from ``sample_with_log_prob()``. Returns the loss."""
+    draws x (S, ...) with their log densities (S,) from ``sample_with_log_prob()``. Returns the loss.
+    """
     optimizer.zero_grad(set_to_none=True)
     draws, log_q = sample_with_log_prob()
     return guarded_step(optimizer, (log_q + energy(draws)).mean(), _diverged(what))
@@ -220,7 +226,8 @@ def variational_training_step(flow: CouplingFlow, optimizer: torch.optim.Optimiz
                               energy: Callable[[torch.Tensor], torch.Tensor]) -> float:
     """One Adam step on the reverse KL of the flow to a target density exp(-energy) known up to a constant:
     the mean over the base draws z (S, r) of log q(c) + energy(c), c = g(z), with ``energy`` mapping coordinates
-    (S, r) to (S,) (the sampler's: minus the log prior plus the weighted loss-excess barrier). Returns the loss."""
+    (S, r) to (S,) (the sampler's: minus the log prior plus the weighted loss-excess barrier). Returns the loss.
+    """
     return reverse_kl_step(optimizer, lambda: flow.sample_with_log_prob(z), energy, "variational flow training")
 
 
@@ -273,7 +280,7 @@ class AnchoredJitter(nn.Module):
         return self.anchors[index] + jitter @ self.basis.T
 
     def sample_with_log_prob(self, index: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """thetas (S, P) and their log density (S,) up to a constant that does not depend on sigma."""
+        """Thetas (S, P) and their log density (S,) up to a constant that does not depend on sigma."""
         return self.forward(index, u), gaussian_log_prob(u) - self.log_sigma.sum()
 
     def draw(self, n_samples: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -286,6 +293,7 @@ class AnchoredJitter(nn.Module):
 def anchored_training_step(jitter: AnchoredJitter, optimizer: torch.optim.Optimizer, index: torch.Tensor,
                            u: torch.Tensor, energy: Callable[[torch.Tensor], torch.Tensor]) -> float:
     """One Adam step on the reverse KL of the anchored mixture to exp(-energy) (energy: thetas (S, P) -> (S,)),
-    averaged over the latent draws (index (S,), u (S, r)). Returns the loss."""
+    averaged over the latent draws (index (S,), u (S, r)). Returns the loss.
+    """
     return reverse_kl_step(optimizer, lambda: jitter.sample_with_log_prob(index, u), energy,
                            "anchored jitter training")

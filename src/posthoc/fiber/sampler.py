@@ -33,19 +33,27 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from posthoc.fiber.deform import AnchoredJitter, DeformKind, PrincipalCoordinates
 from posthoc.fiber.config import DeformConfig, deform_setting, stage_configs
+from posthoc.fiber.deform import AnchoredJitter, DeformKind, PrincipalCoordinates
 from posthoc.fiber.stage2 import DeformMethod, get_deform
-from posthoc.fiber.walk import (FiberProblem, WalkConfig, WalkState, canonical_training_data, finalize,
-                                full_data_nll, init_walk, walk_step)
+from posthoc.fiber.walk import (
+    FiberProblem,
+    WalkConfig,
+    WalkState,
+    canonical_training_data,
+    finalize,
+    full_data_nll,
+    init_walk,
+    walk_step,
+)
+from posthoc.likelihood import Likelihood
 from posthoc.network.batches import first_batch_inputs
 from posthoc.network.subset import ParameterSubset, SubsetOfWeights
-from posthoc.likelihood import Likelihood
 from posthoc.predictive import LinkApprox, Predictive, SamplePredictive
 from posthoc.predictive.base import check_n_samples
+from posthoc.utils.checkpoint import check_writable, data_fingerprint, load_checkpoint, module_digest, save_checkpoint
 from posthoc.utils.checks import batch_shape, check_choice, check_finite, check_positive
 from posthoc.utils.modes import eval_mode
-from posthoc.utils.checkpoint import check_writable, data_fingerprint, load_checkpoint, module_digest, save_checkpoint
 
 STATE_VERSION = 2  # 2: weights identified by a digest of the whole model; input shape; posthoc.utils.checkpoint files
 CHECKPOINT_WHAT = "FiberSampler"
@@ -184,7 +192,8 @@ class FiberSampler:
     def _problem(self, train_loader: Iterable) -> FiberProblem:
         """The walk's problem: the whole loader's covered-module inputs and targets in a canonical order
         (:func:`posthoc.fiber.walk.canonical_training_data`); records ``input_shape`` and, for regression without
-        a given sigma_noise, estimates it as the MAP's training residual RMS."""
+        a given sigma_noise, estimates it as the MAP's training residual RMS.
+        """
         inputs, targets, self.input_shape = canonical_training_data(
             train_loader, self.subset, self.likelihood, self.dict_key_x, self.dict_key_y)
         if self.likelihood is Likelihood.REGRESSION and self._sigma_given is None:
@@ -197,7 +206,8 @@ class FiberSampler:
     def _start(self, train_loader: Iterable, checkpoint: str | os.PathLike | None,
                callback: Callable[[str, int], None] | None) -> tuple[FiberProblem, Path | None, dict[str, Any] | None]:
         """What walk and fit do first: forget any previous fit, check that the checkpoint's folder is writable, read
-        theta* from the model's current weights, collect the data, and load the checkpoint if there is one."""
+        theta* from the model's current weights, collect the data, and load the checkpoint if there is one.
+        """
         self.particles = self.particle_nll = self.map_nll = self.coords = self.flow = None
         self.info, self._cache, self._callback = {}, None, callback
         path = Path(checkpoint) if checkpoint is not None else None
@@ -391,7 +401,8 @@ class FiberSampler:
     # ----------------------------------------------------------------- sampling and prediction
     def _require_fit(self, action: str) -> PrincipalCoordinates:
         """The fitted coordinates; raises RuntimeError before fit, or if the model's weights or buffers changed
-        since fit (the samples are offsets around theta* at fit)."""
+        since fit (the samples are offsets around theta* at fit).
+        """
         if self.coords is None:
             raise RuntimeError("call fit(train_loader) first: the FiberSampler has no stage-2 map")
         self.subset.check_current(action)
@@ -400,7 +411,8 @@ class FiberSampler:
     def sample(self, n_samples: int = 100, seed: int | None = None) -> torch.Tensor:
         """Stage 2: n parameter samples (n, P) from the map (seeded): decoded from z ~ N(0, I) ("anchored": an anchor index
         and a jitter draw). Cost: one map evaluation each (the flow plus an (r x P) product), no iteration.
-        Raises RuntimeError before fit or if the model's weights changed since."""
+        Raises RuntimeError before fit or if the model's weights changed since.
+        """
         self._require_fit("sample")
         check_n_samples(n_samples)
         generator = torch.Generator().manual_seed(self.seed if seed is None else seed)
@@ -413,7 +425,8 @@ class FiberSampler:
         (B, ...). The network runs in eval mode whatever mode it was left in (and is given back its modes).
         Regression: the predictive of f; use ``.with_noise(fs.sigma_noise)`` or ``fs(x)`` for y.
         Cost: n_samples forward passes (vmapped in chunks). Raises RuntimeError before fit or if the model's
-        weights changed since; ValueError for inputs of another shape or with NaN/Inf."""
+        weights changed since; ValueError for inputs of another shape or with NaN/Inf.
+        """
         self._require_fit("predict")
         check_n_samples(n_samples)
         if n_samples < 2:
@@ -451,7 +464,8 @@ class FiberSampler:
     # ----------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
         """Everything that restores the fitted sampler exactly (with the same model weights and buffers, which
-        it identifies by a digest). Raises RuntimeError before fit or if the model's weights changed since."""
+        it identifies by a digest). Raises RuntimeError before fit or if the model's weights changed since.
+        """
         coords = self._require_fit("save the state")
         return {"version": STATE_VERSION, "settings": self._settings(), "network_weights": module_digest(self.model),
                 "input_shape": list(self.input_shape), "prior_precision": self.prior_precision,
@@ -462,7 +476,8 @@ class FiberSampler:
 
     def load_state_dict(self, state: dict[str, Any]) -> "FiberSampler":
         """Restore a fitted state; the settings must match, and the model's current weights and buffers must be
-        those it was fitted at (they become theta*). Raises ValueError otherwise (nothing is changed then)."""
+        those it was fitted at (they become theta*). Raises ValueError otherwise (nothing is changed then).
+        """
         version = state.get("version") if isinstance(state, dict) else None
         if version != STATE_VERSION:
             raise ValueError(f"unsupported FiberSampler state (version {version!r}, expected {STATE_VERSION}); "

@@ -21,8 +21,15 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 from torch import nn
 
-from posthoc.fiber.deform import (AnchoredJitter, CouplingFlow, DeformKind, anchored_training_step,
-                                  flow_training_step, make_flow_optimizer, variational_training_step)
+from posthoc.fiber.deform import (
+    AnchoredJitter,
+    CouplingFlow,
+    DeformKind,
+    anchored_training_step,
+    flow_training_step,
+    make_flow_optimizer,
+    variational_training_step,
+)
 from posthoc.fiber.projection import outputs_many
 from posthoc.fiber.walk import FiberProblem, mean_nll
 from posthoc.utils.registry import add_to_registry
@@ -68,12 +75,13 @@ class DeformMethod:
                       optimizer: torch.optim.Optimizer, coords: torch.Tensor,
                       generator: torch.Generator) -> TrainingStep:
         """A function that takes one training step and returns its loss; ``coords`` (M, r) are the whitened
-        principal coordinates of the walked samples stage 2 is fitted on."""
+        principal coordinates of the walked samples stage 2 is fitted on.
+        """
         raise NotImplementedError(f"{type(self).__name__} trains no module")
 
     def sample(self, fs: FiberSampler, module: nn.Module | None, n_samples: int,
                generator: torch.Generator) -> torch.Tensor:
-        """n parameter vectors (n, P), drawn with ``generator``; ``module`` is the trained map (None if none)."""
+        """N parameter vectors (n, P), drawn with ``generator``; ``module`` is the trained map (None if none)."""
         coords, dtype, device = fs.coords, fs.subset.dtype, fs.subset.device
         z = torch.randn((n_samples, coords.rank), generator=generator, dtype=dtype).to(device)
         with torch.no_grad():
@@ -177,7 +185,8 @@ class AnchoredMethod(DeformMethod):
 
     def diagnostics(self, fs: FiberSampler, n_samples: int, seed: int) -> dict[str, float]:
         """How much diversity the jitter adds beyond resampling the walk: the mean distance of n samples from
-        their anchors over the mean distance of the anchors from the anchors' mean, and sigma's mean."""
+        their anchors over the mean distance of the anchors from the anchors' mean, and sigma's mean.
+        """
         jitter = fs.flow
         index, u = jitter.draw(n_samples, torch.Generator().manual_seed(seed))
         with torch.no_grad():
@@ -192,7 +201,8 @@ DEFORMS: dict[str, DeformMethod] = {}
 
 def register_deform(name: str, method: DeformMethod, replace: bool = False) -> DeformMethod:
     """Register a stage-2 map under ``name`` (then ``FiberSampler(..., deform=name)`` uses it). Raises ValueError
-    for a name already registered unless ``replace=True``, TypeError if ``method`` is not a DeformMethod."""
+    for a name already registered unless ``replace=True``, TypeError if ``method`` is not a DeformMethod.
+    """
     if not isinstance(method, DeformMethod):
         raise TypeError(f"register a DeformMethod instance, got {type(method).__name__}")
     return add_to_registry(DEFORMS, name, method, "deform", replace)
@@ -217,7 +227,8 @@ def loss_penalty(fs: FiberSampler, problem: FiberProblem, generator: torch.Gener
     """The loss-aware term of the "flow" map: for ``flow_loss_samples`` decoded samples and a random minibatch of
     ``flow_loss_batch`` training examples, the mean hinge max(0, excess - 0.8 eps) / eps of their NLL over the
     MAP's on that minibatch (0.8: a margin for the minibatch noise). Cost: one forward and backward pass per
-    decoded sample on the minibatch."""
+    decoded sample on the minibatch.
+    """
     coords, tol, cfg = fs.coords, fs.config.loss_tolerance, fs.deform_config
 
     def penalty(flow: CouplingFlow) -> torch.Tensor:
@@ -239,7 +250,8 @@ def variational_energy(fs: FiberSampler, problem: FiberProblem, generator: torch
     prior, up to a constant) plus barrier_weight * max(0, excess - eps/2) / eps, the excess of its mean NLL over
     the MAP's on a random minibatch of ``flow_loss_batch`` examples (eps/2: a margin for the minibatch noise).
     Takes whitened coordinates (S, r) (``decode``) or parameter vectors (S, P). Cost: one forward and backward
-    pass per sample on the minibatch."""
+    pass per sample on the minibatch.
+    """
     tol, batch, barrier = fs.config.loss_tolerance, fs.deform_config.flow_loss_batch, fs.barrier_weight
 
     def energy(coords: torch.Tensor) -> torch.Tensor:

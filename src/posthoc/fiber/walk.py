@@ -36,11 +36,10 @@ from typing import Any, Iterable
 import torch
 
 from posthoc.fiber.projection import min_norm_step, outputs_many, project_null
+from posthoc.likelihood import Likelihood
 from posthoc.network.batches import checked_batches
 from posthoc.network.subset import ParameterSubset
-from posthoc.likelihood import Likelihood
 from posthoc.utils.checks import batch_shape
-
 
 MAX_REJECTED_FRACTION = 0.25  # burn-in shrinks the step after a walk step that rejected more particles than this
 
@@ -134,7 +133,8 @@ def canonical_training_data(train_loader: Iterable, subset: ParameterSubset, lik
     a canonical order (sorted by a fixed random projection of each example), so the walk does not depend on the
     loader's shuffling; and the shape of one model input. Memory: the whole training set (or its last-layer
     features). Raises ValueError for an empty loader, batches of different example shapes, a model whose
-    outputs are not (B, C), or targets that do not fit them."""
+    outputs are not (B, C), or targets that do not fit them.
+    """
     xs, ys, input_shape = [], [], None
     for x, y in checked_batches(train_loader, likelihood, None, dict_key_x, dict_key_y, subset.dtype, subset.device):
         if not xs:

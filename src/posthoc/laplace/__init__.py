@@ -1,5 +1,6 @@
 """Laplace approximations: full, diag, KFAC, EKFAC and low-rank posteriors over all
-weights, the last layer or a subnetwork, with glm and sampled predictives."""
+weights, the last layer or a subnetwork, with glm and sampled predictives.
+"""
 
 from posthoc.laplace.function_space import exact_lla
 from posthoc.laplace.laplace import Laplace, PredType, PriorOptimization

@@ -18,8 +18,8 @@ import torch
 from posthoc.curvature.jacobians import per_example_jacobians
 from posthoc.curvature.output_factors import CurvatureType, OutputFactors
 from posthoc.laplace.prior import as_prior_tensor, per_parameter
-from posthoc.network.subset import ParameterSubset
 from posthoc.likelihood import Likelihood
+from posthoc.network.subset import ParameterSubset
 from posthoc.predictive import GaussianPredictive
 
 

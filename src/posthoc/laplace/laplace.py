@@ -20,21 +20,37 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 from torch import nn
 
-from posthoc.curvature.output_factors import (CurvatureType, OutputFactors, RecordingFactors, log_likelihood,
-                                              log_likelihood_terms)
+from posthoc.curvature.output_factors import (
+    CurvatureType,
+    OutputFactors,
+    RecordingFactors,
+    log_likelihood,
+    log_likelihood_terms,
+)
 from posthoc.distributed import check_same_on_all_ranks, sum_count, sum_over_ranks
-from posthoc.network.batches import checked_batches, first_batch_inputs
 from posthoc.laplace.prior import PriorKind, as_prior_tensor, per_parameter, prior_kind
 from posthoc.laplace.state import STATE_VERSION, laplace_state_dict, load_laplace_state  # noqa: F401 (re-exported)
 from posthoc.laplace.structures import CurvatureStructure, HessianStructure, get_structure
-from posthoc.network.subset import ParameterSubset, SubsetOfWeights
 from posthoc.likelihood import Likelihood
+from posthoc.network.batches import checked_batches, first_batch_inputs
+from posthoc.network.subset import ParameterSubset, SubsetOfWeights
 from posthoc.predictive import GaussianPredictive, LinkApprox, Predictive, SamplePredictive
 from posthoc.predictive.base import check_n_samples
-from posthoc.predictive.tuning import (PriorOptimization, PriorStructure, checked_grid, checked_prior_precision,
-                                       checked_sigma_noise, default_grid, grid_search, log_prior_start,
-                                       maximise_evidence, method_choice, prior_structure_choice,
-                                       tune_sigma_noise_choice, validation_nll_sum)
+from posthoc.predictive.tuning import (
+    PriorOptimization,
+    PriorStructure,
+    checked_grid,
+    checked_prior_precision,
+    checked_sigma_noise,
+    default_grid,
+    grid_search,
+    log_prior_start,
+    maximise_evidence,
+    method_choice,
+    prior_structure_choice,
+    tune_sigma_noise_choice,
+    validation_nll_sum,
+)
 from posthoc.utils.checks import batch_shape, check_choice, check_finite
 from posthoc.utils.modes import eval_mode
 
@@ -132,7 +148,7 @@ class Laplace:
     # ----------------------------------------------------------------- hyperparameters
     @property
     def prior_precision(self) -> torch.Tensor:
-        """delta as a 1-D tensor: (1,), (n_tensors,) or (P,)."""
+        """Delta as a 1-D tensor: (1,), (n_tensors,) or (P,)."""
         return self._prior_precision
 
     @prior_precision.setter
@@ -168,7 +184,8 @@ class Laplace:
 
     def _checked_sigma(self, value: torch.Tensor) -> torch.Tensor:
         """The one validation of sigma_noise (setter and explicit arguments): a finite scalar > 0, and 1 for
-        classification (differentiable: ``value`` is not detached); see :mod:`posthoc.predictive.tuning`."""
+        classification (differentiable: ``value`` is not detached); see :mod:`posthoc.predictive.tuning`.
+        """
         return checked_sigma_noise(value, self.likelihood)
 
     @property
@@ -379,7 +396,7 @@ class Laplace:
         return curvature
 
     def _model_inputs(self, x: torch.Tensor) -> torch.Tensor:
-        """x on the model's device and dtype, finite, with one training input's number of dimensions."""
+        """X on the model's device and dtype, finite, with one training input's number of dimensions."""
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a torch.Tensor of shape {batch_shape(self.input_shape)}, "
                             f"got {type(x).__name__}")
@@ -465,7 +482,8 @@ class Laplace:
     # ----------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
         """Everything that restores the fitted approximation exactly (with the same model weights);
-        see :func:`posthoc.laplace.state.laplace_state_dict`. Raises RuntimeError if not fitted."""
+        see :func:`posthoc.laplace.state.laplace_state_dict`. Raises RuntimeError if not fitted.
+        """
         return laplace_state_dict(self)
 
     def load_state_dict(self, state: dict[str, Any]) -> "Laplace":

@@ -1,5 +1,6 @@
 """Saving and restoring a fitted :class:`posthoc.laplace.Laplace` (``la.state_dict()`` /
-``la.load_state_dict(state)`` call these)."""
+``la.load_state_dict(state)`` call these).
+"""
 
 from __future__ import annotations
 

@@ -41,10 +41,17 @@ from tqdm.auto import tqdm
 from posthoc.data.loaders import make_loader
 from posthoc.distributed import collectives
 from posthoc.likelihood import Likelihood
+from posthoc.utils.checkpoint import (
+    check_writable,
+    data_fingerprint,
+    fingerprint_digest,
+    load_checkpoint,
+    module_digest,
+    read_checkpoint,
+    save_checkpoint,
+)
 from posthoc.utils.checks import check_choice, check_finite, check_labels
 from posthoc.utils.modes import eval_mode
-from posthoc.utils.checkpoint import (check_writable, data_fingerprint, fingerprint_digest, load_checkpoint,
-                                      module_digest, read_checkpoint, save_checkpoint)
 
 CHECKPOINT_FORMAT = 2  # 2: posthoc.utils.checkpoint files (fingerprint with data and initial weights); drop_last
 FINAL, PARTIAL = "MAP model", "partial MAP training"
@@ -126,7 +133,8 @@ def _fingerprint(model: nn.Module, dataset: Dataset, config: TrainConfig) -> dic
 def _check_batch_norm(model: nn.Module, n: int, config: TrainConfig) -> None:
     """Raise if some rank's part of a training batch would hold one example and the model has BatchNorm layers
     (in training mode they cannot normalise one example: torch raises mid-training, or for a 2-d BatchNorm the
-    statistics of one image are used). Raising, not skipping, is the default so no data are silently left out."""
+    statistics of one image are used). Raising, not skipping, is the default so no data are silently left out.
+    """
     norms = [name for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if config.drop_last:
         if n < config.batch_size:
@@ -150,7 +158,8 @@ def _check_batch_norm(model: nn.Module, n: int, config: TrainConfig) -> None:
 
 def _check_dataset(dataset: Dataset, model: nn.Module, likelihood: Likelihood, config: TrainConfig) -> None:
     """Validate inputs/targets before training starts (all of a TensorDataset, else one batch), and the batch
-    sizes BatchNorm layers would see."""
+    sizes BatchNorm layers would see.
+    """
     tensors = getattr(dataset, "tensors", None)
     if tensors is None:
         x, y = next(iter(DataLoader(dataset, batch_size=min(len(dataset), 256))))
@@ -181,13 +190,15 @@ def _epoch_loader(dataset: Dataset, config: TrainConfig, epoch: int) -> DataLoad
 def load_map_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The model ``state_dict`` of a finished MAP checkpoint written by :func:`train_map` (e.g. by
     ``posthoc train``), for ``model.load_state_dict``. Read with ``torch.load(weights_only=True)`` after its
-    checksum is verified; raises ValueError naming the path for a missing, damaged or other kind of file."""
+    checksum is verified; raises ValueError naming the path for a missing, damaged or other kind of file.
+    """
     return read_checkpoint(path, FINAL).payload["model"]
 
 
 def _load_on_main(path: Path, fingerprint: dict[str, Any] | None, what: str) -> dict[str, Any] | None:
     """The checkpoint's payload (None if there is none), read on rank 0 and sent to every rank; every rank raises
-    the same ValueError for a damaged file or one of another computation."""
+    the same ValueError for a damaged file or one of another computation.
+    """
     state, error = None, None
     if collectives.is_main_process() and path.exists():
         try:

@@ -368,7 +368,8 @@ class ParameterSubset:
 
     def forward_with(self, params: dict[str, torch.Tensor], inputs: torch.Tensor) -> torch.Tensor:
         """The covered function with the covered parameters given by name (as in :meth:`unflatten`), e.g. fresh
-        leaves for autograd-graph inspection; :meth:`forward` is this at ``unflatten(theta)``."""
+        leaves for autograd-graph inspection; :meth:`forward` is this at ``unflatten(theta)``.
+        """
         if self.tail is Tail.RERUN:
             with eval_mode(self.model):
                 return functional_call(self.model, {self._prefix + n: t for n, t in params.items()}, (inputs,))

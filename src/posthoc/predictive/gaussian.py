@@ -115,7 +115,7 @@ class GaussianPredictive(Predictive):
         return GaussianPredictive(self.mean, cov=self._cov + noise_var * eye)
 
     def log_prob(self, y: torch.Tensor) -> torch.Tensor:
-        """log N(y; mean, Sigma) per input (B,). Call on ``with_noise(sigma)`` for y.
+        """Log N(y; mean, Sigma) per input (B,). Call on ``with_noise(sigma)`` for y.
 
         Raises ValueError where Sigma is singular (a noise-free predictive).
         """

@@ -38,7 +38,7 @@ def probit(mean: torch.Tensor, cov_or_var: torch.Tensor) -> torch.Tensor:
 
 
 def _bridge_log_alpha(mean: torch.Tensor, cov_or_var: torch.Tensor, correction: bool) -> torch.Tensor:
-    """log alpha (B, C) of the Laplace bridge, finite for any finite mean and positive variances.
+    """Log alpha (B, C) of the Laplace bridge, finite for any finite mean and positive variances.
 
     In log space, log alpha_k = logaddexp(log(1 - 2/C), mu_k + logsumexp(-mu) - 2 log C) - log Sigma_kk,
     so no exponential overflows (float32 e^{mu} overflows beyond mu = 88). The covariance is divided

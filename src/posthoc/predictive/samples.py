@@ -93,7 +93,7 @@ class SamplePredictive(Predictive):
         return SamplePredictive(self.samples, sigma_noise=sigma_noise)
 
     def log_prob(self, y: torch.Tensor) -> torch.Tensor:
-        """log (1/S) sum_s N(y; f_s, sigma^2 I) per input (B,). Needs sigma_noise > 0."""
+        """Log (1/S) sum_s N(y; f_s, sigma^2 I) per input (B,). Needs sigma_noise > 0."""
         y = self._check_targets(y)
         if not bool((self.sigma_noise > 0).all()):
             raise ValueError("log_prob of a sample predictive needs observation noise; call with_noise(sigma) first")

@@ -24,7 +24,8 @@ GOLDEN_STEPS = 40
 
 def scaled_gaussian(mean: torch.Tensor, cov_or_var: torch.Tensor, scale: float) -> GaussianPredictive:
     """N(mean (B, C), κ Σ) from a covariance (B, C, C), symmetrised (round-off of propagated covariances), or
-    variances (B, C); κ > 0."""
+    variances (B, C); κ > 0.
+    """
     if not scale > 0:
         raise ValueError(f"the variance scale must be > 0, got {scale}")
     if cov_or_var.ndim == 3:

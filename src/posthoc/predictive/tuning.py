@@ -48,7 +48,8 @@ _OLD_PRIOR_STRUCTURES = {"layer": PriorStructure.LAYERWISE, "parameter": PriorSt
 
 def prior_structure_choice(value: PriorStructure | str) -> PriorStructure:
     """``value`` as a PriorStructure; the old names "layer" and "parameter" warn (DeprecationWarning) and map to
-    "layerwise" and "diag". Raises ValueError for anything else."""
+    "layerwise" and "diag". Raises ValueError for anything else.
+    """
     if not isinstance(value, PriorStructure) and value in _OLD_PRIOR_STRUCTURES:
         new = _OLD_PRIOR_STRUCTURES[value]
         warnings.warn(f"prior_structure={value!r} is deprecated; pass prior_structure={new.value!r} "
@@ -88,14 +89,16 @@ def method_choice(pred_type: Any, method: PriorOptimization | str) -> tuple[Any,
 def checked_prior_precision(value: torch.Tensor) -> torch.Tensor:
     """The one value check of a prior precision: entries finite and > 0; returned 1-D (differentiable: not
     detached). Each estimator then checks the length it accepts (Laplace: 1, per tensor or per parameter;
-    ScaLLA: 1). Raises ValueError naming the bad entries."""
+    ScaLLA: 1). Raises ValueError naming the bad entries.
+    """
     check_positive(value, "prior_precision")
     return value.reshape(-1)
 
 
 def checked_sigma_noise(value: torch.Tensor, likelihood: Likelihood) -> torch.Tensor:
     """The one check of sigma_noise: a finite scalar > 0, and 1 for classification; returned 0-d
-    (differentiable: not detached). Raises ValueError."""
+    (differentiable: not detached). Raises ValueError.
+    """
     if value.numel() != 1:
         raise ValueError(f"sigma_noise must be a scalar, got shape {tuple(value.shape)}")
     check_positive(value, "sigma_noise")
@@ -116,7 +119,8 @@ def tune_sigma_noise_choice(tune_sigma_noise: bool | None, likelihood: Likelihoo
 def log_prior_start(init_prior_prec: float | None, current: torch.Tensor, size: int) -> torch.Tensor:
     """Where marglik starts: log delta (size,), every entry log(init_prior_prec), by default log of the mean
     ``current`` delta; in ``current``'s dtype and device. Raises ValueError for an init_prior_prec that is not
-    finite and > 0."""
+    finite and > 0.
+    """
     if init_prior_prec is not None:
         check_positive(init_prior_prec, "init_prior_prec")
     start = float(init_prior_prec) if init_prior_prec is not None else float(current.mean())
@@ -195,7 +199,8 @@ def maximise_evidence(evidence: Callable[[torch.Tensor, torch.Tensor], torch.Ten
 def validation_nll_sum(pred: Predictive, y: torch.Tensor, likelihood: Likelihood, sigma_noise: torch.Tensor,
                        link_approx: LinkApprox | str, seed: int) -> float:
     """Summed NLL of a batch's targets y under ``pred``: classification through ``link_approx`` (seeded),
-    regression with the observation noise ``sigma_noise`` added. The grid-search loss of both estimators."""
+    regression with the observation noise ``sigma_noise`` added. The grid-search loss of both estimators.
+    """
     if likelihood is Likelihood.CLASSIFICATION:
         return nll(pred.probs(link_approx, seed=seed), y) * len(y)
     return float(-pred.with_noise(sigma_noise).log_prob(y.reshape(pred.mean.shape)).sum())

@@ -54,7 +54,7 @@ class LatentPosterior:
         return 0.5 * (cov + cov.transpose(1, 2))
 
     def logdet_precision(self, delta: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        """log det(s H + delta I_m), differentiable in delta and s."""
+        """Log det(s H + delta I_m), differentiable in delta and s."""
         return torch.log(scale * self.eigenvalues + delta).sum()
 
     def latent_evidence_term(self, delta: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -21,14 +21,22 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from posthoc.curvature.output_factors import CurvatureType, OutputFactors, log_likelihood, log_likelihood_terms
-from posthoc.network.batches import checked_batches, first_batch_inputs
-from posthoc.network.subset import ParameterSubset
 from posthoc.distributed import check_same_on_all_ranks, is_distributed, rank_slice, sum_count, sum_over_ranks
 from posthoc.likelihood import Likelihood
+from posthoc.network.batches import checked_batches, first_batch_inputs
+from posthoc.network.subset import ParameterSubset
 from posthoc.predictive import GaussianPredictive, LinkApprox
-from posthoc.predictive.tuning import (PriorOptimization, checked_grid, checked_prior_precision, checked_sigma_noise,
-                                       default_grid, grid_search, maximise_evidence, tune_sigma_noise_choice,
-                                       validation_nll_sum)
+from posthoc.predictive.tuning import (
+    PriorOptimization,
+    checked_grid,
+    checked_prior_precision,
+    checked_sigma_noise,
+    default_grid,
+    grid_search,
+    maximise_evidence,
+    tune_sigma_noise_choice,
+    validation_nll_sum,
+)
 from posthoc.scalla import objectives
 from posthoc.scalla.posterior import LatentPosterior, batch_precision
 from posthoc.scalla.rank_checks import SAME_LOADERS, check_not_sharded, input_digest
@@ -170,7 +178,7 @@ class ScaLLA:
 
     @property
     def n_latent(self) -> int:
-        """m + h: the surrogate's feature count and the latent dimension (h = 0 unless biased)."""
+        """M + h: the surrogate's feature count and the latent dimension (h = 0 unless biased)."""
         return self.n_features + self.n_context_features
 
     # ----------------------------------------------------------------- hyperparameters
@@ -360,7 +368,8 @@ class ScaLLA:
     @torch.no_grad()
     def kernel(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
         """The surrogate kernel phi(x1)^T phi(x2), (B1, B2, C, C): the approximation of the NTK J(x1) J(x2)^T
-        (not divided by the prior precision). Raises like :meth:`features`."""
+        (not divided by the prior precision). Raises like :meth:`features`.
+        """
         self._require_fit("compute the ScaLLA kernel")
         surrogate = self._require_surrogate().eval()
         return objectives.surrogate_kernel(surrogate(self._inputs(x1, "x1")), surrogate(self._inputs(x2, "x2")))
@@ -450,7 +459,8 @@ class ScaLLA:
     # ----------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
         """Everything that restores the fitted ScaLLA (with the same network weights); see
-        :mod:`posthoc.scalla.state`. Raises RuntimeError before fit."""
+        :mod:`posthoc.scalla.state`. Raises RuntimeError before fit.
+        """
         return scalla_state(self)
 
     def load_state_dict(self, state: dict[str, Any]) -> "ScaLLA":

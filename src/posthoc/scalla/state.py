@@ -1,5 +1,6 @@
 """ScaLLA's saved state: what :meth:`ScaLLA.state_dict` writes and :meth:`ScaLLA.load_state_dict` checks and
-restores (the surrogate's weights, the latent posterior, the hyperparameters, a check of theta*)."""
+restores (the surrogate's weights, the latent posterior, the hyperparameters, a check of theta*).
+"""
 
 from __future__ import annotations
 
@@ -40,7 +41,8 @@ def scalla_state(scalla: ScaLLA) -> dict[str, Any]:
 
 def check_state(scalla: ScaLLA, state: dict[str, Any]) -> None:
     """Raise ValueError unless ``state`` is a ScaLLA state of this version, with ``scalla``'s settings, fitted at
-    the model's current weights. Changes nothing."""
+    the model's current weights. Changes nothing.
+    """
     if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
         version = state.get("version") if isinstance(state, dict) else None
         raise ValueError(f"not a ScaLLA state (version {version!r}, expected {STATE_VERSION})")
@@ -61,7 +63,8 @@ def check_state(scalla: ScaLLA, state: dict[str, Any]) -> None:
 
 def restore_scalla_state(scalla: ScaLLA, state: dict[str, Any]) -> None:
     """Check ``state`` (:func:`check_state`, ValueError leaves ``scalla`` as it was), then restore it: theta* is
-    captured from the model's current weights and the surrogate rebuilt and loaded."""
+    captured from the model's current weights and the surrogate rebuilt and loaded.
+    """
     check_state(scalla, state)
     scalla.subset.capture()
     scalla.input_shape, scalla.n_outputs = tuple(state["input_shape"]), state["n_outputs"]

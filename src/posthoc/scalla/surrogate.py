@@ -63,7 +63,8 @@ class FeatureSurrogate(EvalModeModule):
 
 class FeatureMap(EvalModeModule):
     """Wraps any module returning (B, m C) or (B, m, C) into one returning (B, m, C), with a shape check; the
-    wrapped module stays in eval mode."""
+    wrapped module stays in eval mode.
+    """
 
     def __init__(self, module: nn.Module, n_features: int, n_outputs: int) -> None:
         super().__init__()
@@ -84,7 +85,8 @@ class FeatureMap(EvalModeModule):
 
 def _trunk_of(model: nn.Module) -> nn.Module:
     """The part of ``model`` before its output layer: ``model.trunk`` if it has one, else the children of an
-    nn.Sequential before the last nn.Linear (an identity if the model is that Linear alone)."""
+    nn.Sequential before the last nn.Linear (an identity if the model is that Linear alone).
+    """
     trunk = getattr(model, "trunk", None)
     if isinstance(trunk, nn.Module):
         return trunk

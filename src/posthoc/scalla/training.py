@@ -61,13 +61,13 @@ from tqdm.auto import tqdm
 from posthoc.curvature.ggn_operator import top_ggn_eigenpairs
 from posthoc.curvature.jacobians import jvp_many
 from posthoc.curvature.output_factors import OutputFactors
+from posthoc.distributed import collectives
+from posthoc.likelihood import Likelihood
 from posthoc.network.batches import split_batch
 from posthoc.network.subset import ParameterSubset
-from posthoc.likelihood import Likelihood
 from posthoc.scalla import objectives
-from posthoc.utils.checks import check_choice, check_finite
 from posthoc.utils.checkpoint import check_writable, data_fingerprint, load_checkpoint, module_digest, save_checkpoint
-from posthoc.distributed import collectives
+from posthoc.utils.checks import check_choice, check_finite
 
 CHECKPOINT_FORMAT = 3  # 2: biased surrogates have m + h features (1 split m); 3: posthoc.utils.checkpoint files
 CHECKPOINT_WHAT = "ScaLLA"
@@ -142,7 +142,8 @@ REFERENCE_RECIPE = TrainSettings(objective="probes", steps=1_000_000, batch_size
 
 def _visits_every_example_once(loader: Iterable) -> bool:
     """True for a DataLoader whose batches hold each example of its dataset exactly once (sequential or shuffled
-    without replacement, no dropped last batch), so its TensorDataset's tensor is the loader's data."""
+    without replacement, no dropped last batch), so its TensorDataset's tensor is the loader's data.
+    """
     sampler, batch_sampler = getattr(loader, "sampler", None), getattr(loader, "batch_sampler", None)
     whole = type(sampler) is SequentialSampler or (type(sampler) is RandomSampler and not sampler.replacement
                                                    and sampler.num_samples == len(sampler.data_source))
@@ -191,7 +192,8 @@ def _fingerprint(subset: ParameterSubset, surrogate: nn.Module, settings: TrainS
                  train_pool: InputPool, context_pool: InputPool | None) -> dict[str, Any]:
     """What a training run's result depends on: the settings (not ``checkpoint_every``), the network's weights
     and buffers, the surrogate's architecture and initial weights, and all the training and context inputs the
-    run draws from (hashed in full: 0.04 s for the embedded FMNIST suite's 5,000 images, 16 MB)."""
+    run draws from (hashed in full: 0.04 s for the embedded FMNIST suite's 5,000 images, 16 MB).
+    """
     identity = {k: v for k, v in asdict(settings).items() if k != "checkpoint_every"}
     return {"format": CHECKPOINT_FORMAT, "settings": identity, "biased": biased,
             "network_weights": module_digest(subset.model),
@@ -252,7 +254,8 @@ class SurrogateTrainer:
 
     def _resume(self) -> None:
         """Check that the checkpoint's folder is writable, then load the checkpoint if there is one (rank 0 reads
-        it and sends it to the other ranks; every rank raises the same error)."""
+        it and sends it to the other ranks; every rank raises the same error).
+        """
         if self.checkpoint is None:
             return
         state, error = None, None

@@ -61,7 +61,7 @@ class Moments:
 
 
 def add_optional(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
-    """a + b where None is zero."""
+    """A + b where None is zero."""
     if a is None:
         return b
     if b is None:

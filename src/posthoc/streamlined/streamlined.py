@@ -1,10 +1,10 @@
 """``posthoc.Streamlined``: sampling-free predictive by moment propagation (METHODS.md §4).
 
-    la = posthoc.Laplace(model, "classification", subset_of_weights="all", hessian_structure="diag").fit(loader)
-    sp = posthoc.Streamlined(model, posterior=la)                 # diagonal activations (fast)
-    sp = posthoc.Streamlined(model, posterior=la, activation_covariance="full")
-    sp = posthoc.Streamlined(model, weight_var=variances)         # any mean-field posterior
-    pred = sp.predict(x)                                          # GaussianPredictive over logits
+la = posthoc.Laplace(model, "classification", subset_of_weights="all", hessian_structure="diag").fit(loader)
+sp = posthoc.Streamlined(model, posterior=la)                 # diagonal activations (fast)
+sp = posthoc.Streamlined(model, posterior=la, activation_covariance="full")
+sp = posthoc.Streamlined(model, weight_var=variances)         # any mean-field posterior
+pred = sp.predict(x)                                          # GaussianPredictive over logits
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from posthoc.laplace import Laplace
-from posthoc.network.batches import checked_batches
 from posthoc.likelihood import Likelihood
+from posthoc.network.batches import checked_batches
 from posthoc.predictive import GaussianPredictive
 from posthoc.predictive.scale import fit_variance_scale, scaled_gaussian
 from posthoc.streamlined.moments import ActivationCovariance, Moments

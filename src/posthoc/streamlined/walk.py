@@ -28,8 +28,13 @@ import torch
 from torch import nn
 
 from posthoc.models.resnet import ResidualBlock
-from posthoc.models.vit import MultiHeadSelfAttention, PatchEmbedding, PositionalEmbedding, TokenMeanPool, \
-    TransformerBlock
+from posthoc.models.vit import (
+    MultiHeadSelfAttention,
+    PatchEmbedding,
+    PositionalEmbedding,
+    TokenMeanPool,
+    TransformerBlock,
+)
 from posthoc.streamlined.moments import Moments, add_optional, rearrange
 from posthoc.streamlined.rules import (
     RULES,
@@ -118,7 +123,7 @@ def residual_block_graph(module: ResidualBlock, state: Moments, ctx: Context, la
 
 @register_graph(TransformerBlock)
 def transformer_block_graph(module: TransformerBlock, state: Moments, ctx: Context, last: bool) -> Moments:
-    """x + attn(ln1(x)), then x + mlp(ln2(x))."""
+    """X + attn(ln1(x)), then x + mlp(ln2(x))."""
     state = residual(state, lambda s: _chain(module.ln1, module.attn)(s, ctx), ctx)
     return residual(state, lambda s: _chain(module.ln2, module.mlp)(s, ctx), ctx)
 

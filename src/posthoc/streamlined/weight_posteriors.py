@@ -74,7 +74,8 @@ class LayerPosterior:
 
     def full_blocks(self, module: nn.Module) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
         """From a full posterior over (weight, bias) of a Linear/Conv2d: Cov(W) (C, K, C, K),
-        Cov(W, b) (C, K, C) and Cov(b) (C, C), with K = the flattened input width; None where absent."""
+        Cov(W, b) (C, K, C) and Cov(b) (C, C), with K = the flattened input width; None where absent.
+        """
         assert self.full is not None
         attrs, cov = self.full
         sizes = [getattr(module, a).numel() for a in attrs]

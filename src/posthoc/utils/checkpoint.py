@@ -86,7 +86,8 @@ def module_tensors(module: nn.Module) -> list[torch.Tensor]:
 
 def module_digest(module: nn.Module) -> str:
     """:func:`tensor_digest` of :func:`module_tensors`: the weights a fit of the network depends on (BatchNorm
-    statistics included)."""
+    statistics included).
+    """
     return tensor_digest(module_tensors(module))
 
 

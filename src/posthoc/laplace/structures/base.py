@@ -64,7 +64,7 @@ class CurvatureStructure(abc.ABC):
 
     @abc.abstractmethod
     def logdet_precision(self, prior: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        """log det Lambda(delta, s), a 0-d tensor, differentiable in prior and scale."""
+        """Log det Lambda(delta, s), a 0-d tensor, differentiable in prior and scale."""
 
     @abc.abstractmethod
     def functional_covariance(self, inputs: torch.Tensor, prior: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -90,7 +90,8 @@ class CurvatureStructure(abc.ABC):
     def largest_eigenvalue(self) -> torch.Tensor | None:
         """lambda_max(H) (0-d), for structures whose posterior algebra loses variance to float32 round-off when
         s * lambda_max / min(delta) approaches 1 / eps; ``Laplace`` then warns. None (the default): the
-        structure's algebra stays accurate in float32 (e.g. diag: 1 / (s h + delta) per entry)."""
+        structure's algebra stays accurate in float32 (e.g. diag: 1 / (s h + delta) per entry).
+        """
         return None
 
     @abc.abstractmethod

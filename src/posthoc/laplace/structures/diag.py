@@ -69,7 +69,7 @@ class DiagCurvature(CurvatureStructure):
         return cls(subset, diagonal, chunk_bytes)
 
     def _precision_diagonal(self, prior: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        """s h + delta, (P,)."""
+        """S h + delta, (P,)."""
         return scale * self.diagonal + per_parameter(prior, self.subset)
 
     def dense_precision(self, prior: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

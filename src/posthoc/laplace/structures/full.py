@@ -71,7 +71,8 @@ class FullCurvature(CurvatureStructure):
     def largest_eigenvalue(self) -> torch.Tensor:
         """lambda_max(H): the eigendecomposition of H in float32 is off by about eps * lambda_max in every
         eigenvalue, so directions with s * lambda << eps * lambda_max get 1 / (round-off + delta) as variance.
-        Cost: the O(P^3) eigendecomposition, once (the scalar-prior algebra reuses it)."""
+        Cost: the O(P^3) eigendecomposition, once (the scalar-prior algebra reuses it).
+        """
         return self._eigh()[0].max()
 
     def dense_precision(self, prior: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

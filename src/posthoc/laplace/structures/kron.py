@@ -161,7 +161,8 @@ class KronCurvature(CurvatureStructure):
     def largest_eigenvalue(self) -> torch.Tensor | None:
         """Largest Kronecker eigenvalue lambda_G * lambda_A: the float32 eigendecompositions of A and G are off
         by about eps times their largest eigenvalue, so s * E + delta loses small directions when delta is
-        tiny (``Laplace`` warns). None without Kronecker blocks (the diagonal fallback is exact)."""
+        tiny (``Laplace`` warns). None without Kronecker blocks (the diagonal fallback is exact).
+        """
         if not self.blocks:
             return None
         return torch.stack([blk.eigenvalues.max() for blk in self.blocks]).max()

@@ -85,7 +85,7 @@ class LowRankCurvature(CurvatureStructure):
 
     def _factors(self, prior: torch.Tensor, scale: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """delta (P,), c = sqrt(s lam) (k,), D^-1 U (P, k) and the Cholesky factor L of K (k, k)."""
+        """Delta (P,), c = sqrt(s lam) (k,), D^-1 U (P, k) and the Cholesky factor L of K (k, k)."""
         delta = per_parameter(prior, self.subset)
         c = torch.sqrt(scale * self.eigenvalues)
         dinv_u = self.eigenvectors / delta.unsqueeze(-1)

@@ -22,6 +22,8 @@ Attention and residual blocks are graphs of these rules (:mod:`posthoc.streamlin
 
 from __future__ import annotations
 
+from posthoc.streamlined.rules.activations import ElementwiseStep, activation_rule, flatten_rule, identity_rule
+from posthoc.streamlined.rules.affine import AffineNoise, ConvStep, LinearStep, conv2d_rule, linear_rule
 from posthoc.streamlined.rules.base import (
     RULES,
     AttentionRule,
@@ -33,10 +35,8 @@ from posthoc.streamlined.rules.base import (
     advance,
     register_rule,
 )
-from posthoc.streamlined.rules.affine import AffineNoise, ConvStep, LinearStep, conv2d_rule, linear_rule
-from posthoc.streamlined.rules.activations import ElementwiseStep, activation_rule, flatten_rule, identity_rule
-from posthoc.streamlined.rules.pooling import LinearMapStep, MaxPoolStep, avgpool_rule, maxpool_rule
 from posthoc.streamlined.rules.normalisation import AffineNormStep, batchnorm_rule, layernorm_rule
+from posthoc.streamlined.rules.pooling import LinearMapStep, MaxPoolStep, avgpool_rule, maxpool_rule
 
 __all__ = [
     "RULES",

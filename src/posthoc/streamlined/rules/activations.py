@@ -1,5 +1,6 @@
 """Rules for element-wise activations (linearised at the mean) and for the layers that only re-index or pass
-their input through (Identity, Dropout at test time, Flatten)."""
+their input through (Identity, Dropout at test time, Flatten).
+"""
 
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ class ElementwiseStep(Step):
 
 @register_rule(nn.ReLU, nn.GELU, nn.Tanh, nn.Sigmoid, nn.SiLU)
 def activation_rule(module: nn.Module, state: Moments, ctx: Context, last: bool) -> Moments:
-    """g linearised at the mean: μ <- g(μ), Σ <- D Σ D with D = diag(g'(μ)) (ReLU: g'(0) = 0)."""
+    """G linearised at the mean: μ <- g(μ), Σ <- D Σ D with D = diag(g'(μ)) (ReLU: g'(0) = 0)."""
     step = ElementwiseStep(module(state.mean), _activation_derivative(module, state.mean))
     return advance(state, step, ctx)
 

@@ -1,5 +1,6 @@
 """Rules for the affine layers, Linear and Conv2d: exact moments of W a + b for Gaussian a independent of the
-random (W, b), with the weight noise of a diagonal, Kronecker-factored or full layer posterior."""
+random (W, b), with the weight noise of a diagonal, Kronecker-factored or full layer posterior.
+"""
 
 from __future__ import annotations
 
@@ -78,7 +79,8 @@ class AffineNoise:
     def full_cov(self, mu: torch.Tensor, cov: torch.Tensor | None = None, var: torch.Tensor | None = None
                  ) -> torch.Tensor:
         """(B, L·C, L·C) weight-noise covariance; input mean μ (B, L, K) and covariance either
-        ``cov`` (B, L·K, L·K) in (position, feature) order or diagonal ``var`` (B, L, K)."""
+        ``cov`` (B, L·K, L·K) in (position, feature) order or diagonal ``var`` (B, L, K).
+        """
         b, n_pos, k = mu.shape
         c = self.c_out
         eye_pos = torch.eye(n_pos, dtype=mu.dtype, device=mu.device)
@@ -260,5 +262,6 @@ class ConvStep(Step):
 def conv2d_rule(module: nn.Conv2d, state: Moments, ctx: Context, last: bool) -> Moments:
     """Conv2d: the Linear rules per output position on unfolded patches. Diagonal mode: a diagonal
     posterior costs two extra convolutions; KFAC/full unfold the patches. Full mode keeps the
-    cross-position covariance the shared kernel induces (O((L·K)²) per example)."""
+    cross-position covariance the shared kernel induces (O((L·K)²) per example).
+    """
     return advance(state, ConvStep(module, state, ctx), ctx)

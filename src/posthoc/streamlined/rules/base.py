@@ -1,6 +1,7 @@
 """The core every moment-propagation rule builds on: the :class:`Context` of a walk, the linearised
 :class:`Step`, :func:`advance` (a step applied in diagonal or full mode) and the one registry, :data:`RULES`,
-that :func:`register_rule` fills."""
+that :func:`register_rule` fills.
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
 """Rules for normalisation layers: BatchNorm in eval mode (a per-channel affine map) and LayerNorm (frozen or
-linearised statistics); their γ and β may carry diagonal posterior variances."""
+linearised statistics); their γ and β may carry diagonal posterior variances.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +10,7 @@ import torch
 from torch import nn
 
 from posthoc.streamlined.moments import Moments, sandwich
-from posthoc.streamlined.rules.base import (Context, LayerNormRule, Step, UnsupportedLayerError, advance,
-                                            register_rule)
+from posthoc.streamlined.rules.base import Context, LayerNormRule, Step, UnsupportedLayerError, advance, register_rule
 from posthoc.streamlined.weight_posteriors import LayerPosterior
 
 
@@ -114,7 +114,8 @@ def batchnorm_rule(module: nn.Module, state: Moments, ctx: Context, last: bool) 
 def layernorm_rule(module: nn.LayerNorm, state: Moments, ctx: Context, last: bool) -> Moments:
     """LayerNorm over the last axis. ``frozen``: mean/std of the mean input held fixed (affine per token);
     ``linearized``: the Jacobian (I - 11ᵀ/D - n nᵀ/D)/s at the mean (diagonal mode: its squared rows
-    applied to the variances, O(D))."""
+    applied to the variances, O(D)).
+    """
     if len(module.normalized_shape) != 1:
         raise UnsupportedLayerError("LayerNorm over the last axis only (normalized_shape of length 1)")
     mu = state.mean

@@ -1,5 +1,6 @@
 """Rules for pooling: max pooling passes the moments of each window's argmax-of-mean input; average pooling is a
-fixed linear map (exact in full mode)."""
+fixed linear map (exact in full mode).
+"""
 
 from __future__ import annotations
 
