@@ -22,7 +22,6 @@ the model's weights or buffers changed since.
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from dataclasses import replace
@@ -45,6 +44,7 @@ from posthoc.fiber.walk import (
     full_data_nll,
     init_walk,
     walk_step,
+    walk_summary,
 )
 from posthoc.likelihood import Likelihood
 from posthoc.network.batches import first_batch_inputs
@@ -272,23 +272,8 @@ class FiberSampler:
         t0 = time.perf_counter()
         map_nll = float(full_data_nll(problem, self.subset.theta_map.unsqueeze(0))[0])
         particles, nll = finalize(problem, cfg, state.samples, map_nll, self.seed + 1)
-        within = nll <= map_nll + cfg.loss_tolerance
         self.particles, self.particle_nll, self.map_nll = particles, nll, map_nll
-        n_steps = max(cfg.steps, 1)
-        self.info = {
-            "walk_s": state.stats["walk_seconds"], "final_check_s": time.perf_counter() - t0,
-            "step_size_final": state.step_size, "pullback_steps_per_step": state.stats["pullback_steps"] / n_steps,
-            "failed_pullbacks": state.stats["failed_pullbacks"], "n_walked": float(particles.shape[0]),
-            "stage1_within_tol": float(within.double().mean()), "map_train_nll": map_nll,
-            "sigma_noise": float(self.sigma_noise),
-            # mixing diagnostics: the prior drift relaxes a particle's offset along the fiber by a factor
-            # (1 - eta delta / 2) per step, so eta * delta * (steps after burn-in) >~ 5 means the kept part of the
-            # chain has forgotten theta*; the norm ratio compares the particles' mean norm with the prior's
-            # sqrt(sum 1/delta) (about 1 at stationarity when the fiber's minimum-norm point is short)
-            "eta_delta_kept_steps": state.step_size * float(self.prior_precision.mean()) * (cfg.steps - cfg.burn_in),
-            "particle_norm_ratio": float(particles.norm(dim=1).mean()) / math.sqrt(
-                float((1.0 / self.prior_precision).expand(self.subset.n_params).sum())),
-        }
+        self.info = walk_summary(problem, cfg, state, particles, nll, map_nll, time.perf_counter() - t0)
         self._save(path, "walked", particles=particles, particle_nll=nll, map_nll=map_nll, info=self.info)
 
     # ----------------------------------------------------------------- stage 2
@@ -343,10 +328,6 @@ class FiberSampler:
     def _anchored_map(self) -> AnchoredJitter:
         """The ``anchored`` map (untrained) on the walked samples within the tolerance; see deform.py."""
         return get_deform(DeformKind.ANCHORED).build(self)
-
-    def _jitter_diagnostics(self, n_samples: int, seed: int) -> dict[str, float]:
-        """How much diversity the anchored jitter adds beyond resampling the walk (see stage2.AnchoredMethod)."""
-        return get_deform(DeformKind.ANCHORED).diagnostics(self, n_samples, seed)
 
     def _train_flow(self, problem: FiberProblem, path: Path | None, saved: dict[str, Any] | None) -> None:
         """Build and train the stage-2 map (resumed from ``saved``, a "deform" checkpoint payload, if given)."""

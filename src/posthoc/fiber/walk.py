@@ -346,3 +346,37 @@ def finalize(problem: FiberProblem, config: WalkConfig, samples: torch.Tensor, m
         nll = nll.clone()
         nll[bad] = full_data_nll(problem, fixed)
     return samples, nll
+
+
+def walk_summary(problem: FiberProblem, config: WalkConfig, state: WalkState, particles: torch.Tensor,
+                 nll: torch.Tensor, map_nll: float, final_check_s: float) -> dict[str, float]:
+    """The walk's diagnostics for ``FiberSampler.info``, from the final state and the all-data check.
+
+    Args:
+        problem: the walk's problem (its prior precision, noise and parameter count).
+        config: the walk's settings.
+        state: the state after the last walk step (timings, step size, pull-back counts).
+        particles: (M, P) the kept samples after the all-data check (:func:`finalize`).
+        nll: (M,) their all-data mean NLL.
+        map_nll: the MAP's all-data mean NLL.
+        final_check_s: seconds the all-data check took.
+
+    Returns:
+        Timings, step size, pull-back counts, the fraction of samples within the tolerance and two mixing
+        diagnostics: the prior drift relaxes a particle's offset along the fiber by a factor (1 - eta delta / 2)
+        per step, so ``eta_delta_kept_steps`` >~ 5 means the kept part of the chain has forgotten theta*;
+        ``particle_norm_ratio`` compares the particles' mean norm with the prior's sqrt(sum 1/delta) (about 1 at
+        stationarity when the fiber's minimum-norm point is short). Cost: O(M P).
+    """
+    within = nll <= map_nll + config.loss_tolerance
+    prior = problem.prior_precision
+    return {
+        "walk_s": state.stats["walk_seconds"], "final_check_s": final_check_s, "step_size_final": state.step_size,
+        "pullback_steps_per_step": state.stats["pullback_steps"] / max(config.steps, 1),
+        "failed_pullbacks": state.stats["failed_pullbacks"], "n_walked": float(particles.shape[0]),
+        "stage1_within_tol": float(within.double().mean()), "map_train_nll": map_nll,
+        "sigma_noise": float(problem.sigma_noise),
+        "eta_delta_kept_steps": state.step_size * float(prior.mean()) * (config.steps - config.burn_in),
+        "particle_norm_ratio": float(particles.norm(dim=1).mean()) / math.sqrt(
+            float((1.0 / prior).expand(problem.subset.n_params).sum())),
+    }
