@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from posthoc.utils.checks import check_positive_int
+
 DEMO_OUT = Path("runs") / "demo"
 # The demo's methods: the fast ones, so `make run` takes minutes on 2 cores. `posthoc bench` runs them all.
 DEMO_METHODS = ("map", "temperature", "la_lastlayer_full", "la_kron")
@@ -17,9 +19,10 @@ def _positive_int(text: str) -> int:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}; leave the option out for the suite's default")
-    return value
+    try:
+        return check_positive_int(value, "the value", ">= 1; leave the option out for the suite's default")
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _folder(text: str) -> str:

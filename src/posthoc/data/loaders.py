@@ -6,6 +6,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from posthoc.distributed import rank, world_size
+from posthoc.utils.checks import check_positive_int
 
 __all__ = ["make_loader", "shard"]
 
@@ -32,8 +33,7 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int = 0,
     epoch after epoch (each epoch draws a new permutation from that
     generator). Without shuffling the order is the dataset's.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    check_positive_int(batch_size, "batch_size", "examples per batch")
     generator = torch.Generator().manual_seed(int(seed)) if shuffle else None
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator,
                       num_workers=0, drop_last=drop_last)

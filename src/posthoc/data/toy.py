@@ -11,6 +11,8 @@ import math
 import numpy as np
 import torch
 
+from posthoc.utils.checks import check_positive_int
+
 __all__ = ["two_moons", "blobs", "gap_regression", "gap_function", "GAP_INTERVAL", "GAP_CLUSTERS"]
 
 # gap_regression draws inputs uniformly from these two intervals; GAP_INTERVAL stays empty.
@@ -61,7 +63,9 @@ def blobs(n: int = 300, n_classes: int = 3, std: float = 0.5,
     ``std`` per coordinate; classes have n // K points, the first n % K one
     more. Points are shuffled.
     """
-    if n_classes < 1 or n < n_classes:
+    check_positive_int(n_classes, "n_classes")
+    check_positive_int(n, "n", "the number of points")
+    if n < n_classes:
         raise ValueError(f"need n >= n_classes >= 1, got n={n}, n_classes={n_classes}")
     rng = np.random.default_rng(seed)
     sizes = _class_sizes(n, n_classes)

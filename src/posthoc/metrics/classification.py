@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from posthoc.utils.checks import check_finite, check_labels, check_ndim
+from posthoc.utils.checks import check_finite, check_labels, check_ndim, check_positive_int
 
 __all__ = [
     "CalibrationBins",
@@ -163,8 +163,7 @@ def calibration_bins(probs: torch.Tensor, y: torch.Tensor, n_bins: int = 15) -> 
     the first bin. Returns a :class:`CalibrationBins`; empty bins have count 0
     and NaN means. Cost: O(N·C + n_bins).
     """
-    if isinstance(n_bins, bool) or not isinstance(n_bins, int) or n_bins < 1:
-        raise ValueError(f"n_bins must be a positive integer, got {n_bins!r}")
+    check_positive_int(n_bins, "n_bins", "the number of confidence bins")
     probs, y = _check_probs_labels(probs, y)
     conf, pred = probs.max(dim=1)
     # Tolerated overshoot above 1 (see _RANGE_TOL) must still land in the last bin.

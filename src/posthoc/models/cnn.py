@@ -7,6 +7,8 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
+from posthoc.utils.checks import check_positive_int
+
 __all__ = ["FMNISTCNN"]
 
 # Children up to and including this one form the convolutional trunk.
@@ -33,8 +35,8 @@ class FMNISTCNN(nn.Sequential):
     """
 
     def __init__(self, n_classes: int = 10, in_channels: int = 1) -> None:
-        _check_positive_int(n_classes, "n_classes")
-        _check_positive_int(in_channels, "in_channels")
+        check_positive_int(n_classes, "n_classes")
+        check_positive_int(in_channels, "in_channels")
         super().__init__(
             OrderedDict(
                 [
@@ -86,8 +88,3 @@ class FMNISTCNN(nn.Sequential):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits ``(B, n_classes)`` for images ``(B, in_channels, 28, 28)``."""
         return super().forward(x)
-
-
-def _check_positive_int(value: object, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")

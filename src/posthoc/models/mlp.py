@@ -8,7 +8,7 @@ from enum import Enum
 
 from torch import nn
 
-from posthoc.utils.checks import check_choice
+from posthoc.utils.checks import check_choice, check_positive_int
 
 __all__ = ["Activation", "MLP", "make_activation"]
 
@@ -64,11 +64,9 @@ class MLP(nn.Sequential):
         act = check_choice(activation, Activation, "activation")
         widths = [in_features, *hidden, out_features]
         for i, w in enumerate(widths):
-            if isinstance(w, bool) or not isinstance(w, int) or w < 1:
-                raise ValueError(
-                    f"layer widths must be positive ints, got {w!r} at position {i} of "
-                    f"(in_features, *hidden, out_features) = {tuple(widths)}"
-                )
+            check_positive_int(
+                w, "layer widths", f"position {i} of (in_features, *hidden, out_features) = {tuple(widths)}"
+            )
         layers: list[tuple[str, nn.Module]] = []
         if flatten:
             layers.append(("flatten", nn.Flatten()))

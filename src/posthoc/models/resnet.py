@@ -7,6 +7,8 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
+from posthoc.utils.checks import check_positive_int
+
 __all__ = ["ResidualBlock", "SmallResNet"]
 
 
@@ -26,8 +28,7 @@ class ResidualBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, stride: int = 1) -> None:
         super().__init__()
         for name, v in (("in_channels", in_channels), ("out_channels", out_channels), ("stride", stride)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
+            check_positive_int(v, name)
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.stride = stride
@@ -77,8 +78,7 @@ class SmallResNet(nn.Module):
     def __init__(self, n_classes: int = 10, in_channels: int = 1) -> None:
         super().__init__()
         for name, v in (("n_classes", n_classes), ("in_channels", in_channels)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
+            check_positive_int(v, name)
         self.n_classes = n_classes
         self.in_channels = in_channels
         self.stem = nn.Sequential(

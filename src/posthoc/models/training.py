@@ -50,7 +50,7 @@ from posthoc.utils.checkpoint import (
     read_checkpoint,
     save_checkpoint,
 )
-from posthoc.utils.checks import check_choice, check_finite, check_labels
+from posthoc.utils.checks import check_choice, check_finite, check_labels, check_positive_int
 from posthoc.utils.modes import eval_mode
 
 CHECKPOINT_FORMAT = 2  # 2: posthoc.utils.checkpoint files (fingerprint with data and initial weights); drop_last
@@ -78,8 +78,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_choice(self.likelihood, Likelihood, "likelihood")
-        if self.epochs < 1 or self.batch_size < 1:
-            raise ValueError(f"epochs and batch_size must be >= 1, got {self.epochs} and {self.batch_size}")
+        check_positive_int(self.epochs, "epochs", "passes over the training set")
+        check_positive_int(self.batch_size, "batch_size", "examples per optimizer step")
         if not self.lr > 0 or not 0 < self.gamma <= 1 or self.weight_decay < 0:
             raise ValueError("need lr > 0, 0 < gamma <= 1 and weight_decay >= 0")
 

@@ -13,6 +13,8 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
+from posthoc.utils.checks import check_positive_int
+
 __all__ = [
     "MultiHeadSelfAttention",
     "PatchEmbedding",
@@ -21,11 +23,6 @@ __all__ = [
     "TokenMeanPool",
     "TransformerBlock",
 ]
-
-
-def _check_positive_int(value: object, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
 class PatchEmbedding(nn.Module):
@@ -46,7 +43,7 @@ class PatchEmbedding(nn.Module):
             ("in_channels", in_channels),
             ("dim", dim),
         ):
-            _check_positive_int(v, name)
+            check_positive_int(v, name)
         if image_size % patch_size != 0:
             raise ValueError(
                 f"image_size ({image_size}) must be divisible by patch_size ({patch_size}); "
@@ -98,8 +95,8 @@ class MultiHeadSelfAttention(nn.Module):
 
     def __init__(self, dim: int, n_heads: int) -> None:
         super().__init__()
-        _check_positive_int(dim, "dim")
-        _check_positive_int(n_heads, "n_heads")
+        check_positive_int(dim, "dim")
+        check_positive_int(n_heads, "n_heads")
         if dim % n_heads != 0:
             raise ValueError(f"dim ({dim}) must be divisible by n_heads ({n_heads})")
         self.dim = dim
@@ -155,7 +152,7 @@ class TransformerBlock(nn.Module):
 
     def __init__(self, dim: int, n_heads: int, mlp_ratio: int = 2) -> None:
         super().__init__()
-        _check_positive_int(mlp_ratio, "mlp_ratio")
+        check_positive_int(mlp_ratio, "mlp_ratio")
         hidden = mlp_ratio * dim
         self.ln1 = nn.LayerNorm(dim)
         self.attn = MultiHeadSelfAttention(dim, n_heads)
@@ -207,8 +204,8 @@ class SmallViT(nn.Module):
         n_classes: int = 10,
     ) -> None:
         super().__init__()
-        _check_positive_int(depth, "depth")
-        _check_positive_int(n_classes, "n_classes")
+        check_positive_int(depth, "depth")
+        check_positive_int(n_classes, "n_classes")
         self.image_size = image_size
         self.patch_size = patch_size
         self.in_channels = in_channels

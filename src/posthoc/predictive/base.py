@@ -7,7 +7,7 @@ import abc
 import torch
 
 from posthoc.predictive.links import LinkApprox
-from posthoc.utils.checks import check_choice, check_finite
+from posthoc.utils.checks import check_choice, check_finite, check_positive_int
 
 
 class Predictive(abc.ABC):
@@ -73,5 +73,9 @@ def parse_link(link_approx: LinkApprox | str) -> LinkApprox:
 
 
 def check_n_samples(n_samples: int) -> None:
-    if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
-        raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}")
+    """Raise ``ValueError`` unless ``n_samples`` is an ``int`` >= 1 (the samples drawn per input).
+
+    Raises:
+        ValueError: For ``bool``, non-``int`` or values below 1 (via ``check_positive_int``).
+    """
+    check_positive_int(n_samples, "n_samples", "the number of Monte Carlo samples per input")
