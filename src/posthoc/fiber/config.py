@@ -11,15 +11,10 @@ from typing import Any
 
 from posthoc.fiber.deform import DeformKind
 from posthoc.fiber.stage2 import DeformMethod, get_deform
-from posthoc.fiber.walk import WalkConfig
-from posthoc.utils.checks import check_positive
+from posthoc.fiber.walk import WalkConfig, check_non_negative_int
+from posthoc.utils.checks import check_positive, check_positive_int
 
 __all__ = ["DeformConfig", "WalkConfig", "stage_configs"]
-
-
-def _check_int(name: str, value: object, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be a {'positive' if minimum else 'non-negative'} integer, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -69,15 +64,15 @@ class DeformConfig:
         get_deform(self.kind)
         if isinstance(self.kind, DeformKind):
             object.__setattr__(self, "kind", self.kind.value)
-        _check_int("latent_dim", self.latent_dim, 1)
-        _check_int("flow_hidden", self.flow_hidden, 1)
+        check_positive_int(self.latent_dim, "latent_dim")
+        check_positive_int(self.flow_hidden, "flow_hidden")
         for name in ("flow_layers", "flow_steps", "n_check"):
-            _check_int(name, getattr(self, name), 0)
+            check_non_negative_int(getattr(self, name), name)
         check_positive(self.flow_lr, "flow_lr")
         if not self.flow_loss_weight >= 0:
             raise ValueError(f"flow_loss_weight must be >= 0, got {self.flow_loss_weight!r}")
-        _check_int("flow_loss_batch", self.flow_loss_batch, 1)
-        _check_int("flow_loss_samples", self.flow_loss_samples, 1)
+        check_positive_int(self.flow_loss_batch, "flow_loss_batch")
+        check_positive_int(self.flow_loss_samples, "flow_loss_samples")
         for name in ("barrier_weight", "variational_init_scale"):
             if getattr(self, name) is not None:
                 check_positive(getattr(self, name), name)

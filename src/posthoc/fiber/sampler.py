@@ -52,7 +52,7 @@ from posthoc.network.subset import ParameterSubset, SubsetOfWeights
 from posthoc.predictive import LinkApprox, Predictive, SamplePredictive
 from posthoc.predictive.base import check_n_samples
 from posthoc.utils.checkpoint import check_writable, data_fingerprint, load_checkpoint, module_digest, save_checkpoint
-from posthoc.utils.checks import batch_shape, check_choice, check_finite, check_positive
+from posthoc.utils.checks import batch_shape, check_choice, check_finite, check_positive, check_positive_int
 from posthoc.utils.modes import eval_mode
 
 STATE_VERSION = 2  # 2: weights identified by a digest of the whole model; input shape; posthoc.utils.checkpoint files
@@ -128,8 +128,7 @@ class FiberSampler:
         self._sigma_given = None if sigma_noise is None else float(sigma_noise)
         self.sigma_noise = torch.as_tensor(1.0 if sigma_noise is None else float(sigma_noise),
                                            dtype=self.subset.dtype, device=self.subset.device)
-        if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 1:
-            raise ValueError(f"checkpoint_every must be a positive integer, got {checkpoint_every!r}")
+        check_positive_int(checkpoint_every, "checkpoint_every", "walk / flow steps between checkpoints")
         self.seed = seed
         self.checkpoint_every = checkpoint_every
         self.progress = progress

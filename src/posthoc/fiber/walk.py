@@ -39,9 +39,16 @@ from posthoc.fiber.projection import min_norm_step, outputs_many, project_null
 from posthoc.likelihood import Likelihood
 from posthoc.network.batches import checked_batches
 from posthoc.network.subset import ParameterSubset
-from posthoc.utils.checks import batch_shape
+from posthoc.utils.checks import batch_shape, check_positive_int
 
 MAX_REJECTED_FRACTION = 0.25  # burn-in shrinks the step after a walk step that rejected more particles than this
+
+
+def check_non_negative_int(value: object, name: str) -> int:
+    """Return ``value`` if it is an ``int`` >= 0 (``bool`` refused); else raise ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -79,13 +86,9 @@ class WalkConfig:
 
     def __post_init__(self) -> None:
         for name in ("n_particles", "steps", "thin", "batch_size", "subsample_size", "cg_steps"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            check_positive_int(getattr(self, name), name)
         for name in ("burn_in", "pullback_steps", "final_rounds"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+            check_non_negative_int(getattr(self, name), name)
         if self.burn_in >= self.steps:
             raise ValueError(f"burn_in ({self.burn_in}) must be smaller than steps ({self.steps}) to keep samples")
         if not (self.step_size > 0 and math.isfinite(self.step_size)):

@@ -43,7 +43,7 @@ from posthoc.scalla.rank_checks import SAME_LOADERS, check_not_sharded, input_di
 from posthoc.scalla.state import restore_scalla_state, scalla_state
 from posthoc.scalla.surrogate import HIDDEN, FeatureMap, SurrogateInit, build_default_surrogate
 from posthoc.scalla.training import InputPool, SurrogateTrainer, TrainSettings, n_context_features
-from posthoc.utils.checks import batch_shape, check_choice, check_finite
+from posthoc.utils.checks import batch_shape, check_choice, check_finite, check_positive_int
 from posthoc.utils.modes import eval_mode
 
 
@@ -143,8 +143,7 @@ class ScaLLA:
         dict_key_y: str = "target",
         progress: bool = True,
     ) -> None:
-        if isinstance(n_features, bool) or not isinstance(n_features, int) or n_features < 1:
-            raise ValueError(f"n_features must be a positive int (the number of latent features m), got {n_features!r}")
+        check_positive_int(n_features, "n_features", "the number of latent features m")
         if surrogate is not None and not isinstance(surrogate, nn.Module):
             raise TypeError(f"surrogate must be an nn.Module or None, got {type(surrogate).__name__}")
         self.model = model
@@ -153,8 +152,7 @@ class ScaLLA:
         self.n_context_features = n_context_features(n_features, self.biased)
         self.surrogate_init = check_choice(surrogate_init, SurrogateInit, "surrogate_init")
         if surrogate_hidden is not None:
-            if isinstance(surrogate_hidden, bool) or not isinstance(surrogate_hidden, int) or surrogate_hidden < 1:
-                raise ValueError(f"surrogate_hidden must be a positive int, got {surrogate_hidden!r}")
+            check_positive_int(surrogate_hidden, "surrogate_hidden", "the default surrogate's hidden width")
             if surrogate is not None:
                 raise ValueError("surrogate_hidden sizes the default surrogate; it cannot apply to a surrogate you "
                                  "pass (leave it None)")

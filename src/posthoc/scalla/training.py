@@ -67,7 +67,7 @@ from posthoc.network.batches import split_batch
 from posthoc.network.subset import ParameterSubset
 from posthoc.scalla import objectives
 from posthoc.utils.checkpoint import check_writable, data_fingerprint, load_checkpoint, module_digest, save_checkpoint
-from posthoc.utils.checks import check_choice, check_finite
+from posthoc.utils.checks import check_choice, check_finite, check_positive_int
 
 CHECKPOINT_FORMAT = 3  # 2: biased surrogates have m + h features (1 split m); 3: posthoc.utils.checkpoint files
 CHECKPOINT_WHAT = "ScaLLA"
@@ -128,9 +128,7 @@ class TrainSettings:
         check_choice(self.lr_schedule, LRSchedule, "lr_schedule")
         for name in ("steps", "batch_size", "n_probes", "n_target_points", "eigen_subsample", "jvp_chunk",
                      "checkpoint_every"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            check_positive_int(getattr(self, name), name)
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
 

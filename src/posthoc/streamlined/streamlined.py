@@ -24,7 +24,7 @@ from posthoc.streamlined.moments import ActivationCovariance, Moments
 from posthoc.streamlined.rules import AttentionRule, Context, LayerNormRule
 from posthoc.streamlined.walk import propagate
 from posthoc.streamlined.weight_posteriors import WeightPosterior, from_laplace, from_mean_field, load_means
-from posthoc.utils.checks import check_choice, check_finite, check_positive
+from posthoc.utils.checks import check_choice, check_finite, check_positive, check_positive_int
 from posthoc.utils.modes import eval_mode
 
 
@@ -110,11 +110,9 @@ class Streamlined:
         if layernorm is None:
             layernorm = LayerNormRule.LINEARIZED if self.mode is ActivationCovariance.FULL else LayerNormRule.FROZEN
         self.layernorm = check_choice(layernorm, LayerNormRule, "layernorm")
-        if max_full_dim < 1:
-            raise ValueError(f"max_full_dim must be >= 1, got {max_full_dim}")
+        check_positive_int(max_full_dim, "max_full_dim", "the largest layer width given a full covariance")
         self.max_full_dim = max_full_dim
-        if batch_size is not None and batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        check_positive_int(batch_size, "batch_size", "examples per propagated chunk", allow_none=True)
         self.batch_size = batch_size if batch_size is not None else (
             32 if self.mode is ActivationCovariance.FULL else None)
         self.variance_scale = 1.0
