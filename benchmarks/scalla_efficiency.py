@@ -1,6 +1,6 @@
 """ScaLLA surrogate training efficiency on the FMNIST CNN: held-out kernel error vs JVP evaluations spent.
 
-Curves, in one run, on the trained 40-epoch MAP CNN (METHODS.md §6), context = MNIST train:
+Curves, in one run, on the trained 40-epoch MAP CNN (see docs/benchmarks.md), context = MNIST train:
 - reference: the authors' recipe (probes objective, 5 train + 5 context points, one Rademacher probe per step,
   Adam 5e-5 constant), evaluated at increasing JVP budgets up to --ref-budget evaluations (its full run is 1e7);
 - defaults: the "directions" objective (100 fixed Rademacher directions, --target-points points, half FMNIST

@@ -1,4 +1,4 @@
-"""Bench rows for ScaLLA (METHODS.md §3): unbiased and biased, context = the suite's context set.
+"""Bench rows for ScaLLA (see docs/scalla.md): unbiased and biased, context = the suite's context set.
 
 ``scalla`` / ``scalla_biased``: the paper's probe objective with the reference per-step settings (5 train + 5
 context points, one Rademacher probe, Adam 5e-5 constant) for BENCH_STEPS = 20,000 steps = 2e5 JVP evaluations,

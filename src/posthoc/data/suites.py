@@ -1,6 +1,6 @@
 """Image benchmark suites: train / validation / test / context / OOD sets.
 
-The FMNIST benchmark (METHODS.md section 6): in-distribution Fashion-MNIST,
+The FMNIST benchmark (see docs/benchmarks.md and docs/data.md): in-distribution Fashion-MNIST,
 a fixed stratified validation split of its training set, context set MNIST
 train, OOD set KMNIST test. ``embedded_suite`` is a small subset of the same
 data shipped inside the package, so examples and tests run without downloads.
@@ -114,7 +114,7 @@ def _tds(images: torch.Tensor, labels: torch.Tensor) -> TensorDataset:
 
 def fmnist_suite(data_dir: str | os.PathLike | None = None, val_size: int = 5000,
                  seed: int = 0) -> ImageSuite:
-    """The full FMNIST benchmark from the idx files (METHODS.md section 6).
+    """The full FMNIST benchmark from the idx files (see docs/benchmarks.md).
 
     train: Fashion-MNIST train minus a stratified ``val_size`` validation
     split (55,000 by default); val: that split (5,000, 500 per class, chosen by

@@ -1,4 +1,4 @@
-"""Classification metrics on predictive probabilities (METHODS.md §6).
+"""Classification metrics on predictive probabilities (see docs/metrics.md).
 
 Every function takes ``probs`` of shape (N, C), the final predictive class
 probabilities (not logits), and integer labels ``y`` of shape (N,). Inputs are
@@ -156,7 +156,7 @@ def calibration_bins(probs: torch.Tensor, y: torch.Tensor, n_bins: int = 15) -> 
     Args:
         probs: (N, C) class probabilities.
         y: (N,) integer labels in [0, C).
-        n_bins: number of bins (15 is the benchmark setting of METHODS.md §6).
+        n_bins: number of bins (15 is the benchmark setting; see docs/metrics.md).
 
     The prediction is the argmax class (ties to the lowest index). Bin b holds
     confidences in (b/n_bins, (b+1)/n_bins]; a confidence of exactly 0 goes to

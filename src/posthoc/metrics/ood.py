@@ -1,4 +1,4 @@
-"""Uncertainty scores and the OOD detection AUROC (METHODS.md §6).
+"""Uncertainty scores and the OOD detection AUROC (see docs/metrics.md).
 
 Two scores are used to tell out-of-distribution inputs from in-distribution
 ones: the predictive entropy of the class probabilities, and the logit variance

@@ -1,4 +1,4 @@
-"""Regression metrics for a Gaussian predictive (METHODS.md §6, UCI protocol).
+"""Regression metrics for a Gaussian predictive (UCI protocol; see docs/metrics.md).
 
 Models are trained on standardised targets ``y_std = (y − y_mean) / y_scale``;
 the predictive mean, variance and targets are therefore given in standardised

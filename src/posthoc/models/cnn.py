@@ -1,4 +1,4 @@
-"""The FMNIST reference CNN of METHODS.md §6 (the ScaLLA authors' backbone)."""
+"""The FMNIST reference CNN (the ScaLLA authors' backbone; see docs/benchmarks.md)."""
 
 from __future__ import annotations
 

@@ -59,7 +59,7 @@ FINAL, PARTIAL = "MAP model", "partial MAP training"
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """MAP training settings (defaults: the FMNIST reference schedule of METHODS.md §6).
+    """MAP training settings (defaults: the FMNIST reference schedule; see docs/benchmarks.md).
 
     Adam(lr, weight_decay), StepLR(step 1 epoch, gamma), ``epochs`` epochs of
     shuffled minibatches of ``batch_size``, seeded by ``seed``. ``drop_last``

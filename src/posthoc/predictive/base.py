@@ -50,10 +50,12 @@ class Predictive(abc.ABC):
         """Draw (S, B, C) output samples."""
 
     def __len__(self) -> int:
+        """The batch size B."""
         return self.mean.shape[0]
 
     @property
     def n_outputs(self) -> int:
+        """The number of outputs C (classes, or regression targets)."""
         return self.mean.shape[-1]
 
     def _check_targets(self, y: torch.Tensor) -> torch.Tensor:
@@ -69,6 +71,11 @@ class Predictive(abc.ABC):
 
 
 def parse_link(link_approx: LinkApprox | str) -> LinkApprox:
+    """Convert ``link_approx`` (a :class:`LinkApprox` or its string value) to the enum.
+
+    Raises:
+        ValueError: For an unknown name, listing the valid ones.
+    """
     return check_choice(link_approx, LinkApprox, "link_approx")
 
 

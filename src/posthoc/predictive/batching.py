@@ -16,14 +16,15 @@ def concat(predictives: list[Predictive]) -> Predictive:
     """Join per-batch predictives of one kind along the batch dimension."""
     if not predictives:
         raise ValueError("nothing to concatenate: the loader yielded no batches")
-    first = predictives[0]
-    if all(isinstance(p, GaussianPredictive) for p in predictives):
-        mean = torch.cat([p.mean for p in predictives])
-        if all(p.has_full_cov for p in predictives):
-            return GaussianPredictive(mean, cov=torch.cat([p.cov for p in predictives]))
-        return GaussianPredictive(mean, var=torch.cat([p.var for p in predictives]))
-    if all(isinstance(p, SamplePredictive) for p in predictives):
-        return SamplePredictive(torch.cat([p.samples for p in predictives], dim=1), sigma_noise=first.sigma_noise)
+    gaussians = [p for p in predictives if isinstance(p, GaussianPredictive)]
+    if len(gaussians) == len(predictives):
+        mean = torch.cat([p.mean for p in gaussians])
+        if all(p.has_full_cov for p in gaussians):
+            return GaussianPredictive(mean, cov=torch.cat([p.cov for p in gaussians]))
+        return GaussianPredictive(mean, var=torch.cat([p.var for p in gaussians]))
+    sampled = [p for p in predictives if isinstance(p, SamplePredictive)]
+    if len(sampled) == len(predictives):
+        return SamplePredictive(torch.cat([p.samples for p in sampled], dim=1), sigma_noise=sampled[0].sigma_noise)
     raise TypeError("cannot concatenate predictives of different kinds")
 
 

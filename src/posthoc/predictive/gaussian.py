@@ -31,6 +31,9 @@ class GaussianPredictive(Predictive):
         cov: torch.Tensor | None = None,
         var: torch.Tensor | None = None,
     ) -> None:
+        self._cov: torch.Tensor | None
+        # The covariance (B, C, C) or the variances (B, C), whichever was given: what the links take.
+        self._cov_or_var: torch.Tensor
         if (cov is None) == (var is None):
             raise ValueError("give exactly one of cov (B, C, C) or var (B, C)")
         if not isinstance(mean, torch.Tensor) or mean.ndim != 2:
@@ -47,7 +50,7 @@ class GaussianPredictive(Predictive):
                 raise ValueError("cov must be symmetric in its last two dimensions")
             if bool((torch.diagonal(cov, dim1=-2, dim2=-1) < 0).any()):
                 raise ValueError("cov has negative diagonal entries: not a covariance")
-            self._cov, self._var = cov.to(mean.dtype), None
+            self._cov = self._cov_or_var = cov.to(mean.dtype)
         else:
             assert var is not None
             if var.shape != (batch, n_out):
@@ -55,29 +58,32 @@ class GaussianPredictive(Predictive):
             check_finite(var, "var")
             if bool((var < 0).any()):
                 raise ValueError("var has negative entries: variances must be >= 0")
-            self._cov, self._var = None, var.to(mean.dtype)
+            self._cov, self._cov_or_var = None, var.to(mean.dtype)
         self._mean = mean
 
     @property
     def mean(self) -> torch.Tensor:
+        """Predictive mean (B, C), as given."""
         return self._mean
 
     @property
     def var(self) -> torch.Tensor:
-        return self._var if self._cov is None else torch.diagonal(self._cov, dim1=-2, dim2=-1)
+        """Marginal variances (B, C): as given, or the covariance's diagonal (a view, no copy)."""
+        if self._cov is not None:
+            return torch.diagonal(self._cov, dim1=-2, dim2=-1)
+        return self._cov_or_var
 
     @property
     def cov(self) -> torch.Tensor:
-        return self._cov if self._cov is not None else torch.diag_embed(self._var)
+        """Covariance (B, C, C): as given, or ``diag_embed(var)`` (allocates B·C² when only variances are known)."""
+        if self._cov is not None:
+            return self._cov
+        return torch.diag_embed(self._cov_or_var)
 
     @property
     def has_full_cov(self) -> bool:
         """Whether cross-output covariances are known (else only the diagonal)."""
         return self._cov is not None
-
-    @property
-    def _cov_or_var(self) -> torch.Tensor:
-        return self._cov if self._cov is not None else self._var
 
     def probs(
         self,
@@ -101,6 +107,13 @@ class GaussianPredictive(Predictive):
         return links.mc_probs(self.mean, self._cov_or_var, n_samples, generator)
 
     def sample(self, n_samples: int, seed: int = 0) -> torch.Tensor:
+        """Draw ``n_samples`` outputs (S, B, C) from N(mean, Sigma), seeded by ``seed``.
+
+        Cost: one Cholesky per input (O(B·C³)) with a full covariance, O(S·B·C) with variances.
+
+        Raises:
+            ValueError: If ``n_samples`` is not a positive int.
+        """
         check_n_samples(n_samples)
         generator = links.make_generator(seed, self.mean.device)
         return links.sample_gaussian(self.mean, self._cov_or_var, n_samples, generator)
@@ -110,21 +123,25 @@ class GaussianPredictive(Predictive):
         check_positive(sigma_noise, "sigma_noise")
         noise_var = torch.as_tensor(sigma_noise, dtype=self.mean.dtype, device=self.mean.device) ** 2
         if self._cov is None:
-            return GaussianPredictive(self.mean, var=self._var + noise_var)
+            return GaussianPredictive(self.mean, var=self._cov_or_var + noise_var)
         eye = torch.eye(self.n_outputs, dtype=self.mean.dtype, device=self.mean.device)
         return GaussianPredictive(self.mean, cov=self._cov + noise_var * eye)
 
     def log_prob(self, y: torch.Tensor) -> torch.Tensor:
-        """Log N(y; mean, Sigma) per input (B,). Call on ``with_noise(sigma)`` for y.
+        """Log N(y; mean, Sigma) per input (B,) for targets ``y`` (B, C). Call on ``with_noise(sigma)`` for y.
 
-        Raises ValueError where Sigma is singular (a noise-free predictive).
+        Cost: O(B·C) with variances, one Cholesky per input (O(B·C³)) with a full covariance.
+
+        Raises:
+            ValueError: Where Sigma is singular (a noise-free predictive) or ``y`` has the wrong shape.
         """
         y = self._check_targets(y)
         resid = y - self.mean
         if self._cov is None:
-            if bool((self._var <= 0).any()):
+            var = self._cov_or_var
+            if bool((var <= 0).any()):
                 raise ValueError("log_prob needs positive variances; add observation noise with with_noise(sigma)")
-            return -0.5 * (resid**2 / self._var + torch.log(2 * math.pi * self._var)).sum(-1)
+            return -0.5 * (resid**2 / var + torch.log(2 * math.pi * var)).sum(-1)
         chol, info = torch.linalg.cholesky_ex(self._cov)
         if bool((info != 0).any()):
             raise ValueError("log_prob needs a positive definite covariance; add noise with with_noise(sigma)")
@@ -137,7 +154,7 @@ class GaussianPredictive(Predictive):
         mean = self.mean.to(*args, **kwargs)
         if self._cov is not None:
             return GaussianPredictive(mean, cov=self._cov.to(*args, **kwargs))
-        return GaussianPredictive(mean, var=self._var.to(*args, **kwargs))
+        return GaussianPredictive(mean, var=self._cov_or_var.to(*args, **kwargs))
 
     def __repr__(self) -> str:
         kind = "cov" if self._cov is not None else "var"

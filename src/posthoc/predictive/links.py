@@ -2,7 +2,7 @@
 
 All functions take ``mean`` of shape (B, C) and a covariance, either full
 ``cov`` (B, C, C) or its diagonal ``var`` (B, C), and return probabilities
-(B, C). Formulas follow METHODS.md (common notation).
+(B, C). Formulas and notation: see docs/laplace.md.
 """
 
 from __future__ import annotations

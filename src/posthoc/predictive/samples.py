@@ -40,18 +40,22 @@ class SamplePredictive(Predictive):
 
     @property
     def n_samples(self) -> int:
+        """The number S of stored samples."""
         return self.samples.shape[0]
 
     @property
     def mean(self) -> torch.Tensor:
+        """Sample mean (B, C). Cost: O(S·B·C)."""
         return self.samples.mean(0)
 
     @property
     def var(self) -> torch.Tensor:
+        """Unbiased sample variances plus ``sigma_noise²`` (B, C). Cost: O(S·B·C)."""
         return self.samples.var(0, unbiased=True) + self.sigma_noise**2
 
     @property
     def cov(self) -> torch.Tensor:
+        """Unbiased sample covariance plus ``sigma_noise² I`` (B, C, C). Cost: O(S·B·C²)."""
         centred = self.samples - self.mean
         cov = torch.einsum("sbi,sbj->bij", centred, centred) / (self.n_samples - 1)
         eye = torch.eye(self.n_outputs, dtype=cov.dtype, device=cov.device)
@@ -89,6 +93,11 @@ class SamplePredictive(Predictive):
         return draws + self.sigma_noise * noise
 
     def with_noise(self, sigma_noise: float | torch.Tensor) -> "SamplePredictive":
+        """The same samples with observation noise ``sigma_noise`` (the predictive of y for regression).
+
+        Raises:
+            ValueError: Unless ``sigma_noise`` is finite and > 0.
+        """
         check_positive(sigma_noise, "sigma_noise")
         return SamplePredictive(self.samples, sigma_noise=sigma_noise)
 

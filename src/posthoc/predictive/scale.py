@@ -1,7 +1,7 @@
 """One output-variance scale κ fitted on validation data, for any Gaussian predictive.
 
 κ multiplies the predictive covariance (Σ -> κ Σ, the mean is kept). It is the calibration
-step METHODS.md §4 allows for streamlined prediction; the same function fits it for any
+step allowed for streamlined prediction (see docs/streamlined.md); the same function fits it for any
 method's Gaussian predictive (e.g. the glm predictive of a Laplace approximation), so that
 methods can be compared with and without it on equal terms.
 """
@@ -23,8 +23,12 @@ GOLDEN_STEPS = 40
 
 
 def scaled_gaussian(mean: torch.Tensor, cov_or_var: torch.Tensor, scale: float) -> GaussianPredictive:
-    """N(mean (B, C), κ Σ) from a covariance (B, C, C), symmetrised (round-off of propagated covariances), or
-    variances (B, C); κ > 0.
+    """N(mean (B, C), κ Σ) from a covariance (B, C, C) or variances (B, C); κ = ``scale`` > 0.
+
+    A covariance is symmetrised (round-off of propagated covariances). Cost: O(B·C²) or O(B·C).
+
+    Raises:
+        ValueError: Unless ``scale`` > 0.
     """
     if not scale > 0:
         raise ValueError(f"the variance scale must be > 0, got {scale}")

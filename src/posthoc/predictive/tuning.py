@@ -1,5 +1,6 @@
-"""Tuning the prior precision delta (and the noise sigma) of a fitted posterior without refitting: the one
-grid search, evidence maximisation and hyperparameter validation that ``Laplace`` and ``ScaLLA`` share.
+"""Tuning the prior precision delta (and the noise sigma) of a fitted posterior without refitting.
+
+The one grid search, evidence maximisation and hyperparameter validation that ``Laplace`` and ``ScaLLA`` share:
 
     best = grid_search(validation_loss, grid)            # the grid value with the lowest loss (first wins)
     prior, sigma = maximise_evidence(evidence, log_prior, sigma, tune_sigma_noise, n_steps=100, lr=0.1)
@@ -47,8 +48,12 @@ _OLD_PRIOR_STRUCTURES = {"layer": PriorStructure.LAYERWISE, "parameter": PriorSt
 
 
 def prior_structure_choice(value: PriorStructure | str) -> PriorStructure:
-    """``value`` as a PriorStructure; the old names "layer" and "parameter" warn (DeprecationWarning) and map to
-    "layerwise" and "diag". Raises ValueError for anything else.
+    """``value`` as a :class:`PriorStructure`, accepting the deprecated names.
+
+    The old names "layer" and "parameter" warn (DeprecationWarning) and map to "layerwise" and "diag".
+
+    Raises:
+        ValueError: For any other name, listing the valid ones.
     """
     if not isinstance(value, PriorStructure) and value in _OLD_PRIOR_STRUCTURES:
         new = _OLD_PRIOR_STRUCTURES[value]
@@ -87,17 +92,25 @@ def method_choice(pred_type: Any, method: PriorOptimization | str) -> tuple[Any,
 
 # ----------------------------------------------------------------- validation
 def checked_prior_precision(value: torch.Tensor) -> torch.Tensor:
-    """The one value check of a prior precision: entries finite and > 0; returned 1-D (differentiable: not
-    detached). Each estimator then checks the length it accepts (Laplace: 1, per tensor or per parameter;
-    ScaLLA: 1). Raises ValueError naming the bad entries.
+    """The one value check of a prior precision: entries finite and > 0; returned 1-D.
+
+    The result is not detached (it stays differentiable). Each estimator then checks the length it accepts
+    (Laplace: 1, per tensor or per parameter; ScaLLA: 1). Cost: one pass over ``value``.
+
+    Raises:
+        ValueError: Naming the first bad entry.
     """
     check_positive(value, "prior_precision")
     return value.reshape(-1)
 
 
 def checked_sigma_noise(value: torch.Tensor, likelihood: Likelihood) -> torch.Tensor:
-    """The one check of sigma_noise: a finite scalar > 0, and 1 for classification; returned 0-d
-    (differentiable: not detached). Raises ValueError.
+    """The one check of sigma_noise: a finite scalar > 0, and 1 for classification; returned 0-d.
+
+    The result is not detached (it stays differentiable).
+
+    Raises:
+        ValueError: For a non-scalar, a value not finite and > 0, or a value other than 1 for classification.
     """
     if value.numel() != 1:
         raise ValueError(f"sigma_noise must be a scalar, got shape {tuple(value.shape)}")
@@ -108,7 +121,11 @@ def checked_sigma_noise(value: torch.Tensor, likelihood: Likelihood) -> torch.Te
 
 
 def tune_sigma_noise_choice(tune_sigma_noise: bool | None, likelihood: Likelihood) -> bool:
-    """None: tune sigma for regression only. Raises ValueError for True with classification."""
+    """Resolve ``tune_sigma_noise``: None means tune sigma for regression only.
+
+    Raises:
+        ValueError: For True with classification.
+    """
     if tune_sigma_noise is None:
         return likelihood is Likelihood.REGRESSION
     if tune_sigma_noise and likelihood is Likelihood.CLASSIFICATION:
@@ -117,9 +134,12 @@ def tune_sigma_noise_choice(tune_sigma_noise: bool | None, likelihood: Likelihoo
 
 
 def log_prior_start(init_prior_prec: float | None, current: torch.Tensor, size: int) -> torch.Tensor:
-    """Where marglik starts: log delta (size,), every entry log(init_prior_prec), by default log of the mean
-    ``current`` delta; in ``current``'s dtype and device. Raises ValueError for an init_prior_prec that is not
-    finite and > 0.
+    """Where marglik starts: log delta of shape (size,), in ``current``'s dtype and device.
+
+    Every entry is log(init_prior_prec), by default the log of the mean ``current`` delta.
+
+    Raises:
+        ValueError: For an ``init_prior_prec`` that is not finite and > 0.
     """
     if init_prior_prec is not None:
         check_positive(init_prior_prec, "init_prior_prec")
@@ -175,13 +195,20 @@ def maximise_evidence(evidence: Callable[[torch.Tensor, torch.Tensor], torch.Ten
                       sigma_noise: torch.Tensor, tune_sigma_noise: bool, n_steps: int, lr: float,
                       what: str = "marginal likelihood",
                       progress: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``n_steps`` Adam steps (posthoc.utils.optim.maximise) on log delta, and log sigma if ``tune_sigma_noise``,
-    maximising ``evidence(delta, sigma)``.
+    """Maximise ``evidence(delta, sigma)`` by Adam on log delta (and log sigma if ``tune_sigma_noise``).
+
+    Runs ``n_steps`` steps of :func:`posthoc.utils.optim.maximise`. Cost: ``n_steps`` evidence evaluations and
+    their backward passes.
 
     Args:
         evidence: the estimator's differentiable evidence in (delta, sigma).
         log_prior: the starting log delta, of the shape to tune ((1,), (n_tensors,), (P,) or ()); copied.
         sigma_noise: the starting sigma (0-d).
+        tune_sigma_noise: also tune sigma (regression); else sigma stays fixed.
+        n_steps: the number of Adam steps.
+        lr: Adam's learning rate on the log scale.
+        what: the evidence's name in error messages.
+        progress: show a tqdm progress bar.
 
     Returns:
         (delta, sigma): the tuned values, detached; sigma is None unless tuned.
@@ -198,8 +225,10 @@ def maximise_evidence(evidence: Callable[[torch.Tensor, torch.Tensor], torch.Ten
 
 def validation_nll_sum(pred: Predictive, y: torch.Tensor, likelihood: Likelihood, sigma_noise: torch.Tensor,
                        link_approx: LinkApprox | str, seed: int) -> float:
-    """Summed NLL of a batch's targets y under ``pred``: classification through ``link_approx`` (seeded),
-    regression with the observation noise ``sigma_noise`` added. The grid-search loss of both estimators.
+    """Summed NLL of a batch's targets ``y`` under ``pred``: the grid-search loss of both estimators.
+
+    Classification goes through ``link_approx`` (seeded), regression adds the observation noise ``sigma_noise``.
+    Cost: one ``probs`` or ``log_prob`` call on the batch.
     """
     if likelihood is Likelihood.CLASSIFICATION:
         return nll(pred.probs(link_approx, seed=seed), y) * len(y)
