@@ -7,7 +7,7 @@
 
 Stage 1 (:mod:`posthoc.fiber.walk`) runs projected Langevin dynamics on the fiber through theta*,
 targeting the prior N(0, delta^-1 I) restricted to the low-loss set; stage 2
-(:mod:`posthoc.fiber.deform`) fits a map z -> theta on the walked samples. METHODS.md §5.
+(:mod:`posthoc.fiber.deform`) fits a map z -> theta on the walked samples; see docs/fiber.md.
 
 Checkpoints: with ``checkpoint=path`` the state is written atomically every ``checkpoint_every`` walk
 steps and flow steps, after the walk's final check, and when done; a rerun with the same path, settings,
@@ -347,7 +347,7 @@ class FiberSampler:
         t0 = time.perf_counter()
         threads = torch.get_num_threads()
         # the flow is tiny (r <= latent_dim inputs, M samples): extra threads only add synchronisation cost,
-        # which on a busy machine made full-batch steps ~100x slower than on one thread (measured)
+        # which on a busy machine made full-batch steps far slower (docs/measurements/methods.md)
         torch.set_num_threads(1)
         try:
             step = method.training_step(self, problem, flow, optimizer, coords, generator)

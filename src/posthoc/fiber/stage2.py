@@ -148,8 +148,8 @@ class AnchoredMethod(DeformMethod):
     """"anchored": walked samples within the tolerance plus a learned Gaussian jitter (built even untrained)."""
 
     uses_barrier = True
-    # measured on the toys (benchmarks/results/fiber_toy.md): the jitter starts from plain resampling of the walk
-    # (0.01) and needs the stiffer barrier to keep >= 0.9 within the tolerance
+    # the jitter starts from plain resampling of the walk (0.01) and needs the stiffer barrier to keep most samples
+    # within the tolerance (docs/measurements/methods.md)
     default_barrier_weight = 300.0
     default_init_scale = 0.01
     final_loss_key = "flow_final_kl"

@@ -1,4 +1,4 @@
-"""Stage 1 of fiber sampling: projected Langevin dynamics on the low-loss set (METHODS.md §5).
+"""Stage 1 of fiber sampling: projected Langevin dynamics on the low-loss set (docs/fiber.md).
 
 Pure functions over an explicit :class:`WalkState`, so a walk can be checkpointed after any step
 and resumed exactly (the state carries the random generator's state).
@@ -23,8 +23,8 @@ the step size shrinks by ``adapt_factor`` after every step in which more than a 
 particles (``MAX_REJECTED_FRACTION``; any, with fewer than 4 particles) could not be pulled back
 within ``pullback_steps`` (it never grows); after burn-in it is fixed, so the kept part of the chain
 is a fixed-step Markov chain. Rejected moves keep the chain in the low-loss set, so an occasional
-rejection needs no smaller step; shrinking on every single one drove the step to ~1e-7 in 100 steps
-on the UCI networks (measured), freezing the walk.
+rejection needs no smaller step; shrinking on every single one froze the walk on the UCI networks
+(docs/measurements/methods.md).
 """
 
 from __future__ import annotations

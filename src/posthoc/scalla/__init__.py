@@ -1,4 +1,4 @@
-"""ScaLLA: a learned surrogate of the linearised-Laplace kernel, trained from JVPs only (METHODS.md §3)."""
+"""ScaLLA: a learned surrogate of the linearised-Laplace kernel, trained from JVPs only (docs/scalla.md)."""
 
 from posthoc.scalla.scalla import ScaLLA
 from posthoc.scalla.surrogate import FeatureSurrogate, SurrogateInit, build_default_surrogate

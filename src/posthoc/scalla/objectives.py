@@ -1,4 +1,4 @@
-"""ScaLLA training objectives as pure functions of tensors (METHODS.md §3).
+"""ScaLLA training objectives as pure functions of tensors (docs/scalla.md).
 
 Each takes the surrogate's features of a batch, the JVPs of the network on the same batch and,
 for the biased variant, which points are context points; none of them touches a model. A

@@ -1,4 +1,4 @@
-"""The m-dimensional posterior over ScaLLA's latent weights w (METHODS.md §3).
+"""The m-dimensional posterior over ScaLLA's latent weights w (docs/scalla.md).
 
 f(x) = f(x; theta*) + phi(x)^T w with w ~ N(0, delta^-1 I_m). The GGN over w is
 H = sum_n phi(x_n) Gamma_n phi(x_n)^T (m x m), accumulated as an explicit sum of per-batch terms

@@ -1,4 +1,4 @@
-"""``posthoc.ScaLLA``: the linearised Laplace predictive through a learned surrogate kernel (METHODS.md §3).
+"""``posthoc.ScaLLA``: the linearised Laplace predictive through a learned surrogate kernel (docs/scalla.md).
 
     s = ScaLLA(model, "classification", n_features=100, biased=True)
     s.fit(train_loader, context_loader=context_loader, checkpoint="scalla.pt")
@@ -69,13 +69,13 @@ class ScaLLA:
             sqrt(P / m); ``surrogate_init`` "model" starts the trunk at the trained weights, "fresh" re-draws it
             seeded by ``seed``).
         surrogate_hidden: the width of the default surrogate's hidden FC layer; None keeps the authors' 200.
-            Wider heads fit the small-eigenvalue directions (which set in-distribution variances) better: on the
-            test MLP (m C = 300 outputs) 500 raised the in-distribution Spearman from 0.862-0.885 to 0.910-0.922
-            (seeds 0-2). Only for the default surrogate (an error with ``surrogate``).
+            Wider heads fit the small-eigenvalue directions (which set in-distribution variances) better, at more
+            time per step (docs/measurements/methods.md). Only for the default surrogate (an error with
+            ``surrogate``).
         prior_precision: delta (scalar); sigma_noise: observation noise (regression only).
-        biased: zero the train x context kernel while training (needs a context loader at fit). On the test MLP
-            (eigen directions, seeds 0 and 1) the biased / unbiased mean predictive variance is 0.966-0.975 on
-            training points and 2.6-3.4 on context-like points.
+        biased: zero the train x context kernel while training (needs a context loader at fit): training-point
+            variances stay close to the unbiased variant's, context-like points get larger ones
+            (docs/measurements/methods.md).
         objective: "directions" (regression onto JVPs along fixed directions, the default) or "probes" (the
             paper's (K - Q)^2 with fresh Rademacher probes); see posthoc.scalla.training.
         steps, batch_size, n_probes, lr, lr_schedule, n_target_points, directions, eigen_subsample,
@@ -93,28 +93,13 @@ class ScaLLA:
     The surrogate is a deterministic feature map, trained in eval mode (posthoc.scalla.surrogate): the same
     ``seed`` gives the same kernel bit for bit, whatever the global RNG.
 
-    Defaults and the measurements behind them (tests/scalla, benchmarks/results/scalla_efficiency.md):
-    "directions" with the top 100 GGN eigenvectors (Lanczos on 200 training points), 2,000 target points (half
-    train, half context), 3,000 Adam steps of 64 points (half train, half context targets), lr 1e-3 with cosine
-    decay, trunk initialised from the model. On the 1,315-parameter tanh MLP of tests/scalla (2,000 steps, lr
-    3e-3, seeds 0 and 1), the Spearman correlation of the predictive variances with the exact LLA's is, in
-    distribution / OOD: 0.876 / 0.953 and 0.862 / 0.946 with eigen directions, 0.815 / 0.930 (seed 0) with
-    100 Rademacher directions (exact rank-100 features: eigen 0.967 / 0.987, Rademacher 0.908 / 0.992), hence
-    "eigen"; held-out kernel error 0.42-0.44 (Rademacher 0.38-0.44). The learned features do NOT reach 0.9 in
-    distribution with the default 200-unit head (0.886-0.897 with 6,000 steps; lr 1e-2 0.903 / 0.915 but 0.82-0.85 at
-    2e-2; weighting the loss per direction by 1 / mean square target or 1 / (lambda_k + delta): 0.81-0.92): the
-    small-GGN-eigenvalue directions, which dominate the in-distribution variances, stay underfitted even on the
-    training points (relative error 0.5-0.9). ``surrogate_hidden=500`` fits them: 0.921 / 0.922 / 0.910 in
-    distribution, OOD 0.966 / 0.966 / 0.963 (seeds 0 / 1 / 2), held-out kernel error 0.35-0.41, about 1.7x the
-    time per step; the default stays at the authors' 200. The Lanczos costs extra JVP evaluations (on the FMNIST
-    CNN 202 GGN products on 200 points = 80,800); directions="rademacher" avoids it. On the FMNIST CNN the held-out
-    kernel error favours the paper's objective at equal budget (0.46 at 1e5 evaluations against 0.375 for the
-    reference recipe, benchmarks/results/scalla_efficiency.md), but the full-data predictive favours these
-    defaults: with 280,800 (unbiased) / 200,800 (biased) JVP evaluations, test NLL 0.2520 / 0.2527, ECE 0.0084 /
-    0.0083 and the biased variant's OOD AUROC (variance score) 0.990, against 0.2549 / 0.2548, 0.0107 / 0.0109 and
-    0.938 for the reference recipe's per-step settings at 200,000 evaluations (MAP: 0.2555 / 0.0108; the authors'
-    1e7-evaluation run: 0.2528 / 0.0078, biased 0.2530 / 0.0084 / 0.983; benchmarks/results/fmnist-scalla-defaults
-    and fmnist-scalla).
+    Defaults: "directions" with the top 100 GGN eigenvectors (Lanczos on 200 training points), 2,000 target points
+    (half train, half context), 3,000 Adam steps of 64 points (half train, half context targets), lr 1e-3 with
+    cosine decay, trunk initialised from the model, a 200-unit hidden layer. Cost ("directions"): a Lanczos run of
+    GGN products on ``eigen_subsample`` points (two JVP evaluations per point per product; ``directions=
+    "rademacher"`` skips it), then one JVP evaluation per target point and direction, once; the steps spend none.
+    The measurements that chose these defaults (variance rank correlation with the exact LLA, kernel error,
+    FMNIST NLL/ECE/AUROC against the paper's recipe) are in docs/measurements/methods.md.
     """
 
     def __init__(

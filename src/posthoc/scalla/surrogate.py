@@ -1,4 +1,4 @@
-"""The surrogate feature network g_phi: x -> phi(x), an (m, C) matrix (METHODS.md §3).
+"""The surrogate feature network g_phi: x -> phi(x), an (m, C) matrix (docs/scalla.md).
 
 The default surrogate is built from the trained network: its trunk (everything before the layer that maps
 the penultimate features to the outputs; ``FMNISTCNN.trunk`` for the reference CNN, i.e. the conv blocks and

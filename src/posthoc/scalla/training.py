@@ -22,9 +22,9 @@ block only carries the prior-level variance k(x, x), which Rademacher directions
 rank (top-GGN eigenvectors of the training data would underestimate it away from the data). Cost: m JVP
 evaluations per training target point, h per context point. With "probes", the (K - Q)^2 loss with the
 train x context blocks of K zeroed is fitted by the m + h features (the paper's masked target; the extra h
-give the context points room without taking rank from the training points). Measured on the tests/scalla MLP,
-biased / unbiased mean training-point variance: "directions" 0.966-0.975 (seeds 0, 1); "probes" (32 + 32 points,
-4 probes, lr 3e-3, 2,000 steps) 0.72, since nothing in that loss pins which features the training points use.
+give the context points room without taking rank from the training points). "directions" keeps the biased
+variant's training-point variances closer to the unbiased ones than "probes", since nothing in the probe loss pins
+which features the training points use (docs/measurements/methods.md).
 
 A JVP evaluation is one point along one direction (a GGN product in Lanczos counts two per point: its
 JVP and its VJP). Checkpoints (every ``checkpoint_every`` steps, atomic) hold the surrogate, optimizer,
@@ -72,7 +72,7 @@ from posthoc.utils.checks import check_choice, check_finite, check_positive_int
 CHECKPOINT_FORMAT = 3  # 2: biased surrogates have m + h features (1 split m); 3: posthoc.utils.checkpoint files
 CHECKPOINT_WHAT = "ScaLLA"
 # Lanczos tolerance of the "eigen" directions: they only need to span the top GGN subspace roughly
-# (on the FMNIST CNN, 1e-2 takes ~2 k products for k = 100 directions).
+# (its cost: docs/measurements/methods.md).
 EIGEN_TOL = 1e-2
 BIASED_CONTEXT_SHARE = 0.2  # h / m: the biased variant's extra context features
 
@@ -99,14 +99,14 @@ class LRSchedule(str, Enum):
 
 @dataclass(frozen=True)
 class TrainSettings:
-    """How the surrogate is trained (defaults: see ScaLLA's docstring for the measurement behind them).
+    """How the surrogate is trained (defaults: ScaLLA's docstring; measurements: docs/measurements/methods.md).
 
     ``batch_size`` training points per step (plus as many context points for "probes"; for "directions" a
     step draws ``batch_size`` points of the cached target set, half of them from its training points and half
-    from its context points whatever their counts: with 400 training and 1,700 context targets on the test MLP,
-    uniform draws left the biased variant's training-point variances at 0.85-0.90 of the unbiased ones, halves
-    at 0.95-0.975). ``checkpoint_every`` does not change the
-    result and is not part of a checkpoint's identity.
+    from its context points whatever their counts, which keeps the biased variant's training-point variances
+    closer to the unbiased ones than uniform draws). ``checkpoint_every`` does not change the result and is not
+    part of a checkpoint's identity. Raises ValueError for an unknown objective, directions or lr_schedule, a
+    non-positive int count or a non-positive ``lr``.
     """
 
     objective: str = Objective.DIRECTIONS.value
@@ -135,7 +135,7 @@ class TrainSettings:
 
 REFERENCE_RECIPE = TrainSettings(objective="probes", steps=1_000_000, batch_size=5, n_probes=1, lr=5e-5,
                                  lr_schedule="constant")
-"""The authors' FMNIST recipe (METHODS.md §3): 5 train + 5 context points, one probe, Adam 5e-5, 1M steps."""
+"""The authors' FMNIST recipe (docs/scalla.md): 5 train + 5 context points, one probe, Adam 5e-5, 1M steps."""
 
 
 def _visits_every_example_once(loader: Iterable) -> bool:
@@ -190,7 +190,7 @@ def _fingerprint(subset: ParameterSubset, surrogate: nn.Module, settings: TrainS
                  train_pool: InputPool, context_pool: InputPool | None) -> dict[str, Any]:
     """What a training run's result depends on: the settings (not ``checkpoint_every``), the network's weights
     and buffers, the surrogate's architecture and initial weights, and all the training and context inputs the
-    run draws from (hashed in full: 0.04 s for the embedded FMNIST suite's 5,000 images, 16 MB).
+    run draws from (hashed in full, one pass over them; timing in docs/measurements/methods.md).
     """
     identity = {k: v for k, v in asdict(settings).items() if k != "checkpoint_every"}
     return {"format": CHECKPOINT_FORMAT, "settings": identity, "biased": biased,
@@ -209,7 +209,7 @@ class SurrogateTrainer:
         subset: the network's parameters (all weights) as a ParameterSubset.
         likelihood: for the GGN of the "eigen" directions.
         train_pool / context_pool: the inputs (context may be None unless ``biased``).
-        biased: zero the train x context kernel (METHODS.md §3).
+        biased: zero the train x context kernel (docs/scalla.md).
         callback: called as callback(step, jvp_evaluations) after every step (for learning curves); it may
             raise to interrupt a run (a checkpointed run then resumes from its last checkpoint).
     """

@@ -1,5 +1,5 @@
 """Streamlined prediction (Li, Klasson, Solin, Trapp, ICLR 2025): moment propagation of a
-Gaussian weight posterior through the network, no sampling and no Jacobians (METHODS.md §4).
+Gaussian weight posterior through the network, no sampling and no Jacobians (docs/streamlined.md).
 """
 
 from posthoc.streamlined.moments import ActivationCovariance, Moments

@@ -1,4 +1,4 @@
-"""``posthoc.Streamlined``: sampling-free predictive by moment propagation (METHODS.md §4).
+"""``posthoc.Streamlined``: sampling-free predictive by moment propagation (docs/streamlined.md).
 
 la = posthoc.Laplace(model, "classification", subset_of_weights="all", hessian_structure="diag").fit(loader)
 sp = posthoc.Streamlined(model, posterior=la)                 # diagonal activations (fast)
