@@ -1,0 +1,189 @@
+"""Marginal-likelihood training: the online Laplace of Immer et al. (2021), laplace-torch's ``marglik_training``.
+
+MAP training of the network on the regularised loss alternates with gradient steps on the hyperparameters
+(the prior precision delta and, for regression, the noise sigma) that maximise the Laplace evidence of the
+current weights. Each epoch:
+
+1. one pass of ``optimizer_cls`` over the data on the loss, per batch,
+   ``criterion(f(x), y) + delta^T theta^2 / (2 N c)``, with ``criterion`` the mean cross-entropy (classification)
+   or mean squared error (regression) and ``c`` = 1 (classification) or 1 / (2 sigma^2) (regression): the
+   negative log joint divided by N in the criterion's units;
+2. every ``marglik_frequency`` epochs after ``n_epochs_burnin``: a Laplace (``subset_of_weights="all"``) is
+   fitted at the current weights and ``n_hypersteps`` Adam steps on log delta (and log sigma) maximise its
+   evidence (no refit between steps: the evidence is a function of delta and sigma).
+
+The weights and hyperparameters with the best evidence seen are restored at the end and a Laplace is fitted
+there. Cost: ``n_epochs`` training epochs plus one Laplace fit per evidence estimate.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Mapping
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+
+from posthoc.laplace.laplace import Laplace
+from posthoc.laplace.prior import per_parameter
+from posthoc.likelihood import Likelihood
+from posthoc.network.subset import ParameterSubset
+from posthoc.predictive.tuning import PriorStructure, prior_structure_choice
+from posthoc.utils.checks import check_choice, check_positive_int
+
+
+def _batch(data: Any, dict_key_x: str, dict_key_y: str) -> tuple[Any, torch.Tensor]:
+    if isinstance(data, Mapping):
+        return data[dict_key_x], data[dict_key_y]
+    x, y = data
+    return x, y
+
+
+def _n_examples(train_loader: Iterable, dict_key_x: str, dict_key_y: str) -> int:
+    """N: ``len(train_loader.dataset)`` when the loader has one, else one pass counting the targets."""
+    dataset = getattr(train_loader, "dataset", None)
+    n = len(dataset) if dataset is not None and hasattr(dataset, "__len__") else sum(
+        len(_batch(data, dict_key_x, dict_key_y)[1]) for data in train_loader)
+    if n == 0:
+        raise ValueError("train_loader yielded no examples")
+    return n
+
+
+def marglik_training(
+    model: nn.Module,
+    train_loader: Iterable,
+    likelihood: Likelihood | str = "classification",
+    hessian_structure: str = "kron",
+    curvature: str = "ggn",
+    optimizer_cls: type[torch.optim.Optimizer] = torch.optim.Adam,
+    optimizer_kwargs: dict[str, Any] | None = None,
+    scheduler_cls: Callable[..., Any] | None = None,
+    scheduler_kwargs: dict[str, Any] | None = None,
+    n_epochs: int = 300,
+    lr_hyp: float = 0.1,
+    prior_structure: PriorStructure | str = "layerwise",
+    n_epochs_burnin: int = 0,
+    n_hypersteps: int = 10,
+    marglik_frequency: int = 1,
+    prior_prec_init: float = 1.0,
+    sigma_noise_init: float = 1.0,
+    temperature: float = 1.0,
+    fix_sigma_noise: bool = False,
+    progress_bar: bool = False,
+    enable_backprop: bool = False,
+    dict_key_x: str = "input",
+    dict_key_y: str = "target",
+    laplace_cls: type[Laplace] = Laplace,
+) -> tuple[Laplace, nn.Module, list[float], list[float]]:
+    """Train ``model`` and its prior precision (and noise) jointly by the Laplace evidence; see the module docstring.
+
+    Args:
+        model: the network to train (returns logits or regression outputs); trained in place.
+        train_loader: (x, y) batches or dicts (read with ``dict_key_x`` / ``dict_key_y``).
+        likelihood: "classification" or "regression".
+        hessian_structure: the Laplace's structure ("full", "diag", "kron", ...).
+        curvature: "ggn", "ggn_mc" or "ef".
+        optimizer_cls: the network's optimiser class (default Adam).
+        optimizer_kwargs: its keyword arguments; a ``weight_decay`` is dropped (the prior is the weight decay).
+        scheduler_cls: an optional learning-rate scheduler class, stepped after every batch.
+        scheduler_kwargs: its keyword arguments.
+        n_epochs: training epochs.
+        lr_hyp: Adam's step size on the log hyperparameters.
+        prior_structure: "scalar", "layerwise" (one per parameter tensor) or "diag" (one per parameter).
+        n_epochs_burnin: epochs before the first evidence estimate.
+        n_hypersteps: hyperparameter steps per evidence estimate.
+        marglik_frequency: estimate the evidence every this many epochs.
+        prior_prec_init: the starting delta.
+        sigma_noise_init: the starting sigma (regression).
+        temperature: laplace-torch's likelihood temperature; only 1.0 is supported.
+        fix_sigma_noise: keep sigma at ``sigma_noise_init`` (regression).
+        progress_bar: print one line per evidence estimate (loss, negative log evidence).
+        enable_backprop: laplace-torch's differentiable predictive; only False is supported.
+        dict_key_x: the input's key in dict batches.
+        dict_key_y: the target's key in dict batches.
+        laplace_cls: the Laplace class to build (a subclass of posthoc's ``Laplace``).
+
+    Returns:
+        (la, model, margliks, losses): the Laplace fitted at the best weights and hyperparameters, the model (with
+        those weights), the negative log evidence after every hyperparameter step, and the mean training loss of
+        every epoch.
+
+    Raises:
+        NotImplementedError: ``temperature`` other than 1 or ``enable_backprop``.
+        ValueError: bad counts or options, an empty loader.
+    """
+    kind = check_choice(likelihood, Likelihood, "likelihood")
+    if temperature != 1.0:
+        raise NotImplementedError("temperature != 1 is not supported by posthoc's Laplace yet (issue 18)")
+    if enable_backprop:
+        raise NotImplementedError("enable_backprop (a predictive differentiable in x) is not supported yet (issue 18)")
+    for value, name in ((n_epochs, "n_epochs"), (n_hypersteps, "n_hypersteps"), (marglik_frequency, "marglik_frequency")):
+        check_positive_int(value, name)
+    if not (prior_prec_init > 0 and sigma_noise_init > 0 and lr_hyp > 0):
+        raise ValueError("prior_prec_init, sigma_noise_init and lr_hyp must be > 0")
+    optimizer_kwargs = dict(optimizer_kwargs or {})
+    optimizer_kwargs.pop("weight_decay", None)  # the prior is the weight decay, tuned by the evidence
+    subset = ParameterSubset(model, "all")
+    size = {PriorStructure.SCALAR: 1, PriorStructure.LAYERWISE: len(subset.blocks),
+            PriorStructure.DIAG: subset.n_params}[prior_structure_choice(prior_structure)]
+    log_prior = torch.full((size,), math.log(prior_prec_init), dtype=subset.dtype, device=subset.device,
+                           requires_grad=True)
+    tune_sigma = kind is Likelihood.REGRESSION and not fix_sigma_noise
+    log_sigma = torch.tensor(math.log(sigma_noise_init), dtype=subset.dtype, device=subset.device,
+                             requires_grad=tune_sigma)
+    hyper_optimizer = torch.optim.Adam([log_prior, log_sigma] if tune_sigma else [log_prior], lr=lr_hyp)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = optimizer_cls(params, **optimizer_kwargs)
+    scheduler = scheduler_cls(optimizer, **(scheduler_kwargs or {})) if scheduler_cls is not None else None
+    criterion = nn.CrossEntropyLoss() if kind is Likelihood.CLASSIFICATION else nn.MSELoss()
+
+    def build() -> Laplace:
+        sigma = log_sigma.detach().exp() if kind is Likelihood.REGRESSION else 1.0
+        return laplace_cls(model, kind, subset_of_weights="all", hessian_structure=hessian_structure,
+                           prior_precision=log_prior.detach().exp(), sigma_noise=sigma, curvature=curvature,
+                           dict_key_x=dict_key_x, dict_key_y=dict_key_y, progress=False)
+
+    n_total = _n_examples(train_loader, dict_key_x, dict_key_y)
+    margliks: list[float] = []
+    losses: list[float] = []
+    best: tuple[float, dict[str, Any], torch.Tensor, torch.Tensor] | None = None
+    for epoch in range(1, n_epochs + 1):
+        model.train()
+        total, n_data = 0.0, 0
+        delta = per_parameter(log_prior.detach().exp(), subset)
+        factor = 1.0 if kind is Likelihood.CLASSIFICATION else 0.5 / float(log_sigma.detach().exp()) ** 2
+        for data in train_loader:
+            x, y = _batch(data, dict_key_x, dict_key_y)
+            optimizer.zero_grad()
+            theta = torch.nn.utils.parameters_to_vector(params)
+            loss = criterion(model(x), y) + 0.5 * (delta * theta * theta).sum() / n_total / factor
+            loss.backward()
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+            total += float(loss.detach()) * len(y)
+            n_data += len(y)
+        losses.append(total / n_data)
+        if epoch % marglik_frequency != 0 or epoch < n_epochs_burnin:
+            continue
+        la = build().fit(train_loader)
+        for _ in range(n_hypersteps):
+            hyper_optimizer.zero_grad()
+            sigma = log_sigma.exp() if tune_sigma else None
+            neg_evidence = -la.log_marginal_likelihood(log_prior.exp(), sigma)
+            neg_evidence.backward()
+            hyper_optimizer.step()
+            margliks.append(float(neg_evidence.detach()))
+        if best is None or margliks[-1] < best[0]:
+            best = (margliks[-1], copy.deepcopy(model.state_dict()), log_prior.detach().clone(),
+                    log_sigma.detach().clone())
+        if progress_bar:
+            print(f"marglik_training epoch {epoch}: loss {losses[-1]:.4g}, -log evidence {margliks[-1]:.4g}")
+    if best is not None:
+        model.load_state_dict(best[1])
+        with torch.no_grad():
+            log_prior.copy_(best[2])
+            log_sigma.copy_(best[3])
+    return build().fit(train_loader), model, margliks, losses
