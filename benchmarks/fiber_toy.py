@@ -38,11 +38,9 @@ from posthoc.utils.io import atomic_write_text
 RESULTS = Path(__file__).resolve().parent / "results"
 # Prior N(0, delta^-1 I) with delta = PRIOR_SCALE * P / ||theta*||^2: a prior standard deviation sqrt(10) times the
 # root-mean-square MAP weight. The walk's target is this prior on the fiber, so delta sets the spread along it.
-# With PRIOR_SCALE = 1 the walk is stationary but the prior is so tight that functions barely vary (measured
-# spread of f on data / gap / |x| > 3: 0.015 / 0.026 / 0.062 after 200 steps, 0.018 / 0.025 / 0.057 after 800);
-# the LA-kron marginal-likelihood prior (delta = 1.37 on the gap problem, 80x smaller) gives the walk a target
-# it cannot reach in a bounded number of steps (the step size shrinks to 4e-5 during burn-in, the particles'
-# norm stays at 25 of the prior's 44). 0.1 is the stated compromise: a looser prior the walk mixes under.
+# With PRIOR_SCALE = 1 the prior is so tight that functions barely vary; the LA-kron marginal-likelihood prior
+# gives the walk a target it cannot reach in a bounded number of steps (the measurements behind both are in
+# docs/measurements/core.md). 0.1 is the stated compromise: a looser prior the walk mixes under.
 PRIOR_SCALE = 0.1
 # Step size eta = ETA_DELTA / delta: the prior drift contracts offsets by (1 - eta delta / 2) per step, so the
 # 200 kept steps span eta * delta * 200 = 6 relaxation times if eta does not shrink during burn-in.

@@ -3,10 +3,8 @@
 ``scalla`` / ``scalla_biased``: the paper's probe objective with the reference per-step settings (5 train + 5
 context points, one Rademacher probe, Adam 5e-5 constant) for BENCH_STEPS = 20,000 steps = 2e5 JVP evaluations,
 1/50 of the reference recipe's 1e7. ``scalla_defaults`` / ``scalla_biased_defaults``: the library's default
-training (the "directions" objective, see posthoc.scalla.ScaLLA), 2.8e5 / 2.0e5 evaluations. On the full FMNIST
-suite the defaults gave the better predictive (NLL 0.2520 / 0.2527 against 0.2549 / 0.2548; biased OOD AUROC with
-the variance score 0.990 against 0.938) although the probe objective has the lower held-out kernel error at equal
-budget (benchmarks/results/scalla_efficiency.md). All rows: m = 100, default surrogate (trunk from the MAP
+training (the "directions" objective, see posthoc.scalla.ScaLLA), 2.8e5 / 2.0e5 evaluations. How the two
+compare on the full FMNIST suite: docs/measurements/core.md and benchmarks/results/scalla_efficiency.md. All rows: m = 100, default surrogate (trunk from the MAP
 network), the m x m posterior on the full training set, scalar prior precision by validation NLL over
 GRIDSEARCH_PRIORS (probit link, as every Gaussian row). Surrogate checkpoints are not kept by the bench.
 """

@@ -39,7 +39,7 @@ def file_md5(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
     """Hex md5 digest of the file at ``path``.
 
     Reads the file in ``chunk_size`` blocks, so memory stays constant; cost is
-    one sequential read (about 0.05 s for the 26 MB Fashion-MNIST images).
+    one sequential read (timings in docs/measurements/core.md).
     """
     digest = hashlib.md5()
     with open(path, "rb") as fh:
@@ -95,8 +95,8 @@ def read_idx(path: str | os.PathLike, ndim: int | None = None) -> np.ndarray:
 
     Returns the array described by the header, e.g. uint8 ``(60000, 28, 28)``
     for training images or uint8 ``(60000,)`` for labels. ``ndim`` is checked
-    against the header when given. Cost: decompressing the whole file (about
-    0.3 s for 47 MB of Fashion-MNIST training images) plus one copy.
+    against the header when given. Cost: decompressing the whole file plus one
+    copy (timings in docs/measurements/core.md).
 
     Raises ``FileNotFoundError`` if ``path`` does not exist and ``ValueError``
     with the path when the gzip stream or the idx header is corrupt or truncated.

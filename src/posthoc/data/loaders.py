@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sized
+
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
@@ -16,10 +18,15 @@ def shard(dataset: Dataset) -> Dataset:
 
     Rank r of W gets indices [r N / W, (r + 1) N / W): concatenating the ranks'
     results in rank order restores the dataset's order.
+
+    Raises:
+        TypeError: Under torch.distributed, for a dataset without a length (e.g. an ``IterableDataset``).
     """
     world = world_size()
     if world == 1:
         return dataset
+    if not isinstance(dataset, Sized):
+        raise TypeError(f"cannot shard a {type(dataset).__name__} without a length; pass a map-style Dataset")
     n, r = len(dataset), rank()
     return Subset(dataset, range(r * n // world, (r + 1) * n // world))
 

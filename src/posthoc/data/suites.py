@@ -170,17 +170,23 @@ def embedded_suite() -> ImageSuite:
     ~4 MB compressed file, well under a second.
     """
     arrays = load_embedded_arrays()
-    parts = {
-        role: _tds(to_float_images(arrays[f"{role}_images"]),
-                   torch.from_numpy(arrays[f"{role}_labels"].astype(np.int64)))
-        for role in SUITE_ROLES
-    }
-    return ImageSuite(name="fmnist-embedded", **parts)
+
+    def part(role: str) -> TensorDataset:
+        return _tds(to_float_images(arrays[f"{role}_images"]),
+                    torch.from_numpy(arrays[f"{role}_labels"].astype(np.int64)))
+
+    return ImageSuite(name="fmnist-embedded", train=part("train"), val=part("val"), test=part("test"),
+                      context=part("context"), ood=part("ood"))
 
 
 def get_suite(name: str, data_dir: str | os.PathLike | None = None) -> ImageSuite:
-    """Suite by name: ``"fmnist"`` (full files, see :func:`fmnist_suite`) or
-    ``"fmnist-embedded"`` (shipped subset, ``data_dir`` ignored).
+    """Suite by name: ``"fmnist"`` (full files) or ``"fmnist-embedded"`` (shipped subset).
+
+    ``"fmnist"`` reads the idx files under ``data_dir`` (see :func:`fmnist_suite`); ``"fmnist-embedded"``
+    ignores ``data_dir``.
+
+    Raises:
+        ValueError: For an unknown name, listing the valid ones.
     """
     if name == "fmnist":
         return fmnist_suite(data_dir)

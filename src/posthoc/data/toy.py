@@ -95,7 +95,7 @@ def gap_regression(n: int = 160, noise: float = 0.1,
         raise ValueError(f"n must be >= 2, got {n}")
     rng = np.random.default_rng(seed)
     sizes = _class_sizes(n, 2)
-    x = np.concatenate([rng.uniform(lo, hi, size) for (lo, hi), size in zip(GAP_CLUSTERS, sizes)])
+    x = np.concatenate([rng.uniform(lo, hi, size) for (lo, hi), size in zip(GAP_CLUSTERS, sizes, strict=True)])
     y = np.sin(2.0 * x) + 0.3 * x + noise * rng.standard_normal(n)
     xt, yt = _shuffled(rng, x[:, None], y[:, None], torch.float32)
     return xt, yt

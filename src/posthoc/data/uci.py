@@ -120,7 +120,7 @@ def uci_file_path(name: str, filename: str, data_dir: str | os.PathLike | None =
 
     Raises ``FileNotFoundError`` (full path and download URL) for a missing file and ``ValueError``
     (expected and actual md5, download URL) for a changed one or one that is not part of the standard
-    splits. Cost: one md5 pass over the file (about 10 ms for protein's 3.5 MB ``data.txt``).
+    splits. Cost: one md5 pass over the file (timings in docs/measurements/core.md).
     """
     path = uci_dir(name, data_dir) / filename
     if not path.is_file():
@@ -162,7 +162,7 @@ def _line_of_row(path: Path, row: int) -> int:
 def _load_table(path: Path, name: str, dtype: type) -> np.ndarray:
     """Parse a verified whitespace-separated file; every value must be finite (ValueError naming row and column)."""
     try:
-        table = np.loadtxt(path, dtype=dtype, ndmin=2 if dtype is np.float64 else 1)
+        table: np.ndarray = np.loadtxt(path, dtype=dtype, ndmin=2 if dtype is np.float64 else 1)
     except ValueError as err:
         raise ValueError(f"cannot parse {path} ({err}); delete it and {_fix(name, path)}") from err
     if dtype is np.float64:

@@ -9,9 +9,8 @@ epoch with the same result as an uninterrupted one.
 Both are :mod:`posthoc.utils.checkpoint` files whose fingerprint holds the
 settings, the model's class and initial weights (parameters and buffers) and a
 digest of all the training data (every tensor of a ``TensorDataset``, else of
-one ordered pass over the data set; 0.03 s for the embedded FMNIST
-training set, about 0.4 s for the full one, against 5.8 s for one epoch on
-the embedded set): a file with the same key written by
+one ordered pass over the data set, much cheaper than one epoch; timings in
+docs/measurements/core.md): a file with the same key written by
 another computation is refused with the keys that differ, and so is a damaged
 file; nothing is loaded that could run code. The checkpoint folder is checked
 for writing before training starts.
@@ -29,6 +28,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Sized
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -131,9 +131,10 @@ def _fingerprint(model: nn.Module, dataset: Dataset, config: TrainConfig) -> dic
 
 
 def _check_batch_norm(model: nn.Module, n: int, config: TrainConfig) -> None:
-    """Raise if some rank's part of a training batch would hold one example and the model has BatchNorm layers
-    (in training mode they cannot normalise one example: torch raises mid-training, or for a 2-d BatchNorm the
-    statistics of one image are used). Raising, not skipping, is the default so no data are silently left out.
+    """Raise if some rank's part of a training batch would hold one example and the model has BatchNorm layers.
+
+    In training mode BatchNorm cannot normalise one example: torch raises mid-training, or for a 2-d BatchNorm
+    the statistics of one image are used. Raising, not skipping, is the default so no data are silently left out.
     """
     norms = [name for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if config.drop_last:
@@ -157,9 +158,12 @@ def _check_batch_norm(model: nn.Module, n: int, config: TrainConfig) -> None:
 
 
 def _check_dataset(dataset: Dataset, model: nn.Module, likelihood: Likelihood, config: TrainConfig) -> None:
-    """Validate inputs/targets before training starts (all of a TensorDataset, else one batch), and the batch
-    sizes BatchNorm layers would see.
+    """Validate inputs/targets before training starts, and the batch sizes BatchNorm layers would see.
+
+    Checks all of a TensorDataset, else one batch.
     """
+    if not isinstance(dataset, Sized):
+        raise TypeError(f"the training set must have a length (a map-style Dataset), got {type(dataset).__name__}")
     tensors = getattr(dataset, "tensors", None)
     if tensors is None:
         x, y = next(iter(DataLoader(dataset, batch_size=min(len(dataset), 256))))
@@ -188,16 +192,20 @@ def _epoch_loader(dataset: Dataset, config: TrainConfig, epoch: int) -> DataLoad
 
 
 def load_map_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The model ``state_dict`` of a finished MAP checkpoint written by :func:`train_map` (e.g. by
-    ``posthoc train``), for ``model.load_state_dict``. Read with ``torch.load(weights_only=True)`` after its
-    checksum is verified; raises ValueError naming the path for a missing, damaged or other kind of file.
+    """The model ``state_dict`` of a finished MAP checkpoint written by :func:`train_map` (e.g. by ``posthoc train``).
+
+    For ``model.load_state_dict``. Read with ``torch.load(weights_only=True)`` after its checksum is verified.
+
+    Raises:
+        ValueError: Naming the path, for a missing, damaged or other kind of file.
     """
     return read_checkpoint(path, FINAL).payload["model"]
 
 
-def _load_on_main(path: Path, fingerprint: dict[str, Any] | None, what: str) -> dict[str, Any] | None:
-    """The checkpoint's payload (None if there is none), read on rank 0 and sent to every rank; every rank raises
-    the same ValueError for a damaged file or one of another computation.
+def _load_on_main(path: Path, fingerprint: dict[str, Any], what: str) -> dict[str, Any] | None:
+    """The checkpoint's payload (None if there is none), read on rank 0 and sent to every rank.
+
+    Every rank raises the same ValueError for a damaged file or one of another computation.
     """
     state, error = None, None
     if collectives.is_main_process() and path.exists():
@@ -237,7 +245,9 @@ def train_map(
     likelihood = check_choice(config.likelihood, Likelihood, "likelihood")
     if (checkpoint_dir is None) != (key is None):
         raise ValueError("give both checkpoint_dir and key to checkpoint, or neither")
-    final_path = partial_path = fingerprint = None
+    final_path: Path | None = None
+    partial_path: Path | None = None
+    fingerprint: dict[str, Any] | None = None
     writer = collectives.is_main_process()
     if checkpoint_dir is not None:
         final_path = Path(checkpoint_dir) / f"{key}.pt"
@@ -258,7 +268,7 @@ def train_map(
     history: list[dict[str, float]] = []
     start_epoch, elapsed = 0, 0.0
     state = None
-    if partial_path is not None:
+    if partial_path is not None and fingerprint is not None:
         state = _load_on_main(partial_path, fingerprint, PARTIAL)
     if state is not None:
         model.load_state_dict(state["model"])
@@ -304,7 +314,7 @@ def train_map(
             total = float(collectives.sum_over_ranks([torch.tensor([total], dtype=torch.float64)],
                                                      "the epoch's training loss")[0])
         history.append({"epoch": epoch + 1, "train_loss": total / count})
-        if partial_path is not None and writer:
+        if partial_path is not None and fingerprint is not None and writer:
             save_checkpoint(
                 partial_path,
                 {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -316,7 +326,7 @@ def train_map(
             log(f"MAP epoch {epoch + 1}/{config.epochs}: train loss {total / count:.4f}")
     wall = time.perf_counter() - t0
     model.eval()
-    if final_path is not None and partial_path is not None and writer:
+    if final_path is not None and partial_path is not None and fingerprint is not None and writer:
         save_checkpoint(final_path, {"model": model.state_dict(), "history": history, "wall_time_s": wall},
                         fingerprint, FINAL)
         partial_path.unlink(missing_ok=True)

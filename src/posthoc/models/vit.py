@@ -71,6 +71,7 @@ class PositionalEmbedding(nn.Module):
         self.weight = nn.Parameter(torch.randn(1, n_tokens, dim) * 0.02)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Tokens ``(B, T, D)`` plus the learned position table ``(1, T, D)``; cost O(B·T·D)."""
         return x + self.weight
 
 
@@ -78,6 +79,7 @@ class TokenMeanPool(nn.Module):
     """Mean over the token axis: ``(B, T, D) -> (B, D)`` (used instead of a class token)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, T, D) -> (B, D)``: the mean over the T tokens."""
         return x.mean(dim=1)
 
 
@@ -141,12 +143,14 @@ class MultiHeadSelfAttention(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    """Pre-norm transformer block::
+    """Pre-norm transformer block, ``(B, T, D) -> (B, T, D)``.
+
+    It computes::
 
         x = x + attn(ln1(x))
         x = x + mlp(ln2(x)),   mlp = Sequential(fc1 Linear(D, r·D), act GELU, fc2 Linear(r·D, D))
 
-    ``(B, T, D) -> (B, T, D)``. Parameters: ``4·D`` (two LayerNorms) ``+ 4·(D² + D)``
+    Parameters: ``4·D`` (two LayerNorms) ``+ 4·(D² + D)``
     (attention) ``+ 2·r·D² + r·D + D`` (MLP): 33,472 for D = 64, r = 2.
     """
 

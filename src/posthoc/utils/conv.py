@@ -14,11 +14,15 @@ def _pair(value: int | tuple[int, ...]) -> tuple[int, int]:
 
 def unfold_patches(x: torch.Tensor, kernel_size: int | tuple[int, int], dilation: int | tuple[int, int] = 1,
                    padding: int | tuple[int, int] = 0, stride: int | tuple[int, int] = 1) -> torch.Tensor:
-    """``torch.nn.functional.unfold`` for x (N, C, H, W): (N, C·kh·kw, L), channel-major like a flattened
-    Conv2d weight, positions row-major. Equal to unfold entry for entry; built as a strided view of the
-    zero-padded input and copied once, which on CPU is 2-8x faster than unfold's im2col kernel for the
-    small images of the library's models (measured on the FMNIST CNN's three conv inputs). Memory: the
-    output plus a padded copy of x when padding > 0.
+    """``torch.nn.functional.unfold`` for x (N, C, H, W): patches (N, C·kh·kw, L), equal entry for entry.
+
+    Channel-major like a flattened Conv2d weight, positions row-major. Built as a strided view of the
+    zero-padded input and copied once, which on CPU beats unfold's im2col kernel for the small images of the
+    library's models (timings in docs/measurements/core.md). Memory: the output plus a padded copy of x when
+    padding > 0.
+
+    Raises:
+        ValueError: For ``x`` not 4-d, or a kernel that does not fit the padded input.
     """
     if x.ndim != 4:
         raise ValueError(f"unfold_patches expects (N, C, H, W), got shape {tuple(x.shape)}")
@@ -35,15 +39,15 @@ def unfold_patches(x: torch.Tensor, kernel_size: int | tuple[int, int], dilation
 
 
 # Below this row-product width (C_in·kw) the row-lag route's many small products lose to one
-# gram of the unfolded patches (measured on the FMNIST CNN: C_in·kw = 3 twice as slow, 48 and 96
-# 2.2-2.7x faster).
+# gram of the unfolded patches (timings in docs/measurements/core.md).
 MIN_ROW_WIDTH = 16
 
 
 def conv_input_gram(x: torch.Tensor, kernel_size: int | tuple[int, int], dilation: int | tuple[int, int] = 1,
                     padding: int | tuple[int, int] = 0, stride: int | tuple[int, int] = 1) -> torch.Tensor:
-    """Σ_n Σ_l a_nl a_nlᵀ over the patches a_nl of x (N, C, H, W): (C·kh·kw, C·kh·kw), the gram of
-    :func:`unfold_patches` (same channel-major order) without forming the patches.
+    """Σ_n Σ_l a_nl a_nlᵀ over the patches a_nl of x (N, C, H, W): the (C·kh·kw, C·kh·kw) patch gram.
+
+    The gram of :func:`unfold_patches` (same channel-major order), computed without forming the patches.
 
     Entry ((c, i, j), (c', i', j')) sums x_pad[c, r + i·dh, ·] x_pad[c', r + i'·dh, ·] over output rows
     r, so it depends on the kernel rows only through which input rows are paired. The horizontal patches

@@ -1,5 +1,6 @@
-"""Guarded optimizer steps, and gradient ascent of a scalar objective over a few unconstrained hyperparameters
-(log delta, log sigma).
+"""Guarded optimizer steps, and gradient ascent of a scalar objective over a few unconstrained hyperparameters.
+
+The hyperparameters are e.g. log delta and log sigma.
 """
 
 from __future__ import annotations
