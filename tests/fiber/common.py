@@ -85,9 +85,3 @@ def assert_stage2_resumes_exactly(model, x, y, settings: dict, tmp_path) -> Fibe
     loaded = FiberSampler(model, "classification", **settings).load_state_dict(reference.state_dict())
     torch.testing.assert_close(loaded.sample(3), reference.sample(3), rtol=0, atol=0)
     return reference
-
-
-@pytest.fixture(scope="module")
-def problem() -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
-    """trained_classifier(), once per test module."""
-    return trained_classifier()

@@ -10,6 +10,7 @@ from references import DTYPE
 
 from posthoc.fiber import FiberSampler
 from posthoc.fiber.deform import AnchoredJitter, anchored_training_step
+from posthoc.fiber.stage2 import get_deform
 
 SETTINGS = dict(n_particles=3, steps=20, burn_in=8, thin=3, step_size=3e-3, batch_size=8, subsample_size=16,
                 cg_steps=3, loss_tolerance=0.05, latent_dim=3, flow_steps=20, flow_loss_samples=4, n_check=8,
@@ -102,4 +103,4 @@ def test_anchored_errors(problem):
     fs = FiberSampler(model, "classification", **{**SETTINGS, "flow_steps": 0, "n_check": 0}).fit(shuffled_loader(x, y, 0))
     fs.particle_nll = torch.full_like(fs.particle_nll, fs.map_nll + 1.0)  # as if no walked sample kept the tolerance
     with pytest.raises(ValueError, match="no walked sample is within the loss tolerance"):
-        fs._anchored_map()
+        get_deform("anchored").build(fs)

@@ -7,7 +7,6 @@ import torch
 from fiber.common import (
     SMALL_SETTINGS,
     Interrupted,
-    problem,  # noqa: F401  (a module-scoped fixture)
     shuffled_loader,
     stop_after,
 )

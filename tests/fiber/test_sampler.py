@@ -8,7 +8,6 @@ from fiber.common import (
     SMALL_SETTINGS,
     Interrupted,
     assert_stage2_resumes_exactly,
-    problem,  # noqa: F401  (a module-scoped fixture)
     shuffled_loader,
     stop_after,
 )

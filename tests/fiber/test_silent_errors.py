@@ -12,7 +12,6 @@ import torch
 from fiber.common import (
     SMALL_SETTINGS,
     Interrupted,
-    problem,  # noqa: F401  (a module-scoped fixture)
     shuffled_loader,
     stop_after,
 )
@@ -161,7 +160,7 @@ def test_predict_input_shape_and_eval_mode():
     got = fs.predict(x[:6], n_samples=4).samples
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
     assert model.training and model[3].training  # the caller's modes are given back
-    assert all(torch.equal(a, b) for a, b in zip(buffers, model.buffers()))
+    assert all(torch.equal(a, b) for a, b in zip(buffers, model.buffers(), strict=True))
     model.eval()
     for bad, note in ((x[:2, :2], ""), (x[0], "batch dimension"), (x[:2, :, None], "")):
         with pytest.raises(ValueError, match=rf"x must have shape \(B, 3\) like the training inputs.*{note}"):
@@ -202,3 +201,24 @@ def test_last_layer_is_located_on_the_path_to_the_output_and_restored_with_the_s
     assert restored.subset.last_layer_name == "head"
     torch.testing.assert_close(restored.predict(x[:5], n_samples=4).samples, fs.predict(x[:5], n_samples=4).samples,
                                rtol=0, atol=0)
+
+
+class _TwoInputs(nn.Module):
+    """A classifier that takes a tuple (a, b) of two (B, 3) tensors."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 3).double(), nn.Linear(3, 3).double()
+
+    def forward(self, x: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        return self.a(x[0]) + self.b(x[1])
+
+
+def test_tuple_model_inputs_are_refused_with_a_type_error():
+    """The walk orders and reshapes the inputs as one tensor: tuple inputs get a TypeError naming the fix (they
+    used to fail with an AttributeError deep in the data collection)."""
+    x = torch.randn(8, 3, dtype=DTYPE)
+    loader = [((x, x + 1), torch.arange(8) % 3)]
+    fs = FiberSampler(_TwoInputs(), "classification", **SETTINGS)
+    with pytest.raises(TypeError, match="tensor model inputs"):
+        fs.fit(loader)

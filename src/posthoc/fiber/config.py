@@ -91,6 +91,7 @@ class DeformConfig:
         return float(value)
 
     def to_dict(self) -> dict[str, Any]:
+        """The settings as a plain dict (field name -> value), as the checkpoint fingerprint stores them."""
         return asdict(self)
 
 
@@ -100,10 +101,15 @@ DEFORM_KEYWORDS = frozenset(f.name for f in fields(DeformConfig)) - {"kind"}
 
 def stage_configs(walk: WalkConfig | None, deform: DeformConfig | DeformKind | str,
                   keywords: dict[str, Any]) -> tuple[WalkConfig, DeformConfig]:
-    """The two stages' configs from config objects and/or flat keywords named like their fields (without a
-    WalkConfig, ``burn_in`` defaults to steps // 2; ``deform`` may be a map's name, then the stage-2 keywords
-    apply). Raises ValueError when one stage's settings are given both ways (a config object and keywords),
-    TypeError for a keyword that is no field of either config.
+    """Build the two stages' configs from config objects and/or flat keywords named like their fields.
+
+    Without a WalkConfig, ``burn_in`` defaults to steps // 2; ``deform`` may be a map's name, then the stage-2
+    keywords apply.
+
+    Raises:
+        ValueError: when one stage's settings are given both ways (a config object and keywords), or a value is
+            invalid (see the configs).
+        TypeError: for a keyword that is no field of either config, or a ``walk`` that is not a WalkConfig.
     """
     unknown = sorted(set(keywords) - WALK_KEYWORDS - DEFORM_KEYWORDS)
     if unknown:
@@ -131,9 +137,10 @@ def stage_configs(walk: WalkConfig | None, deform: DeformConfig | DeformKind | s
 
 
 def deform_setting(name: str, resolved: bool = False) -> property:
-    """A sampler attribute that reads one DeformConfig field of ``self.deform_config`` (``resolved``: with the
-    map's default for None, see :meth:`DeformConfig.resolved`) and, set, replaces the config with one that has
-    the new value (validated again).
+    """A sampler attribute for one DeformConfig field of ``self.deform_config``.
+
+    Reading gives the field (``resolved``: with the map's default for None, see :meth:`DeformConfig.resolved`);
+    setting replaces the config with one that has the new value (validated again, ValueError if invalid).
     """
     def get(self: Any) -> Any:
         return self.deform_config.resolved(name) if resolved else getattr(self.deform_config, name)

@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import math
 from enum import Enum
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 import torch
 from torch import nn
@@ -55,6 +55,7 @@ from posthoc.utils.optim import guarded_step
 
 
 class DeformKind(str, Enum):
+    """The names of the built-in stage-2 maps (module docstring); registered maps may add others."""
     GAUSSIAN = "gaussian"
     FLOW = "flow"
     VARIATIONAL = "variational"
@@ -62,8 +63,10 @@ class DeformKind(str, Enum):
 
 
 class PrincipalCoordinates:
-    """Principal coordinates of M samples (M, P): mean (P,), basis (P, r), scales (r,), explained (share of
-    the total sample variance kept). Cost of fitting: a thin SVD of the (M, P) centred samples.
+    """Principal coordinates of M samples (M, P) around a centre.
+
+    Attributes: mean (P,) the centre, basis (P, r) orthonormal directions, scales (r,) the samples' RMS along them,
+    explained the share of the total sample variance kept. Cost of fitting: a thin SVD of the (M, P) centred samples.
     """
 
     def __init__(self, mean: torch.Tensor, basis: torch.Tensor, scales: torch.Tensor, explained: float) -> None:
@@ -71,8 +74,11 @@ class PrincipalCoordinates:
 
     @classmethod
     def fit(cls, samples: torch.Tensor, rank: int, centre: torch.Tensor | None = None) -> "PrincipalCoordinates":
-        """``centre`` (P,) replaces the sample mean as origin (the walk uses theta*: the mean of samples from a
-        curved low-loss set can lie far outside it, the MAP never does).
+        """Fit the top-``rank`` principal coordinates of samples (M, P), M >= 2.
+
+        ``centre`` (P,) replaces the sample mean as origin (the walk uses theta*: the mean of samples from a
+        curved low-loss set can lie far outside it, the MAP never does). r = min(rank, numerical rank of the centred
+        samples). Cost: a thin SVD, O(M^2 P). Raises ValueError for fewer than 2 samples or samples without spread.
         """
         if samples.ndim != 2 or samples.shape[0] < 2:
             raise ValueError(f"need at least 2 samples of shape (M, P) for principal coordinates, got "
@@ -91,6 +97,7 @@ class PrincipalCoordinates:
 
     @property
     def rank(self) -> int:
+        """r, the number of principal directions kept."""
         return self.scales.numel()
 
     def encode(self, thetas: torch.Tensor) -> torch.Tensor:
@@ -102,10 +109,12 @@ class PrincipalCoordinates:
         return self.mean + (coords * self.scales) @ self.basis.T
 
     def state_dict(self) -> dict[str, Any]:
+        """The tensors and the explained share, for :meth:`from_state_dict` and checkpoints."""
         return {"mean": self.mean, "basis": self.basis, "scales": self.scales, "explained": self.explained}
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Any]) -> "PrincipalCoordinates":
+        """Rebuild the coordinates saved by :meth:`state_dict`."""
         return cls(state["mean"], state["basis"], state["scales"], state["explained"])
 
 
@@ -115,13 +124,15 @@ class AffineCoupling(nn.Module):
     s is bounded by tanh (scale factors in [e^-2, e^2]); the last layer starts at zero (identity map).
     """
 
+    mask: torch.Tensor  # a buffer: 1 on the conditioning entries x_a
+
     def __init__(self, dim: int, mask: torch.Tensor, hidden: int) -> None:
         super().__init__()
         self.register_buffer("mask", mask)
-        self.net = nn.Sequential(nn.Linear(dim, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh(),
-                                 nn.Linear(hidden, 2 * dim))
-        nn.init.zeros_(self.net[-1].weight)
-        nn.init.zeros_(self.net[-1].bias)
+        last = nn.Linear(hidden, 2 * dim)
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
+        self.net = nn.Sequential(nn.Linear(dim, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh(), last)
 
     def _scale_shift(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         s, t = self.net(x * self.mask).chunk(2, -1)
@@ -129,6 +140,7 @@ class AffineCoupling(nn.Module):
         return 2.0 * torch.tanh(s / 2.0) * keep, t * keep
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """Couple z (M, r) -> x (M, r): the masked entries scaled and shifted by functions of the others."""
         s, t = self._scale_shift(z)
         return z * torch.exp(s) + t
 
@@ -139,8 +151,10 @@ class AffineCoupling(nn.Module):
 
 
 class CouplingFlow(nn.Module):
-    """An elementwise affine layer x = exp(a) z + b, then a stack of affine couplings with alternating (then
-    random, seeded) masks on r dimensions (r >= 2). Starts as the identity.
+    """A normalising flow on r dimensions (r >= 2), the identity at start.
+
+    An elementwise affine layer x = exp(a) z + b, then a stack of ``n_layers`` affine couplings with alternating
+    (then random, seeded) masks, each with a ``hidden``-wide two-layer network. Raises ValueError for r < 2.
     """
 
     def __init__(self, dim: int, n_layers: int = 4, hidden: int = 64, seed: int = 0) -> None:
@@ -160,19 +174,26 @@ class CouplingFlow(nn.Module):
             layers.append(AffineCoupling(dim, mask, hidden))
         self.layers = nn.ModuleList(layers)
 
+    @property
+    def couplings(self) -> list[AffineCoupling]:
+        """The coupling layers, in order (typed view of ``layers``)."""
+        return cast("list[AffineCoupling]", list(self.layers))
+
     def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """Map base draws z (M, r) to coordinates x = g(z) (M, r); cost: one pass through the layers."""
         z = z * torch.exp(self.log_scale) + self.shift
         for layer in self.layers:
             z = layer(z)
         return z
 
     def sample_with_log_prob(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """X = g(z) (M, r) and its log density log q(x) (M,) under the flow, for base draws z (M, r). Cost: one
-        forward pass (no inverse).
+        """X = g(z) (M, r) and its log density log q(x) (M,) for base draws z (M, r).
+
+        Cost: one forward pass (no inverse).
         """
         logdet = self.log_scale.sum().expand(z.shape[0])
         x = z * torch.exp(self.log_scale) + self.shift
-        for layer in self.layers:
+        for layer in self.couplings:
             s, t = layer._scale_shift(x)
             x = x * torch.exp(s) + t
             logdet = logdet + s.sum(-1)
@@ -181,7 +202,7 @@ class CouplingFlow(nn.Module):
     def log_prob(self, x: torch.Tensor) -> torch.Tensor:
         """Log density (M,) of coordinates x (M, r) under the flow with a N(0, I) base."""
         logdet = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
-        for layer in reversed(self.layers):
+        for layer in reversed(self.couplings):
             x, ld = layer.inverse(x)
             logdet = logdet + ld
         x = (x - self.shift) * torch.exp(-self.log_scale)
@@ -197,8 +218,10 @@ def gaussian_log_prob(coords: torch.Tensor) -> torch.Tensor:
 def flow_training_step(flow: CouplingFlow, optimizer: torch.optim.Optimizer, coords: torch.Tensor,
                        penalty: Callable[[CouplingFlow], torch.Tensor] | None = None,
                        penalty_weight: float = 0.0) -> float:
-    """One full-batch Adam step on whitened coordinates (M, r): the mean NLL of the samples under the flow,
-    plus ``penalty_weight * penalty(flow)`` (the loss-aware term, see the sampler). Returns the total loss.
+    """One full-batch optimizer step of the flow on whitened coordinates (M, r); returns the total loss.
+
+    The loss is the mean NLL of the samples under the flow plus ``penalty_weight * penalty(flow)`` (the loss-aware
+    term, see the sampler). Raises (via :func:`posthoc.utils.optim.guarded_step`) if the loss is not finite.
     """
     optimizer.zero_grad(set_to_none=True)
     loss = -flow.log_prob(coords).mean()
@@ -214,8 +237,10 @@ def _diverged(what: str) -> str:
 def reverse_kl_step(optimizer: torch.optim.Optimizer,
                     sample_with_log_prob: Callable[[], tuple[torch.Tensor, torch.Tensor]],
                     energy: Callable[[torch.Tensor], torch.Tensor], what: str) -> float:
-    """One step on the reverse KL to exp(-energy) known up to a constant: the mean of log q(x) + energy(x) over
-    draws x (S, ...) with their log densities (S,) from ``sample_with_log_prob()``. Returns the loss.
+    """One optimizer step on the reverse KL to exp(-energy) known up to a constant; returns the loss.
+
+    The loss is the mean of log q(x) + energy(x) over draws x (S, ...) with their log densities (S,) from
+    ``sample_with_log_prob()``; ``what`` names the training in the error raised for a non-finite loss.
     """
     optimizer.zero_grad(set_to_none=True)
     draws, log_q = sample_with_log_prob()
@@ -224,14 +249,17 @@ def reverse_kl_step(optimizer: torch.optim.Optimizer,
 
 def variational_training_step(flow: CouplingFlow, optimizer: torch.optim.Optimizer, z: torch.Tensor,
                               energy: Callable[[torch.Tensor], torch.Tensor]) -> float:
-    """One Adam step on the reverse KL of the flow to a target density exp(-energy) known up to a constant:
-    the mean over the base draws z (S, r) of log q(c) + energy(c), c = g(z), with ``energy`` mapping coordinates
-    (S, r) to (S,) (the sampler's: minus the log prior plus the weighted loss-excess barrier). Returns the loss.
+    """One optimizer step on the reverse KL of the flow to a target exp(-energy) known up to a constant.
+
+    The loss is the mean over the base draws z (S, r) of log q(c) + energy(c), c = g(z), with ``energy`` mapping
+    coordinates (S, r) to (S,) (the sampler's: minus the log prior plus the weighted loss-excess barrier). Returns
+    the loss.
     """
     return reverse_kl_step(optimizer, lambda: flow.sample_with_log_prob(z), energy, "variational flow training")
 
 
-def make_flow_optimizer(flow: CouplingFlow, lr: float) -> torch.optim.Optimizer:
+def make_flow_optimizer(flow: nn.Module, lr: float) -> torch.optim.Optimizer:
+    """Adam over the flow's parameters with a small weight decay (1e-3) towards the identity map."""
     # weight decay keeps the flow close to the identity when there are few samples
     return torch.optim.Adam(flow.parameters(), lr=lr, weight_decay=1e-3)
 
@@ -253,6 +281,11 @@ class AnchoredJitter(nn.Module):
     (r x P) product.
     """
 
+    anchors: torch.Tensor  # buffers (not persistent), see Args
+    room: torch.Tensor
+    basis: torch.Tensor
+    scales: torch.Tensor
+
     def __init__(self, anchors: torch.Tensor, room: torch.Tensor, basis: torch.Tensor, scales: torch.Tensor,
                  init_scale: float) -> None:
         super().__init__()
@@ -268,10 +301,12 @@ class AnchoredJitter(nn.Module):
 
     @property
     def n_anchors(self) -> int:
+        """M, the number of anchors."""
         return self.anchors.shape[0]
 
     @property
     def rank(self) -> int:
+        """r, the number of jitter directions."""
         return self.scales.numel()
 
     def forward(self, index: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -292,8 +327,9 @@ class AnchoredJitter(nn.Module):
 
 def anchored_training_step(jitter: AnchoredJitter, optimizer: torch.optim.Optimizer, index: torch.Tensor,
                            u: torch.Tensor, energy: Callable[[torch.Tensor], torch.Tensor]) -> float:
-    """One Adam step on the reverse KL of the anchored mixture to exp(-energy) (energy: thetas (S, P) -> (S,)),
-    averaged over the latent draws (index (S,), u (S, r)). Returns the loss.
+    """One optimizer step on the reverse KL of the anchored mixture to exp(-energy); returns the loss.
+
+    ``energy`` maps thetas (S, P) to (S,); the KL is averaged over the latent draws (index (S,), u (S, r)).
     """
     return reverse_kl_step(optimizer, lambda: jitter.sample_with_log_prob(index, u), energy,
                            "anchored jitter training")

@@ -94,8 +94,9 @@ def project_null(subset: ParameterSubset, inputs: torch.Tensor, thetas: torch.Te
 
 def min_norm_step(subset: ParameterSubset, inputs: torch.Tensor, thetas: torch.Tensor, output_change: torch.Tensor,
                   cg_steps: int, damping: float) -> torch.Tensor:
-    """The smallest parameter change that makes the linearised outputs move by ``output_change`` (K, B, C):
-    J_k^T (J_k J_k^T + damping I)^-1 d_k, (K, P). A Gauss-Newton step of 1/2 ||f(theta) - target||^2 when
+    """The smallest parameter change (K, P) that moves the linearised outputs by ``output_change`` (K, B, C).
+
+    J_k^T (J_k J_k^T + damping I)^-1 d_k: a Gauss-Newton step of 1/2 ||f(theta) - target||^2 when
     d = target - f(theta). Cost: ``cg_steps`` Gram products and one VJP per particle.
     """
     w = batched_cg(lambda u: gram_product(subset, inputs, thetas, u), output_change, cg_steps, damping)

@@ -33,8 +33,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from posthoc.fiber.config import DeformConfig, deform_setting, stage_configs
-from posthoc.fiber.deform import AnchoredJitter, DeformKind, PrincipalCoordinates
-from posthoc.fiber.stage2 import DeformMethod, get_deform
+from posthoc.fiber.deform import DeformKind, PrincipalCoordinates
+from posthoc.fiber.stage2 import DeformMethod, fitted_coords, stage2_samples, walked
 from posthoc.fiber.walk import (
     FiberProblem,
     WalkConfig,
@@ -143,7 +143,7 @@ class FiberSampler:
         self._cache: tuple[tuple[int, int], torch.Tensor] | None = None
         self._problem_cache: FiberProblem | None = None
         self.input_shape: tuple[int, ...] | None = None  # of one model input, recorded by walk/fit
-        self._fingerprint: dict[str, Any] | None = None  # of the fit in progress (checkpoints)
+        self._fingerprint: dict[str, Any] = {}  # of the fit in progress (checkpoints)
         self._callback: Callable[[str, int], None] | None = None
 
     # ----------------------------------------------------------------- settings
@@ -175,6 +175,7 @@ class FiberSampler:
 
     @property
     def n_params(self) -> int:
+        """P, the number of sampled parameters (all weights or the last layer's)."""
         return self.subset.n_params
 
     # ----------------------------------------------------------------- data
@@ -189,10 +190,7 @@ class FiberSampler:
                 **self._method.settings(self)}
 
     def _problem(self, train_loader: Iterable) -> FiberProblem:
-        """The walk's problem: the whole loader's covered-module inputs and targets in a canonical order
-        (:func:`posthoc.fiber.walk.canonical_training_data`); records ``input_shape`` and, for regression without
-        a given sigma_noise, estimates it as the MAP's training residual RMS.
-        """
+        """The walk's problem (:func:`~posthoc.fiber.walk.canonical_training_data`); sets input_shape, sigma_noise."""
         inputs, targets, self.input_shape = canonical_training_data(
             train_loader, self.subset, self.likelihood, self.dict_key_x, self.dict_key_y)
         if self.likelihood is Likelihood.REGRESSION and self._sigma_given is None:
@@ -204,9 +202,7 @@ class FiberSampler:
 
     def _start(self, train_loader: Iterable, checkpoint: str | os.PathLike | None,
                callback: Callable[[str, int], None] | None) -> tuple[FiberProblem, Path | None, dict[str, Any] | None]:
-        """What walk and fit do first: forget any previous fit, check that the checkpoint's folder is writable, read
-        theta* from the model's current weights, collect the data, and load the checkpoint if there is one.
-        """
+        """Forget any fit, check the checkpoint folder, read theta* and the data, load the checkpoint (or None)."""
         self.particles = self.particle_nll = self.map_nll = self.coords = self.flow = None
         self.info, self._cache, self._callback = {}, None, callback
         path = Path(checkpoint) if checkpoint is not None else None
@@ -247,7 +243,7 @@ class FiberSampler:
         with eval_mode(self.model):
             problem, path, saved = self._start(train_loader, checkpoint, callback)
             self._walk(problem, path, saved)
-        return self.particles
+        return walked(self)[0]
 
     def _walk(self, problem: FiberProblem, path: Path | None, saved: dict[str, Any] | None) -> None:
         if saved is not None and saved["stage"] != "walk":
@@ -278,8 +274,10 @@ class FiberSampler:
     # ----------------------------------------------------------------- stage 2
     def fit(self, train_loader: Iterable, checkpoint: str | os.PathLike | None = None,
             callback: Callable[[str, int], None] | None = None) -> "FiberSampler":
-        """Stage 1 (walk), then stage 2 (principal coordinates + map z -> theta), then the all-data check of
-        ``n_check`` stage-2 samples (``info["stage2_within_tol"]``). Returns self.
+        """Fit both stages on the training data: the walk, then the stage-2 map; returns self.
+
+        Stage 1 (:meth:`walk`), then stage 2 (principal coordinates + map z -> theta), then the all-data check of
+        ``n_check`` stage-2 samples (``info["stage2_within_tol"]``).
 
         theta* is read from the model's weights now. ``callback(stage, step)`` runs after every walk step
         ("walk") and stage-2 training step ("deform"), after the step's checkpoint if one is due; it may raise to
@@ -296,7 +294,7 @@ class FiberSampler:
             return self
         self._walk(problem, path, saved)
         t0 = time.perf_counter()
-        self.coords = PrincipalCoordinates.fit(self._stage2_samples(), self.latent_dim, centre=self.subset.theta_map)
+        self.coords = PrincipalCoordinates.fit(stage2_samples(self), self.latent_dim, centre=self.subset.theta_map)
         self.info["explained_variance"] = self.coords.explained
         self.info["latent_dim"] = float(self.coords.rank)
         self.flow = None
@@ -307,26 +305,13 @@ class FiberSampler:
         self._cache = None
         if self.n_check > 0:
             t0 = time.perf_counter()
-            nll = full_data_nll(problem, self.sample(self.n_check, seed=self.seed + 7))
-            self.info["stage2_within_tol"] = float((nll <= self.map_nll + self.config.loss_tolerance).double().mean())
-            self.info["stage2_nll_excess_mean"] = float((nll - self.map_nll).mean())
+            nll, map_nll = full_data_nll(problem, self.sample(self.n_check, seed=self.seed + 7)), walked(self)[2]
+            self.info["stage2_within_tol"] = float((nll <= map_nll + self.config.loss_tolerance).double().mean())
+            self.info["stage2_nll_excess_mean"] = float((nll - map_nll).mean())
             self.info["stage2_check_s"] = time.perf_counter() - t0
             self.info.update(self._method.diagnostics(self, self.n_check, self.seed + 7))
         self._save(path, "done", state=self.state_dict())
         return self
-
-    def _within_tolerance(self) -> torch.Tensor:
-        """(M,) mask of the walked samples whose all-data NLL is within the tolerance of the MAP's."""
-        return self.particle_nll <= self.map_nll + self.config.loss_tolerance
-
-    def _stage2_samples(self) -> torch.Tensor:
-        """The walked samples stage 2 is fitted on: those within the tolerance, or all when fewer than 2 are."""
-        within = self._within_tolerance()
-        return self.particles[within] if int(within.sum()) >= 2 else self.particles
-
-    def _anchored_map(self) -> AnchoredJitter:
-        """The ``anchored`` map (untrained) on the walked samples within the tolerance; see deform.py."""
-        return get_deform(DeformKind.ANCHORED).build(self)
 
     def _train_flow(self, problem: FiberProblem, path: Path | None, saved: dict[str, Any] | None) -> None:
         """Build and train the stage-2 map (resumed from ``saved``, a "deform" checkpoint payload, if given)."""
@@ -342,7 +327,7 @@ class FiberSampler:
             start, losses = saved["flow_step"], list(saved["losses"])
             generator.set_state(saved["flow_rng"])
             self.info["deform_s"] = saved["deform_s"]
-        coords = self.coords.encode(self._stage2_samples())
+        coords = fitted_coords(self).encode(stage2_samples(self))
         flow.train()
         t0 = time.perf_counter()
         threads = torch.get_num_threads()
@@ -380,18 +365,18 @@ class FiberSampler:
 
     # ----------------------------------------------------------------- sampling and prediction
     def _require_fit(self, action: str) -> PrincipalCoordinates:
-        """The fitted coordinates; raises RuntimeError before fit, or if the model's weights or buffers changed
-        since fit (the samples are offsets around theta* at fit).
-        """
+        """The fitted coordinates; RuntimeError before fit or if the weights or buffers changed since (theta*)."""
         if self.coords is None:
             raise RuntimeError("call fit(train_loader) first: the FiberSampler has no stage-2 map")
         self.subset.check_current(action)
         return self.coords
 
     def sample(self, n_samples: int = 100, seed: int | None = None) -> torch.Tensor:
-        """Stage 2: n parameter samples (n, P) from the map (seeded): decoded from z ~ N(0, I) ("anchored": an anchor index
-        and a jitter draw). Cost: one map evaluation each (the flow plus an (r x P) product), no iteration.
-        Raises RuntimeError before fit or if the model's weights changed since.
+        """Stage 2: n parameter samples (n, P) from the map, seeded by ``seed`` (default: the sampler's).
+
+        Decoded from z ~ N(0, I) ("anchored": an anchor index and a jitter draw). Cost: one map evaluation each (the
+        flow plus an (r x P) product), no iteration. Raises RuntimeError before fit or if the model's weights changed
+        since, ValueError for a non-positive ``n_samples``.
         """
         self._require_fit("sample")
         check_n_samples(n_samples)
@@ -400,12 +385,14 @@ class FiberSampler:
 
     def predict(self, x: torch.Tensor, n_samples: int = 100, seed: int | None = None,
                 chunk_size: int = 25) -> SamplePredictive:
-        """SamplePredictive (n_samples, B, C) of f(x; theta_s) for stage-2 samples theta_s (the same samples
-        for every call with the same n_samples and seed) and inputs x of the training inputs' shape
-        (B, ...). The network runs in eval mode whatever mode it was left in (and is given back its modes).
+        """The sample predictive (n_samples, B, C) of f(x; theta_s) for stage-2 samples theta_s.
+
+        The samples are the same for every call with the same n_samples and seed; inputs x have the training inputs'
+        shape (B, ...). The network runs in eval mode whatever mode it was left in (and is given back its modes).
         Regression: the predictive of f; use ``.with_noise(fs.sigma_noise)`` or ``fs(x)`` for y.
-        Cost: n_samples forward passes (vmapped in chunks). Raises RuntimeError before fit or if the model's
-        weights changed since; ValueError for inputs of another shape or with NaN/Inf.
+        Cost: n_samples forward passes (vmapped in chunks of ``chunk_size``). Raises RuntimeError before fit or if the
+        model's weights changed since; ValueError for inputs of another shape or with NaN/Inf, or n_samples < 2;
+        TypeError if x is not a tensor.
         """
         self._require_fit("predict")
         check_n_samples(n_samples)
@@ -443,20 +430,24 @@ class FiberSampler:
 
     # ----------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
-        """Everything that restores the fitted sampler exactly (with the same model weights and buffers, which
-        it identifies by a digest). Raises RuntimeError before fit or if the model's weights changed since.
+        """Everything that restores the fitted sampler exactly, as a dict of tensors and plain values.
+
+        The state identifies the model's weights and buffers by a digest; loading needs the same ones. Raises
+        RuntimeError before fit or if the model's weights changed since.
         """
         coords = self._require_fit("save the state")
         return {"version": STATE_VERSION, "settings": self._settings(), "network_weights": module_digest(self.model),
-                "input_shape": list(self.input_shape), "prior_precision": self.prior_precision,
+                "input_shape": list(self.input_shape or ()), "prior_precision": self.prior_precision,
                 "sigma_noise": self.sigma_noise,
                 "particles": self.particles, "particle_nll": self.particle_nll, "map_nll": self.map_nll,
                 "coords": coords.state_dict(), "flow": None if self.flow is None else self.flow.state_dict(),
                 "info": dict(self.info), "last_layer": self.subset.last_layer_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> "FiberSampler":
-        """Restore a fitted state; the settings must match, and the model's current weights and buffers must be
-        those it was fitted at (they become theta*). Raises ValueError otherwise (nothing is changed then).
+        """Restore a fitted state from :meth:`state_dict`; returns self.
+
+        The settings must match, and the model's current weights and buffers must be those it was fitted at (they
+        become theta*). Raises ValueError otherwise (nothing is changed then).
         """
         version = state.get("version") if isinstance(state, dict) else None
         if version != STATE_VERSION:

@@ -25,6 +25,7 @@ from posthoc.fiber.deform import (
     AnchoredJitter,
     CouplingFlow,
     DeformKind,
+    PrincipalCoordinates,
     anchored_training_step,
     flow_training_step,
     make_flow_optimizer,
@@ -69,20 +70,23 @@ class DeformMethod:
         raise NotImplementedError(f"{type(self).__name__} trains no module")
 
     def optimizer(self, fs: FiberSampler, module: nn.Module) -> torch.optim.Optimizer:
+        """The optimizer of the map's parameters (base class: Adam at ``flow_lr``)."""
         return torch.optim.Adam(module.parameters(), lr=fs.deform_config.flow_lr)
 
     def training_step(self, fs: FiberSampler, problem: FiberProblem, module: nn.Module,
                       optimizer: torch.optim.Optimizer, coords: torch.Tensor,
                       generator: torch.Generator) -> TrainingStep:
-        """A function that takes one training step and returns its loss; ``coords`` (M, r) are the whitened
-        principal coordinates of the walked samples stage 2 is fitted on.
+        """A function that takes one training step of ``module`` and returns its loss.
+
+        ``coords`` (M, r) are the whitened principal coordinates of the walked samples stage 2 is fitted on; the step
+        draws its randomness from ``generator``.
         """
         raise NotImplementedError(f"{type(self).__name__} trains no module")
 
     def sample(self, fs: FiberSampler, module: nn.Module | None, n_samples: int,
                generator: torch.Generator) -> torch.Tensor:
         """N parameter vectors (n, P), drawn with ``generator``; ``module`` is the trained map (None if none)."""
-        coords, dtype, device = fs.coords, fs.subset.dtype, fs.subset.device
+        coords, dtype, device = fitted_coords(fs), fs.subset.dtype, fs.subset.device
         z = torch.randn((n_samples, coords.rank), generator=generator, dtype=dtype).to(device)
         with torch.no_grad():
             return coords.decode(module(z) if module is not None else z)
@@ -102,17 +106,21 @@ class FlowMethod(DeformMethod):
     """"flow": a coupling flow trained by maximum likelihood on the walked samples plus the loss-aware term."""
 
     def trains(self, fs: FiberSampler) -> bool:
-        return fs.coords.rank >= 2 and fs.deform_config.flow_steps > 0
+        """Train a flow when the principal subspace has r >= 2 dimensions and ``flow_steps`` > 0."""
+        return fitted_coords(fs).rank >= 2 and fs.deform_config.flow_steps > 0
 
-    def build(self, fs: FiberSampler) -> nn.Module:
+    def build(self, fs: FiberSampler) -> CouplingFlow:
+        """A :class:`~posthoc.fiber.deform.CouplingFlow` on the r principal coordinates, the identity at start."""
         cfg = fs.deform_config
-        return CouplingFlow(fs.coords.rank, cfg.flow_layers, cfg.flow_hidden, seed=fs.seed).to(
+        return CouplingFlow(fitted_coords(fs).rank, cfg.flow_layers, cfg.flow_hidden, seed=fs.seed).to(
             dtype=fs.subset.dtype, device=fs.subset.device)
 
     def optimizer(self, fs: FiberSampler, module: nn.Module) -> torch.optim.Optimizer:
+        """Adam with a small weight decay (:func:`~posthoc.fiber.deform.make_flow_optimizer`)."""
         return make_flow_optimizer(module, fs.deform_config.flow_lr)
 
     def training_step(self, fs, problem, module, optimizer, coords, generator) -> TrainingStep:
+        """One full-batch maximum-likelihood step on the walked samples plus the loss-aware term."""
         penalty, weight = loss_penalty(fs, problem, generator), fs.deform_config.flow_loss_weight
         return lambda: flow_training_step(module, optimizer, coords, penalty, weight)
 
@@ -123,17 +131,20 @@ class VariationalMethod(FlowMethod):
     uses_barrier = True
     final_loss_key = "flow_final_kl"
 
-    def build(self, fs: FiberSampler) -> nn.Module:
+    def build(self, fs: FiberSampler) -> CouplingFlow:
+        """The coupling flow, started narrow: its scales set to ``variational_init_scale``."""
         flow = super().build(fs)
         with torch.no_grad():
             flow.log_scale.fill_(math.log(fs.variational_init_scale))
         return flow
 
     def optimizer(self, fs: FiberSampler, module: nn.Module) -> torch.optim.Optimizer:
+        """Adam at ``flow_lr`` without weight decay."""
         # no weight decay: it would pull the flow back to the identity, i.e. to the walked samples' scales
         return torch.optim.Adam(module.parameters(), lr=fs.deform_config.flow_lr)
 
     def training_step(self, fs, problem, module, optimizer, coords, generator) -> TrainingStep:
+        """One reverse-KL step on ``flow_loss_samples`` base draws (one minibatch forward/backward each)."""
         energy, cfg = variational_energy(fs, problem, generator, decode=True), fs.deform_config
         dtype, device = fs.subset.dtype, fs.subset.device
 
@@ -155,19 +166,25 @@ class AnchoredMethod(DeformMethod):
     final_loss_key = "flow_final_kl"
 
     def trains(self, fs: FiberSampler) -> bool:
+        """Always: the map is built (and its jitter trained when ``flow_steps`` > 0)."""
         return True
 
-    def build(self, fs: FiberSampler) -> nn.Module:
-        tol = fs.config.loss_tolerance
-        within = fs.particle_nll <= fs.map_nll + tol
+    def build(self, fs: FiberSampler) -> AnchoredJitter:
+        """An :class:`~posthoc.fiber.deform.AnchoredJitter` on the walked samples within the tolerance.
+
+        Raises ValueError when none is within the tolerance (no anchors).
+        """
+        tol, (particles, particle_nll, map_nll), coords = fs.config.loss_tolerance, walked(fs), fitted_coords(fs)
+        within = particle_nll <= map_nll + tol
         if not bool(within.any()):
             raise ValueError("no walked sample is within the loss tolerance, so deform='anchored' has no anchors; "
                              "lower step_size or raise final_rounds / loss_tolerance")
-        room = ((fs.map_nll + tol - fs.particle_nll[within]).clamp_min(0) / tol).sqrt()
-        return AnchoredJitter(fs.particles[within], room.to(fs.particles.dtype), fs.coords.basis, fs.coords.scales,
+        room = ((map_nll + tol - particle_nll[within]).clamp_min(0) / tol).sqrt()
+        return AnchoredJitter(particles[within], room.to(particles.dtype), coords.basis, coords.scales,
                               fs.variational_init_scale)
 
     def training_step(self, fs, problem, module, optimizer, coords, generator) -> TrainingStep:
+        """One reverse-KL step of the jitter scale on ``flow_loss_samples`` latent draws."""
         energy, n_draws = variational_energy(fs, problem, generator, decode=False), fs.deform_config.flow_loss_samples
 
         def step() -> float:
@@ -177,6 +194,7 @@ class AnchoredMethod(DeformMethod):
         return step
 
     def sample(self, fs, module, n_samples, generator) -> torch.Tensor:
+        """N parameter vectors (n, P): an anchor drawn uniformly plus its jitter; cost one (r x P) product each."""
         if not isinstance(module, AnchoredJitter):
             return super().sample(fs, module, n_samples, generator)
         index, u = module.draw(n_samples, generator)
@@ -184,10 +202,14 @@ class AnchoredMethod(DeformMethod):
             return module(index, u)
 
     def diagnostics(self, fs: FiberSampler, n_samples: int, seed: int) -> dict[str, float]:
-        """How much diversity the jitter adds beyond resampling the walk: the mean distance of n samples from
-        their anchors over the mean distance of the anchors from the anchors' mean, and sigma's mean.
+        """How much diversity the jitter adds beyond resampling the walk, from ``n_samples`` seeded draws.
+
+        ``anchored_jitter_over_anchor_spread``: the mean distance of the samples from their anchors over the mean
+        distance of the anchors from the anchors' mean; ``anchored_sigma_mean``: sigma's mean.
         """
         jitter = fs.flow
+        if not isinstance(jitter, AnchoredJitter):
+            raise RuntimeError("the anchored map's diagnostics need its trained AnchoredJitter (FiberSampler.fit)")
         index, u = jitter.draw(n_samples, torch.Generator().manual_seed(seed))
         with torch.no_grad():
             moved = (jitter(index, u) - jitter.anchors[index]).norm(dim=-1).mean()
@@ -199,9 +221,32 @@ class AnchoredMethod(DeformMethod):
 DEFORMS: dict[str, DeformMethod] = {}
 
 
+def walked(fs: FiberSampler) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """The walked samples (M, P), their all-data mean NLL (M,) and the MAP's; RuntimeError before the walk."""
+    if fs.particles is None or fs.particle_nll is None or fs.map_nll is None:
+        raise RuntimeError("the FiberSampler has not walked yet: call walk(train_loader) or fit(train_loader) first")
+    return fs.particles, fs.particle_nll, fs.map_nll
+
+
+def fitted_coords(fs: FiberSampler) -> PrincipalCoordinates:
+    """The principal coordinates of the walked samples; RuntimeError before stage 2 fitted them."""
+    if fs.coords is None:
+        raise RuntimeError("call fit(train_loader) first: the FiberSampler has no principal coordinates")
+    return fs.coords
+
+
+def stage2_samples(fs: FiberSampler) -> torch.Tensor:
+    """The walked samples (M', P) stage 2 is fitted on: those within the tolerance, or all when fewer than 2 are."""
+    particles, nll, map_nll = walked(fs)
+    within = nll <= map_nll + fs.config.loss_tolerance
+    return particles[within] if int(within.sum()) >= 2 else particles
+
+
 def register_deform(name: str, method: DeformMethod, replace: bool = False) -> DeformMethod:
-    """Register a stage-2 map under ``name`` (then ``FiberSampler(..., deform=name)`` uses it). Raises ValueError
-    for a name already registered unless ``replace=True``, TypeError if ``method`` is not a DeformMethod.
+    """Register a stage-2 map under ``name``; then ``FiberSampler(..., deform=name)`` uses it.
+
+    Returns ``method``. Raises ValueError for a name already registered unless ``replace=True``, TypeError if
+    ``method`` is not a DeformMethod.
     """
     if not isinstance(method, DeformMethod):
         raise TypeError(f"register a DeformMethod instance, got {type(method).__name__}")
@@ -222,14 +267,15 @@ for _kind, _method in ((DeformKind.GAUSSIAN, DeformMethod()), (DeformKind.FLOW, 
     register_deform(_kind.value, _method)
 
 
-def loss_penalty(fs: FiberSampler, problem: FiberProblem, generator: torch.Generator) -> Callable[[nn.Module],
-                                                                                                 torch.Tensor]:
-    """The loss-aware term of the "flow" map: for ``flow_loss_samples`` decoded samples and a random minibatch of
-    ``flow_loss_batch`` training examples, the mean hinge max(0, excess - 0.8 eps) / eps of their NLL over the
-    MAP's on that minibatch (0.8: a margin for the minibatch noise). Cost: one forward and backward pass per
-    decoded sample on the minibatch.
+def loss_penalty(fs: FiberSampler, problem: FiberProblem,
+                 generator: torch.Generator) -> Callable[[CouplingFlow], torch.Tensor]:
+    """The loss-aware term of the "flow" map, as a function of the flow.
+
+    For ``flow_loss_samples`` decoded samples and a random minibatch of ``flow_loss_batch`` training examples, the
+    mean hinge max(0, excess - 0.8 eps) / eps of their NLL over the MAP's on that minibatch (0.8: a margin for the
+    minibatch noise). Cost: one forward and backward pass per decoded sample on the minibatch.
     """
-    coords, tol, cfg = fs.coords, fs.config.loss_tolerance, fs.deform_config
+    coords, tol, cfg = fitted_coords(fs), fs.config.loss_tolerance, fs.deform_config
 
     def penalty(flow: CouplingFlow) -> torch.Tensor:
         index = torch.randint(problem.n_data, (min(cfg.flow_loss_batch, problem.n_data),), generator=generator)
@@ -246,18 +292,20 @@ def loss_penalty(fs: FiberSampler, problem: FiberProblem, generator: torch.Gener
 
 def variational_energy(fs: FiberSampler, problem: FiberProblem, generator: torch.Generator,
                        decode: bool = True) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Minus the log target of the "variational" and "anchored" maps, per sample: delta/2 ||theta||^2 (the
-    prior, up to a constant) plus barrier_weight * max(0, excess - eps/2) / eps, the excess of its mean NLL over
-    the MAP's on a random minibatch of ``flow_loss_batch`` examples (eps/2: a margin for the minibatch noise).
-    Takes whitened coordinates (S, r) (``decode``) or parameter vectors (S, P). Cost: one forward and backward
-    pass per sample on the minibatch.
+    """Minus the log target of the "variational" and "anchored" maps, per sample, as a function.
+
+    delta/2 ||theta||^2 (the prior, up to a constant) plus barrier_weight * max(0, excess - eps/2) / eps, the
+    excess of its mean NLL over the MAP's on a random minibatch of ``flow_loss_batch`` examples (eps/2: a margin
+    for the minibatch noise). Takes whitened coordinates (S, r) (``decode``) or parameter vectors (S, P); returns
+    (S,). Cost: one forward and backward pass per sample on the minibatch.
     """
     tol, batch, barrier = fs.config.loss_tolerance, fs.deform_config.flow_loss_batch, fs.barrier_weight
+    principal = fitted_coords(fs)
 
     def energy(coords: torch.Tensor) -> torch.Tensor:
         index = torch.randint(problem.n_data, (min(batch, problem.n_data),), generator=generator)
         x, y = problem.inputs[index], problem.targets[index]
-        thetas = fs.coords.decode(coords) if decode else coords
+        thetas = principal.decode(coords) if decode else coords
         nll = mean_nll(outputs_many(fs.subset, x, thetas), y, fs.likelihood, fs.sigma_noise)
         with torch.no_grad():
             ref = mean_nll(fs.subset.forward(x).unsqueeze(0), y, fs.likelihood, fs.sigma_noise)

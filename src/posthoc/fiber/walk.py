@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Iterable
+from typing import Any, Iterable, cast
 
 import torch
 
@@ -102,9 +102,11 @@ class WalkConfig:
 
     @property
     def n_kept_per_particle(self) -> int:
+        """Samples kept per particle: (steps - burn_in) // thin."""
         return (self.steps - self.burn_in) // self.thin
 
     def to_dict(self) -> dict[str, Any]:
+        """The settings as a plain dict (field name -> value), as the checkpoint fingerprint stores them."""
         return asdict(self)
 
 
@@ -126,26 +128,37 @@ class FiberProblem:
 
     @property
     def n_data(self) -> int:
+        """N, the number of training examples."""
         return self.inputs.shape[0]
 
 
 def canonical_training_data(train_loader: Iterable, subset: ParameterSubset, likelihood: Likelihood,
                             dict_key_x: str, dict_key_y: str
                             ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
-    """The covered module's inputs (N, ...) and the targets (N,) labels or (N, C) values of the whole loader, in
-    a canonical order (sorted by a fixed random projection of each example), so the walk does not depend on the
-    loader's shuffling; and the shape of one model input. Memory: the whole training set (or its last-layer
-    features). Raises ValueError for an empty loader, batches of different example shapes, a model whose
-    outputs are not (B, C), or targets that do not fit them.
+    """The whole loader's covered-module inputs, targets and input shape, in a canonical order.
+
+    Returns the covered module's inputs (N, ...), the targets (N,) labels or (N, C) values, sorted by a fixed random
+    projection of each example so the walk does not depend on the loader's shuffling, and the shape of one model
+    input. Memory: the whole training set (or its last-layer features).
+
+    Raises:
+        ValueError: for an empty loader, batches of different example shapes, a model whose outputs are not
+            (B, C), or targets that do not fit them.
+        TypeError: for tuple or mapping inputs (the fiber sampler needs tensor inputs (B, ...)).
     """
-    xs, ys, input_shape = [], [], None
+    xs: list[torch.Tensor] = []
+    ys: list[torch.Tensor] = []
+    input_shape: tuple[int, ...] = ()
     for x, y in checked_batches(train_loader, likelihood, None, dict_key_x, dict_key_y, subset.dtype, subset.device):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"the fiber sampler needs tensor model inputs (B, ...), got a {type(x).__name__}; wrap the "
+                            "model so that it takes one tensor")
         if not xs:
             input_shape = tuple(x.shape[1:])
         elif tuple(x.shape[1:]) != input_shape:
             raise ValueError(f"the training batches have inputs of shapes {batch_shape(input_shape)} and "
                              f"{tuple(x.shape)}; every batch must hold examples of one shape")
-        xs.append(subset.inputs(x))
+        xs.append(cast(torch.Tensor, subset.inputs(x)))  # a tensor: x itself or the last layer's features
         ys.append(y)
     if not xs:
         raise ValueError("the training loader yielded no batches: nothing to fit")
@@ -190,12 +203,14 @@ class WalkState:
                                                               "walk_seconds": 0.0})
 
     def state_dict(self) -> dict[str, Any]:
+        """The state as a dict of tensors and numbers (for checkpoints; :meth:`from_state_dict` restores it)."""
         return {"thetas": self.thetas, "samples": self.samples, "sub_index": self.sub_index,
                 "map_nll_sub": self.map_nll_sub, "step_size": self.step_size, "rng": self.rng, "step": self.step,
                 "stats": dict(self.stats)}
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Any]) -> "WalkState":
+        """Rebuild the state saved by :meth:`state_dict`."""
         return cls(state["thetas"], state["samples"], state["sub_index"], float(state["map_nll_sub"]),
                    float(state["step_size"]), state["rng"], int(state["step"]), dict(state["stats"]))
 
@@ -239,8 +254,10 @@ def init_walk(problem: FiberProblem, config: WalkConfig, seed: int) -> WalkState
 
 def pull_back(problem: FiberProblem, thetas: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor,
               reference: torch.Tensor, threshold: float, config: WalkConfig) -> tuple[torch.Tensor, int, torch.Tensor]:
-    """Gauss-Newton steps towards the reference outputs (B, C) for the particles whose mean NLL on
-    (inputs, targets) exceeds ``threshold``, until none does or ``config.pullback_steps`` were taken.
+    """Gauss-Newton steps towards the reference outputs (B, C) for the particles above ``threshold``.
+
+    A particle is corrected while its mean NLL on (inputs, targets) exceeds ``threshold``, until none does or
+    ``config.pullback_steps`` were taken.
 
     Returns the new thetas (K, P), the number of steps taken and the final within-threshold mask (K,).
     Cost per step: one forward pass per particle plus ``cg_steps`` Gram products per corrected particle.
