@@ -1,6 +1,6 @@
-"""KFAC: Kronecker factors of the curvature of Linear and Conv2d layers, by hooks.
+"""KFAC: Kronecker factors of the curvature of Linear, Conv1D and Conv2d layers, by hooks.
 
-Convention (METHODS.md §1; curvlinops' ``KFACLinearOperator`` with
+Convention (curvlinops' ``KFACLinearOperator`` with
 ``separate_weight_and_bias=True``, the one laplace-torch uses). For a layer
 with weight W (D_out, D_in) (a Conv2d weight flattened to (C_out, C_in·kh·kw)
 in PyTorch's row-major order) the curvature block of W is G ⊗ A (``torch.kron``
@@ -19,6 +19,14 @@ at position l, with S from :class:`posthoc.curvature.OutputFactors`
 approximates the *sum* over examples of the per-example curvature; for one
 example and L = 1 it is exact.
 
+Which layers get factors is :func:`posthoc.curvature.layers.layer_kind`, the
+one decision the per-layer routes share: ``nn.Linear`` (peft LoRA's ``lora_A``
+and ``lora_B`` are nn.Linear; with the base model frozen, ``requires_grad``
+leaves only the adapters covered), transformers' ``Conv1D`` (GPT-2), a Linear
+whose weight is stored (D_in, D_out), so the same factors with its block
+A ⊗ G in storage order (:attr:`KronLayer.transposed`), and ``nn.Conv2d`` with
+groups = 1, zero padding given as integers, "valid" or symmetric "same".
+
 Agreement with curvlinops 3.0.1: A equals its input covariance for any loss
 reduction; G equals its gradient covariance with ``fisher_type="type-2"`` for
 ``CrossEntropyLoss(reduction="sum")`` exactly, while for
@@ -27,20 +35,24 @@ Gaussian negative log-likelihood at σ = 1 that our curvature is stored at).
 Read its factors from ``op.state_dict()["input_covariances"]`` and
 ``["gradient_covariances"]`` after ``op.compute_kronecker_factors()``.
 
-Covered parameters outside a supported layer fall back to an exact diagonal
+Covered parameters outside such a layer fall back to an exact diagonal
 GGN block, diag(Σ_n Σ_k (J_nᵀ s_nk)²) restricted to those entries, from
-per-example gradients of only those parameters (torch.func). This covers e.g.
-BatchNorm/LayerNorm affine parameters and embeddings, and also Linear/Conv2d
-layers KFAC cannot treat: a Conv2d with groups > 1, non-zero padding modes or
-string padding, any layer not called exactly once through its own forward
-per model call (reused layers; ``nn.MultiheadAttention``'s ``out_proj``, whose
-weight is used without calling the module), and any layer whose covered weight
-or bias is read more than once per model call (a Parameter held by two modules,
-``dec.weight = enc.weight``; a weight tied to a functional use such as an
-output head that is also the embedding, or an encoder weight reused transposed),
-found by one probe forward (:func:`posthoc.curvature.jacobians.parameter_uses`).
-A shared parameter's per-example gradient is the sum over its uses, which one
-layer's inputs and output gradients cannot give; its diagonal block is exact.
+per-example gradients of only those parameters (:mod:`posthoc.curvature.fallback`,
+memory B·K·P_fb per chunk of examples, never B·K·P). This covers
+BatchNorm/LayerNorm affine parameters, ``nn.Embedding`` weights (their exact
+diagonal; an embedding's Kronecker block would need a V × V input factor),
+``nn.MultiheadAttention``'s ``in_proj_weight``/``in_proj_bias`` (raw Parameters
+of the attention module, read functionally) and its ``out_proj`` (a Linear whose
+weight is used without calling the module), and also layers KFAC cannot treat:
+a Conv2d with groups > 1, another padding mode or asymmetric padding, any layer
+not called exactly once through its own forward per model call (reused layers),
+and any layer whose covered weight or bias is read more than once per model call
+(a Parameter held by two modules, ``dec.weight = enc.weight``; a weight tied to
+a functional use such as an output head that is also the embedding, or an
+encoder weight reused transposed), found by one probe forward
+(:func:`posthoc.curvature.jacobians.parameter_uses`). A shared parameter's
+per-example gradient is the sum over its uses, which one layer's inputs and
+output gradients cannot give; its diagonal block is exact.
 
 Cost per batch of B examples with K output factor columns: one forward, K
 backward passes to the layer outputs (no parameter gradients), and the factor
@@ -61,16 +73,23 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from posthoc.curvature.jacobians import parameter_uses, per_example_factor_gradients, per_example_jacobians
+from posthoc.curvature.fallback import RestrictedSubset, chunks
+from posthoc.curvature.jacobians import parameter_uses
+from posthoc.curvature.layers import (
+    LayerRecord,
+    channels_first,
+    input_gram,
+    layer_kind,
+    out_dim,
+    patches,
+    record_layers,
+    weight_is_transposed,
+)
+from posthoc.curvature.layers import positions as layer_positions
 from posthoc.curvature.output_factors import OutputFactors
 from posthoc.distributed import sum_count, sum_over_ranks
 from posthoc.network.subset import ParameterSubset
-from posthoc.utils.conv import conv_input_gram, unfold_patches
 from posthoc.utils.linalg import gram
-
-# Elements of stacked output gradients / per-example rotated weight gradients held at once
-# (about 64 MB in float32); larger work is chunked over examples or output columns.
-ELEMENT_BUDGET = 1 << 24
 
 
 class KFACApproximation(str, Enum):
@@ -82,7 +101,7 @@ class KFACApproximation(str, Enum):
 
 @dataclass(frozen=True)
 class KronLayer:
-    """A Linear/Conv2d module of ``subset.module`` whose covered weight/bias get Kronecker blocks.
+    """A layer of ``subset.module`` whose covered weight/bias get Kronecker blocks (:func:`layer_kind`).
 
     ``weight``/``bias`` index ``subset.blocks`` (None when not covered).
     """
@@ -94,28 +113,24 @@ class KronLayer:
 
     @property
     def block_indices(self) -> list[int]:
+        """The covered blocks of this layer: weight then bias, where covered."""
         return [b for b in (self.weight, self.bias) if b is not None]
 
-
-def _conv_padding(module: nn.Conv2d) -> tuple[int, int] | None:
-    """Integer padding for ``unfold``, or None when the conv is not supported by KFAC here."""
-    if module.groups != 1 or module.padding_mode != "zeros" or isinstance(module.padding, str):
-        return None
-    return tuple(module.padding)  # type: ignore[return-value]
-
-
-def _supported(module: nn.Module) -> bool:
-    if isinstance(module, nn.Linear):
-        return True
-    return isinstance(module, nn.Conv2d) and _conv_padding(module) is not None
+    @property
+    def transposed(self) -> bool:
+        """Whether the weight is stored (D_in, D_out) (transformers' Conv1D), so its block is A ⊗ G in storage order."""
+        return weight_is_transposed(self.module)
 
 
 def candidate_layers(subset: ParameterSubset) -> list[KronLayer]:
-    """Linear/Conv2d modules with a covered ``weight`` or ``bias``, in block order (no probing)."""
+    """Layers of a :class:`~posthoc.curvature.layers.LayerKind` with a covered weight or bias, in block order.
+
+    No probing: :func:`probe_layers` decides which of them are called once. Cost: O(number of blocks).
+    """
     layers: dict[str, dict[str, int]] = {}
     modules: dict[str, nn.Module] = {}
     for index, block in enumerate(subset.blocks):
-        if block.kind in ("weight", "bias") and _supported(block.layer):
+        if block.kind in ("weight", "bias") and layer_kind(block.layer) is not None:
             layers.setdefault(block.layer_name, {})[block.kind] = index
             modules[block.layer_name] = block.layer
     return [KronLayer(name, modules[name], kinds.get("weight"), kinds.get("bias")) for name, kinds in layers.items()]
@@ -126,7 +141,7 @@ def layers_by_name(subset: ParameterSubset, names: Iterable[str]) -> list[KronLa
     found = {layer.name: layer for layer in candidate_layers(subset)}
     missing = [n for n in names if n not in found]
     if missing:
-        raise ValueError(f"Kronecker layers {missing} are not covered Linear/Conv2d modules of this model")
+        raise ValueError(f"Kronecker layers {missing} are not covered Linear/Conv1D/Conv2d modules of this model")
     return [found[n] for n in names]
 
 
@@ -136,19 +151,12 @@ def fallback_blocks(subset: ParameterSubset, layers: list[KronLayer]) -> list[in
     return [i for i in range(len(subset.blocks)) if i not in in_kron]
 
 
-def fallback_positions(subset: ParameterSubset, blocks: list[int]) -> torch.Tensor:
-    """(P_fb,) positions in theta of the fallback blocks, in theta order."""
-    if not blocks:
-        return torch.zeros(0, dtype=torch.long, device=subset.device)
-    return torch.cat([torch.arange(subset.blocks[i].offset, subset.blocks[i].offset + subset.blocks[i].numel,
-                                   device=subset.device) for i in blocks])
-
-
 @torch.no_grad()
 def probe_layers(subset: ParameterSubset, inputs: torch.Tensor) -> tuple[list[KronLayer], dict[str, int]]:
-    """Keep the candidates called exactly once through their forward whose covered weight and bias are read
-    only there (:func:`posthoc.curvature.jacobians.parameter_uses`): a layer used twice, or whose Parameter is
-    shared with another module or a functional use, is left to the exact diagonal fallback.
+    """The candidate layers called exactly once per forward whose covered weight and bias are read only there.
+
+    :func:`posthoc.curvature.jacobians.parameter_uses` counts the reads: a layer used twice, or whose Parameter
+    is shared with another module or a functional use, is left to the exact diagonal fallback.
 
     Returns the kept layers and their number of weight-sharing positions L. Cost: one forward pass on
     ``inputs`` and one with a graph on its first example.
@@ -158,7 +166,7 @@ def probe_layers(subset: ParameterSubset, inputs: torch.Tensor) -> tuple[list[Kr
     candidates = candidate_layers(subset)
     for layer in candidates:
         def hook(module: nn.Module, args: tuple, output: torch.Tensor, name: str = layer.name) -> None:
-            calls.setdefault(name, []).append(_positions(module, output))
+            calls.setdefault(name, []).append(layer_positions(module, output))
         handles.append(layer.module.register_forward_hook(hook))
     try:
         subset.forward(inputs)
@@ -172,10 +180,10 @@ def probe_layers(subset: ParameterSubset, inputs: torch.Tensor) -> tuple[list[Kr
 
 
 def check_single_use(subset: ParameterSubset, layers: list[KronLayer], inputs: torch.Tensor) -> None:
-    """Raise ValueError if a Kronecker layer's covered weight or bias is read more than once per forward on
-    ``inputs`` (e.g. a state dict fitted before shared parameters were detected, or a model changed since).
+    """Raise ValueError if a Kronecker layer's covered weight or bias is read more than once per forward.
 
-    Cost: one forward pass with a graph on the first example.
+    Reads are counted on ``inputs`` (e.g. a state dict fitted before shared parameters were detected, or a model
+    changed since). Cost: one forward pass with a graph on the first example.
     """
     uses = parameter_uses(subset, inputs[:1])
     shared = {subset.blocks[b].name: uses[b] for layer in layers for b in layer.block_indices if uses[b] != 1}
@@ -187,81 +195,51 @@ def check_single_use(subset: ParameterSubset, layers: list[KronLayer], inputs: t
             "exact diagonal block")
 
 
-def _positions(module: nn.Module, output: torch.Tensor) -> int:
-    if isinstance(module, nn.Conv2d):
-        return output.shape[-2] * output.shape[-1]
-    return output[0].numel() // output.shape[-1]
-
-
-def _out_dim(module: nn.Module) -> int:
-    return module.out_channels if isinstance(module, nn.Conv2d) else module.out_features
-
-
-def _patches(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Layer inputs per weight-sharing position, channels first: (B, D_in, L)."""
-    if isinstance(module, nn.Conv2d):
-        # (B, C_in·kh·kw, L), channel-major like the flattened weight
-        return unfold_patches(x, module.kernel_size, module.dilation, _conv_padding(module), module.stride)
-    return x.reshape(x.shape[0], -1, x.shape[-1]).mT
-
-
-def _channels_first(module: nn.Module, grad: torch.Tensor) -> torch.Tensor:
-    """Gradient in the layer output per position: (B, D_out, L) (a view)."""
-    if isinstance(module, nn.Conv2d):
-        return grad.flatten(2)
-    return grad.reshape(grad.shape[0], -1, grad.shape[-1]).mT
-
-
-def input_gram(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Σ over examples and positions of a aᵀ for the inputs a of ``module`` at its layer input x: (D_in, D_in).
-
-    Conv2d: :func:`posthoc.utils.conv.conv_input_gram`, the patches' gram without unfolding them
-    (about 3x fewer multiplications for a 3x3 convolution). Linear: the gram of the inputs.
-    """
-    if isinstance(module, nn.Conv2d):
-        return conv_input_gram(x, module.kernel_size, module.dilation, _conv_padding(module), module.stride)
-    return gram(_patches(module, x))
-
-
 @dataclass
 class TappedForward:
     """Outputs of one forward pass with the Kronecker layers' inputs and output handles recorded.
 
-    Each layer output y is replaced by y + z with a zero leaf z (B, *out),
-    so ∂/∂z is the gradient in the layer output even if a later in-place
-    operation overwrites y, and the backward stops at the earliest layer.
-    A recorded layer called a second time in the same forward raises
-    RuntimeError (one record per layer would silently keep one call only).
+    A :class:`posthoc.curvature.layers.LayerRecord` (inputs of weight layers only) with the per-layer views
+    KFAC, EKFAC and the Kronecker glm predictive read.
     """
 
-    outputs: torch.Tensor
-    inputs: dict[str, torch.Tensor] = field(default_factory=dict)  # layer inputs (detached copies), weight layers only
+    record: LayerRecord
+    layers: dict[str, KronLayer]
     _patches: dict[str, torch.Tensor] = field(default_factory=dict)
-    _leaves: dict[str, torch.Tensor] = field(default_factory=dict)
-    _layers: dict[str, KronLayer] = field(default_factory=dict)
+
+    @property
+    def outputs(self) -> torch.Tensor:
+        """The model's outputs (B, C), with a graph to the recorded layer outputs."""
+        return self.record.outputs
+
+    @property
+    def inputs(self) -> dict[str, torch.Tensor]:
+        """Detached copies of the weight layers' inputs, by layer name."""
+        return self.record.inputs
 
     def patches(self, name: str) -> torch.Tensor:
         """The layer's inputs per weight-sharing position, (B, D_in, L), unfolded once on first use."""
         if name not in self._patches:
-            self._patches[name] = _patches(self._layers[name].module, self.inputs[name])
+            self._patches[name] = patches(self.layers[name].module, self.inputs[name])
         return self._patches[name]
 
     def input_gram(self, name: str) -> torch.Tensor:
-        """Σ over examples and positions of a aᵀ for the layer's inputs a: (D_in, D_in) (see :func:`input_gram`)."""
-        return input_gram(self._layers[name].module, self.inputs[name])
+        """Σ over examples and positions of a aᵀ for the layer's inputs a: (D_in, D_in) (:func:`input_gram`)."""
+        return input_gram(self.layers[name].module, self.inputs[name])
 
     def column_gradients(self, cotangents: torch.Tensor, retain_graph: bool) -> Iterator[dict[str, torch.Tensor]]:
-        """For each column k of ``cotangents`` (B, C, K): g (B, D_out, L) per layer (views), the gradient
-        of Σ_n cotangents[n, :, k]ᵀ f(x_n) in the layer outputs. One backward pass per column, to the
-        layer outputs only; the graph is kept after the last one if ``retain_graph``.
+        """For each column k of ``cotangents`` (B, C, K): g (B, D_out, L) per layer (views).
+
+        g is the gradient of Σ_n cotangents[n, :, k]ᵀ f(x_n) in the layer outputs. One backward pass per column,
+        to the layer outputs only; the graph is kept after the last one if ``retain_graph``.
         """
-        names = list(self._leaves)
+        names = list(self.record.leaves)
         n_cols = cotangents.shape[2]
         for k in range(n_cols if names else 0):
-            grads = torch.autograd.grad(self.outputs, [self._leaves[n] for n in names],
+            grads = torch.autograd.grad(self.outputs, [self.record.leaves[n] for n in names],
                                         grad_outputs=cotangents[:, :, k], retain_graph=retain_graph or k < n_cols - 1,
                                         allow_unused=True, materialize_grads=True)
-            yield {name: _channels_first(self._layers[name].module, g) for name, g in zip(names, grads)}
+            yield {name: channels_first(self.layers[name].module, g) for name, g in zip(names, grads, strict=True)}
 
     def output_gradients(self, cotangents: torch.Tensor, retain_graph: bool) -> dict[str, torch.Tensor]:
         """:meth:`column_gradients` stacked: g (B, K, D_out, L) per layer (contiguous)."""
@@ -279,74 +257,17 @@ def tapped_forward(subset: ParameterSubset, layers: list[KronLayer], inputs: tor
     """Forward pass at the MAP recording what KFAC, EKFAC and the Kronecker glm predictive need.
 
     ``layers`` must each be called once per forward (see :func:`probe_layers`); a second call raises
-    RuntimeError.
+    RuntimeError. Cost: one forward pass, a copy of each weight layer's input (:func:`record_layers`).
     """
-    record = TappedForward(outputs=torch.empty(0), _layers={layer.name: layer for layer in layers})
-    handles = []
-    for layer in layers:
-        if layer.weight is not None:
-            def pre(module: nn.Module, args: tuple, name: str = layer.name) -> None:
-                # a copy: the model may overwrite its layer inputs in place later in the forward
-                record.inputs[name] = args[0].detach().clone()
-            handles.append(layer.module.register_forward_pre_hook(pre))
-
-        def post(module: nn.Module, args: tuple, output: torch.Tensor, name: str = layer.name) -> torch.Tensor:
-            if name in record._leaves:
-                raise RuntimeError(
-                    f"layer {name!r} was called more than once in one forward pass, but its Kronecker block was "
-                    "fitted for a layer called once (the call pattern changed with the inputs?); a reused layer "
-                    "needs the diagonal block: fit again on inputs that call the layers as at prediction")
-            leaf = torch.zeros_like(output, requires_grad=True)
-            record._leaves[name] = leaf
-            return output + leaf
-        handles.append(layer.module.register_forward_hook(post))
-    try:
-        with torch.enable_grad():
-            record.outputs = subset.forward(inputs)
-    finally:
-        for h in handles:
-            h.remove()
-    return record
+    by_name = {layer.name: layer for layer in layers}
+    record = record_layers(lambda: subset.forward(inputs), {n: layer.module for n, layer in by_name.items()},
+                           [n for n, layer in by_name.items() if layer.weight is not None], refuse_reuse=True)
+    return TappedForward(record, by_name)
 
 
 def gradient_elements(layers: list[KronLayer], positions: dict[str, int]) -> int:
     """Elements of one example's output gradients over all layers, Σ_l D_out·L (for memory budgets)."""
-    return sum(_out_dim(layer.module) * positions[layer.name] for layer in layers)
-
-
-class RestrictedSubset:
-    """A few entries of theta as the only free parameters (the rest held at the MAP).
-
-    Duck-types the part of :class:`ParameterSubset` that
-    :mod:`posthoc.curvature.jacobians` uses (``theta_map``, ``forward``), so
-    per-example gradients of the diagonal fallback blocks cost B·K·P_fb memory,
-    not B·K·P.
-    """
-
-    def __init__(self, subset: ParameterSubset, positions: torch.Tensor) -> None:
-        self._subset = subset
-        self._positions = positions
-        self.theta_map = subset.theta_map[positions]
-
-    def forward(self, inputs: torch.Tensor, theta: torch.Tensor | None = None) -> torch.Tensor:
-        if theta is None:
-            return self._subset.forward(inputs)
-        return self._subset.forward(inputs, self._subset.theta_map.index_put((self._positions,), theta))
-
-    def factor_gradients(self, inputs: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-        """J_nᵀ s_nk restricted to these entries: (B, K, P_fb)."""
-        return per_example_factor_gradients(self, inputs, s)  # type: ignore[arg-type]
-
-    def jacobians(self, inputs: torch.Tensor) -> torch.Tensor:
-        """J_n restricted to these entries: (B, C, P_fb)."""
-        return per_example_jacobians(self, inputs)  # type: ignore[arg-type]
-
-
-def chunks(n: int, elements_per_item: int, budget: int = ELEMENT_BUDGET) -> Iterator[slice]:
-    """Slices of range(n) with ≤ budget / elements_per_item items each (at least one)."""
-    step = max(1, budget // max(1, elements_per_item))
-    for start in range(0, n, step):
-        yield slice(start, min(n, start + step))
+    return sum(out_dim(layer.module) * positions[layer.name] for layer in layers)
 
 
 def rotated_weight_gradients(g: torch.Tensor, a: torch.Tensor, q_out: torch.Tensor, q_in: torch.Tensor) -> torch.Tensor:
@@ -408,7 +329,7 @@ def kfac_factors(subset: ParameterSubset, batches: Iterable[tuple[torch.Tensor, 
     first, stream = _first_and_rest(batches)
     layers, positions = probe_layers(subset, first[0])
     fallback = fallback_blocks(subset, layers)
-    restricted = RestrictedSubset(subset, fallback_positions(subset, fallback)) if fallback else None
+    restricted = RestrictedSubset(subset, fallback) if fallback else None
     dtype, device = subset.dtype, subset.device
     a_sum: dict[str, torch.Tensor] = {}
     g_sum: dict[str, torch.Tensor] = {}
@@ -432,7 +353,7 @@ def kfac_factors(subset: ParameterSubset, batches: Iterable[tuple[torch.Tensor, 
                 g_sum[name] = g_sum[name] + term if name in g_sum else term
         del record
         if restricted is not None:
-            diag += restricted.factor_gradients(inputs, s).square().sum((0, 1))
+            diag += restricted.squared_factor_gradients(inputs, s)
     a_sum, g_sum, diag, n_data = _sum_factors_over_ranks(a_sum, g_sum, diag, n_data)
     a_factors = {name: a / n_data for name, a in a_sum.items()}
     return KFACFactors(layers, a_factors, g_sum, fallback, diag, positions, n_data, n_outputs)
@@ -444,8 +365,8 @@ def _sum_factors_over_ranks(a_sum: dict[str, torch.Tensor], g_sum: dict[str, tor
     names_a, names_g = list(a_sum), list(g_sum)
     summed = sum_over_ranks([a_sum[n] for n in names_a] + [g_sum[n] for n in names_g] + [diag], "the KFAC factors")
     n_total = sum_count(n_data, "the number of training examples")
-    return (dict(zip(names_a, summed[:len(names_a)])), dict(zip(names_g, summed[len(names_a):-1])), summed[-1],
-            n_total)
+    return (dict(zip(names_a, summed[:len(names_a)], strict=True)),
+            dict(zip(names_g, summed[len(names_a):-1], strict=True)), summed[-1], n_total)
 
 
 def ekfac_eigenvalues(subset: ParameterSubset, layers: list[KronLayer], positions: dict[str, int],
@@ -488,4 +409,4 @@ def ekfac_eigenvalues(subset: ParameterSubset, layers: list[KronLayer], position
                 if layer.bias is not None:
                     add(layer.bias, (g.sum(-1) @ q_out).square().sum((0, 1)))
     indices = sorted(out)
-    return dict(zip(indices, sum_over_ranks([out[i] for i in indices], "the EKFAC eigenvalues")))
+    return dict(zip(indices, sum_over_ranks([out[i] for i in indices], "the EKFAC eigenvalues"), strict=True))

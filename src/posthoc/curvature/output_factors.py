@@ -26,6 +26,8 @@ from posthoc.utils.checks import check_choice
 
 
 class CurvatureType(str, Enum):
+    """Which curvature S Sᵀ stands for: the GGN (exact), its Monte Carlo estimate, or the empirical Fisher."""
+
     GGN = "ggn"
     GGN_MC = "ggn_mc"
     EF = "ef"
@@ -81,8 +83,9 @@ class OutputFactors:
 
 
 class RecordingFactors:
-    """OutputFactors that also sum the log-likelihood statistic of the outputs they see (while ``active``),
-    so log p(D | theta*) costs no extra forward pass for structures that see every example once.
+    """OutputFactors that also sum the log-likelihood statistic of the outputs they see (while ``active``).
+
+    So log p(D | theta*) costs no extra forward pass for structures that see every example once.
 
     ``n_seen`` counts the examples seen while active and ``stat`` sums :func:`log_likelihood_terms` over
     them (a 0-d tensor in the outputs' dtype); every other attribute is the wrapped factors'.
@@ -93,6 +96,7 @@ class RecordingFactors:
         self.active, self.n_seen, self.stat = False, 0, torch.zeros(())
 
     def __call__(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The wrapped factors' S (B, C, K), adding the batch's log-likelihood terms to ``stat`` while active."""
         if self.active:
             self.n_seen += outputs.shape[0]
             self.stat = self.stat.to(outputs.dtype) + log_likelihood_terms(outputs, targets, self.likelihood)

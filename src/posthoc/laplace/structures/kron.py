@@ -1,6 +1,7 @@
 """Kronecker-factored (KFAC) structure with the prior added exactly in the eigenbasis.
 
-Each covered Linear/Conv2d weight W (D_out, D_in) gets the curvature block
+Each covered Linear/Conv1D/Conv2d weight W (D_out, D_in) (a Conv1D weight is
+stored transposed, (D_in, D_out), and its block read in that order) gets the curvature block
 G ⊗ A and its bias the block G (:mod:`posthoc.curvature.kfac` for the factors'
 convention). With the eigendecompositions A = Q_A diag(λ_A) Q_Aᵀ and
 G = Q_G diag(λ_G) Q_Gᵀ (computed once at fit), the posterior precision block is
@@ -33,14 +34,13 @@ from typing import Any, Callable
 
 import torch
 
+from posthoc.curvature.factor_eigh import factor_eigh
+from posthoc.curvature.fallback import RestrictedSubset, chunks
 from posthoc.curvature.kfac import (
     KFACApproximation,
     KFACFactors,
     KronLayer,
-    RestrictedSubset,
     check_single_use,
-    chunks,
-    fallback_positions,
     gradient_elements,
     kfac_factors,
     layers_by_name,
@@ -58,7 +58,6 @@ from posthoc.laplace.structures.base import (
 )
 from posthoc.network.subset import ParameterSubset, SubsetOfWeights
 from posthoc.utils.checks import check_choice
-from posthoc.utils.linalg import psd_eigh
 
 
 def check_kron_subset(subset: ParameterSubset, structure: str) -> None:
@@ -79,7 +78,10 @@ class KronBlock:
 
     ``index`` in ``subset.blocks``; ``q_out`` (D_out, D_out) = Q_G; ``q_in``
     (D_in, D_in) = Q_A, None for a bias; ``eigenvalues`` E, (D_out, D_in) for a
-    weight, (D_out,) for a bias (curvature eigenvalues at s = 1, no prior).
+    weight, (D_out,) for a bias (curvature eigenvalues at s = 1, no prior);
+    ``transposed`` when the weight is stored (D_in, D_out) (transformers'
+    Conv1D): the same block in the (D_out, D_in) layout, transposed to storage
+    order wherever a result is laid out like the parameter.
     """
 
     index: int
@@ -87,10 +89,16 @@ class KronBlock:
     q_out: torch.Tensor
     q_in: torch.Tensor | None
     eigenvalues: torch.Tensor
+    transposed: bool = False
 
     @property
     def is_weight(self) -> bool:
+        """Whether this is a weight block (G ⊗ A), not a bias block (G)."""
         return self.q_in is not None
+
+    def stored(self, matrix: torch.Tensor) -> torch.Tensor:
+        """A (..., D_out, D_in) tensor in the parameter's storage layout (a transposed view for Conv1D)."""
+        return matrix.mT if self.transposed else matrix
 
 
 @register_structure
@@ -113,7 +121,6 @@ class KronCurvature(CurvatureStructure):
         self.positions = positions
         self.n_outputs = n_outputs
         self.approximation = approximation
-        self._fallback_positions = fallback_positions(subset, fallback)
         self._fallback_ids = torch.repeat_interleave(
             torch.tensor(fallback, dtype=torch.long, device=subset.device),
             torch.tensor([subset.blocks[i].numel for i in fallback], dtype=torch.long, device=subset.device))
@@ -143,15 +150,20 @@ class KronCurvature(CurvatureStructure):
     def _from_factors(cls, subset: ParameterSubset, result: KFACFactors,
                       approximation: KFACApproximation) -> "KronCurvature":
         blocks: list[KronBlock] = []
+        named = {}
         for layer in result.layers:
-            g = result.output_factors[layer.name]
-            check_curvature_finite(g, f"{cls.structure.value} (layer {layer.name!r}, output factor)")
-            lam_g, q_g = psd_eigh(g)
+            named[f"{layer.name} (output factor)"] = result.output_factors[layer.name]
             if layer.weight is not None:
-                a = result.input_factors[layer.name]
-                check_curvature_finite(a, f"{cls.structure.value} (layer {layer.name!r}, input factor)")
-                lam_a, q_a = psd_eigh(a)
-                blocks.append(KronBlock(layer.weight, layer.name, q_g, q_a, torch.outer(lam_g, lam_a)))
+                named[f"{layer.name} (input factor)"] = result.input_factors[layer.name]
+        for name, factor in named.items():
+            check_curvature_finite(factor, f"{cls.structure.value} (layer {name})")
+        eigen = factor_eigh(named, f"{cls.structure.value} factors")
+        for layer in result.layers:
+            lam_g, q_g = eigen[f"{layer.name} (output factor)"]
+            if layer.weight is not None:
+                lam_a, q_a = eigen[f"{layer.name} (input factor)"]
+                blocks.append(KronBlock(layer.weight, layer.name, q_g, q_a, torch.outer(lam_g, lam_a),
+                                        layer.transposed))
             if layer.bias is not None:
                 blocks.append(KronBlock(layer.bias, layer.name, q_g, None, lam_g))
         check_curvature_finite(result.fallback_diag, f"{cls.structure.value} (diagonal fallback)")
@@ -159,9 +171,11 @@ class KronCurvature(CurvatureStructure):
                    result.positions, result.n_outputs, approximation)
 
     def largest_eigenvalue(self) -> torch.Tensor | None:
-        """Largest Kronecker eigenvalue lambda_G * lambda_A: the float32 eigendecompositions of A and G are off
-        by about eps times their largest eigenvalue, so s * E + delta loses small directions when delta is
-        tiny (``Laplace`` warns). None without Kronecker blocks (the diagonal fallback is exact).
+        """Largest Kronecker eigenvalue lambda_G * lambda_A, or None without Kronecker blocks.
+
+        The float32 eigendecompositions of A and G are off by about eps times their largest eigenvalue, so
+        s * E + delta loses small directions when delta is tiny (``Laplace`` warns). The diagonal fallback is
+        exact, so it does not count.
         """
         if not self.blocks:
             return None
@@ -192,7 +206,8 @@ class KronCurvature(CurvatureStructure):
 
     def _split_fallback(self, fallback: torch.Tensor) -> dict[int, torch.Tensor]:
         """(P_fb,) fallback entries split per block index."""
-        return dict(zip(self.fallback, torch.split(fallback, [self.subset.blocks[i].numel for i in self.fallback])))
+        return dict(zip(self.fallback, torch.split(fallback, [self.subset.blocks[i].numel for i in self.fallback]),
+                        strict=True))
 
     def logdet_precision(self, prior: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """Σ_blocks Σ log(s·E + δ) + Σ log(s·h + δ). Cost O(P)."""
@@ -212,7 +227,7 @@ class KronCurvature(CurvatureStructure):
         for blk in self.blocks:
             inv = 1.0 / kron[blk.index]
             q_out_sq = blk.q_out.square()
-            parts[blk.index] = (q_out_sq @ inv @ blk.q_in.square().T).reshape(-1) if blk.is_weight \
+            parts[blk.index] = blk.stored(q_out_sq @ inv @ blk.q_in.square().T).reshape(-1) if blk.is_weight \
                 else q_out_sq @ inv
         return torch.cat(self._per_block(parts, 1.0 / fallback, lambda v: v))
 
@@ -231,7 +246,7 @@ class KronCurvature(CurvatureStructure):
             white = eps * values.rsqrt()
             if index in self._by_index:
                 blk = self._by_index[index]
-                white = blk.q_out @ white @ blk.q_in.T if blk.is_weight else white @ blk.q_out.T
+                white = blk.stored(blk.q_out @ white @ blk.q_in.T) if blk.is_weight else white @ blk.q_out.T
             parts.append(white.reshape(n_samples, block.numel))
         return torch.cat(parts, dim=1)
 
@@ -240,12 +255,17 @@ class KronCurvature(CurvatureStructure):
         kron, fallback = self._precision_eigenvalues(prior, scale)
         dense = {}
         for blk in self.blocks:
-            basis = torch.kron(blk.q_out, blk.q_in) if blk.is_weight else blk.q_out
-            dense[blk.index] = (basis * kron[blk.index].reshape(-1)) @ basis.T
+            if not blk.is_weight:
+                basis, values = blk.q_out, kron[blk.index]
+            elif blk.transposed:  # storage order (D_in, D_out): A ⊗ G
+                basis, values = torch.kron(blk.q_in, blk.q_out), kron[blk.index].T
+            else:
+                basis, values = torch.kron(blk.q_out, blk.q_in), kron[blk.index]
+            dense[blk.index] = (basis * values.reshape(-1)) @ basis.T
         return torch.block_diag(*self._per_block(dense, fallback, torch.diag))
 
     def functional_covariance(self, inputs: torch.Tensor, prior: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        """J Λ⁻¹ Jᵀ (B, C, C) by C backward passes per example chunk and small rotations (METHODS.md §1).
+        """J Λ⁻¹ Jᵀ (B, C, C) by C backward passes per example chunk and small rotations.
 
         With b_c (B, L, D_out) the gradient of output c in a layer's output and
         a (B, L, D_in) its inputs, the rotated Jacobian of a weight is
@@ -268,8 +288,7 @@ class KronCurvature(CurvatureStructure):
         cov = torch.cat([self._kron_covariance(inputs[part], inverse)
                          for part in chunks(inputs.shape[0], per_example)])
         if self.fallback:
-            jac = RestrictedSubset(self.subset, self._fallback_positions).jacobians(inputs)  # (B, C, P_fb)
-            cov = cov + (jac / fallback) @ jac.transpose(1, 2)
+            cov = cov + RestrictedSubset(self.subset, self.fallback).weighted_grams(inputs, 1.0 / fallback)
         return cov
 
     def _kron_covariance(self, inputs: torch.Tensor, inverse: dict[int, torch.Tensor]) -> torch.Tensor:
@@ -299,24 +318,26 @@ class KronCurvature(CurvatureStructure):
     # -------------------------------------------------------------- state dict
 
     def state_dict(self) -> dict[str, Any]:
+        """Factors' eigenbases and eigenvalues, Kronecker layer names, fallback diagonal (tensors and plain data)."""
         return {
             "approximation": self.approximation.value,
             "layers": [layer.name for layer in self.layers],
             "positions": dict(self.positions),
             "n_outputs": self.n_outputs,
             "blocks": [{"index": b.index, "layer": b.layer, "q_out": b.q_out, "q_in": b.q_in,
-                        "eigenvalues": b.eigenvalues} for b in self.blocks],
+                        "eigenvalues": b.eigenvalues, "transposed": b.transposed} for b in self.blocks],
             "fallback": list(self.fallback),
             "fallback_diag": self.fallback_diag,
         }
 
     @classmethod
     def from_state_dict(cls, subset: ParameterSubset, state: dict[str, Any]) -> "KronCurvature":
+        """Inverse of :meth:`state_dict` on ``subset`` (raises ValueError if a layer is not a Kronecker layer)."""
         def conv(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.to(device=subset.device, dtype=subset.dtype)
 
-        blocks = [KronBlock(int(b["index"]), b["layer"], conv(b["q_out"]), conv(b["q_in"]), conv(b["eigenvalues"]))
-                  for b in state["blocks"]]
+        blocks = [KronBlock(int(b["index"]), b["layer"], conv(b["q_out"]), conv(b["q_in"]), conv(b["eigenvalues"]),
+                            bool(b.get("transposed", False))) for b in state["blocks"]]
         return cls(subset, list(state["layers"]), blocks, [int(i) for i in state["fallback"]],
                    conv(state["fallback_diag"]), dict(state["positions"]), int(state["n_outputs"]),
                    KFACApproximation(state["approximation"]))

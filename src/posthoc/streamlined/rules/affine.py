@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from posthoc.curvature.layers import conv_padding, conv_support_problem
 from posthoc.streamlined.moments import Moments
 from posthoc.streamlined.rules.base import Context, Step, UnsupportedLayerError, advance, register_rule
 from posthoc.streamlined.weight_posteriors import LayerPosterior
@@ -192,12 +193,12 @@ def linear_rule(module: nn.Linear, state: Moments, ctx: Context, last: bool) -> 
 
 
 def _conv_padding(module: nn.Conv2d) -> tuple[int, int]:
-    if module.groups != 1 or module.padding_mode != "zeros" or isinstance(module.padding, str) and \
-            module.padding != "valid":
-        raise UnsupportedLayerError(f"Conv2d with groups={module.groups}, padding={module.padding!r}, "
-                                    f"padding_mode={module.padding_mode!r} is not supported; supported: groups=1, "
-                                    "integer padding, padding_mode='zeros'")
-    return (0, 0) if module.padding == "valid" else tuple(module.padding)
+    """The symmetric zero padding of a supported Conv2d (the per-layer routes' one decision, curvature.layers)."""
+    problem = conv_support_problem(module)
+    padding = conv_padding(module)
+    if problem is not None or padding is None:
+        raise UnsupportedLayerError(f"Conv2d with {problem} is not supported")
+    return padding
 
 
 class ConvStep(Step):
