@@ -51,7 +51,7 @@ def test_resumed_run_equals_uninterrupted_run(mlp_problem, tmp_path, objective, 
     finally:
         module.SurrogateTrainer.__init__ = original
     assert any("resuming" in m and "step 10" in m for m in messages)
-    for a, b in zip(whole.surrogate.state_dict().values(), resumed.surrogate.state_dict().values()):
+    for a, b in zip(whole.surrogate.state_dict().values(), resumed.surrogate.state_dict().values(), strict=True):
         assert torch.equal(a, b)
     assert whole.train_record["jvp_evaluations"] == resumed.train_record["jvp_evaluations"]
     # the posterior pass reads the shuffled training loader in another order (it was iterated more often): the
@@ -141,3 +141,27 @@ def test_unwritable_checkpoint_location_fails_before_training(mlp_problem, tmp_p
         ScaLLA(p.model, "classification", steps=5, **SMALL).fit(
             p.train_loader, p.context_loader, checkpoint=blocker / "c.pt", callback=lambda s, e: steps.append(s))
     assert steps == []
+
+
+class _TwoInputs(torch.nn.Module):
+    """A classifier that takes a tuple (a, b) of two (B, 3) tensors."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(3, 3).double(), torch.nn.Linear(3, 3).double()
+
+    def forward(self, x):
+        return self.a(x[0]) + self.b(x[1])
+
+
+def test_tuple_model_inputs_are_refused_with_a_type_error():
+    """ScaLLA pools and reshapes the inputs as one tensor: tuple model inputs (training or context) get a
+    TypeError naming the fix (they used to fail with an AttributeError or inside torch.cat)."""
+    from posthoc.scalla.training import InputPool
+
+    x = torch.randn(8, 3, dtype=torch.float64)
+    batches = [((x, x + 1), torch.arange(8) % 3)]
+    with pytest.raises(TypeError, match="tensor model inputs"):
+        ScaLLA(_TwoInputs(), "classification", steps=2, **SMALL).fit(batches)
+    with pytest.raises(TypeError, match="tensor model inputs"):
+        InputPool(batches, "context", torch.float64, torch.device("cpu"))

@@ -44,6 +44,7 @@ class LatentPosterior:
 
     @property
     def n_features(self) -> int:
+        """m, the number of latent features (the precision is m x m)."""
         return self.precision.shape[0]
 
     def covariance(self, features: torch.Tensor, delta: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -62,22 +63,21 @@ class LatentPosterior:
         return -0.5 * (self.logdet_precision(delta, scale) - self.n_features * torch.log(delta))
 
     def hybrid_evidence(self, loglik: torch.Tensor, delta: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        """The authors' hybrid: log p(D | theta*) - 1/2 delta ||theta*||^2 + 1/2 P log delta
-        - 1/2 log det(s H + delta I_m).
+        """The authors' hybrid evidence, differentiable in delta and s; cost O(m) given the eigenvalues.
 
-        The network-weight scatter and the full P in the prior normaliser are those of the weight-space Laplace
-        evidence; the log-determinant is the m-dimensional one. Not a proper evidence of either model, but it
-        has an interior optimum (about delta = P / ||theta*||^2 when H is small).
+        log p(D | theta*) - 1/2 delta ||theta*||^2 + 1/2 P log delta - 1/2 log det(s H + delta I_m).
         """
         return (loglik - 0.5 * delta * self.theta_sq_norm + 0.5 * self.n_params * torch.log(delta)
                 - 0.5 * self.logdet_precision(delta, scale))
 
     def state_dict(self) -> dict:
+        """The precision, the log-likelihood statistic and the counts (for :meth:`from_state_dict`)."""
         return {"precision": self.precision, "loglik_stat": self.loglik_stat, "n_data": self.n_data,
                 "n_outputs": self.n_outputs, "theta_sq_norm": self.theta_sq_norm, "n_params": self.n_params}
 
     @classmethod
     def from_state_dict(cls, state: dict) -> "LatentPosterior":
+        """Rebuild the posterior saved by :meth:`state_dict` (its eigendecomposition recomputed, O(m^3))."""
         return cls(state["precision"], state["loglik_stat"], state["n_data"], state["n_outputs"],
                    state["theta_sq_norm"], state["n_params"])
 

@@ -1,5 +1,7 @@
-"""The checks that every rank gives ``ScaLLA.fit`` the same data: it splits each batch over the ranks itself, so
-a sharded loader (DistributedSampler) or ranks reading different inputs would silently fit on part of the data.
+"""The checks that every rank gives ``ScaLLA.fit`` the same data.
+
+``ScaLLA.fit`` splits each batch over the ranks itself, so a sharded loader (DistributedSampler) or ranks
+reading different inputs would silently fit on part of the data.
 """
 
 from __future__ import annotations
@@ -22,8 +24,10 @@ def check_not_sharded(loader: Iterable | None) -> None:
 
 
 def input_digest(x: torch.Tensor, offset: int = 0, chunk: int = 4096) -> torch.Tensor:
-    """[n, sum x, sum_i (offset + i + 1) sum x_i, sum x^2] in float64 for inputs x (n, ...): equal on two ranks
-    when they hold the same inputs in the same order (a shard or a reordering changes it). One pass over x.
+    """A float64 digest (4,) of inputs x (n, ...): [n, sum x, sum_i (offset + i + 1) sum x_i, sum x^2].
+
+    Equal on two ranks when they hold the same inputs in the same order (a shard or a reordering changes it).
+    Cost: one pass over x.
     """
     out = torch.zeros(4, dtype=torch.float64)
     out[0] = x.shape[0]

@@ -48,6 +48,7 @@ from posthoc.utils.modes import eval_mode
 
 
 class EvidenceKind(str, Enum):
+    """The marginal-likelihood objective tuned by ScaLLA: the authors' "hybrid" or the "latent" model's."""
     HYBRID = "hybrid"
     LATENT = "latent"
 
@@ -179,6 +180,7 @@ class ScaLLA:
 
     @property
     def sigma_noise(self) -> torch.Tensor:
+        """The observation noise (a 0-d tensor); set it to a positive float or tensor (ValueError otherwise)."""
         return self._sigma_noise
 
     @sigma_noise.setter
@@ -204,16 +206,16 @@ class ScaLLA:
     def fit(self, train_loader: Iterable, context_loader: Iterable | None = None, steps: int | None = None,
             checkpoint: str | os.PathLike | None = None,
             callback: Callable[[int, int], None] | None = None) -> "ScaLLA":
-        """Train the surrogate (resuming from ``checkpoint`` if it exists), then fit the n_latent x n_latent posterior
-        by one pass over ``train_loader``.
+        """Train the surrogate, then fit the n_latent x n_latent posterior by one pass over ``train_loader``.
 
-        ``context_loader`` yields context inputs (tuples/dicts like the training loader, or bare tensors) of
-        the training inputs' shape; the biased variant needs it. ``steps`` overrides the constructor's.
-        ``callback(step, jvp_evaluations)`` runs after every training step.
+        Training resumes from ``checkpoint`` if it exists. ``context_loader`` yields context inputs (tuples/dicts like
+        the training loader, or bare tensors) of the training inputs' shape; the biased variant needs it. ``steps``
+        overrides the constructor's. ``callback(step, jvp_evaluations)`` runs after every training step.
 
         theta* is read here, from the model's current weights (as is the default surrogate's trunk); a previous
         fit is dropped first, so a fit that fails or is interrupted leaves nothing to predict with. Raises
-        ValueError under torch.distributed when the ranks' weights or inputs differ (see the class docstring).
+        ValueError under torch.distributed when the ranks' weights or inputs differ (see the class docstring),
+        TypeError for model inputs that are not tensors.
         """
         for loader in (train_loader, context_loader):
             check_not_sharded(loader)
@@ -223,6 +225,9 @@ class ScaLLA:
             check_same_on_all_ranks(self.subset.theta_map, "the MAP weights")
             x0, self.n_outputs = first_batch_inputs(train_loader, self.model, self.likelihood, self.dict_key_x,
                                                     self.dict_key_y, self.subset.dtype, self.subset.device)
+            if not isinstance(x0, torch.Tensor):
+                raise TypeError(f"ScaLLA needs tensor model inputs (B, ...), got a {type(x0).__name__}; wrap the "
+                                "model so that it takes one tensor")
             self.input_shape, self.input_dtype = tuple(x0.shape[1:]), x0.dtype
             if self.biased and context_loader is None:
                 raise ValueError("biased=True needs context points: pass context_loader (inputs resembling OOD "
@@ -285,8 +290,10 @@ class ScaLLA:
         check_same_on_all_ranks(digest, "the training inputs of the posterior pass", fix=SAME_LOADERS)
         precision, stat = sum_over_ranks([precision, stat], "the ScaLLA posterior")
         n_data = sum_count(n_data, "the number of training examples")
-        theta = self.subset.theta_map
-        self.posterior = LatentPosterior(precision, stat, n_data, self.n_outputs, theta.square().sum(),
+        theta, n_outputs = self.subset.theta_map, self.n_outputs
+        if n_outputs is None:  # set by fit and load_state_dict, like the surrogate
+            raise RuntimeError("call fit(train_loader) first: ScaLLA has no trained surrogate")
+        self.posterior = LatentPosterior(precision, stat, n_data, n_outputs, theta.square().sum(),
                                          self.subset.n_params)
         return self
 
@@ -338,7 +345,8 @@ class ScaLLA:
         x = self._inputs(x, "x")
         with eval_mode(self.model):
             mean = self.model(x)
-        cov = posterior.covariance(self.surrogate(x), self.prior_precision, self.factors.scale(self.sigma_noise))
+        features = self._require_surrogate()(x)
+        cov = posterior.covariance(features, self.prior_precision, self.factors.scale(self.sigma_noise))
         return GaussianPredictive(mean, cov=cov)
 
     def __call__(self, x: torch.Tensor, link_approx: LinkApprox | str = LinkApprox.PROBIT):
@@ -350,8 +358,10 @@ class ScaLLA:
 
     @torch.no_grad()
     def kernel(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
-        """The surrogate kernel phi(x1)^T phi(x2), (B1, B2, C, C): the approximation of the NTK J(x1) J(x2)^T
-        (not divided by the prior precision). Raises like :meth:`features`.
+        """The surrogate kernel phi(x1)^T phi(x2), (B1, B2, C, C), for inputs x1 (B1, ...) and x2 (B2, ...).
+
+        The approximation of the NTK J(x1) J(x2)^T (not divided by the prior precision). Cost: two surrogate forward
+        passes and an O(B1 B2 m C^2) contraction. Raises like :meth:`features`.
         """
         self._require_fit("compute the ScaLLA kernel")
         surrogate = self._require_surrogate().eval()
@@ -419,7 +429,7 @@ class ScaLLA:
         for x, y in self._batches(val_loader):
             self._check_shape(x, "validation inputs")
             with eval_mode(self.model):
-                cached.append((self.model(x), self.surrogate(x), y))
+                cached.append((self.model(x), self._require_surrogate()(x), y))
         if not cached:
             raise ValueError("val_loader yielded no batches")
         scale = self.factors.scale(self.sigma_noise)
@@ -441,8 +451,9 @@ class ScaLLA:
 
     # ----------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
-        """Everything that restores the fitted ScaLLA (with the same network weights); see
-        :mod:`posthoc.scalla.state`. Raises RuntimeError before fit.
+        """Everything that restores the fitted ScaLLA (with the same network weights), as a dict.
+
+        See :mod:`posthoc.scalla.state`. Raises RuntimeError before fit.
         """
         return scalla_state(self)
 

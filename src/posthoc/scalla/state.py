@@ -1,5 +1,6 @@
-"""ScaLLA's saved state: what :meth:`ScaLLA.state_dict` writes and :meth:`ScaLLA.load_state_dict` checks and
-restores (the surrogate's weights, the latent posterior, the hyperparameters, a check of theta*).
+"""ScaLLA's saved state: what :meth:`ScaLLA.state_dict` writes and :meth:`ScaLLA.load_state_dict` restores.
+
+The state holds the surrogate's weights, the latent posterior, the hyperparameters and a check of theta*.
 """
 
 from __future__ import annotations
@@ -40,8 +41,9 @@ def scalla_state(scalla: ScaLLA) -> dict[str, Any]:
 
 
 def check_state(scalla: ScaLLA, state: dict[str, Any]) -> None:
-    """Raise ValueError unless ``state`` is a ScaLLA state of this version, with ``scalla``'s settings, fitted at
-    the model's current weights. Changes nothing.
+    """Raise ValueError unless ``state`` is a ScaLLA state that ``scalla`` can load; changes nothing.
+
+    The state must be of this version, with ``scalla``'s settings, fitted at the model's current weights.
     """
     if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
         version = state.get("version") if isinstance(state, dict) else None
@@ -62,8 +64,10 @@ def check_state(scalla: ScaLLA, state: dict[str, Any]) -> None:
 
 
 def restore_scalla_state(scalla: ScaLLA, state: dict[str, Any]) -> None:
-    """Check ``state`` (:func:`check_state`, ValueError leaves ``scalla`` as it was), then restore it: theta* is
-    captured from the model's current weights and the surrogate rebuilt and loaded.
+    """Check ``state`` (:func:`check_state`), then restore it into ``scalla``.
+
+    A ValueError from the check leaves ``scalla`` as it was. theta* is captured from the model's current weights
+    and the surrogate rebuilt and loaded.
     """
     check_state(scalla, state)
     scalla.subset.capture()

@@ -33,6 +33,7 @@ HIDDEN = 200
 
 
 class SurrogateInit(str, Enum):
+    """How the default surrogate's trunk starts: at the trained network's weights or re-drawn (seeded)."""
     MODEL = "model"  # the trunk starts at the trained network's weights
     FRESH = "fresh"  # the trunk is re-initialised (seeded)
 
@@ -41,6 +42,7 @@ class EvalModeModule(nn.Module):
     """A module that stays in eval mode: ``train()`` is ``eval()`` (see the module docstring)."""
 
     def train(self, mode: bool = True) -> "EvalModeModule":
+        """Stay in eval mode whatever ``mode`` (the surrogate is a deterministic feature map); returns self."""
         return super().train(False)
 
 
@@ -57,13 +59,15 @@ class FeatureSurrogate(EvalModeModule):
         self.eval()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Features (B, m, C) of inputs x (B, ...): one trunk and head pass."""
         out = self.head(self.trunk(x).flatten(1)) * self.scale
         return out.reshape(x.shape[0], self.n_features, self.n_outputs)
 
 
 class FeatureMap(EvalModeModule):
-    """Wraps any module returning (B, m C) or (B, m, C) into one returning (B, m, C), with a shape check; the
-    wrapped module stays in eval mode.
+    """Wraps any module returning (B, m C) or (B, m, C) into one returning (B, m, C).
+
+    The output's shape is checked; the wrapped module stays in eval mode.
     """
 
     def __init__(self, module: nn.Module, n_features: int, n_outputs: int) -> None:
@@ -73,6 +77,7 @@ class FeatureMap(EvalModeModule):
         self.eval()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Features (B, m, C) of inputs x (B, ...); ValueError if the wrapped module's output has another shape."""
         out = self.module(x)
         m, c = self.n_features, self.n_outputs
         if out.ndim == 2 and out.shape[1] == m * c:
@@ -84,8 +89,10 @@ class FeatureMap(EvalModeModule):
 
 
 def _trunk_of(model: nn.Module) -> nn.Module:
-    """The part of ``model`` before its output layer: ``model.trunk`` if it has one, else the children of an
-    nn.Sequential before the last nn.Linear (an identity if the model is that Linear alone).
+    """The part of ``model`` before its output layer, the default surrogate's trunk.
+
+    ``model.trunk`` if it has one, else the children of an nn.Sequential before the last nn.Linear (an identity
+    if the model is that Linear alone).
     """
     trunk = getattr(model, "trunk", None)
     if isinstance(trunk, nn.Module):

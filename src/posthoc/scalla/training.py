@@ -51,7 +51,7 @@ import time
 from dataclasses import asdict, dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sized, cast
 
 import torch
 from torch import nn
@@ -83,16 +83,19 @@ def n_context_features(n_features: int, biased: bool) -> int:
 
 
 class Objective(str, Enum):
+    """The surrogate's training objective (module docstring)."""
     PROBES = "probes"  # the paper's (K - Q)^2 with fresh Rademacher probes
     DIRECTIONS = "directions"  # regression onto JVPs along fixed directions
 
 
 class Directions(str, Enum):
+    """The fixed directions of the "directions" objective: Rademacher vectors or top GGN eigenvectors."""
     RADEMACHER = "rademacher"
     EIGEN = "eigen"  # top GGN eigenvectors (Lanczos on a subsample)
 
 
 class LRSchedule(str, Enum):
+    """The learning-rate schedule of the surrogate's Adam."""
     CONSTANT = "constant"
     COSINE = "cosine"  # cosine decay from lr to 0 over the run
 
@@ -139,14 +142,17 @@ REFERENCE_RECIPE = TrainSettings(objective="probes", steps=1_000_000, batch_size
 
 
 def _visits_every_example_once(loader: Iterable) -> bool:
-    """True for a DataLoader whose batches hold each example of its dataset exactly once (sequential or shuffled
-    without replacement, no dropped last batch), so its TensorDataset's tensor is the loader's data.
+    """True for a DataLoader whose batches hold each example of its dataset exactly once.
+
+    That is sequential or shuffled without replacement, with no dropped last batch, so its TensorDataset's tensor
+    is the loader's data.
     """
     sampler, batch_sampler = getattr(loader, "sampler", None), getattr(loader, "batch_sampler", None)
     whole = type(sampler) is SequentialSampler or (type(sampler) is RandomSampler and not sampler.replacement
                                                    and sampler.num_samples == len(sampler.data_source))
+    n_examples = len(cast(Sized, sampler)) if whole else 0
     return (whole and type(batch_sampler) is BatchSampler and batch_sampler.sampler is sampler
-            and (not batch_sampler.drop_last or len(sampler) % batch_sampler.batch_size == 0))
+            and (not batch_sampler.drop_last or n_examples % batch_sampler.batch_size == 0))
 
 
 class InputPool:
@@ -158,10 +164,13 @@ class InputPool:
         if isinstance(dataset, TensorDataset) and _visits_every_example_once(loader):
             x = dataset.tensors[0]
         else:
-            parts = []
+            parts: list[torch.Tensor] = []
             for batch in loader:
-                x = batch if isinstance(batch, torch.Tensor) else split_batch(batch, dict_key_x, dict_key_y)[0]
-                parts.append(x)
+                inputs = batch if isinstance(batch, torch.Tensor) else split_batch(batch, dict_key_x, dict_key_y)[0]
+                if not isinstance(inputs, torch.Tensor):
+                    raise TypeError(f"ScaLLA needs tensor model inputs (B, ...), but the {name} loader yields a "
+                                    f"{type(inputs).__name__}; wrap the model so that it takes one tensor")
+                parts.append(inputs)
             if not parts:
                 raise ValueError(f"the {name} loader yielded no batches")
             x = torch.cat(parts)
@@ -174,9 +183,11 @@ class InputPool:
 
     @property
     def example_shape(self) -> tuple[int, ...]:
+        """The shape of one input (without the batch dimension)."""
         return tuple(self.inputs.shape[1:])
 
     def take(self, index: torch.Tensor) -> torch.Tensor:
+        """The inputs at positions ``index`` (k,) on the device, floats in the dtype; ValueError if not finite."""
         x = self.inputs[index].to(self.device)
         x = x.to(self.dtype) if x.is_floating_point() else x
         return check_finite(x, f"{self.name} inputs")
@@ -188,9 +199,11 @@ def _rademacher(n: int, p: int, generator: torch.Generator, dtype: torch.dtype) 
 
 def _fingerprint(subset: ParameterSubset, surrogate: nn.Module, settings: TrainSettings, biased: bool,
                  train_pool: InputPool, context_pool: InputPool | None) -> dict[str, Any]:
-    """What a training run's result depends on: the settings (not ``checkpoint_every``), the network's weights
-    and buffers, the surrogate's architecture and initial weights, and all the training and context inputs the
-    run draws from (hashed in full, one pass over them; timing in docs/measurements/methods.md).
+    """What a training run's result depends on, as the checkpoint fingerprint.
+
+    The settings (not ``checkpoint_every``), the network's weights and buffers, the surrogate's architecture and
+    initial weights, and all the training and context inputs the run draws from (hashed in full, one pass over
+    them; timing in docs/measurements/methods.md).
     """
     identity = {k: v for k, v in asdict(settings).items() if k != "checkpoint_every"}
     return {"format": CHECKPOINT_FORMAT, "settings": identity, "biased": biased,
@@ -226,7 +239,7 @@ class SurrogateTrainer:
         self.checkpoint = None if checkpoint is None else Path(checkpoint)
         self.progress, self.log, self.callback = progress, log, callback
         self.objective = check_choice(settings.objective, Objective, "objective")
-        self.n_features, self.n_context_features = None, 0
+        self.n_features, self.n_context_features = 0, 0  # set by run
         self.generator = torch.Generator().manual_seed(settings.seed)
         self.optimizer = torch.optim.Adam(surrogate.parameters(), lr=settings.lr)
         total = settings.steps
@@ -234,7 +247,9 @@ class SurrogateTrainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, (lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total))) if cosine else
             (lambda s: 1.0))
-        self.step, self.jvp_evaluations, self.history, self.running_loss = 0, 0, [], None
+        self.step, self.jvp_evaluations = 0, 0
+        self.history: list[dict[str, float]] = []
+        self.running_loss: float | None = None
         self.targets: dict[str, torch.Tensor] | None = None
         self.wall_time_s = 0.0
         self.fingerprint = _fingerprint(subset, surrogate, settings, biased, train_pool, context_pool)
@@ -251,8 +266,9 @@ class SurrogateTrainer:
         }, self.fingerprint, CHECKPOINT_WHAT)
 
     def _resume(self) -> None:
-        """Check that the checkpoint's folder is writable, then load the checkpoint if there is one (rank 0 reads
-        it and sends it to the other ranks; every rank raises the same error).
+        """Check that the checkpoint's folder is writable, then load the checkpoint if there is one.
+
+        Rank 0 reads it and sends it to the other ranks; every rank raises the same error.
         """
         if self.checkpoint is None:
             return
@@ -311,19 +327,17 @@ class SurrogateTrainer:
         directions, normalise = self._directions(m)
         context_directions = (_rademacher(h, self.subset.n_params, self.generator, self.subset.dtype)
                               if self.biased else directions)
-        if self.context_pool is None:
-            n_train, n_ctx = min(s.n_target_points, len(self.train_pool)), 0
-        else:
-            n_ctx = min(s.n_target_points // 2, len(self.context_pool))
-            n_train = min(s.n_target_points - n_ctx, len(self.train_pool))
+        context_pool = self.context_pool
+        n_ctx = 0 if context_pool is None else min(s.n_target_points // 2, len(context_pool))
+        n_train = min(s.n_target_points - n_ctx, len(self.train_pool))
         idx_train = torch.randperm(len(self.train_pool), generator=self.generator)[:n_train]
-        idx_ctx = (torch.randperm(len(self.context_pool), generator=self.generator)[:n_ctx]
-                   if n_ctx else torch.zeros(0, dtype=torch.long))
+        idx_ctx = (torch.randperm(len(context_pool), generator=self.generator)[:n_ctx]
+                   if context_pool is not None and n_ctx else torch.zeros(0, dtype=torch.long))
         bar = tqdm(total=n_train + n_ctx, desc="ScaLLA targets (JVPs)", disable=not self.progress, leave=False)
         with torch.no_grad():
             n_outputs = self.subset.forward(self.train_pool.take(idx_train[:1])).shape[-1]
 
-        def jvps_of(pool: InputPool | None, index: torch.Tensor, along: torch.Tensor) -> list[torch.Tensor]:
+        def jvps_of(pool: InputPool, index: torch.Tensor, along: torch.Tensor) -> list[torch.Tensor]:
             if len(index) == 0:
                 return []
             mine = index[collectives.rank_slice(len(index))]  # all of it in one process
@@ -338,7 +352,7 @@ class SurrogateTrainer:
             return [collectives.gather_rows(local.transpose(0, 1).contiguous(), "the ScaLLA targets").transpose(0, 1)]
 
         train_jvps = jvps_of(self.train_pool, idx_train, directions)
-        context_jvps = jvps_of(self.context_pool, idx_ctx, context_directions)
+        context_jvps = jvps_of(context_pool, idx_ctx, context_directions) if context_pool is not None else []
         bar.close()
         if self.biased:  # n_ctx >= 1: the biased variant has a non-empty context pool
             targets = objectives.biased_direction_targets(torch.cat(train_jvps, dim=1), torch.cat(context_jvps, dim=1),
