@@ -1,7 +1,7 @@
 """No module of posthoc imports a module of a higher layer (module-level or inside functions).
 
 Layers, low to high: utils, distributed, likelihood, network; data, metrics, predictive, curvature; models,
-plots; laplace, baselines; scalla, streamlined, fiber; bench; cli. Imports within a layer are allowed. The
+plots; laplace, baselines; scalla, streamlined, fiber; bench; cli; compat. Imports within a layer are allowed. The
 package's own ``__init__.py`` files that re-export public names (``posthoc/__init__.py``) and the deprecated
 shims left at old paths are exempt.
 """
@@ -21,6 +21,7 @@ LAYERS: list[set[str]] = [
     {"scalla", "streamlined", "fiber"},
     {"bench"},
     {"cli"},
+    {"compat"},
 ]
 LEVEL = {package: level for level, packages in enumerate(LAYERS) for package in packages}
 

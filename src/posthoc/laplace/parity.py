@@ -26,6 +26,7 @@ from posthoc.laplace.structures.full import FullCurvature
 from posthoc.laplace.structures.lowrank import LowRankCurvature
 from posthoc.likelihood import Likelihood
 from posthoc.predictive import links
+from posthoc.predictive.base import check_n_samples
 from posthoc.utils.modes import eval_mode
 
 # the pred_type and link_approx values laplace-torch accepts in la(x); "bridge_norm" is its normalised bridge
@@ -260,14 +261,19 @@ class LaplaceTorchAPI:
 
         ``generator`` (laplace-torch) draws from the given torch.Generator; otherwise ``seed`` (posthoc) or the
         Laplace's ``seed`` seeds a fresh one, so repeated calls give the same samples. Cost: the structure's
-        sampler (full: O(P^3 + n P^2) once per call; diag: O(n P)).
+        sampler (full: O(P^3 + n P^2) per call; diag: O(n P)).
+
+        Raises:
+            RuntimeError: not fitted, or the weights changed since fit. ValueError: both generator and seed.
         """
-        if generator is None:
-            return super().sample(n_samples, seed=seed)  # type: ignore[misc]
-        if seed is not None:
+        if generator is not None and seed is not None:
             raise ValueError("give generator= or seed=, not both")
         _check_generator(generator, self.subset.device)
+        check_n_samples(n_samples)
         curvature, prior, scale = self._parts("sample")
+        self._warn_roundoff(curvature, prior, scale)  # type: ignore[attr-defined]
+        if generator is None:
+            generator = torch.Generator().manual_seed(self.seed if seed is None else seed)
         offsets = curvature.sample(n_samples, prior, scale, generator)
         return self.subset.theta_map + offsets.detach()
 

@@ -1,0 +1,45 @@
+"""laplace-torch 0.3's ``laplace`` package on posthoc.
+
+Change ``from laplace import ...`` to ``from posthoc.compat.laplace import ...`` (and ``laplace.utils`` /
+``laplace.curvature`` likewise).
+
+Provided: ``Laplace`` and the class names (``FullLaplace``, ``KronLLLaplace``, ``DiagSubnetLaplace``, ...),
+``marglik_training``, the enums, the subnetwork masks (``posthoc.compat.laplace.utils``) and the backend names
+(``posthoc.compat.laplace.curvature``). Not yet (NotImplementedError naming posthoc issue 18): the function-space
+``FunctionalLaplace`` / ``hessian_structure="gp"``, ``likelihood="reward_modeling"``, a nonzero ``prior_mean``,
+``temperature`` != 1, ``enable_backprop``, ``fit(override=False)``. Out of scope: ELLA, VaLLA, the "nystrom" and
+"variational" approximations.
+"""
+
+from posthoc.compat.laplace.baselaplace import (
+    BaseLaplace,
+    DiagLaplace,
+    DiagLLLaplace,
+    DiagSubnetLaplace,
+    FullLaplace,
+    FullLLLaplace,
+    FullSubnetLaplace,
+    FunctionalLaplace,
+    KronLaplace,
+    KronLLLaplace,
+    Laplace,
+    LowRankLaplace,
+    ParametricLaplace,
+)
+from posthoc.compat.laplace.marglik_training import marglik_training
+from posthoc.compat.laplace.utils import (
+    HessianStructure,
+    Likelihood,
+    LinkApprox,
+    PredType,
+    PriorStructure,
+    SubsetOfWeights,
+    TuningMethod,
+)
+
+__all__ = [
+    "Laplace", "BaseLaplace", "ParametricLaplace", "FullLaplace", "KronLaplace", "DiagLaplace", "LowRankLaplace",
+    "FunctionalLaplace", "FullLLLaplace", "KronLLLaplace", "DiagLLLaplace", "FullSubnetLaplace", "DiagSubnetLaplace",
+    "marglik_training", "SubsetOfWeights", "HessianStructure", "Likelihood", "PredType", "LinkApprox",
+    "TuningMethod", "PriorStructure",
+]

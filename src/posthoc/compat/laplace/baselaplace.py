@@ -1,0 +1,260 @@
+"""laplace-torch's ``Laplace`` constructor and class names on posthoc's Laplace.
+
+``Laplace(model, likelihood, subset_of_weights="last_layer", hessian_structure="kron", sigma_noise=1.0,
+prior_precision=1.0, prior_mean=0.0, temperature=1.0, enable_backprop=False, dict_key_x="input_ids",
+dict_key_y="labels", backend=None, backend_kwargs=None, asdl_fisher_kwargs=None, ...)`` takes laplace-torch's
+arguments, in laplace-torch's positional order and with its defaults, and is a :class:`posthoc.Laplace` (with
+:class:`posthoc.laplace.parity.LaplaceTorchAPI`), so ``la(x)``, ``fit``, ``optimize_prior_precision`` and the
+posterior's properties behave as laplace-torch documents. posthoc's own keyword arguments (``curvature``,
+``mc_samples``, ``seed``, ``progress``, ``structure_options``) are accepted too. Positional arguments follow
+laplace-torch's ``ParametricLaplace`` order (sigma_noise, prior_precision, prior_mean, temperature,
+enable_backprop, dict_key_x, dict_key_y, backend, backend_kwargs, asdl_fisher_kwargs); its last-layer and
+subnetwork classes order some of them differently, so pass those by name.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+
+from posthoc.compat.laplace.curvature import backend_kind
+from posthoc.laplace.laplace import Laplace as _PosthocLaplace
+
+__all__ = [
+    "Laplace", "BaseLaplace", "ParametricLaplace", "FullLaplace", "KronLaplace", "DiagLaplace", "LowRankLaplace",
+    "FullLLLaplace", "KronLLLaplace", "DiagLLLaplace", "FullSubnetLaplace", "DiagSubnetLaplace", "FunctionalLaplace",
+    "curvature_from_backend",
+]
+
+ISSUE = "posthoc issue 18"
+
+
+def curvature_from_backend(backend: type | None, backend_kwargs: dict[str, Any] | None,
+                           curvature: str | None) -> tuple[str, list[str]]:
+    """The ``curvature`` for laplace-torch's ``backend`` / ``backend_kwargs``, and the options it ignores.
+
+    A GGN backend gives "ggn" ("ggn_mc" with ``stochastic=True``), an EF backend "ef"; no backend keeps
+    ``curvature`` (default "ggn", laplace-torch's default CurvlinopsGGN). Other ``backend_kwargs`` cannot change
+    posthoc's numbers: they are returned by name for one warning.
+
+    Raises:
+        ValueError: a Hessian backend, a backend of unknown kind, ``stochastic=True`` with an EF backend, or a
+            backend that contradicts an explicit ``curvature``.
+    """
+    options = dict(backend_kwargs or {})
+    stochastic = bool(options.pop("stochastic", False))
+    if backend is None:
+        if stochastic and curvature not in (None, "ggn_mc"):
+            raise ValueError(f"backend_kwargs={{'stochastic': True}} asks for curvature='ggn_mc', but curvature="
+                             f"{curvature!r} was given")
+        chosen = "ggn_mc" if stochastic else (curvature or "ggn")
+        return chosen, sorted(options)
+    kind = backend_kind(backend)
+    if kind == "hessian":
+        raise ValueError(f"backend={backend.__name__}: posthoc fits GGN or empirical-Fisher curvatures, not the "
+                         "Hessian; use a GGN backend (e.g. CurvlinopsGGN) or an EF one")
+    if kind is None:
+        raise ValueError(f"backend={backend.__name__} names no curvature; use a GGN or EF backend class from "
+                         "posthoc.compat.laplace.curvature")
+    if kind == "ef" and stochastic:
+        raise ValueError("backend_kwargs={'stochastic': True} applies to GGN backends only (the empirical Fisher "
+                         "uses the observed labels)")
+    chosen = "ggn_mc" if stochastic else kind
+    if curvature is not None and curvature != chosen:
+        raise ValueError(f"backend={backend.__name__} (curvature {chosen!r}) contradicts curvature={curvature!r}; "
+                         "give one of them")
+    return chosen, sorted(options)
+
+
+class Laplace(_PosthocLaplace):
+    """A laplace-torch ``Laplace(...)``: posthoc's Laplace built from laplace-torch's arguments (module docstring).
+
+    Args:
+        model: the trained network.
+        likelihood: "classification" or "regression" ("reward_modeling": NotImplementedError).
+        subset_of_weights: "last_layer" (default), "all" or "subnetwork" (with ``subnetwork_indices``).
+        hessian_structure: "kron" (default), "full", "diag" or "lowrank" (posthoc's top-k GGN eigenpairs:
+            laplace-torch's uses the Hessian), or posthoc's "ekfac"; "gp": NotImplementedError.
+        sigma_noise: the observation noise (regression).
+        prior_precision: delta: a scalar, one per parameter tensor, or one per parameter.
+        prior_mean: must be 0 (a nonzero prior mean raises NotImplementedError).
+        temperature: must be 1 (NotImplementedError otherwise).
+        enable_backprop: must be False (NotImplementedError otherwise).
+        dict_key_x: the input's key in dict batches (laplace-torch's default "input_ids").
+        dict_key_y: the target's key in dict batches (default "labels").
+        backend: a backend class from :mod:`posthoc.compat.laplace.curvature` (or laplace-torch's): chooses
+            ``curvature`` (see :func:`curvature_from_backend`).
+        backend_kwargs: ``stochastic=True`` gives "ggn_mc"; other keys cannot change the numbers (one warning).
+        asdl_fisher_kwargs: cannot change the numbers (one warning).
+        subnetwork_indices: positions for "subnetwork" (e.g. a subnetwork mask's ``select()``).
+        last_layer_name: for "last_layer", the nn.Linear to cover.
+        feature_reduction: must be None (posthoc locates pooling after the last layer itself).
+        curvature: posthoc's curvature ("ggn", "ggn_mc", "ef"); contradicting ``backend`` is an error.
+        **posthoc_kwargs: posthoc's other arguments (``mc_samples``, ``seed``, ``progress``,
+            ``structure_options``).
+
+    Raises:
+        NotImplementedError: options posthoc does not provide yet (naming the issue).
+        ValueError: contradicting or invalid options, as listed above and by posthoc's Laplace.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        likelihood: str,
+        subset_of_weights: str = "last_layer",
+        hessian_structure: str = "kron",
+        sigma_noise: float | torch.Tensor = 1.0,
+        prior_precision: float | torch.Tensor = 1.0,
+        prior_mean: float | torch.Tensor = 0.0,
+        temperature: float = 1.0,
+        enable_backprop: bool = False,
+        dict_key_x: str = "input_ids",
+        dict_key_y: str = "labels",
+        backend: type | None = None,
+        backend_kwargs: dict[str, Any] | None = None,
+        asdl_fisher_kwargs: dict[str, Any] | None = None,
+        subnetwork_indices: torch.Tensor | None = None,
+        last_layer_name: str | None = None,
+        feature_reduction: str | None = None,
+        curvature: str | None = None,
+        **posthoc_kwargs: Any,
+    ) -> None:
+        likelihood = getattr(likelihood, "value", likelihood)
+        hessian_structure = getattr(hessian_structure, "value", hessian_structure)
+        if likelihood == "reward_modeling":
+            raise NotImplementedError(f"likelihood='reward_modeling' is not provided yet ({ISSUE})")
+        if hessian_structure == "gp":
+            raise NotImplementedError(f"hessian_structure='gp' (FunctionalLaplace) is not provided yet ({ISSUE}); "
+                                      "posthoc.laplace.exact_lla is the exact function-space form for small data")
+        if bool(torch.any(torch.as_tensor(prior_mean) != 0)):
+            raise NotImplementedError(f"a nonzero prior_mean is not provided yet ({ISSUE})")
+        if temperature != 1.0:
+            raise NotImplementedError(f"temperature != 1 is not provided yet ({ISSUE})")
+        if enable_backprop:
+            raise NotImplementedError(f"enable_backprop (a predictive differentiable in x) is not provided yet "
+                                      f"({ISSUE})")
+        if feature_reduction is not None:
+            raise NotImplementedError("feature_reduction is not needed: posthoc finds the last nn.Linear on the path "
+                                      "to the output and keeps the pooling after it; leave it None")
+        chosen, ignored = curvature_from_backend(backend, backend_kwargs, getattr(curvature, "value", curvature))
+        ignored = [f"backend_kwargs[{name!r}]" for name in ignored]
+        if asdl_fisher_kwargs:
+            ignored.append("asdl_fisher_kwargs")
+        if ignored:
+            warnings.warn(f"{', '.join(ignored)} cannot change posthoc's numbers (posthoc computes the curvature "
+                          "itself) and are ignored", UserWarning, stacklevel=2)
+        super().__init__(model, likelihood, subset_of_weights=subset_of_weights, hessian_structure=hessian_structure,
+                         prior_precision=prior_precision, sigma_noise=sigma_noise, curvature=chosen,
+                         subnetwork_indices=subnetwork_indices, dict_key_x=dict_key_x, dict_key_y=dict_key_y,
+                         last_layer_name=last_layer_name, **{"progress": False, **posthoc_kwargs})
+        self.temperature = 1.0
+        self.enable_backprop = False
+
+    def fit(self, train_loader: Iterable, override: bool = True, progress_bar: bool = False) -> "Laplace":
+        """Fit the curvature on ``train_loader`` (posthoc's ``fit``); ``progress_bar`` shows posthoc's bars.
+
+        Raises:
+            NotImplementedError: ``override=False`` (continual learning, accumulating fits, is not provided yet).
+        """
+        if not override:
+            raise NotImplementedError(f"fit(override=False) (accumulating curvature over fits) is not provided yet "
+                                      f"({ISSUE})")
+        progress, self.progress = self.progress, bool(progress_bar)
+        try:
+            super().fit(train_loader)
+        finally:
+            self.progress = progress
+        return self
+
+    def log_marginal_likelihood(self, prior_precision: torch.Tensor | float | None = None,
+                                sigma_noise: torch.Tensor | float | None = None) -> torch.Tensor:
+        """The Laplace evidence, differentiable in the hyperparameters; as in laplace-torch, values passed are kept.
+
+        ``prior_precision`` / ``sigma_noise`` given here become the Laplace's (detached copies), so the loop
+        ``-la.log_marginal_likelihood(log_prior.exp(), log_sigma.exp())`` leaves ``la`` at the last values tried
+        (posthoc's own ``Laplace.log_marginal_likelihood`` leaves its hyperparameters unchanged).
+
+        Raises:
+            ValueError: ``sigma_noise`` other than 1 for classification, invalid values.
+        """
+        evidence = super().log_marginal_likelihood(prior_precision, sigma_noise)
+        if prior_precision is not None:
+            self.prior_precision = torch.as_tensor(prior_precision).detach()
+        if sigma_noise is not None:
+            self.sigma_noise = torch.as_tensor(sigma_noise).detach().reshape(())
+        return evidence
+
+    def optimize_prior_precision(  # type: ignore[override]
+        self, pred_type: str = "glm", method: str = "marglik", n_steps: int = 100, lr: float = 0.1,
+        init_prior_prec: float | torch.Tensor = 1.0, prior_structure: str = "scalar",
+        val_loader: Iterable | None = None, loss: Callable[[Any, torch.Tensor], float | torch.Tensor] | None = None,
+        log_prior_prec_min: float = -4, log_prior_prec_max: float = 4, grid_size: int = 100,
+        link_approx: str = "probit", n_samples: int = 100, verbose: bool = False, progress_bar: bool = False,
+    ) -> torch.Tensor:
+        """laplace-torch's ``optimize_prior_precision``, with its defaults (posthoc's method, see ``Laplace``).
+
+        As in laplace-torch, "marglik" tunes the prior precision only (sigma_noise stays) from
+        ``init_prior_prec`` (default 1), and "gridsearch" tries ``grid_size`` (default 100) values. Returns delta.
+        """
+        init = init_prior_prec if isinstance(init_prior_prec, float | int) else float(
+            torch.as_tensor(init_prior_prec).mean())
+        return super().optimize_prior_precision(
+            getattr(pred_type, "value", pred_type), method=getattr(method, "value", method), n_steps=n_steps, lr=lr,
+            init_prior_prec=init, prior_structure=getattr(prior_structure, "value", prior_structure),
+            val_loader=val_loader, loss=loss, log_prior_prec_min=log_prior_prec_min,
+            log_prior_prec_max=log_prior_prec_max, grid_size=grid_size,
+            link_approx=getattr(link_approx, "value", link_approx), n_samples=n_samples, verbose=verbose,
+            progress_bar=progress_bar, tune_sigma_noise=False)
+
+
+BaseLaplace = Laplace
+ParametricLaplace = Laplace
+
+
+def _fixed(subset: str, structure: str, name: str) -> type[Laplace]:
+    """A laplace-torch class name: ``Laplace`` with ``subset_of_weights`` and ``hessian_structure`` fixed."""
+
+    def __init__(self: Laplace, model: nn.Module, likelihood: str, *args: Any, **kwargs: Any) -> None:
+        Laplace.__init__(self, model, likelihood, subset, structure, *args, **kwargs)
+
+    doc = (f"laplace-torch's ``{name}``: ``Laplace(model, likelihood, {subset!r}, {structure!r}, ...)``; the "
+           "other arguments as :class:`Laplace`.")
+    return type(name, (Laplace,), {"__init__": __init__, "__doc__": doc, "__module__": __name__})
+
+
+FullLaplace = _fixed("all", "full", "FullLaplace")
+KronLaplace = _fixed("all", "kron", "KronLaplace")
+DiagLaplace = _fixed("all", "diag", "DiagLaplace")
+LowRankLaplace = _fixed("all", "lowrank", "LowRankLaplace")
+FullLLLaplace = _fixed("last_layer", "full", "FullLLLaplace")
+KronLLLaplace = _fixed("last_layer", "kron", "KronLLLaplace")
+DiagLLLaplace = _fixed("last_layer", "diag", "DiagLLLaplace")
+
+
+def _subnetwork(structure: str, name: str) -> type[Laplace]:
+    """laplace-torch's subnetwork class names, whose third positional argument is ``subnetwork_indices``."""
+
+    def __init__(self: Laplace, model: nn.Module, likelihood: str, subnetwork_indices: torch.Tensor, *args: Any,
+                 **kwargs: Any) -> None:
+        kwargs["subnetwork_indices"] = subnetwork_indices
+        Laplace.__init__(self, model, likelihood, "subnetwork", structure, *args, **kwargs)
+
+    doc = (f"laplace-torch's ``{name}(model, likelihood, subnetwork_indices, ...)``: ``Laplace(model, likelihood, "
+           f"'subnetwork', {structure!r}, subnetwork_indices=...)``.")
+    return type(name, (Laplace,), {"__init__": __init__, "__doc__": doc, "__module__": __name__})
+
+
+FullSubnetLaplace = _subnetwork("full", "FullSubnetLaplace")
+DiagSubnetLaplace = _subnetwork("diag", "DiagSubnetLaplace")
+
+
+class FunctionalLaplace:
+    """laplace-torch's function-space (GP) Laplace on a data subset: not provided yet (posthoc issue 18)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        raise NotImplementedError(f"FunctionalLaplace (hessian_structure='gp') is not provided yet ({ISSUE}); "
+                                  "posthoc.laplace.exact_lla is the exact function-space form for small data")

@@ -1,0 +1,174 @@
+"""posthoc.compat.laplace: laplace-torch-style code with only the import changed, against posthoc's own API."""
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import posthoc
+from posthoc.compat.laplace import (
+    DiagSubnetLaplace,
+    FullLaplace,
+    FunctionalLaplace,
+    KronLLLaplace,
+    Laplace,
+    LinkApprox,
+    PredType,
+    marglik_training,
+)
+from posthoc.compat.laplace.baselaplace import curvature_from_backend
+from posthoc.compat.laplace.curvature import AsdlHessian, BackPackEF, CurvlinopsEF, CurvlinopsGGN, CurvlinopsHessian
+from posthoc.compat.laplace.utils import LargestMagnitudeSubnetMask, ModuleNameSubnetMask
+
+DTYPE = torch.float64
+
+
+def _regression():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(40, 1, generator=g, dtype=DTYPE) * 6 - 3
+    y = torch.sin(x) + 0.2 * torch.randn(40, 1, generator=g, dtype=DTYPE)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1, 10), nn.Tanh(), nn.Linear(10, 1)).to(DTYPE)
+    return model, DataLoader(TensorDataset(x, y), batch_size=10), x
+
+
+def _classification():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(45, 2, generator=g, dtype=DTYPE)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0.5).long()
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 3)).to(DTYPE)
+    return model, DataLoader(TensorDataset(x, y), batch_size=15), x
+
+
+def test_regression_flow_of_the_laplace_torch_readme():
+    model, train_loader, x = _regression()
+    # --- laplace-torch's regression example, with only the import changed
+    la = Laplace(model, "regression", subset_of_weights="all", hessian_structure="full")
+    la.fit(train_loader)
+    log_prior, log_sigma = torch.ones(1, requires_grad=True), torch.ones(1, requires_grad=True)
+    hyper_optimizer = torch.optim.Adam([log_prior, log_sigma], lr=1e-1)
+    for _ in range(30):
+        hyper_optimizer.zero_grad()
+        neg_marglik = -la.log_marginal_likelihood(log_prior.exp(), log_sigma.exp())
+        neg_marglik.backward()
+        hyper_optimizer.step()
+    f_mu, f_var = la(x)
+    f_sigma = f_var.squeeze().sqrt()
+    pred_std = torch.sqrt(f_sigma**2 + la.sigma_noise.item() ** 2)
+    # ---
+    # the loop left la at the last hyperparameters tried, as in laplace-torch
+    torch.testing.assert_close(la.prior_precision, log_prior.detach().exp().to(DTYPE), rtol=0.05, atol=0)
+    assert float(la.sigma_noise) != 1.0
+    own = posthoc.Laplace(model, "regression", subset_of_weights="all", hessian_structure="full",
+                          prior_precision=la.prior_precision, sigma_noise=la.sigma_noise, progress=False)
+    pred = own.fit(train_loader).predict(x)
+    assert f_mu.shape == (40, 1) and f_var.shape == (40, 1, 1)
+    torch.testing.assert_close(f_mu, pred.mean)
+    torch.testing.assert_close(f_var, pred.cov)  # no observation noise in la(x)
+    torch.testing.assert_close(pred_std, pred.with_noise(la.sigma_noise).var.squeeze().sqrt())
+
+
+def test_classification_flow_with_tuning_and_links():
+    model, train_loader, x = _classification()
+    la = Laplace(model, "classification", subset_of_weights="last_layer", hessian_structure="kron")
+    la.fit(train_loader)
+    la.optimize_prior_precision(method="marglik", pred_type="glm", link_approx="probit")
+    probs = la(x, pred_type="glm", link_approx="probit")
+    own = posthoc.Laplace(model, "classification", "last_layer", "kron", progress=False).fit(train_loader)
+    own.optimize_prior_precision(method="marglik", init_prior_prec=1.0)
+    torch.testing.assert_close(la.prior_precision, own.prior_precision)
+    torch.testing.assert_close(probs, own.predict(x).probs("probit"))
+    assert torch.allclose(probs.sum(-1), torch.ones(45, dtype=DTYPE))
+    for link in (LinkApprox.BRIDGE, LinkApprox.BRIDGE_NORM, "mc"):
+        assert la(x, pred_type=PredType.GLM, link_approx=link).shape == (45, 3)
+    # gridsearch with laplace-torch's grid_size: the grid is logspace(-4, 4, grid_size)
+    val = DataLoader(TensorDataset(x[:15], train_loader.dataset.tensors[1][:15]), batch_size=15)
+    la.optimize_prior_precision(method="gridsearch", val_loader=val, grid_size=5)
+    own.optimize_prior_precision(method="gridsearch", val_loader=val, grid=torch.logspace(-4, 4, 5, dtype=DTYPE))
+    torch.testing.assert_close(la.prior_precision, own.prior_precision)
+    # laplace-torch's default dict keys
+    dict_loader = [{"input_ids": xb, "labels": yb} for xb, yb in train_loader]
+    dict_la = Laplace(model, "classification", subset_of_weights="all", hessian_structure="diag").fit(dict_loader)
+    assert dict_la.n_data == 45
+
+
+def test_class_names_and_subnetwork_masks():
+    model, train_loader, x = _classification()
+    full = FullLaplace(model, "classification", prior_precision=0.5).fit(train_loader)
+    own = posthoc.Laplace(model, "classification", "all", "full", prior_precision=0.5, progress=False).fit(train_loader)
+    torch.testing.assert_close(full.posterior_precision, own.curvature.dense_precision(own.prior_precision,
+                                                                                       torch.ones((), dtype=DTYPE)))
+    assert isinstance(full, Laplace) and full.subset.kind.value == "all"
+    assert KronLLLaplace(model, "classification").subset.kind.value == "last_layer"
+    indices = LargestMagnitudeSubnetMask(model, n_params_subnet=6).select()
+    sub = DiagSubnetLaplace(model, "classification", indices).fit(train_loader)
+    assert sub.n_params == 6 and sub.posterior_precision.shape == (6,)
+    head = ModuleNameSubnetMask(model, ["2"]).select()
+    la = Laplace(model, "classification", subset_of_weights="subnetwork", hessian_structure="full",
+                 subnetwork_indices=head).fit(train_loader)
+    last = Laplace(model, "classification", subset_of_weights="last_layer", hessian_structure="full").fit(train_loader)
+    torch.testing.assert_close(la(x), last(x))  # the head as a subnetwork is the last-layer Laplace
+
+
+def test_backends_choose_the_curvature():
+    model, train_loader, _ = _classification()
+    assert Laplace(model, "classification", backend=CurvlinopsGGN).factors.curvature.value == "ggn"
+    assert Laplace(model, "classification", backend=BackPackEF).factors.curvature.value == "ef"
+    stochastic = Laplace(model, "classification", backend=CurvlinopsGGN, backend_kwargs={"stochastic": True})
+    assert stochastic.factors.curvature.value == "ggn_mc"
+    assert curvature_from_backend(None, None, None) == ("ggn", [])
+    with pytest.raises(ValueError, match="not the Hessian"):
+        Laplace(model, "classification", backend=AsdlHessian)
+    with pytest.raises(ValueError, match="not the Hessian"):
+        Laplace(model, "classification", backend=CurvlinopsHessian)
+    with pytest.raises(ValueError, match="contradicts curvature='ggn'"):
+        Laplace(model, "classification", backend=CurvlinopsEF, curvature="ggn")
+    with pytest.raises(ValueError, match="GGN backends only"):
+        Laplace(model, "classification", backend=CurvlinopsEF, backend_kwargs={"stochastic": True})
+    with pytest.warns(UserWarning, match="cannot change posthoc's numbers") as record:
+        Laplace(model, "classification", backend=CurvlinopsGGN, backend_kwargs={"subsampling": 2},
+                asdl_fisher_kwargs={"n_mc_samples": 3})
+    assert len(record) == 1 and "asdl_fisher_kwargs" in str(record[0].message)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Laplace(model, "classification", backend=CurvlinopsGGN)  # nothing ignored, no warning
+
+    class GGN:  # a class named like a backend of laplace-torch itself
+        pass
+
+    GGN.__name__ = "SomeLibraryGGN"
+    assert Laplace(model, "classification", backend=GGN).factors.curvature.value == "ggn"
+    with pytest.raises(TypeError, match="marker"):
+        CurvlinopsGGN()
+
+
+def test_not_yet_provided_options_raise_naming_the_issue():
+    model, train_loader, _ = _classification()
+    for kwargs in ({"hessian_structure": "gp"}, {"prior_mean": 1.0}, {"temperature": 0.5},
+                   {"enable_backprop": True}):
+        with pytest.raises(NotImplementedError, match="issue 18"):
+            Laplace(model, "classification", **kwargs)
+    with pytest.raises(NotImplementedError, match="issue 18"):
+        Laplace(model, "reward_modeling")
+    with pytest.raises(NotImplementedError, match="issue 18"):
+        FunctionalLaplace(model, "classification")
+    with pytest.raises(NotImplementedError, match="feature_reduction"):
+        Laplace(model, "classification", feature_reduction="pick_last")
+    la = Laplace(model, "classification", prior_mean=torch.zeros(3))  # a zero prior mean is fine
+    with pytest.raises(NotImplementedError, match="override=False"):
+        la.fit(train_loader, override=False)
+
+
+def test_compat_marglik_training_returns_a_compat_laplace():
+    model, train_loader, x = _regression()
+    la, trained, margliks, losses = marglik_training(model, train_loader, "regression", "diag", n_epochs=3,
+                                                     n_hypersteps=2, backend=CurvlinopsGGN,
+                                                     optimizer_kwargs={"lr": 0.01})
+    assert isinstance(la, Laplace) and trained is model and len(margliks) == 6 and len(losses) == 3
+    f_mu, f_var = la(x[:4])
+    assert f_mu.shape == (4, 1) and f_var.shape == (4, 1, 1)
+    with pytest.raises(ValueError, match="not the Hessian"):
+        marglik_training(model, train_loader, "regression", backend=AsdlHessian)
