@@ -147,7 +147,7 @@ def test_backends_choose_the_curvature():
 
 def test_not_yet_provided_options_raise_naming_the_issue():
     model, train_loader, _ = _classification()
-    for kwargs in ({"hessian_structure": "gp"}, {"prior_mean": 1.0}, {"temperature": 0.5},
+    for kwargs in ({"hessian_structure": "gp"}, {"temperature": 0.5},
                    {"enable_backprop": True}):
         with pytest.raises(NotImplementedError, match="issue 18"):
             Laplace(model, "classification", **kwargs)
@@ -157,7 +157,7 @@ def test_not_yet_provided_options_raise_naming_the_issue():
         FunctionalLaplace(model, "classification")
     with pytest.raises(NotImplementedError, match="feature_reduction"):
         Laplace(model, "classification", feature_reduction="pick_last")
-    la = Laplace(model, "classification", prior_mean=torch.zeros(3))  # a zero prior mean is fine
+    la = Laplace(model, "classification")
     with pytest.raises(NotImplementedError, match="override=False"):
         la.fit(train_loader, override=False)
 
@@ -172,3 +172,26 @@ def test_compat_marglik_training_returns_a_compat_laplace():
     assert f_mu.shape == (4, 1) and f_var.shape == (4, 1, 1)
     with pytest.raises(ValueError, match="not the Hessian"):
         marglik_training(model, train_loader, "regression", backend=AsdlHessian)
+
+
+def test_prior_mean_enters_the_evidence_only():
+    model, train_loader, x = _classification()
+    plain = Laplace(model, "classification", subset_of_weights="all", hessian_structure="full", prior_precision=0.7)
+    plain.fit(train_loader)
+    mu0 = 0.1 * torch.arange(plain.n_params, dtype=DTYPE) / plain.n_params
+    shifted = Laplace(model, "classification", subset_of_weights="all", hessian_structure="full",
+                      prior_precision=0.7, prior_mean=mu0).fit(train_loader)
+    theta = shifted.mean
+    torch.testing.assert_close(shifted.scatter, 0.7 * ((theta - mu0) ** 2).sum())
+    expected = plain.log_marginal_likelihood() - 0.5 * (shifted.scatter - plain.scatter)
+    torch.testing.assert_close(shifted.log_marginal_likelihood(), expected)
+    torch.testing.assert_close(shifted.log_likelihood, plain.log_likelihood)
+    torch.testing.assert_close(shifted(x), plain(x))  # the posterior stays centred at theta*
+    # differentiable in delta, so marglik tuning sees the prior mean: d/d delta of -delta/2 |theta - mu0|^2 differs
+    shifted.optimize_prior_precision(method="marglik", n_steps=50)
+    plain.optimize_prior_precision(method="marglik", n_steps=50)
+    assert not torch.allclose(shifted.prior_precision, plain.prior_precision)
+    scalar = Laplace(model, "classification", prior_mean=0.5)
+    assert scalar.prior_mean.shape == ()
+    with pytest.raises(ValueError, match="prior_mean must be a scalar or have one entry"):
+        Laplace(model, "classification", subset_of_weights="all", prior_mean=torch.zeros(4))

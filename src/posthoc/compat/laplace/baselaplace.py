@@ -22,6 +22,7 @@ from torch import nn
 
 from posthoc.compat.laplace.curvature import backend_kind
 from posthoc.laplace.laplace import Laplace as _PosthocLaplace
+from posthoc.laplace.prior import per_parameter
 
 __all__ = [
     "Laplace", "BaseLaplace", "ParametricLaplace", "FullLaplace", "KronLaplace", "DiagLaplace", "LowRankLaplace",
@@ -80,7 +81,9 @@ class Laplace(_PosthocLaplace):
             laplace-torch's uses the Hessian), or posthoc's "ekfac"; "gp": NotImplementedError.
         sigma_noise: the observation noise (regression).
         prior_precision: delta: a scalar, one per parameter tensor, or one per parameter.
-        prior_mean: must be 0 (a nonzero prior mean raises NotImplementedError).
+        prior_mean: mu_0 of the prior N(mu_0, diag(delta)^-1): a scalar, or one value per covered parameter. It enters
+            the evidence (``scatter``, ``log_marginal_likelihood``, marglik tuning); the posterior is centred at
+            theta* whatever mu_0 is, as in laplace-torch.
         temperature: must be 1 (NotImplementedError otherwise).
         enable_backprop: must be False (NotImplementedError otherwise).
         dict_key_x: the input's key in dict batches (laplace-torch's default "input_ids").
@@ -130,8 +133,6 @@ class Laplace(_PosthocLaplace):
         if hessian_structure == "gp":
             raise NotImplementedError(f"hessian_structure='gp' (FunctionalLaplace) is not provided yet ({ISSUE}); "
                                       "posthoc.laplace.exact_lla is the exact function-space form for small data")
-        if bool(torch.any(torch.as_tensor(prior_mean) != 0)):
-            raise NotImplementedError(f"a nonzero prior_mean is not provided yet ({ISSUE})")
         if temperature != 1.0:
             raise NotImplementedError(f"temperature != 1 is not provided yet ({ISSUE})")
         if enable_backprop:
@@ -153,6 +154,22 @@ class Laplace(_PosthocLaplace):
                          last_layer_name=last_layer_name, **{"progress": False, **posthoc_kwargs})
         self.temperature = 1.0
         self.enable_backprop = False
+        self.prior_mean = prior_mean
+
+    @property
+    def prior_mean(self) -> torch.Tensor:
+        """mu_0: a 0-d tensor (one value for every parameter) or (P,)."""
+        return self._prior_mean
+
+    @prior_mean.setter
+    def prior_mean(self, value: float | torch.Tensor) -> None:
+        mean = torch.as_tensor(value, dtype=self.subset.dtype, device=self.subset.device).detach()
+        if mean.ndim > 1 or (mean.ndim == 1 and mean.numel() not in (1, self.n_params)):
+            raise ValueError(f"prior_mean must be a scalar or have one entry per covered parameter ({self.n_params}), "
+                             f"got shape {tuple(mean.shape)}")
+        if not bool(torch.isfinite(mean).all()):
+            raise ValueError("prior_mean must be finite")
+        self._prior_mean = mean.reshape(()) if mean.numel() == 1 else mean
 
     def fit(self, train_loader: Iterable, override: bool = True, progress_bar: bool = False) -> "Laplace":
         """Fit the curvature on ``train_loader`` (posthoc's ``fit``); ``progress_bar`` shows posthoc's bars.
@@ -182,6 +199,14 @@ class Laplace(_PosthocLaplace):
             ValueError: ``sigma_noise`` other than 1 for classification, invalid values.
         """
         evidence = super().log_marginal_likelihood(prior_precision, sigma_noise)
+        if bool((self.prior_mean != 0).any()):
+            # posthoc's evidence has the scatter theta*^T diag(delta) theta*; the prior mean makes it
+            # (theta* - mu_0)^T diag(delta) (theta* - mu_0)
+            prior = self.prior_precision if prior_precision is None else torch.as_tensor(
+                prior_precision, dtype=self.subset.dtype, device=self.subset.device).reshape(-1)
+            delta = per_parameter(prior, self.subset)
+            theta = self.subset.theta_map
+            evidence = evidence - 0.5 * (delta * ((theta - self.prior_mean) ** 2 - theta**2)).sum()
         if prior_precision is not None:
             self.prior_precision = torch.as_tensor(prior_precision).detach()
         if sigma_noise is not None:
