@@ -83,7 +83,7 @@ def test_weight_mean_is_used_and_model_left_untouched():
     sp = Streamlined(model, weight_mean=means, weight_var=_variances(model))
     x = torch.randn(2, 3, dtype=DTYPE)
     assert not torch.allclose(sp.predict(x).mean, model(x))
-    assert all(torch.equal(p, q) for p, q in zip(before, model.parameters()))
+    assert all(torch.equal(p, q) for p, q in zip(before, model.parameters(), strict=True))
 
 
 def test_fit_variance_scale_lowers_validation_nll():

@@ -1,5 +1,7 @@
-"""Streamlined prediction (Li, Klasson, Solin, Trapp, ICLR 2025): moment propagation of a
-Gaussian weight posterior through the network, no sampling and no Jacobians (docs/streamlined.md).
+"""Streamlined prediction (Li, Klasson, Solin, Trapp, ICLR 2025): sampling-free moment propagation.
+
+The Gaussian weight posterior is propagated through the network, no sampling and no Jacobians
+(docs/streamlined.md).
 """
 
 from posthoc.streamlined.moments import ActivationCovariance, Moments

@@ -47,10 +47,12 @@ class Moments:
 
     @property
     def dim(self) -> int:
+        """D, the number of features per example (the product of ``shape``)."""
         return int(self.mean[0].numel())
 
     @property
     def is_full(self) -> bool:
+        """Whether the state carries a full covariance (B, D, D) rather than variances."""
         return self.cov is not None
 
     def flat_var(self) -> torch.Tensor | None:

@@ -134,11 +134,11 @@ class Streamlined:
         which would leave this object propagating the old covariance. Cost: the subset's check (version
         counters, a hash of the weights only if some were written) and a comparison of the hyperparameters.
         """
-        la = self._laplace
-        if la is None:
+        la, snapshot = self._laplace, self._laplace_state
+        if la is None or snapshot is None:
             return
         la.subset.check_current(action)
-        curvature, prior, sigma = self._laplace_state
+        curvature, prior, sigma = snapshot
         same_prior = la.prior_precision.shape == prior.shape and torch.equal(la.prior_precision, prior)
         if la.curvature is not curvature or not same_prior or not torch.equal(la.sigma_noise, sigma):
             raise RuntimeError(
@@ -166,14 +166,14 @@ class Streamlined:
             return Moments(x, cov=torch.diag_embed(var.reshape(x.shape[0], -1)))
         return Moments(x, var=var)
 
-    def _check_x(self, x: torch.Tensor) -> torch.Tensor:
+    def _check_x(self, x: object) -> torch.Tensor:
         if not isinstance(x, torch.Tensor) or x.ndim < 2:
             raise ValueError("x must be a batched tensor (B, ...)")
         x = x.to(device=self._device, dtype=self._dtype if x.is_floating_point() else x.dtype)
         return check_finite(x, "x")
 
     @torch.no_grad()
-    def _propagate(self, x: torch.Tensor, input_var, posterior: WeightPosterior,
+    def _propagate(self, x: object, input_var, posterior: WeightPosterior,
                    action: str = "predict") -> tuple[torch.Tensor, torch.Tensor]:
         """(mean (B, C), cov (B, C, C) or var (B, C)) of the eval-mode network, without the variance scale."""
         self._check_laplace(action)
@@ -261,7 +261,9 @@ class Streamlined:
             # the targets checked again now that the number of outputs C is known (labels in [0, C), width C)
             _, y = next(checked_batches([(x, y)], self.likelihood, mean.shape[-1], dict_key_x, dict_key_y,
                                         self._dtype, self._device))
-            means.append(mean), covs.append(cov), targets.append(y)
+            means.append(mean)
+            covs.append(cov)
+            targets.append(y)
         if not means:
             raise ValueError("val_loader yielded no batches")
         pred = scaled_gaussian(torch.cat(means), torch.cat(covs), 1.0)
@@ -269,6 +271,7 @@ class Streamlined:
         return self.variance_scale
 
     def bench_info(self) -> dict[str, Any]:
+        """The settings stored with a bench row: variance scale, modes and the posterior's description."""
         return {"variance_scale": self.variance_scale, "activation_covariance": self.mode.value,
                 "attention": self.attention.value, "layernorm": self.layernorm.value,
                 "posterior": self.posterior.description}

@@ -22,7 +22,7 @@ the join adds Cov(branch, skip) + its transpose.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, TypeVar
 
 import torch
 from torch import nn
@@ -48,14 +48,15 @@ from posthoc.streamlined.rules import (
 )
 from posthoc.streamlined.rules.affine import _affine_noise
 
-Graph = Callable[[nn.Module, Moments, Context, bool], Moments]
+Graph = Callable[..., Moments]  # graph(module, state, ctx, last) -> Moments, like a Rule
+GraphT = TypeVar("GraphT", bound=Graph)
 GRAPHS: dict[type, Graph] = {}
 
 
-def register_graph(*types: type) -> Callable[[Graph], Graph]:
+def register_graph(*types: type) -> Callable[[GraphT], GraphT]:
     """Decorator: ``graph(module, state, ctx, last) -> Moments`` describing a non-chain forward."""
 
-    def wrap(graph: Graph) -> Graph:
+    def wrap(graph: GraphT) -> GraphT:
         for t in types:
             GRAPHS[t] = graph
         return graph
@@ -64,6 +65,7 @@ def register_graph(*types: type) -> Callable[[Graph], Graph]:
 
 
 def supported_layers() -> list[str]:
+    """The names of the module types with a rule or a graph (sorted), for error messages and docs."""
     return sorted({t.__name__ for t in RULES} | {t.__name__ for t in GRAPHS} | {"Sequential (chains)"})
 
 
@@ -99,12 +101,14 @@ def residual(state: Moments, branch: Callable[[Moments], Moments], ctx: Context,
     else:
         s = shortcut(Moments(state.mean, cov=state.cov, crosses=[*state.crosses, cross_b.transpose(1, 2)]))
         cross_sb = s.crosses.pop()  # Cov(shortcut, branch)
+    if b.cov is None or s.cov is None:  # full mode with a random input: every rule returns a covariance
+        raise RuntimeError("a residual branch lost its covariance in full mode; its rules must return cov")
     cov = b.cov + s.cov + cross_sb + cross_sb.transpose(1, 2)
-    crosses = [cb + cs for cb, cs in zip(b.crosses, s.crosses)]
+    crosses = [cb + cs for cb, cs in zip(b.crosses, s.crosses, strict=True)]
     return Moments(b.mean + s.mean, cov=0.5 * (cov + cov.transpose(1, 2)), crosses=crosses)
 
 
-def _chain(*modules: nn.Module) -> Callable[[Moments], Moments]:
+def _chain(*modules: nn.Module) -> Callable[[Moments, Context], Moments]:
     def run(state: Moments, ctx: Context) -> Moments:
         for m in modules:
             state = propagate(m, state, ctx)
@@ -142,12 +146,15 @@ class ShiftStep(Step):
         self.mean, self.weight_var = state.mean + weight, weight_var
 
     def jac(self, directions: torch.Tensor) -> torch.Tensor:
+        """J on directions (B, N, *in_shape) -> (B, N, *out_shape): the identity."""
         return directions
 
     def var(self, var_in):
+        """Output variances: the input variances plus the table's (None when neither has any)."""
         return add_optional(var_in, None if self.weight_var is None else self.weight_var.expand_as(self.mean))
 
     def noise_full(self, cov_in):
+        """The table's diagonal variances as a (B, D, D) covariance, or None for a fixed table."""
         if self.weight_var is None:
             return None
         return torch.diag_embed(self.weight_var.reshape(1, -1).expand(self.mean.shape[0], -1))
@@ -155,6 +162,7 @@ class ShiftStep(Step):
 
 @register_graph(PositionalEmbedding)
 def positional_embedding_graph(module: PositionalEmbedding, state: Moments, ctx: Context, last: bool) -> Moments:
+    """Add the positional table to x; its weight may carry a diagonal posterior (ValueError for another form)."""
     post = ctx.posterior.get(module)
     var = None if post is None else post.diag.get("weight")
     if post is not None and var is None and post.is_random("weight"):
@@ -183,9 +191,11 @@ class AttentionMixStep(Step):
         return (weights @ heads).transpose(-3, -2).reshape(*lead, t, d)
 
     def jac(self, directions: torch.Tensor) -> torch.Tensor:
+        """J on directions (B, N, *in_shape) -> (B, N, *out_shape): the attention-weighted sums over tokens per head."""
         return self._mix(directions, self.weights.unsqueeze(1))
 
     def var(self, var_in):
+        """Output variances: Σ_s A_ts² var_s per head (tokens independent), None stays None."""
         return None if var_in is None else self._mix(var_in, self.weights.square())
 
 
@@ -216,8 +226,9 @@ def _shared_value_variance(module: MultiHeadSelfAttention, state: Moments, weigh
 
 @register_graph(MultiHeadSelfAttention)
 def attention_graph(module: MultiHeadSelfAttention, state: Moments, ctx: Context, last: bool) -> Moments:
-    """Self-attention with Q, K deterministic (from the mean input and mean weights; their
-    posterior is not used) and V random: out = out_proj(A v), linear in v.
+    """Self-attention with Q, K deterministic and V random: out = out_proj(A v), linear in v.
+
+    Q and K come from the mean input and mean weights (their posterior is not used).
 
     Diagonal mode: ``attention="independent"`` Σ_o,t = Σ_s A_ts² Σ_v,s (the authors' rule), or
     ``"shared_value"`` (see :func:`_shared_value_variance`). Full mode carries the complete

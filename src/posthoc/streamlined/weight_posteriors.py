@@ -21,7 +21,7 @@ Kronecker eigenvalues are read from the curvature's ``_precision_eigenvalues`` (
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Mapping, cast
 
 import torch
 from torch import nn
@@ -66,21 +66,25 @@ class LayerPosterior:
     full: tuple[list[str], torch.Tensor] | None = None
 
     def is_random(self, attr: str) -> bool:
+        """Whether the parameter ``attr`` (e.g. "weight") has a posterior variance in any of the three forms."""
         return attr in self.diag or attr in self.kron or (self.full is not None and attr in self.full[0])
 
     @property
     def is_empty(self) -> bool:
+        """Whether no parameter of the layer is random."""
         return not self.diag and not self.kron and self.full is None
 
     def full_blocks(self, module: nn.Module) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-        """From a full posterior over (weight, bias) of a Linear/Conv2d: Cov(W) (C, K, C, K),
-        Cov(W, b) (C, K, C) and Cov(b) (C, C), with K = the flattened input width; None where absent.
+        """Split a full posterior over (weight, bias) of a Linear/Conv2d into its blocks.
+
+        Returns Cov(W) (C, K, C, K), Cov(W, b) (C, K, C) and Cov(b) (C, C), with K = the flattened input width; None
+        where absent.
         """
         assert self.full is not None
         attrs, cov = self.full
         sizes = [getattr(module, a).numel() for a in attrs]
-        parts = dict(zip(attrs, torch.split(torch.arange(cov.shape[0], device=cov.device), sizes)))
-        weight = module.weight
+        parts = dict(zip(attrs, torch.split(torch.arange(cov.shape[0], device=cov.device), sizes), strict=True))
+        weight = cast(torch.Tensor, module.weight)
         c_out, k = weight.shape[0], weight[0].numel()
         w_idx, b_idx = parts.get("weight"), parts.get("bias")
         cww = None if w_idx is None else cov[w_idx][:, w_idx].reshape(c_out, k, c_out, k)
@@ -196,9 +200,8 @@ def from_laplace(model: nn.Module, la: Laplace) -> WeightPosterior:
         for block in subset.blocks:
             by_layer.setdefault(block.layer_name, []).append(block)
         for layer_name, blocks in by_layer.items():
-            index = torch.cat([torch.arange(b.offset, b.offset + b.numel, device=cov.device) for b in blocks])
-            layers[_join(prefix, layer_name)] = LayerPosterior(full=([b.kind for b in blocks],
-                                                                     cov[index][:, index]))
+            rows = torch.cat([torch.arange(b.offset, b.offset + b.numel, device=cov.device) for b in blocks])
+            layers[_join(prefix, layer_name)] = LayerPosterior(full=([b.kind for b in blocks], cov[rows][:, rows]))
         return WeightPosterior(model, layers, f"full Laplace ({subset.kind.value}), layer blocks")
     raise ValueError(f"Streamlined supports Laplace structures diag, kron, ekfac and full; got "
                      f"{type(curvature).__name__} ({la.structure_name!r})")

@@ -1,5 +1,6 @@
-"""Rules for element-wise activations (linearised at the mean) and for the layers that only re-index or pass
-their input through (Identity, Dropout at test time, Flatten).
+"""Rules for element-wise activations (linearised at the mean) and for pass-through layers.
+
+The pass-through layers only re-index or pass their input on: Identity, Dropout at test time, Flatten.
 """
 
 from __future__ import annotations
@@ -28,13 +29,16 @@ def _activation_derivative(module: nn.Module, mu: torch.Tensor) -> torch.Tensor:
 
 
 class ElementwiseStep(Step):
+    """An element-wise activation linearised at the input mean: y ≈ f(μ) + f'(μ) (x - μ)."""
     def __init__(self, mean: torch.Tensor, slope: torch.Tensor) -> None:
         self.mean, self.slope = mean, slope
 
     def jac(self, directions: torch.Tensor) -> torch.Tensor:
+        """J on directions (B, N, *in_shape) -> (B, N, *out_shape): scaled by the slope f'(μ), O(B N D)."""
         return directions * self.slope.unsqueeze(1)
 
     def var(self, var_in: torch.Tensor | None) -> torch.Tensor | None:
+        """Output variances (B, *shape): the input variances times the squared slope (None stays None)."""
         if var_in is None:
             return None
         if self.slope.dtype == torch.bool:

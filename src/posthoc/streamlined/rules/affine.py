@@ -1,8 +1,12 @@
-"""Rules for the affine layers, Linear and Conv2d: exact moments of W a + b for Gaussian a independent of the
-random (W, b), with the weight noise of a diagonal, Kronecker-factored or full layer posterior.
+"""Rules for the affine layers, Linear and Conv2d: exact moments of W a + b.
+
+For Gaussian a independent of the random (W, b), with the weight noise of a diagonal, Kronecker-factored or full
+layer posterior.
 """
 
 from __future__ import annotations
+
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +46,8 @@ class AffineNoise:
             self.w_diag = post.diag["weight"].reshape(self.c_out, self.k)
         elif "weight" in post.kron:
             f = post.kron["weight"]
+            if f.q_in is None:
+                raise ValueError("a weight's Kronecker factor needs its input basis q_in (this one is a bias's)")
             self.w_kron = (f.q_out, f.q_in, f.inv, f.q_out.square(), f.q_in.square())
         if bias is not None and "bias" in post.diag:
             self.b_var = post.diag["bias"]
@@ -79,8 +85,9 @@ class AffineNoise:
     # ---- full mode
     def full_cov(self, mu: torch.Tensor, cov: torch.Tensor | None = None, var: torch.Tensor | None = None
                  ) -> torch.Tensor:
-        """(B, L·C, L·C) weight-noise covariance; input mean μ (B, L, K) and covariance either
-        ``cov`` (B, L·K, L·K) in (position, feature) order or diagonal ``var`` (B, L, K).
+        """(B, L·C, L·C) weight-noise covariance for input mean μ (B, L, K).
+
+        The input covariance is either ``cov`` (B, L·K, L·K) in (position, feature) order or diagonal ``var`` (B, L, K).
         """
         b, n_pos, k = mu.shape
         c = self.c_out
@@ -99,7 +106,7 @@ class AffineNoise:
                     m = m + torch.diag_embed((var @ q_in_sq).transpose(1, 2)).permute(0, 2, 3, 1)
                 n = m @ inv.T  # (B, L, L, q)
                 noise = noise + torch.einsum("blmq,cq,dq->blcmd", n, q_out, q_out)
-            else:
+            elif self.w_diag is not None:
                 m = mu.unsqueeze(2) * mu.unsqueeze(1)
                 if cov5 is not None:
                     m = m + torch.diagonal(cov5, dim1=2, dim2=4)
@@ -127,7 +134,7 @@ class AffineNoise:
         return 0.5 * (noise + noise.transpose(1, 2))
 
 
-def _affine_noise(module: nn.Module, ctx: Context) -> AffineNoise | None:
+def _affine_noise(module: nn.Linear | nn.Conv2d, ctx: Context) -> AffineNoise | None:
     post = ctx.posterior.get(module)
     if post is None or not (post.is_random("weight") or post.is_random("bias")):
         return None
@@ -143,9 +150,11 @@ class LinearStep(Step):
         self.mean = F.linear(state.mean, module.weight, module.bias)
 
     def jac(self, directions: torch.Tensor) -> torch.Tensor:
+        """J on directions (B, N, *in_shape) -> (B, N, *out_shape): W̄ applied to each direction."""
         return F.linear(directions, self.module.weight)
 
     def var(self, var_in: torch.Tensor | None) -> torch.Tensor | None:
+        """Output variances (B, *lead, C) from the input variances and the weight noise; cost O(B L K C)."""
         w_sq = self.module.weight.square()
         if self.noise is None:
             return None if var_in is None else F.linear(var_in, w_sq)
@@ -161,6 +170,7 @@ class LinearStep(Step):
         return out + F.linear(var_in, w_sq) + self.noise.from_input(var_in)
 
     def noise_full(self, cov_in: torch.Tensor | None) -> torch.Tensor | None:
+        """The weight noise's output covariance (B, L·C, L·C) given the input covariance, or None without noise."""
         if self.noise is None:
             return None
         b = self.mu.shape[0]
@@ -218,18 +228,21 @@ class ConvStep(Step):
     def _patches(self, x: torch.Tensor) -> torch.Tensor:
         """(N, C_in, H, W) -> (N, L, K)."""
         m = self.module
-        return unfold_patches(x, m.kernel_size, m.dilation, self.padding, m.stride).transpose(1, 2)
+        size, dilation, stride = (cast("tuple[int, int]", v) for v in (m.kernel_size, m.dilation, m.stride))
+        return unfold_patches(x, size, dilation, self.padding, stride).transpose(1, 2)
 
     def _to_image(self, per_position: torch.Tensor) -> torch.Tensor:
         """(B, L, C) -> (B, C, H', W')."""
         return per_position.transpose(1, 2).reshape(per_position.shape[0], *self.out_shape)
 
     def jac(self, directions: torch.Tensor) -> torch.Tensor:
+        """J on directions (B, N, *in_shape) -> (B, N, *out_shape): one convolution with W̄ per direction."""
         b, n = directions.shape[:2]
         out = self._conv(directions.reshape(b * n, *self.in_shape), self.module.weight)
         return out.reshape(b, n, *self.out_shape)
 
     def var(self, var_in: torch.Tensor | None) -> torch.Tensor | None:
+        """Output variances (B, C, H', W'): convolutions of the variances (diagonal noise) or unfolded patches."""
         w_sq = self.module.weight.square()
         if self.noise is None:
             return None if var_in is None else self._conv(var_in, w_sq)
@@ -244,6 +257,7 @@ class ConvStep(Step):
         return noise if var_in is None else noise + self._conv(var_in, w_sq)
 
     def noise_full(self, cov_in: torch.Tensor | None) -> torch.Tensor | None:
+        """The weight noise's covariance (B, C·L, C·L) in (channel, position) order, or None without noise."""
         if self.noise is None:
             return None
         b, d = self.mu.shape[0], self.mu[0].numel()
@@ -261,8 +275,9 @@ class ConvStep(Step):
 
 @register_rule(nn.Conv2d)
 def conv2d_rule(module: nn.Conv2d, state: Moments, ctx: Context, last: bool) -> Moments:
-    """Conv2d: the Linear rules per output position on unfolded patches. Diagonal mode: a diagonal
-    posterior costs two extra convolutions; KFAC/full unfold the patches. Full mode keeps the
-    cross-position covariance the shared kernel induces (O((L·K)²) per example).
+    """Conv2d: the Linear rules per output position on unfolded patches.
+
+    Diagonal mode: a diagonal posterior costs two extra convolutions; KFAC/full unfold the patches. Full mode keeps
+    the cross-position covariance the shared kernel induces (O((L·K)²) per example).
     """
     return advance(state, ConvStep(module, state, ctx), ctx)

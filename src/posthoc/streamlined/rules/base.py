@@ -1,16 +1,16 @@
-"""The core every moment-propagation rule builds on: the :class:`Context` of a walk, the linearised
-:class:`Step`, :func:`advance` (a step applied in diagonal or full mode) and the one registry, :data:`RULES`,
-that :func:`register_rule` fills.
+"""The core every moment-propagation rule builds on: context, linearised step, advance and the rule registry.
+
+The :class:`Context` of a walk, the linearised :class:`Step`, :func:`advance` (a step applied in diagonal or full
+mode) and the one registry, :data:`RULES`, that :func:`register_rule` fills.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
-from typing import Callable
+from typing import Callable, TypeVar
 
 import torch
-from torch import nn
 
 from posthoc.streamlined.moments import ActivationCovariance, Moments, add_optional, apply_to_crosses, sandwich
 from posthoc.streamlined.weight_posteriors import WeightPosterior
@@ -24,6 +24,7 @@ class AttentionRule(str, Enum):
 
 
 class LayerNormRule(str, Enum):
+    """How LayerNorm is propagated: statistics frozen at the mean input, or its Jacobian there."""
     FROZEN = "frozen"  # the authors': statistics held at their values for the mean input
     LINEARIZED = "linearized"  # the Jacobian of LayerNorm at the mean input
 
@@ -34,6 +35,10 @@ class UnsupportedLayerError(TypeError):
 
 @dataclass
 class Context:
+    """What every rule of one propagation reads: the mode, the weight posterior and the rule options.
+
+    ``max_full_dim`` bounds the layer width given a full (D x D) covariance (MemoryError above it).
+    """
     mode: ActivationCovariance
     posterior: WeightPosterior
     attention: AttentionRule = AttentionRule.INDEPENDENT
@@ -42,6 +47,7 @@ class Context:
 
     @property
     def full(self) -> bool:
+        """Whether the walk carries full activation covariances."""
         return self.mode is ActivationCovariance.FULL
 
 
@@ -77,14 +83,17 @@ def advance(state: Moments, step: Step, ctx: Context) -> Moments:
     return Moments(step.mean, cov=cov, crosses=apply_to_crosses(step.jac, state.crosses, state.shape))
 
 
-Rule = Callable[[nn.Module, Moments, Context, bool], Moments]
+# rule(module, state, ctx, last) -> Moments, ``module`` an instance of a type it is registered for (so a rule may
+# annotate ``module`` with that type: the parameter list is left open)
+Rule = Callable[..., Moments]
+RuleT = TypeVar("RuleT", bound=Rule)
 RULES: dict[type, Rule] = {}
 
 
-def register_rule(*types: type) -> Callable[[Rule], Rule]:
+def register_rule(*types: type) -> Callable[[RuleT], RuleT]:
     """Decorator: ``rule(module, state, ctx, last) -> Moments`` for exactly these module types."""
 
-    def wrap(rule: Rule) -> Rule:
+    def wrap(rule: RuleT) -> RuleT:
         for t in types:
             RULES[t] = rule
         return rule

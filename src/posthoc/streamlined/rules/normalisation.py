@@ -1,5 +1,7 @@
-"""Rules for normalisation layers: BatchNorm in eval mode (a per-channel affine map) and LayerNorm (frozen or
-linearised statistics); their γ and β may carry diagonal posterior variances.
+"""Rules for normalisation layers: BatchNorm in eval mode and LayerNorm.
+
+BatchNorm in eval mode is a per-channel affine map; LayerNorm has frozen or linearised statistics. Their γ and β
+may carry diagonal posterior variances.
 """
 
 from __future__ import annotations
@@ -46,9 +48,11 @@ class AffineNormStep(Step):
         return x if self.gamma is None else x * self.gamma**power
 
     def jac(self, directions: torch.Tensor) -> torch.Tensor:
+        """J on directions (B, N, *in_shape) -> (B, N, *out_shape): the linearised normalisation, scaled by γ̄."""
         return self._scale(self.n_jac(directions))
 
     def var(self, var_in: torch.Tensor | None) -> torch.Tensor | None:
+        """Output variances (B, *shape) including the diagonal noise of γ and β (None without variance)."""
         # (γ̄² + Var γ) var_n + Var(γ) n̄² + Var(β), accumulated in place on the fresh output
         var_n = None if var_in is None else self.n_var(var_in)
         out = None
@@ -65,6 +69,7 @@ class AffineNormStep(Step):
         return out
 
     def noise_full(self, cov_in: torch.Tensor | None) -> torch.Tensor | None:
+        """The covariance (B, D, D) that the noise of γ and β adds (given the input covariance), or None."""
         if self.gamma_var is None and self.beta_var is None:
             return None
         b = self.mean_n.shape[0]
@@ -93,9 +98,9 @@ def _param_var(post: LayerPosterior | None, attr: str, what: str) -> torch.Tenso
 
 
 @register_rule(nn.BatchNorm1d, nn.BatchNorm2d)
-def batchnorm_rule(module: nn.Module, state: Moments, ctx: Context, last: bool) -> Moments:
+def batchnorm_rule(module: nn.BatchNorm1d | nn.BatchNorm2d, state: Moments, ctx: Context, last: bool) -> Moments:
     """BatchNorm in eval mode: a per-channel affine map (random γ, β with diagonal variances allowed)."""
-    if module.training or module.running_var is None:
+    if module.training or module.running_var is None or module.running_mean is None:
         raise ValueError(f"{type(module).__name__} must be in eval mode with running statistics "
                          "(call model.eval())")
     shape = [1] * state.mean.ndim
@@ -112,9 +117,11 @@ def batchnorm_rule(module: nn.Module, state: Moments, ctx: Context, last: bool) 
 
 @register_rule(nn.LayerNorm)
 def layernorm_rule(module: nn.LayerNorm, state: Moments, ctx: Context, last: bool) -> Moments:
-    """LayerNorm over the last axis. ``frozen``: mean/std of the mean input held fixed (affine per token);
-    ``linearized``: the Jacobian (I - 11ᵀ/D - n nᵀ/D)/s at the mean (diagonal mode: its squared rows
-    applied to the variances, O(D)).
+    """LayerNorm over the last axis, with frozen or linearised statistics (``ctx.layernorm``).
+
+    ``frozen``: mean/std of the mean input held fixed (affine per token); ``linearized``: the Jacobian
+    (I - 11ᵀ/D - n nᵀ/D)/s at the mean (diagonal mode: its squared rows applied to the variances, O(D)).
+    Raises UnsupportedLayerError unless normalized_shape has length 1.
     """
     if len(module.normalized_shape) != 1:
         raise UnsupportedLayerError("LayerNorm over the last axis only (normalized_shape of length 1)")

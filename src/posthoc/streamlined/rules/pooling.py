@@ -1,5 +1,6 @@
-"""Rules for pooling: max pooling passes the moments of each window's argmax-of-mean input; average pooling is a
-fixed linear map (exact in full mode).
+"""Rules for pooling: max pooling by the argmax of the mean, average pooling as a fixed linear map.
+
+Max pooling passes the moments of each window's argmax-of-mean input; average pooling is exact in full mode.
 """
 
 from __future__ import annotations
@@ -30,9 +31,11 @@ class MaxPoolStep(Step):
         return out.reshape(*x.shape[:-2], *self.mean.shape[-2:])
 
     def jac(self, directions: torch.Tensor) -> torch.Tensor:
+        """J on directions (B, N, *in_shape) -> (B, N, *out_shape): the entries at each window's argmax of the mean."""
         return self._gather(directions, lead=1)
 
     def var(self, var_in: torch.Tensor | None) -> torch.Tensor | None:
+        """Output variances (B, C, H', W'): the variances at each window's argmax of the mean."""
         return None if var_in is None else self._gather(var_in, lead=0)
 
 
@@ -53,11 +56,13 @@ class LinearMapStep(Step):
         self.mean = fn(state.mean)
 
     def jac(self, directions: torch.Tensor) -> torch.Tensor:
+        """J on directions (B, N, *in_shape) -> (B, N, *out_shape): the map applied to each direction."""
         b, n = directions.shape[:2]
         out = self.fn(directions.reshape(b * n, *self.in_shape))
         return out.reshape(b, n, *out.shape[1:])
 
     def var(self, var_in: torch.Tensor | None) -> torch.Tensor | None:
+        """Output variances by the map on squared coefficients (``var_fn``), None stays None."""
         return None if var_in is None else self.var_fn(var_in)
 
 
