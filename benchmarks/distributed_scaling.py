@@ -69,7 +69,7 @@ def kron_case(args, out: dict) -> None:
     la.fit(loader)
     out["fit_s"] = time.perf_counter() - t0
     out["n_data"] = la.n_data
-    out["eigenvalues"] = torch.cat([blk.eigenvalues.reshape(-1) for blk in la.curvature.blocks])
+    out["eigenvalues"] = torch.cat([blk.eigenvalues.reshape(-1) for blk in la.structure.blocks])
     out["marglik"] = float(la.log_marginal_likelihood(prior_precision=1.0))
     t0 = time.perf_counter()
     la.optimize_prior_precision(method="marglik", n_steps=100)

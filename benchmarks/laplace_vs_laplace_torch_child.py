@@ -26,8 +26,10 @@ def _is_oom(exc: BaseException) -> bool:
 
 
 def write_child_json(path: str | os.PathLike, obj: dict[str, Any]) -> None:
-    """Write a spec or a (progress) result for the other side: a temporary file renamed over ``path``, so the
-    parent never reads half a file (no fsync: written after every predictive batch, inside the timing).
+    """Write a spec or a (progress) result for the other side: a temporary file renamed over ``path``.
+
+    The parent never reads half a file. No fsync (unlike posthoc.utils.io.atomic_write_text): this is written
+    after every predictive batch, inside the timing.
     """
     tmp = f"{path}.tmp"
     with open(tmp, "w") as fh:
@@ -69,7 +71,7 @@ class PosthocSide:
         """Cheap read-outs of the posterior to compare: curvature spectra (kron), posterior variance (diag/full)."""
         out: dict[str, Any] = {}
         if self.spec["structure"] == "kron":
-            out["kron_eigenvalues"] = [b.eigenvalues.detach().flatten().sort().values for b in la.curvature.blocks]
+            out["kron_eigenvalues"] = [b.eigenvalues.detach().flatten().sort().values for b in la.structure.blocks]
         if self.spec["structure"] in ("diag", "full"):
             out["posterior_variance"] = la.posterior_variance()
         return out

@@ -86,7 +86,7 @@ def fit_everything(loader_for, val_loader_for) -> dict[str, torch.Tensor]:
             key = f"{case}/{structure}"
             out[f"{key}/n_data"] = torch.tensor(float(la.n_data))
             prior, scale = torch.tensor([0.7], dtype=DTYPE), la.factors.scale(la.sigma_noise)
-            out[f"{key}/precision"] = la.curvature.dense_precision(prior, scale)
+            out[f"{key}/precision"] = la.structure.dense_precision(prior, scale)
             out[f"{key}/marglik"] = la.log_marginal_likelihood(prior_precision=0.7).detach()
             if structure in ("full", "kron"):
                 la.optimize_prior_precision(method="marglik", n_steps=20)

@@ -61,7 +61,7 @@ def _laplace(case: Case, model, structure: str, subset: str, indices) -> Laplace
 
 def _structure_precision(la: Laplace) -> torch.Tensor:
     """The fitted structure's own dense Lambda (P, P), at the Laplace's prior and noise."""
-    return la.curvature.dense_precision(la.prior_precision, la.factors.scale(la.sigma_noise)).detach()
+    return la.structure.dense_precision(la.prior_precision, la.factors.scale(la.sigma_noise)).detach()
 
 
 def _check_structure(la: Laplace, case: Case, cov, structure: str, subset: str, precision: torch.Tensor) -> None:
@@ -74,7 +74,7 @@ def _check_structure(la: Laplace, case: Case, cov, structure: str, subset: str, 
     elif structure == "diag":
         assert_close_relative(precision.diagonal(), exact.diagonal(), 1e-8, "diag Lambda vs diag of the dense GGN")
     elif structure == "lowrank":
-        rank = la.curvature.rank
+        rank = la.structure.rank
         eye = torch.eye(exact.shape[0], dtype=exact.dtype)
         mine = torch.linalg.eigvalsh(precision - PRIOR * eye).flip(0)[:rank]
         top = torch.linalg.eigvalsh(exact - PRIOR * eye).flip(0)[:rank]

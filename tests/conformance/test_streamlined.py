@@ -104,7 +104,7 @@ def test_streamlined(model_name: str, structure: str, subset: str, mode: str) ->
         assert_mean_is_eval_model(pred.mean, case, case.x_test)
         cov = covered(case, subset)
         assert_covers(la.n_params, cov, subset)
-        precision = la.curvature.dense_precision(la.prior_precision, la.factors.scale(la.sigma_noise)).detach()
+        precision = la.structure.dense_precision(la.prior_precision, la.factors.scale(la.sigma_noise)).detach()
         reference = mc_moments(copy.deepcopy(case.reference), case.x_test,
                                _layer_block_sampler(cov, covariance(precision)), n_samples=N_MC)
         if mode == "full":

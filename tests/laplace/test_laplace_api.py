@@ -47,7 +47,7 @@ def test_full_posterior_and_marglik_match_dense(classification_data):
                  prior_precision=0.5, progress=False).fit(_loader(x, y))
     h = dense_ggn(la.subset, x, "classification")
     lam = h + 0.5 * torch.eye(la.n_params, dtype=DTYPE)
-    torch.testing.assert_close(la.curvature.dense_precision(la.prior_precision, torch.tensor(1.0, dtype=DTYPE)), lam)
+    torch.testing.assert_close(la.structure.dense_precision(la.prior_precision, torch.tensor(1.0, dtype=DTYPE)), lam)
     with torch.no_grad():
         loglik = torch.log_softmax(model(x), -1).gather(1, y[:, None]).sum()
     theta = la.subset.theta_map
@@ -113,7 +113,7 @@ def test_sampling_matches_posterior_and_is_seeded(classification_data):
     la = Laplace(small_mlp(), "classification", subset_of_weights="last_layer", hessian_structure="full",
                  prior_precision=2.0, progress=False).fit(_loader(x, y))
     samples = la.sample(40_000, seed=3)
-    cov = torch.linalg.inv(la.curvature.dense_precision(la.prior_precision, torch.tensor(1.0, dtype=DTYPE)))
+    cov = torch.linalg.inv(la.structure.dense_precision(la.prior_precision, torch.tensor(1.0, dtype=DTYPE)))
     emp = torch.cov(samples.T)
     # an entry of an n-sample covariance has sd sqrt((S_ii S_jj + S_ij^2) / n) <= sqrt(2 / n) max_var:
     # allow 5 sd (324 entries); the mean has sd sqrt(max_var / n)
@@ -140,9 +140,9 @@ def test_cnn_full(image_data):
     x, y = image_data
     la = Laplace(small_cnn(), "classification", subset_of_weights="all", hessian_structure="full",
                  progress=False).fit(_loader(x, y, 4))
-    torch.testing.assert_close(la.curvature.hessian, dense_ggn(la.subset, x, "classification"))
+    torch.testing.assert_close(la.structure.hessian, dense_ggn(la.subset, x, "classification"))
     jac = dense_jacobians(la.subset, x[:2])
-    lam = la.curvature.dense_precision(la.prior_precision, torch.tensor(1.0, dtype=DTYPE))
+    lam = la.structure.dense_precision(la.prior_precision, torch.tensor(1.0, dtype=DTYPE))
     torch.testing.assert_close(la.predict(x[:2]).cov, jac @ torch.linalg.solve(lam, jac.transpose(1, 2)))
 
 
@@ -170,7 +170,7 @@ def test_dict_batches(classification_data):
     dict_loader = [{"input": x[:12], "target": y[:12]}, {"input": x[12:], "target": y[12:]}]
     a = Laplace(small_mlp(), "classification", hessian_structure="full", progress=False).fit(dict_loader)
     b = Laplace(small_mlp(), "classification", hessian_structure="full", progress=False).fit(_loader(x, y))
-    torch.testing.assert_close(a.curvature.hessian, b.curvature.hessian)
+    torch.testing.assert_close(a.structure.hessian, b.structure.hessian)
     c = Laplace(small_mlp(), "classification", hessian_structure="full", progress=False,
                 dict_key_x="pixels", dict_key_y="labels")
     with pytest.raises(KeyError, match="dict_key_x"):
@@ -225,12 +225,12 @@ def test_full_structure_prior_kinds_match_dense(classification_data, prior_kind)
                  progress=False).fit(_loader(x, y))
     sizes = {"scalar": 1, "layer": len(la.subset.blocks), "parameter": la.n_params}
     la.prior_precision = torch.linspace(0.5, 2.0, sizes[prior_kind], dtype=DTYPE)
-    lam = la.curvature.dense_precision(la.prior_precision, torch.tensor(1.0, dtype=DTYPE))
+    lam = la.structure.dense_precision(la.prior_precision, torch.tensor(1.0, dtype=DTYPE))
     cov = torch.linalg.inv(lam)
     torch.testing.assert_close(la.posterior_variance(), torch.diagonal(cov))
     jac = dense_jacobians(la.subset, la.subset.inputs(x[:5]))
     torch.testing.assert_close(la.predict(x[:5]).cov, jac @ cov @ jac.transpose(1, 2))
-    torch.testing.assert_close(la.curvature.logdet_precision(la.prior_precision, torch.tensor(1.0, dtype=DTYPE)),
+    torch.testing.assert_close(la.structure.logdet_precision(la.prior_precision, torch.tensor(1.0, dtype=DTYPE)),
                                torch.logdet(lam))
     samples = la.sample(40_000, seed=0)
     max_var = float(torch.diagonal(cov).max())

@@ -50,7 +50,7 @@ def test_user_structure_fits_and_predicts_like_the_one_it_extends(plugin, classi
     la = Laplace(model, "classification", subset_of_weights="all", hessian_structure=PLUGIN,
                  prior_precision=0.5, progress=False).fit(_loader(x, y))
     assert plugin.fits == before + 1
-    assert type(la.curvature) is plugin and la.structure_name == PLUGIN
+    assert type(la.structure) is plugin and la.structure_name == PLUGIN
     ref = Laplace(model, "classification", subset_of_weights="all", hessian_structure="diag",
                   prior_precision=0.5, progress=False).fit(_loader(x, y))
     torch.testing.assert_close(la.predict(x[:5]).cov, ref.predict(x[:5]).cov)

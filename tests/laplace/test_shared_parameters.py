@@ -253,7 +253,7 @@ def test_laplace_glm_variance_with_tied_weights(structure):
     if structure == "diag":
         precision = torch.diag(torch.diagonal(_reference_curvature(model, x, y, "ggn")) + 0.5)
     else:
-        precision = la.curvature.dense_precision(la.prior_precision, torch.tensor(1.0, dtype=DTYPE))
+        precision = la.structure.dense_precision(la.prior_precision, torch.tensor(1.0, dtype=DTYPE))
     expected = torch.diagonal(jac @ torch.linalg.solve(precision, jac.mT), dim1=1, dim2=2)
     pred = la.predict(x[:5], pred_type="glm")
     torch.testing.assert_close(torch.diagonal(pred.cov, dim1=1, dim2=2), expected, rtol=1e-8, atol=1e-14)

@@ -33,7 +33,7 @@ def test_largest_variance_selection_and_subnetwork_posterior(classification_data
                   subnetwork_indices=idx, progress=False).fit(loader)
     full_h = dense_ggn(Laplace(model, "classification", subset_of_weights="all", hessian_structure="full").subset,
                        x, "classification")
-    torch.testing.assert_close(sub.curvature.hessian, full_h[idx][:, idx])
+    torch.testing.assert_close(sub.structure.hessian, full_h[idx][:, idx])
     # predictions only vary through the chosen weights: samples keep the rest at the MAP
     thetas = sub.sample(3, seed=0)
     assert thetas.shape == (3, 10)

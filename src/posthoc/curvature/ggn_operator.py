@@ -36,10 +36,11 @@ from posthoc.curvature.checks import check_curvature_finite
 from posthoc.curvature.jacobians import jvp_many, per_example_factor_gradients, vjp_sum
 from posthoc.curvature.output_factors import OutputFactors
 from posthoc.distributed import sum_count, sum_over_ranks
+from posthoc.network.inputs import ModelInputs, batch_size, take
 from posthoc.network.subset import ParameterSubset
 
-Batches = Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]
-CachedExamples = list[tuple[torch.Tensor, torch.Tensor]]
+Batches = Callable[[], Iterable[tuple[ModelInputs, torch.Tensor]]]
+CachedExamples = list[tuple[ModelInputs, torch.Tensor]]
 
 
 class GGNOperator:
@@ -98,10 +99,11 @@ def read_subsample(subset: ParameterSubset, batches: Batches, factors: OutputFac
     cached: CachedExamples = []
     n_cached = n_seen = 0
     for inputs, targets in batches():
-        n_seen += inputs.shape[0]
-        room = inputs.shape[0] if subsample is None else min(inputs.shape[0], subsample - n_cached)
+        size = batch_size(inputs)
+        n_seen += size
+        room = size if subsample is None else min(size, subsample - n_cached)
         if room > 0:
-            x, y = inputs[:room], targets[:room]
+            x, y = take(inputs, 0, room), targets[:room]
             with torch.no_grad():
                 s = factors(subset.forward(x), y)
             cached.append((x, s))
@@ -189,7 +191,7 @@ def top_ggn_eigenpairs(subset: ParameterSubset, batches: Batches, factors: Outpu
         raise ValueError(f"subsample must be >= 1 or None, got {subsample}")
     cached, n_seen = read_subsample(subset, batches, factors, subsample, stop_early=n_data is not None)
     # under torch.distributed each rank caches up to `subsample` of its shard; counts are totals
-    n_sub = sum_count(sum(x.shape[0] for x, _ in cached), "the subsample size")
+    n_sub = sum_count(sum(batch_size(x) for x, _ in cached), "the subsample size")
     n_seen = sum_count(n_seen, "the number of training examples")
     if n_sub == 0:
         raise ValueError("the training data is empty; lowrank fit needs at least one example")

@@ -1,32 +1,47 @@
 """Jacobian products of a ParameterSubset's outputs in theta, via torch.func.
 
-J(x) is the (C, P) Jacobian of the covered module's outputs in theta at the MAP.
+J(x) is the (C, P) Jacobian of the covered module's outputs in theta at the MAP. Inputs are any
+:data:`posthoc.network.inputs.ModelInputs` (tensors, tuples, mappings). Per-example Jacobians vmap over the
+examples, or loop over them when the forward pass reads tensor values into Python (Hugging Face's
+attention masks; :meth:`ParameterSubset.vmap_examples`): the loop costs B forward passes of one example
+instead of one vectorised call, the same backward work.
 """
 
 from __future__ import annotations
 
 import torch
 from torch.func import jacrev, jvp, vjp, vmap
+from torch.utils._pytree import tree_map
 
+from posthoc.curvature.layers import LayerKind, channels_first, layer_kind, patches, record_layers
+from posthoc.network.inputs import ModelInputs, batch_size, take
 from posthoc.network.subset import ParameterSubset
-from posthoc.utils.conv import unfold_patches
 
 
-def per_example_jacobians(subset: ParameterSubset, inputs: torch.Tensor, theta: torch.Tensor | None = None,
+def _one_example(x: ModelInputs) -> ModelInputs:
+    """Inside vmap: one example (no batch dimension) given back its batch dimension of 1."""
+    return tree_map(lambda t: t.unsqueeze(0) if isinstance(t, torch.Tensor) else t, x)
+
+
+def per_example_jacobians(subset: ParameterSubset, inputs: ModelInputs, theta: torch.Tensor | None = None,
                           chunk_size: int | None = None) -> torch.Tensor:
     """J for each input: (B, C, P). Memory B*C*P: use for small P or small batches.
 
-    Computed as a vmap over examples of reverse-mode jacrev (C backward passes each).
+    Computed as a vmap over examples (or a loop, see the module docstring) of reverse-mode jacrev
+    (C backward passes each).
     """
     theta = subset.theta_map if theta is None else theta
+    if not subset.vmap_examples(inputs):
+        return torch.stack([jacrev(lambda th, n=n: subset.forward(take(inputs, n, n + 1), th)[0])(theta)
+                            for n in range(batch_size(inputs))])
 
-    def single(x: torch.Tensor) -> torch.Tensor:
-        return jacrev(lambda th: subset.forward(x.unsqueeze(0), th).squeeze(0))(theta)
+    def single(x: ModelInputs) -> torch.Tensor:
+        return jacrev(lambda th: subset.forward(_one_example(x), th).squeeze(0))(theta)
 
     return vmap(single, chunk_size=chunk_size)(inputs)
 
 
-def jvp_many(subset: ParameterSubset, inputs: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
+def jvp_many(subset: ParameterSubset, inputs: ModelInputs, directions: torch.Tensor) -> torch.Tensor:
     """J(x) V for K directions V (K, P): returns (K, B, C). Cost: K forward-mode passes (vmapped)."""
 
     def one(v: torch.Tensor) -> torch.Tensor:
@@ -35,27 +50,30 @@ def jvp_many(subset: ParameterSubset, inputs: torch.Tensor, directions: torch.Te
     return vmap(one)(directions)
 
 
-def vjp_sum(subset: ParameterSubset, inputs: torch.Tensor, cotangents: torch.Tensor) -> torch.Tensor:
+def vjp_sum(subset: ParameterSubset, inputs: ModelInputs, cotangents: torch.Tensor) -> torch.Tensor:
     """sum_n J(x_n)^T u_n for cotangents U (B, C): returns (P,). Cost: one backward pass."""
     _, pullback = vjp(lambda th: subset.forward(inputs, th), subset.theta_map)
     return pullback(cotangents)[0]
 
 
-def per_example_factor_gradients(subset: ParameterSubset, inputs: torch.Tensor, factors: torch.Tensor,
+def per_example_factor_gradients(subset: ParameterSubset, inputs: ModelInputs, factors: torch.Tensor,
                                  chunk_size: int | None = None) -> torch.Tensor:
     """J_n^T S_n for every example: (B, K, P) from factors S (B, C, K).
 
-    A vmap over examples and the K columns of S of one VJP each; memory B*K*P.
+    A vmap over examples (or a loop, see the module docstring) and the K columns of S of one VJP each;
+    memory B*K*P.
     """
 
-    def single(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-        _, pullback = vjp(lambda th: subset.forward(x.unsqueeze(0), th).squeeze(0), subset.theta_map)
+    def pulled(x: ModelInputs, s: torch.Tensor) -> torch.Tensor:
+        _, pullback = vjp(lambda th: subset.forward(x, th).squeeze(0), subset.theta_map)
         return vmap(lambda col: pullback(col)[0])(s.T)
 
-    return vmap(single, chunk_size=chunk_size)(inputs, factors)
+    if not subset.vmap_examples(inputs):
+        return torch.stack([pulled(take(inputs, n, n + 1), factors[n]) for n in range(batch_size(inputs))])
+    return vmap(lambda x, s: pulled(_one_example(x), s), chunk_size=chunk_size)(inputs, factors)
 
 
-def parameter_uses(subset: ParameterSubset, inputs: torch.Tensor) -> list[int]:
+def parameter_uses(subset: ParameterSubset, inputs: ModelInputs) -> list[int]:
     """How many operations of one forward pass on ``inputs`` read each covered parameter tensor, in block order.
 
     A parameter read more than once (a layer called twice, two modules holding the same Parameter, a weight tied
@@ -102,61 +120,41 @@ DEFAULT_CHUNK_BYTES = 2**29  # working-memory budget of one chunk of examples (5
 
 
 def _covered_layers(subset: ParameterSubset) -> list[torch.nn.Module] | None:
-    """The distinct layers owning the covered parameters, or None if one is not a supported Linear/Conv2d."""
+    """The distinct layers owning the covered parameters, or None if one is not a Linear/Conv2d (:func:`layer_kind`)."""
     layers: list[torch.nn.Module] = []
     for block in subset.blocks:
         layer = block.layer
-        if block.kind not in ("weight", "bias") or not isinstance(layer, (torch.nn.Linear, torch.nn.Conv2d)):
-            return None
-        if isinstance(layer, torch.nn.Conv2d) and (layer.groups != 1 or layer.padding_mode != "zeros"
-                                                   or isinstance(layer.padding, str)):
+        if block.kind not in ("weight", "bias") or layer_kind(layer) not in (LayerKind.LINEAR, LayerKind.CONV2D):
             return None
         if not any(layer is seen for seen in layers):
             layers.append(layer)
     return layers
 
 
-def _layer_signals(subset: ParameterSubset, inputs: torch.Tensor, cotangents: torch.Tensor,
+def _layer_signals(subset: ParameterSubset, inputs: ModelInputs, cotangents: torch.Tensor,
                    layers: list[torch.nn.Module]) -> dict[int, tuple[torch.Tensor, torch.Tensor]] | None:
     """For each layer, inputs a (b, L, I) and output gradients g (K, b, L, O) of the K columns of S (b, C, K).
 
     One forward pass and one backward pass vectorised over the K cotangents. Returns None when a layer is not
     called exactly once (weight sharing), which the callers handle by the generic route.
     """
-    captured: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {id(layer): [] for layer in layers}
-
-    def hook(module: torch.nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-        captured[id(module)].append((args[0].detach(), output))
-
-    handles = [layer.register_forward_hook(hook) for layer in layers]
-    with torch.enable_grad():  # callers may run under no_grad (prediction)
-        try:
-            # theta requires grad only so that the graph exists; no parameter gradient is ever computed
-            outputs = subset.forward(inputs, subset.theta_map.detach().requires_grad_(True))
-        finally:
-            for handle in handles:
-                handle.remove()
-        if any(len(calls) != 1 for calls in captured.values()):
-            return None
-        zs = [captured[id(layer)][0][1] for layer in layers]
-        grads = torch.autograd.grad(outputs, zs, grad_outputs=cotangents.permute(2, 0, 1).contiguous(),
-                                    is_grads_batched=True)
+    named = {str(k): layer for k, layer in enumerate(layers)}
+    record = record_layers(lambda: subset.forward(inputs), named, named, refuse_reuse=False)
+    if not record.called_once():
+        return None
+    with torch.enable_grad():
+        grads = torch.autograd.grad(record.outputs, [record.leaves[n] for n in named],
+                                    grad_outputs=cotangents.permute(2, 0, 1).contiguous(), is_grads_batched=True)
     signals = {}
-    for layer, z_grad in zip(layers, grads):
-        a = captured[id(layer)][0][0]
+    for (name, layer), z_grad in zip(named.items(), grads, strict=True):
         n_cot, batch = z_grad.shape[:2]
-        if isinstance(layer, torch.nn.Conv2d):
-            a = unfold_patches(a, layer.kernel_size, layer.dilation, layer.padding, layer.stride)
-            a = a.transpose(1, 2)  # (b, L, I) with I = in*kh*kw in the weight's row-major order
-            g = z_grad.reshape(n_cot, batch, layer.out_channels, -1).transpose(2, 3)
-        else:
-            a = a.reshape(batch, -1, layer.in_features)
-            g = z_grad.reshape(n_cot, batch, -1, layer.out_features)
-        signals[id(layer)] = (a, g.detach())
+        a = patches(layer, record.inputs[name]).mT  # (b, L, I), I in the weight's row-major order
+        g = channels_first(layer, z_grad.flatten(0, 1)).mT  # (K·b, L, O)
+        signals[id(layer)] = (a, g.reshape(n_cot, batch, *g.shape[1:]).detach())
     return signals
 
 
-def _plan(subset: ParameterSubset, inputs: torch.Tensor, n_cot: int,
+def _plan(subset: ParameterSubset, inputs: ModelInputs, n_cot: int,
           chunk_bytes: int) -> tuple[list[torch.nn.Module] | None, int]:
     """The layers of the fast route (None: generic route) and the examples per chunk within ``chunk_bytes``.
 
@@ -167,14 +165,15 @@ def _plan(subset: ParameterSubset, inputs: torch.Tensor, n_cot: int,
     """
     itemsize = subset.theta_map.element_size()
     layers = _covered_layers(subset)
-    if layers is not None and any(n != 1 for n in parameter_uses(subset, inputs[:1])):
+    first = take(inputs, 0, 1)
+    if layers is not None and any(n != 1 for n in parameter_uses(subset, first)):
         layers = None  # a shared parameter: its gradient sums uses the per-layer signals do not separate
     probe = None
     if layers is not None:
         with torch.no_grad():
-            n_out = subset.forward(inputs[:1]).shape[-1]
+            n_out = subset.forward(first).shape[-1]
         zero = torch.zeros(1, n_out, 1, dtype=subset.dtype, device=subset.device)
-        probe = _layer_signals(subset, inputs[:1], zero, layers)
+        probe = _layer_signals(subset, first, zero, layers)
     if probe is None:
         return None, max(1, chunk_bytes // (2 * n_cot * subset.n_params * itemsize))
     sizes = sum(g[0, 0].numel() + a[0].numel() for a, g in probe.values())
@@ -186,7 +185,7 @@ def _full_size(subset: ParameterSubset) -> int:
     return sum(block.numel for block in subset.blocks)
 
 
-def factor_gradient_squares(subset: ParameterSubset, inputs: torch.Tensor, factors: torch.Tensor,
+def factor_gradient_squares(subset: ParameterSubset, inputs: ModelInputs, factors: torch.Tensor,
                             chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> torch.Tensor:
     """sum_n sum_k (J_n^T s_nk)^2 elementwise: (P,), for factors S (B, C, K).
 
@@ -199,13 +198,14 @@ def factor_gradient_squares(subset: ParameterSubset, inputs: torch.Tensor, facto
     layers, step = _plan(subset, inputs, factors.shape[-1], chunk_bytes)
     if layers is None:
         total = torch.zeros(subset.n_params, dtype=subset.dtype, device=subset.device)
-        for start in range(0, inputs.shape[0], step):
-            grads = per_example_factor_gradients(subset, inputs[start:start + step], factors[start:start + step])
+        for start in range(0, batch_size(inputs), step):
+            grads = per_example_factor_gradients(subset, take(inputs, start, start + step),
+                                                 factors[start:start + step])
             total += grads.square_().sum((0, 1))  # grads is (b, K, P)
         return total
     full = torch.zeros(_full_size(subset), dtype=subset.dtype, device=subset.device)
-    for start in range(0, inputs.shape[0], step):
-        signals = _layer_signals(subset, inputs[start:start + step], factors[start:start + step], layers)
+    for start in range(0, batch_size(inputs), step):
+        signals = _layer_signals(subset, take(inputs, start, start + step), factors[start:start + step], layers)
         assert signals is not None  # the call pattern of the layers does not depend on the inputs
         for block in subset.blocks:
             a, g = signals[id(block.layer)]
@@ -219,7 +219,7 @@ def factor_gradient_squares(subset: ParameterSubset, inputs: torch.Tensor, facto
     return full if subset.indices is None else full[subset.indices]
 
 
-def per_example_weighted_grams(subset: ParameterSubset, inputs: torch.Tensor, weights: torch.Tensor,
+def per_example_weighted_grams(subset: ParameterSubset, inputs: ModelInputs, weights: torch.Tensor,
                                chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> torch.Tensor:
     """J(x_n) diag(w) J(x_n)^T for each input: (B, C, C), differentiable in ``weights`` (P,).
 
@@ -229,7 +229,7 @@ def per_example_weighted_grams(subset: ParameterSubset, inputs: torch.Tensor, we
     whole network, (b, C, P) per chunk. Chunks of b examples keep the working memory under about ``chunk_bytes``.
     """
     with torch.no_grad():
-        n_out = subset.forward(inputs[:1]).shape[-1]
+        n_out = subset.forward(take(inputs, 0, 1)).shape[-1]
     layers, step = _plan(subset, inputs, n_out, chunk_bytes)
     if layers is not None and subset.indices is not None:
         full_w = torch.zeros(_full_size(subset), dtype=weights.dtype, device=weights.device)
@@ -238,14 +238,15 @@ def per_example_weighted_grams(subset: ParameterSubset, inputs: torch.Tensor, we
         full_w = weights
     eye = torch.eye(n_out, dtype=subset.dtype, device=subset.device)
     out = []
-    for start in range(0, inputs.shape[0], step):
-        x = inputs[start:start + step]
-        signals = None if layers is None else _layer_signals(subset, x, eye.expand(x.shape[0], n_out, n_out), layers)
+    for start in range(0, batch_size(inputs), step):
+        x = take(inputs, start, start + step)
+        b = batch_size(x)
+        signals = None if layers is None else _layer_signals(subset, x, eye.expand(b, n_out, n_out), layers)
         if signals is None:
             jac = per_example_jacobians(subset, x)  # (b, C, P)
             out.append((jac * weights) @ jac.transpose(1, 2))
             continue
-        gram = torch.zeros(x.shape[0], n_out, n_out, dtype=torch.result_type(eye, weights), device=subset.device)
+        gram = torch.zeros(b, n_out, n_out, dtype=torch.result_type(eye, weights), device=subset.device)
         for block in subset.blocks:
             a, g = signals[id(block.layer)]
             w = full_w[block.slice]

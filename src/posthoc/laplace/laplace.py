@@ -13,9 +13,8 @@ marginal-likelihood tuning and grid search never refit.
 from __future__ import annotations
 
 import warnings
-from contextlib import contextmanager
 from enum import Enum
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
@@ -32,7 +31,17 @@ from posthoc.laplace.prior import PriorKind, as_prior_tensor, per_parameter, pri
 from posthoc.laplace.state import STATE_VERSION, laplace_state_dict, load_laplace_state  # noqa: F401 (re-exported)
 from posthoc.laplace.structures import CurvatureStructure, HessianStructure, get_structure
 from posthoc.likelihood import Likelihood
-from posthoc.network.batches import checked_batches, first_batch_inputs
+from posthoc.network.batches import DEFAULT_KEYS, checked_batches, first_batch_inputs, prediction_inputs
+from posthoc.network.inputs import (
+    InputSpec,
+    MappingCall,
+    ModelCall,
+    ModelInputs,
+    batch_size,
+    input_spec,
+    naming_input_shape,
+)
+from posthoc.network.probes import ExampleRoute
 from posthoc.network.subset import ParameterSubset, SubsetOfWeights
 from posthoc.predictive import GaussianPredictive, LinkApprox, Predictive, SamplePredictive
 from posthoc.predictive.base import check_n_samples
@@ -51,7 +60,7 @@ from posthoc.predictive.tuning import (
     tune_sigma_noise_choice,
     validation_nll_sum,
 )
-from posthoc.utils.checks import batch_shape, check_choice, check_finite
+from posthoc.utils.checks import check_choice
 from posthoc.utils.modes import eval_mode
 
 # Relative float32 round-off of the posterior algebra above which a warning names float64 as the fix:
@@ -88,7 +97,17 @@ class Laplace:
         curvature: "ggn" (exact), "ggn_mc" (sampled labels) or "ef" (empirical Fisher).
         mc_samples: labels sampled per example for "ggn_mc".
         seed: seeds label sampling, posterior samples and MC links.
-        dict_key_x, dict_key_y: the keys read from loaders that yield dict batches.
+        dict_key_x, dict_key_y: for mapping batches (dict, UserDict, HF BatchEncoding), laplace-torch's meaning:
+            the entry that gives the batch size and the target entry (default "input_ids", "labels"); the model
+            gets every entry but the target (:func:`posthoc.network.batches.split_batch`; the old keys
+            "input"/"target" keep their old meaning, deprecated).
+        mapping_call: how a mapping input reaches the model: "auto" (from ``inspect.signature(model.forward)``:
+            keyword arguments when its parameters name every key, as in every Hugging Face model, else one
+            argument, laplace-torch's ``forward(self, data)`` wrapper), "kwargs" or "argument".
+        output_fn: maps the model's raw output to the output tensor (B, C); default: a tensor, the first
+            element of a tuple/list, or ``"logits"`` of a mapping or HF ``ModelOutput``.
+        per_example: per-example Jacobians by "vmap" over examples, a "loop", or "auto": vmap unless one
+            forward pass reads tensor values into Python (HF attention masks; :mod:`posthoc.network.probes`).
         progress: show progress bars.
         structure_options: passed to the structure's fit (e.g. lowrank
             ``{"rank": 20, "subsample": 1000}``, kron/ekfac ``{"kfac_approx": "reduce"}``).
@@ -113,16 +132,21 @@ class Laplace:
         subnetwork_indices: torch.Tensor | None = None,
         mc_samples: int = 1,
         seed: int = 0,
-        dict_key_x: str = "input",
-        dict_key_y: str = "target",
+        dict_key_x: str = DEFAULT_KEYS[0],
+        dict_key_y: str = DEFAULT_KEYS[1],
         progress: bool = True,
         structure_options: dict[str, Any] | None = None,
         last_layer_name: str | None = None,
+        mapping_call: MappingCall | str = MappingCall.AUTO,
+        output_fn: Callable[[Any], torch.Tensor] | None = None,
+        per_example: ExampleRoute | str = ExampleRoute.AUTO,
     ) -> None:
         self.model = model
         self.likelihood = check_choice(likelihood, Likelihood, "likelihood")
         self.structure_name, self.structure_cls = get_structure(hessian_structure)  # a registered name or member
-        self.subset = ParameterSubset(model, subset_of_weights, subnetwork_indices, last_layer_name=last_layer_name)
+        self.call = ModelCall(model, mapping_call, output_fn)
+        self.subset = ParameterSubset(model, subset_of_weights, subnetwork_indices, last_layer_name=last_layer_name,
+                                      model_call=self.call, per_example=per_example)
         if self.subset.dtype in _LOW_PRECISION and not self.structure_cls.supports_low_precision:
             raise TypeError(f"hessian_structure={self.structure_name!r} needs a float32 or float64 model (its "
                             f"eigen/Cholesky factorisations have no {self.subset.dtype} kernels and would lose the "
@@ -138,10 +162,10 @@ class Laplace:
         self.dict_key_x, self.dict_key_y = dict_key_x, dict_key_y
         self.progress = progress
         self.structure_options = dict(structure_options or {})
-        self.curvature: CurvatureStructure | None = None
+        self.structure: CurvatureStructure | None = None  # the fitted posterior structure
         self.n_data = 0
         self.n_outputs: int | None = None
-        self.input_shape: tuple[int, ...] | None = None  # one training input's shape, from the first batch
+        self.input_shape: InputSpec | None = None  # one training input's shape (input_spec), from the first batch
         self._loglik_stat: torch.Tensor | None = None
         self._roundoff_quiet = False  # set while optimize_prior_precision tries hyperparameters
 
@@ -190,10 +214,18 @@ class Laplace:
 
     @property
     def n_params(self) -> int:
+        """P, the number of covered parameters."""
         return self.subset.n_params
 
+    @property
+    def curvature(self) -> CurvatureStructure | None:
+        """Deprecated name of :attr:`structure` (it clashed with the ``curvature=`` argument)."""
+        warnings.warn("la.curvature is deprecated (it is not the curvature= argument): use la.structure, the fitted "
+                      "posterior structure", DeprecationWarning, stacklevel=2)
+        return self.structure
+
     # ----------------------------------------------------------------- fitting
-    def _batches(self, loader: Iterable) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+    def _batches(self, loader: Iterable) -> Iterable[tuple[ModelInputs, torch.Tensor]]:
         return checked_batches(loader, self.likelihood, self.n_outputs, self.dict_key_x, self.dict_key_y,
                                self.subset.dtype, self.subset.device, input_shape=self.input_shape)
 
@@ -201,7 +233,8 @@ class Laplace:
         """Fit the curvature on the training data (one pass for full/diag/kron, two for ekfac,
         one per Lanczos product for lowrank).
 
-        ``train_loader`` yields (x, y) tuples or dicts (read with ``dict_key_x`` and ``dict_key_y``).
+        ``train_loader`` yields (x, y) tuples (x a tensor, tuple or mapping) or mappings (read with
+        ``dict_key_x`` and ``dict_key_y``).
         theta* is the model's weights now (also for "last_layer", located on the first batch). The model
         runs in eval mode; its train/eval flags are restored afterwards. Refitting replaces the previous
         curvature. Under torch.distributed, give each rank its shard (e.g. a DistributedSampler): the
@@ -216,11 +249,11 @@ class Laplace:
             return self._fit(train_loader)
 
     def _fit(self, train_loader: Iterable) -> "Laplace":
-        self.curvature, self.input_shape = None, None
+        self.structure, self.input_shape = None, None
         x0, self.n_outputs = first_batch_inputs(train_loader, self.model, self.likelihood, self.dict_key_x,
-                                                self.dict_key_y, self.subset.dtype, self.subset.device)
+                                                self.dict_key_y, self.subset.dtype, self.subset.device, self.call)
         self.subset.capture(x0)
-        self.input_shape = tuple(x0.shape[1:])
+        self.input_shape = input_spec(x0)
         self.prior_precision = self._prior_precision  # its length is checked against the located subset
         check_same_on_all_ranks(self.subset.theta_map, "the MAP weights")
         recorder = RecordingFactors(self.factors, self.likelihood)
@@ -232,12 +265,12 @@ class Laplace:
             first_pass, n_data = not totals, 0
             recorder.active = first_pass
             for x, y in self._batches(train_loader):
-                n_data += x.shape[0]
+                n_data += batch_size(x, self.dict_key_x)
                 yield self.subset.inputs(x), y
             recorder.active = False
             totals.setdefault("n_data", n_data)
 
-        self.curvature = self.structure_cls.fit(self.subset, batches, recorder, progress=self.progress,
+        self.structure = self.structure_cls.fit(self.subset, batches, recorder, progress=self.progress,
                                                 **self.structure_options)
         if not totals:  # the structure stopped before the end of the data (e.g. a subsample)
             for _ in batches():
@@ -255,9 +288,9 @@ class Laplace:
         return self
 
     def _require_fit(self) -> CurvatureStructure:
-        if self.curvature is None:
+        if self.structure is None:
             raise RuntimeError("call fit(train_loader) first: the Laplace approximation is not fitted")
-        return self.curvature
+        return self.structure
 
     # ----------------------------------------------------------------- evidence
     def _hyper(self, prior_precision, sigma_noise) -> tuple[torch.Tensor, torch.Tensor]:
@@ -395,32 +428,20 @@ class Laplace:
         self.subset.check_current(action)
         return curvature
 
-    def _model_inputs(self, x: torch.Tensor) -> torch.Tensor:
-        """X on the model's device and dtype, finite, with one training input's number of dimensions."""
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"x must be a torch.Tensor of shape {batch_shape(self.input_shape)}, "
-                            f"got {type(x).__name__}")
-        x = x.to(device=self.subset.device, dtype=self.subset.dtype if x.is_floating_point() else x.dtype)
-        check_finite(x, "x")
-        if self.input_shape is not None and x.ndim != len(self.input_shape) + 1:
-            raise ValueError(f"x must have shape {batch_shape(self.input_shape)} like the training "
-                             f"inputs (a batch, even of one example), got {tuple(x.shape)}")
-        return x
+    def _model_inputs(self, x: Any) -> ModelInputs:
+        """X (tensor, tuple or mapping) on the model's device and dtype, finite, shaped like the training inputs."""
+        return prediction_inputs(x, self.input_shape, self.dict_key_y, self.subset.device, self.subset.dtype)
 
-    @contextmanager
-    def _naming_input_shape(self, x: torch.Tensor) -> Iterator[None]:
+    def _naming_input_shape(self, x: ModelInputs) -> Any:
         """Turn a failure of the model on x shaped unlike the training inputs into an error that says so."""
-        try:
-            yield
-        except (RuntimeError, ValueError, IndexError) as err:
-            if self.input_shape is not None and tuple(x.shape[1:]) != self.input_shape:
-                raise ValueError(f"the model fails on x of shape {tuple(x.shape)}; it was fitted on inputs of shape "
-                                 f"{batch_shape(self.input_shape)}") from err
-            raise
+        return naming_input_shape(x, self.input_shape)
 
-    def predict(self, x: torch.Tensor, pred_type: PredType | str = PredType.GLM, n_samples: int = 100,
+    def predict(self, x: ModelInputs, pred_type: PredType | str = PredType.GLM, n_samples: int = 100,
                 seed: int | None = None) -> Predictive:
         """Predictive over outputs for inputs x (B, ...) shaped like the training inputs.
+
+        x is what the training loader's x was: a tensor, tuple or mapping (a mapping's ``dict_key_y`` entry,
+        if present, is dropped).
 
         "glm": GaussianPredictive(f(x; theta*), J Lambda^-1 J^T) with full (B, C, C) covariance.
         "nn": SamplePredictive of f(x; theta_s) for n_samples weight samples (seeded).
@@ -448,7 +469,7 @@ class Laplace:
                 outputs = torch.stack([self.subset.forward(inputs, th) for th in thetas])
         return SamplePredictive(outputs)
 
-    def __call__(self, x: torch.Tensor, pred_type: PredType | str = PredType.GLM,
+    def __call__(self, x: ModelInputs, pred_type: PredType | str = PredType.GLM,
                  link_approx: LinkApprox | str = LinkApprox.PROBIT, n_samples: int = 100,
                  seed: int | None = None) -> torch.Tensor | Predictive:
         """Classification: class probabilities (B, C). Regression: the predictive of y (noise added)."""

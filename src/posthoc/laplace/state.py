@@ -66,7 +66,7 @@ def load_laplace_state(la: "Laplace", state: dict[str, Any]) -> "Laplace":
         raise ValueError("the model's weights differ from those the state was fitted at; load the matching "
                          "model checkpoint first")
     la.input_shape = None if state.get("input_shape") is None else tuple(state["input_shape"])
-    la.curvature = la.structure_cls.from_state_dict(la.subset, state["curvature"])
+    la.structure = la.structure_cls.from_state_dict(la.subset, state["curvature"])
     la.prior_precision = state["prior_precision"]
     la.sigma_noise = state["sigma_noise"]
     la.n_data, la.n_outputs, la._loglik_stat = state["n_data"], state["n_outputs"], state["loglik_stat"]

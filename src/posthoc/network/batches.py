@@ -1,29 +1,71 @@
-"""Reading (x, y) pairs from any DataLoader: tuples, lists or dicts."""
+"""Reading (x, y) pairs from any DataLoader: tuples, lists or mappings (dict, UserDict, BatchEncoding).
+
+The model input x of a batch is any :data:`posthoc.network.inputs.ModelInputs` (a tensor, tuple or
+mapping); :mod:`posthoc.network.inputs` has the helpers that slice, place and check it.
+"""
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Mapping
 from typing import Any, Iterable, Iterator
 
 import torch
 from torch.utils.data import DistributedSampler
 
 from posthoc.likelihood import Likelihood
-from posthoc.utils.checks import batch_shape, check_finite, check_labels
+from posthoc.network.inputs import (
+    InputSpec,
+    ModelCall,
+    ModelInputs,
+    as_model_inputs,
+    batch_size,
+    check_finite_inputs,
+    check_like,
+    place,
+    take,
+)
+from posthoc.utils.checks import check_finite, check_labels
 
 
-def split_batch(batch: Any, dict_key_x: str, dict_key_y: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x, y) from a batch: a (x, y, ...) tuple/list, or a dict read with the two keys."""
-    if isinstance(batch, dict):
-        missing = [k for k in (dict_key_x, dict_key_y) if k not in batch]
+DEFAULT_KEYS = ("input_ids", "labels")  # laplace-torch's dict_key_x, dict_key_y
+LEGACY_KEYS = ("input", "target")  # posthoc's keys before, read with their old meaning (deprecated)
+
+
+def split_batch(batch: Any, dict_key_x: str, dict_key_y: str) -> tuple[ModelInputs, torch.Tensor]:
+    """(x, y) from a batch: a (x, y, ...) tuple/list, or a mapping (dict, UserDict, BatchEncoding).
+
+    A mapping's target is ``batch[dict_key_y]`` and its model input every other entry, as a dict
+    (``dict_key_x`` names the entry that gives the batch size; laplace-torch's meaning). Deprecated
+    (DeprecationWarning): with the keys ``("input", "target")``, or with the defaults ``("input_ids",
+    "labels")`` on a batch that has ``"input"`` and ``"target"`` but not both defaults, the model input is
+    ``batch["input"]`` alone, posthoc's meaning before.
+
+    Raises:
+        KeyError: a mapping without one of the two keys. TypeError: any other batch.
+    """
+    if isinstance(batch, Mapping):
+        keys = (dict_key_x, dict_key_y)
+        legacy = keys == LEGACY_KEYS or (keys == DEFAULT_KEYS and not all(k in batch for k in keys)
+                                         and all(k in batch for k in LEGACY_KEYS))
+        if legacy:
+            warnings.warn("a mapping batch read with the keys 'input'/'target' gives the model batch['input'] alone "
+                          "(posthoc's old meaning, deprecated): the defaults are now laplace-torch's "
+                          "dict_key_x='input_ids', dict_key_y='labels', and the model gets every entry but the "
+                          "target. Use (x, y) tuples, or name your keys with dict_key_x= and dict_key_y=",
+                          DeprecationWarning, stacklevel=3)
+            return batch["input"], batch["target"]
+        missing = [k for k in keys if k not in batch]
         if missing:
             raise KeyError(
-                f"a dict batch lacks key(s) {missing}; it has {sorted(batch)}. Pass dict_key_x= and "
-                "dict_key_y= naming the input and target entries"
+                f"a mapping batch lacks key(s) {missing}; it has {sorted(batch)}. Pass dict_key_x= (the entry "
+                "that gives the batch size) and dict_key_y= (the target entry)"
             )
-        return batch[dict_key_x], batch[dict_key_y]
+        return {k: v for k, v in batch.items() if k != dict_key_y}, batch[dict_key_y]
     if isinstance(batch, (tuple, list)) and len(batch) >= 2:
         return batch[0], batch[1]
-    raise TypeError("each batch must be an (x, y) tuple/list or a dict with the input and target keys")
+    raise TypeError("each batch must be an (x, y) tuple/list or a mapping with the input and target keys, got "
+                    f"{type(batch).__name__}")
 
 
 def check_unpadded_shards(loader: Iterable) -> None:
@@ -43,31 +85,36 @@ def check_unpadded_shards(loader: Iterable) -> None:
 
 def checked_batches(loader: Iterable, likelihood: Likelihood, n_outputs: int | None, dict_key_x: str,
                     dict_key_y: str, dtype: torch.dtype, device: torch.device,
-                    input_shape: tuple[int, ...] | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield validated (x, y) on the model's device: x finite (cast to ``dtype`` if floating) with one target per
-    input, and y class indices (B,) in range (classification) or finite values (regression).
+                    input_shape: InputSpec | None = None) -> Iterator[tuple[ModelInputs, torch.Tensor]]:
+    """Yield validated (x, y) on the model's device: x finite (floating leaves cast to ``dtype``) with one target
+    per input, and y class indices (B,) in range (classification) or finite values (regression).
 
-    With ``n_outputs`` C known, regression targets must be (B, C), or (B,) when C = 1, and classification labels
-    (B,) or (B, 1) come back as (B,). With ``input_shape`` every input must be (B, *input_shape).
+    x is a tensor, tuple or mapping (:mod:`posthoc.network.inputs`); its batch size B is read from
+    ``dict_key_x`` for mappings. With ``n_outputs`` C known, regression targets must be (B, C), or (B,) when
+    C = 1, and classification labels (B,) or (B, 1) come back as (B,). With ``input_shape`` (an
+    :func:`posthoc.network.inputs.input_spec`) every tensor input must be (B, *input_shape), and every tuple or
+    mapping input have the same structure and per-leaf ranks (token lengths may vary between batches).
 
     Raises:
         ValueError: non-finite values; inputs and targets with different batch sizes; one-hot or probability
             targets (B, C) for classification (pass ``y.argmax(-1)``); labels out of range; regression targets
             of another width than the outputs; inputs shaped unlike ``input_shape``; a padding
             DistributedSampler (:func:`check_unpadded_shards`).
+        TypeError: inputs that are not tensors (or tuples/mappings of them), or targets that are not a tensor.
     """
     check_unpadded_shards(loader)
     for batch in loader:
         x, y = split_batch(batch, dict_key_x, dict_key_y)
-        if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
-            raise TypeError(f"batches must hold tensors, got inputs {type(x).__name__} and targets {type(y).__name__}")
-        x = x.to(device=device, dtype=dtype if x.is_floating_point() else x.dtype)
-        check_finite(x, "inputs")
-        if input_shape is not None and tuple(x.shape[1:]) != tuple(input_shape):
-            raise ValueError(f"inputs of shape {tuple(x.shape)}, but the first batch had inputs of shape "
-                             f"{batch_shape(input_shape)}; every batch must have the same input shape")
-        if x.ndim == 0 or y.ndim == 0 or y.shape[0] != x.shape[0]:
-            raise ValueError(f"a batch has inputs of shape {tuple(x.shape)} and targets of shape {tuple(y.shape)}; "
+        x = as_model_inputs(x, "inputs")
+        if not isinstance(y, torch.Tensor):
+            raise TypeError(f"batch targets must be a tensor, got {type(y).__name__}")
+        x = check_finite_inputs(place(x, device, dtype), "inputs")
+        if input_shape is not None:
+            check_like(x, input_shape, "inputs", fitted=False)
+        size = batch_size(x, dict_key_x)
+        if y.ndim == 0 or y.shape[0] != size:
+            shown = tuple(x.shape) if isinstance(x, torch.Tensor) else f"batch size {size}"
+            raise ValueError(f"a batch has inputs of shape {shown} and targets of shape {tuple(y.shape)}; "
                              "both need the batch size first and one target per input")
         y = y.to(device)
         if likelihood is Likelihood.CLASSIFICATION:
@@ -85,18 +132,45 @@ def checked_batches(loader: Iterable, likelihood: Likelihood, n_outputs: int | N
         yield x, y
 
 
+def prediction_inputs(x: Any, spec: InputSpec | None, dict_key_y: str, device: torch.device,
+                      dtype: torch.dtype) -> ModelInputs:
+    """Inputs to predict on, read like a training batch's x: a tensor, tuple or mapping, placed and checked.
+
+    A mapping's ``dict_key_y`` entry (the target), if present, is dropped. With ``spec`` (the training inputs'
+    :func:`posthoc.network.inputs.input_spec`) a tensor must have their number of dimensions, a tuple or
+    mapping their structure.
+
+    Raises:
+        TypeError: not a tensor or a tuple/mapping of tensors (or a container where the training inputs were
+            one tensor). ValueError: NaN/Inf, or shaped unlike the training inputs.
+    """
+    if isinstance(x, Mapping):
+        x = {k: v for k, v in x.items() if k != dict_key_y}
+    if spec is not None and isinstance(spec, tuple) and not isinstance(x, torch.Tensor):
+        check_like(x, spec, "x", fitted=True)  # raises the TypeError naming the expected tensor shape
+    x = check_finite_inputs(place(as_model_inputs(x, "x"), device, dtype), "x")
+    if spec is not None:
+        check_like(x, spec, "x", fitted=True)
+    return x
+
+
 def first_batch_inputs(loader: Iterable, model: torch.nn.Module, likelihood: Likelihood, dict_key_x: str,
-                       dict_key_y: str, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, int]:
+                       dict_key_y: str, dtype: torch.dtype, device: torch.device,
+                       call: ModelCall | None = None) -> tuple[ModelInputs, int]:
     """The first batch's checked inputs and the model's number of outputs C (one forward of one example).
 
-    Raises ValueError for an empty loader or a model whose outputs are not (B, C).
+    ``call`` (default ``ModelCall(model)``) says how the model takes the inputs and which output it gives.
+
+    Raises:
+        ValueError: an empty loader, or a model whose outputs are not (B, C).
     """
     first = next(iter(loader), None)
     if first is None:
         raise ValueError("the training loader yielded no batches: nothing to fit")
     x0, _ = next(iter(checked_batches([first], likelihood, None, dict_key_x, dict_key_y, dtype, device)))
+    call = ModelCall(model) if call is None else call
     with torch.no_grad():
-        out0 = model(x0[:1])
+        out0 = call(take(x0, 0, 1))
     if out0.ndim != 2:
         raise ValueError(f"the model must return (B, C) outputs, got {tuple(out0.shape)}")
     return x0, out0.shape[-1]

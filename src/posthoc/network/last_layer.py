@@ -7,9 +7,13 @@ docstring there describes the three tails (identity, linear, rerun) and their co
 from __future__ import annotations
 
 from enum import Enum
+from typing import Callable
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_map
+
+from posthoc.network.inputs import ModelInputs, floating_leaves
 
 
 class Tail(str, Enum):
@@ -28,8 +32,8 @@ def named_linears(model: nn.Module) -> dict[str, nn.Linear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
 
 
-def last_linear_on_path(model: nn.Module, x: torch.Tensor) -> str:
-    """The name of the last nn.Linear, in call order, whose output ``model(x)`` depends on.
+def last_linear_on_path(model: nn.Module, x: ModelInputs, call: Callable[[ModelInputs], torch.Tensor]) -> str:
+    """The name of the last nn.Linear, in call order, whose output ``call(x)`` (the model's output) depends on.
 
     Forward hooks replace each Linear's output by a leaf tensor; autograd says which leaves the output reaches.
     Cost: one forward and one backward pass on ``x``.
@@ -47,24 +51,26 @@ def last_linear_on_path(model: nn.Module, x: torch.Tensor) -> str:
 
     handles = [m.register_forward_hook(hook) for m in model.modules() if id(m) in linears]
     try:
-        out = model(x)
+        out = call(x)
     finally:
         for handle in handles:
             handle.remove()
     on_path: list[str] = []
     if isinstance(out, torch.Tensor) and out.requires_grad and calls:
         grads = torch.autograd.grad(out, [leaf for _, leaf in calls], torch.ones_like(out), allow_unused=True)
-        on_path = [name for (name, _), g in zip(calls, grads) if g is not None]
+        on_path = [name for (name, _), g in zip(calls, grads, strict=True) if g is not None]
     if not on_path:
         raise ValueError("subset_of_weights='last_layer': no nn.Linear of the model feeds its output in a "
                          "forward pass; use subset_of_weights='all'")
     return on_path[-1]
 
 
-def classify_tail(model: nn.Module, name: str, layer: nn.Module,
-                  x: torch.Tensor) -> tuple[Tail, torch.Tensor | None]:
-    """The tail after the nn.Linear ``layer`` (called ``name``) on inputs ``x`` (B >= 2), and its matrix (C, Z)
-    when linear (see :class:`Tail`). Cost: up to three forward passes and C + 2 backward passes on ``x``.
+def classify_tail(model: nn.Module, name: str, layer: nn.Module, x: ModelInputs,
+                  call: Callable[[ModelInputs], torch.Tensor]) -> tuple[Tail, torch.Tensor | None]:
+    """The tail after the nn.Linear ``layer`` (called ``name``) on inputs ``x`` (B >= 2) and its matrix (C, Z).
+
+    The matrix is given when the tail is linear (see :class:`Tail`); ``call(x)`` is the model's output.
+    Cost: up to three forward passes and C + 2 backward passes on ``x``.
 
     Raises:
         ValueError: the layer runs more than once per forward pass; the output does not depend on it; its
@@ -84,15 +90,17 @@ def classify_tail(model: nn.Module, name: str, layer: nn.Module,
         seen[-1] = leaf
         return leaf
 
-    def run(inputs: torch.Tensor) -> torch.Tensor:
+    def run(inputs: ModelInputs) -> torch.Tensor:
         seen.clear()
         handle = layer.register_forward_hook(hook)
         try:
-            return model(inputs)
+            return call(inputs)
         finally:
             handle.remove()
 
-    x_leaf = x.detach().clone().requires_grad_(True) if x.is_floating_point() else x
+    x_leaf = tree_map(lambda t: t.detach().clone().requires_grad_(True)
+                      if isinstance(t, torch.Tensor) and t.is_floating_point() else t, x)
+    input_leaves = floating_leaves(x_leaf)
     out = run(x_leaf)
     if len(seen) != 1:
         raise ValueError(f"the last layer {name!r} runs {len(seen)} times in one forward pass; the last-layer "
@@ -106,18 +114,18 @@ def classify_tail(model: nn.Module, name: str, layer: nn.Module,
         return Tail.IDENTITY, None  # not (B, C) outputs: the estimator's output check names the problem
     own = {id(p) for p in layer.parameters()}
     others = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    wrt = [p for _, p in others] + ([x_leaf] if x_leaf.requires_grad else [])
+    wrt = [p for _, p in others] + input_leaves
     grads = torch.autograd.grad(out, wrt, torch.ones_like(out), allow_unused=True, retain_graph=True) if wrt else []
-    tied = [n for (n, p), g in zip(others, grads) if g is not None and id(p) in own]
+    tied = [n for (n, p), g in zip(others, grads[:len(others)], strict=True) if g is not None and id(p) in own]
     mine = [(n, p) for n, p in others if id(p) in own]
     if mine and layer_inputs[0].requires_grad:  # the layer's own weights also shape its input (e.g. an embedding)
         before = torch.autograd.grad(layer_inputs[0], [p for _, p in mine], torch.ones_like(layer_inputs[0]),
                                      allow_unused=True, retain_graph=True)
-        tied += [n for (n, _), g in zip(mine, before) if g is not None]
+        tied += [n for (n, _), g in zip(mine, before, strict=True) if g is not None]
     if tied:
         raise ValueError(f"the last layer {name!r}'s parameters {tied} are also used elsewhere in the forward pass "
                          "(tied weights); the last-layer Laplace cannot cover them: use subset_of_weights='all'")
-    after = [n for (n, p), g in zip(others, grads) if g is not None and id(p) not in own]
+    after = [n for (n, p), g in zip(others, grads[:len(others)], strict=True) if g is not None and id(p) not in own]
     if after:
         shown = ", ".join(repr(n) for n in after[:4]) + (f" and {len(after) - 4} more" if len(after) > 4 else "")
         raise ValueError(
@@ -127,7 +135,7 @@ def classify_tail(model: nn.Module, name: str, layer: nn.Module,
             "which only parameter-free operations follow, freeze those parameters (requires_grad_(False)) to "
             "treat them as constants, or use subset_of_weights='all' or 'subnetwork'"
         )
-    if x_leaf.requires_grad and grads[-1] is not None:
+    if any(g is not None for g in grads[len(others):]):
         return Tail.RERUN, None  # the output reads the input other than through the layer
     if out is z:
         return Tail.IDENTITY, None

@@ -44,13 +44,17 @@ import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
+from posthoc.network.inputs import ModelCall, ModelInputs, batch_size, concat, take
 from posthoc.network.last_layer import Tail, classify_tail, last_linear_on_path, named_linears
+from posthoc.network.probes import ExampleRoute, reads_tensor_values
 from posthoc.utils.checkpoint import module_digest, module_tensors
 from posthoc.utils.checks import check_choice
 from posthoc.utils.modes import eval_mode
 
 
 class SubsetOfWeights(str, Enum):
+    """Which weights an estimator covers (see the module docstring)."""
+
     ALL = "all"
     LAST_LAYER = "last_layer"
     SUBNETWORK = "subnetwork"
@@ -75,6 +79,7 @@ class ParamBlock:
 
     @property
     def slice(self) -> slice:
+        """The block's positions in the module's flat parameter vector."""
         return slice(self.offset, self.offset + self.numel)
 
 
@@ -121,6 +126,10 @@ class ParameterSubset:
         example_inputs: for "last_layer": a batch of model inputs on which to locate the last layer now.
             Without it, the last registered nn.Linear (or ``last_layer_name``) is a provisional choice until
             ``capture(example_inputs)`` runs, as estimators do at ``fit``.
+        model_call: how the model takes its inputs and gives its output (:class:`ModelCall`); default
+            ``ModelCall(model)``: tensors, tuples and mappings in, tensor/tuple/mapping outputs read.
+        per_example: how per-example Jacobians are taken (:mod:`posthoc.network.probes`): "auto" (vmap over
+            examples unless one forward pass reads tensor values into Python), "vmap" or "loop".
 
     Attributes:
         module: the module whose parameters are covered (the whole model, or
@@ -144,9 +153,16 @@ class ParameterSubset:
         subset_of_weights: SubsetOfWeights | str = SubsetOfWeights.ALL,
         subnetwork_indices: torch.Tensor | None = None,
         last_layer_name: str | None = None,
-        example_inputs: torch.Tensor | None = None,
+        example_inputs: ModelInputs | None = None,
+        model_call: ModelCall | None = None,
+        per_example: ExampleRoute | str = ExampleRoute.AUTO,
     ) -> None:
         self.model = model
+        self.call = ModelCall(model) if model_call is None else model_call
+        if self.call.model is not model:
+            raise ValueError("model_call must call the same model as the subset covers")
+        self.per_example = check_choice(per_example, ExampleRoute, "per_example")
+        self._vmap_examples: bool | None = None  # decided on first use when per_example is "auto"
         self.kind = check_choice(subset_of_weights, SubsetOfWeights, "subset_of_weights")
         check_materialised(model)
         is_last = self.kind is SubsetOfWeights.LAST_LAYER
@@ -198,7 +214,7 @@ class ParameterSubset:
         self._n_full = offset
 
     # ----------------------------------------------------------------- locating the last layer
-    def _locate_last_layer(self, example_inputs: torch.Tensor) -> None:
+    def _locate_last_layer(self, example_inputs: ModelInputs) -> None:
         """Find the last layer and its tail from one forward pass of the model on ``example_inputs`` (B, ...).
 
         The last layer is the last nn.Linear, in call order, whose output the model's output depends on
@@ -213,14 +229,14 @@ class ParameterSubset:
             ValueError: no nn.Linear feeds the output; the layer runs more than once per forward pass; the
                 output depends on parameters that require grad other than through the layer.
         """
-        x = example_inputs[:4]
-        if x.shape[0] == 1:  # two rows, so that a tail mixing examples shows up
-            x = torch.cat([x, x])
+        x = take(example_inputs, 0, 4)
+        if batch_size(x) == 1:  # two rows, so that a tail mixing examples shows up
+            x = concat([x, x])
         with eval_mode(self.model), torch.enable_grad():
-            name = self._requested_last_layer or last_linear_on_path(self.model, x)
+            name = self._requested_last_layer or last_linear_on_path(self.model, x, self.call)
             if name != self.last_layer_name:
                 self._set_module(name)
-            self.tail, self._tail_matrix = classify_tail(self.model, name, self.module, x)
+            self.tail, self._tail_matrix = classify_tail(self.model, name, self.module, x, self.call)
         self.last_layer_located = True
 
     def last_layer_state(self) -> dict[str, object] | None:
@@ -248,7 +264,7 @@ class ParameterSubset:
         """Where and how often each parameter and buffer of the whole model was written (no copy)."""
         return [(t.data_ptr(), t._version, tuple(t.shape)) for t in module_tensors(self.model)]
 
-    def capture(self, example_inputs: torch.Tensor | None = None) -> None:
+    def capture(self, example_inputs: ModelInputs | None = None) -> None:
         """Read theta* from the model's current weights (the MAP is the weights at ``fit``, not at construction).
 
         Also records the model's state (every parameter and buffer) so that :meth:`check_current` can tell when
@@ -298,14 +314,34 @@ class ParameterSubset:
 
     @property
     def dtype(self) -> torch.dtype:
+        """The covered parameters' dtype."""
         return self.theta_map.dtype
 
     @property
     def device(self) -> torch.device:
+        """The covered parameters' device."""
         return self.theta_map.device
 
+    def vmap_examples(self, inputs: ModelInputs) -> bool:
+        """Whether per-example Jacobians may vmap over the examples of the covered function's ``inputs``.
+
+        "auto" decides once, on first use, by :func:`posthoc.network.probes.reads_tensor_values` on one example
+        (a forward pass that reads tensor values into Python, e.g. Hugging Face's attention-mask shortcut
+        ``if mask.all()``, cannot run under vmap); a last layer without the rerun tail is one nn.Linear, which
+        never does. Cost: one forward pass of one example, once.
+        """
+        if self.per_example is not ExampleRoute.AUTO:
+            return self.per_example is ExampleRoute.VMAP
+        if self._vmap_examples is None:
+            if self.module is not self.model and self.tail is not Tail.RERUN:
+                self._vmap_examples = True
+            else:
+                with torch.no_grad():
+                    self._vmap_examples = not reads_tensor_values(lambda: self.forward(take(inputs, 0, 1)))
+        return self._vmap_examples
+
     @torch.no_grad()
-    def inputs(self, x: torch.Tensor) -> torch.Tensor:
+    def inputs(self, x: ModelInputs) -> ModelInputs:
         """The covered function's inputs for model inputs ``x``: ``x``, or the last layer's inputs (B, ..., D).
 
         ``last_layer`` with the rerun tail takes ``x`` itself. The model runs in eval mode.
@@ -316,7 +352,7 @@ class ParameterSubset:
         handle = self.module.register_forward_pre_hook(lambda mod, args: captured.append(args[0].detach()))
         try:
             with eval_mode(self.model):
-                out = self.model(x)
+                out = self.call(x)
         finally:
             handle.remove()
         if len(captured) != 1:
@@ -355,7 +391,7 @@ class ParameterSubset:
         full = self._full_vector(theta)
         return {b.name: full[b.slice].view(b.shape) for b in self.blocks}
 
-    def forward(self, inputs: torch.Tensor, theta: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, inputs: ModelInputs, theta: torch.Tensor | None = None) -> torch.Tensor:
         """Outputs (B, C) of the covered function at parameters theta (default: MAP), in eval mode.
 
         ``inputs`` come from :meth:`inputs`. Differentiable in theta (torch.func transforms apply). Cost: one
@@ -366,20 +402,28 @@ class ParameterSubset:
             theta = self.theta_map
         return self.forward_with(self.unflatten(theta), inputs)
 
-    def forward_with(self, params: dict[str, torch.Tensor], inputs: torch.Tensor) -> torch.Tensor:
-        """The covered function with the covered parameters given by name (as in :meth:`unflatten`), e.g. fresh
-        leaves for autograd-graph inspection; :meth:`forward` is this at ``unflatten(theta)``.
+    def forward_with(self, params: dict[str, torch.Tensor], inputs: ModelInputs) -> torch.Tensor:
+        """The covered function with the covered parameters given by name (as in :meth:`unflatten`).
+
+        E.g. fresh leaves for autograd-graph inspection; :meth:`forward` is this at ``unflatten(theta)``.
+        The whole model runs through :attr:`call` (its inputs and output kinds); a last layer is one nn.Linear.
         """
-        if self.tail is Tail.RERUN:
+        if self.module is self.model:
             with eval_mode(self.model):
-                return functional_call(self.model, {self._prefix + n: t for n, t in params.items()}, (inputs,))
+                return self.call.functional(params, inputs)
+        if self.tail is Tail.RERUN:
+            # the layers before the last one are constants of the covered function: detached, so that no
+            # result (a curvature, a Jacobian) keeps an autograd graph to the model's own parameters
+            constants = {n: p.detach() for n, p in self.model.named_parameters()}
+            with eval_mode(self.model):
+                return self.call.functional({**constants, **{self._prefix + n: t for n, t in params.items()}}, inputs)
         with eval_mode(self.module):
             out = functional_call(self.module, params, (inputs,))
         if self.tail is Tail.LINEAR:
             return out.reshape(out.shape[0], -1) @ self._tail_matrix.T
         return out
 
-    def forward_many(self, inputs: torch.Tensor, thetas: torch.Tensor) -> torch.Tensor:
+    def forward_many(self, inputs: ModelInputs, thetas: torch.Tensor) -> torch.Tensor:
         """Outputs (S, B, C) for S parameter vectors thetas (S, P), vectorised with vmap."""
         return vmap(lambda th: self.forward(inputs, th), randomness="different")(thetas)
 

@@ -124,7 +124,7 @@ class Streamlined:
     # ----------------------------------------------------------------- staleness
     @staticmethod
     def _laplace_snapshot(la: Laplace) -> tuple:
-        return la.curvature, la.prior_precision.detach().clone(), la.sigma_noise.detach().clone()
+        return la.structure, la.prior_precision.detach().clone(), la.sigma_noise.detach().clone()
 
     def _check_laplace(self, action: str) -> None:
         """Raise RuntimeError if the Laplace posterior this object was built from is no longer the one it read.
@@ -140,7 +140,7 @@ class Streamlined:
         la.subset.check_current(action)
         curvature, prior, sigma = snapshot
         same_prior = la.prior_precision.shape == prior.shape and torch.equal(la.prior_precision, prior)
-        if la.curvature is not curvature or not same_prior or not torch.equal(la.sigma_noise, sigma):
+        if la.structure is not curvature or not same_prior or not torch.equal(la.sigma_noise, sigma):
             raise RuntimeError(
                 f"cannot {action}: the Laplace posterior changed after this Streamlined object was built from it "
                 "(refitted, or prior_precision / sigma_noise changed, e.g. by optimize_prior_precision); build "
