@@ -165,6 +165,8 @@ def test_predict_input_shape_and_eval_mode():
     for bad, note in ((x[:2, :2], ""), (x[0], "batch dimension"), (x[:2, :, None], "")):
         with pytest.raises(ValueError, match=rf"x must have shape \(B, 3\) like the training inputs.*{note}"):
             fs.predict(bad, n_samples=4)
+    with pytest.raises(ValueError, match="chunk_size"):  # was a bare "range() arg 3 must not be zero"
+        fs.predict(x[:2], n_samples=4, chunk_size=0)
     loaded = FiberSampler(model, "classification", **{**SETTINGS, "subset_of_weights": "last_layer"})
     loaded.load_state_dict(fs.state_dict())
     with pytest.raises(ValueError, match=r"\(B, 3\)"):

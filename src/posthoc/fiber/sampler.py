@@ -391,11 +391,12 @@ class FiberSampler:
         shape (B, ...). The network runs in eval mode whatever mode it was left in (and is given back its modes).
         Regression: the predictive of f; use ``.with_noise(fs.sigma_noise)`` or ``fs(x)`` for y.
         Cost: n_samples forward passes (vmapped in chunks of ``chunk_size``). Raises RuntimeError before fit or if the
-        model's weights changed since; ValueError for inputs of another shape or with NaN/Inf, or n_samples < 2;
-        TypeError if x is not a tensor.
+        model's weights changed since; ValueError for inputs of another shape or with NaN/Inf, n_samples < 2 or a
+        non-positive chunk_size; TypeError if x is not a tensor.
         """
         self._require_fit("predict")
         check_n_samples(n_samples)
+        check_positive_int(chunk_size, "chunk_size", "samples per vmapped forward pass")
         if n_samples < 2:
             raise ValueError("predict needs n_samples >= 2 (a sample predictive)")
         if not isinstance(x, torch.Tensor):
