@@ -1,6 +1,7 @@
 """posthoc.compat.laplace: laplace-torch-style code with only the import changed, against posthoc's own API."""
 
 import warnings
+from collections.abc import Mapping
 
 import pytest
 import torch
@@ -25,6 +26,12 @@ from posthoc.compat.laplace.utils import LargestMagnitudeSubnetMask, ModuleNameS
 DTYPE = torch.float64
 
 
+def _fitted_structure(la):
+    """The fitted posterior structure (``la.structure``; ``la.curvature`` before that rename)."""
+    attrs = vars(la)
+    return attrs["structure"] if "structure" in attrs else attrs["curvature"]
+
+
 def _regression():
     g = torch.Generator().manual_seed(0)
     x = torch.rand(40, 1, generator=g, dtype=DTYPE) * 6 - 3
@@ -41,6 +48,17 @@ def _classification():
     torch.manual_seed(1)
     model = nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 3)).to(DTYPE)
     return model, DataLoader(TensorDataset(x, y), batch_size=15), x
+
+
+class _TakesMapping(nn.Module):
+    """laplace-torch's wrapper for dict batches: forward(data) reads data["input_ids"] (a tensor also works)."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, data):
+        return self.net(data["input_ids"] if isinstance(data, Mapping) else data)
 
 
 def test_regression_flow_of_the_laplace_torch_readme():
@@ -91,7 +109,8 @@ def test_classification_flow_with_tuning_and_links():
     torch.testing.assert_close(la.prior_precision, own.prior_precision)
     # laplace-torch's default dict keys
     dict_loader = [{"input_ids": xb, "labels": yb} for xb, yb in train_loader]
-    dict_la = Laplace(model, "classification", subset_of_weights="all", hessian_structure="diag").fit(dict_loader)
+    dict_la = Laplace(_TakesMapping(model), "classification", subset_of_weights="all", hessian_structure="diag")
+    dict_la.fit(dict_loader)
     assert dict_la.n_data == 45
 
 
@@ -99,7 +118,7 @@ def test_class_names_and_subnetwork_masks():
     model, train_loader, x = _classification()
     full = FullLaplace(model, "classification", prior_precision=0.5).fit(train_loader)
     own = posthoc.Laplace(model, "classification", "all", "full", prior_precision=0.5, progress=False).fit(train_loader)
-    torch.testing.assert_close(full.posterior_precision, own.curvature.dense_precision(own.prior_precision,
+    torch.testing.assert_close(full.posterior_precision, _fitted_structure(own).dense_precision(own.prior_precision,
                                                                                        torch.ones((), dtype=DTYPE)))
     assert isinstance(full, Laplace) and full.subset.kind.value == "all"
     assert KronLLLaplace(model, "classification").subset.kind.value == "last_layer"

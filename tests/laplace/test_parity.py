@@ -18,6 +18,12 @@ DTYPE = torch.float64
 _TestLaplace = Laplace if issubclass(Laplace, LaplaceTorchAPI) else type("_TestLaplace", (LaplaceTorchAPI, Laplace), {})
 
 
+def _fitted_structure(la):
+    """The fitted posterior structure (``la.structure``; ``la.curvature`` before that rename)."""
+    attrs = vars(la)
+    return attrs["structure"] if "structure" in attrs else attrs["curvature"]
+
+
 def _fit(x, y, likelihood, structure, prior=0.7, sigma=1.0, n_out=3, **kwargs):
     model = small_mlp(n_out=n_out)
     la = _TestLaplace(model, likelihood, subset_of_weights="all", hessian_structure=structure, prior_precision=prior,
@@ -207,7 +213,7 @@ def test_functional_and_predictive_samples(full_cls):
 def test_diag_and_kron_against_their_dense_form(classification_data, structure):
     x, y = classification_data
     la = _fit(x, y, "classification", structure, prior=0.9)
-    precision = la.curvature.dense_precision(la.prior_precision, la.factors.scale(la.sigma_noise))
+    precision = _fitted_structure(la).dense_precision(la.prior_precision, la.factors.scale(la.sigma_noise))
     cov = torch.linalg.inv(precision)
     js = dense_jacobians(la.subset, x[:4])
     torch.testing.assert_close(la.functional_variance(js), torch.einsum("bcp,pq,bkq->bck", js, cov, js))
@@ -235,7 +241,7 @@ def test_lowrank_posterior_precision_is_laplace_torch_tuple(classification_data)
     la = _fit(x, y, "classification", "lowrank", prior=0.8, structure_options={"rank": 4})
     (vectors, values), prior_diag = la.posterior_precision
     dense = vectors @ torch.diag(values) @ vectors.T + torch.diag(prior_diag)
-    precision = la.curvature.dense_precision(la.prior_precision, la.factors.scale(la.sigma_noise))
+    precision = _fitted_structure(la).dense_precision(la.prior_precision, la.factors.scale(la.sigma_noise))
     torch.testing.assert_close(dense, precision)
     values_ = la.mean + 0.1 * torch.randn(2, la.n_params, generator=torch.Generator().manual_seed(0), dtype=DTYPE)
     centred = values_ - la.mean
