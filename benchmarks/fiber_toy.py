@@ -30,6 +30,7 @@ from posthoc.bench.report import run_meta, write_json
 from posthoc.data.toy import GAP_INTERVAL, gap_regression, two_moons
 from posthoc.fiber import FiberSampler
 from posthoc.fiber.deform import DeformKind, PrincipalCoordinates, gaussian_log_prob
+from posthoc.fiber.stage2 import get_deform
 from posthoc.fiber.walk import full_data_nll
 from posthoc.models import MLP
 from posthoc.plots.figures import regression_band, save_figure, uncertainty_map
@@ -105,7 +106,7 @@ def stage2_choice(fs: FiberSampler, spread, seed: int = 0) -> dict[str, float]:
             else saved[7:9])
         t0 = time.perf_counter()
         if name == "resample":
-            fs.flow = fs._anchored_map()
+            fs.flow = get_deform(DeformKind.ANCHORED).build(fs)
             with torch.no_grad():
                 fs.flow.log_sigma.fill_(-math.inf)  # sigma = 0: each sample is a walked sample
         elif name != "gaussian":
@@ -119,7 +120,8 @@ def stage2_choice(fs: FiberSampler, spread, seed: int = 0) -> dict[str, float]:
                 gaussian_log_prob(c_test).mean() if fs.flow is None else fs.flow.log_prob(c_test).mean())
         out[f"{name}_spread"] = spread(thetas)
         if name == "anchored":
-            out.update({f"anchored_{k}": v for k, v in fs._jitter_diagnostics(200, seed + 11).items()})
+            diagnostics = get_deform(DeformKind.ANCHORED).diagnostics(fs, 200, seed + 11)
+            out.update({f"anchored_{k}": v for k, v in diagnostics.items()})
     (fs.coords, fs.flow, fs.deform, fs.flow_loss_weight, fs.particles, fs.particle_nll, fs.info, fs.barrier_weight,
      fs.variational_init_scale) = saved
     fs._cache = None
