@@ -166,7 +166,7 @@ def test_backends_choose_the_curvature():
 
 def test_not_yet_provided_options_raise_naming_the_issue():
     model, train_loader, _ = _classification()
-    for kwargs in ({"hessian_structure": "gp"}, {"temperature": 0.5},
+    for kwargs in ({"hessian_structure": "gp"},
                    {"enable_backprop": True}):
         with pytest.raises(NotImplementedError, match="issue 18"):
             Laplace(model, "classification", **kwargs)
@@ -214,3 +214,23 @@ def test_prior_mean_enters_the_evidence_only():
     assert scalar.prior_mean.shape == ()
     with pytest.raises(ValueError, match="prior_mean must be a scalar or have one entry"):
         Laplace(model, "classification", subset_of_weights="all", prior_mean=torch.zeros(4))
+
+
+@pytest.mark.parametrize("likelihood", ["classification", "regression"])
+def test_temperature_tempers_curvature_and_likelihood(likelihood):
+    model, train_loader, x = _classification() if likelihood == "classification" else _regression()
+    sigma = 1.0 if likelihood == "classification" else 0.6
+    kwargs = {"subset_of_weights": "all", "hessian_structure": "full", "prior_precision": 0.7, "sigma_noise": sigma}
+    plain = Laplace(model, likelihood, **kwargs).fit(train_loader)
+    hot = Laplace(model, likelihood, temperature=0.4, **kwargs).fit(train_loader)
+    delta = torch.diag(plain.prior_precision_diag)
+    torch.testing.assert_close(hot.posterior_precision, (plain.posterior_precision - delta) / 0.4 + delta)
+    loglik = plain.log_likelihood
+    normaliser = 0.0 if likelihood == "classification" else 0.5 * 40 * torch.log(torch.tensor(2 * torch.pi * sigma**2))
+    tempered = (loglik + normaliser) / 0.4 - normaliser
+    expected = tempered - 0.5 * (torch.logdet(hot.posterior_precision) - plain.log_det_prior_precision + plain.scatter)
+    torch.testing.assert_close(hot.log_marginal_likelihood(), expected)
+    own = posthoc.Laplace(model, likelihood, progress=False, **kwargs).fit(train_loader)
+    assert not torch.allclose(hot.predict(x).cov, own.predict(x).cov)
+    with pytest.raises(ValueError, match="temperature must be"):
+        Laplace(model, likelihood, temperature=0.0)

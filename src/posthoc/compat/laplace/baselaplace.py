@@ -14,6 +14,7 @@ subnetwork classes order some of them differently, so pass those by name.
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any, Callable, Iterable
 
@@ -21,6 +22,7 @@ import torch
 from torch import nn
 
 from posthoc.compat.laplace.curvature import backend_kind
+from posthoc.curvature.output_factors import OutputFactors
 from posthoc.laplace.laplace import Laplace as _PosthocLaplace
 from posthoc.laplace.prior import per_parameter
 
@@ -70,6 +72,26 @@ def curvature_from_backend(backend: type | None, backend_kwargs: dict[str, Any] 
     return chosen, sorted(options)
 
 
+class _TemperedFactors(OutputFactors):
+    """Output factors whose curvature scale is divided by the temperature T (laplace-torch's 1 / (sigma^2 T)).
+
+    Wraps the Laplace's factors: everything but :meth:`scale` is theirs.
+    """
+
+    def __init__(self, factors: OutputFactors, temperature: float) -> None:  # noqa: D107
+        self.factors, self.temperature = factors, temperature  # the wrapped factors' own attributes are read through
+
+    def __call__(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return self.factors(outputs, targets)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.factors, name)
+
+    def scale(self, sigma_noise: torch.Tensor) -> torch.Tensor:
+        """The wrapped factors' scale divided by T."""
+        return self.factors.scale(sigma_noise) / self.temperature
+
+
 class Laplace(_PosthocLaplace):
     """A laplace-torch ``Laplace(...)``: posthoc's Laplace built from laplace-torch's arguments (module docstring).
 
@@ -84,7 +106,9 @@ class Laplace(_PosthocLaplace):
         prior_mean: mu_0 of the prior N(mu_0, diag(delta)^-1): a scalar, or one value per covered parameter. It enters
             the evidence (``scatter``, ``log_marginal_likelihood``, marglik tuning); the posterior is centred at
             theta* whatever mu_0 is, as in laplace-torch.
-        temperature: must be 1 (NotImplementedError otherwise).
+        temperature: T > 0 tempers the likelihood as in laplace-torch: the curvature is scaled by 1 / T (so the
+            posterior, predictive and samples), and the evidence's log-likelihood term becomes
+            log p(D | theta*) / T (regression: the Gaussian normaliser stays untempered).
         enable_backprop: must be False (NotImplementedError otherwise).
         dict_key_x: the input's key in dict batches (laplace-torch's default "input_ids").
         dict_key_y: the target's key in dict batches (default "labels").
@@ -133,8 +157,8 @@ class Laplace(_PosthocLaplace):
         if hessian_structure == "gp":
             raise NotImplementedError(f"hessian_structure='gp' (FunctionalLaplace) is not provided yet ({ISSUE}); "
                                       "posthoc.laplace.exact_lla is the exact function-space form for small data")
-        if temperature != 1.0:
-            raise NotImplementedError(f"temperature != 1 is not provided yet ({ISSUE})")
+        if not (isinstance(temperature, float | int) and math.isfinite(temperature) and temperature > 0):
+            raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
         if enable_backprop:
             raise NotImplementedError(f"enable_backprop (a predictive differentiable in x) is not provided yet "
                                       f"({ISSUE})")
@@ -152,7 +176,9 @@ class Laplace(_PosthocLaplace):
                          prior_precision=prior_precision, sigma_noise=sigma_noise, curvature=chosen,
                          subnetwork_indices=subnetwork_indices, dict_key_x=dict_key_x, dict_key_y=dict_key_y,
                          last_layer_name=last_layer_name, **{"progress": False, **posthoc_kwargs})
-        self.temperature = 1.0
+        self.temperature = float(temperature)
+        if self.temperature != 1.0:
+            self.factors = _TemperedFactors(self.factors, self.temperature)
         self.enable_backprop = False
         self.prior_mean = prior_mean
 
@@ -199,6 +225,8 @@ class Laplace(_PosthocLaplace):
             ValueError: ``sigma_noise`` other than 1 for classification, invalid values.
         """
         evidence = super().log_marginal_likelihood(prior_precision, sigma_noise)
+        if self.temperature != 1.0:
+            evidence = evidence + self._tempering_correction(prior_precision, sigma_noise, evidence)
         if bool((self.prior_mean != 0).any()):
             # posthoc's evidence has the scatter theta*^T diag(delta) theta*; the prior mean makes it
             # (theta* - mu_0)^T diag(delta) (theta* - mu_0)
@@ -212,6 +240,22 @@ class Laplace(_PosthocLaplace):
         if sigma_noise is not None:
             self.sigma_noise = torch.as_tensor(sigma_noise).detach().reshape(())
         return evidence
+
+    def _tempering_correction(self, prior_precision: Any, sigma_noise: Any, evidence: torch.Tensor) -> torch.Tensor:
+        """L_T - L, with L = log p(D | theta*) recovered from posthoc's (curvature-tempered) evidence.
+
+        L = evidence + (scatter - log det diag(delta) + log det Lambda) / 2; classification L_T = L / T, regression
+        L_T = (L + Z) / T - Z with Z = N C log(2 pi sigma^2) / 2. Differentiable in delta and sigma.
+        """
+        structure = self._require_fit()
+        prior, sigma = self._hyper(prior_precision, sigma_noise)
+        delta = per_parameter(prior, self.subset)
+        logdet = structure.logdet_precision(prior, self.factors.scale(sigma))
+        loglik = evidence + 0.5 * ((delta * self.subset.theta_map**2).sum() - delta.log().sum() + logdet)
+        normaliser = torch.zeros((), dtype=loglik.dtype, device=loglik.device)
+        if self.likelihood.value == "regression":
+            normaliser = 0.5 * self.n_data * (self.n_outputs or 1) * torch.log(2 * math.pi * sigma**2)
+        return (loglik + normaliser) / self.temperature - normaliser - loglik
 
     def optimize_prior_precision(  # type: ignore[override]
         self, pred_type: str = "glm", method: str = "marglik", n_steps: int = 100, lr: float = 0.1,
