@@ -168,13 +168,48 @@ def test_state_dict_round_trip(classification_data):
 def test_dict_batches(classification_data):
     x, y = classification_data
     dict_loader = [{"input": x[:12], "target": y[:12]}, {"input": x[12:], "target": y[12:]}]
-    a = Laplace(small_mlp(), "classification", hessian_structure="full", progress=False).fit(dict_loader)
+    with pytest.warns(DeprecationWarning, match="old meaning"):  # posthoc's old keys: the model gets batch["input"]
+        a = Laplace(small_mlp(), "classification", hessian_structure="full", progress=False).fit(dict_loader)
     b = Laplace(small_mlp(), "classification", hessian_structure="full", progress=False).fit(_loader(x, y))
     torch.testing.assert_close(a.structure.hessian, b.structure.hessian)
     c = Laplace(small_mlp(), "classification", hessian_structure="full", progress=False,
                 dict_key_x="pixels", dict_key_y="labels")
     with pytest.raises(KeyError, match="dict_key_x"):
         c.fit(dict_loader)
+
+
+def test_curvature_attribute_is_a_deprecated_name_of_structure(classification_data):
+    x, y = classification_data
+    la = Laplace(small_mlp(), "classification", hessian_structure="full", progress=False).fit(_loader(x, y))
+    with pytest.warns(DeprecationWarning, match="la.structure"):
+        assert la.curvature is la.structure
+
+
+class ValueBranching(torch.nn.Module):
+    """A forward pass with Python control flow on tensor values, which vmap over examples cannot run."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = small_mlp()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.net(x)
+        return out * 2.0 if bool((x.abs() < 1e6).all()) else out
+
+
+@pytest.mark.parametrize("structure", ["full", "diag"])
+def test_value_branching_forward_uses_the_per_example_loop(classification_data, structure):
+    x, y = classification_data
+    model = ValueBranching()
+    la = Laplace(model, "classification", "all", structure, progress=False).fit(_loader(x, y))
+    assert la.subset.vmap_examples(x) is False
+    precision = la.structure.dense_precision(la.prior_precision, torch.tensor(1.0, dtype=DTYPE))
+    jac = dense_jacobians(la.subset, x[:5])
+    torch.testing.assert_close(la.predict(x[:5]).cov, jac @ torch.linalg.inv(precision) @ jac.transpose(1, 2))
+    if structure == "full":  # diag reads Linear layers' signals, no per-example Jacobian in fit
+        torch.testing.assert_close(la.structure.hessian, dense_ggn(la.subset, x, "classification"))
+        with pytest.raises(RuntimeError, match="vmap"):  # forcing vmap fails inside torch.func, as it did before
+            Laplace(model, "classification", "all", structure, progress=False, per_example="vmap").fit(_loader(x, y))
 
 
 def test_bad_input(classification_data):

@@ -1,0 +1,103 @@
+"""Tiny models a user brings (Hugging Face from configs with random init, no downloads; dict and tuple outputs).
+
+Each builder returns (model, batches, x): a float64 model in eval mode, a list of training batches in the form
+the model's users feed it, and the inputs to predict on (what a batch's x is).
+"""
+
+from __future__ import annotations
+
+from collections import UserDict
+
+import pytest
+import torch
+from torch import nn
+
+N_CLASSES = 3
+VOCAB = 30
+SEQ = 6
+N_TRAIN = 12
+
+
+def _tokens(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Token ids (n, SEQ), attention masks with right padding of varying length, labels (n,)."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, VOCAB, (n, SEQ), generator=gen)
+    lengths = SEQ - torch.arange(n) % 3  # 6, 5, 4, ...: padding varies between neighbouring examples
+    mask = (torch.arange(SEQ) < lengths[:, None]).long()
+    ids = ids * mask  # pad token 0
+    return ids, mask, torch.randint(0, N_CLASSES, (n,), generator=gen)
+
+
+def token_batches(kind: str = "dict", seed: int = 0) -> tuple[list, dict[str, torch.Tensor]]:
+    """Training batches as mappings of ``kind`` ("dict", "userdict", "batchencoding") and test inputs."""
+    ids, mask, labels = _tokens(N_TRAIN + 4, seed)
+    wrap = {"dict": dict, "userdict": UserDict, "batchencoding": _batch_encoding}[kind]
+    batches = [wrap({"input_ids": ids[i:i + 6], "attention_mask": mask[i:i + 6], "labels": labels[i:i + 6]})
+               for i in range(0, N_TRAIN, 6)]
+    return batches, {"input_ids": ids[N_TRAIN:], "attention_mask": mask[N_TRAIN:]}
+
+
+def _batch_encoding(data: dict) -> object:
+    transformers = pytest.importorskip("transformers")
+    return transformers.BatchEncoding(data)
+
+
+def tiny_bert() -> nn.Module:
+    """BertForSequenceClassification, 1 layer, hidden 8, its default attention implementation."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=VOCAB, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=16, max_position_embeddings=SEQ, num_labels=N_CLASSES,
+                                     pad_token_id=0, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return transformers.BertForSequenceClassification(config).double().eval()
+
+
+def tiny_gpt2() -> nn.Module:
+    """GPT2ForSequenceClassification (pools the last non-pad token), 1 layer, hidden 8."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=VOCAB, n_embd=8, n_layer=1, n_head=2, n_positions=SEQ,
+                                     num_labels=N_CLASSES, pad_token_id=0, bos_token_id=1, eos_token_id=1,
+                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return transformers.GPT2ForSequenceClassification(config).double().eval()
+
+
+class DictWrapper(nn.Module):
+    """laplace-torch's documented Hugging Face wrapper: one argument, the batch mapping."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, data: dict) -> torch.Tensor:
+        return self.inner(input_ids=data["input_ids"], attention_mask=data["attention_mask"]).logits
+
+
+class DictOutput(nn.Module):
+    """A small MLP returning {"logits": ..., "features": ...}."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Sequential(nn.Linear(4, 6), nn.Tanh())
+        self.head = nn.Linear(6, N_CLASSES)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        features = self.body(x)
+        return {"logits": self.head(features), "features": features}
+
+
+class TupleOutput(DictOutput):
+    """A small MLP returning (logits, aux)."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+        out = super().forward(x)
+        return out["logits"], out["features"].sum(-1)
+
+
+def vector_batches(seed: int = 0) -> tuple[list, torch.Tensor]:
+    """(x, y) tuple batches of 4-vectors and test inputs."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(N_TRAIN + 4, 4, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, N_CLASSES, (N_TRAIN + 4,), generator=gen)
+    return [(x[i:i + 6], y[i:i + 6]) for i in range(0, N_TRAIN, 6)], x[N_TRAIN:]
