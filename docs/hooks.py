@@ -5,10 +5,13 @@
 ``results/index.md`` lists them all, so a new results file shows up on the site without editing anything.
 ``measurements/core.md`` and ``measurements/methods.md`` are written by the measurement notes; when one is
 missing (a checkout without them) a placeholder page stands in so that the navigation still resolves.
+The docstrings cross-reference in Sphinx's spelling (``:func:`name```), which mkdocstrings' Google parser leaves
+as text: the role prefix is dropped from the rendered pages, leaving the name in code font.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +20,7 @@ from mkdocs.structure.files import File, Files
 REPOSITORY = Path(__file__).resolve().parent.parent
 RESULTS = REPOSITORY / "benchmarks" / "results"
 MEASUREMENT_PAGES = ("measurements/core.md", "measurements/methods.md")
+SPHINX_ROLE = re.compile(r":(?:func|class|meth|mod|attr|data|exc|obj):(?=<code>)")
 
 
 def results_pages() -> dict[str, Path]:
@@ -55,3 +59,8 @@ def on_files(files: Files, config: Any) -> Files:
             title = "Core measurements" if page.endswith("core.md") else "Method measurements"
             files.append(File.generated(config, page, content=f"# {title}\n\nNot written yet.\n"))
     return files
+
+
+def on_page_content(html: str, **kwargs: Any) -> str:
+    """Drop Sphinx role prefixes (``:func:`` and the like) left in front of code spans of rendered docstrings."""
+    return SPHINX_ROLE.sub("", html)
