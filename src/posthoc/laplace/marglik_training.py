@@ -12,8 +12,8 @@ current weights. Each epoch:
    fitted at the current weights and ``n_hypersteps`` Adam steps on log delta (and log sigma) maximise its
    evidence (no refit between steps: the evidence is a function of delta and sigma).
 
-The weights and hyperparameters with the best evidence seen are restored at the end and a Laplace is fitted
-there. Cost: ``n_epochs`` training epochs plus one Laplace fit per evidence estimate.
+The weights and hyperparameters with the best evidence seen (the values of the last hyperparameter step of an
+estimate, where its evidence was evaluated) are restored at the end and a Laplace is fitted there. Cost: ``n_epochs`` training epochs plus one Laplace fit per evidence estimate.
 """
 
 from __future__ import annotations
@@ -172,13 +172,13 @@ def marglik_training(
         for _ in range(n_hypersteps):
             hyper_optimizer.zero_grad()
             sigma = log_sigma.exp() if tune_sigma else None
+            evaluated = (log_prior.detach().clone(), log_sigma.detach().clone())  # where margliks[-1] is taken
             neg_evidence = -la.log_marginal_likelihood(log_prior.exp(), sigma)
             neg_evidence.backward()
             hyper_optimizer.step()
             margliks.append(float(neg_evidence.detach()))
         if best is None or margliks[-1] < best[0]:
-            best = (margliks[-1], copy.deepcopy(model.state_dict()), log_prior.detach().clone(),
-                    log_sigma.detach().clone())
+            best = (margliks[-1], copy.deepcopy(model.state_dict()), *evaluated)
         if progress_bar:
             print(f"marglik_training epoch {epoch}: loss {losses[-1]:.4g}, -log evidence {margliks[-1]:.4g}")
     if best is not None:
