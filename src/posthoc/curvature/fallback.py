@@ -16,6 +16,7 @@ from typing import Iterator
 import torch
 
 from posthoc.curvature.jacobians import per_example_factor_gradients, per_example_jacobians
+from posthoc.network.inputs import ModelInputs, batch_size, take
 from posthoc.network.subset import ParameterSubset
 
 # Elements of stacked output gradients / per-example gradients held at once (about 64 MB in float32); larger
@@ -58,7 +59,7 @@ class RestrictedSubset:
         self._constants = subset.unflatten(subset.theta_map)  # views of the detached theta*
         self.theta_map = subset.theta_map[block_positions(subset, blocks)]
 
-    def forward(self, inputs: torch.Tensor, theta: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, inputs: ModelInputs, theta: torch.Tensor | None = None) -> torch.Tensor:
         """The covered function with these tensors at ``theta`` (P_fb,) and the rest at the MAP: (B, C)."""
         if theta is None:
             return self._subset.forward(inputs)
@@ -71,27 +72,27 @@ class RestrictedSubset:
         """Whether per-example Jacobians may vmap over examples: the full subset's answer."""
         return self._subset.vmap_examples(inputs)
 
-    def factor_gradients(self, inputs: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    def factor_gradients(self, inputs: ModelInputs, s: torch.Tensor) -> torch.Tensor:
         """J_nᵀ s_nk restricted to these entries: (B, K, P_fb) for factors s (B, C, K). Memory B·K·P_fb."""
         return per_example_factor_gradients(self, inputs, s)  # type: ignore[arg-type]
 
-    def squared_factor_gradients(self, inputs: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    def squared_factor_gradients(self, inputs: ModelInputs, s: torch.Tensor) -> torch.Tensor:
         """Σ_n Σ_k (J_nᵀ s_nk)² on these entries: (P_fb,). Examples chunked to ≤ ELEMENT_BUDGET gradient entries."""
         total = torch.zeros_like(self.theta_map)
-        for part in chunks(inputs.shape[0], s.shape[2] * self.theta_map.numel()):
-            total += self.factor_gradients(inputs[part], s[part]).square_().sum((0, 1))
+        for part in chunks(batch_size(inputs), s.shape[2] * self.theta_map.numel()):
+            total += self.factor_gradients(take(inputs, part.start, part.stop), s[part]).square_().sum((0, 1))
         return total
 
-    def jacobians(self, inputs: torch.Tensor) -> torch.Tensor:
+    def jacobians(self, inputs: ModelInputs) -> torch.Tensor:
         """J_n restricted to these entries: (B, C, P_fb). Memory B·C·P_fb."""
         return per_example_jacobians(self, inputs)  # type: ignore[arg-type]
 
-    def weighted_grams(self, inputs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def weighted_grams(self, inputs: ModelInputs, weights: torch.Tensor) -> torch.Tensor:
         """J_n diag(weights) J_nᵀ on these entries: (B, C, C) for weights (P_fb,). Examples chunked by budget."""
         with torch.no_grad():
-            n_out = self._subset.forward(inputs[:1]).shape[-1]
+            n_out = self._subset.forward(take(inputs, 0, 1)).shape[-1]
         out = []
-        for part in chunks(inputs.shape[0], n_out * self.theta_map.numel()):
-            jac = self.jacobians(inputs[part])
+        for part in chunks(batch_size(inputs), n_out * self.theta_map.numel()):
+            jac = self.jacobians(take(inputs, part.start, part.stop))
             out.append((jac * weights) @ jac.mT)
         return torch.cat(out)

@@ -88,6 +88,7 @@ from posthoc.curvature.layers import (
 from posthoc.curvature.layers import positions as layer_positions
 from posthoc.curvature.output_factors import OutputFactors
 from posthoc.distributed import sum_count, sum_over_ranks
+from posthoc.network.inputs import ModelInputs, batch_size, take
 from posthoc.network.subset import ParameterSubset
 from posthoc.utils.linalg import gram
 
@@ -152,7 +153,7 @@ def fallback_blocks(subset: ParameterSubset, layers: list[KronLayer]) -> list[in
 
 
 @torch.no_grad()
-def probe_layers(subset: ParameterSubset, inputs: torch.Tensor) -> tuple[list[KronLayer], dict[str, int]]:
+def probe_layers(subset: ParameterSubset, inputs: ModelInputs) -> tuple[list[KronLayer], dict[str, int]]:
     """The candidate layers called exactly once per forward whose covered weight and bias are read only there.
 
     :func:`posthoc.curvature.jacobians.parameter_uses` counts the reads: a layer used twice, or whose Parameter
@@ -173,19 +174,19 @@ def probe_layers(subset: ParameterSubset, inputs: torch.Tensor) -> tuple[list[Kr
     finally:
         for h in handles:
             h.remove()
-    uses = parameter_uses(subset, inputs[:1])
+    uses = parameter_uses(subset, take(inputs, 0, 1))
     kept = [layer for layer in candidates
             if len(calls.get(layer.name, [])) == 1 and all(uses[b] == 1 for b in layer.block_indices)]
     return kept, {layer.name: calls[layer.name][0] for layer in kept}
 
 
-def check_single_use(subset: ParameterSubset, layers: list[KronLayer], inputs: torch.Tensor) -> None:
+def check_single_use(subset: ParameterSubset, layers: list[KronLayer], inputs: ModelInputs) -> None:
     """Raise ValueError if a Kronecker layer's covered weight or bias is read more than once per forward.
 
     Reads are counted on ``inputs`` (e.g. a state dict fitted before shared parameters were detected, or a model
     changed since). Cost: one forward pass with a graph on the first example.
     """
-    uses = parameter_uses(subset, inputs[:1])
+    uses = parameter_uses(subset, take(inputs, 0, 1))
     shared = {subset.blocks[b].name: uses[b] for layer in layers for b in layer.block_indices if uses[b] != 1}
     if shared:
         raise ValueError(
@@ -253,7 +254,7 @@ class TappedForward:
         return out
 
 
-def tapped_forward(subset: ParameterSubset, layers: list[KronLayer], inputs: torch.Tensor) -> TappedForward:
+def tapped_forward(subset: ParameterSubset, layers: list[KronLayer], inputs: ModelInputs) -> TappedForward:
     """Forward pass at the MAP recording what KFAC, EKFAC and the Kronecker glm predictive need.
 
     ``layers`` must each be called once per forward (see :func:`probe_layers`); a second call raises
@@ -339,7 +340,7 @@ def kfac_factors(subset: ParameterSubset, batches: Iterable[tuple[torch.Tensor, 
     for inputs, targets in tqdm(stream, desc=desc, disable=not progress, leave=False):
         record = tapped_forward(subset, layers, inputs)
         s = factors(record.outputs.detach(), targets)  # (B, C, K)
-        n_data += inputs.shape[0]
+        n_data += batch_size(inputs)
         n_outputs = record.outputs.shape[1]
         for name in record.inputs:
             if reduce:
@@ -393,11 +394,12 @@ def ekfac_eigenvalues(subset: ParameterSubset, layers: list[KronLayer], position
         record = tapped_forward(subset, layers, inputs)
         s = factors(record.outputs.detach(), targets)
         n_cols = s.shape[2]
-        for cols in chunks(n_cols, inputs.shape[0] * gradient_elements(layers, positions)):
+        for cols in chunks(n_cols, batch_size(inputs) * gradient_elements(layers, positions)):
             grads = record.output_gradients(s[:, :, cols], retain_graph=cols.stop < n_cols)
             for layer in layers:
                 g, (q_out, q_in) = grads[layer.name], bases[layer.name]  # g (B, K, D_out, L)
                 if layer.weight is not None:
+                    assert q_in is not None  # a weight layer's basis pair has Q_A
                     a = record.patches(layer.name)  # (B, D_in, L)
                     if a.shape[-1] == 1:
                         add(layer.weight, (g[..., 0] @ q_out).square().sum(1).T @ (a[..., 0] @ q_in).square())

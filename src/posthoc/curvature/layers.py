@@ -108,7 +108,19 @@ def out_dim(module: nn.Module) -> int:
         return module.out_channels
     if isinstance(module, nn.Linear):
         return module.out_features
-    return int(module.weight.shape[1])  # Conv1D: (D_in, D_out)
+    weight = module.weight  # Conv1D: (D_in, D_out)
+    assert isinstance(weight, torch.Tensor)
+    return int(weight.shape[1])
+
+
+def _conv_geometry(module: nn.Conv2d) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int], tuple[int, int]]:
+    """(kernel size, dilation, padding, stride) of a supported Conv2d as pairs (ValueError for an unsupported one)."""
+    padding = conv_padding(module)
+    problem = conv_support_problem(module)
+    if problem is not None or padding is None:
+        raise ValueError(f"Conv2d with {problem} cannot be read as unfolded patches")
+    k, d, s = module.kernel_size, module.dilation, module.stride
+    return (k[0], k[1]), (d[0], d[1]), padding, (s[0], s[1])
 
 
 def positions(module: nn.Module, output: torch.Tensor) -> int:
@@ -125,7 +137,7 @@ def patches(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     Conv1D: a transposed view of x (B, ..., D_in).
     """
     if isinstance(module, nn.Conv2d):
-        return unfold_patches(x, module.kernel_size, module.dilation, conv_padding(module), module.stride)
+        return unfold_patches(x, *_conv_geometry(module))
     return x.reshape(x.shape[0], -1, x.shape[-1]).mT
 
 
@@ -143,7 +155,7 @@ def input_gram(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     fewer multiplications for a 3x3 convolution). Linear/Conv1D: the gram of the inputs, O(B·L·D_in²).
     """
     if isinstance(module, nn.Conv2d):
-        return conv_input_gram(x, module.kernel_size, module.dilation, conv_padding(module), module.stride)
+        return conv_input_gram(x, *_conv_geometry(module))
     return gram(patches(module, x))
 
 

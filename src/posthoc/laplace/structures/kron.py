@@ -56,6 +56,7 @@ from posthoc.laplace.structures.base import (
     check_curvature_finite,
     register_structure,
 )
+from posthoc.network.inputs import ModelInputs, batch_size, take
 from posthoc.network.subset import ParameterSubset, SubsetOfWeights
 from posthoc.utils.checks import check_choice
 
@@ -95,6 +96,12 @@ class KronBlock:
     def is_weight(self) -> bool:
         """Whether this is a weight block (G ⊗ A), not a bias block (G)."""
         return self.q_in is not None
+
+    def input_basis(self) -> torch.Tensor:
+        """Q_A (D_in, D_in) of a weight block (ValueError for a bias block, which has none)."""
+        if self.q_in is None:
+            raise ValueError(f"the bias block {self.index} of layer {self.layer!r} has no input basis")
+        return self.q_in
 
     def stored(self, matrix: torch.Tensor) -> torch.Tensor:
         """A (..., D_out, D_in) tensor in the parameter's storage layout (a transposed view for Conv1D)."""
@@ -227,7 +234,7 @@ class KronCurvature(CurvatureStructure):
         for blk in self.blocks:
             inv = 1.0 / kron[blk.index]
             q_out_sq = blk.q_out.square()
-            parts[blk.index] = blk.stored(q_out_sq @ inv @ blk.q_in.square().T).reshape(-1) if blk.is_weight \
+            parts[blk.index] = blk.stored(q_out_sq @ inv @ blk.input_basis().square().T).reshape(-1) if blk.is_weight \
                 else q_out_sq @ inv
         return torch.cat(self._per_block(parts, 1.0 / fallback, lambda v: v))
 
@@ -246,7 +253,7 @@ class KronCurvature(CurvatureStructure):
             white = eps * values.rsqrt()
             if index in self._by_index:
                 blk = self._by_index[index]
-                white = blk.stored(blk.q_out @ white @ blk.q_in.T) if blk.is_weight else white @ blk.q_out.T
+                white = blk.stored(blk.q_out @ white @ blk.input_basis().T) if blk.is_weight else white @ blk.q_out.T
             parts.append(white.reshape(n_samples, block.numel))
         return torch.cat(parts, dim=1)
 
@@ -258,13 +265,13 @@ class KronCurvature(CurvatureStructure):
             if not blk.is_weight:
                 basis, values = blk.q_out, kron[blk.index]
             elif blk.transposed:  # storage order (D_in, D_out): A ⊗ G
-                basis, values = torch.kron(blk.q_in, blk.q_out), kron[blk.index].T
+                basis, values = torch.kron(blk.input_basis(), blk.q_out), kron[blk.index].T
             else:
-                basis, values = torch.kron(blk.q_out, blk.q_in), kron[blk.index]
+                basis, values = torch.kron(blk.q_out, blk.input_basis()), kron[blk.index]
             dense[blk.index] = (basis * values.reshape(-1)) @ basis.T
         return torch.block_diag(*self._per_block(dense, fallback, torch.diag))
 
-    def functional_covariance(self, inputs: torch.Tensor, prior: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    def functional_covariance(self, inputs: ModelInputs, prior: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """J Λ⁻¹ Jᵀ (B, C, C) by C backward passes per example chunk and small rotations.
 
         With b_c (B, L, D_out) the gradient of output c in a layer's output and
@@ -285,22 +292,23 @@ class KronCurvature(CurvatureStructure):
         # per example: the stacked output gradients, and the rotated Jacobians of weights shared over positions
         per_example = self.n_outputs * (gradient_elements(self.layers, self.positions) + sum(
             blk.eigenvalues.numel() for blk in self.blocks if blk.is_weight and self.positions[blk.layer] > 1))
-        cov = torch.cat([self._kron_covariance(inputs[part], inverse)
-                         for part in chunks(inputs.shape[0], per_example)])
+        cov = torch.cat([self._kron_covariance(take(inputs, part.start, part.stop), inverse)
+                         for part in chunks(batch_size(inputs), per_example)])
         if self.fallback:
             cov = cov + RestrictedSubset(self.subset, self.fallback).weighted_grams(inputs, 1.0 / fallback)
         return cov
 
-    def _kron_covariance(self, inputs: torch.Tensor, inverse: dict[int, torch.Tensor]) -> torch.Tensor:
+    def _kron_covariance(self, inputs: ModelInputs, inverse: dict[int, torch.Tensor]) -> torch.Tensor:
         record = tapped_forward(self.subset, self.layers, inputs)
         n, n_out = record.outputs.shape
         eye = torch.eye(n_out, dtype=record.outputs.dtype, device=record.outputs.device)
         grads = record.output_gradients(eye.expand(n, n_out, n_out), retain_graph=False)  # (B, C, D_out, L)
-        cov = inputs.new_zeros(n, n_out, n_out, dtype=record.outputs.dtype)
+        cov = record.outputs.new_zeros(n, n_out, n_out)
         bases = self.bases()
         for layer in self.layers:
             g, (q_out, q_in) = grads[layer.name], bases[layer.name]
             if layer.weight is not None:
+                assert q_in is not None  # a weight layer's basis pair has Q_A
                 a, inv = record.patches(layer.name), inverse[layer.weight]
                 if a.shape[-1] == 1:
                     # rank-one rows: Σ_p (Q_Aᵀa)_p² / (s·E_qp + δ) folds the input side into one weight per q
@@ -333,10 +341,11 @@ class KronCurvature(CurvatureStructure):
     @classmethod
     def from_state_dict(cls, subset: ParameterSubset, state: dict[str, Any]) -> "KronCurvature":
         """Inverse of :meth:`state_dict` on ``subset`` (raises ValueError if a layer is not a Kronecker layer)."""
-        def conv(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else t.to(device=subset.device, dtype=subset.dtype)
+        def conv(t: torch.Tensor) -> torch.Tensor:
+            return t.to(device=subset.device, dtype=subset.dtype)
 
-        blocks = [KronBlock(int(b["index"]), b["layer"], conv(b["q_out"]), conv(b["q_in"]), conv(b["eigenvalues"]),
+        blocks = [KronBlock(int(b["index"]), b["layer"], conv(b["q_out"]), None if b["q_in"] is None else conv(b["q_in"]),
+                            conv(b["eigenvalues"]),
                             bool(b.get("transposed", False))) for b in state["blocks"]]
         return cls(subset, list(state["layers"]), blocks, [int(i) for i in state["fallback"]],
                    conv(state["fallback_diag"]), dict(state["positions"]), int(state["n_outputs"]),
