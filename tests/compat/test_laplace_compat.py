@@ -125,6 +125,7 @@ def test_class_names_and_subnetwork_masks():
     indices = LargestMagnitudeSubnetMask(model, n_params_subnet=6).select()
     sub = DiagSubnetLaplace(model, "classification", indices).fit(train_loader)
     assert sub.n_params == 6 and sub.posterior_precision.shape == (6,)
+    torch.testing.assert_close(sub.posterior_variance, 1 / sub.posterior_precision)  # a property, as laplace-torch
     head = ModuleNameSubnetMask(model, ["2"]).select()
     la = Laplace(model, "classification", subset_of_weights="subnetwork", hessian_structure="full",
                  subnetwork_indices=head).fit(train_loader)

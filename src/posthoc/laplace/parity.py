@@ -109,7 +109,8 @@ class LaplaceTorchAPI:
     def _unsupported(self, name: str, structures: str) -> NotImplementedError:
         return NotImplementedError(
             f"{name} is not available for hessian_structure={self.structure_name!r} (laplace-torch defines it for "
-            f"{structures}); use predict(x), posterior_variance() or curvature.dense_precision(prior, scale)")
+            f"{structures}); use predict(x), posterior_variance() or the fitted structure's dense_precision(prior, "
+            "scale)")
 
     @property
     def mean(self) -> torch.Tensor:

@@ -213,6 +213,11 @@ class Laplace(_PosthocLaplace):
             self.progress = progress
         return self
 
+    @property
+    def posterior_variance(self) -> torch.Tensor:  # type: ignore[override]
+        """diag(Lambda^-1) (P,), a property as in laplace-torch (posthoc's ``Laplace.posterior_variance()`` is a method)."""
+        return _PosthocLaplace.posterior_variance(self)
+
     def log_marginal_likelihood(self, prior_precision: torch.Tensor | float | None = None,
                                 sigma_noise: torch.Tensor | float | None = None) -> torch.Tensor:
         """The Laplace evidence, differentiable in the hyperparameters; as in laplace-torch, values passed are kept.
