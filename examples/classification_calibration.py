@@ -1,6 +1,6 @@
 """Calibration and out-of-distribution detection on the shipped Fashion-MNIST subset: MAP against Laplace.
 
-    .venv/bin/python examples/classification_calibration.py            # a few minutes
+    .venv/bin/python examples/classification_calibration.py            # several minutes on 2 CPU cores
     .venv/bin/python examples/classification_calibration.py --quick    # seconds (1 epoch, small subsets)
 
 Trains the FMNIST CNN on the embedded subset (``posthoc.data.get_suite("fmnist-embedded")``, no download),

@@ -1,6 +1,6 @@
 """1-D regression with a gap in the data: a linearised (glm) Laplace predictive band around a small MLP.
 
-    .venv/bin/python examples/regression_1d.py            # about half a minute
+    .venv/bin/python examples/regression_1d.py            # under a minute
     .venv/bin/python examples/regression_1d.py --quick    # a few seconds (a 1-20-20-1 MLP, fewer steps)
 
 Trains a tanh MLP on ``posthoc.data.gap_regression`` (inputs in [-2, -0.75] and [0.75, 2], none in between),

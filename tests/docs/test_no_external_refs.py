@@ -3,10 +3,10 @@
 The documentation lives in docs/; data outside the repository is reached only through ``--data-dir`` or
 ``POSTHOC_DATA``. Exceptions, listed here and nowhere else:
 
-- ``../shared/data`` given as a ``--data-dir`` value or named as the documented default of one
-  (``--data-dir ../shared/data``, ``default: ../shared/data``), the folder the README's full-data commands use;
-- ``../shared/data`` in the files of ``SHARED_DATA_DEFAULTS``: the default data folder of tests that skip when
-  it is absent.
+- the ``data`` folder of the ``shared`` folder beside the repository, given as a ``--data-dir`` value or named as
+  the documented default of one (``ALLOWED_RELATIVE``), the folder the README's full-data commands use;
+- the same folder in the files of ``SHARED_DATA_DEFAULTS``: the default data folder of tests that skip when it is
+  absent.
 
 The patterns are spelled so that this file does not match them itself.
 """
@@ -43,7 +43,10 @@ def tracked_lines(pattern: str) -> list[tuple[str, str]]:
 
 
 def offenders() -> list[str]:
-    """Every tracked line that names the old note, an absolute machine path, or ../shared outside the exception."""
+    """Every tracked line that names the old note, an absolute machine path, or the shared folder beside the repo.
+
+    The shared folder is allowed as stated in the module docstring.
+    """
     found = [f"{where}: {text.strip()[:160]}" for where, text in tracked_lines(re.escape(OLD_NOTE))]
     found += [f"{where}: {text.strip()[:160]}" for where, text in tracked_lines(r"/(wor[k]|hom[e]|roo[t]|Use[r]s|mn[t]|tm[p])/")
               if ABSOLUTE.search(text)]
