@@ -235,3 +235,36 @@ def test_temperature_tempers_curvature_and_likelihood(likelihood):
     assert not torch.allclose(hot.predict(x).cov, own.predict(x).cov)
     with pytest.raises(ValueError, match="temperature must be"):
         Laplace(model, likelihood, temperature=0.0)
+
+
+@pytest.mark.parametrize("structure", ["full", "diag"])
+def test_enable_backprop_gives_gradients_in_x(structure):
+    model, train_loader, x = _regression()
+    la = Laplace(model, "regression", subset_of_weights="all", hessian_structure=structure, enable_backprop=True,
+                 sigma_noise=0.3).fit(train_loader)
+    frozen = Laplace(model, "regression", subset_of_weights="all", hessian_structure=structure,
+                     sigma_noise=0.3).fit(train_loader)
+
+    def acquisition(points):  # an upper confidence bound, as in Bayesian optimisation
+        f_mu, f_var = la(points)
+        return (f_mu.squeeze(-1) + 2 * f_var.squeeze(-1).squeeze(-1).sqrt()).sum()
+
+    points = x[:3].clone().requires_grad_(True)
+    acquisition(points).backward()
+    step = 1e-6
+    for i in range(3):
+        shift = torch.zeros_like(points)
+        shift[i, 0] = step
+        numeric = (acquisition(points.detach() + shift) - acquisition(points.detach() - shift)) / (2 * step)
+        torch.testing.assert_close(points.grad[i, 0], numeric.detach(), rtol=1e-5, atol=1e-8)
+    f_mu, f_var = la(x[:4])
+    ref_mu, ref_var = frozen(x[:4])
+    torch.testing.assert_close(f_mu, ref_mu)
+    torch.testing.assert_close(f_var, ref_var)
+    probs_model, train_c, xc = _classification()
+    cls = Laplace(probs_model, "classification", subset_of_weights="all", hessian_structure=structure,
+                  enable_backprop=True).fit(train_c)
+    point = xc[:2].clone().requires_grad_(True)
+    cls(point, link_approx="bridge_norm")[:, 0].sum().backward()
+    assert point.grad is not None and bool(torch.isfinite(point.grad).all())
+    assert frozen(x[:4])[1].grad_fn is None  # without enable_backprop the outputs are detached

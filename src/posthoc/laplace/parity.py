@@ -282,14 +282,19 @@ class LaplaceTorchAPI:
         _check_generator(generator, self.subset.device)
         return generator if generator is not None else links.make_generator(self.seed, self.subset.device)
 
-    def _jacobians(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Js (B, C, P) of the covered function at theta* and its outputs f (B, C). Cost: C backward passes per input."""
+    def _jacobians(self, x: torch.Tensor, differentiable: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Js (B, C, P) of the covered function at theta* and its outputs f (B, C). Cost: C backward passes per input.
+
+        ``differentiable``: both stay differentiable in x (``enable_backprop``), else they are detached.
+        """
         self._fitted_posterior("predict")  # type: ignore[attr-defined]
         x = self._model_inputs(x)  # type: ignore[attr-defined]
         with eval_mode(self.subset.model), self._naming_input_shape(x), torch.enable_grad():  # type: ignore[attr-defined]
             inputs = self.subset.inputs(x)
             theta = self.subset.theta_map
             jac = jacrev(lambda th: self.subset.forward(inputs, th))(theta)
+            if differentiable:
+                return jac, self.subset.forward(inputs, theta)
             with torch.no_grad():
                 outputs = self.subset.forward(inputs, theta)
         return jac.detach(), outputs.detach()
@@ -338,7 +343,9 @@ class LaplaceTorchAPI:
         ``la.sigma_noise**2`` for y); ``joint=True``: ``(f_mu (B*C,), f_cov (B*C, B*C))`` over the whole batch;
         "nn": the sample mean and variance (B, C) of f(x; theta_s). Sampling uses ``generator``, else ``seed``,
         else the Laplace's seed. ``fitting`` is accepted for laplace-torch's reward modelling and changes nothing
-        here. posthoc's ``predict(x)`` returns the Predictive objects instead.
+        here. posthoc's ``predict(x)`` returns the Predictive objects instead. With ``enable_backprop`` (an attribute,
+        see :class:`posthoc.compat.laplace.Laplace`) the "glm" outputs stay differentiable in x (Jacobians by
+        ``torch.func.jacrev``; the covariance by :meth:`functional_variance`), for Bayesian optimisation.
 
         Raises:
             ValueError: unknown options, "nn" with a link other than "mc", ``generator`` and ``seed`` together.
@@ -366,18 +373,24 @@ class LaplaceTorchAPI:
             if regression:
                 return samples.mean(0), samples.var(0)
             return torch.softmax(samples, dim=-1).mean(0)
+        backprop = bool(getattr(self, "enable_backprop", False))
         if regression and joint:
-            js, f_mu = self._jacobians(x)
+            js, f_mu = self._jacobians(x, differentiable=backprop)
             return f_mu.reshape(-1), self.functional_covariance(js)
-        pred = self.predict(x, pred_type="glm")  # type: ignore[attr-defined]
+        if backprop:  # J Lambda^-1 J^T from Jacobians that stay differentiable in x
+            js, mean = self._jacobians(x, differentiable=True)
+            cov = self.functional_variance(js)
+        else:
+            pred = self.predict(x, pred_type="glm")  # type: ignore[attr-defined]
+            mean, cov = pred.mean, pred.cov
         if regression:
-            return pred.mean, (pred.var if diagonal_output else pred.cov)
+            return mean, (torch.diagonal(cov, dim1=-2, dim2=-1) if diagonal_output else cov)
         if link == "probit":
-            return links.probit(pred.mean, pred.cov)
+            return links.probit(mean, cov)
         if link in ("bridge", "bridge_norm"):
-            return bridge_probs(pred.mean, pred.cov, normalized=link == "bridge_norm")
-        cov = pred.var if diagonal_output else pred.cov
-        return links.mc_probs(pred.mean, cov, n_samples, self._generator(generator))
+            return bridge_probs(mean, cov, normalized=link == "bridge_norm")
+        cov_or_var = torch.diagonal(cov, dim1=-2, dim2=-1) if diagonal_output else cov
+        return links.mc_probs(mean, cov_or_var, n_samples, self._generator(generator))
 
     def predictive(self, x: torch.Tensor, pred_type: str = "glm", link_approx: str = "probit",
                    n_samples: int = 100) -> Any:

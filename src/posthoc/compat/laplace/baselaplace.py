@@ -109,7 +109,9 @@ class Laplace(_PosthocLaplace):
         temperature: T > 0 tempers the likelihood as in laplace-torch: the curvature is scaled by 1 / T (so the
             posterior, predictive and samples), and the evidence's log-likelihood term becomes
             log p(D | theta*) / T (regression: the Gaussian normaliser stays untempered).
-        enable_backprop: must be False (NotImplementedError otherwise).
+        enable_backprop: ``la(x)``'s "glm" outputs stay differentiable in x (e.g. for Bayesian optimisation;
+            Jacobians by ``torch.func.jacrev``, the covariance by ``functional_variance``: O(P^3) for structures
+            other than diag). "last_layer" raises NotImplementedError.
         dict_key_x: the input's key in dict batches (laplace-torch's default "input_ids").
         dict_key_y: the target's key in dict batches (default "labels").
         backend: a backend class from :mod:`posthoc.compat.laplace.curvature` (or laplace-torch's): chooses
@@ -159,9 +161,9 @@ class Laplace(_PosthocLaplace):
                                       "posthoc.laplace.exact_lla is the exact function-space form for small data")
         if not (isinstance(temperature, float | int) and math.isfinite(temperature) and temperature > 0):
             raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
-        if enable_backprop:
-            raise NotImplementedError(f"enable_backprop (a predictive differentiable in x) is not provided yet "
-                                      f"({ISSUE})")
+        if enable_backprop and getattr(subset_of_weights, "value", subset_of_weights) == "last_layer":
+            raise NotImplementedError(f"enable_backprop with subset_of_weights='last_layer' is not provided yet "
+                                      f"({ISSUE}); use 'all' or 'subnetwork'")
         if feature_reduction is not None:
             raise NotImplementedError("feature_reduction is not needed: posthoc finds the last nn.Linear on the path "
                                       "to the output and keeps the pooling after it; leave it None")
@@ -179,7 +181,7 @@ class Laplace(_PosthocLaplace):
         self.temperature = float(temperature)
         if self.temperature != 1.0:
             self.factors = _TemperedFactors(self.factors, self.temperature)
-        self.enable_backprop = False
+        self.enable_backprop = bool(enable_backprop)
         self.prior_mean = prior_mean
 
     @property
