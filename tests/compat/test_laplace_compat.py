@@ -192,6 +192,8 @@ def test_compat_marglik_training_returns_a_compat_laplace():
     assert f_mu.shape == (4, 1) and f_var.shape == (4, 1, 1)
     with pytest.raises(ValueError, match="not the Hessian"):
         marglik_training(model, train_loader, "regression", backend=AsdlHessian)
+    la, *_ = marglik_training(model, train_loader, "regression", "diag", n_epochs=1, enable_backprop=True)
+    assert la(x[:2].clone().requires_grad_(True))[1].requires_grad
 
 
 def test_prior_mean_enters_the_evidence_only():

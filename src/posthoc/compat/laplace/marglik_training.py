@@ -45,8 +45,10 @@ def marglik_training(
     everything else is :func:`posthoc.laplace.marglik_training.marglik_training`, and ``la`` is a
     :class:`posthoc.compat.laplace.Laplace`.
 
+    ``enable_backprop`` makes the returned Laplace's ``la(x)`` differentiable in x.
+
     Raises:
-        ValueError: a Hessian backend. NotImplementedError: ``temperature`` != 1 or ``enable_backprop``.
+        ValueError: a Hessian backend. NotImplementedError: ``temperature`` != 1.
     """
     curvature, _ = curvature_from_backend(backend, None, None)
     la, model, margliks, losses = _marglik_training(
@@ -57,7 +59,7 @@ def marglik_training(
         prior_structure=getattr(prior_structure, "value", prior_structure), n_epochs_burnin=n_epochs_burnin,
         n_hypersteps=n_hypersteps, marglik_frequency=marglik_frequency, prior_prec_init=prior_prec_init,
         sigma_noise_init=sigma_noise_init, temperature=temperature, fix_sigma_noise=fix_sigma_noise,
-        progress_bar=progress_bar, enable_backprop=enable_backprop, dict_key_x=dict_key_x, dict_key_y=dict_key_y,
-        laplace_cls=Laplace)
+        progress_bar=progress_bar, dict_key_x=dict_key_x, dict_key_y=dict_key_y, laplace_cls=Laplace)
     assert isinstance(la, Laplace)
+    la.enable_backprop = bool(enable_backprop)  # the returned Laplace covers all weights, where backprop works
     return la, model, margliks, losses
