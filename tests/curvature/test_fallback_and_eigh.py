@@ -55,6 +55,41 @@ def test_fallback_memory_is_proportional_to_the_fallback_parameters():
     torch.testing.assert_close(result.fallback_diag, exact[start:start + 2 * width], rtol=1e-10, atol=1e-14)
 
 
+class _Tokens(nn.Module):
+    def __init__(self, vocabulary: int) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(vocabulary, 8, padding_idx=1)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.emb(tokens)).mean(1))
+
+
+def test_embedding_diagonal_from_segment_sums_without_dense_per_example_gradients():
+    """An embedding's exact diagonal and glm term never build a (V, D) gradient per example (B·K·V·D)."""
+    vocabulary = 200
+    model = _Tokens(vocabulary).to(DTYPE).eval()
+    g = torch.Generator().manual_seed(3)
+    tokens = torch.randint(0, 12, (8, 6), generator=g)  # repeated tokens within examples, padding among them
+    y = torch.randint(0, 3, (8,), generator=g)
+    subset = ParameterSubset(model, "all")
+
+    def batches():
+        yield tokens, y
+
+    with _LargestTensor() as probe:
+        curv = KronCurvature.fit(subset, batches, OutputFactors("classification"), progress=False)
+    assert [emb.name for emb in curv.embeddings] == ["emb"]
+    assert probe.largest < 2 * vocabulary * 8  # the (V, D) diagonal itself, not B·K of them
+    jac = dense_jacobians(subset, tokens)
+    exact = torch.einsum("bcp,bcd,bdp->p", jac, output_hessians(model(tokens).detach(), "classification"), jac)
+    torch.testing.assert_close(curv.fallback_diag, exact[:vocabulary * 8], rtol=1e-10, atol=1e-14)
+    prior, scale = torch.tensor([0.9], dtype=DTYPE), torch.tensor(1.0, dtype=DTYPE)
+    expected = jac[:3] @ torch.linalg.inv(curv.dense_precision(prior, scale)) @ jac[:3].mT
+    torch.testing.assert_close(curv.functional_covariance(tokens[:3], prior, scale), expected, rtol=1e-8, atol=1e-12)
+
+
 def _failing_in_float32(monkeypatch):
     original = torch.linalg.eigh
 

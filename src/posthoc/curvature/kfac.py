@@ -40,7 +40,9 @@ GGN block, diag(Σ_n Σ_k (J_nᵀ s_nk)²) restricted to those entries, from
 per-example gradients of only those parameters (:mod:`posthoc.curvature.fallback`,
 memory B·K·P_fb per chunk of examples, never B·K·P). This covers
 BatchNorm/LayerNorm affine parameters, ``nn.Embedding`` weights (their exact
-diagonal; an embedding's Kronecker block would need a V × V input factor),
+diagonal from segment sums of the output gradients recorded in the same pass,
+:mod:`posthoc.curvature.embedding`, O(B·L·D); a Kronecker block would need a
+V × V input factor),
 ``nn.MultiheadAttention``'s ``in_proj_weight``/``in_proj_bias`` (raw Parameters
 of the attention module, read functionally) and its ``out_proj`` (a Linear whose
 weight is used without calling the module), and also layers KFAC cannot treat:
@@ -73,6 +75,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from posthoc.curvature.embedding import embedding_route_ok, embedding_squared_gradients
 from posthoc.curvature.fallback import RestrictedSubset, chunks
 from posthoc.curvature.jacobians import parameter_uses
 from posthoc.curvature.layers import (
@@ -137,12 +140,19 @@ def candidate_layers(subset: ParameterSubset) -> list[KronLayer]:
     return [KronLayer(name, modules[name], kinds.get("weight"), kinds.get("bias")) for name, kinds in layers.items()]
 
 
-def layers_by_name(subset: ParameterSubset, names: Iterable[str]) -> list[KronLayer]:
-    """The KronLayers of ``names`` (e.g. restored from a state dict)."""
-    found = {layer.name: layer for layer in candidate_layers(subset)}
+def candidate_embeddings(subset: ParameterSubset) -> list[KronLayer]:
+    """Embeddings with a covered weight for the segment-sum diagonal (:mod:`posthoc.curvature.embedding`)."""
+    return [KronLayer(block.layer_name, block.layer, index, None) for index, block in enumerate(subset.blocks)
+            if block.kind == "weight" and embedding_route_ok(block.layer)]
+
+
+def layers_by_name(subset: ParameterSubset, names: Iterable[str], embeddings: bool = False) -> list[KronLayer]:
+    """The KronLayers (or with ``embeddings`` the embedding layers) of ``names`` (e.g. from a state dict)."""
+    found = {layer.name: layer for layer in (candidate_embeddings(subset) if embeddings else candidate_layers(subset))}
     missing = [n for n in names if n not in found]
     if missing:
-        raise ValueError(f"Kronecker layers {missing} are not covered Linear/Conv1D/Conv2d modules of this model")
+        what = "nn.Embedding" if embeddings else "Linear/Conv1D/Conv2d"
+        raise ValueError(f"layers {missing} are not covered {what} modules of this model")
     return [found[n] for n in names]
 
 
@@ -153,19 +163,22 @@ def fallback_blocks(subset: ParameterSubset, layers: list[KronLayer]) -> list[in
 
 
 @torch.no_grad()
-def probe_layers(subset: ParameterSubset, inputs: ModelInputs) -> tuple[list[KronLayer], dict[str, int]]:
+def probe_layers(subset: ParameterSubset, inputs: ModelInputs
+                 ) -> tuple[list[KronLayer], dict[str, int], list[KronLayer]]:
     """The candidate layers called exactly once per forward whose covered weight and bias are read only there.
 
     :func:`posthoc.curvature.jacobians.parameter_uses` counts the reads: a layer used twice, or whose Parameter
-    is shared with another module or a functional use, is left to the exact diagonal fallback.
+    is shared with another module or a functional use, is left to the generic exact diagonal fallback.
 
-    Returns the kept layers and their number of weight-sharing positions L. Cost: one forward pass on
-    ``inputs`` and one with a graph on its first example.
+    Returns the kept Kronecker layers, the weight-sharing positions L of every kept layer, and the kept
+    embeddings (:func:`candidate_embeddings`). Cost: one forward pass on ``inputs`` and one with a graph on
+    its first example.
     """
     calls: dict[str, list[int]] = {}
     handles = []
     candidates = candidate_layers(subset)
-    for layer in candidates:
+    embeddings = candidate_embeddings(subset)
+    for layer in candidates + embeddings:
         def hook(module: nn.Module, args: tuple, output: torch.Tensor, name: str = layer.name) -> None:
             calls.setdefault(name, []).append(layer_positions(module, output))
         handles.append(layer.module.register_forward_hook(hook))
@@ -175,9 +188,12 @@ def probe_layers(subset: ParameterSubset, inputs: ModelInputs) -> tuple[list[Kro
         for h in handles:
             h.remove()
     uses = parameter_uses(subset, take(inputs, 0, 1))
-    kept = [layer for layer in candidates
-            if len(calls.get(layer.name, [])) == 1 and all(uses[b] == 1 for b in layer.block_indices)]
-    return kept, {layer.name: calls[layer.name][0] for layer in kept}
+
+    def once(layer: KronLayer) -> bool:
+        return len(calls.get(layer.name, [])) == 1 and all(uses[b] == 1 for b in layer.block_indices)
+
+    kept, kept_embeddings = [layer for layer in candidates if once(layer)], [e for e in embeddings if once(e)]
+    return kept, {layer.name: calls[layer.name][0] for layer in kept + kept_embeddings}, kept_embeddings
 
 
 def check_single_use(subset: ParameterSubset, layers: list[KronLayer], inputs: ModelInputs) -> None:
@@ -294,8 +310,9 @@ class KFACFactors:
 
     ``input_factors[name]`` A (D_in, D_in) for layers with a covered weight;
     ``output_factors[name]`` G (D_out, D_out) for every layer; ``fallback_diag``
-    (P_fb,) the exact diagonal GGN of ``fallback`` blocks (theta order of
-    :func:`fallback_positions`); ``positions[name]`` L; ``n_outputs`` C.
+    (P_fb,) the exact diagonal GGN of ``fallback`` blocks (in their theta order);
+    ``positions[name]`` L (Kronecker layers and embeddings); ``n_outputs`` C;
+    ``embeddings`` the fallback embeddings whose diagonal came from segment sums.
     """
 
     layers: list[KronLayer]
@@ -306,10 +323,11 @@ class KFACFactors:
     positions: dict[str, int]
     n_data: int
     n_outputs: int
+    embeddings: list[KronLayer] = field(default_factory=list)
 
 
-def _first_and_rest(batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
-                    ) -> tuple[tuple[torch.Tensor, torch.Tensor], Iterator[tuple[torch.Tensor, torch.Tensor]]]:
+def _first_and_rest(batches: Iterable[tuple[ModelInputs, torch.Tensor]]
+                    ) -> tuple[tuple[ModelInputs, torch.Tensor], Iterator[tuple[ModelInputs, torch.Tensor]]]:
     it = iter(batches)
     try:
         first = next(it)
@@ -318,7 +336,7 @@ def _first_and_rest(batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
     return first, itertools.chain([first], it)
 
 
-def kfac_factors(subset: ParameterSubset, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+def kfac_factors(subset: ParameterSubset, batches: Iterable[tuple[ModelInputs, torch.Tensor]],
                  factors: OutputFactors, approximation: KFACApproximation = KFACApproximation.EXPAND,
                  progress: bool = True, desc: str = "Laplace fit (kron)") -> KFACFactors:
     """Accumulate the KFAC factors and the diagonal fallback over one pass of ``batches``.
@@ -328,21 +346,23 @@ def kfac_factors(subset: ParameterSubset, batches: Iterable[tuple[torch.Tensor, 
     interact, as in BatchNorm's training mode they would).
     """
     first, stream = _first_and_rest(batches)
-    layers, positions = probe_layers(subset, first[0])
+    layers, positions, embeddings = probe_layers(subset, first[0])
     fallback = fallback_blocks(subset, layers)
-    restricted = RestrictedSubset(subset, fallback) if fallback else None
-    dtype, device = subset.dtype, subset.device
+    by_segments = {e.name: (e.weight, e.module) for e in embeddings if e.weight is not None
+                   and isinstance(e.module, nn.Embedding)}
+    generic = [i for i in fallback if i not in {e.weight for e in embeddings}]
+    restricted = RestrictedSubset(subset, generic) if generic else None
     a_sum: dict[str, torch.Tensor] = {}
     g_sum: dict[str, torch.Tensor] = {}
-    diag = torch.zeros(0 if restricted is None else restricted.theta_map.numel(), dtype=dtype, device=device)
+    diags = {i: torch.zeros(subset.blocks[i].numel, dtype=subset.dtype, device=subset.device) for i in fallback}
     n_data, n_outputs = 0, 0
     reduce = approximation is KFACApproximation.REDUCE
     for inputs, targets in tqdm(stream, desc=desc, disable=not progress, leave=False):
-        record = tapped_forward(subset, layers, inputs)
+        record = tapped_forward(subset, layers + embeddings, inputs)
         s = factors(record.outputs.detach(), targets)  # (B, C, K)
         n_data += batch_size(inputs)
         n_outputs = record.outputs.shape[1]
-        for name in record.inputs:
+        for name in (layer.name for layer in layers if layer.weight is not None):
             if reduce:
                 term = gram(record.patches(name).mean(-1, keepdim=True))
             else:
@@ -350,14 +370,22 @@ def kfac_factors(subset: ParameterSubset, batches: Iterable[tuple[torch.Tensor, 
             a_sum[name] = a_sum[name] + term if name in a_sum else term
         for grads in record.column_gradients(s, retain_graph=False):
             for name, g in grads.items():  # (B, D_out, L)
+                if name in by_segments:
+                    index, module = by_segments[name]
+                    diags[index] += embedding_squared_gradients(record.inputs[name], g, module)
+                    continue
                 term = gram(g.sum(-1, keepdim=True)) if reduce else gram(g)
                 g_sum[name] = g_sum[name] + term if name in g_sum else term
         del record
         if restricted is not None:
-            diag += restricted.squared_factor_gradients(inputs, s)
+            parts = torch.split(restricted.squared_factor_gradients(inputs, s), [subset.blocks[i].numel for i in generic])
+            for index, part in zip(generic, parts, strict=True):
+                diags[index] += part
+    diag = torch.cat([diags[i] for i in fallback]) if fallback else torch.zeros(0, dtype=subset.dtype,
+                                                                                device=subset.device)
     a_sum, g_sum, diag, n_data = _sum_factors_over_ranks(a_sum, g_sum, diag, n_data)
     a_factors = {name: a / n_data for name, a in a_sum.items()}
-    return KFACFactors(layers, a_factors, g_sum, fallback, diag, positions, n_data, n_outputs)
+    return KFACFactors(layers, a_factors, g_sum, fallback, diag, positions, n_data, n_outputs, embeddings)
 
 
 def _sum_factors_over_ranks(a_sum: dict[str, torch.Tensor], g_sum: dict[str, torch.Tensor], diag: torch.Tensor,
@@ -372,7 +400,7 @@ def _sum_factors_over_ranks(a_sum: dict[str, torch.Tensor], g_sum: dict[str, tor
 
 def ekfac_eigenvalues(subset: ParameterSubset, layers: list[KronLayer], positions: dict[str, int],
                       bases: dict[str, tuple[torch.Tensor, torch.Tensor | None]],
-                      batches: Iterable[tuple[torch.Tensor, torch.Tensor]], factors: OutputFactors,
+                      batches: Iterable[tuple[ModelInputs, torch.Tensor]], factors: OutputFactors,
                       progress: bool = True, desc: str = "Laplace fit (ekfac, eigenvalues)") -> dict[int, torch.Tensor]:
     """EKFAC's corrected eigenvalues, a second data pass.
 

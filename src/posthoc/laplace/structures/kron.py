@@ -34,6 +34,7 @@ from typing import Any, Callable
 
 import torch
 
+from posthoc.curvature.embedding import embedding_grams
 from posthoc.curvature.factor_eigh import factor_eigh
 from posthoc.curvature.fallback import RestrictedSubset, chunks
 from posthoc.curvature.kfac import (
@@ -118,10 +119,12 @@ class KronCurvature(CurvatureStructure):
 
     def __init__(self, subset: ParameterSubset, layer_names: list[str], blocks: list[KronBlock],
                  fallback: list[int], fallback_diag: torch.Tensor, positions: dict[str, int], n_outputs: int,
-                 approximation: KFACApproximation) -> None:
+                 approximation: KFACApproximation, embedding_names: list[str] | None = None) -> None:
         check_kron_subset(subset, self.structure.value)
         super().__init__(subset)
         self.layers: list[KronLayer] = layers_by_name(subset, layer_names)
+        # fallback embeddings whose diagonal and glm term come from segment sums of their output gradients
+        self.embeddings: list[KronLayer] = layers_by_name(subset, embedding_names or [], embeddings=True)
         self.blocks = blocks
         self.fallback = fallback
         self.fallback_diag = fallback_diag  # (P_fb,) exact diagonal GGN of the fallback blocks
@@ -175,7 +178,7 @@ class KronCurvature(CurvatureStructure):
                 blocks.append(KronBlock(layer.bias, layer.name, q_g, None, lam_g))
         check_curvature_finite(result.fallback_diag, f"{cls.structure.value} (diagonal fallback)")
         return cls(subset, [layer.name for layer in result.layers], blocks, result.fallback, result.fallback_diag,
-                   result.positions, result.n_outputs, approximation)
+                   result.positions, result.n_outputs, approximation, [e.name for e in result.embeddings])
 
     def largest_eigenvalue(self) -> torch.Tensor | None:
         """Largest Kronecker eigenvalue lambda_G * lambda_A, or None without Kronecker blocks.
@@ -279,27 +282,33 @@ class KronCurvature(CurvatureStructure):
         R_c = Q_Gᵀ (Σ_l b_cl a_lᵀ) Q_A and its contribution Σ_qp R_c R_c' / (s·E + δ);
         for L = 1 this factorises into (Q_Gᵀ b_c)_q (Q_Gᵀ b_c')_q Σ_p (Q_Aᵀ a)_p² / (s·E_qp + δ).
         Fallback entries add J_fb diag(1/(s·h + δ)) J_fbᵀ from per-example
-        Jacobians of those entries only. Memory per chunk ≤ ~2^24 elements of
+        Jacobians of those entries only, or for an embedding from the segment
+        sums of its output gradients (:mod:`posthoc.curvature.embedding`). Memory per chunk ≤ ~2^24 elements of
         rotated gradients (examples are chunked), never P × P or B × C × P.
         Raises ValueError if a Kronecker layer's weight or bias is read more than
         once per forward (:func:`posthoc.curvature.kfac.check_single_use`, one
         extra forward of one example), e.g. for a state dict fitted before shared
         parameters were detected.
         """
-        check_single_use(self.subset, self.layers, inputs)
+        recorded = self.layers + self.embeddings
+        check_single_use(self.subset, recorded, inputs)
         kron, fallback = self._precision_eigenvalues(prior, scale)
         inverse = {index: 1.0 / values for index, values in kron.items()}
+        fallback_inverse = self._split_fallback(1.0 / fallback)
+        inverse.update({emb.weight: fallback_inverse[emb.weight] for emb in self.embeddings if emb.weight is not None})
         # per example: the stacked output gradients, and the rotated Jacobians of weights shared over positions
-        per_example = self.n_outputs * (gradient_elements(self.layers, self.positions) + sum(
+        per_example = self.n_outputs * (gradient_elements(recorded, self.positions) + sum(
             blk.eigenvalues.numel() for blk in self.blocks if blk.is_weight and self.positions[blk.layer] > 1))
         cov = torch.cat([self._kron_covariance(take(inputs, part.start, part.stop), inverse)
                          for part in chunks(batch_size(inputs), per_example)])
-        if self.fallback:
-            cov = cov + RestrictedSubset(self.subset, self.fallback).weighted_grams(inputs, 1.0 / fallback)
+        generic = [i for i in self.fallback if i not in {emb.weight for emb in self.embeddings}]
+        if generic:
+            weights = torch.cat([fallback_inverse[i] for i in generic])
+            cov = cov + RestrictedSubset(self.subset, generic).weighted_grams(inputs, weights)
         return cov
 
     def _kron_covariance(self, inputs: ModelInputs, inverse: dict[int, torch.Tensor]) -> torch.Tensor:
-        record = tapped_forward(self.subset, self.layers, inputs)
+        record = tapped_forward(self.subset, self.layers + self.embeddings, inputs)
         n, n_out = record.outputs.shape
         eye = torch.eye(n_out, dtype=record.outputs.dtype, device=record.outputs.device)
         grads = record.output_gradients(eye.expand(n, n_out, n_out), retain_graph=False)  # (B, C, D_out, L)
@@ -321,6 +330,9 @@ class KronCurvature(CurvatureStructure):
             if layer.bias is not None:
                 rows = g.sum(-1) @ q_out
                 cov = cov + (rows * inverse[layer.bias]) @ rows.mT
+        for emb in self.embeddings:
+            assert emb.weight is not None and isinstance(emb.module, torch.nn.Embedding)
+            cov = cov + embedding_grams(record.inputs[emb.name], grads[emb.name], emb.module, inverse[emb.weight])
         return cov
 
     # -------------------------------------------------------------- state dict
@@ -336,6 +348,7 @@ class KronCurvature(CurvatureStructure):
                         "eigenvalues": b.eigenvalues, "transposed": b.transposed} for b in self.blocks],
             "fallback": list(self.fallback),
             "fallback_diag": self.fallback_diag,
+            "embeddings": [emb.name for emb in self.embeddings],
         }
 
     @classmethod
@@ -349,4 +362,4 @@ class KronCurvature(CurvatureStructure):
                             bool(b.get("transposed", False))) for b in state["blocks"]]
         return cls(subset, list(state["layers"]), blocks, [int(i) for i in state["fallback"]],
                    conv(state["fallback_diag"]), dict(state["positions"]), int(state["n_outputs"]),
-                   KFACApproximation(state["approximation"]))
+                   KFACApproximation(state["approximation"]), list(state.get("embeddings", [])))
