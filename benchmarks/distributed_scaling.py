@@ -20,6 +20,7 @@ Both configurations get the same total threads (``--threads``, default 2): 1 pro
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import multiprocessing
 import socket

@@ -81,8 +81,9 @@ CHOICES = (("gaussian", "Gaussian"), ("flow_ml", "flow, max. likelihood"), ("flo
 
 
 def stage2_choice(fs: FiberSampler, spread, seed: int = 0) -> dict[str, float]:
-    """Held-out log-density of walked samples, within-tolerance fraction and spread of the stage-2 maps (see the
-    module doc); each map is trained by the sampler's own code on principal coordinates of 80 % of the walk.
+    """Held-out log-density of walked samples, within-tolerance fraction and spread of the stage-2 maps.
+
+    See the module doc; each map is trained by the sampler's own code on principal coordinates of 80 % of the walk.
     """
     particles = fs.particles
     generator = torch.Generator().manual_seed(seed)
@@ -130,8 +131,10 @@ def stage2_choice(fs: FiberSampler, spread, seed: int = 0) -> dict[str, float]:
 
 
 def toy_sampler(model: torch.nn.Module, likelihood: str, n_data: int) -> tuple[FiberSampler, float]:
-    """The toy problems' sampler and its prior precision delta: all weights, delta = PRIOR_SCALE * P / ||theta*||^2,
-    step ETA_DELTA / delta, the NLL checked on all n_data training points during the walk, the STAGE2 map.
+    """The toy problems' sampler and its prior precision delta.
+
+    All weights, delta = PRIOR_SCALE * P / ||theta*||^2, step ETA_DELTA / delta, the NLL checked on all n_data
+    training points during the walk, the STAGE2 map.
     """
     prior = map_scaled_prior(torch.cat([p.detach().reshape(-1) for p in model.parameters()]), PRIOR_SCALE)
     fs = FiberSampler(model, likelihood, n_particles=16, steps=400, burn_in=200, thin=10, step_size=ETA_DELTA / prior,

@@ -174,8 +174,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--name", default=RESULT_STEM, help="file stem of the results (the benchmark keeps one results file, earlier runs are in git history: another stem is for a scratch run only)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.repeats < 1:
-        p.error("--repeats must be >= 1")
+    from posthoc.utils.checks import check_positive_int
+
+    try:
+        check_positive_int(args.repeats, "--repeats", "runs of each fit case")
+    except ValueError as err:
+        p.error(str(err))
     return args
 
 
@@ -198,13 +202,16 @@ def library_versions(libs: list[str]) -> dict[str, str]:
                 lib_versions[pkg] = version(pkg)
             except PackageNotFoundError:
                 if pkg == "laplace-torch":
-                    raise SystemExit("laplace-torch is not installed in this environment; see benchmarks/README.md")
+                    raise SystemExit(
+                        "laplace-torch is not installed in this environment; see benchmarks/README.md") from None
     return lib_versions
 
 
 def case_spec(args: argparse.Namespace, tmp: Path, lib: str, case: dict[str, Any]) -> dict[str, Any]:
-    """What the child process of ``lib`` on ``case`` reads: settings and the files under ``tmp`` it reads and
-    writes (a predictive case reads the state and summary its fit case wrote).
+    """What the child process of ``lib`` on ``case`` reads.
+
+    Its settings and the files under ``tmp`` it reads and writes (a predictive case reads the state and summary
+    its fit case wrote).
     """
     cid = case_id(lib, case)
     fit_id = case_id(lib, {**case, "kind": "fit"})
@@ -219,8 +226,10 @@ def case_spec(args: argparse.Namespace, tmp: Path, lib: str, case: dict[str, Any
 
 
 def run_map_forward(args: argparse.Namespace, tmp: Path, mem_limit: int) -> tuple[dict[str, Any], float | None]:
-    """Reference: the MAP forward pass at batch 250 (and the memory floor of a case process: torch, model,
-    data). Returns its child result and its throughput (test points / s; None if it did not run).
+    """Reference: the MAP forward pass at batch 250 (and the memory floor of a case process).
+
+    The floor holds torch, the model and the data. Returns its child result and its throughput (test points / s;
+    None if it did not run).
     """
     base = run_child({**case_spec(args, tmp, "map", {"structure": "map", "kind": "glm", "batch": 250}),
                       "lib": "map"}, timeout=300, mem_limit=mem_limit)
@@ -232,8 +241,10 @@ def run_map_forward(args: argparse.Namespace, tmp: Path, mem_limit: int) -> tupl
 
 def run_cases(args: argparse.Namespace, tmp: Path, cases: list[dict[str, Any]], libs: list[str],
               data_info: dict[str, Any], mem_limit: int) -> dict[str, dict[str, Any]]:
-    """Every case of every library, each in its own process: fits first (each --repeats times, libraries
-    alternating), so each predictive loads the state its fit saved. Returns the results by case_id.
+    """Every case of every library, each in its own process; returns the results by case_id.
+
+    Fits run first (each --repeats times, libraries alternating), so each predictive loads the state its fit
+    saved.
     """
     n_test = data_info["n_test"]
     results: dict[str, dict[str, Any]] = {}
@@ -277,8 +288,10 @@ def run_cases(args: argparse.Namespace, tmp: Path, cases: list[dict[str, Any]], 
 
 def run_references(args: argparse.Namespace, tmp: Path, cases: list[dict[str, Any]], data_info: dict[str, Any],
                    mem_limit: int) -> dict[str, Any]:
-    """float64 reference (posthoc, fitted on the same data) of each predictive's structure for the first
-    n_compare test points; none for --no-reference or a float64 run. Returns {structure: {result, cov}}.
+    """float64 reference (posthoc, fitted on the same data) of each predictive's structure.
+
+    On the first n_compare test points; none for --no-reference or a float64 run. Returns
+    {structure: {result, cov}}.
     """
     references: dict[str, Any] = {}
     if args.no_reference or args.dtype != "float32":
@@ -298,8 +311,9 @@ def run_references(args: argparse.Namespace, tmp: Path, cases: list[dict[str, An
 
 def compare_results(args: argparse.Namespace, tmp: Path, cases: list[dict[str, Any]],
                     results: dict[str, dict[str, Any]], references: dict[str, Any]) -> dict[str, Any]:
-    """Posthoc vs laplace-torch on the same test points / the same fit, and each side's float32 covariances
-    against the float64 reference; keyed by case_name.
+    """Posthoc vs laplace-torch on the same test points / the same fit, keyed by case_name.
+
+    Also each side's float32 covariances against the float64 reference.
     """
     import torch
 

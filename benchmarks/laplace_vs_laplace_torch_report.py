@@ -1,5 +1,6 @@
-"""Cases and the results page of benchmarks/laplace_vs_laplace_torch.py (not a script): case names, the
-table cells, ratios against laplace-torch, the goals and the markdown page.
+"""Cases and the results page of benchmarks/laplace_vs_laplace_torch.py (not a script).
+
+Case names, the table cells, ratios against laplace-torch, the goals and the markdown page.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ def parse_cases(text: str) -> list[dict[str, Any]]:
                 raise ValueError
             cases.append({"structure": structure, "kind": kind, "batch": int(batch) if batch else None})
         except ValueError:
-            raise SystemExit(f"bad case {item!r}: use STRUCTURE:fit or STRUCTURE:glm@BATCH, e.g. kron:glm@10")
+            raise SystemExit(f"bad case {item!r}: use STRUCTURE:fit or STRUCTURE:glm@BATCH, e.g. kron:glm@10") from None
     return cases
 
 
@@ -110,12 +111,12 @@ def compare_summaries(pa: Path, pb: Path) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if "kron_eigenvalues" in a and "kron_eigenvalues" in b:
         ea, eb = a["kron_eigenvalues"], b["kron_eigenvalues"]
-        if len(ea) != len(eb) or any(x.shape != y.shape for x, y in zip(ea, eb)):
+        if len(ea) != len(eb) or any(x.shape != y.shape for x, y in zip(ea, eb, strict=True)):
             out["kron_eigenvalues"] = "block shapes differ: " + str([tuple(x.shape) for x in ea]) + " vs " + \
                 str([tuple(y.shape) for y in eb])
         else:
             per_block = [float((x.double() - y.double()).abs().max() / y.double().abs().max().clamp_min(1e-300))
-                         for x, y in zip(ea, eb)]
+                         for x, y in zip(ea, eb, strict=True)]
             out["kron_eigenvalues_max_rel_normwise_per_block"] = per_block
     if "posterior_variance" in a and "posterior_variance" in b:
         out["posterior_variance"] = compare_tensors(a["posterior_variance"], b["posterior_variance"])
@@ -123,11 +124,12 @@ def compare_summaries(pa: Path, pb: Path) -> dict[str, Any]:
 
 
 def fit_ratios(ph: dict[str, Any], lt: dict[str, Any]) -> list[float]:
-    """Posthoc / laplace-torch fit time of each interleaved pair of runs where both finished (one pair without
-    --repeats; a repetition that failed is None in ``repeat_seconds`` and drops its pair).
+    """Posthoc / laplace-torch fit time of each interleaved pair of runs where both finished.
+
+    One pair without --repeats; a repetition that failed is None in ``repeat_seconds`` and drops its pair.
     """
     a, b = ph.get("repeat_seconds", [ph["seconds"]]), lt.get("repeat_seconds", [lt["seconds"]])
-    return [x / y for x, y in zip(a, b) if x is not None and y is not None]
+    return [x / y for x, y in zip(a, b, strict=True) if x is not None and y is not None]
 
 
 def ratio_cell(case: dict[str, Any], ph: dict[str, Any] | None, lt: dict[str, Any] | None) -> str:

@@ -25,6 +25,7 @@ import json
 import statistics
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch.utils.data import TensorDataset
@@ -73,6 +74,22 @@ def parse() -> argparse.Namespace:
     except (ValueError, FileNotFoundError) as exc:
         p.error(str(exc))
     return args
+
+
+def curve_recorder(name: str, marks: list[int], points: list[dict[str, float]], error: Callable[[], float],
+                   start_s: float, t_run: float) -> Callable[[int, int], None]:
+    """A training callback that appends a learning-curve point to ``points`` at each step in ``marks``.
+
+    ``start_s`` (the target computation's time) plus the time since ``t_run`` is the point's wall time.
+    """
+    def callback(step: int, evals: int) -> None:
+        if marks and step >= marks[0]:
+            marks.pop(0)
+            points.append({"jvp_evaluations": evals, "step": step, "kernel_error": error(),
+                           "wall_s": start_s + time.perf_counter() - t_run})
+            print(f"{name}: step {step}, kernel error {points[-1]['kernel_error']:.4f}", flush=True)
+
+    return callback
 
 
 def main() -> None:
@@ -152,17 +169,6 @@ def main() -> None:
         if shared_targets is not None:
             trainer.targets, trainer.jvp_evaluations = shared_targets
             target_s = shared_target_s
-        points = []
-        marks = sorted({args.steps // 10, args.steps // 3, args.steps})
-
-        def callback(step: int, evals: int) -> None:
-            if marks and step >= marks[0]:
-                marks.pop(0)
-                points.append({"jvp_evaluations": evals, "step": step, "kernel_error": kernel_error(surrogate),
-                               "wall_s": target_s + time.perf_counter() - t_run})
-                print(f"{name}: step {step}, kernel error {points[-1]['kernel_error']:.4f}", flush=True)
-
-        trainer.callback = callback
         if shared_targets is None:
             tt = time.perf_counter()
             trainer.n_features = 100
@@ -172,6 +178,10 @@ def main() -> None:
             shared_targets = (trainer.targets, trainer.jvp_evaluations)
             print(f"targets: {trainer.jvp_evaluations} JVP evals in {shared_target_s:.0f}s", flush=True)
             t_run = time.perf_counter()
+        points: list[dict[str, float]] = []
+        marks = sorted({args.steps // 10, args.steps // 3, args.steps})
+        trainer.callback = curve_recorder(name, marks, points, lambda s=surrogate: kernel_error(s),
+                                          target_s, t_run)
         trainer.run(100)
         curves[name] = points
         trained[lr] = (surrogate, points[-1]["kernel_error"])

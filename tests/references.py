@@ -31,7 +31,7 @@ def dense_jacobians(subset: ParameterSubset, inputs: torch.Tensor) -> torch.Tens
     """(B, C, P) by torch.autograd.functional.jacobian, one example at a time."""
     rows = []
     for i in range(inputs.shape[0]):
-        rows.append(torch.autograd.functional.jacobian(lambda th: subset.forward(inputs[i:i + 1], th)[0],
+        rows.append(torch.autograd.functional.jacobian(lambda th, i=i: subset.forward(inputs[i:i + 1], th)[0],
                                                        subset.theta_map))
     return torch.stack(rows)
 
@@ -56,7 +56,7 @@ def dense_ef(subset: ParameterSubset, inputs: torch.Tensor, targets: torch.Tenso
     """sum_n g_n g_n^T with g_n the gradient of -log p(y_n | f) (regression at sigma = 1)."""
     grads = []
     for i in range(inputs.shape[0]):
-        def loss(th: torch.Tensor) -> torch.Tensor:
+        def loss(th: torch.Tensor, i: int = i) -> torch.Tensor:
             f = subset.forward(inputs[i:i + 1], th)
             if likelihood == "classification":
                 return nn.functional.cross_entropy(f, targets[i:i + 1], reduction="sum")

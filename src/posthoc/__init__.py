@@ -8,6 +8,7 @@ __version__ = "0.1.0"
 
 from posthoc import metrics
 from posthoc.baselines import MAP, TemperatureScaling
+from posthoc.fiber import FiberSampler
 from posthoc.laplace import Laplace
 from posthoc.likelihood import Likelihood
 from posthoc.predictive import GaussianPredictive, LinkApprox, Predictive, SamplePredictive
@@ -16,6 +17,7 @@ from posthoc.streamlined import Streamlined
 
 __all__ = [
     "__version__",
+    "FiberSampler",
     "GaussianPredictive",
     "Laplace",
     "Likelihood",
@@ -26,8 +28,5 @@ __all__ = [
     "ScaLLA",
     "Streamlined",
     "TemperatureScaling",
+    "metrics",
 ]
-
-from posthoc.fiber import FiberSampler  # noqa: E402
-
-__all__ += ["FiberSampler"]

@@ -51,7 +51,7 @@ class Covered:
         full = theta if self.indices is None else self._base().index_put((self.indices,), theta)
         params = dict(self.model.named_parameters())
         pieces = torch.split(full, [params[n].numel() for n in self.names])
-        replaced = {n: piece.view(params[n].shape) for n, piece in zip(self.names, pieces)}
+        replaced = {n: piece.view(params[n].shape) for n, piece in zip(self.names, pieces, strict=True)}
         return functional_call(self.model, replaced, (x,))
 
     def block_sizes(self) -> list[int]:
@@ -61,7 +61,8 @@ class Covered:
         if self.indices is None:
             return sizes
         edges = torch.tensor([0] + sizes).cumsum(0)
-        counts = [int(((self.indices >= lo) & (self.indices < hi)).sum()) for lo, hi in zip(edges[:-1], edges[1:])]
+        counts = [int(((self.indices >= lo) & (self.indices < hi)).sum())
+                  for lo, hi in zip(edges[:-1], edges[1:], strict=True)]
         return [c for c in counts if c > 0]
 
     def jacobian(self, x: torch.Tensor) -> torch.Tensor:

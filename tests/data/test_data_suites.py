@@ -1,3 +1,4 @@
+import dataclasses
 import hashlib
 import json
 from importlib import resources
@@ -61,7 +62,7 @@ def test_fingerprint(full_suite):
     parts = emb.datasets()
     parts["train"] = torch.utils.data.TensorDataset(emb.train.tensors[0], y)
     assert ImageSuite(name="x", **parts).fingerprint != emb.fingerprint
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         emb.name = "other"  # frozen
 
 

@@ -50,7 +50,7 @@ def test_eigenvalues_are_exact_diagonal_in_kfac_basis(classification_data, regre
     kfac = _fit(KronCurvature, subset, x, y, likelihood, curvature, kfac_approx=kfac_approx)
     exact = dense_ef(subset, x, y, likelihood) if curvature == "ef" else dense_ggn(subset, x, likelihood)
     assert len(ekfac.blocks) == len(subset.blocks)
-    for blk, kfac_blk in zip(ekfac.blocks, kfac.blocks):
+    for blk, kfac_blk in zip(ekfac.blocks, kfac.blocks, strict=True):
         basis, block = _basis(blk), _exact_block(exact, subset, blk)
         in_basis = torch.diagonal(basis.T @ block @ basis).reshape(blk.eigenvalues.shape)
         torch.testing.assert_close(blk.eigenvalues, in_basis, rtol=1e-9, atol=1e-12)

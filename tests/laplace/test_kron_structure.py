@@ -187,7 +187,7 @@ def test_logdet_is_differentiable(image_data, cls):
     assert torch.autograd.gradcheck(curv.logdet_precision, (prior, scale))
     grads = torch.autograd.grad(curv.logdet_precision(prior, scale), (prior, scale))
     dense_grads = torch.autograd.grad(torch.logdet(curv.dense_precision(prior, scale)), (prior, scale))
-    for ours, ref in zip(grads, dense_grads):
+    for ours, ref in zip(grads, dense_grads, strict=True):
         torch.testing.assert_close(ours, ref, rtol=1e-8, atol=1e-10)
 
 

@@ -46,7 +46,7 @@ def dense_glm(model: nn.Module, names: list[str], x_train: torch.Tensor, x_test:
 
     def f(theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         chunks = torch.split(theta, [s.numel() for s in shapes])
-        return functional_call(model, {n: c.view(s) for n, c, s in zip(names, chunks, shapes)}, (x,))
+        return functional_call(model, {n: c.view(s) for n, c, s in zip(names, chunks, shapes, strict=True)}, (x,))
 
     jac = jacrev(f)(theta0, x_train)  # (N, C, P)
     with torch.no_grad():

@@ -115,7 +115,7 @@ def test_batch_norm_with_a_last_batch_of_one_raises_before_training_naming_drop_
     untouched = model()
     with pytest.raises(ValueError, match=r"last batch of 1\. Pass TrainConfig\(drop_last=True\)"):
         train_map(untouched, TensorDataset(x, y), CONFIG, progress=False)
-    assert all(torch.equal(a, b) for a, b in zip(untouched.state_dict().values(), model().state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(untouched.state_dict().values(), model().state_dict().values(), strict=True))
     config = TrainConfig(epochs=2, batch_size=32, lr=1e-2, seed=4, drop_last=True)
     result = train_map(model(), TensorDataset(x, y), config, progress=False)
     assert len(result.history) == 2 and torch.isfinite(torch.tensor(result.history[-1]["train_loss"]))

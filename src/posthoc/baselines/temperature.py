@@ -53,6 +53,11 @@ class TemperatureScaling:
 
     @torch.no_grad()
     def fit(self, val_loader: DataLoader) -> "TemperatureScaling":
+        """Fit the temperature T on the held-out ``(x, y)`` batches of ``val_loader`` (labels ``(B,)``).
+
+        Cost: one forward pass over the validation data, then a 1-D fit on the stored logits (N, C).
+        Returns ``self``.
+        """
         logits, labels = [], []
         for x, y in val_loader:
             logits.append(self.model(x))
@@ -62,6 +67,12 @@ class TemperatureScaling:
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> GaussianPredictive:
+        """N(f(x) / T, 0) for inputs ``x`` (B, ...): scaled logits (B, C) with zero variance; one forward pass.
+
+        Raises:
+            RuntimeError: Before :meth:`fit`.
+            ValueError: If ``x`` holds NaN or Inf.
+        """
         if self.temperature is None:
             raise RuntimeError("call fit(val_loader) before predict")
         check_finite(x, "x")

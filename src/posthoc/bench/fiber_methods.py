@@ -64,13 +64,19 @@ class BenchFiber:
         self.prior_precision = float(sampler.prior_precision.mean())
 
     def predict(self, x: torch.Tensor) -> SamplePredictive:
+        """``n_samples`` stage-2 samples of the outputs for inputs ``x`` (B, ...): (S, B, C); S forward passes."""
         return self.sampler.predict(x, n_samples=self.n_samples)
 
     def bench_info(self) -> dict[str, float]:
+        """:meth:`FiberSampler.bench_info`, for the results' info column."""
         return self.sampler.bench_info()
 
 
 def fiber_builder(subset: str, **options: Any) -> Callable[[BenchContext], BenchFiber]:
+    """Builder of a fiber row over ``subset`` ("last_layer" or "all"): :data:`FIBER_SETTINGS` updated by ``options``.
+
+    The builder fits a :class:`FiberSampler` on the training loader (the walk and the flow: the row's cost).
+    """
     def build(ctx: BenchContext) -> BenchFiber:
         fs = FiberSampler(ctx.model, "classification", subset_of_weights=subset, seed=ctx.seed, progress=ctx.progress,
                           **{**fiber_settings(ctx.model, subset), **options})

@@ -53,6 +53,7 @@ def machine_info() -> dict[str, Any]:
 
 
 def versions() -> dict[str, str]:
+    """The versions of Python, torch, numpy and posthoc, for a run's record."""
     from posthoc import __version__
 
     return {"python": sys.version.split()[0], "torch": torch.__version__, "numpy": np.__version__,
@@ -60,8 +61,10 @@ def versions() -> dict[str, str]:
 
 
 def git_commit(repo: str | os.PathLike | None = None) -> str | None:
-    """The commit checked out in ``repo`` (default: the checkout holding the posthoc package), with a
-    ``+dirty`` suffix when tracked files differ from it; None outside a git checkout or without git.
+    """The commit checked out in ``repo`` (default: the checkout holding the posthoc package), or None.
+
+    The commit has a ``+dirty`` suffix when tracked files differ from it; None outside a git checkout or without
+    git.
 
     Cost: two short ``git`` subprocesses (each limited to 10 s).
     """
@@ -79,16 +82,21 @@ def git_commit(repo: str | os.PathLike | None = None) -> str | None:
 
 
 def run_meta() -> dict[str, Any]:
-    """What a benchmark script records about its run: UTC date, machine (with torch threads), versions,
-    git commit and the command line.
+    """What a benchmark script records about its run.
+
+    The UTC date, the machine (with torch threads), versions, git commit and the command line.
     """
     return {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine_info(),
             "versions": versions(), "git_commit": git_commit(), "command": " ".join(sys.argv)}
 
 
 def write_json(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
-    """Write ``payload`` as indented JSON to ``path`` atomically (values JSON cannot hold are written with
-    ``str``); returns the path. Raises OSError when the folder cannot be written.
+    """Write ``payload`` as indented JSON to ``path`` atomically and return the path.
+
+    Values JSON cannot hold are written with ``str``.
+
+    Raises:
+        OSError: When the folder cannot be written.
     """
     return atomic_write_text(path, json.dumps(payload, indent=2, default=str))
 

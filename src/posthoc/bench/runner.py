@@ -37,6 +37,7 @@ class BenchReport:
     map_result: TrainResult | None = None
 
     def markdown(self) -> str:
+        """The rows as a markdown table (see :func:`format_markdown`)."""
         return format_markdown(self.rows)
 
 
@@ -98,7 +99,7 @@ def evaluate_method(spec: MethodSpec, ctx: BenchContext, suite, out_dir: Path | 
         "prior_precision": _mean_or_none(getattr(predictor, "prior_precision", None)),
         "temperature": getattr(predictor, "temperature", None),
         # method-specific figures (e.g. JVP evaluations spent, samples within a loss tolerance)
-        "info": dict(predictor.bench_info()) if callable(getattr(predictor, "bench_info", None)) else {},
+        "info": dict(bench_info()) if callable(bench_info := getattr(predictor, "bench_info", None)) else {},
     }
     if out_dir is not None and is_main_process():
         save_figure(ood_histograms(ent_in, ent_out, score_name="predictive entropy",

@@ -12,7 +12,7 @@ The rows share the la_diag / la_kron rows' fit (laplace_builder keeps the last f
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -26,8 +26,27 @@ NN_SAMPLES = 100
 
 
 def cached_laplace(ctx: BenchContext, structure: str) -> Laplace:
-    """The la_<structure> row's Laplace (all weights, marglik prior): fitted once per run."""
-    return laplace_builder(structure, "all")(ctx)
+    """The la_<structure> row's Laplace (all weights, marglik prior): fitted once per run.
+
+    Raises:
+        TypeError: If the la_<structure> builder returns something other than a :class:`Laplace`.
+    """
+    la = laplace_builder(structure, "all")(ctx)
+    if not isinstance(la, Laplace):
+        raise TypeError(f"the la_{structure} builder returned a {type(la).__name__}, not a Laplace")
+    return la
+
+
+def glm_predictive(la: Laplace, x: torch.Tensor) -> GaussianPredictive:
+    """The glm predictive of ``la`` for inputs ``x`` (B, ...): N(f(x), J Σ Jᵀ) over the outputs (B, C).
+
+    Raises:
+        TypeError: If the Laplace returns another kind of predictive.
+    """
+    pred = la.predict(x, pred_type="glm")
+    if not isinstance(pred, GaussianPredictive):
+        raise TypeError(f"a glm predictive must be Gaussian, got a {type(pred).__name__}")
+    return pred
 
 
 class SampledLaplace:
@@ -38,6 +57,10 @@ class SampledLaplace:
         self.prior_precision = la.prior_precision
 
     def predict(self, x: torch.Tensor) -> Predictive:
+        """Outputs of ``n_samples`` seeded weight samples for inputs ``x`` (B, ...): (S, B, C) samples.
+
+        Cost: ``n_samples`` forward passes.
+        """
         return self.la.predict(x, pred_type="nn", n_samples=self.n_samples, seed=self.seed)
 
 
@@ -46,28 +69,51 @@ class ScaledGLM:
 
     def __init__(self, la: Laplace, val_loader) -> None:
         self.la, self.prior_precision = la, la.prior_precision
-        pred, targets = predict_loader(lambda x: la.predict(x, pred_type="glm"), val_loader)
+        pred, targets = predict_loader(lambda x: glm_predictive(la, x), val_loader)
+        assert isinstance(pred, GaussianPredictive)  # joined glm predictives are Gaussian
         self.variance_scale = fit_variance_scale(pred, targets, "classification")
 
     def predict(self, x: torch.Tensor) -> GaussianPredictive:
-        return scale_predictive(self.la.predict(x, pred_type="glm"), self.variance_scale)
+        """The glm predictive (B, C) with its covariance multiplied by the fitted κ."""
+        return scale_predictive(glm_predictive(self.la, x), self.variance_scale)
 
     def bench_info(self) -> dict[str, float]:
+        """The fitted κ, for the results' info column."""
         return {"variance_scale": self.variance_scale}
 
 
+class StreamlinedRow:
+    """A :class:`Streamlined` predictor that records its Laplace posterior's prior precision for the results."""
+
+    def __init__(self, streamlined: Streamlined, prior_precision: torch.Tensor) -> None:
+        self.streamlined, self.prior_precision = streamlined, prior_precision
+
+    def predict(self, x: torch.Tensor) -> GaussianPredictive:
+        """The streamlined predictive (B, C) for inputs ``x`` (B, ...); one moment-propagating pass."""
+        return self.streamlined.predict(x)
+
+    def bench_info(self) -> dict[str, Any]:
+        """:meth:`Streamlined.bench_info`, for the results' info column."""
+        return self.streamlined.bench_info()
+
+
 def nn_builder(structure: str) -> Callable[[BenchContext], Predictor]:
+    """Builder of a ``la_<structure>_nn`` row: the cached Laplace predicted by ``NN_SAMPLES`` weight samples."""
     return lambda ctx: SampledLaplace(cached_laplace(ctx, structure), NN_SAMPLES, ctx.seed)
 
 
 def streamlined_builder(structure: str, scale: bool, mode: str = "diagonal") -> Callable[[BenchContext], Predictor]:
-    def build(ctx: BenchContext) -> Streamlined:
+    """Builder of a streamlined row: the cached la_<structure> posterior pushed through the network.
+
+    ``mode``: the activation covariance; ``scale``: fit the output-variance scale on the validation split
+    (one pass over it).
+    """
+    def build(ctx: BenchContext) -> StreamlinedRow:
         la = cached_laplace(ctx, structure)
         sp = Streamlined(ctx.model, posterior=la, activation_covariance=mode)
-        sp.prior_precision = la.prior_precision
         if scale:
             sp.fit_variance_scale(ctx.val_loader)
-        return sp
+        return StreamlinedRow(sp, la.prior_precision)
     return build
 
 

@@ -48,6 +48,7 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``posthoc`` argument parser: subcommands ``train``, ``demo`` and ``bench`` with their options."""
     from posthoc.bench import BENCH_SUITES, METHODS
 
     parser = argparse.ArgumentParser(prog="posthoc", description=__doc__)
@@ -141,6 +142,12 @@ def _say(message: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run ``posthoc`` on ``argv`` (None: ``sys.argv[1:]``) and return the exit code.
+
+    0 on success, 2 for bad input (a bad option, missing data, an unwritable folder: the message goes to
+    stderr); other errors propagate. With ``--distributed`` the process group torchrun describes is
+    joined first and shut down at the end.
+    """
     args = build_parser().parse_args(argv)
     if getattr(args, "distributed", False):
         from posthoc.distributed import init_from_env

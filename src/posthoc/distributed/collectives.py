@@ -37,10 +37,12 @@ def is_distributed() -> bool:
 
 
 def rank() -> int:
+    """This process's rank under torch.distributed, 0 when it is not initialised."""
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def world_size() -> int:
+    """The number of processes under torch.distributed, 1 when it is not initialised."""
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
@@ -75,7 +77,7 @@ def sum_over_ranks(tensors: Sequence[torch.Tensor], what: str) -> list[torch.Ten
         raise TypeError("sum_over_ranks needs tensors of one dtype; reduce the others separately")
     flat = torch.cat([t.detach().reshape(-1) for t in tensors])
     _run(lambda: dist.all_reduce(flat, op=dist.ReduceOp.SUM), what)
-    return [part.reshape(t.shape) for part, t in zip(torch.split(flat, [t.numel() for t in tensors]), tensors)]
+    return [part.reshape(t.shape) for part, t in zip(torch.split(flat, [t.numel() for t in tensors]), tensors, strict=True)]
 
 
 def sum_count(count: int, what: str) -> int:
@@ -102,14 +104,14 @@ def gather_rows(tensor: torch.Tensor, what: str) -> torch.Tensor:
     """
     if not is_distributed():
         return tensor
-    sizes = [None] * world_size()
-    _run(lambda: dist.all_gather_object(sizes, int(tensor.shape[0])), f"{what} (sizes)")
-    biggest = max(sizes)
-    padded = torch.zeros((biggest, *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
+    gathered: list[Any] = [None] * world_size()
+    _run(lambda: dist.all_gather_object(gathered, int(tensor.shape[0])), f"{what} (sizes)")
+    sizes = [int(n) for n in gathered]
+    padded = torch.zeros((max(sizes), *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
     padded[: tensor.shape[0]] = tensor
     parts = [torch.empty_like(padded) for _ in sizes]
     _run(lambda: dist.all_gather(parts, padded), what)
-    return torch.cat([part[:n] for part, n in zip(parts, sizes)])
+    return torch.cat([part[:n] for part, n in zip(parts, sizes, strict=True)])
 
 
 def rank_slice(n: int) -> slice:
@@ -164,9 +166,9 @@ def sum_gradients(parameters: Sequence[torch.nn.Parameter], what: str = "the gra
     """Replace each ``.grad`` by ``scale`` times its sum over ranks (one all-reduce; no-op in one process)."""
     if not is_distributed():
         return
-    params = [p for p in parameters if p.grad is not None]
-    for p, summed in zip(params, sum_over_ranks([p.grad for p in params], what)):
-        p.grad.copy_(summed * scale if scale != 1.0 else summed)
+    grads = [p.grad for p in parameters if p.grad is not None]
+    for grad, summed in zip(grads, sum_over_ranks(grads, what), strict=True):
+        grad.copy_(summed * scale if scale != 1.0 else summed)
 
 
 def check_same_on_all_ranks(value: torch.Tensor, what: str, rtol: float = 0.0,

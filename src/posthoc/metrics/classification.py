@@ -132,6 +132,7 @@ class CalibrationBins:
 
     @property
     def n_bins(self) -> int:
+        """Number of bins."""
         return int(self.counts.shape[0])
 
     @property

@@ -65,10 +65,12 @@ def _figure_and_axes(ax: Axes | None, figsize: tuple[float, float]) -> tuple[Fig
     if ax is None:
         fig = Figure(figsize=figsize, layout="constrained")
         return fig, fig.add_subplot()
-    fig = ax.get_figure()
-    while not isinstance(fig, Figure):  # an axis inside a SubFigure
-        fig = fig.figure
-    return fig, ax
+    parent = ax.get_figure()
+    while parent is not None and not isinstance(parent, Figure):  # an axis inside a SubFigure
+        parent = parent.figure
+    if parent is None:
+        raise ValueError("ax belongs to no figure; pass an Axes created by a Figure (e.g. fig.add_subplot())")
+    return parent, ax
 
 
 def reliability_diagram(
@@ -158,7 +160,7 @@ def ood_histograms(
     s_out = _column(scores_out, "scores_out")
     auc = auroc(torch.from_numpy(s_in), torch.from_numpy(s_out))
     fig, ax = _figure_and_axes(ax, (5.5, 3.5))
-    edges = np.histogram_bin_edges(np.concatenate([s_in, s_out]), bins=bins)
+    edges = np.histogram_bin_edges(np.concatenate([s_in, s_out]), bins=bins).tolist()
     ax.hist(s_in, bins=edges, density=True, alpha=0.55, color="C0", label=labels[0])
     ax.hist(s_out, bins=edges, density=True, alpha=0.55, color="C3", label=labels[1])
     ax.set_xlabel(score_name)
