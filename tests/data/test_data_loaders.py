@@ -1,3 +1,4 @@
+import pytest
 import torch
 from torch.utils.data import TensorDataset
 
@@ -26,3 +27,21 @@ def test_no_shuffle_keeps_order():
     assert _order(loader) == list(range(10))
     assert [len(b[0]) for b in loader] == [4, 4, 2]
     assert [len(b[0]) for b in make_loader(ds, 4, shuffle=False, drop_last=True)] == [4, 4]
+
+
+def test_shard_refuses_an_unsized_dataset_under_distributed(monkeypatch):
+    from posthoc.data import loaders
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(range(4))
+
+    monkeypatch.setattr(loaders, "world_size", lambda: 2)
+    with pytest.raises(TypeError, match="without a length"):
+        loaders.shard(Stream())
+    assert len(loaders.shard(TensorDataset(torch.arange(4)))) == 2
+
+
+def test_batch_size_must_be_a_positive_int():
+    with pytest.raises(ValueError, match=r"batch_size must be a positive int \(examples per batch\), got 0"):
+        make_loader(TensorDataset(torch.arange(4)), 0, shuffle=False)

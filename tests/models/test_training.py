@@ -85,3 +85,16 @@ def test_regression_training():
     result = train_map(model, TensorDataset(x, y), config, progress=False)
     # var(sin(3x)) on [-1, 1] is about 0.5; a fitted net gets the MSE below 0.02 (0.0095 seen)
     assert result.history[-1]["train_loss"] < 0.02
+
+
+def test_unsized_dataset_and_bad_batch_size_are_refused():
+    x, y = blobs(n=30, n_classes=3, seed=1)
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(zip(x, y, strict=True))
+
+    with pytest.raises(TypeError, match="must have a length"):
+        train_map(_model(), Stream(), CONFIG, progress=False)
+    with pytest.raises(ValueError, match=r"batch_size must be a positive int .*got True"):
+        TrainConfig(batch_size=True)

@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from posthoc.likelihood import Likelihood
 from posthoc.network.batches import checked_batches, prediction_inputs, split_batch
 from posthoc.network.inputs import (
     MappingCall,
@@ -23,7 +24,6 @@ from posthoc.network.inputs import (
     take,
 )
 from posthoc.network.probes import reads_tensor_values
-from posthoc.likelihood import Likelihood
 
 IDS = torch.arange(12).reshape(3, 4)
 MASK = torch.ones(3, 4, dtype=torch.long)

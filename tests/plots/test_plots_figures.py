@@ -132,3 +132,16 @@ def test_library_does_not_import_pyplot():
         "assert 'matplotlib.pyplot' not in sys.modules\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_axes_inside_a_subfigure_and_axes_without_a_figure():
+    fig = Figure()
+    ax = fig.subfigures(1, 2)[0].add_subplot()
+    assert reliability_diagram(_bins(0), ax=ax) is fig
+
+    class Orphan:
+        def get_figure(self):
+            return None
+
+    with pytest.raises(ValueError, match="belongs to no figure"):
+        reliability_diagram(_bins(0), ax=Orphan())

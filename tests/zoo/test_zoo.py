@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.func import functional_call, jacrev
 from zoo.models import (
     DictOutput,
     DictWrapper,
@@ -21,7 +22,6 @@ from zoo.models import (
     token_batches,
     vector_batches,
 )
-from torch.func import functional_call, jacrev
 
 from posthoc import Laplace
 

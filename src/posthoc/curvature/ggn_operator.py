@@ -64,8 +64,8 @@ class GGNOperator:
             if directions.shape[0] == 1:
                 out[0] += vjp_sum(subset, inputs, w[0])
             else:
-                _, pullback = vjp(lambda th: subset.forward(inputs, th), subset.theta_map)
-                out += vmap(lambda cot: pullback(cot)[0])(w)
+                pullback = vjp(lambda th, x=inputs: subset.forward(x, th), subset.theta_map)[1]
+                out += vmap(lambda cot, pull=pullback: pull(cot)[0])(w)
         (out,) = sum_over_ranks([out], "a GGN product")
         self.products += directions.shape[0]
         self.bar.update(directions.shape[0])
@@ -173,6 +173,7 @@ def top_ggn_eigenpairs(subset: ParameterSubset, batches: Batches, factors: Outpu
         seed: seed of Lanczos' start vector.
         tol: relative accuracy of the eigenvalues passed to eigsh (default 1e-10 in float64, 1e-5 in float32).
         progress: show a tqdm bar counting the products, labelled ``desc``.
+        desc: the progress bar's label.
         what: the curvature's name in the NaN/Inf error.
 
     Cost: about (2 to 3) k products for eigsh's default Krylov size 2k + 1 plus restarts, one pass over the

@@ -52,7 +52,7 @@ def jvp_many(subset: ParameterSubset, inputs: ModelInputs, directions: torch.Ten
 
 def vjp_sum(subset: ParameterSubset, inputs: ModelInputs, cotangents: torch.Tensor) -> torch.Tensor:
     """sum_n J(x_n)^T u_n for cotangents U (B, C): returns (P,). Cost: one backward pass."""
-    _, pullback = vjp(lambda th: subset.forward(inputs, th), subset.theta_map)
+    pullback = vjp(lambda th: subset.forward(inputs, th), subset.theta_map)[1]
     return pullback(cotangents)[0]
 
 
@@ -65,7 +65,7 @@ def per_example_factor_gradients(subset: ParameterSubset, inputs: ModelInputs, f
     """
 
     def pulled(x: ModelInputs, s: torch.Tensor) -> torch.Tensor:
-        _, pullback = vjp(lambda th: subset.forward(x, th).squeeze(0), subset.theta_map)
+        pullback = vjp(lambda th: subset.forward(x, th).squeeze(0), subset.theta_map)[1]
         return vmap(lambda col: pullback(col)[0])(s.T)
 
     if not subset.vmap_examples(inputs):
@@ -140,7 +140,7 @@ def _layer_signals(subset: ParameterSubset, inputs: ModelInputs, cotangents: tor
     """
     named = {str(k): layer for k, layer in enumerate(layers)}
     record = record_layers(lambda: subset.forward(inputs), named, named, refuse_reuse=False)
-    if not record.called_once():
+    if not record.called_once() or record.not_per_example(batch_size(inputs)):
         return None
     with torch.enable_grad():
         grads = torch.autograd.grad(record.outputs, [record.leaves[n] for n in named],
@@ -172,8 +172,9 @@ def _plan(subset: ParameterSubset, inputs: ModelInputs, n_cot: int,
     if layers is not None:
         with torch.no_grad():
             n_out = subset.forward(first).shape[-1]
-        zero = torch.zeros(1, n_out, 1, dtype=subset.dtype, device=subset.device)
-        probe = _layer_signals(subset, first, zero, layers)
+        pair = take(inputs, 0, 2)  # two examples, so that a layer broadcast over the batch shows up
+        zero = torch.zeros(batch_size(pair), n_out, 1, dtype=subset.dtype, device=subset.device)
+        probe = _layer_signals(subset, pair, zero, layers)
     if probe is None:
         return None, max(1, chunk_bytes // (2 * n_cot * subset.n_params * itemsize))
     sizes = sum(g[0, 0].numel() + a[0].numel() for a, g in probe.values())

@@ -1,5 +1,6 @@
-"""Laplace approximations: full, diag, KFAC, EKFAC and low-rank posteriors over all
-weights, the last layer or a subnetwork, with glm and sampled predictives.
+"""Laplace approximations: full, diag, KFAC, EKFAC and low-rank posteriors with glm and sampled predictives.
+
+Over all weights, the last layer or a subnetwork, of any model (:mod:`posthoc.network`).
 """
 
 from posthoc.laplace.function_space import exact_lla

@@ -13,8 +13,7 @@ marginal-likelihood tuning and grid search never refit.
 from __future__ import annotations
 
 import warnings
-from enum import Enum
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, cast
 
 import torch
 from torch import nn
@@ -27,7 +26,9 @@ from posthoc.curvature.output_factors import (
     log_likelihood_terms,
 )
 from posthoc.distributed import check_same_on_all_ranks, sum_count, sum_over_ranks
+from posthoc.laplace.predict import PredType, glm_predictive, nn_predictive
 from posthoc.laplace.prior import PriorKind, as_prior_tensor, per_parameter, prior_kind
+from posthoc.laplace.roundoff import warn_roundoff
 from posthoc.laplace.state import STATE_VERSION, laplace_state_dict, load_laplace_state  # noqa: F401 (re-exported)
 from posthoc.laplace.structures import CurvatureStructure, HessianStructure, get_structure
 from posthoc.likelihood import Likelihood
@@ -43,7 +44,7 @@ from posthoc.network.inputs import (
 )
 from posthoc.network.probes import ExampleRoute
 from posthoc.network.subset import ParameterSubset, SubsetOfWeights
-from posthoc.predictive import GaussianPredictive, LinkApprox, Predictive, SamplePredictive
+from posthoc.predictive import LinkApprox, Predictive, SamplePredictive
 from posthoc.predictive.base import check_n_samples
 from posthoc.predictive.tuning import (
     PriorOptimization,
@@ -63,15 +64,7 @@ from posthoc.predictive.tuning import (
 from posthoc.utils.checks import check_choice
 from posthoc.utils.modes import eval_mode
 
-# Relative float32 round-off of the posterior algebra above which a warning names float64 as the fix:
-# a structure's error grows like eps * s * lambda_max(H) / min(delta) (measured for full: 3% at 6e-2).
-_ROUNDOFF_WARN = 1e-2
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
-
-
-class PredType(str, Enum):
-    GLM = "glm"  # linearised: N(f(x; theta*), J Lambda^-1 J^T)
-    NN = "nn"  # sampled weights, full forward passes
 
 
 class Laplace:
@@ -180,8 +173,9 @@ class Laplace:
         self._prior_precision = self._checked_prior(self._as_tensor(value).detach())
 
     def _checked_prior(self, value: torch.Tensor) -> torch.Tensor:
-        """The one validation of a prior precision (setter and explicit arguments): a 1-D tensor, entries
-        finite and > 0, of a length the covered parameters and the structure accept.
+        """The one validation of a prior precision (setter and explicit arguments).
+
+        A 1-D tensor, entries finite and > 0, of a length the covered parameters and the structure accept.
 
         Before the last layer is located (at fit) its size is provisional: only the values are checked then,
         and the length again at fit.
@@ -197,6 +191,7 @@ class Laplace:
 
     @property
     def sigma_noise(self) -> torch.Tensor:
+        """Observation noise sigma, a scalar tensor (1 for classification)."""
         return self._sigma_noise
 
     @sigma_noise.setter
@@ -207,8 +202,9 @@ class Laplace:
         return torch.as_tensor(value, dtype=self.subset.dtype, device=self.subset.device)
 
     def _checked_sigma(self, value: torch.Tensor) -> torch.Tensor:
-        """The one validation of sigma_noise (setter and explicit arguments): a finite scalar > 0, and 1 for
-        classification (differentiable: ``value`` is not detached); see :mod:`posthoc.predictive.tuning`.
+        """The one validation of sigma_noise (setter and explicit arguments); see :mod:`posthoc.predictive.tuning`.
+
+        A finite scalar > 0, and 1 for classification (differentiable: ``value`` is not detached).
         """
         return checked_sigma_noise(value, self.likelihood)
 
@@ -230,8 +226,7 @@ class Laplace:
                                self.subset.dtype, self.subset.device, input_shape=self.input_shape)
 
     def fit(self, train_loader: Iterable) -> "Laplace":
-        """Fit the curvature on the training data (one pass for full/diag/kron, two for ekfac,
-        one per Lanczos product for lowrank).
+        """Fit the curvature: one data pass for full/diag/kron, two for ekfac, one per Lanczos product for lowrank.
 
         ``train_loader`` yields (x, y) tuples (x a tensor, tuple or mapping) or mappings (read with
         ``dict_key_x`` and ``dict_key_y``).
@@ -270,7 +265,9 @@ class Laplace:
             recorder.active = False
             totals.setdefault("n_data", n_data)
 
-        self.structure = self.structure_cls.fit(self.subset, batches, recorder, progress=self.progress,
+        # the recorder duck-types OutputFactors (it calls them and sums log p(y | f) on the way)
+        self.structure = self.structure_cls.fit(self.subset, batches, cast(OutputFactors, recorder),
+                                                progress=self.progress,
                                                 **self.structure_options)
         if not totals:  # the structure stopped before the end of the data (e.g. a subsample)
             for _ in batches():
@@ -300,39 +297,21 @@ class Laplace:
         sigma = self.sigma_noise if sigma_noise is None else self._checked_sigma(self._as_tensor(sigma_noise))
         return prior, sigma
 
-    def _warn_roundoff(self, curvature: CurvatureStructure, prior: torch.Tensor, scale: torch.Tensor) -> None:
-        """Warn when the model's precision (float32) cannot resolve Lambda = s H + diag(delta) at this delta.
-
-        The structures whose algebra loses variance to round-off report lambda_max(H)
-        (:meth:`CurvatureStructure.largest_eigenvalue`); the relative error grows like
-        eps * s * lambda_max / min(delta). Cost: a min over delta.
-        """
-        eps = torch.finfo(self.subset.dtype).eps
-        if eps < 1e-10 or self._roundoff_quiet:
-            return
-        lam = curvature.largest_eigenvalue()
-        if lam is None:
-            return
-        ratio = eps * float(scale.detach()) * float(lam) / float(prior.detach().min())
-        if ratio > _ROUNDOFF_WARN:
-            warnings.warn(
-                f"{self.subset.dtype} cannot resolve this posterior: the curvature's largest eigenvalue "
-                f"({float(scale.detach()) * float(lam):.3g}) is {ratio / eps:.2g} times the smallest prior precision "
-                f"({float(prior.detach().min()):.3g}), so variances may be off by up to about {min(ratio, 1.0):.0%} "
-                f"(hessian_structure={self.structure_name!r}). Fit in float64 (model.double() "
-                "and float64 inputs) or use a larger prior precision",
-                RuntimeWarning, stacklevel=3,
-            )
+    def _warn_roundoff(self, structure: CurvatureStructure, prior: torch.Tensor, scale: torch.Tensor) -> None:
+        """The float32 round-off warning (:func:`posthoc.laplace.roundoff.warn_roundoff`), unless tuning."""
+        if not self._roundoff_quiet:
+            warn_roundoff(structure, self.subset.dtype, prior, scale, self.structure_name)
 
     def log_marginal_likelihood(self, prior_precision: torch.Tensor | float | None = None,
                                 sigma_noise: torch.Tensor | float | None = None) -> torch.Tensor:
-        """Laplace evidence log p(D | delta, sigma), differentiable in both:
+        """Laplace evidence log p(D | delta, sigma), differentiable in both.
 
         log p(D | theta*) - 1/2 sum_p delta_p theta*_p^2 + 1/2 sum_p log delta_p - 1/2 log det Lambda.
 
         Defaults to the stored hyperparameters. No refit: cost is the structure's log-determinant.
         """
         curvature = self._require_fit()
+        assert self._loglik_stat is not None and self.n_outputs is not None  # set by fit with the structure
         prior, sigma = self._hyper(prior_precision, sigma_noise)
         self._warn_roundoff(curvature, prior, self.factors.scale(sigma))
         delta = per_parameter(prior, self.subset)
@@ -460,14 +439,8 @@ class Laplace:
         with eval_mode(self.model), self._naming_input_shape(x):
             inputs = self.subset.inputs(x)
             if kind is PredType.GLM:
-                with torch.no_grad():
-                    mean = self.subset.forward(inputs)
-                cov = curvature.functional_covariance(inputs, self.prior_precision, scale).detach()
-                return GaussianPredictive(mean, cov=0.5 * (cov + cov.transpose(1, 2)))
-            thetas = self.sample(n_samples, seed=seed)
-            with torch.no_grad():
-                outputs = torch.stack([self.subset.forward(inputs, th) for th in thetas])
-        return SamplePredictive(outputs)
+                return glm_predictive(curvature, self.subset, inputs, self.prior_precision, scale)
+            return nn_predictive(self.subset, inputs, self.sample(n_samples, seed=seed))
 
     def __call__(self, x: ModelInputs, pred_type: PredType | str = PredType.GLM,
                  link_approx: LinkApprox | str = LinkApprox.PROBIT, n_samples: int = 100,
@@ -502,14 +475,16 @@ class Laplace:
 
     # ----------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
-        """Everything that restores the fitted approximation exactly (with the same model weights);
-        see :func:`posthoc.laplace.state.laplace_state_dict`. Raises RuntimeError if not fitted.
+        """Everything that restores the fitted approximation exactly (with the same model weights).
+
+        See :func:`posthoc.laplace.state.laplace_state_dict`. Raises RuntimeError if not fitted.
         """
         return laplace_state_dict(self)
 
     def load_state_dict(self, state: dict[str, Any]) -> "Laplace":
-        """Restore a fitted state; the settings and the model's current weights must match those it was fitted
-        with (theta* is re-read from the model now, so load the model's checkpoint first).
+        """Restore a fitted state; the settings and the model's current weights must match those of the fit.
+
+        theta* is re-read from the model now, so load the model's checkpoint first.
 
         Raises:
             ValueError: another version, other settings, another subnetwork or last layer, or other weights.

@@ -1,5 +1,6 @@
-"""Saving and restoring a fitted :class:`posthoc.laplace.Laplace` (``la.state_dict()`` /
-``la.load_state_dict(state)`` call these).
+"""Saving and restoring a fitted :class:`posthoc.laplace.Laplace`.
+
+``la.state_dict()`` and ``la.load_state_dict(state)`` call these.
 """
 
 from __future__ import annotations
@@ -41,8 +42,9 @@ def laplace_state_dict(la: "Laplace") -> dict[str, Any]:
 
 
 def load_laplace_state(la: "Laplace", state: dict[str, Any]) -> "Laplace":
-    """Restore a fitted state into ``la``; its settings and the model's current weights must match those it was
-    fitted with (theta* is re-read from the model now, so load the model's checkpoint first). Returns ``la``.
+    """Restore a fitted state into ``la``; its settings and the model's current weights must match the fit's.
+
+    theta* is re-read from the model now, so load the model's checkpoint first. Returns ``la``.
 
     Raises:
         ValueError: another version, other settings, another subnetwork or last layer, or other weights.

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Sized, cast
 
 import torch
 from torch.utils.data import DistributedSampler
@@ -26,7 +26,6 @@ from posthoc.network.inputs import (
     take,
 )
 from posthoc.utils.checks import check_finite, check_labels
-
 
 DEFAULT_KEYS = ("input_ids", "labels")  # laplace-torch's dict_key_x, dict_key_y
 LEGACY_KEYS = ("input", "target")  # posthoc's keys before, read with their old meaning (deprecated)
@@ -75,8 +74,8 @@ def check_unpadded_shards(loader: Iterable) -> None:
     shard has ceil(N / W): summed over ranks, the curvature, N and the log-likelihood would count them twice.
     """
     sampler = getattr(loader, "sampler", None)
-    if isinstance(sampler, DistributedSampler) and sampler.total_size > len(sampler.dataset):
-        n, ranks = len(sampler.dataset), sampler.num_replicas
+    if isinstance(sampler, DistributedSampler) and sampler.total_size > len(cast(Sized, sampler.dataset)):
+        n, ranks = len(cast(Sized, sampler.dataset)), sampler.num_replicas
         raise ValueError(f"the loader's DistributedSampler pads {n} examples to {sampler.total_size} for {ranks} "
                          "ranks by repeating some, which the sums over ranks would count twice; shard with "
                          "posthoc.data.loaders.shard(dataset) (an exact split), or use a data set whose size is a "
@@ -86,8 +85,9 @@ def check_unpadded_shards(loader: Iterable) -> None:
 def checked_batches(loader: Iterable, likelihood: Likelihood, n_outputs: int | None, dict_key_x: str,
                     dict_key_y: str, dtype: torch.dtype, device: torch.device,
                     input_shape: InputSpec | None = None) -> Iterator[tuple[ModelInputs, torch.Tensor]]:
-    """Yield validated (x, y) on the model's device: x finite (floating leaves cast to ``dtype``) with one target
-    per input, and y class indices (B,) in range (classification) or finite values (regression).
+    """Yield validated (x, y) on the model's device, x finite (floating leaves cast to ``dtype``).
+
+    One target per input: y class indices (B,) in range (classification) or finite values (regression).
 
     x is a tensor, tuple or mapping (:mod:`posthoc.network.inputs`); its batch size B is read from
     ``dict_key_x`` for mappings. With ``n_outputs`` C known, regression targets must be (B, C), or (B,) when

@@ -115,7 +115,7 @@ def concat(parts: Sequence[ModelInputs]) -> ModelInputs:
     if any(s != spec for _, s in flats):
         raise ValueError("cannot concatenate inputs with different structures (keys or nesting)")
     leaves = [torch.cat(group) if isinstance(group[0], torch.Tensor) else group[0]
-              for group in zip(*(f for f, _ in flats))]
+              for group in zip(*(f for f, _ in flats), strict=True)]
     return tree_unflatten(leaves, spec)
 
 

@@ -255,8 +255,8 @@ class ParameterSubset:
             self._set_module(name)
         self.tail = Tail(state["tail"])
         matrix = state["matrix"]
-        self._tail_matrix = None if matrix is None else matrix.to(device=self.theta_map.device,
-                                                                  dtype=self.theta_map.dtype)
+        self._tail_matrix = None if matrix is None else torch.as_tensor(matrix).to(device=self.theta_map.device,
+                                                                                   dtype=self.theta_map.dtype)
         self.last_layer_located = bool(state["located"])
 
     # ----------------------------------------------------------------- theta* and its staleness check
@@ -420,6 +420,7 @@ class ParameterSubset:
         with eval_mode(self.module):
             out = functional_call(self.module, params, (inputs,))
         if self.tail is Tail.LINEAR:
+            assert self._tail_matrix is not None  # classify_tail gives a linear tail its matrix
             return out.reshape(out.shape[0], -1) @ self._tail_matrix.T
         return out
 

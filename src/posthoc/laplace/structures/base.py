@@ -18,19 +18,22 @@ from __future__ import annotations
 
 import abc
 from enum import Enum
-from typing import Any, Callable, ClassVar, Iterable
+from typing import Any, Callable, ClassVar, Iterable, cast
 
 import torch
 
 from posthoc.curvature.checks import check_curvature_finite  # noqa: F401  (the structures import it from here)
 from posthoc.curvature.output_factors import OutputFactors
+from posthoc.network.inputs import ModelInputs
 from posthoc.network.subset import ParameterSubset
 from posthoc.utils.registry import add_to_registry
 
-Batches = Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]
+Batches = Callable[[], Iterable[tuple[ModelInputs, torch.Tensor]]]
 
 
 class HessianStructure(str, Enum):
+    """The built-in posterior structures (others are registered by name)."""
+
     FULL = "full"
     DIAG = "diag"
     KRON = "kron"
@@ -67,7 +70,7 @@ class CurvatureStructure(abc.ABC):
         """Log det Lambda(delta, s), a 0-d tensor, differentiable in prior and scale."""
 
     @abc.abstractmethod
-    def functional_covariance(self, inputs: torch.Tensor, prior: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    def functional_covariance(self, inputs: ModelInputs, prior: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """J(x) Lambda^-1 J(x)^T for each input: (B, C, C), the glm predictive covariance.
 
         ``inputs`` are the covered module's inputs. Implementations avoid P x P
@@ -88,9 +91,10 @@ class CurvatureStructure(abc.ABC):
         return torch.diagonal(torch.cholesky_inverse(torch.linalg.cholesky(self.dense_precision(prior, scale))))
 
     def largest_eigenvalue(self) -> torch.Tensor | None:
-        """lambda_max(H) (0-d), for structures whose posterior algebra loses variance to float32 round-off when
-        s * lambda_max / min(delta) approaches 1 / eps; ``Laplace`` then warns. None (the default): the
-        structure's algebra stays accurate in float32 (e.g. diag: 1 / (s h + delta) per entry).
+        """lambda_max(H) (0-d), for structures whose posterior algebra loses variance to float32 round-off.
+
+        That happens when s * lambda_max / min(delta) approaches 1 / eps; ``Laplace`` then warns. None (the
+        default): the structure's algebra stays accurate in float32 (e.g. diag: 1 / (s h + delta) per entry).
         """
         return None
 
@@ -122,10 +126,10 @@ def register_structure(name: str | type[CurvatureStructure], cls: type[Curvature
     if cls is None:  # the decorator form: the class names itself
         if not isinstance(name, type):
             raise TypeError(f"register_structure(name, cls): cls is missing for name {name!r}")
-        cls, name = name, getattr(name, "structure", None)
+        cls, name = name, getattr(name, "structure", "")
     if not (isinstance(cls, type) and issubclass(cls, CurvatureStructure)):
         raise TypeError(f"register a CurvatureStructure subclass, got {cls!r}")
-    return add_to_registry(STRUCTURES, structure_name(name), cls, "hessian_structure", replace)
+    return add_to_registry(STRUCTURES, structure_name(cast("HessianStructure | str", name)), cls, "hessian_structure", replace)
 
 
 def structure_name(structure: HessianStructure | str) -> str:

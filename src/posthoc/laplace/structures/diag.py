@@ -31,6 +31,7 @@ from posthoc.laplace.structures.base import (
     check_curvature_finite,
     register_structure,
 )
+from posthoc.network.inputs import ModelInputs
 from posthoc.network.subset import ParameterSubset
 
 
@@ -73,15 +74,18 @@ class DiagCurvature(CurvatureStructure):
         return scale * self.diagonal + per_parameter(prior, self.subset)
 
     def dense_precision(self, prior: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """Lambda = diag(s h + delta), (P, P) (tests and small P only)."""
         return torch.diag(self._precision_diagonal(prior, scale))
 
     def logdet_precision(self, prior: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """Log det Lambda = sum log(s h + delta): O(P)."""
         return torch.log(self._precision_diagonal(prior, scale)).sum()
 
     def posterior_variance(self, prior: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """1 / (s h + delta), (P,)."""
         return 1 / self._precision_diagonal(prior, scale)
 
-    def functional_covariance(self, inputs: torch.Tensor, prior: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    def functional_covariance(self, inputs: ModelInputs, prior: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """J diag(1/(s h + delta)) J^T: (B, C, C), computed in chunks of inputs.
 
         A diagonal posterior weighs every parameter separately, so the per-example
@@ -95,14 +99,17 @@ class DiagCurvature(CurvatureStructure):
 
     def sample(self, n_samples: int, prior: torch.Tensor, scale: torch.Tensor,
                generator: torch.Generator) -> torch.Tensor:
+        """Offsets from theta* (n_samples, P): standard normals times the posterior standard deviations."""
         std = self.posterior_variance(prior, scale).sqrt()
         eps = torch.randn(n_samples, self.subset.n_params, generator=generator, dtype=std.dtype)
         return eps.to(std.device) * std
 
     def state_dict(self) -> dict[str, Any]:
+        """The fitted diagonal h (P,) and the chunk budget."""
         return {"diagonal": self.diagonal, "chunk_bytes": self.chunk_bytes}
 
     @classmethod
     def from_state_dict(cls, subset: ParameterSubset, state: dict[str, Any]) -> "DiagCurvature":
+        """Inverse of :meth:`state_dict`, on the subset's device and dtype."""
         return cls(subset, state["diagonal"].to(device=subset.device, dtype=subset.dtype),
                    int(state.get("chunk_bytes", DEFAULT_CHUNK_BYTES)))

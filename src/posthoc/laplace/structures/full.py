@@ -25,12 +25,15 @@ from posthoc.laplace.structures.base import (
     check_curvature_finite,
     register_structure,
 )
+from posthoc.network.inputs import ModelInputs
 from posthoc.network.subset import ParameterSubset
 from posthoc.utils.linalg import cholesky_with_jitter, psd_eigh
 
 
 @register_structure
 class FullCurvature(CurvatureStructure):
+    """The dense GGN H (P, P): exact, O(P^2) memory and O(P^3) factorisations; small P only."""
+
     structure = HessianStructure.FULL
 
     def __init__(self, subset: ParameterSubset, hessian: torch.Tensor) -> None:
@@ -54,6 +57,7 @@ class FullCurvature(CurvatureStructure):
     @classmethod
     def fit(cls, subset: ParameterSubset, batches: Batches, factors: OutputFactors, progress: bool = True,
             **options: Any) -> "FullCurvature":
+        """H = sum_n (J_n^T S_n)(J_n^T S_n)^T from per-example factor gradients: one pass, B K P per batch."""
         if options:
             raise TypeError(f"hessian_structure='full' takes no options, got {sorted(options)}")
         n = subset.n_params
@@ -69,25 +73,29 @@ class FullCurvature(CurvatureStructure):
         return cls(subset, hessian)
 
     def largest_eigenvalue(self) -> torch.Tensor:
-        """lambda_max(H): the eigendecomposition of H in float32 is off by about eps * lambda_max in every
-        eigenvalue, so directions with s * lambda << eps * lambda_max get 1 / (round-off + delta) as variance.
-        Cost: the O(P^3) eigendecomposition, once (the scalar-prior algebra reuses it).
+        """lambda_max(H): float32 loses the directions with s * lambda << eps * lambda_max.
+
+        The eigendecomposition of H in float32 is off by about eps * lambda_max in every eigenvalue, so those
+        directions get 1 / (round-off + delta) as variance. Cost: the O(P^3) eigendecomposition, once (the scalar-prior algebra reuses it).
         """
         return self._eigh()[0].max()
 
     def dense_precision(self, prior: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """Lambda = s H + diag(delta), (P, P)."""
         return scale * self.hessian + torch.diag(per_parameter(prior, self.subset))
 
     def _cholesky(self, prior: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         return cholesky_with_jitter(self.dense_precision(prior, scale), "full posterior precision")
 
     def logdet_precision(self, prior: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """Log det Lambda: from H's spectrum for a scalar prior, else by Cholesky (O(P^3))."""
         spectrum = self._scalar_spectrum(prior, scale)
         if spectrum is not None:
             return torch.log(spectrum).sum()
         return 2 * torch.log(torch.diagonal(self._cholesky(prior, scale))).sum()
 
-    def functional_covariance(self, inputs: torch.Tensor, prior: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    def functional_covariance(self, inputs: ModelInputs, prior: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """J Lambda^-1 J^T (B, C, C) from per-example Jacobians (B, C, P): C backward passes per example."""
         jac = per_example_jacobians(self.subset, inputs)  # (B, C, P)
         spectrum = self._scalar_spectrum(prior, scale)
         if spectrum is not None:
@@ -102,6 +110,7 @@ class FullCurvature(CurvatureStructure):
 
     def sample(self, n_samples: int, prior: torch.Tensor, scale: torch.Tensor,
                generator: torch.Generator) -> torch.Tensor:
+        """Offsets from theta* (n_samples, P) ~ N(0, Lambda^-1)."""
         spectrum = self._scalar_spectrum(prior, scale)
         if spectrum is not None:
             eps = torch.randn(n_samples, self.subset.n_params, generator=generator, dtype=spectrum.dtype)
@@ -112,14 +121,17 @@ class FullCurvature(CurvatureStructure):
         return torch.linalg.solve_triangular(chol.T, eps.to(chol.device), upper=True).T
 
     def posterior_variance(self, prior: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """diag(Lambda^-1), (P,)."""
         spectrum = self._scalar_spectrum(prior, scale)
         if spectrum is not None:
             return (self._eigh()[1] ** 2) @ (1.0 / spectrum)
         return torch.diagonal(torch.cholesky_inverse(self._cholesky(prior, scale)))
 
     def state_dict(self) -> dict[str, Any]:
+        """The fitted H (P, P)."""
         return {"hessian": self.hessian}
 
     @classmethod
     def from_state_dict(cls, subset: ParameterSubset, state: dict[str, Any]) -> "FullCurvature":
+        """Inverse of :meth:`state_dict`, on the subset's device and dtype."""
         return cls(subset, state["hessian"].to(device=subset.device, dtype=subset.dtype))
