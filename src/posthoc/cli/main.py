@@ -10,7 +10,10 @@ from posthoc.utils.checks import check_positive_int
 
 DEMO_OUT = Path("runs") / "demo"
 # The demo's methods: the fast ones, so `make run` takes minutes on 2 cores. `posthoc bench` runs them all.
-DEMO_METHODS = ("map", "temperature", "la_lastlayer_full", "la_kron")
+# The rows that win on the embedded data (issue 17; benchmarks/results/defaults.md): the MAP, its temperature-scaled
+# baseline, last-layer LA with the MC link (calibrated, better OOD entropy), all-weight KFAC LA with the prior by
+# validation NLL (all-weight variances for OOD scores at MAP-level NLL).
+DEMO_METHODS = ("map", "temperature", "la_lastlayer_full_mc", "la_kron_gridsearch")
 
 
 def _positive_int(text: str) -> int:
