@@ -189,3 +189,38 @@ def test_attention_and_embedding_get_the_exact_diagonal(case):
                            for i in curv.fallback])
     torch.testing.assert_close(curv.fallback_diag, exact[positions], rtol=1e-10, atol=1e-14)
     _assert_glm_matches_dense(curv, subset, x[:3])
+
+
+# ------------------------------------------------------------------------------- a GPT-2 from a config
+
+def test_gpt2_conv1d_kronecker_embeddings_and_layernorms_exact_diagonal():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=8, vocab_size=20, n_positions=8, num_labels=3,
+                                     pad_token_id=0, bos_token_id=1, eos_token_id=1)
+    gpt2 = transformers.GPT2ForSequenceClassification(config).to(DTYPE).eval()
+
+    class Logits(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.gpt2 = gpt2
+
+        def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+            return self.gpt2(input_ids=input_ids).logits
+
+    g = torch.Generator().manual_seed(5)
+    ids, y = torch.randint(1, 20, (5, 6), generator=g), torch.randint(0, 3, (5,), generator=g)
+    subset = ParameterSubset(Logits(), "all")
+    curv = _fit(subset, ids, y, batch=3)
+    conv1d = ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]
+    assert [layer.name for layer in curv.layers] == [f"gpt2.transformer.h.0.{n}" for n in conv1d] + ["gpt2.score"]
+    # wpe embeds (1, L) position ids broadcast over the batch: not per example, so the generic diagonal
+    assert [emb.name for emb in curv.embeddings] == ["gpt2.transformer.wte"]
+    jac = dense_jacobians(subset, ids)
+    with torch.no_grad():
+        p = torch.softmax(subset.forward(ids), -1)
+    gamma = torch.diag_embed(p) - p.unsqueeze(-1) * p.unsqueeze(-2)
+    exact = torch.einsum("bcp,bcd,bdp->p", jac, gamma, jac)
+    positions = torch.cat([torch.arange(subset.blocks[i].offset, subset.blocks[i].offset + subset.blocks[i].numel)
+                           for i in curv.fallback])
+    torch.testing.assert_close(curv.fallback_diag, exact[positions], rtol=1e-9, atol=1e-14)

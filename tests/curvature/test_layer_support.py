@@ -107,3 +107,33 @@ def test_same_padding_rule():
     assert conv_padding(nn.Conv2d(1, 1, 4, padding="same")) is None
     assert conv_padding(nn.Conv2d(1, 1, 3, padding="valid")) == (0, 0)
     assert conv_padding(nn.Conv2d(1, 1, 3, padding=(2, 1))) == (2, 1)
+
+
+class _Broadcast(nn.Module):
+    """A Linear applied to a (1, 4) constant and broadcast over the batch (like GPT-2's position embedding)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.pos = nn.Linear(4, 3)
+        self.inp = nn.Linear(3, 3)
+        self.register_buffer("const", torch.randn(1, 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inp(x) * torch.tanh(self.pos(self.const))
+
+
+def test_a_layer_broadcast_over_the_batch_is_not_read_per_example():
+    model = _Broadcast().to(DTYPE).eval()
+    g = torch.Generator().manual_seed(6)
+    x, y = torch.randn(5, 3, generator=g, dtype=DTYPE), torch.randint(0, 3, (5,), generator=g)
+    subset = ParameterSubset(model, "all")
+    exact = torch.diagonal(dense_ggn(subset, x, "classification"))
+    factors = OutputFactors("classification")
+    torch.testing.assert_close(factor_gradient_squares(subset, x, factors(model(x), y)), exact,
+                               rtol=1e-10, atol=1e-14)
+    curv = EKFACCurvature.fit(subset, lambda: iter([(x[:3], y[:3]), (x[3:], y[3:])]), factors, progress=False)
+    assert [layer.name for layer in curv.layers] == ["inp"]
+    torch.testing.assert_close(curv.fallback_diag, exact[:15], rtol=1e-10, atol=1e-14)  # pos.weight, pos.bias
+    with pytest.raises(RuntimeError, match="not per example"):  # a first batch of one cannot tell
+        EKFACCurvature.fit(subset, lambda: iter([(x[:1], y[:1]), (x[1:], y[1:])]), factors, progress=False)

@@ -168,7 +168,8 @@ def probe_layers(subset: ParameterSubset, inputs: ModelInputs
     """The candidate layers called exactly once per forward whose covered weight and bias are read only there.
 
     :func:`posthoc.curvature.jacobians.parameter_uses` counts the reads: a layer used twice, or whose Parameter
-    is shared with another module or a functional use, is left to the generic exact diagonal fallback.
+    is shared with another module or a functional use, is left to the generic exact diagonal fallback, and so
+    is a layer whose output does not have one row per example (GPT-2's position embedding of (1, L) ids).
 
     Returns the kept Kronecker layers, the weight-sharing positions L of every kept layer, and the kept
     embeddings (:func:`candidate_embeddings`). Cost: one forward pass on ``inputs`` and one with a graph on
@@ -178,9 +179,12 @@ def probe_layers(subset: ParameterSubset, inputs: ModelInputs
     handles = []
     candidates = candidate_layers(subset)
     embeddings = candidate_embeddings(subset)
+    batch = batch_size(inputs)
     for layer in candidates + embeddings:
         def hook(module: nn.Module, args: tuple, output: torch.Tensor, name: str = layer.name) -> None:
             calls.setdefault(name, []).append(layer_positions(module, output))
+            if output.shape[0] != batch:  # not per example (broadcast over the batch): never "called once"
+                calls[name].append(0)
         handles.append(layer.module.register_forward_hook(hook))
     try:
         subset.forward(inputs)
@@ -190,6 +194,7 @@ def probe_layers(subset: ParameterSubset, inputs: ModelInputs
     uses = parameter_uses(subset, take(inputs, 0, 1))
 
     def once(layer: KronLayer) -> bool:
+        """Called once, per example, and its covered parameters read only there."""
         return len(calls.get(layer.name, [])) == 1 and all(uses[b] == 1 for b in layer.block_indices)
 
     kept, kept_embeddings = [layer for layer in candidates if once(layer)], [e for e in embeddings if once(e)]
@@ -279,6 +284,13 @@ def tapped_forward(subset: ParameterSubset, layers: list[KronLayer], inputs: Mod
     by_name = {layer.name: layer for layer in layers}
     record = record_layers(lambda: subset.forward(inputs), {n: layer.module for n, layer in by_name.items()},
                            [n for n, layer in by_name.items() if layer.weight is not None], refuse_reuse=True)
+    broadcast = record.not_per_example(batch_size(inputs))
+    if broadcast:
+        raise RuntimeError(
+            f"layers {broadcast} have outputs that are not per example in this forward pass (broadcast over the "
+            "batch), but their Kronecker or embedding blocks were fitted as per-example layers (on a first batch "
+            "of one example?); fit again on batches of at least two examples, which sends them to the exact "
+            "diagonal fallback")
     return TappedForward(record, by_name)
 
 

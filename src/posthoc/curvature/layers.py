@@ -178,6 +178,14 @@ class LayerRecord:
         """Whether every recorded layer ran exactly once."""
         return all(n == 1 for n in self.calls.values())
 
+    def not_per_example(self, batch: int) -> list[str]:
+        """The recorded layers whose output does not have ``batch`` rows (not per example).
+
+        E.g. GPT-2's position embedding, applied to (1, L) position ids and broadcast over the batch: its inputs
+        and output gradients are not per example, so no per-example route may read them.
+        """
+        return [name for name, leaf in self.leaves.items() if leaf.ndim == 0 or leaf.shape[0] != batch]
+
 
 def record_layers(run: Callable[[], torch.Tensor], modules: Mapping[str, nn.Module], copy_inputs: Iterable[str],
                   refuse_reuse: bool) -> LayerRecord:
