@@ -26,15 +26,13 @@ def _is_oom(exc: BaseException) -> bool:
 
 
 def write_child_json(path: str | os.PathLike, obj: dict[str, Any]) -> None:
-    """Write a spec or a (progress) result for the other side: a temporary file renamed over ``path``.
+    """Write a spec or a (progress) result for the other side atomically: the parent never reads half a file.
 
-    The parent never reads half a file. No fsync (unlike posthoc.utils.io.atomic_write_text): this is written
-    after every predictive batch, inside the timing.
+    No fsync: this is written after every predictive batch, inside the timing.
     """
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as fh:
-        json.dump(obj, fh, indent=1, default=str)
-    os.replace(tmp, path)
+    from posthoc.utils.io import atomic_write_text
+
+    atomic_write_text(path, json.dumps(obj, indent=1, default=str), fsync=False)
 
 
 def _maxrss_bytes() -> int:
