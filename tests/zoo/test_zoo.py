@@ -53,6 +53,7 @@ def _tuple_output():
 MODELS = {"bert": _bert, "gpt2": _gpt2, "bert_wrapped": _bert_wrapped, "gpt2_wrapped": _gpt2_wrapped,
           "dict_output": _dict_output, "tuple_output": _tuple_output}
 STRUCTURES = [("last_layer", "kron"), ("last_layer", "full"), ("all", "diag"), ("all", "kron")]
+# lowrank ("omit") has no dense precision to compare with; it runs on the HF models in its own test
 
 
 def _outputs(model, x):
@@ -143,3 +144,25 @@ def test_predict_drops_the_target_entry_and_takes_the_same_kinds_as_the_loader()
     torch.testing.assert_close(la(with_labels), la(x))
     with pytest.raises(ValueError, match="structure of the training inputs"):
         la.predict({"input_ids": x["input_ids"]})
+
+
+@pytest.mark.parametrize("name", ["bert", "gpt2_wrapped"])
+def test_lowrank_runs_on_hf_models_with_eager_attention(name):
+    model, batches, x = MODELS[name]()
+    (model.inner if isinstance(model, DictWrapper) else model).set_attn_implementation("eager")
+    la = Laplace(model, "classification", "all", "lowrank", progress=False,
+                 structure_options={"rank": 5, "complement": "prior"}).fit(batches)
+    pred = la.predict(x)
+    with torch.no_grad():
+        torch.testing.assert_close(pred.mean, _outputs(model, x), rtol=0, atol=1e-10)
+    variances = pred.cov.diagonal(dim1=1, dim2=2)
+    assert torch.isfinite(variances).all() and (variances > 0).all()
+    la.optimize_prior_precision(method="marglik", n_steps=5, progress_bar=False)
+    assert torch.isfinite(la.log_marginal_likelihood())
+
+
+def test_lowrank_on_sdpa_attention_names_the_fix():
+    """CPU flash attention (HF's default "sdpa") has no forward-mode derivative, which Lanczos' JVPs need."""
+    model, batches, _ = MODELS["bert"]()
+    with pytest.raises(NotImplementedError, match="set_attn_implementation\\('eager'\\)"):
+        Laplace(model, "classification", "all", "lowrank", progress=False, structure_options={"rank": 5}).fit(batches)

@@ -42,12 +42,26 @@ def per_example_jacobians(subset: ParameterSubset, inputs: ModelInputs, theta: t
 
 
 def jvp_many(subset: ParameterSubset, inputs: ModelInputs, directions: torch.Tensor) -> torch.Tensor:
-    """J(x) V for K directions V (K, P): returns (K, B, C). Cost: K forward-mode passes (vmapped)."""
+    """J(x) V for K directions V (K, P): returns (K, B, C). Cost: K forward-mode passes (vmapped).
+
+    Raises:
+        NotImplementedError: an operation of the model has no forward-mode derivative (e.g. PyTorch's CPU
+            flash attention, which Hugging Face's default "sdpa" attention calls), naming the fixes.
+    """
 
     def one(v: torch.Tensor) -> torch.Tensor:
         return jvp(lambda th: subset.forward(inputs, th), (subset.theta_map,), (v,))[1]
 
-    return vmap(one)(directions)
+    try:
+        return vmap(one)(directions)
+    except NotImplementedError as err:
+        if "forward AD" not in str(err):
+            raise
+        raise NotImplementedError(
+            f"the model uses an operation without a forward-mode derivative in this PyTorch ({err}); structures "
+            "built on JVPs (lowrank, ScaLLA's directions) need one. For a Hugging Face model call "
+            "model.set_attn_implementation('eager') before fitting (plain matmul/softmax attention), or use "
+            "hessian_structure 'full', 'diag' or 'kron'") from err
 
 
 def vjp_sum(subset: ParameterSubset, inputs: ModelInputs, cotangents: torch.Tensor) -> torch.Tensor:

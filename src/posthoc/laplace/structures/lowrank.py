@@ -44,6 +44,7 @@ from posthoc.laplace.structures.base import (
     HessianStructure,
     register_structure,
 )
+from posthoc.network.inputs import batch_size, take
 from posthoc.network.subset import ParameterSubset
 from posthoc.utils.checks import check_choice
 from posthoc.utils.linalg import cholesky_with_jitter
@@ -180,8 +181,8 @@ class LowRankCurvature(CurvatureStructure):
         """
         if self.complement is LowRankComplement.OMIT:
             if self.rank == 0:  # nothing covered: no variance
-                n_out = self.subset.forward(inputs[:1], self.subset.theta_map).shape[-1]
-                return inputs.new_zeros(inputs.shape[0], n_out, n_out, dtype=self.subset.dtype)
+                n_out = self.subset.forward(take(inputs, 0, 1), self.subset.theta_map).shape[-1]
+                return self.subset.theta_map.new_zeros(batch_size(inputs), n_out, n_out)
             ju = self._jvps(inputs, self.eigenvectors)  # (B, k, C)
             white = torch.linalg.solve_triangular(self._subspace_factor(prior, scale), ju, upper=False)
             return white.transpose(1, 2) @ white
@@ -196,8 +197,8 @@ class LowRankCurvature(CurvatureStructure):
     def _jvps(self, inputs: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
         """J(x) V for the columns of V (P, k): (B, k, C), in chunks of about _JVP_WORK example-directions."""
         step = max(1, _JVP_WORK // self.rank)
-        jv = torch.cat([jvp_many(self.subset, inputs[i:i + step], directions.T)
-                        for i in range(0, inputs.shape[0], step)], dim=1)  # (k, B, C)
+        jv = torch.cat([jvp_many(self.subset, take(inputs, i, i + step), directions.T)
+                        for i in range(0, batch_size(inputs), step)], dim=1)  # (k, B, C)
         return jv.permute(1, 0, 2)
 
     def sample(self, n_samples: int, prior: torch.Tensor, scale: torch.Tensor,
