@@ -44,7 +44,7 @@ from posthoc.laplace.structures.base import (
     HessianStructure,
     register_structure,
 )
-from posthoc.network.inputs import batch_size, take
+from posthoc.network.inputs import ModelInputs, batch_size, take
 from posthoc.network.subset import ParameterSubset
 from posthoc.utils.checks import check_choice
 from posthoc.utils.linalg import cholesky_with_jitter
@@ -172,7 +172,7 @@ class LowRankCurvature(CurvatureStructure):
         white = torch.linalg.solve_triangular(chol, (dinv_u * c).T, upper=False)  # L^-1 Y^T, (k, P)
         return 1 / delta - white.square().sum(0)
 
-    def functional_covariance(self, inputs: torch.Tensor, prior: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    def functional_covariance(self, inputs: ModelInputs, prior: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """The glm covariance (B, C, C): (J U) A^-1 (J U)^T ("omit") or J D^-1 J^T - (J Y) K^-1 (J Y)^T ("prior").
 
         "omit": k JVPs per input (vmapped, in chunks), O(B k (forward + C k)). "prior": J Y = (J D^-1 U) diag(c) takes k JVPs per input (vmapped, in chunks). J D^-1 J^T is the glm covariance
@@ -194,7 +194,7 @@ class LowRankCurvature(CurvatureStructure):
         white = torch.linalg.solve_triangular(chol, jy, upper=False)  # L^-1 (J Y)^T, (B, k, C)
         return prior_part - white.transpose(1, 2) @ white
 
-    def _jvps(self, inputs: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
+    def _jvps(self, inputs: ModelInputs, directions: torch.Tensor) -> torch.Tensor:
         """J(x) V for the columns of V (P, k): (B, k, C), in chunks of about _JVP_WORK example-directions."""
         step = max(1, _JVP_WORK // self.rank)
         jv = torch.cat([jvp_many(self.subset, take(inputs, i, i + step), directions.T)
