@@ -11,9 +11,12 @@ G = Q_G diag(λ_G) Q_Gᵀ (computed once at fit), the posterior precision block 
 (bias: Q_G diag(s λ_G + δ_l) Q_Gᵀ), for a scalar or per-layer prior δ (a layer
 is one parameter tensor, so a Linear's weight and bias are two) and curvature
 scale s. A per-parameter prior has no such closed form and raises ValueError.
-Parameters outside supported layers (BatchNorm, LayerNorm, embeddings, ...)
-get an exact diagonal GGN block s·h + δ, and so does every covered parameter of
-a Linear/Conv2d layer whose weight or bias is shared: a layer called more than
+Parameters outside supported layers (BatchNorm, LayerNorm, embeddings,
+``nn.MultiheadAttention``'s projections, ...) get an exact diagonal GGN block
+s·h + δ (an nn.Embedding's from segment sums of its output gradients,
+:mod:`posthoc.curvature.embedding`; the others from per-example gradients of
+those parameters only, :mod:`posthoc.curvature.fallback`), and so does every
+covered parameter of a Linear/Conv1D/Conv2d layer whose weight or bias is shared: a layer called more than
 once per forward, a Parameter held by two modules, a weight tied to another use
 (an output head that is also the embedding, an encoder weight reused
 transposed). Such a parameter's per-example gradient sums its uses, so it has no
