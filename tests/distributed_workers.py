@@ -276,7 +276,7 @@ def scalla_sharded_worker(rank: int, world: int, port: int, out_dir: str) -> Non
         for case, loader in loaders.items():
             s = ScaLLA(model, "classification", n_features=4, steps=2, n_target_points=16, eigen_subsample=10,
                        progress=False)
-            outcomes[case] = _outcome(lambda: s.fit(loader))
+            outcomes[case] = _outcome(lambda s=s, loader=loader: s.fit(loader))
         torch.save(outcomes, Path(out_dir) / f"rank{rank}.pt")
 
 

@@ -69,7 +69,7 @@ def _layer_block_sampler(cov: Covered, sigma: torch.Tensor):
     params = dict(cov.model.named_parameters())
     layers = [name.rpartition(".")[0] for name in cov.names]
     layer_of = torch.cat([torch.full((params[name].numel(),), layers.index(layer))
-                          for name, layer in zip(cov.names, layers)])
+                          for name, layer in zip(cov.names, layers, strict=True)])
     if cov.indices is not None:
         layer_of = layer_of[cov.indices]
     same_layer = layer_of.unsqueeze(0) == layer_of.unsqueeze(1)
@@ -82,7 +82,7 @@ def _layer_block_sampler(cov: Covered, sigma: torch.Tensor):
         full = thetas if cov.indices is None else cov._base().expand(n, -1).index_put(
             (slice(None), cov.indices), thetas)
         pieces = torch.split(full, [params[name].numel() for name in cov.names], dim=1)
-        return {name: piece.reshape(n, *params[name].shape) for name, piece in zip(cov.names, pieces)}
+        return {name: piece.reshape(n, *params[name].shape) for name, piece in zip(cov.names, pieces, strict=True)}
 
     return sample
 
