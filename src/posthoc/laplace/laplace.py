@@ -26,6 +26,7 @@ from posthoc.curvature.output_factors import (
     log_likelihood_terms,
 )
 from posthoc.distributed import check_same_on_all_ranks, sum_count, sum_over_ranks
+from posthoc.laplace.parity import LaplaceTorchAPI
 from posthoc.laplace.predict import PredType, glm_predictive, nn_predictive
 from posthoc.laplace.prior import PriorKind, as_prior_tensor, per_parameter, prior_kind
 from posthoc.laplace.roundoff import warn_roundoff
@@ -44,8 +45,7 @@ from posthoc.network.inputs import (
 )
 from posthoc.network.probes import ExampleRoute
 from posthoc.network.subset import ParameterSubset, SubsetOfWeights
-from posthoc.predictive import LinkApprox, Predictive, SamplePredictive
-from posthoc.predictive.base import check_n_samples
+from posthoc.predictive import LinkApprox, Predictive
 from posthoc.predictive.tuning import (
     PriorOptimization,
     PriorStructure,
@@ -67,7 +67,7 @@ from posthoc.utils.modes import eval_mode
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
-class Laplace:
+class Laplace(LaplaceTorchAPI):
     """Laplace approximation N(theta*, Lambda^-1) of a trained network's posterior.
 
     The posterior is centred at the model's weights when ``fit`` runs (theta*); predicting, sampling or
@@ -337,7 +337,7 @@ class Laplace:
         "gridsearch": the scalar delta in ``grid`` (default logspace(log_prior_prec_min, log_prior_prec_max,
         grid_size) = logspace(-4, 4, 21)) with the lowest loss of the ``pred_type`` predictive on ``val_loader``
         (summed over ranks' shards): the NLL, or ``loss(outputs, y)``, a batch's mean loss, where outputs are
-        ``la(x, pred_type, link_approx, n_samples)`` (class probabilities; regression: the noisy predictive).
+        ``la(x, pred_type=, link_approx=, n_samples=)`` (class probabilities; regression: ``(f_mu, f_var)``).
         ``n_samples``: weight samples of pred_type "nn". Both go through :mod:`posthoc.predictive.tuning`.
         ``progress_bar``: None follows ``progress``; ``verbose`` prints the result. Returns the new delta.
         Deprecated (DeprecationWarning): a method as the first argument (pass ``method=``); prior_structure
@@ -389,7 +389,8 @@ class Laplace:
             total = 0.0
             for x, y in val:
                 if loss is not None:
-                    total += float(loss(self(x, pred_type, link_approx, n_samples, seed=self.seed), y)) * len(y)
+                    total += float(loss(self(x, pred_type=pred_type, link_approx=link_approx,
+                                                n_samples=n_samples, seed=self.seed), y)) * len(y)
                     continue
                 pred = self.predict(x, pred_type=pred_type, n_samples=n_samples, seed=self.seed)
                 total += validation_nll_sum(pred, y, self.likelihood, self.sigma_noise, link_approx, self.seed)
@@ -424,7 +425,7 @@ class Laplace:
 
         "glm": GaussianPredictive(f(x; theta*), J Lambda^-1 J^T) with full (B, C, C) covariance.
         "nn": SamplePredictive of f(x; theta_s) for n_samples weight samples (seeded).
-        Neither includes observation noise: use ``.with_noise(la.sigma_noise)`` or ``la(x)``.
+        Neither includes observation noise (nor does ``la(x)``): use ``.with_noise(la.sigma_noise)``.
         The model runs in eval mode (its train/eval flags are restored afterwards).
 
         Raises:
@@ -441,30 +442,6 @@ class Laplace:
             if kind is PredType.GLM:
                 return glm_predictive(curvature, self.subset, inputs, self.prior_precision, scale)
             return nn_predictive(self.subset, inputs, self.sample(n_samples, seed=seed))
-
-    def __call__(self, x: ModelInputs, pred_type: PredType | str = PredType.GLM,
-                 link_approx: LinkApprox | str = LinkApprox.PROBIT, n_samples: int = 100,
-                 seed: int | None = None) -> torch.Tensor | Predictive:
-        """Classification: class probabilities (B, C). Regression: the predictive of y (noise added)."""
-        pred = self.predict(x, pred_type=pred_type, n_samples=n_samples, seed=seed)
-        if self.likelihood is Likelihood.REGRESSION:
-            return pred.with_noise(self.sigma_noise)
-        if isinstance(pred, SamplePredictive):
-            return pred.probs(link_approx)
-        return pred.probs(link_approx, n_samples=n_samples, seed=self.seed if seed is None else seed)
-
-    def sample(self, n_samples: int = 100, seed: int | None = None) -> torch.Tensor:
-        """Parameter samples theta ~ N(theta*, Lambda^-1): (n_samples, P), seeded.
-
-        Raises RuntimeError if not fitted or if the model's weights changed since fit.
-        """
-        curvature = self._fitted_posterior("sample")
-        check_n_samples(n_samples)
-        scale = self.factors.scale(self.sigma_noise)
-        self._warn_roundoff(curvature, self.prior_precision, scale)
-        generator = torch.Generator().manual_seed(self.seed if seed is None else seed)
-        offsets = curvature.sample(n_samples, self.prior_precision, scale, generator)
-        return self.subset.theta_map + offsets.detach()
 
     def posterior_variance(self) -> torch.Tensor:
         """diag(Lambda^-1), (P,). Raises RuntimeError if not fitted or if the weights changed since fit."""

@@ -25,13 +25,14 @@ from posthoc.laplace.structures.diag import DiagCurvature
 from posthoc.laplace.structures.full import FullCurvature
 from posthoc.laplace.structures.lowrank import LowRankCurvature
 from posthoc.likelihood import Likelihood
+from posthoc.network.inputs import ModelInputs
 from posthoc.predictive import links
 from posthoc.predictive.base import check_n_samples
 from posthoc.utils.modes import eval_mode
 
 # the pred_type and link_approx values laplace-torch accepts in la(x); "bridge_norm" is its normalised bridge
 PRED_TYPES = ("glm", "nn")
-LINK_APPROXES = ("probit", "bridge", "bridge_norm", "mc")
+LINK_APPROXES = ("probit", "bridge", "mc", "bridge_norm")
 
 
 def _choice(value: Any, allowed: tuple[str, ...], name: str) -> str:
@@ -282,7 +283,7 @@ class LaplaceTorchAPI:
         _check_generator(generator, self.subset.device)
         return generator if generator is not None else links.make_generator(self.seed, self.subset.device)
 
-    def _jacobians(self, x: torch.Tensor, differentiable: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    def _jacobians(self, x: ModelInputs, differentiable: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Js (B, C, P) of the covered function at theta* and its outputs f (B, C). Cost: C backward passes per input.
 
         ``differentiable``: both stay differentiable in x (``enable_backprop``), else they are detached.
@@ -299,7 +300,7 @@ class LaplaceTorchAPI:
                 outputs = self.subset.forward(inputs, theta)
         return jac.detach(), outputs.detach()
 
-    def _nn_functional_samples(self, x: torch.Tensor, n_samples: int,
+    def _nn_functional_samples(self, x: ModelInputs, n_samples: int,
                                generator: torch.Generator | None) -> torch.Tensor:
         """f(x; theta_s) for weight samples theta_s: (n_samples, B, C)."""
         thetas = self.sample(n_samples, generator=self._generator(generator))
@@ -308,7 +309,7 @@ class LaplaceTorchAPI:
             inputs = self.subset.inputs(x)
             return torch.stack([self.subset.forward(inputs, theta) for theta in thetas])
 
-    def functional_samples(self, x: torch.Tensor, pred_type: str = "glm", n_samples: int = 100,
+    def functional_samples(self, x: ModelInputs, pred_type: str = "glm", n_samples: int = 100,
                            diagonal_output: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
         """Samples of the function f(x): (n_samples, B, C).
 
@@ -323,17 +324,17 @@ class LaplaceTorchAPI:
         cov = pred.var if diagonal_output else pred.cov
         return links.sample_gaussian(pred.mean, cov, n_samples, self._generator(generator))
 
-    def predictive_samples(self, x: torch.Tensor, pred_type: str = "glm", n_samples: int = 100,
+    def predictive_samples(self, x: ModelInputs, pred_type: str = "glm", n_samples: int = 100,
                            diagonal_output: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
         """:meth:`functional_samples` through the inverse link: softmax for classification, (n_samples, B, C)."""
         samples = self.functional_samples(x, pred_type, n_samples, diagonal_output, generator)
         return torch.softmax(samples, dim=-1) if self.likelihood is Likelihood.CLASSIFICATION else samples
 
     # ----------------------------------------------------------------- la(x)
-    def __call__(self, x: torch.Tensor, pred_type: str = "glm", joint: bool = False, link_approx: str = "probit",
+    def __call__(self, x: ModelInputs, pred_type: str = "glm", joint: bool = False, link_approx: str = "probit",
                  n_samples: int = 100, diagonal_output: bool = False, generator: torch.Generator | None = None,
                  fitting: bool = False, *, seed: int | None = None, **model_kwargs: Any) -> Any:
-        """The predictive for inputs x (B, ...) with laplace-torch's return types.
+        """The predictive for inputs x (B, ...) (the training loader's kind of x) with laplace-torch's return types.
 
         Classification: class probabilities (B, C). "glm" with ``link_approx`` "probit", "bridge", "bridge_norm"
         (laplace-torch's Laplace bridge, without and with its normalisation) or "mc" (``n_samples`` draws of
@@ -392,7 +393,7 @@ class LaplaceTorchAPI:
         cov_or_var = torch.diagonal(cov, dim1=-2, dim2=-1) if diagonal_output else cov
         return links.mc_probs(mean, cov_or_var, n_samples, self._generator(generator))
 
-    def predictive(self, x: torch.Tensor, pred_type: str = "glm", link_approx: str = "probit",
+    def predictive(self, x: ModelInputs, pred_type: str = "glm", link_approx: str = "probit",
                    n_samples: int = 100) -> Any:
         """laplace-torch's alias of ``la(x, pred_type=..., link_approx=..., n_samples=...)``."""
         return self(x, pred_type=pred_type, link_approx=link_approx, n_samples=n_samples)
