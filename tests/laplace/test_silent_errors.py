@@ -514,17 +514,42 @@ class _PoolLastToken(nn.Module):
 
 
 @pytest.mark.parametrize("structure", ["full", "kron"])
-def test_a_tail_that_moves_with_the_input_is_refused(structure):
+def test_a_tail_that_moves_with_token_inputs_is_rerun(structure):
     """Located on unpadded sequences, the tail looked like a fixed linear map (pick the last position); on padded
-    inputs it picks another position. Seen on a config-built GPT-2 classifier before this check: glm mean
-    0.142 off model(x) without a word. Every batch is now checked against the model's own output."""
+    inputs it picks another position. Seen on a config-built GPT-2 classifier: glm mean 0.142 off model(x)
+    without a word. Integer inputs can steer the tail without a gradient, so its tail is now re-run."""
     torch.manual_seed(0)
     model = _PoolLastToken().to(DTYPE).eval()
     tokens, y = torch.randint(1, 12, (16, 5)), torch.randint(0, 3, (16,))
     la = Laplace(model, "classification", "last_layer", structure, progress=False).fit(_loader(tokens, y))
-    with torch.no_grad():
-        torch.testing.assert_close(la.predict(tokens[:4]).mean, model(tokens[:4]))
+    assert la.subset.tail.value == "rerun"
     padded = tokens[:4].clone()
     padded[:, 3:] = 0
+    with torch.no_grad():
+        torch.testing.assert_close(la.predict(padded).mean, model(padded))
+
+
+class _PoolByValue(nn.Module):
+    """Float inputs whose values choose the pooled position without a gradient showing it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Linear(2, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x (B, 5, 2)
+        logits = self.head(torch.tanh(x))
+        last = (x[..., 0] > -1.5).sum(1) - 1
+        return logits[torch.arange(x.shape[0]), last]
+
+
+@pytest.mark.parametrize("structure", ["full", "kron"])
+def test_a_tail_that_moves_with_float_inputs_is_refused(structure):
+    """A tail read as a fixed linear map on the first batch that maps differently later raises, naming fixes."""
+    x, y = torch.rand(16, 5, 2, dtype=DTYPE), torch.randint(0, 3, (16,))
+    model = _PoolByValue().to(DTYPE).eval()
+    la = Laplace(model, "classification", "last_layer", structure, progress=False).fit(_loader(x, y))
+    assert la.subset.tail.value == "linear"
+    moved = x[:4].clone()
+    moved[:, 3:, 0] = -2.0
     with pytest.raises(ValueError, match="maps its output differently"):
-        la.predict(padded)
+        la.predict(moved)

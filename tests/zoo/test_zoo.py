@@ -166,3 +166,15 @@ def test_lowrank_on_sdpa_attention_names_the_fix():
     model, batches, _ = MODELS["bert"]()
     with pytest.raises(NotImplementedError, match="set_attn_implementation\\('eager'\\)"):
         Laplace(model, "classification", "all", "lowrank", progress=False, structure_options={"rank": 5}).fit(batches)
+
+
+def test_gpt2_last_layer_pooling_follows_the_padding_of_every_batch():
+    """GPT-2 pools its per-token head at the last non-pad token: with token inputs the tail is re-run, so a first
+    batch whose examples share one padding length does not fix the pooled position for later batches."""
+    model, batches, x = MODELS["gpt2"]()
+    same_padding = {k: v[:1].expand(6, -1) for k, v in batches[0].items() if k != "labels"}
+    first = {**same_padding, "labels": batches[0]["labels"]}
+    la = Laplace(model, "classification", "last_layer", "kron", progress=False).fit([first, batches[1]])
+    assert la.subset.tail.value == "rerun"
+    with torch.no_grad():
+        torch.testing.assert_close(la.predict(x).mean, _outputs(model, x), rtol=0, atol=1e-10)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_map
 
-from posthoc.network.inputs import ModelInputs, floating_leaves
+from posthoc.network.inputs import ModelInputs, floating_leaves, tensor_leaves
 
 
 class Tail(str, Enum):
@@ -139,6 +139,10 @@ def classify_tail(model: nn.Module, name: str, layer: nn.Module, x: ModelInputs,
         return Tail.RERUN, None  # the output reads the input other than through the layer
     if out is z:
         return Tail.IDENTITY, None
+    if len(input_leaves) != len(tensor_leaves(x)):
+        # integer inputs (token ids, masks) can steer the tail without a gradient, e.g. GPT-2 pools the last
+        # non-pad token: a map read off this batch need not hold for the next, so the tail is re-run
+        return Tail.RERUN, None
     batch = out.shape[0]
     rows = [torch.autograd.grad(out[0, c], z, retain_graph=True, allow_unused=True)[0] for c in range(out.shape[1])]
     if any(r is None for r in rows):

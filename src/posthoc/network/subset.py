@@ -18,7 +18,9 @@ The posterior is over a flat vector theta of P entries, in PyTorch's row-major
   * linear: a fixed per-example linear map of the layer's output (scaling,
     indexing or pooling over positions, reshapes), verified on the example and
     stored as a (C, numel of one example's layer output) matrix: one Linear
-    and one small matmul;
+    and one small matmul. Only for floating-point inputs: integer inputs (token
+    ids, masks) can choose the map without a gradient showing it (GPT-2 pools
+    the last non-pad token), so such a tail is re-run;
   * rerun: anything else that depends only on the layer's output and the input
     (a softmax, a parameter-free skip connection, frozen layers): the covered
     function re-runs the whole model with the layer's weights replaced, so
