@@ -61,6 +61,12 @@ LINKS = ("probit", "mc")
 FMNIST_METHODS = ("map", "temperature", "la_lastlayer_full", "la_kron", "la_kron_gridsearch", "la_diag",
                   "la_lowrank", "la_lastlayer_full_mc", "la_kron_mc", "la_kron_gridsearch_mc")
 
+# FMNIST bench rows under the small tasks' names where the recipe is the same (marglik prior, that link);
+# la_lowrank's bench row subsamples 1,000 examples for the Lanczos products. Other rows keep their bench names.
+BENCH_ALIASES = {"la_lastlayer_full": "la_lastlayer_full[probit]", "la_lastlayer_full_mc": "la_lastlayer_full[mc]",
+                 "la_kron": "la_kron[probit]", "la_kron_mc": "la_kron[mc]", "la_diag": "la_diag[probit]",
+                 "la_lowrank": "la_lowrank[probit]", "la_lowrank_prior": "la_lowrank_prior[probit]"}
+
 
 @dataclass(frozen=True)
 class ClassificationTask:
@@ -233,7 +239,9 @@ def read_bench_rows(paths: list[str]) -> list[dict[str, Any]]:
     for path in paths:
         payload = json.loads(Path(path).read_text())
         checkpoints.add(payload["map"]["checkpoint"].rsplit("/", 1)[-1])
-        rows.update({row["method"]: {**row, "source": str(path)} for row in payload["rows"]})
+        rows.update({BENCH_ALIASES.get(row["method"], row["method"]): {
+            **row, "method": BENCH_ALIASES.get(row["method"], row["method"]), "bench_row": row["method"],
+            "source": str(path)} for row in payload["rows"]})
     if len(checkpoints) != 1 or "map" not in rows:
         raise ValueError(f"--fmnist-results need one MAP checkpoint and a 'map' row; got checkpoints {checkpoints} "
                          f"and methods {sorted(rows)}")
@@ -312,10 +320,19 @@ def main() -> None:
                              "files (on the same MAP checkpoint; later files win per method) instead of running them")
     parser.add_argument("--quick", action="store_true", help="the first two small tasks only, probit link only")
     parser.add_argument("--name", default="defaults", help="results file stem (default defaults)")
+    parser.add_argument("--tasks-from", default=None, metavar="DEFAULTS_JSON",
+                        help="take the small and UCI tasks' rows from an earlier run's JSON instead of running them "
+                             "(to add FMNIST rows to it); recorded in the output's meta")
     args = parser.parse_args()
     torch.set_num_threads(1)
     tasks: dict[str, list[dict[str, Any]]] = {}
-    for task in SMALL_TASKS[:2] if args.quick else SMALL_TASKS:
+    regression: dict[str, list[dict[str, Any]]] = {}
+    earlier = json.loads(Path(args.tasks_from).read_text()) if args.tasks_from else None
+    if earlier is not None:
+        for name, rows in earlier["tasks"].items():
+            if not name.startswith("fmnist"):
+                (regression if name.startswith("uci-") else tasks)[name] = rows
+    for task in () if earlier is not None else SMALL_TASKS[:2] if args.quick else SMALL_TASKS:
         print(f"task {task.name}", flush=True)
         tasks[task.name] = run_small_task(task, ("probit",) if args.quick else LINKS, not args.quick)
     if args.fmnist_results:
@@ -323,13 +340,15 @@ def main() -> None:
     elif not args.skip_fmnist:
         print("task fmnist-embedded", flush=True)
         tasks["fmnist-embedded-cnn"] = fmnist_rows(FMNIST_METHODS)
-    regression: dict[str, list[dict[str, Any]]] = {}
-    if args.data_dir is not None and Path(args.data_dir, "UCI").is_dir():
+    if earlier is None and args.data_dir is not None and Path(args.data_dir, "UCI").is_dir():
         for name in args.uci.split(","):
             for split in range(args.splits):
                 print(f"task uci {name} split {split}", flush=True)
                 regression[f"uci-{name}-split{split}"] = run_uci(name, split, args.data_dir)
-    payload = {"meta": run_meta(), "tasks": {**tasks, **regression}, "worst_case": worst_cases(tasks)}
+    meta = {**run_meta(), "tasks_from": None if earlier is None else
+            {"path": args.tasks_from, "date": earlier["meta"]["date"], "command": earlier["meta"]["command"]},
+            "fmnist_results": list(args.fmnist_results)}
+    payload = {"meta": meta, "tasks": {**tasks, **regression}, "worst_case": worst_cases(tasks)}
     write_json(RESULTS / f"{args.name}.json", payload)
     (RESULTS / f"{args.name}.md").write_text(markdown(payload))
     print(markdown(payload))

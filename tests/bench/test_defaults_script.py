@@ -1,0 +1,62 @@
+"""benchmarks/defaults.py's bookkeeping: Spearman, worst cases per method, reading bench results."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "defaults.py"
+
+
+@pytest.fixture(scope="module")
+def defaults():
+    spec = importlib.util.spec_from_file_location("defaults_benchmark", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop(spec.name, None)
+
+
+def test_spearman_is_pearson_of_ranks(defaults):
+    a = torch.tensor([0.3, 2.0, -1.0, 5.0, 4.0], dtype=torch.float64)
+    assert defaults.spearman(a, a.exp()) == pytest.approx(1.0)  # monotone map
+    assert defaults.spearman(a, -a) == pytest.approx(-1.0)
+    b = torch.tensor([1.0, 3.0, 2.0, 5.0, 4.0], dtype=torch.float64)
+    # ranks of a: 1 2 0 4 3, of b: 0 2 1 4 3; rank differences d = 1 0 -1 0 0: 1 - 6 sum d^2 / (n (n^2 - 1))
+    assert defaults.spearman(a, b) == pytest.approx(1 - 6 * 2 / (5 * 24))
+
+
+def test_worst_case_is_the_largest_excess_and_smallest_gain(defaults):
+    tasks = {
+        "t1": [{"method": "map", "nll": 1.0, "ece": 0.02, "auroc_entropy": 0.6},
+               {"method": "m", "nll": 1.01, "ece": 0.05, "auroc_entropy": 0.7, "spearman_exact_lla": 0.9}],
+        "t2": [{"method": "map", "nll": 2.0, "ece": 0.01, "auroc_entropy": 0.5},
+               {"method": "m", "nll": 1.9, "ece": 0.03, "auroc_entropy": 0.45, "spearman_exact_lla": 0.95}],
+    }
+    (row,) = defaults.worst_cases(tasks)
+    assert row["method"] == "m" and row["tasks"] == 2
+    assert row["worst_nll_excess"] == pytest.approx(0.01) and row["worst_nll_task"] == "t1"
+    assert row["worst_ece_excess"] == pytest.approx(0.03) and row["worst_ece_task"] == "t1"
+    assert row["worst_auroc_gain"] == pytest.approx(-0.05) and row["worst_spearman"] == pytest.approx(0.9)
+
+
+def test_bench_rows_are_renamed_merged_and_checked(defaults, tmp_path):
+    def results(name, checkpoint, rows):
+        path = tmp_path / name
+        path.write_text(json.dumps({"map": {"checkpoint": f"/cache/{checkpoint}"}, "rows": rows}))
+        return str(path)
+
+    first = results("a.json", "c.pt", [{"method": "la_kron", "nll": 1.0}, {"method": "map", "nll": 0.5}])
+    second = results("b.json", "c.pt", [{"method": "la_kron", "nll": 0.9}, {"method": "la_kron_gridsearch"}])
+    rows = defaults.read_bench_rows([first, second])
+    assert [r["method"] for r in rows] == ["map", "la_kron[probit]", "la_kron_gridsearch"]
+    assert rows[1]["nll"] == 0.9 and rows[1]["bench_row"] == "la_kron"  # the later file wins
+    other = results("c.json", "other.pt", [{"method": "map"}])
+    with pytest.raises(ValueError, match="one MAP checkpoint"):
+        defaults.read_bench_rows([first, other])
