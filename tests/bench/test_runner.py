@@ -22,6 +22,7 @@ def test_bench_writes_tables_and_plots(tmp_path):
     data = json.loads((out / "results.json").read_text())
     assert data["seed"] == 0 and data["machine"]["cpu_count"] >= 1 and "torch" in data["versions"]
     assert data["map"]["epochs"] == 1
+    assert data["map"]["checkpoint"].startswith("<checkpoint-dir>/fmnist_cnn-")  # no machine path in results
     header = (out / "results.csv").read_text().splitlines()[0]
     assert header.startswith("method,accuracy,nll,ece,brier")
     assert "| map |" in (out / "results.md").read_text()

@@ -90,6 +90,20 @@ def run_meta() -> dict[str, Any]:
             "versions": versions(), "git_commit": git_commit(), "command": " ".join(sys.argv)}
 
 
+def recorded_path(path: str | os.PathLike, placeholder: str) -> str:
+    """How a results file names ``path``: relative to the working directory when under it, else ``placeholder/name``.
+
+    Results files are committed, so they name no folder of the machine that wrote them: a path outside the working
+    directory keeps only its file name behind ``placeholder`` (e.g. ``"<checkpoint-dir>"``). Cost: resolving the
+    path (no file is read).
+    """
+    resolved = Path(path).resolve()
+    try:
+        return resolved.relative_to(Path.cwd().resolve()).as_posix()
+    except ValueError:
+        return f"{placeholder}/{resolved.name}"
+
+
 def write_json(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
     """Write ``payload`` as indented JSON to ``path`` atomically and return the path.
 

@@ -12,7 +12,7 @@ import torch
 
 from posthoc import metrics
 from posthoc.bench.methods import BenchContext, MethodSpec, get_methods
-from posthoc.bench.report import format_markdown, write_results
+from posthoc.bench.report import format_markdown, recorded_path, write_results
 from posthoc.bench.suites import BenchSuite, get_bench_suite
 from posthoc.data.loaders import make_loader, shard
 from posthoc.data.suites import get_suite
@@ -168,7 +168,7 @@ def run_bench(
         "seed": seed,
         "processes": world_size(),
         "map": {"model": bench.model, "epochs": config.epochs, "train_wall_s": round(result.wall_time_s, 1),
-                "from_cache": result.from_cache, "checkpoint": str(result.checkpoint)},
+                "from_cache": result.from_cache, "checkpoint": None if result.checkpoint is None else recorded_path(result.checkpoint, "<checkpoint-dir>")},
     }
     report = BenchReport(suite_name, [], map_result=result)
     all_bins = {}
