@@ -12,6 +12,8 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
+from posthoc.utils.checks import check_positive_int
+
 __all__ = ["ProcessOutcome", "run_limited"]
 
 
@@ -55,8 +57,7 @@ def run_limited(command: Sequence[str], *, mem_limit_bytes: int | None = None, t
     Returns a ProcessOutcome; a non-zero exit or a timeout is reported there, never raised. Raises
     ValueError for a limit that is not positive, and OSError when the command cannot be started.
     """
-    if mem_limit_bytes is not None and mem_limit_bytes <= 0:
-        raise ValueError(f"mem_limit_bytes must be positive, got {mem_limit_bytes}")
+    check_positive_int(mem_limit_bytes, "mem_limit_bytes", "the child's address-space limit", allow_none=True)
     if timeout is not None and timeout <= 0:
         raise ValueError(f"timeout must be positive seconds, got {timeout}")
     preexec = _address_space_limit(mem_limit_bytes) if mem_limit_bytes is not None else None
