@@ -52,6 +52,8 @@ def test_run_limited_memory_limit_fails_in_the_child():
 def test_run_limited_refuses_bad_limits():
     with pytest.raises(ValueError, match="mem_limit_bytes"):
         run_limited([sys.executable, "-c", "pass"], mem_limit_bytes=0)
+    with pytest.raises(ValueError, match=r"mem_limit_bytes must be a positive int or None .*got 2000000000.0"):
+        run_limited([sys.executable, "-c", "pass"], mem_limit_bytes=2e9)
     with pytest.raises(ValueError, match="timeout"):
         run_limited([sys.executable, "-c", "pass"], timeout=-1)
 
