@@ -96,13 +96,15 @@ def run_child(spec: dict[str, Any], timeout: float, mem_limit: int) -> dict[str,
 
 def load_data(args) -> tuple[dict[str, Any], dict[str, Any]]:
     """The first N training images of the full FMNIST train set and the first n test images (or the embedded suite)."""
+    from posthoc.bench.report import recorded_path
     from posthoc.data import get_suite
     from posthoc.data.paths import resolve_data_dir
 
     info: dict[str, Any] = {}
     try:
         suite = get_suite("fmnist", data_dir=args.data_dir)
-        info["suite"] = f"fmnist (full files under {resolve_data_dir(args.data_dir)})"
+        data_dir = recorded_path(resolve_data_dir(args.data_dir), "<data-dir>", keep_name=False)
+        info["suite"] = f"fmnist (full files under {data_dir})"
     except (FileNotFoundError, ValueError, OSError) as exc:
         print(f"!! the full FMNIST files are not usable ({exc}); falling back to the embedded suite "
               f"(4,000 training images): N below is what was used", file=sys.stderr)
@@ -120,6 +122,7 @@ def load_data(args) -> tuple[dict[str, Any], dict[str, Any]]:
 def prepare_model(args, path: Path) -> dict[str, Any]:
     import torch
 
+    from posthoc.bench.report import recorded_path
     from posthoc.data import get_suite
     from posthoc.models import FMNISTCNN, count_parameters
     from posthoc.models.training import TrainConfig, load_map_weights, train_map
@@ -127,7 +130,7 @@ def prepare_model(args, path: Path) -> dict[str, Any]:
     model = FMNISTCNN()
     if args.checkpoint:
         model.load_state_dict(load_map_weights(args.checkpoint))
-        info = {"weights": f"checkpoint {args.checkpoint}"}
+        info = {"weights": f"checkpoint {recorded_path(args.checkpoint, '<checkpoint-dir>')}"}
     else:
         torch.manual_seed(0)
         suite = get_suite("fmnist-embedded")
@@ -350,6 +353,18 @@ def compare_results(args: argparse.Namespace, tmp: Path, cases: list[dict[str, A
     return comparisons
 
 
+def recorded_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The command-line settings for the results file, its folders and checkpoint as ``recorded_path`` names them."""
+    from posthoc.bench.report import recorded_path
+
+    placeholders = {"data_dir": "<data-dir>", "checkpoint": "<checkpoint-dir>", "out_dir": "<out-dir>"}
+    settings = {k: v for k, v in vars(args).items() if k != "child"}
+    for key, placeholder in placeholders.items():
+        if settings.get(key):
+            settings[key] = recorded_path(settings[key], placeholder, keep_name=key == "checkpoint")
+    return settings
+
+
 def write_outputs(out_dir: str | os.PathLike, name: str, text: str, payload: dict[str, Any]) -> None:
     """``name``.md (the page) and ``name``.json (every measurement) in ``out_dir``, each written atomically."""
     from posthoc.bench.report import write_json
@@ -369,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from posthoc.bench.report import machine_info
+    from posthoc.bench.report import machine_info, recorded_command
 
     torch.set_num_threads(args.threads)
     cases = parse_cases(args.cases)
@@ -394,14 +409,14 @@ def main(argv: list[str] | None = None) -> int:
     rows = report_rows(cases, results, comparisons, map_thr, data_info["n_test"])
     table = results_table(rows)
     machine = machine_info()
-    cmd = ("python benchmarks/laplace_vs_laplace_torch.py " + " ".join(sys.argv[1:] if argv is None else argv)).strip()
+    cmd = ("python benchmarks/laplace_vs_laplace_torch.py "
+           + recorded_command(sys.argv[1:] if argv is None else argv)).strip()
     text = render_markdown(args, table, model_info, data_info, base, map_thr, results, machine, lib_versions, cmd,
                            started)
     print()
     print("\n".join(table))
     payload = {"created": started, "command": cmd, "machine": machine, "versions": lib_versions,
-               "model": model_info, "data": data_info, "settings": {k: v for k, v in vars(args).items()
-                                                                     if k != "child"},
+               "model": model_info, "data": data_info, "settings": recorded_settings(args),
                "map_forward": base, "results": results, "comparisons": comparisons,
                "float64_reference": {k: v["result"] for k, v in references.items()}, "rows": rows,
                "goals": GOALS}

@@ -11,7 +11,7 @@ import subprocess
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -84,24 +84,41 @@ def git_commit(repo: str | os.PathLike | None = None) -> str | None:
 def run_meta() -> dict[str, Any]:
     """What a benchmark script records about its run.
 
-    The UTC date, the machine (with torch threads), versions, git commit and the command line.
+    The UTC date, the machine (with torch threads), versions, git commit and the command line (its paths as
+    :func:`recorded_command` writes them).
     """
     return {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine_info(),
-            "versions": versions(), "git_commit": git_commit(), "command": " ".join(sys.argv)}
+            "versions": versions(), "git_commit": git_commit(), "command": recorded_command(sys.argv)}
 
 
-def recorded_path(path: str | os.PathLike, placeholder: str) -> str:
+def recorded_path(path: str | os.PathLike, placeholder: str, keep_name: bool = True) -> str:
     """How a results file names ``path``: relative to the working directory when under it, else ``placeholder/name``.
 
     Results files are committed, so they name no folder of the machine that wrote them: a path outside the working
-    directory keeps only its file name behind ``placeholder`` (e.g. ``"<checkpoint-dir>"``). Cost: resolving the
+    directory keeps only its file name behind ``placeholder`` (e.g. ``"<checkpoint-dir>"``), or becomes
+    ``placeholder`` alone with ``keep_name=False`` (for a folder such as the data directory). Cost: resolving the
     path (no file is read).
     """
     resolved = Path(path).resolve()
     try:
         return resolved.relative_to(Path.cwd().resolve()).as_posix()
     except ValueError:
-        return f"{placeholder}/{resolved.name}"
+        return f"{placeholder}/{resolved.name}" if keep_name else placeholder
+
+
+def recorded_command(argv: Sequence[str]) -> str:
+    """The command line ``argv`` joined by spaces, its absolute paths named as :func:`recorded_path` names them.
+
+    Paths count as words starting with ``/`` or as ``--option=/path``. A path outside the working directory becomes ``<outside>/name``, so a committed results file names no machine
+    folder.
+    """
+    words = []
+    for word in argv:
+        option, sep, value = word.partition("=") if word.startswith("-") else ("", "", word)
+        if value.startswith("/"):
+            value = recorded_path(value, "<outside>")
+        words.append(option + sep + value)
+    return " ".join(words)
 
 
 def write_json(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
