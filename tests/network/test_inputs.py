@@ -72,20 +72,22 @@ def _batch(kind):
 
 @pytest.mark.parametrize("kind", ["dict", "userdict", "batchencoding"])
 def test_mapping_batches_split_into_every_entry_but_the_target(kind):
-    x, y = split_batch(_batch(kind), "input_ids", "labels")
+    x, y = split_batch(_batch(kind), "input_ids", "labels", mapping_inputs=True)
     assert type(x) is dict and sorted(x) == ["attention_mask", "input_ids"] and torch.equal(y, LABELS)
     (x2, y2), = checked_batches([_batch(kind)], Likelihood.CLASSIFICATION, 3, "input_ids", "labels",
-                                torch.float64, torch.device("cpu"))
+                                torch.float64, torch.device("cpu"), mapping_inputs=True)
     assert x2["input_ids"].dtype == torch.long and torch.equal(x2["input_ids"], IDS) and torch.equal(y2, LABELS)
+    x3, _ = split_batch(_batch(kind), "input_ids", "labels")  # estimators without mapping inputs: the entry
+    assert x3 is IDS or torch.equal(x3, IDS)
 
 
 def test_old_keys_keep_their_old_meaning_with_a_deprecation_warning():
     batch = {"input": torch.ones(3, 2), "target": LABELS}
     with pytest.warns(DeprecationWarning, match="dict_key_x='input_ids'"):
-        x, y = split_batch(batch, "input_ids", "labels")  # the new defaults, on an old-style batch
+        x, y = split_batch(batch, "input_ids", "labels", True)  # the new defaults, on an old-style batch
     assert isinstance(x, torch.Tensor) and x.shape == (3, 2)
     with pytest.warns(DeprecationWarning):
-        x, _ = split_batch(batch, "input", "target")
+        x, _ = split_batch(batch, "input", "target", True)
     assert isinstance(x, torch.Tensor)
     with pytest.raises(KeyError, match="dict_key_x"):
         split_batch({"pixels": torch.ones(3, 2)}, "pixels", "labels")

@@ -223,7 +223,7 @@ class Laplace(LaplaceTorchAPI):
     # ----------------------------------------------------------------- fitting
     def _batches(self, loader: Iterable) -> Iterable[tuple[ModelInputs, torch.Tensor]]:
         return checked_batches(loader, self.likelihood, self.n_outputs, self.dict_key_x, self.dict_key_y,
-                               self.subset.dtype, self.subset.device, input_shape=self.input_shape)
+                               self.subset.dtype, self.subset.device, input_shape=self.input_shape, mapping_inputs=True)
 
     def fit(self, train_loader: Iterable) -> "Laplace":
         """Fit the curvature: one data pass for full/diag/kron, two for ekfac, one per Lanczos product for lowrank.
@@ -246,7 +246,8 @@ class Laplace(LaplaceTorchAPI):
     def _fit(self, train_loader: Iterable) -> "Laplace":
         self.structure, self.input_shape = None, None
         x0, self.n_outputs = first_batch_inputs(train_loader, self.model, self.likelihood, self.dict_key_x,
-                                                self.dict_key_y, self.subset.dtype, self.subset.device, self.call)
+                                                self.dict_key_y, self.subset.dtype, self.subset.device, self.call,
+                                                mapping_inputs=True)
         self.subset.capture(x0)
         self.input_shape = input_spec(x0)
         self.prior_precision = self._prior_precision  # its length is checked against the located subset

@@ -31,23 +31,25 @@ DEFAULT_KEYS = ("input_ids", "labels")  # laplace-torch's dict_key_x, dict_key_y
 LEGACY_KEYS = ("input", "target")  # posthoc's keys before, read with their old meaning (deprecated)
 
 
-def split_batch(batch: Any, dict_key_x: str, dict_key_y: str) -> tuple[ModelInputs, torch.Tensor]:
+def split_batch(batch: Any, dict_key_x: str, dict_key_y: str,
+                mapping_inputs: bool = False) -> tuple[ModelInputs, torch.Tensor]:
     """(x, y) from a batch: a (x, y, ...) tuple/list, or a mapping (dict, UserDict, BatchEncoding).
 
-    A mapping's target is ``batch[dict_key_y]`` and its model input every other entry, as a dict
-    (``dict_key_x`` names the entry that gives the batch size; laplace-torch's meaning). Deprecated
-    (DeprecationWarning): with the keys ``("input", "target")``, or with the defaults ``("input_ids",
-    "labels")`` on a batch that has ``"input"`` and ``"target"`` but not both defaults, the model input is
-    ``batch["input"]`` alone, posthoc's meaning before.
+    A mapping's target is ``batch[dict_key_y]``. With ``mapping_inputs`` (Laplace) its model input is every
+    other entry, as a dict (``dict_key_x`` names the entry that gives the batch size; laplace-torch's
+    meaning); deprecated (DeprecationWarning) there: with the keys ``("input", "target")``, or with the
+    defaults ``("input_ids", "labels")`` on a batch that has ``"input"`` and ``"target"`` but not both
+    defaults, the model input is ``batch["input"]`` alone, posthoc's meaning before. Without
+    ``mapping_inputs`` (the estimators that take tensor inputs only, for now) it is ``batch[dict_key_x]``.
 
     Raises:
         KeyError: a mapping without one of the two keys. TypeError: any other batch.
     """
     if isinstance(batch, Mapping):
         keys = (dict_key_x, dict_key_y)
-        legacy = keys == LEGACY_KEYS or (keys == DEFAULT_KEYS and not all(k in batch for k in keys)
-                                         and all(k in batch for k in LEGACY_KEYS))
-        if legacy:
+        legacy = all(k in batch for k in LEGACY_KEYS) and (
+            keys == LEGACY_KEYS or (keys == DEFAULT_KEYS and not all(k in batch for k in keys)))
+        if mapping_inputs and legacy:
             warnings.warn("a mapping batch read with the keys 'input'/'target' gives the model batch['input'] alone "
                           "(posthoc's old meaning, deprecated): the defaults are now laplace-torch's "
                           "dict_key_x='input_ids', dict_key_y='labels', and the model gets every entry but the "
@@ -60,6 +62,8 @@ def split_batch(batch: Any, dict_key_x: str, dict_key_y: str) -> tuple[ModelInpu
                 f"a mapping batch lacks key(s) {missing}; it has {sorted(batch)}. Pass dict_key_x= (the entry "
                 "that gives the batch size) and dict_key_y= (the target entry)"
             )
+        if not mapping_inputs:
+            return batch[dict_key_x], batch[dict_key_y]
         return {k: v for k, v in batch.items() if k != dict_key_y}, batch[dict_key_y]
     if isinstance(batch, (tuple, list)) and len(batch) >= 2:
         return batch[0], batch[1]
@@ -84,7 +88,8 @@ def check_unpadded_shards(loader: Iterable) -> None:
 
 def checked_batches(loader: Iterable, likelihood: Likelihood, n_outputs: int | None, dict_key_x: str,
                     dict_key_y: str, dtype: torch.dtype, device: torch.device,
-                    input_shape: InputSpec | None = None) -> Iterator[tuple[ModelInputs, torch.Tensor]]:
+                    input_shape: InputSpec | None = None,
+                    mapping_inputs: bool = False) -> Iterator[tuple[ModelInputs, torch.Tensor]]:
     """Yield validated (x, y) on the model's device, x finite (floating leaves cast to ``dtype``).
 
     One target per input: y class indices (B,) in range (classification) or finite values (regression).
@@ -94,6 +99,7 @@ def checked_batches(loader: Iterable, likelihood: Likelihood, n_outputs: int | N
     C = 1, and classification labels (B,) or (B, 1) come back as (B,). With ``input_shape`` (an
     :func:`posthoc.network.inputs.input_spec`) every tensor input must be (B, *input_shape), and every tuple or
     mapping input have the same structure and per-leaf ranks (token lengths may vary between batches).
+    ``mapping_inputs``: how a mapping batch splits (:func:`split_batch`).
 
     Raises:
         ValueError: non-finite values; inputs and targets with different batch sizes; one-hot or probability
@@ -104,7 +110,7 @@ def checked_batches(loader: Iterable, likelihood: Likelihood, n_outputs: int | N
     """
     check_unpadded_shards(loader)
     for batch in loader:
-        x, y = split_batch(batch, dict_key_x, dict_key_y)
+        x, y = split_batch(batch, dict_key_x, dict_key_y, mapping_inputs)
         x = as_model_inputs(x, "inputs")
         if not isinstance(y, torch.Tensor):
             raise TypeError(f"batch targets must be a tensor, got {type(y).__name__}")
@@ -156,10 +162,11 @@ def prediction_inputs(x: Any, spec: InputSpec | None, dict_key_y: str, device: t
 
 def first_batch_inputs(loader: Iterable, model: torch.nn.Module, likelihood: Likelihood, dict_key_x: str,
                        dict_key_y: str, dtype: torch.dtype, device: torch.device,
-                       call: ModelCall | None = None) -> tuple[ModelInputs, int]:
+                       call: ModelCall | None = None, mapping_inputs: bool = False) -> tuple[ModelInputs, int]:
     """The first batch's checked inputs and the model's number of outputs C (one forward of one example).
 
-    ``call`` (default ``ModelCall(model)``) says how the model takes the inputs and which output it gives.
+    ``call`` (default ``ModelCall(model)``) says how the model takes the inputs and which output it gives;
+    ``mapping_inputs``: how a mapping batch splits (:func:`split_batch`).
 
     Raises:
         ValueError: an empty loader, or a model whose outputs are not (B, C).
@@ -167,7 +174,8 @@ def first_batch_inputs(loader: Iterable, model: torch.nn.Module, likelihood: Lik
     first = next(iter(loader), None)
     if first is None:
         raise ValueError("the training loader yielded no batches: nothing to fit")
-    x0, _ = next(iter(checked_batches([first], likelihood, None, dict_key_x, dict_key_y, dtype, device)))
+    x0, _ = next(iter(checked_batches([first], likelihood, None, dict_key_x, dict_key_y, dtype, device,
+                                      mapping_inputs=mapping_inputs)))
     call = ModelCall(model) if call is None else call
     with torch.no_grad():
         out0 = call(take(x0, 0, 1))
