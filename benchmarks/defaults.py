@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,7 +98,7 @@ class ClassificationTask:
 SMALL_TASKS = (
     ClassificationTask("moons-d2-C2-N300-tanh2x50", "moons", 2, 2, 300, (50, 50), "tanh", 0),
     ClassificationTask("mix-d2-C4-N500-relu1x32", "mixture", 2, 4, 500, (32,), "relu", 1, spread=1.0),
-    ClassificationTask("mix-d10-C5-N600-gelu2x64", "mixture", 10, 5, 600, (64, 64), "gelu", 2, spread=1.6),
+    ClassificationTask("mix-d10-C5-N600-gelu2x32", "mixture", 10, 5, 600, (32, 32), "gelu", 2, spread=1.6),
     ClassificationTask("mix-d20-C3-N150-tanh3x16", "mixture", 20, 3, 150, (16, 16, 16), "tanh", 3, spread=2.2),
 )
 
@@ -241,7 +242,7 @@ def read_bench_rows(paths: list[str]) -> list[dict[str, Any]]:
         checkpoints.add(payload["map"]["checkpoint"].rsplit("/", 1)[-1])
         rows.update({BENCH_ALIASES.get(row["method"], row["method"]): {
             **row, "method": BENCH_ALIASES.get(row["method"], row["method"]), "bench_row": row["method"],
-            "source": str(path)} for row in payload["rows"]})
+            "source": Path(path).name} for row in payload["rows"]})
     if len(checkpoints) != 1 or "map" not in rows:
         raise ValueError(f"--fmnist-results need one MAP checkpoint and a 'map' row; got checkpoints {checkpoints} "
                          f"and methods {sorted(rows)}")
@@ -320,38 +321,51 @@ def main() -> None:
                              "files (on the same MAP checkpoint; later files win per method) instead of running them")
     parser.add_argument("--quick", action="store_true", help="the first two small tasks only, probit link only")
     parser.add_argument("--name", default="defaults", help="results file stem (default defaults)")
-    parser.add_argument("--tasks-from", default=None, metavar="DEFAULTS_JSON",
-                        help="take the small and UCI tasks' rows from an earlier run's JSON instead of running them "
-                             "(to add FMNIST rows to it); recorded in the output's meta")
+    parser.add_argument("--tasks-from", nargs="*", default=(), metavar="DEFAULTS_JSON",
+                        help="take the small and UCI tasks' rows from earlier runs' JSON instead of running them "
+                             "(to merge runs and add FMNIST rows); recorded in the output's meta")
+    parser.add_argument("--small", default=None, help="indices of the small tasks to run, comma-separated "
+                        "(default all; '' for none)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     tasks: dict[str, list[dict[str, Any]]] = {}
     regression: dict[str, list[dict[str, Any]]] = {}
-    earlier = json.loads(Path(args.tasks_from).read_text()) if args.tasks_from else None
-    if earlier is not None:
-        for name, rows in earlier["tasks"].items():
+    earlier = [json.loads(Path(path).read_text()) for path in args.tasks_from]
+    for run in earlier:
+        for name, rows in run["tasks"].items():
             if not name.startswith("fmnist"):
                 (regression if name.startswith("uci-") else tasks)[name] = rows
-    for task in () if earlier is not None else SMALL_TASKS[:2] if args.quick else SMALL_TASKS:
+    chosen: tuple[ClassificationTask, ...] = SMALL_TASKS[:2] if args.quick else SMALL_TASKS
+    if args.small is not None:
+        chosen = tuple(SMALL_TASKS[int(i)] for i in args.small.split(",") if i.strip())
+    # file names only: the results are tracked and name no folder of this machine
+    meta = {**run_meta(), "command": " ".join(Path(a).name if a.startswith("/") else a for a in sys.argv),
+            "tasks_from": [{"file": Path(path).name, "date": run["meta"]["date"], "command": run["meta"]["command"]}
+                           for path, run in zip(args.tasks_from, earlier, strict=True)],
+            "fmnist_results": [Path(p).name for p in args.fmnist_results]}
+
+    def write() -> dict[str, Any]:  # after every task, so an interrupted run keeps what it finished
+        payload = {"meta": meta, "tasks": {**tasks, **regression}, "worst_case": worst_cases(tasks)}
+        write_json(RESULTS / f"{args.name}.json", payload)
+        (RESULTS / f"{args.name}.md").write_text(markdown(payload))
+        return payload
+
+    for task in () if earlier else chosen:
         print(f"task {task.name}", flush=True)
         tasks[task.name] = run_small_task(task, ("probit",) if args.quick else LINKS, not args.quick)
+        write()
     if args.fmnist_results:
         tasks["fmnist-embedded-cnn"] = read_bench_rows(args.fmnist_results)
     elif not args.skip_fmnist:
         print("task fmnist-embedded", flush=True)
         tasks["fmnist-embedded-cnn"] = fmnist_rows(FMNIST_METHODS)
-    if earlier is None and args.data_dir is not None and Path(args.data_dir, "UCI").is_dir():
+    if not earlier and args.data_dir is not None and Path(args.data_dir, "UCI").is_dir():
         for name in args.uci.split(","):
             for split in range(args.splits):
                 print(f"task uci {name} split {split}", flush=True)
                 regression[f"uci-{name}-split{split}"] = run_uci(name, split, args.data_dir)
-    meta = {**run_meta(), "tasks_from": None if earlier is None else
-            {"path": args.tasks_from, "date": earlier["meta"]["date"], "command": earlier["meta"]["command"]},
-            "fmnist_results": list(args.fmnist_results)}
-    payload = {"meta": meta, "tasks": {**tasks, **regression}, "worst_case": worst_cases(tasks)}
-    write_json(RESULTS / f"{args.name}.json", payload)
-    (RESULTS / f"{args.name}.md").write_text(markdown(payload))
-    print(markdown(payload))
+                write()
+    print(markdown(write()))
 
 
 if __name__ == "__main__":
