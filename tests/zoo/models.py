@@ -101,3 +101,27 @@ def vector_batches(seed: int = 0) -> tuple[list, torch.Tensor]:
     x = torch.randn(N_TRAIN + 4, 4, generator=gen, dtype=torch.float64)
     y = torch.randint(0, N_CLASSES, (N_TRAIN + 4,), generator=gen)
     return [(x[i:i + 6], y[i:i + 6]) for i in range(0, N_TRAIN, 6)], x[N_TRAIN:]
+
+
+class PairInput(nn.Module):
+    """A model whose input is a pair (x_a (B, 4), x_b (B, 2)), passed as one tuple argument."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Linear(4, 6)
+        self.side = nn.Linear(2, 6)
+        self.head = nn.Linear(6, N_CLASSES)
+
+    def forward(self, pair: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        a, b = pair
+        return self.head(torch.tanh(self.body(a) + self.side(b)))
+
+
+def pair_batches(seed: int = 0) -> tuple[list, tuple[torch.Tensor, torch.Tensor]]:
+    """((x_a, x_b), y) batches and test inputs (x_a, x_b)."""
+    gen = torch.Generator().manual_seed(seed)
+    a = torch.randn(N_TRAIN + 4, 4, generator=gen, dtype=torch.float64)
+    b = torch.randn(N_TRAIN + 4, 2, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, N_CLASSES, (N_TRAIN + 4,), generator=gen)
+    return [((a[i:i + 6], b[i:i + 6]), y[i:i + 6]) for i in range(0, N_TRAIN, 6)], (a[N_TRAIN:], b[N_TRAIN:])

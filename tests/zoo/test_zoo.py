@@ -1,6 +1,6 @@
 """Laplace on models users bring: stock Hugging Face BERT and GPT-2 (config-built, random init, attention masks
 with padding), bare (keyword arguments) and behind laplace-torch's one-argument dict wrapper, and models
-returning a dict or (logits, aux).
+returning a dict or (logits, aux), and a model taking a tuple input.
 
 For every model and structure: the glm mean is the model's output, the glm covariance is J Λ⁻¹ Jᵀ with
 J a dense float64 jacrev over the covered parameters (torch.func.functional_call) and Λ the structure's own
@@ -16,7 +16,9 @@ from torch.func import functional_call, jacrev
 from zoo.models import (
     DictOutput,
     DictWrapper,
+    PairInput,
     TupleOutput,
+    pair_batches,
     tiny_bert,
     tiny_gpt2,
     token_batches,
@@ -50,8 +52,12 @@ def _tuple_output():
     return TupleOutput().double().eval(), *vector_batches()
 
 
+def _pair_input():
+    return PairInput().double().eval(), *pair_batches()
+
+
 MODELS = {"bert": _bert, "gpt2": _gpt2, "bert_wrapped": _bert_wrapped, "gpt2_wrapped": _gpt2_wrapped,
-          "dict_output": _dict_output, "tuple_output": _tuple_output}
+          "dict_output": _dict_output, "tuple_output": _tuple_output, "pair_input": _pair_input}
 STRUCTURES = [("last_layer", "kron"), ("last_layer", "full"), ("all", "diag"), ("all", "kron")]
 # lowrank ("omit") has no dense precision to compare with; it runs on the HF models in its own test
 
