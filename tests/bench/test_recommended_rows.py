@@ -68,3 +68,10 @@ def test_lowrank_rows_complement():
     assert torch.equal(omit.prior_precision, prior.prior_precision)
     gap = prior.predict(x).cov - omit.predict(x).cov
     assert float(torch.linalg.eigvalsh(gap).min()) > -1e-5 and float(torch.diagonal(gap, dim1=1, dim2=2).min()) > 0
+
+
+def test_lastlayer_gridsearch_row_takes_its_prior_from_the_grid():
+    (spec,) = get_methods(["la_lastlayer_full_gridsearch"])
+    assert spec.link_approx is LinkApprox.PROBIT
+    la = spec.build(_context())
+    assert la.subset.kind.value == "last_layer" and float(la.prior_precision) in GRIDSEARCH_PRIORS
