@@ -80,7 +80,7 @@ class RestrictedSubset:
         """Σ_n Σ_k (J_nᵀ s_nk)² on these entries: (P_fb,). Examples chunked to ≤ ELEMENT_BUDGET gradient entries."""
         total = torch.zeros_like(self.theta_map)
         for part in chunks(batch_size(inputs), s.shape[2] * self.theta_map.numel()):
-            total += self.factor_gradients(take(inputs, part.start, part.stop), s[part]).square_().sum((0, 1))
+            total += self.factor_gradients(take(inputs, part.start, part.stop), s[part]).square().sum((0, 1))
         return total
 
     def jacobians(self, inputs: ModelInputs) -> torch.Tensor:
