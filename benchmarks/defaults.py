@@ -321,6 +321,8 @@ def markdown(payload: dict[str, Any]) -> str:
         for r in rows:
             lines.append(f"| {r['method']} | " + " | ".join(_fmt(r.get(k), ".4g") for k in keys) + " |")
     meta = payload["meta"]
+    for run in meta.get("tasks_from", []):
+        lines += ["", f"Rows of the small and UCI tasks from {run['file']}: `{run['command']}`, {run['date']}."]
     lines += ["", f"Command: `{meta['command']}`; {meta['date']}; commit {meta['git_commit']}; machine: "
               f"{meta['machine']}; versions: {meta['versions']}."]
     return "\n".join(lines) + "\n"
