@@ -38,7 +38,9 @@ STRUCTURES = ["full", "diag", "kron", "ekfac", "lowrank"]
 SUBSETS = ["all", "last_layer", "subnetwork"]
 PRED_TYPES = ["glm", "nn"]
 PRIOR, SIGMA = 1.0, 0.7
-OPTIONS = {"lowrank": {"rank": 6}}  # below P for every covered set, so Lanczos runs
+# rank below P for every covered set, so Lanczos runs; complement "prior": Lambda^-1 is the posterior covariance
+# (the default "omit" has no dense precision; tests/laplace/test_lowrank_structure.py checks it against the exact GGN)
+OPTIONS = {"lowrank": {"rank": 6, "complement": "prior"}}
 N_WEIGHT_SAMPLES = 4000
 
 # (model, "structure-subset-pred_type") pairs that must raise, and why. Anything not listed must answer correctly.
