@@ -1,4 +1,4 @@
-"""The linearised Laplace approximation in function space (the exact GP form, METHODS.md §2).
+"""The linearised Laplace approximation in function space (the exact GP form; see docs/laplace.md).
 
 f(x*) ~ N(f(x*; theta*), Sigma(x*)) with kernel K(x, x') = J(x) D^-1 J(x')^T
 (D = diag(delta), the prior precision) and

@@ -14,6 +14,8 @@ from posthoc.network.subset import ParameterSubset
 
 
 class PriorKind(str, Enum):
+    """The shape of a prior precision: one value, one per covered parameter tensor, or one per parameter."""
+
     SCALAR = "scalar"
     LAYER = "layer"
     PARAMETER = "parameter"

@@ -1,7 +1,7 @@
 """Which weights an estimator covers, and the network as a function of them.
 
 The posterior is over a flat vector theta of P entries, in PyTorch's row-major
-``parameters_to_vector`` order of the covered tensors (METHODS.md notation):
+``parameters_to_vector`` order of the covered tensors (the notation of docs/laplace.md):
 
 - ``all``: every parameter of the model that requires grad;
 - ``last_layer``: the weight and bias of the model's last ``nn.Linear``: the
