@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # The CPU wheel of torch; an unpinned torch pulls a multi-GB CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: run test clean
+.PHONY: run test lint clean
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "posthoc needs Python >= 3.11; set PYTHON=/path/to/python3.11")'
@@ -21,14 +21,19 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 CURVLINOPS := curvlinops-for-pytorch==3.0.1 einconv==0.1.0 linear_operator==0.6.1
 
 $(VENV)/.installed-test: $(VENV)/.installed
-	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q -e '.[test,hf]'
 	$(BIN)/python -m pip install -q --no-deps $(CURVLINOPS)
 	touch $@
 
 run: $(VENV)/.installed
 	$(BIN)/posthoc demo
 
-test: $(VENV)/.installed-test
+# ruff (pyflakes, bugbear, isort, pydocstyle) and mypy, configured in pyproject.toml.
+lint: $(VENV)/.installed-test
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+test: lint
 	$(BIN)/python -m pytest
 
 # The documentation site (MkDocs Material + mkdocstrings, the docs extra) into site/; open site/index.html.
