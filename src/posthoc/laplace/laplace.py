@@ -26,6 +26,7 @@ from posthoc.curvature.output_factors import (
     log_likelihood_terms,
 )
 from posthoc.distributed import check_same_on_all_ranks, sum_count, sum_over_ranks
+from posthoc.laplace.continual import accumulated, check_accumulates
 from posthoc.laplace.parity import LaplaceTorchAPI
 from posthoc.laplace.predict import PredType, glm_predictive, nn_predictive
 from posthoc.laplace.prior import PriorKind, as_prior_tensor, per_parameter, prior_kind
@@ -225,7 +226,7 @@ class Laplace(LaplaceTorchAPI):
         return checked_batches(loader, self.likelihood, self.n_outputs, self.dict_key_x, self.dict_key_y,
                                self.subset.dtype, self.subset.device, input_shape=self.input_shape, mapping_inputs=True)
 
-    def fit(self, train_loader: Iterable) -> "Laplace":
+    def fit(self, train_loader: Iterable, override: bool = True) -> "Laplace":
         """Fit the curvature: one data pass for full/diag/kron, two for ekfac, one per Lanczos product for lowrank.
 
         ``train_loader`` yields (x, y) tuples (x a tensor, tuple or mapping) or mappings (read with
@@ -235,13 +236,25 @@ class Laplace(LaplaceTorchAPI):
         curvature. Under torch.distributed, give each rank its shard (e.g. a DistributedSampler): the
         curvature sums, N and log p(D | theta*) are all-reduced, so every rank ends with the posterior of
         the whole data; the MAP weights must agree across ranks.
+        ``override=False`` (continual learning) adds this data's curvature, N and log-likelihood to the previous
+        fit's, centred at the weights now (:func:`posthoc.laplace.continual.accumulated`; "full" and "diag").
 
         Raises:
             ValueError: an empty loader; inputs of varying shape; labels that are not class indices
                 (B,) in range; regression targets whose width differs from the model's outputs.
+            NotImplementedError: ``override=False`` with a structure that does not accumulate.
         """
+        previous = None if override or self.structure is None else (self.structure, self.n_data, self._loglik_stat)
+        if previous is not None:
+            check_accumulates(previous[0])
         with eval_mode(self.model):
-            return self._fit(train_loader)
+            self._fit(train_loader)
+        if previous is not None:
+            structure, n_data, stat = previous
+            self.structure = accumulated(structure, self._require_fit())
+            self.n_data += n_data
+            self._loglik_stat = cast(torch.Tensor, self._loglik_stat) + cast(torch.Tensor, stat)
+        return self
 
     def _fit(self, train_loader: Iterable) -> "Laplace":
         self.structure, self.input_shape = None, None

@@ -202,15 +202,17 @@ class Laplace(_PosthocLaplace):
     def fit(self, train_loader: Iterable, override: bool = True, progress_bar: bool = False) -> "Laplace":
         """Fit the curvature on ``train_loader`` (posthoc's ``fit``); ``progress_bar`` shows posthoc's bars.
 
+        ``override=False`` accumulates (continual learning, as in laplace-torch): this data's curvature, N and
+        log-likelihood are added to the previous fit's and the posterior is centred at the weights now; set
+        ``prior_mean`` to the previous theta* for the evidence of the sequential posterior.
+
         Raises:
-            NotImplementedError: ``override=False`` (continual learning, accumulating fits, is not provided yet).
+            NotImplementedError: ``override=False`` with "kron" or "lowrank" (see
+                :func:`posthoc.laplace.continual.check_accumulates`).
         """
-        if not override:
-            raise NotImplementedError(f"fit(override=False) (accumulating curvature over fits) is not provided yet "
-                                      f"({ISSUE})")
         progress, self.progress = self.progress, bool(progress_bar)
         try:
-            super().fit(train_loader)
+            super().fit(train_loader, override=override)
         finally:
             self.progress = progress
         return self
