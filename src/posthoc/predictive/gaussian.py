@@ -100,6 +100,8 @@ class GaussianPredictive(Predictive):
         link = parse_link(link_approx)
         if link is LinkApprox.PROBIT:
             return links.probit(self.mean, self._cov_or_var)
+        if link is LinkApprox.PROBIT_CENTRED:
+            return links.probit_centred(self.mean, self._cov_or_var)
         if link is LinkApprox.BRIDGE:
             return links.laplace_bridge(self.mean, self._cov_or_var, correction=bridge_correction)
         check_n_samples(n_samples)

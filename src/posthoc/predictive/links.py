@@ -16,9 +16,10 @@ import torch
 class LinkApprox(str, Enum):
     """How to turn a Gaussian over logits into class probabilities."""
 
-    PROBIT = "probit"  # softmax(mu / sqrt(1 + pi/8 var)); O(BC)
+    PROBIT = "probit"  # softmax(mu / sqrt(1 + pi/8 var)); O(BC); laplace-torch's probit
     BRIDGE = "bridge"  # Laplace bridge to a Dirichlet; O(BC^2) with a full cov
     MC = "mc"  # Monte Carlo average of softmax over logit samples; O(SBC + BC^3)
+    PROBIT_CENTRED = "probit_centred"  # probit of the zero-sum projection (P mu, P Sigma P); O(BC^2)
 
 
 def diagonal(cov_or_var: torch.Tensor) -> torch.Tensor:
@@ -37,6 +38,36 @@ def probit(mean: torch.Tensor, cov_or_var: torch.Tensor) -> torch.Tensor:
     return torch.softmax(mean * kappa, dim=-1)
 
 
+def centred_variances(cov_or_var: torch.Tensor) -> torch.Tensor:
+    """The variances (B, C) of P f for f with covariance Sigma, where P = I - 11^T/C removes the mean over classes.
+
+    diag(P Sigma P)_k = Sigma_kk - 2 mean_j Sigma_kj + mean_jl Sigma_jl for a full (B, C, C) covariance;
+    v_k (1 - 2/C) + sum(v) / C^2 for variances v (B, C). Softmax ignores the component of f along 1 (every
+    logit shifted together), so these are the variances that change the class probabilities. Cost O(BC^2).
+    """
+    if cov_or_var.ndim == 3:
+        centred = cov_or_var - cov_or_var.mean(dim=-1, keepdim=True)
+        centred = centred - centred.mean(dim=-2, keepdim=True)
+        # round-off can leave -eps where the variance is zero (a covariance that is all along 1)
+        return torch.diagonal(centred, dim1=-2, dim2=-1).clamp_min(0)
+    n_classes = cov_or_var.shape[-1]
+    return cov_or_var * (1.0 - 2.0 / n_classes) + cov_or_var.sum(-1, keepdim=True) / n_classes**2
+
+
+def probit_centred(mean: torch.Tensor, cov_or_var: torch.Tensor) -> torch.Tensor:
+    """Probit of the centred logits: softmax(m_c / sqrt(1 + pi/8 (P Sigma P)_cc)), m = P mu, P = I - 11^T/C.
+
+    softmax(f) = softmax(P f) exactly, and P f ~ N(P mu, P Sigma P): the probit applied after this projection
+    ignores the variance along 1 (all logits shifted together), which :func:`probit` counts as uncertainty
+    although it leaves the probabilities unchanged. Equal to :func:`probit` when mu sums to zero and
+    Sigma 1 = 0; invariant to mu + c 1 and Sigma + c 11^T. A diagonal input (B, C) is read as diag(v).
+    Cost O(BC^2) (O(BC) for variances).
+    """
+    # mean / C summed, not mean(): the sum of huge logits may overflow where the average does not
+    centred_mean = mean - (mean / mean.shape[-1]).sum(dim=-1, keepdim=True)
+    return probit(centred_mean, centred_variances(cov_or_var))
+
+
 def _bridge_log_alpha(mean: torch.Tensor, cov_or_var: torch.Tensor, correction: bool) -> torch.Tensor:
     """Log alpha (B, C) of the Laplace bridge, finite for any finite mean and positive variances.
 
@@ -51,15 +82,7 @@ def _bridge_log_alpha(mean: torch.Tensor, cov_or_var: torch.Tensor, correction: 
     if correction:
         # mean / C summed, not mean(): the sum of huge logits may overflow where the average does not
         mean = mean - (mean / n_classes).sum(dim=-1, keepdim=True)
-        if cov_or_var.ndim == 3:
-            centred = cov_or_var / scale.unsqueeze(-1)
-            centred = centred - centred.mean(dim=-1, keepdim=True)
-            centred = centred - centred.mean(dim=-2, keepdim=True)
-            var = torch.diagonal(centred, dim1=-2, dim2=-1)
-        else:
-            # P diag(v) P has diagonal v_k (1 - 2/C) + sum(v) / C^2.
-            scaled = cov_or_var / scale
-            var = scaled * (1.0 - 2.0 / n_classes) + scaled.sum(-1, keepdim=True) / n_classes**2
+        var = centred_variances(cov_or_var / (scale.unsqueeze(-1) if cov_or_var.ndim == 3 else scale))
     else:
         var = diagonal(cov_or_var) / scale
     if bool((var <= 0).any()):
