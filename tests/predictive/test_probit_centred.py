@@ -59,3 +59,20 @@ def test_centred_probit_is_a_link_of_the_gaussian_predictive():
     torch.testing.assert_close(GaussianPredictive(mean, cov=cov).probs("probit_centred"), probit_centred(mean, cov))
     var = torch.diagonal(cov, dim1=-2, dim2=-1)
     torch.testing.assert_close(GaussianPredictive(mean, var=var).probs("probit_centred"), probit_centred(mean, var))
+
+
+def test_laplace_call_accepts_the_centred_probit():
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from posthoc import Laplace
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(30, 3, generator=g, dtype=torch.float64)
+    y = torch.randint(0, N_CLASSES, (30,), generator=g)
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, N_CLASSES)).to(torch.float64).eval()
+    la = Laplace(model, "classification", "last_layer", "full", progress=False).fit(
+        DataLoader(TensorDataset(x, y), batch_size=10))
+    pred = la.predict(x[:4])
+    torch.testing.assert_close(la(x[:4], link_approx="probit_centred"), probit_centred(pred.mean, pred.cov))

@@ -162,6 +162,25 @@ def test_laplace_default_grid_is_logspace_minus4_4_21_and_its_bounds_are_argumen
     assert float(narrow) in (100.0, 1000.0)
 
 
+def test_method_none_is_gridsearch_with_a_val_loader_and_marglik_without():
+    assert method_choice("glm", None, has_val_loader=True) == ("glm", tuning.PriorOptimization.GRIDSEARCH)
+    assert method_choice("glm", None, has_val_loader=False) == ("glm", tuning.PriorOptimization.MARGLIK)
+    assert method_choice("glm", "marglik", has_val_loader=True) == ("glm", tuning.PriorOptimization.MARGLIK)
+
+
+def test_laplace_default_method_tunes_on_a_given_val_loader_and_marglik_is_laplace_torchs():
+    model, train, val = _problem()
+    la = _laplace(model, train)
+    by_grid = la.optimize_prior_precision(method="gridsearch", val_loader=val).clone()
+    by_default = la.optimize_prior_precision(val_loader=val).clone()
+    torch.testing.assert_close(by_default, by_grid, rtol=0, atol=0)
+    la.prior_precision = torch.ones(1, dtype=DTYPE)
+    marglik = la.optimize_prior_precision(method="marglik", val_loader=val, n_steps=20).clone()
+    la.prior_precision = torch.ones(1, dtype=DTYPE)
+    torch.testing.assert_close(la.optimize_prior_precision(n_steps=20), marglik, rtol=0, atol=0)
+    assert not torch.allclose(marglik, by_grid)
+
+
 def test_laplace_loss_argument_replaces_the_nll():
     model, train, val = _problem()
     la = _laplace(model, train)

@@ -335,7 +335,7 @@ class Laplace(LaplaceTorchAPI):
         return loglik - 0.5 * scatter + 0.5 * torch.log(delta).sum() - 0.5 * logdet
 
     def optimize_prior_precision(
-        self, pred_type: PredType | str = PredType.GLM, method: PriorOptimization | str = PriorOptimization.MARGLIK,
+        self, pred_type: PredType | str = PredType.GLM, method: PriorOptimization | str | None = None,
         n_steps: int = 100, lr: float = 0.1, init_prior_prec: float | None = None,
         prior_structure: PriorStructure | str = PriorStructure.SCALAR, val_loader: Iterable | None = None,
         loss: Callable[[Any, torch.Tensor], float | torch.Tensor] | None = None, log_prior_prec_min: float = -4,
@@ -345,6 +345,9 @@ class Laplace(LaplaceTorchAPI):
     ) -> torch.Tensor:
         """Tune the prior precision (and sigma_noise for regression) without refitting; laplace-torch's signature.
 
+        ``method`` default None: "gridsearch" when ``val_loader`` is given, else "marglik" (laplace-torch: always
+        "marglik"; pass ``method="marglik"`` for that). The evidence's prior was 10-1000x below the validation
+        optimum on every classification task of benchmarks/defaults.py (issue 17; docs/choosing.md).
         "marglik": Adam on log delta (and log sigma if ``tune_sigma_noise``, default: regression only) maximising
         the evidence for ``n_steps`` steps from ``init_prior_prec`` (default: the mean current delta);
         ``prior_structure`` "scalar", "layerwise" (one per parameter tensor) or "diag" (one per parameter).
@@ -363,7 +366,7 @@ class Laplace(LaplaceTorchAPI):
             values. FloatingPointError: the evidence became non-finite, or no grid value has a finite loss.
         """
         curvature = self._require_fit()
-        pred_type, how = method_choice(pred_type, method)
+        pred_type, how = method_choice(pred_type, method, val_loader is not None)
         kind = PredType.GLM if pred_type is None else check_choice(pred_type, PredType, "pred_type")
         progress = self.progress if progress_bar is None else bool(progress_bar)
         self._roundoff_quiet = True

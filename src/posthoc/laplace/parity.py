@@ -32,7 +32,7 @@ from posthoc.utils.modes import eval_mode
 
 # the pred_type and link_approx values laplace-torch accepts in la(x); "bridge_norm" is its normalised bridge
 PRED_TYPES = ("glm", "nn")
-LINK_APPROXES = ("probit", "bridge", "mc", "bridge_norm")
+LINK_APPROXES = ("probit", "bridge", "mc", "bridge_norm", "probit_centred")
 
 
 def _choice(value: Any, allowed: tuple[str, ...], name: str) -> str:
@@ -388,6 +388,8 @@ class LaplaceTorchAPI:
             return mean, (torch.diagonal(cov, dim1=-2, dim2=-1) if diagonal_output else cov)
         if link == "probit":
             return links.probit(mean, cov)
+        if link == "probit_centred":  # posthoc's: probit after removing the all-logits shift (see links)
+            return links.probit_centred(mean, cov)
         if link in ("bridge", "bridge_norm"):
             return bridge_probs(mean, cov, normalized=link == "bridge_norm")
         cov_or_var = torch.diagonal(cov, dim1=-2, dim2=-1) if diagonal_output else cov

@@ -63,8 +63,14 @@ def prior_structure_choice(value: PriorStructure | str) -> PriorStructure:
     return check_choice(value, PriorStructure, "prior_structure")
 
 
-def method_choice(pred_type: Any, method: PriorOptimization | str) -> tuple[Any, PriorOptimization]:
+def method_choice(pred_type: Any, method: PriorOptimization | str | None,
+                  has_val_loader: bool = False) -> tuple[Any, PriorOptimization]:
     """Read laplace-torch's ``(pred_type, method)`` order, accepting posthoc's old one.
+
+    ``method=None`` (posthoc's default) picks "gridsearch" when a validation loader is given
+    (``has_val_loader``) and "marglik" otherwise: the evidence's scalar prior was 10-1000x below the
+    validation-NLL optimum on every classification task of benchmarks/defaults.py (issue 17). laplace-torch's
+    default is always "marglik" (a val_loader ignored): pass ``method="marglik"`` for that.
 
     posthoc's ``optimize_prior_precision`` took the method as its first argument, where laplace-torch takes the
     pred_type: a first argument that names a method ("marglik", "gridsearch") is taken as the method with a
@@ -80,13 +86,16 @@ def method_choice(pred_type: Any, method: PriorOptimization | str) -> tuple[Any,
     methods = {m.value for m in PriorOptimization}
     if isinstance(pred_type, str) and pred_type in methods:
         old = PriorOptimization(pred_type)
-        if check_choice(method, PriorOptimization, "method") not in (PriorOptimization.MARGLIK, old):
+        if method is not None and check_choice(method, PriorOptimization, "method") not in (
+                PriorOptimization.MARGLIK, old):
             raise TypeError(f"the method is given twice ({old.value!r} as the first argument, which is now "
                             f"pred_type, and method={method!r}); pass it once, as method=")
         warnings.warn(f"optimize_prior_precision({old.value!r}, ...) passes the method where laplace-torch's order "
                       f"(which posthoc now follows) puts pred_type; pass method={old.value!r}",
                       DeprecationWarning, stacklevel=3)
         return None, old
+    if method is None:
+        return pred_type, PriorOptimization.GRIDSEARCH if has_val_loader else PriorOptimization.MARGLIK
     return pred_type, check_choice(method, PriorOptimization, "method")
 
 
