@@ -216,11 +216,16 @@ class _TwoInputs(nn.Module):
         return self.a(x[0]) + self.b(x[1])
 
 
-def test_tuple_model_inputs_are_refused_with_a_type_error():
-    """The walk orders and reshapes the inputs as one tensor: tuple inputs get a TypeError naming the fix (they
-    used to fail with an AttributeError deep in the data collection)."""
-    x = torch.randn(8, 3, dtype=DTYPE)
+def test_tuple_model_inputs_are_walked_and_predicted():
+    """Tuple model inputs used to be refused with a TypeError (the walk pooled one tensor); now they are pooled,
+    ordered and indexed like tensors: samples keep the training loss within tolerance and predict takes the
+    same kind of input."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 3, generator=gen, dtype=DTYPE)
     loader = [((x, x + 1), torch.arange(8) % 3)]
-    fs = FiberSampler(_TwoInputs(), "classification", **SETTINGS)
-    with pytest.raises(TypeError, match="tensor model inputs"):
-        fs.fit(loader)
+    fs = FiberSampler(_TwoInputs(), "classification", **SETTINGS).fit(loader)
+    assert fs.info["stage1_within_tol"] > 0
+    samples = fs.predict((x[:4], x[:4] + 1), n_samples=4).samples
+    assert samples.shape == (4, 4, 3) and torch.isfinite(samples).all()
+    with pytest.raises(ValueError, match="structure of the training inputs"):
+        fs.predict(x[:4], n_samples=4)

@@ -154,14 +154,30 @@ class _TwoInputs(torch.nn.Module):
         return self.a(x[0]) + self.b(x[1])
 
 
-def test_tuple_model_inputs_are_refused_with_a_type_error():
-    """ScaLLA pools and reshapes the inputs as one tensor: tuple model inputs (training or context) get a
-    TypeError naming the fix (they used to fail with an AttributeError or inside torch.cat)."""
+@pytest.mark.parametrize("objective", ["probes", "directions"])
+def test_tuple_model_inputs_train_and_predict(objective):
+    """Tuple model inputs (training and context) used to be refused with a TypeError; now ScaLLA pools them like
+    tensors: the mean is the model's output and the variances are finite and positive."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 3, generator=gen, dtype=torch.float64)
+    batches = [((x[i:i + 8], x[i:i + 8] + 1), torch.arange(8) % 3) for i in (0, 8)]
+    xc = torch.randn(8, 3, generator=gen, dtype=torch.float64)
+    context = [((xc, xc - 1), torch.zeros(8))]
+    model = _TwoInputs()
+    s = ScaLLA(model, "classification", steps=4, objective=objective, **SMALL).fit(batches, context_loader=context)
+    pred = s.predict((x[:4], x[:4] + 1))
+    with torch.no_grad():
+        torch.testing.assert_close(pred.mean, model((x[:4], x[:4] + 1)), rtol=0, atol=0)
+    variances = pred.cov.diagonal(dim1=1, dim2=2)
+    assert torch.isfinite(variances).all() and (variances > 0).all()
+    with pytest.raises(ValueError, match="structure of the inputs ScaLLA was fitted on"):
+        s.predict(x[:4])
+
+
+def test_pooled_inputs_of_different_shapes_name_the_padding_fix():
     from posthoc.scalla.training import InputPool
 
-    x = torch.randn(8, 3, dtype=torch.float64)
-    batches = [((x, x + 1), torch.arange(8) % 3)]
-    with pytest.raises(TypeError, match="tensor model inputs"):
-        ScaLLA(_TwoInputs(), "classification", steps=2, **SMALL).fit(batches)
-    with pytest.raises(TypeError, match="tensor model inputs"):
-        InputPool(batches, "context", torch.float64, torch.device("cpu"))
+    batches = [({"input_ids": torch.ones(2, 5, dtype=torch.long)}, torch.zeros(2)),
+               ({"input_ids": torch.ones(2, 4, dtype=torch.long)}, torch.zeros(2))]
+    with pytest.raises(ValueError, match="pad token inputs to one length"):
+        InputPool(batches, "training", torch.float64, torch.device("cpu"))

@@ -23,15 +23,16 @@ from typing import Callable
 import torch
 from torch.func import jvp, vjp, vmap
 
+from posthoc.network.inputs import ModelInputs
 from posthoc.network.subset import ParameterSubset
 
 
-def outputs_many(subset: ParameterSubset, inputs: torch.Tensor, thetas: torch.Tensor) -> torch.Tensor:
+def outputs_many(subset: ParameterSubset, inputs: ModelInputs, thetas: torch.Tensor) -> torch.Tensor:
     """f(X; theta_k) for K particles: (K, B, C). Cost: K forward passes (vmapped)."""
     return vmap(lambda th: subset.forward(inputs, th))(thetas)
 
 
-def jvp_at(subset: ParameterSubset, inputs: torch.Tensor, thetas: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
+def jvp_at(subset: ParameterSubset, inputs: ModelInputs, thetas: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
     """J(theta_k) v_k for K particles and K directions (K, P): (K, B, C). One JVP per particle."""
 
     def one(th: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -40,7 +41,7 @@ def jvp_at(subset: ParameterSubset, inputs: torch.Tensor, thetas: torch.Tensor, 
     return vmap(one)(thetas, directions)
 
 
-def vjp_at(subset: ParameterSubset, inputs: torch.Tensor, thetas: torch.Tensor, cotangents: torch.Tensor) -> torch.Tensor:
+def vjp_at(subset: ParameterSubset, inputs: ModelInputs, thetas: torch.Tensor, cotangents: torch.Tensor) -> torch.Tensor:
     """J(theta_k)^T u_k for K particles and cotangents (K, B, C): (K, P). One VJP per particle."""
 
     def one(th: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -49,7 +50,7 @@ def vjp_at(subset: ParameterSubset, inputs: torch.Tensor, thetas: torch.Tensor, 
     return vmap(one)(thetas, cotangents)
 
 
-def gram_product(subset: ParameterSubset, inputs: torch.Tensor, thetas: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+def gram_product(subset: ParameterSubset, inputs: ModelInputs, thetas: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """J_k J_k^T w_k for K particles: (K, B, C) -> (K, B, C). One VJP and one JVP per particle."""
     return jvp_at(subset, inputs, thetas, vjp_at(subset, inputs, thetas, w))
 
@@ -81,7 +82,7 @@ def batched_cg(matvec: Callable[[torch.Tensor], torch.Tensor], rhs: torch.Tensor
     return x
 
 
-def project_null(subset: ParameterSubset, inputs: torch.Tensor, thetas: torch.Tensor, v: torch.Tensor,
+def project_null(subset: ParameterSubset, inputs: ModelInputs, thetas: torch.Tensor, v: torch.Tensor,
                  cg_steps: int, damping: float) -> torch.Tensor:
     """P_k v_k = v_k - J_k^T (J_k J_k^T + damping I)^-1 J_k v_k for K particles: (K, P).
 
@@ -92,7 +93,7 @@ def project_null(subset: ParameterSubset, inputs: torch.Tensor, thetas: torch.Te
     return v - vjp_at(subset, inputs, thetas, w)
 
 
-def min_norm_step(subset: ParameterSubset, inputs: torch.Tensor, thetas: torch.Tensor, output_change: torch.Tensor,
+def min_norm_step(subset: ParameterSubset, inputs: ModelInputs, thetas: torch.Tensor, output_change: torch.Tensor,
                   cg_steps: int, damping: float) -> torch.Tensor:
     """The smallest parameter change (K, P) that moves the linearised outputs by ``output_change`` (K, B, C).
 

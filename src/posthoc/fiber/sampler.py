@@ -47,12 +47,13 @@ from posthoc.fiber.walk import (
     walk_summary,
 )
 from posthoc.likelihood import Likelihood
-from posthoc.network.batches import first_batch_inputs
+from posthoc.network.batches import DEFAULT_KEYS, first_batch_inputs, prediction_inputs
+from posthoc.network.inputs import InputSpec, MappingCall, ModelCall, ModelInputs, batch_size, take, tensor_leaves
 from posthoc.network.subset import ParameterSubset, SubsetOfWeights
 from posthoc.predictive import LinkApprox, Predictive, SamplePredictive
 from posthoc.predictive.base import check_n_samples
 from posthoc.utils.checkpoint import check_writable, data_fingerprint, load_checkpoint, module_digest, save_checkpoint
-from posthoc.utils.checks import batch_shape, check_choice, check_finite, check_positive, check_positive_int
+from posthoc.utils.checks import batch_shape, check_choice, check_positive, check_positive_int
 from posthoc.utils.modes import eval_mode
 
 STATE_VERSION = 2  # 2: weights identified by a digest of the whole model; input shape; posthoc.utils.checkpoint files
@@ -83,7 +84,18 @@ class FiberSampler:
         seed: seeds the walk, the flow and the default sampling seed.
         checkpoint_every: walk / flow steps between checkpoints.
         progress: show progress bars.
-        dict_key_x, dict_key_y: the entries read from dict batches.
+        dict_key_x, dict_key_y: for mapping batches (dict, UserDict, HF BatchEncoding), Laplace's (and
+            laplace-torch's) meaning: the entry that gives the batch size and the target entry (default
+            "input_ids", "labels"); the model gets every other entry (:func:`posthoc.network.batches.split_batch`;
+            batches keyed "input"/"target", the old defaults, keep their old meaning with a DeprecationWarning).
+            Token inputs of every batch must have one length (the walk pools all training inputs).
+        mapping_call: how a mapping input reaches the model, "auto", "kwargs" or "argument" (as in Laplace).
+        output_fn: maps the model's raw output to the output tensor (B, C); default: a tensor, the first element
+            of a tuple/list, or ``"logits"`` of a mapping or HF ``ModelOutput``.
+
+    The covered weights are those that require grad: freezing all but some (e.g. a peft model's LoRA adapters)
+    samples those only. The walk's JVPs need forward-mode derivatives of every operation of the model: for a
+    Hugging Face model on CPU call ``model.set_attn_implementation("eager")`` first.
 
     ``config`` (WalkConfig) and ``deform_config`` (DeformConfig) hold the settings. The stage-2 fields are also
     attributes (``fs.flow_steps``; ``fs.barrier_weight`` with its default resolved; ``fs.deform`` the map's name,
@@ -103,13 +115,16 @@ class FiberSampler:
         seed: int = 0,
         checkpoint_every: int = 10,
         progress: bool = True,
-        dict_key_x: str = "input",
-        dict_key_y: str = "target",
+        dict_key_x: str = DEFAULT_KEYS[0],
+        dict_key_y: str = DEFAULT_KEYS[1],
+        mapping_call: MappingCall | str = MappingCall.AUTO,
+        output_fn: Callable[[Any], torch.Tensor] | None = None,
         **settings: Any,
     ) -> None:
         self.model = model
         self.likelihood = check_choice(likelihood, Likelihood, "likelihood")
-        self.subset = ParameterSubset(model, subset_of_weights)
+        self.call = ModelCall(model, mapping_call, output_fn)
+        self.subset = ParameterSubset(model, subset_of_weights, model_call=self.call)
         if self.subset.kind is SubsetOfWeights.SUBNETWORK:
             raise ValueError("FiberSampler supports subset_of_weights='all' or 'last_layer'")
         self.config, self.deform_config = stage_configs(walk, deform, settings)
@@ -142,7 +157,7 @@ class FiberSampler:
         self.info: dict[str, float] = {}
         self._cache: tuple[tuple[int, int], torch.Tensor] | None = None
         self._problem_cache: FiberProblem | None = None
-        self.input_shape: tuple[int, ...] | None = None  # of one model input, recorded by walk/fit
+        self.input_shape: InputSpec | None = None  # of one model input (input_spec for a tuple/mapping), by walk/fit
         self._fingerprint: dict[str, Any] = {}  # of the fit in progress (checkpoints)
         self._callback: Callable[[str, int], None] | None = None
 
@@ -195,8 +210,8 @@ class FiberSampler:
             train_loader, self.subset, self.likelihood, self.dict_key_x, self.dict_key_y)
         if self.likelihood is Likelihood.REGRESSION and self._sigma_given is None:
             with torch.no_grad():
-                resid = torch.cat([targets[i:i + 4096] - self.subset.forward(inputs[i:i + 4096])
-                                   for i in range(0, inputs.shape[0], 4096)])
+                resid = torch.cat([targets[i:i + 4096] - self.subset.forward(take(inputs, i, i + 4096))
+                                   for i in range(0, batch_size(inputs), 4096)])
             self.sigma_noise = resid.pow(2).mean().sqrt().clamp_min(1e-6).to(self.subset.dtype)
         return FiberProblem(self.subset, inputs, targets, self.likelihood, self.prior_precision, self.sigma_noise)
 
@@ -209,14 +224,14 @@ class FiberSampler:
         if path is not None:
             check_writable(path.parent, "FiberSampler checkpoint")
         x0, _ = first_batch_inputs(train_loader, self.model, self.likelihood, self.dict_key_x, self.dict_key_y,
-                                   self.subset.dtype, self.subset.device)
+                                   self.subset.dtype, self.subset.device, self.call, mapping_inputs=True)
         self.subset.capture(x0)  # for last_layer, also locates the layer on the first batch
         problem = self._problem(train_loader)
         self._problem_cache = problem
         # everything the result depends on; the data as the walk reads them (canonical order, covered module's inputs)
         self._fingerprint = {"version": STATE_VERSION, "settings": self._settings(),
                              "network_weights": module_digest(self.model),
-                             "data": data_fingerprint([problem.inputs, problem.targets])}
+                             "data": data_fingerprint([*tensor_leaves(problem.inputs), problem.targets])}
         saved = None
         if path is not None and path.exists():
             saved = load_checkpoint(path, self._fingerprint, CHECKPOINT_WHAT, map_location=self.subset.device)
@@ -383,7 +398,7 @@ class FiberSampler:
         generator = torch.Generator().manual_seed(self.seed if seed is None else seed)
         return self._method.sample(self, self.flow, n_samples, generator)
 
-    def predict(self, x: torch.Tensor, n_samples: int = 100, seed: int | None = None,
+    def predict(self, x: ModelInputs, n_samples: int = 100, seed: int | None = None,
                 chunk_size: int = 25) -> SamplePredictive:
         """The sample predictive (n_samples, B, C) of f(x; theta_s) for stage-2 samples theta_s.
 
@@ -392,17 +407,22 @@ class FiberSampler:
         Regression: the predictive of f; use ``.with_noise(fs.sigma_noise)`` or ``fs(x)`` for y.
         Cost: n_samples forward passes (vmapped in chunks of ``chunk_size``). Raises RuntimeError before fit or if the
         model's weights changed since; ValueError for inputs of another shape or with NaN/Inf, n_samples < 2 or a
-        non-positive chunk_size; TypeError if x is not a tensor.
+        non-positive chunk_size; TypeError if x is not a tensor (or a tuple/mapping where the training inputs were).
+        x is what the training batches' x was: a tensor, tuple or mapping (a mapping's ``dict_key_y`` entry, if
+        present, is dropped).
         """
         self._require_fit("predict")
         check_n_samples(n_samples)
         check_positive_int(chunk_size, "chunk_size", "samples per vmapped forward pass")
         if n_samples < 2:
             raise ValueError("predict needs n_samples >= 2 (a sample predictive)")
-        if not isinstance(x, torch.Tensor):
+        spec = self.input_shape
+        if not self._tensor_inputs():
+            x = prediction_inputs(x, spec, self.dict_key_y, self.subset.device, self.subset.dtype)
+        elif not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a torch.Tensor of shape {batch_shape(self.input_shape)}, "
                             f"got {type(x).__name__}")
-        if self.input_shape is not None and tuple(x.shape[1:]) != self.input_shape or x.ndim == 0:
+        elif self.input_shape is not None and tuple(x.shape[1:]) != self.input_shape or x.ndim == 0:
             raise ValueError(f"x must have shape {batch_shape(self.input_shape)} like the training inputs, got "
                              f"{tuple(x.shape)}" + (" (a single example needs a batch dimension: x[None])"
                                                     if tuple(x.shape) == self.input_shape else ""))
@@ -410,15 +430,19 @@ class FiberSampler:
         if self._cache is None or self._cache[0] != key:
             self._cache = (key, self.sample(n_samples, seed=key[1]))
         thetas = self._cache[1]
-        x = x.to(device=self.subset.device, dtype=self.subset.dtype if x.is_floating_point() else x.dtype)
-        check_finite(x, "x")
+        x = prediction_inputs(x, None, self.dict_key_y, self.subset.device, self.subset.dtype)
         with eval_mode(self.model), torch.no_grad():
             inputs = self.subset.inputs(x)
             outputs = torch.cat([self.subset.forward_many(inputs, thetas[i:i + chunk_size])
                                  for i in range(0, n_samples, chunk_size)])
         return SamplePredictive(outputs)
 
-    def __call__(self, x: torch.Tensor, n_samples: int = 100, seed: int | None = None) -> torch.Tensor | Predictive:
+    def _tensor_inputs(self) -> bool:
+        """Whether the training inputs were one tensor (their spec a tuple of ints), or unknown yet."""
+        spec = self.input_shape
+        return spec is None or isinstance(spec, tuple) and all(isinstance(d, int) for d in spec)
+
+    def __call__(self, x: ModelInputs, n_samples: int = 100, seed: int | None = None) -> torch.Tensor | Predictive:
         """Classification: MC class probabilities (B, C). Regression: the predictive of y (noise added)."""
         pred = self.predict(x, n_samples=n_samples, seed=seed)
         if self.likelihood is Likelihood.REGRESSION:
@@ -438,7 +462,8 @@ class FiberSampler:
         """
         coords = self._require_fit("save the state")
         return {"version": STATE_VERSION, "settings": self._settings(), "network_weights": module_digest(self.model),
-                "input_shape": list(self.input_shape or ()), "prior_precision": self.prior_precision,
+                "input_shape": list(self.input_shape or ()) if self._tensor_inputs() else self.input_shape,
+                "prior_precision": self.prior_precision,
                 "sigma_noise": self.sigma_noise,
                 "particles": self.particles, "particle_nll": self.particle_nll, "map_nll": self.map_nll,
                 "coords": coords.state_dict(), "flow": None if self.flow is None else self.flow.state_dict(),
@@ -462,7 +487,8 @@ class FiberSampler:
         if state.get("last_layer") is not None:
             self.subset.load_last_layer_state(state["last_layer"])
         self.subset.capture()
-        self.input_shape = tuple(state["input_shape"])
+        spec = state["input_shape"]
+        self.input_shape = tuple(spec) if isinstance(spec, list) and all(isinstance(d, int) for d in spec) else spec
         self.prior_precision = state["prior_precision"]
         self.sigma_noise = state["sigma_noise"]
         self.particles, self.particle_nll, self.map_nll = state["particles"], state["particle_nll"], state["map_nll"]

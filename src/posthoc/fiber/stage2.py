@@ -33,6 +33,7 @@ from posthoc.fiber.deform import (
 )
 from posthoc.fiber.projection import outputs_many
 from posthoc.fiber.walk import FiberProblem, mean_nll
+from posthoc.network.inputs import select
 from posthoc.utils.registry import add_to_registry
 
 if TYPE_CHECKING:  # the sampler imports this module
@@ -280,7 +281,7 @@ def loss_penalty(fs: FiberSampler, problem: FiberProblem,
     def penalty(flow: CouplingFlow) -> torch.Tensor:
         index = torch.randint(problem.n_data, (min(cfg.flow_loss_batch, problem.n_data),), generator=generator)
         z = torch.randn((cfg.flow_loss_samples, coords.rank), generator=generator, dtype=fs.subset.dtype)
-        x, y = problem.inputs[index], problem.targets[index]
+        x, y = select(problem.inputs, index), problem.targets[index]
         thetas = coords.decode(flow(z.to(fs.subset.device)))
         nll = mean_nll(outputs_many(fs.subset, x, thetas), y, fs.likelihood, fs.sigma_noise)
         with torch.no_grad():
@@ -304,7 +305,7 @@ def variational_energy(fs: FiberSampler, problem: FiberProblem, generator: torch
 
     def energy(coords: torch.Tensor) -> torch.Tensor:
         index = torch.randint(problem.n_data, (min(batch, problem.n_data),), generator=generator)
-        x, y = problem.inputs[index], problem.targets[index]
+        x, y = select(problem.inputs, index), problem.targets[index]
         thetas = principal.decode(coords) if decode else coords
         nll = mean_nll(outputs_many(fs.subset, x, thetas), y, fs.likelihood, fs.sigma_noise)
         with torch.no_grad():

@@ -31,13 +31,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Iterable, cast
+from typing import Any, Iterable
 
 import torch
 
 from posthoc.fiber.projection import min_norm_step, outputs_many, project_null
 from posthoc.likelihood import Likelihood
 from posthoc.network.batches import checked_batches
+from posthoc.network.inputs import ModelInputs, batch_size, concat, input_spec, select, take, tensor_leaves
 from posthoc.network.subset import ParameterSubset
 from posthoc.utils.checks import batch_shape, check_positive_int
 
@@ -114,13 +115,14 @@ class WalkConfig:
 class FiberProblem:
     """What the walk needs about the model and data.
 
-    inputs (N, ...): the covered module's inputs (images, or last-layer features); targets (N,)
-    labels or (N, C) values; prior_precision: scalar () or per-parameter (P,); sigma_noise: the
+    inputs (N, ...): the covered module's inputs (images, or last-layer features; for "all", or a last layer
+    whose tail re-runs the model, the model's inputs: a tensor, or a tuple/mapping of them such as token ids and
+    attention masks); targets (N,) labels or (N, C) values; prior_precision: scalar () or per-parameter (P,); sigma_noise: the
     regression noise (1 for classification).
     """
 
     subset: ParameterSubset
-    inputs: torch.Tensor
+    inputs: ModelInputs
     targets: torch.Tensor
     likelihood: Likelihood
     prior_precision: torch.Tensor
@@ -129,42 +131,47 @@ class FiberProblem:
     @property
     def n_data(self) -> int:
         """N, the number of training examples."""
-        return self.inputs.shape[0]
+        return batch_size(self.inputs)
 
 
 def canonical_training_data(train_loader: Iterable, subset: ParameterSubset, likelihood: Likelihood,
-                            dict_key_x: str, dict_key_y: str
-                            ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
+                            dict_key_x: str, dict_key_y: str) -> tuple[ModelInputs, torch.Tensor, Any]:
     """The whole loader's covered-module inputs, targets and input shape, in a canonical order.
 
-    Returns the covered module's inputs (N, ...), the targets (N,) labels or (N, C) values, sorted by a fixed random
-    projection of each example so the walk does not depend on the loader's shuffling, and the shape of one model
-    input. Memory: the whole training set (or its last-layer features).
+    Batches are read as Laplace reads them (:func:`posthoc.network.batches.checked_batches`: (x, y) tuples, or
+    mappings with the target under ``dict_key_y`` whose other entries are the model input). Returns the covered
+    module's inputs (N, ...; a tuple or mapping of them for such model inputs), the targets (N,) labels or (N, C)
+    values, sorted by a fixed random projection of each example so the walk does not depend on the loader's
+    shuffling, and the shape of one model input (a tuple; for a tuple or mapping input, its
+    :func:`posthoc.network.inputs.input_spec`). Memory: the whole training set (or its last-layer features).
 
     Raises:
-        ValueError: for an empty loader, batches of different example shapes, a model whose outputs are not
-            (B, C), or targets that do not fit them.
-        TypeError: for tuple or mapping inputs (the fiber sampler needs tensor inputs (B, ...)).
+        ValueError: for an empty loader, batches of different example shapes (token inputs padded to different
+            lengths), a model whose outputs are not (B, C), or targets that do not fit them.
+        TypeError: inputs that are not tensors or tuples/mappings of tensors.
     """
-    xs: list[torch.Tensor] = []
+    xs: list[ModelInputs] = []
     ys: list[torch.Tensor] = []
-    input_shape: tuple[int, ...] = ()
-    for x, y in checked_batches(train_loader, likelihood, None, dict_key_x, dict_key_y, subset.dtype, subset.device):
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"the fiber sampler needs tensor model inputs (B, ...), got a {type(x).__name__}; wrap the "
-                            "model so that it takes one tensor")
+    input_shape: Any = ()
+    shapes: Any = None
+    for x, y in checked_batches(train_loader, likelihood, None, dict_key_x, dict_key_y, subset.dtype, subset.device,
+                                mapping_inputs=True):
+        example = _example_shapes(x)
         if not xs:
-            input_shape = tuple(x.shape[1:])
-        elif tuple(x.shape[1:]) != input_shape:
-            raise ValueError(f"the training batches have inputs of shapes {batch_shape(input_shape)} and "
-                             f"{tuple(x.shape)}; every batch must hold examples of one shape")
-        xs.append(cast(torch.Tensor, subset.inputs(x)))  # a tensor: x itself or the last layer's features
+            input_shape = tuple(x.shape[1:]) if isinstance(x, torch.Tensor) else input_spec(x)
+            shapes = example
+        elif example != shapes:
+            shown = [batch_shape(s) if isinstance(s, tuple) else str(s) for s in (shapes, example)]
+            raise ValueError(f"the training batches have inputs of shapes {shown[0]} and {shown[1]}; every batch must "
+                             "hold examples of one shape (pad token inputs to one length)")
+        xs.append(subset.inputs(x))  # x itself or the last layer's features
         ys.append(y)
     if not xs:
         raise ValueError("the training loader yielded no batches: nothing to fit")
-    inputs, targets = torch.cat(xs), torch.cat(ys)
+    inputs, targets = concat(xs), torch.cat(ys)
+    n_data = batch_size(inputs)
     with torch.no_grad():
-        out = subset.forward(inputs[:1])
+        out = subset.forward(take(inputs, 0, 1))
     if out.ndim != 2:
         raise ValueError(f"the model must return (B, C) outputs, got {tuple(out.shape)}")
     if likelihood is Likelihood.CLASSIFICATION:
@@ -172,16 +179,29 @@ def canonical_training_data(train_loader: Iterable, subset: ParameterSubset, lik
         if int(targets.min()) < 0 or int(targets.max()) >= out.shape[-1]:
             raise ValueError(f"class labels must lie in [0, {out.shape[-1] - 1}]")
     else:
-        targets = targets.reshape(inputs.shape[0], -1)
+        targets = targets.reshape(n_data, -1)
         if targets.shape[-1] != out.shape[-1]:
             raise ValueError(f"targets have {targets.shape[-1]} outputs, the model {out.shape[-1]}")
-    # integer inputs (token ids) are ordered by the same projection, taken in float64
-    key_dtype = inputs.dtype if inputs.is_floating_point() else torch.float64
-    probe = torch.randn(inputs[0].numel(), generator=torch.Generator().manual_seed(12345), dtype=key_dtype)
-    key = inputs.reshape(inputs.shape[0], -1).to(key_dtype) @ probe + 1e-3 * targets.reshape(
-        inputs.shape[0], -1).to(key_dtype).sum(-1)
+    # integer inputs (token ids) are ordered by the same projection, taken in float64; a tuple or mapping by the
+    # sum of its tensors' projections
+    generator = torch.Generator().manual_seed(12345)
+    key: torch.Tensor | None = None
+    for leaf in tensor_leaves(inputs):
+        key_dtype = leaf.dtype if leaf.is_floating_point() else torch.float64
+        probe = torch.randn(leaf[0].numel(), generator=generator, dtype=key_dtype).to(leaf.device)
+        projected = leaf.reshape(n_data, -1).to(key_dtype) @ probe
+        key = projected if key is None else key + projected.to(key.dtype)
+    assert key is not None  # concat kept at least one tensor
+    key = key + 1e-3 * targets.reshape(n_data, -1).to(key.dtype).sum(-1)
     order = torch.argsort(key, stable=True)
-    return inputs[order], targets[order], input_shape
+    return select(inputs, order), targets[order], input_shape
+
+
+def _example_shapes(x: ModelInputs) -> Any:
+    """One example's full shape: ``x.shape[1:]``, or the structure of a tuple/mapping with each leaf's."""
+    if isinstance(x, torch.Tensor):
+        return tuple(x.shape[1:])
+    return [(tuple(t.shape[1:]), t.dtype) for t in tensor_leaves(x)]
 
 
 @dataclass
@@ -245,14 +265,14 @@ def init_walk(problem: FiberProblem, config: WalkConfig, seed: int) -> WalkState
     subset = problem.subset
     theta0 = subset.theta_map
     with torch.no_grad():
-        out = subset.forward(problem.inputs[sub_index], theta0).unsqueeze(0)
+        out = subset.forward(select(problem.inputs, sub_index), theta0).unsqueeze(0)
         map_nll = float(mean_nll(out, problem.targets[sub_index], problem.likelihood, problem.sigma_noise)[0])
     thetas = theta0.unsqueeze(0).repeat(config.n_particles, 1)
     samples = theta0.new_zeros((0, subset.n_params))
     return WalkState(thetas, samples, sub_index, map_nll, config.step_size, generator.get_state())
 
 
-def pull_back(problem: FiberProblem, thetas: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor,
+def pull_back(problem: FiberProblem, thetas: torch.Tensor, inputs: ModelInputs, targets: torch.Tensor,
               reference: torch.Tensor, threshold: float, config: WalkConfig) -> tuple[torch.Tensor, int, torch.Tensor]:
     """Gauss-Newton steps towards the reference outputs (B, C) for the particles above ``threshold``.
 
@@ -297,8 +317,9 @@ def walk_step(problem: FiberProblem, config: WalkConfig, state: WalkState) -> Wa
     eta = state.step_size
     move = 0.5 * eta * (-problem.prior_precision * thetas) + math.sqrt(eta) * noise
     with torch.no_grad():
-        thetas = thetas + project_null(subset, problem.inputs[batch], thetas, move, config.cg_steps, config.damping)
-        sub_x, sub_y = problem.inputs[state.sub_index], problem.targets[state.sub_index]
+        thetas = thetas + project_null(subset, select(problem.inputs, batch), thetas, move, config.cg_steps,
+                                       config.damping)
+        sub_x, sub_y = select(problem.inputs, state.sub_index), problem.targets[state.sub_index]
         reference = subset.forward(sub_x, subset.theta_map)
     thetas, taken, ok = pull_back(problem, thetas, sub_x, sub_y, reference,
                                   state.map_nll_sub + config.loss_tolerance, config)
@@ -333,9 +354,9 @@ def full_data_nll(problem: FiberProblem, thetas: torch.Tensor, chunk_examples: i
             th = thetas[i:i + chunk_particles]
             total = torch.zeros(th.shape[0], dtype=th.dtype, device=th.device)
             for j in range(0, problem.n_data, chunk_examples):
-                x, y = problem.inputs[j:j + chunk_examples], problem.targets[j:j + chunk_examples]
+                x, y = take(problem.inputs, j, j + chunk_examples), problem.targets[j:j + chunk_examples]
                 nll = mean_nll(outputs_many(problem.subset, x, th), y, problem.likelihood, problem.sigma_noise)
-                total += nll * x.shape[0]
+                total += nll * y.shape[0]
             out.append(total / problem.n_data)
     return torch.cat(out)
 
@@ -356,7 +377,7 @@ def finalize(problem: FiberProblem, config: WalkConfig, samples: torch.Tensor, m
         if bad.numel() == 0:
             break
         index = torch.randperm(problem.n_data, generator=generator)[:config.subsample_size]
-        x, y = problem.inputs[index], problem.targets[index]
+        x, y = select(problem.inputs, index), problem.targets[index]
         with torch.no_grad():
             reference = problem.subset.forward(x, problem.subset.theta_map)
         one_step = replace(config, pullback_steps=1)

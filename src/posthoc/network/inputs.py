@@ -102,6 +102,11 @@ def take(x: ModelInputs, start: int, stop: int) -> ModelInputs:
     return tree_map(lambda t: t[start:stop] if isinstance(t, torch.Tensor) else t, x)
 
 
+def select(x: ModelInputs, index: torch.Tensor) -> ModelInputs:
+    """Examples at positions ``index`` (k,) of every tensor leaf (advanced indexing: copies)."""
+    return tree_map(lambda t: t[index.to(t.device)] if isinstance(t, torch.Tensor) else t, x)
+
+
 def concat(parts: Sequence[ModelInputs]) -> ModelInputs:
     """Inputs of several batches with the same structure, concatenated along the batch dimension.
 

@@ -11,6 +11,8 @@ from typing import Iterable
 import torch
 from torch.utils.data import DistributedSampler
 
+from posthoc.network.inputs import ModelInputs, batch_size, tensor_leaves
+
 SAME_LOADERS = ("ScaLLA.fit takes the same loaders on every rank (it splits each batch over the ranks itself): "
                 "give every rank the same, unsharded loader with the same order (no DistributedSampler, the same "
                 "shuffle seed)")
@@ -23,17 +25,19 @@ def check_not_sharded(loader: Iterable | None) -> None:
         raise ValueError(f"the loader has a DistributedSampler (a shard per rank): {SAME_LOADERS}")
 
 
-def input_digest(x: torch.Tensor, offset: int = 0, chunk: int = 4096) -> torch.Tensor:
+def input_digest(x: ModelInputs, offset: int = 0, chunk: int = 4096) -> torch.Tensor:
     """A float64 digest (4,) of inputs x (n, ...): [n, sum x, sum_i (offset + i + 1) sum x_i, sum x^2].
 
     Equal on two ranks when they hold the same inputs in the same order (a shard or a reordering changes it).
-    Cost: one pass over x.
+    For a tuple or mapping of tensors the sums run over all its tensors. Cost: one pass over x.
     """
     out = torch.zeros(4, dtype=torch.float64)
-    out[0] = x.shape[0]
-    for start in range(0, x.shape[0], chunk):
-        rows = x[start:start + chunk].detach().reshape(min(chunk, x.shape[0] - start), -1).to(torch.float64).cpu()
-        sums = rows.sum(1)
-        position = torch.arange(offset + start + 1, offset + start + 1 + rows.shape[0], dtype=torch.float64)
-        out[1:] += torch.stack([sums.sum(), (position * sums).sum(), rows.square().sum()])
+    out[0] = batch_size(x)
+    for leaf in tensor_leaves(x):
+        n = leaf.shape[0]
+        for start in range(0, n, chunk):
+            rows = leaf[start:start + chunk].detach().reshape(min(chunk, n - start), -1).to(torch.float64).cpu()
+            sums = rows.sum(1)
+            position = torch.arange(offset + start + 1, offset + start + 1 + rows.shape[0], dtype=torch.float64)
+            out[1:] += torch.stack([sums.sum(), (position * sums).sum(), rows.square().sum()])
     return out

@@ -13,6 +13,7 @@ surrogate forward, no Jacobian.
 from __future__ import annotations
 
 import os
+import warnings
 from enum import Enum
 from typing import Any, Callable, Iterable
 
@@ -23,7 +24,17 @@ from tqdm.auto import tqdm
 from posthoc.curvature.output_factors import CurvatureType, OutputFactors, log_likelihood, log_likelihood_terms
 from posthoc.distributed import check_same_on_all_ranks, is_distributed, rank_slice, sum_count, sum_over_ranks
 from posthoc.likelihood import Likelihood
-from posthoc.network.batches import checked_batches, first_batch_inputs
+from posthoc.network.batches import DEFAULT_KEYS, checked_batches, first_batch_inputs, prediction_inputs
+from posthoc.network.inputs import (
+    InputSpec,
+    MappingCall,
+    ModelCall,
+    ModelInputs,
+    batch_size,
+    describe,
+    input_spec,
+    take,
+)
 from posthoc.network.subset import ParameterSubset
 from posthoc.predictive import GaussianPredictive, LinkApprox
 from posthoc.predictive.tuning import (
@@ -43,7 +54,7 @@ from posthoc.scalla.rank_checks import SAME_LOADERS, check_not_sharded, input_di
 from posthoc.scalla.state import restore_scalla_state, scalla_state
 from posthoc.scalla.surrogate import HIDDEN, FeatureMap, SurrogateInit, build_default_surrogate
 from posthoc.scalla.training import InputPool, SurrogateTrainer, TrainSettings, n_context_features
-from posthoc.utils.checks import batch_shape, check_choice, check_finite, check_positive_int
+from posthoc.utils.checks import batch_shape, check_choice, check_positive_int
 from posthoc.utils.modes import eval_mode
 
 
@@ -67,8 +78,10 @@ class ScaLLA:
             posthoc.scalla.training), so that its training-point kernel keeps the unbiased variant's rank.
         surrogate: an nn.Module mapping inputs to (B, n_latent C) or (B, n_latent, C) features, trained in place; None
             builds the default from the model (posthoc.scalla.surrogate: trunk + FC 200 + FC m C, scaled by
-            sqrt(P / m); ``surrogate_init`` "model" starts the trunk at the trained weights, "fresh" re-draws it
-            seeded by ``seed``).
+            sqrt(P / m); the trunk is ``model.trunk``, an nn.Sequential's layers before its last nn.Linear, or
+            for any other model a copy of it with its last nn.Linear on the path to the output replaced by an
+            identity; ``surrogate_init`` "model" starts the trunk at the trained weights, "fresh" re-draws it
+            seeded by ``seed``). A surrogate gets the model's inputs as they are (a tensor, tuple or mapping).
         surrogate_hidden: the width of the default surrogate's hidden FC layer; None keeps the authors' 200.
             Wider heads fit the small-eigenvalue directions (which set in-distribution variances) better, at more
             time per step (docs/measurements/methods.md). Only for the default surrogate (an error with
@@ -82,7 +95,14 @@ class ScaLLA:
         steps, batch_size, n_probes, lr, lr_schedule, n_target_points, directions, eigen_subsample,
             checkpoint_every: training settings (posthoc.scalla.training.TrainSettings).
         seed: seeds everything random in training (init, batches, probes, directions).
-        dict_key_x, dict_key_y: the keys read from loaders that yield dict batches.
+        dict_key_x, dict_key_y: for mapping batches (dict, UserDict, HF BatchEncoding), Laplace's (and
+            laplace-torch's) meaning: the entry that gives the batch size and the target entry (default
+            "input_ids", "labels"); the model gets every other entry (:func:`posthoc.network.batches.split_batch`;
+            batches keyed "input"/"target", ScaLLA's old defaults, keep their old meaning with a DeprecationWarning).
+            Inputs of every training (and context) batch must have the same shapes: pad token inputs to one length.
+        mapping_call: how a mapping input reaches the model, "auto", "kwargs" or "argument" (as in Laplace).
+        output_fn: maps the model's raw output to the output tensor (B, C); default: a tensor, the first element
+            of a tuple/list, or ``"logits"`` of a mapping or HF ``ModelOutput``.
         progress: progress bars.
 
     Under torch.distributed give every rank the same loaders and seed: each training step and the posterior
@@ -125,9 +145,11 @@ class ScaLLA:
         surrogate_hidden: int | None = None,
         checkpoint_every: int = 500,
         seed: int = 0,
-        dict_key_x: str = "input",
-        dict_key_y: str = "target",
+        dict_key_x: str = DEFAULT_KEYS[0],
+        dict_key_y: str = DEFAULT_KEYS[1],
         progress: bool = True,
+        mapping_call: MappingCall | str = MappingCall.AUTO,
+        output_fn: Callable[[Any], torch.Tensor] | None = None,
     ) -> None:
         check_positive_int(n_features, "n_features", "the number of latent features m")
         if surrogate is not None and not isinstance(surrogate, nn.Module):
@@ -145,7 +167,8 @@ class ScaLLA:
         self.surrogate_hidden = HIDDEN if surrogate_hidden is None else surrogate_hidden
         self._user_surrogate = surrogate
         self.surrogate: nn.Module | None = None
-        self.subset = ParameterSubset(model, "all")
+        self.call = ModelCall(model, mapping_call, output_fn)
+        self.subset = ParameterSubset(model, "all", model_call=self.call)
         self.settings = TrainSettings(objective=objective, steps=steps, batch_size=batch_size, n_probes=n_probes,
                                       lr=lr, lr_schedule=lr_schedule, n_target_points=n_target_points,
                                       directions=directions, eigen_subsample=eigen_subsample,
@@ -155,8 +178,9 @@ class ScaLLA:
         self.prior_precision = prior_precision
         self.sigma_noise = sigma_noise
         self.posterior: LatentPosterior | None = None
-        self.input_shape: tuple[int, ...] | None = None
+        self.input_shape: InputSpec | None = None  # input_spec of the training inputs: (shape of one example) for tensors
         self.input_dtype: torch.dtype | None = None  # the subset's dtype for floating inputs; integer ids keep theirs
+        self.example_input: ModelInputs | None = None  # one training input, which builds the default surrogate
         self.n_outputs: int | None = None
         self.train_record: dict[str, Any] = {}
 
@@ -191,17 +215,19 @@ class ScaLLA:
     # ----------------------------------------------------------------- fitting
     def _batches(self, loader: Iterable):
         return checked_batches(loader, self.likelihood, self.n_outputs, self.dict_key_x, self.dict_key_y,
-                               self.subset.dtype, self.subset.device)
+                               self.subset.dtype, self.subset.device, mapping_inputs=True)
 
-    def _build_surrogate(self, example: torch.Tensor) -> nn.Module:
+    def _build_surrogate(self, example: ModelInputs) -> nn.Module:
         assert self.n_outputs is not None
         if self._user_surrogate is not None:
             surrogate: nn.Module = FeatureMap(self._user_surrogate, self.n_latent, self.n_outputs)
             with torch.no_grad():
-                surrogate.eval()(example[:1])  # fails now, with the shape message, if the output is wrong
+                surrogate.eval()(take(example, 0, 1))  # fails now, with the shape message, if the output is wrong
             return surrogate
-        return build_default_surrogate(self.model, example, self.n_latent, self.n_outputs,
-                                       init=self.surrogate_init, seed=self.seed, hidden=self.surrogate_hidden)
+        with warnings.catch_warnings():  # a deep copy of a model can warn (e.g. HF's attention-implementation notes)
+            return build_default_surrogate(self.model, example, self.n_latent, self.n_outputs,
+                                           init=self.surrogate_init, seed=self.seed, hidden=self.surrogate_hidden,
+                                           call=self.call)
 
     def fit(self, train_loader: Iterable, context_loader: Iterable | None = None, steps: int | None = None,
             checkpoint: str | os.PathLike | None = None,
@@ -209,13 +235,14 @@ class ScaLLA:
         """Train the surrogate, then fit the n_latent x n_latent posterior by one pass over ``train_loader``.
 
         Training resumes from ``checkpoint`` if it exists. ``context_loader`` yields context inputs (tuples/dicts like
-        the training loader, or bare tensors) of the training inputs' shape; the biased variant needs it. ``steps``
+        the training loader, or bare model inputs) of the training inputs' shape; the biased variant needs it. ``steps``
         overrides the constructor's. ``callback(step, jvp_evaluations)`` runs after every training step.
 
         theta* is read here, from the model's current weights (as is the default surrogate's trunk); a previous
         fit is dropped first, so a fit that fails or is interrupted leaves nothing to predict with. Raises
-        ValueError under torch.distributed when the ranks' weights or inputs differ (see the class docstring),
-        TypeError for model inputs that are not tensors.
+        ValueError under torch.distributed when the ranks' weights or inputs differ (see the class docstring), or
+        for batches whose inputs differ in shape (token inputs padded to different lengths); TypeError for model
+        inputs that are not tensors or tuples/mappings of tensors.
         """
         for loader in (train_loader, context_loader):
             check_not_sharded(loader)
@@ -224,11 +251,11 @@ class ScaLLA:
             self.subset.capture()
             check_same_on_all_ranks(self.subset.theta_map, "the MAP weights")
             x0, self.n_outputs = first_batch_inputs(train_loader, self.model, self.likelihood, self.dict_key_x,
-                                                    self.dict_key_y, self.subset.dtype, self.subset.device)
-            if not isinstance(x0, torch.Tensor):
-                raise TypeError(f"ScaLLA needs tensor model inputs (B, ...), got a {type(x0).__name__}; wrap the "
-                                "model so that it takes one tensor")
-            self.input_shape, self.input_dtype = tuple(x0.shape[1:]), x0.dtype
+                                                    self.dict_key_y, self.subset.dtype, self.subset.device, self.call,
+                                                    mapping_inputs=True)
+            self.input_shape = input_spec(x0)
+            self.input_dtype = x0.dtype if isinstance(x0, torch.Tensor) else self.subset.dtype
+            self.example_input = take(x0, 0, min(2, batch_size(x0, self.dict_key_x)))
             if self.biased and context_loader is None:
                 raise ValueError("biased=True needs context points: pass context_loader (inputs resembling OOD "
                                  "data)")
@@ -239,9 +266,11 @@ class ScaLLA:
                 context_pool = InputPool(context_loader, "context", self.subset.dtype, self.subset.device,
                                          self.dict_key_x, self.dict_key_y)
                 if context_pool.example_shape != train_pool.example_shape:
-                    raise ValueError(f"context inputs have shape {batch_shape(context_pool.example_shape)}"
-                                     f" but training inputs {batch_shape(train_pool.example_shape)}; "
-                                     "context points must be valid inputs of the network")
+                    shown = [batch_shape(s) if isinstance(s, tuple) and all(isinstance(d, int) for d in s)
+                             else str(s) for s in (context_pool.example_shape, train_pool.example_shape)]
+                    raise ValueError(f"context inputs have shape {shown[0]} but training inputs {shown[1]}; "
+                                     "context points must be valid inputs of the network (token inputs padded to "
+                                     "the training inputs' length)")
             if is_distributed():
                 for pool in (train_pool, context_pool):
                     if pool is not None:
@@ -249,7 +278,7 @@ class ScaLLA:
                                                 fix=SAME_LOADERS)
             settings = (self.settings if steps is None
                         else TrainSettings(**{**self.settings.__dict__, "steps": steps}))
-            self.surrogate = self._build_surrogate(x0)
+            self.surrogate = self._build_surrogate(self.example_input)
             trainer = SurrogateTrainer(self.surrogate, self.subset, self.likelihood, train_pool, context_pool,
                                        settings, biased=self.biased, checkpoint=checkpoint, progress=self.progress,
                                        callback=callback).run(self.n_features, self.n_context_features)
@@ -277,16 +306,17 @@ class ScaLLA:
         n_data, n_seen, digest = 0, 0, torch.zeros(4, dtype=torch.float64)
         for x, y in tqdm(self._batches(train_loader), desc="ScaLLA posterior", disable=not self.progress, leave=False):
             self._check_shape(x, "training inputs")
+            size = batch_size(x, self.dict_key_x)
             if is_distributed():
                 digest += input_digest(x, n_seen)
-                n_seen += x.shape[0]
-            part = rank_slice(x.shape[0])
-            x, y = x[part], y[part]
+                n_seen += size
+            part = rank_slice(size)
+            x, y = take(x, part.start, part.stop), y[part]
             with eval_mode(self.model):
-                outputs = self.model(x)
+                outputs = self.call(x)
             precision += batch_precision(surrogate(x), self.factors(outputs, y))
             stat += log_likelihood_terms(outputs, y, self.likelihood)
-            n_data += x.shape[0]
+            n_data += part.stop - part.start
         check_same_on_all_ranks(digest, "the training inputs of the posterior pass", fix=SAME_LOADERS)
         precision, stat = sum_over_ranks([precision, stat], "the ScaLLA posterior")
         n_data = sum_count(n_data, "the number of training examples")
@@ -311,21 +341,34 @@ class ScaLLA:
         return self.posterior
 
     # ----------------------------------------------------------------- prediction
-    def _check_shape(self, x: torch.Tensor, name: str) -> None:
-        if self.input_shape is not None and tuple(x.shape[1:]) != self.input_shape:
-            raise ValueError(f"{name} must have shape {batch_shape(self.input_shape)}, the shape "
-                             f"of the inputs ScaLLA was fitted on; got {tuple(x.shape)}")
+    def _check_shape(self, x: ModelInputs, name: str) -> None:
+        """Raise ValueError (TypeError for a container) unless x is shaped like the training inputs.
 
-    def _inputs(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor")
-        x = x.to(device=self.subset.device, dtype=self.subset.dtype if x.is_floating_point() else x.dtype)
-        check_finite(x, name)
+        A tensor needs the same example shape; a tuple or mapping the same structure and per-leaf ranks.
+        """
+        spec = self.input_shape
+        if spec is None:
+            return
+        if isinstance(spec, tuple) and all(isinstance(d, int) for d in spec):
+            if not isinstance(x, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor of shape {batch_shape(spec)} like the training "
+                                f"inputs, got {type(x).__name__}")
+            if tuple(x.shape[1:]) != spec:
+                raise ValueError(f"{name} must have shape {batch_shape(spec)}, the shape "
+                                 f"of the inputs ScaLLA was fitted on; got {tuple(x.shape)}")
+            return
+        if input_spec(x) != spec:
+            raise ValueError(f"{name} must have the structure of the inputs ScaLLA was fitted on, {describe(spec)}; "
+                             f"got {describe(input_spec(x))}")
+
+    def _inputs(self, x: Any, name: str) -> ModelInputs:
+        """The inputs x (tensor, tuple or mapping; a mapping's target entry dropped) placed, checked and shaped."""
+        x = prediction_inputs(x, None, self.dict_key_y, self.subset.device, self.subset.dtype)
         self._check_shape(x, name)
         return x
 
     @torch.no_grad()
-    def features(self, x: torch.Tensor) -> torch.Tensor:
+    def features(self, x: ModelInputs) -> torch.Tensor:
         """phi(x): (B, n_latent, C) (n_latent = m, or m + h for the biased variant).
 
         Raises RuntimeError before fit or if the model's weights changed since; ValueError for another input shape.
@@ -335,7 +378,7 @@ class ScaLLA:
         return surrogate.eval()(self._inputs(x, "x"))
 
     @torch.no_grad()
-    def predict(self, x: torch.Tensor) -> GaussianPredictive:
+    def predict(self, x: ModelInputs) -> GaussianPredictive:
         """N(f(x; theta*), phi(x)^T Sigma_w phi(x)) with full (B, C, C) covariance, no observation noise.
 
         Cost: one forward pass of the network and one of the surrogate. Raises RuntimeError before fit or if the
@@ -344,12 +387,12 @@ class ScaLLA:
         posterior = self._require_fit("predict")
         x = self._inputs(x, "x")
         with eval_mode(self.model):
-            mean = self.model(x)
+            mean = self.call(x)
         features = self._require_surrogate()(x)
         cov = posterior.covariance(features, self.prior_precision, self.factors.scale(self.sigma_noise))
         return GaussianPredictive(mean, cov=cov)
 
-    def __call__(self, x: torch.Tensor, link_approx: LinkApprox | str = LinkApprox.PROBIT):
+    def __call__(self, x: ModelInputs, link_approx: LinkApprox | str = LinkApprox.PROBIT):
         """Classification: class probabilities (B, C). Regression: the predictive of y (noise added)."""
         pred = self.predict(x)
         if self.likelihood is Likelihood.REGRESSION:
@@ -357,7 +400,7 @@ class ScaLLA:
         return pred.probs(link_approx, seed=self.seed)
 
     @torch.no_grad()
-    def kernel(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+    def kernel(self, x1: ModelInputs, x2: ModelInputs) -> torch.Tensor:
         """The surrogate kernel phi(x1)^T phi(x2), (B1, B2, C, C), for inputs x1 (B1, ...) and x2 (B2, ...).
 
         The approximation of the NTK J(x1) J(x2)^T (not divided by the prior precision). Cost: two surrogate forward
@@ -429,7 +472,7 @@ class ScaLLA:
         for x, y in self._batches(val_loader):
             self._check_shape(x, "validation inputs")
             with eval_mode(self.model):
-                cached.append((self.model(x), self._require_surrogate()(x), y))
+                cached.append((self.call(x), self._require_surrogate()(x), y))
         if not cached:
             raise ValueError("val_loader yielded no batches")
         scale = self.factors.scale(self.sigma_noise)

@@ -1,6 +1,7 @@
 """ScaLLA's saved state: what :meth:`ScaLLA.state_dict` writes and :meth:`ScaLLA.load_state_dict` restores.
 
-The state holds the surrogate's weights, the latent posterior, the hyperparameters and a check of theta*.
+The state holds the surrogate's weights, the latent posterior, the hyperparameters, a check of theta* and one
+training input (the default surrogate of a model without ``.trunk`` is rebuilt from it: it locates the last layer).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from posthoc.network.inputs import place
 from posthoc.network.subset import ParameterSubset
 from posthoc.scalla.posterior import LatentPosterior
 from posthoc.scalla.surrogate import HIDDEN
@@ -32,7 +34,7 @@ def scalla_state(scalla: ScaLLA) -> dict[str, Any]:
         "version": STATE_VERSION, "likelihood": scalla.likelihood.value, "n_features": scalla.n_features,
         "biased": scalla.biased, "surrogate_hidden": scalla.surrogate_hidden, "input_shape": scalla.input_shape,
         "input_dtype": str(scalla.input_dtype).removeprefix("torch."),
-        "n_outputs": scalla.n_outputs,
+        "n_outputs": scalla.n_outputs, "example_input": scalla.example_input,
         "theta_check": weight_sums(scalla.subset.theta_map),
         "surrogate": scalla._require_surrogate().state_dict(), "posterior": posterior.state_dict(),
         "prior_precision": scalla.prior_precision, "sigma_noise": scalla.sigma_noise,
@@ -71,10 +73,16 @@ def restore_scalla_state(scalla: ScaLLA, state: dict[str, Any]) -> None:
     """
     check_state(scalla, state)
     scalla.subset.capture()
-    scalla.input_shape, scalla.n_outputs = tuple(state["input_shape"]), state["n_outputs"]
+    spec = state["input_shape"]
+    scalla.input_shape = tuple(spec) if isinstance(spec, (tuple, list)) and all(isinstance(d, int) for d in spec) \
+        else spec
+    scalla.n_outputs = state["n_outputs"]
     scalla.input_dtype = getattr(torch, state["input_dtype"]) if "input_dtype" in state else scalla.subset.dtype
-    example = torch.zeros(1, *scalla.input_shape, dtype=scalla.input_dtype, device=scalla.subset.device)
-    scalla.surrogate = scalla._build_surrogate(example)
+    example = state.get("example_input")  # one training input (states before it: zeros of the input shape)
+    if example is None:
+        example = torch.zeros(1, *scalla.input_shape, dtype=scalla.input_dtype)
+    scalla.example_input = place(example, scalla.subset.device, scalla.subset.dtype)
+    scalla.surrogate = scalla._build_surrogate(scalla.example_input)
     scalla.surrogate.load_state_dict(state["surrogate"])
     scalla.surrogate.eval()
     scalla.posterior = LatentPosterior.from_state_dict(state["posterior"])

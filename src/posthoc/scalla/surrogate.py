@@ -5,6 +5,17 @@ the penultimate features to the outputs; ``FMNISTCNN.trunk`` for the reference C
 flatten), then FC D -> 200, ReLU, FC 200 -> m C, the output multiplied by sqrt(P / m) (the authors' scaling:
 the NTK sums P parameter contributions, so O(1) raw outputs give kernel entries of the NTK's order).
 
+Any other model (no ``.trunk``, not an nn.Sequential: a Hugging Face classifier, a model taking token ids
+and attention masks or returning a dict) gets :class:`ModelTrunk`: a deep copy of the whole model whose last
+nn.Linear on the path to the output (found as for the last-layer Laplace,
+:func:`posthoc.network.last_layer.last_linear_on_path`, on the first training batch) is replaced by an
+identity. It is called like the model (:class:`posthoc.network.inputs.ModelCall`: mapping inputs as keyword
+arguments or one argument, the "logits" of a dict output, ``output_fn``), so its output is what the model's
+head reads, carried through whatever parameter-free steps follow the head (GPT-2 pools the last non-pad
+token: the trunk gives that token's hidden state; BERT: the pooled [CLS] state), flattened to (B, D).
+A head tied to an input embedding (a language-model head) is replaced in the copy only (the embedding keeps
+its weights).
+
 The trunk is a deep copy (the network itself never changes). ``init="model"`` keeps the trained trunk
 weights as the starting point; ``init="fresh"`` re-draws every trunk layer with PyTorch's default
 initialisation (``reset_parameters``) from a generator seeded by ``seed``. The two new FC layers always get
@@ -27,7 +38,10 @@ from enum import Enum
 import torch
 from torch import nn
 
+from posthoc.network.inputs import ModelCall, ModelInputs, batch_size, take
+from posthoc.network.last_layer import last_linear_on_path
 from posthoc.utils.checks import check_choice
+from posthoc.utils.modes import eval_mode
 
 HIDDEN = 200
 
@@ -58,10 +72,10 @@ class FeatureSurrogate(EvalModeModule):
         self.register_buffer("scale", torch.tensor(float(scale)))
         self.eval()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Features (B, m, C) of inputs x (B, ...): one trunk and head pass."""
+    def forward(self, x: ModelInputs) -> torch.Tensor:
+        """Features (B, m, C) of inputs x (B, ...; or a tuple/mapping for a :class:`ModelTrunk`): one trunk and head pass."""
         out = self.head(self.trunk(x).flatten(1)) * self.scale
-        return out.reshape(x.shape[0], self.n_features, self.n_outputs)
+        return out.reshape(out.shape[0], self.n_features, self.n_outputs)
 
 
 class FeatureMap(EvalModeModule):
@@ -76,36 +90,69 @@ class FeatureMap(EvalModeModule):
         self.n_features, self.n_outputs = n_features, n_outputs
         self.eval()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: ModelInputs) -> torch.Tensor:
         """Features (B, m, C) of inputs x (B, ...); ValueError if the wrapped module's output has another shape."""
         out = self.module(x)
         m, c = self.n_features, self.n_outputs
         if out.ndim == 2 and out.shape[1] == m * c:
-            return out.reshape(x.shape[0], m, c)
+            return out.reshape(out.shape[0], m, c)
         if out.shape[1:] == (m, c):
             return out
         raise ValueError(f"the surrogate must return (B, {m * c}) or (B, {m}, {c}) for n_features={m} and "
                          f"{c} outputs, got {tuple(out.shape)}")
 
 
-def _trunk_of(model: nn.Module) -> nn.Module:
-    """The part of ``model`` before its output layer, the default surrogate's trunk.
+class ModelTrunk(nn.Module):
+    """A copy of a model with its last nn.Linear replaced by an identity, called like the model (module docstring).
 
-    ``model.trunk`` if it has one, else the children of an nn.Sequential before the last nn.Linear (an identity
-    if the model is that Linear alone).
+    Args:
+        model: the copy (changed in place: the layer ``head_name`` becomes ``nn.Identity()``).
+        head_name: the name of the replaced nn.Linear in ``model.named_modules()``.
+        call: how the original model is called (its ``mapping_call`` and ``output_fn`` are kept).
+    """
+
+    def __init__(self, model: nn.Module, head_name: str, call: ModelCall | None = None) -> None:
+        super().__init__()
+        parent_name, _, attr = head_name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, attr, nn.Identity())
+        self.model, self.head_name = model, head_name
+        self._call = ModelCall(model, *((call.mapping_call, call.output_fn) if call is not None else ()))
+
+    def forward(self, x: ModelInputs) -> torch.Tensor:
+        """What the model's last nn.Linear read, after the model's parameter-free steps: (B, ...). One forward pass."""
+        return self._call(x)
+
+
+def _trunk_of(model: nn.Module, example_input: ModelInputs, call: ModelCall | None) -> nn.Module:
+    """The part of ``model`` before its output layer, the default surrogate's trunk, as a new module (a deep copy).
+
+    ``model.trunk`` if it has one; else the children of an nn.Sequential before the last nn.Linear (an identity
+    if the model is that Linear alone); else a :class:`ModelTrunk` (the module docstring). Cost: for the
+    :class:`ModelTrunk`, one forward and one backward pass on ``example_input`` to find the last layer.
+
+    Raises:
+        ValueError: an nn.Sequential without nn.Linear, or a model whose output no nn.Linear feeds.
     """
     trunk = getattr(model, "trunk", None)
     if isinstance(trunk, nn.Module):
-        return trunk
+        return copy.deepcopy(trunk)
     if isinstance(model, nn.Sequential):
         children = list(model.children())
         last = max((i for i, c in enumerate(children) if isinstance(c, nn.Linear)), default=None)
         if last is None:
             raise ValueError("cannot build a default surrogate: the nn.Sequential model has no nn.Linear output "
                              "layer; pass surrogate= (an nn.Module returning (B, m*C))")
-        return nn.Sequential(*children[:last]) if last > 0 else nn.Flatten()
-    raise ValueError(f"cannot build a default surrogate for {type(model).__name__}: it has no .trunk and is not an "
-                     "nn.Sequential; pass surrogate= (an nn.Module returning (B, m*C))")
+        return copy.deepcopy(nn.Sequential(*children[:last])) if last > 0 else nn.Flatten()
+    call = ModelCall(model) if call is None else call
+    try:
+        with eval_mode(model), torch.enable_grad():
+            head = last_linear_on_path(model, take(example_input, 0, min(2, batch_size(example_input))), call)
+    except ValueError as err:
+        raise ValueError(f"cannot build a default surrogate for {type(model).__name__}: no nn.Linear feeds its "
+                         "output (the default replaces the last one); pass surrogate= (an nn.Module returning "
+                         "(B, m*C))") from err
+    return ModelTrunk(copy.deepcopy(model), head, call)
 
 
 def _reset(module: nn.Module) -> None:
@@ -116,13 +163,29 @@ def _reset(module: nn.Module) -> None:
                 reset()
 
 
-def build_default_surrogate(model: nn.Module, example_input: torch.Tensor, n_features: int, n_outputs: int,
+def build_default_surrogate(model: nn.Module, example_input: ModelInputs, n_features: int, n_outputs: int,
                             init: SurrogateInit | str = SurrogateInit.MODEL, seed: int = 0,
-                            hidden: int = HIDDEN) -> FeatureSurrogate:
-    """The default surrogate for ``model`` (see the module docstring); ``example_input`` (b, ...) sizes the trunk."""
+                            hidden: int = HIDDEN, call: ModelCall | None = None) -> FeatureSurrogate:
+    """The default surrogate for ``model`` (see the module docstring).
+
+    Args:
+        model: the trained network (not changed: the trunk is a copy).
+        example_input: a batch of model inputs (b, ...; a tensor, tuple or mapping); sizes the trunk and, for a
+            model without ``.trunk`` that is no nn.Sequential, locates its last nn.Linear.
+        n_features: m, the latent features.
+        n_outputs: C, the model's outputs.
+        init: "model" (the trunk at the trained weights) or "fresh" (re-drawn, seeded by ``seed``).
+        seed: seeds the re-drawn trunk and the head's initialisation.
+        hidden: the head's hidden width.
+        call: how the model takes its inputs and gives its output (default ``ModelCall(model)``).
+
+    Returns:
+        A :class:`FeatureSurrogate` mapping inputs (B, ...) to (B, m, C). Cost: a deep copy of the trunk (for a
+        :class:`ModelTrunk`, of the whole model) and a few forward passes on one or two examples.
+    """
     how = check_choice(init, SurrogateInit, "surrogate_init")
     param = next(model.parameters())
-    trunk = copy.deepcopy(_trunk_of(model)).to(device=param.device, dtype=param.dtype)
+    trunk = _trunk_of(model, example_input, call).to(device=param.device, dtype=param.dtype)
     for p in trunk.parameters():
         p.requires_grad_(True)
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -131,7 +194,7 @@ def build_default_surrogate(model: nn.Module, example_input: torch.Tensor, n_fea
         if how is SurrogateInit.FRESH:
             _reset(trunk)
         with torch.no_grad():
-            trunk_dim = trunk.eval()(example_input[:1]).flatten(1).shape[1]
+            trunk_dim = trunk.eval()(take(example_input, 0, 1)).flatten(1).shape[1]
         surrogate = FeatureSurrogate(trunk, trunk_dim, n_features, n_outputs,
                                      scale=math.sqrt(n_params / n_features), hidden=hidden)
     return surrogate.to(device=param.device, dtype=param.dtype)

@@ -55,6 +55,7 @@ from typing import Any, Callable, Iterable, Sized, cast
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_map
 from torch.utils.data import BatchSampler, RandomSampler, SequentialSampler, TensorDataset
 from tqdm.auto import tqdm
 
@@ -64,10 +65,21 @@ from posthoc.curvature.output_factors import OutputFactors
 from posthoc.distributed import collectives
 from posthoc.likelihood import Likelihood
 from posthoc.network.batches import split_batch
+from posthoc.network.inputs import (
+    ModelInputs,
+    as_model_inputs,
+    batch_size,
+    check_finite_inputs,
+    concat,
+    place,
+    select,
+    take,
+    tensor_leaves,
+)
 from posthoc.network.subset import ParameterSubset
 from posthoc.scalla import objectives
 from posthoc.utils.checkpoint import check_writable, data_fingerprint, load_checkpoint, module_digest, save_checkpoint
-from posthoc.utils.checks import check_choice, check_finite, check_positive_int
+from posthoc.utils.checks import check_choice, check_positive_int
 
 CHECKPOINT_FORMAT = 3  # 2: biased surrogates have m + h features (1 split m); 3: posthoc.utils.checkpoint files
 CHECKPOINT_WHAT = "ScaLLA"
@@ -156,41 +168,60 @@ def _visits_every_example_once(loader: Iterable) -> bool:
 
 
 class InputPool:
-    """The inputs of a loader, indexable by position (a TensorDataset's tensor, else read once into memory)."""
+    """The inputs of a loader, indexable by position (a TensorDataset's tensor, else read once into memory).
+
+    The inputs are a tensor (N, ...) or a tuple/mapping of them (token ids and attention masks), read from the
+    batches as Laplace reads them (:func:`posthoc.network.batches.split_batch`); a batch may also be a bare
+    tensor (context loaders).
+
+    Raises:
+        ValueError: an empty loader, or batches whose inputs differ in structure or shape (token inputs padded
+            to different lengths). TypeError: inputs that are not tensors or tuples/mappings of tensors.
+    """
 
     def __init__(self, loader: Iterable, name: str, dtype: torch.dtype, device: torch.device,
-                 dict_key_x: str = "input", dict_key_y: str = "target") -> None:
+                 dict_key_x: str = "input_ids", dict_key_y: str = "labels") -> None:
         dataset = getattr(loader, "dataset", None)
+        x: ModelInputs
         if isinstance(dataset, TensorDataset) and _visits_every_example_once(loader):
             x = dataset.tensors[0]
         else:
-            parts: list[torch.Tensor] = []
+            parts: list[ModelInputs] = []
             for batch in loader:
-                inputs = batch if isinstance(batch, torch.Tensor) else split_batch(batch, dict_key_x, dict_key_y)[0]
-                if not isinstance(inputs, torch.Tensor):
-                    raise TypeError(f"ScaLLA needs tensor model inputs (B, ...), but the {name} loader yields a "
-                                    f"{type(inputs).__name__}; wrap the model so that it takes one tensor")
-                parts.append(inputs)
+                inputs = batch if isinstance(batch, torch.Tensor) else split_batch(
+                    batch, dict_key_x, dict_key_y, mapping_inputs=True)[0]
+                parts.append(as_model_inputs(inputs, f"the {name} inputs"))
             if not parts:
                 raise ValueError(f"the {name} loader yielded no batches")
-            x = torch.cat(parts)
-        if len(x) == 0:
+            shapes = {str(_example_shape(part)) for part in parts}
+            if len(shapes) > 1:
+                raise ValueError(f"the {name} batches hold inputs of different shapes {sorted(shapes)[:2]}; ScaLLA "
+                                 "pools all inputs: give every batch the same shapes (pad token inputs to one "
+                                 "length, e.g. the tokenizer's padding='max_length')")
+            x = concat(parts)
+        if batch_size(x) == 0:
             raise ValueError(f"the {name} data are empty")
         self.inputs, self.name, self.dtype, self.device = x, name, dtype, device
 
     def __len__(self) -> int:
-        return len(self.inputs)
+        return batch_size(self.inputs)
 
     @property
-    def example_shape(self) -> tuple[int, ...]:
-        """The shape of one input (without the batch dimension)."""
-        return tuple(self.inputs.shape[1:])
+    def example_shape(self) -> Any:
+        """The shape of one input (without the batch dimension); for a tuple or mapping, one per leaf."""
+        return _example_shape(self.inputs)
 
-    def take(self, index: torch.Tensor) -> torch.Tensor:
+    def take(self, index: torch.Tensor) -> ModelInputs:
         """The inputs at positions ``index`` (k,) on the device, floats in the dtype; ValueError if not finite."""
-        x = self.inputs[index].to(self.device)
-        x = x.to(self.dtype) if x.is_floating_point() else x
-        return check_finite(x, f"{self.name} inputs")
+        x = place(select(self.inputs, index), self.device, self.dtype)
+        return check_finite_inputs(x, f"{self.name} inputs")
+
+
+def _example_shape(x: ModelInputs) -> Any:
+    """``x.shape[1:]`` for a tensor; the same structure with each leaf's ``shape[1:]`` for a tuple or mapping."""
+    if isinstance(x, torch.Tensor):
+        return tuple(x.shape[1:])
+    return tree_map(lambda t: tuple(t.shape[1:]) if isinstance(t, torch.Tensor) else t, x)
 
 
 def _rademacher(n: int, p: int, generator: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
@@ -210,8 +241,8 @@ def _fingerprint(subset: ParameterSubset, surrogate: nn.Module, settings: TrainS
             "network_weights": module_digest(subset.model),
             "surrogate": [[name, list(t.shape)] for name, t in surrogate.state_dict().items()],
             "surrogate_init": module_digest(surrogate),
-            "train_data": data_fingerprint([train_pool.inputs]),
-            "context_data": None if context_pool is None else data_fingerprint([context_pool.inputs])}
+            "train_data": data_fingerprint(tensor_leaves(train_pool.inputs)),
+            "context_data": None if context_pool is None else data_fingerprint(tensor_leaves(context_pool.inputs))}
 
 
 class SurrogateTrainer:
@@ -309,7 +340,7 @@ class SurrogateTrainer:
         def batches():
             for start in range(0, len(mine), chunk):
                 x = self.train_pool.take(mine[start:start + chunk])
-                yield x, torch.zeros(x.shape[0], dtype=torch.long)  # the GGN factors ignore the labels
+                yield x, torch.zeros(batch_size(x), dtype=torch.long)  # the GGN factors ignore the labels
 
         rank = min(n_dirs, self.subset.n_params - 1) if self.subset.n_params > 1 else 1
         pairs = top_ggn_eigenpairs(self.subset, batches, OutputFactors(self.likelihood), rank,
@@ -346,7 +377,7 @@ class SurrogateTrainer:
                 x = pool.take(mine[start:start + s.jvp_chunk])
                 with torch.no_grad():
                     parts.append(jvp_many(self.subset, x, along).detach())  # (k, b, C)
-                bar.update(x.shape[0])
+                bar.update(batch_size(x))
             self.jvp_evaluations += len(index) * len(along)  # the whole set, whichever rank computed it
             local = torch.cat(parts, dim=1)
             return [collectives.gather_rows(local.transpose(0, 1).contiguous(), "the ScaLLA targets").transpose(0, 1)]
@@ -361,18 +392,17 @@ class SurrogateTrainer:
             targets = objectives.direction_targets(torch.cat(train_jvps + context_jvps, dim=1), normalise)
         self.targets = {"values": targets, "train_index": idx_train, "context_index": idx_ctx}
 
-    def _target_batch(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _target_batch(self, index: torch.Tensor) -> tuple[ModelInputs, torch.Tensor]:
         assert self.targets is not None
         n_train = len(self.targets["train_index"])
         is_ctx = index >= n_train
-        inputs = self.train_pool.inputs  # integer inputs (token ids) keep their dtype, as in InputPool.take
-        dtype = self.subset.dtype if inputs.is_floating_point() else inputs.dtype
-        x = torch.empty(len(index), *self.train_pool.example_shape, dtype=dtype, device=self.subset.device)
-        if bool((~is_ctx).any()):
-            x[~is_ctx] = self.train_pool.take(self.targets["train_index"][index[~is_ctx]])
+        parts = [self.train_pool.take(self.targets["train_index"][index[~is_ctx]])]
         if bool(is_ctx.any()):
             assert self.context_pool is not None
-            x[is_ctx] = self.context_pool.take(self.targets["context_index"][index[is_ctx] - n_train])
+            parts.append(self.context_pool.take(self.targets["context_index"][index[is_ctx] - n_train]))
+        # back in the order of index: training rows first in the concatenation, then context rows
+        position = torch.cat([torch.nonzero(~is_ctx).reshape(-1), torch.nonzero(is_ctx).reshape(-1)])
+        x = select(concat(parts), torch.argsort(position))
         return x, self.targets["values"][index].to(device=self.subset.device)
 
     # ------------------------------------------------------------------ one step
@@ -397,21 +427,23 @@ class SurrogateTrainer:
         if self.context_pool is not None:
             xc = self.context_pool.take(torch.randint(len(self.context_pool), (s.batch_size,),
                                                       generator=self.generator))
-            x = torch.cat([x, xc])
+            x = concat([x, xc])
             is_context = torch.cat([is_context, torch.ones(s.batch_size, dtype=torch.bool)])
         probes = _rademacher(s.n_probes, self.subset.n_params, self.generator, self.subset.dtype)
         world = collectives.world_size()
-        if x.shape[0] % world:
-            raise ValueError(f"the probe objective splits each step's {x.shape[0]} points over {world} processes: "
+        n_points = batch_size(x)
+        if n_points % world:
+            raise ValueError(f"the probe objective splits each step's {n_points} points over {world} processes: "
                              "choose batch_size so that they divide evenly")
-        part = collectives.rank_slice(x.shape[0])
+        part = collectives.rank_slice(n_points)
+        mine = take(x, part.start, part.stop)
         with torch.no_grad():
-            jvps = jvp_many(self.subset, x[part], probes.to(self.subset.device))  # (S, n / world, C)
-        self.jvp_evaluations += s.n_probes * x.shape[0]
+            jvps = jvp_many(self.subset, mine, probes.to(self.subset.device))  # (S, n / world, C)
+        self.jvp_evaluations += s.n_probes * n_points
         # every rank evaluates the combined batch's loss; the backward of the gather sums the ranks' copies
-        features = collectives.gather_with_grad(self.surrogate(x[part]), "the surrogate features")
+        features = collectives.gather_with_grad(self.surrogate(mine), "the surrogate features")
         jvps = collectives.gather_rows(jvps.transpose(0, 1).contiguous(), "the probe JVPs").transpose(0, 1)
-        loss = objectives.probe_kernel_loss(features, jvps, is_context.to(x.device), self.biased)
+        loss = objectives.probe_kernel_loss(features, jvps, is_context.to(features.device), self.biased)
         return loss, 1.0 / world
 
     # ------------------------------------------------------------------ the loop
