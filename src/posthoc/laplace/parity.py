@@ -328,7 +328,17 @@ class LaplaceTorchAPI:
                            diagonal_output: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
         """:meth:`functional_samples` through the inverse link: softmax for classification, (n_samples, B, C)."""
         samples = self.functional_samples(x, pred_type, n_samples, diagonal_output, generator)
-        return torch.softmax(samples, dim=-1) if self.likelihood is Likelihood.CLASSIFICATION else samples
+        return samples if self._regression_outputs(fitting=False) else torch.softmax(samples, dim=-1)
+
+    def _regression_outputs(self, fitting: bool) -> bool:
+        """Whether ``la(x)`` gives ``(f_mu, f_var)``: regression, or reward modelling (``reward_modeling``) unless fitting.
+
+        laplace-torch's "reward_modeling" fits with the classification likelihood (pairs of items give two logits)
+        and predicts the reward of single items as a regression output.
+        """
+        if getattr(self, "reward_modeling", False):
+            return not fitting
+        return self.likelihood is Likelihood.REGRESSION
 
     # ----------------------------------------------------------------- la(x)
     def __call__(self, x: ModelInputs, pred_type: str = "glm", joint: bool = False, link_approx: str = "probit",
@@ -343,8 +353,8 @@ class LaplaceTorchAPI:
         ``diagonal_output``), the distribution of the function WITHOUT observation noise (add
         ``la.sigma_noise**2`` for y); ``joint=True``: ``(f_mu (B*C,), f_cov (B*C, B*C))`` over the whole batch;
         "nn": the sample mean and variance (B, C) of f(x; theta_s). Sampling uses ``generator``, else ``seed``,
-        else the Laplace's seed. ``fitting`` is accepted for laplace-torch's reward modelling and changes nothing
-        here. posthoc's ``predict(x)`` returns the Predictive objects instead. With ``enable_backprop`` (an attribute,
+        else the Laplace's seed. ``fitting``: with reward modelling, the classification outputs of fitting instead of
+        the regression ones (see :meth:`_regression_outputs`). posthoc's ``predict(x)`` returns the Predictive objects instead. With ``enable_backprop`` (an attribute,
         see :class:`posthoc.compat.laplace.Laplace`) the "glm" outputs stay differentiable in x (Jacobians by
         ``torch.func.jacrev``; the covariance by :meth:`functional_variance`), for Bayesian optimisation.
 
@@ -368,7 +378,7 @@ class LaplaceTorchAPI:
             raise ValueError("give generator= or seed=, not both")
         if seed is not None:
             generator = links.make_generator(seed, self.subset.device)
-        regression = self.likelihood is Likelihood.REGRESSION
+        regression = self._regression_outputs(fitting)
         if kind == "nn":
             samples = self._nn_functional_samples(x, n_samples, generator)
             if regression:

@@ -4,10 +4,11 @@ Change ``from laplace import ...`` to ``from posthoc.compat.laplace import ...``
 ``laplace.curvature`` likewise).
 
 Provided: ``Laplace`` and the class names (``FullLaplace``, ``KronLLLaplace``, ``DiagSubnetLaplace``, ...),
-``marglik_training``, the enums, the subnetwork masks (``posthoc.compat.laplace.utils``) and the backend names
-(``posthoc.compat.laplace.curvature``). Not yet (NotImplementedError naming posthoc issue 18): the function-space
-``FunctionalLaplace`` / ``hessian_structure="gp"``, ``likelihood="reward_modeling"``, ``enable_backprop``
-with the last layer, ``fit(override=False)``. Out of scope: ELLA, VaLLA, the "nystrom" and "variational" approximations.
+``marglik_training``, the enums, the subnetwork masks (``posthoc.compat.laplace.utils``), the backend names
+(``posthoc.compat.laplace.curvature``), ``FunctionalLaplace`` / ``hessian_structure="gp"``,
+``likelihood="reward_modeling"`` and ``fit(override=False)`` ("full" and "diag"). Not yet (NotImplementedError
+naming posthoc issue 18): ``enable_backprop`` with the last layer, reward modelling with the last layer,
+accumulating "kron"/"lowrank" fits. Out of scope: ELLA, VaLLA, the "nystrom" and "variational" approximations.
 """
 
 from posthoc.compat.laplace.baselaplace import (

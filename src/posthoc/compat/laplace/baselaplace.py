@@ -23,8 +23,10 @@ from torch import nn
 
 from posthoc.compat.laplace.curvature import backend_kind
 from posthoc.curvature.output_factors import OutputFactors
+from posthoc.laplace.functional import FunctionalLaplace as _FunctionalLaplace
 from posthoc.laplace.laplace import Laplace as _PosthocLaplace
 from posthoc.laplace.prior import per_parameter
+from posthoc.network.batches import prediction_inputs
 
 __all__ = [
     "Laplace", "BaseLaplace", "ParametricLaplace", "FullLaplace", "KronLaplace", "DiagLaplace", "LowRankLaplace",
@@ -97,10 +99,13 @@ class Laplace(_PosthocLaplace):
 
     Args:
         model: the trained network.
-        likelihood: "classification" or "regression" ("reward_modeling": NotImplementedError).
+        likelihood: "classification", "regression" or "reward_modeling" (laplace-torch's: fitted with the
+            classification likelihood on pairs (B, 2, ...) whose two logits are the items' rewards, ``la(x)`` on
+            single items (B, ...) returns the reward's ``(f_mu, f_var)`` as regression; ``fitting=True`` gives
+            the pair's class probabilities).
         subset_of_weights: "last_layer" (default), "all" or "subnetwork" (with ``subnetwork_indices``).
         hessian_structure: "kron" (default), "full", "diag" or "lowrank" (posthoc's top-k GGN eigenpairs:
-            laplace-torch's uses the Hessian), or posthoc's "ekfac"; "gp": NotImplementedError.
+            laplace-torch's uses the Hessian), or posthoc's "ekfac"; "gp" returns a :class:`FunctionalLaplace`.
         sigma_noise: the observation noise (regression).
         prior_precision: delta: a scalar, one per parameter tensor, or one per parameter.
         prior_mean: mu_0 of the prior N(mu_0, diag(delta)^-1): a scalar, or one value per covered parameter. It enters
@@ -130,6 +135,21 @@ class Laplace(_PosthocLaplace):
         ValueError: contradicting or invalid options, as listed above and by posthoc's Laplace.
     """
 
+    def __new__(cls, model: nn.Module, likelihood: str, subset_of_weights: str = "last_layer",
+                hessian_structure: str = "kron", *args: Any, **kwargs: Any) -> Any:
+        """``hessian_structure="gp"`` gives a :class:`FunctionalLaplace` (as laplace-torch's ``Laplace``), else a Laplace.
+
+        Raises:
+            ValueError: "gp" with a subset of weights other than "all". TypeError: "gp" with positional options.
+        """
+        if getattr(hessian_structure, "value", hessian_structure) != "gp":
+            return super().__new__(cls)
+        if getattr(subset_of_weights, "value", subset_of_weights) != "all":
+            raise ValueError("hessian_structure='gp' (FunctionalLaplace) covers all weights: subset_of_weights='all'")
+        if args:
+            raise TypeError("pass FunctionalLaplace's options (n_subset=, sigma_noise=, ...) by name")
+        return FunctionalLaplace(model, likelihood, **kwargs)
+
     def __init__(
         self,
         model: nn.Module,
@@ -154,11 +174,13 @@ class Laplace(_PosthocLaplace):
     ) -> None:
         likelihood = getattr(likelihood, "value", likelihood)
         hessian_structure = getattr(hessian_structure, "value", hessian_structure)
-        if likelihood == "reward_modeling":
-            raise NotImplementedError(f"likelihood='reward_modeling' is not provided yet ({ISSUE})")
-        if hessian_structure == "gp":
-            raise NotImplementedError(f"hessian_structure='gp' (FunctionalLaplace) is not provided yet ({ISSUE}); "
-                                      "posthoc.laplace.exact_lla is the exact function-space form for small data")
+        self.reward_modeling = likelihood == "reward_modeling"
+        if self.reward_modeling:
+            likelihood = "classification"  # fitted as pairwise classification, predicted as regression
+            if getattr(subset_of_weights, "value", subset_of_weights) == "last_layer":
+                raise NotImplementedError(f"likelihood='reward_modeling' with subset_of_weights='last_layer' is not "
+                                          f"provided yet ({ISSUE}): the pair reshaping after the last layer defeats "
+                                          "its location; use 'all' or 'subnetwork'")
         if not (isinstance(temperature, float | int) and math.isfinite(temperature) and temperature > 0):
             raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
         if enable_backprop and getattr(subset_of_weights, "value", subset_of_weights) == "last_layer":
@@ -183,6 +205,12 @@ class Laplace(_PosthocLaplace):
             self.factors = _TemperedFactors(self.factors, self.temperature)
         self.enable_backprop = bool(enable_backprop)
         self.prior_mean = prior_mean
+
+    def _model_inputs(self, x: Any) -> Any:
+        """Prediction inputs; with reward modelling single items, shaped unlike the training pairs, are allowed."""
+        if not self.reward_modeling:
+            return super()._model_inputs(x)
+        return prediction_inputs(x, None, self.dict_key_y, self.subset.device, self.subset.dtype)
 
     @property
     def prior_mean(self) -> torch.Tensor:
@@ -330,9 +358,27 @@ FullSubnetLaplace = _subnetwork("full", "FullSubnetLaplace")
 DiagSubnetLaplace = _subnetwork("diag", "DiagSubnetLaplace")
 
 
-class FunctionalLaplace:
-    """laplace-torch's function-space (GP) Laplace on a data subset: not provided yet (posthoc issue 18)."""
+class FunctionalLaplace(_FunctionalLaplace):
+    """laplace-torch's ``FunctionalLaplace(model, likelihood, n_subset, sigma_noise, prior_precision, prior_mean, ...)``.
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        raise NotImplementedError(f"FunctionalLaplace (hessian_structure='gp') is not provided yet ({ISSUE}); "
-                                  "posthoc.laplace.exact_lla is the exact function-space form for small data")
+    :class:`posthoc.laplace.functional.FunctionalLaplace` with laplace-torch's positional order; ``backend`` must be
+    a GGN backend (or None), ``backend_kwargs`` cannot change the numbers, ``enable_backprop`` is not provided.
+
+    Raises:
+        NotImplementedError: ``enable_backprop=True``. ValueError: a backend that is not a GGN one.
+    """
+
+    def __init__(self, model: nn.Module, likelihood: str, n_subset: int, sigma_noise: float | torch.Tensor = 1.0,
+                 prior_precision: float | torch.Tensor = 1.0, prior_mean: float | torch.Tensor = 0.0,
+                 temperature: float = 1.0, enable_backprop: bool = False, dict_key_x: str = "input_ids",
+                 dict_key_y: str = "labels", backend: type | None = None, backend_kwargs: dict[str, Any] | None = None,
+                 independent_outputs: bool = False, seed: int = 0, output_hessian: str = "diag") -> None:
+        if enable_backprop:
+            raise NotImplementedError(f"enable_backprop with FunctionalLaplace is not provided yet ({ISSUE})")
+        if backend is not None and backend_kind(backend) != "ggn":
+            raise ValueError(f"FunctionalLaplace needs a GGN backend (laplace-torch's assertion), got {backend.__name__}")
+        if backend_kwargs:
+            warnings.warn(f"backend_kwargs {sorted(backend_kwargs)} cannot change FunctionalLaplace's numbers and are "
+                          "ignored", UserWarning, stacklevel=2)
+        super().__init__(model, getattr(likelihood, "value", likelihood), n_subset, sigma_noise, prior_precision,
+                         prior_mean, temperature, independent_outputs, seed, output_hessian)
