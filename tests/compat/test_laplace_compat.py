@@ -168,8 +168,6 @@ def test_backends_choose_the_curvature():
 def test_not_yet_provided_options_raise_naming_the_issue():
     model, train_loader, _ = _classification()
     with pytest.raises(NotImplementedError, match="issue 18"):
-        Laplace(model, "classification", enable_backprop=True)
-    with pytest.raises(NotImplementedError, match="issue 18"):
         FunctionalLaplace(model, "classification", 4, enable_backprop=True)
     with pytest.raises(NotImplementedError, match="feature_reduction"):
         Laplace(model, "classification", feature_reduction="pick_last")
@@ -235,12 +233,13 @@ def test_temperature_tempers_curvature_and_likelihood(likelihood):
         Laplace(model, likelihood, temperature=0.0)
 
 
-@pytest.mark.parametrize("structure", ["full", "diag"])
-def test_enable_backprop_gives_gradients_in_x(structure):
+@pytest.mark.parametrize(("subset", "structure"), [("all", "full"), ("all", "diag"), ("last_layer", "full"),
+                                                   ("last_layer", "kron")])
+def test_enable_backprop_gives_gradients_in_x(subset, structure):
     model, train_loader, x = _regression()
-    la = Laplace(model, "regression", subset_of_weights="all", hessian_structure=structure, enable_backprop=True,
+    la = Laplace(model, "regression", subset_of_weights=subset, hessian_structure=structure, enable_backprop=True,
                  sigma_noise=0.3).fit(train_loader)
-    frozen = Laplace(model, "regression", subset_of_weights="all", hessian_structure=structure,
+    frozen = Laplace(model, "regression", subset_of_weights=subset, hessian_structure=structure,
                      sigma_noise=0.3).fit(train_loader)
 
     def acquisition(points):  # an upper confidence bound, as in Bayesian optimisation
@@ -260,7 +259,7 @@ def test_enable_backprop_gives_gradients_in_x(structure):
     torch.testing.assert_close(f_mu, ref_mu)
     torch.testing.assert_close(f_var, ref_var)
     probs_model, train_c, xc = _classification()
-    cls = Laplace(probs_model, "classification", subset_of_weights="all", hessian_structure=structure,
+    cls = Laplace(probs_model, "classification", subset_of_weights=subset, hessian_structure=structure,
                   enable_backprop=True).fit(train_c)
     point = xc[:2].clone().requires_grad_(True)
     cls(point, link_approx="bridge_norm")[:, 0].sum().backward()

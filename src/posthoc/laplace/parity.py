@@ -26,6 +26,7 @@ from posthoc.laplace.structures.full import FullCurvature
 from posthoc.laplace.structures.lowrank import LowRankCurvature
 from posthoc.likelihood import Likelihood
 from posthoc.network.inputs import ModelInputs
+from posthoc.network.subset import SubsetOfWeights, Tail
 from posthoc.predictive import links
 from posthoc.predictive.base import check_n_samples
 from posthoc.utils.modes import eval_mode
@@ -291,7 +292,7 @@ class LaplaceTorchAPI:
         self._fitted_posterior("predict")  # type: ignore[attr-defined]
         x = self._model_inputs(x)  # type: ignore[attr-defined]
         with eval_mode(self.subset.model), self._naming_input_shape(x), torch.enable_grad():  # type: ignore[attr-defined]
-            inputs = self.subset.inputs(x)
+            inputs = self._differentiable_inputs(x) if differentiable else self.subset.inputs(x)
             theta = self.subset.theta_map
             jac = jacrev(lambda th: self.subset.forward(inputs, th))(theta)
             if differentiable:
@@ -299,6 +300,28 @@ class LaplaceTorchAPI:
             with torch.no_grad():
                 outputs = self.subset.forward(inputs, theta)
         return jac.detach(), outputs.detach()
+
+    def _differentiable_inputs(self, x: ModelInputs) -> ModelInputs:
+        """The covered function's inputs, differentiable in x: a last layer's features keep their graph.
+
+        (``subset.inputs`` detaches them.) Cost: one forward pass.
+
+        Raises:
+            RuntimeError: the last layer ran other than once.
+        """
+        subset = self.subset
+        if subset.kind is not SubsetOfWeights.LAST_LAYER or subset.tail is Tail.RERUN:
+            return subset.inputs(x)
+        captured: list[torch.Tensor] = []
+        handle = subset.module.register_forward_pre_hook(lambda module, args: captured.append(args[0]))
+        try:
+            subset.call(x)
+        finally:
+            handle.remove()
+        if len(captured) != 1:
+            raise RuntimeError(f"the last layer ran {len(captured)} times in this forward pass; the last-layer "
+                               "Laplace needs a layer applied once")
+        return captured[0]
 
     def _nn_functional_samples(self, x: ModelInputs, n_samples: int,
                                generator: torch.Generator | None) -> torch.Tensor:

@@ -116,7 +116,7 @@ class Laplace(_PosthocLaplace):
             log p(D | theta*) / T (regression: the Gaussian normaliser stays untempered).
         enable_backprop: ``la(x)``'s "glm" outputs stay differentiable in x (e.g. for Bayesian optimisation;
             Jacobians by ``torch.func.jacrev``, the covariance by ``functional_variance``: O(P^3) for structures
-            other than diag). "last_layer" raises NotImplementedError.
+            other than diag), also for "last_layer" (the features keep their graph in x).
         dict_key_x: the input's key in dict batches (laplace-torch's default "input_ids").
         dict_key_y: the target's key in dict batches (default "labels").
         backend: a backend class from :mod:`posthoc.compat.laplace.curvature` (or laplace-torch's): chooses
@@ -183,9 +183,6 @@ class Laplace(_PosthocLaplace):
                                           "its location; use 'all' or 'subnetwork'")
         if not (isinstance(temperature, float | int) and math.isfinite(temperature) and temperature > 0):
             raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
-        if enable_backprop and getattr(subset_of_weights, "value", subset_of_weights) == "last_layer":
-            raise NotImplementedError(f"enable_backprop with subset_of_weights='last_layer' is not provided yet "
-                                      f"({ISSUE}); use 'all' or 'subnetwork'")
         if feature_reduction is not None:
             raise NotImplementedError("feature_reduction is not needed: posthoc finds the last nn.Linear on the path "
                                       "to the output and keeps the pooling after it; leave it None")
