@@ -30,15 +30,12 @@ def test_unsupported_layer_names_it_and_the_supported_list():
 
 
 def test_non_chain_forward_is_detected():
-    class Skip(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a, self.b = nn.Linear(3, 3), nn.Linear(3, 2)
-
+    """An nn.Sequential is walked as the chain of its children; a subclass with another forward is caught."""
+    class Skip(nn.Sequential):
         def forward(self, x):
-            return self.b(x + self.a(x))
+            return self[1](x + self[0](x))
 
-    model = Skip().to(DTYPE)
+    model = Skip(nn.Linear(3, 3), nn.Linear(3, 2)).to(DTYPE)
     with pytest.raises(ValueError, match="not the chain"):
         Streamlined(model, weight_var=_variances(model)).predict(torch.randn(2, 3, dtype=DTYPE))
 

@@ -5,19 +5,26 @@ The Gaussian weight posterior is propagated through the network, no sampling and
 """
 
 from posthoc.streamlined.moments import ActivationCovariance, Moments
-from posthoc.streamlined.rules import RULES, AttentionRule, LayerNormRule, UnsupportedLayerError, register_rule
+from posthoc.streamlined.rules import (
+    RULES,
+    AttentionRule,
+    LayerNormRule,
+    UnsupportedLayerError,
+    UnsupportedOpError,
+    register_rule,
+)
 from posthoc.streamlined.streamlined import Streamlined
-from posthoc.streamlined.walk import GRAPHS, register_graph, supported_layers
+from posthoc.streamlined.walk import register_graph, supported_layers
 
 __all__ = [
     "ActivationCovariance",
     "AttentionRule",
-    "GRAPHS",
     "LayerNormRule",
     "Moments",
     "RULES",
     "Streamlined",
     "UnsupportedLayerError",
+    "UnsupportedOpError",
     "register_graph",
     "register_rule",
     "supported_layers",

@@ -22,16 +22,17 @@ the join adds Cov(branch, skip) + its transpose.
 
 from __future__ import annotations
 
-from typing import Callable, TypeVar
+from typing import Callable
 
 import torch
 from torch import nn
 
-from posthoc.models.resnet import ResidualBlock
+from posthoc.models.resnet import ResidualBlock, SmallResNet
 from posthoc.models.vit import (
     MultiHeadSelfAttention,
     PatchEmbedding,
     PositionalEmbedding,
+    SmallViT,
     TokenMeanPool,
     TransformerBlock,
 )
@@ -45,44 +46,55 @@ from posthoc.streamlined.rules import (
     Step,
     UnsupportedLayerError,
     advance,
+    register_rule,
 )
 from posthoc.streamlined.rules.affine import _affine_noise
-
-Graph = Callable[..., Moments]  # graph(module, state, ctx, last) -> Moments, like a Rule
-GraphT = TypeVar("GraphT", bound=Graph)
-GRAPHS: dict[type, Graph] = {}
+from posthoc.streamlined.rules.base import RuleT, find_rule
 
 
-def register_graph(*types: type) -> Callable[[GraphT], GraphT]:
-    """Decorator: ``graph(module, state, ctx, last) -> Moments`` describing a non-chain forward."""
+def register_graph(*types: type, replace: bool = False) -> Callable[[RuleT], RuleT]:
+    """Decorator: ``graph(module, state, ctx, last) -> Moments`` for a non-chain forward; the one rule registry.
 
-    def wrap(graph: GraphT) -> GraphT:
-        for t in types:
-            GRAPHS[t] = graph
-        return graph
-
-    return wrap
+    The same as :func:`posthoc.streamlined.rules.register_rule` (kept for the graphs of posthoc's own blocks).
+    """
+    return register_rule(*types, replace=replace)
 
 
 def supported_layers() -> list[str]:
-    """The names of the module types with a rule or a graph (sorted), for error messages and docs."""
-    return sorted({t.__name__ for t in RULES} | {t.__name__ for t in GRAPHS} | {"Sequential (chains)"})
+    """The names of the module types with a rule (sorted), for error messages and docs."""
+    names = {key.rpartition(".")[2] for key in RULES if key.startswith("module ")}
+    return sorted(names | {"Sequential (chains)"})
+
+
+# Containers whose forward is the chain of their children: walked child by child (any other module without a rule
+# goes through the traced path, posthoc.streamlined.traced).
+CHAIN_CONTAINERS: tuple[type, ...] = (nn.Sequential, SmallResNet, SmallViT)
+
+
+def walks_as_chain(module: nn.Module) -> bool:
+    """Whether ``module`` has a rule, or is a chain container whose children all walk (recursively)."""
+    if find_rule(type(module)) is not None:
+        return True
+    return isinstance(module, CHAIN_CONTAINERS) and all(walks_as_chain(child) for child in module.children())
 
 
 def propagate(module: nn.Module, state: Moments, ctx: Context, last: bool = False) -> Moments:
     """Propagate a state through ``module``; ``last`` marks the network's final layer."""
-    kind = type(module)
-    if kind in RULES:
-        return RULES[kind](module, state, ctx, last)
-    if kind in GRAPHS:
-        return GRAPHS[kind](module, state, ctx, last)
+    rule = find_rule(type(module))
+    if rule is not None:
+        return rule(module, state, ctx, last)
     children = list(module.children())
     if children:
         for i, child in enumerate(children):
             state = propagate(child, state, ctx, last and i == len(children) - 1)
         return state
-    raise UnsupportedLayerError(f"no moment-propagation rule for {kind.__name__}; supported layers: "
-                                f"{', '.join(supported_layers())} (add one with register_rule)")
+    raise unsupported_module(module)
+
+
+def unsupported_module(module: nn.Module) -> UnsupportedLayerError:
+    """The error for a module without a rule: its type, the supported layers and register_rule."""
+    return UnsupportedLayerError(f"no moment-propagation rule for {type(module).__name__}; supported layers: "
+                                 f"{', '.join(supported_layers())} (add one with register_rule)")
 
 
 def residual(state: Moments, branch: Callable[[Moments], Moments], ctx: Context,

@@ -33,9 +33,12 @@ from posthoc.streamlined.rules.base import (
     Step,
     UnsupportedLayerError,
     advance,
+    find_rule,
     register_rule,
+    rule_key,
 )
 from posthoc.streamlined.rules.normalisation import AffineNormStep, batchnorm_rule, layernorm_rule
+from posthoc.streamlined.rules.ops import UnsupportedOpError
 from posthoc.streamlined.rules.pooling import LinearMapStep, MaxPoolStep, avgpool_rule, maxpool_rule
 
 __all__ = [
@@ -53,6 +56,7 @@ __all__ = [
     "Rule",
     "Step",
     "UnsupportedLayerError",
+    "UnsupportedOpError",
     "activation_rule",
     "advance",
     "avgpool_rule",
@@ -63,5 +67,7 @@ __all__ = [
     "layernorm_rule",
     "linear_rule",
     "maxpool_rule",
+    "find_rule",
     "register_rule",
+    "rule_key",
 ]

@@ -49,7 +49,8 @@ class ElementwiseStep(Step):
 @register_rule(nn.ReLU, nn.GELU, nn.Tanh, nn.Sigmoid, nn.SiLU)
 def activation_rule(module: nn.Module, state: Moments, ctx: Context, last: bool) -> Moments:
     """G linearised at the mean: μ <- g(μ), Σ <- D Σ D with D = diag(g'(μ)) (ReLU: g'(0) = 0)."""
-    step = ElementwiseStep(module(state.mean), _activation_derivative(module, state.mean))
+    slope = _activation_derivative(module, state.mean)  # before the module runs: an in-place one overwrites μ
+    step = ElementwiseStep(module(state.mean), slope)
     return advance(state, step, ctx)
 
 

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
-from typing import Callable, TypeVar
+from typing import Any, Callable, TypeVar, cast
 
 import torch
 
 from posthoc.streamlined.moments import ActivationCovariance, Moments, add_optional, apply_to_crosses, sandwich
 from posthoc.streamlined.weight_posteriors import WeightPosterior
+from posthoc.utils.registry import add_to_registry
 
 
 class AttentionRule(str, Enum):
@@ -83,19 +84,45 @@ def advance(state: Moments, step: Step, ctx: Context) -> Moments:
     return Moments(step.mean, cov=cov, crosses=apply_to_crosses(step.jac, state.crosses, state.shape))
 
 
-# rule(module, state, ctx, last) -> Moments, ``module`` an instance of a type it is registered for (so a rule may
-# annotate ``module`` with that type: the parameter list is left open)
-Rule = Callable[..., Moments]
+# Module rules: rule(module, state, ctx, last) -> Moments, ``module`` an instance of a type it is registered for (so a
+# rule may annotate ``module`` with that type: the parameter list is left open). Op rules (traced graphs, see
+# :mod:`posthoc.streamlined.rules.ops`): rule(op, args, kwargs, ctx) -> Moments or a plain value.
+Rule = Callable[..., Any]
 RuleT = TypeVar("RuleT", bound=Rule)
-RULES: dict[type, Rule] = {}
+RULES: dict[str, Rule] = {}
 
 
-def register_rule(*types: type) -> Callable[[RuleT], RuleT]:
-    """Decorator: ``rule(module, state, ctx, last) -> Moments`` for exactly these module types."""
+def rule_key(target: type | Callable[..., Any] | str) -> str:
+    """The registry key of a module type, a function (``torch.add``, ``F.relu``, ``operator.add``) or a method name.
+
+    Module types: ``"module <module>.<qualname>"``; functions: ``"function <module>.<name>"``; a string is a
+    tensor method name (``"reshape"``): ``"method reshape"``.
+    """
+    if isinstance(target, str):
+        return f"method {target}"
+    if isinstance(target, type):
+        return f"module {target.__module__}.{target.__qualname__}"
+    module = getattr(target, "__module__", None) or "builtins"
+    return f"function {module}.{getattr(target, '__name__', repr(target))}"
+
+
+def register_rule(*targets: type | Callable[..., Any] | str, replace: bool = False) -> Callable[[RuleT], RuleT]:
+    """Decorator: a moment-propagation rule for module types, functions or tensor-method names.
+
+    Module rules are ``rule(module, state, ctx, last) -> Moments`` (exact type match); op rules, for the
+    ``call_function`` / ``call_method`` nodes of a traced graph, are ``rule(op, args, kwargs, ctx)`` with the
+    node's arguments, activations given as :class:`Moments`. Raises ValueError for a target already registered
+    unless ``replace=True``.
+    """
 
     def wrap(rule: RuleT) -> RuleT:
-        for t in types:
-            RULES[t] = rule
+        for target in targets:
+            add_to_registry(RULES, rule_key(target), cast(Rule, rule), "moment-propagation rule", replace=replace)
         return rule
 
     return wrap
+
+
+def find_rule(target: type | Callable[..., Any] | str) -> Rule | None:
+    """The rule registered for a module type, function or method name, or None."""
+    return RULES.get(rule_key(target))

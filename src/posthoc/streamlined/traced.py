@@ -1,0 +1,179 @@
+"""Moment propagation through a torch.fx-traced graph, for models that are not chains of modules with rules.
+
+The model is traced once (in eval mode, so ``self.training`` branches are those of prediction) with every module
+that has a rule in :data:`posthoc.streamlined.rules.RULES` kept as a leaf (Linear, Conv2d, norms, activations,
+pooling, posthoc's own residual / attention blocks, a user's registered module); everything else is traced into
+its ``call_function`` / ``call_method`` nodes, which the op rules of :mod:`posthoc.streamlined.rules.ops` handle
+(residual adds, scaling, re-indexing, reductions, functional activations, pooling, dropout). Ops whose arguments
+are all deterministic (index arithmetic, shape queries, a fixed table) run on the means, no rule needed.
+
+Weight noise enters only through leaf modules: a random parameter read elsewhere (a ``get_attr`` node) or a module
+with random weights called twice (its two calls' noise is one draw) is refused. Why torch.fx and not torch.export:
+fx keeps the module boundaries the rules are written for and runs on any eager model without data-dependent
+control flow; torch.export would lower modules to aten ops.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from posthoc.streamlined.moments import Moments
+from posthoc.streamlined.rules import Context, UnsupportedLayerError
+from posthoc.streamlined.rules.base import find_rule, rule_key
+from posthoc.streamlined.rules.ops import UnsupportedOpError, _apply, is_random
+from posthoc.streamlined.walk import unsupported_module
+
+
+class _RuleLeafTracer(fx.Tracer):
+    """Keeps every module with a rule, and torch.nn's own layers, as ``call_module`` nodes; traces through others.
+
+    A torch.nn layer without a rule (e.g. Softplus) stays a leaf so that the error names the layer.
+    """
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return find_rule(type(m)) is not None or super().is_leaf_module(m, module_qualified_name)
+
+
+def trace(model: nn.Module) -> fx.GraphModule:
+    """Trace ``model`` (call in eval mode) into a GraphModule sharing its modules and parameters.
+
+    Raises ValueError naming the fix when torch.fx cannot trace the forward (data-dependent control flow).
+    Cost: one symbolic pass over the forward, no tensor computation.
+    """
+    try:
+        graph = _RuleLeafTracer().trace(model)
+    except Exception as err:  # fx raises TraceError, TypeError, NotImplementedError... for untraceable forwards
+        raise ValueError(f"torch.fx could not trace {type(model).__name__} ({type(err).__name__}: {err}); register a "
+                         "rule for the module whose forward does not trace (posthoc.streamlined.register_rule), so "
+                         "it stays one leaf") from err
+    placeholders = [node for node in graph.nodes if node.op == "placeholder"]
+    if not placeholders:
+        raise ValueError(f"{type(model).__name__}.forward takes no input")
+    return fx.GraphModule(model, graph, class_name=type(model).__name__)  # the root's name, for error messages
+
+
+def _load(value: Any, env: dict[fx.Node, Any]) -> Any:
+    return fx.node.map_arg(value, lambda node: env[node])
+
+
+def _means(value: Any) -> Any:
+    if isinstance(value, Moments):
+        return value.mean
+    if isinstance(value, (list, tuple)):
+        return type(value)(_means(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _means(v) for k, v in value.items()}
+    return value
+
+
+def _any_random(value: Any) -> bool:
+    if isinstance(value, (list, tuple)):
+        return any(_any_random(v) for v in value)
+    if isinstance(value, dict):
+        return any(_any_random(v) for v in value.values())
+    return is_random(value)
+
+
+def _any_moments(value: Any) -> bool:
+    if isinstance(value, (list, tuple)):
+        return any(_any_moments(v) for v in value)
+    if isinstance(value, dict):
+        return any(_any_moments(v) for v in value.values())
+    return isinstance(value, Moments)
+
+
+def _has_random_weights(module: nn.Module, ctx: Context) -> bool:
+    return any(ctx.posterior.get(m) is not None for m in module.modules())
+
+
+def _check_attribute(graph_module: fx.GraphModule, node: fx.Node, ctx: Context) -> None:
+    owner_name, _, attr = str(node.target).rpartition(".")
+    owner = graph_module.get_submodule(owner_name)
+    post = ctx.posterior.layers.get(owner_name)  # by name: the GraphModule stands in for the model's root
+    if post is not None and post.is_random(attr):
+        raise UnsupportedLayerError(
+            f"the random parameter {node.target} is read by an op outside its module's rule (node {node.name}); "
+            f"weight noise enters through modules with rules only: register a rule for {type(owner).__name__} "
+            "(posthoc.streamlined.register_rule) so it stays a leaf")
+
+
+def _unsupported(node: fx.Node) -> UnsupportedOpError:
+    return UnsupportedOpError(
+        f"no moment-propagation rule for the op {rule_key(node.target)!r} (node {node.name!r}: {node.format_node()}) "
+        "on a random activation; register one with posthoc.streamlined.register_rule"
+        f"({node.target!r}) as rule(op, args, kwargs, ctx) -> Moments, or register a rule for the module "
+        "that contains it")
+
+
+def propagate_traced(graph_module: fx.GraphModule, state: Moments, ctx: Context) -> Moments:
+    """Propagate the input state through a traced model (:func:`trace`); returns the output's Moments.
+
+    Leaf modules take their module rules (the node that produces the output is the network's last layer);
+    ``call_function`` / ``call_method`` nodes take op rules when an argument is random, else run on the means.
+    Raises UnsupportedOpError naming the op, the node and register_rule for an op without a rule, and ValueError
+    for a module with random weights called more than once. Cost: the rules' (about that of the forward pass
+    plus the variance pass in diagonal mode).
+    """
+    graph = graph_module.graph
+    output = next(node for node in graph.nodes if node.op == "output")
+    last = output.args[0] if isinstance(output.args[0], fx.Node) else None
+    calls = Counter(node.target for node in graph.nodes if node.op == "call_module")
+    env: dict[fx.Node, Any] = {}
+    first_input = True
+    for node in graph.nodes:
+        if node.op == "placeholder":
+            if first_input:
+                env[node], first_input = state, False
+            elif node.args:
+                env[node] = node.args[0]  # the argument's default value
+            else:
+                raise ValueError(f"the model's forward takes a second input {node.target!r}; Streamlined propagates "
+                                 "one input tensor")
+        elif node.op == "get_attr":
+            _check_attribute(graph_module, node, ctx)
+            env[node] = getattr(graph_module.get_submodule(str(node.target).rpartition(".")[0]),
+                                str(node.target).rpartition(".")[2])
+        elif node.op == "call_module":
+            env[node] = _call_module(graph_module, node, _load(node.args, env), calls, ctx, node is last)
+        elif node.op in ("call_function", "call_method"):
+            env[node] = _call_op(node, _load(node.args, env), _load(node.kwargs, env), ctx)
+        elif node.op == "output":
+            result = _load(node.args[0], env)
+            if not isinstance(result, Moments):
+                raise ValueError(f"the model must return one tensor of outputs, got {type(result).__name__}")
+            return result
+    raise RuntimeError("the traced graph has no output node")
+
+
+def _call_module(graph_module: fx.GraphModule, node: fx.Node, args: tuple, calls: Counter, ctx: Context,
+                 last: bool) -> Moments:
+    module = graph_module.get_submodule(str(node.target))
+    if calls[node.target] > 1 and _has_random_weights(module, ctx):
+        raise ValueError(f"the module {node.target!r} ({type(module).__name__}) has random weights and is called "
+                         f"{calls[node.target]} times in the forward: one weight draw enters every call, which the "
+                         "rules (weights independent of their input) cannot express; register a rule for the module "
+                         "that contains the calls (posthoc.streamlined.register_rule)")
+    if len(args) != 1 or node.kwargs or not isinstance(args[0], Moments):
+        raise UnsupportedOpError(f"module {node.target!r} ({type(module).__name__}) is called with "
+                                 f"{len(args)} inputs; the module rules take one activation")
+    rule = find_rule(type(module))
+    if rule is None:
+        raise unsupported_module(module)
+    return rule(module, args[0], ctx, last)
+
+
+def _call_op(node: fx.Node, args: tuple, kwargs: dict, ctx: Context) -> Any:
+    if not (_any_random(args) or _any_random(kwargs)):
+        # deterministic: run on the means; a tensor computed from an activation stays an activation
+        value = _apply(node.target, _means(args), _means(kwargs))
+        if isinstance(value, torch.Tensor) and (_any_moments(args) or _any_moments(kwargs)):
+            return Moments(value)
+        return value
+    rule = find_rule(node.target)
+    if rule is None:
+        raise _unsupported(node)
+    return rule(node.target, args, kwargs, ctx)
