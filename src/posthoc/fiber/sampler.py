@@ -43,17 +43,19 @@ from posthoc.fiber.walk import (
     finalize,
     full_data_nll,
     init_walk,
+    is_tensor_spec,
+    prediction_model_inputs,
     walk_step,
     walk_summary,
 )
 from posthoc.likelihood import Likelihood
-from posthoc.network.batches import DEFAULT_KEYS, first_batch_inputs, prediction_inputs
+from posthoc.network.batches import DEFAULT_KEYS, first_batch_inputs
 from posthoc.network.inputs import InputSpec, MappingCall, ModelCall, ModelInputs, batch_size, take, tensor_leaves
 from posthoc.network.subset import ParameterSubset, SubsetOfWeights
 from posthoc.predictive import LinkApprox, Predictive, SamplePredictive
 from posthoc.predictive.base import check_n_samples
 from posthoc.utils.checkpoint import check_writable, data_fingerprint, load_checkpoint, module_digest, save_checkpoint
-from posthoc.utils.checks import batch_shape, check_choice, check_positive, check_positive_int
+from posthoc.utils.checks import check_choice, check_positive, check_positive_int
 from posthoc.utils.modes import eval_mode
 
 STATE_VERSION = 2  # 2: weights identified by a digest of the whole model; input shape; posthoc.utils.checkpoint files
@@ -416,31 +418,16 @@ class FiberSampler:
         check_positive_int(chunk_size, "chunk_size", "samples per vmapped forward pass")
         if n_samples < 2:
             raise ValueError("predict needs n_samples >= 2 (a sample predictive)")
-        spec = self.input_shape
-        if not self._tensor_inputs():
-            x = prediction_inputs(x, spec, self.dict_key_y, self.subset.device, self.subset.dtype)
-        elif not isinstance(x, torch.Tensor):
-            raise TypeError(f"x must be a torch.Tensor of shape {batch_shape(self.input_shape)}, "
-                            f"got {type(x).__name__}")
-        elif self.input_shape is not None and tuple(x.shape[1:]) != self.input_shape or x.ndim == 0:
-            raise ValueError(f"x must have shape {batch_shape(self.input_shape)} like the training inputs, got "
-                             f"{tuple(x.shape)}" + (" (a single example needs a batch dimension: x[None])"
-                                                    if tuple(x.shape) == self.input_shape else ""))
+        x = prediction_model_inputs(x, self.input_shape, self.dict_key_y, self.subset.device, self.subset.dtype)
         key = (n_samples, self.seed if seed is None else seed)
         if self._cache is None or self._cache[0] != key:
             self._cache = (key, self.sample(n_samples, seed=key[1]))
         thetas = self._cache[1]
-        x = prediction_inputs(x, None, self.dict_key_y, self.subset.device, self.subset.dtype)
         with eval_mode(self.model), torch.no_grad():
             inputs = self.subset.inputs(x)
             outputs = torch.cat([self.subset.forward_many(inputs, thetas[i:i + chunk_size])
                                  for i in range(0, n_samples, chunk_size)])
         return SamplePredictive(outputs)
-
-    def _tensor_inputs(self) -> bool:
-        """Whether the training inputs were one tensor (their spec a tuple of ints), or unknown yet."""
-        spec = self.input_shape
-        return spec is None or isinstance(spec, tuple) and all(isinstance(d, int) for d in spec)
 
     def __call__(self, x: ModelInputs, n_samples: int = 100, seed: int | None = None) -> torch.Tensor | Predictive:
         """Classification: MC class probabilities (B, C). Regression: the predictive of y (noise added)."""
@@ -462,7 +449,7 @@ class FiberSampler:
         """
         coords = self._require_fit("save the state")
         return {"version": STATE_VERSION, "settings": self._settings(), "network_weights": module_digest(self.model),
-                "input_shape": list(self.input_shape or ()) if self._tensor_inputs() else self.input_shape,
+                "input_shape": list(self.input_shape or ()) if is_tensor_spec(self.input_shape) else self.input_shape,
                 "prior_precision": self.prior_precision,
                 "sigma_noise": self.sigma_noise,
                 "particles": self.particles, "particle_nll": self.particle_nll, "map_nll": self.map_nll,

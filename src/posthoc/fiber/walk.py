@@ -37,7 +37,7 @@ import torch
 
 from posthoc.fiber.projection import min_norm_step, outputs_many, project_null
 from posthoc.likelihood import Likelihood
-from posthoc.network.batches import checked_batches
+from posthoc.network.batches import checked_batches, prediction_inputs
 from posthoc.network.inputs import ModelInputs, batch_size, concat, input_spec, select, take, tensor_leaves
 from posthoc.network.subset import ParameterSubset
 from posthoc.utils.checks import batch_shape, check_positive_int
@@ -195,6 +195,32 @@ def canonical_training_data(train_loader: Iterable, subset: ParameterSubset, lik
     key = key + 1e-3 * targets.reshape(n_data, -1).to(key.dtype).sum(-1)
     order = torch.argsort(key, stable=True)
     return select(inputs, order), targets[order], input_shape
+
+
+def is_tensor_spec(spec: Any) -> bool:
+    """Whether an input shape is one tensor's (a tuple of ints) or unknown (None), not a tuple/mapping's spec."""
+    return spec is None or isinstance(spec, tuple) and all(isinstance(d, int) for d in spec)
+
+
+def prediction_model_inputs(x: Any, spec: Any, dict_key_y: str, device: torch.device,
+                            dtype: torch.dtype) -> ModelInputs:
+    """Inputs to predict on, placed, finite and shaped like the training inputs (``spec``).
+
+    A tensor ``spec`` asks for (B, *spec); a tuple/mapping spec for the training inputs' structure
+    (:func:`posthoc.network.batches.prediction_inputs`; a mapping's ``dict_key_y`` entry is dropped).
+
+    Raises:
+        TypeError: not a tensor where the training inputs were one. ValueError: another shape or NaN/Inf.
+    """
+    if is_tensor_spec(spec):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor of shape {batch_shape(spec)}, got {type(x).__name__}")
+        if spec is not None and tuple(x.shape[1:]) != spec or x.ndim == 0:
+            raise ValueError(f"x must have shape {batch_shape(spec)} like the training inputs, got "
+                             f"{tuple(x.shape)}" + (" (a single example needs a batch dimension: x[None])"
+                                                    if tuple(x.shape) == spec else ""))
+        spec = None
+    return prediction_inputs(x, spec, dict_key_y, device, dtype)
 
 
 def _example_shapes(x: ModelInputs) -> Any:

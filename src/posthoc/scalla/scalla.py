@@ -31,7 +31,6 @@ from posthoc.network.inputs import (
     ModelCall,
     ModelInputs,
     batch_size,
-    describe,
     input_spec,
     take,
 )
@@ -49,6 +48,7 @@ from posthoc.predictive.tuning import (
     validation_nll_sum,
 )
 from posthoc.scalla import objectives
+from posthoc.scalla.pools import check_fitted_shape, is_tensor_spec
 from posthoc.scalla.posterior import LatentPosterior, batch_precision
 from posthoc.scalla.rank_checks import SAME_LOADERS, check_not_sharded, input_digest
 from posthoc.scalla.state import restore_scalla_state, scalla_state
@@ -266,8 +266,8 @@ class ScaLLA:
                 context_pool = InputPool(context_loader, "context", self.subset.dtype, self.subset.device,
                                          self.dict_key_x, self.dict_key_y)
                 if context_pool.example_shape != train_pool.example_shape:
-                    shown = [batch_shape(s) if isinstance(s, tuple) and all(isinstance(d, int) for d in s)
-                             else str(s) for s in (context_pool.example_shape, train_pool.example_shape)]
+                    shown = [batch_shape(s) if is_tensor_spec(s) else str(s)
+                             for s in (context_pool.example_shape, train_pool.example_shape)]
                     raise ValueError(f"context inputs have shape {shown[0]} but training inputs {shown[1]}; "
                                      "context points must be valid inputs of the network (token inputs padded to "
                                      "the training inputs' length)")
@@ -342,24 +342,7 @@ class ScaLLA:
 
     # ----------------------------------------------------------------- prediction
     def _check_shape(self, x: ModelInputs, name: str) -> None:
-        """Raise ValueError (TypeError for a container) unless x is shaped like the training inputs.
-
-        A tensor needs the same example shape; a tuple or mapping the same structure and per-leaf ranks.
-        """
-        spec = self.input_shape
-        if spec is None:
-            return
-        if isinstance(spec, tuple) and all(isinstance(d, int) for d in spec):
-            if not isinstance(x, torch.Tensor):
-                raise TypeError(f"{name} must be a torch.Tensor of shape {batch_shape(spec)} like the training "
-                                f"inputs, got {type(x).__name__}")
-            if tuple(x.shape[1:]) != spec:
-                raise ValueError(f"{name} must have shape {batch_shape(spec)}, the shape "
-                                 f"of the inputs ScaLLA was fitted on; got {tuple(x.shape)}")
-            return
-        if input_spec(x) != spec:
-            raise ValueError(f"{name} must have the structure of the inputs ScaLLA was fitted on, {describe(spec)}; "
-                             f"got {describe(input_spec(x))}")
+        check_fitted_shape(x, self.input_shape, name)
 
     def _inputs(self, x: Any, name: str) -> ModelInputs:
         """The inputs x (tensor, tuple or mapping; a mapping's target entry dropped) placed, checked and shaped."""
