@@ -10,8 +10,10 @@ Tasks (none of them a test fixture):
 
 Methods: the default recipe ``Laplace(model, likelihood, subset, structure).fit(train)``,
 ``optimize_prior_precision()`` with its defaults (marglik, scalar prior; regression also tunes sigma), then the
-glm predictive with a link (``probit``: the default of ``Laplace.__call__``, ``mc``: 1,000 logit samples);
-rows ``[link,val]``: the prior by validation NLL instead (the candidate recommended recipe). On
+glm predictive with a link (``probit``: the default of ``Laplace.__call__``, ``probit_centred``: probit after
+removing the all-logits shift, ``mc``: 1,000 logit samples); rows ``[link,val]``: the prior by validation NLL
+instead (``optimize_prior_precision(val_loader=...)``'s default since issue 17; ``[probit,val]`` is the default
+recipe given a validation loader). On
 the small tasks each weight-space posterior is also compared with the exact function-space LLA
 (:func:`posthoc.laplace.function_space.exact_lla`) at the same prior precision: Spearman rank correlation and
 relative error of the per-input summed logit variance over 200 test points.
@@ -58,7 +60,7 @@ POSTERIORS: tuple[tuple[str, str, str, dict[str, Any]], ...] = (
     ("la_lowrank", "all", "lowrank", {}),
     ("la_lowrank_prior", "all", "lowrank", {"complement": "prior"}),
 )
-LINKS = ("probit", "mc")
+LINKS = ("probit", "probit_centred", "mc")
 FMNIST_METHODS = ("map", "temperature", "la_lastlayer_full", "la_kron", "la_kron_gridsearch", "la_diag",
                   "la_lowrank", "la_lastlayer_full_mc", "la_kron_mc", "la_kron_gridsearch_mc")
 
@@ -249,6 +251,21 @@ def read_bench_rows(paths: list[str]) -> list[dict[str, Any]]:
     return [rows.pop("map"), *rows.values()]
 
 
+def merge_fmnist(earlier: list[dict[str, Any]], new_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The FMNIST rows of earlier runs (``--tasks-from``) with ``new_rows`` added (a new row wins per method).
+
+    Raises ValueError when the new MAP row's NLL differs from the earlier one's (another MAP).
+    """
+    rows: dict[str, dict[str, Any]] = {}
+    for run in earlier:
+        rows.update({r["method"]: r for r in run["tasks"].get("fmnist-embedded-cnn", [])})
+    if "map" in rows and not math.isclose(rows["map"]["nll"], new_rows[0]["nll"], rel_tol=1e-6):
+        raise ValueError(f"the new FMNIST rows come from another MAP (NLL {new_rows[0]['nll']} against "
+                         f"{rows['map']['nll']})")
+    rows.update({r["method"]: r for r in new_rows})
+    return list(rows.values())
+
+
 def worst_cases(tasks: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
     """Per method over the classification tasks: its worst figure of each kind and the task it came from.
 
@@ -350,13 +367,13 @@ def main() -> None:
     tasks: dict[str, list[dict[str, Any]]] = {}
     regression: dict[str, list[dict[str, Any]]] = {}
     earlier = [json.loads(Path(path).read_text()) for path in args.tasks_from]
-    for run in earlier:
-        for name, rows in run["tasks"].items():
-            if not name.startswith("fmnist"):
-                (regression if name.startswith("uci-") else tasks)[name] = rows
     chosen: tuple[ClassificationTask, ...] = SMALL_TASKS[:2] if args.quick else SMALL_TASKS
     if args.small is not None:
         chosen = tuple(SMALL_TASKS[int(i)] for i in args.small.split(",") if i.strip())
+    for run in earlier:
+        for name, rows in run["tasks"].items():
+            if not name.startswith("fmnist") and name not in {t.name for t in chosen if args.small is not None}:
+                (regression if name.startswith("uci-") else tasks)[name] = rows
     # file names only: the results are tracked and name no folder of this machine
     meta = {**run_meta(), "command": " ".join(Path(a).name if a.startswith("/") else a for a in sys.argv),
             "tasks_from": [{"file": Path(path).name, "date": run["meta"]["date"], "command": run["meta"]["command"]}
@@ -370,12 +387,12 @@ def main() -> None:
         (RESULTS / f"{args.name}.md").write_text(markdown(payload))
         return payload
 
-    for task in () if earlier else chosen:
+    for task in chosen if args.small is not None or not earlier else ():
         print(f"task {task.name}", flush=True)
         tasks[task.name] = run_small_task(task, ("probit",) if args.quick else LINKS, not args.quick)
         write()
     if args.fmnist_results:
-        tasks["fmnist-embedded-cnn"] = read_bench_rows(args.fmnist_results)
+        tasks["fmnist-embedded-cnn"] = merge_fmnist(earlier, read_bench_rows(args.fmnist_results))
     elif not args.skip_fmnist:
         print("task fmnist-embedded", flush=True)
         tasks["fmnist-embedded-cnn"] = fmnist_rows(FMNIST_METHODS)

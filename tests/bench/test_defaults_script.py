@@ -60,3 +60,11 @@ def test_bench_rows_are_renamed_merged_and_checked(defaults, tmp_path):
     other = results("c.json", "other.pt", [{"method": "map"}])
     with pytest.raises(ValueError, match="one MAP checkpoint"):
         defaults.read_bench_rows([first, other])
+
+
+def test_new_fmnist_rows_join_the_earlier_ones_on_the_same_map(defaults):
+    earlier = [{"tasks": {"fmnist-embedded-cnn": [{"method": "map", "nll": 0.5}, {"method": "la_kron", "nll": 0.7}]}}]
+    merged = defaults.merge_fmnist(earlier, [{"method": "map", "nll": 0.5}, {"method": "la_kron_centred", "nll": 0.6}])
+    assert [r["method"] for r in merged] == ["map", "la_kron", "la_kron_centred"]
+    with pytest.raises(ValueError, match="another MAP"):
+        defaults.merge_fmnist(earlier, [{"method": "map", "nll": 0.4}])

@@ -75,3 +75,18 @@ def test_lastlayer_gridsearch_row_takes_its_prior_from_the_grid():
     assert spec.link_approx is LinkApprox.PROBIT
     la = spec.build(_context())
     assert la.subset.kind.value == "last_layer" and float(la.prior_precision) in GRIDSEARCH_PRIORS
+
+
+def test_centred_rows_predict_by_the_centred_probit_and_share_the_fits():
+    specs = {s.name: s for s in get_methods(["la_lastlayer_full", "la_lastlayer_full_centred", "la_kron",
+                                             "la_kron_centred", "la_kron_gridsearch_centred"])}
+    for name in ("la_lastlayer_full_centred", "la_kron_centred", "la_kron_gridsearch_centred"):
+        assert specs[name].link_approx is LinkApprox.PROBIT_CENTRED and specs[name].shards_fit
+    ctx = _context()
+    assert specs["la_kron_centred"].build(ctx) is specs["la_kron"].build(ctx)
+    assert specs["la_lastlayer_full_centred"].build(ctx) is specs["la_lastlayer_full"].build(ctx)
+    tuned = specs["la_kron_gridsearch_centred"].build(ctx)
+    la = Laplace(ctx.model, "classification", "all", "kron", progress=False).fit(ctx.train_loader)
+    la.optimize_prior_precision(method="gridsearch", val_loader=ctx.val_loader, grid=torch.tensor(GRIDSEARCH_PRIORS),
+                                link_approx="probit_centred")
+    torch.testing.assert_close(tuned.prior_precision, la.prior_precision)
