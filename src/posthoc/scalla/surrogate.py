@@ -14,7 +14,8 @@ arguments or one argument, the "logits" of a dict output, ``output_fn``), so its
 head reads, carried through whatever parameter-free steps follow the head (GPT-2 pools the last non-pad
 token: the trunk gives that token's hidden state; BERT: the pooled [CLS] state), flattened to (B, D).
 A head tied to an input embedding (a language-model head) is replaced in the copy only (the embedding keeps
-its weights).
+its weights). In a peft model the last nn.Linear is an adapter's ``lora_B``; the whole adapted layer (the module
+with a ``base_layer``) is replaced.
 
 The trunk is a deep copy (the network itself never changes). ``init="model"`` keeps the trained trunk
 weights as the starting point; ``init="fresh"`` re-draws every trunk layer with PyTorch's default
@@ -152,7 +153,21 @@ def _trunk_of(model: nn.Module, example_input: ModelInputs, call: ModelCall | No
         raise ValueError(f"cannot build a default surrogate for {type(model).__name__}: no nn.Linear feeds its "
                          "output (the default replaces the last one); pass surrogate= (an nn.Module returning "
                          "(B, m*C))") from err
-    return ModelTrunk(copy.deepcopy(model), head, call)
+    return ModelTrunk(copy.deepcopy(model), _adapter_wrapper(model, head), call)
+
+
+def _adapter_wrapper(model: nn.Module, name: str) -> str:
+    """``name``, or the outermost module around it with a ``base_layer`` (a peft LoRA/adapter layer wrapping a Linear).
+
+    The last nn.Linear on the path of a peft model is an adapter's ``lora_B``; the head to replace is the adapted
+    layer as a whole (its base Linear plus the adapter).
+    """
+    parts = name.split(".")
+    for depth in range(1, len(parts)):
+        prefix = ".".join(parts[:depth])
+        if isinstance(getattr(model.get_submodule(prefix), "base_layer", None), nn.Module):
+            return prefix
+    return name
 
 
 def _reset(module: nn.Module) -> None:
