@@ -8,7 +8,7 @@ from torch import nn
 
 from posthoc import Streamlined
 from posthoc.models import FMNISTCNN, SmallResNet, SmallViT
-from posthoc.streamlined import UnsupportedLayerError
+from posthoc.streamlined import UnsupportedLayerError, register_rule
 
 DTYPE = torch.float64
 
@@ -29,15 +29,32 @@ def test_unsupported_layer_names_it_and_the_supported_list():
         sp.predict(torch.randn(2, 3, dtype=DTYPE))
 
 
-def test_non_chain_forward_is_detected():
-    """An nn.Sequential is walked as the chain of its children; a subclass with another forward is caught."""
+def test_non_chain_forward_is_propagated_as_written():
+    """A forward that is not the chain of the children (here an nn.Sequential subclass) goes through its traced graph."""
     class Skip(nn.Sequential):
         def forward(self, x):
             return self[1](x + self[0](x))
 
     model = Skip(nn.Linear(3, 3), nn.Linear(3, 2)).to(DTYPE)
-    with pytest.raises(ValueError, match="not the chain"):
-        Streamlined(model, weight_var=_variances(model)).predict(torch.randn(2, 3, dtype=DTYPE))
+    x = torch.randn(2, 3, dtype=DTYPE)
+    torch.testing.assert_close(Streamlined(model, weight_var=_variances(model)).predict(x).mean, model(x))
+
+
+def test_a_rule_that_does_not_reproduce_the_forward_is_caught():
+    from posthoc.streamlined import RULES
+    from posthoc.streamlined.rules import rule_key
+
+    class Double(nn.Module):
+        def forward(self, x):
+            return 2 * x
+
+    register_rule(Double)(lambda module, state, ctx, last: state)  # wrong: the identity
+    try:
+        model = nn.Sequential(nn.Linear(3, 2), Double()).to(DTYPE)
+        with pytest.raises(ValueError, match="differs from model.*register_rule"):
+            Streamlined(model, weight_var=_variances(model)).predict(torch.randn(2, 3, dtype=DTYPE))
+    finally:
+        del RULES[rule_key(Double)]
 
 
 @pytest.mark.parametrize("factory", [lambda: FMNISTCNN(), lambda: SmallResNet(),

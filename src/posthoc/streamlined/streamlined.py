@@ -21,9 +21,9 @@ from posthoc.network.batches import checked_batches
 from posthoc.predictive import GaussianPredictive
 from posthoc.predictive.scale import fit_variance_scale, scaled_gaussian
 from posthoc.streamlined.moments import ActivationCovariance, Moments
-from posthoc.streamlined.rules import AttentionRule, Context, LayerNormRule
+from posthoc.streamlined.rules import AttentionRule, Context, LayerNormRule, find_rule
 from posthoc.streamlined.traced import propagate_traced, trace
-from posthoc.streamlined.walk import propagate, walks_as_chain
+from posthoc.streamlined.walk import propagate
 from posthoc.streamlined.weight_posteriors import WeightPosterior, from_laplace, from_mean_field, load_means
 from posthoc.utils.checks import check_choice, check_finite, check_positive, check_positive_int
 from posthoc.utils.modes import eval_mode
@@ -118,7 +118,7 @@ class Streamlined:
             32 if self.mode is ActivationCovariance.FULL else None)
         self.variance_scale = 1.0
         self._checked = False
-        self._traced: fx.GraphModule | None = None  # the traced graph, for models that are not chains
+        self._traced: fx.GraphModule | None = None  # the model's torch.fx graph, traced at the first prediction
         first = next(iter(self.model.parameters()), None)
         self._dtype = first.dtype if first is not None else torch.get_default_dtype()
         self._device = first.device if first is not None else torch.device("cpu")
@@ -191,28 +191,16 @@ class Streamlined:
         for start in range(0, x.shape[0], step):
             xb = x[start:start + step]
             state = self._input_state(xb, self._slice_var(input_var, x, start, step))
-            try:
-                out = self._propagate_state(state, ctx)
-            except RuntimeError as err:
-                if self._checked or self._traced is not None:
-                    raise
-                # e.g. a shape mismatch: the children, run in registration order, are not the model's forward
-                raise ValueError(f"propagating the model's children in order failed ({err}): the model's forward "
-                                 "is not the chain of its children (or a child's forward is not its class's); "
-                                 "describe it with posthoc.streamlined.register_graph") from err
+            out = self._propagate_state(state, ctx)
             if out.mean.ndim != 2:
                 raise ValueError(f"the model must return (B, C) outputs, got {tuple(out.mean.shape)}")
             if not self._checked:
                 reference = self.model(xb)
                 if not torch.allclose(out.mean, reference, rtol=1e-4, atol=1e-4 * float(reference.abs().max()) + 1e-6):
-                    if self._traced is not None:
-                        raise ValueError("the propagated mean differs from model(x) on the traced graph: an op's rule "
-                                         "does not reproduce it (e.g. an in-place op whose input is read again); "
-                                         "register a rule for the module that contains it "
-                                         "(posthoc.streamlined.register_rule)")
-                    raise ValueError("the propagated mean differs from model(x): the model's forward is not the chain "
-                                     "of its children (or a child's forward is not its class's); describe it with "
-                                     "posthoc.streamlined.register_graph")
+                    raise ValueError("the propagated mean differs from model(x): a rule does not reproduce its "
+                                     "module's or op's forward (e.g. a module rule registered for a subclass with "
+                                     "another forward, or an in-place op whose input is read again); register a "
+                                     "rule for the module that contains it (posthoc.streamlined.register_rule)")
                 self._checked = True
             means.append(out.mean)
             if out.cov is not None:
@@ -222,11 +210,11 @@ class Streamlined:
         return torch.cat(means), torch.cat(covs)
 
     def _propagate_state(self, state: Moments, ctx: Context) -> Moments:
-        """The walk: the chain of rules for chains (:func:`walks_as_chain`), else the traced graph (traced once)."""
-        if self._traced is None and not walks_as_chain(self.model):
-            self._traced = trace(self.model)
-        if self._traced is None:
+        """The walk: a model with a rule of its own takes it; any other, its torch.fx graph (traced once)."""
+        if find_rule(type(self.model)) is not None:
             return propagate(self.model, state, ctx, last=True)
+        if self._traced is None:
+            self._traced = trace(self.model)
         return propagate_traced(self._traced, state, ctx)
 
     @staticmethod

@@ -27,12 +27,11 @@ from typing import Callable
 import torch
 from torch import nn
 
-from posthoc.models.resnet import ResidualBlock, SmallResNet
+from posthoc.models.resnet import ResidualBlock
 from posthoc.models.vit import (
     MultiHeadSelfAttention,
     PatchEmbedding,
     PositionalEmbedding,
-    SmallViT,
     TokenMeanPool,
     TransformerBlock,
 )
@@ -64,18 +63,6 @@ def supported_layers() -> list[str]:
     """The names of the module types with a rule (sorted), for error messages and docs."""
     names = {key.rpartition(".")[2] for key in RULES if key.startswith("module ")}
     return sorted(names | {"Sequential (chains)"})
-
-
-# Containers whose forward is the chain of their children: walked child by child (any other module without a rule
-# goes through the traced path, posthoc.streamlined.traced).
-CHAIN_CONTAINERS: tuple[type, ...] = (nn.Sequential, SmallResNet, SmallViT)
-
-
-def walks_as_chain(module: nn.Module) -> bool:
-    """Whether ``module`` has a rule, or is a chain container whose children all walk (recursively)."""
-    if find_rule(type(module)) is not None:
-        return True
-    return isinstance(module, CHAIN_CONTAINERS) and all(walks_as_chain(child) for child in module.children())
 
 
 def propagate(module: nn.Module, state: Moments, ctx: Context, last: bool = False) -> Moments:
