@@ -85,13 +85,34 @@ def test_posthoc_laplace_accumulates_too():
     torch.testing.assert_close(la.log_marginal_likelihood(), union.log_marginal_likelihood())
 
 
-@pytest.mark.parametrize("structure", ["kron", "lowrank"])
+@pytest.mark.parametrize("subset", ["all", "last_layer"])
+def test_kron_combines_factors_as_the_kfac_of_the_union(subset):
+    x, y = _data("classification")
+    model = small_mlp().to(DTYPE)
+    union = Laplace(model, "classification", subset, "kron", prior_precision=0.8).fit(_loader(x, y))
+    sequential = Laplace(model, "classification", subset, "kron", prior_precision=0.8).fit(_loader(x[:10], y[:10]))
+    first = sequential.log_marginal_likelihood()
+    sequential.fit(_loader(x[10:], y[10:]), override=False)
+    assert sequential.n_data == 24
+    torch.testing.assert_close(sequential.log_marginal_likelihood(), union.log_marginal_likelihood())
+    torch.testing.assert_close(sequential.posterior_variance, union.posterior_variance)
+    torch.testing.assert_close(sequential(x[:3]), union(x[:3]))
+    assert not torch.allclose(first, union.log_marginal_likelihood())
+    # a state dict keeps the eigendecompositions only, not the factors to combine
+    state = sequential.state_dict()
+    restored = Laplace(model, "classification", subset, "kron", prior_precision=0.8)
+    restored.load_state_dict(state)
+    with pytest.raises(NotImplementedError, match="load_state_dict"):
+        restored.fit(_loader(x[:5], y[:5]), override=False)
+
+
+@pytest.mark.parametrize("structure", ["ekfac", "lowrank"])
 def test_structures_that_do_not_accumulate_raise_before_fitting(structure):
     x, y = _data("classification")
     la = _la("classification", structure)
     la.fit(_loader(x, y))
     before = la.log_marginal_likelihood()
-    with pytest.raises(NotImplementedError, match="accumulates hessian_structure 'full' or 'diag'"):
+    with pytest.raises(NotImplementedError, match="accumulates hessian_structure 'full', 'diag' or 'kron'"):
         la.fit(_loader(x[:5], y[:5]), override=False)
     torch.testing.assert_close(la.log_marginal_likelihood(), before)  # the earlier fit is kept
 

@@ -171,9 +171,6 @@ def test_not_yet_provided_options_raise_naming_the_issue():
         FunctionalLaplace(model, "classification", 4, enable_backprop=True)
     with pytest.raises(NotImplementedError, match="feature_reduction"):
         Laplace(model, "classification", feature_reduction="pick_last")
-    la = Laplace(model, "classification").fit(train_loader)  # kron: accumulating fits is not provided
-    with pytest.raises(NotImplementedError, match="override=False"):
-        la.fit(train_loader, override=False)
 
 
 def test_compat_marglik_training_returns_a_compat_laplace():

@@ -1,28 +1,68 @@
 """Accumulating Laplace fits over data sets (continual learning, ``fit(..., override=False)``).
 
-A second fit on new data B, after a fit on A, gives the curvature H_A + H_B (H_A at the weights of the first
-fit, H_B at the weights now), N_A + N_B examples and log p(A) + log p(B) in the evidence; the posterior is
-centred at the weights now. With unchanged weights this is exactly the fit on A and B together. Curvatures that
-are sums over examples in closed form accumulate: "full" (the dense GGN) and "diag" (its diagonal).
+A second fit on new data B, after a fit on A, gives the curvature of A (at the weights of the first fit) plus that
+of B (at the weights now), N_A + N_B examples and log p(A) + log p(B) in the evidence; the posterior is centred at
+the weights now. "full" and "diag" add their curvatures: with unchanged weights exactly the fit on A and B
+together. "kron" combines the Kronecker factors as laplace-torch does: the input factors A (data means) are
+averaged with weights N_A / N and N_B / N, the output factors G (data sums) and the exact diagonal of the
+fallback blocks are added, and the result is decomposed again. That is the KFAC of A and B together (exact at
+unchanged weights), not the sum of the two fits' Kronecker products (which is no Kronecker product).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import weakref
+from typing import Any
+
+from posthoc.curvature.kfac import KFACFactors, kfac_factors
+from posthoc.curvature.output_factors import OutputFactors
 from posthoc.laplace.structures import CurvatureStructure
+from posthoc.laplace.structures.base import Batches
 from posthoc.laplace.structures.diag import DiagCurvature
 from posthoc.laplace.structures.full import FullCurvature
+from posthoc.laplace.structures.kron import KronCurvature, check_kron_subset
+from posthoc.network.subset import ParameterSubset
 
-ACCUMULATING = ("full", "diag")
+# the raw KFAC factors of each fitted "kron" structure (its eigendecompositions alone do not give them back)
+_KRON_FACTORS: weakref.WeakKeyDictionary[CurvatureStructure, KFACFactors] = weakref.WeakKeyDictionary()
+
+
+def fit_structure(structure_cls: type[CurvatureStructure], subset: ParameterSubset, batches: Batches,
+                  factors: OutputFactors, progress: bool, **options: Any) -> CurvatureStructure:
+    """``structure_cls.fit(...)``; for "kron" the same fit, keeping its raw Kronecker factors for accumulation.
+
+    Args:
+        structure_cls: the registered structure class.
+        subset: the covered parameters.
+        batches: a callable giving the (inputs, targets) batches (one data pass each call).
+        factors: the output factors S with S S^T = Lambda.
+        progress: show a progress bar.
+        **options: the structure's fit options.
+
+    Returns:
+        The fitted structure (cost: the structure's fit).
+    """
+    if structure_cls is not KronCurvature:
+        return structure_cls.fit(subset, batches, factors, progress=progress, **options)
+    approximation = KronCurvature._parse_options(options)
+    check_kron_subset(subset, "kron")
+    result = kfac_factors(subset, batches(), factors, approximation, progress, desc="Laplace fit (kron)")
+    structure = KronCurvature._from_factors(subset, result, approximation)
+    _KRON_FACTORS[structure] = result
+    return structure
 
 
 def check_accumulates(structure: CurvatureStructure) -> None:
     """Raise NotImplementedError, before any data pass, when ``structure``'s fits cannot be summed."""
-    if not isinstance(structure, FullCurvature | DiagCurvature):
+    if type(structure) is KronCurvature and structure not in _KRON_FACTORS:
+        raise NotImplementedError("fit(..., override=False) with 'kron' needs the previous fit's Kronecker factors, "
+                                  "which a structure restored by load_state_dict does not keep; refit on all the data")
+    if not isinstance(structure, FullCurvature | DiagCurvature) and type(structure) is not KronCurvature:
         raise NotImplementedError(
-            f"fit(..., override=False) accumulates hessian_structure 'full' or 'diag' only, not "
-            f"{type(structure).__name__}: kron/ekfac keep eigendecompositions of Kronecker factors (a sum of two "
-            "Kronecker products is not one; laplace-torch's sum of the factors is an approximation posthoc does "
-            "not make) and lowrank keeps top-k eigenpairs; refit on the union of the data instead, or use 'diag'")
+            f"fit(..., override=False) accumulates hessian_structure 'full', 'diag' or 'kron' only, not "
+            f"{type(structure).__name__}: ekfac's corrected eigenvalues and lowrank's top-k eigenpairs are not "
+            "sums over examples; refit on the union of the data instead")
 
 
 def accumulated(previous: CurvatureStructure, new: CurvatureStructure) -> CurvatureStructure:
@@ -33,11 +73,11 @@ def accumulated(previous: CurvatureStructure, new: CurvatureStructure) -> Curvat
         new: the structure fitted on the new data, on the same covered parameters.
 
     Returns:
-        full: H_prev + H_new (P, P); diag: h_prev + h_new (P,). Cost O(P^2) / O(P), no data pass.
+        full: H_prev + H_new (P, P); diag: h_prev + h_new (P,); kron: the combined factors decomposed again
+        (module docstring). Cost O(P^2) / O(P) / the eigendecompositions of the factors; no data pass.
 
     Raises:
-        NotImplementedError: structures whose fitted form is not a sum over examples (kron/ekfac keep
-            eigendecompositions of Kronecker factors, lowrank keeps top-k eigenpairs), naming the fix.
+        NotImplementedError: ekfac and lowrank (not sums over examples), a kron fit restored from a state dict.
         ValueError: fits of different sizes (another last layer or subnetwork).
     """
     if previous.subset.n_params != new.subset.n_params:
@@ -47,5 +87,28 @@ def accumulated(previous: CurvatureStructure, new: CurvatureStructure) -> Curvat
         return FullCurvature(new.subset, previous.hessian + new.hessian)
     if isinstance(previous, DiagCurvature) and isinstance(new, DiagCurvature):
         return DiagCurvature(new.subset, previous.diagonal + new.diagonal, new.chunk_bytes)
+    if type(previous) is KronCurvature and type(new) is KronCurvature:
+        check_accumulates(previous)
+        return _accumulated_kron(previous, new)
     check_accumulates(previous)
     raise NotImplementedError(f"cannot add a {type(new).__name__} fit to a {type(previous).__name__} fit")
+
+
+def _accumulated_kron(previous: KronCurvature, new: KronCurvature) -> KronCurvature:
+    """The kron structure of the combined factors: A weighted by the fits' N, G and the fallback diagonal summed."""
+    old, fresh = _KRON_FACTORS[previous], _KRON_FACTORS[new]
+    if list(old.input_factors) != list(fresh.input_factors) or list(old.output_factors) != list(fresh.output_factors) \
+            or old.fallback != fresh.fallback:
+        raise ValueError("the two kron fits cover different layers; accumulate fits of the same covered parameters")
+    n_total = old.n_data + fresh.n_data
+    combined = dataclasses.replace(
+        fresh,
+        input_factors={name: (old.n_data * old.input_factors[name] + fresh.n_data * a) / n_total
+                       for name, a in fresh.input_factors.items()},
+        output_factors={name: old.output_factors[name] + g for name, g in fresh.output_factors.items()},
+        fallback_diag=old.fallback_diag + fresh.fallback_diag,
+        n_data=n_total,
+    )
+    structure = KronCurvature._from_factors(new.subset, combined, new.approximation)
+    _KRON_FACTORS[structure] = combined
+    return structure

@@ -26,7 +26,7 @@ from posthoc.curvature.output_factors import (
     log_likelihood_terms,
 )
 from posthoc.distributed import check_same_on_all_ranks, sum_count, sum_over_ranks
-from posthoc.laplace.continual import accumulated, check_accumulates
+from posthoc.laplace.continual import accumulated, check_accumulates, fit_structure
 from posthoc.laplace.parity import LaplaceTorchAPI
 from posthoc.laplace.predict import PredType, glm_predictive, nn_predictive
 from posthoc.laplace.prior import PriorKind, as_prior_tensor, per_parameter, prior_kind
@@ -237,7 +237,7 @@ class Laplace(LaplaceTorchAPI):
         curvature sums, N and log p(D | theta*) are all-reduced, so every rank ends with the posterior of
         the whole data; the MAP weights must agree across ranks.
         ``override=False`` (continual learning) adds this data's curvature, N and log-likelihood to the previous
-        fit's, centred at the weights now (:func:`posthoc.laplace.continual.accumulated`; "full" and "diag").
+        fit's, centred at the weights now (:func:`posthoc.laplace.continual.accumulated`; "full", "diag", "kron").
 
         Raises:
             ValueError: an empty loader; inputs of varying shape; labels that are not class indices
@@ -280,9 +280,8 @@ class Laplace(LaplaceTorchAPI):
             totals.setdefault("n_data", n_data)
 
         # the recorder duck-types OutputFactors (it calls them and sums log p(y | f) on the way)
-        self.structure = self.structure_cls.fit(self.subset, batches, cast(OutputFactors, recorder),
-                                                progress=self.progress,
-                                                **self.structure_options)
+        self.structure = fit_structure(self.structure_cls, self.subset, batches, cast(OutputFactors, recorder),
+                                       self.progress, **self.structure_options)
         if not totals:  # the structure stopped before the end of the data (e.g. a subsample)
             for _ in batches():
                 pass

@@ -232,7 +232,7 @@ class Laplace(_PosthocLaplace):
         ``prior_mean`` to the previous theta* for the evidence of the sequential posterior.
 
         Raises:
-            NotImplementedError: ``override=False`` with "kron" or "lowrank" (see
+            NotImplementedError: ``override=False`` with "ekfac" or "lowrank" (see
                 :func:`posthoc.laplace.continual.check_accumulates`).
         """
         progress, self.progress = self.progress, bool(progress_bar)
