@@ -6,9 +6,10 @@ Change ``from laplace import ...`` to ``from posthoc.compat.laplace import ...``
 Provided: ``Laplace`` and the class names (``FullLaplace``, ``KronLLLaplace``, ``DiagSubnetLaplace``, ...),
 ``marglik_training``, the enums, the subnetwork masks (``posthoc.compat.laplace.utils``), the backend names
 (``posthoc.compat.laplace.curvature``), ``FunctionalLaplace`` / ``hessian_structure="gp"``,
-``likelihood="reward_modeling"`` and ``fit(override=False)`` ("full" and "diag"). Not yet (NotImplementedError
-naming posthoc issue 18): ``enable_backprop`` with the last layer, reward modelling with the last layer,
-accumulating "kron"/"lowrank" fits. Out of scope: ELLA, VaLLA, the "nystrom" and "variational" approximations.
+``likelihood="reward_modeling"``, ``fit(override=False)`` ("full", "diag", "kron") and ``enable_backprop`` (also
+with the last layer). Not yet (NotImplementedError naming posthoc issue 18): reward modelling with the last layer,
+``enable_backprop`` with FunctionalLaplace; accumulating "ekfac"/"lowrank" fits raises NotImplementedError.
+Out of scope: ELLA, VaLLA, the "nystrom" and "variational" approximations.
 """
 
 from posthoc.compat.laplace.baselaplace import (
