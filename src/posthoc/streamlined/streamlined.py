@@ -35,11 +35,14 @@ class Streamlined:
     Args:
         model: the trained network (the posterior mean). Predictions are those of the eval-mode
             network (Dropout off, BatchNorm on its running statistics) whatever mode the model is
-            in; its train/eval flags are left as found. Supported: chains
-            of Linear, Conv2d, ReLU/GELU/Tanh/Sigmoid/SiLU, MaxPool2d, AvgPool2d,
-            AdaptiveAvgPool2d, Flatten, Dropout, BatchNorm (eval), LayerNorm, and the
-            library's FMNISTCNN, MLP, SmallResNet and SmallViT (residual and attention blocks);
-            any other layer raises an error naming it and the supported list.
+            in; its train/eval flags are left as found. The forward is traced with torch.fx
+            (:mod:`posthoc.streamlined.traced`): layers with rules (Linear, Conv2d,
+            ReLU/GELU/Tanh/Sigmoid/SiLU, MaxPool2d, AvgPool2d, AdaptiveAvgPool2d, Flatten, Dropout,
+            BatchNorm (eval), LayerNorm, posthoc's residual and attention blocks) stay leaves;
+            the ops between them take op rules (residual adds, scaling by fixed values, reshapes,
+            cat, mean/sum, functional activations, pooling, dropout; :mod:`.rules.ops`). Any other
+            layer or op raises an error naming it and register_rule. Full mode refuses a traced
+            join of two random activations (posthoc's own residual blocks keep it).
         posterior: a fitted :class:`~posthoc.laplace.Laplace` with a diag, kron, ekfac or full
             structure (full: P <= 20,000, cross-layer covariances dropped), read when this object
             is built: predictions raise RuntimeError if the model's weights changed since the

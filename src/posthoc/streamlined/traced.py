@@ -1,4 +1,4 @@
-"""Moment propagation through a torch.fx-traced graph, for models that are not chains of modules with rules.
+"""Moment propagation through a model's torch.fx graph: how :class:`posthoc.streamlined.Streamlined` walks any model.
 
 The model is traced once (in eval mode, so ``self.training`` branches are those of prediction) with every module
 that has a rule in :data:`posthoc.streamlined.rules.RULES` kept as a leaf (Linear, Conv2d, norms, activations,

@@ -1,18 +1,12 @@
-"""Walking a network with moment-propagation rules.
+"""The module rules' walk, and the rules (graphs) of posthoc's own blocks that are not one layer.
 
-Design: a registry of per-module rules (:data:`posthoc.streamlined.rules.RULES`, exact type
-match) plus explicit *graph* descriptions (:data:`GRAPHS`) for modules whose forward is not
-a chain: the library's residual block, transformer block, attention and patch embedding.
-Everything else that has children is walked as the chain of its children in order (every
-``nn.Sequential``; also e.g. ``SmallResNet`` and ``SmallViT``, whose forwards are chains);
-:class:`posthoc.streamlined.Streamlined` checks on the first batch that the propagated mean
-equals ``model(x)``, so a module whose forward is not that chain is reported, not
-silently mis-propagated. Why not torch.fx: a traced graph is a list of tensor ops
-(matmul of two activations, softmax, reshape), so the streamlined approximations that are
-stated per layer ("Q, K deterministic, V random", LayerNorm statistics frozen or
-linearised) would have to be recovered by pattern matching; module-level rules keep them
-explicit, and a user's layer plugs in with :func:`posthoc.streamlined.rules.register_rule`
-or :func:`register_graph`.
+A model is propagated through its torch.fx graph (:mod:`posthoc.streamlined.traced`); every module with a rule in
+the one registry (:data:`posthoc.streamlined.rules.RULES`, exact type match, filled by
+:func:`posthoc.streamlined.rules.register_rule`) is a leaf of that graph. The rules here describe posthoc's
+residual block, transformer block, attention, patch and positional embedding and token pooling as module-level
+graphs, because their approximations are stated per block ("Q, K deterministic, V random", the shared random W_v,
+LayerNorm statistics frozen or linearised) and full mode keeps the residual branch/skip covariance, which the traced
+op rules do not. Inside them :func:`propagate` walks a container without a rule as the chain of its children.
 
 Residual connections: diagonal mode adds means and variances (the authors' rule, the
 branch/skip covariance dropped). Full mode keeps that covariance: the branch carries its
