@@ -131,6 +131,16 @@ def test_fiber_sampler_on_the_model(name, subset):
         torch.testing.assert_close(fs.predict(with_labels, n_samples=4).samples, samples, rtol=0, atol=0)
 
 
+def test_fiber_old_input_target_keys_warn_and_read_the_input_alone():
+    batches, _ = vector_batches()
+    model = MODELS["dict_output"]()[0]
+    reference = FiberSampler(model, "classification", **FIBER).fit(batches)
+    keyed = [{"input": xb, "target": yb} for xb, yb in batches]
+    with pytest.warns(DeprecationWarning, match="dict_key_x='input_ids'"):
+        old = FiberSampler(model, "classification", **FIBER).fit(keyed)
+    torch.testing.assert_close(old.particles, reference.particles, rtol=0, atol=0)
+
+
 class _MLP(nn.Module):
     def __init__(self) -> None:
         super().__init__()
