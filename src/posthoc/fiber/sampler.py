@@ -86,9 +86,9 @@ class FiberSampler:
         seed: seeds the walk, the flow and the default sampling seed.
         checkpoint_every: walk / flow steps between checkpoints.
         progress: show progress bars.
-        dict_key_x, dict_key_y: for mapping batches (dict, UserDict, HF BatchEncoding), Laplace's (and
-            laplace-torch's) meaning: the entry that gives the batch size and the target entry (default
-            "input_ids", "labels"); the model gets every other entry (:func:`posthoc.network.batches.split_batch`;
+        dict_key_x: for mapping batches (dict, UserDict, HF BatchEncoding), Laplace's (and laplace-torch's)
+            meaning: the entry that gives the batch size (default "input_ids").
+        dict_key_y: the target entry of mapping batches (default "labels"); the model gets every other entry (:func:`posthoc.network.batches.split_batch`;
             batches keyed "input"/"target", the old defaults, keep their old meaning with a DeprecationWarning).
             Token inputs of every batch must have one length (the walk pools all training inputs).
         mapping_call: how a mapping input reaches the model, "auto", "kwargs" or "argument" (as in Laplace).

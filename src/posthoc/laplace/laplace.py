@@ -91,8 +91,9 @@ class Laplace(LaplaceTorchAPI):
         curvature: "ggn" (exact), "ggn_mc" (sampled labels) or "ef" (empirical Fisher).
         mc_samples: labels sampled per example for "ggn_mc".
         seed: seeds label sampling, posterior samples and MC links.
-        dict_key_x, dict_key_y: for mapping batches (dict, UserDict, HF BatchEncoding), laplace-torch's meaning:
-            the entry that gives the batch size and the target entry (default "input_ids", "labels"); the model
+        dict_key_x: for mapping batches (dict, UserDict, HF BatchEncoding), laplace-torch's meaning: the entry
+            that gives the batch size (default "input_ids").
+        dict_key_y: the target entry of mapping batches (default "labels"); the model
             gets every entry but the target (:func:`posthoc.network.batches.split_batch`; the old keys
             "input"/"target" keep their old meaning, deprecated).
         mapping_call: how a mapping input reaches the model: "auto" (from ``inspect.signature(model.forward)``:

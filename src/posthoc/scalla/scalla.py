@@ -92,12 +92,12 @@ class ScaLLA:
             (docs/measurements/methods.md).
         objective: "directions" (regression onto JVPs along fixed directions, the default) or "probes" (the
             paper's (K - Q)^2 with fresh Rademacher probes); see posthoc.scalla.training.
-        steps, batch_size, n_probes, lr, lr_schedule, n_target_points, directions, eigen_subsample,
-            checkpoint_every: training settings (posthoc.scalla.training.TrainSettings).
+        steps: training steps; this and batch_size, n_probes, lr, lr_schedule, n_target_points, directions,
+            eigen_subsample and checkpoint_every are the training settings (posthoc.scalla.training.TrainSettings).
         seed: seeds everything random in training (init, batches, probes, directions).
-        dict_key_x, dict_key_y: for mapping batches (dict, UserDict, HF BatchEncoding), Laplace's (and
-            laplace-torch's) meaning: the entry that gives the batch size and the target entry (default
-            "input_ids", "labels"); the model gets every other entry (:func:`posthoc.network.batches.split_batch`;
+        dict_key_x: for mapping batches (dict, UserDict, HF BatchEncoding), Laplace's (and laplace-torch's)
+            meaning: the entry that gives the batch size (default "input_ids").
+        dict_key_y: the target entry of mapping batches (default "labels"); the model gets every other entry (:func:`posthoc.network.batches.split_batch`;
             batches keyed "input"/"target", ScaLLA's old defaults, keep their old meaning with a DeprecationWarning).
             Inputs of every training (and context) batch must have the same shapes: pad token inputs to one length.
         mapping_call: how a mapping input reaches the model, "auto", "kwargs" or "argument" (as in Laplace).
@@ -429,9 +429,9 @@ class ScaLLA:
         (:meth:`LatentPosterior.hybrid_evidence`). Returns the new delta.
 
         Raises:
-            RuntimeError: not fitted, or the model's weights changed since fit. ValueError: unknown method,
-            gridsearch without val_loader, invalid grid. FloatingPointError: the evidence became non-finite, or
-            no grid value has a finite NLL.
+            RuntimeError: not fitted, or the model's weights changed since fit.
+            ValueError: unknown method, gridsearch without val_loader, invalid grid.
+            FloatingPointError: the evidence became non-finite, or no grid value has a finite NLL.
         """
         self._require_fit()
         how = check_choice(method, PriorOptimization, "method")

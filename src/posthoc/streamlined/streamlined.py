@@ -48,9 +48,10 @@ class Streamlined:
             is built: predictions raise RuntimeError if the model's weights changed since the
             Laplace's fit, or if the Laplace was refitted or its prior precision or sigma_noise
             changed since (build the Streamlined object again then). Or give
-        weight_mean / weight_var: a mean-field posterior, dicts by parameter name or (P,)
+        weight_mean: with ``weight_var``, a mean-field posterior: dicts by parameter name or (P,)
             vectors in ``parameters_to_vector`` order; a missing ``weight_mean`` means the
-            model's weights, a parameter missing from ``weight_var`` is deterministic.
+            model's weights.
+        weight_var: the posterior variances, same forms; a parameter missing from ``weight_var`` is deterministic.
         activation_covariance: "diagonal" (units independent, O(D) per layer, the authors'
             rule) or "full" (per-example D x D covariance carried through every layer; memory
             O(B D²), for small networks; layers wider than ``max_full_dim`` raise).
