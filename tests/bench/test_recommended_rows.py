@@ -1,6 +1,7 @@
 """Issue 17's bench rows: the MC-link rows share the probit rows' fits, the MC gridsearch tunes with the MC link,
 and la_lowrank leaves the uncovered directions out (la_lowrank_prior keeps laplace-torch's posterior)."""
 
+import pytest
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -90,3 +91,23 @@ def test_centred_rows_predict_by_the_centred_probit_and_share_the_fits():
     la.optimize_prior_precision(method="gridsearch", val_loader=ctx.val_loader, grid=torch.tensor(GRIDSEARCH_PRIORS),
                                 link_approx="probit_centred")
     torch.testing.assert_close(tuned.prior_precision, la.prior_precision)
+
+
+def test_la_default_is_laplaces_defaults_with_the_validation_loader():
+    ctx = _context()
+    specs = {s.name: s for s in get_methods(["la_default", "la_default_centred"])}
+    assert specs["la_default"].link_approx is LinkApprox.PROBIT
+    assert specs["la_default_centred"].link_approx is LinkApprox.PROBIT_CENTRED
+    built = specs["la_default"].build(ctx)
+    la = Laplace(ctx.model, "classification", progress=False).fit(ctx.train_loader)
+    la.optimize_prior_precision(method="gridsearch", val_loader=ctx.val_loader, grid=torch.logspace(-4, 4, 21))
+    assert (built.subset.kind, built.structure_name) == (la.subset.kind, la.structure_name)
+    torch.testing.assert_close(built.prior_precision, la.prior_precision)
+    centred = specs["la_default_centred"].build(ctx)
+    la.optimize_prior_precision(val_loader=ctx.val_loader, link_approx="probit_centred")
+    torch.testing.assert_close(centred.prior_precision, la.prior_precision)
+
+
+def test_unknown_tuning_is_refused():
+    with pytest.raises(ValueError, match="tuning must be"):
+        laplace_builder("kron", "all", tuning="evidence")

@@ -113,12 +113,16 @@ def laplace_builder(structure: str, subset: str, tuning: str = "marglik", margli
                     **structure_options) -> Callable[[BenchContext], Predictor]:
     """A bench builder: fit a Laplace approximation on the training loader, then tune a scalar prior precision.
 
-    ``tuning``: "marglik" (the evidence, ``marglik_steps`` Adam steps) or "gridsearch" (validation NLL over
-    GRIDSEARCH_PRIORS, the probabilities by ``tuning_link``: use the link the row predicts with). The row
+    ``tuning``: "marglik" (the evidence, ``marglik_steps`` Adam steps), "gridsearch" (validation NLL over
+    GRIDSEARCH_PRIORS, the probabilities by ``tuning_link``: use the link the row predicts with) or "default"
+    (``optimize_prior_precision(val_loader=..., link_approx=tuning_link)`` with every other argument at its
+    default: Laplace's grid search over logspace(-4, 4, 21)). The row
     predicts with glm and its registered link. Rows with equal settings share one fit within a run.
     """
     tuning_link = LinkApprox(tuning_link)
-    settings = (structure, subset, tuning, marglik_steps, tuning_link.value if tuning == "gridsearch" else None,
+    if tuning not in ("marglik", "gridsearch", "default"):
+        raise ValueError(f"tuning must be 'marglik', 'gridsearch' or 'default', got {tuning!r}")
+    settings = (structure, subset, tuning, marglik_steps, tuning_link.value if tuning != "marglik" else None,
                 tuple(sorted(structure_options.items())))
 
     def build(ctx: BenchContext) -> Laplace:
@@ -132,6 +136,8 @@ def laplace_builder(structure: str, subset: str, tuning: str = "marglik", margli
         la.fit(ctx.train_loader)
         if tuning == "marglik":
             la.optimize_prior_precision(method="marglik", n_steps=marglik_steps)
+        elif tuning == "default":
+            la.optimize_prior_precision(val_loader=ctx.val_loader, link_approx=tuning_link)
         else:
             la.optimize_prior_precision(method="gridsearch", val_loader=ctx.val_loader,
                                         grid=torch.tensor(GRIDSEARCH_PRIORS), link_approx=tuning_link)
@@ -184,3 +190,12 @@ register_method("la_kron_gridsearch_centred",
                 laplace_builder("kron", "all", tuning="gridsearch", tuning_link=LinkApprox.PROBIT_CENTRED),
                 "LA, all weights, KFAC, prior by validation NLL of the centred-probit predictive, glm with the "
                 "centred probit link", link_approx=LinkApprox.PROBIT_CENTRED, shards_fit=True)
+# Laplace's default recipe given a validation loader (issue 17): Laplace(model, "classification") (last layer,
+# KFAC), optimize_prior_precision(val_loader=...) at its defaults (a grid search since issue 17), la(x)'s probit.
+register_method("la_default", laplace_builder("kron", "last_layer", tuning="default"),
+                "LA at Laplace's defaults: last layer, KFAC, optimize_prior_precision(val_loader=val) (validation "
+                "NLL over logspace(-4, 4, 21)), glm, probit", shards_fit=True)
+register_method("la_default_centred", laplace_builder("kron", "last_layer", tuning="default",
+                                                      tuning_link=LinkApprox.PROBIT_CENTRED),
+                "la_default with the centred probit link, for tuning and prediction",
+                link_approx=LinkApprox.PROBIT_CENTRED, shards_fit=True)
