@@ -41,8 +41,8 @@ class Streamlined:
             BatchNorm (eval), LayerNorm, posthoc's residual and attention blocks) stay leaves;
             the ops between them take op rules (residual adds, scaling by fixed values, reshapes,
             cat, mean/sum, functional activations, pooling, dropout; :mod:`.rules.ops`). Any other
-            layer or op raises an error naming it and register_rule. Full mode refuses a traced
-            join of two random activations (posthoc's own residual blocks keep it).
+            layer or op raises an error naming it and register_rule. Full mode keeps the
+            branch/skip covariance at every residual join (:mod:`posthoc.streamlined.joint`).
         posterior: a fitted :class:`~posthoc.laplace.Laplace` with a diag, kron, ekfac or full
             structure (full: P <= 20,000, cross-layer covariances dropped), read when this object
             is built: predictions raise RuntimeError if the model's weights changed since the

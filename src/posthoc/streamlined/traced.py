@@ -7,7 +7,8 @@ its ``call_function`` / ``call_method`` nodes, which the op rules of :mod:`posth
 (residual adds, scaling, re-indexing, reductions, functional activations, pooling, dropout). Ops whose arguments
 are all deterministic (index arithmetic, shape queries, a fixed table) run on the means, no rule needed.
 
-Weight noise enters only through leaf modules: a random parameter read elsewhere (a ``get_attr`` node) or a module
+Full mode carries the cross-covariances between live activations (:mod:`posthoc.streamlined.joint`), so residual
+joins keep the branch/skip covariance. Weight noise enters only through leaf modules: a random parameter read elsewhere (a ``get_attr`` node) or a module
 with random weights called twice (its two calls' noise is one draw) is refused. Why torch.fx and not torch.export:
 fx keeps the module boundaries the rules are written for and runs on any eager model without data-dependent
 control flow; torch.export would lower modules to aten ops.
@@ -15,16 +16,17 @@ control flow; torch.export would lower modules to aten ops.
 
 from __future__ import annotations
 
-from collections import Counter
-from typing import Any
+from collections import ChainMap, Counter
+from typing import Any, Mapping
 
 import torch
 from torch import fx, nn
 
+from posthoc.streamlined.joint import JointCovariances, join
 from posthoc.streamlined.moments import Moments
 from posthoc.streamlined.rules import Context, UnsupportedLayerError
 from posthoc.streamlined.rules.base import find_rule, rule_key
-from posthoc.streamlined.rules.ops import UnsupportedOpError, _apply, is_random
+from posthoc.streamlined.rules.ops import ADDS, SUBS, UnsupportedOpError, _apply, is_random
 from posthoc.streamlined.walk import unsupported_module
 
 
@@ -56,7 +58,7 @@ def trace(model: nn.Module) -> fx.GraphModule:
     return fx.GraphModule(model, graph, class_name=type(model).__name__)  # the root's name, for error messages
 
 
-def _load(value: Any, env: dict[fx.Node, Any]) -> Any:
+def _load(value: Any, env: Mapping[fx.Node, Any]) -> Any:
     return fx.node.map_arg(value, lambda node: env[node])
 
 
@@ -123,6 +125,7 @@ def propagate_traced(graph_module: fx.GraphModule, state: Moments, ctx: Context)
     last = output.args[0] if isinstance(output.args[0], fx.Node) else None
     calls = Counter(node.target for node in graph.nodes if node.op == "call_module")
     env: dict[fx.Node, Any] = {}
+    joint = JointCovariances(graph) if ctx.full else None
     first_input = True
     for node in graph.nodes:
         if node.op == "placeholder":
@@ -137,16 +140,45 @@ def propagate_traced(graph_module: fx.GraphModule, state: Moments, ctx: Context)
             _check_attribute(graph_module, node, ctx)
             env[node] = getattr(graph_module.get_submodule(str(node.target).rpartition(".")[0]),
                                 str(node.target).rpartition(".")[2])
-        elif node.op == "call_module":
-            env[node] = _call_module(graph_module, node, _load(node.args, env), calls, ctx, node is last)
-        elif node.op in ("call_function", "call_method"):
-            env[node] = _call_op(node, _load(node.args, env), _load(node.kwargs, env), ctx)
+        elif node.op in ("call_module", "call_function", "call_method"):
+            env[node] = _call(graph_module, node, env, joint, calls, ctx, node is last)
         elif node.op == "output":
             result = _load(node.args[0], env)
             if not isinstance(result, Moments):
                 raise ValueError(f"the model must return one tensor of outputs, got {type(result).__name__}")
             return result
     raise RuntimeError("the traced graph has no output node")
+
+
+def _call(graph_module: fx.GraphModule, node: fx.Node, env: dict[fx.Node, Any], joint: JointCovariances | None,
+          calls: Counter, ctx: Context, last: bool) -> Any:
+    """One call node; in full mode its random inputs carry their cross-covariances with the live activations."""
+    local: Mapping[fx.Node, Any] = env
+    anchors: list[fx.Node] = []
+    randoms: list[fx.Node] = []
+    if joint is not None:
+        randoms = joint.random_inputs(node, env)
+        if randoms:
+            anchors = joint.anchors(node)
+            local = ChainMap({n: joint.with_crosses(n, anchors, env) for n in randoms}, env)
+    args, kwargs = _load(node.args, local), _load(node.kwargs, local)
+    result: Any
+    if node.op == "call_module":
+        result = _call_module(graph_module, node, args, calls, ctx, last)
+    elif joint is not None and node.target in (*ADDS, *SUBS) and len(args) == 2 and is_random(args[0]) \
+            and is_random(args[1]):
+        a_node, b_node = node.args[0], node.args[1]
+        assert isinstance(a_node, fx.Node) and isinstance(b_node, fx.Node)
+        coefficient = float(kwargs.get("alpha", 1)) * (-1.0 if node.target in SUBS else 1.0)
+        result = join(args[0], args[1], joint.between(a_node, b_node, env),
+                      args[0].mean + coefficient * args[1].mean, coefficient)
+    else:
+        result = _call_op(node, args, kwargs, ctx)
+    if joint is None:
+        return result
+    result = joint.record(node, result, anchors, bool(randoms))
+    joint.release(node)
+    return result
 
 
 def _call_module(graph_module: fx.GraphModule, node: fx.Node, args: tuple, calls: Counter, ctx: Context,

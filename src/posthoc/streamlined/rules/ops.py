@@ -4,9 +4,10 @@ An op rule is ``rule(op, args, kwargs, ctx)``: ``op`` the node's target (a funct
 arguments as the node had them with every activation given as :class:`Moments` (the traced path only calls a rule
 when at least one of them is random; ops on deterministic values run on the means). It returns Moments, or a plain
 value for shape queries. Approximations, as in the module rules: a sum of two random activations drops their
-covariance in diagonal mode (the authors' residual rule) and is refused in full mode (the traced path does not track
-cross-covariances); a product of two random activations is refused; element-wise activations are linearised at the
-mean. Ops on the batch axis (indexing it, reducing over it, concatenating along it) are refused.
+covariance in diagonal mode (the authors' residual rule); in full mode the traced walk joins them itself with their
+cross-covariance (:mod:`posthoc.streamlined.joint`). A product of two random activations, and in full mode a cat of
+several, are refused; element-wise activations are linearised at the mean. Ops on the batch axis (indexing it,
+reducing over it, concatenating along it) are refused.
 """
 
 from __future__ import annotations
@@ -131,8 +132,8 @@ def add_rule(op: Callable[..., Any] | str, args: tuple, kwargs: dict, ctx: Conte
     """A ± αb: means combined by the op (never in place); variances added.
 
     Two random operands (a residual join): diagonal mode adds the variances, dropping Cov(a, b) (the authors'
-    residual rule); full mode raises UnsupportedOpError (the traced path carries no cross-covariances; posthoc's
-    own residual blocks keep it through their module rules). A fixed operand only shifts the mean.
+    residual rule); in full mode the traced walk adds Cov(a, b) itself (:func:`posthoc.streamlined.joint.join`),
+    so this rule raises UnsupportedOpError if called with two in full mode. A fixed operand only shifts the mean.
     """
     subtract = op in SUBS
     a, b = _split_operands(args, kwargs, _op_name(op))
@@ -142,9 +143,8 @@ def add_rule(op: Callable[..., Any] | str, args: tuple, kwargs: dict, ctx: Conte
     if is_random(a) and is_random(b):
         assert isinstance(a, Moments) and isinstance(b, Moments)
         if ctx.full:
-            raise UnsupportedOpError(f"{_op_name(op)} of two random activations in full mode: the traced path does "
-                                     "not track their cross-covariance; use activation_covariance='diagonal', or "
-                                     "register a rule for the block that contains the join (register_rule)")
+            raise UnsupportedOpError(f"{_op_name(op)} of two random activations in full mode needs their "
+                                     "cross-covariance (the traced walk's join, posthoc.streamlined.joint)")
         var = add_optional(a.var, None if b.var is None else b.var * float(alpha) ** 2)
         return Moments(mean, var=None if var is None else var.expand_as(mean))
     state = a if is_random(a) else b
