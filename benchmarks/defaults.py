@@ -63,7 +63,8 @@ POSTERIORS: tuple[tuple[str, str, str, dict[str, Any]], ...] = (
 LINKS = ("probit", "probit_centred", "mc")
 FMNIST_METHODS = ("map", "temperature", "la_lastlayer_full", "la_kron", "la_kron_gridsearch", "la_diag",
                   "la_lowrank", "la_lastlayer_full_mc", "la_kron_mc", "la_kron_gridsearch_mc",
-                  "la_lastlayer_full_centred", "la_kron_centred", "la_kron_gridsearch_centred")
+                  "la_lastlayer_full_centred", "la_kron_centred", "la_kron_gridsearch_centred", "la_default",
+                  "la_default_centred")
 
 # FMNIST bench rows under the small tasks' names where the recipe is the same (marglik prior, that link);
 # la_lowrank's bench row subsamples 1,000 examples for the Lanczos products. Other rows keep their bench names.
@@ -71,7 +72,8 @@ BENCH_ALIASES = {"la_lastlayer_full": "la_lastlayer_full[probit]", "la_lastlayer
                  "la_kron": "la_kron[probit]", "la_kron_mc": "la_kron[mc]", "la_diag": "la_diag[probit]",
                  "la_lowrank": "la_lowrank[probit]", "la_lowrank_prior": "la_lowrank_prior[probit]",
                  "la_lastlayer_full_centred": "la_lastlayer_full[probit_centred]",
-                 "la_kron_centred": "la_kron[probit_centred]"}
+                 "la_kron_centred": "la_kron[probit_centred]", "la_default": "la_default[probit,val]",
+                 "la_default_centred": "la_default[probit_centred,val]"}
 
 
 @dataclass(frozen=True)
