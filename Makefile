@@ -17,11 +17,12 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/python -m pip install -q -e .
 	touch $@
 
+# The docs extra lets the suite build the site strictly (tests/docs).
 # curvlinops is the reference for the KFAC tests; --no-deps keeps the CPU torch.
 CURVLINOPS := curvlinops-for-pytorch==3.0.1 einconv==0.1.0 linear_operator==0.6.1
 
 $(VENV)/.installed-test: $(VENV)/.installed
-	$(BIN)/python -m pip install -q -e '.[test,hf]'
+	$(BIN)/python -m pip install -q -e '.[test,hf,docs]'
 	$(BIN)/python -m pip install -q --no-deps $(CURVLINOPS)
 	touch $@
 
@@ -46,4 +47,4 @@ docs: $(VENV)/.installed-docs
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict -d site
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache site
