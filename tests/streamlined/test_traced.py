@@ -98,10 +98,29 @@ def test_full_mode_through_residual_joins_is_the_jacobian_sandwich(name: str) ->
         torch.testing.assert_close(pred.cov[b], (jac * input_var[b].reshape(1, -1)) @ jac.T, rtol=1e-10, atol=1e-12)
 
 
-def test_full_mode_refuses_cat_of_two_random_activations() -> None:
-    with pytest.raises(UnsupportedOpError, match="cat of several random activations in full mode"):
-        Streamlined(Op(lambda x: torch.cat([x, 2 * x], 1)), weight_var={}, activation_covariance="full"
-                    ).input_sensitivity(torch.randn(2, 2, 4, 4, dtype=DTYPE), 0.1)
+@pytest.mark.parametrize("fn", [lambda x: x + torch.tanh(x), lambda x: torch.sub(F.relu(x), x, alpha=0.5),
+                                lambda x: x + x])
+def test_full_mode_join_of_correlated_activations_is_the_jacobian_sandwich(fn) -> None:
+    """A join of two activations that share noise keeps their covariance (the diagonal mode drops it)."""
+    model = Op(fn)
+    x = torch.randn(2, 2, 4, 4, dtype=DTYPE)
+    input_var = torch.rand(x.shape, dtype=DTYPE) + 0.1
+    pred = Streamlined(model, weight_var={}, activation_covariance="full").input_sensitivity(x, input_var)
+    for b in range(x.shape[0]):
+        jac = jacrev(model)(x[b:b + 1]).reshape(pred.mean.shape[1], -1)
+        torch.testing.assert_close(pred.cov[b], (jac * input_var[b].reshape(1, -1)) @ jac.T, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("dim", [1, 2, -1])
+def test_full_mode_cat_of_correlated_parts_is_the_jacobian_sandwich(dim: int) -> None:
+    """Parts that share noise (x, 2x[..] and a fixed block) concatenated: J Σ Jᵀ exactly, cross terms included."""
+    model = Op(lambda x: torch.cat([x, 2 * x, torch.ones_like(x)], dim))
+    x = torch.randn(2, 2, 4, 4, dtype=DTYPE)
+    input_var = torch.rand(x.shape, dtype=DTYPE) + 0.1
+    pred = Streamlined(model, weight_var={}, activation_covariance="full").input_sensitivity(x, input_var)
+    for b in range(x.shape[0]):
+        jac = jacrev(model)(x[b:b + 1]).reshape(pred.mean.shape[1], -1)
+        torch.testing.assert_close(pred.cov[b], (jac * input_var[b].reshape(1, -1)) @ jac.T, rtol=1e-10, atol=1e-12)
 
 
 def _state_dict_for_residual_blocks(source: nn.Module) -> dict[str, torch.Tensor]:

@@ -101,3 +101,44 @@ def join(a: Moments, b: Moments, cov_ab: torch.Tensor | None, mean: torch.Tensor
         cov = cov + coefficient * (cov_ab + cov_ab.transpose(1, 2))
     crosses = [ca + coefficient * cb for ca, cb in zip(a.crosses, b.crosses, strict=True)]
     return Moments(mean, cov=0.5 * (cov + cov.transpose(1, 2)), crosses=crosses)
+
+
+def cat_parts(parts: list[object], nodes: list[object], dim: int, joint: JointCovariances,
+              env: dict[fx.Node, object], mean: torch.Tensor) -> Moments:
+    """torch.cat of jointly Gaussian parts along feature axis ``dim``: the stacked covariance, re-indexed.
+
+    ``parts``: the values (Moments carrying their crosses with the walk's anchors, or fixed tensors); ``nodes``: the
+    node each came from (None for a constant). Cost: one (B, D, D) gather of the stacked covariance.
+    """
+    shapes = [tuple(_tensor(p).shape[1:]) for p in parts]
+    sizes = [int(torch.Size(shape).numel()) for shape in shapes]
+    offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+    device = mean.device
+    index = torch.cat([(offset + torch.arange(size, device=device)).reshape(1, *shape)
+                       for offset, size, shape in zip(offsets, sizes, shapes, strict=True)], dim).reshape(-1)
+    batch, total = mean.shape[0], sum(sizes)
+    stacked = mean.new_zeros(batch, total, total)
+    for i, (node_i, part_i) in enumerate(zip(nodes, parts, strict=True)):
+        if not is_random(part_i):
+            continue
+        for j, node_j in enumerate(nodes):
+            if isinstance(node_i, fx.Node) and isinstance(node_j, fx.Node) and is_random(parts[j]):
+                block = joint.between(node_i, node_j, env)
+                if block is not None:
+                    stacked[:, offsets[i]:offsets[i] + sizes[i], offsets[j]:offsets[j] + sizes[j]] = block
+    n_anchors = max(len(p.crosses) if isinstance(p, Moments) else 0 for p in parts)
+    crosses = []
+    for k in range(n_anchors):
+        found = [p.crosses[k] if isinstance(p, Moments) and p.crosses else None for p in parts]
+        width = next(r.shape[2] for r in found if r is not None)
+        rows = [r if r is not None else mean.new_zeros(batch, size, width) for r, size in zip(found, sizes, strict=True)]
+        crosses.append(torch.cat(rows, 1)[:, index])
+    return Moments(mean, cov=stacked[:, index][:, :, index], crosses=crosses)
+
+
+def _tensor(value: object) -> torch.Tensor:
+    if isinstance(value, Moments):
+        return value.mean
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"cat of a {type(value).__name__}")
+    return value

@@ -22,7 +22,7 @@ from typing import Any, Mapping
 import torch
 from torch import fx, nn
 
-from posthoc.streamlined.joint import JointCovariances, join
+from posthoc.streamlined.joint import JointCovariances, cat_parts, join
 from posthoc.streamlined.moments import Moments
 from posthoc.streamlined.rules import Context, UnsupportedLayerError
 from posthoc.streamlined.rules.base import find_rule, rule_key
@@ -131,6 +131,8 @@ def propagate_traced(graph_module: fx.GraphModule, state: Moments, ctx: Context)
         if node.op == "placeholder":
             if first_input:
                 env[node], first_input = state, False
+                if joint is not None:
+                    env[node] = joint.record(node, state, [], had_random_input=False)
             elif node.args:
                 env[node] = node.args[0]  # the argument's default value
             else:
@@ -172,6 +174,13 @@ def _call(graph_module: fx.GraphModule, node: fx.Node, env: dict[fx.Node, Any], 
         coefficient = float(kwargs.get("alpha", 1)) * (-1.0 if node.target in SUBS else 1.0)
         result = join(args[0], args[1], joint.between(a_node, b_node, env),
                       args[0].mean + coefficient * args[1].mean, coefficient)
+    elif joint is not None and node.target in (torch.cat, torch.concat) and len(randoms) > 1:
+        parts, part_nodes = list(args[0]), list(node.args[0])  # type: ignore[arg-type]
+        dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
+        mean = node.target([p.mean if isinstance(p, Moments) else p for p in parts], dim)
+        if dim % mean.ndim == 0:
+            raise UnsupportedOpError("cat along the batch axis")
+        result = cat_parts(parts, part_nodes, dim, joint, env, mean)
     else:
         result = _call_op(node, args, kwargs, ctx)
     if joint is None:
