@@ -65,6 +65,7 @@ from posthoc.likelihood import Likelihood
 from posthoc.network.inputs import ModelInputs, batch_size, concat, select, take, tensor_leaves
 from posthoc.network.subset import ParameterSubset
 from posthoc.scalla import objectives
+from posthoc.scalla.directions import DirectionSet, RademacherDirections, direction_chunks, n_chunks, rademacher
 from posthoc.scalla.pools import InputPool
 from posthoc.utils.checkpoint import check_writable, data_fingerprint, load_checkpoint, module_digest, save_checkpoint
 from posthoc.utils.checks import check_choice, check_positive_int
@@ -139,16 +140,6 @@ class TrainSettings:
 REFERENCE_RECIPE = TrainSettings(objective="probes", steps=1_000_000, batch_size=5, n_probes=1, lr=5e-5,
                                  lr_schedule="constant")
 """The authors' FMNIST recipe (docs/scalla.md): 5 train + 5 context points, one probe, Adam 5e-5, 1M steps."""
-
-
-def _rademacher(n: int, p: int, generator: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
-    """(n, p) random signs in ``dtype``. Memory: the output plus n p bytes.
-
-    The draws are int8 (the same values and generator state as int64 draws, which took 8 n p bytes and another
-    8 n p for the sign flip: 5 times the output's size in float32).
-    """
-    signs = torch.randint(0, 2, (n, p), generator=generator, dtype=torch.int8).to(dtype)
-    return signs.mul_(2).sub_(1)
 
 
 def _fingerprint(subset: ParameterSubset, surrogate: nn.Module, settings: TrainSettings, biased: bool,
@@ -249,11 +240,11 @@ class SurrogateTrainer:
         self.log(f"resuming ScaLLA surrogate training from step {self.step} ({self.checkpoint})")
 
     # ------------------------------------------------------------------ deterministic targets
-    def _directions(self, n_dirs: int) -> tuple[torch.Tensor, bool]:
+    def _directions(self, n_dirs: int) -> tuple[DirectionSet, bool]:
         """(h, P) directions and whether targets are divided by sqrt(h)."""
         how = check_choice(self.settings.directions, Directions, "directions")
         if how is Directions.RADEMACHER:
-            return _rademacher(n_dirs, self.subset.n_params, self.generator, self.subset.dtype), True
+            return RademacherDirections(n_dirs, self.subset.n_params, self.generator, self.subset.dtype), True
         n_sub = min(self.settings.eigen_subsample, len(self.train_pool))
         index = torch.randperm(len(self.train_pool), generator=self.generator)[:n_sub]
         chunk = max(1, self.settings.jvp_chunk * 8)
@@ -279,7 +270,7 @@ class SurrogateTrainer:
         s = self.settings
         m, h = self.n_features, self.n_context_features
         directions, normalise = self._directions(m)
-        context_directions = (_rademacher(h, self.subset.n_params, self.generator, self.subset.dtype)
+        context_directions = (RademacherDirections(h, self.subset.n_params, self.generator, self.subset.dtype)
                               if self.biased else directions)
         context_pool = self.context_pool
         n_ctx = 0 if context_pool is None else min(s.n_target_points // 2, len(context_pool))
@@ -287,23 +278,29 @@ class SurrogateTrainer:
         idx_train = torch.randperm(len(self.train_pool), generator=self.generator)[:n_train]
         idx_ctx = (torch.randperm(len(context_pool), generator=self.generator)[:n_ctx]
                    if context_pool is not None and n_ctx else torch.zeros(0, dtype=torch.long))
-        bar = tqdm(total=n_train + n_ctx, desc="ScaLLA targets (JVPs)", disable=not self.progress, leave=False)
+        bar = tqdm(total=n_train * n_chunks(directions) + n_ctx * n_chunks(context_directions),
+                   desc="ScaLLA targets (JVPs)", disable=not self.progress, leave=False)
         with torch.no_grad():
             n_outputs = self.subset.forward(self.train_pool.take(idx_train[:1])).shape[-1]
 
-        def jvps_of(pool: InputPool, index: torch.Tensor, along: torch.Tensor) -> list[torch.Tensor]:
+        def jvps_of(pool: InputPool, index: torch.Tensor, along: DirectionSet) -> list[torch.Tensor]:
+            """J(x) V (k, n, C) for the points ``index`` of ``pool``: a few directions at a time, every point each."""
             if len(index) == 0:
                 return []
             mine = index[collectives.rank_slice(len(index))]  # all of it in one process
-            parts = [torch.zeros(len(along), 0, n_outputs, dtype=self.subset.dtype, device=self.subset.device)]
-            for start in range(0, len(mine), s.jvp_chunk):
-                x = pool.take(mine[start:start + s.jvp_chunk])
-                with torch.no_grad():
-                    parts.append(jvp_many(self.subset, x, along).detach())  # (k, b, C)
-                bar.update(batch_size(x))
+            blocks = []
+            for block in direction_chunks(along):
+                vectors = block.to(self.subset.device)
+                parts = [torch.zeros(len(vectors), 0, n_outputs, dtype=self.subset.dtype, device=self.subset.device)]
+                for start in range(0, len(mine), s.jvp_chunk):
+                    x = pool.take(mine[start:start + s.jvp_chunk])
+                    with torch.no_grad():
+                        parts.append(jvp_many(self.subset, x, vectors).detach())  # (k, b, C)
+                    bar.update(batch_size(x))
+                local = torch.cat(parts, dim=1).transpose(0, 1).contiguous()
+                blocks.append(collectives.gather_rows(local, "the ScaLLA targets").transpose(0, 1))
             self.jvp_evaluations += len(index) * len(along)  # the whole set, whichever rank computed it
-            local = torch.cat(parts, dim=1)
-            return [collectives.gather_rows(local.transpose(0, 1).contiguous(), "the ScaLLA targets").transpose(0, 1)]
+            return [torch.cat(blocks)]
 
         train_jvps = jvps_of(self.train_pool, idx_train, directions)
         context_jvps = jvps_of(context_pool, idx_ctx, context_directions) if context_pool is not None else []
@@ -352,7 +349,7 @@ class SurrogateTrainer:
                                                       generator=self.generator))
             x = concat([x, xc])
             is_context = torch.cat([is_context, torch.ones(s.batch_size, dtype=torch.bool)])
-        probes = _rademacher(s.n_probes, self.subset.n_params, self.generator, self.subset.dtype)
+        probes = rademacher(s.n_probes, self.subset.n_params, self.generator, self.subset.dtype)
         world = collectives.world_size()
         n_points = batch_size(x)
         if n_points % world:
