@@ -54,9 +54,11 @@ def register_graph(*types: type, replace: bool = False) -> Callable[[RuleT], Rul
 
 
 def supported_layers() -> list[str]:
-    """The names of the module types with a rule (sorted), for error messages and docs."""
-    names = {key.rpartition(".")[2] for key in RULES if key.startswith("module ")}
-    return sorted(names | {"Sequential (chains)"})
+    """The names of the module types with a rule (sorted), for error messages and docs.
+
+    Containers without a rule (nn.Sequential, a user's network) need none: their forward is traced.
+    """
+    return sorted({key.rpartition(".")[2] for key in RULES if key.startswith("module ")})
 
 
 def propagate(module: nn.Module, state: Moments, ctx: Context, last: bool = False) -> Moments:
@@ -75,7 +77,8 @@ def propagate(module: nn.Module, state: Moments, ctx: Context, last: bool = Fals
 def unsupported_module(module: nn.Module) -> UnsupportedLayerError:
     """The error for a module without a rule: its type, the supported layers and register_rule."""
     return UnsupportedLayerError(f"no moment-propagation rule for {type(module).__name__}; supported layers: "
-                                 f"{', '.join(supported_layers())} (add one with register_rule)")
+                                 f"{', '.join(supported_layers())}, and any container whose forward torch.fx traces "
+                                 "(add one with posthoc.streamlined.register_rule)")
 
 
 def residual(state: Moments, branch: Callable[[Moments], Moments], ctx: Context,
