@@ -100,11 +100,12 @@ def test_la_default_is_laplaces_defaults_with_the_validation_loader():
     assert specs["la_default_centred"].link_approx is LinkApprox.PROBIT_CENTRED
     built = specs["la_default"].build(ctx)
     la = Laplace(ctx.model, "classification", progress=False).fit(ctx.train_loader)
-    la.optimize_prior_precision(method="gridsearch", val_loader=ctx.val_loader, grid=torch.logspace(-4, 4, 21))
+    la.optimize_prior_precision(method="gridsearch", val_loader=ctx.val_loader, grid=torch.logspace(-4, 4, 21),
+                                link_approx="probit")
     assert (built.subset.kind, built.structure_name) == (la.subset.kind, la.structure_name)
     torch.testing.assert_close(built.prior_precision, la.prior_precision)
     centred = specs["la_default_centred"].build(ctx)
-    la.optimize_prior_precision(val_loader=ctx.val_loader, link_approx="probit_centred")
+    la.optimize_prior_precision(val_loader=ctx.val_loader)  # the default link: the centred probit
     torch.testing.assert_close(centred.prior_precision, la.prior_precision)
 
 

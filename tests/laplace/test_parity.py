@@ -103,7 +103,7 @@ def test_full_call_classification_links(full_cls):
     js = dense_jacobians(la.subset, xs)
     mean = la.model(xs).detach()
     f_cov = torch.einsum("bcp,pq,bkq->bck", js, torch.linalg.inv(precision), js)
-    probs = la(xs)  # laplace-torch's defaults: glm, probit
+    probs = la(xs, link_approx="probit")  # laplace-torch's defaults: glm, probit (posthoc's default: centred)
     assert probs.shape == (6, 3)
     torch.testing.assert_close(probs, torch.softmax(mean / torch.sqrt(1 + math.pi / 8 * f_cov.diagonal(0, 1, 2)), -1))
     for link in ("bridge", "bridge_norm"):
@@ -224,7 +224,8 @@ def test_diag_and_kron_against_their_dense_form(classification_data, structure):
     dist = torch.distributions.MultivariateNormal(la.mean, precision_matrix=precision)
     torch.testing.assert_close(la.log_prob(values), dist.log_prob(values))
     f_var = torch.einsum("bcp,pq,bkq->bck", js, cov, js)
-    torch.testing.assert_close(la(x[:4]), links.probit(la.model(x[:4]).detach(), f_var))
+    torch.testing.assert_close(la(x[:4], link_approx="probit"), links.probit(la.model(x[:4]).detach(), f_var))
+    torch.testing.assert_close(la(x[:4]), links.probit_centred(la.model(x[:4]).detach(), f_var))  # the default
     if structure == "diag":
         torch.testing.assert_close(la.posterior_precision, torch.diagonal(precision))
         torch.testing.assert_close(la.posterior_scale, torch.diagonal(cov).sqrt())

@@ -76,3 +76,38 @@ def test_laplace_call_accepts_the_centred_probit():
         DataLoader(TensorDataset(x, y), batch_size=10))
     pred = la.predict(x[:4])
     torch.testing.assert_close(la(x[:4], link_approx="probit_centred"), probit_centred(pred.mean, pred.cov))
+    torch.testing.assert_close(la(x[:4]), probit_centred(pred.mean, pred.cov))  # posthoc's default
+    torch.testing.assert_close(la.predictive(x[:4]), probit_centred(pred.mean, pred.cov))
+    torch.testing.assert_close(la(x[:4], link_approx="probit"), probit(pred.mean, pred.cov))  # laplace-torch's
+
+
+def test_laplace_torch_compat_keeps_the_probit_default_and_the_tuning_follows_the_default_link(monkeypatch):
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from posthoc import Laplace
+    from posthoc.compat.laplace import Laplace as CompatLaplace
+    from posthoc.laplace import laplace as laplace_module
+
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(30, 3, generator=g, dtype=torch.float64)
+    y = torch.randint(0, N_CLASSES, (30,), generator=g)
+    loader = DataLoader(TensorDataset(x, y), batch_size=10)
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, N_CLASSES)).to(torch.float64).eval()
+    compat = CompatLaplace(model, "classification", "last_layer", "full")
+    compat.fit(loader)
+    pred = compat.predict(x[:4])
+    torch.testing.assert_close(compat(x[:4]), probit(pred.mean, pred.cov))
+    seen = []
+    original = laplace_module.validation_nll_sum
+
+    def recording(pred, y, likelihood, sigma_noise, link_approx, seed):
+        seen.append(link_approx)
+        return original(pred, y, likelihood, sigma_noise, link_approx, seed)
+
+    monkeypatch.setattr(laplace_module, "validation_nll_sum", recording)
+    la = Laplace(model, "classification", "last_layer", "full", progress=False).fit(loader)
+    la.optimize_prior_precision(val_loader=loader, grid=torch.tensor([1.0]))
+    la.optimize_prior_precision(val_loader=loader, grid=torch.tensor([1.0]), link_approx="probit")
+    assert seen == ["probit_centred"] * 3 + ["probit"] * 3  # three validation batches each

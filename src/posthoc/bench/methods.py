@@ -193,9 +193,10 @@ register_method("la_kron_gridsearch_centred",
 # Laplace's default recipe given a validation loader (issue 17): Laplace(model, "classification") (last layer,
 # KFAC), optimize_prior_precision(val_loader=...) at its defaults (a grid search since issue 17), la(x)'s probit.
 register_method("la_default", laplace_builder("kron", "last_layer", tuning="default"),
-                "LA at Laplace's defaults: last layer, KFAC, optimize_prior_precision(val_loader=val) (validation "
-                "NLL over logspace(-4, 4, 21)), glm, probit", shards_fit=True)
+                "LA at Laplace's defaults (last layer, KFAC, optimize_prior_precision(val_loader=val): validation "
+                "NLL over logspace(-4, 4, 21)) with laplace-torch's probit link for tuning and prediction",
+                shards_fit=True)
 register_method("la_default_centred", laplace_builder("kron", "last_layer", tuning="default",
                                                       tuning_link=LinkApprox.PROBIT_CENTRED),
-                "la_default with the centred probit link, for tuning and prediction",
+                "LA at Laplace's defaults, la(x)'s default link included (the centred probit), given a val_loader",
                 link_approx=LinkApprox.PROBIT_CENTRED, shards_fit=True)

@@ -339,7 +339,7 @@ class Laplace(LaplaceTorchAPI):
         n_steps: int = 100, lr: float = 0.1, init_prior_prec: float | None = None,
         prior_structure: PriorStructure | str = PriorStructure.SCALAR, val_loader: Iterable | None = None,
         loss: Callable[[Any, torch.Tensor], float | torch.Tensor] | None = None, log_prior_prec_min: float = -4,
-        log_prior_prec_max: float = 4, grid_size: int = 21, link_approx: LinkApprox | str = LinkApprox.PROBIT,
+        log_prior_prec_max: float = 4, grid_size: int = 21, link_approx: LinkApprox | str | None = None,
         n_samples: int = 100, verbose: bool = False, progress_bar: bool | None = None, *,
         tune_sigma_noise: bool | None = None, grid: torch.Tensor | None = None,
     ) -> torch.Tensor:
@@ -348,6 +348,7 @@ class Laplace(LaplaceTorchAPI):
         ``method`` default None: "gridsearch" when ``val_loader`` is given, else "marglik" (laplace-torch: always
         "marglik"; pass ``method="marglik"`` for that). The evidence's prior was 10-1000x below the validation
         optimum on every classification task of benchmarks/defaults.py (issue 17; docs/choosing.md).
+        ``link_approx`` default None: la(x)'s default link (``default_link_approx``, "probit_centred").
         "marglik": Adam on log delta (and log sigma if ``tune_sigma_noise``, default: regression only) maximising
         the evidence for ``n_steps`` steps from ``init_prior_prec`` (default: the mean current delta);
         ``prior_structure`` "scalar", "layerwise" (one per parameter tensor) or "diag" (one per parameter).
@@ -366,6 +367,7 @@ class Laplace(LaplaceTorchAPI):
             values. FloatingPointError: the evidence became non-finite, or no grid value has a finite loss.
         """
         curvature = self._require_fit()
+        link_approx = self.default_link_approx if link_approx is None else link_approx
         pred_type, how = method_choice(pred_type, method, val_loader is not None)
         kind = PredType.GLM if pred_type is None else check_choice(pred_type, PredType, "pred_type")
         progress = self.progress if progress_bar is None else bool(progress_bar)

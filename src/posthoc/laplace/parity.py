@@ -96,6 +96,9 @@ class LaplaceTorchAPI:
 
     subset: Any
     likelihood: Likelihood
+    # la(x)'s link when none is given: posthoc's centred probit (issue 17, benchmarks/results/defaults.md);
+    # posthoc.compat.laplace sets laplace-torch's "probit"
+    default_link_approx: str = "probit_centred"
     factors: Any
     seed: int
     structure_name: str
@@ -364,12 +367,14 @@ class LaplaceTorchAPI:
         return self.likelihood is Likelihood.REGRESSION
 
     # ----------------------------------------------------------------- la(x)
-    def __call__(self, x: ModelInputs, pred_type: str = "glm", joint: bool = False, link_approx: str = "probit",
+    def __call__(self, x: ModelInputs, pred_type: str = "glm", joint: bool = False, link_approx: str | None = None,
                  n_samples: int = 100, diagonal_output: bool = False, generator: torch.Generator | None = None,
                  fitting: bool = False, *, seed: int | None = None, **model_kwargs: Any) -> Any:
         """The predictive for inputs x (B, ...) (the training loader's kind of x) with laplace-torch's return types.
 
-        Classification: class probabilities (B, C). "glm" with ``link_approx`` "probit", "bridge", "bridge_norm"
+        Classification: class probabilities (B, C). "glm" with ``link_approx`` (default None:
+        ``default_link_approx``, "probit_centred" on posthoc's Laplace, laplace-torch's "probit" on
+        :mod:`posthoc.compat.laplace`'s), "probit_centred", "probit", "bridge", "bridge_norm"
         (laplace-torch's Laplace bridge, without and with its normalisation) or "mc" (``n_samples`` draws of
         the logits, their diagonal with ``diagonal_output``); "nn" needs "mc" and averages softmax over
         ``n_samples`` weight samples. Regression: "glm": ``(f_mu (B, C), f_var (B, C, C))`` (f_var (B, C) with
@@ -387,7 +392,7 @@ class LaplaceTorchAPI:
                 ``la(x, pred_type, link_approx, ...)``: pass them by name); model keyword arguments.
         """
         kind = _choice(pred_type, PRED_TYPES, "pred_type")
-        link = _choice(link_approx, LINK_APPROXES, "link_approx")
+        link = _choice(self.default_link_approx if link_approx is None else link_approx, LINK_APPROXES, "link_approx")
         for name, flag in (("joint", joint), ("diagonal_output", diagonal_output), ("fitting", fitting)):
             if not isinstance(flag, bool):
                 raise TypeError(f"{name} must be a bool, got {flag!r}; la(x, pred_type, joint, link_approx, ...) "
@@ -428,7 +433,7 @@ class LaplaceTorchAPI:
         cov_or_var = torch.diagonal(cov, dim1=-2, dim2=-1) if diagonal_output else cov
         return links.mc_probs(mean, cov_or_var, n_samples, self._generator(generator))
 
-    def predictive(self, x: ModelInputs, pred_type: str = "glm", link_approx: str = "probit",
+    def predictive(self, x: ModelInputs, pred_type: str = "glm", link_approx: str | None = None,
                    n_samples: int = 100) -> Any:
         """laplace-torch's alias of ``la(x, pred_type=..., link_approx=..., n_samples=...)``."""
         return self(x, pred_type=pred_type, link_approx=link_approx, n_samples=n_samples)

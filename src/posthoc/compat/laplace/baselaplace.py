@@ -135,6 +135,8 @@ class Laplace(_PosthocLaplace):
         ValueError: contradicting or invalid options, as listed above and by posthoc's Laplace.
     """
 
+    default_link_approx = "probit"  # laplace-torch's la(x) default (posthoc's Laplace: "probit_centred")
+
     def __new__(cls, model: nn.Module, likelihood: str, subset_of_weights: str = "last_layer",
                 hessian_structure: str = "kron", *args: Any, **kwargs: Any) -> Any:
         """``hessian_structure="gp"`` gives a :class:`FunctionalLaplace` (as laplace-torch's ``Laplace``), else a Laplace.
