@@ -249,3 +249,26 @@ def test_untraceable_forward_is_a_clear_error() -> None:
 
     with pytest.raises(ValueError, match="torch.fx could not trace DataDependent.*register_rule"):
         trace(DataDependent())
+
+
+@pytest.mark.parametrize("mode", ["diagonal", "full"])
+@pytest.mark.parametrize("name", ["cnn", "resnet", "vit"])
+def test_posthoc_models_traced_equal_their_chain_walk(name: str, mode: str) -> None:
+    """posthoc's own models: the traced walk calls the same rules as walking their children in order, bit for bit."""
+    from posthoc.models import FMNISTCNN, SmallResNet, SmallViT
+    from posthoc.streamlined.moments import Moments
+    from posthoc.streamlined.walk import propagate
+
+    if mode == "full" and name != "vit":
+        pytest.skip("28x28 conv feature maps exceed max_full_dim")
+    torch.manual_seed(0)
+    model = {"cnn": FMNISTCNN, "resnet": SmallResNet,
+             "vit": lambda: SmallViT(image_size=28, patch_size=7, dim=16, depth=2, n_heads=2)}[name]().to(DTYPE).eval()
+    x = torch.rand(3, 1, 28, 28, dtype=DTYPE)
+    sp = Streamlined(model, weight_var={n: torch.rand_like(p) * 1e-4 for n, p in model.named_parameters()},
+                     activation_covariance=mode)
+    traced = sp.predict(x)
+    with torch.no_grad():
+        chain = propagate(model, Moments(x), sp._context(sp.posterior), last=True)
+    assert torch.equal(traced.mean, chain.mean)
+    assert torch.equal(traced.cov, chain.cov)
