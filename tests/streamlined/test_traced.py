@@ -13,6 +13,7 @@ MC, and full mode has every output within 10 % of MC (see test_against_monte_car
 from __future__ import annotations
 
 import operator
+from typing import Callable
 
 import pytest
 import torch
@@ -262,8 +263,10 @@ def test_posthoc_models_traced_equal_their_chain_walk(name: str, mode: str) -> N
     if mode == "full" and name != "vit":
         pytest.skip("28x28 conv feature maps exceed max_full_dim")
     torch.manual_seed(0)
-    model = {"cnn": FMNISTCNN, "resnet": SmallResNet,
-             "vit": lambda: SmallViT(image_size=28, patch_size=7, dim=16, depth=2, n_heads=2)}[name]().to(DTYPE).eval()
+    factories: dict[str, Callable[[], nn.Module]] = {
+        "cnn": FMNISTCNN, "resnet": SmallResNet,
+        "vit": lambda: SmallViT(image_size=28, patch_size=7, dim=16, depth=2, n_heads=2)}
+    model = factories[name]().to(DTYPE).eval()
     x = torch.rand(3, 1, 28, 28, dtype=DTYPE)
     sp = Streamlined(model, weight_var={n: torch.rand_like(p) * 1e-4 for n, p in model.named_parameters()},
                      activation_covariance=mode)
@@ -271,4 +274,4 @@ def test_posthoc_models_traced_equal_their_chain_walk(name: str, mode: str) -> N
     with torch.no_grad():
         chain = propagate(model, Moments(x), sp._context(sp.posterior), last=True)
     assert torch.equal(traced.mean, chain.mean)
-    assert torch.equal(traced.cov, chain.cov)
+    assert chain.cov is not None and torch.equal(traced.cov, chain.cov)
