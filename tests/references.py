@@ -27,6 +27,24 @@ def small_cnn(n_out: int = 3, seed: int = 0) -> nn.Module:
                          nn.Tanh(), nn.Flatten(), nn.Linear(12, n_out)).to(DTYPE)
 
 
+def minibatches(subset: ParameterSubset, x: torch.Tensor, y: torch.Tensor, batch: int = 7):
+    """The ``batches`` callable a structure's ``fit`` takes: (subset.inputs(x_b), y_b) for slices of ``batch`` rows."""
+    def batches():
+        for i in range(0, len(x), batch):
+            yield subset.inputs(x[i:i + batch]), y[i:i + batch]
+    return batches
+
+
+def random_priors(subset: ParameterSubset) -> dict[str, torch.Tensor]:
+    """One prior precision of each kind for ``subset``: "scalar" (1,), "layer" (n_blocks,), "parameter" (P,)."""
+    g = torch.Generator().manual_seed(5)
+    return {
+        "scalar": torch.tensor([0.7], dtype=DTYPE),
+        "layer": 0.3 + torch.rand(len(subset.blocks), generator=g, dtype=DTYPE),
+        "parameter": 0.3 + torch.rand(subset.n_params, generator=g, dtype=DTYPE),
+    }
+
+
 def dense_jacobians(subset: ParameterSubset, inputs: torch.Tensor) -> torch.Tensor:
     """(B, C, P) by torch.autograd.functional.jacobian, one example at a time."""
     rows = []

@@ -2,7 +2,17 @@
 
 import pytest
 import torch
-from references import DTYPE, check_logdet_gradient, dense_ef, dense_ggn, dense_jacobians, small_cnn, small_mlp
+from references import (
+    DTYPE,
+    check_logdet_gradient,
+    dense_ef,
+    dense_ggn,
+    dense_jacobians,
+    minibatches,
+    random_priors,
+    small_cnn,
+    small_mlp,
+)
 from torch import nn
 
 from posthoc.curvature.output_factors import OutputFactors
@@ -10,25 +20,9 @@ from posthoc.laplace.structures.diag import DiagCurvature
 from posthoc.network.subset import ParameterSubset
 
 
-def _batches(subset, x, y, batch=7):
-    def batches():
-        for i in range(0, len(x), batch):
-            yield subset.inputs(x[i:i + batch]), y[i:i + batch]
-    return batches
-
-
 def _fit(subset, x, y, likelihood, curvature="ggn", **options):
-    return DiagCurvature.fit(subset, _batches(subset, x, y), OutputFactors(likelihood, curvature), progress=False,
+    return DiagCurvature.fit(subset, minibatches(subset, x, y), OutputFactors(likelihood, curvature), progress=False,
                              **options)
-
-
-def _priors(subset):
-    g = torch.Generator().manual_seed(5)
-    return {
-        "scalar": torch.tensor([0.7], dtype=DTYPE),
-        "layer": 0.3 + torch.rand(len(subset.blocks), generator=g, dtype=DTYPE),
-        "parameter": 0.3 + torch.rand(subset.n_params, generator=g, dtype=DTYPE),
-    }
 
 
 @pytest.mark.parametrize("subset_kind", ["all", "last_layer"])
@@ -108,7 +102,7 @@ def test_diag_posterior_equals_dense(classification_data, image_data, model_kind
         x, y = classification_data
         subset = ParameterSubset(small_mlp(), "last_layer" if model_kind == "last_layer" else "all")
     curv = _fit(subset, x, y, "classification")
-    prior, scale = _priors(subset)[prior_kind], torch.tensor(2.3, dtype=DTYPE)
+    prior, scale = random_priors(subset)[prior_kind], torch.tensor(2.3, dtype=DTYPE)
     precision = curv.dense_precision(prior, scale)
     torch.testing.assert_close(precision, torch.diag(torch.diagonal(precision)))
     cov = torch.linalg.inv(precision)
@@ -128,14 +122,14 @@ def test_diag_logdet_gradient_matches_finite_differences(classification_data, pr
     x, y = classification_data
     subset = ParameterSubset(small_mlp(), "all")
     curv = _fit(subset, x, y, "classification")
-    check_logdet_gradient(curv, _priors(subset)[prior_kind])
+    check_logdet_gradient(curv, random_priors(subset)[prior_kind])
 
 
 def test_diag_sample_covariance(classification_data):
     x, y = classification_data
     subset = ParameterSubset(small_mlp(), "all")
     curv = _fit(subset, x, y, "classification")
-    prior, scale = _priors(subset)["parameter"], torch.tensor(1.7, dtype=DTYPE)
+    prior, scale = random_priors(subset)["parameter"], torch.tensor(1.7, dtype=DTYPE)
     n = 40_000
     draws = curv.sample(n, prior, scale, torch.Generator().manual_seed(0))
     assert draws.shape == (n, subset.n_params)

@@ -2,18 +2,15 @@
 
 import pytest
 import torch
-from references import dense_ef, dense_ggn, small_cnn, small_mlp
+from references import dense_ef, dense_ggn, minibatches, small_cnn, small_mlp
 
 from posthoc.curvature.output_factors import OutputFactors
 from posthoc.laplace.structures.full import FullCurvature
 from posthoc.network.subset import ParameterSubset
 
 
-def _fit(subset, x, y, likelihood, curvature="ggn", batch=7):
-    def batches():
-        for i in range(0, len(x), batch):
-            yield subset.inputs(x[i:i + batch]), y[i:i + batch]
-    return FullCurvature.fit(subset, batches, OutputFactors(likelihood, curvature), progress=False)
+def _fit(subset, x, y, likelihood, curvature="ggn"):
+    return FullCurvature.fit(subset, minibatches(subset, x, y), OutputFactors(likelihood, curvature), progress=False)
 
 
 @pytest.mark.parametrize("subset_kind", ["all", "last_layer"])

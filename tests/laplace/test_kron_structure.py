@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from references import DTYPE, dense_ggn, dense_jacobians, small_cnn, small_mlp
+from references import DTYPE, dense_ggn, dense_jacobians, minibatches, small_cnn, small_mlp
 from torch import nn
 
 from posthoc.curvature.kfac import KFACApproximation, kfac_factors
@@ -14,15 +14,8 @@ from posthoc.network.subset import ParameterSubset
 STRUCTURES = [KronCurvature, EKFACCurvature]
 
 
-def _batches(subset, x, y, batch=4):
-    def batches():
-        for i in range(0, len(x), batch):
-            yield subset.inputs(x[i:i + batch]), y[i:i + batch]
-    return batches
-
-
 def _fit(cls, subset, x, y, likelihood, **options):
-    return cls.fit(subset, _batches(subset, x, y), OutputFactors(likelihood), progress=False, **options)
+    return cls.fit(subset, minibatches(subset, x, y, batch=4), OutputFactors(likelihood), progress=False, **options)
 
 
 def cnn_with_norms() -> nn.Module:
@@ -108,7 +101,7 @@ def test_factors_match_curvlinops(classification_data, regression_data, image_da
     loss = nn.CrossEntropyLoss(reduction="sum") if likelihood == "classification" else nn.MSELoss(reduction="sum")
     theirs_a, theirs_g = _curvlinops_factors(model, loss, x, y, approx.value)
     subset = ParameterSubset(model, "all")
-    ours = kfac_factors(subset, _batches(subset, x, y)(), OutputFactors(likelihood), approx, progress=False)
+    ours = kfac_factors(subset, minibatches(subset, x, y, batch=4)(), OutputFactors(likelihood), approx, progress=False)
     g_scale = 2.0 if likelihood == "regression" else 1.0
     assert {layer.name for layer in ours.layers} == set(theirs_g)
     assert not ours.fallback

@@ -7,7 +7,16 @@ exact dense GGN.
 
 import pytest
 import torch
-from references import DTYPE, check_logdet_gradient, dense_ggn, dense_jacobians, small_cnn, small_mlp
+from references import (
+    DTYPE,
+    check_logdet_gradient,
+    dense_ggn,
+    dense_jacobians,
+    minibatches,
+    random_priors,
+    small_cnn,
+    small_mlp,
+)
 
 from posthoc.curvature.output_factors import OutputFactors
 from posthoc.laplace.prior import per_parameter
@@ -15,24 +24,8 @@ from posthoc.laplace.structures.lowrank import LowRankCurvature
 from posthoc.network.subset import ParameterSubset
 
 
-def _batches(subset, x, y, batch=7):
-    def batches():
-        for i in range(0, len(x), batch):
-            yield subset.inputs(x[i:i + batch]), y[i:i + batch]
-    return batches
-
-
 def _fit(subset, x, y, likelihood="classification", **options):
-    return LowRankCurvature.fit(subset, _batches(subset, x, y), OutputFactors(likelihood), progress=False, **options)
-
-
-def _priors(subset):
-    g = torch.Generator().manual_seed(5)
-    return {
-        "scalar": torch.tensor([0.7], dtype=DTYPE),
-        "layer": 0.3 + torch.rand(len(subset.blocks), generator=g, dtype=DTYPE),
-        "parameter": 0.3 + torch.rand(subset.n_params, generator=g, dtype=DTYPE),
-    }
+    return LowRankCurvature.fit(subset, minibatches(subset, x, y), OutputFactors(likelihood), progress=False, **options)
 
 
 def _full_posterior(hessian, subset, prior, scale):
@@ -50,7 +43,7 @@ def test_lowrank_full_rank_equals_full_posterior(classification_data, image_data
     u, lam = curv.eigenvectors, curv.eigenvalues
     torch.testing.assert_close((u * lam) @ u.T, hessian, rtol=0, atol=1e-10 * float(hessian.abs().max()))
     jac = dense_jacobians(subset, x[:8])
-    for prior in _priors(subset).values():
+    for prior in random_priors(subset).values():
         scale = torch.tensor(2.3, dtype=DTYPE)
         precision = _full_posterior(hessian, subset, prior, scale)
         cov = torch.linalg.inv(precision)
@@ -72,7 +65,7 @@ def test_lowrank_lanczos_eigenpairs_and_algebra(classification_data):
     torch.testing.assert_close(hessian @ u, u * curv.eigenvalues, rtol=0, atol=1e-6 * float(top[0]))
     # the Woodbury / determinant-lemma algebra equals the dense matrix of this structure
     jac = dense_jacobians(subset, x[:8])
-    for prior in _priors(subset).values():
+    for prior in random_priors(subset).values():
         scale = torch.tensor(0.6, dtype=DTYPE)
         precision = curv.dense_precision(prior, scale)
         cov = torch.linalg.inv(precision)
@@ -117,14 +110,14 @@ def test_lowrank_logdet_gradient_matches_finite_differences(classification_data,
     x, y = classification_data
     subset = ParameterSubset(small_mlp(), "all")
     curv = _fit(subset, x, y, rank=8)
-    check_logdet_gradient(curv, _priors(subset)[prior_kind])
+    check_logdet_gradient(curv, random_priors(subset)[prior_kind])
 
 
 def test_lowrank_sample_covariance(classification_data):
     x, y = classification_data
     subset = ParameterSubset(small_mlp(), "all")
     curv = _fit(subset, x, y, rank=10, complement="prior")
-    prior, scale = _priors(subset)["parameter"], torch.tensor(1.7, dtype=DTYPE)
+    prior, scale = random_priors(subset)["parameter"], torch.tensor(1.7, dtype=DTYPE)
     cov = torch.linalg.inv(curv.dense_precision(prior, scale))
     n = 40_000
     draws = curv.sample(n, prior, scale, torch.Generator().manual_seed(0))
@@ -170,7 +163,7 @@ def test_lowrank_omit_equals_subspace_posterior_of_exact_ggn(classification_data
     u, lam = _top_eigenpairs(hessian, rank)
     jac = dense_jacobians(subset, x[:8])
     scale = torch.tensor(1.9, dtype=DTYPE)
-    for kind, prior in _priors(subset).items():
+    for kind, prior in random_priors(subset).items():
         delta = per_parameter(prior, subset)
         reference = u @ torch.linalg.inv(scale * torch.diag(lam) + u.T @ (delta.unsqueeze(-1) * u)) @ u.T
         if kind == "scalar":  # the ELLA form U diag(1 / (s lam + delta)) U^T
@@ -194,7 +187,7 @@ def test_lowrank_omit_covariance_is_below_prior_complement(classification_data):
     omit = _fit(subset, x, y, rank=5)
     prior_kept = LowRankCurvature(subset, omit.eigenvectors, omit.eigenvalues, complement="prior")
     scale = torch.tensor(1.0, dtype=DTYPE)
-    for prior in _priors(subset).values():
+    for prior in random_priors(subset).values():
         gap = prior_kept.dense_covariance(prior, scale) - omit.dense_covariance(prior, scale)
         assert float(torch.linalg.eigvalsh(gap).min()) > -1e-10
         assert float(torch.linalg.eigvalsh(gap).max()) > 0.1  # the uncovered directions' prior variance
@@ -204,7 +197,7 @@ def test_lowrank_omit_sample_covariance_and_zero_rank(classification_data):
     x, y = classification_data
     subset = ParameterSubset(small_mlp(), "all")
     curv = _fit(subset, x, y, rank=4)
-    prior, scale = _priors(subset)["layer"], torch.tensor(0.8, dtype=DTYPE)
+    prior, scale = random_priors(subset)["layer"], torch.tensor(0.8, dtype=DTYPE)
     cov = curv.dense_covariance(prior, scale)
     n = 40_000
     draws = curv.sample(n, prior, scale, torch.Generator().manual_seed(0))
