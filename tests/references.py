@@ -20,6 +20,15 @@ def small_mlp(n_in: int = 3, n_hidden: int = 5, n_out: int = 3, seed: int = 0) -
                          nn.Linear(n_hidden, n_out)).to(DTYPE)
 
 
+def mlp_data(likelihood: str, n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x (n, 3), y) for :func:`small_mlp`: 3 classes (n,), or regression targets sin(x) + 0.1 noise (n, 3)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3, generator=g, dtype=DTYPE)
+    if likelihood == "classification":
+        return x, torch.randint(0, 3, (n,), generator=g)
+    return x, torch.sin(x[:, :3]) + 0.1 * torch.randn(n, 3, generator=g, dtype=DTYPE)
+
+
 def small_cnn(n_out: int = 3, seed: int = 0) -> nn.Module:
     """Conv(1->2, 3x3, pad 1) - ReLU - MaxPool2 - Conv(2->3, 2x2) - Tanh - Flatten - Linear; inputs (B,1,6,6)."""
     torch.manual_seed(seed)

@@ -2,21 +2,13 @@
 
 import pytest
 import torch
-from references import dense_ggn, small_mlp
+from references import dense_ggn, mlp_data, small_mlp
 from torch.utils.data import DataLoader, TensorDataset
 
 from posthoc.compat.laplace import Laplace
 from posthoc.laplace.laplace import Laplace as PosthocLaplace
 
 DTYPE = torch.float64
-
-
-def _data(likelihood, n=24, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 3, generator=g, dtype=DTYPE)
-    if likelihood == "classification":
-        return x, torch.randint(0, 3, (n,), generator=g)
-    return x, torch.sin(x[:, :3]) + 0.1 * torch.randn(n, 3, generator=g, dtype=DTYPE)
 
 
 def _loader(x, y):
@@ -31,7 +23,7 @@ def _la(likelihood, structure, model=None, **kwargs):
 @pytest.mark.parametrize("structure", ["full", "diag"])
 @pytest.mark.parametrize("likelihood", ["classification", "regression"])
 def test_sequential_fits_equal_the_fit_on_the_union(structure, likelihood):
-    x, y = _data(likelihood)
+    x, y = mlp_data(likelihood, 24)
     model = small_mlp().to(DTYPE)
     union = _la(likelihood, structure, model).fit(_loader(x, y))
     sequential = _la(likelihood, structure, model).fit(_loader(x[:10], y[:10]))
@@ -52,7 +44,7 @@ def test_sequential_fits_equal_the_fit_on_the_union(structure, likelihood):
 
 
 def test_sequential_fit_at_new_weights_sums_each_tasks_ggn_and_recentres():
-    x, y = _data("classification")
+    x, y = mlp_data("classification", 24)
     model = small_mlp().to(DTYPE)
     la = _la("classification", "full", model).fit(_loader(x[:10], y[:10]))
     theta_a = la.mean.clone()
@@ -76,7 +68,7 @@ def test_sequential_fit_at_new_weights_sums_each_tasks_ggn_and_recentres():
 
 
 def test_posthoc_laplace_accumulates_too():
-    x, y = _data("regression")
+    x, y = mlp_data("regression", 24)
     model = small_mlp().to(DTYPE)
     union = PosthocLaplace(model, "regression", "all", "diag", progress=False).fit(_loader(x, y))
     la = PosthocLaplace(model, "regression", "all", "diag", progress=False).fit(_loader(x[:5], y[:5]))
@@ -87,7 +79,7 @@ def test_posthoc_laplace_accumulates_too():
 
 @pytest.mark.parametrize("subset", ["all", "last_layer"])
 def test_kron_combines_factors_as_the_kfac_of_the_union(subset):
-    x, y = _data("classification")
+    x, y = mlp_data("classification", 24)
     model = small_mlp().to(DTYPE)
     union = Laplace(model, "classification", subset, "kron", prior_precision=0.8).fit(_loader(x, y))
     sequential = Laplace(model, "classification", subset, "kron", prior_precision=0.8).fit(_loader(x[:10], y[:10]))
@@ -108,7 +100,7 @@ def test_kron_combines_factors_as_the_kfac_of_the_union(subset):
 
 @pytest.mark.parametrize("structure", ["ekfac", "lowrank"])
 def test_structures_that_do_not_accumulate_raise_before_fitting(structure):
-    x, y = _data("classification")
+    x, y = mlp_data("classification", 24)
     la = _la("classification", structure)
     la.fit(_loader(x, y))
     before = la.log_marginal_likelihood()

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from references import dense_jacobians, output_hessians, small_mlp
+from references import dense_jacobians, mlp_data, output_hessians, small_mlp
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -17,16 +17,8 @@ from posthoc.network.subset import ParameterSubset
 DTYPE = torch.float64
 
 
-def _data(likelihood, n=20, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 3, generator=g, dtype=DTYPE)
-    if likelihood == "classification":
-        return x, torch.randint(0, 3, (n,), generator=g)
-    return x, torch.sin(x[:, :3]) + 0.1 * torch.randn(n, 3, generator=g, dtype=DTYPE)
-
-
 def _fit(likelihood, n_subset, model=None, **kwargs):
-    x, y = _data(likelihood)
+    x, y = mlp_data(likelihood, 20)
     model = small_mlp().to(DTYPE) if model is None else model
     la = FunctionalLaplace(model, likelihood, n_subset, **kwargs)
     return la.fit(DataLoader(TensorDataset(x, y), batch_size=6)), x, y
@@ -56,7 +48,7 @@ def test_regression_on_the_whole_data_is_the_exact_lla():
     torch.testing.assert_close(f_mu, ref.mean)
     torch.testing.assert_close(f_var, ref.cov)
     weight_space = Laplace(la.model, "regression", "all", "full", prior_precision=0.7, sigma_noise=0.4,
-                           progress=False).fit(DataLoader(TensorDataset(x, _data("regression")[1]), batch_size=6))
+                           progress=False).fit(DataLoader(TensorDataset(x, mlp_data("regression", 20)[1]), batch_size=6))
     torch.testing.assert_close(f_var, weight_space.predict(x_test).cov)
     mean, joint = la(x_test, joint=True)
     torch.testing.assert_close(joint.reshape(5, 3, 5, 3).diagonal(dim1=0, dim2=2).permute(2, 0, 1), f_var)
@@ -95,7 +87,7 @@ def test_independent_outputs_is_one_gp_per_output():
 def test_regression_evidence_terms_are_the_linear_gaussian_evidence():
     torch.manual_seed(0)
     model = nn.Linear(3, 2).to(DTYPE)  # linear in theta: the Laplace evidence is exact
-    x, y = _data("regression")
+    x, y = mlp_data("regression", 20)
     y = y[:, :2]
     design = torch.cat([x, torch.ones(20, 1, dtype=DTYPE)], 1)  # the ridge MAP: theta* is the exact posterior mean
     weights = torch.linalg.solve(design.T @ design / 0.25 + 0.6 * torch.eye(4, dtype=DTYPE), design.T @ y / 0.25)
