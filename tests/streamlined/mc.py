@@ -37,10 +37,13 @@ def mc_moments(model: nn.Module, x: torch.Tensor, sample_params: Callable[[int, 
     for start in range(0, n_samples, CHUNK):
         n = min(CHUNK, n_samples - start)
         sampled = sample_params(n, generator)
-        noise = torch.randn(n, *x.shape, generator=generator, dtype=x.dtype) * input_std
+        if x.is_floating_point():
+            noise = torch.randn(n, *x.shape, generator=generator, dtype=x.dtype) * input_std
+        else:  # integer ids (token models): no input noise
+            noise = torch.zeros(n, dtype=torch.float64)
 
         def one(params, eps):
-            return functional_call(model, {**fixed, **params, **buffers}, (x + eps,))
+            return functional_call(model, {**fixed, **params, **buffers}, (x + eps if x.is_floating_point() else x,))
 
         outputs.append(vmap(one)(sampled, noise))
     out = torch.cat(outputs)  # (S, B, C)

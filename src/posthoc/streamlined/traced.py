@@ -198,6 +198,8 @@ def _call_module(graph_module: fx.GraphModule, node: fx.Node, args: tuple, calls
                          f"{calls[node.target]} times in the forward: one weight draw enters every call, which the "
                          "rules (weights independent of their input) cannot express; register a rule for the module "
                          "that contains the calls (posthoc.streamlined.register_rule)")
+    if len(args) == 1 and isinstance(args[0], torch.Tensor):
+        args = (Moments(args[0]),)  # a buffer or a value computed from constants (position ids): deterministic
     if len(args) != 1 or node.kwargs or not isinstance(args[0], Moments):
         raise UnsupportedOpError(f"module {node.target!r} ({type(module).__name__}) is called with "
                                  f"{len(args)} inputs; the module rules take one activation")

@@ -24,6 +24,7 @@ Attention and residual blocks are graphs of these rules (:mod:`posthoc.streamlin
 from __future__ import annotations
 
 from posthoc.streamlined.rules.activations import ElementwiseStep, activation_rule, flatten_rule, identity_rule
+from posthoc.streamlined.rules import attention as _attention  # noqa: F401  (registers the attention op rules)
 from posthoc.streamlined.rules.affine import AffineNoise, ConvStep, LinearStep, conv2d_rule, linear_rule
 from posthoc.streamlined.rules.base import (
     RULES,
@@ -38,6 +39,7 @@ from posthoc.streamlined.rules.base import (
     register_rule,
     rule_key,
 )
+from posthoc.streamlined.rules.embedding import embedding_rule
 from posthoc.streamlined.rules.normalisation import AffineNormStep, batchnorm_rule, layernorm_rule
 from posthoc.streamlined.rules.ops import UnsupportedOpError
 from posthoc.streamlined.rules.pooling import LinearMapStep, MaxPoolStep, avgpool_rule, maxpool_rule
@@ -63,6 +65,7 @@ __all__ = [
     "avgpool_rule",
     "batchnorm_rule",
     "conv2d_rule",
+    "embedding_rule",
     "flatten_rule",
     "identity_rule",
     "layernorm_rule",

@@ -102,7 +102,12 @@ RESHAPES = ("reshape", "view", "flatten", "permute", "transpose", "contiguous", 
 
 @register_rule(*RESHAPES)
 def reindex_rule(op: Callable[..., Any] | str, args: tuple, kwargs: dict, ctx: Context) -> Moments:
-    """Re-indexing (reshape, view, flatten, permute, transpose, getitem, ...): means and variances re-indexed alike."""
+    """Re-indexing (reshape, view, flatten, permute, transpose, getitem, ...): means and variances re-indexed alike.
+
+    getitem of a tuple of activations (the parts of a split) picks the part.
+    """
+    if op is operator.getitem and isinstance(args[0], (tuple, list)):
+        return args[0][_mean_of(args[1])]
     state, fn = _unary(op, args, kwargs)
     return _linear_map(state, fn, fn, ctx, _op_name(op))
 
