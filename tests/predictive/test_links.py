@@ -9,13 +9,7 @@ import torch
 from posthoc.predictive import GaussianPredictive
 from posthoc.predictive.links import bridge_alpha, laplace_bridge, make_generator, mc_probs, probit
 
-
-@pytest.fixture(autouse=True)
-def _float64_default():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64_default")
 
 
 def _random_cov(batch: int, n: int, scale: float, seed: int) -> torch.Tensor:

@@ -17,13 +17,7 @@ import posthoc
 from posthoc.predictive import GaussianPredictive
 from posthoc.predictive.scale import fit_variance_scale as fit_scale
 
-
-@pytest.fixture(autouse=True)
-def _float64():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64_default")
 
 
 def _data(n: int = 96, seed: int = 0):
