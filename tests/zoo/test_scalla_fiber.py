@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 from zoo.models import DictWrapper, token_batches, vector_batches
-from zoo.test_zoo import MODELS, _outputs
+from zoo.test_zoo import MODELS, _outputs, check_mean_and_cov
 
 from posthoc import ScaLLA
 from posthoc.fiber import FiberSampler
@@ -45,12 +45,7 @@ def test_scalla_on_the_model(name, objective):
     assert [type(m) for m in model.modules()] == head_before  # the identity replaced the head in a copy only
     losses = [row["loss"] for row in s.train_record["history"]]
     assert s.train_record["steps"] == 5 and all(torch.isfinite(torch.tensor(losses)))
-    pred = s.predict(x)
-    with torch.no_grad():
-        expected = _outputs(model, x)
-    torch.testing.assert_close(pred.mean, expected, rtol=0, atol=1e-10)
-    variances = pred.cov.diagonal(dim1=1, dim2=2)
-    assert torch.isfinite(pred.cov).all() and (variances > 0).all()
+    expected = check_mean_and_cov(s.predict(x), model, x)
     probs = s(x)
     torch.testing.assert_close(probs.sum(-1), torch.ones(expected.shape[0], dtype=probs.dtype))
 

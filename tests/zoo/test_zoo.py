@@ -70,6 +70,19 @@ def _outputs(model, x):
     return out["logits"] if isinstance(out, dict) else out[0] if isinstance(out, tuple) else out
 
 
+def check_mean_and_cov(pred, model, x) -> torch.Tensor:
+    """Assert pred's mean is the model's output on x (to 1e-10) and its covariance finite with variances > 0.
+
+    Returns the model's output (B, C).
+    """
+    with torch.no_grad():
+        expected = _outputs(model, x)
+    torch.testing.assert_close(pred.mean, expected, rtol=0, atol=1e-10)
+    variances = pred.cov.diagonal(dim1=1, dim2=2)
+    assert torch.isfinite(pred.cov).all() and (variances > 0).all()
+    return expected
+
+
 def dense_glm_covariance(la: Laplace, x) -> torch.Tensor:
     """J Λ⁻¹ Jᵀ (B, C, C) from a dense float64 jacrev over the covered parameters and the dense precision."""
     model, subset = la.model, la.subset
@@ -100,11 +113,7 @@ def test_laplace_on_the_model(name, subset, structure):
     model, batches, x = MODELS[name]()
     la = Laplace(model, "classification", subset, structure, prior_precision=0.5, progress=False).fit(batches)
     pred = la.predict(x)
-    with torch.no_grad():
-        expected = _outputs(model, x)
-    torch.testing.assert_close(pred.mean, expected, rtol=0, atol=1e-10)
-    variances = pred.cov.diagonal(dim1=1, dim2=2)
-    assert torch.isfinite(pred.cov).all() and (variances > 0).all()
+    expected = check_mean_and_cov(pred, model, x)
     torch.testing.assert_close(pred.cov, dense_glm_covariance(la, x), rtol=1e-8, atol=1e-10)
 
     posterior_variance = la.posterior_variance()
