@@ -23,8 +23,8 @@ Attention and residual blocks are graphs of these rules (:mod:`posthoc.streamlin
 
 from __future__ import annotations
 
-from posthoc.streamlined.rules.activations import ElementwiseStep, activation_rule, flatten_rule, identity_rule
 from posthoc.streamlined.rules import attention as _attention  # noqa: F401  (registers the attention op rules)
+from posthoc.streamlined.rules.activations import ElementwiseStep, activation_rule, flatten_rule, identity_rule
 from posthoc.streamlined.rules.affine import AffineNoise, ConvStep, LinearStep, conv2d_rule, linear_rule
 from posthoc.streamlined.rules.base import (
     RULES,

@@ -16,8 +16,16 @@ import torch
 import torch.nn.functional as F
 
 from posthoc.streamlined.moments import Moments
-from posthoc.streamlined.rules.base import Context, register_rule
-from posthoc.streamlined.rules.ops import UnsupportedOpError, _linear_map, _mean_of, _op_name, is_random
+from posthoc.streamlined.rules.base import Context, advance, register_rule
+from posthoc.streamlined.rules.ops import (
+    MapStep,
+    UnsupportedOpError,
+    _check_keeps_batch,
+    _linear_map,
+    _mean_of,
+    _op_name,
+    is_random,
+)
 
 MATMULS = (torch.matmul, operator.matmul, torch.bmm, "matmul", "bmm")
 
@@ -63,7 +71,10 @@ def softmax_rule(op: Callable[..., Any] | str, args: tuple, kwargs: dict, ctx: C
     def var_fn(v: torch.Tensor) -> torch.Tensor:
         return s.square() * ((1 - 2 * s) * v + (s.square() * v).sum(dim, keepdim=True))
 
-    return _linear_map(state, jvp, var_fn, ctx, "softmax")
+    _check_keeps_batch(jvp, state, "softmax")
+    step = MapStep(jvp, state, var_fn)
+    step.mean = s  # the map is the Jacobian at the mean; the mean itself is softmax(μ)
+    return advance(state, step, ctx)
 
 
 def _attention_weights(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, causal: bool,
@@ -109,7 +120,7 @@ def sdpa_rule(op: Callable[..., Any], args: tuple, kwargs: dict, ctx: Context) -
 
 @register_rule(torch.chunk, torch.split, torch.unbind, "chunk", "split", "unbind")
 def split_rule(op: Callable[..., Any] | str, args: tuple, kwargs: dict, ctx: Context) -> tuple[Moments, ...]:
-    """chunk / split / unbind of a random activation (e.g. a fused QKV projection): each part re-indexed.
+    """Chunk / split / unbind of a random activation (e.g. a fused QKV projection): each part re-indexed.
 
     Diagonal mode only: in full mode the parts' cross-covariance would be lost once they are separate nodes, so
     UnsupportedOpError names the fix (index the parts with getitem / slicing, which the full mode tracks).
@@ -134,3 +145,14 @@ def split_rule(op: Callable[..., Any] | str, args: tuple, kwargs: dict, ctx: Con
     if state.var is None:
         return tuple(Moments(m) for m in means)
     return tuple(Moments(m, var=v) for m, v in zip(means, parts(state.var), strict=True))
+
+
+@register_rule("expand_as")
+def like_rule(op: str, args: tuple, kwargs: dict, ctx: Context) -> Moments:
+    """t.expand_as(x): a random ``t`` broadcast (linear); a random ``x`` lends its shape only."""
+    target = _mean_of(args[1])
+    if not is_random(args[0]):
+        return Moments(getattr(_mean_of(args[0]), op)(target))
+    state = args[0]
+    assert isinstance(state, Moments)
+    return _linear_map(state, lambda t: getattr(t, op)(target), lambda v: getattr(v, op)(target), ctx, op)
