@@ -40,6 +40,7 @@ from posthoc.streamlined.rules.base import (
     rule_key,
 )
 from posthoc.streamlined.rules.embedding import embedding_rule
+from posthoc.streamlined.rules.layers import conv1d_rule, groupnorm_rule, hf_conv1d_rule
 from posthoc.streamlined.rules.normalisation import AffineNormStep, batchnorm_rule, layernorm_rule
 from posthoc.streamlined.rules.ops import UnsupportedOpError
 from posthoc.streamlined.rules.pooling import LinearMapStep, MaxPoolStep, avgpool_rule, maxpool_rule
@@ -64,9 +65,12 @@ __all__ = [
     "advance",
     "avgpool_rule",
     "batchnorm_rule",
+    "conv1d_rule",
     "conv2d_rule",
     "embedding_rule",
     "flatten_rule",
+    "groupnorm_rule",
+    "hf_conv1d_rule",
     "identity_rule",
     "layernorm_rule",
     "linear_rule",

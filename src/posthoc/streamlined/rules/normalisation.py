@@ -115,22 +115,18 @@ def batchnorm_rule(module: nn.BatchNorm1d | nn.BatchNorm2d, state: Moments, ctx:
     return advance(state, step, ctx)
 
 
-@register_rule(nn.LayerNorm)
-def layernorm_rule(module: nn.LayerNorm, state: Moments, ctx: Context, last: bool) -> Moments:
-    """LayerNorm over the last axis, with frozen or linearised statistics (``ctx.layernorm``).
+def last_axis_normaliser(mu: torch.Tensor, eps: float, rule: LayerNormRule) -> tuple[
+        torch.Tensor, Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]:
+    """(x - mean) / std over the last axis of the mean ``mu`` (B, ..., D), frozen or linearised at ``mu``.
 
-    ``frozen``: mean/std of the mean input held fixed (affine per token); ``linearized``: the Jacobian
-    (I - 11ᵀ/D - n nᵀ/D)/s at the mean (diagonal mode: its squared rows applied to the variances, O(D)).
-    Raises UnsupportedLayerError unless normalized_shape has length 1.
+    Returns the normalised mean n, the map on directions (B, N, ..., D) and the diagonal-mode variance map on
+    (B, ..., D) (frozen: scaled by 1/s; linearised: the squared rows of (I - 11ᵀ/D - n nᵀ/D)/s, O(D)).
     """
-    if len(module.normalized_shape) != 1:
-        raise UnsupportedLayerError("LayerNorm over the last axis only (normalized_shape of length 1)")
-    mu = state.mean
     centred = mu - mu.mean(-1, keepdim=True)
-    inv_s = torch.rsqrt(centred.square().mean(-1, keepdim=True) + module.eps)
+    inv_s = torch.rsqrt(centred.square().mean(-1, keepdim=True) + eps)
     n = centred * inv_s
     d = mu.shape[-1]
-    if ctx.layernorm is LayerNormRule.FROZEN:
+    if rule is LayerNormRule.FROZEN:
         def n_jac(x):
             return x * inv_s.unsqueeze(1)
 
@@ -147,6 +143,21 @@ def layernorm_rule(module: nn.LayerNorm, state: Moments, ctx: Context, last: boo
             s0, s1, s2 = v.sum(-1, keepdim=True), (n * v).sum(-1, keepdim=True), (n * n * v).sum(-1, keepdim=True)
             out = v * (1 - 2 * (1 + n * n) / d) + (s0 + 2 * n * s1 + n * n * s2) / d**2
             return out * inv_s.square()
+    return n, n_jac, n_var
+
+
+@register_rule(nn.LayerNorm)
+def layernorm_rule(module: nn.LayerNorm, state: Moments, ctx: Context, last: bool) -> Moments:
+    """LayerNorm over the last axis, with frozen or linearised statistics (``ctx.layernorm``).
+
+    ``frozen``: mean/std of the mean input held fixed (affine per token); ``linearized``: the Jacobian
+    (I - 11ᵀ/D - n nᵀ/D)/s at the mean (diagonal mode: its squared rows applied to the variances, O(D)).
+    Raises UnsupportedLayerError unless normalized_shape has length 1.
+    """
+    if len(module.normalized_shape) != 1:
+        raise UnsupportedLayerError("LayerNorm over the last axis only (normalized_shape of length 1)")
+    mu = state.mean
+    n, n_jac, n_var = last_axis_normaliser(mu, module.eps, ctx.layernorm)
     post = ctx.posterior.get(module)
     step = AffineNormStep(n, module.weight, module.bias, _param_var(post, "weight", "LayerNorm"),
                           _param_var(post, "bias", "LayerNorm"), mu.ndim - 2, n_jac, n_var, state.shape)

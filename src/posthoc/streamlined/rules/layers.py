@@ -1,0 +1,147 @@
+"""Rules for nn.Conv1d, transformers' Conv1D, nn.GroupNorm and the functional layer_norm / group_norm.
+
+Conv1d is the Conv2d rule on a (B, C, 1, L) view, and Conv1D (GPT-2's projections, y = x W + b with W stored
+(D_in, D_out)) the Linear rule with Wᵀ; both read the layer's own posterior (diagonal, or for Conv1d also Kronecker
+or full: the flattened input order C_in·k is the same). GroupNorm normalises each group of C/G channels like a
+LayerNorm over them (statistics frozen or linearised, ``ctx.layernorm``), then applies a per-channel affine map.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Callable, cast
+
+import torch
+from torch import nn
+
+from posthoc.streamlined.moments import Moments, rearrange
+from posthoc.streamlined.rules.affine import ConvStep, linear_rule
+from posthoc.streamlined.rules.base import (
+    RULES,
+    Context,
+    UnsupportedLayerError,
+    advance,
+    register_rule,
+)
+from posthoc.streamlined.rules.normalisation import AffineNormStep, _param_var, last_axis_normaliser
+from posthoc.streamlined.rules.ops import UnsupportedOpError, _mean_of
+from posthoc.streamlined.weight_posteriors import LayerPosterior
+from posthoc.utils.registry import add_to_registry
+
+
+def _with_stand_in(ctx: Context, stand_in: nn.Module, post: LayerPosterior | None) -> Context:
+    """A context whose posterior gives ``stand_in`` (a reshaped copy of a layer) the layer's posterior."""
+    posterior = copy.copy(ctx.posterior)
+    posterior._by_id = {**ctx.posterior._by_id}
+    if post is not None:
+        posterior._by_id[id(stand_in)] = post
+    return Context(ctx.mode, posterior, ctx.attention, ctx.layernorm, ctx.max_full_dim)
+
+
+@register_rule(nn.Conv1d)
+def conv1d_rule(module: nn.Conv1d, state: Moments, ctx: Context, last: bool) -> Moments:
+    """Conv1d on (B, C, L): the Conv2d rule on the (B, C, 1, L) view (same weights and posterior), O(Conv2d's)."""
+    if isinstance(module.padding, str) and module.padding != "valid":
+        raise UnsupportedLayerError(f"Conv1d with padding={module.padding!r} (supported: integers or 'valid')")
+    padding = 0 if module.padding == "valid" else int(module.padding[0])
+    conv = nn.Conv2d(module.in_channels, module.out_channels, (1, module.kernel_size[0]), (1, module.stride[0]),
+                     (0, padding), (1, module.dilation[0]), module.groups, module.bias is not None,
+                     module.padding_mode, device=module.weight.device, dtype=module.weight.dtype)
+    with torch.no_grad():
+        conv.weight.copy_(module.weight.unsqueeze(2))
+        if module.bias is not None and conv.bias is not None:
+            conv.bias.copy_(module.bias)
+    sub_ctx = _with_stand_in(ctx, conv, ctx.posterior.get(module))
+    image = rearrange(state, lambda t: t.unsqueeze(-2))
+    out = advance(image, ConvStep(conv, image, sub_ctx), sub_ctx)
+    return rearrange(out, lambda t: t.squeeze(-2))
+
+
+def hf_conv1d_rule(module: nn.Module, state: Moments, ctx: Context, last: bool) -> Moments:
+    """Transformers' Conv1D (y = x W + b, W (D_in, D_out)): the Linear rule with Wᵀ; diagonal posterior only.
+
+    Raises ValueError for a Kronecker or full posterior on it.
+    """
+    weight, bias = cast(torch.Tensor, module.weight), cast(torch.Tensor, module.bias)  # W (D_in, D_out)
+    linear = nn.Linear(int(weight.shape[0]), int(weight.shape[1]), device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        linear.weight.copy_(weight.T)
+        linear.bias.copy_(bias)
+    post = ctx.posterior.get(module)
+    if post is not None and (post.kron or post.full is not None):
+        raise ValueError("transformers' Conv1D supports a diagonal posterior only in Streamlined")
+    stand_in_post = None if post is None else LayerPosterior(
+        diag={k: v.T if k == "weight" else v for k, v in post.diag.items()})
+    return linear_rule(linear, state, _with_stand_in(ctx, linear, stand_in_post), last)
+
+
+# keyed by the class's registry key, so transformers is not imported (rule_key of transformers.pytorch_utils.Conv1D)
+add_to_registry(RULES, "module transformers.pytorch_utils.Conv1D", hf_conv1d_rule, "moment-propagation rule")
+
+
+def _group_norm(state: Moments, groups: int, gamma: torch.Tensor | None, beta: torch.Tensor | None,
+                gamma_var: torch.Tensor | None, beta_var: torch.Tensor | None, eps: float, ctx: Context) -> Moments:
+    mu = state.mean
+    batch, channels = mu.shape[:2]
+    if channels % groups:
+        raise UnsupportedLayerError(f"GroupNorm of {channels} channels in {groups} groups")
+    n, n_jac, n_var = last_axis_normaliser(mu.reshape(batch, groups, -1), eps, ctx.layernorm)
+
+    def jac(directions: torch.Tensor) -> torch.Tensor:
+        return n_jac(directions.reshape(batch, directions.shape[1], groups, -1)).reshape(directions.shape)
+
+    def var(v: torch.Tensor) -> torch.Tensor:
+        return n_var(v.reshape(batch, groups, -1)).reshape(v.shape)
+
+    step = AffineNormStep(n.reshape(mu.shape), gamma, beta, gamma_var, beta_var, 0, jac, var, state.shape)
+    return advance(state, step, ctx)
+
+
+@register_rule(nn.GroupNorm)
+def groupnorm_rule(module: nn.GroupNorm, state: Moments, ctx: Context, last: bool) -> Moments:
+    """GroupNorm on (B, C, *): per group a LayerNorm over its C/G channels and positions, then γ_c, β_c.
+
+    γ and β may carry diagonal variances. Cost O(B C S) in diagonal mode.
+    """
+    post = ctx.posterior.get(module)
+    return _group_norm(state, module.num_groups, module.weight, module.bias, _param_var(post, "weight", "GroupNorm"),
+                       _param_var(post, "bias", "GroupNorm"), module.eps, ctx)
+
+
+_LAYER_NORM_ARGS = ("input", "normalized_shape", "weight", "bias", "eps")
+_GROUP_NORM_ARGS = ("input", "num_groups", "weight", "bias", "eps")
+
+
+@register_rule(torch.nn.functional.layer_norm, torch.layer_norm)
+def layer_norm_op_rule(op: Callable[..., Any], args: tuple, kwargs: dict, ctx: Context) -> Moments:
+    """F.layer_norm over the last axis with a fixed weight and bias: the nn.LayerNorm rule (frozen / linearised).
+
+    A random weight would be read by a get_attr node, which the traced walk refuses.
+    """
+    bound = {k: _mean_of(v) for k, v in (dict(zip(_LAYER_NORM_ARGS, args, strict=False)) | kwargs).items()}
+    state = args[0]
+    if not isinstance(state, Moments) or any(isinstance(v, Moments) for v in bound.values()):
+        raise UnsupportedOpError("layer_norm of a random input with a fixed weight and bias")
+    shape = bound["normalized_shape"]
+    if len(tuple(shape) if isinstance(shape, (tuple, list, torch.Size)) else (shape,)) != 1:
+        raise UnsupportedOpError("layer_norm over the last axis only (normalized_shape of length 1)")
+    mu = state.mean
+    n, n_jac, n_var = last_axis_normaliser(mu, float(bound.get("eps", 1e-5)), ctx.layernorm)
+    step = AffineNormStep(n, bound.get("weight"), bound.get("bias"), None, None, mu.ndim - 2, n_jac, n_var,
+                          state.shape)
+    return advance(state, step, ctx)
+
+
+@register_rule(torch.nn.functional.group_norm, torch.group_norm)
+def group_norm_op_rule(op: Callable[..., Any], args: tuple, kwargs: dict, ctx: Context) -> Moments:
+    """F.group_norm with a fixed weight and bias: the nn.GroupNorm rule."""
+    bound = {k: _mean_of(v) for k, v in (dict(zip(_GROUP_NORM_ARGS, args, strict=False)) | kwargs).items()}
+    state = args[0]
+    if not isinstance(state, Moments):
+        raise UnsupportedOpError("group_norm of a random input with a fixed weight and bias")
+    return _group_norm(state, int(bound["num_groups"]), bound.get("weight"), bound.get("bias"), None, None,
+                       float(bound.get("eps", 1e-5)), ctx)
+
+
+__all__ = ["conv1d_rule", "group_norm_op_rule", "groupnorm_rule", "hf_conv1d_rule",
+           "layer_norm_op_rule"]
