@@ -36,11 +36,13 @@ class Streamlined:
         model: the trained network (the posterior mean). Predictions are those of the eval-mode
             network (Dropout off, BatchNorm on its running statistics) whatever mode the model is
             in; its train/eval flags are left as found. The forward is traced with torch.fx
-            (:mod:`posthoc.streamlined.traced`): layers with rules (Linear, Conv2d,
-            ReLU/GELU/Tanh/Sigmoid/SiLU, MaxPool2d, AvgPool2d, AdaptiveAvgPool2d, Flatten, Dropout,
-            BatchNorm (eval), LayerNorm, posthoc's residual and attention blocks) stay leaves;
-            the ops between them take op rules (residual adds, scaling by fixed values, reshapes,
-            cat, mean/sum, functional activations, pooling, dropout; :mod:`.rules.ops`). Any other
+            (:mod:`posthoc.streamlined.traced`): layers with rules (Linear, Conv1d, Conv2d,
+            transformers' Conv1D, Embedding, ReLU/GELU/Tanh/Sigmoid/SiLU, MaxPool2d, AvgPool2d,
+            AdaptiveAvgPool2d, Flatten, Dropout, BatchNorm (eval), LayerNorm, GroupNorm, posthoc's
+            residual and attention blocks) stay leaves; the ops between them take op rules (residual
+            adds, scaling by fixed values, reshapes, cat, split, mean/sum, functional activations,
+            pooling, dropout, layer_norm/group_norm; :mod:`.rules.ops`; matmul, softmax and
+            scaled_dot_product_attention with Q and K from the means: :mod:`.rules.attention`). Any other
             layer or op raises an error naming it and register_rule. Full mode keeps the
             branch/skip covariance at every residual join (:mod:`posthoc.streamlined.joint`).
         posterior: a fitted :class:`~posthoc.laplace.Laplace` with a diag, kron, ekfac or full

@@ -4,7 +4,8 @@ The model is traced once (in eval mode, so ``self.training`` branches are those 
 that has a rule in :data:`posthoc.streamlined.rules.RULES` kept as a leaf (Linear, Conv2d, norms, activations,
 pooling, posthoc's own residual / attention blocks, a user's registered module); everything else is traced into
 its ``call_function`` / ``call_method`` nodes, which the op rules of :mod:`posthoc.streamlined.rules.ops` handle
-(residual adds, scaling, re-indexing, reductions, functional activations, pooling, dropout). Ops whose arguments
+(residual adds, scaling, re-indexing, reductions, functional activations, pooling, dropout) and
+:mod:`posthoc.streamlined.rules.attention` (matmul, softmax, scaled_dot_product_attention, split). Ops whose arguments
 are all deterministic (index arithmetic, shape queries, a fixed table) run on the means, no rule needed.
 
 Full mode carries the cross-covariances between live activations (:mod:`posthoc.streamlined.joint`), so residual

@@ -5,8 +5,8 @@ the one registry (:data:`posthoc.streamlined.rules.RULES`, exact type match, fil
 :func:`posthoc.streamlined.rules.register_rule`) is a leaf of that graph. The rules here describe posthoc's
 residual block, transformer block, attention, patch and positional embedding and token pooling as module-level
 graphs, because their approximations are stated per block ("Q, K deterministic, V random", the shared random W_v,
-LayerNorm statistics frozen or linearised), which the traced op set (no matmul of activations, no softmax) does not
-cover yet. Inside them :func:`propagate` walks a container without a rule as the chain of its children.
+LayerNorm statistics frozen or linearised); attention written with traced ops (matmul, softmax,
+scaled_dot_product_attention: :mod:`posthoc.streamlined.rules.attention`) gets the independent-token rule only. Inside them :func:`propagate` walks a container without a rule as the chain of its children.
 
 Residual connections: diagonal mode adds means and variances (the authors' rule, the
 branch/skip covariance dropped). Full mode keeps that covariance: the branch carries its
