@@ -93,8 +93,10 @@ def test_split_in_full_mode_and_dropout_in_attention_name_the_fix() -> None:
 class TinyEncoder(nn.Module):
     """A pre-LN transformer block on token ids: token + position embeddings, SDPA with a padding mask, mean pool."""
 
-    def __init__(self, vocab: int = 11, dim: int = 8, n_heads: int = 2, n_classes: int = 3, length: int = 5) -> None:
+    def __init__(self, vocab: int = 11, dim: int = 8, n_heads: int = 2, n_classes: int = 3, length: int = 5,
+                 eager: bool = False) -> None:
         super().__init__()
+        self.eager = eager  # attention written as matmul, masked_fill, softmax, matmul (HF's "eager")
         self.tokens, self.positions = nn.Embedding(vocab, dim), nn.Embedding(length, dim)
         self.ln1, self.qkv, self.proj = nn.LayerNorm(dim), nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
         self.ln2, self.fc1, self.fc2 = nn.LayerNorm(dim), nn.Linear(dim, 2 * dim), nn.Linear(2 * dim, dim)
@@ -111,7 +113,12 @@ class TinyEncoder(nn.Module):
         h = self.qkv(self.ln1(x))
         d = h.shape[-1] // 3
         q, k, v = h[..., :d], h[..., d:2 * d], h[..., 2 * d:]
-        a = F.scaled_dot_product_attention(self._heads(q), self._heads(k), self._heads(v), attn_mask=keep)
+        q, k, v = self._heads(q), self._heads(k), self._heads(v)
+        if self.eager:
+            scores = (q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5).masked_fill(~keep, float("-inf"))
+            a = torch.matmul(torch.softmax(scores, dim=-1), v)
+        else:
+            a = F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
         x = x + self.proj(a.transpose(1, 2).reshape(batch, length, -1))
         x = x + self.fc2(F.gelu(self.fc1(self.ln2(x)), approximate="tanh"))
         return self.head(x.mean(1))
@@ -159,3 +166,19 @@ def test_transformer_block_on_token_ids_against_monte_carlo(record) -> None:
     assert abs(ratio - MEASURED_DIAGONAL) <= BAND
     excess = (full.var - reference.var).abs() - FULL_MODE_RTOL * reference.var - Z_MAX * reference.var_se
     assert float(excess.max()) <= 0
+
+
+@pytest.mark.parametrize("mode", ["diagonal", "full"])
+def test_eager_attention_ops_equal_scaled_dot_product_attention(mode: str) -> None:
+    """Scores by matmul (from the means), masked_fill and softmax on them, then A V: the SDPA rule, to rounding."""
+    torch.manual_seed(0)
+    fused = TinyEncoder().to(DTYPE).eval()
+    eager = TinyEncoder(eager=True).to(DTYPE).eval()
+    eager.load_state_dict(fused.state_dict())
+    ids = torch.randint(1, 11, (3, 5), generator=torch.Generator().manual_seed(1))
+    ids[1, 2:] = 0
+    variances = {n: torch.rand_like(p) * 1e-3 for n, p in fused.named_parameters()}
+    got = Streamlined(eager, weight_var=variances, activation_covariance=mode).predict(ids)
+    expected = Streamlined(fused, weight_var=variances, activation_covariance=mode).predict(ids)
+    torch.testing.assert_close(got.mean, expected.mean, rtol=0, atol=1e-12)
+    torch.testing.assert_close(got.cov, expected.cov, rtol=1e-10, atol=1e-14)
