@@ -59,7 +59,7 @@ def _jacobian_sandwich(model: nn.Module, x: torch.Tensor, input_var: torch.Tenso
 @pytest.mark.parametrize("name", sorted(EXACT_OPS) + sorted(DIAGONAL_ONLY_OPS))
 def test_attention_op_rule_is_the_jacobian_sandwich(name: str, mode: str) -> None:
     if mode == "full" and name in DIAGONAL_ONLY_OPS:
-        pytest.skip("diagonal mode only (see test_split_in_full_mode_names_the_fix)")
+        pytest.skip("diagonal mode only (see test_split_in_full_mode_dropout_and_shared_value_in_attention_name_the_fix)")
     model = Op({**EXACT_OPS, **DIAGONAL_ONLY_OPS}[name])
     x = torch.randn(3, 2, 4, 4, dtype=DTYPE, generator=torch.Generator().manual_seed(0))
     input_var = torch.rand(x.shape, dtype=DTYPE, generator=torch.Generator().manual_seed(1)) + 0.1
@@ -81,13 +81,15 @@ def test_scores_of_two_random_activations_are_taken_from_the_means() -> None:
     assert float(pred.var.abs().max()) == 0.0
 
 
-def test_split_in_full_mode_and_dropout_in_attention_name_the_fix() -> None:
+def test_split_in_full_mode_dropout_and_shared_value_in_attention_name_the_fix() -> None:
     x = torch.randn(2, 2, 4, 4, dtype=DTYPE)
     with pytest.raises(UnsupportedOpError, match=r"chunk.*full mode.*x\[\.\.\., a:b\]"):
         Streamlined(Op(DIAGONAL_ONLY_OPS["chunk"]), weight_var={}, activation_covariance="full").input_sensitivity(
             x, 0.1)
     with pytest.raises(UnsupportedOpError, match="dropout_p > 0"):
         Streamlined(Op(lambda t: _sdpa(t, dropout_p=0.1)), weight_var={}).input_sensitivity(x, 0.1)
+    with pytest.raises(UnsupportedOpError, match="shared_value.*attention='independent'"):
+        Streamlined(Op(_sdpa), weight_var={}, attention="shared_value").input_sensitivity(x, 0.1)
 
 
 class TinyEncoder(nn.Module):

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from posthoc.streamlined.moments import Moments
-from posthoc.streamlined.rules.base import Context, advance, register_rule
+from posthoc.streamlined.rules.base import AttentionRule, Context, advance, register_rule
 from posthoc.streamlined.rules.ops import (
     MapStep,
     UnsupportedOpError,
@@ -99,13 +99,18 @@ def sdpa_rule(op: Callable[..., Any], args: tuple, kwargs: dict, ctx: Context) -
 
     Masks (boolean: True keeps; float: added to the scores) and ``is_causal`` as torch applies them; the mask is
     deterministic. Diagonal mode: Var = A² Var(V) (tokens independent, the authors' rule); full mode J Σ_V Jᵀ.
-    Raises UnsupportedOpError for dropout_p > 0, enable_gqa or a random mask. Cost: one attention on the means
+    Raises UnsupportedOpError for dropout_p > 0, enable_gqa, a random mask, or ``attention="shared_value"`` in
+    diagonal mode (that rule needs the value projection, which is a separate node here). Cost: one attention on the means
     plus one A² V product.
     """
     bound = dict(zip(_SDPA_ARGS, args, strict=False)) | kwargs
     if float(bound.get("dropout_p", 0.0)) != 0.0 or bound.get("enable_gqa", False):
         raise UnsupportedOpError("scaled_dot_product_attention with dropout_p > 0 or enable_gqa; predict with "
                                  "dropout off (dropout_p=0.0 when not training)")
+    if not ctx.full and ctx.attention is AttentionRule.SHARED_VALUE:
+        raise UnsupportedOpError("attention='shared_value' is a rule of posthoc's MultiHeadSelfAttention block; "
+                                 "scaled_dot_product_attention on traced projections takes the independent-token "
+                                 "rule: pass attention='independent', or activation_covariance='full'")
     mask = bound.get("attn_mask")
     if is_random(mask):
         raise UnsupportedOpError("scaled_dot_product_attention with a random attn_mask")
