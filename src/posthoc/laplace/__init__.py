@@ -4,12 +4,14 @@ Over all weights, the last layer or a subnetwork, of any model (:mod:`posthoc.ne
 """
 
 from posthoc.laplace.function_space import exact_lla
+from posthoc.laplace.functional import FunctionalLaplace
 from posthoc.laplace.laplace import Laplace, PredType, PriorOptimization
 from posthoc.laplace.structures import STRUCTURES, HessianStructure, get_structure, register_structure
 from posthoc.network.subset import ParameterSubset, SubsetOfWeights
 
 __all__ = [
     "Laplace",
+    "FunctionalLaplace",
     "PredType",
     "PriorOptimization",
     "HessianStructure",
