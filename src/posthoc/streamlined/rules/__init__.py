@@ -15,8 +15,10 @@ approximations are the linearisation of nonlinear layers at the mean (activation
 LayerNorm, attention weights) and, in diagonal mode, the dropped covariances.
 
 The rules live by layer family (:mod:`.affine`: Linear, Conv2d; :mod:`.activations`: element-wise
-activations, Identity, Dropout, Flatten; :mod:`.pooling`; :mod:`.normalisation`: BatchNorm, LayerNorm) on
-the core in :mod:`.base`, with the rules for the ops of traced graphs in :mod:`.ops`; importing this package
+activations, Identity, Dropout, Flatten; :mod:`.pooling`; :mod:`.normalisation`: BatchNorm, LayerNorm;
+:mod:`.embedding`: Embedding; :mod:`.layers`: Conv1d, transformers' Conv1D, GroupNorm, functional layer_norm /
+group_norm) on the core in :mod:`.base`, with the rules for the ops of traced graphs in :mod:`.ops` and
+:mod:`.attention` (matmul, softmax, scaled_dot_product_attention, split); importing this package
 registers them all in the one registry :data:`RULES` (keyed by module type, function or tensor-method name).
 Attention and residual blocks are graphs of these rules (:mod:`posthoc.streamlined.walk`).
 """
