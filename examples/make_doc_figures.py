@@ -15,7 +15,8 @@ from pathlib import Path
 
 EXAMPLES_DIR = Path(__file__).resolve().parent
 DOC_FIGURES = EXAMPLES_DIR.parent / "docs" / "assets" / "examples"
-EXAMPLES = ("regression_1d", "classification_calibration", "scalla_context", "streamlined_pretrained", "fiber_toy")
+EXAMPLES = ("regression_1d", "classification_calibration", "scalla_context", "streamlined_pretrained", "fiber_toy",
+            "continual_learning", "bayesopt", "llm_lora")
 
 
 def main(names: list[str]) -> None:

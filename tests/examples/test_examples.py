@@ -23,6 +23,9 @@ FIGURES = {
     "scalla_context": ["scalla_context.png"],
     "streamlined_pretrained": ["streamlined_reliability.png"],
     "fiber_toy": ["fiber_toy.png"],
+    "continual_learning": ["continual_learning.png"],
+    "bayesopt": ["bayesopt.png"],
+    "llm_lora": ["llm_lora_reliability.png"],
 }
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
