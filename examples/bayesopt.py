@@ -1,6 +1,6 @@
 """Bayesian optimisation of a 1-D function with a Laplace MLP surrogate and an acquisition optimised by gradient.
 
-    .venv/bin/python examples/bayesopt.py            # about a minute (12 rounds)
+    .venv/bin/python examples/bayesopt.py            # a few minutes (12 rounds)
     .venv/bin/python examples/bayesopt.py --quick    # seconds (3 rounds, fewer training steps)
 
 The objective is a multimodal 1-D function on [-2, 2] (its maximum, found on a fine grid, is the target). Each
