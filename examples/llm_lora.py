@@ -153,7 +153,7 @@ def main() -> None:
         results[f"{key}_ece"] = metrics.ece(probs, labels)
         bins["MAP (LoRA)" if key == "map" else "Laplace on the adapters"] = metrics.calibration_bins(probs, labels)
     results["prior_precision"] = float(la.prior_precision.mean())
-    save_figure(reliability_diagram(bins, title="GPT-2-style classifier, synthetic sentiment, held-out"),
+    save_figure(reliability_diagram(bins, title="GPT-2 + LoRA, synthetic sentiment, held-out"),
                 args.out / "llm_lora_reliability.png")
     write_metrics(args.out, "llm_lora", results)
 
