@@ -91,6 +91,35 @@ class InputPool:
         x = place(select(self.inputs, index), self.device, self.dtype)
         return check_finite_inputs(x, f"{self.name} inputs")
 
+    @classmethod
+    def of_tensor(cls, inputs: torch.Tensor, name: str, dtype: torch.dtype, device: torch.device) -> "InputPool":
+        """A pool holding the tensor ``inputs`` (N, ...) as they are (no loader read)."""
+        pool = cls.__new__(cls)
+        pool.inputs, pool.name, pool.dtype, pool.device = inputs, name, dtype, device
+        return pool
+
+
+def jittered_pool(train_pool: InputPool, n_points: int, scale: float, seed: int) -> InputPool | None:
+    """``n_points`` training inputs drawn with replacement plus Gaussian noise, as a pool named "jittered".
+
+    The noise of each input feature has standard deviation ``scale`` times that feature's standard deviation over
+    the training inputs. The default ScaLLA fills its target set with these when it has no context points and
+    fewer training inputs than ``n_target_points`` (benchmarks/results/scalla_defaults.md): a surrogate fitted on
+    150 points in 20 dimensions learned the kernel there but not between them. Seeded by ``seed`` alone (the global
+    RNG is untouched). Returns None where there is nothing to add or noise has no meaning: ``n_points`` or
+    ``scale`` <= 0, fewer than two training inputs, or inputs that are not one floating tensor (token ids,
+    tuples, mappings). Cost: O(n_points x input size) memory and time.
+    """
+    x = train_pool.inputs
+    if (n_points <= 0 or scale <= 0 or not isinstance(x, torch.Tensor) or not x.is_floating_point()
+            or batch_size(x) < 2):
+        return None
+    generator = torch.Generator().manual_seed(seed)
+    index = torch.randint(batch_size(x), (n_points,), generator=generator)
+    noise = torch.randn((n_points, *x.shape[1:]), generator=generator, dtype=x.dtype).to(x.device)
+    jittered = x[index.to(x.device)] + scale * x.std(0, keepdim=True) * noise
+    return InputPool.of_tensor(jittered, "jittered", train_pool.dtype, train_pool.device)
+
 
 def _example_shape(x: ModelInputs) -> Any:
     """``x.shape[1:]`` for a tensor; the same structure with each leaf's ``shape[1:]`` for a tuple or mapping."""
@@ -125,3 +154,23 @@ def check_fitted_shape(x: ModelInputs, spec: InputSpec | None, name: str) -> Non
     if input_spec(x) != spec:
         raise ValueError(f"{name} must have the structure of the inputs ScaLLA was fitted on, {describe(spec)}; "
                          f"got {describe(input_spec(x))}")
+
+
+def context_pool_of(context_loader: Iterable | None, train_pool: InputPool, n_target_points: int, jitter: float,
+                    seed: int, dict_key_x: str = "input_ids", dict_key_y: str = "labels") -> InputPool | None:
+    """ScaLLA's context pool: the context loader's inputs, else (``jitter`` > 0) :func:`jittered_pool`'s fill.
+
+    Without a context loader the fill tops the target set up to ``n_target_points`` inputs (None if the training
+    inputs already fill it or cannot be jittered).
+
+    Raises:
+        ValueError: context inputs shaped unlike the training inputs, or an empty context loader.
+    """
+    if context_loader is None:
+        return jittered_pool(train_pool, n_target_points - len(train_pool), jitter, seed)
+    pool = InputPool(context_loader, "context", train_pool.dtype, train_pool.device, dict_key_x, dict_key_y)
+    if pool.example_shape != train_pool.example_shape:
+        shown = [batch_shape(s) if is_tensor_spec(s) else str(s) for s in (pool.example_shape, train_pool.example_shape)]
+        raise ValueError(f"context inputs have shape {shown[0]} but training inputs {shown[1]}; context points must "
+                         "be valid inputs of the network (token inputs padded to the training inputs' length)")
+    return pool
