@@ -7,6 +7,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from posthoc.scalla import ScaLLA
 from posthoc.scalla.pools import InputPool, jittered_pool
+from posthoc.scalla.training import FILLED_TARGETS_LR, TrainSettings, fit_settings
 
 DTYPE = torch.float64
 
@@ -68,3 +69,14 @@ def test_fit_without_context_fills_the_targets_with_jittered_inputs():
 def test_negative_target_jitter_is_refused():
     with pytest.raises(ValueError, match="target_jitter must be >= 0"):
         ScaLLA(nn.Linear(2, 2), "classification", target_jitter=-0.1)
+
+
+def test_default_lr_is_3e_3_with_jittered_targets_only():
+    x = torch.randn(10, 2, dtype=DTYPE)
+    settings = TrainSettings()
+    jittered = jittered_pool(_pool(x), 5, 1.0, seed=0)
+    assert fit_settings(settings, None, True, jittered).lr == FILLED_TARGETS_LR == 3e-3
+    assert fit_settings(settings, None, True, None).lr == 1e-3
+    assert fit_settings(settings, None, True, InputPool.of_tensor(x, "context", DTYPE, torch.device("cpu"))).lr == 1e-3
+    assert fit_settings(settings, 7, False, jittered).lr == 1e-3 and fit_settings(settings, 7, False, None).steps == 7
+    assert ScaLLA(nn.Linear(2, 2), "classification", lr=2e-2).default_lr is False

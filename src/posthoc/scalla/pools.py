@@ -170,7 +170,8 @@ def context_pool_of(context_loader: Iterable | None, train_pool: InputPool, n_ta
         return jittered_pool(train_pool, n_target_points - len(train_pool), jitter, seed)
     pool = InputPool(context_loader, "context", train_pool.dtype, train_pool.device, dict_key_x, dict_key_y)
     if pool.example_shape != train_pool.example_shape:
-        shown = [batch_shape(s) if is_tensor_spec(s) else str(s) for s in (pool.example_shape, train_pool.example_shape)]
+        shown = [batch_shape(s) if is_tensor_spec(s) else str(s)
+                 for s in (pool.example_shape, train_pool.example_shape)]
         raise ValueError(f"context inputs have shape {shown[0]} but training inputs {shown[1]}; context points must "
                          "be valid inputs of the network (token inputs padded to the training inputs' length)")
     return pool

@@ -53,7 +53,7 @@ from posthoc.scalla.posterior import LatentPosterior, batch_precision
 from posthoc.scalla.rank_checks import SAME_LOADERS, check_not_sharded, input_digest
 from posthoc.scalla.state import restore_scalla_state, scalla_state
 from posthoc.scalla.surrogate import HIDDEN, FeatureMap, SurrogateInit, build_default_surrogate
-from posthoc.scalla.training import InputPool, SurrogateTrainer, TrainSettings, n_context_features
+from posthoc.scalla.training import InputPool, SurrogateTrainer, TrainSettings, fit_settings, n_context_features
 from posthoc.utils.checks import check_choice, check_positive_int
 from posthoc.utils.modes import eval_mode
 
@@ -98,6 +98,7 @@ class ScaLLA:
             paper's (K - Q)^2 with fresh Rademacher probes); see posthoc.scalla.training.
         steps: training steps; this and batch_size, n_probes, lr, lr_schedule, n_target_points, directions,
             eigen_subsample and checkpoint_every are the training settings (posthoc.scalla.training.TrainSettings).
+            lr None: 3e-3 when jittered inputs fill the targets, else 1e-3 (posthoc.scalla.training.fit_settings).
         seed: seeds everything random in training (init, batches, probes, directions).
         dict_key_x: for mapping batches (dict, UserDict, HF BatchEncoding), Laplace's (and laplace-torch's)
             meaning: the entry that gives the batch size (default "input_ids").
@@ -119,11 +120,11 @@ class ScaLLA:
     ``seed`` gives the same kernel bit for bit, whatever the global RNG.
 
     Defaults: "directions" with the top 100 GGN eigenvectors (Lanczos on 200 training points), 2,000 target points
-    (half train, half context), 3,000 Adam steps of 64 points (half train, half context targets), lr 1e-3 with
-    cosine decay, trunk initialised from the model, a 200-unit hidden layer; without context points, training inputs
-    with noise fill the targets (``target_jitter``). Cost ("directions"): a Lanczos run of
-    GGN products on ``eigen_subsample`` points (two JVP evaluations per point per product; ``directions=
-    "rademacher"`` skips it), then one JVP evaluation per target point and direction, once; the steps spend none.
+    (half train, half context; without context points jittered training inputs, ``target_jitter``), 3,000 Adam steps
+    of 64 points (half train, half context targets), lr 1e-3 (3e-3 with jittered targets) with cosine decay, trunk
+    initialised from the model, a 200-unit hidden layer. Cost ("directions"): a Lanczos run of GGN products on
+    ``eigen_subsample`` points (two JVP evaluations per point per product; ``directions="rademacher"`` skips it),
+    then one JVP evaluation per target point and direction, once; the steps spend none.
     Memory beyond the network and data: the targets take a few directions at a time (posthoc.scalla.directions):
     Rademacher directions are redrawn per chunk, about 20 float32 P-vectors in all whatever m (measured on
     1.1M- and 4.2M-parameter MLPs with m = 100; 420 before); "eigen" keeps its m eigenvectors and, during
@@ -145,7 +146,7 @@ class ScaLLA:
         steps: int = 3000,
         batch_size: int = 64,
         n_probes: int = 1,
-        lr: float = 1e-3,
+        lr: float | None = None,
         lr_schedule: str = "cosine",
         n_target_points: int = 2000,
         directions: str = "eigen",
@@ -177,15 +178,15 @@ class ScaLLA:
         self.surrogate_hidden = HIDDEN if surrogate_hidden is None else surrogate_hidden
         if not target_jitter >= 0:
             raise ValueError(f"target_jitter must be >= 0 (0 turns the filling off), got {target_jitter}")
-        self.target_jitter = float(target_jitter)
+        self.target_jitter, self.default_lr = float(target_jitter), lr is None
         self._user_surrogate = surrogate
         self.surrogate: nn.Module | None = None
         self.call = ModelCall(model, mapping_call, output_fn)
         self.subset = ParameterSubset(model, "all", model_call=self.call)
         self.settings = TrainSettings(objective=objective, steps=steps, batch_size=batch_size, n_probes=n_probes,
-                                      lr=lr, lr_schedule=lr_schedule, n_target_points=n_target_points,
-                                      directions=directions, eigen_subsample=eigen_subsample,
-                                      checkpoint_every=checkpoint_every, seed=seed)
+                                      lr=TrainSettings.lr if lr is None else lr, lr_schedule=lr_schedule,
+                                      n_target_points=n_target_points, directions=directions,
+                                      eigen_subsample=eigen_subsample, checkpoint_every=checkpoint_every, seed=seed)
         self.factors = OutputFactors(self.likelihood, CurvatureType.GGN)
         self.dict_key_x, self.dict_key_y, self.progress = dict_key_x, dict_key_y, progress
         self.prior_precision = prior_precision
@@ -282,8 +283,7 @@ class ScaLLA:
                     if pool is not None:
                         check_same_on_all_ranks(input_digest(pool.inputs), f"the {pool.name} inputs",
                                                 fix=SAME_LOADERS)
-            settings = (self.settings if steps is None
-                        else TrainSettings(**{**self.settings.__dict__, "steps": steps}))
+            settings = fit_settings(self.settings, steps, self.default_lr, context_pool)
             self.surrogate = self._build_surrogate(self.example_input)
             trainer = SurrogateTrainer(self.surrogate, self.subset, self.likelihood, train_pool, context_pool,
                                        settings, biased=self.biased, checkpoint=checkpoint, progress=self.progress,
