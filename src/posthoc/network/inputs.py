@@ -158,16 +158,21 @@ def input_spec(x: ModelInputs) -> InputSpec:
     return tree_map(lambda t: ("ndim", t.ndim) if isinstance(t, torch.Tensor) else None, x)
 
 
-def check_like(x: ModelInputs, spec: InputSpec, what: str, fitted: bool) -> None:
+def check_like(x: ModelInputs, spec: InputSpec, what: str, fitted: bool, *, estimator: str | None = None) -> None:
     """Raise ValueError unless ``x`` matches ``spec`` (see :func:`input_spec`).
 
-    A tensor spec: ``fitted`` asks for the same number of dimensions (prediction), otherwise the same example
-    shape (every training batch). A container spec: same structure and the same rank per leaf.
+    A tensor spec: ``fitted`` asks for the same number of dimensions (prediction), or, with ``estimator`` named,
+    the same example shape; otherwise the same example shape (every training batch). A container spec: same
+    structure and the same rank per leaf. ``estimator`` names the fitted object in the messages.
     """
+    fitted_on = f"the inputs {estimator} was fitted on" if estimator else "the training inputs"
     if isinstance(spec, tuple) and all(isinstance(s, int) for s in spec):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{what} must be a torch.Tensor of shape {batch_shape(spec)} like the training inputs, "
                             f"got {type(x).__name__}")
+        if fitted and estimator is not None and tuple(x.shape[1:]) != spec:
+            raise ValueError(f"{what} must have shape {batch_shape(spec)}, the shape of {fitted_on}; "
+                             f"got {tuple(x.shape)}")
         if fitted and x.ndim != len(spec) + 1:
             raise ValueError(f"{what} must have shape {batch_shape(spec)} like the training "
                              f"inputs (a batch, even of one example), got {tuple(x.shape)}")
@@ -176,7 +181,7 @@ def check_like(x: ModelInputs, spec: InputSpec, what: str, fitted: bool) -> None
                              f"{batch_shape(spec)}; every batch must have the same input shape")
         return
     if input_spec(x) != spec:
-        raise ValueError(f"{what} must have the structure of the training inputs {describe(spec)} (the same keys or "
+        raise ValueError(f"{what} must have the structure of {fitted_on} {describe(spec)} (the same keys or "
                          f"positions, each tensor with the same number of dimensions), got {describe(input_spec(x))}")
 
 

@@ -14,14 +14,11 @@ from torch.utils.data import BatchSampler, RandomSampler, SequentialSampler, Ten
 
 from posthoc.network.batches import split_batch
 from posthoc.network.inputs import (
-    InputSpec,
     ModelInputs,
     as_model_inputs,
     batch_size,
     check_finite_inputs,
     concat,
-    describe,
-    input_spec,
     place,
     select,
 )
@@ -131,29 +128,6 @@ def _example_shape(x: ModelInputs) -> Any:
 def is_tensor_spec(spec: Any) -> bool:
     """Whether an input shape is one tensor's example shape (a tuple of ints), not a tuple/mapping's spec."""
     return isinstance(spec, tuple) and all(isinstance(d, int) for d in spec)
-
-
-def check_fitted_shape(x: ModelInputs, spec: InputSpec | None, name: str) -> None:
-    """Raise unless ``x`` is shaped like the training inputs whose :func:`input_spec` is ``spec`` (None: no check).
-
-    A tensor needs the same example shape; a tuple or mapping the same structure and per-leaf ranks.
-
-    Raises:
-        TypeError: a tuple or mapping where the training inputs were a tensor. ValueError: another shape.
-    """
-    if spec is None:
-        return
-    if is_tensor_spec(spec):
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor of shape {batch_shape(spec)} like the training "
-                            f"inputs, got {type(x).__name__}")
-        if tuple(x.shape[1:]) != spec:
-            raise ValueError(f"{name} must have shape {batch_shape(spec)}, the shape "
-                             f"of the inputs ScaLLA was fitted on; got {tuple(x.shape)}")
-        return
-    if input_spec(x) != spec:
-        raise ValueError(f"{name} must have the structure of the inputs ScaLLA was fitted on, {describe(spec)}; "
-                         f"got {describe(input_spec(x))}")
 
 
 def context_pool_of(context_loader: Iterable | None, train_pool: InputPool, n_target_points: int, jitter: float,

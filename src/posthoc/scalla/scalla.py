@@ -31,6 +31,7 @@ from posthoc.network.inputs import (
     ModelCall,
     ModelInputs,
     batch_size,
+    check_like,
     input_spec,
     take,
 )
@@ -48,7 +49,7 @@ from posthoc.predictive.tuning import (
     validation_nll_sum,
 )
 from posthoc.scalla import objectives
-from posthoc.scalla.pools import check_fitted_shape, context_pool_of
+from posthoc.scalla.pools import context_pool_of
 from posthoc.scalla.posterior import LatentPosterior, batch_precision
 from posthoc.scalla.rank_checks import SAME_LOADERS, check_not_sharded, input_digest
 from posthoc.scalla.state import restore_scalla_state, scalla_state
@@ -306,9 +307,8 @@ class ScaLLA:
         self.subset.check_current("fit the ScaLLA posterior")
         check_not_sharded(train_loader)
         surrogate.eval()
-        m = self.n_latent
-        precision = torch.zeros(m, m, dtype=self.subset.dtype, device=self.subset.device)
-        stat = torch.zeros((), dtype=self.subset.dtype, device=self.subset.device)
+        precision = torch.zeros(self.n_latent, self.n_latent, dtype=self.subset.dtype, device=self.subset.device)
+        stat = precision.new_zeros(())
         n_data, n_seen, digest = 0, 0, torch.zeros(4, dtype=torch.float64)
         for x, y in tqdm(self._batches(train_loader), desc="ScaLLA posterior", disable=not self.progress, leave=False):
             self._check_shape(x, "training inputs")
@@ -346,9 +346,9 @@ class ScaLLA:
             self.subset.check_current(action)
         return self.posterior
 
-    # ----------------------------------------------------------------- prediction
     def _check_shape(self, x: ModelInputs, name: str) -> None:
-        check_fitted_shape(x, self.input_shape, name)
+        if self.input_shape is not None:
+            check_like(x, self.input_shape, name, fitted=True, estimator="ScaLLA")
 
     def _inputs(self, x: Any, name: str) -> ModelInputs:
         """The inputs x (tensor, tuple or mapping; a mapping's target entry dropped) placed, checked and shaped."""
