@@ -26,3 +26,11 @@ def test_unknown_suite_is_an_argparse_error(capsys):
 def test_train_embedded_one_epoch(capsys, tmp_path):
     assert main(["train", "--epochs", "1", "--checkpoint-dir", str(tmp_path), "--no-progress"]) == 0
     assert "test accuracy" in capsys.readouterr().out
+
+
+def test_every_demo_row_says_what_it_is_for():
+    from posthoc.bench.methods import METHODS
+    from posthoc.cli.main import DEMO_METHODS, DEMO_ROLES
+
+    assert DEMO_METHODS == tuple(DEMO_ROLES)
+    assert all(name in METHODS and len(role) > 20 for name, role in DEMO_ROLES.items())
