@@ -9,7 +9,7 @@ from typing import Callable
 
 import torch
 from torch import nn
-from torch.func import functional_call, vmap
+from torch.func import functional_call, jacrev, vmap
 
 N_SAMPLES = 20_000
 CHUNK = 2_000
@@ -80,3 +80,15 @@ def mean_field_sampler(model: nn.Module, variances: dict[str, torch.Tensor]) -> 
 def total_ratio(var: torch.Tensor, reference: MCMoments) -> float:
     """Σ var / Σ var_MC over all examples and outputs."""
     return float(var.sum() / reference.var.sum())
+
+
+def assert_input_sandwich(pred, model: nn.Module, x: torch.Tensor, input_var: torch.Tensor, mode: str) -> None:
+    """The propagated input noise equals the exact J diag(input_var) Jᵀ per example (its diagonal in "diagonal" mode),
+    and the mean equals model(x)."""
+    torch.testing.assert_close(pred.mean, model(x), rtol=0, atol=1e-12)
+    for b in range(x.shape[0]):
+        jac = jacrev(model)(x[b:b + 1]).reshape(pred.mean.shape[1], -1)
+        expected = (jac * input_var[b].reshape(1, -1)) @ jac.T
+        got = pred.cov[b] if mode == "full" else pred.var[b]
+        torch.testing.assert_close(got, expected if mode == "full" else torch.diagonal(expected),
+                                   rtol=1e-10, atol=1e-12)
