@@ -13,8 +13,7 @@ entropy histograms of both methods.
 from __future__ import annotations
 
 import torch
-from example_io import parse_args, write_metrics
-from torch.utils.data import TensorDataset
+from example_io import first, parse_args, write_metrics
 
 import posthoc
 from posthoc import metrics
@@ -22,11 +21,6 @@ from posthoc.data import get_suite, make_loader
 from posthoc.models import build_model
 from posthoc.models.training import TrainConfig, train_map
 from posthoc.plots import ood_histograms, reliability_diagram, save_figure
-
-
-def first(dataset: TensorDataset, n: int) -> TensorDataset:
-    """The first n examples of a TensorDataset, as a TensorDataset."""
-    return TensorDataset(*(t[:n] for t in dataset.tensors))
 
 
 def main() -> None:

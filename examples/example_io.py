@@ -11,6 +11,8 @@ import json
 import math
 from pathlib import Path
 
+from torch.utils.data import TensorDataset
+
 DEFAULT_OUT = Path(__file__).resolve().parent / "figures"
 
 
@@ -53,3 +55,8 @@ def write_metrics(out: Path, name: str, metrics: dict[str, float]) -> Path:
     path = out / f"{name}.json"
     path.write_text(json.dumps({key: float(value) for key, value in metrics.items()}, indent=2) + "\n")
     return path
+
+
+def first(dataset: TensorDataset, n: int) -> TensorDataset:
+    """The first n examples of a TensorDataset, as a TensorDataset."""
+    return TensorDataset(*(t[:n] for t in dataset.tensors))

@@ -16,8 +16,7 @@ from __future__ import annotations
 import time
 
 import torch
-from example_io import parse_args, write_metrics
-from torch.utils.data import TensorDataset
+from example_io import first, parse_args, write_metrics
 
 import posthoc
 from posthoc import metrics
@@ -25,11 +24,6 @@ from posthoc.data import get_suite, make_loader
 from posthoc.models import build_model
 from posthoc.models.training import TrainConfig, train_map
 from posthoc.plots import reliability_diagram, save_figure
-
-
-def first(dataset: TensorDataset, n: int) -> TensorDataset:
-    """The first n examples of a TensorDataset, as a TensorDataset."""
-    return TensorDataset(*(t[:n] for t in dataset.tensors))
 
 
 def main() -> None:
