@@ -2,7 +2,8 @@
 
 - weights changed after the Laplace fit (the propagated mean is the new network, the covariance the old
   posterior's): predict raises;
-- the Laplace refitted or retuned after Streamlined read it: predict raises instead of using the old covariance;
+- the Laplace refitted or retuned after Streamlined read it: the next prediction reads the new posterior (never
+  the old covariance), and raises if a variance scale was fitted to the old one;
 - a model left in train mode (Dropout, BatchNorm): predictions are the eval-mode network's and every module's
   train/eval flag is given back as found;
 - fit_variance_scale takes the dict_key_x / dict_key_y its error message suggests.
@@ -72,20 +73,53 @@ def test_weights_changed_after_fit_raise(structure):
     torch.testing.assert_close(after.cov, before.cov, rtol=0, atol=0)
 
 
-def test_laplace_retuned_after_build_raises():
+@pytest.mark.parametrize("structure", ["diag", "kron"])
+def test_laplace_retuned_after_build_takes_effect(structure):
+    """Tuning the prior (or refitting) after building Streamlined is read at the next prediction: the same
+    predictive as a Streamlined built after the tuning, and not the one of the old prior."""
+    model, la, x = _fitted(structure)
+    sp = posthoc.Streamlined(model, posterior=la)
+    var_before = sp.predict(x[:8]).var
+    la.prior_precision = 100.0
+    fresh = posthoc.Streamlined(model, posterior=la).predict(x[:8])
+    tuned = sp.predict(x[:8])
+    torch.testing.assert_close(tuned.cov, fresh.cov, rtol=0, atol=0)
+    assert bool((tuned.var < 0.2 * var_before).all())  # a 100x prior shrinks the output variance
+    la.prior_precision = 1.0
+    torch.testing.assert_close(sp.predict(x[:8]).var, var_before, rtol=0, atol=0)
+    # refitted on other data: a new curvature object, read again
+    la.fit(DataLoader(TensorDataset(*_data(64, 3)), batch_size=32))
+    torch.testing.assert_close(sp.predict(x[:8]).cov, posthoc.Streamlined(model, posterior=la).predict(x[:8]).cov,
+                               rtol=0, atol=0)
+
+
+def test_regression_noise_follows_the_laplace_unless_given():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    x = torch.randn(40, 4)
+    y = x[:, :1] + 0.1 * torch.randn(40, 1)
+    la = posthoc.Laplace(model, "regression", hessian_structure="diag", sigma_noise=0.5)
+    la.fit(DataLoader(TensorDataset(x, y), batch_size=20))
+    following = posthoc.Streamlined(model, posterior=la)
+    pinned = posthoc.Streamlined(model, posterior=la, sigma_noise=0.3)
+    la.sigma_noise = 0.2
+    following.predict(x[:4])
+    pinned.predict(x[:4])
+    assert following.sigma_noise == pytest.approx(0.2)
+    assert pinned.sigma_noise == pytest.approx(0.3)
+
+
+def test_retuned_after_fit_variance_scale_raises():
     model, la, x = _fitted()
     sp = posthoc.Streamlined(model, posterior=la)
-    la.prior_precision = 100.0
-    with pytest.raises(RuntimeError, match="build\\s+Streamlined\\(model, posterior=la\\) again"):
+    sp.fit_variance_scale(DataLoader(TensorDataset(*_data(32, 1)), batch_size=16))
+    assert sp.variance_scale != 1.0
+    la.prior_precision = 10.0
+    with pytest.raises(RuntimeError, match=r"fit_variance_scale\(val_loader\) again"):
         sp.predict(x[:8])
-    # built again, it propagates the new posterior: a 100x prior shrinks the output variance
-    var_new = posthoc.Streamlined(model, posterior=la).predict(x[:8]).var
-    la.prior_precision = 1.0
-    var_old = sp.predict(x[:8]).var  # the posterior it was built from again: no error
-    assert bool((var_new < 0.2 * var_old).all())
-    la.fit(DataLoader(TensorDataset(*_data()), batch_size=32))  # refit: a new curvature object
-    with pytest.raises(RuntimeError, match="refitted"):
-        sp.predict(x[:8])
+    sp.variance_scale = 1.0
+    torch.testing.assert_close(sp.predict(x[:8]).cov, posthoc.Streamlined(model, posterior=la).predict(x[:8]).cov,
+                               rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("mode", ["diagonal", "full"])

@@ -46,10 +46,12 @@ class Streamlined:
             layer or op raises an error naming it and register_rule. Full mode keeps the
             branch/skip covariance at every residual join (:mod:`posthoc.streamlined.joint`).
         posterior: a fitted :class:`~posthoc.laplace.Laplace` with a diag, kron, ekfac or full
-            structure (full: P <= 20,000, cross-layer covariances dropped), read when this object
-            is built: predictions raise RuntimeError if the model's weights changed since the
-            Laplace's fit, or if the Laplace was refitted or its prior precision or sigma_noise
-            changed since (build the Streamlined object again then). Or give
+            structure (full: P <= 20,000, cross-layer covariances dropped), read through its
+            per-layer covariance view (:mod:`posthoc.laplace.layer_covariance`) and read again at
+            the next prediction whenever it is refitted or its prior precision or sigma_noise
+            change (so ``optimize_prior_precision`` after building this object takes effect);
+            predictions raise RuntimeError if the model's weights changed since the Laplace's fit,
+            or if the posterior changed after :meth:`fit_variance_scale` fitted a scale to it. Or give
         weight_mean: with ``weight_var``, a mean-field posterior: dicts by parameter name or (P,)
             vectors in ``parameters_to_vector`` order; a missing ``weight_mean`` means the
             model's weights.
@@ -94,7 +96,7 @@ class Streamlined:
                 raise ValueError("give either posterior=<fitted Laplace> or weight_mean/weight_var, not both")
             self.model = model
             posterior.subset.check_current("build a Streamlined predictive from this Laplace")
-            self.posterior: WeightPosterior = from_laplace(model, posterior)
+            self._posterior: WeightPosterior = from_laplace(model, posterior)
             default_likelihood, default_sigma = posterior.likelihood, float(posterior.sigma_noise)
         else:
             if weight_var is None:
@@ -104,11 +106,12 @@ class Streamlined:
             if weight_mean is not None:
                 self.model = copy.deepcopy(model)
                 load_means(self.model, weight_mean)
-            self.posterior = from_mean_field(self.model, weight_var)
+            self._posterior = from_mean_field(self.model, weight_var)
             default_likelihood, default_sigma = Likelihood.CLASSIFICATION, 1.0
         self._laplace = posterior
-        # what the weight posterior was built from: compared at every prediction (see _check_laplace)
+        # what the weight posterior was read from: compared at every prediction (see _current_posterior)
         self._laplace_state = None if posterior is None else self._laplace_snapshot(posterior)
+        self._sigma_from_laplace = posterior is not None and sigma_noise is None
         self.likelihood = check_choice(likelihood if likelihood is not None else default_likelihood, Likelihood,
                                        "likelihood")
         self.sigma_noise = float(sigma_noise) if sigma_noise is not None else default_sigma
@@ -134,25 +137,42 @@ class Streamlined:
     def _laplace_snapshot(la: Laplace) -> tuple:
         return la.structure, la.prior_precision.detach().clone(), la.sigma_noise.detach().clone()
 
-    def _check_laplace(self, action: str) -> None:
-        """Raise RuntimeError if the Laplace posterior this object was built from is no longer the one it read.
+    @property
+    def posterior(self) -> WeightPosterior:
+        """The weight posterior propagated: a Laplace's is read again when its fit, prior or noise changed."""
+        return self._current_posterior("read the posterior")
 
-        The model's weights (the posterior mean) must be those of the Laplace's fit (its ParameterSubset's
-        check), and the Laplace must not have been refitted nor its prior precision or sigma_noise changed,
-        which would leave this object propagating the old covariance. Cost: the subset's check (version
-        counters, a hash of the weights only if some were written) and a comparison of the hyperparameters.
+    def _current_posterior(self, action: str) -> WeightPosterior:
+        """The weight posterior to propagate now, re-read from the Laplace if it changed since the last read.
+
+        A Laplace refitted, or its prior precision or sigma_noise changed (e.g. by optimize_prior_precision),
+        is read again through its per-layer covariance view, so tuning after building this object takes effect;
+        a ``sigma_noise`` not given to the constructor follows the Laplace's. Cost when nothing changed: the
+        subset's check (version counters, a hash of the weights only if some were written) and a comparison
+        of the hyperparameters.
+
+        Raises:
+            RuntimeError: the model's weights (the posterior mean) are no longer those of the Laplace's fit, or
+                the posterior changed after :meth:`fit_variance_scale` fitted a scale to the old one.
         """
         la, snapshot = self._laplace, self._laplace_state
         if la is None or snapshot is None:
-            return
+            return self._posterior
         la.subset.check_current(action)
         curvature, prior, sigma = snapshot
         same_prior = la.prior_precision.shape == prior.shape and torch.equal(la.prior_precision, prior)
-        if la.structure is not curvature or not same_prior or not torch.equal(la.sigma_noise, sigma):
+        if la.structure is curvature and same_prior and torch.equal(la.sigma_noise, sigma):
+            return self._posterior
+        if self.variance_scale != 1.0:
             raise RuntimeError(
-                f"cannot {action}: the Laplace posterior changed after this Streamlined object was built from it "
-                "(refitted, or prior_precision / sigma_noise changed, e.g. by optimize_prior_precision); build "
-                "Streamlined(model, posterior=la) again after tuning the Laplace")
+                f"cannot {action}: the Laplace posterior changed (refitted, or prior_precision / sigma_noise "
+                f"changed) after fit_variance_scale fitted variance_scale={self.variance_scale:.4g} to the old one; "
+                "call fit_variance_scale(val_loader) again, or set variance_scale = 1.0")
+        self._posterior = from_laplace(self.model, la)
+        self._laplace_state = self._laplace_snapshot(la)
+        if self._sigma_from_laplace:
+            self.sigma_noise = float(la.sigma_noise)
+        return self._posterior
 
     # ----------------------------------------------------------------- propagation
     def _context(self, posterior: WeightPosterior) -> Context:
@@ -181,10 +201,15 @@ class Streamlined:
         return check_finite(x, "x")
 
     @torch.no_grad()
-    def _propagate(self, x: object, input_var, posterior: WeightPosterior,
+    def _propagate(self, x: object, input_var, deterministic: bool = False,
                    action: str = "predict") -> tuple[torch.Tensor, torch.Tensor]:
-        """(mean (B, C), cov (B, C, C) or var (B, C)) of the eval-mode network, without the variance scale."""
-        self._check_laplace(action)
+        """(mean (B, C), cov (B, C, C) or var (B, C)) of the eval-mode network, without the variance scale.
+
+        ``deterministic``: the weights at their means (input noise only).
+        """
+        posterior = self._current_posterior(action)
+        if deterministic:
+            posterior = posterior.deterministic()
         x = self._check_x(x)
         with eval_mode(self.model):
             return self._propagate_eval(x, input_var, posterior)
@@ -239,14 +264,14 @@ class Streamlined:
         use ``.with_noise(sp.sigma_noise)`` for regression. Cost: diagonal mode with a
         diagonal posterior about 2-3 forward passes; full mode O(D²) per layer and example.
         """
-        mean, cov = self._propagate(x, input_var, self.posterior)
+        mean, cov = self._propagate(x, input_var)
         return scaled_gaussian(mean, cov, self.variance_scale)
 
     def input_sensitivity(self, x: torch.Tensor, input_var: float | torch.Tensor) -> GaussianPredictive:
         """The output covariance due to input noise alone (weights at their means), unscaled."""
         if input_var is None:
             raise ValueError("input_sensitivity needs input_var")
-        mean, cov = self._propagate(x, input_var, self.posterior.deterministic(), "compute input_sensitivity")
+        mean, cov = self._propagate(x, input_var, True, "compute input_sensitivity")
         return scaled_gaussian(mean, cov, 1.0)
 
     def fit_variance_scale(self, val_loader: Iterable, bounds: tuple[float, float] = (1e-3, 1e3),
@@ -261,12 +286,12 @@ class Streamlined:
 
         Raises ValueError for an empty loader, non-finite inputs or targets, labels out of range
         (classification) or targets of another width than the outputs (regression), and
-        RuntimeError if the Laplace posterior is stale (see the class docstring).
+        RuntimeError if the model's weights changed since the Laplace's fit (see the class docstring).
         """
         means, covs, targets = [], [], []
         batches = checked_batches(val_loader, self.likelihood, None, dict_key_x, dict_key_y, self._dtype, self._device)
         for x, y in batches:
-            mean, cov = self._propagate(x, None, self.posterior, "fit_variance_scale")
+            mean, cov = self._propagate(x, None, False, "fit_variance_scale")
             # the targets checked again now that the number of outputs C is known (labels in [0, C), width C)
             _, y = next(checked_batches([(x, y)], self.likelihood, mean.shape[-1], dict_key_x, dict_key_y,
                                         self._dtype, self._device))
@@ -283,4 +308,4 @@ class Streamlined:
         """The settings stored with a bench row: variance scale, modes and the posterior's description."""
         return {"variance_scale": self.variance_scale, "activation_covariance": self.mode.value,
                 "attention": self.attention.value, "layernorm": self.layernorm.value,
-                "posterior": self.posterior.description}
+                "posterior": self._posterior.description}

@@ -12,85 +12,29 @@ assumption); within a layer each parameter tensor has one of three forms:
   including weight-bias cross-covariances. Cross-layer covariances of a full Laplace are
   dropped, so the propagated moments are those of its layer-block-diagonal part.
 
-The means are the module's own parameters (the MAP for a Laplace posterior). These
-functions only read the Laplace object (its subset, prior, scale and curvature); the
-Kronecker eigenvalues are read from the curvature's ``_precision_eigenvalues`` (the same
-``s E + δ`` every Laplace prediction uses).
+The means are the module's own parameters (the MAP for a Laplace posterior). A Laplace posterior is
+read through its public per-layer view (:mod:`posthoc.laplace.layer_covariance`: the same ``s E + δ``
+every Laplace prediction uses), at the prior precision and noise it has when read.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Mapping, cast
+from typing import Mapping
 
 import torch
 from torch import nn
 
-from posthoc.laplace import Laplace, SubsetOfWeights
+from posthoc.laplace import Laplace
+from posthoc.laplace.layer_covariance import MAX_FULL_PARAMS, KronFactor, LayerCovariance, layer_covariances
 from posthoc.laplace.structures.diag import DiagCurvature
 from posthoc.laplace.structures.full import FullCurvature
 from posthoc.laplace.structures.kron import KronCurvature
 from posthoc.utils.checks import check_finite
 
-# Largest P for which a full Laplace's dense covariance (P x P) is formed.
-MAX_FULL_PARAMS = 20_000
-
-
-@dataclass
-class KronFactor:
-    """Cov of one parameter tensor in the Kronecker eigenbasis.
-
-    Weight: ``q_out`` (D_out, D_out), ``q_in`` (D_in, D_in), ``inv`` (D_out, D_in) = 1/(s E + δ).
-    Bias: ``q_in`` None and ``inv`` (D_out,).
-    """
-
-    q_out: torch.Tensor
-    q_in: torch.Tensor | None
-    inv: torch.Tensor
-
-    def dense_bias_cov(self) -> torch.Tensor:
-        """Q_G diag(inv) Q_G^T (D_out, D_out), for a bias factor."""
-        return (self.q_out * self.inv) @ self.q_out.T
-
-
-@dataclass
-class LayerPosterior:
-    """The posterior of one module's parameters; attributes absent from every field are deterministic.
-
-    ``diag``: attr -> variance (same shape as the parameter); ``kron``: attr -> KronFactor;
-    ``full``: (attrs in order, dense covariance over their concatenated flattened entries).
-    """
-
-    diag: dict[str, torch.Tensor] = field(default_factory=dict)
-    kron: dict[str, KronFactor] = field(default_factory=dict)
-    full: tuple[list[str], torch.Tensor] | None = None
-
-    def is_random(self, attr: str) -> bool:
-        """Whether the parameter ``attr`` (e.g. "weight") has a posterior variance in any of the three forms."""
-        return attr in self.diag or attr in self.kron or (self.full is not None and attr in self.full[0])
-
-    @property
-    def is_empty(self) -> bool:
-        """Whether no parameter of the layer is random."""
-        return not self.diag and not self.kron and self.full is None
-
-    def full_blocks(self, module: nn.Module) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-        """Split a full posterior over (weight, bias) of a Linear/Conv2d into its blocks.
-
-        Returns Cov(W) (C, K, C, K), Cov(W, b) (C, K, C) and Cov(b) (C, C), with K = the flattened input width; None
-        where absent.
-        """
-        assert self.full is not None
-        attrs, cov = self.full
-        sizes = [getattr(module, a).numel() for a in attrs]
-        parts = dict(zip(attrs, torch.split(torch.arange(cov.shape[0], device=cov.device), sizes), strict=True))
-        weight = cast(torch.Tensor, module.weight)
-        c_out, k = weight.shape[0], weight[0].numel()
-        w_idx, b_idx = parts.get("weight"), parts.get("bias")
-        cww = None if w_idx is None else cov[w_idx][:, w_idx].reshape(c_out, k, c_out, k)
-        cwb = None if w_idx is None or b_idx is None else cov[w_idx][:, b_idx].reshape(c_out, k, c_out)
-        cbb = None if b_idx is None else cov[b_idx][:, b_idx]
-        return cww, cwb, cbb
+# One layer's posterior as propagation reads it: the Laplace's per-layer covariance view, or a mean-field one.
+LayerPosterior = LayerCovariance
+__all__ = ["KronFactor", "LayerPosterior", "MAX_FULL_PARAMS", "WeightPosterior", "from_laplace", "from_mean_field",
+           "load_means"]
 
 
 class WeightPosterior:
@@ -147,64 +91,19 @@ def _join(prefix: str, name: str) -> str:
 
 
 def from_laplace(model: nn.Module, la: Laplace) -> WeightPosterior:
-    """Per-layer posteriors of a fitted diag / kron / ekfac / full :class:`~posthoc.laplace.Laplace`.
+    """Per-layer posteriors of a fitted diag / kron / ekfac / full Laplace, at its current prior and noise.
+
+    Read through :func:`posthoc.laplace.layer_covariance.layer_covariances`, keyed by module names of ``model``.
 
     Raises ValueError for other structures, a Laplace on another model, a full Laplace
     with more than MAX_FULL_PARAMS parameters, and ``subnetwork`` subsets with kron/full.
     """
-    curvature = la._require_fit()
-    subset = la.subset
-    prefix = _module_name(model, subset.module)
-    prior, scale = la.prior_precision, la.factors.scale(la.sigma_noise)
-    layers: dict[str, LayerPosterior] = {}
-
-    def layer(block) -> LayerPosterior:
-        return layers.setdefault(_join(prefix, block.layer_name), LayerPosterior())
-
-    if isinstance(curvature, DiagCurvature):
-        variance = curvature.posterior_variance(prior, scale).detach()
-        for block, positions in subset.block_slices_in_theta():
-            if positions.numel() == 0:
-                continue
-            full = torch.zeros(block.numel, dtype=variance.dtype, device=variance.device)
-            if subset.indices is None:
-                full = variance[positions]
-            else:  # a subnetwork: the uncovered entries of the tensor stay deterministic
-                full[subset.indices[positions] - block.offset] = variance[positions]
-            layer(block).diag[block.kind] = full.reshape(block.shape)
-        return WeightPosterior(model, layers, f"diagonal Laplace ({subset.kind.value})")
-    if subset.kind is SubsetOfWeights.SUBNETWORK:
-        raise ValueError("Streamlined supports subset_of_weights='subnetwork' with hessian_structure='diag' only")
-    if isinstance(curvature, KronCurvature):  # also EKFAC: same eigenbasis, corrected eigenvalues
-        kron, _ = curvature._precision_eigenvalues(prior, scale)
-        marginal = curvature.posterior_variance(prior, scale).detach()
-        covered = {blk.index: blk for blk in curvature.blocks}
-        for index, block in enumerate(subset.blocks):
-            if index in covered:
-                blk = covered[index]
-                layer(block).kron[block.kind] = KronFactor(blk.q_out.detach(),
-                                                           None if blk.q_in is None else blk.q_in.detach(),
-                                                           (1.0 / kron[index]).detach())
-            else:
-                layer(block).diag[block.kind] = marginal[block.slice].reshape(block.shape)
-        return WeightPosterior(model, layers, f"KFAC Laplace ({subset.kind.value})")
-    if isinstance(curvature, FullCurvature):
-        if subset.n_params > MAX_FULL_PARAMS:
-            raise ValueError(f"a full Laplace over {subset.n_params} parameters needs a dense P x P covariance; "
-                             f"Streamlined forms it only for P <= {MAX_FULL_PARAMS}: use "
-                             "subset_of_weights='last_layer' or a diag/kron structure")
-        precision = curvature.dense_precision(prior, scale).detach()
-        cov = torch.linalg.inv(precision)
-        cov = 0.5 * (cov + cov.T)
-        by_layer: dict[str, list] = {}
-        for block in subset.blocks:
-            by_layer.setdefault(block.layer_name, []).append(block)
-        for layer_name, blocks in by_layer.items():
-            rows = torch.cat([torch.arange(b.offset, b.offset + b.numel, device=cov.device) for b in blocks])
-            layers[_join(prefix, layer_name)] = LayerPosterior(full=([b.kind for b in blocks], cov[rows][:, rows]))
-        return WeightPosterior(model, layers, f"full Laplace ({subset.kind.value}), layer blocks")
-    raise ValueError(f"Streamlined supports Laplace structures diag, kron, ekfac and full; got "
-                     f"{type(curvature).__name__} ({la.structure_name!r})")
+    prefix = _module_name(model, la.subset.module)
+    layers = {_join(prefix, name): post for name, post in layer_covariances(la, MAX_FULL_PARAMS).items()}
+    structure = {DiagCurvature: "diagonal", KronCurvature: "KFAC", FullCurvature: "full"}
+    kind = next((name for cls, name in structure.items() if isinstance(la.structure, cls)), la.structure_name)
+    suffix = ", layer blocks" if isinstance(la.structure, FullCurvature) else ""
+    return WeightPosterior(model, layers, f"{kind} Laplace ({la.subset.kind.value}){suffix}")
 
 
 def _as_named(model: nn.Module, value: Mapping[str, torch.Tensor] | torch.Tensor, what: str
