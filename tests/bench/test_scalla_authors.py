@@ -1,0 +1,84 @@
+"""benchmarks/scalla_authors.py: stopping at a checkpoint, resuming across invocations, and the table."""
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from posthoc.models import MLP
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "scalla_authors.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("scalla_authors_benchmark", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop(spec.name, None)
+
+
+def _setup():
+    torch.manual_seed(0)
+    model = MLP(4, (8,), 3, "tanh", flatten=False).eval()
+    g = torch.Generator().manual_seed(1)
+    train = DataLoader(TensorDataset(torch.randn(40, 4, generator=g), torch.randint(3, (40,), generator=g)),
+                       batch_size=16)
+    context = DataLoader(TensorDataset(torch.randn(30, 4, generator=g) + 2.0), batch_size=16)
+    return model, train, context
+
+
+@pytest.mark.parametrize("biased", [False, True])
+def test_runs_cut_by_the_time_budget_resume_to_the_uninterrupted_result(bench, tmp_path, biased):
+    model, train, context = _setup()
+    whole, step, done = bench.train_variant(model, train, context, biased, tmp_path / "whole.pt", math.inf,
+                                            steps=30, checkpoint_every=10)
+    assert (step, done) == (30, True) and whole.posterior is not None
+    reached = []
+    for _ in range(3):  # a zero budget stops at the next checkpoint: one invocation per 10 steps
+        cut, step, done = bench.train_variant(model, train, context, biased, tmp_path / "cut.pt", 0.0,
+                                              steps=30, checkpoint_every=10)
+        reached.append((step, done))
+        if not done:
+            assert cut.posterior is None
+            assert bench.posterior_fitted(cut, train).posterior is not None
+    assert reached == [(10, False), (20, False), (30, True)]
+    for (name, a), b in zip(whole.surrogate.state_dict().items(), cut.surrogate.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    x = next(iter(train))[0]
+    assert torch.equal(whole.predict(x).cov, cut.predict(x).cov)
+    # the authors' settings: delta = 1, fresh trunk, their per-step batch
+    assert float(cut.prior_precision) == 1.0 and cut.surrogate_init.value == "fresh"
+    assert (cut.settings.batch_size, cut.settings.n_probes, cut.settings.objective) == (5, 1, "probes")
+
+
+def test_table_puts_steps_reached_and_the_papers_figures_beside_ours(bench, tmp_path):
+    row = {"accuracy": 0.9, "nll": 0.3, "ece": 0.01, "brier": 0.14, "auroc_variance": 0.7, "auroc_entropy": 0.75,
+           "prior_precision": 1.0}
+    (tmp_path / "eval-unbiased.json").write_text(json.dumps({**row, "steps_reached": 12_000}))
+    rows = bench.table_rows(tmp_path)
+    labels = [r["label"] for r in rows]
+    assert labels == ["MAP (ours)", "MAP (paper)", "ScaLLA, authors' settings (ours)", "ScaLLA (paper)",
+                      "ScaLLA-biased, authors' settings (ours)", "ScaLLA-biased (paper)"]
+    meta = {"map": {}, "seed": 0, "machine": {}, "versions": {}, "date": "d", "git_commit": "c"}
+    text = bench.markdown(rows, meta)
+    assert "| ScaLLA, authors' settings (ours) | 12,000 | 0.9000 |" in text
+    assert "| ScaLLA-biased (paper) | 1,000,000 | 0.9099 | 0.2530 | 0.0084 | 0.1311 | 0.983 |" in text
+    assert "| ScaLLA-biased, authors' settings (ours) | — | — |" in text  # not evaluated yet: no numbers made up
+
+
+def test_cached_evaluation_counts_only_at_its_step(bench, tmp_path):
+    path = tmp_path / "eval-biased.json"
+    path.write_text(json.dumps({"nll": 0.3, "steps_reached": 4000}))
+    assert bench.cached_row(path, 4000)["nll"] == 0.3
+    assert bench.cached_row(path, 6000) is None
+    assert bench.cached_row(tmp_path / "missing.json") is None
