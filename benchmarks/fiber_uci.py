@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 
@@ -26,38 +25,22 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from posthoc import Laplace
-from posthoc.bench.fiber_methods import map_scaled_prior
 from posthoc.bench.report import run_meta, write_json
+from posthoc.bench.uci import fiber_uci_sampler, original_units, train_uci_map
+from posthoc.bench.uci import mean_se as uci_mean_se
 from posthoc.data.paths import resolve_data_dir
 from posthoc.data.uci import load_uci
-from posthoc.fiber import FiberSampler
-from posthoc.models import MLP
-from posthoc.models.training import TrainConfig, train_map
 from posthoc.utils.io import atomic_write_text
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def original_units(pred, split, y_test):
-    """(NLL, RMSE) in original units from a predictive of standardised y (with noise)."""
-    nll = -float(pred.log_prob(split.y_test).mean()) + math.log(float(split.y_std))
-    rmse = float(((pred.mean - split.y_test) ** 2).mean().sqrt()) * float(split.y_std)
-    return nll, rmse
-
-
 def run_split(name: str, index: int, data_dir: str | None = None) -> dict:
     split = load_uci(name, index, data_dir=data_dir)
     n = split.x_train.shape[0]
-    epochs = max(20, math.ceil(6000 / math.ceil(n / 32)))
-    torch.manual_seed(index)
-    model = MLP(split.n_features, (50,), 1, "relu", flatten=False)
-    train_set = TensorDataset(split.x_train, split.y_train)
-    config = TrainConfig(epochs=epochs, batch_size=32, lr=1e-3, gamma=1.0, weight_decay=1e-4, seed=index,
-                         likelihood="regression")
-    result = train_map(model, train_set, config, progress=False, log=lambda s: None)
-    model = result.model.eval()
-    loader = DataLoader(train_set, batch_size=256, shuffle=False)
-    row = {"dataset": name, "split": index, "n_train": n, "map_train_s": result.wall_time_s}
+    model, map_train_s = train_uci_map(split, index)
+    loader = DataLoader(TensorDataset(split.x_train, split.y_train), batch_size=256, shuffle=False)
+    row = {"dataset": name, "split": index, "n_train": n, "map_train_s": map_train_s}
 
     t0 = time.perf_counter()
     la = Laplace(model, "regression", subset_of_weights="all", hessian_structure="kron", progress=False)
@@ -65,20 +48,16 @@ def run_split(name: str, index: int, data_dir: str | None = None) -> dict:
     la.optimize_prior_precision(method="marglik", n_steps=100)
     row["la_fit_s"] = time.perf_counter() - t0
     with torch.no_grad():
-        row["la_nll"], row["la_rmse"] = original_units(la(split.x_test), split, split.y_test)
+        row["la_nll"], row["la_rmse"] = original_units(la.predict(split.x_test).with_noise(la.sigma_noise), split)
     row["la_prior_precision"], row["la_sigma"] = float(la.prior_precision.mean()), float(la.sigma_noise)
 
-    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     t0 = time.perf_counter()
-    prior = map_scaled_prior(theta)
-    fs = FiberSampler(model, "regression", n_particles=8, steps=200, burn_in=100, thin=5, step_size=0.03 / prior,
-                      loss_tolerance=0.05, latent_dim=8, subset_of_weights="all",
-                      prior_precision=prior, batch_size=32, subsample_size=n,
-                      cg_steps=8, flow_steps=200, n_check=32, progress=False, seed=index)
+    fs = fiber_uci_sampler(model, n, index)
+    prior = float(fs.prior_precision)
     fs.fit(loader)
     row["fiber_fit_s"] = time.perf_counter() - t0
     pred = fs.predict(split.x_test, n_samples=200).with_noise(fs.sigma_noise)
-    row["fiber_nll"], row["fiber_rmse"] = original_units(pred, split, split.y_test)
+    row["fiber_nll"], row["fiber_rmse"] = original_units(pred, split)
     row["fiber_sigma"], row["fiber_prior_precision"] = float(fs.sigma_noise), prior
     row.update({f"fiber_{k}": v for k, v in fs.bench_info().items() if k in (
         "stage1_within_tol", "stage2_within_tol", "step_size_final", "explained_variance", "eta_delta_kept_steps",
@@ -90,9 +69,8 @@ def run_split(name: str, index: int, data_dir: str | None = None) -> dict:
 
 
 def mean_se(values: list[float]) -> str:
-    t = torch.tensor(values, dtype=torch.float64)
-    se = float(t.std() / math.sqrt(len(values))) if len(values) > 1 else float("nan")
-    return f"{float(t.mean()):.3f} ± {se:.3f}"
+    mean, se = uci_mean_se(values)
+    return f"{mean:.3f} ± {se:.3f}"
 
 
 def main() -> None:
