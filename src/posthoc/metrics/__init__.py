@@ -6,6 +6,7 @@ from posthoc.metrics.classification import (
     brier,
     calibration_bins,
     ece,
+    mean_confidence,
     nll,
 )
 from posthoc.metrics.ood import auroc, entropy, half_logdet
@@ -21,6 +22,7 @@ __all__ = [
     "entropy",
     "gaussian_nll",
     "half_logdet",
+    "mean_confidence",
     "nll",
     "rmse",
 ]

@@ -21,6 +21,7 @@ __all__ = [
     "brier",
     "calibration_bins",
     "ece",
+    "mean_confidence",
     "nll",
 ]
 
@@ -73,6 +74,18 @@ def accuracy(probs: torch.Tensor, y: torch.Tensor) -> float:
     """
     probs, y = _check_probs_labels(probs, y)
     return float((probs.argmax(dim=1) == y).double().mean())
+
+
+def mean_confidence(probs: torch.Tensor) -> float:
+    """Mean max-probability ``mean_n max_c p_nc``, the confidence the OOD tables report.
+
+    Args:
+        probs: (N, C) class probabilities (no labels needed: also for OOD inputs).
+
+    Between 1/C and 1. Cost: O(N·C).
+    """
+    _check_probs(probs)
+    return float(probs.max(dim=1).values.double().mean())
 
 
 def nll(probs: torch.Tensor, y: torch.Tensor) -> float:

@@ -8,6 +8,7 @@ from typing import Any
 from torch import nn
 
 from posthoc.models.cnn import FMNISTCNN
+from posthoc.models.lenet import LeNet
 from posthoc.models.mlp import MLP
 from posthoc.models.resnet import SmallResNet
 from posthoc.models.vit import SmallViT
@@ -23,6 +24,7 @@ def _default_mlp(in_features: int = 784, **kwargs: Any) -> MLP:
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "fmnist_cnn": FMNISTCNN,
+    "lenet": LeNet,
     "mlp": _default_mlp,
     "resnet_small": SmallResNet,
     "vit_small": SmallViT,
