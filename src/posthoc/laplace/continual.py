@@ -15,7 +15,7 @@ import dataclasses
 import weakref
 from typing import Any
 
-from posthoc.curvature.kfac import KFACFactors, kfac_factors
+from posthoc.curvature.kfac import KFACApproximation, KFACFactors, kfac_factors
 from posthoc.curvature.output_factors import OutputFactors
 from posthoc.laplace.structures import CurvatureStructure
 from posthoc.laplace.structures.base import Batches
@@ -48,6 +48,11 @@ def fit_structure(structure_cls: type[CurvatureStructure], subset: ParameterSubs
     approximation = KronCurvature._parse_options(options)
     check_kron_subset(subset, "kron")
     result = kfac_factors(subset, batches(), factors, approximation, progress, desc="Laplace fit (kron)")
+    return kron_structure(subset, result, approximation)
+
+
+def kron_structure(subset: ParameterSubset, result: KFACFactors, approximation: KFACApproximation) -> KronCurvature:
+    """The kron structure of KFAC factors (their eigendecompositions), keeping the factors for accumulation."""
     structure = KronCurvature._from_factors(subset, result, approximation)
     _KRON_FACTORS[structure] = result
     return structure
@@ -96,12 +101,23 @@ def accumulated(previous: CurvatureStructure, new: CurvatureStructure) -> Curvat
 
 def _accumulated_kron(previous: KronCurvature, new: KronCurvature) -> KronCurvature:
     """The kron structure of the combined factors: A weighted by the fits' N, G and the fallback diagonal summed."""
-    old, fresh = _KRON_FACTORS[previous], _KRON_FACTORS[new]
+    return kron_structure(new.subset, combined_factors(_KRON_FACTORS[previous], _KRON_FACTORS[new]),
+                          new.approximation)
+
+
+def combined_factors(old: KFACFactors, fresh: KFACFactors) -> KFACFactors:
+    """The KFAC factors of two data sets together: A weighted by their N, G and the fallback diagonal summed.
+
+    Exact (to round-off) when both were computed at the same weights. Cost O(sum of the factors' sizes).
+
+    Raises:
+        ValueError: factors of different layers or fallback blocks.
+    """
     if list(old.input_factors) != list(fresh.input_factors) or list(old.output_factors) != list(fresh.output_factors) \
             or old.fallback != fresh.fallback:
         raise ValueError("the two kron fits cover different layers; accumulate fits of the same covered parameters")
     n_total = old.n_data + fresh.n_data
-    combined = dataclasses.replace(
+    return dataclasses.replace(
         fresh,
         input_factors={name: (old.n_data * old.input_factors[name] + fresh.n_data * a) / n_total
                        for name, a in fresh.input_factors.items()},
@@ -109,6 +125,3 @@ def _accumulated_kron(previous: KronCurvature, new: KronCurvature) -> KronCurvat
         fallback_diag=old.fallback_diag + fresh.fallback_diag,
         n_data=n_total,
     )
-    structure = KronCurvature._from_factors(new.subset, combined, new.approximation)
-    _KRON_FACTORS[structure] = combined
-    return structure

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from posthoc.curvature.kfac import ekfac_eigenvalues, kfac_factors
 from posthoc.curvature.output_factors import OutputFactors
 from posthoc.laplace.structures.base import Batches, HessianStructure, check_curvature_finite, register_structure
@@ -49,8 +51,16 @@ class EKFACCurvature(KronCurvature):
         curvature = cls._from_factors(subset, result, approximation)
         corrected = ekfac_eigenvalues(subset, curvature.layers, curvature.positions, curvature.bases(), batches(),
                                       factors, progress)
-        for blk in curvature.blocks:
-            values = corrected[blk.index]
+        return curvature.corrected(corrected)  # type: ignore[attr-defined]
+
+    def corrected(self, eigenvalues: dict[int, torch.Tensor]) -> "EKFACCurvature":
+        """Put the second pass's corrected eigenvalues (block index -> E, :func:`ekfac_eigenvalues`) in; returns self.
+
+        Raises:
+            FloatingPointError: a non-finite eigenvalue (:func:`check_curvature_finite`).
+        """
+        for blk in self.blocks:
+            values = eigenvalues[blk.index]
             check_curvature_finite(values, f"ekfac (layer {blk.layer!r}, eigenvalues)")
             blk.eigenvalues = values
-        return curvature  # type: ignore[return-value]
+        return self
