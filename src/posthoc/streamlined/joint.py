@@ -23,9 +23,11 @@ from posthoc.streamlined.rules.ops import is_random
 class JointCovariances:
     """The cross-covariances between the live random activations of one full-mode walk over ``graph``."""
 
-    def __init__(self, graph: fx.Graph) -> None:
+    def __init__(self, graph: fx.Graph, needed: set[fx.Node] | None = None) -> None:
+        """``needed``: the nodes the walk computes (default all); readers outside it do not keep a node live."""
         self.order = {node: i for i, node in enumerate(graph.nodes)}
-        self.last_use = {node: max((self.order[u] for u in node.users), default=-1) for node in graph.nodes}
+        self.last_use = {node: max((self.order[u] for u in node.users if needed is None or u in needed), default=-1)
+                         for node in graph.nodes}
         self.crosses: dict[fx.Node, dict[fx.Node, torch.Tensor]] = {}
         self.live: list[fx.Node] = []
 

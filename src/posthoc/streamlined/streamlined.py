@@ -18,11 +18,21 @@ from torch import fx, nn
 from posthoc.laplace import Laplace
 from posthoc.likelihood import Likelihood
 from posthoc.network.batches import checked_batches
+from posthoc.network.inputs import (
+    MappingCall,
+    ModelCall,
+    ModelInputs,
+    as_model_inputs,
+    batch_size,
+    check_finite_inputs,
+    place,
+    take,
+)
 from posthoc.predictive import GaussianPredictive
 from posthoc.predictive.scale import fit_variance_scale, scaled_gaussian
 from posthoc.streamlined.moments import ActivationCovariance, Moments
 from posthoc.streamlined.rules import AttentionRule, Context, LayerNormRule, find_rule
-from posthoc.streamlined.traced import propagate_traced, trace
+from posthoc.streamlined.traced import TracedInputs, propagate_traced, trace
 from posthoc.streamlined.walk import propagate
 from posthoc.streamlined.weight_posteriors import WeightPosterior, from_laplace, from_mean_field, load_means
 from posthoc.utils.checks import check_choice, check_finite, check_positive, check_positive_int
@@ -66,6 +76,14 @@ class Streamlined:
         likelihood: "classification" or "regression" (default: the Laplace object's, else
             classification); ``sigma_noise``: regression noise (default the Laplace's, else 1).
         batch_size: inputs propagated at once (default: all in diagonal mode, 32 in full mode).
+        mapping_call: how a mapping input reaches ``model.forward``: "auto" (from its signature: keyword
+            arguments when every key names a parameter, e.g. Hugging Face models, else one argument),
+            "kwargs" or "argument" (:class:`posthoc.network.inputs.ModelCall`).
+
+    Inputs ``x``: a tensor (B, ...), or a tuple/list (one argument) or mapping of tensors batched alike; integer
+    leaves (token ids, masks, positions) pass through deterministically, and floating ones are deterministic
+    too (``input_var`` needs a tensor x). The model's output: a tensor, a tuple/list's first element or a
+    mapping's ``"logits"``.
 
     Output covariance of :meth:`predict`: full mode, full (B, C, C). Diagonal mode: full
     (B, C, C) when the network ends in an nn.Linear on 2-D features (that layer's cross-class
@@ -89,6 +107,7 @@ class Streamlined:
         sigma_noise: float | None = None,
         max_full_dim: int = 4096,
         batch_size: int | None = None,
+        mapping_call: MappingCall | str = MappingCall.AUTO,
     ) -> None:
         self.mode = check_choice(activation_covariance, ActivationCovariance, "activation_covariance")
         if posterior is not None:
@@ -127,6 +146,7 @@ class Streamlined:
             32 if self.mode is ActivationCovariance.FULL else None)
         self.variance_scale = 1.0
         self._checked = False
+        self._call = ModelCall(self.model, mapping_call)
         self._traced: fx.GraphModule | None = None  # the model's torch.fx graph, traced at the first prediction
         first = next(iter(self.model.parameters()), None)
         self._dtype = first.dtype if first is not None else torch.get_default_dtype()
@@ -194,11 +214,16 @@ class Streamlined:
             return Moments(x, cov=torch.diag_embed(var.reshape(x.shape[0], -1)))
         return Moments(x, var=var)
 
-    def _check_x(self, x: object) -> torch.Tensor:
-        if not isinstance(x, torch.Tensor) or x.ndim < 2:
-            raise ValueError("x must be a batched tensor (B, ...)")
-        x = x.to(device=self._device, dtype=self._dtype if x.is_floating_point() else x.dtype)
-        return check_finite(x, "x")
+    def _check_x(self, x: object) -> ModelInputs:
+        """A batched tensor (B, ...), or a tuple/list/mapping of them (token ids, masks: see network.inputs)."""
+        if isinstance(x, torch.Tensor):
+            if x.ndim < 2:
+                raise ValueError(f"x must be a batched tensor (B, ...), got shape {tuple(x.shape)}")
+            x = x.to(device=self._device, dtype=self._dtype if x.is_floating_point() else x.dtype)
+            return check_finite(x, "x")
+        inputs = place(as_model_inputs(x), self._device, self._dtype)
+        batch_size(inputs)  # every leaf batched alike, else a ValueError naming the shapes
+        return check_finite_inputs(inputs, "x")
 
     @torch.no_grad()
     def _propagate(self, x: object, input_var, deterministic: bool = False,
@@ -214,19 +239,28 @@ class Streamlined:
         with eval_mode(self.model):
             return self._propagate_eval(x, input_var, posterior)
 
-    def _propagate_eval(self, x: torch.Tensor, input_var, posterior: WeightPosterior) -> tuple[torch.Tensor, torch.Tensor]:
+    def _propagate_eval(self, x: ModelInputs, input_var, posterior: WeightPosterior
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
         """The propagation itself, the model in eval mode; the first batch ever is checked against model(x)."""
         ctx = self._context(posterior)
-        step = x.shape[0] if self.batch_size is None else self.batch_size
+        if not isinstance(x, torch.Tensor) and input_var is not None:
+            raise ValueError("input_var (input noise) needs x as one tensor; with tuple or mapping inputs the "
+                             "inputs are deterministic")
+        n = batch_size(x)
+        step = n if self.batch_size is None else self.batch_size
         means, covs = [], []
-        for start in range(0, x.shape[0], step):
-            xb = x[start:start + step]
-            state = self._input_state(xb, self._slice_var(input_var, x, start, step))
+        for start in range(0, n, step):
+            xb = take(x, start, start + step)
+            state: Moments | TracedInputs
+            if isinstance(x, torch.Tensor) and isinstance(xb, torch.Tensor):
+                state = self._input_state(xb, self._slice_var(input_var, x, start, step))
+            else:
+                state = self._call.arguments(xb)
             out = self._propagate_state(state, ctx)
             if out.mean.ndim != 2:
                 raise ValueError(f"the model must return (B, C) outputs, got {tuple(out.mean.shape)}")
             if not self._checked:
-                reference = self.model(xb)
+                reference = self._call(xb)
                 if not torch.allclose(out.mean, reference, rtol=1e-4, atol=1e-4 * float(reference.abs().max()) + 1e-6):
                     raise ValueError("the propagated mean differs from model(x): a rule does not reproduce its "
                                      "module's or op's forward (e.g. a module rule registered for a subclass with "
@@ -240,9 +274,12 @@ class Streamlined:
                 covs.append(out.var if out.var is not None else torch.zeros_like(out.mean))
         return torch.cat(means), torch.cat(covs)
 
-    def _propagate_state(self, state: Moments, ctx: Context) -> Moments:
+    def _propagate_state(self, state: Moments | TracedInputs, ctx: Context) -> Moments:
         """The walk: a model with a rule of its own takes it; any other, its torch.fx graph (traced once)."""
         if find_rule(type(self.model)) is not None:
+            if not isinstance(state, Moments):
+                raise ValueError(f"{type(self.model).__name__} has a module rule, which takes one input tensor; "
+                                 "give x as a tensor")
             return propagate(self.model, state, ctx, last=True)
         if self._traced is None:
             self._traced = trace(self.model)
@@ -255,8 +292,8 @@ class Streamlined:
             return input_var[start:start + step]
         return input_var
 
-    def predict(self, x: torch.Tensor, input_var: float | torch.Tensor | None = None) -> GaussianPredictive:
-        """Predictive over outputs for inputs x (B, ...), weight posterior and optional input noise.
+    def predict(self, x: ModelInputs, input_var: float | torch.Tensor | None = None) -> GaussianPredictive:
+        """Predictive over outputs for inputs x (B, ...; or a tuple/mapping), weight posterior and optional input noise.
 
         ``input_var``: independent Gaussian input noise, a scalar or a tensor broadcastable to
         x. The output covariance (see the class docstring) is multiplied by

@@ -18,7 +18,7 @@ control flow; torch.export would lower modules to aten ops.
 from __future__ import annotations
 
 from collections import ChainMap, Counter
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
 from torch import fx, nn
@@ -112,8 +112,70 @@ def _unsupported(node: fx.Node) -> UnsupportedOpError:
         "that contains it")
 
 
-def propagate_traced(graph_module: fx.GraphModule, state: Moments, ctx: Context) -> Moments:
+# The forward's arguments as the traced walk takes them: (positional, keyword), each value Moments or a plain
+# (deterministic) tensor, a tuple/list or a dict of them.
+TracedInputs = tuple[tuple, dict[str, Any]]
+
+
+def _output_of(value: Any) -> Any:
+    """The output in a forward's return value: itself, a tuple/list's first element, or a mapping's ``"logits"``.
+
+    The same reading as :class:`posthoc.network.inputs.ModelCall`'s.
+    """
+    if isinstance(value, (tuple, list)) and value:
+        return value[0]
+    if isinstance(value, Mapping) and "logits" in value:
+        return value["logits"]
+    return value
+
+
+def _placeholder_values(graph: fx.Graph, state: Moments | TracedInputs) -> Iterator[tuple[fx.Node, Any]]:
+    """Each placeholder of the graph with the value the call gives it: positional, then by name, then the default.
+
+    Raises ValueError for a ``*args``/``**kwargs`` forward or an input the call does not give.
+    """
+    positional, keywords = ((state,), {}) if isinstance(state, Moments) else state
+    index = 0
+    for node in graph.nodes:
+        if node.op != "placeholder":
+            continue
+        name = str(node.target)
+        if name.startswith("*"):
+            raise ValueError(f"the model's forward takes {name}; Streamlined traces forwards with named inputs only: "
+                             "wrap the model in a module whose forward names its inputs")
+        if index < len(positional):
+            yield node, positional[index]
+            index += 1
+        elif name in keywords:
+            yield node, keywords[name]
+        elif node.args:
+            yield node, node.args[0]  # the argument's default value
+        elif len(positional) == 1 and not keywords and isinstance(state, Moments):
+            raise ValueError(f"the model's forward takes a second input {name!r}; give x as a dict of the inputs "
+                             "by name (or a tuple the forward takes as one argument)")
+        else:
+            raise ValueError(f"the model's forward needs the input {name!r}, which x does not give")
+
+
+def _needed(returned: Any) -> set[fx.Node]:
+    """The nodes the read output depends on: the others (an auxiliary loss, a second head) are not propagated."""
+    stack: list[fx.Node] = []
+    fx.node.map_arg(returned, stack.append)
+    needed: set[fx.Node] = set()
+    while stack:
+        node = stack.pop()
+        if node not in needed:
+            needed.add(node)
+            stack.extend(node.all_input_nodes)
+    return needed
+
+
+def propagate_traced(graph_module: fx.GraphModule, state: Moments | TracedInputs, ctx: Context) -> Moments:
     """Propagate the input state through a traced model (:func:`trace`); returns the output's Moments.
+
+    ``state``: the Moments of the one input tensor, or the forward's (positional, keyword) arguments with
+    Moments or plain tensors (deterministic inputs such as token ids and masks) as values. The output read is
+    the forward's return value, its first element (tuple/list) or its ``"logits"`` entry (mapping).
 
     Leaf modules take their module rules (the node that produces the output is the network's last layer);
     ``call_function`` / ``call_method`` nodes take op rules when an argument is random, else run on the means.
@@ -123,22 +185,19 @@ def propagate_traced(graph_module: fx.GraphModule, state: Moments, ctx: Context)
     """
     graph = graph_module.graph
     output = next(node for node in graph.nodes if node.op == "output")
-    last = output.args[0] if isinstance(output.args[0], fx.Node) else None
-    calls = Counter(node.target for node in graph.nodes if node.op == "call_module")
+    returned = _output_of(output.args[0])
+    last = returned if isinstance(returned, fx.Node) else None
+    needed = _needed(returned)
+    calls = Counter(node.target for node in graph.nodes if node.op == "call_module" and node in needed)
     env: dict[fx.Node, Any] = {}
-    joint = JointCovariances(graph) if ctx.full else None
-    first_input = True
+    joint = JointCovariances(graph, needed) if ctx.full else None
+    for node, value in _placeholder_values(graph, state):
+        env[node] = value
+        if joint is not None and isinstance(value, Moments):
+            env[node] = joint.record(node, value, [], had_random_input=False)
     for node in graph.nodes:
-        if node.op == "placeholder":
-            if first_input:
-                env[node], first_input = state, False
-                if joint is not None:
-                    env[node] = joint.record(node, state, [], had_random_input=False)
-            elif node.args:
-                env[node] = node.args[0]  # the argument's default value
-            else:
-                raise ValueError(f"the model's forward takes a second input {node.target!r}; Streamlined propagates "
-                                 "one input tensor")
+        if node.op == "placeholder" or (node.op != "output" and node not in needed):
+            continue
         elif node.op == "get_attr":
             _check_attribute(graph_module, node, ctx)
             env[node] = getattr(graph_module.get_submodule(str(node.target).rpartition(".")[0]),
@@ -146,9 +205,12 @@ def propagate_traced(graph_module: fx.GraphModule, state: Moments, ctx: Context)
         elif node.op in ("call_module", "call_function", "call_method"):
             env[node] = _call(graph_module, node, env, joint, calls, ctx, node is last)
         elif node.op == "output":
-            result = _load(node.args[0], env)
+            result = _load(returned, env)
+            if isinstance(result, torch.Tensor):
+                result = Moments(result)  # outputs that no random weight reaches
             if not isinstance(result, Moments):
-                raise ValueError(f"the model must return one tensor of outputs, got {type(result).__name__}")
+                raise ValueError(f"the model must return a tensor of outputs, a tuple/list whose first element it is "
+                                 f"or a mapping with 'logits'; got {type(result).__name__}")
             return result
     raise RuntimeError("the traced graph has no output node")
 
