@@ -16,6 +16,7 @@ GGN and GGN_MC scale as sigma^-2, EF as sigma^-4 (see :meth:`OutputFactors.scale
 from __future__ import annotations
 
 import math
+import warnings
 from enum import Enum
 from typing import Any
 
@@ -80,6 +81,27 @@ class OutputFactors:
             return torch.ones_like(sigma_noise)
         power = 4 if self.curvature is CurvatureType.EF else 2
         return sigma_noise ** (-power)
+
+
+MANY_CLASSES = 1000  # above this, the default curvature is the Monte Carlo GGN
+
+
+def many_classes_default(factors: OutputFactors, n_outputs: int) -> OutputFactors:
+    """The default curvature for C = ``n_outputs``: the exact GGN, or the Monte Carlo GGN above 1,000 classes.
+
+    ``factors`` were built with the default curvature (the user chose none). Classification with more than
+    1,000 classes gets ``OutputFactors(..., "ggn_mc")`` with the same samples per output and generator, said in a
+    warning: the exact GGN costs C - 1 backward passes per output, the MC-GGN ``mc_samples``.
+    """
+    if (factors.likelihood is not Likelihood.CLASSIFICATION or n_outputs <= MANY_CLASSES
+            or factors.curvature is not CurvatureType.GGN):
+        return factors
+    warnings.warn(f"{n_outputs} classes: the curvature defaults to the Monte Carlo GGN (curvature='ggn_mc', "
+                  f"{factors.mc_samples} sampled label(s) per output), as the exact GGN costs C - 1 backward passes "
+                  "per output; pass curvature='ggn' to keep the exact one", UserWarning, stacklevel=3)
+    sampled = OutputFactors(factors.likelihood, CurvatureType.GGN_MC, mc_samples=factors.mc_samples)
+    sampled.generator = factors.generator
+    return sampled
 
 
 class RecordingFactors:

@@ -24,6 +24,7 @@ from posthoc.curvature.output_factors import (
     RecordingFactors,
     log_likelihood,
     log_likelihood_terms,
+    many_classes_default,
 )
 from posthoc.distributed import check_same_on_all_ranks, sum_count, sum_over_ranks
 from posthoc.laplace.continual import accumulated, check_accumulates, fit_structure
@@ -34,7 +35,7 @@ from posthoc.laplace.roundoff import warn_roundoff
 from posthoc.laplace.state import STATE_VERSION, laplace_state_dict, load_laplace_state  # noqa: F401 (re-exported)
 from posthoc.laplace.structures import CurvatureStructure, HessianStructure, get_structure
 from posthoc.likelihood import Likelihood
-from posthoc.network.batches import DEFAULT_KEYS, checked_batches, first_batch_inputs, prediction_inputs
+from posthoc.network.batches import DEFAULT_KEYS, checked_batches, prediction_inputs
 from posthoc.network.inputs import (
     InputSpec,
     MappingCall,
@@ -44,6 +45,7 @@ from posthoc.network.inputs import (
     input_spec,
     naming_input_shape,
 )
+from posthoc.network.positions import IGNORE_INDEX, PositionFactors, as_rows, first_batch_layout, observations
 from posthoc.network.probes import ExampleRoute
 from posthoc.network.subset import ParameterSubset, SubsetOfWeights
 from posthoc.predictive import LinkApprox, Predictive
@@ -88,7 +90,7 @@ class Laplace(LaplaceTorchAPI):
             name of a structure added with :func:`posthoc.laplace.register_structure`.
         prior_precision: delta: a scalar, one value per parameter tensor, or one per parameter.
         sigma_noise: observation noise (regression; must stay 1 for classification).
-        curvature: "ggn" (exact), "ggn_mc" (sampled labels) or "ef" (empirical Fisher).
+        curvature: "ggn" (exact), "ggn_mc" (sampled labels) or "ef"; default None: "ggn", "ggn_mc" above 1,000 classes.
         mc_samples: labels sampled per example for "ggn_mc".
         seed: seeds label sampling, posterior samples and MC links.
         dict_key_x: for mapping batches (dict, UserDict, HF BatchEncoding), laplace-torch's meaning: the entry
@@ -107,6 +109,7 @@ class Laplace(LaplaceTorchAPI):
         structure_options: passed to the structure's fit (e.g. lowrank
             ``{"rank": 20, "subsample": 1000}``, kron/ekfac ``{"kfac_approx": "reduce"}``).
         last_layer_name: for "last_layer", the nn.Linear to cover (a name from ``model.named_modules()``).
+        ignore_index: the class target of positions to skip in outputs (B, ..., C) (:mod:`posthoc.network.positions`).
 
     Raises:
         ValueError: unknown options (an unknown hessian_structure lists the registered ones), a model on the
@@ -123,7 +126,7 @@ class Laplace(LaplaceTorchAPI):
         hessian_structure: HessianStructure | str = HessianStructure.KRON,
         prior_precision: float | torch.Tensor = 1.0,
         sigma_noise: float | torch.Tensor = 1.0,
-        curvature: CurvatureType | str = CurvatureType.GGN,
+        curvature: CurvatureType | str | None = None,
         subnetwork_indices: torch.Tensor | None = None,
         mc_samples: int = 1,
         seed: int = 0,
@@ -135,6 +138,7 @@ class Laplace(LaplaceTorchAPI):
         mapping_call: MappingCall | str = MappingCall.AUTO,
         output_fn: Callable[[Any], torch.Tensor] | None = None,
         per_example: ExampleRoute | str = ExampleRoute.AUTO,
+        ignore_index: int = IGNORE_INDEX,
     ) -> None:
         self.model = model
         self.likelihood = check_choice(likelihood, Likelihood, "likelihood")
@@ -150,7 +154,8 @@ class Laplace(LaplaceTorchAPI):
         if self.subset.kind is SubsetOfWeights.SUBNETWORK and not self.structure_cls.supports_subnetwork:
             raise ValueError(f"hessian_structure={self.structure_name!r} does not support subset_of_weights="
                              "'subnetwork'; use 'full', 'diag' or 'lowrank'")
-        self.factors = OutputFactors(self.likelihood, curvature, mc_samples=mc_samples, seed=seed)
+        self.factors = OutputFactors(self.likelihood, curvature or CurvatureType.GGN, mc_samples=mc_samples, seed=seed)
+        self._curvature_default, self.ignore_index, self.position_dims = curvature is None, ignore_index, 0
         self.prior_precision = prior_precision
         self.sigma_noise = sigma_noise
         self.seed = seed
@@ -225,7 +230,8 @@ class Laplace(LaplaceTorchAPI):
     # ----------------------------------------------------------------- fitting
     def _batches(self, loader: Iterable) -> Iterable[tuple[ModelInputs, torch.Tensor]]:
         return checked_batches(loader, self.likelihood, self.n_outputs, self.dict_key_x, self.dict_key_y,
-                               self.subset.dtype, self.subset.device, input_shape=self.input_shape, mapping_inputs=True)
+                               self.subset.dtype, self.subset.device, input_shape=self.input_shape, mapping_inputs=True,
+                               position_dims=self.position_dims, ignore_index=self.ignore_index)
 
     def fit(self, train_loader: Iterable, override: bool = True) -> "Laplace":
         """Fit the curvature: one data pass for full/diag/kron, two for ekfac, one per Lanczos product for lowrank.
@@ -259,14 +265,18 @@ class Laplace(LaplaceTorchAPI):
 
     def _fit(self, train_loader: Iterable) -> "Laplace":
         self.structure, self.input_shape = None, None
-        x0, self.n_outputs = first_batch_inputs(train_loader, self.model, self.likelihood, self.dict_key_x,
-                                                self.dict_key_y, self.subset.dtype, self.subset.device, self.call,
-                                                mapping_inputs=True)
+        x0, self.n_outputs, self.position_dims = first_batch_layout(
+            train_loader, self.call, self.likelihood, self.dict_key_x, self.dict_key_y, self.subset.dtype,
+            self.subset.device, mapping_inputs=True, ignore_index=self.ignore_index)
+        self.subset.flatten_positions = self.position_dims > 0
         self.subset.capture(x0)
         self.input_shape = input_spec(x0)
         self.prior_precision = self._prior_precision  # its length is checked against the located subset
         check_same_on_all_ranks(self.subset.theta_map, "the MAP weights")
+        self.factors = many_classes_default(self.factors, self.n_outputs) if self._curvature_default else self.factors
         recorder = RecordingFactors(self.factors, self.likelihood)
+        factors = recorder if not self.position_dims else PositionFactors(
+            recorder, self.n_outputs, self.likelihood, self.ignore_index, self.factors.curvature is CurvatureType.GGN_MC)
         totals: dict[str, int] = {}
 
         def batches():
@@ -275,13 +285,14 @@ class Laplace(LaplaceTorchAPI):
             first_pass, n_data = not totals, 0
             recorder.active = first_pass
             for x, y in self._batches(train_loader):
-                n_data += batch_size(x, self.dict_key_x)
+                n_data += observations(batch_size(x, self.dict_key_x), y, self.likelihood, self.ignore_index,
+                                       self.position_dims)
                 yield self.subset.inputs(x), y
             recorder.active = False
             totals.setdefault("n_data", n_data)
 
         # the recorder duck-types OutputFactors (it calls them and sums log p(y | f) on the way)
-        self.structure = fit_structure(self.structure_cls, self.subset, batches, cast(OutputFactors, recorder),
+        self.structure = fit_structure(self.structure_cls, self.subset, batches, cast(OutputFactors, factors),
                                        self.progress, **self.structure_options)
         if not totals:  # the structure stopped before the end of the data (e.g. a subsample)
             for _ in batches():
@@ -290,7 +301,8 @@ class Laplace(LaplaceTorchAPI):
             stat = recorder.stat
         else:  # the structure did not evaluate every example exactly once: one more forward pass
             stat = sum(
-                (log_likelihood_terms(self.subset.forward(self.subset.inputs(x)).detach(), y, self.likelihood)
+                (log_likelihood_terms(*as_rows(self.subset.forward(self.subset.inputs(x)).detach(), y, self.n_outputs,
+                                              self.likelihood, self.ignore_index, self.position_dims), self.likelihood)
                  for x, y in self._batches(train_loader)),
                 torch.zeros((), dtype=self.subset.dtype, device=self.subset.device),
             )

@@ -19,13 +19,16 @@ from typing import Any
 
 import torch
 from torch.func import jacrev
+from torch.utils._pytree import tree_map
 
+from posthoc.laplace.predict import PositionPredictive
 from posthoc.laplace.prior import per_parameter
 from posthoc.laplace.structures.diag import DiagCurvature
 from posthoc.laplace.structures.full import FullCurvature
 from posthoc.laplace.structures.lowrank import LowRankCurvature
 from posthoc.likelihood import Likelihood
 from posthoc.network.inputs import ModelInputs
+from posthoc.network.positions import unflattened_shape
 from posthoc.network.subset import SubsetOfWeights, Tail
 from posthoc.predictive import links
 from posthoc.predictive.base import check_n_samples
@@ -333,7 +336,10 @@ class LaplaceTorchAPI:
         x = self._model_inputs(x)  # type: ignore[attr-defined]
         with eval_mode(self.subset.model), self._naming_input_shape(x), torch.no_grad():  # type: ignore[attr-defined]
             inputs = self.subset.inputs(x)
-            return torch.stack([self.subset.forward(inputs, theta) for theta in thetas])
+            samples = torch.stack([self.subset.forward(inputs, theta) for theta in thetas])
+            if self.subset.flatten_positions:  # outputs with positions: (n_samples, B, ..., C)
+                return samples.reshape(n_samples, *unflattened_shape(self.subset, inputs))
+            return samples
 
     def functional_samples(self, x: ModelInputs, pred_type: str = "glm", n_samples: int = 100,
                            diagonal_output: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -422,6 +428,15 @@ class LaplaceTorchAPI:
         else:
             pred = self.predict(x, pred_type="glm")  # type: ignore[attr-defined]
             mean, cov = pred.mean, pred.cov
+            if isinstance(pred, PositionPredictive):  # outputs (B, ..., C): the links see the (B·L, C) positions
+                rows = self._glm_outputs(pred.rows.mean, pred.rows.cov, regression, link, diagonal_output, n_samples,
+                                         generator)
+                return tree_map(lambda t: t.reshape(*pred.shape[:-1], *t.shape[1:]), rows)
+        return self._glm_outputs(mean, cov, regression, link, diagonal_output, n_samples, generator)
+
+    def _glm_outputs(self, mean: torch.Tensor, cov: torch.Tensor, regression: bool, link: str, diagonal_output: bool,
+                     n_samples: int, generator: torch.Generator | None) -> Any:
+        """la(x)'s glm result from mean (B, C) and cov (B, C, C): (mean, cov or var) for regression, else probs."""
         if regression:
             return mean, (torch.diagonal(cov, dim1=-2, dim2=-1) if diagonal_output else cov)
         if link == "probit":

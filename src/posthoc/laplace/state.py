@@ -34,6 +34,7 @@ def laplace_state_dict(la: "Laplace") -> dict[str, Any]:
         "sigma_noise": la.sigma_noise,
         "n_data": la.n_data,
         "n_outputs": la.n_outputs,
+        "position_dims": la.position_dims,  # outputs (B, ..., C): posthoc.network.positions
         "input_shape": la.input_shape,
         "last_layer": la.subset.last_layer_state(),
         "loglik_stat": la._loglik_stat,
@@ -68,6 +69,8 @@ def load_laplace_state(la: "Laplace", state: dict[str, Any]) -> "Laplace":
         raise ValueError("the model's weights differ from those the state was fitted at; load the matching "
                          "model checkpoint first")
     la.input_shape = None if state.get("input_shape") is None else tuple(state["input_shape"])
+    la.position_dims = int(state.get("position_dims", 0))
+    la.subset.flatten_positions = la.position_dims > 0
     la.structure = la.structure_cls.from_state_dict(la.subset, state["curvature"])
     la.prior_precision = state["prior_precision"]
     la.sigma_noise = state["sigma_noise"]

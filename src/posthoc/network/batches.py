@@ -25,6 +25,7 @@ from posthoc.network.inputs import (
     place,
     take,
 )
+from posthoc.network.positions import IGNORE_INDEX, check_position_targets
 from posthoc.utils.checks import check_finite, check_labels
 
 DEFAULT_KEYS = ("input_ids", "labels")  # laplace-torch's dict_key_x, dict_key_y
@@ -88,8 +89,8 @@ def check_unpadded_shards(loader: Iterable) -> None:
 
 def checked_batches(loader: Iterable, likelihood: Likelihood, n_outputs: int | None, dict_key_x: str,
                     dict_key_y: str, dtype: torch.dtype, device: torch.device,
-                    input_shape: InputSpec | None = None,
-                    mapping_inputs: bool = False) -> Iterator[tuple[ModelInputs, torch.Tensor]]:
+                    input_shape: InputSpec | None = None, mapping_inputs: bool = False, position_dims: int = 0,
+                    ignore_index: int = IGNORE_INDEX) -> Iterator[tuple[ModelInputs, torch.Tensor]]:
     """Yield validated (x, y) on the model's device, x finite (floating leaves cast to ``dtype``).
 
     One target per input: y class indices (B,) in range (classification) or finite values (regression).
@@ -99,7 +100,9 @@ def checked_batches(loader: Iterable, likelihood: Likelihood, n_outputs: int | N
     C = 1, and classification labels (B,) or (B, 1) come back as (B,). With ``input_shape`` (an
     :func:`posthoc.network.inputs.input_spec`) every tensor input must be (B, *input_shape), and every tuple or
     mapping input have the same structure and per-leaf ranks (token lengths may vary between batches).
-    ``mapping_inputs``: how a mapping batch splits (:func:`split_batch`).
+    ``mapping_inputs``: how a mapping batch splits (:func:`split_batch`). ``position_dims`` > 0: outputs
+    (B, ..., C) with that many position dimensions, targets checked by
+    :func:`posthoc.network.positions.check_position_targets` (labels may be ``ignore_index``).
 
     Raises:
         ValueError: non-finite values; inputs and targets with different batch sizes; one-hot or probability
@@ -123,6 +126,9 @@ def checked_batches(loader: Iterable, likelihood: Likelihood, n_outputs: int | N
             raise ValueError(f"a batch has inputs of shape {shown} and targets of shape {tuple(y.shape)}; "
                              "both need the batch size first and one target per input")
         y = y.to(device)
+        if position_dims:
+            yield x, check_position_targets(y, likelihood, n_outputs, position_dims, ignore_index, dtype)
+            continue
         if likelihood is Likelihood.CLASSIFICATION:
             if y.ndim == 2 and y.shape[1] > 1:
                 raise ValueError(f"classification targets must be class indices of shape (B,), got {tuple(y.shape)} "

@@ -107,11 +107,11 @@ def classify_tail(model: nn.Module, name: str, layer: nn.Module, x: ModelInputs,
                          "Laplace needs a layer applied once. Pass last_layer_name= naming another nn.Linear, "
                          "or use subset_of_weights='all'")
     z = seen[0]
-    if not isinstance(out, torch.Tensor) or out.ndim != 2 or not out.requires_grad:
-        if isinstance(out, torch.Tensor) and out.ndim == 2:
+    if not isinstance(out, torch.Tensor) or out.ndim < 2 or not out.requires_grad:  # (B, C) or (B, ..., C)
+        if isinstance(out, torch.Tensor) and out.ndim >= 2:
             raise ValueError(f"the model's output does not depend on the layer {name!r}; pass last_layer_name= "
                              "naming the nn.Linear that computes the output")
-        return Tail.IDENTITY, None  # not (B, C) outputs: the estimator's output check names the problem
+        return Tail.IDENTITY, None  # not (B, ...) outputs: the estimator's output check names the problem
     own = {id(p) for p in layer.parameters()}
     others = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     wrt = [p for _, p in others] + input_leaves
@@ -139,7 +139,7 @@ def classify_tail(model: nn.Module, name: str, layer: nn.Module, x: ModelInputs,
         return Tail.RERUN, None  # the output reads the input other than through the layer
     if out is z:
         return Tail.IDENTITY, None
-    if len(input_leaves) != len(tensor_leaves(x)):
+    if len(input_leaves) != len(tensor_leaves(x)) or out.ndim > 2:  # outputs with positions: no matrix either
         # integer inputs (token ids, masks) can steer the tail without a gradient, e.g. GPT-2 pools the last
         # non-pad token: a map read off this batch need not hold for the next, so the tail is re-run
         return Tail.RERUN, None

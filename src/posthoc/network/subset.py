@@ -165,6 +165,8 @@ class ParameterSubset:
             raise ValueError("model_call must call the same model as the subset covers")
         self.per_example = check_choice(per_example, ExampleRoute, "per_example")
         self._vmap_examples: bool | None = None  # decided on first use when per_example is "auto"
+        # outputs (B, ..., C) flattened to (B, L*C) for the curvature code (posthoc.network.positions)
+        self.flatten_positions = False
         self.kind = check_choice(subset_of_weights, SubsetOfWeights, "subset_of_weights")
         check_materialised(model)
         is_last = self.kind is SubsetOfWeights.LAST_LAYER
@@ -372,6 +374,7 @@ class ParameterSubset:
         """
         if not self.last_layer_located or not isinstance(out, torch.Tensor):
             return
+        out = out.flatten(1) if self.flatten_positions else out
         with torch.no_grad():
             mine = self.forward(features)
         scale = 1.0 + float(out.detach().abs().max()) if out.numel() else 1.0
@@ -409,7 +412,12 @@ class ParameterSubset:
 
         E.g. fresh leaves for autograd-graph inspection; :meth:`forward` is this at ``unflatten(theta)``.
         The whole model runs through :attr:`call` (its inputs and output kinds); a last layer is one nn.Linear.
+        With :attr:`flatten_positions`, outputs (B, ..., C) come back as (B, L*C), C fastest.
         """
+        out = self._forward_with(params, inputs)
+        return out.flatten(1) if self.flatten_positions else out
+
+    def _forward_with(self, params: dict[str, torch.Tensor], inputs: ModelInputs) -> torch.Tensor:
         if self.module is self.model:
             with eval_mode(self.model):
                 return self.call.functional(params, inputs)
