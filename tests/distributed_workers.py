@@ -313,3 +313,47 @@ def teardown_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         during = _native_threads()
         scalla_run("directions", steps=2)
     torch.save({"during": during, "after": _native_threads()}, Path(out_dir) / f"rank{rank}.pt")
+
+
+class _StopOnPass:
+    """A loader that raises KeyboardInterrupt at batch ``stop_at`` of its second pass (the fit's; the first is
+    Laplace's look at the first batch), on every rank alike: an interrupted checkpointed fit."""
+
+    def __init__(self, loader: DataLoader, stop_at: int) -> None:
+        self.loader, self.stop_at, self.passes = loader, stop_at, 0
+
+    def __iter__(self):
+        self.passes += 1
+        for i, batch in enumerate(self.loader):
+            if self.passes == 2 and i == self.stop_at:
+                raise KeyboardInterrupt
+            yield batch
+
+
+def checkpointed_fit(structure: str, loader, checkpoint: Path | None) -> dict[str, torch.Tensor]:
+    """A checkpointed (or plain) fit of the CNN problem: dense precision, evidence and N at delta 0.7."""
+    from posthoc import Laplace
+
+    model, _, _, likelihood = problems()["cnn_classification"]
+    la = Laplace(model, likelihood, subset_of_weights="all", hessian_structure=structure, progress=False)
+    la.fit(loader, checkpoint=checkpoint, checkpoint_every=2) if checkpoint is not None else la.fit(loader)
+    prior = torch.tensor([0.7], dtype=DTYPE)
+    return {"precision": la._require_fit().dense_precision(prior, torch.ones((), dtype=DTYPE)),
+            "evidence": la.log_marginal_likelihood(prior).detach(), "n_data": torch.tensor(la.n_data)}
+
+
+def checkpoint_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    """Per structure: a checkpointed fit interrupted in its second segment on both ranks, resumed, and an
+    uninterrupted checkpointed fit (rank 0 writes both checkpoints); saves both results."""
+    _, train, _, _ = problems()["cnn_classification"]
+    out: dict[str, torch.Tensor] = {}
+    with _group(rank, world, port):
+        for structure in ("full", "ekfac"):
+            path = Path(out_dir) / f"{structure}.ckpt"
+            with contextlib.suppress(KeyboardInterrupt):
+                checkpointed_fit(structure, _StopOnPass(sharded(train, batch_size=2), stop_at=3), path)
+            resumed = checkpointed_fit(structure, sharded(train, batch_size=2), path)
+            whole = checkpointed_fit(structure, sharded(train, batch_size=2), Path(out_dir) / f"{structure}_whole.ckpt")
+            out.update({f"{structure}/resumed/{k}": v for k, v in resumed.items()})
+            out.update({f"{structure}/whole/{k}": v for k, v in whole.items()})
+    torch.save(out, Path(out_dir) / f"rank{rank}.pt")

@@ -331,3 +331,29 @@ def test_targets_that_do_not_match_the_positions_are_refused():
         la.fit([(x, y[:, :4])])
     with pytest.raises(ValueError, match="labels must lie"):
         la.fit([(x, torch.full_like(y, CLASSES))])
+
+
+def test_laplace_torch_api_keeps_positions():
+    model = make(TokenModel)
+    x, y = token_data(seed=10)
+    la = Laplace(model, "classification", "all", "diag", progress=False).fit(loader(x, y))
+    shape = (2, LENGTH, CLASSES)
+    for kind in ("glm", "nn"):
+        assert la.functional_samples(x[:2], pred_type=kind, n_samples=3).shape == (3, *shape)
+    samples = la.predictive_samples(x[:2], n_samples=3)
+    torch.testing.assert_close(samples.sum(-1), torch.ones(3, 2, LENGTH, dtype=DTYPE))
+    assert la(x[:2], link_approx="bridge").shape == shape
+    la.enable_backprop = True
+    with pytest.raises(NotImplementedError, match="positions"):
+        la(x[:2])
+    targets = torch.randn(len(x), LENGTH, CLASSES, generator=torch.Generator().manual_seed(11), dtype=DTYPE)
+    reg = Laplace(model, "regression", "all", "full", progress=False).fit(loader(x, targets))
+    mean, cov = reg(x[:2])
+    assert mean.shape == shape and cov.shape == (*shape, CLASSES)
+    mean, var = reg(x[:2], diagonal_output=True)
+    torch.testing.assert_close(var, torch.diagonal(cov, dim1=-2, dim2=-1))
+    flat_mean, joint = reg(x[:2], joint=True)  # laplace-torch's joint: over every output of the batch
+    assert flat_mean.shape == (2 * LENGTH * CLASSES,) and joint.shape == (2 * LENGTH * CLASSES,) * 2
+    torch.testing.assert_close(torch.diagonal(joint).reshape(shape), var)
+    noisy = reg.predict(x[:2]).with_noise(reg.sigma_noise)
+    assert noisy.log_prob(targets[:2]).shape == (2, LENGTH)

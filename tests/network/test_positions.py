@@ -111,3 +111,15 @@ def test_summed_sampled_columns_are_unbiased_for_the_block_diagonal_hessian():
     exact = PositionFactors(OutputFactors(CLS), 5, CLS)(f.flatten(1), y)
     # entries of Gamma are at most 1/4; the Monte Carlo error of an average of 40000 bounded terms is ~ 1/200
     torch.testing.assert_close(s @ s.transpose(1, 2), exact @ exact.transpose(1, 2), rtol=0, atol=0.03)
+
+
+def test_positions_ignored_in_every_example_get_no_columns():
+    f, y = logits_and_labels()
+    padded = y.clone()
+    padded[:, -1] = -100  # e.g. right padding: the last position has no target anywhere in the batch
+    factors = PositionFactors(OutputFactors(CLS), 5, CLS)
+    s = factors(f.flatten(1), padded)
+    assert s.shape == (3, 20, 3 * 4)
+    full = factors(f[:, :-1].flatten(1), padded[:, :-1])  # the same Hessians without the last position
+    torch.testing.assert_close((s @ s.transpose(1, 2))[:, :15, :15], full @ full.transpose(1, 2))
+    assert bool((s[:, 15:] == 0).all())

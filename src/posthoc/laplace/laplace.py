@@ -12,6 +12,7 @@ marginal-likelihood tuning and grid search never refit.
 
 from __future__ import annotations
 
+import os
 import warnings
 from typing import Any, Callable, Iterable, cast
 
@@ -27,6 +28,7 @@ from posthoc.curvature.output_factors import (
     many_classes_default,
 )
 from posthoc.distributed import check_same_on_all_ranks, sum_count, sum_over_ranks
+from posthoc.laplace.checkpointing import DEFAULT_CHECKPOINT_EVERY, check_resumable, resumable_fit
 from posthoc.laplace.continual import accumulated, check_accumulates, fit_structure
 from posthoc.laplace.parity import LaplaceTorchAPI
 from posthoc.laplace.predict import PredType, glm_predictive, nn_predictive
@@ -233,7 +235,8 @@ class Laplace(LaplaceTorchAPI):
                                self.subset.dtype, self.subset.device, input_shape=self.input_shape, mapping_inputs=True,
                                position_dims=self.position_dims, ignore_index=self.ignore_index)
 
-    def fit(self, train_loader: Iterable, override: bool = True) -> "Laplace":
+    def fit(self, train_loader: Iterable, override: bool = True, *, checkpoint: str | os.PathLike | None = None,
+            checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY) -> "Laplace":
         """Fit the curvature: one data pass for full/diag/kron, two for ekfac, one per Lanczos product for lowrank.
 
         ``train_loader`` yields (x, y) tuples (x a tensor, tuple or mapping) or mappings (read with
@@ -245,17 +248,27 @@ class Laplace(LaplaceTorchAPI):
         the whole data; the MAP weights must agree across ranks.
         ``override=False`` (continual learning) adds this data's curvature, N and log-likelihood to the previous
         fit's, centred at the weights now (:func:`posthoc.laplace.continual.accumulated`; "full", "diag", "kron").
+        ``checkpoint`` (a file path): a resumable fit ("full", "diag", "kron", "ekfac";
+        :mod:`posthoc.laplace.checkpointing`) that saves its running sums every ``checkpoint_every`` batches;
+        called again with the same arguments after an interruption, it resumes from the last checkpoint and gives
+        the uninterrupted fit's posterior, bitwise. The loader must yield the same batches on every pass (no
+        ``shuffle=True``; the skipped batches' digests are checked).
 
         Raises:
             ValueError: an empty loader; inputs of varying shape; labels that are not class indices
-                (B,) in range; regression targets whose width differs from the model's outputs.
-            NotImplementedError: ``override=False`` with a structure that does not accumulate.
+                (B,) in range; regression targets whose width differs from the model's outputs; with
+                ``checkpoint``, a shuffled DataLoader or a bad ``checkpoint_every``.
+            NotImplementedError: ``override=False`` with a structure that does not accumulate; ``checkpoint``
+                with "lowrank" or a registered structure.
+            posthoc.utils.checkpoint.CheckpointError: a checkpoint of another run (settings, weights, batches).
         """
         previous = None if override or self.structure is None else (self.structure, self.n_data, self._loglik_stat)
         if previous is not None:
             check_accumulates(previous[0])
+        if checkpoint is not None:
+            checkpoint_every = check_resumable(self, train_loader, checkpoint_every)
         with eval_mode(self.model):
-            self._fit(train_loader)
+            self._fit(train_loader, checkpoint, checkpoint_every)
         if previous is not None:
             structure, n_data, stat = previous
             self.structure = accumulated(structure, self._require_fit())
@@ -263,7 +276,8 @@ class Laplace(LaplaceTorchAPI):
             self._loglik_stat = cast(torch.Tensor, self._loglik_stat) + cast(torch.Tensor, stat)
         return self
 
-    def _fit(self, train_loader: Iterable) -> "Laplace":
+    def _fit(self, train_loader: Iterable, checkpoint: str | os.PathLike | None = None,
+             checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY) -> "Laplace":
         self.structure, self.input_shape = None, None
         x0, self.n_outputs, self.position_dims = first_batch_layout(
             train_loader, self.call, self.likelihood, self.dict_key_x, self.dict_key_y, self.subset.dtype,
@@ -277,6 +291,10 @@ class Laplace(LaplaceTorchAPI):
         recorder = RecordingFactors(self.factors, self.likelihood)
         factors = recorder if not self.position_dims else PositionFactors(
             recorder, self.n_outputs, self.likelihood, self.ignore_index, self.factors.curvature is CurvatureType.GGN_MC)
+        if checkpoint is not None:
+            self.structure, self.n_data, self._loglik_stat = resumable_fit(
+                self, train_loader, checkpoint, checkpoint_every, recorder, cast(OutputFactors, factors))
+            return self
         totals: dict[str, int] = {}
 
         def batches():

@@ -353,8 +353,10 @@ class LaplaceTorchAPI:
         if kind == "nn":
             return self._nn_functional_samples(x, n_samples, generator)
         pred = self.predict(x, pred_type="glm")  # type: ignore[attr-defined]
-        cov = pred.var if diagonal_output else pred.cov
-        return links.sample_gaussian(pred.mean, cov, n_samples, self._generator(generator))
+        rows = pred.rows if isinstance(pred, PositionPredictive) else pred  # positions: sampled as (B·L, C) rows
+        cov = rows.var if diagonal_output else rows.cov
+        samples = links.sample_gaussian(rows.mean, cov, n_samples, self._generator(generator))
+        return samples.reshape(n_samples, *pred.mean.shape)
 
     def predictive_samples(self, x: ModelInputs, pred_type: str = "glm", n_samples: int = 100,
                            diagonal_output: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -419,6 +421,9 @@ class LaplaceTorchAPI:
                 return samples.mean(0), samples.var(0)
             return torch.softmax(samples, dim=-1).mean(0)
         backprop = bool(getattr(self, "enable_backprop", False))
+        if backprop and self.subset.flatten_positions:
+            raise NotImplementedError("enable_backprop with outputs with positions (B, ..., C) is not supported; "
+                                      "set la.enable_backprop = False")
         if regression and joint:
             js, f_mu = self._jacobians(x, differentiable=backprop)
             return f_mu.reshape(-1), self.functional_covariance(js)

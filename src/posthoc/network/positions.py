@@ -116,7 +116,7 @@ def as_rows(outputs: torch.Tensor, targets: torch.Tensor, n_outputs: int, likeli
 
 
 class PositionFactors:
-    """Output factors S (B, L·C, L·K) of flattened position outputs, from a per-row factor function.
+    """Output factors S (B, L·C, U·K) of flattened position outputs, from a per-row factor function.
 
     Args:
         factors: ``factors(outputs (R, C), targets (R,) or (R, C)) -> S (R, C, K)``, e.g.
@@ -135,7 +135,10 @@ class PositionFactors:
         self.ignore_index, self.sum_positions = ignore_index, sum_positions
 
     def __call__(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """S (B, L·C, L·K) (``sum_positions``: (B, L·C, K)) for outputs (B, L·C) and targets of their positions."""
+        """S (B, L·C, U·K) (``sum_positions``: (B, L·C, K)) for outputs (B, L·C) and targets of their positions.
+
+        U <= L counts the positions kept in at least one example of the batch.
+        """
         batch, n_out = outputs.shape[0], self.n_outputs
         mask = kept_positions(targets, self.likelihood, self.ignore_index).reshape(batch, -1)  # (B, L)
         n_pos = mask.shape[1]
@@ -148,9 +151,10 @@ class PositionFactors:
         blocks[mask] = rows
         if self.sum_positions:
             return blocks.reshape(batch, n_pos * n_out, n_cols)
-        eye = torch.eye(n_pos, dtype=rows.dtype, device=rows.device)
-        # S[b, (t, c), (u, k)] = blocks[b, t, c, k] * [t == u]
-        return torch.einsum("btck,tu->btcuk", blocks, eye).reshape(batch, n_pos * n_out, n_pos * n_cols)
+        # S[b, (t, c), (u, k)] = blocks[b, t, c, k] * [t == u], for the positions u kept in some example (the
+        # columns of a position ignored in every example, e.g. the padding at the end, are zero: dropped)
+        used = torch.eye(n_pos, dtype=rows.dtype, device=rows.device)[:, mask.any(0)]
+        return torch.einsum("btck,tu->btcuk", blocks, used).reshape(batch, n_pos * n_out, -1)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.factors, name)
