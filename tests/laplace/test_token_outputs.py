@@ -321,6 +321,12 @@ def test_many_classes_default_to_the_mc_ggn_unless_chosen():
         warnings.simplefilter("error")
         chosen = Laplace(model, "classification", "all", "diag", curvature="ggn", progress=False).fit([(x, y)])
     assert chosen.factors.curvature.value == "ggn"
+    fresh = Laplace(model, "classification", "all", "diag", progress=False)
+    with pytest.warns(UserWarning, match="ggn_mc"):  # the default chooses the same curvature again
+        fresh.load_state_dict(la.state_dict())
+    torch.testing.assert_close(fresh.posterior_variance(), la.posterior_variance())
+    with pytest.raises(ValueError, match="curvature_type"):
+        chosen.load_state_dict(la.state_dict())
 
 
 def test_targets_that_do_not_match_the_positions_are_refused():
@@ -357,3 +363,18 @@ def test_laplace_torch_api_keeps_positions():
     torch.testing.assert_close(torch.diagonal(joint).reshape(shape), var)
     noisy = reg.predict(x[:2]).with_noise(reg.sigma_noise)
     assert noisy.log_prob(targets[:2]).shape == (2, LENGTH)
+
+
+def test_lowrank_and_subnetwork_on_positions_match_dense_reference():
+    model = make(AttentionModel)
+    x, y = token_data(seed=12)
+    ggn = reference_ggn(model, x, y)
+    la = Laplace(model, "classification", "all", "lowrank", progress=False, structure_options={"rank": 4})
+    la.fit(loader(x, y))
+    tiny, one = torch.tensor([1e-12], dtype=DTYPE), torch.ones((), dtype=DTYPE)
+    top = torch.linalg.eigvalsh(la.structure.dense_precision(tiny, one))[-4:]
+    torch.testing.assert_close(top, torch.linalg.eigvalsh(ggn)[-4:], rtol=1e-6, atol=1e-8)
+    indices = torch.arange(0, 40, 3)
+    sub = Laplace(model, "classification", "subnetwork", "full", subnetwork_indices=indices, progress=False)
+    sub.fit(loader(x, y))
+    torch.testing.assert_close(sub.structure.hessian, ggn[indices][:, indices], rtol=1e-9, atol=1e-11)

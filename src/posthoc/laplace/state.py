@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from posthoc.curvature.output_factors import many_classes_default
+
 if TYPE_CHECKING:  # only for annotations: state.py is imported by laplace.py
     from posthoc.laplace.laplace import Laplace
 
@@ -52,6 +54,8 @@ def load_laplace_state(la: "Laplace", state: dict[str, Any]) -> "Laplace":
     """
     if state.get("version") != STATE_VERSION:
         raise ValueError(f"unsupported Laplace state version {state.get('version')!r}")
+    if la._curvature_default and state.get("n_outputs") is not None:  # the default the fit chose (many classes)
+        la.factors = many_classes_default(la.factors, int(state["n_outputs"]))
     mine = {"likelihood": la.likelihood.value, "hessian_structure": la.structure_name,
             "subset_of_weights": la.subset.kind.value, "curvature_type": la.factors.curvature.value}
     for key, value in mine.items():
