@@ -69,8 +69,9 @@ def test_table_puts_steps_reached_and_the_papers_figures_beside_ours(bench, tmp_
     labels = [r["label"] for r in rows]
     assert labels == ["MAP (ours)", "MAP (paper)", "ScaLLA, authors' settings (ours)", "ScaLLA (paper)",
                       "ScaLLA-biased, authors' settings (ours)", "ScaLLA-biased (paper)"]
-    meta = {"map": {}, "seed": 0, "machine": {}, "versions": {}, "date": "d", "git_commit": "c"}
+    meta = {"map": {}, "seed": 0, "steps_total": 1_000_000, "machine": {}, "versions": {}, "date": "d", "git_commit": "c"}
     text = bench.markdown(rows, meta)
+    assert "| row | steps reached / 1,000,000 |" in text
     assert "| ScaLLA, authors' settings (ours) | 12,000 | 0.9000 |" in text
     assert "| ScaLLA-biased (paper) | 1,000,000 | 0.9099 | 0.2530 | 0.0084 | 0.1311 | 0.983 |" in text
     assert "| ScaLLA-biased, authors' settings (ours) | — | — |" in text  # not evaluated yet: no numbers made up
