@@ -40,7 +40,7 @@ import itertools
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Iterator, cast
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, NamedTuple, cast
 
 import torch
 from torch.utils.data import DataLoader, RandomSampler
@@ -79,7 +79,8 @@ from posthoc.utils.checks import check_positive_int
 if TYPE_CHECKING:  # only for annotations: laplace.py imports this module
     from posthoc.laplace.laplace import Laplace
 
-__all__ = ["CHECKPOINT_WHAT", "DEFAULT_CHECKPOINT_EVERY", "check_resumable", "resumable_fit"]
+__all__ = ["CHECKPOINT_WHAT", "DEFAULT_CHECKPOINT_EVERY", "CheckpointPlan", "FilePath", "checkpoint_plan",
+           "fit_fingerprint", "resumable_fit"]
 
 CHECKPOINT_WHAT = "Laplace fit"
 CHECKPOINT_FORMAT = 1
@@ -87,16 +88,29 @@ DEFAULT_CHECKPOINT_EVERY = 100  # batches per checkpoint
 _SUPPORTED = {HessianStructure.FULL.value: FullCurvature, HessianStructure.DIAG.value: DiagCurvature,
               HessianStructure.KRON.value: KronCurvature, HessianStructure.EKFAC.value: EKFACCurvature}
 _DIGEST_BYTES = 16
+FilePath = str | os.PathLike
 
 
-def check_resumable(la: "Laplace", train_loader: Iterable, checkpoint_every: int) -> int:
-    """Refuse, before any data pass, what a checkpointed fit cannot resume exactly; returns ``checkpoint_every``.
+class CheckpointPlan(NamedTuple):
+    """Where a resumable fit saves its state, and every how many batches."""
+
+    path: Path
+    every: int
+
+
+def checkpoint_plan(la: "Laplace", train_loader: Iterable, checkpoint: FilePath | None,
+                    checkpoint_every: int) -> CheckpointPlan | None:
+    """None without ``checkpoint``; else the plan, after refusing what a checkpointed fit cannot resume exactly.
+
+    Called by ``Laplace.fit`` before any data pass. Cost O(1).
 
     Raises:
         ValueError: ``checkpoint_every`` not an int >= 1; a ``DataLoader`` with ``shuffle=True`` (a
             ``RandomSampler``), whose order changes on every pass.
         NotImplementedError: a structure other than full, diag, kron, ekfac.
     """
+    if checkpoint is None:
+        return None
     every = check_positive_int(checkpoint_every, "checkpoint_every", "(batches per checkpoint)")
     if _SUPPORTED.get(la.structure_name) is not la.structure_cls:
         raise NotImplementedError(
@@ -113,7 +127,7 @@ def check_resumable(la: "Laplace", train_loader: Iterable, checkpoint_every: int
                              "a DataLoader with shuffle=True draws a new order each time (also with a seeded "
                              "generator=, which every pass advances); pass shuffle=False: the curvature does "
                              "not depend on the order")
-    return every
+    return CheckpointPlan(Path(checkpoint), every)
 
 
 def fit_fingerprint(la: "Laplace", checkpoint_every: int) -> dict[str, Any]:
@@ -149,7 +163,8 @@ def _fresh_state(la: "Laplace") -> dict[str, Any]:
     """The state before any batch: phase 0 (ekfac: 1 is the eigenvalue pass), nothing summed."""
     return {"phase": 0, "position": 0, "segments": [], "factor_segments": None, "sums": None, "basis": None,
             "n_data": 0,
-            "loglik_stat": torch.zeros((), dtype=la.subset.dtype), "generator": la.factors.generator.get_state()}
+            "loglik_stat": torch.zeros((), dtype=la.subset.dtype, device=la.subset.device),
+            "generator": la.factors.generator.get_state()}
 
 
 def _on_device(la: "Laplace", state: dict[str, Any]) -> dict[str, Any]:
@@ -336,28 +351,30 @@ def _load_state(la: "Laplace", path: Path, fingerprint: dict[str, Any]) -> dict[
             error = (type(err).__name__, str(err))
     state, error = broadcast_object((state, error), "the Laplace fit checkpoint")
     if error is not None:
-        raise {"PermissionError": PermissionError, "CheckpointError": CheckpointError}.get(error[0], ValueError)(error[1])
+        kind = {"PermissionError": PermissionError, "CheckpointError": CheckpointError}.get(error[0], ValueError)
+        raise kind(error[1])
     return state
 
 
-def resumable_fit(la: "Laplace", train_loader: Iterable, checkpoint: str | os.PathLike, checkpoint_every: int,
-                  recorder: RecordingFactors, factors: OutputFactors) -> tuple[CurvatureStructure, int, torch.Tensor]:
+def resumable_fit(la: "Laplace", train_loader: Iterable, plan: CheckpointPlan, recorder: RecordingFactors,
+                  factors: OutputFactors) -> "Laplace":
     """Fit ``la``'s structure on ``train_loader`` in checkpointed segments (module docstring); resume if possible.
 
     Call after ``la`` located its covered parameters (``Laplace._fit`` does), with the recorder that sums
-    log p(y | f) and the factors the structure sees (the recorder, or a per-position wrapper of it). Cost: the structure's fit, plus per
-    segment one hash of its batches, a few all-reduces under torch.distributed, and writing the running sums
-    (full: P^2 numbers; diag: P; kron/ekfac: the factors) to disk; a resume hashes the batches it skips.
+    log p(y | f) and the factors the structure sees (the recorder, or a per-position wrapper of it). Cost: the
+    structure's fit, plus per segment one hash of its batches, a few all-reduces under torch.distributed, and
+    writing the running sums (full: P^2 numbers; diag: P; kron/ekfac: the factors) to disk; a resume hashes the
+    batches it skips.
 
     Returns:
-        (the fitted structure, N over all ranks, the log-likelihood statistic over all ranks).
+        ``la``, with its structure, N and log-likelihood statistic (over all ranks) set.
 
     Raises:
         CheckpointError: the checkpoint belongs to another run or was written from other batches (fix named).
         PermissionError: the checkpoint's folder is not writable. ValueError: an empty loader; ranks with
             different numbers of batches.
     """
-    path = Path(checkpoint)
+    path, checkpoint_every = plan
     fingerprint = fit_fingerprint(la, checkpoint_every)
     state = _load_state(la, path, fingerprint)
     resumed = state is not None
@@ -405,4 +422,5 @@ def resumable_fit(la: "Laplace", train_loader: Iterable, checkpoint: str | os.Pa
                                       f"{path}): it must yield the same batches on every pass")
             state["phase"] += 1
     bar.close()
-    return _structure(la, state), int(state["n_data"]), state["loglik_stat"].to(la.subset.device)
+    la.structure, la.n_data, la._loglik_stat = _structure(la, state), int(state["n_data"]), state["loglik_stat"]
+    return la

@@ -11,9 +11,12 @@ unchanged weights), not the sum of the two fits' Kronecker products (which is no
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import weakref
-from typing import Any
+from typing import TYPE_CHECKING, Any, Iterator, cast
+
+import torch
 
 from posthoc.curvature.kfac import KFACApproximation, KFACFactors, kfac_factors
 from posthoc.curvature.output_factors import OutputFactors
@@ -23,6 +26,9 @@ from posthoc.laplace.structures.diag import DiagCurvature
 from posthoc.laplace.structures.full import FullCurvature
 from posthoc.laplace.structures.kron import KronCurvature, check_kron_subset
 from posthoc.network.subset import ParameterSubset
+
+if TYPE_CHECKING:  # only for annotations: laplace.py imports this module
+    from posthoc.laplace.laplace import Laplace
 
 # the raw KFAC factors of each fitted "kron" structure (its eigendecompositions alone do not give them back)
 _KRON_FACTORS: weakref.WeakKeyDictionary[CurvatureStructure, KFACFactors] = weakref.WeakKeyDictionary()
@@ -56,6 +62,28 @@ def kron_structure(subset: ParameterSubset, result: KFACFactors, approximation: 
     structure = KronCurvature._from_factors(subset, result, approximation)
     _KRON_FACTORS[structure] = result
     return structure
+
+
+@contextlib.contextmanager
+def accumulating(la: "Laplace", override: bool) -> Iterator[None]:
+    """Around a refit of ``la``: with ``override=False``, add the previous fit to the new one when it ends.
+
+    The previous structure, N and log-likelihood statistic are taken before the refit (after checking, before
+    any data pass, that the structure accumulates) and added to the new fit's afterwards (:func:`accumulated`).
+    Nothing is added when the refit raises. With ``override=True`` or no previous fit it does nothing.
+
+    Raises:
+        NotImplementedError: a previous fit whose structure does not accumulate (:func:`check_accumulates`).
+    """
+    previous = None if override or la.structure is None else (la.structure, la.n_data, la._loglik_stat)
+    if previous is not None:
+        check_accumulates(previous[0])
+    yield
+    if previous is not None:
+        structure, n_data, stat = previous
+        la.structure = accumulated(structure, la._require_fit())
+        la.n_data += n_data
+        la._loglik_stat = cast(torch.Tensor, la._loglik_stat) + cast(torch.Tensor, stat)
 
 
 def check_accumulates(structure: CurvatureStructure) -> None:

@@ -12,7 +12,6 @@ marginal-likelihood tuning and grid search never refit.
 
 from __future__ import annotations
 
-import os
 import warnings
 from typing import Any, Callable, Iterable, cast
 
@@ -28,8 +27,8 @@ from posthoc.curvature.output_factors import (
     many_classes_default,
 )
 from posthoc.distributed import check_same_on_all_ranks, sum_count, sum_over_ranks
-from posthoc.laplace.checkpointing import DEFAULT_CHECKPOINT_EVERY, check_resumable, resumable_fit
-from posthoc.laplace.continual import accumulated, check_accumulates, fit_structure
+from posthoc.laplace import checkpointing
+from posthoc.laplace.continual import accumulating, fit_structure
 from posthoc.laplace.parity import LaplaceTorchAPI
 from posthoc.laplace.predict import PredType, glm_predictive, nn_predictive
 from posthoc.laplace.prior import PriorKind, as_prior_tensor, per_parameter, prior_kind
@@ -235,8 +234,8 @@ class Laplace(LaplaceTorchAPI):
                                self.subset.dtype, self.subset.device, input_shape=self.input_shape, mapping_inputs=True,
                                position_dims=self.position_dims, ignore_index=self.ignore_index)
 
-    def fit(self, train_loader: Iterable, override: bool = True, *, checkpoint: str | os.PathLike | None = None,
-            checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY) -> "Laplace":
+    def fit(self, train_loader: Iterable, override: bool = True, *, checkpoint: checkpointing.FilePath | None = None,
+            checkpoint_every: int = checkpointing.DEFAULT_CHECKPOINT_EVERY) -> "Laplace":
         """Fit the curvature: one data pass for full/diag/kron, two for ekfac, one per Lanczos product for lowrank.
 
         ``train_loader`` yields (x, y) tuples (x a tensor, tuple or mapping) or mappings (read with
@@ -248,36 +247,19 @@ class Laplace(LaplaceTorchAPI):
         the whole data; the MAP weights must agree across ranks.
         ``override=False`` (continual learning) adds this data's curvature, N and log-likelihood to the previous
         fit's, centred at the weights now (:func:`posthoc.laplace.continual.accumulated`; "full", "diag", "kron").
-        ``checkpoint`` (a file path): a resumable fit ("full", "diag", "kron", "ekfac";
-        :mod:`posthoc.laplace.checkpointing`) that saves its running sums every ``checkpoint_every`` batches;
-        called again with the same arguments after an interruption, it resumes from the last checkpoint and gives
-        the uninterrupted fit's posterior, bitwise. The loader must yield the same batches on every pass (no
-        ``shuffle=True``; the skipped batches' digests are checked).
+        ``checkpoint`` (a path): resumable, its state saved every ``checkpoint_every`` batches (:mod:`~.checkpointing`).
 
         Raises:
             ValueError: an empty loader; inputs of varying shape; labels that are not class indices
-                (B,) in range; regression targets whose width differs from the model's outputs; with
-                ``checkpoint``, a shuffled DataLoader or a bad ``checkpoint_every``.
-            NotImplementedError: ``override=False`` with a structure that does not accumulate; ``checkpoint``
-                with "lowrank" or a registered structure.
-            posthoc.utils.checkpoint.CheckpointError: a checkpoint of another run (settings, weights, batches).
+                (B,) in range; regression targets whose width differs from the model's outputs.
+            NotImplementedError: ``override=False`` with a structure that does not accumulate.
+            CheckpointError: another run's checkpoint (refusals before any pass: :func:`~.checkpoint_plan`).
         """
-        previous = None if override or self.structure is None else (self.structure, self.n_data, self._loglik_stat)
-        if previous is not None:
-            check_accumulates(previous[0])
-        if checkpoint is not None:
-            checkpoint_every = check_resumable(self, train_loader, checkpoint_every)
-        with eval_mode(self.model):
-            self._fit(train_loader, checkpoint, checkpoint_every)
-        if previous is not None:
-            structure, n_data, stat = previous
-            self.structure = accumulated(structure, self._require_fit())
-            self.n_data += n_data
-            self._loglik_stat = cast(torch.Tensor, self._loglik_stat) + cast(torch.Tensor, stat)
+        with accumulating(self, override), eval_mode(self.model):
+            self._fit(train_loader, checkpointing.checkpoint_plan(self, train_loader, checkpoint, checkpoint_every))
         return self
 
-    def _fit(self, train_loader: Iterable, checkpoint: str | os.PathLike | None = None,
-             checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY) -> "Laplace":
+    def _fit(self, train_loader: Iterable, plan: checkpointing.CheckpointPlan | None = None) -> "Laplace":
         self.structure, self.input_shape = None, None
         x0, self.n_outputs, self.position_dims = first_batch_layout(
             train_loader, self.call, self.likelihood, self.dict_key_x, self.dict_key_y, self.subset.dtype,
@@ -291,10 +273,8 @@ class Laplace(LaplaceTorchAPI):
         recorder = RecordingFactors(self.factors, self.likelihood)
         factors = recorder if not self.position_dims else PositionFactors(
             recorder, self.n_outputs, self.likelihood, self.ignore_index, self.factors.curvature is CurvatureType.GGN_MC)
-        if checkpoint is not None:
-            self.structure, self.n_data, self._loglik_stat = resumable_fit(
-                self, train_loader, checkpoint, checkpoint_every, recorder, cast(OutputFactors, factors))
-            return self
+        if plan is not None:  # in checkpointed segments (posthoc.laplace.checkpointing)
+            return checkpointing.resumable_fit(self, train_loader, plan, recorder, cast(OutputFactors, factors))
         totals: dict[str, int] = {}
 
         def batches():
