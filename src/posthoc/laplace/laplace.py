@@ -452,7 +452,8 @@ class Laplace(LaplaceTorchAPI):
         x is what the training loader's x was: a tensor, tuple or mapping (a mapping's ``dict_key_y`` entry,
         if present, is dropped).
 
-        "glm": GaussianPredictive(f(x; theta*), J Lambda^-1 J^T) with full (B, C, C) covariance.
+        "glm": GaussianPredictive(f(x; theta*), J Lambda^-1 J^T) with full (B, C, C) covariance; ``probs()``
+        defaults to la(x)'s ``default_link_approx`` (was "probit"; a FutureWarning says so without a link).
         "nn": SamplePredictive of f(x; theta_s) for n_samples weight samples (seeded).
         Neither includes observation noise (nor does ``la(x)``): use ``.with_noise(la.sigma_noise)``.
         The model runs in eval mode (its train/eval flags are restored afterwards).
@@ -469,7 +470,8 @@ class Laplace(LaplaceTorchAPI):
         with eval_mode(self.model), self._naming_input_shape(x):
             inputs = self.subset.inputs(x)
             if kind is PredType.GLM:
-                return glm_predictive(curvature, self.subset, inputs, self.prior_precision, scale)
+                return glm_predictive(curvature, self.subset, inputs, self.prior_precision, scale,
+                                      self.default_link_approx)
             return nn_predictive(self.subset, inputs, self.sample(n_samples, seed=seed))
 
     def posterior_variance(self) -> torch.Tensor:

@@ -25,8 +25,11 @@ class PredType(str, Enum):
 
 
 def glm_predictive(structure: CurvatureStructure, subset: ParameterSubset, inputs: ModelInputs,
-                   prior: torch.Tensor, scale: torch.Tensor) -> Predictive:
+                   prior: torch.Tensor, scale: torch.Tensor, link_approx: LinkApprox | str) -> Predictive:
     """N(f(x; theta*), J Lambda^-1 J^T): mean (B, C), covariance (B, C, C) symmetrised.
+
+    ``link_approx``: the predictive's default link, that of ``probs()`` (``Laplace.predict`` passes
+    ``la.default_link_approx``, so ``la.predict(x).probs()`` equals ``la(x)``).
 
     ``inputs`` are the covered function's (``subset.inputs(x)``). Cost: one forward pass and the structure's
     functional covariance. Outputs with positions (``subset.flatten_positions``): a :class:`PositionPredictive`,
@@ -37,10 +40,10 @@ def glm_predictive(structure: CurvatureStructure, subset: ParameterSubset, input
     cov = structure.functional_covariance(inputs, prior, scale).detach()
     cov = 0.5 * (cov + cov.transpose(1, 2))
     if not subset.flatten_positions:
-        return GaussianPredictive(mean, cov=cov)
+        return GaussianPredictive(mean, cov=cov, link_approx=link_approx)
     shape = unflattened_shape(subset, inputs)
     blocks = position_blocks(cov, shape[-1]).reshape(-1, shape[-1], shape[-1])  # (B·L, C, C)
-    rows = GaussianPredictive(mean.reshape(-1, shape[-1]), cov=blocks)
+    rows = GaussianPredictive(mean.reshape(-1, shape[-1]), cov=blocks, link_approx=link_approx)
     return PositionPredictive(rows, shape)
 
 

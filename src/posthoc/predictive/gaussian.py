@@ -20,6 +20,8 @@ class GaussianPredictive(Predictive):
         cov: (B, C, C) full covariance, or
         var: (B, C) marginal variances (a diagonal covariance). Give exactly one.
             A zero variance is allowed (e.g. the MAP predictive).
+        link_approx: the link :meth:`probs` uses when none is given (default "probit"; a Laplace's glm
+            predictive gets the Laplace's ``default_link_approx``, the link of ``la(x)``).
 
     Full covariances are checked to be symmetric (relative 1e-6); positive
     semi-definiteness is checked where it is used (sampling, log-determinant).
@@ -30,7 +32,10 @@ class GaussianPredictive(Predictive):
         mean: torch.Tensor,
         cov: torch.Tensor | None = None,
         var: torch.Tensor | None = None,
+        *,
+        link_approx: LinkApprox | str = LinkApprox.PROBIT,
     ) -> None:
+        self.link_approx = parse_link(link_approx)
         self._cov: torch.Tensor | None
         # The covariance (B, C, C) or the variances (B, C), whichever was given: what the links take.
         self._cov_or_var: torch.Tensor
@@ -87,16 +92,21 @@ class GaussianPredictive(Predictive):
 
     def probs(
         self,
-        link_approx: LinkApprox | str = LinkApprox.PROBIT,
+        link_approx: LinkApprox | str | None = None,
         n_samples: int = 1000,
         seed: int = 0,
         bridge_correction: bool = True,
     ) -> torch.Tensor:
         """Class probabilities (B, C) by the chosen link approximation.
 
-        ``n_samples`` and ``seed`` are used by ``"mc"`` only; ``bridge_correction``
-        by ``"bridge"`` only (see :func:`posthoc.predictive.links.bridge_alpha`).
+        ``link_approx`` None: this predictive's ``link_approx`` ("probit", or a Laplace glm predictive's
+        ``la.default_link_approx``, "probit_centred", which it replaced there: a FutureWarning says so when the
+        two differ for these inputs' variances). ``n_samples`` and ``seed`` are used by ``"mc"`` only;
+        ``bridge_correction`` by ``"bridge"`` only (see :func:`posthoc.predictive.links.bridge_alpha`).
         """
+        if link_approx is None:
+            link_approx = self.link_approx
+            links.warn_changed_default(self.link_approx, self._cov_or_var)
         link = parse_link(link_approx)
         if link is LinkApprox.PROBIT:
             return links.probit(self.mean, self._cov_or_var)
@@ -125,9 +135,9 @@ class GaussianPredictive(Predictive):
         check_positive(sigma_noise, "sigma_noise")
         noise_var = torch.as_tensor(sigma_noise, dtype=self.mean.dtype, device=self.mean.device) ** 2
         if self._cov is None:
-            return GaussianPredictive(self.mean, var=self._cov_or_var + noise_var)
+            return GaussianPredictive(self.mean, var=self._cov_or_var + noise_var, link_approx=self.link_approx)
         eye = torch.eye(self.n_outputs, dtype=self.mean.dtype, device=self.mean.device)
-        return GaussianPredictive(self.mean, cov=self._cov + noise_var * eye)
+        return GaussianPredictive(self.mean, cov=self._cov + noise_var * eye, link_approx=self.link_approx)
 
     def log_prob(self, y: torch.Tensor) -> torch.Tensor:
         """Log N(y; mean, Sigma) per input (B,) for targets ``y`` (B, C). Call on ``with_noise(sigma)`` for y.
@@ -155,8 +165,8 @@ class GaussianPredictive(Predictive):
         """A copy with tensors moved/cast like ``torch.Tensor.to``."""
         mean = self.mean.to(*args, **kwargs)
         if self._cov is not None:
-            return GaussianPredictive(mean, cov=self._cov.to(*args, **kwargs))
-        return GaussianPredictive(mean, var=self._cov_or_var.to(*args, **kwargs))
+            return GaussianPredictive(mean, cov=self._cov.to(*args, **kwargs), link_approx=self.link_approx)
+        return GaussianPredictive(mean, var=self._cov_or_var.to(*args, **kwargs), link_approx=self.link_approx)
 
     def __repr__(self) -> str:
         kind = "cov" if self._cov is not None else "var"

@@ -8,6 +8,7 @@ All functions take ``mean`` of shape (B, C) and a covariance, either full
 from __future__ import annotations
 
 import math
+import warnings
 from enum import Enum
 
 import torch
@@ -20,6 +21,22 @@ class LinkApprox(str, Enum):
     BRIDGE = "bridge"  # Laplace bridge to a Dirichlet; O(BC^2) with a full cov
     MC = "mc"  # Monte Carlo average of softmax over logit samples; O(SBC + BC^3)
     PROBIT_CENTRED = "probit_centred"  # probit of the zero-sum projection (P mu, P Sigma P); O(BC^2)
+
+
+def warn_changed_default(link: LinkApprox, cov_or_var: torch.Tensor) -> None:
+    """FutureWarning for ``probs()`` without a link where its default is no longer "probit".
+
+    Until issue 17, every ``GaussianPredictive.probs()`` defaulted to "probit"; a Laplace's glm predictive now
+    defaults to ``la.default_link_approx`` ("probit_centred", the link of ``la(x)``). Warns when ``link`` is not
+    "probit" and some variance in ``cov_or_var`` ((B, C, C) or (B, C)) is nonzero (with none the two links
+    agree: both are the softmax of the mean). Cost: one pass over ``cov_or_var``.
+    """
+    if link is LinkApprox.PROBIT or not bool((cov_or_var != 0).any()):
+        return
+    warnings.warn(f"probs() without link_approx uses this predictive's default link {link.value!r} (for a Laplace: "
+                  "la(x)'s link), no longer 'probit' as before; pass link_approx='probit' for the old "
+                  f"probabilities, or link_approx={link.value!r} to keep the new ones without this warning",
+                  FutureWarning, stacklevel=3)
 
 
 def diagonal(cov_or_var: torch.Tensor) -> torch.Tensor:
