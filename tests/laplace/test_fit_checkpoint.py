@@ -179,3 +179,32 @@ def test_refusals_before_any_pass(tmp_path):
     # an unshuffled DataLoader is fine
     la = _laplace(model, "full").fit(DataLoader(TensorDataset(x, y), batch_size=4), checkpoint=tmp_path / "b.ckpt")
     assert la.n_data == len(x)
+
+
+class _Tokens(torch.nn.Module):
+    """Embedding -> tanh -> Linear per token: outputs (B, T, 3), one likelihood output per position."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(5)
+        self.emb, self.head = torch.nn.Embedding(7, 4), torch.nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.emb(x)))
+
+
+@pytest.mark.parametrize("structure", ["diag", "kron"])
+def test_outputs_with_positions_resume(tmp_path, structure):
+    """Token outputs with ignored (-100) positions: N counts kept positions, resumed as in a plain fit."""
+    g = torch.Generator().manual_seed(6)
+    x, y = torch.randint(0, 7, (18, 5), generator=g), torch.randint(0, 3, (18, 5), generator=g)
+    y[::4, -2:] = -100
+    model = _Tokens().to(DTYPE)
+    path = tmp_path / "fit.ckpt"
+    with pytest.raises(KeyboardInterrupt):
+        _laplace(model, structure).fit(Interrupting(x, y, stop_at=3, on_pass=2), checkpoint=path, checkpoint_every=2)
+    resumed = _laplace(model, structure).fit(Interrupting(x, y), checkpoint=path, checkpoint_every=2)
+    plain = _laplace(model, structure).fit(Interrupting(x, y))
+    assert resumed.n_data == plain.n_data == int((y != -100).sum())
+    torch.testing.assert_close(resumed.log_marginal_likelihood(), plain.log_marginal_likelihood(), rtol=1e-12, atol=0)
+    torch.testing.assert_close(resumed.posterior_variance(), plain.posterior_variance(), rtol=1e-10, atol=0)
