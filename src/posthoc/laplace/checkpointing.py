@@ -13,16 +13,17 @@ without a checkpoint it differs only by the summation order (round-off). A finis
 place, so a rerun costs one pass that reads and hashes the batches, no curvature work. ekfac's factor pass ends
 with its eigenbases, which the checkpoint keeps for the eigenvalue pass.
 
-Which run a checkpoint belongs to (its fingerprint): the settings (likelihood, structure and its options, curvature
-type, MC samples, seed, covered parameters, dict keys, dtype, number of ranks), a digest of the network's weights
-and buffers (:func:`posthoc.utils.checkpoint.module_digest`), and the data: the checkpoint keeps a digest of the
+Which run a checkpoint belongs to (its fingerprint, :func:`fit_fingerprint`): the settings (likelihood, structure
+and its options, curvature type, MC samples, seed, covered parameters, dict keys, ignore index, dtype, number of
+ranks, ``checkpoint_every``, which fixes the summation order), a digest of the network's weights and buffers (:func:`posthoc.utils.checkpoint.module_digest`), and the data: the checkpoint keeps a digest of the
 batches of every segment it summed (:func:`posthoc.utils.checkpoint.tensor_digest` of each batch as the fit reads
 it), and the resume recomputes them while skipping those batches. Another run's checkpoint, or a loader that
 yields other batches before the checkpointed position (other data, a changed order, random augmentation), is a
 :class:`posthoc.utils.checkpoint.CheckpointError` naming the fix, never resumed. Batches after the position need no
 such check: whatever the loader yields there is summed, as in an uninterrupted fit on that loader. A
 ``DataLoader`` with ``shuffle=True`` is refused up front: each pass draws a new order (also with a seeded
-``generator=``, whose state every pass advances), and the curvature does not depend on the order.
+``generator=``, whose state every pass advances), and the curvature does not depend on the order. ekfac's
+eigenvalue pass must read the batches of its factor pass (their digests are compared segment by segment).
 
 Not supported (NotImplementedError before any data pass): ``lowrank`` (its Lanczos iteration is not a sum over
 batches; its products read at most ``subsample`` examples) and structures registered by users.
