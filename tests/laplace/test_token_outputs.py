@@ -325,6 +325,8 @@ def test_many_classes_default_to_the_mc_ggn_unless_chosen():
     with pytest.warns(UserWarning, match="ggn_mc"):  # the default chooses the same curvature again
         fresh.load_state_dict(la.state_dict())
     torch.testing.assert_close(fresh.posterior_variance(), la.posterior_variance())
+    # the glm covariance of 1001 classes (a (b, C, C, O) temporary of 32 GB here before the two-operand einsum)
+    assert fresh.predict(x).cov.shape == (4, 1001, 1001)
     with pytest.raises(ValueError, match="curvature_type"):
         chosen.load_state_dict(la.state_dict())
 

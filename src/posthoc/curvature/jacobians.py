@@ -267,10 +267,10 @@ def per_example_weighted_grams(subset: ParameterSubset, inputs: ModelInputs, wei
             w = full_w[block.slice]
             if block.kind == "bias":
                 gb = g.sum(2)
-                gram = gram + torch.einsum("kbo,lbo,o->bkl", gb, gb, w)
+                gram = gram + torch.einsum("kbo,lbo->bkl", gb * w, gb)  # two operands: no (b, C, C, O) temporary
             elif a.shape[1] == 1:
                 t = a[:, 0].square() @ w.reshape(g.shape[-1], -1).T  # (b, O)
-                gram = gram + torch.einsum("kbo,lbo,bo->bkl", g[:, :, 0], g[:, :, 0], t)
+                gram = gram + torch.einsum("kbo,lbo->bkl", g[:, :, 0] * t, g[:, :, 0])
             else:
                 jb = torch.einsum("kblo,bli->kboi", g, a).flatten(2)  # (C, b, O*I)
                 gram = gram + torch.einsum("kbp,lbp->bkl", jb * w, jb)
