@@ -110,6 +110,18 @@ def test_results_are_cached_per_seed_and_method(bench, tmp_path, monkeypatch):
     assert recomputed["glm"]["nll"] == first["glm"]["nll"]
 
 
+def test_cached_results_without_timing_get_timed_only(bench, tmp_path, monkeypatch):
+    data = _tiny_data()
+    first = bench.run_seed(0, data, epochs=1, mc_samples=12, run_dir=tmp_path, methods=("map", "glm"))
+    assert all(first[m]["time_per_input_best_ms"] > 0 for m in ("map", "glm"))
+    untimed = {k: v for k, v in first["glm"].items() if k != "time_per_input_best_ms"}
+    (tmp_path / "result-s0-glm.json").write_text(json.dumps(untimed))
+    monkeypatch.setattr(bench, "method_metrics", lambda *a, **k: pytest.fail("metrics recomputed"))
+    again = bench.run_seed(0, data, epochs=1, mc_samples=12, run_dir=tmp_path, methods=("map", "glm"))
+    assert again["glm"]["time_per_input_best_ms"] > 0 and again["glm"]["nll"] == first["glm"]["nll"]
+    assert json.loads((tmp_path / "result-s0-glm.json").read_text())["time_per_input_best_ms"] > 0
+
+
 def test_few_mc_samples_give_no_variance_score(bench, tmp_path):
     # 10 classes, 5 samples: the samples' covariance is singular, so the variance score is left out, not faked
     row = bench.run_seed(0, _tiny_data(), epochs=1, mc_samples=5, run_dir=tmp_path, methods=("mc",))["mc"]
