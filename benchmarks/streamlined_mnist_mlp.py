@@ -224,10 +224,10 @@ def summarise(per_seed: list[dict[str, dict[str, Any]]], methods: tuple[str, ...
         for key in keys:
             kind, _, ood_name = key.rpartition("_") if key.endswith(OOD_SETS) else (key, "", "")
             values = [r["per_ood_set"][ood_name][kind] if ood_name else r.get(key) for r in runs]
-            if not values or any(v is None for v in values):
+            numbers = [float(v) for v in values if v is not None]
+            if not numbers or len(numbers) < len(values):
                 row[key], row[f"{key}_se"] = None, None
                 continue
-            numbers = [float(v) for v in values]
             row[key] = statistics.fmean(numbers)
             row[f"{key}_se"] = statistics.stdev(numbers) / math.sqrt(len(numbers)) if len(numbers) > 1 else None
         row["prior_precision"] = [r["prior_precision"] for r in runs]
