@@ -171,7 +171,7 @@ def test_not_yet_provided_options_raise_naming_the_issue():
     with pytest.raises(NotImplementedError, match="issue 18"):
         FunctionalLaplace(model, "classification", 4, enable_backprop=True)
     with pytest.raises(NotImplementedError, match="feature_reduction"):
-        Laplace(model, "classification", feature_reduction="pick_last")
+        Laplace(model, "classification", feature_reduction="average")
 
 
 def test_compat_marglik_training_returns_a_compat_laplace():

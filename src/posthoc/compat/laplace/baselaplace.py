@@ -125,10 +125,14 @@ class Laplace(_PosthocLaplace):
         asdl_fisher_kwargs: cannot change the numbers (one warning).
         subnetwork_indices: positions for "subnetwork" (e.g. a subnetwork mask's ``select()``).
         last_layer_name: for "last_layer", the nn.Linear to cover.
-        feature_reduction: must be None (posthoc locates pooling after the last layer itself).
+        feature_reduction: None, or "pick_last" with one warning: posthoc differentiates through the model's own
+            pooling after its last layer, which is laplace-torch's "pick_last" when the model reads the last
+            position (e.g. GPT-2 without right padding); other values raise NotImplementedError.
         curvature: posthoc's curvature ("ggn", "ggn_mc", "ef"); contradicting ``backend`` is an error.
         **posthoc_kwargs: posthoc's other arguments (``mc_samples``, ``seed``, ``progress``,
-            ``structure_options``).
+            ``structure_options``, ``mapping_call``: default "argument", a dict batch reaches the model as one
+            argument, ``model(batch)``, as in laplace-torch, also through a ``forward(*args, **kwargs)`` wrapper
+            such as peft's).
 
     Raises:
         NotImplementedError: options posthoc does not provide yet (naming the issue).
@@ -185,7 +189,12 @@ class Laplace(_PosthocLaplace):
                                           "its location; use 'all' or 'subnetwork'")
         if not (isinstance(temperature, float | int) and math.isfinite(temperature) and temperature > 0):
             raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
-        if feature_reduction is not None:
+        feature_reduction = getattr(feature_reduction, "value", feature_reduction)
+        if feature_reduction == "pick_last":
+            warnings.warn("feature_reduction='pick_last': posthoc uses the model's own pooling after its last layer, "
+                          "the same when the model reads the last position (e.g. GPT-2 without right padding)",
+                          UserWarning, stacklevel=2)
+        elif feature_reduction is not None:
             raise NotImplementedError("feature_reduction is not needed: posthoc finds the last nn.Linear on the path "
                                       "to the output and keeps the pooling after it; leave it None")
         chosen, ignored = curvature_from_backend(backend, backend_kwargs, getattr(curvature, "value", curvature))
@@ -198,7 +207,8 @@ class Laplace(_PosthocLaplace):
         super().__init__(model, likelihood, subset_of_weights=subset_of_weights, hessian_structure=hessian_structure,
                          prior_precision=prior_precision, sigma_noise=sigma_noise, curvature=chosen,
                          subnetwork_indices=subnetwork_indices, dict_key_x=dict_key_x, dict_key_y=dict_key_y,
-                         last_layer_name=last_layer_name, **{"progress": False, **posthoc_kwargs})
+                         last_layer_name=last_layer_name,
+                         **{"progress": False, "mapping_call": "argument", **posthoc_kwargs})
         self.temperature = float(temperature)
         if self.temperature != 1.0:
             self.factors = _TemperedFactors(self.factors, self.temperature)
