@@ -93,16 +93,25 @@ class JointCovariances:
 
 def join(a: Moments, b: Moments, cov_ab: torch.Tensor | None, mean: torch.Tensor, coefficient: float) -> Moments:
     """A + c·b of two jointly Gaussian activations (equal shapes): Σ_a + c² Σ_b + c (C_ab + C_abᵀ), crosses summed."""
+    if a.mean.shape[1:] != b.mean.shape[1:] or mean.shape != (max(a.mean.shape[0], b.mean.shape[0]), *a.shape):
+        raise ValueError(f"a full-mode join of random activations of shapes {tuple(a.mean.shape)} and "
+                         f"{tuple(b.mean.shape)} (broadcasting other than of the batch axis) is not supported")
+    a, b = _batch_expand(a, mean.shape[0]), _batch_expand(b, mean.shape[0])  # e.g. a position table's batch of 1
     if a.cov is None or b.cov is None:
         raise RuntimeError("a full-mode join of random activations needs both covariances")
-    if a.mean.shape != b.mean.shape:
-        raise ValueError(f"a full-mode join of random activations of shapes {tuple(a.mean.shape)} and "
-                         f"{tuple(b.mean.shape)} (broadcasting) is not supported")
     cov = a.cov + coefficient**2 * b.cov
     if cov_ab is not None:
         cov = cov + coefficient * (cov_ab + cov_ab.transpose(1, 2))
     crosses = [ca + coefficient * cb for ca, cb in zip(a.crosses, b.crosses, strict=True)]
     return Moments(mean, cov=0.5 * (cov + cov.transpose(1, 2)), crosses=crosses)
+
+
+def _batch_expand(value: Moments, batch: int) -> Moments:
+    """A batch-1 activation's covariance and crosses repeated for ``batch`` examples (broadcast in a join)."""
+    if value.mean.shape[0] == batch or value.cov is None:
+        return value
+    return Moments(value.mean.expand(batch, *value.shape), cov=value.cov.expand(batch, -1, -1),
+                   crosses=[c.expand(batch, -1, -1) for c in value.crosses])
 
 
 def cat_parts(parts: list[object], nodes: list[object], dim: int, joint: JointCovariances,

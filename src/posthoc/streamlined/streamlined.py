@@ -10,13 +10,14 @@ pred = sp.predict(x)                                          # GaussianPredicti
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Any, Iterable, Mapping
 
 import torch
 from torch import fx, nn
 
 from posthoc.laplace import Laplace
-from posthoc.likelihood import Likelihood
+from posthoc.likelihood import Likelihood, check_supported
 from posthoc.network.batches import checked_batches
 from posthoc.network.inputs import (
     MappingCall,
@@ -30,6 +31,7 @@ from posthoc.network.inputs import (
 )
 from posthoc.predictive import GaussianPredictive
 from posthoc.predictive.scale import fit_variance_scale, scaled_gaussian
+from posthoc.streamlined.exported import ExportedGraphs, GraphRoute
 from posthoc.streamlined.moments import ActivationCovariance, Moments
 from posthoc.streamlined.rules import AttentionRule, Context, LayerNormRule, find_rule
 from posthoc.streamlined.traced import TracedInputs, propagate_traced, trace
@@ -79,6 +81,11 @@ class Streamlined:
         mapping_call: how a mapping input reaches ``model.forward``: "auto" (from its signature: keyword
             arguments when every key names a parameter, e.g. Hugging Face models, else one argument),
             "kwargs" or "argument" (:class:`posthoc.network.inputs.ModelCall`).
+        graph: which graph is walked for a model without a rule of its own: "fx" (torch.fx), "export"
+            (torch.export's aten graph, :mod:`posthoc.streamlined.exported`: exported at the first prediction,
+            batch axis dynamic, re-exported per other input shape) or "auto" (fx, and torch.export with one
+            warning giving the fx error when fx cannot trace the forward, e.g. Hugging Face models).
+            :attr:`graph_used` says which one ran. The mean check against model(x) applies to both.
 
     Inputs ``x``: a tensor (B, ...), or a tuple/list (one argument) or mapping of tensors batched alike; integer
     leaves (token ids, masks, positions) pass through deterministically, and floating ones are deterministic
@@ -108,6 +115,7 @@ class Streamlined:
         max_full_dim: int = 4096,
         batch_size: int | None = None,
         mapping_call: MappingCall | str = MappingCall.AUTO,
+        graph: GraphRoute | str = GraphRoute.AUTO,
     ) -> None:
         self.mode = check_choice(activation_covariance, ActivationCovariance, "activation_covariance")
         if posterior is not None:
@@ -131,8 +139,9 @@ class Streamlined:
         # what the weight posterior was read from: compared at every prediction (see _current_posterior)
         self._laplace_state = None if posterior is None else self._laplace_snapshot(posterior)
         self._sigma_from_laplace = posterior is not None and sigma_noise is None
-        self.likelihood = check_choice(likelihood if likelihood is not None else default_likelihood, Likelihood,
-                                       "likelihood")
+        self.likelihood = check_supported(check_choice(likelihood if likelihood is not None else default_likelihood,
+                                                       Likelihood, "likelihood"),
+                                          (Likelihood.CLASSIFICATION, Likelihood.REGRESSION), "Streamlined")
         self.sigma_noise = float(sigma_noise) if sigma_noise is not None else default_sigma
         check_positive(self.sigma_noise, "sigma_noise")
         self.attention = check_choice(attention, AttentionRule, "attention")
@@ -148,6 +157,9 @@ class Streamlined:
         self._checked = False
         self._call = ModelCall(self.model, mapping_call)
         self._traced: fx.GraphModule | None = None  # the model's torch.fx graph, traced at the first prediction
+        self.graph = check_choice(graph, GraphRoute, "graph")
+        self.graph_used: GraphRoute | None = None  # FX or EXPORT once a prediction walked a graph
+        self._exported = ExportedGraphs(self.model)
         first = next(iter(self.model.parameters()), None)
         self._dtype = first.dtype if first is not None else torch.get_default_dtype()
         self._device = first.device if first is not None else torch.device("cpu")
@@ -281,9 +293,22 @@ class Streamlined:
                 raise ValueError(f"{type(self.model).__name__} has a module rule, which takes one input tensor; "
                                  "give x as a tensor")
             return propagate(self.model, state, ctx, last=True)
-        if self._traced is None:
-            self._traced = trace(self.model)
-        return propagate_traced(self._traced, state, ctx)
+        if self.graph_used is None and self.graph is not GraphRoute.EXPORT:
+            try:
+                self._traced = trace(self.model)
+                self.graph_used = GraphRoute.FX
+            except ValueError as err:
+                if self.graph is GraphRoute.FX:
+                    raise
+                warnings.warn(f"{err}; Streamlined walks the model's torch.export graph instead (graph='auto'; "
+                              "pass graph='export' to choose it and silence this warning)", stacklevel=2)
+        if self._traced is not None:
+            return propagate_traced(self._traced, state, ctx)
+        self.graph_used = GraphRoute.EXPORT
+        out, exported = self._exported.propagate(state, ctx)
+        if exported:
+            self._checked = False  # every new export's first batch is checked against model(x)
+        return out
 
     @staticmethod
     def _slice_var(input_var, x: torch.Tensor, start: int, step: int):
@@ -345,4 +370,5 @@ class Streamlined:
         """The settings stored with a bench row: variance scale, modes and the posterior's description."""
         return {"variance_scale": self.variance_scale, "activation_covariance": self.mode.value,
                 "attention": self.attention.value, "layernorm": self.layernorm.value,
+                "graph": None if self.graph_used is None else self.graph_used.value,
                 "posterior": self._posterior.description}

@@ -128,8 +128,9 @@ def _split_operands(args: tuple, kwargs: dict, what: str) -> tuple[object, objec
     return args[0], args[1]
 
 
-ADDS = (operator.add, operator.iadd, torch.add, "add", "add_")
-SUBS = (operator.sub, operator.isub, torch.sub, "sub", "sub_")
+# the aten overloads are torch.export's (posthoc.streamlined.exported)
+ADDS = (operator.add, operator.iadd, torch.add, "add", "add_", torch.ops.aten.add.Tensor)
+SUBS = (operator.sub, operator.isub, torch.sub, "sub", "sub_", torch.ops.aten.sub.Tensor)
 
 
 @register_rule(*ADDS, *SUBS)
@@ -165,8 +166,8 @@ def add_rule(op: Callable[..., Any] | str, args: tuple, kwargs: dict, ctx: Conte
     return Moments(mean, var=None if state.var is None else (state.var * coefficient**2).expand_as(mean))
 
 
-MULS = (operator.mul, operator.imul, torch.mul, "mul", "mul_")
-DIVS = (operator.truediv, operator.itruediv, torch.div, "div", "div_")
+MULS = (operator.mul, operator.imul, torch.mul, "mul", "mul_", torch.ops.aten.mul.Tensor)
+DIVS = (operator.truediv, operator.itruediv, torch.div, "div", "div_", torch.ops.aten.div.Tensor)
 
 
 @register_rule(*MULS, *DIVS)

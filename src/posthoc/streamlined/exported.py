@@ -1,0 +1,256 @@
+"""Moment propagation through a model's torch.export graph, for forwards torch.fx cannot trace (Hugging Face models).
+
+torch.fx traces a forward symbolically and stops at Python it cannot follow (transformers 5's models: "co_varnames
+is too small"); torch.export runs the forward on example inputs and records every tensor op as an aten op, with the
+parameters and buffers lifted to placeholders (:attr:`torch.export.ExportedProgram.graph_signature` names them).
+This module turns that graph into one the traced walk (:func:`posthoc.streamlined.traced.propagate_traced`) takes:
+
+- every op recorded inside a module with a rule in the one registry (its ``nn_module_stack`` metadata; the
+  outermost such module, as the fx tracer keeps it a leaf) is folded back into one ``call_module`` node when the
+  module's ops read one activation and give one output: Linear, Embedding, LayerNorm, transformers' Conv1D and
+  NewGELUActivation, posthoc's blocks... take their module rules exactly as on the fx path, random weights included;
+- the parameters, buffers and lifted constants the remaining ops read become ``get_attr`` nodes, so a random
+  parameter read by any other op is refused as on the fx path;
+- the remaining aten ops take the aten rules (:mod:`posthoc.streamlined.rules.aten`, thin adapters onto the op
+  rules), or run on the means when no argument is random (masks, positions).
+
+The forward is exported through a wrapper that returns only the output read (a tensor, a tuple's first element or
+a mapping's ``"logits"``, :func:`posthoc.streamlined.traced._output_of`), so auxiliary outputs (a loss, a key/value
+cache object) never reach export. Export needs example inputs: the graph is exported at the first prediction with
+that batch, its batch axis dynamic (``Dim.AUTO``); where export specialises the batch size (a branch on it), or the
+other input dims change (sequence length), the batch is exported again, and the graphs are cached by input shapes.
+Cost: one export (about a second for a small transformer) per cached shape; the walk is the traced walk's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+import torch
+from torch import fx, nn
+from torch.export import ExportedProgram
+from torch.export.graph_signature import InputKind, OutputKind
+from torch.utils import _pytree as pytree
+
+from posthoc.streamlined.moments import Moments
+from posthoc.streamlined.rules import Context
+from posthoc.streamlined.rules.base import find_rule
+from posthoc.streamlined.traced import TracedInputs, _output_of, propagate_traced
+
+_WRAPPED = "model"  # the model's name inside the export wrapper: parameter paths start with "model."
+
+
+class GraphRoute(str, Enum):
+    """Which graph Streamlined walks for a model without a rule of its own."""
+
+    AUTO = "auto"  # torch.fx; torch.export (with a warning saying why) when fx cannot trace the forward
+    FX = "fx"  # torch.fx only (modules kept whole, no example inputs needed)
+    EXPORT = "export"  # torch.export only (any forward export can run; one export per input shape)
+
+
+class _ReadOutput(nn.Module):
+    """Calls the model on (args, kwargs) and returns only the output read (tensor, first element or "logits")."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:
+        out = _output_of(self.model(*args, **kwargs))
+        if not isinstance(out, torch.Tensor):
+            raise ValueError(f"the model must return a tensor of outputs, a tuple/list whose first element it is or "
+                             f"a mapping with 'logits'; got {type(out).__name__}")
+        return out
+
+
+def _strip(target: str) -> str:
+    """A parameter/buffer path of the wrapper -> the model's own path."""
+    return target[len(_WRAPPED) + 1:] if target.startswith(_WRAPPED + ".") else target
+
+
+def export_model(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> ExportedProgram:
+    """torch.export of ``model(*args, **kwargs)`` read to its output tensor, batch axis dynamic (``Dim.AUTO``).
+
+    Call with the model in eval mode. Raises ValueError naming the export error when the forward cannot be
+    exported. Cost: one export (a traced run of the forward on fake tensors).
+    """
+    inputs = (tuple(args), dict(kwargs))
+    dynamic = pytree.tree_map(lambda leaf: {0: torch.export.Dim.AUTO} if isinstance(leaf, torch.Tensor)
+                              and leaf.ndim > 0 else None, inputs)
+    try:
+        return torch.export.export(_ReadOutput(model), inputs, dynamic_shapes=dynamic)
+    except Exception as err:  # export raises UserError, RuntimeError, TypeError... for forwards it cannot run
+        raise ValueError(f"torch.export could not export {type(model).__name__} ({type(err).__name__}: "
+                         f"{str(err).splitlines()[0] if str(err) else ''}); register a rule for the module whose "
+                         "forward does not export (posthoc.streamlined.register_rule)") from err
+
+
+def _leaf_module(node: fx.Node, model: nn.Module) -> tuple[str, str] | None:
+    """(call key, module path) of the outermost module with a rule that recorded ``node``, or None."""
+    for key, (path, _) in (node.meta.get("nn_module_stack") or {}).items():
+        path = _strip(str(path))
+        if not path or path == _WRAPPED:
+            continue  # the wrapper or the model itself: a model with a rule never reaches the graph walk
+        try:
+            module = model.get_submodule(path)
+        except AttributeError:
+            continue
+        if find_rule(type(module)) is not None:
+            return str(key), path
+    return None
+
+
+def _is_tensor_value(node: fx.Node) -> bool:
+    return isinstance(node.meta.get("val"), torch.Tensor)
+
+
+def _fold_modules(graph: fx.Graph, model: nn.Module, lifted: set[fx.Node]) -> None:
+    """Fold each call of a module with a rule (one activation in, one tensor out) into a ``call_module`` node.
+
+    A call whose ops read several activations or give several outputs is left as aten ops (their rules, and the
+    refusal of a random parameter read outside a module rule, apply).
+    """
+    groups: dict[str, tuple[str, list[fx.Node]]] = {}
+    for node in graph.nodes:
+        if node.op == "call_function":
+            leaf = _leaf_module(node, model)
+            if leaf is not None:
+                groups.setdefault(leaf[0], (leaf[1], []))[1].append(node)
+    for path, members in groups.values():
+        inside = set(members)
+        inputs = {n for m in members for n in m.all_input_nodes if n not in inside and n not in lifted
+                  and _is_tensor_value(n)}
+        outputs = [m for m in members if any(user not in inside for user in m.users)]
+        if len(inputs) != 1 or len(outputs) != 1 or not _is_tensor_value(outputs[0]):
+            continue
+        with graph.inserting_before(outputs[0]):
+            call = graph.call_module(path, (next(iter(inputs)),))
+        call.meta = dict(outputs[0].meta)
+        outputs[0].replace_all_uses_with(call)
+        for member in reversed(members):
+            graph.erase_node(member)
+
+
+def to_graph_module(program: ExportedProgram, model: nn.Module) -> fx.GraphModule:
+    """The exported graph as the traced walk takes it: modules with rules folded, lifted inputs as get_attr nodes.
+
+    The GraphModule shares the model's modules, parameters and buffers (the posterior is found by module identity
+    and path, as on the fx path); its placeholders are the user inputs in pytree-flattened order. Raises
+    ValueError for a forward that mutates a buffer or takes opaque objects. Cost: one pass over the graph.
+    """
+    signature = program.graph_signature
+    if any(spec.kind is not OutputKind.USER_OUTPUT for spec in signature.output_specs):
+        raise ValueError(f"{type(model).__name__}'s forward mutates a buffer or an input in eval mode; "
+                         "Streamlined propagates pure forwards only")
+    graph = fx.Graph()
+    graph.output(graph.graph_copy(program.graph, {}))  # a copy (graph_copy leaves the output node out)
+    placeholders = {str(node.target): node for node in graph.nodes if node.op == "placeholder"}
+    owned: dict[str, Any] = {}
+    lifted: set[fx.Node] = set()
+    for spec in signature.input_specs:
+        node = placeholders[spec.arg.name]
+        if spec.kind is InputKind.USER_INPUT:
+            continue
+        if spec.kind in (InputKind.PARAMETER, InputKind.BUFFER) and spec.target is not None:
+            path = _strip(spec.target)
+            owned[path] = model.get_parameter(path) if spec.kind is InputKind.PARAMETER else model.get_buffer(path)
+        elif spec.kind is InputKind.CONSTANT_TENSOR and spec.target is not None:
+            path = f"_export_constant_{len(owned)}"
+            owned[path] = program.constants[spec.target]
+        else:
+            raise ValueError(f"{type(model).__name__}'s exported forward takes a {spec.kind.name} input "
+                             f"({spec.arg.name}); Streamlined propagates tensors, parameters and buffers only")
+        with graph.inserting_before(node):
+            attr = graph.get_attr(path)
+        attr.meta = dict(node.meta)
+        node.replace_all_uses_with(attr)
+        graph.erase_node(node)
+        lifted.add(attr)
+    _fold_modules(graph, model, lifted)
+    for node in list(graph.nodes):
+        if node.op == "call_module":
+            owned[str(node.target)] = model.get_submodule(str(node.target))
+        elif node.op == "get_attr" and not node.users:
+            graph.erase_node(node)
+            owned.pop(str(node.target), None)
+    return fx.GraphModule(owned, graph, class_name=type(model).__name__)
+
+
+@dataclass
+class _Exported:
+    """One cached export: the walkable graph and the batch sizes it holds for (its batch symbol's range)."""
+
+    graph_module: fx.GraphModule
+    batch_low: int
+    batch_high: float
+
+
+def _batch_range(program: ExportedProgram) -> tuple[int, float]:
+    """The batch sizes the graph holds for: the range of the first user input's dim-0 symbol, or its fixed size."""
+    user = [spec.arg.name for spec in program.graph_signature.input_specs if spec.kind is InputKind.USER_INPUT]
+    for node in program.graph.nodes:
+        if node.op == "placeholder" and node.name in user and _is_tensor_value(node) and node.meta["val"].ndim:
+            size = node.meta["val"].shape[0]
+            if isinstance(size, int):
+                return size, size
+            bounds = program.range_constraints.get(size.node.expr)
+            if bounds is None:
+                break
+            return int(bounds.lower), float(bounds.upper)
+    raise ValueError("the exported forward takes no batched tensor input")
+
+
+class ExportedGraphs:
+    """The torch.export graphs of one model, exported at first use and cached by input shapes (batch dynamic).
+
+    Args:
+        model: the network (in eval mode when :meth:`propagate` runs).
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self._cache: dict[tuple, list[_Exported]] = {}
+        self.exports = 0  # how many times the model was exported (new shapes)
+
+    def graph_for(self, args: tuple, kwargs: dict[str, Any]) -> tuple[fx.GraphModule, bool]:
+        """The walkable graph for inputs like these, and whether it was exported by this call.
+
+        The cache key is every tensor leaf's dtype and shape without the batch axis; a cached graph serves a
+        batch inside its batch range. Cost: one export on a miss, a dict lookup otherwise.
+        """
+        leaves = pytree.tree_leaves((args, kwargs))
+        key = tuple((leaf.dtype, tuple(leaf.shape[1:])) if isinstance(leaf, torch.Tensor) else repr(leaf)
+                    for leaf in leaves)
+        batch = next(int(leaf.shape[0]) for leaf in leaves if isinstance(leaf, torch.Tensor) and leaf.ndim)
+        for entry in self._cache.get(key, []):
+            if entry.batch_low <= batch <= entry.batch_high:
+                return entry.graph_module, False
+        program = export_model(self.model, args, kwargs)
+        low, high = _batch_range(program)
+        entry = _Exported(to_graph_module(program, self.model), min(low, batch), max(high, batch))
+        self._cache.setdefault(key, []).append(entry)
+        self.exports += 1
+        return entry.graph_module, True
+
+    def propagate(self, state: Moments | TracedInputs, ctx: Context) -> tuple[Moments, bool]:
+        """Propagate through the exported graph; returns the output's Moments and whether a new export ran.
+
+        ``state``: the one input's Moments, or the forward's (positional, keyword) arguments (plain tensors), as
+        for :func:`posthoc.streamlined.traced.propagate_traced`, which walks the graph.
+        """
+        args: tuple
+        kwargs: dict[str, Any]
+        values: list[Any]
+        if isinstance(state, Moments):
+            args, kwargs, values = (state.mean,), {}, [state]
+        else:
+            args, kwargs = state
+            values = pytree.tree_leaves((tuple(args), dict(kwargs)))
+        graph_module, exported = self.graph_for(tuple(args), dict(kwargs))
+        n_inputs = sum(node.op == "placeholder" for node in graph_module.graph.nodes)
+        if n_inputs != len(values):
+            raise ValueError(f"the exported graph takes {n_inputs} inputs, the call gives {len(values)} leaves; "
+                             "give x as tensors (non-tensor arguments are fixed by export)")
+        return propagate_traced(graph_module, (tuple(values), {}), ctx), exported
