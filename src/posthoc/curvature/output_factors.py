@@ -4,6 +4,8 @@
   Classification: Gamma = diag(p) - p p^T has rank C - 1, so S has K = C - 1 columns
   (one backward pass fewer per example than the C-column root; see _softmax_hessian_factor).
   Regression: Gamma = sigma^-2 I, stored at sigma = 1: S = I (K = C).
+  Binary (independent Bernoulli outputs): Gamma = diag(p (1 - p)), S diagonal (K = C); see
+  :mod:`posthoc.curvature.bernoulli`.
 - GGN_MC (Monte-Carlo GGN / Fisher with sampled labels): S_n = gradient in f of
   -log p(y_hat | f) for y_hat drawn from the model's predictive, divided by
   sqrt(M) for M samples (K = M); unbiased for Gamma_n.
@@ -22,6 +24,12 @@ from typing import Any
 
 import torch
 
+from posthoc.curvature.bernoulli import (
+    bernoulli_ef_factor,
+    bernoulli_ggn_factor,
+    bernoulli_log_likelihood,
+    bernoulli_mc_factor,
+)
 from posthoc.likelihood import Likelihood
 from posthoc.utils.checks import check_choice
 
@@ -58,6 +66,12 @@ class OutputFactors:
         """S (B, C, K) for outputs (B, C) (detached) and targets (B,) labels or (B, C) values."""
         f = outputs.detach()
         batch, n_out = f.shape
+        if self.likelihood is Likelihood.BINARY:
+            if self.curvature is CurvatureType.GGN:
+                return bernoulli_ggn_factor(f)
+            if self.curvature is CurvatureType.EF:
+                return bernoulli_ef_factor(f, targets)
+            return bernoulli_mc_factor(f, self.mc_samples, self.generator)
         if self.likelihood is Likelihood.CLASSIFICATION:
             p = torch.softmax(f, dim=-1)
             if self.curvature is CurvatureType.GGN:
@@ -76,8 +90,8 @@ class OutputFactors:
         return noise.to(f.device) / math.sqrt(self.mc_samples)
 
     def scale(self, sigma_noise: torch.Tensor) -> torch.Tensor:
-        """Factor multiplying the stored curvature at noise sigma (1 for classification)."""
-        if self.likelihood is Likelihood.CLASSIFICATION:
+        """Factor multiplying the stored curvature at noise sigma (1 for classification and binary)."""
+        if self.likelihood is not Likelihood.REGRESSION:
             return torch.ones_like(sigma_noise)
         power = 4 if self.curvature is CurvatureType.EF else 2
         return sigma_noise ** (-power)
@@ -152,19 +166,21 @@ def _softmax_hessian_factor(p: torch.Tensor) -> torch.Tensor:
 def log_likelihood_terms(outputs: torch.Tensor, targets: torch.Tensor, likelihood: Likelihood) -> torch.Tensor:
     """Sufficient statistic of log p(D | theta*) for a batch.
 
-    Classification: sum_n log softmax(f_n)[y_n]. Regression: the sum of squared
+    Classification: sum_n log softmax(f_n)[y_n]. Binary: -BCE-with-logits summed. Regression: the sum of squared
     residuals sum_n ||y_n - f_n||^2 (the noise enters later, see
     :func:`log_likelihood`).
     """
     f = outputs.detach()
     if likelihood is Likelihood.CLASSIFICATION:
         return torch.log_softmax(f, -1).gather(-1, targets.long().reshape(-1, 1)).sum()
+    if likelihood is Likelihood.BINARY:
+        return bernoulli_log_likelihood(f, targets)
     return ((targets.reshape(f.shape).to(f.dtype) - f) ** 2).sum()
 
 
 def log_likelihood(stat: torch.Tensor, n_outputs_total: int, likelihood: Likelihood,
                    sigma_noise: torch.Tensor) -> torch.Tensor:
     """Log p(D | theta*) from the accumulated statistic; ``n_outputs_total`` = N * C."""
-    if likelihood is Likelihood.CLASSIFICATION:
+    if likelihood is not Likelihood.REGRESSION:
         return stat
     return -0.5 * stat / sigma_noise**2 - 0.5 * n_outputs_total * torch.log(2 * math.pi * sigma_noise**2)

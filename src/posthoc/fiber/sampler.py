@@ -48,7 +48,7 @@ from posthoc.fiber.walk import (
     walk_step,
     walk_summary,
 )
-from posthoc.likelihood import Likelihood
+from posthoc.likelihood import Likelihood, check_supported
 from posthoc.network.batches import DEFAULT_KEYS, first_batch_inputs
 from posthoc.network.inputs import InputSpec, MappingCall, ModelCall, ModelInputs, batch_size, take, tensor_leaves
 from posthoc.network.subset import ParameterSubset, SubsetOfWeights
@@ -124,7 +124,8 @@ class FiberSampler:
         **settings: Any,
     ) -> None:
         self.model = model
-        self.likelihood = check_choice(likelihood, Likelihood, "likelihood")
+        self.likelihood = check_supported(check_choice(likelihood, Likelihood, "likelihood"), (Likelihood.CLASSIFICATION, Likelihood.REGRESSION),
+                                          "FiberSampler")
         self.call = ModelCall(model, mapping_call, output_fn)
         self.subset = ParameterSubset(model, subset_of_weights, model_call=self.call)
         if self.subset.kind is SubsetOfWeights.SUBNETWORK:

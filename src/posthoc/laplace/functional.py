@@ -30,7 +30,7 @@ from torch.func import jacrev
 from posthoc.curvature.jacobians import per_example_jacobians
 from posthoc.curvature.output_factors import CurvatureType, OutputFactors
 from posthoc.laplace.parity import LINK_APPROXES, _choice, bridge_probs
-from posthoc.likelihood import Likelihood
+from posthoc.likelihood import Likelihood, check_supported
 from posthoc.network.subset import ParameterSubset
 from posthoc.predictive import GaussianPredictive, links
 from posthoc.utils.checks import check_choice, check_positive_int
@@ -64,7 +64,8 @@ class FunctionalLaplace:
                  prior_mean: float | torch.Tensor = 0.0, temperature: float = 1.0,
                  independent_outputs: bool = False, seed: int = 0, output_hessian: str = "diag") -> None:
         self.model = model
-        self.likelihood = check_choice(likelihood, Likelihood, "likelihood")
+        self.likelihood = check_supported(check_choice(likelihood, Likelihood, "likelihood"), (Likelihood.CLASSIFICATION, Likelihood.REGRESSION),
+                                          "FunctionalLaplace")
         self.n_subset = check_positive_int(n_subset, "n_subset")
         self.subset = ParameterSubset(model, "all")
         self.dtype, self.device = self.subset.dtype, self.subset.device

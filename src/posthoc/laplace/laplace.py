@@ -30,7 +30,7 @@ from posthoc.distributed import check_same_on_all_ranks, sum_count, sum_over_ran
 from posthoc.laplace import checkpointing
 from posthoc.laplace.continual import accumulating, fit_structure
 from posthoc.laplace.parity import LaplaceTorchAPI
-from posthoc.laplace.predict import PredType, glm_predictive, nn_predictive
+from posthoc.laplace.predict import PredType, for_likelihood, glm_predictive, likelihood_link, nn_predictive
 from posthoc.laplace.prior import PriorKind, as_prior_tensor, per_parameter, prior_kind
 from posthoc.laplace.roundoff import warn_roundoff
 from posthoc.laplace.state import STATE_VERSION, laplace_state_dict, load_laplace_state  # noqa: F401 (re-exported)
@@ -80,7 +80,7 @@ class Laplace(LaplaceTorchAPI):
 
     Args:
         model: the trained network, float32 or float64 (float16/bfloat16: "diag" only).
-        likelihood: "classification" (outputs are logits) or "regression".
+        likelihood: "classification" (outputs are logits), "regression" or "binary" (independent Bernoulli logits).
         subset_of_weights: "all", "last_layer" or "subnetwork" (with
             ``subnetwork_indices``, positions in the parameters_to_vector order of the parameters that
             require grad (frozen ones are not counted), or a boolean mask of that length;
@@ -159,7 +159,7 @@ class Laplace(LaplaceTorchAPI):
         self._curvature_default, self.ignore_index, self.position_dims = curvature is None, ignore_index, 0
         self.prior_precision = prior_precision
         self.sigma_noise = sigma_noise
-        self.seed = seed
+        self.seed, self.default_link_approx = seed, likelihood_link(self.likelihood, self.default_link_approx)
         self.dict_key_x, self.dict_key_y = dict_key_x, dict_key_y
         self.progress = progress
         self.structure_options = dict(structure_options or {})
@@ -469,10 +469,10 @@ class Laplace(LaplaceTorchAPI):
         self._warn_roundoff(curvature, self.prior_precision, scale)
         with eval_mode(self.model), self._naming_input_shape(x):
             inputs = self.subset.inputs(x)
-            if kind is PredType.GLM:
-                return glm_predictive(curvature, self.subset, inputs, self.prior_precision, scale,
-                                      self.default_link_approx)
-            return nn_predictive(self.subset, inputs, self.sample(n_samples, seed=seed))
+            prior, link = self.prior_precision, self.default_link_approx
+            pred = (glm_predictive(curvature, self.subset, inputs, prior, scale, link) if kind is PredType.GLM
+                    else nn_predictive(self.subset, inputs, self.sample(n_samples, seed=seed)))
+            return for_likelihood(pred, self.likelihood)
 
     def posterior_variance(self) -> torch.Tensor:
         """diag(Lambda^-1), (P,). Raises RuntimeError if not fitted or if the weights changed since fit."""

@@ -28,7 +28,7 @@ from torch import nn
 
 from posthoc.laplace.laplace import Laplace
 from posthoc.laplace.prior import per_parameter
-from posthoc.likelihood import Likelihood
+from posthoc.likelihood import Likelihood, check_supported
 from posthoc.network.subset import ParameterSubset
 from posthoc.predictive.tuning import PriorStructure, prior_structure_choice
 from posthoc.utils.checks import check_choice, check_positive_int
@@ -114,7 +114,7 @@ def marglik_training(
         NotImplementedError: ``temperature`` other than 1 or ``enable_backprop``.
         ValueError: bad counts or options, an empty loader.
     """
-    kind = check_choice(likelihood, Likelihood, "likelihood")
+    kind = check_supported(check_choice(likelihood, Likelihood, "likelihood"), (Likelihood.CLASSIFICATION, Likelihood.REGRESSION), "marglik_training")
     if temperature != 1.0:
         raise NotImplementedError("temperature != 1 is not supported by posthoc's Laplace yet (issue 18)")
     if enable_backprop:

@@ -32,6 +32,7 @@ from posthoc.network.positions import unflattened_shape
 from posthoc.network.subset import SubsetOfWeights, Tail
 from posthoc.predictive import links
 from posthoc.predictive.base import check_n_samples
+from posthoc.predictive.bernoulli import sigmoid_mc, sigmoid_probit
 from posthoc.utils.modes import eval_mode
 
 # the pred_type and link_approx values laplace-torch accepts in la(x); "bridge_norm" is its normalised bridge
@@ -360,8 +361,10 @@ class LaplaceTorchAPI:
 
     def predictive_samples(self, x: ModelInputs, pred_type: str = "glm", n_samples: int = 100,
                            diagonal_output: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
-        """:meth:`functional_samples` through the inverse link: softmax for classification, (n_samples, B, C)."""
+        """:meth:`functional_samples` through the inverse link: softmax (binary: sigmoid), (n_samples, B, C)."""
         samples = self.functional_samples(x, pred_type, n_samples, diagonal_output, generator)
+        if self.likelihood is Likelihood.BINARY:
+            return torch.sigmoid(samples)
         return samples if self._regression_outputs(fitting=False) else torch.softmax(samples, dim=-1)
 
     def _regression_outputs(self, fitting: bool) -> bool:
@@ -419,6 +422,8 @@ class LaplaceTorchAPI:
             samples = self._nn_functional_samples(x, n_samples, generator)
             if regression:
                 return samples.mean(0), samples.var(0)
+            if self.likelihood is Likelihood.BINARY:
+                return torch.sigmoid(samples).mean(0)
             return torch.softmax(samples, dim=-1).mean(0)
         backprop = bool(getattr(self, "enable_backprop", False))
         if backprop and self.subset.flatten_positions:
@@ -444,6 +449,14 @@ class LaplaceTorchAPI:
         """la(x)'s glm result from mean (B, C) and cov (B, C, C): (mean, cov or var) for regression, else probs."""
         if regression:
             return mean, (torch.diagonal(cov, dim1=-2, dim2=-1) if diagonal_output else cov)
+        if self.likelihood is Likelihood.BINARY:  # P(y_k = 1) per output (posthoc.predictive.bernoulli)
+            if link not in ("probit", "mc"):
+                raise ValueError(f"link_approx={link!r} is a softmax link; likelihood='binary' supports 'probit' "
+                                 "(MacKay's sigmoid approximation, the default) or 'mc'")
+            if link == "probit":
+                return sigmoid_probit(mean, cov)
+            return sigmoid_mc(mean, torch.diagonal(cov, dim1=-2, dim2=-1) if diagonal_output else cov, n_samples,
+                              self._generator(generator))
         if link == "probit":
             return links.probit(mean, cov)
         if link == "probit_centred":  # posthoc's: probit after removing the all-logits shift (see links)

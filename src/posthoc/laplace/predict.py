@@ -10,10 +10,12 @@ from enum import Enum
 import torch
 
 from posthoc.laplace.structures import CurvatureStructure
+from posthoc.likelihood import Likelihood
 from posthoc.network.inputs import ModelInputs
 from posthoc.network.positions import position_blocks, unflattened_shape
 from posthoc.network.subset import ParameterSubset
 from posthoc.predictive import GaussianPredictive, Predictive, SamplePredictive
+from posthoc.predictive.bernoulli import BernoulliPredictive
 from posthoc.predictive.links import LinkApprox
 
 
@@ -45,6 +47,19 @@ def glm_predictive(structure: CurvatureStructure, subset: ParameterSubset, input
     blocks = position_blocks(cov, shape[-1]).reshape(-1, shape[-1], shape[-1])  # (B·L, C, C)
     rows = GaussianPredictive(mean.reshape(-1, shape[-1]), cov=blocks, link_approx=link_approx)
     return PositionPredictive(rows, shape)
+
+
+def for_likelihood(pred: Predictive, likelihood: Likelihood) -> Predictive:
+    """``pred`` as the likelihood reads it: a :class:`BernoulliPredictive` (sigmoid links) for "binary", else as is."""
+    return BernoulliPredictive(pred) if likelihood is Likelihood.BINARY else pred
+
+
+def likelihood_link(likelihood: Likelihood, default: str) -> str:
+    """The default link of la(x) for a likelihood: "probit" (MacKay's sigmoid link) for "binary", else ``default``.
+
+    The softmax links ("probit_centred", "bridge") do not apply to independent Bernoulli outputs.
+    """
+    return "probit" if likelihood is Likelihood.BINARY else default
 
 
 def nn_predictive(subset: ParameterSubset, inputs: ModelInputs, thetas: torch.Tensor) -> Predictive:

@@ -14,7 +14,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from posthoc.likelihood import Likelihood
+from posthoc.likelihood import Likelihood, check_supported
 from posthoc.network.subset import ParameterSubset
 from posthoc.utils.checks import check_choice, check_positive_int
 from posthoc.utils.modes import eval_mode
@@ -180,7 +180,8 @@ class LargestVarianceSWAGSubnetMask(ScoreBasedSubnetMask):
     def __init__(self, model: nn.Module, n_params_subnet: int, likelihood: Likelihood | str = "classification",
                  swag_n_snapshots: int = 40, swag_snapshot_freq: int = 1, swag_lr: float = 0.01) -> None:
         super().__init__(model, n_params_subnet)
-        self.likelihood = check_choice(likelihood, Likelihood, "likelihood")
+        self.likelihood = check_supported(check_choice(likelihood, Likelihood, "likelihood"), (Likelihood.CLASSIFICATION, Likelihood.REGRESSION),
+                                          "the subnetwork selection")
         check_positive_int(swag_n_snapshots, "swag_n_snapshots")
         check_positive_int(swag_snapshot_freq, "swag_snapshot_freq")
         if not swag_lr > 0:

@@ -1,4 +1,4 @@
-"""Evaluation metrics: accuracy, NLL, Brier, ECE, OOD scores and AUROC, regression NLL/RMSE."""
+"""Evaluation metrics: accuracy, NLL, Brier, ECE, OOD scores and AUROC, regression NLL/RMSE, multi-label NLL/Brier/ECE."""
 
 from posthoc.metrics.classification import (
     CalibrationBins,
@@ -9,6 +9,7 @@ from posthoc.metrics.classification import (
     mean_confidence,
     nll,
 )
+from posthoc.metrics.multilabel import multilabel_brier, multilabel_ece, multilabel_nll
 from posthoc.metrics.ood import auroc, entropy, half_logdet
 from posthoc.metrics.regression import gaussian_nll, rmse
 
@@ -23,6 +24,9 @@ __all__ = [
     "gaussian_nll",
     "half_logdet",
     "mean_confidence",
+    "multilabel_brier",
+    "multilabel_ece",
+    "multilabel_nll",
     "nll",
     "rmse",
 ]

@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 from posthoc.data.loaders import make_loader
 from posthoc.distributed import collectives
-from posthoc.likelihood import Likelihood
+from posthoc.likelihood import Likelihood, check_supported
 from posthoc.utils.checkpoint import (
     check_writable,
     data_fingerprint,
@@ -77,7 +77,7 @@ class TrainConfig:
     drop_last: bool = False
 
     def __post_init__(self) -> None:
-        check_choice(self.likelihood, Likelihood, "likelihood")
+        check_supported(check_choice(self.likelihood, Likelihood, "likelihood"), (Likelihood.CLASSIFICATION, Likelihood.REGRESSION), "MAP training")
         check_positive_int(self.epochs, "epochs", "passes over the training set")
         check_positive_int(self.batch_size, "batch_size", "examples per optimizer step")
         if not self.lr > 0 or not 0 < self.gamma <= 1 or self.weight_decay < 0:

@@ -135,6 +135,8 @@ def checked_batches(loader: Iterable, likelihood: Likelihood, n_outputs: int | N
                                  "(one-hot or probability vectors?); pass the class indices, y.argmax(-1)")
             if n_outputs is not None:
                 y = check_labels(y.reshape(-1) if y.ndim == 2 else y, n_outputs, "targets")
+        elif likelihood is Likelihood.BINARY:
+            y = check_binary_targets(y, n_outputs, dtype)
         else:
             y = check_finite(y.to(dtype), "targets")
             if n_outputs is not None and not (y.shape[1:] == (n_outputs,) or (n_outputs == 1 and y.ndim == 1)):
@@ -142,6 +144,33 @@ def checked_batches(loader: Iterable, likelihood: Likelihood, n_outputs: int | N
                                  f"output(s): give targets of shape (B, {n_outputs})"
                                  + (" or (B,)" if n_outputs == 1 else ""))
         yield x, y
+
+
+def check_binary_targets(y: torch.Tensor, n_outputs: int | None, dtype: torch.dtype) -> torch.Tensor:
+    """Targets of independent Bernoulli outputs (``Likelihood.BINARY``): (B, K) in {0, 1}, returned in ``dtype``.
+
+    Float, integer or bool targets are accepted; (B,) is accepted for K = 1 (a single-logit binary classifier)
+    and returned as (B, 1). With ``n_outputs`` None (the first batch, before the model's K is known) only the
+    values are checked.
+
+    Raises:
+        ValueError: values other than 0 and 1 (NaN included; soft labels are not Bernoulli outcomes), or a shape
+            other than (B, K) ((B,) for K = 1).
+    """
+    bad = ~((y == 0) | (y == 1))
+    if bool(bad.any()):
+        raise ValueError(f"binary targets must be 0 or 1 (one Bernoulli outcome per output), got "
+                         f"{y[bad].reshape(-1)[0].item()!r}; for class indices of a softmax head use "
+                         "likelihood='classification'")
+    if n_outputs is not None and not (y.shape[1:] == (n_outputs,) or (n_outputs == 1 and y.ndim == 1)):
+        raise ValueError(f"binary targets of shape {tuple(y.shape)} do not match the model's {n_outputs} "
+                         f"output(s): give targets of shape (B, {n_outputs}) in {{0, 1}}"
+                         + (" or (B,)" if n_outputs == 1 else ""))
+    if y.ndim == 1 and n_outputs == 1:
+        y = y.unsqueeze(-1)
+    if n_outputs is None and y.ndim not in (1, 2):
+        raise ValueError(f"binary targets must be (B, K) in {{0, 1}} ((B,) for one logit), got {tuple(y.shape)}")
+    return y.to(dtype)
 
 
 def prediction_inputs(x: Any, spec: InputSpec | None, dict_key_y: str, device: torch.device,

@@ -183,6 +183,9 @@ def first_batch_layout(loader: Iterable, call: ModelCall, likelihood: Likelihood
     if out0.ndim < 2:
         raise ValueError(f"the model must return (B, C) or (B, ..., C) outputs, got {tuple(out0.shape)}")
     position_dims = out0.ndim - 2
+    if position_dims and likelihood is Likelihood.BINARY:
+        raise NotImplementedError(f"likelihood='binary' needs outputs (B, K), got {tuple(out0.shape)} (outputs with "
+                                  "positions are supported for 'classification' and 'regression')")
     x0, y0 = next(iter(checked_batches([first], likelihood, None, dict_key_x, dict_key_y, dtype, device,
                                        mapping_inputs=mapping_inputs, position_dims=position_dims,
                                        ignore_index=ignore_index)))

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from posthoc.likelihood import Likelihood
+from posthoc.likelihood import Likelihood, check_supported
 from posthoc.metrics import nll
 from posthoc.predictive.gaussian import GaussianPredictive
 from posthoc.predictive.links import probit
@@ -54,7 +54,7 @@ def fit_variance_scale(pred: GaussianPredictive, targets: torch.Tensor, likeliho
     Raises ValueError for bounds not 0 < low < high, labels out of range, or regression targets
     of another shape than the predictive's (B, C) ((B,) allowed when C = 1).
     """
-    likelihood = check_choice(likelihood, Likelihood, "likelihood")
+    likelihood = check_supported(check_choice(likelihood, Likelihood, "likelihood"), (Likelihood.CLASSIFICATION, Likelihood.REGRESSION), "fit_variance_scale")
     lo, hi = bounds
     if not 0 < lo < hi:
         raise ValueError(f"bounds must satisfy 0 < low < high, got {bounds}")

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from posthoc.distributed import sum_over_ranks
 from posthoc.likelihood import Likelihood
-from posthoc.metrics import nll
+from posthoc.metrics import multilabel_nll, nll
 from posthoc.predictive.base import Predictive
 from posthoc.predictive.links import LinkApprox
 from posthoc.utils.checks import check_choice, check_positive
@@ -124,8 +124,8 @@ def checked_sigma_noise(value: torch.Tensor, likelihood: Likelihood) -> torch.Te
     if value.numel() != 1:
         raise ValueError(f"sigma_noise must be a scalar, got shape {tuple(value.shape)}")
     check_positive(value, "sigma_noise")
-    if likelihood is Likelihood.CLASSIFICATION and float(value) != 1.0:
-        raise ValueError("sigma_noise is for regression; leave it at 1 for classification")
+    if likelihood is not Likelihood.REGRESSION and float(value) != 1.0:
+        raise ValueError(f"sigma_noise is for regression; leave it at 1 for {likelihood.value}")
     return value.reshape(())
 
 
@@ -137,7 +137,7 @@ def tune_sigma_noise_choice(tune_sigma_noise: bool | None, likelihood: Likelihoo
     """
     if tune_sigma_noise is None:
         return likelihood is Likelihood.REGRESSION
-    if tune_sigma_noise and likelihood is Likelihood.CLASSIFICATION:
+    if tune_sigma_noise and likelihood is not Likelihood.REGRESSION:
         raise ValueError("tune_sigma_noise applies to regression only")
     return bool(tune_sigma_noise)
 
@@ -236,9 +236,13 @@ def validation_nll_sum(pred: Predictive, y: torch.Tensor, likelihood: Likelihood
                        link_approx: LinkApprox | str, seed: int) -> float:
     """Summed NLL of a batch's targets ``y`` under ``pred``: the grid-search loss of both estimators.
 
-    Classification goes through ``link_approx`` (seeded), regression adds the observation noise ``sigma_noise``.
-    Cost: one ``probs`` or ``log_prob`` call on the batch.
+    Classification goes through ``link_approx`` (seeded), regression adds the observation noise ``sigma_noise``;
+    binary (independent Bernoulli outputs, ``pred`` a BernoulliPredictive): the BCE summed over the batch's
+    labels, through the sigmoid ``link_approx``. Cost: one ``probs`` or ``log_prob`` call on the batch.
     """
+    if likelihood is Likelihood.BINARY:
+        probs = pred.probs(link_approx, seed=seed)
+        return multilabel_nll(probs, y.reshape(probs.shape)) * probs.numel()
     if likelihood is Likelihood.CLASSIFICATION:
         return nll(pred.probs(link_approx, seed=seed), y) * len(y)
     return float(-pred.with_noise(sigma_noise).log_prob(y.reshape(pred.mean.shape)).sum())

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from posthoc.curvature.output_factors import CurvatureType, OutputFactors, log_likelihood, log_likelihood_terms
 from posthoc.distributed import check_same_on_all_ranks, is_distributed, rank_slice, sum_count, sum_over_ranks
-from posthoc.likelihood import Likelihood
+from posthoc.likelihood import Likelihood, check_supported
 from posthoc.network.batches import DEFAULT_KEYS, checked_batches, first_batch_inputs, prediction_inputs
 from posthoc.network.inputs import (
     InputSpec,
@@ -167,7 +167,7 @@ class ScaLLA:
         if surrogate is not None and not isinstance(surrogate, nn.Module):
             raise TypeError(f"surrogate must be an nn.Module or None, got {type(surrogate).__name__}")
         self.model = model
-        self.likelihood = check_choice(likelihood, Likelihood, "likelihood")
+        self.likelihood = check_supported(check_choice(likelihood, Likelihood, "likelihood"), (Likelihood.CLASSIFICATION, Likelihood.REGRESSION), "ScaLLA")
         self.n_features, self.biased, self.seed = n_features, bool(biased), seed
         self.n_context_features = n_context_features(n_features, self.biased)
         self.surrogate_init = check_choice(surrogate_init, SurrogateInit, "surrogate_init")
