@@ -239,3 +239,58 @@ def test_posthoc_models_give_the_same_numbers_through_export_and_fx(make, shape,
     assert via_fx.graph_used.value == "fx" and via_export.graph_used.value == "export"
     torch.testing.assert_close(b.mean, a.mean, rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(b.cov, a.cov, rtol=1e-10, atol=1e-14)
+
+
+def _op_cases() -> dict[str, tuple]:
+    from streamlined.test_traced import OPS, Op
+    from streamlined.test_traced_attention import DIAGONAL_ONLY_OPS, EXACT_OPS
+    return {name: (Op, fn) for name, fn in {**OPS, **EXACT_OPS, **DIAGONAL_ONLY_OPS}.items()}
+
+
+OP_NAMES = sorted(_op_cases())
+
+
+@pytest.mark.parametrize("mode", ["diagonal", "full"])
+@pytest.mark.parametrize("name", OP_NAMES)
+def test_every_op_rule_gives_the_same_numbers_through_its_aten_form(name, mode):
+    """The aten adapters against the op rules on fx: each op of the traced-path tests, input noise through it."""
+    from streamlined.test_traced_attention import DIAGONAL_ONLY_OPS
+    if mode == "full" and name in DIAGONAL_ONLY_OPS:
+        pytest.skip("split / chunk / unbind of a random activation: diagonal mode only on both paths")
+    make, fn = _op_cases()[name]
+    model = make(fn)
+    x = torch.randn(3, 2, 4, 4, generator=torch.Generator().manual_seed(0))
+    input_var = torch.rand(x.shape, generator=torch.Generator().manual_seed(1)) + 0.1
+    via_fx = posthoc.Streamlined(model, weight_var={}, activation_covariance=mode, graph="fx")
+    via_export = posthoc.Streamlined(model, weight_var={}, activation_covariance=mode, graph="export")
+    a, b = via_fx.input_sensitivity(x, input_var), via_export.input_sensitivity(x, input_var)
+    assert via_export.graph_used.value == "export"
+    torch.testing.assert_close(b.mean, a.mean, rtol=0, atol=1e-12)
+    torch.testing.assert_close(b.cov, a.cov, rtol=1e-10, atol=1e-12)
+
+
+def _traced_model(name: str) -> tuple[nn.Module, torch.Tensor]:
+    from streamlined.test_traced_attention import TinyEncoder
+    from streamlined.traced_models import TinyResNet, TinyWRN, randomise_bn
+    torch.manual_seed(0)
+    if name in ("resnet", "wrn"):
+        model = randomise_bn((TinyResNet if name == "resnet" else TinyWRN)().double()).eval()
+        return model, torch.randn(3, 2, 8, 8, generator=torch.Generator().manual_seed(2))
+    model = TinyEncoder(eager=name == "encoder_eager").double().eval()
+    ids = torch.randint(1, 11, (3, 5), generator=torch.Generator().manual_seed(1))
+    ids[1, 2:] = 0
+    return model, ids
+
+
+@pytest.mark.parametrize("mode", ["diagonal", "full"])
+@pytest.mark.parametrize("name", ["resnet", "wrn", "encoder_sdpa", "encoder_eager"])
+def test_traced_path_models_give_the_same_numbers_through_export(name, mode):
+    """torchvision-style ResNet and WRN blocks (in-place adds, functional relu/dropout/pooling) and a token encoder."""
+    model, x = _traced_model(name)
+    g = torch.Generator().manual_seed(6)
+    weight_var = {n: 1e-3 * torch.rand(p.shape, generator=g, dtype=torch.float64) for n, p in model.named_parameters()}
+    via_fx = posthoc.Streamlined(model, weight_var=weight_var, activation_covariance=mode, graph="fx").predict(x)
+    via_export = posthoc.Streamlined(model, weight_var=weight_var, activation_covariance=mode, graph="export")
+    pred = via_export.predict(x)
+    torch.testing.assert_close(pred.mean, via_fx.mean, rtol=0, atol=1e-12)
+    torch.testing.assert_close(pred.cov, via_fx.cov, rtol=1e-10, atol=1e-14)

@@ -10,9 +10,10 @@ are all deterministic (index arithmetic, shape queries, a fixed table) run on th
 
 Full mode carries the cross-covariances between live activations (:mod:`posthoc.streamlined.joint`), so residual
 joins keep the branch/skip covariance. Weight noise enters only through leaf modules: a random parameter read elsewhere (a ``get_attr`` node) or a module
-with random weights called twice (its two calls' noise is one draw) is refused. Why torch.fx and not torch.export:
-fx keeps the module boundaries the rules are written for and runs on any eager model without data-dependent
-control flow; torch.export would lower modules to aten ops.
+with random weights called twice (its two calls' noise is one draw) is refused. torch.fx first: it keeps the module
+boundaries the rules are written for and needs no example inputs. Forwards it cannot trace (Hugging Face models) go
+through torch.export, whose aten graph :mod:`posthoc.streamlined.exported` folds back into module calls and walks
+with :func:`propagate_traced` (``Streamlined(graph=...)``).
 """
 
 from __future__ import annotations

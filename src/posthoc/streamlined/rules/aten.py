@@ -5,7 +5,7 @@ in the one registry and handed to the existing rule with the torch function whos
 repeated: re-indexing (view, reshape, transpose, permute, (un)squeeze, select, slice, expand, index, gather, dtype
 casts) to :func:`.ops.reindex_rule`; activations to :func:`.ops.activation_op_rule`; dropout to
 :func:`.ops.dropout_op_rule`; scaled_dot_product_attention, softmax and matmul to :mod:`.attention`; cat, sums and
-means to :mod:`.ops`, split / chunk / unbind to :func:`.attention.split_rule`; a functional layer_norm to :func:`.layers.layer_norm_op_rule`; aten.linear and aten.addmm
+means to :mod:`.ops`, split / chunk / unbind and expand_as to :mod:`.attention`; a functional layer_norm to :func:`.layers.layer_norm_op_rule`; aten.linear and aten.addmm
 with fixed weights (a module without a rule calling F.linear) to the Linear rule on a stand-in layer. add, sub, mul
 and div are registered with :mod:`.ops`'s arithmetic rules there (the full-mode residual join reads those tuples).
 
@@ -27,7 +27,7 @@ from torch import nn
 from posthoc.streamlined.moments import Moments
 from posthoc.streamlined.rules.activations import activation_rule
 from posthoc.streamlined.rules.affine import linear_rule
-from posthoc.streamlined.rules.attention import matmul_rule, sdpa_rule, softmax_rule, split_rule
+from posthoc.streamlined.rules.attention import like_rule, matmul_rule, sdpa_rule, softmax_rule, split_rule
 from posthoc.streamlined.rules.base import RULES, Context, register_rule
 from posthoc.streamlined.rules.layers import layer_norm_op_rule
 from posthoc.streamlined.rules.ops import (
@@ -57,7 +57,7 @@ register_rule(aten.new_zeros.default, aten.new_ones.default, aten.new_full.defau
               aten.ones_like.default, aten.full_like.default)(constant_like_rule)
 
 
-def _delegate(function: Callable[..., Any], rule: Callable[..., Any], n_args: int | None = None) -> Callable[..., Any]:
+def _delegate(function: Callable[..., Any] | str, rule: Callable[..., Any], n_args: int | None = None) -> Callable[..., Any]:
     """A rule for an aten op that calls ``rule`` as for ``function`` (the torch function with the same arguments).
 
     ``n_args``: how many leading positional arguments the torch function takes (the rest are aten-only flags).
@@ -70,8 +70,9 @@ def _delegate(function: Callable[..., Any], rule: Callable[..., Any], n_args: in
     return aten_rule
 
 
-_DELEGATED: tuple[tuple[Any, Callable[..., Any], Callable[..., Any], int | None], ...] = (
+_DELEGATED: tuple[tuple[Any, Callable[..., Any] | str, Callable[..., Any], int | None], ...] = (
     (aten.relu.default, F.relu, activation_op_rule, None),
+    (aten.relu_.default, F.relu, activation_op_rule, None),  # the new value; the rule never writes in place
     (aten.gelu.default, F.gelu, activation_op_rule, None),  # approximate= kept
     (aten.silu.default, F.silu, activation_op_rule, None),
     (aten.tanh.default, torch.tanh, activation_op_rule, None),
@@ -79,6 +80,7 @@ _DELEGATED: tuple[tuple[Any, Callable[..., Any], Callable[..., Any], int | None]
     (aten.scaled_dot_product_attention.default, F.scaled_dot_product_attention, sdpa_rule, None),
     (aten._softmax.default, torch.softmax, softmax_rule, 2),  # (input, dim, half_to_float)
     (aten.softmax.int, torch.softmax, softmax_rule, 2),
+    (aten.expand_as.default, "expand_as", like_rule, None),
     (aten.split.Tensor, torch.split, split_rule, None),
     (aten.split_with_sizes.default, torch.split, split_rule, None),
     (aten.chunk.default, torch.chunk, split_rule, None),

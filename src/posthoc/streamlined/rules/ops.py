@@ -129,8 +129,10 @@ def _split_operands(args: tuple, kwargs: dict, what: str) -> tuple[object, objec
 
 
 # the aten overloads are torch.export's (posthoc.streamlined.exported)
-ADDS = (operator.add, operator.iadd, torch.add, "add", "add_", torch.ops.aten.add.Tensor)
-SUBS = (operator.sub, operator.isub, torch.sub, "sub", "sub_", torch.ops.aten.sub.Tensor)
+ADDS = (operator.add, operator.iadd, torch.add, "add", "add_", torch.ops.aten.add.Tensor,
+        torch.ops.aten.add_.Tensor)
+SUBS = (operator.sub, operator.isub, torch.sub, "sub", "sub_", torch.ops.aten.sub.Tensor,
+        torch.ops.aten.sub_.Tensor)
 
 
 @register_rule(*ADDS, *SUBS)
@@ -166,8 +168,10 @@ def add_rule(op: Callable[..., Any] | str, args: tuple, kwargs: dict, ctx: Conte
     return Moments(mean, var=None if state.var is None else (state.var * coefficient**2).expand_as(mean))
 
 
-MULS = (operator.mul, operator.imul, torch.mul, "mul", "mul_", torch.ops.aten.mul.Tensor)
-DIVS = (operator.truediv, operator.itruediv, torch.div, "div", "div_", torch.ops.aten.div.Tensor)
+MULS = (operator.mul, operator.imul, torch.mul, "mul", "mul_", torch.ops.aten.mul.Tensor,
+        torch.ops.aten.mul_.Tensor)
+DIVS = (operator.truediv, operator.itruediv, torch.div, "div", "div_", torch.ops.aten.div.Tensor,
+        torch.ops.aten.div_.Tensor)
 
 
 @register_rule(*MULS, *DIVS)
