@@ -28,6 +28,15 @@ def test_lenet_maps_images_to_logits_and_other_sizes_build() -> None:
         LeNet()(torch.rand(1, 1, 32, 32))
 
 
+def test_slices_are_plain_sequentials_sharing_parameters() -> None:
+    torch.manual_seed(0)
+    model = LeNet().eval()
+    trunk, x = model[:-1], torch.rand(2, 1, 28, 28)
+    assert type(trunk) is nn.Sequential and trunk.fc2 is model.fc2 and model[-1] is model.fc3
+    torch.testing.assert_close(model[-1](trunk(x)), model(x))
+    assert trunk(x).shape == (2, model.feature_dim)
+
+
 def test_lenet_is_registered() -> None:
     model = build_model("lenet", n_classes=3)
     assert isinstance(model, LeNet) and model.fc3.out_features == 3

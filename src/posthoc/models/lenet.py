@@ -54,6 +54,16 @@ class LeNet(nn.Sequential):
         self.n_classes = n_classes
         self.in_channels = in_channels
 
+    def __getitem__(self, idx: int | slice) -> nn.Module:
+        """A child by position, or a slice of the children as a plain ``nn.Sequential`` sharing their parameters.
+
+        (``nn.Sequential`` would rebuild a slice through this class's constructor, which takes sizes.)
+        ``net[:-1]`` maps images ``(B, C, 28, 28)`` to the penultimate features ``(B, 84)``.
+        """
+        if isinstance(idx, slice):
+            return nn.Sequential(OrderedDict(list(self._modules.items())[idx]))
+        return super().__getitem__(idx)
+
     @property
     def feature_dim(self) -> int:
         """Width of the penultimate features, the input of ``fc3`` (84)."""
