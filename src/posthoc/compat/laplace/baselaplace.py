@@ -23,6 +23,7 @@ from torch import nn
 
 from posthoc.compat.laplace.curvature import backend_kind
 from posthoc.curvature.output_factors import OutputFactors
+from posthoc.laplace import checkpointing
 from posthoc.laplace.functional import FunctionalLaplace as _FunctionalLaplace
 from posthoc.laplace.laplace import Laplace as _PosthocLaplace
 from posthoc.laplace.prior import per_parameter
@@ -236,8 +237,12 @@ class Laplace(_PosthocLaplace):
             raise ValueError("prior_mean must be finite")
         self._prior_mean = mean.reshape(()) if mean.numel() == 1 else mean
 
-    def fit(self, train_loader: Iterable, override: bool = True, progress_bar: bool = False) -> "Laplace":
+    def fit(self, train_loader: Iterable, override: bool = True, progress_bar: bool = False, *,
+            checkpoint: checkpointing.FilePath | None = None,
+            checkpoint_every: int = checkpointing.DEFAULT_CHECKPOINT_EVERY) -> "Laplace":
         """Fit the curvature on ``train_loader`` (posthoc's ``fit``); ``progress_bar`` shows posthoc's bars.
+
+        ``checkpoint`` / ``checkpoint_every``: posthoc's resumable fit (:meth:`posthoc.Laplace.fit`).
 
         ``override=False`` accumulates (continual learning, as in laplace-torch): this data's curvature, N and
         log-likelihood are added to the previous fit's and the posterior is centred at the weights now; set
@@ -249,7 +254,7 @@ class Laplace(_PosthocLaplace):
         """
         progress, self.progress = self.progress, bool(progress_bar)
         try:
-            super().fit(train_loader, override=override)
+            super().fit(train_loader, override=override, checkpoint=checkpoint, checkpoint_every=checkpoint_every)
         finally:
             self.progress = progress
         return self
