@@ -231,3 +231,24 @@ def test_problem_type_maps_only_when_asked():
     assert from_problem_type("regression") is Likelihood.REGRESSION
     with pytest.raises(ValueError, match="unknown problem_type"):
         from_problem_type(None)
+
+
+def test_predict_loader_joins_bernoulli_predictives():
+    from posthoc.predictive import predict_loader
+
+    model, (x, y) = make_model(3), make_data(3)
+    la = Laplace(model, "binary", "all", "diag", progress=False).fit(loader(x, y))
+    joined, targets = predict_loader(la.predict, loader(x, y))
+    assert isinstance(joined, BernoulliPredictive)
+    torch.testing.assert_close(joined.probs(), la.predict(x).probs())
+    torch.testing.assert_close(targets, y)
+
+
+def test_empirical_fisher_matches_dense_reference():
+    model, (x, y) = make_model(3), make_data(3)
+    la = Laplace(model, "binary", "all", "full", curvature="ef", progress=False).fit(loader(x, y))
+    jac = reference_jacobians(model, x)
+    with torch.no_grad():
+        residual = torch.sigmoid(model(x)) - y  # the gradient of BCE-with-logits in f
+    gradients = torch.einsum("bkp,bk->bp", jac, residual)
+    torch.testing.assert_close(la.structure.hessian, gradients.T @ gradients, rtol=1e-10, atol=1e-12)

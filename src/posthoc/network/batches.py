@@ -107,7 +107,7 @@ def checked_batches(loader: Iterable, likelihood: Likelihood, n_outputs: int | N
     Raises:
         ValueError: non-finite values; inputs and targets with different batch sizes; one-hot or probability
             targets (B, C) for classification (pass ``y.argmax(-1)``); labels out of range; regression targets
-            of another width than the outputs; inputs shaped unlike ``input_shape``; a padding
+            of another width than the outputs; binary targets not (B, K) in {0, 1} (:func:`check_binary_targets`); inputs shaped unlike ``input_shape``; a padding
             DistributedSampler (:func:`check_unpadded_shards`).
         TypeError: inputs that are not tensors (or tuples/mappings of them), or targets that are not a tensor.
     """

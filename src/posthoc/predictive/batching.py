@@ -8,6 +8,7 @@ import torch
 
 from posthoc.distributed import gather_rows, is_distributed
 from posthoc.predictive.base import Predictive
+from posthoc.predictive.bernoulli import BernoulliPredictive
 from posthoc.predictive.gaussian import GaussianPredictive
 from posthoc.predictive.samples import SamplePredictive
 
@@ -16,6 +17,8 @@ def concat(predictives: list[Predictive]) -> Predictive:
     """Join per-batch predictives of one kind along the batch dimension."""
     if not predictives:
         raise ValueError("nothing to concatenate: the loader yielded no batches")
+    if all(isinstance(p, BernoulliPredictive) for p in predictives):  # likelihood "binary": join their logits
+        return BernoulliPredictive(concat([p.logits for p in predictives if isinstance(p, BernoulliPredictive)]))
     gaussians = [p for p in predictives if isinstance(p, GaussianPredictive)]
     if len(gaussians) == len(predictives):
         mean = torch.cat([p.mean for p in gaussians])
@@ -35,6 +38,8 @@ def gather(pred: Predictive, what: str = "predictions") -> Predictive:
     """
     if not is_distributed():
         return pred
+    if isinstance(pred, BernoulliPredictive):
+        return BernoulliPredictive(gather(pred.logits, what))
     if isinstance(pred, GaussianPredictive):
         mean = gather_rows(pred.mean, f"{what} (means)")
         if pred.has_full_cov:
