@@ -176,9 +176,10 @@ def _mc_variance(inner: nn.Module, batch, weight_var: dict[str, torch.Tensor], n
 MC_SAMPLES = 600
 
 
-@pytest.mark.parametrize("name, mode", [("bert", "diagonal"), ("gpt2", "diagonal"), ("bert", "full")])
+@pytest.mark.parametrize("name, mode", [("bert", "diagonal"), ("gpt2", "diagonal"), ("bert", "full"), ("gpt2", "full")])
 def test_agrees_with_monte_carlo_on_all_weights(name, mode, record):
-    """Full mode on BERT joins the word embeddings (B, T, D) with the position table's batch of one (broadcast)."""
+    """Full mode joins the word embeddings (B, T, D) with the position table's batch of one (broadcast); on GPT-2 it
+    reads Q, K and V of the fused projection as slices (the export walk rewrites the split)."""
     model, inner, _ = _build(name, False)
     batch = _batch()
     g = torch.Generator().manual_seed(4)
@@ -294,3 +295,17 @@ def test_traced_path_models_give_the_same_numbers_through_export(name, mode):
     pred = via_export.predict(x)
     torch.testing.assert_close(pred.mean, via_fx.mean, rtol=0, atol=1e-12)
     torch.testing.assert_close(pred.cov, via_fx.cov, rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("name", ["chunk", "split"])
+def test_split_read_by_index_is_exact_in_full_mode_through_export(name):
+    """The export walk reads the parts of a split as slices, which the full mode tracks: J diag(v) Jᵀ exactly."""
+    from streamlined.test_traced import Op
+    from streamlined.test_traced_attention import DIAGONAL_ONLY_OPS, _jacobian_sandwich
+    model = Op(DIAGONAL_ONLY_OPS[name])
+    x = torch.randn(3, 2, 4, 4, generator=torch.Generator().manual_seed(0))
+    input_var = torch.rand(x.shape, generator=torch.Generator().manual_seed(1)) + 0.1
+    sp = posthoc.Streamlined(model, weight_var={}, activation_covariance="full", graph="export")
+    pred = sp.input_sensitivity(x, input_var)
+    for b in range(x.shape[0]):
+        torch.testing.assert_close(pred.cov[b], _jacobian_sandwich(model, x, input_var, b), rtol=1e-10, atol=1e-12)

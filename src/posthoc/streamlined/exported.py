@@ -11,6 +11,7 @@ This module turns that graph into one the traced walk (:func:`posthoc.streamline
   NewGELUActivation, posthoc's blocks... take their module rules exactly as on the fx path, random weights included;
 - the parameters, buffers and lifted constants the remaining ops read become ``get_attr`` nodes, so a random
   parameter read by any other op is refused as on the fx path;
+- a split (chunk) whose parts are read by index becomes one slice per part, which the full mode tracks;
 - the remaining aten ops take the aten rules (:mod:`posthoc.streamlined.rules.aten`, thin adapters onto the op
   rules), or run on the means when no argument is random (masks, positions).
 
@@ -24,6 +25,7 @@ Cost: one export (about a second for a small transformer) per cached shape; the 
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -133,6 +135,37 @@ def _fold_modules(graph: fx.Graph, model: nn.Module, lifted: set[fx.Node]) -> No
             graph.erase_node(member)
 
 
+def _split_as_slices(graph: fx.Graph) -> None:
+    """Rewrite ``split`` / ``split_with_sizes`` / ``chunk`` whose parts are read by index into one slice per part.
+
+    The same values; the full mode tracks the cross-covariance of slices of one activation (a fused QKV projection's
+    Q, K and V), which it cannot for the parts of a split (:func:`posthoc.streamlined.rules.attention.split_rule`).
+    """
+    aten = torch.ops.aten
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target not in (aten.split.Tensor, aten.split_with_sizes.default,
+                                                               aten.chunk.default):
+            continue
+        source, value = node.args[0], node.meta.get("val")
+        if not isinstance(source, fx.Node) or not isinstance(source.meta.get("val"), torch.Tensor) \
+                or not isinstance(value, (tuple, list)) \
+                or not all(user.target is operator.getitem for user in node.users):
+            continue
+        dim = int(node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0))
+        sizes = [part.shape[dim] for part in value]
+        if dim % source.meta["val"].ndim == 0 or not all(isinstance(size, int) for size in sizes):
+            continue  # along the batch axis, or of a symbolic size: left to the split rule
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        for user in list(node.users):
+            index = int(user.args[1])
+            with graph.inserting_before(user):
+                part = graph.call_function(aten.slice.Tensor, (source, dim, starts[index], starts[index] + sizes[index]))
+            part.meta = dict(user.meta)
+            user.replace_all_uses_with(part)
+            graph.erase_node(user)
+        graph.erase_node(node)
+
+
 def to_graph_module(program: ExportedProgram, model: nn.Module) -> fx.GraphModule:
     """The exported graph as the traced walk takes it: modules with rules folded, lifted inputs as get_attr nodes.
 
@@ -169,6 +202,7 @@ def to_graph_module(program: ExportedProgram, model: nn.Module) -> fx.GraphModul
         graph.erase_node(node)
         lifted.add(attr)
     _fold_modules(graph, model, lifted)
+    _split_as_slices(graph)
     for node in list(graph.nodes):
         if node.op == "call_module":
             owned[str(node.target)] = model.get_submodule(str(node.target))
