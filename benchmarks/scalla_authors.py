@@ -216,19 +216,27 @@ def main(argv: list[str] | None = None) -> None:
         if cached_row(path, step) is None:
             row = evaluate(spec_of(f"scalla_{variant}_authors", with_posterior(s)), ctx)
             write_json(path, {**row, "steps_reached": step, "steps_total": args.steps, "finished": done})
-        if args.defaults and cached_row(args.run_dir / f"eval-defaults-{variant}.json") is None:
-            name = "scalla_defaults" if variant == "unbiased" else "scalla_biased_defaults"
-            row = evaluate(spec_of(name, scalla_builder(biased=VARIANTS[variant], **DEFAULTS)), ctx)
-            write_json(args.run_dir / f"eval-defaults-{variant}.json", {**row, "steps_reached": None})
     meta = {**run_meta(), "seed": args.seed, "steps_total": args.steps,
             "map": {"model": bench.model, "epochs": config.epochs, "checkpoint": recorded_path(map_path, "<run-dir>")},
             "authors_options": AUTHORS_OPTIONS, "checkpoint_every": CHECKPOINT_EVERY}
-    rows = table_rows(args.run_dir)
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_json(args.out / "scalla_authors.json", {"meta": meta, "rows": rows})
-    atomic_write_text(args.out / "scalla_authors.md", markdown(rows, meta))
-    print(markdown(rows, meta), flush=True)
+    write_table(args.run_dir, args.out, meta)
+    if args.defaults:  # after the table is written, so that these fits cannot cost the authors' rows
+        for variant in args.variants:
+            path = args.run_dir / f"eval-defaults-{variant}.json"
+            if cached_row(path) is None:
+                name = "scalla_defaults" if variant == "unbiased" else "scalla_biased_defaults"
+                row = evaluate(spec_of(name, scalla_builder(biased=VARIANTS[variant], **DEFAULTS)), ctx)
+                write_json(path, {**row, "steps_reached": None})
+                write_table(args.run_dir, args.out, meta)
 
+
+def write_table(run_dir: Path, out: Path, meta: dict[str, Any]) -> None:
+    """Write ``out``/scalla_authors.{json,md} from the rows cached in ``run_dir`` (and print the markdown)."""
+    rows = table_rows(run_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "scalla_authors.json", {"meta": meta, "rows": rows})
+    atomic_write_text(out / "scalla_authors.md", markdown(rows, meta))
+    print(markdown(rows, meta), flush=True)
 
 if __name__ == "__main__":
     main()
