@@ -67,6 +67,7 @@ produce, so the products need no transposed copies.
 from __future__ import annotations
 
 import itertools
+import warnings
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Iterable, Iterator
@@ -198,7 +199,22 @@ def probe_layers(subset: ParameterSubset, inputs: ModelInputs
         return len(calls.get(layer.name, [])) == 1 and all(uses[b] == 1 for b in layer.block_indices)
 
     kept, kept_embeddings = [layer for layer in candidates if once(layer)], [e for e in embeddings if once(e)]
+    _warn_not_per_example([layer.name for layer in candidates if 0 in calls.get(layer.name, [])])
     return kept, {layer.name: calls[layer.name][0] for layer in kept + kept_embeddings}, kept_embeddings
+
+
+def _warn_not_per_example(names: list[str]) -> None:
+    """Say that Kronecker-eligible layers got exact diagonal blocks because their outputs are not one row per example.
+
+    E.g. reward modelling runs the network on the (2B, d) items of B pairs, or a position embedding of (1, L) ids
+    broadcasts over the batch: "kron" is then the exact diagonal GGN for those layers, a coarser posterior than
+    the user asked for, so it is said rather than left silent.
+    """
+    if names:
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        warnings.warn(f"hessian_structure 'kron': the layers {shown} have outputs that are not one row per example "
+                      "(e.g. reward modelling's pairs, or a broadcast position embedding), so they get their exact "
+                      "diagonal GGN block instead of Kronecker factors", UserWarning, stacklevel=3)
 
 
 def check_single_use(subset: ParameterSubset, layers: list[KronLayer], inputs: ModelInputs) -> None:
