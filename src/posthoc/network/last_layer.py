@@ -144,6 +144,8 @@ def classify_tail(model: nn.Module, name: str, layer: nn.Module, x: ModelInputs,
         # non-pad token: a map read off this batch need not hold for the next, so the tail is re-run
         return Tail.RERUN, None
     batch = out.shape[0]
+    if z.shape[0] != batch:  # the layer's rows are not the examples (e.g. both items of a pair): no per-example map
+        return Tail.RERUN, None
     rows = [torch.autograd.grad(out[0, c], z, retain_graph=True, allow_unused=True)[0] for c in range(out.shape[1])]
     if any(r is None for r in rows):
         return Tail.RERUN, None
