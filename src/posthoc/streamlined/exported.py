@@ -221,8 +221,8 @@ class _Exported:
     batch_high: float
 
 
-def _batch_range(program: ExportedProgram) -> tuple[int, float]:
-    """The batch sizes the graph holds for: the range of the first user input's dim-0 symbol, or its fixed size."""
+def _batch_range(program: ExportedProgram, batch: int) -> tuple[int, float]:
+    """The batch sizes the graph holds for: the range of the first user input's dim-0 symbol, or ``batch`` only."""
     user = [spec.arg.name for spec in program.graph_signature.input_specs if spec.kind is InputKind.USER_INPUT]
     for node in program.graph.nodes:
         if node.op == "placeholder" and node.name in user and _is_tensor_value(node) and node.meta["val"].ndim:
@@ -230,10 +230,9 @@ def _batch_range(program: ExportedProgram) -> tuple[int, float]:
             if isinstance(size, int):
                 return size, size
             bounds = program.range_constraints.get(size.node.expr)
-            if bounds is None:
-                break
-            return int(bounds.lower), float(bounds.upper)
-    raise ValueError("the exported forward takes no batched tensor input")
+            if bounds is not None:
+                return min(int(bounds.lower), batch), max(float(bounds.upper), batch)
+    return batch, batch  # no range known: the exported batch size only
 
 
 class ExportedGraphs:
@@ -257,13 +256,15 @@ class ExportedGraphs:
         leaves = pytree.tree_leaves((args, kwargs))
         key = tuple((leaf.dtype, tuple(leaf.shape[1:])) if isinstance(leaf, torch.Tensor) else repr(leaf)
                     for leaf in leaves)
-        batch = next(int(leaf.shape[0]) for leaf in leaves if isinstance(leaf, torch.Tensor) and leaf.ndim)
+        batch = next((int(leaf.shape[0]) for leaf in leaves if isinstance(leaf, torch.Tensor) and leaf.ndim), None)
+        if batch is None:
+            raise ValueError("the model's inputs hold no batched tensor; Streamlined needs inputs (B, ...)")
         for entry in self._cache.get(key, []):
             if entry.batch_low <= batch <= entry.batch_high:
                 return entry.graph_module, False
         program = export_model(self.model, args, kwargs)
-        low, high = _batch_range(program)
-        entry = _Exported(to_graph_module(program, self.model), min(low, batch), max(high, batch))
+        low, high = _batch_range(program, batch)
+        entry = _Exported(to_graph_module(program, self.model), low, high)
         self._cache.setdefault(key, []).append(entry)
         self.exports += 1
         return entry.graph_module, True
