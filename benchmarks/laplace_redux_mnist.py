@@ -340,6 +340,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--gamma", type=float, default=0.8, help="learning-rate factor per epoch")
     parser.add_argument("--methods", nargs="+", default=list(CORE), choices=[*CORE, *EXTRAS])
     parser.add_argument("--extra-seeds", type=int, default=1, help="seeds of the extra rows")
+    parser.add_argument("--out", default="laplace_redux_mnist",
+                        help="stem of the results files in benchmarks/results (e.g. for a side run of another schedule)")
     parser.add_argument("--report-only", action="store_true", help="write the tables from cached results only")
     parser.add_argument("--only-trained", action="store_true",
                         help="skip (method, seed) pairs whose networks are not trained yet (for a second process "
@@ -364,8 +366,8 @@ def main(argv: list[str] | None = None) -> None:
                        f"batch 128, {args.epochs} epochs (paper: 100 epochs, cosine); test = 8,000 of MNIST test "
                        "(the other 2,000: validation); OOD: Fashion-MNIST and KMNIST test (paper: also EMNIST)")}
     rows = [aggregate(m, rs) for m, rs in results.items()]
-    write_json(RESULTS / "laplace_redux_mnist.json", {"meta": meta, "rows": rows})
-    atomic_write_text(RESULTS / "laplace_redux_mnist.md", markdown(rows, meta))
+    write_json(RESULTS / f"{args.out}.json", {"meta": meta, "rows": rows})
+    atomic_write_text(RESULTS / f"{args.out}.md", markdown(rows, meta))
 
 
 if __name__ == "__main__":
