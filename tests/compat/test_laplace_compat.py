@@ -108,6 +108,14 @@ def test_classification_flow_with_tuning_and_links():
     own.optimize_prior_precision(method="gridsearch", val_loader=val, grid=torch.logspace(-4, 4, 5, dtype=DTYPE),
                                  link_approx="probit")  # laplace-torch's (and compat's) link
     torch.testing.assert_close(la.prior_precision, own.prior_precision)
+    # log_prior_prec_base: the grid is base ** linspace(min, max, grid_size)
+    la.optimize_prior_precision(method="gridsearch", val_loader=val, grid_size=7, log_prior_prec_min=-3,
+                                log_prior_prec_max=3, log_prior_prec_base=2.0)
+    own.optimize_prior_precision(method="gridsearch", val_loader=val, link_approx="probit",
+                                 grid=2.0 ** torch.linspace(-3, 3, 7, dtype=DTYPE))
+    torch.testing.assert_close(la.prior_precision, own.prior_precision)
+    with pytest.raises(ValueError, match="log_prior_prec_base"):
+        la.optimize_prior_precision(method="gridsearch", val_loader=val, log_prior_prec_base=1.0)
     # laplace-torch's default dict keys
     dict_loader = [{"input_ids": xb, "labels": yb} for xb, yb in train_loader]
     dict_la = Laplace(_TakesMapping(model), "classification", subset_of_weights="all", hessian_structure="diag")

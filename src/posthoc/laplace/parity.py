@@ -212,11 +212,11 @@ class LaplaceTorchAPI:
         return torch.cholesky_inverse(torch.linalg.cholesky(curvature.dense_precision(prior, scale)))
 
     def _solve(self, rhs: torch.Tensor) -> torch.Tensor:
-        """Lambda^-1 rhs for rhs (P, K). diag: O(PK); other structures build the dense Lambda: O(P^3)."""
+        """Lambda^-1 rhs for rhs (P, K). diag: O(PK); kron/ekfac through the eigenbases; full/lowrank: O(P^3)."""
         curvature, prior, scale = self._parts("read the posterior")
         if isinstance(curvature, DiagCurvature):
             return rhs / self.posterior_precision.unsqueeze(-1)
-        return torch.cholesky_solve(rhs, torch.linalg.cholesky(curvature.dense_precision(prior, scale)))
+        return curvature.solve(rhs, prior, scale)
 
     def _check_jacobians(self, Js: torch.Tensor) -> None:  # noqa: N803 (laplace-torch's argument name)
         if not isinstance(Js, torch.Tensor) or Js.ndim != 3 or Js.shape[-1] != self.subset.n_params:
@@ -225,7 +225,10 @@ class LaplaceTorchAPI:
                              f"parameters), got {shape}")
 
     def functional_variance(self, Js: torch.Tensor) -> torch.Tensor:  # noqa: N803
-        """J Lambda^-1 J^T per input: Js (B, C, P) -> (B, C, C). Cost: diag O(B C^2 P); others O(P^3 + B C P^2)."""
+        """J Lambda^-1 J^T per input: Js (B, C, P) -> (B, C, C).
+
+        Cost: diag O(B C^2 P); kron/ekfac O(B C Σ_l D_out D_in (D_out + D_in)); full/lowrank O(P^3 + B C P^2).
+        """
         self._check_jacobians(Js)
         batch, n_out, n_params = Js.shape
         solved = self._solve(Js.reshape(batch * n_out, n_params).T).T.reshape(batch, n_out, n_params)

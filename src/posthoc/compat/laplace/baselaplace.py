@@ -314,19 +314,24 @@ class Laplace(_PosthocLaplace):
         val_loader: Iterable | None = None, loss: Callable[[Any, torch.Tensor], float | torch.Tensor] | None = None,
         log_prior_prec_min: float = -4, log_prior_prec_max: float = 4, grid_size: int = 100,
         link_approx: str = "probit", n_samples: int = 100, verbose: bool = False, progress_bar: bool = False,
+        log_prior_prec_base: float = 10.0,
     ) -> torch.Tensor:
         """laplace-torch's ``optimize_prior_precision``, with its defaults (posthoc's method, see ``Laplace``).
 
         As in laplace-torch, "marglik" tunes the prior precision only (sigma_noise stays) from
-        ``init_prior_prec`` (default 1), and "gridsearch" tries ``grid_size`` (default 100) values. Returns delta.
+        ``init_prior_prec`` (default 1), and "gridsearch" tries ``grid_size`` (default 100) values
+        ``log_prior_prec_base ** linspace(log_prior_prec_min, log_prior_prec_max)``. Returns delta.
         """
+        if not math.isfinite(log_prior_prec_base) or log_prior_prec_base <= 0 or log_prior_prec_base == 1:
+            raise ValueError(f"log_prior_prec_base must be a positive number other than 1, got {log_prior_prec_base}")
+        to_base10 = math.log10(log_prior_prec_base)  # base ** e == 10 ** (e * log10(base)): posthoc's grid is base 10
         init = init_prior_prec if isinstance(init_prior_prec, float | int) else float(
             torch.as_tensor(init_prior_prec).mean())
         return super().optimize_prior_precision(
             getattr(pred_type, "value", pred_type), method=getattr(method, "value", method), n_steps=n_steps, lr=lr,
             init_prior_prec=init, prior_structure=getattr(prior_structure, "value", prior_structure),
-            val_loader=val_loader, loss=loss, log_prior_prec_min=log_prior_prec_min,
-            log_prior_prec_max=log_prior_prec_max, grid_size=grid_size,
+            val_loader=val_loader, loss=loss, log_prior_prec_min=log_prior_prec_min * to_base10,
+            log_prior_prec_max=log_prior_prec_max * to_base10, grid_size=grid_size,
             link_approx=getattr(link_approx, "value", link_approx), n_samples=n_samples, verbose=verbose,
             progress_bar=progress_bar, tune_sigma_noise=False)
 

@@ -86,6 +86,14 @@ class CurvatureStructure(abc.ABC):
     def dense_precision(self, prior: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """The dense (P, P) Lambda of this structure (tests and small nets only)."""
 
+    def solve(self, rhs: torch.Tensor, prior: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """Lambda^-1 rhs for rhs (P, K).
+
+        Default: a Cholesky factorisation of the dense Lambda, O(P^3) time and O(P^2) memory; structures with a
+        cheap inverse override it.
+        """
+        return torch.cholesky_solve(rhs, torch.linalg.cholesky(self.dense_precision(prior, scale)))
+
     def posterior_variance(self, prior: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """diag(Lambda^-1), (P,). Default: from the dense precision; structures override it cheaply."""
         return torch.diagonal(torch.cholesky_inverse(torch.linalg.cholesky(self.dense_precision(prior, scale))))
