@@ -5,8 +5,9 @@ LoRA model.
 
 ScaLLA: the default surrogate (a copy of the model with its last nn.Linear replaced by an identity) trains a few
 steps, the predictive mean is the model's output, the variances are finite and positive. FiberSampler: "all"
-and "last_layer" walk and predict on the same inputs. Hugging Face models run with eager attention: ScaLLA's and
-the walk's JVPs need forward-mode derivatives, which PyTorch's CPU flash attention ("sdpa") lacks.
+and "last_layer" walk and predict on the same inputs. Hugging Face models run with eager attention: the walk's
+JVPs need forward-mode derivatives, which PyTorch's CPU flash attention ("sdpa") lacks (ScaLLA's JVPs switch to
+SDPA's math kernel themselves; test_scalla_on_sdpa_attention_equals_eager).
 """
 
 from __future__ import annotations
@@ -104,10 +105,14 @@ def test_scalla_state_of_a_token_model_restores_the_predictive():
     torch.testing.assert_close(restored.predict(with_labels).cov, s.predict(x).cov, rtol=0, atol=0)
 
 
-def test_scalla_on_sdpa_attention_names_the_fix():
-    model, batches, _ = MODELS["bert"]()
-    with pytest.raises(NotImplementedError, match="set_attn_implementation\\('eager'\\)"):
-        ScaLLA(model, "classification", **SCALLA).fit(batches)
+def test_scalla_on_sdpa_attention_equals_eager():
+    """ScaLLA's JVPs run HF's default "sdpa" attention on SDPA's math kernel (CPU flash attention has no
+    forward-mode derivative): the same posterior as eager attention."""
+    model, batches, x = MODELS["bert"]()
+    sdpa = ScaLLA(model, "classification", **SCALLA).fit(batches)
+    model.set_attn_implementation("eager")
+    eager = ScaLLA(model, "classification", **SCALLA).fit(batches)
+    torch.testing.assert_close(sdpa.predict(x).cov, eager.predict(x).cov, rtol=1e-8, atol=1e-12)
 
 
 @pytest.mark.parametrize("subset", ["all", "last_layer"])

@@ -9,8 +9,12 @@ instead of one vectorised call, the same backward work.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
+
 import torch
 from torch.func import jacrev, jvp, vjp, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._pytree import tree_map
 
 from posthoc.curvature.layers import LayerKind, channels_first, layer_kind, patches, record_layers
@@ -41,26 +45,45 @@ def per_example_jacobians(subset: ParameterSubset, inputs: ModelInputs, theta: t
     return vmap(single, chunk_size=chunk_size)(inputs)
 
 
+@contextmanager
+def forward_mode_attention() -> Iterator[None]:
+    """Within the block, attention runs on kernels that have forward-mode derivatives; restored on exit.
+
+    nn.MultiheadAttention's eval-mode fast path (``aten::_native_multi_head_attention``; torchvision's
+    VisionTransformer) and the fused kernels of ``scaled_dot_product_attention`` (CPU flash attention; Hugging
+    Face's default "sdpa" attention) have none: the fast path is switched off and SDPA restricted to its math
+    kernel, which compute the same attention up to round-off (at the math kernel's O(L²) memory per head).
+    """
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+
+
 def jvp_many(subset: ParameterSubset, inputs: ModelInputs, directions: torch.Tensor) -> torch.Tensor:
     """J(x) V for K directions V (K, P): returns (K, B, C). Cost: K forward-mode passes (vmapped).
 
+    Attention runs on kernels with forward-mode derivatives (:func:`forward_mode_attention`).
+
     Raises:
-        NotImplementedError: an operation of the model has no forward-mode derivative (e.g. PyTorch's CPU
-            flash attention, which Hugging Face's default "sdpa" attention calls), naming the fixes.
+        NotImplementedError: another operation of the model has no forward-mode derivative, naming the fixes.
     """
 
     def one(v: torch.Tensor) -> torch.Tensor:
         return jvp(lambda th: subset.forward(inputs, th), (subset.theta_map,), (v,))[1]
 
     try:
-        return vmap(one)(directions)
+        with forward_mode_attention():
+            return vmap(one)(directions)
     except NotImplementedError as err:
         if "forward AD" not in str(err):
             raise
         raise NotImplementedError(
             f"the model uses an operation without a forward-mode derivative in this PyTorch ({err}); structures "
-            "built on JVPs (lowrank, ScaLLA's directions) need one. For a Hugging Face model call "
-            "model.set_attn_implementation('eager') before fitting (plain matmul/softmax attention), or use "
+            "built on JVPs (lowrank, ScaLLA) need one: replace that operation (e.g. by plain tensor ops), or use "
             "hessian_structure 'full', 'diag' or 'kron'") from err
 
 
