@@ -18,7 +18,8 @@ checkpoint). Every invocation then evaluates each variant's current checkpoint (
 training images, test and OOD predictions; cached per step reached) and rewrites benchmarks/results/scalla_authors.
 {json,md} with "steps reached / 1,000,000" per row and the authors' figures beside. The MAP is the suite's 40-epoch
 reference schedule, read from ``--run-dir``; train it there first with
-``posthoc train --suite fmnist --checkpoint-dir <run-dir>``.
+``posthoc train --suite fmnist --checkpoint-dir <run-dir>``. ``--table-only`` rewrites the table from the cached
+evaluations alone (safe while another invocation trains).
 """
 
 from __future__ import annotations
@@ -183,6 +184,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--epochs", type=int, default=None,
                         help="MAP epochs (default: the suite's 40; fewer only for smoke runs)")
     parser.add_argument("--progress", action="store_true")
+    parser.add_argument("--table-only", action="store_true",
+                        help="only rewrite the table from the cached evaluations (safe while a run is training)")
     args = parser.parse_args(argv)
     if args.max_minutes < 0:
         raise ValueError(f"--max-minutes must be >= 0, got {args.max_minutes}")
@@ -194,6 +197,12 @@ def main(argv: list[str] | None = None) -> None:
         raise FileNotFoundError(f"no MAP checkpoint {map_path}: train it first with `posthoc train --suite fmnist "
                                 f"--checkpoint-dir {args.run_dir} --seed {args.seed} --epochs {config.epochs}` (40 "
                                 "epochs: about 25 minutes)")
+    meta = {**run_meta(), "seed": args.seed, "steps_total": args.steps,
+            "map": {"model": bench.model, "epochs": config.epochs, "checkpoint": recorded_path(map_path, "<run-dir>")},
+            "authors_options": AUTHORS_OPTIONS, "checkpoint_every": CHECKPOINT_EVERY}
+    if args.table_only:
+        write_table(args.run_dir, args.out, meta)
+        return
     model = train_suite_model(bench, suite, config, args.run_dir, False, print).model.eval()
     ctx = BenchContext(model=model, suite=suite, train_loader=make_loader(suite.train, EVAL_BATCH, shuffle=False),
                        val_loader=make_loader(suite.val, EVAL_BATCH, shuffle=False),
@@ -217,9 +226,6 @@ def main(argv: list[str] | None = None) -> None:
         if cached_row(path, step) is None:
             row = evaluate(spec_of(f"scalla_{variant}_authors", with_posterior(s)), ctx)
             write_json(path, {**row, "steps_reached": step, "steps_total": args.steps, "finished": done})
-    meta = {**run_meta(), "seed": args.seed, "steps_total": args.steps,
-            "map": {"model": bench.model, "epochs": config.epochs, "checkpoint": recorded_path(map_path, "<run-dir>")},
-            "authors_options": AUTHORS_OPTIONS, "checkpoint_every": CHECKPOINT_EVERY}
     write_table(args.run_dir, args.out, meta)
     if args.defaults:  # after the table is written, so that these fits cannot cost the authors' rows
         for variant in args.variants:
