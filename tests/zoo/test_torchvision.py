@@ -173,11 +173,18 @@ def test_fiber_sampler_last_layer(name):
     _assert_train_mode_kept(model)
 
 
-# Parameters read by ops outside any module with a rule (the ViT's class token and position embedding) cannot carry
-# weight noise in Streamlined (it names them, see below); they stay fixed, as in issue 16's protocol of a posterior
-# over the later blocks. MC samples: few on the 4.9 M-weight ResNet (each sample is a full weight vector).
-STREAMLINED_FIXED = {"resnet": (), "vit": ("class_token", "encoder.pos_embedding")}
-N_MC = {"resnet": 48, "vit": 400}
+# The weights the diag posterior covers, as in issue 16's protocol of a posterior over the later blocks. ResNet: the
+# convolutions of layer3 and layer4 and the head (4.6 M weights; measured fit 2.4 s); its BatchNorm affines stay
+# fixed, since covering them sends the fit to the per-example route of the note above CASES (minutes). ViT: all
+# but the class token and the position embedding, parameters read by ops outside any module with a rule, which
+# Streamlined refuses to treat as random (see the last test). MC samples: few on the ResNet (each one a full
+# weight vector; measured ratio 0.93 with 48 samples, 0.96 with 200, relative standard errors 0.06 and 0.03).
+STREAMLINED_COVERED = {
+    "resnet": lambda name: name.startswith(("layer3.", "layer4.", "fc.")) and ".bn" not in name
+    and ".downsample.1." not in name,
+    "vit": lambda name: name not in ("class_token", "encoder.pos_embedding"),
+}
+N_MC = {"resnet": 32, "vit": 400}
 # Σ var_streamlined / Σ var_MC in diagonal mode. It drops the covariances between units (by design), which this
 # band does not judge: it catches gross errors (a variance term lost or counted twice, a wrong scale), as
 # tests/conformance/test_streamlined.py's (0.5, 2) does; wider here for the MC error of few samples and the
@@ -191,11 +198,11 @@ _MHA_UNSUPPORTED = pytest.mark.xfail(
            "inputs; torch.export's aten graph transposes the batch axis into the sequence one)")
 
 
-@pytest.mark.parametrize("name", [pytest.param("resnet", marks=SLOW), pytest.param("vit", marks=_MHA_UNSUPPORTED)])
+@pytest.mark.parametrize("name", [pytest.param("resnet"), pytest.param("vit", marks=_MHA_UNSUPPORTED)])
 def test_streamlined_diag_against_monte_carlo(name, capsys):
     model, reference, batches, x = _case(name)
-    for parameter in STREAMLINED_FIXED[name]:
-        model.get_parameter(parameter).requires_grad_(False)
+    for parameter_name, parameter in model.named_parameters():
+        parameter.requires_grad_(STREAMLINED_COVERED[name](parameter_name))
     la = Laplace(model, "classification", "all", "diag", prior_precision=0.5, progress=False).fit(batches)
     la.optimize_prior_precision(method="marglik", n_steps=10, lr=0.3, progress_bar=False)
     pred = Streamlined(model, posterior=la).predict(x)
