@@ -1,6 +1,6 @@
 """UCI regression, the full protocol: MAP, LA kron (marglik), streamlined, ScaLLA and fiber on the same MAP.
 
-    OMP_NUM_THREADS=1 nice -n 5 .venv/bin/python benchmarks/uci_regression.py --data-dir ../shared/data \
+    OMP_NUM_THREADS=1 nice -n 5 .venv/bin/python benchmarks/uci_regression.py --data-dir DATA \
         [--run-dir runs/uci_regression] [--datasets ...] [--methods ...] [--max-splits N] [--time-budget S] \
         [--report-only]
 
@@ -27,9 +27,10 @@ Methods (all on the same MAP of each split):
   0.1 P / ||theta*||^2, noise the MAP's training residual RMS, 8 particles x 200 steps, loss check on all
   training points, 200 MC samples, mixture predictive with noise.
 
-Every (dataset, split, method) result is one JSON under --run-dir with the split's MAP weights beside it; a
-rerun skips finished cells. Order: map, la_kron and streamlined on every split first, then scalla and fiber split
-by split across the data sets. Writes benchmarks/results/uci_regression.{json,md} from whatever cells exist.
+DATA: the folder holding UCI/ (or set $POSTHOC_DATA). Every (dataset, split, method) result is one JSON under
+--run-dir with the split's MAP weights beside it; a rerun skips finished cells. Order: map, la_kron and the
+streamlined rows on every split first, then scalla and fiber split by split across the data sets. Writes
+benchmarks/results/uci_regression.{json,md} from whatever cells exist.
 """
 
 from __future__ import annotations
@@ -149,8 +150,9 @@ def table(summary: list[dict[str, Any]], datasets: list[str], methods: list[str]
             if r is None:
                 lines.append(f"| {dataset} | {method} | 0/{totals[dataset]} | - | - | - |")
                 continue
-            lines.append(f"| {dataset} | {method} | {r['n_splits']}/{totals[dataset]} | {r['nll']:.3f} ± "
-                         f"{r['nll_se']:.3f} | {r['rmse']:.3f} ± {r['rmse_se']:.3f} | {r['fit_s']:.1f} |")
+            nll_se, rmse_se = ("-" if r["n_splits"] < 2 else f"{r[k]:.3f}" for k in ("nll_se", "rmse_se"))
+            lines.append(f"| {dataset} | {method} | {r['n_splits']}/{totals[dataset]} | {r['nll']:.3f} ± {nll_se} | "
+                         f"{r['rmse']:.3f} ± {rmse_se} | {r['fit_s']:.1f} |")
     return lines
 
 
@@ -165,7 +167,8 @@ def write_results(cache: UCICellCache, datasets: list[str], methods: list[str], 
     old = RESULTS / "uci_regression.md"
     notes = old.read_text().split(NOTES, 1)[1].strip() if old.is_file() and NOTES in old.read_text() else ""
     lines = ["# UCI regression: the full protocol", "", (__doc__ or "").split("\n\n", 2)[2].strip(), "",
-             "Mean ± standard error over the splits done (n_splits: done / standard); original units.", "",
+             "Mean ± standard error over the splits done (n_splits: done / standard); original units. fit s: "
+             "the method's own fit on the MAP, mean per split (map: its noise only; MAP training is not counted).", "",
              *table(summary, datasets, methods, totals), "",
              f"Date {meta['date']}; machine {json.dumps(meta['machine'])}; versions {json.dumps(meta['versions'])}"]
     if notes:  # the hand-written closing note survives a rewrite of the table
