@@ -1,7 +1,8 @@
 """MkDocs hooks of the posthoc site: one page per benchmark results file, and the measurement placeholders.
 
 ``mkdocs.yml`` loads this file under ``hooks:``. Every ``benchmarks/results/**/*.md`` becomes the page
-``results/<path>.md`` (its content included as it is, so the tables are never copied by hand), and
+``results/<path>.md`` (its content included as it is, so the tables are never copied by hand), every figure
+``benchmarks/results/**/*.png`` is served at ``results/<path>.png``, and
 ``results/index.md`` lists them all, so a new results file shows up on the site without editing anything.
 ``measurements/core.md`` and ``measurements/methods.md`` are written by the measurement notes; when one is
 missing (a checkout without them) a placeholder page stands in so that the navigation still resolves.
@@ -53,6 +54,8 @@ def on_files(files: Files, config: Any) -> Files:
     pages = results_pages()
     for page, path in pages.items():
         files.append(File.generated(config, page, content=path.read_text(encoding="utf-8")))
+    for path in sorted(RESULTS.rglob("*.png")):  # the figures the results files and pages show
+        files.append(File.generated(config, f"results/{path.relative_to(RESULTS).as_posix()}", abs_src_path=str(path)))
     files.append(File.generated(config, "results/index.md", content=index_page(pages)))
     for page in MEASUREMENT_PAGES:
         if files.get_file_from_path(page) is None:
