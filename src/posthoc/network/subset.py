@@ -392,9 +392,14 @@ class ParameterSubset:
         return self._full_map.index_put((self.indices,), theta)
 
     def unflatten(self, theta: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Parameter dict of the covered module for a theta (P,) (views, differentiable)."""
-        full = self._full_vector(theta)
-        return {b.name: full[b.slice].view(b.shape) for b in self.blocks}
+        """Parameter dict of the covered module for a theta (P,) (views, differentiable).
+
+        One torch.split, not a slice per block: a slice's backward writes its gradient into a zero (P,) vector,
+        so per-block slicing costs (number of blocks) x P per backward (x K under vmap: 36 s per example for the
+        per-example VJPs of a 4.9 M-weight ResNet, 1 s with the split), the split's backward one concatenation.
+        """
+        pieces = torch.split(self._full_vector(theta), [b.numel for b in self.blocks])
+        return {b.name: piece.view(b.shape) for b, piece in zip(self.blocks, pieces, strict=True)}
 
     def forward(self, inputs: ModelInputs, theta: torch.Tensor | None = None) -> torch.Tensor:
         """Outputs (B, C) of the covered function at parameters theta (default: MAP), in eval mode.
