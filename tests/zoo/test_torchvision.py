@@ -21,6 +21,7 @@ import functools
 
 import pytest
 import torch
+from conformance.conftest import one_thread  # noqa: F401  (autouse: one intra-op thread, ScaLLA's ViT fit 22 s -> 2 s)
 from conformance.references import Covered, assert_samples_match, covariance
 from streamlined.mc import laplace_sampler, mc_moments, total_ratio
 from torch import nn
