@@ -237,23 +237,23 @@ def streamlined_row(model, variances, x, y, mc: dict, combo: dict) -> dict:
     return row
 
 
-def evaluate(name: str, args) -> dict:
+def evaluate(name: str, args, var_scale: float) -> dict:
     """Train, fit, sample and compare one model (cached per model in the run dir)."""
     run_dir = Path(args.run_dir)
-    cache = run_dir / f"{name}-n{args.n_mc}-s{args.steps}-v{args.var_scale:g}.json"
+    cache = run_dir / f"{name}-n{args.n_mc}-s{args.steps}-v{var_scale:g}.json"
     if cache.exists():
         return json.loads(cache.read_text())
     model, xtr, ytr, xte, yte, acc = train(name, args.steps, run_dir)
     la = fit_laplace(model, xtr, ytr, name, run_dir)
     t0 = time.perf_counter()
-    variances = weight_variances(la, args.var_scale)
+    variances = weight_variances(la, var_scale)
     mc = mc_summary(mc_outputs(model, xte, variances, args.n_mc), yte)
     mc_seconds = time.perf_counter() - t0
     with torch.no_grad():
         map_probs = _call(model, xte).softmax(-1)
     result = {
         "model": name, "n_params": sum(p.numel() for p in model.parameters()), "test_acc": acc,
-        "prior_precision": float(la.prior_precision), "var_scale": args.var_scale, "n_mc": args.n_mc, "n_test": len(yte),
+        "prior_precision": float(la.prior_precision), "var_scale": var_scale, "n_mc": args.n_mc, "n_test": len(yte),
         "mc_seconds": mc_seconds, "mc_nll": mc["nll"],
         "map_nll": float(-map_probs[torch.arange(len(yte)), yte].log().mean()),
         "mc_var_se_rel_median": float((mc["var_se"] / mc["var"]).median()),
@@ -346,7 +346,9 @@ def write_tables(results: list[dict], diagnosis: dict | None, meta: dict) -> Non
     write_json(RESULTS / "streamlined_agreement.json", {"meta": meta, "models": results, "vit_diagnosis": diagnosis})
     lines = ["# Streamlined vs Monte Carlo of the same posterior: per-output variance ratio and NLL", "",
              f"{meta['date']}; float64. Diagonal Laplace over all weights (fit on {N_FIT} training inputs, prior "
-             f"precision by marglik); MC: {meta['n_mc']} weight samples of it. Ratio = Streamlined's variance / MC's, "
+             f"precision by marglik); var ×: its variances times this factor (1: the Laplace itself; 0.1: a stated narrower "
+             f"posterior, where the Laplace's is so wide that MC is far from the linearised regime); MC: {meta['n_mc']} "
+             "weight samples of that mean-field posterior. Ratio = Streamlined's variance / MC's, "
              f"per (input, output) over {N_TEST} held-out inputs: 10th / 50th / 90th percentile, and the total (sum "
              "over sum). MC SE: median relative standard error of MC's per-output variance / of its total. NLL: "
              "Streamlined with the probit link, MC with the mean of its sampled softmaxes. Models trained "
@@ -355,13 +357,13 @@ def write_tables(results: list[dict], diagnosis: dict | None, meta: dict) -> Non
              "random init from config) on a generated token task (which of tokens 1-3 is most frequent, right "
              "padding). HF attention is op-traced (Q, K from the means, independent tokens): `shared_value` applies "
              "to posthoc's own attention block only.", "",
-             "| model | params | acc | δ | mode | attention | LayerNorm | ratio p10 | median | p90 | total | MC SE "
+             "| model | params | acc | δ | var × | mode | attention | LayerNorm | ratio p10 | median | p90 | total | MC SE "
              "(per output / total) | NLL streamlined | NLL MC | NLL MAP |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for res in results:
         for r in res["rows"]:
             head = (f"| {res['model']} | {res['n_params']} | {res['test_acc']:.2f} | {res['prior_precision']:.3g} | "
-                    f"{r['mode']} | {r['attention'] if res['model'] == 'vit' else '—'} | {r['layernorm'] or '—'} |")
+                    f"{res['var_scale']:g} | {r['mode']} | {r['attention'] if res['model'] == 'vit' else '—'} | {r['layernorm'] or '—'} |")
             if "error" in r:
                 lines.append(head + f" not run: {r['error'][:120]} | | | | | | | |")
                 continue
@@ -383,14 +385,19 @@ def main() -> None:
     parser.add_argument("--n-mc", type=int, default=2000)
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--run-dir", default=str(ROOT / "runs" / "streamlined_agreement"))
-    parser.add_argument("--var-scale", type=float, default=1.0, help="multiply the Laplace's variances by this "
-                        "(1: the marglik Laplace; smaller where it is so wide that MC is near uniform)")
+    parser.add_argument("--var-scales", default="1,0.1", help="multiply the Laplace's variances by each of these "
+                        "(1: the marglik Laplace; 0.1: a stated narrower posterior where the marglik one is so wide "
+                        "that MC is close to uniform)")
     parser.add_argument("--diagnose-vit", action="store_true")
+    parser.add_argument("--cached-only", action="store_true", help="tables from the cached per-model results only")
     args = parser.parse_args()
     torch.set_default_dtype(torch.float32)
     results = []
-    for name in args.models.split(","):
-        res = evaluate(name, args)
+    for name, var_scale in [(n, float(v)) for v in args.var_scales.split(",") for n in args.models.split(",")]:
+        cached = Path(args.run_dir) / f"{name}-n{args.n_mc}-s{args.steps}-v{var_scale:g}.json"
+        if args.cached_only and not cached.exists():
+            continue
+        res = evaluate(name, args, var_scale)
         results.append(res)
         print(json.dumps({k: v for k, v in res.items() if k != "rows"}), flush=True)
         for r in res["rows"]:
