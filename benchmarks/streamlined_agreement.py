@@ -413,7 +413,9 @@ def main() -> None:
             print("   ", r, flush=True)
     diagnosis = None
     if args.diagnose_vit:
-        diagnosis = diagnose_vit()
+        cache = Path(args.run_dir) / "vit-diagnosis.json"
+        diagnosis = json.loads(cache.read_text()) if cache.exists() else diagnose_vit()
+        atomic_write_text(cache, json.dumps(diagnosis))
     run = run_meta()
     meta = {"date": run["date"], "run": run, "n_mc": args.n_mc, "steps": args.steps, "n_fit": N_FIT,
             "n_test": N_TEST}
