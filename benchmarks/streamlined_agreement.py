@@ -26,6 +26,7 @@ import math
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -76,6 +77,10 @@ def _mixture(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 def build(name: str) -> tuple[nn.Module, object, torch.Tensor, object, torch.Tensor]:
     """(model, x_train, y_train, x_test, y_test); x is a tensor or a dict of token tensors."""
     torch.manual_seed(0)
+    xtr: Any
+    xte: Any
+    net: nn.Module
+    labels: dict[str, Any] = {"num_labels": 3}
     if name == "mlp":
         from posthoc.models import MLP
         xtr, ytr = _mixture(4000, 1)
@@ -84,13 +89,13 @@ def build(name: str) -> tuple[nn.Module, object, torch.Tensor, object, torch.Ten
     if name in ("bert", "gpt2"):
         import transformers
         if name == "bert":
-            cfg = transformers.BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                          intermediate_size=64, max_position_embeddings=SEQ_LEN, num_labels=3)
-            net = transformers.BertForSequenceClassification(cfg)
+            bert_cfg = transformers.BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                          intermediate_size=64, max_position_embeddings=SEQ_LEN, **labels)
+            net = transformers.BertForSequenceClassification(bert_cfg)
         else:
-            cfg = transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2, n_positions=SEQ_LEN,
-                                          num_labels=3, pad_token_id=0)
-            net = transformers.GPT2ForSequenceClassification(cfg)
+            gpt2_cfg = transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2, n_positions=SEQ_LEN,
+                                               pad_token_id=0, **labels)
+            net = transformers.GPT2ForSequenceClassification(gpt2_cfg)
         xtr, ytr = _token_task(4000, 1)
         xte, yte = _token_task(N_TEST, 2)
         return HFClassifier(net), xtr, ytr, xte, yte
@@ -319,7 +324,7 @@ def diagnose_vit(n_mc: int = 20_000) -> dict:
              for n, m in model.named_modules() if n]
     params = {n: p.detach() for n, p in model.named_parameters()}
     gen = torch.Generator().manual_seed(0)
-    moments: dict[str, list] = {}
+    moments: dict[str, Any] = {}
     with torch.no_grad():
         for _ in range(n_mc):
             sampled = {n: params[n] + v.sqrt() * torch.randn(v.shape, generator=gen, dtype=v.dtype)
