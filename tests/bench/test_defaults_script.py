@@ -1,26 +1,16 @@
 """benchmarks/defaults.py's bookkeeping: Spearman, worst cases per method, reading bench results."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "defaults.py"
+from benchmark_scripts import benchmark_module
 
 
 @pytest.fixture(scope="module")
 def defaults():
-    spec = importlib.util.spec_from_file_location("defaults_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    try:
-        spec.loader.exec_module(module)
+    with benchmark_module("defaults") as module:
         yield module
-    finally:
-        sys.modules.pop(spec.name, None)
 
 
 def test_spearman_is_pearson_of_ranks(defaults):

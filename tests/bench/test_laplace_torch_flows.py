@@ -1,26 +1,17 @@
 """benchmarks/laplace_torch_flows.py: its comparisons (relative difference, Monte Carlo z-scores, the float32-noise
 rule), its table rows for failures and explained differences, and its exit without laplace-torch."""
 
-import importlib.util
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "laplace_torch_flows.py"
+from benchmark_scripts import benchmark_module
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("laplace_torch_flows_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    try:
-        spec.loader.exec_module(module)
+    with benchmark_module("laplace_torch_flows") as module:
         yield module
-    finally:
-        sys.modules.pop(spec.name, None)
 
 
 def _result(det=None, mc=None, exact=None, error=None):

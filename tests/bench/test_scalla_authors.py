@@ -1,30 +1,20 @@
 """benchmarks/scalla_authors.py: stopping at a checkpoint, resuming across invocations, and the table."""
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from benchmark_scripts import benchmark_module
 from torch.utils.data import DataLoader, TensorDataset
 
 from posthoc.models import MLP
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "scalla_authors.py"
-
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("scalla_authors_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    try:
-        spec.loader.exec_module(module)
+    with benchmark_module("scalla_authors") as module:
         yield module
-    finally:
-        sys.modules.pop(spec.name, None)
 
 
 def _setup():

@@ -1,31 +1,21 @@
 """benchmarks/streamlined_mnist_mlp.py: its metrics, its seed summary and its per-(seed, method) cache."""
 
-import importlib.util
 import json
 import math
 import statistics
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from benchmark_scripts import benchmark_module
 from torch.utils.data import TensorDataset
 
 from posthoc.metrics import auroc, entropy, half_logdet
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "streamlined_mnist_mlp.py"
-
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("streamlined_mnist_mlp_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    try:
-        spec.loader.exec_module(module)
+    with benchmark_module("streamlined_mnist_mlp") as module:
         yield module
-    finally:
-        sys.modules.pop(spec.name, None)
 
 
 def _probs(n, seed):
