@@ -63,6 +63,19 @@ def dense_jacobians(subset: ParameterSubset, inputs: torch.Tensor) -> torch.Tens
     return torch.stack(rows)
 
 
+def model_jacobians(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+    """J (B, ..., C, P) of ``model(inputs)`` in its trainable parameters (parameters_to_vector order), by
+    torch.func.jacrev of the flat-parameter function over the whole batch: no library code involved."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    theta = torch.cat([p.detach().reshape(-1) for p in params.values()])
+
+    def f(flat: torch.Tensor) -> torch.Tensor:
+        chunks = dict(zip(params, torch.split(flat, [p.numel() for p in params.values()]), strict=True))
+        return torch.func.functional_call(model, {n: c.view_as(params[n]) for n, c in chunks.items()}, (inputs,))
+
+    return torch.func.jacrev(f)(theta)
+
+
 def output_hessians(outputs: torch.Tensor, likelihood: str) -> torch.Tensor:
     """Gamma_n (B, C, C): softmax Hessian or identity (regression at sigma = 1)."""
     if likelihood == "classification":

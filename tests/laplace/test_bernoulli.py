@@ -12,8 +12,8 @@ import math
 import numpy as np
 import pytest
 import torch
+from references import model_jacobians
 from torch import nn
-from torch.func import functional_call, jacrev
 
 from posthoc import Laplace
 from posthoc.likelihood import Likelihood, from_problem_type
@@ -39,24 +39,8 @@ def loader(x: torch.Tensor, y: torch.Tensor, batch: int = 6) -> list[tuple[torch
     return [(x[i:i + batch], y[i:i + batch]) for i in range(0, len(x), batch)]
 
 
-def reference_jacobians(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """J (B, K, P) of the outputs in all parameters (parameters_to_vector order), by jacrev over the batch."""
-    names = [n for n, _ in model.named_parameters()]
-    params = dict(model.named_parameters())
-    theta = torch.cat([params[n].detach().reshape(-1) for n in names])
-
-    def f(th: torch.Tensor) -> torch.Tensor:
-        chunks, start = {}, 0
-        for n in names:
-            chunks[n] = th[start:start + params[n].numel()].view_as(params[n])
-            start += params[n].numel()
-        return functional_call(model, chunks, (x,))
-
-    return jacrev(f)(theta)
-
-
 def reference_ggn(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    jac = reference_jacobians(model, x)
+    jac = model_jacobians(model, x)
     with torch.no_grad():
         p = torch.sigmoid(model(x))
     return torch.einsum("bkp,bk,bkq->pq", jac, p * (1 - p), jac)
@@ -85,7 +69,7 @@ def test_ggn_and_glm_covariance_match_dense_reference(n_out, structure):
         torch.testing.assert_close(la.structure.diagonal, torch.diagonal(ggn), rtol=1e-10, atol=1e-12)
         posterior = torch.diag(1 / (torch.diagonal(ggn) + prior))
     x_test = x[:4]
-    jac = reference_jacobians(model, x_test)
+    jac = model_jacobians(model, x_test)
     pred = la.predict(x_test)
     assert isinstance(pred, BernoulliPredictive)
     torch.testing.assert_close(pred.mean, model(x_test).detach())
@@ -247,7 +231,7 @@ def test_predict_loader_joins_bernoulli_predictives():
 def test_empirical_fisher_matches_dense_reference():
     model, (x, y) = make_model(3), make_data(3)
     la = Laplace(model, "binary", "all", "full", curvature="ef", progress=False).fit(loader(x, y))
-    jac = reference_jacobians(model, x)
+    jac = model_jacobians(model, x)
     with torch.no_grad():
         residual = torch.sigmoid(model(x)) - y  # the gradient of BCE-with-logits in f
     gradients = torch.einsum("bkp,bk->bp", jac, residual)

@@ -11,6 +11,7 @@ import math
 
 import pytest
 import torch
+from references import model_jacobians
 from torch import nn
 from torch.func import functional_call, jacrev
 
@@ -83,30 +84,19 @@ def loader(x: torch.Tensor, y: torch.Tensor, batch: int = 4) -> list[tuple[torch
 def reference_jacobians(model: nn.Module, x: torch.Tensor, last_layer: str | None = None) -> torch.Tensor:
     """J (B, T, C, P) of the outputs in the flat covered parameters, by jacrev over the whole batch."""
     if last_layer is None:
-        names = [n for n, p in model.named_parameters() if p.requires_grad]
-        params = dict(model.named_parameters())
-        theta = torch.cat([params[n].detach().reshape(-1) for n in names])
+        return model_jacobians(model, x)
+    layer = dict(model.named_modules())[last_layer]
+    captured: list[torch.Tensor] = []
+    handle = layer.register_forward_pre_hook(lambda m, a: captured.append(a[0].detach()))
+    with torch.no_grad():
+        model(x)
+    handle.remove()
+    w, b = layer.weight.detach(), layer.bias.detach()
+    theta = torch.cat([w.reshape(-1), b])
 
-        def f(th: torch.Tensor) -> torch.Tensor:
-            chunks, start = {}, 0
-            for n in names:
-                chunks[n] = th[start:start + params[n].numel()].view_as(params[n])
-                start += params[n].numel()
-            return functional_call(model, chunks, (x,))
-    else:
-        layer = dict(model.named_modules())[last_layer]
-        captured: list[torch.Tensor] = []
-        handle = layer.register_forward_pre_hook(lambda m, a: captured.append(a[0].detach()))
-        with torch.no_grad():
-            model(x)
-        handle.remove()
-        w, b = layer.weight.detach(), layer.bias.detach()
-        theta = torch.cat([w.reshape(-1), b])
-
-        def f(th: torch.Tensor) -> torch.Tensor:
-            return captured[0] @ th[:w.numel()].view_as(w).T + th[w.numel():]
-    jac = jacrev(f)(theta)  # (B, T, C, P)
-    return jac
+    def f(th: torch.Tensor) -> torch.Tensor:
+        return captured[0] @ th[:w.numel()].view_as(w).T + th[w.numel():]
+    return jacrev(f)(theta)  # (B, T, C, P)
 
 
 def reference_ggn(model: nn.Module, x: torch.Tensor, y: torch.Tensor, last_layer: str | None = None) -> torch.Tensor:
