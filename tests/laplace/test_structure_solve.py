@@ -24,7 +24,7 @@ def _fitted(structure: str) -> posthoc.Laplace:
     return la.fit(DataLoader(TensorDataset(x, y), batch_size=16))
 
 
-@pytest.mark.parametrize("structure", ["kron", "ekfac", "full"])
+@pytest.mark.parametrize("structure", ["diag", "kron", "ekfac", "full"])
 def test_solve_equals_dense_solve(structure):
     la = _fitted(structure)
     scale = la.factors.scale(la.sigma_noise)

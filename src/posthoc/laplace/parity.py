@@ -214,8 +214,6 @@ class LaplaceTorchAPI:
     def _solve(self, rhs: torch.Tensor) -> torch.Tensor:
         """Lambda^-1 rhs for rhs (P, K). diag: O(PK); kron/ekfac through the eigenbases; full/lowrank: O(P^3)."""
         curvature, prior, scale = self._parts("read the posterior")
-        if isinstance(curvature, DiagCurvature):
-            return rhs / self.posterior_precision.unsqueeze(-1)
         return curvature.solve(rhs, prior, scale)
 
     def _check_jacobians(self, Js: torch.Tensor) -> None:  # noqa: N803 (laplace-torch's argument name)

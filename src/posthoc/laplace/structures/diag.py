@@ -81,6 +81,10 @@ class DiagCurvature(CurvatureStructure):
         """Log det Lambda = sum log(s h + delta): O(P)."""
         return torch.log(self._precision_diagonal(prior, scale)).sum()
 
+    def solve(self, rhs: torch.Tensor, prior: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """Lambda^-1 rhs = rhs / (s h + delta) for rhs (P, K): O(PK)."""
+        return rhs / self._precision_diagonal(prior, scale).unsqueeze(-1)
+
     def posterior_variance(self, prior: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """1 / (s h + delta), (P,)."""
         return 1 / self._precision_diagonal(prior, scale)
