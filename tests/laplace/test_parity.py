@@ -231,8 +231,9 @@ def test_diag_and_kron_against_their_dense_form(classification_data, structure):
         torch.testing.assert_close(la.posterior_scale, torch.diagonal(cov).sqrt())
         with pytest.raises(NotImplementedError, match="posterior_covariance"):
             _ = la.posterior_covariance
-    else:
-        for name in ("posterior_precision", "posterior_scale", "posterior_covariance"):
+    else:  # laplace-torch's KronDecomposed surface (tests/compat/test_kron_decomposed.py); no covariance or scale
+        torch.testing.assert_close(la.posterior_precision.to_matrix(), precision)
+        for name in ("posterior_scale", "posterior_covariance"):
             with pytest.raises(NotImplementedError, match=f"{name} is not available for hessian_structure='kron'"):
                 getattr(la, name)
 

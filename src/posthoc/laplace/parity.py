@@ -5,7 +5,7 @@ adds what ported laplace-torch code calls: ``la(x)`` with laplace-torch's return
 probabilities (B, C); regression: the tuple ``(f_mu (B, C), f_var (B, C, C))`` of the function, without
 observation noise), ``functional_variance(Js)``, ``functional_samples``, ``predictive_samples``, the posterior's
 ``posterior_precision`` / ``posterior_covariance`` / ``posterior_scale`` in laplace-torch's per-structure
-forms, ``log_prob``, ``sample(n, generator=)`` and the evidence terms (``scatter``, ``log_det_*``).
+forms (kron: :class:`posthoc.laplace.kron_decomposed.KronDecomposed`), ``log_prob``, ``sample(n, generator=)`` and the evidence terms (``scatter``, ``log_det_*``).
 posthoc's own ``predict(x)`` keeps returning :class:`posthoc.predictive.Predictive` objects.
 
 Everything reads the fitted posterior Lambda = s(sigma) H + diag(delta) of the structure (no copy of it is kept),
@@ -21,10 +21,12 @@ import torch
 from torch.func import jacrev
 from torch.utils._pytree import tree_map
 
+from posthoc.laplace.kron_decomposed import KronDecomposed
 from posthoc.laplace.predict import PositionPredictive
 from posthoc.laplace.prior import per_parameter
 from posthoc.laplace.structures.diag import DiagCurvature
 from posthoc.laplace.structures.full import FullCurvature
+from posthoc.laplace.structures.kron import KronCurvature
 from posthoc.laplace.structures.lowrank import LowRankCurvature
 from posthoc.likelihood import Likelihood
 from posthoc.network.inputs import ModelInputs
@@ -168,20 +170,22 @@ class LaplaceTorchAPI:
         """Lambda in laplace-torch's form for the structure.
 
         full: the dense (P, P) matrix; diag: its diagonal (P,); lowrank: ((U (P, k), s * lam (k,)), delta (P,))
-        with Lambda = U diag(s lam) U^T + diag(delta).
+        with Lambda = U diag(s lam) U^T + diag(delta); kron/ekfac: a :class:`KronDecomposed` (laplace-torch's
+        surface: eigenvectors, eigenvalues, deltas, logdet, bmm, diag, to_matrix) on the fitted structure, O(1).
 
         Raises:
-            NotImplementedError: kron/ekfac (laplace-torch returns its KronDecomposed object, which posthoc does not
-                have) and plug-in structures.
+            NotImplementedError: plug-in structures.
         """
         curvature, prior, scale = self._parts("read the posterior precision")
+        if isinstance(curvature, KronCurvature):
+            return KronDecomposed.from_structure(curvature, prior, scale)
         if isinstance(curvature, FullCurvature):
             return curvature.dense_precision(prior, scale)
         if isinstance(curvature, DiagCurvature):
             return scale * curvature.diagonal + per_parameter(prior, self.subset)
         if isinstance(curvature, LowRankCurvature):
             return (curvature.eigenvectors, scale * curvature.eigenvalues), per_parameter(prior, self.subset)
-        raise self._unsupported("posterior_precision", "'full', 'diag' and 'lowrank'")
+        raise self._unsupported("posterior_precision", "'full', 'diag', 'kron' and 'lowrank'")
 
     @property
     def posterior_scale(self) -> torch.Tensor:
@@ -241,7 +245,7 @@ class LaplaceTorchAPI:
     def square_norm(self, value: torch.Tensor) -> torch.Tensor:
         """(value - theta*)^T Lambda (value - theta*) for value (P,) -> 0-d or (N, P) -> (N,).
 
-        Cost: diag O(NP); lowrank O(NPk); full/kron/ekfac build the dense Lambda (O(P^2) memory).
+        Cost: diag O(NP); lowrank O(NPk); kron/ekfac O(N Σ_l D_out D_in (D_out + D_in)); full O(P^2) memory.
         """
         curvature, prior, scale = self._parts("evaluate the posterior density")
         if not isinstance(value, torch.Tensor) or value.shape[-1] != self.subset.n_params or value.ndim > 2:
@@ -253,6 +257,8 @@ class LaplaceTorchAPI:
         if isinstance(curvature, LowRankCurvature):
             projected = delta @ curvature.eigenvectors
             return (projected**2 * scale * curvature.eigenvalues).sum(-1) + (delta**2 * self.prior_precision_diag).sum(-1)
+        if isinstance(curvature, KronCurvature):
+            return (delta * KronDecomposed.from_structure(curvature, prior, scale).bmm(delta, exponent=1)).sum(-1)
         return ((delta @ curvature.dense_precision(prior, scale)) * delta).sum(-1)
 
     def log_prob(self, value: torch.Tensor, normalized: bool = True) -> torch.Tensor:

@@ -1,14 +1,16 @@
 """``laplace.utils``: laplace-torch's option enums and subnetwork masks.
 
 The enums hold laplace-torch's values (str enums, so posthoc accepts them wherever it takes the strings); the
-masks are :mod:`posthoc.laplace.subnetwork`'s. laplace-torch's other helpers (matrix classes, feature
-extractor, metrics) are not provided.
+masks are :mod:`posthoc.laplace.subnetwork`'s; ``KronDecomposed`` (also as ``utils.matrix.KronDecomposed``) is
+the type of a Kronecker-factored ``posterior_precision`` (:mod:`posthoc.laplace.kron_decomposed`).
+laplace-torch's other helpers (``Kron``, the feature extractor, metrics) are not provided.
 """
 
 from __future__ import annotations
 
 from enum import Enum
 
+from posthoc.laplace.kron_decomposed import KronDecomposed
 from posthoc.laplace.subnetwork import (
     LargestMagnitudeSubnetMask,
     LargestVarianceDiagLaplaceSubnetMask,
@@ -25,7 +27,7 @@ __all__ = [
     "SubsetOfWeights", "HessianStructure", "Likelihood", "PredType", "LinkApprox", "TuningMethod", "PriorStructure",
     "SubnetMask", "ScoreBasedSubnetMask", "RandomSubnetMask", "LargestMagnitudeSubnetMask",
     "LargestVarianceDiagLaplaceSubnetMask", "LargestVarianceSWAGSubnetMask", "ParamNameSubnetMask",
-    "ModuleNameSubnetMask", "LastLayerSubnetMask",
+    "ModuleNameSubnetMask", "LastLayerSubnetMask", "KronDecomposed",
 ]
 
 
