@@ -4,8 +4,10 @@ The targets J(x) V are computed for a chunk of :data:`DIRECTION_CHUNK` direction
 per chunk), so the JVPs' forward-mode activations hold a chunk's tangents, not all h. Rademacher directions are
 not stored at all: :class:`RademacherDirections` keeps the generator's state at the start of each chunk and draws
 the chunk again when it is needed (the same values as one (h, P) draw, since the CPU generator draws in
-sequence), so they take ``DIRECTION_CHUNK`` P-vectors instead of h. Top-GGN eigenvectors come as an (h, P)
-tensor from the Lanczos run (whose float64 Krylov basis of about 2h + 1 P-vectors is the peak of the fit).
+sequence), so they take ``DIRECTION_CHUNK`` P-vectors instead of h. Top-GGN eigenvectors are not stored either:
+:class:`EigenDirections` rebuilds each chunk from the Lanczos run's dual eigenvectors (one backward pass over the
+eigen subsample per chunk, :func:`posthoc.curvature.ggn_operator.streamed_ggn_eigenpairs`), whose Krylov basis
+is (n_sub K, 2h + 1) instead of the (P, 2h + 1) float64 of a Lanczos run on the parameters.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from __future__ import annotations
 from typing import Iterator, Union
 
 import torch
+
+from posthoc.curvature.ggn_operator import StreamedGGNEigenpairs
 
 DIRECTION_CHUNK = 8  # directions per JVP pass over the target points
 
@@ -57,7 +61,42 @@ class RademacherDirections:
         return torch.cat(list(self.chunks()))
 
 
-DirectionSet = Union[torch.Tensor, RademacherDirections]
+class EigenDirections:
+    """n directions: the top-GGN eigenvectors of ``eigenpairs`` in order (k <= n), then n - k zero directions.
+
+    Nothing P-sized is stored: each chunk of eigenvectors is rebuilt on demand (one backward pass over the eigen
+    subsample, ``chunk`` P-vectors of memory). ``rebuilt`` counts the eigenvectors rebuilt so far (their cost:
+    one VJP per subsample point each).
+    """
+
+    def __init__(self, eigenpairs: StreamedGGNEigenpairs, n: int, chunk: int = DIRECTION_CHUNK) -> None:
+        if len(eigenpairs) > n:
+            raise ValueError(f"{len(eigenpairs)} eigenvectors do not fit in {n} directions")
+        self.eigenpairs, self.n, self.chunk, self.rebuilt = eigenpairs, n, chunk, 0
+
+    def __len__(self) -> int:
+        return self.n
+
+    def chunks(self) -> Iterator[torch.Tensor]:
+        """The directions in order, (k, P) at a time (k <= chunk): eigenvectors, then zero rows."""
+        n_params = self.eigenpairs.operator.subset.n_params
+        for vectors in self.eigenpairs.chunks(self.chunk):
+            self.rebuilt += len(vectors)
+            yield vectors
+        for start in range(len(self.eigenpairs), self.n, self.chunk):
+            yield self.eigenpairs.eigenvalues.new_zeros(min(self.chunk, self.n - start), n_params)
+
+    @property
+    def vjp_evaluations(self) -> int:
+        """The cost of the rebuilds so far: one VJP per eigen-subsample point per eigenvector rebuilt."""
+        return self.rebuilt * int(self.eigenpairs.info["n_sub"])
+
+    def dense(self) -> torch.Tensor:
+        """All directions as one (n, P) tensor (for tests). Memory: n P-vectors."""
+        return torch.cat(list(self.chunks()))
+
+
+DirectionSet = Union[torch.Tensor, RademacherDirections, EigenDirections]
 
 
 def n_chunks(directions: DirectionSet, chunk: int = DIRECTION_CHUNK) -> int:
@@ -66,8 +105,8 @@ def n_chunks(directions: DirectionSet, chunk: int = DIRECTION_CHUNK) -> int:
 
 
 def direction_chunks(directions: DirectionSet, chunk: int = DIRECTION_CHUNK) -> Iterator[torch.Tensor]:
-    """(k, P) chunks of ``directions`` in order: a tensor's row blocks, or a :class:`RademacherDirections`' chunks."""
-    if isinstance(directions, RademacherDirections):
-        yield from directions.chunks()
-    else:
+    """(k, P) chunks of ``directions`` in order: a tensor's row blocks of ``chunk``, or the directions' own chunks."""
+    if isinstance(directions, torch.Tensor):
         yield from directions.split(chunk)
+    else:
+        yield from directions.chunks()

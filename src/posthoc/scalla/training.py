@@ -57,7 +57,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from posthoc.curvature.ggn_operator import top_ggn_eigenpairs
+from posthoc.curvature.ggn_operator import streamed_ggn_eigenpairs
 from posthoc.curvature.jacobians import jvp_many
 from posthoc.curvature.output_factors import OutputFactors
 from posthoc.distributed import collectives
@@ -65,7 +65,14 @@ from posthoc.likelihood import Likelihood
 from posthoc.network.inputs import ModelInputs, batch_size, concat, select, take, tensor_leaves
 from posthoc.network.subset import ParameterSubset
 from posthoc.scalla import objectives
-from posthoc.scalla.directions import DirectionSet, RademacherDirections, direction_chunks, n_chunks, rademacher
+from posthoc.scalla.directions import (
+    DirectionSet,
+    EigenDirections,
+    RademacherDirections,
+    direction_chunks,
+    n_chunks,
+    rademacher,
+)
 from posthoc.scalla.pools import InputPool
 from posthoc.utils.checkpoint import check_writable, data_fingerprint, load_checkpoint, module_digest, save_checkpoint
 from posthoc.utils.checks import check_choice, check_positive_int
@@ -276,15 +283,11 @@ class SurrogateTrainer:
                 x = self.train_pool.take(mine[start:start + chunk])
                 yield x, torch.zeros(batch_size(x), dtype=torch.long)  # the GGN factors ignore the labels
 
-        rank = min(n_dirs, self.subset.n_params - 1) if self.subset.n_params > 1 else 1
-        pairs = top_ggn_eigenpairs(self.subset, batches, OutputFactors(self.likelihood), rank,
-                                   seed=self.settings.seed, tol=EIGEN_TOL, progress=self.progress,
-                                   desc="ScaLLA eigen directions: GGN products")
+        pairs = streamed_ggn_eigenpairs(self.subset, batches, OutputFactors(self.likelihood),
+                                        min(n_dirs, self.subset.n_params), seed=self.settings.seed, tol=EIGEN_TOL,
+                                        progress=self.progress, desc="ScaLLA eigen directions: GGN products")
         self.jvp_evaluations += 2 * int(pairs.info["products"]) * n_sub
-        vectors = pairs.eigenvectors.T.to(self.subset.dtype)  # (k, P), k <= h if eigenvalues were dropped
-        if vectors.shape[0] < n_dirs:
-            vectors = torch.cat([vectors, vectors.new_zeros(n_dirs - vectors.shape[0], vectors.shape[1])])
-        return vectors, False
+        return EigenDirections(pairs, n_dirs), False  # zero directions after the k <= h eigenvectors found
 
     def _compute_targets(self) -> None:
         s = self.settings
@@ -303,33 +306,38 @@ class SurrogateTrainer:
         with torch.no_grad():
             n_outputs = self.subset.forward(self.train_pool.take(idx_train[:1])).shape[-1]
 
-        def jvps_of(pool: InputPool, index: torch.Tensor, along: DirectionSet) -> list[torch.Tensor]:
-            """J(x) V (k, n, C) for the points ``index`` of ``pool``: a few directions at a time, every point each."""
-            if len(index) == 0:
-                return []
-            mine = index[collectives.rank_slice(len(index))]  # all of it in one process
-            blocks = []
-            for block in direction_chunks(along):
+        def jvps_of(points: list[tuple[InputPool | None, torch.Tensor]], along: DirectionSet) -> list[torch.Tensor]:
+            """J(x) V (h, n_i, C) for each set (pool, index) of points, a chunk of directions (built once) at a time."""
+            points = [(pool, index) for pool, index in points if pool is not None and len(index)]
+            blocks: list[list[torch.Tensor]] = [[] for _ in points]
+            for block in direction_chunks(along) if points else ():
                 vectors = block.to(self.subset.device)
-                parts = [torch.zeros(len(vectors), 0, n_outputs, dtype=self.subset.dtype, device=self.subset.device)]
-                for start in range(0, len(mine), s.jvp_chunk):
-                    x = pool.take(mine[start:start + s.jvp_chunk])
-                    with torch.no_grad():
-                        parts.append(jvp_many(self.subset, x, vectors).detach())  # (k, b, C)
-                    bar.update(batch_size(x))
-                local = torch.cat(parts, dim=1).transpose(0, 1).contiguous()
-                blocks.append(collectives.gather_rows(local, "the ScaLLA targets").transpose(0, 1))
-            self.jvp_evaluations += len(index) * len(along)  # the whole set, whichever rank computed it
-            return [torch.cat(blocks)]
+                for (pool, index), done in zip(points, blocks, strict=True):
+                    assert pool is not None
+                    mine = index[collectives.rank_slice(len(index))]  # all of it in one process
+                    parts = [vectors.new_zeros(len(vectors), 0, n_outputs)]
+                    for start in range(0, len(mine), s.jvp_chunk):
+                        x = pool.take(mine[start:start + s.jvp_chunk])
+                        with torch.no_grad():
+                            parts.append(jvp_many(self.subset, x, vectors).detach())  # (k, b, C)
+                        bar.update(batch_size(x))
+                    local = torch.cat(parts, dim=1).transpose(0, 1).contiguous()
+                    done.append(collectives.gather_rows(local, "the ScaLLA targets").transpose(0, 1))
+            # the whole sets, whichever rank computed them
+            self.jvp_evaluations += sum(len(index) for _, index in points) * len(along)
+            return [torch.cat(done) for done in blocks]
 
-        train_jvps = jvps_of(self.train_pool, idx_train, directions)
-        context_jvps = jvps_of(context_pool, idx_ctx, context_directions) if context_pool is not None else []
-        bar.close()
         if self.biased:  # n_ctx >= 1: the biased variant has a non-empty context pool
-            targets = objectives.biased_direction_targets(torch.cat(train_jvps, dim=1), torch.cat(context_jvps, dim=1),
-                                                          normalise)
+            targets = objectives.biased_direction_targets(
+                torch.cat(jvps_of([(self.train_pool, idx_train)], directions), dim=1),
+                torch.cat(jvps_of([(context_pool, idx_ctx)], context_directions), dim=1), normalise)
         else:
-            targets = objectives.direction_targets(torch.cat(train_jvps + context_jvps, dim=1), normalise)
+            targets = objectives.direction_targets(
+                torch.cat(jvps_of([(self.train_pool, idx_train), (context_pool, idx_ctx)], directions), dim=1),
+                normalise)
+        bar.close()
+        if isinstance(directions, EigenDirections):
+            self.jvp_evaluations += directions.vjp_evaluations
         self.targets = {"values": targets, "train_index": idx_train, "context_index": idx_ctx}
 
     def _target_batch(self, index: torch.Tensor) -> tuple[ModelInputs, torch.Tensor]:
