@@ -18,6 +18,7 @@ with :func:`propagate_traced` (``Streamlined(graph=...)``).
 
 from __future__ import annotations
 
+import inspect
 from collections import ChainMap, Counter
 from typing import Any, Iterator, Mapping
 
@@ -28,6 +29,7 @@ from posthoc.streamlined.joint import JointCovariances, cat_parts, join
 from posthoc.streamlined.moments import Moments
 from posthoc.streamlined.rules import Context, UnsupportedLayerError
 from posthoc.streamlined.rules.base import find_rule, rule_key
+from posthoc.streamlined.rules.multihead import fold_multihead_calls
 from posthoc.streamlined.rules.ops import ADDS, SUBS, UnsupportedOpError, _apply, is_random
 from posthoc.streamlined.walk import unsupported_module
 
@@ -57,6 +59,7 @@ def trace(model: nn.Module) -> fx.GraphModule:
     placeholders = [node for node in graph.nodes if node.op == "placeholder"]
     if not placeholders:
         raise ValueError(f"{type(model).__name__}.forward takes no input")
+    fold_multihead_calls(graph, model)  # nn.MultiheadAttention's node becomes its output (several inputs, a tuple)
     return fx.GraphModule(model, graph, class_name=type(model).__name__)  # the root's name, for error messages
 
 
@@ -230,7 +233,7 @@ def _call(graph_module: fx.GraphModule, node: fx.Node, env: dict[fx.Node, Any], 
     args, kwargs = _load(node.args, local), _load(node.kwargs, local)
     result: Any
     if node.op == "call_module":
-        result = _call_module(graph_module, node, args, calls, ctx, last)
+        result = _call_module(graph_module, node, args, kwargs, calls, ctx, last)
     elif joint is not None and node.target in (*ADDS, *SUBS) and len(args) == 2 and is_random(args[0]) \
             and is_random(args[1]):
         a_node, b_node = node.args[0], node.args[1]
@@ -254,23 +257,30 @@ def _call(graph_module: fx.GraphModule, node: fx.Node, env: dict[fx.Node, Any], 
     return result
 
 
-def _call_module(graph_module: fx.GraphModule, node: fx.Node, args: tuple, calls: Counter, ctx: Context,
-                 last: bool) -> Moments:
+def _call_module(graph_module: fx.GraphModule, node: fx.Node, args: tuple, kwargs: dict, calls: Counter,
+                 ctx: Context, last: bool) -> Moments:
     module = graph_module.get_submodule(str(node.target))
     if calls[node.target] > 1 and _has_random_weights(module, ctx):
         raise ValueError(f"the module {node.target!r} ({type(module).__name__}) has random weights and is called "
                          f"{calls[node.target]} times in the forward: one weight draw enters every call, which the "
                          "rules (weights independent of their input) cannot express; register a rule for the module "
                          "that contains the calls (posthoc.streamlined.register_rule)")
-    if len(args) == 1 and isinstance(args[0], torch.Tensor):
-        args = (Moments(args[0]),)  # a buffer or a value computed from constants (position ids): deterministic
-    if len(args) != 1 or node.kwargs or not isinstance(args[0], Moments):
-        raise UnsupportedOpError(f"module {node.target!r} ({type(module).__name__}) is called with "
-                                 f"{len(args)} inputs; the module rules take one activation")
+    if args and isinstance(args[0], torch.Tensor):
+        args = (Moments(args[0]), *args[1:])  # a buffer or a value computed from constants (position ids)
     rule = find_rule(type(module))
     if rule is None:
         raise unsupported_module(module)
-    return rule(module, args[0], ctx, last)
+    if args and isinstance(args[0], Moments) and not (len(args) > 1 or kwargs):
+        return rule(module, args[0], ctx, last)
+    try:  # a rule whose signature takes the call's further arguments (nn.MultiheadAttention's) gets them
+        inspect.signature(rule).bind(module, *args[:1], ctx, last, *args[1:], **kwargs)
+    except TypeError:
+        raise UnsupportedOpError(f"module {node.target!r} ({type(module).__name__}) is called with "
+                                 f"{len(args)} inputs and keywords {sorted(kwargs)}; its rule takes one activation"
+                                 ) from None
+    if not args or not isinstance(args[0], Moments):
+        raise UnsupportedOpError(f"module {node.target!r} ({type(module).__name__}) takes an activation first")
+    return rule(module, args[0], ctx, last, *args[1:], **kwargs)
 
 
 def _call_op(node: fx.Node, args: tuple, kwargs: dict, ctx: Context) -> Any:

@@ -32,17 +32,15 @@ from posthoc.models.vit import (
 from posthoc.streamlined.moments import Moments, add_optional, rearrange
 from posthoc.streamlined.rules import (
     RULES,
-    AttentionRule,
     Context,
     LinearMapStep,
-    LinearStep,
     Step,
     UnsupportedLayerError,
     advance,
     register_rule,
 )
-from posthoc.streamlined.rules.affine import _affine_noise
 from posthoc.streamlined.rules.base import RuleT, find_rule
+from posthoc.streamlined.rules.multihead import attend_values
 
 
 def register_graph(*types: type, replace: bool = False) -> Callable[[RuleT], RuleT]:
@@ -173,53 +171,6 @@ def token_mean_pool_graph(module: TokenMeanPool, state: Moments, ctx: Context, l
     return advance(state, LinearMapStep(module, state, lambda v: v.sum(1) / n_tokens**2), ctx)
 
 
-class AttentionMixStep(Step):
-    """out_t = Σ_s A_ts v_s per head, with A (B, H, T, T) fixed (from the mean input)."""
-
-    def __init__(self, module: MultiHeadSelfAttention, weights: torch.Tensor, v_mean: torch.Tensor) -> None:
-        self.module, self.weights = module, weights
-        self.mean = module.merge_heads(weights @ module.split_heads(v_mean))
-
-    def _mix(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        lead = x.shape[:-2]
-        t, d = x.shape[-2:]
-        heads = x.reshape(*lead, t, self.module.n_heads, self.module.head_dim).transpose(-3, -2)  # (..., H, T, d)
-        return (weights @ heads).transpose(-3, -2).reshape(*lead, t, d)
-
-    def jac(self, directions: torch.Tensor) -> torch.Tensor:
-        """J on directions (B, N, *in_shape) -> (B, N, *out_shape): the attention-weighted sums over tokens per head."""
-        return self._mix(directions, self.weights.unsqueeze(1))
-
-    def var(self, var_in):
-        """Output variances: Σ_s A_ts² var_s per head (tokens independent), None stays None."""
-        return None if var_in is None else self._mix(var_in, self.weights.square())
-
-
-def _shared_value_variance(module: MultiHeadSelfAttention, state: Moments, weights: torch.Tensor,
-                           ctx: Context) -> torch.Tensor | None:
-    """Diagonal-mode variances of A v keeping the cross-token covariance of the shared random W_v.
-
-    Var(out_tj) = Σ_s A_ts² [W̄² σ²_s + Var(δW)·σ²_s]_j + Var(δW ā_t + δb)_j with ā_t = Σ_s A_ts μ_s
-    (per head): the weight noise acting on the input means is the same for all tokens, so it
-    acts on the attention-averaged mean; input variances stay token-independent.
-    """
-    v_step = LinearStep(module.v_proj, state, ctx)
-    noise = _affine_noise(module.v_proj, ctx)
-    var = None
-    if state.var is not None:
-        per_token = torch.nn.functional.linear(state.var, module.v_proj.weight.square())
-        if noise is not None:
-            per_token = per_token + noise.from_input(state.var)
-        var = AttentionMixStep(module, weights, v_step.mean).var(per_token)
-    if noise is not None:
-        b, h, t, _ = weights.shape
-        attended = weights @ state.mean.unsqueeze(1)  # (B, H, T, D_in)
-        shared = noise.shared(attended).reshape(b, h, t, h, module.head_dim)  # (B, H, T, H', d)
-        shared = torch.diagonal(shared, dim1=1, dim2=3).permute(0, 1, 3, 2)  # head h's own features
-        var = add_optional(var, shared.reshape(b, t, h * module.head_dim))
-    return var
-
-
 @register_graph(MultiHeadSelfAttention)
 def attention_graph(module: MultiHeadSelfAttention, state: Moments, ctx: Context, last: bool) -> Moments:
     """Self-attention with Q, K deterministic and V random: out = out_proj(A v), linear in v.
@@ -227,15 +178,9 @@ def attention_graph(module: MultiHeadSelfAttention, state: Moments, ctx: Context
     Q and K come from the mean input and mean weights (their posterior is not used).
 
     Diagonal mode: ``attention="independent"`` Σ_o,t = Σ_s A_ts² Σ_v,s (the authors' rule), or
-    ``"shared_value"`` (see :func:`_shared_value_variance`). Full mode carries the complete
+    ``"shared_value"`` (see :func:`posthoc.streamlined.rules.multihead.shared_value_variance`). Full mode carries the complete
     cross-token covariance of v (shared W_v included) through the mixing.
     """
     with torch.no_grad():
         weights = module.attention_weights(state.mean)
-    if not ctx.full and ctx.attention is AttentionRule.SHARED_VALUE:
-        mix = AttentionMixStep(module, weights, module.v_proj(state.mean))
-        mixed = Moments(mix.mean, var=_shared_value_variance(module, state, weights, ctx))
-    else:
-        v = propagate(module.v_proj, state, ctx)
-        mixed = advance(v, AttentionMixStep(module, weights, v.mean), ctx)
-    return propagate(module.out_proj, mixed, ctx, last)
+    return attend_values(state, weights, module.v_proj, module.out_proj, module.n_heads, ctx, last)

@@ -18,7 +18,8 @@ The rules live by layer family (:mod:`.affine`: Linear, Conv2d; :mod:`.activatio
 activations, Identity, Dropout, Flatten; :mod:`.pooling`; :mod:`.normalisation`: BatchNorm, LayerNorm;
 :mod:`.embedding`: Embedding; :mod:`.layers`: Conv1d, transformers' Conv1D, GroupNorm, functional layer_norm /
 group_norm) on the core in :mod:`.base`, with the rules for the ops of traced graphs in :mod:`.ops` and
-:mod:`.attention` (matmul, softmax, scaled_dot_product_attention, split), and their aten forms for torch.export
+:mod:`.attention` (matmul, softmax, scaled_dot_product_attention, split), :mod:`.multihead` (multi-head attention with Q
+and K from the mean: nn.MultiheadAttention and posthoc's block), and their aten forms for torch.export
 graphs in :mod:`.aten`; importing this package
 registers them all in the one registry :data:`RULES` (keyed by module type, function or tensor-method name).
 Attention and residual blocks are graphs of these rules (:mod:`posthoc.streamlined.walk`).
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 from posthoc.streamlined.rules import aten as _aten  # noqa: F401  (registers torch.export's aten op rules)
 from posthoc.streamlined.rules import attention as _attention  # noqa: F401  (registers the attention op rules)
+from posthoc.streamlined.rules import multihead as _multihead  # noqa: F401  (registers nn.MultiheadAttention's)
 from posthoc.streamlined.rules.activations import ElementwiseStep, activation_rule, flatten_rule, identity_rule
 from posthoc.streamlined.rules.affine import AffineNoise, ConvStep, LinearStep, conv2d_rule, linear_rule
 from posthoc.streamlined.rules.base import (
