@@ -14,25 +14,34 @@ noise variance 10, as there). ``output_hessian="full"`` keeps every Lambda_m (C,
 :func:`posthoc.laplace.exact_lla` and the weight-space glm predictive of the full-GGN Laplace. For regression
 Lambda = I / sigma^2 and both forms coincide. ``independent_outputs`` keeps the kernel's diagonal over outputs
 (one M x M GP per output). Everything is recomputed from the stored Jacobians J_M (M, C, P) for the current
-hyperparameters: O((MC)^3) per call, so M of a few hundred to a few thousand. See docs/laplace.md.
+hyperparameters: O((MC)^3) per call, so M of a few hundred to a few thousand. Batches and inputs may be
+tensors, tuples or mappings (Hugging Face style, read with ``dict_key_x`` / ``dict_key_y`` as in
+:class:`posthoc.Laplace`). The prior precision is tuned by the evidence or by laplace-torch's grid search on
+validation data (:mod:`posthoc.laplace.parity_tuning`). See docs/laplace.md.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable
+import warnings
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
 from torch import nn
 from torch.func import jacrev
+from torch.utils.data import default_collate
 
 from posthoc.curvature.jacobians import per_example_jacobians
 from posthoc.curvature.output_factors import CurvatureType, OutputFactors
 from posthoc.laplace.parity import LINK_APPROXES, _choice, bridge_probs
+from posthoc.laplace.parity_tuning import gridsearch_with_loss, laplace_torch_grid
 from posthoc.likelihood import Likelihood, check_supported
+from posthoc.network.batches import prediction_inputs, split_batch
+from posthoc.network.inputs import MappingCall, ModelCall, ModelInputs, as_model_inputs, place
 from posthoc.network.subset import ParameterSubset
 from posthoc.predictive import GaussianPredictive, links
+from posthoc.predictive.tuning import PriorOptimization, grid_search, validation_nll_sum
 from posthoc.utils.checks import check_choice, check_positive_int
 from posthoc.utils.modes import eval_mode
 
@@ -54,6 +63,10 @@ class FunctionalLaplace:
         independent_outputs: one GP per output (the kernel's diagonal over outputs).
         seed: seeds the choice of the subset.
         output_hessian: "diag" (laplace-torch) or "full" (the exact softmax Hessian; see the module docstring).
+        dict_key_x: in mapping batches, the entry that gives the batch size (laplace-torch's default "input_ids").
+        dict_key_y: in mapping batches, the target (default "labels"); the model gets the other entries.
+        mapping_call: how a mapping input reaches the model: "auto" (from ``model.forward``'s signature),
+            "kwargs" (``model(**x)``) or "argument" (``model(x)``, laplace-torch's).
 
     Raises:
         ValueError: invalid options, a non-scalar prior precision.
@@ -62,12 +75,16 @@ class FunctionalLaplace:
     def __init__(self, model: nn.Module, likelihood: Likelihood | str, n_subset: int,
                  sigma_noise: float | torch.Tensor = 1.0, prior_precision: float | torch.Tensor = 1.0,
                  prior_mean: float | torch.Tensor = 0.0, temperature: float = 1.0,
-                 independent_outputs: bool = False, seed: int = 0, output_hessian: str = "diag") -> None:
+                 independent_outputs: bool = False, seed: int = 0, output_hessian: str = "diag", *,
+                 dict_key_x: str = "input_ids", dict_key_y: str = "labels",
+                 mapping_call: MappingCall | str = MappingCall.AUTO) -> None:
         self.model = model
+        self.dict_key_x, self.dict_key_y = dict_key_x, dict_key_y
+        self.call = ModelCall(model, mapping_call)
         self.likelihood = check_supported(check_choice(likelihood, Likelihood, "likelihood"), (Likelihood.CLASSIFICATION, Likelihood.REGRESSION),
                                           "FunctionalLaplace")
         self.n_subset = check_positive_int(n_subset, "n_subset")
-        self.subset = ParameterSubset(model, "all")
+        self.subset = ParameterSubset(model, "all", model_call=self.call)
         self.dtype, self.device = self.subset.dtype, self.subset.device
         if not (isinstance(temperature, float | int) and math.isfinite(temperature) and temperature > 0):
             raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
@@ -129,10 +146,11 @@ class FunctionalLaplace:
     def fit(self, train_loader: Iterable, progress_bar: bool = False) -> "FunctionalLaplace":
         """Choose M of the N points of ``train_loader.dataset`` and store their Jacobians, outputs and scatter mean.
 
-        Cost: M per-example Jacobians (C backward passes each), memory M C P.
+        The M items ``dataset[i]`` ((x, y) pairs or mappings) are batched by the loader's ``collate_fn``. Cost: M
+        per-example Jacobians (C backward passes each), memory M C P.
 
         Raises:
-            ValueError: a loader without a sized ``dataset`` of (x, y) pairs, n_subset > N, bad targets.
+            ValueError: a loader without a sized ``dataset``, n_subset > N, bad targets.
         """
         dataset = getattr(train_loader, "dataset", None)
         if dataset is None or not hasattr(dataset, "__len__"):
@@ -142,9 +160,10 @@ class FunctionalLaplace:
         if self.n_subset > n_data:
             raise ValueError(f"n_subset={self.n_subset} exceeds the {n_data} training points")
         chosen = np.random.default_rng(self.seed).choice(n_data, self.n_subset, replace=False)
-        pairs = [dataset[int(i)] for i in chosen]
-        x = torch.stack([torch.as_tensor(p[0]) for p in pairs]).to(device=self.device, dtype=self.dtype)
-        y = torch.stack([torch.as_tensor(p[1]) for p in pairs]).to(self.device)
+        collate = getattr(train_loader, "collate_fn", None)
+        if collate is None or getattr(train_loader, "batch_size", 1) is None:  # batch_size=None: no collation
+            collate = default_collate
+        x, y = self._batch(collate([dataset[int(i)] for i in chosen]))
         self.subset.capture()
         with eval_mode(self.model):
             jac = per_example_jacobians(self.subset, x).detach()  # (M, C, P)
@@ -178,11 +197,18 @@ class FunctionalLaplace:
             s = torch.diag_embed((s**2).sum(-1).sqrt())
         return s * self._h_factor.sqrt()
 
+    def _batch(self, batch: Any) -> tuple[ModelInputs, torch.Tensor]:
+        """(x, y) of a collated batch (a pair or a mapping), x placed on the model's device and dtype."""
+        x, y = split_batch(batch, self.dict_key_x, self.dict_key_y, mapping_inputs=True)
+        if not isinstance(y, torch.Tensor):
+            raise TypeError(f"batch targets must be a tensor, got {type(y).__name__}")
+        return place(as_model_inputs(x, "inputs"), self.device, self.dtype), y.to(self.device)
+
     # ----------------------------------------------------------------- predictive
-    def _jacobians(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """J (B, C, P) and f (B, C) at theta* for test inputs x (B, ...)."""
+    def _jacobians(self, x: ModelInputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """J (B, C, P) and f (B, C) at theta* for test inputs x (B, ...) (a mapping's target entry is dropped)."""
         self._require_fit()
-        x = torch.as_tensor(x).to(device=self.device, dtype=self.dtype)
+        x = prediction_inputs(x, None, self.dict_key_y, self.device, self.dtype)
         with eval_mode(self.model), torch.enable_grad():
             jac = jacrev(lambda th: self.subset.forward(x, th))(self.subset.theta_map)
             with torch.no_grad():
@@ -233,13 +259,13 @@ class FunctionalLaplace:
         joint = self.functional_covariance(Js).reshape(batch, n_out, batch, n_out)
         return joint.diagonal(dim1=0, dim2=2).permute(2, 0, 1)
 
-    def predict(self, x: torch.Tensor) -> GaussianPredictive:
+    def predict(self, x: ModelInputs) -> GaussianPredictive:
         """The GP predictive N(f(x; theta*), Sigma(x)) with full (B, C, C) covariance, without observation noise."""
         js, f = self._jacobians(x)
         cov = self.functional_variance(js)
         return GaussianPredictive(f, cov=0.5 * (cov + cov.transpose(1, 2)))
 
-    def __call__(self, x: torch.Tensor, pred_type: str = "gp", joint: bool = False, link_approx: str = "probit",
+    def __call__(self, x: ModelInputs, pred_type: str = "gp", joint: bool = False, link_approx: str = "probit",
                  n_samples: int = 100, diagonal_output: bool = False, generator: torch.Generator | None = None,
                  fitting: bool = False, **model_kwargs: Any) -> Any:
         """laplace-torch's ``la(x)``: class probabilities (B, C), or regression ``(f_mu, f_var)`` (no noise).
@@ -335,26 +361,79 @@ class FunctionalLaplace:
             self._sigma_noise = value.reshape(())
         return self.log_likelihood - 0.5 * (self.log_det_ratio + self.scatter)
 
-    def optimize_prior_precision(self, pred_type: str = "gp", method: str = "marglik", n_steps: int = 100,
-                                 lr: float = 0.1, init_prior_prec: float = 1.0, prior_structure: str = "scalar",
-                                 **unused: Any) -> torch.Tensor:
-        """Adam on log delta maximising :meth:`log_marginal_likelihood` (scalar prior only). Returns delta (1,).
+    def optimize_prior_precision(
+        self, pred_type: str = "gp", method: str = "marglik", n_steps: int = 100, lr: float = 0.1,
+        init_prior_prec: float | torch.Tensor = 1.0, prior_structure: str = "scalar",
+        val_loader: Iterable | None = None, loss: Callable[..., Any] | Any | None = None,
+        log_prior_prec_min: float = -4, log_prior_prec_max: float = 4, grid_size: int = 100,
+        link_approx: str = "probit", n_samples: int = 100, verbose: bool = False, progress_bar: bool = False,
+        log_prior_prec_base: float = 10.0,
+    ) -> torch.Tensor:
+        """Tune the scalar prior precision delta; laplace-torch's signature and defaults. Returns delta (1,).
+
+        "marglik": Adam on log delta maximising :meth:`log_marginal_likelihood`, ``n_steps`` steps of rate ``lr``
+        from ``init_prior_prec`` (``val_loader`` is ignored with a warning, as in laplace-torch). "gridsearch": the
+        first of ``log_prior_prec_base ** linspace(log_prior_prec_min, log_prior_prec_max, grid_size)`` with the
+        lowest loss of ``la(x, link_approx=, n_samples=)`` on ``val_loader``: with ``loss`` (a callable or a
+        torchmetrics metric) laplace-torch's score (:mod:`posthoc.laplace.parity_tuning`), else the validation
+        NLL (regression: of y, with sigma_noise^2 added; laplace-torch's default there, the MSE of f_mu, does not
+        depend on delta). Cost: marglik n_steps evidence evaluations, O((MC)^3) each; gridsearch grid_size
+        validation passes.
 
         Raises:
-            NotImplementedError: method "gridsearch" (use posthoc's Laplace or a validation loop).
-            ValueError: another pred_type or prior_structure.
+            ValueError: another pred_type, prior_structure or method, gridsearch without val_loader, a bad grid.
+            FloatingPointError: no grid value has a finite loss.
         """
-        if getattr(method, "value", method) != "marglik":
-            raise NotImplementedError("FunctionalLaplace.optimize_prior_precision supports method='marglik' only")
+        how = _choice(method, tuple(m.value for m in PriorOptimization), "method")
         if getattr(pred_type, "value", pred_type) != "gp" or getattr(prior_structure, "value",
                                                                        prior_structure) != "scalar":
             raise ValueError("FunctionalLaplace tunes a scalar prior with pred_type='gp'")
-        log_prior = torch.tensor([math.log(init_prior_prec)], dtype=self.dtype, device=self.device,
-                                 requires_grad=True)
-        optimizer = torch.optim.Adam([log_prior], lr=lr)
-        for _ in range(check_positive_int(n_steps, "n_steps")):
-            optimizer.zero_grad()
-            (-self.log_marginal_likelihood(log_prior.exp())).backward()
-            optimizer.step()
-        self.prior_precision = log_prior.detach().exp()
+        self._require_fit()
+        if how == PriorOptimization.GRIDSEARCH.value:
+            self._gridsearch(val_loader, loss, laplace_torch_grid(log_prior_prec_min, log_prior_prec_max, grid_size,
+                                                                 log_prior_prec_base, self.dtype),
+                             _choice(link_approx, LINK_APPROXES, "link_approx"), n_samples, bool(progress_bar))
+        else:
+            if val_loader is not None:
+                warnings.warn("val_loader is ignored with method='marglik'; pass method='gridsearch' to use it",
+                              UserWarning, stacklevel=2)
+            start = torch.as_tensor(init_prior_prec, dtype=self.dtype, device=self.device).reshape(-1)
+            if start.numel() != 1 or not bool(start > 0):
+                raise ValueError(f"init_prior_prec must be one number > 0, got {init_prior_prec!r}")
+            log_prior = start.log().detach().clone().requires_grad_(True)
+            optimizer = torch.optim.Adam([log_prior], lr=lr)
+            for _ in range(check_positive_int(n_steps, "n_steps")):
+                optimizer.zero_grad()
+                (-self.log_marginal_likelihood(log_prior.exp())).backward()
+                optimizer.step()
+            self.prior_precision = log_prior.detach().exp()
+        if verbose:
+            print(f"Optimized prior precision is {self.prior_precision}.")
         return self.prior_precision
+
+    def _gridsearch(self, val_loader: Iterable | None, loss: Any, grid: torch.Tensor, link_approx: str,
+                    n_samples: int, progress: bool) -> None:
+        if val_loader is None:
+            raise ValueError("method='gridsearch' needs val_loader (held-out data, never the test set)")
+        batches = [self._batch(batch) for batch in val_loader]
+        checked = [y.long() if self.likelihood is Likelihood.CLASSIFICATION else y.to(self.dtype) for _, y in batches]
+        batches = [(x, y) for (x, _), y in zip(batches, checked, strict=True)]
+
+        def set_prior(delta: torch.Tensor) -> None:
+            self.prior_precision = delta
+
+        def predict(x: ModelInputs) -> Any:
+            return self(x, link_approx=link_approx, n_samples=n_samples)
+
+        if loss is not None:
+            self.prior_precision = gridsearch_with_loss(set_prior, predict, batches, loss, grid, progress)
+            return
+
+        def validation_nll(delta: torch.Tensor) -> float:
+            set_prior(delta)
+            if self.likelihood is Likelihood.REGRESSION:
+                return sum(validation_nll_sum(self.predict(x), y, self.likelihood, self.sigma_noise, "probit",
+                                              self.seed) for x, y in batches)
+            return sum(float(-predict(x).gather(-1, y.reshape(-1, 1)).log().sum()) for x, y in batches)
+
+        self.prior_precision = grid_search(validation_nll, grid, what="validation NLL", progress=progress)

@@ -26,6 +26,7 @@ from posthoc.curvature.output_factors import OutputFactors
 from posthoc.laplace import checkpointing
 from posthoc.laplace.functional import FunctionalLaplace as _FunctionalLaplace
 from posthoc.laplace.laplace import Laplace as _PosthocLaplace
+from posthoc.laplace.parity_tuning import gridsearch_with_loss, laplace_torch_grid
 from posthoc.laplace.prior import per_parameter
 from posthoc.network.batches import prediction_inputs
 
@@ -320,13 +321,21 @@ class Laplace(_PosthocLaplace):
 
         As in laplace-torch, "marglik" tunes the prior precision only (sigma_noise stays) from
         ``init_prior_prec`` (default 1), and "gridsearch" tries ``grid_size`` (default 100) values
-        ``log_prior_prec_base ** linspace(log_prior_prec_min, log_prior_prec_max)``. Returns delta.
+        ``log_prior_prec_base ** linspace(log_prior_prec_min, log_prior_prec_max)``, scored with ``loss`` as
+        laplace-torch does (a callable over the whole validation set: ``loss(probs, y)``, regression
+        ``loss(f_mu, f_var, y)``; or a torchmetrics metric, reset for each value:
+        :mod:`posthoc.laplace.parity_tuning`); without ``loss`` by posthoc's validation NLL (regression: of y,
+        with sigma_noise^2; laplace-torch's default there, the MSE of f_mu, does not depend on delta). Returns delta.
         """
         if not math.isfinite(log_prior_prec_base) or log_prior_prec_base <= 0 or log_prior_prec_base == 1:
             raise ValueError(f"log_prior_prec_base must be a positive number other than 1, got {log_prior_prec_base}")
         to_base10 = math.log10(log_prior_prec_base)  # base ** e == 10 ** (e * log10(base)): posthoc's grid is base 10
         init = init_prior_prec if isinstance(init_prior_prec, float | int) else float(
             torch.as_tensor(init_prior_prec).mean())
+        if getattr(method, "value", method) == "gridsearch" and loss is not None:
+            return self._gridsearch_with_loss(pred_type, val_loader, loss, laplace_torch_grid(
+                log_prior_prec_min, log_prior_prec_max, grid_size, log_prior_prec_base, self.subset.dtype),
+                link_approx, n_samples, verbose, progress_bar)
         return super().optimize_prior_precision(
             getattr(pred_type, "value", pred_type), method=getattr(method, "value", method), n_steps=n_steps, lr=lr,
             init_prior_prec=init, prior_structure=getattr(prior_structure, "value", prior_structure),
@@ -334,6 +343,26 @@ class Laplace(_PosthocLaplace):
             log_prior_prec_max=log_prior_prec_max * to_base10, grid_size=grid_size,
             link_approx=getattr(link_approx, "value", link_approx), n_samples=n_samples, verbose=verbose,
             progress_bar=progress_bar, tune_sigma_noise=False)
+
+
+    def _gridsearch_with_loss(self, pred_type: str, val_loader: Iterable | None, loss: Any, grid: torch.Tensor,
+                              link_approx: str, n_samples: int, verbose: bool, progress_bar: bool) -> torch.Tensor:
+        """laplace-torch's grid search scored by ``loss`` (:func:`posthoc.laplace.parity_tuning.gridsearch_with_loss`)."""
+        if val_loader is None:
+            raise ValueError("method='gridsearch' needs val_loader (held-out data, never the test set)")
+        self._require_fit()
+
+        def set_prior(delta: torch.Tensor) -> None:
+            self.prior_precision = delta.reshape(1)
+
+        def predict(x: Any) -> Any:
+            return self(x, pred_type=pred_type, link_approx=link_approx, n_samples=n_samples, fitting=True)
+
+        best = gridsearch_with_loss(set_prior, predict, list(self._batches(val_loader)), loss, grid, progress_bar)
+        self.prior_precision = best.reshape(1)
+        if verbose:
+            print(f"Optimized prior precision is {self.prior_precision}.")
+        return self.prior_precision
 
 
 BaseLaplace = Laplace
@@ -382,6 +411,8 @@ class FunctionalLaplace(_FunctionalLaplace):
 
     :class:`posthoc.laplace.functional.FunctionalLaplace` with laplace-torch's positional order; ``backend`` must be
     a GGN backend (or None), ``backend_kwargs`` cannot change the numbers, ``enable_backprop`` is not provided.
+    Mapping batches reach the model as one argument (``model(batch)``), as in laplace-torch, read with
+    ``dict_key_x`` / ``dict_key_y``.
 
     Raises:
         NotImplementedError: ``enable_backprop=True``. ValueError: a backend that is not a GGN one.
@@ -400,4 +431,5 @@ class FunctionalLaplace(_FunctionalLaplace):
             warnings.warn(f"backend_kwargs {sorted(backend_kwargs)} cannot change FunctionalLaplace's numbers and are "
                           "ignored", UserWarning, stacklevel=2)
         super().__init__(model, getattr(likelihood, "value", likelihood), n_subset, sigma_noise, prior_precision,
-                         prior_mean, temperature, independent_outputs, seed, output_hessian)
+                         prior_mean, temperature, independent_outputs, seed, output_hessian, dict_key_x=dict_key_x,
+                         dict_key_y=dict_key_y, mapping_call="argument")

@@ -40,7 +40,7 @@ class SubsetOfWeights(str, Enum):
 
 
 class HessianStructure(str, Enum):
-    """``hessian_structure`` values ("gp" is not provided yet and raises NotImplementedError)."""
+    """``hessian_structure`` values ("gp": the function-space :class:`posthoc.compat.laplace.FunctionalLaplace`)."""
 
     FULL = "full"
     KRON = "kron"
@@ -50,7 +50,7 @@ class HessianStructure(str, Enum):
 
 
 class Likelihood(str, Enum):
-    """``likelihood`` values ("reward_modeling" is not provided yet and raises NotImplementedError)."""
+    """``likelihood`` values ("reward_modeling": fitted as pairwise classification, predicted as regression)."""
 
     REGRESSION = "regression"
     CLASSIFICATION = "classification"
@@ -58,7 +58,7 @@ class Likelihood(str, Enum):
 
 
 class PredType(str, Enum):
-    """``pred_type`` values ("gp" belongs to the function-space Laplace, not provided yet)."""
+    """``pred_type`` values ("gp": the function-space Laplace's predictive)."""
 
     GLM = "glm"
     NN = "nn"
