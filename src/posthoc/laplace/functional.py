@@ -67,6 +67,7 @@ class FunctionalLaplace:
         dict_key_y: in mapping batches, the target (default "labels"); the model gets the other entries.
         mapping_call: how a mapping input reaches the model: "auto" (from ``model.forward``'s signature),
             "kwargs" (``model(**x)``) or "argument" (``model(x)``, laplace-torch's).
+        enable_backprop: the predictive's mean and covariance stay differentiable in x (Bayesian optimisation).
 
     Raises:
         ValueError: invalid options, a non-scalar prior precision.
@@ -77,8 +78,8 @@ class FunctionalLaplace:
                  prior_mean: float | torch.Tensor = 0.0, temperature: float = 1.0,
                  independent_outputs: bool = False, seed: int = 0, output_hessian: str = "diag", *,
                  dict_key_x: str = "input_ids", dict_key_y: str = "labels",
-                 mapping_call: MappingCall | str = MappingCall.AUTO) -> None:
-        self.model = model
+                 mapping_call: MappingCall | str = MappingCall.AUTO, enable_backprop: bool = False) -> None:
+        self.model, self.enable_backprop = model, bool(enable_backprop)
         self.dict_key_x, self.dict_key_y = dict_key_x, dict_key_y
         self.call = ModelCall(model, mapping_call)
         self.likelihood = check_supported(check_choice(likelihood, Likelihood, "likelihood"), (Likelihood.CLASSIFICATION, Likelihood.REGRESSION),
@@ -206,14 +207,57 @@ class FunctionalLaplace:
 
     # ----------------------------------------------------------------- predictive
     def _jacobians(self, x: ModelInputs) -> tuple[torch.Tensor, torch.Tensor]:
-        """J (B, C, P) and f (B, C) at theta* for test inputs x (B, ...) (a mapping's target entry is dropped)."""
+        """J (B, C, P) and f (B, C) at theta* for test inputs x (B, ...) (a mapping's target entry is dropped).
+
+        Both stay differentiable in x with ``enable_backprop``, else they are detached.
+        """
         self._require_fit()
         x = prediction_inputs(x, None, self.dict_key_y, self.device, self.dtype)
         with eval_mode(self.model), torch.enable_grad():
             jac = jacrev(lambda th: self.subset.forward(x, th))(self.subset.theta_map)
+            if self.enable_backprop:
+                return jac, self.subset.forward(x)
             with torch.no_grad():
                 f = self.subset.forward(x)
         return jac.detach(), f.detach()
+
+    def functional_samples(self, x: ModelInputs, pred_type: str = "gp", n_samples: int = 100,
+                           diagonal_output: bool = False, generator: torch.Generator | None = None,
+                           joint: bool = False) -> torch.Tensor:
+        """Draws of f(x) from the GP posterior N(f(x; theta*), Sigma(x)): (n_samples, B, C), without noise.
+
+        ``diagonal_output`` drops the covariance between outputs; ``joint`` keeps the one between inputs (the
+        (B*C, B*C) :meth:`functional_covariance`). ``pred_type`` "gp", "glm" or "nn" all draw from the GP (as in
+        laplace-torch). Without ``generator`` the ``seed`` seeds them. Cost: the predictive, plus O(n B C^2)
+        (joint: O((BC)^3 + n (BC)^2)).
+
+        Raises:
+            ValueError: another pred_type, n_samples < 1.
+        """
+        _choice(pred_type, ("gp", "glm", "nn"), "pred_type")
+        check_positive_int(n_samples, "n_samples")
+        generator = generator if generator is not None else links.make_generator(self.seed, self.device)
+        js, f = self._jacobians(x)
+        if not joint:
+            cov = self.functional_variance(js)
+            return links.sample_gaussian(f, cov.diagonal(dim1=-2, dim2=-1) if diagonal_output else cov, n_samples,
+                                         generator)
+        cov = self.functional_covariance(js)
+        if diagonal_output:  # keep the covariance of equal outputs only (rows are input-major)
+            outputs = torch.arange(cov.shape[0], device=self.device) % f.shape[-1]
+            cov = cov * (outputs[:, None] == outputs[None, :])
+        return links.sample_gaussian(f.reshape(1, -1), cov.unsqueeze(0), n_samples, generator).reshape(
+            n_samples, *f.shape)
+
+    def predictive_samples(self, x: ModelInputs, pred_type: str = "gp", n_samples: int = 100,
+                           diagonal_output: bool = False, generator: torch.Generator | None = None,
+                           fitting: bool = False, joint: bool = False) -> torch.Tensor:
+        """:meth:`functional_samples` through softmax for classification (regression: f itself), (n_samples, B, C).
+
+        ``fitting`` is accepted for laplace-torch's signature (it matters for reward modelling only).
+        """
+        samples = self.functional_samples(x, pred_type, n_samples, diagonal_output, generator, joint)
+        return samples.softmax(-1) if self.likelihood is Likelihood.CLASSIFICATION else samples
 
     def _posterior_reduction(self, js: torch.Tensor) -> torch.Tensor:
         """V^T V with V = whitened K_M* for test Jacobians js (B, C, P): (C, B, B) if independent, else (BC, BC)."""

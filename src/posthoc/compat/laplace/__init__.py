@@ -7,8 +7,10 @@ Provided: ``Laplace`` and the class names (``FullLaplace``, ``KronLLLaplace``, `
 ``marglik_training``, the enums, the subnetwork masks (``posthoc.compat.laplace.utils``), the backend names
 (``posthoc.compat.laplace.curvature``), ``FunctionalLaplace`` / ``hessian_structure="gp"``,
 ``likelihood="reward_modeling"``, ``fit(override=False)`` ("full", "diag", "kron") and ``enable_backprop`` (also
-with the last layer). Not yet (NotImplementedError naming posthoc issue 18): reward modelling with the last layer,
-``enable_backprop`` with FunctionalLaplace; accumulating "ekfac"/"lowrank" fits raises NotImplementedError.
+with the last layer and with FunctionalLaplace). ``posterior_precision`` of "kron" is a ``KronDecomposed``
+(``posthoc.compat.laplace.utils.matrix``). Not yet (NotImplementedError naming posthoc issue 18): reward
+modelling with the last layer; accumulating "ekfac"/"lowrank" fits raises NotImplementedError; KronLaplace's
+``damping=True`` raises NotImplementedError.
 Out of scope: ELLA, VaLLA, the "nystrom" and "variational" approximations.
 """
 

@@ -130,6 +130,8 @@ class Laplace(_PosthocLaplace):
         feature_reduction: None, or "pick_last" with one warning: posthoc differentiates through the model's own
             pooling after its last layer, which is laplace-torch's "pick_last" when the model reads the last
             position (e.g. GPT-2 without right padding); other values raise NotImplementedError.
+        damping: laplace-torch's KronLaplace option; False (its default) is posthoc's exact prior in the
+            eigenbasis, True raises NotImplementedError.
         curvature: posthoc's curvature ("ggn", "ggn_mc", "ef"); contradicting ``backend`` is an error.
         **posthoc_kwargs: posthoc's other arguments (``mc_samples``, ``seed``, ``progress``,
             ``structure_options``, ``mapping_call``: default "argument", a dict batch reaches the model as one
@@ -177,6 +179,7 @@ class Laplace(_PosthocLaplace):
         subnetwork_indices: torch.Tensor | None = None,
         last_layer_name: str | None = None,
         feature_reduction: str | None = None,
+        damping: bool = False,
         curvature: str | None = None,
         **posthoc_kwargs: Any,
     ) -> None:
@@ -189,6 +192,10 @@ class Laplace(_PosthocLaplace):
                 raise NotImplementedError(f"likelihood='reward_modeling' with subset_of_weights='last_layer' is not "
                                           f"provided yet ({ISSUE}): the pair reshaping after the last layer defeats "
                                           "its location; use 'all' or 'subnetwork'")
+        if damping:
+            raise NotImplementedError("damping=True (laplace-torch's KronLaplace option that adds sqrt(delta) to each "
+                                      "Kronecker factor) is not provided: posthoc adds the prior exactly in the "
+                                      "eigenbasis, laplace-torch's damping=False; leave damping=False")
         if not (isinstance(temperature, float | int) and math.isfinite(temperature) and temperature > 0):
             raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
         feature_reduction = getattr(feature_reduction, "value", feature_reduction)
@@ -410,12 +417,12 @@ class FunctionalLaplace(_FunctionalLaplace):
     """laplace-torch's ``FunctionalLaplace(model, likelihood, n_subset, sigma_noise, prior_precision, prior_mean, ...)``.
 
     :class:`posthoc.laplace.functional.FunctionalLaplace` with laplace-torch's positional order; ``backend`` must be
-    a GGN backend (or None), ``backend_kwargs`` cannot change the numbers, ``enable_backprop`` is not provided.
+    a GGN backend (or None), ``backend_kwargs`` cannot change the numbers.
     Mapping batches reach the model as one argument (``model(batch)``), as in laplace-torch, read with
     ``dict_key_x`` / ``dict_key_y``.
 
     Raises:
-        NotImplementedError: ``enable_backprop=True``. ValueError: a backend that is not a GGN one.
+        ValueError: a backend that is not a GGN one.
     """
 
     def __init__(self, model: nn.Module, likelihood: str, n_subset: int, sigma_noise: float | torch.Tensor = 1.0,
@@ -423,8 +430,6 @@ class FunctionalLaplace(_FunctionalLaplace):
                  temperature: float = 1.0, enable_backprop: bool = False, dict_key_x: str = "input_ids",
                  dict_key_y: str = "labels", backend: type | None = None, backend_kwargs: dict[str, Any] | None = None,
                  independent_outputs: bool = False, seed: int = 0, output_hessian: str = "diag") -> None:
-        if enable_backprop:
-            raise NotImplementedError(f"enable_backprop with FunctionalLaplace is not provided yet ({ISSUE})")
         if backend is not None and backend_kind(backend) != "ggn":
             raise ValueError(f"FunctionalLaplace needs a GGN backend (laplace-torch's assertion), got {backend.__name__}")
         if backend_kwargs:
@@ -432,4 +437,4 @@ class FunctionalLaplace(_FunctionalLaplace):
                           "ignored", UserWarning, stacklevel=2)
         super().__init__(model, getattr(likelihood, "value", likelihood), n_subset, sigma_noise, prior_precision,
                          prior_mean, temperature, independent_outputs, seed, output_hessian, dict_key_x=dict_key_x,
-                         dict_key_y=dict_key_y, mapping_call="argument")
+                         dict_key_y=dict_key_y, mapping_call="argument", enable_backprop=enable_backprop)
