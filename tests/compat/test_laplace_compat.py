@@ -12,7 +12,6 @@ import posthoc
 from posthoc.compat.laplace import (
     DiagSubnetLaplace,
     FullLaplace,
-    FunctionalLaplace,
     KronLLLaplace,
     Laplace,
     LinkApprox,
@@ -177,7 +176,7 @@ def test_backends_choose_the_curvature():
 def test_not_yet_provided_options_raise_naming_the_issue():
     model, train_loader, _ = _classification()
     with pytest.raises(NotImplementedError, match="issue 18"):
-        FunctionalLaplace(model, "classification", 4, enable_backprop=True)
+        Laplace(model, "reward_modeling", "last_layer", "kron")
     with pytest.raises(NotImplementedError, match="feature_reduction"):
         Laplace(model, "classification", feature_reduction="average")
 
