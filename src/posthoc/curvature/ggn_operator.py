@@ -256,7 +256,7 @@ class DualGGNOperator:
         self.subset, self.cached, self.scaling, self.bar = subset, cached, scaling, bar
         self.products = 0
         n_local = sum(s.shape[0] * s.shape[2] for _, s in cached)
-        sizes = gather_rows(torch.tensor([n_local]), "the GGN's dual dimension").tolist()
+        sizes = gather_rows(torch.tensor([n_local], device=subset.device), "the GGN's dual dimension").tolist()
         self.start = sum(sizes[:rank_of_process()]) if is_distributed() else 0
         self.n_local, self.n_dual = n_local, sum(sizes)
 
