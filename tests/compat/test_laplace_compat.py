@@ -15,6 +15,7 @@ from posthoc.compat.laplace import (
     KronLLLaplace,
     Laplace,
     LinkApprox,
+    LowRankLaplace,
     PredType,
     marglik_training,
 )
@@ -270,3 +271,17 @@ def test_enable_backprop_gives_gradients_in_x(subset, structure):
     cls(point, link_approx="bridge_norm")[:, 0].sum().backward()
     assert point.grad is not None and bool(torch.isfinite(point.grad).all())
     assert frozen(x[:4])[1].grad_fn is None  # without enable_backprop the outputs are detached
+
+
+def test_lowrank_keeps_the_prior_outside_the_top_k_as_laplace_torch():
+    model, train_loader, x = _classification()
+    compat = LowRankLaplace(model, "classification", prior_precision=0.5, structure_options={"rank": 3}).fit(train_loader)
+    assert _fitted_structure(compat).complement.value == "prior"
+    kept = posthoc.Laplace(model, "classification", "all", "lowrank", prior_precision=0.5, progress=False,
+                           structure_options={"rank": 3, "complement": "prior"}).fit(train_loader)
+    omitted = posthoc.Laplace(model, "classification", "all", "lowrank", prior_precision=0.5, progress=False,
+                              structure_options={"rank": 3}).fit(train_loader)
+    torch.testing.assert_close(compat.predict(x[:5]).cov, kept.predict(x[:5]).cov)
+    assert not torch.allclose(compat.predict(x[:5]).cov, omitted.predict(x[:5]).cov)
+    chosen = LowRankLaplace(model, "classification", structure_options={"rank": 3, "complement": "omit"})
+    assert chosen.structure_options["complement"] == "omit"

@@ -107,7 +107,9 @@ class Laplace(_PosthocLaplace):
             the pair's class probabilities).
         subset_of_weights: "last_layer" (default), "all" or "subnetwork" (with ``subnetwork_indices``).
         hessian_structure: "kron" (default), "full", "diag" or "lowrank" (posthoc's top-k GGN eigenpairs:
-            laplace-torch's uses the Hessian), or posthoc's "ekfac"; "gp" returns a :class:`FunctionalLaplace`.
+            laplace-torch's uses the Hessian; with laplace-torch's prior variance outside them,
+            ``structure_options={"complement": "prior"}``, unless given), or posthoc's "ekfac"; "gp" returns a
+            :class:`FunctionalLaplace`.
         sigma_noise: the observation noise (regression).
         prior_precision: delta: a scalar, one per parameter tensor, or one per parameter.
         prior_mean: mu_0 of the prior N(mu_0, diag(delta)^-1): a scalar, or one value per covered parameter. It enters
@@ -206,6 +208,9 @@ class Laplace(_PosthocLaplace):
         elif feature_reduction is not None:
             raise NotImplementedError("feature_reduction is not needed: posthoc finds the last nn.Linear on the path "
                                       "to the output and keeps the pooling after it; leave it None")
+        if hessian_structure == "lowrank":  # laplace-torch's LowRankLaplace keeps the prior outside the top k
+            posthoc_kwargs["structure_options"] = {"complement": "prior", **(posthoc_kwargs.get("structure_options")
+                                                                            or {})}
         chosen, ignored = curvature_from_backend(backend, backend_kwargs, getattr(curvature, "value", curvature))
         ignored = [f"backend_kwargs[{name!r}]" for name in ignored]
         if asdl_fisher_kwargs:
