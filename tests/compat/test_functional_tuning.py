@@ -11,6 +11,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from posthoc.compat.laplace import Laplace
+from posthoc.laplace.parity_tuning import gridsearch_with_loss
 
 DTYPE = torch.float64
 GRID = torch.logspace(-4, 4, 9, dtype=DTYPE)
@@ -167,3 +168,21 @@ def test_functional_laplace_reads_mapping_batches_like_tensor_ones():
                                     loss=_nll, grid_size=9)
     tensors.optimize_prior_precision(method="gridsearch", val_loader=_loaders(x, y)[1], loss=_nll, grid_size=9)
     torch.testing.assert_close(mapped.prior_precision, tensors.prior_precision)
+
+
+def test_a_grid_value_whose_posterior_cannot_be_factorised_scores_infinity():
+    state = {}
+
+    def set_prior(delta):
+        state["delta"] = float(delta)
+
+    def predict(x):
+        if state["delta"] < 1:  # as a Cholesky factorisation of a tiny prior in float32 fails
+            raise torch.linalg.LinAlgError("not positive-definite")
+        return torch.full((len(x), 2), 0.5 / state["delta"])
+
+    batches = [(torch.zeros(3, 1), torch.zeros(3, dtype=torch.long))]
+    best = gridsearch_with_loss(set_prior, predict, batches, _nll, GRID)
+    assert float(best) == 1.0  # the smallest finite loss, -log(0.5 / delta), among the values that factorise
+    with pytest.raises(FloatingPointError, match="not finite for any prior precision"):
+        gridsearch_with_loss(set_prior, predict, batches, _nll, GRID[:4])

@@ -35,7 +35,7 @@ from torch.utils.data import default_collate
 from posthoc.curvature.jacobians import per_example_jacobians
 from posthoc.curvature.output_factors import CurvatureType, OutputFactors
 from posthoc.laplace.parity import LINK_APPROXES, _choice, bridge_probs
-from posthoc.laplace.parity_tuning import gridsearch_with_loss, laplace_torch_grid
+from posthoc.laplace.parity_tuning import gridsearch_with_loss, inf_if_singular, laplace_torch_grid
 from posthoc.likelihood import Likelihood, check_supported
 from posthoc.network.batches import prediction_inputs, split_batch
 from posthoc.network.inputs import MappingCall, ModelCall, ModelInputs, as_model_inputs, place
@@ -480,4 +480,5 @@ class FunctionalLaplace:
                                               self.seed) for x, y in batches)
             return sum(float(-predict(x).gather(-1, y.reshape(-1, 1)).log().sum()) for x, y in batches)
 
-        self.prior_precision = grid_search(validation_nll, grid, what="validation NLL", progress=progress)
+        self.prior_precision = grid_search(inf_if_singular(validation_nll), grid, what="validation NLL",
+                                           progress=progress)

@@ -10,13 +10,16 @@ with ``loss``:
 - a torchmetrics-style metric (``update`` / ``compute`` / ``reset``): ``update(*outputs, y)`` per batch (or
   ``update(f_mu, y)`` when it takes two arguments), then ``compute().sum()``.
 
-The first grid value with the lowest loss wins. One deliberate difference: the metric is reset before each grid
+The first grid value with the lowest loss wins; a value whose posterior cannot be factorised in the working
+precision (``torch.linalg.LinAlgError``, e.g. a tiny prior in float32) scores +inf, as in laplace-torch. One
+deliberate difference: the metric is reset before each grid
 value here; laplace-torch 0.3 never resets it, so its score of the k-th value is the running mean over the first
 k values. Without ``loss`` posthoc scores the validation NLL (posthoc's default, see docs/migration.md).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import torch
@@ -62,6 +65,16 @@ def validation_loss(predict: Callable[[ModelInputs], Outputs], batches: list[tup
     return float(loss(torch.cat(outputs), targets))
 
 
+def inf_if_singular(evaluate: Callable[[torch.Tensor], float]) -> Callable[[torch.Tensor], float]:
+    """``evaluate`` scoring +inf where it raises ``torch.linalg.LinAlgError`` (laplace-torch's grid search does so)."""
+    def scored(delta: torch.Tensor) -> float:
+        try:
+            return evaluate(delta)
+        except torch.linalg.LinAlgError:
+            return math.inf
+    return scored
+
+
 def laplace_torch_grid(log_min: float, log_max: float, grid_size: int, base: float,
                        dtype: torch.dtype) -> torch.Tensor:
     """``base ** linspace(log_min, log_max, grid_size)`` (G,), laplace-torch's interval.
@@ -93,4 +106,4 @@ def gridsearch_with_loss(set_prior: Callable[[torch.Tensor], None], predict: Cal
         set_prior(delta)
         return validation_loss(predict, batches, loss)
 
-    return grid_search(evaluate, grid, what="validation loss", progress=progress)
+    return grid_search(inf_if_singular(evaluate), grid, what="validation loss", progress=progress)
