@@ -90,7 +90,8 @@ def child(model_name: str, steps: int, n_target_points: int, out: Path) -> None:
         phases["after_targets"] = peak_mb()
         captured["targets"] = self.targets["values"].detach().clone()
 
-    SurrogateTrainer._directions, SurrogateTrainer._compute_targets = directions, targets  # type: ignore[method-assign]
+    SurrogateTrainer._directions = directions
+    SurrogateTrainer._compute_targets = targets
     scalla = ScaLLA(model, "classification", steps=steps, n_target_points=n_target_points, progress=False)
     baseline = rss_mb()
     phases["before_fit"] = peak_mb()
