@@ -10,8 +10,10 @@ from torch.utils.data import DataLoader, TensorDataset
 from posthoc.fiber import FiberSampler
 from posthoc.utils.checkpoint import read_checkpoint
 
-# A short flow-stage-2 run on trained_classifier's problem (seconds), shared by the sampler's tests.
-SMALL_SETTINGS = dict(n_particles=3, steps=20, burn_in=8, thin=3, step_size=3e-3, batch_size=8, subsample_size=16,
+# A short flow-stage-2 run on trained_classifier's problem (seconds), shared by the sampler's tests (the flow by
+# name: the default stage 2 is "pullback" since issue 17, tests/fiber/test_pullback.py).
+SMALL_SETTINGS = dict(deform="flow", n_particles=3, steps=20, burn_in=8, thin=3, step_size=3e-3, batch_size=8,
+                      subsample_size=16,
                       cg_steps=3, loss_tolerance=0.05, latent_dim=3, flow_layers=2, flow_hidden=8, flow_steps=20,
                       n_check=4, checkpoint_every=4, progress=False)
 

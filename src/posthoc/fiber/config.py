@@ -6,15 +6,24 @@ named like their fields (:func:`stage_configs` turns those into the configs; bot
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
+import posthoc.fiber.pullback  # noqa: F401 - registers the default map, "pullback"
 from posthoc.fiber.deform import DeformKind
 from posthoc.fiber.stage2 import DeformMethod, get_deform
 from posthoc.fiber.walk import WalkConfig, check_non_negative_int
 from posthoc.utils.checks import check_positive, check_positive_int
 
-__all__ = ["DeformConfig", "WalkConfig", "stage_configs"]
+__all__ = ["DEFAULT_DEFORM", "DeformConfig", "WalkConfig", "stage_configs"]
+
+# The default stage 2 (was "flow" until issue 17: its samples left the low-loss set or stayed near the data, and
+# the flow, "variational" and "anchored" maps draw few new samples; benchmarks/results/fiber_toy.md)
+DEFAULT_DEFORM = DeformKind.PULLBACK.value
+# settings the old default ("flow") used and "pullback" does not: given without a ``kind`` they now change meaning
+FLOW_SETTINGS = ("latent_dim", "flow_layers", "flow_hidden", "flow_steps", "flow_lr", "flow_loss_weight",
+                 "flow_loss_batch", "flow_loss_samples", "barrier_weight", "variational_init_scale")
 
 
 @dataclass(frozen=True)
@@ -22,7 +31,12 @@ class DeformConfig:
     """Settings of stage 2. Raises ValueError for an unknown ``kind`` or an invalid value.
 
     Attributes:
-        kind: the registered map (:func:`posthoc.fiber.register_deform`; a name or a DeformKind): "flow" (coupling
+        kind: the registered map (:func:`posthoc.fiber.register_deform`; a name or a DeformKind); None (the default)
+            is "pullback" (:mod:`posthoc.fiber.pullback`: a walked sample within the tolerance plus one long
+            projected Langevin move, pulled back onto the low-loss set by the walk's Gauss-Newton steps; new samples,
+            not resampled walked ones, at a cost of a few Gauss-Newton steps each; docs/fiber.md). Until issue 17
+            the default was "flow": flow settings given without a kind raise a FutureWarning, since "pullback"
+            ignores them (pass ``kind="flow"`` for the old map). The others: "flow" (coupling
             flow on principal coordinates, maximum likelihood on the walked samples plus the loss-aware term),
             "variational" (the same flow trained as a variational approximation of the prior restricted to the
             low-loss set, see deform.py; it keeps the tolerance but not stage 1's spread away from the data),
@@ -44,10 +58,13 @@ class DeformConfig:
             coordinates (scale 1: the walked samples' spread), small enough to start in the low-loss set (None:
             0.1); "anchored": the jitter's starting sigma, same units (None: 0.01, close to plain resampling of
             the walk, which is within the tolerance).
+        step_scale: "pullback": the move's norm in units of the walked samples' median nearest-neighbour distance
+            (0.7: the largest of the measured scales that keeps >= 0.9 of the samples within the tolerance on every
+            measured task, benchmarks/results/fiber_toy.md).
         n_check: stage-2 samples whose all-data NLL is checked after fitting (0: no check).
     """
 
-    kind: str = DeformKind.FLOW.value
+    kind: str | None = None
     latent_dim: int = 8
     flow_layers: int = 4
     flow_hidden: int = 64
@@ -58,12 +75,13 @@ class DeformConfig:
     flow_loss_samples: int = 8
     barrier_weight: float | None = None
     variational_init_scale: float | None = None
+    step_scale: float = 0.7
     n_check: int = 32
 
     def __post_init__(self) -> None:
-        get_deform(self.kind)
-        if isinstance(self.kind, DeformKind):
-            object.__setattr__(self, "kind", self.kind.value)
+        defaulted = self.kind is None
+        get_deform(self.name)
+        object.__setattr__(self, "kind", self.name)
         check_positive_int(self.latent_dim, "latent_dim")
         check_positive_int(self.flow_hidden, "flow_hidden")
         for name in ("flow_layers", "flow_steps", "n_check"):
@@ -76,11 +94,28 @@ class DeformConfig:
         for name in ("barrier_weight", "variational_init_scale"):
             if getattr(self, name) is not None:
                 check_positive(getattr(self, name), name)
+        check_positive(self.step_scale, "step_scale")
+        if defaulted:
+            self._warn_flow_settings()
+
+    def _warn_flow_settings(self) -> None:
+        """FutureWarning when the old default's flow settings are given without a kind (they no longer apply)."""
+        given = [f.name for f in fields(self) if f.name in FLOW_SETTINGS and getattr(self, f.name) != f.default]
+        if given:
+            warnings.warn(f"FiberSampler's default stage 2 is now deform='{DEFAULT_DEFORM}' (it was 'flow'), which "
+                          f"does not use {', '.join(given)}; pass deform='flow' to keep the coupling flow, or drop "
+                          f"these settings", FutureWarning, stacklevel=6)
+
+    @property
+    def name(self) -> str:
+        """``kind`` as a str (None, before ``__post_init__`` resolved it, is :data:`DEFAULT_DEFORM`)."""
+        kind = DEFAULT_DEFORM if self.kind is None else self.kind
+        return kind.value if isinstance(kind, DeformKind) else kind
 
     @property
     def method(self) -> DeformMethod:
         """The registered map of ``kind``."""
-        return get_deform(self.kind)
+        return get_deform(self.name)
 
     def resolved(self, name: str) -> float:
         """``barrier_weight`` or ``variational_init_scale`` as a float, the map's default when None."""
@@ -99,12 +134,12 @@ WALK_KEYWORDS = frozenset(f.name for f in fields(WalkConfig))
 DEFORM_KEYWORDS = frozenset(f.name for f in fields(DeformConfig)) - {"kind"}
 
 
-def stage_configs(walk: WalkConfig | None, deform: DeformConfig | DeformKind | str,
+def stage_configs(walk: WalkConfig | None, deform: DeformConfig | DeformKind | str | None,
                   keywords: dict[str, Any]) -> tuple[WalkConfig, DeformConfig]:
     """Build the two stages' configs from config objects and/or flat keywords named like their fields.
 
-    Without a WalkConfig, ``burn_in`` defaults to steps // 2; ``deform`` may be a map's name, then the stage-2
-    keywords apply.
+    Without a WalkConfig, ``burn_in`` defaults to steps // 2; ``deform`` may be a map's name or None (the default
+    map, :data:`DEFAULT_DEFORM`), then the stage-2 keywords apply.
 
     Raises:
         ValueError: when one stage's settings are given both ways (a config object and keywords), or a value is

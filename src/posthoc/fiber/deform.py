@@ -38,6 +38,10 @@ and s the root mean square of the samples along each direction. Directions outsi
   there, and the prior restricted to any r-dimensional slice has offsets of norm ~ sqrt(r / delta), against
   ~ sqrt(P / delta) for the walk (same file).
 
+The default stage 2 since issue 17 is none of these but ``pullback`` (:mod:`posthoc.fiber.pullback`): a walked
+sample plus one long projected Langevin move, pulled back onto the low-loss set, whose samples are new (these
+maps' samples either leave the low-loss set or stay at the walked samples).
+
 Each way a new sample costs one map evaluation: O(r^2) for the flow plus one (r x P) product (``anchored``: one
 (r x P) product and one row of the stored anchors, which cost M x P memory).
 """
@@ -60,6 +64,7 @@ class DeformKind(str, Enum):
     FLOW = "flow"
     VARIATIONAL = "variational"
     ANCHORED = "anchored"
+    PULLBACK = "pullback"
 
 
 class PrincipalCoordinates:

@@ -2,7 +2,7 @@
 
     fs = FiberSampler(model, "classification", subset_of_weights="last_layer", prior_precision=1.0)
     fs.fit(train_loader, checkpoint="fiber.pt")   # stage 1 (walk) then stage 2 (deform)
-    thetas = fs.sample(100)                       # (100, P), one map evaluation each
+    thetas = fs.sample(100)                       # (100, P), drawn in one pass each (no chain)
     pred = fs.predict(x)                          # SamplePredictive over outputs
 
 Stage 1 (:mod:`posthoc.fiber.walk`) runs projected Langevin dynamics on the fiber through theta*,
@@ -79,8 +79,9 @@ class FiberSampler:
         sigma_noise: regression noise; None estimates it as the MAP's training residual RMS.
         walk: stage 1's settings, or None for the keywords (n_particles, steps, loss_tolerance, burn_in, thin,
             step_size, batch_size, subsample_size, cg_steps, damping, pullback_steps, adapt_factor, final_rounds).
-        deform: stage 2's settings, or the name of a registered map ("flow", "variational", "anchored",
-            "gaussian" or one added with :func:`posthoc.fiber.register_deform`) for the keywords (latent_dim,
+        deform: stage 2's settings, or the name of a registered map ("pullback", the default when None; "flow",
+            the default until issue 17; "variational", "anchored", "gaussian" or one added with
+            :func:`posthoc.fiber.register_deform`) for the keywords (step_scale, latent_dim,
             flow_layers, flow_hidden, flow_steps, flow_lr, flow_loss_weight, flow_loss_batch, flow_loss_samples,
             barrier_weight, variational_init_scale, n_check).
         seed: seeds the walk, the flow and the default sampling seed.
@@ -113,7 +114,7 @@ class FiberSampler:
         prior_precision: float | torch.Tensor = 1.0,
         sigma_noise: float | None = None,
         walk: WalkConfig | None = None,
-        deform: DeformConfig | DeformKind | str = DeformKind.FLOW,
+        deform: DeformConfig | DeformKind | str | None = None,
         seed: int = 0,
         checkpoint_every: int = 10,
         progress: bool = True,
@@ -168,7 +169,7 @@ class FiberSampler:
     @property
     def deform(self) -> DeformKind | str:
         """The stage-2 map's name (a DeformKind for the built-in maps); setting it replaces ``deform_config``."""
-        kind = self.deform_config.kind
+        kind = self.deform_config.name
         return DeformKind(kind) if kind in DeformKind._value2member_map_ else kind
 
     @deform.setter
@@ -315,9 +316,10 @@ class FiberSampler:
         self.coords = PrincipalCoordinates.fit(stage2_samples(self), self.latent_dim, centre=self.subset.theta_map)
         self.info["explained_variance"] = self.coords.explained
         self.info["latent_dim"] = float(self.coords.rank)
-        self.flow = None
-        # the anchored map is built even untrained (flow_steps 0: jitter at its starting scale); the flows need r >= 2
-        if self._method.trains(self):
+        # "pullback" is fitted without training; the anchored map is built even untrained (flow_steps 0: jitter at
+        # its starting scale); the flows need r >= 2
+        self.flow = self._method.fit_untrained(self, problem)
+        if self.flow is None and self._method.trains(self):
             self._train_flow(problem, path, saved if saved is not None and saved["stage"] == "deform" else None)
         self.info["deform_s"] = self.info.get("deform_s", 0.0) + time.perf_counter() - t0
         self._cache = None
@@ -393,7 +395,8 @@ class FiberSampler:
         """Stage 2: n parameter samples (n, P) from the map, seeded by ``seed`` (default: the sampler's).
 
         Decoded from z ~ N(0, I) ("anchored": an anchor index and a jitter draw). Cost: one map evaluation each (the
-        flow plus an (r x P) product), no iteration. Raises RuntimeError before fit or if the model's weights changed
+        flow plus an (r x P) product), no iteration; "pullback": one projection and at most ``pullback_steps``
+        Gauss-Newton steps on ``subsample_size`` examples each (:mod:`posthoc.fiber.pullback`). Raises RuntimeError before fit or if the model's weights changed
         since, ValueError for a non-positive ``n_samples``.
         """
         self._require_fit("sample")

@@ -1,8 +1,9 @@
 """Stage 2 of fiber sampling as an open registry: the maps z -> theta by name (settings: config.DeformConfig).
 
 A map is a :class:`DeformMethod` registered under a name with :func:`register_deform`; ``FiberSampler(...,
-deform="name")`` or ``deform=DeformConfig(kind="name")`` chooses it. The built-in maps ("gaussian", "flow",
-"variational", "anchored") are described in :mod:`posthoc.fiber.deform`. A method builds its (untrained) map,
+deform="name")`` or ``deform=DeformConfig(kind="name")`` chooses it. The built-in maps are "pullback" (the default,
+:mod:`posthoc.fiber.pullback`, fitted without training through :meth:`DeformMethod.fit_untrained`) and "gaussian",
+"flow", "variational", "anchored" (:mod:`posthoc.fiber.deform`). A method builds its (untrained) map,
 its optimizer and its training step; the sampler runs the loop, the checkpoints and the all-data check, so
 a registered map resumes exactly like the built-in ones (its training must draw its randomness from the
 ``generator`` it is given, whose state the checkpoints carry).
@@ -65,6 +66,10 @@ class DeformMethod:
     def trains(self, fs: FiberSampler) -> bool:
         """Whether stage 2 builds and trains a module (else the sampler keeps ``flow = None``)."""
         return False
+
+    def fit_untrained(self, fs: FiberSampler, problem: FiberProblem) -> nn.Module | None:
+        """A map fitted without a training loop (from the walk and the data), or None to train (base class: None)."""
+        return None
 
     def build(self, fs: FiberSampler) -> nn.Module:
         """The untrained map (also rebuilt, then loaded, by ``load_state_dict``)."""
