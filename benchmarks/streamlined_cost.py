@@ -23,6 +23,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -52,6 +53,33 @@ FULL_BATCH = 8  # full mode: per-example D x D covariances; timed on this many i
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def time_calls(fn: Callable[[], object], min_calls: int, min_seconds: float) -> list[float]:
+    """Wall times (s) of calls of ``fn``: at least ``min_calls`` calls and ``min_seconds`` of calls."""
+    out: list[float] = []
+    while len(out) < min_calls or sum(out) < min_seconds:
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def alternating_times(map_call: Callable[[], object], call: Callable[[], object], rounds: int, min_calls: int,
+                      min_seconds: float) -> tuple[list[float], list[float]]:
+    """(MAP times, case times): ``rounds`` blocks of each, alternating, MAP first and last, in this process.
+
+    Each case block holds at least ``min_calls`` calls and ``min_seconds / rounds`` s, each MAP block at least
+    ``min_calls`` calls and half that time; the x MAP ratio of their medians then does not carry the swings
+    between processes and over time of a shared machine.
+    """
+    map_times: list[float] = []
+    times: list[float] = []
+    for _ in range(rounds):
+        map_times += time_calls(map_call, min_calls, min_seconds / (2 * rounds))
+        times += time_calls(call, min_calls, min_seconds / rounds)
+    map_times += time_calls(map_call, min_calls, min_seconds / (2 * rounds))
+    return map_times, times
 
 
 def _model(name: str, checkpoint: str | None = None) -> torch.nn.Module:
@@ -117,24 +145,11 @@ def run_case(model_name: str, case: str, batch: int, repeats: int, min_seconds: 
         with torch.no_grad():
             model(xm)
 
-    def timed(fn, budget: float) -> list[float]:
-        out: list[float] = []
-        while len(out) < max(1, repeats // ROUNDS) or sum(out) < budget:
-            t0 = time.perf_counter()
-            fn()
-            out.append(time.perf_counter() - t0)
-        return out
-
     # The MAP forward on the same inputs is timed in the same process, in blocks alternating with the case's: the
     # x MAP ratio then does not carry the 10-30 % swings between processes and over time seen here (a batch of 50
     # takes ~10 ms). (Alternating call by call let the memory-heavy cases slow the MAP call after each of them.)
     map_call()
-    times: list[float] = []
-    map_times: list[float] = []
-    for _ in range(ROUNDS):
-        map_times += timed(map_call, min_seconds / (2 * ROUNDS))
-        times += timed(call, min_seconds / ROUNDS)
-    map_times += timed(map_call, min_seconds / (2 * ROUNDS))
+    map_times, times = alternating_times(map_call, call, ROUNDS, max(1, repeats // ROUNDS), min_seconds)
     seconds, map_seconds = statistics.median(times), statistics.median(map_times)
     return {"model": model_name, "case": case, "inputs": n_inputs, "seconds": seconds, "calls": len(times),
             "ms_per_input": 1e3 * seconds / n_inputs, "map_ms_per_input": 1e3 * map_seconds / n_inputs,

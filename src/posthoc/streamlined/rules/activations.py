@@ -14,7 +14,9 @@ from posthoc.streamlined.rules.base import Context, Step, UnsupportedLayerError,
 
 def _activation_derivative(module: nn.Module, mu: torch.Tensor) -> torch.Tensor:
     if isinstance(module, nn.ReLU):
-        return mu > 0  # a mask: multiplying by it needs no float copy and no squaring
+        # the 0/1 mask written by the comparison in μ's dtype: a product with a float mask is about twice as fast as
+        # with a bool one (no per-element cast), and the mask is its own square (see ElementwiseStep's is_mask)
+        return torch.gt(mu, 0, out=torch.empty_like(mu))
     if isinstance(module, nn.Tanh):
         return 1 - torch.tanh(mu).square()
     if isinstance(module, nn.Sigmoid):
@@ -29,9 +31,12 @@ def _activation_derivative(module: nn.Module, mu: torch.Tensor) -> torch.Tensor:
 
 
 class ElementwiseStep(Step):
-    """An element-wise activation linearised at the input mean: y ≈ f(μ) + f'(μ) (x - μ)."""
-    def __init__(self, mean: torch.Tensor, slope: torch.Tensor) -> None:
-        self.mean, self.slope = mean, slope
+    """An element-wise activation linearised at the input mean: y ≈ f(μ) + f'(μ) (x - μ).
+
+    ``is_mask``: the slope holds only 0 and 1 (ReLU), so the variances are multiplied by it once.
+    """
+    def __init__(self, mean: torch.Tensor, slope: torch.Tensor, is_mask: bool = False) -> None:
+        self.mean, self.slope, self.is_mask = mean, slope, is_mask
 
     def jac(self, directions: torch.Tensor) -> torch.Tensor:
         """J on directions (B, N, *in_shape) -> (B, N, *out_shape): scaled by the slope f'(μ), O(B N D)."""
@@ -41,7 +46,7 @@ class ElementwiseStep(Step):
         """Output variances (B, *shape): the input variances times the squared slope (None stays None)."""
         if var_in is None:
             return None
-        if self.slope.dtype == torch.bool:
+        if self.is_mask or self.slope.dtype == torch.bool:
             return var_in * self.slope
         return torch.mul(var_in, self.slope).mul_(self.slope)
 
@@ -50,7 +55,7 @@ class ElementwiseStep(Step):
 def activation_rule(module: nn.Module, state: Moments, ctx: Context, last: bool) -> Moments:
     """G linearised at the mean: μ <- g(μ), Σ <- D Σ D with D = diag(g'(μ)) (ReLU: g'(0) = 0)."""
     slope = _activation_derivative(module, state.mean)  # before the module runs: an in-place one overwrites μ
-    step = ElementwiseStep(module(state.mean), slope)
+    step = ElementwiseStep(module(state.mean), slope, is_mask=isinstance(module, nn.ReLU))
     return advance(state, step, ctx)
 
 

@@ -183,6 +183,14 @@ class LinearStep(Step):
         cov = self.mean.new_zeros(b, w.shape[0], w.shape[0])
         if var_in is not None:
             cov = cov + (w * var_in.unsqueeze(1)) @ w.T
+        noise = self.noise
+        if noise is not None and noise.w_diag is not None and noise.full is None and noise.b_cov is None:
+            # diagonal weight and bias noise reach only the diagonal: Σ_k Var(W_ck)(μ_k² + var_k) + Var(b_c), added
+            # in place after the symmetrisation instead of a (B, C, C) noise matrix (C = 1000: several passes)
+            cov = 0.5 * (cov + cov.transpose(1, 2))
+            second = self.mu.square() if var_in is None else torch.addcmul(var_in, self.mu, self.mu)
+            cov.diagonal(dim1=1, dim2=2).add_(F.linear(second, noise.w_diag, noise.b_var))
+            return cov
         if self.noise is not None:
             cov = cov + self.noise.full_cov(self.mu.unsqueeze(1), var=None if var_in is None else var_in.unsqueeze(1))
         return 0.5 * (cov + cov.transpose(1, 2))

@@ -25,18 +25,24 @@ def _feature_ids(shape: tuple[int, ...], feature_axis: int, device) -> torch.Ten
 
 
 class AffineNormStep(Step):
-    """y = γ ⊙ n(x) + β with n linearised (``n_jac``); γ, β may carry diagonal variances."""
+    """y = γ ⊙ n(x) + β with n linearised (``n_jac``); γ, β may carry diagonal variances.
+
+    ``n_var`` maps input variances to those of n, or is the per-feature factor (shaped like γ's view) that scales
+    them when n is a per-feature affine map (BatchNorm): then one fused product gives the output variances.
+    """
 
     def __init__(self, mean_n: torch.Tensor, gamma: torch.Tensor | None, beta: torch.Tensor | None,
                  gamma_var: torch.Tensor | None, beta_var: torch.Tensor | None, feature_axis: int,
-                 n_jac: Callable[[torch.Tensor], torch.Tensor], n_var: Callable[[torch.Tensor], torch.Tensor],
-                 in_shape: tuple[int, ...]) -> None:
+                 n_jac: Callable[[torch.Tensor], torch.Tensor],
+                 n_var: Callable[[torch.Tensor], torch.Tensor] | torch.Tensor, in_shape: tuple[int, ...]) -> None:
         self.mean_n, self.n_jac, self.n_var, self.in_shape = mean_n, n_jac, n_var, in_shape
         shape = [1] * (mean_n.ndim - 1)
         shape[feature_axis] = -1
         self._view = lambda t: None if t is None else t.reshape(shape)
         self.gamma, self.beta = self._view(gamma), self._view(beta)
         self.gamma_var, self.beta_var = self._view(gamma_var), self._view(beta_var)
+        if isinstance(n_var, torch.Tensor):
+            self.n_var = n_var.reshape(shape)
         self.feature_axis = feature_axis
         if self.gamma is not None and self.beta is not None:
             self.mean = torch.addcmul(self.beta, mean_n, self.gamma)
@@ -52,20 +58,31 @@ class AffineNormStep(Step):
         return self._scale(self.n_jac(directions))
 
     def var(self, var_in: torch.Tensor | None) -> torch.Tensor | None:
-        """Output variances (B, *shape) including the diagonal noise of γ and β (None without variance)."""
-        # (γ̄² + Var γ) var_n + Var(γ) n̄² + Var(β), accumulated in place on the fresh output
-        var_n = None if var_in is None else self.n_var(var_in)
+        """Output variances (B, *shape) including the diagonal noise of γ and β (None without variance).
+
+        (γ̄² + Var γ) var_n + Var(γ) n̄² + Var(β): about four elementwise passes over the activations, fused
+        products accumulated in place on the fresh output.
+        """
         out = None
-        if var_n is not None:
+        if var_in is not None:
             coef = None if self.gamma is None else self.gamma.square()
             if self.gamma_var is not None:
                 coef = self.gamma_var if coef is None else coef + self.gamma_var
-            out = var_n if coef is None else var_n * coef
+            if isinstance(self.n_var, torch.Tensor):  # n per-feature affine: one factor on the input variances
+                var_n, coef = var_in, self.n_var if coef is None else self.n_var * coef
+            else:
+                var_n = self.n_var(var_in)
+            if coef is None:
+                out = var_n if self.beta_var is None else var_n + self.beta_var
+            elif self.beta_var is None:
+                out = var_n * coef
+            else:
+                out = torch.addcmul(self.beta_var, var_n, coef)
+        elif self.beta_var is not None:
+            out = self.beta_var.expand_as(self.mean_n).clone()
         if self.gamma_var is not None:
-            term = self.mean_n.square().mul_(self.gamma_var)
-            out = term if out is None else out.add_(term)
-        if self.beta_var is not None:
-            out = self.beta_var.expand_as(self.mean_n).clone() if out is None else out.add_(self.beta_var)
+            term = self.mean_n * self.gamma_var
+            out = term.mul_(self.mean_n) if out is None else out.addcmul_(term, self.mean_n)
         return out
 
     def noise_full(self, cov_in: torch.Tensor | None) -> torch.Tensor | None:
@@ -106,12 +123,12 @@ def batchnorm_rule(module: nn.BatchNorm1d | nn.BatchNorm2d, state: Moments, ctx:
     shape = [1] * state.mean.ndim
     shape[1] = -1
     inv_sd = torch.rsqrt(module.running_var + module.eps).reshape(shape)
-    mean_n = (state.mean - module.running_mean.reshape(shape)) * inv_sd
+    mean_n = torch.addcmul(-module.running_mean.reshape(shape) * inv_sd, state.mean, inv_sd)  # (μ - m) / sd
     inv_sd_dir = inv_sd.unsqueeze(1)
     post = ctx.posterior.get(module)
     step = AffineNormStep(mean_n, module.weight, module.bias, _param_var(post, "weight", "BatchNorm"),
                           _param_var(post, "bias", "BatchNorm"), 0, lambda d: d * inv_sd_dir,
-                          lambda v: v * inv_sd.square(), state.shape)
+                          inv_sd.square().reshape(-1), state.shape)
     return advance(state, step, ctx)
 
 
@@ -122,10 +139,8 @@ def last_axis_normaliser(mu: torch.Tensor, eps: float, rule: LayerNormRule) -> t
     Returns the normalised mean n, the map on directions (B, N, ..., D) and the diagonal-mode variance map on
     (B, ..., D) (frozen: scaled by 1/s; linearised: the squared rows of (I - 11ᵀ/D - n nᵀ/D)/s, O(D)).
     """
-    centred = mu - mu.mean(-1, keepdim=True)
-    inv_s = torch.rsqrt(centred.square().mean(-1, keepdim=True) + eps)
-    n = centred * inv_s
     d = mu.shape[-1]
+    n, _, inv_s = torch.native_layer_norm(mu, (d,), None, None, eps)  # one fused pass; inv_s (B, ..., 1)
     if rule is LayerNormRule.FROZEN:
         def n_jac(x):
             return x * inv_s.unsqueeze(1)

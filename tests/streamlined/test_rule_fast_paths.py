@@ -1,0 +1,77 @@
+"""The diagonal mode's fused variance paths equal the full mode's exact moments on single layers (float64).
+
+With diagonal input noise and one layer, the full mode's output covariance (the layer's Jacobian sandwich plus the
+weight-noise covariance) has the exact variances on its diagonal, computed by other code (``jac``, ``noise_full``):
+the diagonal mode's variances (BatchNorm's one-factor product, LayerNorm's fused normalisation, ReLU's 0/1 mask,
+the last Linear's diagonal-noise shortcut) must match them to rounding.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from posthoc.streamlined import Streamlined
+
+DTYPE = torch.float64
+
+
+def _random_variances(model: nn.Module, scale: float = 0.05) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(7)
+    return {name: scale * torch.rand(p.shape, generator=gen, dtype=DTYPE) for name, p in model.named_parameters()}
+
+
+def _batchnorm(cls: type[nn.Module], features: int) -> nn.Module:
+    bn = cls(features).to(DTYPE)
+    with torch.no_grad():
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.normal_()
+    return bn
+
+
+CASES = {
+    "batchnorm2d": (lambda: nn.Sequential(_batchnorm(nn.BatchNorm2d, 3), nn.Flatten()), (3, 2, 2), {}),
+    "batchnorm1d": (lambda: nn.Sequential(_batchnorm(nn.BatchNorm1d, 5), nn.Identity()), (5,), {}),
+    "layernorm_frozen": (lambda: nn.Sequential(nn.LayerNorm(6), nn.Identity()), (6,), {"layernorm": "frozen"}),
+    "layernorm_linearized": (lambda: nn.Sequential(nn.LayerNorm(6), nn.Identity()), (6,),
+                             {"layernorm": "linearized"}),
+    "groupnorm": (lambda: nn.Sequential(nn.GroupNorm(2, 4), nn.Flatten()), (4, 3), {"layernorm": "linearized"}),
+    "relu": (lambda: nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Identity()), (5,), {}),
+    "gelu": (lambda: nn.Sequential(nn.Linear(5, 7), nn.GELU(), nn.Identity()), (5,), {}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_diagonal_mode_variances_equal_the_full_modes_on_one_layer(name: str) -> None:
+    build, shape, options = CASES[name]
+    torch.manual_seed(0)
+    model = build().to(DTYPE).eval()
+    variances = _random_variances(model)
+    x = torch.randn(4, *shape, dtype=DTYPE)
+    input_var = 0.3 * torch.rand(4, *shape, dtype=DTYPE)
+    diagonal = Streamlined(model, weight_var=variances, **options).predict(x, input_var=input_var)
+    full = Streamlined(model, weight_var=variances, activation_covariance="full", **options).predict(
+        x, input_var=input_var)
+    assert not diagonal.has_full_cov
+    torch.testing.assert_close(diagonal.mean, full.mean, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(diagonal.var, torch.diagonal(full.cov, dim1=-2, dim2=-1), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("with_input_var", [True, False])
+def test_last_linear_output_covariance_with_a_diagonal_posterior_equals_the_full_modes(bias: bool,
+                                                                                       with_input_var: bool) -> None:
+    """The last Linear's (B, C, C) covariance: W̄ diag(var) W̄ᵀ plus the diagonal weight/bias noise on its diagonal."""
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(6, 5, bias=bias)).to(DTYPE)
+    variances = _random_variances(model)
+    x = torch.randn(3, 6, dtype=DTYPE)
+    input_var = 0.2 * torch.rand(3, 6, dtype=DTYPE) if with_input_var else None
+    diagonal = Streamlined(model, weight_var=variances).predict(x, input_var=input_var)
+    full = Streamlined(model, weight_var=variances, activation_covariance="full").predict(x, input_var=input_var)
+    assert diagonal.has_full_cov
+    torch.testing.assert_close(diagonal.cov, full.cov, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(diagonal.cov, diagonal.cov.transpose(1, 2), rtol=0, atol=0)
