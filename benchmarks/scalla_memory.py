@@ -57,7 +57,7 @@ def peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def child(model_name: str, steps: int, n_target_points: int, out: Path) -> None:
+def child(model_name: str, steps: int, n_target_points: int, eigen_subsample: int, out: Path) -> None:
     """Fit ScaLLA once on ``model_name`` and write its memory record (and target kernel) to ``out``.json/.pt."""
     import torch
     from torch import nn
@@ -92,7 +92,8 @@ def child(model_name: str, steps: int, n_target_points: int, out: Path) -> None:
 
     SurrogateTrainer._directions = directions
     SurrogateTrainer._compute_targets = targets
-    scalla = ScaLLA(model, "classification", steps=steps, n_target_points=n_target_points, progress=False)
+    scalla = ScaLLA(model, "classification", steps=steps, n_target_points=n_target_points,
+                    eigen_subsample=eigen_subsample, progress=False)
     baseline = rss_mb()
     phases["before_fit"] = peak_mb()
     start = time.perf_counter()
@@ -101,15 +102,15 @@ def child(model_name: str, steps: int, n_target_points: int, out: Path) -> None:
     phases["after_fit"] = peak_mb()
     p_vector_mb = 4 * n_params / 2**20
     flat = captured["targets"].permute(0, 2, 1).reshape(-1, captured["targets"].shape[1]).double()
-    torch.save({"target_kernel": flat @ flat.T}, out.with_suffix(".pt"))
+    torch.save({"target_kernel": flat @ flat.T}, out.parent / f"{out.name}.pt")
     record = {"model": model_name, "P": n_params, "posthoc_version": posthoc.__version__,
               "rss_before_fit_mb": round(baseline, 1), "peak_mb": {k: round(v, 1) for k, v in phases.items()},
               "fit_extra_peak_mb": round(phases["after_fit"] - baseline, 1),
               "fit_extra_peak_p_vectors": round((phases["after_fit"] - baseline) / p_vector_mb, 1),
               "lanczos_extra_peak_p_vectors": round((phases["after_eigen_directions"] - baseline) / p_vector_mb, 1),
               "fit_wall_s": round(wall, 1), "jvp_evaluations": scalla.train_record["jvp_evaluations"],
-              "steps": steps, "n_target_points": n_target_points}
-    out.with_suffix(".json").write_text(json.dumps(record, indent=2))
+              "steps": steps, "n_target_points": n_target_points, "eigen_subsample": eigen_subsample}
+    (out.parent / f"{out.name}.json").write_text(json.dumps(record, indent=2))
 
 
 def source_tree(commit: str, run_dir: Path) -> Path:
@@ -125,47 +126,72 @@ def source_tree(commit: str, run_dir: Path) -> Path:
     return target / "src"
 
 
+def settings_tag(args: argparse.Namespace) -> str:
+    """The settings part of a cached record's name."""
+    tag = f"steps{args.steps}-targets{args.n_target_points}"
+    return tag if args.eigen_subsample == 200 else f"{tag}-sub{args.eigen_subsample}"
+
+
 def run_child(version: str, src: Path, model: str, args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
     """The cached record of (version, model), running the child first if it is missing."""
-    out = run_dir / f"{version}-{model}-steps{args.steps}-targets{args.n_target_points}"
-    if not out.with_suffix(".json").exists():
+    out = run_dir / f"{version}-{model}-{settings_tag(args)}"
+    if not (out.parent / f"{out.name}.json").exists():
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(src))
         subprocess.run([sys.executable, __file__, "--child", model, "--steps", str(args.steps), "--n-target-points",
-                        str(args.n_target_points), "--out", str(out)], env=env, check=True)
-    record = json.loads(out.with_suffix(".json").read_text())
+                        str(args.n_target_points), "--eigen-subsample", str(args.eigen_subsample), "--out", str(out)],
+                       env=env, check=True)
+    record = json.loads((out.parent / f"{out.name}.json").read_text())
     record["version"] = version
     return record
 
 
-def kernel_difference(run_dir: Path, before: dict, after: dict, args: argparse.Namespace) -> float:
-    """||K_after - K_before|| / ||K_before|| for the two runs' target kernels."""
+def kernel_difference(run_dir: Path, stem: str) -> float:
+    """||K_after - K_before|| / ||K_before|| for the target kernels of the runs "before-<stem>" and "after-<stem>"."""
     import torch
 
-    stem = f"{{}}-{before['model']}-steps{args.steps}-targets{args.n_target_points}.pt"
-    k_before = torch.load(run_dir / stem.format("before"))["target_kernel"]
-    k_after = torch.load(run_dir / stem.format("after"))["target_kernel"]
+    k_before = torch.load(run_dir / f"before-{stem}.pt")["target_kernel"]
+    k_after = torch.load(run_dir / f"after-{stem}.pt")["target_kernel"]
     return float((k_after - k_before).norm() / k_before.norm())
 
 
-def markdown(rows: list[dict[str, Any]], meta: dict[str, Any], args: argparse.Namespace) -> str:
+def finished_rows(run_dir: Path) -> list[dict[str, Any]]:
+    """Every cached (before, after) pair in ``run_dir``, the after row with the pair's kernel difference."""
+    rows = []
+    for after in sorted(run_dir.glob("after-*.json"), key=lambda path: json.loads(path.read_text())["P"]):
+        stem = after.stem.removeprefix("after-")
+        before = run_dir / f"before-{stem}.json"
+        if not before.exists():
+            continue
+        pair = [json.loads(before.read_text()) | {"version": "before"}, json.loads(after.read_text()) | {"version": "after"}]
+        pair[1]["kernel_diff"] = round(kernel_difference(run_dir, stem), 6)
+        rows += pair
+    return rows
+
+
+def markdown(rows: list[dict[str, Any]], meta: dict[str, Any], before_commit: str) -> str:
     """The results table with its settings."""
     lines = ["# ScaLLA.fit peak memory: Lanczos on the parameters (before) vs the dual Lanczos (after)", "",
              f"Run {meta['date']} on {meta['machine']}; versions {meta['versions']}; after = commit "
-             f"{meta['git_commit']}, before = commit {args.before_commit}. Command: `{meta['command']}`.", "",
-             "ScaLLA defaults (m = 100 eigen directions, Lanczos on 200 training points at tol 1e-2) except "
-             f"steps = {args.steps} and n_target_points = {args.n_target_points}; MLP 784 -> w1 -> w2 -> 10, float32, "
-             "4,000 generated inputs. Peak RSS from getrusage in a fresh process per row; 'extra' = peak minus the RSS "
-             "before fit, also in float32 P-vectors (4 P bytes). Kernel diff: relative Frobenius difference of the "
-             "target kernels sum_k phi_k phi_k^T of the two versions (same points).", "",
-             "| model | P | version | RSS before fit (MB) | peak after Lanczos (MB) | peak after targets (MB) | "
-             "peak of fit (MB) | fit extra (MB) | fit extra (P-vectors) | fit wall (s) | kernel diff |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"{meta['git_commit']} (this checkout), before = commit {before_commit}. Command: `{meta['command']}`.",
+             "",
+             "ScaLLA defaults (m = 100 eigen directions, Lanczos at tol 1e-2, the default surrogate) except the "
+             "columns steps, targets (n_target_points) and n_sub (eigen_subsample, default 200), cut to spare the "
+             "shared CPU: neither path's P-sized memory depends on them (the before path's basis is (P, 201) float64 "
+             "whatever n_sub; the after path's is (9 n_sub, 201)). MLP 784 -> w1 -> w2 -> 10, float32, random "
+             "init, 4,000 generated inputs. Peak RSS from getrusage in a fresh process per row; 'extra' = peak "
+             "minus the RSS before fit, also in float32 P-vectors (4 P bytes). Kernel diff: relative Frobenius "
+             "difference of the target kernels sum_k phi_k phi_k^T of the two versions (same points).", "",
+             "| model | P | n_sub | steps | targets | version | RSS before fit (MB) | peak after Lanczos (MB) | "
+             "peak after targets (MB) | peak of fit (MB) | fit extra (MB) | fit extra (P-vectors) | fit wall (s) | "
+             "JVP evaluations | kernel diff |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         peak = r["peak_mb"]
-        lines.append(f"| {r['model']} | {r['P']:,} | {r['version']} | {r['rss_before_fit_mb']} | "
+        lines.append(f"| {r['model']} | {r['P']:,} | {r.get('eigen_subsample', 200)} | {r['steps']} | "
+                     f"{r['n_target_points']} | {r['version']} | {r['rss_before_fit_mb']} | "
                      f"{peak['after_eigen_directions']} | {peak['after_targets']} | {peak['after_fit']} | "
                      f"{r['fit_extra_peak_mb']} | {r['fit_extra_peak_p_vectors']} | {r['fit_wall_s']} | "
-                     f"{r.get('kernel_diff', '')} |")
+                     f"{r['jvp_evaluations']:,} | {r.get('kernel_diff', '')} |")
     return "\n".join(lines) + "\n"
 
 
@@ -177,27 +203,26 @@ def main() -> None:
     parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, of {list(MODELS)}")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--n-target-points", type=int, default=200)
+    parser.add_argument("--eigen-subsample", type=int, default=200, help="ScaLLA's eigen_subsample (its default 200)")
     parser.add_argument("--run-dir", default=str(ROOT / "runs" / "scalla_memory"))
     parser.add_argument("--name", default="scalla_memory")
     args = parser.parse_args()
     if args.child is not None:
-        child(args.child, args.steps, args.n_target_points, Path(args.out))
+        child(args.child, args.steps, args.n_target_points, args.eigen_subsample, Path(args.out))
         return
     from posthoc.bench.report import run_meta, write_json
 
     run_dir = Path(args.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     sources = {"before": source_tree(args.before_commit, run_dir), "after": ROOT / "src"}
-    rows = []
     for model in args.models.split(","):
-        pair = {version: run_child(version, src, model, args, run_dir) for version, src in sources.items()}
-        pair["after"]["kernel_diff"] = round(kernel_difference(run_dir, pair["before"], pair["after"], args), 6)
-        rows += [pair["before"], pair["after"]]
-        print(json.dumps(rows[-2:], indent=1), flush=True)
+        for version, src in sources.items():
+            print(json.dumps(run_child(version, src, model, args, run_dir)), flush=True)
+    rows = finished_rows(run_dir)  # this run's and earlier runs' pairs (other settings included), by P
     meta = run_meta()
     RESULTS.mkdir(exist_ok=True)
     write_json(RESULTS / f"{args.name}.json", {"meta": meta, "before_commit": args.before_commit, "rows": rows})
-    (RESULTS / f"{args.name}.md").write_text(markdown(rows, meta, args))
+    (RESULTS / f"{args.name}.md").write_text(markdown(rows, meta, args.before_commit))
 
 
 if __name__ == "__main__":
