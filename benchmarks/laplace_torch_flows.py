@@ -5,7 +5,8 @@ Each flow of laplace-torch's docs and examples (regression with the marglik hype
 training, calibration, reward modelling, Bayesian optimisation, continual learning, subnetworks, Hugging Face
 with LoRA, the function-space LA) is written once in benchmarks/laplace_torch_flows_cases.py as
 ``flow(lib, data, record)``, re-created on local data (the sinusoid, the FMNIST CNN on posthoc's embedded data,
-a config-built GPT-2). It runs twice: with ``lib`` holding ``laplace``, ``laplace.utils``, ``laplace.curvature``,
+a config-built GPT-2; benchmarks/laplace_torch_flows_extra.py adds the Kronecker ``posterior_precision`` and the
+grid search with a ``loss``). It runs twice: with ``lib`` holding ``laplace``, ``laplace.utils``, ``laplace.curvature``,
 and with ``lib`` holding ``posthoc.compat.laplace`` and its ``utils`` / ``curvature``; same weights, data and
 seeds. Deterministic quantities are compared by their largest relative difference, Monte Carlo ones (draws)
 by the z-score of their sample means and variances; integer ones (subnetwork positions) must be equal. A flow
@@ -35,6 +36,9 @@ if str(Path(__file__).resolve().parent) not in sys.path:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from laplace_torch_flows_cases import FLOWS, Library, Record, build_data, build_hf  # noqa: E402
+from laplace_torch_flows_extra import EXTRA_FLOWS  # noqa: E402
+
+FLOWS = {**FLOWS, **EXTRA_FLOWS}
 
 REPO = Path(__file__).resolve().parents[1]
 LIBRARIES = ("laplace-torch", "posthoc")
