@@ -1,0 +1,137 @@
+"""benchmarks/streamlined_agreement.py: its statistics, its MC stopping rule and chunk cache, the shifted inputs,
+the WRN's trunk/tail split and the per-(model, option) table."""
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+from benchmark_scripts import benchmark_module
+from torch import nn
+
+
+@pytest.fixture(scope="module")
+def bench():
+    with benchmark_module("streamlined_agreement") as module:
+        yield module
+
+
+def _ranks_reference(values):
+    """Ranks by counting (no ties): rank_i = #{j: v_j < v_i}."""
+    return torch.tensor([float((values < v).sum()) for v in values], dtype=torch.float64)
+
+
+def test_spearman_is_pearson_of_ranks(bench):
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(50, generator=gen, dtype=torch.float64)
+    b = a.exp() + 0.5 * torch.randn(50, generator=gen, dtype=torch.float64)
+    ra, rb = _ranks_reference(a), _ranks_reference(b)
+    expected = float(torch.corrcoef(torch.stack([ra, rb]))[0, 1])
+    assert bench.spearman(a, b) == pytest.approx(expected, abs=1e-12)
+    assert bench.spearman(a, a.exp()) == pytest.approx(1.0)  # invariant to monotone maps
+    assert bench.spearman(a, -a) == pytest.approx(-1.0)
+
+
+def test_mc_summary_per_input_variance_and_standard_error(bench):
+    gen = torch.Generator().manual_seed(1)
+    scales = torch.linspace(0.5, 3.0, 8, dtype=torch.float64)
+    outs = torch.randn(4000, 8, 3, generator=gen, dtype=torch.float64) * scales[:, None]
+    s = bench.mc_summary(outs)
+    torch.testing.assert_close(s["var"], 3 * scales.square(), rtol=0.1, atol=0)
+    # summed variance of 3 N(0, σ²): per draw σ² χ²_3 around its mean, SE = σ² sqrt(2 * 3 / S)
+    torch.testing.assert_close(s["se"], scales.square() * (6 / 4000) ** 0.5, rtol=0.1, atol=0)
+    assert s["se_over_spread"] == pytest.approx(float(s["se"].square().mean().sqrt() / s["var"].std()))
+
+
+def test_compare_splits_groups_and_totals(bench):
+    ref = torch.arange(1.0, 11.0, dtype=torch.float64)
+    var = ref * torch.tensor([2.0] * 5 + [0.5] * 5, dtype=torch.float64)
+    c = bench.compare(var, ref, n_in=5)
+    assert c["total_in"] == pytest.approx(2.0) and c["total_shift"] == pytest.approx(0.5)
+    assert c["total"] == pytest.approx(float(var.sum() / ref.sum()))
+    assert c["spearman_in"] == pytest.approx(1.0) and c["spearman_shift"] == pytest.approx(1.0)
+    assert bench.verdict({"spearman": 0.95, "total": 1.2}) == "yes"
+    assert bench.verdict({"spearman": 0.85, "total": 0.7}) == "no: Spearman, total"
+
+
+class _Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body, self.head = nn.Linear(3, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.body(x)))
+
+
+def test_monte_carlo_stops_at_the_criterion_and_resumes_from_its_chunks(bench, tmp_path):
+    model = _Tiny().double()
+    x = torch.randn(30, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64) * torch.linspace(
+        0.1, 3, 30, dtype=torch.float64)[:, None]
+    variances = {"head.weight": torch.full((2, 4), 0.05, dtype=torch.float64)}
+    case = SimpleNamespace(split=None)
+    args = SimpleNamespace(min_mc=20, max_mc=2000, mc_chunk=20)
+    mc = bench.monte_carlo(model, case, x, variances, args, tmp_path)
+    assert mc["se_over_spread"] < bench.SE_FRACTION
+    n_chunks = len(list((tmp_path / "mc").iterdir()))
+    assert mc["n_mc"] == 20 * n_chunks
+    # one chunk fewer did not meet it (or was under min_mc): the loop stopped at the first draw count that did
+    if n_chunks > 1:
+        fewer = torch.cat([torch.load(tmp_path / "mc" / f"chunk{k}.pt") for k in range(n_chunks - 1)])
+        assert bench.mc_summary(fewer)["se_over_spread"] >= bench.SE_FRACTION
+    again = bench.monte_carlo(model, case, x, variances, args, tmp_path)  # all from the cache: the same draws
+    torch.testing.assert_close(again["var"], mc["var"])
+    # the draws are of the stated posterior: the head's output variance given fixed features is exact
+    with torch.no_grad():
+        features = torch.tanh(model.body(x))
+    exact = 2 * 0.05 * features.square().sum(-1)
+    assert float((mc["var"] / exact - 1).abs().mean()) < 0.2
+
+
+def test_swapped_tokens_leave_padding_and_mask(bench):
+    from streamlined_agreement_cases import _swap_tokens
+    ids = torch.randint(1, 64, (40, 24), generator=torch.Generator().manual_seed(3))
+    mask = (torch.arange(24) < torch.randint(8, 25, (40, 1), generator=torch.Generator().manual_seed(4))).long()
+    data = {"input_ids": ids * mask, "attention_mask": mask}
+    out = _swap_tokens(data, 0.3, 64, seed=0)
+    assert torch.equal(out["attention_mask"], mask)
+    assert torch.equal(out["input_ids"][mask == 0], data["input_ids"][mask == 0])
+    changed = (out["input_ids"] != data["input_ids"]).sum() / mask.sum()
+    assert 0.2 < float(changed) < 0.35  # 30 % drawn, a 1/63 chance of redrawing the same token
+
+
+def test_wrn_tail_of_trunk_is_the_forward(bench):
+    from streamlined_agreement_cases import CASES
+    case = CASES["wrn"]
+    torch.manual_seed(0)
+    model = case.build().double().eval()
+    x = torch.rand(3, 1, 28, 28, dtype=torch.float64)
+    trunk, tail = case.split(model)
+    torch.testing.assert_close(tail(trunk(x)), model(x), rtol=0, atol=1e-12)
+    covered = bench.cover(model, case)
+    assert {n for n, _ in tail.named_parameters()} >= set(covered)
+    assert not any(p.requires_grad for n, p in model.named_parameters() if n.startswith(("conv.", "block1.")))
+
+
+def test_table_joins_cached_records_and_names_missing(bench, tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "RESULTS", tmp_path / "results")
+    run = tmp_path / "run" / "mlp"
+    (run / "rows").mkdir(parents=True)
+    stats = {"spearman": 0.95, "spearman_in": 0.9, "spearman_shift": 0.97, "total": 1.1, "total_in": 1.0,
+             "total_shift": 1.2}
+    record = {"model": "mlp", "env": "main", "torch": "x", "n_params": 10, "n_covered": 4, "acc_in": 0.9,
+              "acc_shift": 0.3, "prior_precision": 2.0, "n_fit": 100, "n_mc": 300, "se_over_spread": 0.15,
+              "glm": stats, "attention_rule": "—"}
+    (run / "model.json").write_text(json.dumps(record))
+    row = {"mode": "diagonal", "attention": "independent", "layernorm": None, "n_inputs": 400, "seconds": 0.1,
+           **stats, "total": 1.5}
+    (run / "rows" / "diagonal-independent-none.json").write_text(json.dumps(row))
+    (run / "rows" / "full-independent-none.json").write_text(json.dumps(
+        {"mode": "full", "attention": "independent", "layernorm": None, "n_inputs": 100, "error": "ValueError: wide"}))
+    results = bench.collect(tmp_path / "run")
+    args = SimpleNamespace(missing_reason={"tv_vit": "no MHA rule"})
+    bench.write_tables(results, ["tv_vit"], args)
+    table = (tmp_path / "results" / "streamlined_agreement.md").read_text()
+    assert "| 1.500 |" in table and "no: total" in table
+    assert "not run: ValueError: wide" in table
+    assert "| tv_vit | not run: no MHA rule |" in table
