@@ -349,12 +349,16 @@ def test_unsupported_options_are_named() -> None:
             Streamlined(model, weight_var=variances).predict(x)
 
 
-def test_export_route_takes_self_attention() -> None:
-    """torch.export folds a self-attention call without masks into the module's node: the same numbers as fx."""
-    model = _net()
-    x, _ = _inputs(False)
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_export_route_takes_self_attention(batch_first: bool) -> None:
+    """torch.export folds a self-attention call without masks into the module's node (and, batch_first=False, the
+    aten transposes around it): the same numbers as fx. With a mask, a clear error naming graph='fx'."""
+    model = _net(batch_first=batch_first)
+    x, mask = _inputs(True)
     variances = _random_variances(model, [n for n, _ in model.named_parameters()], scale=1e-3)
     fx_pred = Streamlined(model, weight_var=variances, graph="fx").predict(x)
     export_pred = Streamlined(model, weight_var=variances, graph="export").predict(x)
     torch.testing.assert_close(export_pred.mean, fx_pred.mean, rtol=0, atol=1e-12)
     torch.testing.assert_close(export_pred.var, fx_pred.var, rtol=1e-10, atol=1e-14)
+    with pytest.raises(UnsupportedOpError, match="graph='fx'"):
+        Streamlined(model, weight_var=variances, graph="export").predict(_batch(x, mask))

@@ -39,6 +39,8 @@ from torch.utils import _pytree as pytree
 from posthoc.streamlined.moments import Moments
 from posthoc.streamlined.rules import Context
 from posthoc.streamlined.rules.base import find_rule
+from posthoc.streamlined.rules.multihead import fold_batch_transposes
+from posthoc.streamlined.rules.ops import UnsupportedOpError
 from posthoc.streamlined.traced import TracedInputs, _output_of, propagate_traced
 
 _WRAPPED = "model"  # the model's name inside the export wrapper: parameter paths start with "model."
@@ -126,6 +128,10 @@ def _fold_modules(graph: fx.Graph, model: nn.Module, lifted: set[fx.Node]) -> No
                   and _is_tensor_value(n)}
         outputs = [m for m in members if any(user not in inside for user in m.users)]
         if len(inputs) != 1 or len(outputs) != 1 or not _is_tensor_value(outputs[0]):
+            if isinstance(model.get_submodule(path), nn.MultiheadAttention):  # its aten ops move the batch axis
+                raise UnsupportedOpError(f"nn.MultiheadAttention {path!r} is called with masks or a key/value other "
+                                         "than its query; the torch.export route folds a call with one input only: "
+                                         "use graph='fx' (torch.fx keeps the call whole, with its arguments)")
             continue
         with graph.inserting_before(outputs[0]):
             call = graph.call_module(path, (next(iter(inputs)),))
@@ -202,6 +208,7 @@ def to_graph_module(program: ExportedProgram, model: nn.Module) -> fx.GraphModul
         graph.erase_node(node)
         lifted.add(attr)
     _fold_modules(graph, model, lifted)
+    fold_batch_transposes(graph, model)  # nn.MultiheadAttention(batch_first=False): its (L, N, E) transposes
     _split_as_slices(graph)
     for node in list(graph.nodes):
         if node.op == "call_module":

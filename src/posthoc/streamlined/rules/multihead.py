@@ -244,13 +244,15 @@ def multihead_attention_rule(module: nn.MultiheadAttention, query: Moments, ctx:
     return attend_values(value_state, weights, v_proj, module.out_proj, module.num_heads, ctx, last, value_ctx)
 
 
+_TRANSPOSES = {torch.transpose: "transpose", torch.permute: "permute", torch.ops.aten.transpose.int: "transpose",
+               torch.ops.aten.permute.default: "permute"}
+
+
 def _batch_transpose_source(node: object) -> fx.Node | None:
-    """The (N, L, E) node a ``transpose(0, 1)`` / ``permute(1, 0, 2)`` node reads, or None for another node."""
+    """The (N, L, E) node a ``transpose(0, 1)`` / ``permute(1, 0, 2)`` node (fx or aten) reads, or None."""
     if not isinstance(node, fx.Node) or node.op not in ("call_method", "call_function") or node.kwargs:
         return None
-    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", None)
-    if node.op == "call_function" and node.target not in (torch.transpose, torch.permute):
-        return None
+    name = node.target if node.op == "call_method" else _TRANSPOSES.get(node.target)
     args = node.args
     if name == "transpose" and len(args) == 3 and {args[1], args[2]} == {0, 1}:
         return args[0] if isinstance(args[0], fx.Node) else None
@@ -267,13 +269,14 @@ _CALL_ARGS = ("query", "key", "value", "key_padding_mask", "need_weights", "attn
 
 def _fold_batch_transposes(graph: fx.Graph, node: fx.Node) -> None:
     """Rewrite transpose -> MHA(batch_first=False) -> transpose into one call on the (N, L, E) activations."""
-    sources = [_batch_transpose_source(arg) for arg in node.args[:3]]
+    inputs = [arg for arg in node.args[:3] if arg is not None]
+    sources = [_batch_transpose_source(arg) for arg in inputs]
     readers = list(node.users)
-    if len(node.args) < 3 or any(s is None for s in sources) or not readers \
+    if not inputs or any(s is None for s in sources) or not readers \
             or any(_batch_transpose_source(r) is not node for r in readers):
         return  # not the pattern: the rule raises, naming it
-    transposes = [arg for arg in node.args[:3] if isinstance(arg, fx.Node)]
-    node.args = (*sources, *node.args[3:])
+    transposes = [arg for arg in inputs if isinstance(arg, fx.Node)]
+    node.args = (*sources, *node.args[len(inputs):])
     node.kwargs = {**node.kwargs, BATCH_FIRST_FOLDED: True}
     for reader in readers:
         reader.replace_all_uses_with(node)
@@ -314,9 +317,21 @@ def fold_multihead_calls(graph: fx.Graph, root: nn.Module) -> None:
                 raise UnsupportedOpError(f"the output of nn.MultiheadAttention {node.target!r} is read by "
                                          f"{user.format_node()}; Streamlined propagates its attention output "
                                          "(read [0]) only, not the attention weights")
-        if not module.batch_first:
-            _fold_batch_transposes(graph, node)
+    fold_batch_transposes(graph, root)
 
 
-__all__ = ["AttentionMixStep", "BATCH_FIRST_FOLDED", "attend_values", "fold_multihead_calls",
+def fold_batch_transposes(graph: fx.Graph, root: nn.Module) -> None:
+    """Fold the batch transposes around each batch_first=False nn.MultiheadAttention node whose value is its output.
+
+    The fx graph after :func:`fold_multihead_calls`, or a torch.export graph whose module calls were folded into
+    ``call_module`` nodes (aten transpose / permute). Cost: one pass over the graph.
+    """
+    for node in list(graph.nodes):
+        if node.op == "call_module":
+            module = root.get_submodule(str(node.target))
+            if type(module) is nn.MultiheadAttention and not module.batch_first:
+                _fold_batch_transposes(graph, node)
+
+
+__all__ = ["AttentionMixStep", "BATCH_FIRST_FOLDED", "attend_values", "fold_batch_transposes", "fold_multihead_calls",
            "multihead_attention_rule", "shared_value_variance", "value_posterior", "value_projection"]
