@@ -14,6 +14,7 @@ from torch.func import jacrev
 
 from posthoc.fiber import DeformConfig, FiberSampler
 from posthoc.fiber.pullback import PullbackMove, nearest_neighbour_distances, novelty
+from posthoc.fiber.stage2 import get_deform
 from posthoc.fiber.walk import full_data_nll, mean_nll
 
 WALK = dict(n_particles=4, steps=24, burn_in=8, thin=2, step_size=3e-3, batch_size=8, cg_steps=4,
@@ -98,7 +99,8 @@ def test_move_and_pullback_match_a_dense_reference(problem):
 
 def test_state_round_trip_and_checkpoint_reload_without_data(problem, tmp_path):
     """The pull-back set travels in the state (and the weights-only checkpoint): a loaded sampler draws the same
-    samples; a refit with the finished checkpoint loads it."""
+    samples; a refit with the finished checkpoint loads it. A walk without 2 samples within the tolerance anchors
+    the moves at all walked samples and warns."""
     model, x, y = problem
     fs = FiberSampler(model, "classification", **WALK, subsample_size=16).fit(shuffled_loader(x, y, 0),
                                                                                checkpoint=tmp_path / "f.pt")
@@ -107,6 +109,11 @@ def test_state_round_trip_and_checkpoint_reload_without_data(problem, tmp_path):
     again = FiberSampler(model, "classification", **WALK, subsample_size=16).fit(shuffled_loader(x, y, 1),
                                                                                   checkpoint=tmp_path / "f.pt")
     torch.testing.assert_close(again.sample(5), fs.sample(5), rtol=0, atol=0)
+    # fewer than 2 walked samples within the tolerance: every walked sample anchors a move, with a warning
+    fs.particle_nll = fs.particle_nll + 1.0
+    with pytest.warns(UserWarning, match="0 walked sample"):
+        move = get_deform("pullback").build(fs)
+    assert torch.equal(move.anchors, fs.particles)
 
 
 def test_old_default_flow_settings_warn_and_explicit_kinds_do_not():

@@ -26,6 +26,7 @@ the samples; memory: the anchors (M, P) and the pull-back set. The measurements 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -34,7 +35,7 @@ from torch import nn
 
 from posthoc.fiber.deform import DeformKind
 from posthoc.fiber.projection import project_null
-from posthoc.fiber.stage2 import DeformMethod, register_deform, walked
+from posthoc.fiber.stage2 import DeformMethod, register_deform, stage2_samples, walked
 from posthoc.fiber.walk import FiberProblem, mean_nll, pull_back
 from posthoc.network.inputs import ModelInputs, select
 
@@ -69,8 +70,8 @@ class PullbackMove(nn.Module):
     """The ``pullback`` map's data (module doc): the anchors, the pull-back set and the move's step tau.
 
     Args:
-        anchors: (M, P) the walked samples within the tolerance, M >= 2 (not in the state dict: the sampler keeps
-            them as its particles).
+        anchors: (M, P) the walked samples within the tolerance (all of them when fewer than 2 are), M >= 2 (not
+            in the state dict: the sampler keeps them as its particles).
         step_scale: the move's norm in units of the anchors' median nearest-neighbour distance.
 
     The pull-back set -- inputs (S, ...) of the covered module, targets, the MAP's outputs (S, C) on it and the NLL
@@ -143,14 +144,17 @@ class PullbackMethod(DeformMethod):
     def build(self, fs: FiberSampler) -> PullbackMove:
         """A :class:`PullbackMove` on the walked samples within the tolerance (its pull-back set still unset).
 
-        Raises ValueError when fewer than 2 walked samples are within the tolerance.
+        With fewer than 2 of them within the tolerance, all walked samples are the anchors (the rule of every map,
+        :func:`~posthoc.fiber.stage2.stage2_samples`) and a UserWarning says so: the samples then need not be
+        within the tolerance.
         """
         particles, particle_nll, map_nll = walked(fs)
-        within = particle_nll <= map_nll + fs.config.loss_tolerance
-        if int(within.sum()) < 2:
-            raise ValueError(f"{int(within.sum())} walked sample(s) within the loss tolerance, so deform='pullback' has "
-                             "fewer than 2 anchors; lower step_size or raise final_rounds / loss_tolerance")
-        return PullbackMove(particles[within], fs.deform_config.step_scale)
+        n_within = int((particle_nll <= map_nll + fs.config.loss_tolerance).sum())
+        if n_within < 2:
+            warnings.warn(f"{n_within} walked sample(s) within the loss tolerance: deform='pullback' anchors its moves "
+                          "at all walked samples, so its samples need not be within the tolerance; lower step_size or "
+                          "raise final_rounds / loss_tolerance", UserWarning, stacklevel=2)
+        return PullbackMove(stage2_samples(fs), fs.deform_config.step_scale)
 
     def fit_untrained(self, fs: FiberSampler, problem: FiberProblem) -> PullbackMove:
         """The map with its pull-back set: the walk's NLL-check subsample (the same seeded draw as the walk's).
