@@ -290,6 +290,12 @@ def test_laplace_posteriors_on_the_model() -> None:
         pred = Streamlined(model, posterior=la).predict(x)
         torch.testing.assert_close(pred.mean, model(x), rtol=0, atol=1e-10)
         assert torch.isfinite(pred.var).all() and (pred.var > 0).all()
+        if structure == "diag":  # the view's (3E, E) in_proj_weight and out_proj blocks, read as the named variances
+            variance = la.posterior_variance()
+            named = {block.name: variance[block.slice].reshape(block.shape) for block in la.subset.blocks}
+            assert {"attn.in_proj_weight", "attn.in_proj_bias", "attn.out_proj.weight"} <= set(named)
+            by_name = Streamlined(model, weight_var=named).predict(x)
+            torch.testing.assert_close(pred.cov, by_name.cov, rtol=1e-12, atol=0)
 
 
 def test_diagonal_mode_against_monte_carlo(record) -> None:
