@@ -315,6 +315,8 @@ def evaluate(name: str, args: Any) -> None:
     run_dir = Path(args.run_dir) / name
     print(f"== {name}", flush=True)
     data = load_task(case.task, args.data_dir)
+    if args.n_train:
+        data = (take(data[0], slice(0, args.n_train)), data[1][:args.n_train], *data[2:])
     model, train_record = train(name, case, data, run_dir)
     covered = cover(model, case)
     n_outputs = int(call(model, take(to64(data[2]), slice(0, 1))).shape[-1])
@@ -368,9 +370,10 @@ def write_tables(results: list[dict], missing: list[str], args: Any) -> None:
     """benchmarks/results/streamlined_agreement.{json,md} from the cached records."""
     write_json(RESULTS / "streamlined_agreement.json", {"models": results, "not_run": missing})
     lines = ["# Streamlined vs Monte Carlo of the same diagonal Laplace: per-input summed output variance", "",
-             "Issue 16's protocol. Each model trained at least one epoch (Adam, batch 128, float32; images: the 60,000 "
-             "Fashion-MNIST training images, 28x28, replicated to 3 channels for torchvision; text: 10,000 sequences "
-             "of the generated token task of examples/llm_lora.py, 3 epochs), evaluated in float64. Posterior: "
+             "Issue 16's protocol. Each model trained at least one epoch (Adam, batch 128, float32) over n_train inputs "
+             "(trained column: n_train × epochs; images: Fashion-MNIST training images, 28x28, replicated to 3 "
+             "channels for torchvision; text: sequences of the generated token task of examples/llm_lora.py), "
+             "evaluated in float64. Posterior: "
              "posthoc.laplace.Laplace, diagonal, over the covered weights (the last two blocks and the head; the rest "
              f"frozen), fitted on the first n_fit training inputs, prior precision by marglik (δ). Inputs: {N_GROUP} "
              f"in-distribution test inputs and {N_GROUP} shifted ones (images rotated 22.5°-180°, 25 per angle; "
@@ -384,12 +387,12 @@ def write_tables(results: list[dict], missing: list[str], args: Any) -> None:
              "propagated mean equals model(x) to 1e-5 in every row (asserted). Rows come from two runs (the env "
              "column: `main` with the CPU torch, `vision` with the torch that loads torchvision), cached per "
              "(model, option) and joined here.", "",
-             "| model | env (torch) | params / covered | acc in / shift | δ | n_fit | MC draws | SE/spread | mode | "
+             "| model | env (torch) | params / covered | trained | acc in / shift | δ | n_fit | MC draws | SE/spread | mode | "
              "attention | LayerNorm | inputs | ρ | ρ in / shift | total | total in / shift | goal met | s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         head = (f"| {r['model']} | {r['env']} ({r['torch']}) | {r['n_params']:,} / {r['n_covered']:,} | "
-                f"{r['acc_in']:.2f} / {r['acc_shift']:.2f} | {r['prior_precision']:.3g} | {r['n_fit']} | "
+                f"{r['n_train']:,} × {r['epochs']} | {r['acc_in']:.2f} / {r['acc_shift']:.2f} | {r['prior_precision']:.3g} | {r['n_fit']} | "
                 f"{r['n_mc']} | {r['se_over_spread']:.3f} |")
         g = r["glm"]
         lines.append(head + f" glm (linearised) | — | — | {2 * N_GROUP} | {g['spearman']:.3f} | "
@@ -406,7 +409,7 @@ def write_tables(results: list[dict], missing: list[str], args: Any) -> None:
                          f"{row['spearman_shift']:.3f} | {row['total']:.3f} | {row['total_in']:.3f} / "
                          f"{row['total_shift']:.3f} | {verdict(row)} | {row['seconds']:.1f} |")
     for name in missing:
-        lines.append(f"| {name} | not run: {args.missing_reason.get(name, 'no cached result')} |" + " |" * 16)
+        lines.append(f"| {name} | not run: {args.missing_reason.get(name, 'no cached result')} |" + " |" * 17)
     atomic_write_text(RESULTS / "streamlined_agreement.md", "\n".join(lines) + "\n")
 
 
@@ -418,6 +421,7 @@ def main() -> None:
     parser.add_argument("--data-dir", default=None, help="folder holding FashionMNIST/ (default: $POSTHOC_DATA)")
     parser.add_argument("--run-dir", default=str(ROOT / "runs" / "streamlined_agreement"))
     parser.add_argument("--n-fit", type=int, default=4000, help="training inputs the Laplace is fitted on")
+    parser.add_argument("--n-train", type=int, default=0, help="train on the first N training inputs (0: all)")
     parser.add_argument("--min-mc", type=int, default=200)
     parser.add_argument("--max-mc", type=int, default=4000)
     parser.add_argument("--mc-chunk", type=int, default=100)
