@@ -40,7 +40,7 @@ class Case:
     covered: tuple[str, ...]  # parameter-name prefixes of the last two blocks and the head
     epochs: int = 1
     has_layernorm: bool = False
-    own_attention: bool = False  # posthoc's MultiHeadSelfAttention: attention="shared_value" applies
+    own_attention: bool = False  # an attention module rule (posthoc's block, nn.MultiheadAttention): "shared_value" applies
     attention_rule: str = "—"  # the attention rule the graph meets, named in the table
     split: Callable[[nn.Module], tuple[Callable, nn.Module]] | None = None
     notes: dict[str, Any] = field(default_factory=dict)
@@ -165,7 +165,7 @@ CASES: dict[str, Case] = {
                  epochs=3, has_layernorm=True, attention_rule=SDPA),
     "tv_resnet18": Case("vision", _resnet18, "fmnist3", ("layer4.", "fc."), split=_resnet18_split),
     "tv_vit": Case("vision", _tv_vit, "fmnist3", ("encoder.layers.encoder_layer_1.", "encoder.layers.encoder_layer_2.",
-                                                   "encoder.ln.", "heads."), has_layernorm=True,
+                                                   "encoder.ln.", "heads."), has_layernorm=True, own_attention=True,
                    attention_rule="nn.MultiheadAttention module rule"),
 }
 
