@@ -1,4 +1,4 @@
-"""FunctionalLaplace's functional_samples / predictive_samples / enable_backprop, and KronLaplace's damping option."""
+"""FunctionalLaplace's sampling, enable_backprop and state_dict; KronLaplace's damping option."""
 
 import pytest
 import torch
@@ -76,3 +76,21 @@ def test_kron_damping_option():
     KronLaplace(net, "classification", damping=False)  # laplace-torch's default: posthoc's exact prior
     with pytest.raises(NotImplementedError, match="damping=True"):
         Laplace(net, "classification", "all", "kron", damping=True)
+
+
+def test_functional_state_dict_restores_the_fit():
+    la, x = _gp("classification")
+    state = la.state_dict()
+    fresh = Laplace(la.model, "classification", "all", "gp", n_subset=15)
+    fresh.load_state_dict(state)
+    torch.testing.assert_close(fresh(x[:4]), la(x[:4]))
+    torch.testing.assert_close(fresh.log_marginal_likelihood(), la.log_marginal_likelihood())
+    assert fresh.indices.tolist() == la.indices.tolist() and float(fresh.prior_precision) == 0.7
+    with pytest.raises(ValueError, match="same settings"):
+        Laplace(la.model, "classification", "all", "gp", n_subset=10).load_state_dict(state)
+    with torch.no_grad():
+        la.model[0].weight.add_(0.1)
+    with pytest.raises(ValueError, match="weights differ"):
+        Laplace(la.model, "classification", "all", "gp", n_subset=15).load_state_dict(state)
+    with pytest.raises(RuntimeError, match="not fitted"):
+        Laplace(la.model, "classification", "all", "gp", n_subset=15).state_dict()

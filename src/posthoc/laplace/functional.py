@@ -35,13 +35,13 @@ from torch.utils.data import default_collate
 from posthoc.curvature.jacobians import per_example_jacobians
 from posthoc.curvature.output_factors import CurvatureType, OutputFactors
 from posthoc.laplace.parity import LINK_APPROXES, _choice, bridge_probs
-from posthoc.laplace.parity_tuning import gridsearch_with_loss, inf_if_singular, laplace_torch_grid
+from posthoc.laplace.parity_tuning import gridsearch_with_loss, laplace_torch_grid, validation_nll
 from posthoc.likelihood import Likelihood, check_supported
 from posthoc.network.batches import prediction_inputs, split_batch
 from posthoc.network.inputs import MappingCall, ModelCall, ModelInputs, as_model_inputs, place
 from posthoc.network.subset import ParameterSubset
 from posthoc.predictive import GaussianPredictive, links
-from posthoc.predictive.tuning import PriorOptimization, grid_search, validation_nll_sum
+from posthoc.predictive.tuning import PriorOptimization, maximise_evidence
 from posthoc.utils.checks import check_choice, check_positive_int
 from posthoc.utils.modes import eval_mode
 
@@ -415,14 +415,10 @@ class FunctionalLaplace:
     ) -> torch.Tensor:
         """Tune the scalar prior precision delta; laplace-torch's signature and defaults. Returns delta (1,).
 
-        "marglik": Adam on log delta maximising :meth:`log_marginal_likelihood`, ``n_steps`` steps of rate ``lr``
-        from ``init_prior_prec`` (``val_loader`` is ignored with a warning, as in laplace-torch). "gridsearch": the
-        first of ``log_prior_prec_base ** linspace(log_prior_prec_min, log_prior_prec_max, grid_size)`` with the
-        lowest loss of ``la(x, link_approx=, n_samples=)`` on ``val_loader``: with ``loss`` (a callable or a
-        torchmetrics metric) laplace-torch's score (:mod:`posthoc.laplace.parity_tuning`), else the validation
-        NLL (regression: of y, with sigma_noise^2 added; laplace-torch's default there, the MSE of f_mu, does not
-        depend on delta). Cost: marglik n_steps evidence evaluations, O((MC)^3) each; gridsearch grid_size
-        validation passes.
+        "marglik": ``n_steps`` Adam steps (rate ``lr``) on log delta from ``init_prior_prec`` maximising the evidence
+        (a ``val_loader`` is ignored with a warning). "gridsearch": :mod:`posthoc.laplace.parity_tuning` on
+        ``val_loader`` for the predictive ``la(x, link_approx=, n_samples=)``, scored by ``loss`` or else the NLL
+        (regression: of y). Cost: n_steps evidence evaluations or grid_size validation passes, O((MC)^3) each.
 
         Raises:
             ValueError: another pred_type, prior_structure or method, gridsearch without val_loader, a bad grid.
@@ -444,13 +440,9 @@ class FunctionalLaplace:
             start = torch.as_tensor(init_prior_prec, dtype=self.dtype, device=self.device).reshape(-1)
             if start.numel() != 1 or not bool(start > 0):
                 raise ValueError(f"init_prior_prec must be one number > 0, got {init_prior_prec!r}")
-            log_prior = start.log().detach().clone().requires_grad_(True)
-            optimizer = torch.optim.Adam([log_prior], lr=lr)
-            for _ in range(check_positive_int(n_steps, "n_steps")):
-                optimizer.zero_grad()
-                (-self.log_marginal_likelihood(log_prior.exp())).backward()
-                optimizer.step()
-            self.prior_precision = log_prior.detach().exp()
+            self.prior_precision, _ = maximise_evidence(
+                lambda delta, _: self.log_marginal_likelihood(delta), start.log(), self.sigma_noise, False,
+                check_positive_int(n_steps, "n_steps"), lr, "marginal likelihood", bool(progress_bar))
         if verbose:
             print(f"Optimized prior precision is {self.prior_precision}.")
         return self.prior_precision
@@ -459,26 +451,47 @@ class FunctionalLaplace:
                     n_samples: int, progress: bool) -> None:
         if val_loader is None:
             raise ValueError("method='gridsearch' needs val_loader (held-out data, never the test set)")
-        batches = [self._batch(batch) for batch in val_loader]
-        checked = [y.long() if self.likelihood is Likelihood.CLASSIFICATION else y.to(self.dtype) for _, y in batches]
-        batches = [(x, y) for (x, _), y in zip(batches, checked, strict=True)]
+        batches = []
+        for batch in val_loader:
+            x, y = self._batch(batch)
+            batches.append((x, y.long() if self.likelihood is Likelihood.CLASSIFICATION else y.to(self.dtype)))
+        self.prior_precision = gridsearch_with_loss(
+            lambda delta: setattr(self, "prior_precision", delta), lambda x: self(x, link_approx=link_approx, n_samples=n_samples), batches,
+            validation_nll(self.likelihood, self.sigma_noise) if loss is None else loss, grid, progress)
 
-        def set_prior(delta: torch.Tensor) -> None:
-            self.prior_precision = delta
+    # ----------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        """The fitted subset (its positions, Jacobians J_M, outputs, scatter mean, loss), theta* and the settings.
 
-        def predict(x: ModelInputs) -> Any:
-            return self(x, link_approx=link_approx, n_samples=n_samples)
+        Raises:
+            RuntimeError: not fitted.
+        """
+        self._require_fit()
+        return {"theta": self.subset.theta_map, "indices": self.indices, "n_data": self.n_data,
+                "n_outputs": self.n_outputs, "jacobians": self._jac, "outputs": self._f, "scatter_mean": self._mu,
+                "loss": self._loss, "prior_precision": self.prior_precision, "sigma_noise": self.sigma_noise,
+                "settings": self._settings()}
 
-        if loss is not None:
-            self.prior_precision = gridsearch_with_loss(set_prior, predict, batches, loss, grid, progress)
-            return
+    def _settings(self) -> dict[str, Any]:
+        return {"likelihood": self.likelihood.value, "n_subset": self.n_subset, "seed": self.seed,
+                "temperature": self.temperature, "independent_outputs": self.independent_outputs,
+                "output_hessian": self.output_hessian}
 
-        def validation_nll(delta: torch.Tensor) -> float:
-            set_prior(delta)
-            if self.likelihood is Likelihood.REGRESSION:
-                return sum(validation_nll_sum(self.predict(x), y, self.likelihood, self.sigma_noise, "probit",
-                                              self.seed) for x, y in batches)
-            return sum(float(-predict(x).gather(-1, y.reshape(-1, 1)).log().sum()) for x, y in batches)
+    def load_state_dict(self, state: dict[str, Any]) -> "FunctionalLaplace":
+        """Restore :meth:`state_dict` on a FunctionalLaplace of the same model (weights as at fit) and settings.
 
-        self.prior_precision = grid_search(inf_if_singular(validation_nll), grid, what="validation NLL",
-                                           progress=progress)
+        Raises:
+            ValueError: other settings, another number of parameters, or the model's weights changed.
+        """
+        if state["settings"] != self._settings():
+            raise ValueError(f"the state was fitted with {state['settings']}, this FunctionalLaplace has "
+                             f"{self._settings()}; construct it with the same settings")
+        self.subset.capture()
+        theta = state["theta"].to(device=self.device, dtype=self.dtype)
+        if theta.shape != self.subset.theta_map.shape or not torch.equal(theta, self.subset.theta_map):
+            raise ValueError("the model's weights differ from those the state was fitted at; load them first")
+        self.indices, self.n_data, self.n_outputs = state["indices"], int(state["n_data"]), int(state["n_outputs"])
+        self._jac, self._f, self._mu, self._loss = (state[k].to(self.device) for k in ("jacobians", "outputs",
+                                                                                      "scatter_mean", "loss"))
+        self.prior_precision, self.sigma_noise = state["prior_precision"], state["sigma_noise"]
+        return self

@@ -24,6 +24,7 @@ from typing import Any, Callable
 
 import torch
 
+from posthoc.likelihood import Likelihood
 from posthoc.network.inputs import ModelInputs
 from posthoc.predictive.tuning import grid_search
 
@@ -73,6 +74,21 @@ def inf_if_singular(evaluate: Callable[[torch.Tensor], float]) -> Callable[[torc
         except torch.linalg.LinAlgError:
             return math.inf
     return scored
+
+
+def validation_nll(likelihood: Likelihood, sigma_noise: torch.Tensor) -> Callable[..., torch.Tensor]:
+    """The grid-search score of posthoc as an offline loss: the summed NLL of the targets.
+
+    Classification ``loss(probs (B, C), y (B,))``; regression ``loss(f_mu (B, C), f_cov (B, C, C), y)`` under
+    N(f_mu, f_cov + sigma_noise^2 I), the predictive of y.
+    """
+    if likelihood is not Likelihood.REGRESSION:
+        return lambda probs, y: -probs.gather(-1, y.reshape(-1, 1)).log().sum()
+
+    def gaussian_nll(f_mu: torch.Tensor, f_cov: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        cov = f_cov + sigma_noise**2 * torch.eye(f_mu.shape[-1], dtype=f_mu.dtype, device=f_mu.device)
+        return -torch.distributions.MultivariateNormal(f_mu, cov).log_prob(y.reshape(f_mu.shape)).sum()
+    return gaussian_nll
 
 
 def laplace_torch_grid(log_min: float, log_max: float, grid_size: int, base: float,
