@@ -131,9 +131,12 @@ def test_cross_attention_with_other_key_and_value_widths() -> None:
             self.query, self.memory = nn.Linear(D_IN, E), nn.Linear(D_IN, 5)
             self.attn = nn.MultiheadAttention(E, HEADS, batch_first=True, kdim=5, vdim=5)
 
+            self.residual = False
+
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            memory = torch.tanh(self.memory(x))
-            return self.attn(self.query(x), memory, memory, need_weights=False)[0].flatten(1)
+            memory, query = torch.tanh(self.memory(x)), self.query(x)
+            out = self.attn(query, memory, memory, need_weights=False)[0]
+            return (out + query if self.residual else out).flatten(1)
 
     torch.manual_seed(0)
     model = Cross().to(DTYPE).eval()
@@ -144,6 +147,21 @@ def test_cross_attention_with_other_key_and_value_widths() -> None:
     torch.testing.assert_close(pred.mean, model(x), rtol=0, atol=1e-10)
     expected = _dense_output_cov(model, (x,), {n: torch.diag(v.reshape(-1)) for n, v in variances.items()})
     torch.testing.assert_close(pred.cov, expected, rtol=1e-10, atol=1e-13)
+    # a random query (taken from its mean) and a fixed memory: the same (diagonal mode exact with "shared_value")
+    with_query = {**variances, **_random_variances(model, ["query.weight"], seed=3)}
+    for mode in ("diagonal", "full"):
+        pred = Streamlined(model, weight_var=with_query, activation_covariance=mode,
+                           attention="shared_value" if mode == "diagonal" else "independent").predict(x)
+        torch.testing.assert_close(pred.cov if mode == "full" else pred.var,
+                                   expected if mode == "full" else torch.diagonal(expected, dim1=1, dim2=2),
+                                   rtol=1e-10, atol=1e-13)
+    # full mode, the random query also read after the call (a residual): the output of a fixed value is independent
+    # of it, so the covariances add
+    model.residual = True
+    query_only = {"query.weight": with_query["query.weight"]}
+    joint, parts = (Streamlined(model, weight_var=v, activation_covariance="full").predict(x).cov
+                    for v in (with_query, query_only))
+    torch.testing.assert_close(joint, parts + expected, rtol=1e-10, atol=1e-13)
 
 
 @pytest.mark.parametrize("batch_first", [True, False])

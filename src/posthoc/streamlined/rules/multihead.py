@@ -231,6 +231,10 @@ def multihead_attention_rule(module: nn.MultiheadAttention, query: Moments, ctx:
     query = _as_state(query, "query")
     key_state = query if key is None else _as_state(key, "key")
     value_state = query if value is None else _as_state(value, "value")
+    crosses = next((s.crosses for s in (query, key_state) if s.crosses), [])
+    if crosses and not value_state.crosses:  # full mode, a fixed value: the output is independent of the live nodes
+        value_state = Moments(value_state.mean, cov=value_state.cov,
+                              crosses=[c.new_zeros(c.shape[0], value_state.dim, c.shape[2]) for c in crosses])
     means = [s.mean for s in (query, key_state, value_state)]
     if batch_first_folded:
         means = [m.transpose(0, 1) for m in means]  # the (L, N, E) layout the module takes
