@@ -34,6 +34,8 @@ def test_novelty_against_a_hand_computed_case():
     assert novelty(walked[[2, 0, 1, 1]], walked) == 0.0
     with pytest.raises(ValueError, match="at least 2 points"):
         nearest_neighbour_distances(walked[:1])
+    with pytest.raises(ValueError, match="median nearest-neighbour distance 0"):  # no move scale
+        PullbackMove(walked[[0, 0, 1, 1, 2]], step_scale=0.7)
 
 
 def test_default_stage2_draws_new_samples_within_the_tolerance(problem):

@@ -74,6 +74,8 @@ class PullbackMove(nn.Module):
             in the state dict: the sampler keeps them as its particles).
         step_scale: the move's norm in units of the anchors' median nearest-neighbour distance.
 
+    Raises ValueError when the anchors' median nearest-neighbour distance is 0 (most of them repeat another one).
+
     The pull-back set -- inputs (S, ...) of the covered module, targets, the MAP's outputs (S, C) on it and the NLL
     threshold -- is set by :meth:`set_pullback_set` and saved in the state dict (``get_extra_state``), so a loaded
     sampler draws without the training data.
@@ -86,6 +88,9 @@ class PullbackMove(nn.Module):
         self.register_buffer("anchors", anchors, persistent=False)
         self.step_scale = float(step_scale)
         self.nn_distance = float(nearest_neighbour_distances(anchors).median())
+        if not self.nn_distance > 0:
+            raise ValueError("most walked samples repeat another one (median nearest-neighbour distance 0), so the "
+                             "pullback map has no move scale; raise thin or lower step_size (fewer rejected moves)")
         # E||sqrt(tau) xi||^2 = tau P: the move before the projection has norm ~ step_scale * nn_distance
         self.tau = (self.step_scale * self.nn_distance) ** 2 / anchors.shape[1]
         self.pullback_set: dict[str, Any] | None = None
