@@ -261,7 +261,11 @@ class DualGGNOperator:
         self.n_local, self.n_dual = n_local, sum(sizes)
 
     def pull(self, coefficients: torch.Tensor) -> torch.Tensor:
-        """A^T W for this rank's rows W (m, n_local), summed over ranks: (m, P). Cost: m backward passes per example."""
+        """A^T W for this rank's rows W (m, n_local), summed over ranks: (m, P).
+
+        Cost: one forward and m backward passes per cached batch. Memory: the output and about two P-vectors (the
+        m backward passes run one after another: vmapped, each held m P-sized gradients at once).
+        """
         subset = self.subset
         out = coefficients.new_zeros(coefficients.shape[0], subset.n_params)
         start = 0
@@ -270,11 +274,9 @@ class DualGGNOperator:
             cotangents = torch.einsum("bck,mbk->mbc", s, coefficients[:, start:start + rows].reshape(
                 -1, s.shape[0], s.shape[2]))
             start += rows
-            if coefficients.shape[0] == 1:
-                out[0] += vjp_sum(subset, inputs, cotangents[0])
-            else:
-                pullback = vjp(lambda th, x=inputs: subset.forward(x, th), subset.theta_map)[1]
-                out += vmap(lambda cot, pull=pullback: pull(cot)[0])(cotangents)
+            pullback = vjp(lambda th, x=inputs: subset.forward(x, th), subset.theta_map)[1]
+            for row, cotangent in zip(out, cotangents, strict=True):
+                row += pullback(cotangent)[0]
         (out,) = sum_over_ranks([out], "a GGN product (dual)")
         return out
 

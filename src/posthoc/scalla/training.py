@@ -323,6 +323,7 @@ class SurrogateTrainer:
                         bar.update(batch_size(x))
                     local = torch.cat(parts, dim=1).transpose(0, 1).contiguous()
                     done.append(collectives.gather_rows(local, "the ScaLLA targets").transpose(0, 1))
+                del block, vectors  # freed before the next chunk is built: one chunk of P-vectors alive, not two
             # the whole sets, whichever rank computed them
             self.jvp_evaluations += sum(len(index) for _, index in points) * len(along)
             return [torch.cat(done) for done in blocks]
