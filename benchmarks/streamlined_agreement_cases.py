@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, cast
@@ -115,6 +116,25 @@ def _resnet18_split(model: nn.Module) -> tuple[Callable, nn.Module]:
     return trunk, _Tail(model, ("layer4", "avgpool", "fc"), tail)
 
 
+def _sequential_split(first_covered: str) -> Callable[[nn.Module], tuple[Callable, nn.Module]]:
+    """Split a Sequential before its child ``first_covered``: (the children before it, those from it on)."""
+    def split(model: nn.Module) -> tuple[Callable, nn.Module]:
+        children = list(model.named_children())
+        k = [name for name, _ in children].index(first_covered)
+        return nn.Sequential(OrderedDict(children[:k])), nn.Sequential(OrderedDict(children[k:]))
+    return split
+
+
+def _small_resnet_split(model: nn.Module) -> tuple[Callable, nn.Module]:
+    def trunk(x: torch.Tensor) -> torch.Tensor:
+        m: Any = model
+        return m.blocks.block1(m.stem(x))
+
+    def tail(t: Any, h: torch.Tensor) -> torch.Tensor:
+        return t.fc(t.flatten(t.pool(t.blocks.block3(t.blocks.block2(h)))))
+    return trunk, _Tail(model, ("blocks", "pool", "flatten", "fc"), tail)
+
+
 def _resnet18() -> nn.Module:
     import torchvision
     return torchvision.models.resnet18(num_classes=10)
@@ -153,9 +173,10 @@ def _posthoc(name: str) -> Callable[[], nn.Module]:
 
 SDPA = "independent (HF sdpa op rule: Q, K at the mean, V random)"
 CASES: dict[str, Case] = {
-    "mlp": Case("main", _posthoc("mlp"), "fmnist", ("fc2.", "fc3.")),
-    "cnn": Case("main", _posthoc("cnn"), "fmnist", ("fc1.", "fc2.")),
-    "small_resnet": Case("main", _posthoc("small_resnet"), "fmnist", ("blocks.block2.", "blocks.block3.", "fc.")),
+    "mlp": Case("main", _posthoc("mlp"), "fmnist", ("fc2.", "fc3."), split=_sequential_split("fc2")),
+    "cnn": Case("main", _posthoc("cnn"), "fmnist", ("fc1.", "fc2."), split=_sequential_split("fc1")),
+    "small_resnet": Case("main", _posthoc("small_resnet"), "fmnist", ("blocks.block2.", "blocks.block3.", "fc."),
+                         split=_small_resnet_split),
     "small_vit": Case("main", _posthoc("small_vit"), "fmnist", ("blocks.block1.", "blocks.block2.", "norm.", "head."),
                       has_layernorm=True, own_attention=True),
     "wrn": Case("main", lambda: WRN(k=1), "fmnist", ("block2.", "block3.", "bn.", "fc."), split=_wrn_split),

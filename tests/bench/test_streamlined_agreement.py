@@ -135,3 +135,15 @@ def test_table_joins_cached_records_and_names_missing(bench, tmp_path, monkeypat
     assert "| 1.500 |" in table and "no: total" in table
     assert "not run: ValueError: wide" in table
     assert "| tv_vit | not run: no MHA rule |" in table
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn", "small_resnet"])
+def test_posthoc_model_splits_are_the_forward(bench, name):
+    from streamlined_agreement_cases import CASES
+    case = CASES[name]
+    torch.manual_seed(0)
+    model = case.build().double().eval()
+    x = torch.rand(3, 1, 28, 28, dtype=torch.float64)
+    trunk, tail = case.split(model)
+    torch.testing.assert_close(tail(trunk(x)), model(x), rtol=0, atol=1e-12)
+    assert {n for n, _ in tail.named_parameters()} >= set(bench.cover(model, case))
