@@ -45,8 +45,8 @@ GOAL_DIAG_OVER_KRON = 2.0
 FINAL = ("done", "error", "over memory")
 # ScaLLA's small budget: m latent features, Adam steps of batch_size points, target points, Lanczos subsample
 SCALLA_BUDGET = {
-    "vision": {"n_features": 20, "steps": 100, "batch_size": 32, "n_target_points": 200, "eigen_subsample": 50},
-    "tokens": {"n_features": 20, "steps": 50, "batch_size": 8, "n_target_points": 100, "eigen_subsample": 20},
+    "vision": {"n_features": 10, "steps": 50, "batch_size": 16, "n_target_points": 100, "eigen_subsample": 20},
+    "tokens": {"n_features": 4, "steps": 10, "batch_size": 4, "n_target_points": 20, "eigen_subsample": 4},
     "tiny": {"n_features": 4, "steps": 3, "batch_size": 4, "n_target_points": 8, "eigen_subsample": 8},
 }
 FIT_BATCH = {"vision": 32, "tokens": 8, "tiny": 4}
@@ -120,6 +120,10 @@ def run_one(case: dict[str, Any], args: argparse.Namespace, timeout: float) -> d
     if outcome.timed_out:
         record["status"] = "over budget"
         record["message"] = f"killed at the {timeout:.0f} s timeout"
+    elif record.get("status") == "running" and outcome.returncode == -9:  # not our cap: that raises in the child
+        record["status"] = "killed"
+        record["message"] = ("SIGKILL: on a shared machine, the kernel's OOM killer when the machine runs out of "
+                             "memory (rerun to retry)")
     elif record.get("status") == "running":  # died without reporting: a signal, e.g. abort on bad_alloc
         low = outcome.stderr.lower()
         record["status"] = "over memory" if any(s in low for s in ("bad_alloc", "memory")) else "error"
@@ -131,8 +135,8 @@ def run_one(case: dict[str, Any], args: argparse.Namespace, timeout: float) -> d
 
 
 def needs_run(cached: dict[str, Any] | None, timeout: float, force: bool) -> bool:
-    """Whether a case runs: not cached, forced, or cached over budget with a smaller timeout than ``timeout``."""
-    if cached is None or force:
+    """Whether a case runs: not cached, forced, killed, or cached over budget with a smaller timeout than ``timeout``."""
+    if cached is None or force or cached["status"] == "killed":
         return True
     return cached["status"] not in FINAL and cached.get("timeout_s", 0.0) < timeout
 

@@ -65,6 +65,7 @@ def test_a_case_past_its_timeout_is_recorded_over_budget(bench, tmp_path):
     assert record["status"] == "over budget"
     assert bench.needs_run(record, 10.0, force=False) and not bench.needs_run(record, 0.05, force=False)
     assert not bench.needs_run({**record, "status": "done"}, 10.0, force=False)
+    assert bench.needs_run({**record, "status": "killed"}, 0.05, force=False)  # the machine's OOM killer: retry
 
 
 def test_planned_cases_run_cheap_first_and_every_case_is_listed(bench, tmp_path):
