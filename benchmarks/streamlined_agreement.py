@@ -275,11 +275,14 @@ def compare(var: torch.Tensor, reference: torch.Tensor, n_in: int) -> dict:
             "total_shift": float(var[n_in:].sum() / reference[n_in:].sum())}
 
 
-def streamlined_row(model: nn.Module, variances: dict, x: Any, mc: dict, option: dict, n_full: int) -> dict:
+def streamlined_row(model: nn.Module, case: Case, variances: dict, x: Any, mc: dict, option: dict, n_full: int
+                    ) -> dict:
     """One option: Streamlined's per-input summed variances against MC's.
 
-    Full mode runs on the first ``n_full`` inputs of each group. Raises AssertionError when the propagated mean is
-    not model(x) to MEAN_ATOL.
+    Full mode runs on the first ``n_full`` inputs of each group and, where the case splits the network, on the
+    covered tail with the trunk's (deterministic) activations as its input: the same propagation, without the
+    full-width check on layers that carry no variance. Raises AssertionError when the propagated mean is not
+    model(x) to MEAN_ATOL.
     """
     from posthoc.streamlined import Streamlined
     idx = torch.arange(2 * N_GROUP)
@@ -290,12 +293,18 @@ def streamlined_row(model: nn.Module, variances: dict, x: Any, mc: dict, option:
     if option["layernorm"] is not None:
         kwargs["layernorm"] = option["layernorm"]
     row: dict = {**option, "n_inputs": len(idx)}
+    network, inputs = model, x
+    if option["mode"] == "full" and case.split is not None:
+        trunk, network = case.split(model)
+        with torch.no_grad():
+            inputs = trunk(x)
+        row["on"] = "tail"
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            sp = Streamlined(model, weight_var=variances, batch_size=50, **kwargs)
+            sp = Streamlined(network, weight_var=variances, batch_size=50, **kwargs)
             t0 = time.perf_counter()
-            pred = sp.predict(x)
+            pred = sp.predict(inputs)
             row["seconds"] = time.perf_counter() - t0
     except (MemoryError, ValueError, RuntimeError) as err:  # full mode above max_full_dim: reported, not hidden
         row["error"] = f"{type(err).__name__}: {str(err)[:300]}"
@@ -339,7 +348,7 @@ def evaluate(name: str, args: Any) -> None:
         path = run_dir / "rows" / f"{option_key(option)}.json"
         if path.exists():
             continue
-        row = streamlined_row(model, variances, x, mc, option, args.n_full)
+        row = streamlined_row(model, case, variances, x, mc, option, args.n_full)
         print("  ", json.dumps(row), flush=True)
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, json.dumps(row, indent=1))
@@ -375,18 +384,19 @@ def write_tables(results: list[dict], missing: list[str], args: Any) -> None:
              "channels for torchvision; text: sequences of the generated token task of examples/llm_lora.py), "
              "evaluated in float64. Posterior: "
              "posthoc.laplace.Laplace, diagonal, over the covered weights (the last two blocks and the head; the rest "
-             f"frozen), fitted on the first n_fit training inputs, prior precision by marglik (δ); Streamlined and MC read "
-             "its variances (cached with the weights, so a rerun does not refit). Inputs: {N_GROUP} "
+             "frozen), fitted on the first n_fit training inputs, prior precision by marglik (δ); Streamlined and MC "
+             f"read its variances (cached with the weights, so a rerun does not refit). Inputs: {N_GROUP} "
              f"in-distribution test inputs and {N_GROUP} shifted ones (images rotated 22.5°-180°, 25 per angle; "
              "sequences with 30 % of their tokens replaced at random). MC: weight draws of the same posterior until "
              f"the RMS standard error of the per-input variances is under {SE_FRACTION} × their standard deviation "
              "across inputs (SE/spread column). ρ: Spearman correlation of Streamlined's per-input summed logit "
              "variance with MC's over all inputs (in / shifted); total: Σ Streamlined / Σ MC (in / shifted). Goal: "
              f"ρ ≥ {GOAL_SPEARMAN} and total within {GOAL_TOTAL:.0%}. Full mode on the first n_full inputs of each "
-             "group. glm: the Laplace's linearised predictive J Λ⁻¹ Jᵀ against the same MC (where glm misses too, "
-             "the posterior is outside the linearised regime: the nonlinearity, not Streamlined's rules). The "
-             "propagated mean equals model(x) to 1e-5 in every row (asserted). Rows come from two runs (the env "
-             "column: `main` with the CPU torch, `vision` with the torch that loads torchvision), cached per "
+             "group; (tail): on the covered tail, the trunk's deterministic activations as its input. glm: the "
+             "Laplace's linearised predictive J Λ⁻¹ Jᵀ against the same MC (where glm misses too, the posterior is "
+             "outside the linearised regime: the nonlinearity, not Streamlined's rules). The propagated mean equals "
+             "model(x) to 1e-5 in every row (asserted). Rows come from two runs (the env column: `main` with the CPU "
+             "torch, `vision` with the torch that loads torchvision), cached per "
              "(model, option) and joined here.", "",
              "| model | env (torch) | params / covered | trained | acc in / shift | δ | n_fit | MC draws | SE/spread | mode | "
              "attention | LayerNorm | inputs | ρ | ρ in / shift | total | total in / shift | goal met | s |",
@@ -402,7 +412,7 @@ def write_tables(results: list[dict], missing: list[str], args: Any) -> None:
         for row in r["rows"]:
             attention = (row["attention"] if CASES[r["model"]].own_attention or row["mode"] == "full"
                          else r["attention_rule"])
-            cells = f" {row['mode']} | {attention} | {row['layernorm'] or '—'} | {row['n_inputs']} |"
+            cells = f" {row['mode']}{' (tail)' if row.get('on') == 'tail' else ''} | {attention} | {row['layernorm'] or '—'} | {row['n_inputs']} |"
             if "error" in row:
                 lines.append(head + cells + f" not run: {row['error'][:160]} | | | | | |")
                 continue

@@ -147,3 +147,23 @@ def test_posthoc_model_splits_are_the_forward(bench, name):
     trunk, tail = case.split(model)
     torch.testing.assert_close(tail(trunk(x)), model(x), rtol=0, atol=1e-12)
     assert {n for n, _ in tail.named_parameters()} >= set(bench.cover(model, case))
+
+
+def test_full_mode_on_the_tail_equals_full_mode_on_the_model(bench):
+    from streamlined_agreement_cases import Case, _sequential_split
+
+    from posthoc.models import MLP
+    from posthoc.streamlined import Streamlined
+    torch.manual_seed(0)
+    model = MLP(12, (6, 5), 3).double().eval()
+    case = Case("main", lambda: model, "fmnist", ("fc2.", "fc3."), split=_sequential_split("fc2"))
+    covered = bench.cover(model, case)
+    variances = {n: torch.full_like(p, 0.01) for n, p in model.named_parameters() if n in covered}
+    x = torch.randn(2 * bench.N_GROUP, 12, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    mc = {"var": torch.rand(2 * bench.N_GROUP, generator=torch.Generator().manual_seed(6), dtype=torch.float64)}
+    option = {"mode": "full", "attention": "independent", "layernorm": None}
+    row = bench.streamlined_row(model, case, variances, x, mc, option, n_full=7)
+    assert row["on"] == "tail" and row["n_inputs"] == 14 and row["mean_max_abs_err"] <= 1e-12
+    idx = torch.cat([torch.arange(7), bench.N_GROUP + torch.arange(7)])
+    direct = Streamlined(model, weight_var=variances, activation_covariance="full").predict(x[idx]).var.sum(-1)
+    assert row["total"] == pytest.approx(float(direct.sum() / mc["var"][idx].sum()), rel=1e-10)
