@@ -224,3 +224,44 @@ def test_lowrank_complement_option_and_state(classification_data):
     state.pop("complement")  # a state saved before the option existed kept the prior on the complement
     assert LowRankCurvature.from_state_dict(subset, state).complement.value == "prior"
     assert LowRankCurvature.from_state_dict(subset, _fit(subset, x, y, rank=3).state_dict()).complement.value == "omit"
+
+
+@pytest.mark.parametrize("model_kind", ["mlp", "cnn"])
+def test_lowrank_jacobian_basis_is_ggn_posterior_on_jacobian_gram_span(classification_data, image_data, model_kind):
+    """basis="jacobian" (ELLA's span): top eigenvectors V of sum_n J_n^T J_n, GGN posterior restricted to span(V)."""
+    x, y = image_data if model_kind == "cnn" else classification_data
+    subset = ParameterSubset(small_cnn() if model_kind == "cnn" else small_mlp(), "all")
+    rank, n_sub = 5, 16
+    curv = _fit(subset, x, y, rank=rank, subsample=n_sub, seed=2, basis="jacobian")
+    assert curv.info["basis"] == "jacobian" and curv.rank == rank
+    jac_sub = dense_jacobians(subset, x[:n_sub]).reshape(-1, subset.n_params)
+    v = _top_eigenpairs(jac_sub.T @ jac_sub, rank)[0]
+    u = curv.eigenvectors
+    # the same span (projectors agree), orthonormal, and the GGN over all the data diagonal on it
+    torch.testing.assert_close(u @ u.T, v @ v.T, rtol=0, atol=1e-8)
+    torch.testing.assert_close(u.T @ u, torch.eye(rank, dtype=DTYPE), rtol=0, atol=1e-10)
+    hessian = dense_ggn(subset, x, "classification")
+    projected = u.T @ hessian @ u
+    torch.testing.assert_close(projected, torch.diag(curv.eigenvalues), rtol=0, atol=1e-8 * float(projected.abs().max()))
+    assert bool((curv.eigenvalues[:-1] >= curv.eigenvalues[1:]).all())
+    jac = dense_jacobians(subset, x[:8])
+    scale = torch.tensor(1.7, dtype=DTYPE)
+    for prior in random_priors(subset).values():
+        delta = per_parameter(prior, subset)
+        reference = v @ torch.linalg.inv(v.T @ (scale * hessian + torch.diag(delta)) @ v) @ v.T
+        atol = 1e-8 * float(reference.abs().max())
+        torch.testing.assert_close(curv.dense_covariance(prior, scale), reference, rtol=1e-6, atol=atol)
+        torch.testing.assert_close(curv.functional_covariance(x[:8], prior, scale),
+                                   jac @ reference @ jac.transpose(1, 2), rtol=1e-6, atol=1e-10)
+
+
+def test_lowrank_jacobian_basis_differs_from_ggn_basis_and_checks_the_option(classification_data):
+    """The Jacobian Gram's span is not the GGN's (the variance it keeps is larger); bad ``basis`` names the choices."""
+    x, y = classification_data
+    subset = ParameterSubset(small_mlp(), "all")
+    ggn = _fit(subset, x, y, rank=4)
+    jacobian = _fit(subset, x, y, rank=4, basis="jacobian")
+    assert float((ggn.eigenvectors @ ggn.eigenvectors.T - jacobian.eigenvectors @ jacobian.eigenvectors.T).norm()) > 0.1
+    assert ggn.info["basis"] == "ggn"
+    with pytest.raises(ValueError, match="basis"):
+        _fit(subset, x, y, rank=3, basis="ntk")

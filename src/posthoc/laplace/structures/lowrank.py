@@ -33,10 +33,13 @@ from enum import Enum
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
+from posthoc.curvature.checks import check_curvature_finite
 from posthoc.curvature.ggn_operator import top_ggn_eigenpairs
 from posthoc.curvature.jacobians import DEFAULT_CHUNK_BYTES, jvp_many, per_example_weighted_grams
 from posthoc.curvature.output_factors import OutputFactors
+from posthoc.distributed import sum_over_ranks
 from posthoc.laplace.prior import per_parameter
 from posthoc.laplace.structures.base import (
     Batches,
@@ -44,6 +47,7 @@ from posthoc.laplace.structures.base import (
     HessianStructure,
     register_structure,
 )
+from posthoc.likelihood import Likelihood
 from posthoc.network.inputs import ModelInputs, batch_size, take
 from posthoc.network.subset import ParameterSubset
 from posthoc.utils.checks import check_choice
@@ -58,6 +62,13 @@ class LowRankComplement(str, Enum):
 
     OMIT = "omit"  # no variance there: covariance U A^-1 U^T (ELLA's treatment; posthoc's default)
     PRIOR = "prior"  # the prior variance 1/delta there (laplace-torch's LowRankLaplace)
+
+
+class LowRankBasis(str, Enum):
+    """Which k directions the low-rank posterior keeps."""
+
+    GGN = "ggn"  # the GGN's top-k eigenvectors: the directions the data pin down best
+    JACOBIAN = "jacobian"  # the top-k eigenvectors of sum_n J_n^T J_n (ELLA's Nystrom span), GGN projected onto them
 
 
 @register_structure
@@ -99,23 +110,36 @@ class LowRankCurvature(CurvatureStructure):
     def fit(cls, subset: ParameterSubset, batches: Batches, factors: OutputFactors, progress: bool = True,
             rank: int = 20, subsample: int | None = None, n_data: int | None = None, seed: int = 0,
             tol: float | None = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-            complement: LowRankComplement | str = LowRankComplement.OMIT, **options: Any) -> "LowRankCurvature":
-        """Top-``rank`` GGN eigenpairs by Lanczos on the matrix-free GGN operator.
+            complement: LowRankComplement | str = LowRankComplement.OMIT,
+            basis: LowRankBasis | str = LowRankBasis.GGN, **options: Any) -> "LowRankCurvature":
+        """Top-``rank`` eigenpairs by Lanczos on a matrix-free operator: the GGN's, or the Jacobian Gram's.
 
-        One pass over the subsample per product; see :func:`posthoc.curvature.ggn_operator.top_ggn_eigenpairs`
-        for the cost and errors. The options are the class docstring's.
+        ``basis="ggn"``: the GGN's top eigenpairs, one pass over the subsample per product (see
+        :func:`posthoc.curvature.ggn_operator.top_ggn_eigenpairs` for the cost and errors). ``basis="jacobian"``:
+        the top eigenvectors V of sum_n J_n^T J_n over the subsample (the same Lanczos with identity output
+        factors), then one pass over all the batches with k JVPs per example for the projected GGN
+        V^T H V = R diag(lam) R^T (k x k); the structure keeps U = V R and lam (>= 0), so that U^T H U is
+        diagonal and the posterior algebra is the same for both bases. The options are the class docstring's.
 
         Raises:
-            TypeError: an unknown option. ValueError: an unknown ``complement`` (before any GGN product).
+            TypeError: an unknown option. ValueError: an unknown ``complement`` or ``basis`` (before any product).
         """
         if options:
             raise TypeError(f"hessian_structure='lowrank' got unknown options {sorted(options)}; "
-                            "it takes rank, subsample, n_data, seed, tol, chunk_bytes, complement")
+                            "it takes rank, subsample, n_data, seed, tol, chunk_bytes, complement, basis")
         complement = check_choice(complement, LowRankComplement, "complement")  # before the costly products
-        pairs = top_ggn_eigenpairs(subset, batches, factors, rank, subsample=subsample, n_data=n_data, seed=seed,
-                                   tol=tol, progress=progress, what="lowrank",
-                                   desc="Laplace fit (lowrank): GGN products")
-        return cls(subset, pairs.eigenvectors, pairs.eigenvalues, pairs.info, chunk_bytes, complement)
+        basis = check_choice(basis, LowRankBasis, "basis")
+        if basis is LowRankBasis.GGN:
+            pairs = top_ggn_eigenpairs(subset, batches, factors, rank, subsample=subsample, n_data=n_data,
+                                       seed=seed, tol=tol, progress=progress, what="lowrank",
+                                       desc="Laplace fit (lowrank): GGN products")
+            return cls(subset, pairs.eigenvectors, pairs.eigenvalues, {**pairs.info, "basis": basis.value},
+                       chunk_bytes, complement)
+        pairs = top_ggn_eigenpairs(subset, batches, OutputFactors(Likelihood.REGRESSION), rank, subsample=subsample,
+                                   n_data=n_data, seed=seed, tol=tol, progress=progress, what="lowrank",
+                                   desc="Laplace fit (lowrank): Jacobian Gram products")
+        eigenvectors, eigenvalues = project_ggn(subset, batches, factors, pairs.eigenvectors, progress)
+        return cls(subset, eigenvectors, eigenvalues, {**pairs.info, "basis": basis.value}, chunk_bytes, complement)
 
     # --- posterior algebra -----------------------------------------------------------------------------------
 
@@ -238,3 +262,33 @@ class LowRankCurvature(CurvatureStructure):
 
         return cls(subset, load("eigenvectors"), load("eigenvalues"), state.get("info"),
                    int(state.get("chunk_bytes", DEFAULT_CHUNK_BYTES)), state.get("complement", "prior"))
+
+
+def project_ggn(subset: ParameterSubset, batches: Batches, factors: OutputFactors, directions: torch.Tensor,
+                progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The GGN H = sum_n J_n^T S_n S_n^T J_n over all ``batches`` on the span of ``directions`` V (P, k).
+
+    Returns U = V R (P, k) and lam (k,) >= 0, descending, with V^T H V = R diag(lam) R^T (Rayleigh-Ritz), so
+    U^T H U = diag(lam) for orthonormal V. Cost: one pass, k JVPs per example (vmapped, in chunks of about
+    _JVP_WORK example-directions), O(N k^2 C) for the sums; under torch.distributed summed over ranks.
+
+    Raises:
+        FloatingPointError: NaN/Inf in the projection.
+    """
+    rank = directions.shape[1]
+    projected = directions.new_zeros(rank, rank)
+    step = max(1, _JVP_WORK // max(rank, 1))
+    for inputs, targets in tqdm(batches(), desc="Laplace fit (lowrank): projected GGN", disable=not progress,
+                                leave=False):
+        for start in range(0, batch_size(inputs), step):
+            x, y = take(inputs, start, start + step), targets[start:start + step]
+            with torch.no_grad():
+                s = factors(subset.forward(x), y)  # (b, C, K)
+            jv = jvp_many(subset, x, directions.T)  # (k, b, C)
+            weighted = torch.einsum("kbc,bcj->kbj", jv, s)
+            projected += torch.einsum("kbj,lbj->kl", weighted, weighted)
+    (projected,) = sum_over_ranks([projected], "the projected GGN")
+    check_curvature_finite(projected, "lowrank projected GGN")
+    values, rotation = torch.linalg.eigh((projected + projected.T) / 2)
+    values, rotation = values.flip(0).clamp_min(0), rotation.flip(1)
+    return (directions @ rotation).contiguous(), values.contiguous()
