@@ -335,7 +335,7 @@ def run_case(spec: dict[str, Any]) -> Iterator[dict[str, Any]]:
     """Run one case, yielding the result record after every phase (so a killed case keeps what it measured).
 
     Phases: MAP forward+backward over the N training inputs; fit (data pass and eigendecompositions apart; peak
-    RSS); glm predictive (probit) on up to ``n_predict`` new inputs in batches of ``predict_batch`` until
+    RSS); the MAP forward+backward again (a shared machine's speed drifts); glm predictive (probit) on up to ``n_predict`` new inputs in batches of ``predict_batch`` until
     ``predict_budget_s`` is spent (peak RSS).
     """
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
@@ -366,6 +366,8 @@ def run_case(spec: dict[str, Any]) -> Iterator[dict[str, Any]]:
     else:
         record["data_pass_s"] = record["fit_s"] - timer.seconds
     record["fit_peak_bytes"] = peak_rss_bytes()
+    yield record
+    record["map_fwd_bwd_after_s"] = map_forward_backward(model, loader)  # again: the machine's speed drifts
     yield record
     test = inputs(make_inputs(spec["model"], spec["n_predict"], seed=2), spec["predict_batch"])
     del loader, data

@@ -50,6 +50,7 @@ def test_tiny_case_end_to_end_is_cached(bench, tmp_path):
     (row,) = report["rows"]
     assert row["status"] == "done", row["message"]
     assert row["n"] == 8 and row["fit_ratio"] == pytest.approx(row["fit_s"] / row["map_fwd_bwd_s"])
+    assert len(row["map_fwd_bwd_runs_s"]) == 2  # before and after the fit, the table's denominator their mean
     assert row["max_peak_bytes"] < bench.GOAL_PEAK_BYTES
     cached = tmp_path / "run" / "tiny_cnn-kron-posthoc-n8.json"
     first = json.loads(cached.read_text())
