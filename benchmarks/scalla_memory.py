@@ -192,7 +192,29 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any], before_commit: st
                      f"{peak['after_eigen_directions']} | {peak['after_targets']} | {peak['after_fit']} | "
                      f"{r['fit_extra_peak_mb']} | {r['fit_extra_peak_p_vectors']} | {r['fit_wall_s']} | "
                      f"{r['jvp_evaluations']:,} | {r.get('kernel_diff', '')} |")
+    lines += ["", "Each pair reruns with `OMP_NUM_THREADS=1 python benchmarks/scalla_memory.py --models <model> --steps "
+              "<steps> --n-target-points <targets> --eigen-subsample <n_sub>`. Wall times are on a machine shared "
+              "with other jobs (load varied): compare them within a pair only roughly.", "", *scaling(rows)]
     return "\n".join(lines) + "\n"
+
+
+def scaling(rows: list[dict[str, Any]]) -> list[str]:
+    """Per version, the least-squares line fit extra (MB) = a + b * (one float32 P-vector in MB) over the rows."""
+    lines = ["## How the fit's extra peak scales with P", "",
+             "A line through each version's rows (whose n_sub and targets may differ: neither changes the P-sized "
+             "memory); the intercept is memory that does not grow with P (libraries loaded on first use, the "
+             "subsample and target inputs).", ""]
+    for version in ("before", "after"):
+        points = [(4 * r["P"] / 2**20, r["fit_extra_peak_mb"]) for r in rows if r["version"] == version]
+        if len({size for size, _ in points}) < 2:
+            continue
+        mean_size = sum(size for size, _ in points) / len(points)
+        mean_extra = sum(extra for _, extra in points) / len(points)
+        slope = (sum((size - mean_size) * (extra - mean_extra) for size, extra in points)
+                 / sum((size - mean_size) ** 2 for size, _ in points))
+        lines.append(f"- {version}: {mean_extra - slope * mean_size:.0f} MB + {slope:.1f} float32 P-vectors "
+                     f"(from {len(points)} rows)")
+    return lines
 
 
 def main() -> None:
@@ -215,7 +237,7 @@ def main() -> None:
     run_dir = Path(args.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     sources = {"before": source_tree(args.before_commit, run_dir), "after": ROOT / "src"}
-    for model in args.models.split(","):
+    for model in filter(None, args.models.split(",")):  # --models "": only rewrite the results from the cache
         for version, src in sources.items():
             print(json.dumps(run_child(version, src, model, args, run_dir)), flush=True)
     rows = finished_rows(run_dir)  # this run's and earlier runs' pairs (other settings included), by P
