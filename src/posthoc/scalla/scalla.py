@@ -124,12 +124,12 @@ class ScaLLA:
     (half train, half context; without context points jittered training inputs, ``target_jitter``), 3,000 Adam steps
     of 64 points (half train, half context targets), lr 1e-3 (3e-3 with jittered targets) with cosine decay, trunk
     initialised from the model, a 200-unit hidden layer. Cost ("directions"): a Lanczos run of GGN products on
-    ``eigen_subsample`` points (two JVP evaluations per point per product; ``directions="rademacher"`` skips it),
-    then one JVP evaluation per target point and direction, once; the steps spend none.
-    Memory beyond the network and data: the targets take a few directions at a time (posthoc.scalla.directions):
-    Rademacher directions are redrawn per chunk, about 20 float32 P-vectors in all whatever m (measured on
-    1.1M- and 4.2M-parameter MLPs with m = 100; 420 before); "eigen" keeps its m eigenvectors and, during
-    Lanczos, a float64 basis of about 2m + 1 P-vectors (about 850 float32 P-vectors of peak for m = 100).
+    ``eigen_subsample`` points (two JVP evaluations per point per product, then one VJP per point and eigenvector to
+    rebuild them; ``directions="rademacher"`` skips both), then one JVP evaluation per target point and direction.
+    Memory beyond the network and data: about 20 float32 P-vectors whatever m (posthoc.scalla.directions). Rademacher
+    directions are redrawn per chunk; "eigen" runs Lanczos on the subsample's Gram matrix (basis (n_sub (C - 1),
+    2m + 1), not (P, 2m + 1) float64) and rebuilds its eigenvectors per chunk: fit peak 110 MB + 19 P-vectors on
+    1.1M- and 2.1M-parameter MLPs, m = 100 (before: 800 P-vectors; benchmarks/results/scalla_memory.md).
     The measurements that chose these defaults (variance rank correlation with the exact LLA, kernel error,
     FMNIST NLL/ECE/AUROC against the paper's recipe) are in docs/measurements/methods.md.
     """
