@@ -37,6 +37,7 @@ import tarfile
 import time
 from pathlib import Path
 from typing import Any
+from unittest.mock import patch
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -90,14 +91,14 @@ def child(model_name: str, steps: int, n_target_points: int, eigen_subsample: in
         phases["after_targets"] = peak_mb()
         captured["targets"] = self.targets["values"].detach().clone()
 
-    SurrogateTrainer._directions = directions
-    SurrogateTrainer._compute_targets = targets
     scalla = ScaLLA(model, "classification", steps=steps, n_target_points=n_target_points,
                     eigen_subsample=eigen_subsample, progress=False)
     baseline = rss_mb()
     phases["before_fit"] = peak_mb()
     start = time.perf_counter()
-    scalla.fit(loader)
+    with patch.object(SurrogateTrainer, "_directions", directions), \
+            patch.object(SurrogateTrainer, "_compute_targets", targets):
+        scalla.fit(loader)
     wall = time.perf_counter() - start
     phases["after_fit"] = peak_mb()
     p_vector_mb = 4 * n_params / 2**20
