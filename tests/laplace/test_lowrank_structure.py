@@ -96,13 +96,13 @@ def test_lowrank_subsample_scaling(classification_data):
     n_sub = 10  # not a multiple of the batch size 7: the second batch is cut
     expected = dense_ggn(subset, x[:n_sub], "classification") * (len(x) / n_sub)
     for n_data in (None, len(x)):
-        curv = _fit(subset, x, y, rank=subset.n_params, subsample=n_sub, n_data=n_data)
+        curv = _fit(subset, x, y, rank=subset.n_params, subsample=n_sub, n_data=n_data, basis="ggn")
         assert curv.info["n_sub"] == n_sub and curv.info["n_data"] == len(x)
         u, lam = curv.eigenvectors, curv.eigenvalues
         torch.testing.assert_close((u * lam) @ u.T, expected, rtol=0, atol=1e-10 * float(expected.abs().max()))
-    curv = _fit(subset, x, y, rank=subset.n_params, subsample=n_sub, n_data=1000)
-    torch.testing.assert_close(curv.eigenvalues, _fit(subset, x, y, rank=subset.n_params,
-                                                      subsample=n_sub).eigenvalues * 1000 / len(x))
+    curv = _fit(subset, x, y, rank=subset.n_params, subsample=n_sub, n_data=1000, basis="ggn")
+    torch.testing.assert_close(curv.eigenvalues, _fit(subset, x, y, rank=subset.n_params, subsample=n_sub,
+                                                      basis="ggn").eigenvalues * 1000 / len(x))
 
 
 @pytest.mark.parametrize("prior_kind", ["scalar", "parameter"])
@@ -158,7 +158,7 @@ def test_lowrank_omit_equals_subspace_posterior_of_exact_ggn(classification_data
     subset = ParameterSubset(small_cnn() if model_kind == "cnn" else small_mlp(), "all")
     hessian = dense_ggn(subset, x, "classification")
     rank = 6
-    curv = _fit(subset, x, y, rank=rank, seed=1)
+    curv = _fit(subset, x, y, rank=rank, seed=1, basis="ggn")
     assert curv.complement.value == "omit"
     u, lam = _top_eigenpairs(hessian, rank)
     jac = dense_jacobians(subset, x[:8])
@@ -259,9 +259,10 @@ def test_lowrank_jacobian_basis_differs_from_ggn_basis_and_checks_the_option(cla
     """The Jacobian Gram's span is not the GGN's (the variance it keeps is larger); bad ``basis`` names the choices."""
     x, y = classification_data
     subset = ParameterSubset(small_mlp(), "all")
-    ggn = _fit(subset, x, y, rank=4)
-    jacobian = _fit(subset, x, y, rank=4, basis="jacobian")
+    ggn = _fit(subset, x, y, rank=4, basis="ggn")
+    jacobian = _fit(subset, x, y, rank=4)  # the default with complement="omit"
     assert float((ggn.eigenvectors @ ggn.eigenvectors.T - jacobian.eigenvectors @ jacobian.eigenvectors.T).norm()) > 0.1
-    assert ggn.info["basis"] == "ggn"
+    assert ggn.info["basis"] == "ggn" and jacobian.info["basis"] == "jacobian"
+    assert _fit(subset, x, y, rank=4, complement="prior").info["basis"] == "ggn"  # laplace-torch's LowRankLaplace
     with pytest.raises(ValueError, match="basis"):
         _fit(subset, x, y, rank=3, basis="ntk")

@@ -361,7 +361,8 @@ def test_lowrank_and_subnetwork_on_positions_match_dense_reference():
     model = make(AttentionModel)
     x, y = token_data(seed=12)
     ggn = reference_ggn(model, x, y)
-    la = Laplace(model, "classification", "all", "lowrank", progress=False, structure_options={"rank": 4})
+    la = Laplace(model, "classification", "all", "lowrank", progress=False,
+                 structure_options={"rank": 4, "basis": "ggn"})
     la.fit(loader(x, y))
     tiny, one = torch.tensor([1e-12], dtype=DTYPE), torch.ones((), dtype=DTYPE)
     top = torch.linalg.eigvalsh(la.structure.dense_precision(tiny, one))[-4:]

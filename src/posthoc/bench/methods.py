@@ -152,7 +152,7 @@ register_method("la_kron_gridsearch", laplace_builder("kron", "all", tuning="gri
                 "LA, all weights, KFAC, glm, prior by validation NLL", shards_fit=True)
 register_method("la_diag", laplace_builder("diag", "all"), "LA, all weights, diagonal, glm, marglik prior",
                 shards_fit=True)
-register_method("la_lowrank", laplace_builder("lowrank", "all", rank=20, subsample=1000),
+register_method("la_lowrank", laplace_builder("lowrank", "all", rank=20, subsample=1000, basis="ggn"),
                 "LA, all weights, top-20 GGN eigenpairs (Lanczos on a 1,000-example subsample), the uncovered "
                 "directions left out (complement='omit'), glm, marglik prior", shards_fit=True)
 register_method("la_lowrank_prior", laplace_builder("lowrank", "all", rank=20, subsample=1000, complement="prior"),
