@@ -385,7 +385,9 @@ def main() -> None:
                                 "--profile-budget", str(args.profile_budget)],
                                timeout=args.timeout, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
             if proc.returncode != 0:
-                tail = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "timeout"
+                tail = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else (
+                    "timeout" if proc.timed_out else f"exit {proc.returncode} (a negative exit: killed by that signal, "
+                    "e.g. -9 by the out-of-memory killer)")
                 print(f"{name} threads={threads}: failed: {tail}", flush=True)
                 continue
             row = json.loads(proc.stdout.strip().splitlines()[-1])
