@@ -51,7 +51,7 @@ def gap_case(checkpoint: str | None = None):  # noqa: ARG001 - a toy MLP trained
     model = model.eval()
     theta = ParameterSubset(model, "all").theta_map
     prior = map_scaled_prior(theta)  # the toy rule of benchmarks/fiber_toy.py
-    settings = dict(n_particles=16, steps=400, burn_in=200, thin=10, step_size=0.03 / prior, latent_dim=16,
+    settings = dict(n_particles=16, steps=400, burn_in=200, thin=10, step_size=0.03 / prior, deform="flow", latent_dim=16,
                     batch_size=32, subsample_size=160, cg_steps=10, pullback_steps=5, n_check=64,
                     prior_precision=prior, loss_tolerance=0.05)
     return model.eval(), "regression", "all", DataLoader(TensorDataset(x, y), batch_size=40), settings

@@ -23,8 +23,8 @@ from posthoc.fiber import FiberSampler
 from posthoc.scalla.surrogate import ModelTrunk, build_default_surrogate
 
 SCALLA = dict(n_features=4, steps=5, n_target_points=12, eigen_subsample=12, batch_size=4, progress=False)
-FIBER = dict(n_particles=2, steps=6, burn_in=2, thin=2, batch_size=6, subsample_size=12, cg_steps=2, latent_dim=2,
-             flow_layers=1, flow_hidden=4, flow_steps=5, n_check=2, progress=False)
+FIBER = dict(n_particles=2, steps=6, burn_in=2, thin=2, batch_size=6, subsample_size=12, cg_steps=2, n_check=2,
+             progress=False)  # the default stage 2 ("pullback")
 
 
 def _eager(name: str):

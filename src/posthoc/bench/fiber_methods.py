@@ -29,12 +29,12 @@ PRIOR_SCALE = 0.1  # delta = PRIOR_SCALE * P / ||theta*||^2
 FIBER_SETTINGS: dict[str, dict[str, Any]] = {
     # last layer (2,010 parameters on the FMNIST CNN): features are computed once, so steps are cheap; the step
     # size is set from delta in fiber_builder (eta = 0.03 / delta: eta delta x 150 kept steps = 4.5)
-    "last_layer": dict(n_particles=16, steps=300, burn_in=150, thin=10, batch_size=16,
+    "last_layer": dict(deform="flow", n_particles=16, steps=300, burn_in=150, thin=10, batch_size=16,
                        subsample_size=512, cg_steps=8, pullback_steps=5, latent_dim=16, flow_steps=200,
                        flow_loss_batch=256, flow_loss_samples=16, n_check=64),
     # all weights (140,594 parameters): every product is a pass through the CNN; bounded, not mixed
     # step 2e-5: larger steps left the loss tolerance outside the check subsample (docs/measurements/core.md)
-    "all": dict(n_particles=4, steps=30, burn_in=15, thin=5, step_size=2e-5, batch_size=16, subsample_size=64,
+    "all": dict(deform="flow", n_particles=4, steps=30, burn_in=15, thin=5, step_size=2e-5, batch_size=16, subsample_size=64,
                 cg_steps=3, pullback_steps=2, final_rounds=1, latent_dim=8, flow_steps=100, flow_loss_batch=64,
                 flow_loss_samples=4, n_check=8),
 }

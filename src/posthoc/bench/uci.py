@@ -179,7 +179,7 @@ def fiber_uci_sampler(model: nn.Module, n_train: int, seed: int) -> FiberSampler
     theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     prior = map_scaled_prior(theta)
     return FiberSampler(model, "regression", n_particles=8, steps=200, burn_in=100, thin=5, step_size=0.03 / prior,
-                        loss_tolerance=0.05, latent_dim=8, subset_of_weights="all", prior_precision=prior,
+                        loss_tolerance=0.05, deform="flow", latent_dim=8, subset_of_weights="all", prior_precision=prior,
                         batch_size=32, subsample_size=n_train, cg_steps=8, flow_steps=200, n_check=32,
                         progress=False, seed=seed)
 
