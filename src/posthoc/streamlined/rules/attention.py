@@ -108,7 +108,8 @@ def sdpa_rule(op: Callable[..., Any], args: tuple, kwargs: dict, ctx: Context) -
         raise UnsupportedOpError("scaled_dot_product_attention with dropout_p > 0 or enable_gqa; predict with "
                                  "dropout off (dropout_p=0.0 when not training)")
     if not ctx.full and ctx.attention is AttentionRule.SHARED_VALUE:
-        raise UnsupportedOpError("attention='shared_value' is a rule of posthoc's MultiHeadSelfAttention block; "
+        raise UnsupportedOpError("attention='shared_value' is a rule of the attention modules (posthoc's "
+                                 "MultiHeadSelfAttention, torch's nn.MultiheadAttention); "
                                  "scaled_dot_product_attention on traced projections takes the independent-token "
                                  "rule: pass attention='independent', or activation_covariance='full'")
     mask = bound.get("attn_mask")
