@@ -389,7 +389,7 @@ def write_tables(results: list[dict], missing: list[str], args: Any) -> None:
              f"in-distribution test inputs and {N_GROUP} shifted ones (images rotated 22.5°-180°, 25 per angle; "
              "sequences with 30 % of their tokens replaced at random). MC: weight draws of the same posterior until "
              f"the RMS standard error of the per-input variances is under {SE_FRACTION} × their standard deviation "
-             "across inputs (SE/spread column). ρ: Spearman correlation of Streamlined's per-input summed logit "
+             "across inputs (SE/spread column; MC var mean ± sd: the per-input summed variance's mean and spread). ρ: Spearman correlation of Streamlined's per-input summed logit "
              "variance with MC's over all inputs (in / shifted); total: Σ Streamlined / Σ MC (in / shifted). Goal: "
              f"ρ ≥ {GOAL_SPEARMAN} and total within {GOAL_TOTAL:.0%}. Full mode on the first n_full inputs of each "
              "group; (tail): on the covered tail, the trunk's deterministic activations as its input. glm: the "
@@ -398,13 +398,15 @@ def write_tables(results: list[dict], missing: list[str], args: Any) -> None:
              "model(x) to 1e-5 in every row (asserted). Rows come from two runs (the env column: `main` with the CPU "
              "torch, `vision` with the torch that loads torchvision), cached per "
              "(model, option) and joined here.", "",
-             "| model | env (torch) | params / covered | trained | acc in / shift | δ | n_fit | MC draws | SE/spread | mode | "
+             "| model | env (torch) | params / covered | trained | acc in / shift | δ | n_fit | MC draws | MC var mean ± sd | SE/spread | "
+             "mode | "
              "attention | LayerNorm | inputs | ρ | ρ in / shift | total | total in / shift | goal met | s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         head = (f"| {r['model']} | {r['env']} ({r['torch']}) | {r['n_params']:,} / {r['n_covered']:,} | "
                 f"{r['n_train']:,} × {r['epochs']} | {r['acc_in']:.2f} / {r['acc_shift']:.2f} | {r['prior_precision']:.3g} | {r['n_fit']} | "
-                f"{r['n_mc']} | {r['se_over_spread']:.3f} |")
+                f"{r['n_mc']} | {(r['mc_total_in'] + r['mc_total_shift']) / (2 * N_GROUP):.3g} ± {r['spread']:.3g} | "
+                f"{r['se_over_spread']:.3f}{'' if r['se_over_spread'] < SE_FRACTION else ' (not met at the cap)'} |")
         g = r["glm"]
         lines.append(head + f" glm (linearised) | — | — | {2 * N_GROUP} | {g['spearman']:.3f} | "
                      f"{g['spearman_in']:.3f} / {g['spearman_shift']:.3f} | {g['total']:.3f} | "
@@ -420,7 +422,7 @@ def write_tables(results: list[dict], missing: list[str], args: Any) -> None:
                          f"{row['spearman_shift']:.3f} | {row['total']:.3f} | {row['total_in']:.3f} / "
                          f"{row['total_shift']:.3f} | {verdict(row)} | {row['seconds']:.1f} |")
     for name in missing:
-        lines.append(f"| {name} | not run: {args.missing_reason.get(name, 'no cached result')} |" + " |" * 17)
+        lines.append(f"| {name} | not run: {args.missing_reason.get(name, 'no cached result')} |" + " |" * 18)
     atomic_write_text(RESULTS / "streamlined_agreement.md", "\n".join(lines) + "\n")
 
 

@@ -120,7 +120,8 @@ def test_table_joins_cached_records_and_names_missing(bench, tmp_path, monkeypat
     stats = {"spearman": 0.95, "spearman_in": 0.9, "spearman_shift": 0.97, "total": 1.1, "total_in": 1.0,
              "total_shift": 1.2}
     record = {"model": "mlp", "env": "main", "torch": "x", "n_params": 10, "n_covered": 4, "n_train": 100, "epochs": 1, "acc_in": 0.9,
-              "acc_shift": 0.3, "prior_precision": 2.0, "n_fit": 100, "n_mc": 300, "se_over_spread": 0.15,
+              "acc_shift": 0.3, "prior_precision": 2.0, "n_fit": 100, "n_mc": 300, "se_over_spread": 0.15, "spread": 2.0, "mc_total_in": 10.0,
+              "mc_total_shift": 30.0,
               "glm": stats, "attention_rule": "—"}
     (run / "model.json").write_text(json.dumps(record))
     row = {"mode": "diagonal", "attention": "independent", "layernorm": None, "n_inputs": 400, "seconds": 0.1,
