@@ -195,7 +195,11 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any], before_commit: st
                      f"{r['jvp_evaluations']:,} | {r.get('kernel_diff', '')} |")
     lines += ["", "Each pair reruns with `OMP_NUM_THREADS=1 python benchmarks/scalla_memory.py --models <model> --steps "
               "<steps> --n-target-points <targets> --eigen-subsample <n_sub>`. Wall times are on a machine shared "
-              "with other jobs (load varied): compare them within a pair only roughly.", "", *scaling(rows)]
+              "with other jobs (load varied): compare them within a pair only roughly.", "",
+              "Quality: `benchmarks/scalla_defaults.py --variants defaults --seeds 0,1 --name scalla_memory_quality` "
+              "reruns ScaLLA's variance agreement with the exact LLA on the small tasks with the dual path "
+              "(scalla_memory_quality.md), to compare with the rows 'defaults' of scalla_defaults.md (Lanczos on the "
+              "parameters).", "", *scaling(rows)]
     return "\n".join(lines) + "\n"
 
 
