@@ -20,8 +20,8 @@ ignores them (no GGN curvature in exact arithmetic), so their variance 1/(s lam 
 span; the centred probit and MC links ignore them too, the plain probit link does not. Measured (issue 17, benchmarks/results/lowrank_ella.md): on the embedded FMNIST CNN
 at rank 20 with the prior by validation NLL, NLL gain over the MAP 0.0024 (centred probit) to 0.0027 (probit);
 on benchmarks/defaults.py's four small tasks the validation recipe never raised NLL and raised ECE by at most
-0.0007 under any of the three links ("ggn": up to 0.0046). Tune delta on validation data: the evidence's delta (marglik) gave +296% to +425%
-NLL on those small tasks.
+0.0007 under any of the three links ("ggn": up to 0.0046). Tune delta on validation data: the evidence's
+delta (marglik) gave a worst NLL excess of +296% to +631% on those small tasks, depending on the link.
 
 Two posteriors (the ``complement`` option of :meth:`LowRankCurvature.fit`):
 
