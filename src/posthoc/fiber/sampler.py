@@ -52,8 +52,8 @@ from posthoc.likelihood import Likelihood, check_supported
 from posthoc.network.batches import DEFAULT_KEYS, first_batch_inputs
 from posthoc.network.inputs import InputSpec, MappingCall, ModelCall, ModelInputs, batch_size, take, tensor_leaves
 from posthoc.network.subset import ParameterSubset, SubsetOfWeights
-from posthoc.predictive import LinkApprox, Predictive, SamplePredictive
-from posthoc.predictive.base import check_n_samples
+from posthoc.predictive import LinkApprox, SamplePredictive
+from posthoc.predictive.base import check_n_samples, laplace_torch_outputs
 from posthoc.utils.checkpoint import check_writable, data_fingerprint, load_checkpoint, module_digest, save_checkpoint
 from posthoc.utils.checks import check_choice, check_positive, check_positive_int
 from posthoc.utils.modes import eval_mode
@@ -433,12 +433,16 @@ class FiberSampler:
                                  for i in range(0, n_samples, chunk_size)])
         return SamplePredictive(outputs)
 
-    def __call__(self, x: ModelInputs, n_samples: int = 100, seed: int | None = None) -> torch.Tensor | Predictive:
-        """Classification: MC class probabilities (B, C). Regression: the predictive of y (noise added)."""
+    def __call__(self, x: ModelInputs, n_samples: int = 100,
+                 seed: int | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """laplace-torch's ``la(x)`` convention over ``n_samples`` fiber samples (:meth:`predict` gives the Predictive).
+
+        Classification: MC class probabilities (B, C). Regression: ``(f_mu (B, C), f_var (B, C, C))``, the sample
+        mean and covariance of f WITHOUT observation noise (add ``sigma_noise**2``, or use
+        ``predict(x).with_noise(sigma_noise)`` for the predictive of y).
+        """
         pred = self.predict(x, n_samples=n_samples, seed=seed)
-        if self.likelihood is Likelihood.REGRESSION:
-            return pred.with_noise(self.sigma_noise)
-        return pred.probs(LinkApprox.MC)
+        return laplace_torch_outputs(pred, self.likelihood is Likelihood.REGRESSION, LinkApprox.MC)
 
     def bench_info(self) -> dict[str, float]:
         """Diagnostics stored with a bench row (within-tolerance fractions, step size, timings)."""

@@ -5,7 +5,7 @@
 for classification and ``.with_noise(sigma)`` / ``.log_prob(y)`` for regression.
 """
 
-from posthoc.predictive.base import Predictive
+from posthoc.predictive.base import Predictive, laplace_torch_outputs
 from posthoc.predictive.batching import concat, predict_loader
 from posthoc.predictive.gaussian import GaussianPredictive
 from posthoc.predictive.links import LinkApprox, laplace_bridge, mc_probs, probit
@@ -13,6 +13,7 @@ from posthoc.predictive.samples import SamplePredictive
 
 __all__ = [
     "Predictive",
+    "laplace_torch_outputs",
     "GaussianPredictive",
     "SamplePredictive",
     "LinkApprox",

@@ -86,3 +86,19 @@ def check_n_samples(n_samples: int) -> None:
         ValueError: For ``bool``, non-``int`` or values below 1 (via ``check_positive_int``).
     """
     check_positive_int(n_samples, "n_samples", "the number of Monte Carlo samples per input")
+
+
+def laplace_torch_outputs(pred: Predictive, regression: bool, link_approx: LinkApprox | str | None = None,
+                          n_samples: int = 1000, seed: int = 0) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """What laplace-torch's ``la(x)`` returns, from a predictive of f: the ``__call__`` of every family.
+
+    Regression: ``(f_mu (B, C), f_var (B, C, C))``, the distribution of the function WITHOUT observation noise
+    (add ``sigma_noise**2`` for y, or use ``predict(x).with_noise(sigma_noise)``). Classification: class
+    probabilities (B, C) by ``link_approx`` (None: the predictive's own default); ``n_samples`` and ``seed`` are
+    used by the "mc" link only. Cost: that of the link; ``f_var`` allocates B C^2 when only variances are known.
+    """
+    if regression:
+        return pred.mean, pred.cov
+    if link_approx is None:
+        return pred.probs(n_samples=n_samples, seed=seed)
+    return pred.probs(link_approx, n_samples=n_samples, seed=seed)

@@ -36,7 +36,7 @@ from posthoc.network.inputs import (
     take,
 )
 from posthoc.network.subset import ParameterSubset
-from posthoc.predictive import GaussianPredictive, LinkApprox
+from posthoc.predictive import GaussianPredictive, LinkApprox, laplace_torch_outputs
 from posthoc.predictive.tuning import (
     PriorOptimization,
     checked_grid,
@@ -382,11 +382,9 @@ class ScaLLA:
         return GaussianPredictive(mean, cov=cov)
 
     def __call__(self, x: ModelInputs, link_approx: LinkApprox | str = LinkApprox.PROBIT):
-        """Classification: class probabilities (B, C). Regression: the predictive of y (noise added)."""
-        pred = self.predict(x)
-        if self.likelihood is Likelihood.REGRESSION:
-            return pred.with_noise(self.sigma_noise)
-        return pred.probs(link_approx, seed=self.seed)
+        """laplace-torch's ``la(x)``: class probabilities (B, C); regression ``(f_mu (B, C), f_var (B, C, C))``, no noise."""
+        return laplace_torch_outputs(self.predict(x), self.likelihood is Likelihood.REGRESSION, link_approx,
+                                     seed=self.seed)
 
     @torch.no_grad()
     def kernel(self, x1: ModelInputs, x2: ModelInputs) -> torch.Tensor:

@@ -29,7 +29,7 @@ from posthoc.network.inputs import (
     place,
     take,
 )
-from posthoc.predictive import GaussianPredictive
+from posthoc.predictive import GaussianPredictive, LinkApprox, laplace_torch_outputs
 from posthoc.predictive.scale import fit_variance_scale, scaled_gaussian
 from posthoc.streamlined.exported import ExportedGraphs, GraphRoute
 from posthoc.streamlined.moments import ActivationCovariance, Moments
@@ -328,6 +328,18 @@ class Streamlined:
         """
         mean, cov = self._propagate(x, input_var)
         return scaled_gaussian(mean, cov, self.variance_scale)
+
+    def __call__(self, x: ModelInputs, link_approx: LinkApprox | str = LinkApprox.PROBIT, n_samples: int = 1000,
+                 seed: int = 0, input_var: float | torch.Tensor | None = None,
+                 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """laplace-torch's ``la(x)`` convention (:meth:`predict` gives the Predictive); one propagation.
+
+        Classification: class probabilities (B, C) by ``link_approx`` (default "probit", the link
+        :meth:`fit_variance_scale` fits with; ``n_samples`` and ``seed`` for "mc" only). Regression:
+        ``(f_mu (B, C), f_var (B, C, C))`` WITHOUT observation noise (add ``sigma_noise**2`` for y).
+        """
+        return laplace_torch_outputs(self.predict(x, input_var), self.likelihood is Likelihood.REGRESSION,
+                                     link_approx, n_samples, seed)
 
     def input_sensitivity(self, x: torch.Tensor, input_var: float | torch.Tensor) -> GaussianPredictive:
         """The output covariance due to input noise alone (weights at their means), unscaled."""
