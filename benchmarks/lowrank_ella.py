@@ -54,6 +54,7 @@ from posthoc.data.loaders import make_loader
 from posthoc.data.suites import get_suite
 from posthoc.laplace import Laplace
 from posthoc.network.subset import ParameterSubset
+from posthoc.predictive.base import Predictive
 from posthoc.predictive.gaussian import GaussianPredictive
 from posthoc.predictive.links import LinkApprox
 from posthoc.utils.io import atomic_write_text
@@ -191,7 +192,7 @@ class SpanPosterior:
         return float(grid[int(evidence.argmax())])
 
 
-def _probs(pred: GaussianPredictive, link: str) -> torch.Tensor:
+def _probs(pred: Predictive, link: str) -> torch.Tensor:
     return pred.probs(link, n_samples=1000, seed=0)
 
 
@@ -244,7 +245,7 @@ def ella_rows(task: Task, seed: int) -> dict[str, dict[str, Any]]:
 
     t0 = time.perf_counter()
     la = ELLA(task.model, "classification", subsample_size=2000, n_eigenvalues=20, seed=seed)
-    la.fit(make_loader(task.train, 100, shuffle=False))
+    la.fit(make_loader(task.train, 25, shuffle=False))  # its basis holds B x C x P Jacobians per batch
     features = {split: torch.cat([la._features(x)[0].detach() for x, _ in
                                   make_loader(getattr(task, split), BATCH, shuffle=False)]).cpu().double()
                 for split in ("val", "test", "ood")}  # (N, C, K)
