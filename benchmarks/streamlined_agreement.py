@@ -302,7 +302,9 @@ def streamlined_row(model: nn.Module, case: Case, variances: dict, x: Any, mc: d
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            sp = Streamlined(network, weight_var=variances, batch_size=50, **kwargs)
+            # full mode: a few inputs at a time (per-example D x D covariances; 50 at once took 8.5 GB on SmallViT)
+            sp = Streamlined(network, weight_var=variances, batch_size=50 if option["mode"] == "diagonal" else 5,
+                             **kwargs)
             t0 = time.perf_counter()
             pred = sp.predict(inputs)
             row["seconds"] = time.perf_counter() - t0
