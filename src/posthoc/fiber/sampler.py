@@ -438,8 +438,7 @@ class FiberSampler:
         """laplace-torch's ``la(x)`` convention over ``n_samples`` fiber samples (:meth:`predict` gives the Predictive).
 
         Classification: MC class probabilities (B, C). Regression: ``(f_mu (B, C), f_var (B, C, C))``, the sample
-        mean and covariance of f WITHOUT observation noise (add ``sigma_noise**2``, or use
-        ``predict(x).with_noise(sigma_noise)`` for the predictive of y).
+        mean and covariance of f WITHOUT observation noise (``predict(x).with_noise(sigma_noise)`` gives y's).
         """
         pred = self.predict(x, n_samples=n_samples, seed=seed)
         return laplace_torch_outputs(pred, self.likelihood is Likelihood.REGRESSION, LinkApprox.MC)
