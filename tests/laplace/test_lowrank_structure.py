@@ -5,6 +5,8 @@ the inverse of its dense precision; ``complement="omit"`` (the default) against 
 exact dense GGN.
 """
 
+import warnings
+
 import pytest
 import torch
 from references import (
@@ -259,8 +261,12 @@ def test_lowrank_jacobian_basis_differs_from_ggn_basis_and_checks_the_option(cla
     """The Jacobian Gram's span is not the GGN's (the variance it keeps is larger); bad ``basis`` names the choices."""
     x, y = classification_data
     subset = ParameterSubset(small_mlp(), "all")
-    ggn = _fit(subset, x, y, rank=4, basis="ggn")
-    jacobian = _fit(subset, x, y, rank=4)  # the default with complement="omit"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a named basis changes nothing: no warning
+        ggn = _fit(subset, x, y, rank=4, basis="ggn")
+        _fit(subset, x, y, rank=2, basis="jacobian")
+    with pytest.warns(FutureWarning, match="basis='ggn'"):  # the default changed meaning: said, with the old spelling
+        jacobian = _fit(subset, x, y, rank=4)  # the default with complement="omit"
     assert float((ggn.eigenvectors @ ggn.eigenvectors.T - jacobian.eigenvectors @ jacobian.eigenvectors.T).norm()) > 0.1
     assert ggn.info["basis"] == "ggn" and jacobian.info["basis"] == "jacobian"
     assert _fit(subset, x, y, rank=4, complement="prior").info["basis"] == "ggn"  # laplace-torch's LowRankLaplace

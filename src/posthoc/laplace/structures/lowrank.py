@@ -45,6 +45,7 @@ for both; only the covariance differs.
 
 from __future__ import annotations
 
+import warnings
 from enum import Enum
 from typing import Any
 
@@ -151,6 +152,11 @@ class LowRankCurvature(CurvatureStructure):
         complement = check_choice(complement, LowRankComplement, "complement")  # before the costly products
         if basis is None:
             basis = LowRankBasis.JACOBIAN if complement is LowRankComplement.OMIT else LowRankBasis.GGN
+            if basis is LowRankBasis.JACOBIAN:
+                warnings.warn("hessian_structure='lowrank' now keeps ELLA's directions by default "
+                              "(structure_options={'basis': 'jacobian'}); until this version it kept the GGN's top "
+                              "eigenvectors: pass basis='ggn' for that posterior, or name the basis to silence this "
+                              "(CHANGELOG.md)", FutureWarning, stacklevel=3)
         basis = check_choice(basis, LowRankBasis, "basis")
         if basis is LowRankBasis.GGN:
             pairs = top_ggn_eigenpairs(subset, batches, factors, rank, subsample=subsample, n_data=n_data,
