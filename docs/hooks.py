@@ -22,6 +22,8 @@ REPOSITORY = Path(__file__).resolve().parent.parent
 RESULTS = REPOSITORY / "benchmarks" / "results"
 MEASUREMENT_PAGES = ("measurements/core.md", "measurements/methods.md")
 SPHINX_ROLE = re.compile(r":(?:func|class|meth|mod|attr|data|exc|obj):(?=<code>)")
+# Sphinx's ``~a.b.C`` shows the last name only: ``<code>~a.b.C</code>`` becomes ``<code>C</code>``
+SHORT_NAME = re.compile(r"<code>~(?:[\w]+\.)*([\w]+)</code>")
 
 
 def results_pages() -> dict[str, Path]:
@@ -65,5 +67,8 @@ def on_files(files: Files, config: Any) -> Files:
 
 
 def on_page_content(html: str, **kwargs: Any) -> str:
-    """Drop Sphinx role prefixes (``:func:`` and the like) left in front of code spans of rendered docstrings."""
-    return SPHINX_ROLE.sub("", html)
+    """Drop Sphinx role prefixes in front of code spans of rendered docstrings; ``~a.b.C`` shows as ``C``.
+
+    The prefixes are ``:func:``, ``:class:`` and the like; the ``~`` form shows its last name only, as in Sphinx.
+    """
+    return SHORT_NAME.sub(r"<code>\1</code>", SPHINX_ROLE.sub("", html))
