@@ -32,6 +32,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from posthoc.models.resnet import ResidualBlock
+
 N_CLASSES = {"resnet18": 10, "wrn16_4": 10, "tiny_cnn": 10, "gpt2": 2, "tiny_gpt2": 2}
 TOKEN_MODELS = ("gpt2", "tiny_gpt2")
 SEQ_LEN = {"gpt2": 128, "tiny_gpt2": 16}
@@ -40,25 +42,6 @@ IMAGE_SHAPE = (3, 32, 32)
 
 
 # --------------------------------------------------------------------------- vision models
-class BasicBlock(nn.Module):
-    """ResNet basic block: relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x)), (B, C_in, H, W) -> (B, C_out, H/s, W/s)."""
-
-    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(c_out)
-        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(c_out)
-        self.shortcut: nn.Module = nn.Identity()
-        if stride != 1 or c_in != c_out:
-            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The block's output (B, C_out, H/stride, W/stride)."""
-        out = torch.relu(self.bn1(self.conv1(x)))
-        return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
-
-
 class CifarResNet(nn.Module):
     """ResNet with a 3×3 stride-1 stem and no max-pool (the CIFAR variant); [2, 2, 2, 2] blocks is ResNet-18.
 
@@ -72,7 +55,7 @@ class CifarResNet(nn.Module):
         layers, c_in = [], widths[0]
         for i, (n, width) in enumerate(zip(blocks, widths, strict=True)):
             for j in range(n):
-                layers.append(BasicBlock(c_in, width, 2 if (i > 0 and j == 0) else 1))
+                layers.append(ResidualBlock(c_in, width, 2 if (i > 0 and j == 0) else 1))
                 c_in = width
         self.layers = nn.Sequential(*layers)
         self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
