@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from posthoc.bench.processes import peak_rss_bytes, reset_peak_rss
 from posthoc.models.resnet import ResidualBlock
 
 N_CLASSES = {"resnet18": 10, "wrn16_4": 10, "tiny_cnn": 10, "gpt2": 2, "tiny_gpt2": 2}
@@ -209,25 +210,6 @@ def logits_of(model: nn.Module, x: Any) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- measuring
-def reset_peak() -> bool:
-    """Reset this process's peak RSS (VmHWM) to its current RSS (Linux ``/proc/self/clear_refs``); False if not."""
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def peak_rss_bytes() -> int:
-    """VmHWM of this process (bytes): its peak RSS since start or the last reset_peak()."""
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
-
-
 def map_forward_backward(model: nn.Module, loader: Iterable) -> float:
     """Seconds of one MAP forward+backward pass (summed cross-entropy) over ``loader``.
 
@@ -337,7 +319,7 @@ def run_case(spec: dict[str, Any]) -> Iterator[dict[str, Any]]:
     timer = EigTimer()
     method = (posthoc_method if spec["library"] == "posthoc" else laplace_torch_method)(spec, model)
     gc.collect()
-    record["peak_reset"] = reset_peak()
+    record["peak_reset"] = reset_peak_rss()
     with timer.patching(*eig_function(spec["library"])):
         start = time.perf_counter()
         method.fit(loader)
@@ -355,7 +337,7 @@ def run_case(spec: dict[str, Any]) -> Iterator[dict[str, Any]]:
     test = inputs(make_inputs(spec["model"], spec["n_predict"], seed=2), spec["predict_batch"])
     del loader, data
     gc.collect()
-    reset_peak()
+    reset_peak_rss()
     done, start = 0, time.perf_counter()
     with torch.no_grad() if spec["method"] == "scalla" else torch.enable_grad():
         for x in test:

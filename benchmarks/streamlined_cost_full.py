@@ -40,7 +40,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from posthoc.bench.processes import run_limited
+from posthoc.bench.processes import peak_rss_bytes, reset_peak_rss, run_limited
 from posthoc.bench.report import run_meta, write_json
 from posthoc.utils.io import atomic_write_text
 
@@ -105,18 +105,9 @@ def mc_forwards(model: nn.Module, x: Any, variances: dict[str, torch.Tensor], n_
 
 
 def _reset_peak() -> None:
-    """Reset this process's peak RSS (VmHWM) to its current RSS (Linux ``/proc/self/clear_refs``)."""
-    with open("/proc/self/clear_refs", "w") as fh:
-        fh.write("5")
-
-
-def _peak_rss_bytes() -> int:
-    """VmHWM (bytes): this process's peak RSS since its start or the last reset."""
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
+    """Reset this process's peak RSS to its current RSS; the peak columns need it (Linux only)."""
+    if not reset_peak_rss():
+        raise OSError("cannot reset the peak RSS (/proc/self/clear_refs): peak memory needs Linux")
 
 
 def _peak_rise_mb(call: Callable[[], object]) -> float:
@@ -124,7 +115,7 @@ def _peak_rise_mb(call: Callable[[], object]) -> float:
     _reset_peak()
     before = _rss_bytes()
     call()
-    return max(_peak_rss_bytes() - before, 0) / 2**20
+    return max(peak_rss_bytes() - before, 0) / 2**20
 
 
 @contextmanager
@@ -249,7 +240,7 @@ def run_case(name: str, threads: int, batch: int, rounds: int, mc_samples: int, 
     mc_map_before = time_calls(map_call, 1, 0.0)[0]
     mc_s = time_calls(mc_call, 1, 0.0)[0]
     mc_map_after = time_calls(map_call, 1, 0.0)[0]
-    row["mc_peak_mb"] = max(_peak_rss_bytes() - before, 0) / 2**20
+    row["mc_peak_mb"] = max(peak_rss_bytes() - before, 0) / 2**20
     mc_map = 0.5 * (mc_map_before + mc_map_after)
     row.update(mc_samples=mc_samples, mc_k_s=mc_s, mc_map_s=mc_map, mc100_s=100 / mc_samples * mc_s,
                mc100_x_map=100 / mc_samples * mc_s / mc_map)
@@ -266,7 +257,7 @@ def run_case(name: str, threads: int, batch: int, rounds: int, mc_samples: int, 
                                    for key, (s, c) in sorted(modules.items(), key=lambda kv: -kv[1][0])}
         row["streamlined_top_ops"] = _top_ops(streamlined_call)
         row["map_top_ops"] = _top_ops(map_call)
-    row["process_peak_mb"] = _peak_rss_bytes() / 2**20  # since the last reset (before MC), not the model build
+    row["process_peak_mb"] = peak_rss_bytes() / 2**20  # since the last reset (before MC), not the model build
     row["load_before"], row["load_after"] = list(load_before), list(os.getloadavg())
     row["versions"] = _versions()
     row["cpu"] = f"{_cpu_model()}, {os.cpu_count()} CPUs"

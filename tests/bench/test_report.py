@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from posthoc.bench.processes import run_limited
+from posthoc.bench.processes import peak_rss_bytes, reset_peak_rss, run_limited
 from posthoc.bench.report import git_commit, run_meta
 
 
@@ -47,6 +47,16 @@ def test_run_limited_memory_limit_fails_in_the_child():
     code = "b = bytearray(2 * 2**30)\nprint('allocated')"
     out = run_limited([sys.executable, "-c", code], mem_limit_bytes=512 * 2**20, timeout=60)
     assert out.returncode != 0 and "MemoryError" in out.stderr and "allocated" not in out.stdout
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="VmHWM and clear_refs are Linux's")
+def test_peak_rss_rises_with_an_allocation_and_resets():
+    assert reset_peak_rss()
+    base = peak_rss_bytes()
+    block = bytearray(64 * 2**20)  # touched: bytearray zero-fills
+    assert peak_rss_bytes() - base >= 60 * 2**20
+    del block
+    assert reset_peak_rss() and peak_rss_bytes() < base + 32 * 2**20
 
 
 def test_run_limited_refuses_bad_limits():

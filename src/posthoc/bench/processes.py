@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from posthoc.utils.checks import check_positive_int
 
-__all__ = ["ProcessOutcome", "run_limited"]
+__all__ = ["ProcessOutcome", "peak_rss_bytes", "reset_peak_rss", "run_limited"]
 
 
 @dataclass(frozen=True)
@@ -69,3 +69,25 @@ def run_limited(command: Sequence[str], *, mem_limit_bytes: int | None = None, t
         return ProcessOutcome(None, _text(exc.stdout), _text(exc.stderr), True, time.perf_counter() - started)
     return ProcessOutcome(proc.returncode, proc.stdout, proc.stderr, False, time.perf_counter() - started)
 
+
+def reset_peak_rss() -> bool:
+    """Reset this process's peak RSS (VmHWM) to its current RSS (Linux ``/proc/self/clear_refs``); False if not."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_bytes() -> int:
+    """VmHWM of this process (bytes): its peak RSS since its start or the last :func:`reset_peak_rss`.
+
+    Raises:
+        RuntimeError: no VmHWM line in ``/proc/self/status``.
+    """
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
