@@ -1,9 +1,10 @@
 """Rules for nn.Conv1d, transformers' Conv1D, nn.GroupNorm and the functional layer_norm / group_norm.
 
 Conv1d is the Conv2d rule on a (B, C, 1, L) view, and Conv1D (GPT-2's projections, y = x W + b with W stored
-(D_in, D_out)) the Linear rule with Wᵀ; both read the layer's own posterior (diagonal, or for Conv1d also Kronecker
-or full: the flattened input order C_in·k is the same). GroupNorm normalises each group of C/G channels like a
-LayerNorm over them (statistics frozen or linearised, ``ctx.layernorm``), then applies a per-channel affine map.
+(D_in, D_out)) the Linear rule with Wᵀ; both read the layer's own posterior, diagonal, Kronecker or full (Conv1d's
+flattened input order C_in·k is the same; Conv1D's weight entries are read transposed). GroupNorm normalises each
+group of C/G channels like a LayerNorm over them (statistics frozen or linearised, ``ctx.layernorm``), then applies
+a per-channel affine map.
 """
 
 from __future__ import annotations
@@ -57,10 +58,35 @@ def conv1d_rule(module: nn.Conv1d, state: Moments, ctx: Context, last: bool) -> 
     return rearrange(out, lambda t: t.squeeze(-2))
 
 
-def hf_conv1d_rule(module: nn.Module, state: Moments, ctx: Context, last: bool) -> Moments:
-    """Transformers' Conv1D (y = x W + b, W (D_in, D_out)): the Linear rule with Wᵀ; diagonal posterior only.
+def _conv1d_as_linear_posterior(module: nn.Module, post: LayerPosterior) -> LayerPosterior:
+    """A Conv1D's posterior as its stand-in nn.Linear's: the weight's entries (D_in, D_out) read as (D_out, D_in).
 
-    Raises ValueError for a Kronecker or full posterior on it.
+    Diagonal: the variances transposed. Kronecker: the factor unchanged (the KFAC structure keeps a Conv1D weight's
+    block in the (D_out, D_in) layout, ``KronBlock.transposed``). Full: the weight's rows and columns of the dense
+    covariance permuted to the transposed order. Cost: one gather of the full covariance, else views.
+    """
+    weight = cast(torch.Tensor, module.weight)
+    d_in, d_out = int(weight.shape[0]), int(weight.shape[1])
+    stand_in = LayerPosterior(diag={k: v.T if k == "weight" else v for k, v in post.diag.items()},
+                              kron=dict(post.kron))
+    if post.full is not None:
+        attrs, cov = post.full
+        parts, offset = [], 0
+        for attr in attrs:
+            n = getattr(module, attr).numel()
+            positions = torch.arange(offset, offset + n, device=cov.device)
+            parts.append(positions.reshape(d_in, d_out).T.reshape(-1) if attr == "weight" else positions)
+            offset += n
+        order = torch.cat(parts)
+        stand_in.full = (list(attrs), cov[order][:, order])
+    return stand_in
+
+
+def hf_conv1d_rule(module: nn.Module, state: Moments, ctx: Context, last: bool) -> Moments:
+    """Transformers' Conv1D (y = x W + b, W (D_in, D_out)): the Linear rule with Wᵀ, O(the Linear rule's).
+
+    The layer's posterior (diagonal, Kronecker or full) is read as the stand-in Linear's
+    (:func:`_conv1d_as_linear_posterior`).
     """
     weight, bias = cast(torch.Tensor, module.weight), cast(torch.Tensor, module.bias)  # W (D_in, D_out)
     linear = nn.Linear(int(weight.shape[0]), int(weight.shape[1]), device=weight.device, dtype=weight.dtype)
@@ -68,10 +94,7 @@ def hf_conv1d_rule(module: nn.Module, state: Moments, ctx: Context, last: bool) 
         linear.weight.copy_(weight.T)
         linear.bias.copy_(bias)
     post = ctx.posterior.get(module)
-    if post is not None and (post.kron or post.full is not None):
-        raise ValueError("transformers' Conv1D supports a diagonal posterior only in Streamlined")
-    stand_in_post = None if post is None else LayerPosterior(
-        diag={k: v.T if k == "weight" else v for k, v in post.diag.items()})
+    stand_in_post = None if post is None else _conv1d_as_linear_posterior(module, post)
     return linear_rule(linear, state, _with_stand_in(ctx, linear, stand_in_post), last)
 
 
