@@ -33,6 +33,13 @@ from posthoc.streamlined.rules.multihead import fold_multihead_calls
 from posthoc.streamlined.rules.ops import ADDS, SUBS, UnsupportedOpError, _apply, is_random
 from posthoc.streamlined.walk import unsupported_module
 
+# Readers that take some arguments as means only: scaled_dot_product_attention computes its weights from the means
+# of the query and key (the paper's rule), so their variances are never read. (target -> positions, keywords)
+MEAN_ONLY_ARGUMENTS: dict[Any, tuple[tuple[int, ...], tuple[str, ...]]] = {
+    torch.nn.functional.scaled_dot_product_attention: ((0, 1), ("query", "key")),
+    torch.ops.aten.scaled_dot_product_attention.default: ((0, 1), ("query", "key")),
+}
+
 
 class _RuleLeafTracer(fx.Tracer):
     """Keeps every module with a rule, and torch.nn's own layers, as ``call_module`` nodes; traces through others.
@@ -174,6 +181,52 @@ def _needed(returned: Any) -> set[fx.Node]:
     return needed
 
 
+def _variance_inputs(node: fx.Node) -> list[fx.Node]:
+    """The inputs whose variances the node's output variance depends on: all but those read as means only."""
+    skipped = MEAN_ONLY_ARGUMENTS.get(node.target) if node.op == "call_function" else None
+    if skipped is None:
+        return node.all_input_nodes
+    positions, keywords = skipped
+    inputs: list[fx.Node] = []
+    for i, arg in enumerate(node.args):
+        if i not in positions:
+            fx.node.map_arg(arg, inputs.append)
+    for name, arg in node.kwargs.items():
+        if name not in keywords:
+            fx.node.map_arg(arg, inputs.append)
+    return inputs
+
+
+def variance_needed(returned: Any) -> set[fx.Node]:
+    """The nodes whose variances reach the read output; the others (e.g. BERT's Q and K projections) are mean-only.
+
+    A node is in the set when the output reads it, or when a node in the set reads its variance (every input of
+    a node except those in :data:`MEAN_ONLY_ARGUMENTS`). Diagonal mode runs a node outside the set on the means
+    of its inputs with the weights at their means: the mean is the same, and the variance pass nobody reads is
+    skipped (for BERT-base two of the six Linear layers per block). Cost: one pass over the graph.
+    """
+    stack: list[fx.Node] = []
+    fx.node.map_arg(returned, stack.append)
+    wanted: set[fx.Node] = set()
+    while stack:
+        node = stack.pop()
+        if node not in wanted:
+            wanted.add(node)
+            stack.extend(_variance_inputs(node))
+    return wanted
+
+
+def _without_variance(value: Any) -> Any:
+    """The value with every Moments replaced by its mean as a deterministic activation (Moments without variance)."""
+    if isinstance(value, Moments):
+        return Moments(value.mean)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_without_variance(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _without_variance(v) for k, v in value.items()}
+    return value
+
+
 def propagate_traced(graph_module: fx.GraphModule, state: Moments | TracedInputs, ctx: Context) -> Moments:
     """Propagate the input state through a traced model (:func:`trace`); returns the output's Moments.
 
@@ -198,6 +251,9 @@ def propagate_traced(graph_module: fx.GraphModule, state: Moments | TracedInputs
     # diagonal mode: a value is dropped once its last reader ran, so memory is that of the widest cut of the graph,
     # not of every activation (ViT-B at batch 32: 6 GB); the full mode's joint covariances read earlier values
     last_reader = {} if joint is not None else {arg: node for node in graph.nodes for arg in node.all_input_nodes}
+    # diagonal mode: nodes whose variance nobody reads run on the means with the weights at their means
+    with_variance = None if joint is not None else variance_needed(returned)
+    mean_ctx = Context(ctx.mode, ctx.posterior.deterministic(), ctx.attention, ctx.layernorm, ctx.max_full_dim)
     for node, value in _placeholder_values(graph, state):
         env[node] = value
         if joint is not None and isinstance(value, Moments):
@@ -210,7 +266,11 @@ def propagate_traced(graph_module: fx.GraphModule, state: Moments | TracedInputs
             env[node] = getattr(graph_module.get_submodule(str(node.target).rpartition(".")[0]),
                                 str(node.target).rpartition(".")[2])
         elif node.op in ("call_module", "call_function", "call_method"):
-            env[node] = _call(graph_module, node, env, joint, calls, ctx, node is last)
+            if with_variance is None or node in with_variance:
+                env[node] = _call(graph_module, node, env, joint, calls, ctx, node is last)
+            else:
+                means = {arg: _without_variance(env[arg]) for arg in node.all_input_nodes}
+                env[node] = _call(graph_module, node, means, None, calls, mean_ctx, False)
             for arg in node.all_input_nodes:
                 if last_reader.get(arg) is node:
                     env.pop(arg, None)
