@@ -3,8 +3,15 @@
 For K particles thetas (K, P) and a batch of inputs, J_k = d f(X; theta)/d theta at theta_k is a
 (B*C, P) matrix that is never stored: every function here uses forward-mode (JVP) and
 reverse-mode (VJP) products through ``ParameterSubset.forward``, vectorised over the K particles
-with ``torch.func.vmap``. One Gram product J J^T w costs one VJP and one JVP (about three forward
-passes) per particle.
+with ``torch.func.vmap`` (or looped over them, ``vectorise=False``: :mod:`posthoc.fiber.particles`). One Gram
+product J J^T w costs one VJP and one JVP (about three forward passes) per particle. Attention runs on kernels
+with forward-mode derivatives and batching rules (:func:`~posthoc.fiber.particles.map_particles`: Hugging Face's
+default "sdpa" attention on SDPA's math kernel).
+
+Outputs with positions, (B, ..., C) (:mod:`posthoc.network.positions`): J has one row per output of every
+position, B*L*C rows for L positions. ``kept`` (B, ...) selects the positions whose outputs count (targets not
+the ignore index): the other positions' rows are dropped, i.e. J v and the cotangents of J^T are zero there, so
+the projection keeps the kept positions' outputs only and an ignored position constrains nothing.
 
 The projection onto the directions that keep the batch outputs is
 
@@ -21,38 +28,62 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-from torch.func import jvp, vjp, vmap
+from torch.func import jvp, vjp
 
+from posthoc.fiber.particles import map_particles
 from posthoc.network.inputs import ModelInputs
 from posthoc.network.subset import ParameterSubset
 
 
-def outputs_many(subset: ParameterSubset, inputs: ModelInputs, thetas: torch.Tensor) -> torch.Tensor:
-    """f(X; theta_k) for K particles: (K, B, C). Cost: K forward passes (vmapped)."""
-    return vmap(lambda th: subset.forward(inputs, th))(thetas)
+def _keep(values: torch.Tensor, kept: torch.Tensor | None) -> torch.Tensor:
+    """``values`` (K, B, ..., C) with the positions outside ``kept`` (B, ...) zeroed (None: all kept)."""
+    return values if kept is None else values * kept.unsqueeze(-1).to(values.dtype)
 
 
-def jvp_at(subset: ParameterSubset, inputs: ModelInputs, thetas: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
-    """J(theta_k) v_k for K particles and K directions (K, P): (K, B, C). One JVP per particle."""
+def outputs_many(subset: ParameterSubset, inputs: ModelInputs, thetas: torch.Tensor, vectorise: bool = True,
+                 randomness: str = "error") -> torch.Tensor:
+    """f(X; theta_k) for K particles: (K, B, ..., C). Cost: K forward passes (vmapped unless ``vectorise`` is False)."""
+    return map_particles(lambda th: subset.forward(inputs, th), (thetas,), vectorise, randomness)
+
+
+def jvp_at(subset: ParameterSubset, inputs: ModelInputs, thetas: torch.Tensor, directions: torch.Tensor,
+           kept: torch.Tensor | None = None, vectorise: bool = True) -> torch.Tensor:
+    """J(theta_k) v_k for K particles and K directions (K, P): (K, B, ..., C), zero outside ``kept``. One JVP each.
+
+    Raises:
+        NotImplementedError: an operation of the model has no forward-mode derivative, naming the fix.
+    """
 
     def one(th: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return jvp(lambda t: subset.forward(inputs, t), (th,), (v,))[1]
 
-    return vmap(one)(thetas, directions)
+    try:
+        return _keep(map_particles(one, (thetas, directions), vectorise), kept)
+    except NotImplementedError as err:
+        if "forward AD" not in str(err):
+            raise
+        raise NotImplementedError(f"the model uses an operation without a forward-mode derivative in this PyTorch "
+                                  f"({err}); the fiber walk's projection needs JVPs: replace that operation (e.g. "
+                                  "by plain tensor ops)") from err
 
 
-def vjp_at(subset: ParameterSubset, inputs: ModelInputs, thetas: torch.Tensor, cotangents: torch.Tensor) -> torch.Tensor:
-    """J(theta_k)^T u_k for K particles and cotangents (K, B, C): (K, P). One VJP per particle."""
+def vjp_at(subset: ParameterSubset, inputs: ModelInputs, thetas: torch.Tensor, cotangents: torch.Tensor,
+           kept: torch.Tensor | None = None, vectorise: bool = True) -> torch.Tensor:
+    """J(theta_k)^T u_k for K particles and cotangents (K, B, ..., C), zeroed outside ``kept``: (K, P). One VJP each."""
 
     def one(th: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         return vjp(lambda t: subset.forward(inputs, t), th)[1](u)[0]
 
-    return vmap(one)(thetas, cotangents)
+    return map_particles(one, (thetas, _keep(cotangents, kept)), vectorise)
 
 
-def gram_product(subset: ParameterSubset, inputs: ModelInputs, thetas: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """J_k J_k^T w_k for K particles: (K, B, C) -> (K, B, C). One VJP and one JVP per particle."""
-    return jvp_at(subset, inputs, thetas, vjp_at(subset, inputs, thetas, w))
+def gram_product(subset: ParameterSubset, inputs: ModelInputs, thetas: torch.Tensor, w: torch.Tensor,
+                 kept: torch.Tensor | None = None, vectorise: bool = True) -> torch.Tensor:
+    """J_k J_k^T w_k for K particles, J_k's rows those of the ``kept`` positions: (K, B, ..., C) -> (K, B, ..., C).
+
+    One VJP and one JVP per particle.
+    """
+    return jvp_at(subset, inputs, thetas, vjp_at(subset, inputs, thetas, w, kept, vectorise), kept, vectorise)
 
 
 def batched_cg(matvec: Callable[[torch.Tensor], torch.Tensor], rhs: torch.Tensor, steps: int,
@@ -83,22 +114,27 @@ def batched_cg(matvec: Callable[[torch.Tensor], torch.Tensor], rhs: torch.Tensor
 
 
 def project_null(subset: ParameterSubset, inputs: ModelInputs, thetas: torch.Tensor, v: torch.Tensor,
-                 cg_steps: int, damping: float) -> torch.Tensor:
+                 cg_steps: int, damping: float, kept: torch.Tensor | None = None,
+                 vectorise: bool = True) -> torch.Tensor:
     """P_k v_k = v_k - J_k^T (J_k J_k^T + damping I)^-1 J_k v_k for K particles: (K, P).
 
-    Cost: ``cg_steps + 1`` Gram products plus one JVP and one VJP per particle; memory O(K (P + B C)).
+    J_k has the rows of the ``kept`` positions (B, ...) only (None: every output). Cost: ``cg_steps + 1`` Gram
+    products plus one JVP and one VJP per particle; memory O(K (P + B L C)).
     """
-    jv = jvp_at(subset, inputs, thetas, v)
-    w = batched_cg(lambda u: gram_product(subset, inputs, thetas, u), jv, cg_steps, damping)
-    return v - vjp_at(subset, inputs, thetas, w)
+    jv = jvp_at(subset, inputs, thetas, v, kept, vectorise)
+    w = batched_cg(lambda u: gram_product(subset, inputs, thetas, u, kept, vectorise), jv, cg_steps, damping)
+    return v - vjp_at(subset, inputs, thetas, w, kept, vectorise)
 
 
 def min_norm_step(subset: ParameterSubset, inputs: ModelInputs, thetas: torch.Tensor, output_change: torch.Tensor,
-                  cg_steps: int, damping: float) -> torch.Tensor:
-    """The smallest parameter change (K, P) that moves the linearised outputs by ``output_change`` (K, B, C).
+                  cg_steps: int, damping: float, kept: torch.Tensor | None = None,
+                  vectorise: bool = True) -> torch.Tensor:
+    """The smallest parameter change (K, P) that moves the linearised outputs by ``output_change`` (K, B, ..., C).
 
     J_k^T (J_k J_k^T + damping I)^-1 d_k: a Gauss-Newton step of 1/2 ||f(theta) - target||^2 when
-    d = target - f(theta). Cost: ``cg_steps`` Gram products and one VJP per particle.
+    d = target - f(theta), over the ``kept`` positions (B, ...) only (None: every output; the change asked at the
+    others is ignored). Cost: ``cg_steps`` Gram products and one VJP per particle.
     """
-    w = batched_cg(lambda u: gram_product(subset, inputs, thetas, u), output_change, cg_steps, damping)
-    return vjp_at(subset, inputs, thetas, w)
+    change = _keep(output_change, kept)
+    w = batched_cg(lambda u: gram_product(subset, inputs, thetas, u, kept, vectorise), change, cg_steps, damping)
+    return vjp_at(subset, inputs, thetas, w, kept, vectorise)

@@ -36,7 +36,7 @@ from torch import nn
 from posthoc.fiber.deform import DeformKind
 from posthoc.fiber.projection import project_null
 from posthoc.fiber.stage2 import DeformMethod, register_deform, stage2_samples, walked
-from posthoc.fiber.walk import FiberProblem, mean_nll, pull_back
+from posthoc.fiber.walk import FiberProblem, kept_outputs, mean_nll, pull_back
 from posthoc.network.inputs import ModelInputs, select
 
 if TYPE_CHECKING:  # the sampler imports this module through config.py
@@ -121,7 +121,8 @@ class PullbackMove(nn.Module):
             raise RuntimeError("the pullback map has no pull-back set yet (FiberSampler.fit sets it)")
         data = self.pullback_set
         problem = FiberProblem(fs.subset, data["inputs"], data["targets"], fs.likelihood, fs.prior_precision,
-                               fs.sigma_noise)
+                               fs.sigma_noise, vectorise=fs.vectorises(data["inputs"]))
+        kept = kept_outputs(data["targets"], fs.likelihood)
         config = fs.config
         index = torch.randint(self.anchors.shape[0], (n_samples,), generator=generator).to(self.anchors.device)
         noise = torch.randn((n_samples, self.anchors.shape[1]), generator=generator, dtype=self.anchors.dtype)
@@ -131,7 +132,8 @@ class PullbackMove(nn.Module):
             anchors = self.anchors[index[start:start + CHUNK]]
             move = -0.5 * self.tau * fs.prior_precision * anchors + math.sqrt(self.tau) * noise[start:start + CHUNK]
             with torch.no_grad():
-                move = project_null(fs.subset, data["inputs"], anchors, move, config.cg_steps, config.damping)
+                move = project_null(fs.subset, data["inputs"], anchors, move, config.cg_steps, config.damping, kept,
+                                    problem.vectorise)
             moved, _, ok = pull_back(problem, anchors + move, data["inputs"], data["targets"], data["reference"],
                                      data["threshold"], config)
             thetas.append(torch.where(ok.unsqueeze(-1), moved, anchors))

@@ -33,26 +33,27 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from posthoc.fiber.config import DeformConfig, deform_setting, stage_configs
+from posthoc.fiber.data import is_tensor_spec, prediction_model_inputs, training_problem
 from posthoc.fiber.deform import DeformKind, PrincipalCoordinates
+from posthoc.fiber.particles import vectorises_over_particles
+from posthoc.fiber.projection import outputs_many
 from posthoc.fiber.stage2 import DeformMethod, fitted_coords, stage2_samples, walked
 from posthoc.fiber.walk import (
     FiberProblem,
     WalkConfig,
     WalkState,
-    canonical_training_data,
     finalize,
     full_data_nll,
     init_walk,
-    is_tensor_spec,
-    prediction_model_inputs,
     walk_step,
     walk_summary,
 )
+from posthoc.laplace.predict import PositionPredictive
 from posthoc.likelihood import Likelihood, check_supported
-from posthoc.network.batches import DEFAULT_KEYS, first_batch_inputs
-from posthoc.network.inputs import InputSpec, MappingCall, ModelCall, ModelInputs, batch_size, take, tensor_leaves
+from posthoc.network.batches import DEFAULT_KEYS
+from posthoc.network.inputs import InputSpec, MappingCall, ModelCall, ModelInputs, tensor_leaves
 from posthoc.network.subset import ParameterSubset, SubsetOfWeights
-from posthoc.predictive import LinkApprox, SamplePredictive
+from posthoc.predictive import LinkApprox, Predictive, SamplePredictive
 from posthoc.predictive.base import check_n_samples, laplace_torch_outputs
 from posthoc.utils.checkpoint import check_writable, data_fingerprint, load_checkpoint, module_digest, save_checkpoint
 from posthoc.utils.checks import check_choice, check_positive, check_positive_int
@@ -97,8 +98,11 @@ class FiberSampler:
             of a tuple/list, or ``"logits"`` of a mapping or HF ``ModelOutput``.
 
     The covered weights are those that require grad: freezing all but some (e.g. a peft model's LoRA adapters)
-    samples those only. The walk's JVPs need forward-mode derivatives of every operation of the model: for a
-    Hugging Face model on CPU call ``model.set_attn_implementation("eager")`` first.
+    samples those only. The walk's JVPs need forward-mode derivatives of every operation of the model; attention runs
+    on kernels that have them (Hugging Face's default "sdpa" attention on SDPA's math kernel). The particles are
+    vmapped unless the forward pass reads values computed from the weights (:mod:`posthoc.fiber.particles`).
+    Outputs (B, ..., C) (per-token or per-pixel heads) are one observation per position; positions whose class
+    target is -100 are skipped (:mod:`posthoc.fiber.walk`).
 
     ``config`` (WalkConfig) and ``deform_config`` (DeformConfig) hold the settings. The stage-2 fields are also
     attributes (``fs.flow_steps``; ``fs.barrier_weight`` with its default resolved; ``fs.deform`` the map's name,
@@ -148,19 +152,18 @@ class FiberSampler:
         self.sigma_noise = torch.as_tensor(1.0 if sigma_noise is None else float(sigma_noise),
                                            dtype=self.subset.dtype, device=self.subset.device)
         check_positive_int(checkpoint_every, "checkpoint_every", "walk / flow steps between checkpoints")
-        self.seed = seed
-        self.checkpoint_every = checkpoint_every
-        self.progress = progress
+        self.seed, self.checkpoint_every, self.progress = seed, checkpoint_every, progress
         self.dict_key_x, self.dict_key_y = dict_key_x, dict_key_y
         # fitted state
         self.particles: torch.Tensor | None = None
-        self.particle_nll: torch.Tensor | None = None
+        self.particle_nll: torch.Tensor | None = None  # the particles' all-data mean NLL (M,)
         self.map_nll: float | None = None
         self.coords: PrincipalCoordinates | None = None
         self.flow: nn.Module | None = None  # the trained stage-2 map (None: the Gaussian map)
         self.info: dict[str, float] = {}
         self._cache: tuple[tuple[int, int], torch.Tensor] | None = None
         self._problem_cache: FiberProblem | None = None
+        self._vectorise: bool | None = None  # whether the covered function vmaps over particles (vectorises)
         self.input_shape: InputSpec | None = None  # of one model input (input_spec for a tuple/mapping), by walk/fit
         self._fingerprint: dict[str, Any] = {}  # of the fit in progress (checkpoints)
         self._callback: Callable[[str, int], None] | None = None
@@ -208,16 +211,10 @@ class FiberSampler:
                 # maps, so their checkpoints written before those settings existed load)
                 **self._method.settings(self)}
 
-    def _problem(self, train_loader: Iterable) -> FiberProblem:
-        """The walk's problem (:func:`~posthoc.fiber.walk.canonical_training_data`); sets input_shape, sigma_noise."""
-        inputs, targets, self.input_shape = canonical_training_data(
-            train_loader, self.subset, self.likelihood, self.dict_key_x, self.dict_key_y)
-        if self.likelihood is Likelihood.REGRESSION and self._sigma_given is None:
-            with torch.no_grad():
-                resid = torch.cat([targets[i:i + 4096] - self.subset.forward(take(inputs, i, i + 4096))
-                                   for i in range(0, batch_size(inputs), 4096)])
-            self.sigma_noise = resid.pow(2).mean().sqrt().clamp_min(1e-6).to(self.subset.dtype)
-        return FiberProblem(self.subset, inputs, targets, self.likelihood, self.prior_precision, self.sigma_noise)
+    def vectorises(self, inputs: ModelInputs) -> bool:
+        """Whether the covered function vmaps over particles (:mod:`posthoc.fiber.particles`; probed once, cached)."""
+        self._vectorise = vectorises_over_particles(self.subset, inputs) if self._vectorise is None else self._vectorise
+        return self._vectorise
 
     def _start(self, train_loader: Iterable, checkpoint: str | os.PathLike | None,
                callback: Callable[[str, int], None] | None) -> tuple[FiberProblem, Path | None, dict[str, Any] | None]:
@@ -227,11 +224,10 @@ class FiberSampler:
         path = Path(checkpoint) if checkpoint is not None else None
         if path is not None:
             check_writable(path.parent, "FiberSampler checkpoint")
-        x0, _ = first_batch_inputs(train_loader, self.model, self.likelihood, self.dict_key_x, self.dict_key_y,
-                                   self.subset.dtype, self.subset.device, self.call, mapping_inputs=True)
-        self.subset.capture(x0)  # for last_layer, also locates the layer on the first batch
-        problem = self._problem(train_loader)
-        self._problem_cache = problem
+        keys = (self.dict_key_x, self.dict_key_y)
+        problem, self.input_shape = training_problem(self.subset, self.call, train_loader, self.likelihood, keys,
+                                                     self.prior_precision, self._sigma_given)
+        self.sigma_noise, self._vectorise, self._problem_cache = problem.sigma_noise, problem.vectorise, problem
         # everything the result depends on; the data as the walk reads them (canonical order, covered module's inputs)
         self._fingerprint = {"version": STATE_VERSION, "settings": self._settings(),
                              "network_weights": module_digest(self.model),
@@ -242,10 +238,9 @@ class FiberSampler:
         return problem, path, saved
 
     def _save(self, path: Path | None, stage: str, **payload: Any) -> None:
-        if path is None:
-            return
-        save_checkpoint(path, {"stage": stage, "sigma_noise": self.sigma_noise, **payload}, self._fingerprint,
-                        CHECKPOINT_WHAT)
+        if path is not None:
+            save_checkpoint(path, {"stage": stage, "sigma_noise": self.sigma_noise, **payload}, self._fingerprint,
+                            CHECKPOINT_WHAT)
 
     # ----------------------------------------------------------------- stage 1
     def walk(self, train_loader: Iterable, checkpoint: str | os.PathLike | None = None,
@@ -405,9 +400,11 @@ class FiberSampler:
         return self._method.sample(self, self.flow, n_samples, generator)
 
     def predict(self, x: ModelInputs, n_samples: int = 100, seed: int | None = None,
-                chunk_size: int = 25) -> SamplePredictive:
+                chunk_size: int = 25) -> Predictive:
         """The sample predictive (n_samples, B, C) of f(x; theta_s) for stage-2 samples theta_s.
 
+        Outputs with positions: a :class:`~posthoc.laplace.predict.PositionPredictive` of the samples
+        (n_samples, B, ..., C), whose mean, probs (the mixture over the samples) and samples are (B, ..., C)-shaped.
         The samples are the same for every call with the same n_samples and seed; inputs x have the training inputs'
         shape (B, ...). The network runs in eval mode whatever mode it was left in (and is given back its modes).
         Regression: the predictive of f; use ``.with_noise(fs.sigma_noise)`` or ``fs(x)`` for y.
@@ -429,9 +426,12 @@ class FiberSampler:
         thetas = self._cache[1]
         with eval_mode(self.model), torch.no_grad():
             inputs = self.subset.inputs(x)
-            outputs = torch.cat([self.subset.forward_many(inputs, thetas[i:i + chunk_size])
-                                 for i in range(0, n_samples, chunk_size)])
-        return SamplePredictive(outputs)
+            outputs = torch.cat([outputs_many(self.subset, inputs, thetas[i:i + chunk_size], self.vectorises(inputs),
+                                              randomness="different") for i in range(0, n_samples, chunk_size)])
+        if outputs.ndim == 3:
+            return SamplePredictive(outputs)
+        return PositionPredictive(SamplePredictive(outputs.reshape(n_samples, -1, outputs.shape[-1])),
+                                  tuple(outputs.shape[1:]))
 
     def __call__(self, x: ModelInputs, n_samples: int = 100,
                  seed: int | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -496,5 +496,5 @@ class FiberSampler:
                 p.requires_grad_(False)
             self.flow = flow
         self.info = dict(state["info"])
-        self._cache = None
+        self._cache, self._vectorise = None, None
         return self

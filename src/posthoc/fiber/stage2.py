@@ -288,7 +288,7 @@ def loss_penalty(fs: FiberSampler, problem: FiberProblem,
         z = torch.randn((cfg.flow_loss_samples, coords.rank), generator=generator, dtype=fs.subset.dtype)
         x, y = select(problem.inputs, index), problem.targets[index]
         thetas = coords.decode(flow(z.to(fs.subset.device)))
-        nll = mean_nll(outputs_many(fs.subset, x, thetas), y, fs.likelihood, fs.sigma_noise)
+        nll = mean_nll(outputs_many(fs.subset, x, thetas, problem.vectorise), y, fs.likelihood, fs.sigma_noise)
         with torch.no_grad():
             ref = mean_nll(fs.subset.forward(x).unsqueeze(0), y, fs.likelihood, fs.sigma_noise)
         return torch.relu(nll - ref - 0.8 * tol).mean() / tol
@@ -312,7 +312,7 @@ def variational_energy(fs: FiberSampler, problem: FiberProblem, generator: torch
         index = torch.randint(problem.n_data, (min(batch, problem.n_data),), generator=generator)
         x, y = select(problem.inputs, index), problem.targets[index]
         thetas = principal.decode(coords) if decode else coords
-        nll = mean_nll(outputs_many(fs.subset, x, thetas), y, fs.likelihood, fs.sigma_noise)
+        nll = mean_nll(outputs_many(fs.subset, x, thetas, problem.vectorise), y, fs.likelihood, fs.sigma_noise)
         with torch.no_grad():
             ref = mean_nll(fs.subset.forward(x).unsqueeze(0), y, fs.likelihood, fs.sigma_noise)
         neg_log_prior = 0.5 * (fs.prior_precision * thetas**2).sum(-1)

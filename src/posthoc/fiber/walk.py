@@ -10,7 +10,7 @@ One step for K particles thetas (K, P), on a minibatch X_b drawn with replacemen
 
 P_b the projection onto null(J(X_b)) (``projection.project_null``: CG on the (B*C)-dimensional
 system, JVP/VJP products, no stored Jacobian). Then the pull-back: while a particle's mean
-per-example NLL on a fixed training subsample exceeds the MAP's (on the same subsample) by more
+NLL per observation on a fixed training subsample exceeds the MAP's (on the same subsample) by more
 than ``loss_tolerance``, take a Gauss-Newton step that moves its subsample outputs back to the
 MAP's outputs along the minimum-norm direction (``projection.min_norm_step``), at most
 ``pullback_steps`` times per walk step. The fiber is {theta : f(X; theta) = f(X; theta*)}, so this is
@@ -25,22 +25,29 @@ within ``pullback_steps`` (it never grows); after burn-in it is fixed, so the ke
 is a fixed-step Markov chain. Rejected moves keep the chain in the low-loss set, so an occasional
 rejection needs no smaller step; shrinking on every single one froze the walk on the UCI networks
 (docs/measurements/methods.md).
+
+Observations. Outputs (B, C) have one observation per example. Outputs with positions, (B, ..., C)
+(:mod:`posthoc.network.positions`: per-token or per-pixel heads), have one per position, and a classification
+position whose target is the ignore index (-100) is no observation: it adds nothing to the loss, the projection
+drops its outputs' Jacobian rows (:mod:`posthoc.fiber.projection`) and the pull-back does not move them. Every
+loss here is the mean NLL per kept observation (summed over the examples' kept positions, divided by their
+number), so ``loss_tolerance`` is in nats per kept position; for (B, C) outputs that is nats per example.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 
 from posthoc.fiber.projection import min_norm_step, outputs_many, project_null
 from posthoc.likelihood import Likelihood
-from posthoc.network.batches import checked_batches, prediction_inputs
-from posthoc.network.inputs import ModelInputs, batch_size, concat, input_spec, select, take, tensor_leaves
+from posthoc.network.inputs import ModelInputs, batch_size, select, take
+from posthoc.network.positions import IGNORE_INDEX, kept_positions
 from posthoc.network.subset import ParameterSubset
-from posthoc.utils.checks import batch_shape, check_positive_int
+from posthoc.utils.checks import check_positive_int
 
 MAX_REJECTED_FRACTION = 0.25  # burn-in shrinks the step after a walk step that rejected more particles than this
 
@@ -62,7 +69,8 @@ class WalkConfig:
         burn_in: steps discarded before keeping samples (FiberSampler's keywords: default steps // 2).
         thin: keep every thin-th state after burn-in.
         step_size: eta of the Langevin step (shrunk during burn-in only).
-        loss_tolerance: epsilon, nats per example: samples keep the mean training NLL within epsilon of the MAP's.
+        loss_tolerance: epsilon, nats per observation (an example; a kept position for outputs with positions):
+            samples keep the mean training NLL per observation within epsilon of the MAP's.
         batch_size: examples whose outputs one projection keeps.
         subsample_size: the fixed training subsample of the NLL check during the walk.
         cg_steps, damping: CG iterations and damping of the (B*C)-dimensional solves.
@@ -117,8 +125,10 @@ class FiberProblem:
 
     inputs (N, ...): the covered module's inputs (images, or last-layer features; for "all", or a last layer
     whose tail re-runs the model, the model's inputs: a tensor, or a tuple/mapping of them such as token ids and
-    attention masks); targets (N,) labels or (N, C) values; prior_precision: scalar () or per-parameter (P,); sigma_noise: the
-    regression noise (1 for classification).
+    attention masks); targets (N,) labels or (N, C) values (outputs with positions: (N, ...) labels, the ignore
+    index at skipped positions, or (N, ..., C) values); prior_precision: scalar () or per-parameter (P,);
+    sigma_noise: the regression noise (1 for classification); vectorise: whether the covered function may be
+    vmapped over particles (:func:`posthoc.fiber.particles.vectorises_over_particles`; else a loop).
     """
 
     subset: ParameterSubset
@@ -127,107 +137,12 @@ class FiberProblem:
     likelihood: Likelihood
     prior_precision: torch.Tensor
     sigma_noise: torch.Tensor
+    vectorise: bool = True
 
     @property
     def n_data(self) -> int:
         """N, the number of training examples."""
         return batch_size(self.inputs)
-
-
-def canonical_training_data(train_loader: Iterable, subset: ParameterSubset, likelihood: Likelihood,
-                            dict_key_x: str, dict_key_y: str) -> tuple[ModelInputs, torch.Tensor, Any]:
-    """The whole loader's covered-module inputs, targets and input shape, in a canonical order.
-
-    Batches are read as Laplace reads them (:func:`posthoc.network.batches.checked_batches`: (x, y) tuples, or
-    mappings with the target under ``dict_key_y`` whose other entries are the model input). Returns the covered
-    module's inputs (N, ...; a tuple or mapping of them for such model inputs), the targets (N,) labels or (N, C)
-    values, sorted by a fixed random projection of each example so the walk does not depend on the loader's
-    shuffling, and the shape of one model input (a tuple; for a tuple or mapping input, its
-    :func:`posthoc.network.inputs.input_spec`). Memory: the whole training set (or its last-layer features).
-
-    Raises:
-        ValueError: for an empty loader, batches of different example shapes (token inputs padded to different
-            lengths), a model whose outputs are not (B, C), or targets that do not fit them.
-        TypeError: inputs that are not tensors or tuples/mappings of tensors.
-    """
-    xs: list[ModelInputs] = []
-    ys: list[torch.Tensor] = []
-    input_shape: Any = ()
-    shapes: Any = None
-    for x, y in checked_batches(train_loader, likelihood, None, dict_key_x, dict_key_y, subset.dtype, subset.device,
-                                mapping_inputs=True):
-        example = _example_shapes(x)
-        if not xs:
-            input_shape = tuple(x.shape[1:]) if isinstance(x, torch.Tensor) else input_spec(x)
-            shapes = example
-        elif example != shapes:
-            shown = [batch_shape(s) if isinstance(s, tuple) else str(s) for s in (shapes, example)]
-            raise ValueError(f"the training batches have inputs of shapes {shown[0]} and {shown[1]}; every batch must "
-                             "hold examples of one shape (pad token inputs to one length)")
-        xs.append(subset.inputs(x))  # x itself or the last layer's features
-        ys.append(y)
-    if not xs:
-        raise ValueError("the training loader yielded no batches: nothing to fit")
-    inputs, targets = concat(xs), torch.cat(ys)
-    n_data = batch_size(inputs)
-    with torch.no_grad():
-        out = subset.forward(take(inputs, 0, 1))
-    if out.ndim != 2:
-        raise ValueError(f"the model must return (B, C) outputs, got {tuple(out.shape)}")
-    if likelihood is Likelihood.CLASSIFICATION:
-        targets = targets.reshape(-1).long()
-        if int(targets.min()) < 0 or int(targets.max()) >= out.shape[-1]:
-            raise ValueError(f"class labels must lie in [0, {out.shape[-1] - 1}]")
-    else:
-        targets = targets.reshape(n_data, -1)
-        if targets.shape[-1] != out.shape[-1]:
-            raise ValueError(f"targets have {targets.shape[-1]} outputs, the model {out.shape[-1]}")
-    # integer inputs (token ids) are ordered by the same projection, taken in float64; a tuple or mapping by the
-    # sum of its tensors' projections
-    generator = torch.Generator().manual_seed(12345)
-    key: torch.Tensor | None = None
-    for leaf in tensor_leaves(inputs):
-        key_dtype = leaf.dtype if leaf.is_floating_point() else torch.float64
-        probe = torch.randn(leaf[0].numel(), generator=generator, dtype=key_dtype).to(leaf.device)
-        projected = leaf.reshape(n_data, -1).to(key_dtype) @ probe
-        key = projected if key is None else key + projected.to(key.dtype)
-    assert key is not None  # concat kept at least one tensor
-    key = key + 1e-3 * targets.reshape(n_data, -1).to(key.dtype).sum(-1)
-    order = torch.argsort(key, stable=True)
-    return select(inputs, order), targets[order], input_shape
-
-
-def is_tensor_spec(spec: Any) -> bool:
-    """Whether an input shape is one tensor's (a tuple of ints) or unknown (None), not a tuple/mapping's spec."""
-    return spec is None or isinstance(spec, tuple) and all(isinstance(d, int) for d in spec)
-
-
-def prediction_model_inputs(x: Any, spec: Any, dict_key_y: str, device: torch.device,
-                            dtype: torch.dtype) -> ModelInputs:
-    """Inputs to predict on, placed, finite and shaped like the training inputs (``spec``).
-
-    A tensor ``spec`` asks for (B, *spec); a tuple/mapping spec for the training inputs' structure
-    (:func:`posthoc.network.batches.prediction_inputs`; a mapping's ``dict_key_y`` entry is dropped).
-
-    Raises:
-        TypeError: not a tensor where the training inputs were one. ValueError: another shape or NaN/Inf.
-    """
-    if is_tensor_spec(spec):
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"x must be a torch.Tensor of shape {batch_shape(spec)}, got {type(x).__name__}")
-        if spec is not None and tuple(x.shape[1:]) != spec or x.ndim == 0:
-            raise ValueError(f"x must have shape {batch_shape(spec)} like the training inputs, got "
-                             f"{tuple(x.shape)}" + (" (a single example needs a batch dimension: x[None])"
-                                                    if tuple(x.shape) == spec else ""))
-        spec = None
-    return prediction_inputs(x, spec, dict_key_y, device, dtype)
-
-
-def _example_shapes(x: ModelInputs) -> Any:
-    """One example's full shape: ``x.shape[1:]``, or the structure of a tuple/mapping with each leaf's."""
-    if isinstance(x, torch.Tensor):
-        return tuple(x.shape[1:])
-    return [(tuple(t.shape[1:]), t.dtype) for t in tensor_leaves(x)]
 
 
 @dataclass
@@ -261,20 +176,38 @@ class WalkState:
                    float(state["step_size"]), state["rng"], int(state["step"]), dict(state["stats"]))
 
 
+def kept_outputs(targets: torch.Tensor, likelihood: Likelihood) -> torch.Tensor | None:
+    """The (B, ...) mask of the positions whose outputs count (targets not the ignore index), None if all do.
+
+    Cost: one comparison of the targets.
+    """
+    if likelihood is not Likelihood.CLASSIFICATION:
+        return None
+    kept = kept_positions(targets, likelihood, IGNORE_INDEX)
+    return None if bool(kept.all()) else kept
+
+
+def n_observations(targets: torch.Tensor, likelihood: Likelihood) -> int:
+    """The observations among targets (B, ...) or (B, ..., C): the examples, or their kept positions."""
+    return int(kept_positions(targets, likelihood, IGNORE_INDEX).sum())
+
+
 def mean_nll(outputs: torch.Tensor, targets: torch.Tensor, likelihood: Likelihood,
              sigma_noise: torch.Tensor) -> torch.Tensor:
-    """Mean per-example negative log-likelihood for outputs (K, B, C): (K,).
+    """Mean negative log-likelihood per observation for outputs (K, B, C) or (K, B, ..., C): (K,).
 
-    Classification: cross-entropy of the logits. Regression: Gaussian NLL with noise sigma, summed
-    over the C outputs.
+    Classification: cross-entropy of the logits, over the kept positions (targets (B, ...) not the ignore index;
+    0 if none is kept). Regression: Gaussian NLL with noise sigma, summed over the C outputs, averaged over the
+    examples and positions.
     """
     if likelihood is Likelihood.CLASSIFICATION:
-        logp = torch.log_softmax(outputs, -1)
-        index = targets.long().reshape(1, -1, 1).expand(outputs.shape[0], -1, 1)
-        return -logp.gather(-1, index).squeeze(-1).mean(-1)
+        kept = targets != IGNORE_INDEX  # (B, ...)
+        index = torch.where(kept, targets.long(), 0).unsqueeze(-1).expand(outputs.shape[0], *kept.shape, 1)
+        nll = -torch.log_softmax(outputs, -1).gather(-1, index).squeeze(-1)  # (K, B, ...)
+        return (nll * kept).flatten(1).sum(-1) / kept.sum().clamp_min(1)
     resid = targets.reshape(outputs.shape[1:]).to(outputs.dtype) - outputs
     var = sigma_noise.to(outputs.dtype) ** 2
-    return (0.5 * resid**2 / var + 0.5 * torch.log(2 * math.pi * var)).sum(-1).mean(-1)
+    return (0.5 * resid**2 / var + 0.5 * torch.log(2 * math.pi * var)).sum(-1).flatten(1).mean(-1)
 
 
 def _generator(state: torch.Tensor) -> torch.Generator:
@@ -300,26 +233,27 @@ def init_walk(problem: FiberProblem, config: WalkConfig, seed: int) -> WalkState
 
 def pull_back(problem: FiberProblem, thetas: torch.Tensor, inputs: ModelInputs, targets: torch.Tensor,
               reference: torch.Tensor, threshold: float, config: WalkConfig) -> tuple[torch.Tensor, int, torch.Tensor]:
-    """Gauss-Newton steps towards the reference outputs (B, C) for the particles above ``threshold``.
+    """Gauss-Newton steps towards the reference outputs (B, ..., C) for the particles above ``threshold``.
 
     A particle is corrected while its mean NLL on (inputs, targets) exceeds ``threshold``, until none does or
-    ``config.pullback_steps`` were taken.
+    ``config.pullback_steps`` were taken; the steps move the kept positions' outputs only (:func:`kept_outputs`).
 
     Returns the new thetas (K, P), the number of steps taken and the final within-threshold mask (K,).
     Cost per step: one forward pass per particle plus ``cg_steps`` Gram products per corrected particle.
     """
-    subset = problem.subset
+    subset, kept = problem.subset, kept_outputs(targets, problem.likelihood)
     taken = 0
     while True:
         with torch.no_grad():
-            out = outputs_many(subset, inputs, thetas)
+            out = outputs_many(subset, inputs, thetas, problem.vectorise)
             ok = mean_nll(out, targets, problem.likelihood, problem.sigma_noise) <= threshold
         if bool(ok.all()) or taken == config.pullback_steps:
             return thetas, taken, ok
         bad = torch.nonzero(~ok).reshape(-1)
         change = reference.unsqueeze(0) - out[bad]
         with torch.no_grad():
-            delta = min_norm_step(subset, inputs, thetas[bad], change, config.cg_steps, config.damping)
+            delta = min_norm_step(subset, inputs, thetas[bad], change, config.cg_steps, config.damping, kept,
+                                  problem.vectorise)
         thetas = thetas.clone()
         thetas[bad] = thetas[bad] + delta
         taken += 1
@@ -344,7 +278,8 @@ def walk_step(problem: FiberProblem, config: WalkConfig, state: WalkState) -> Wa
     move = 0.5 * eta * (-problem.prior_precision * thetas) + math.sqrt(eta) * noise
     with torch.no_grad():
         thetas = thetas + project_null(subset, select(problem.inputs, batch), thetas, move, config.cg_steps,
-                                       config.damping)
+                                       config.damping, kept_outputs(problem.targets[batch], problem.likelihood),
+                                       problem.vectorise)
         sub_x, sub_y = select(problem.inputs, state.sub_index), problem.targets[state.sub_index]
         reference = subset.forward(sub_x, subset.theta_map)
     thetas, taken, ok = pull_back(problem, thetas, sub_x, sub_y, reference,
@@ -370,20 +305,23 @@ def walk_step(problem: FiberProblem, config: WalkConfig, state: WalkState) -> Wa
 
 def full_data_nll(problem: FiberProblem, thetas: torch.Tensor, chunk_examples: int = 512,
                   chunk_particles: int = 8) -> torch.Tensor:
-    """Mean per-example NLL on all N training examples for each of M parameter vectors: (M,).
+    """Mean NLL per observation on all N training examples for each of M parameter vectors: (M,).
 
-    Cost: M forward passes over the data, in chunks of ``chunk_particles`` x ``chunk_examples``.
+    Observations: the examples, or their kept positions (module docstring). Cost: M forward passes over the
+    data, in chunks of ``chunk_particles`` x ``chunk_examples``.
     """
     out = []
+    n_total = n_observations(problem.targets, problem.likelihood)
     with torch.no_grad():
         for i in range(0, thetas.shape[0], chunk_particles):
             th = thetas[i:i + chunk_particles]
             total = torch.zeros(th.shape[0], dtype=th.dtype, device=th.device)
             for j in range(0, problem.n_data, chunk_examples):
                 x, y = take(problem.inputs, j, j + chunk_examples), problem.targets[j:j + chunk_examples]
-                nll = mean_nll(outputs_many(problem.subset, x, th), y, problem.likelihood, problem.sigma_noise)
-                total += nll * y.shape[0]
-            out.append(total / problem.n_data)
+                nll = mean_nll(outputs_many(problem.subset, x, th, problem.vectorise), y, problem.likelihood,
+                               problem.sigma_noise)
+                total += nll * n_observations(y, problem.likelihood)
+            out.append(total / n_total)
     return torch.cat(out)
 
 
