@@ -180,14 +180,13 @@ class LinearStep(Step):
         """(B, C, C) output covariance for 2-D inputs with independent units (diagonal mode's last layer)."""
         w = self.module.weight
         b = self.mu.shape[0]
-        cov = self.mean.new_zeros(b, w.shape[0], w.shape[0])
-        if var_in is not None:
-            cov = cov + (w * var_in.unsqueeze(1)) @ w.T
+        # W diag(var) Wᵀ straight into a fresh (B, C, C) (C = 1000: each pass over it costs ~0.02x a ResNet-18 MAP)
+        cov = self.mean.new_zeros(b, w.shape[0], w.shape[0]) if var_in is None else (w * var_in.unsqueeze(1)) @ w.T
         noise = self.noise
         if noise is not None and noise.w_diag is not None and noise.full is None and noise.b_cov is None:
             # diagonal weight and bias noise reach only the diagonal: Σ_k Var(W_ck)(μ_k² + var_k) + Var(b_c), added
             # in place after the symmetrisation instead of a (B, C, C) noise matrix (C = 1000: several passes)
-            cov = 0.5 * (cov + cov.transpose(1, 2))
+            cov = torch.add(cov, cov.transpose(1, 2)).mul_(0.5)
             second = self.mu.square() if var_in is None else torch.addcmul(var_in, self.mu, self.mu)
             cov.diagonal(dim1=1, dim2=2).add_(F.linear(second, noise.w_diag, noise.b_var))
             return cov
