@@ -53,11 +53,9 @@ def test_reward_modeling_fits_as_classification_and_predicts_rewards_as_regressi
     assert la.predictive_samples(items, n_samples=5).shape == (5, 4, 1)  # rewards, not softmax
 
 
-def test_reward_modeling_with_kron_runs_and_the_last_layer_raises():
+def test_reward_modeling_with_kron_runs():
     model = RewardModel()
     x, y = _pairs()
-    with pytest.raises(NotImplementedError, match="last_layer"):
-        Laplace(model, "reward_modeling")
     la = Laplace(model, "reward_modeling", "all").fit(DataLoader(TensorDataset(x, y), batch_size=5))
     f_mu, f_var = la(torch.randn(4, 3, dtype=DTYPE))
     assert f_mu.shape == (4, 1) and f_var.shape == (4, 1, 1) and bool((f_var > 0).all())

@@ -174,10 +174,8 @@ def test_backends_choose_the_curvature():
         CurvlinopsGGN()
 
 
-def test_not_yet_provided_options_raise_naming_the_issue():
+def test_feature_reduction_other_than_pick_last_raises():
     model, train_loader, _ = _classification()
-    with pytest.raises(NotImplementedError, match="issue 18"):
-        Laplace(model, "reward_modeling", "last_layer", "kron")
     with pytest.raises(NotImplementedError, match="feature_reduction"):
         Laplace(model, "classification", feature_reduction="average")
 

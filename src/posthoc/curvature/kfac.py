@@ -199,8 +199,18 @@ def probe_layers(subset: ParameterSubset, inputs: ModelInputs
         return len(calls.get(layer.name, [])) == 1 and all(uses[b] == 1 for b in layer.block_indices)
 
     kept, kept_embeddings = [layer for layer in candidates if once(layer)], [e for e in embeddings if once(e)]
-    _warn_not_per_example([layer.name for layer in candidates if 0 in calls.get(layer.name, [])])
+    _warn_not_per_example([model_layer_name(subset, layer.name) for layer in candidates
+                           if 0 in calls.get(layer.name, [])])
     return kept, {layer.name: calls[layer.name][0] for layer in kept + kept_embeddings}, kept_embeddings
+
+
+def model_layer_name(subset: ParameterSubset, name: str) -> str:
+    """A layer's name in the model, quoted, for messages: ``name`` is relative to ``subset.module``.
+
+    A covered last layer is ``subset.module`` itself (``name`` is ""), so its name is ``subset.last_layer_name``.
+    """
+    full = ".".join(part for part in (subset.last_layer_name or "", name) if part)
+    return repr(full) if full else "(the model itself)"
 
 
 def _warn_not_per_example(names: list[str]) -> None:
@@ -212,9 +222,9 @@ def _warn_not_per_example(names: list[str]) -> None:
     """
     if names:
         shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
-        warnings.warn(f"hessian_structure 'kron': the layers {shown} have outputs that are not one row per example "
-                      "(e.g. reward modelling's pairs, or a broadcast position embedding), so they get their exact "
-                      "diagonal GGN block instead of Kronecker factors", UserWarning, stacklevel=3)
+        warnings.warn(f"hessian_structure 'kron' / 'ekfac': the layers {shown} have outputs that are not one row "
+                      "per example (e.g. reward modelling's pairs, or a broadcast position embedding), so they get "
+                      "their exact diagonal GGN block instead of Kronecker factors", UserWarning, stacklevel=3)
 
 
 def check_single_use(subset: ParameterSubset, layers: list[KronLayer], inputs: ModelInputs) -> None:

@@ -258,6 +258,7 @@ class ParameterSubset:
         if name != self.last_layer_name:
             self._set_module(name)
         self.tail = Tail(state["tail"])
+        self._vmap_examples = None  # whether vmap over examples is safe depends on the tail: decided again
         matrix = state["matrix"]
         self._tail_matrix = None if matrix is None else torch.as_tensor(matrix).to(device=self.theta_map.device,
                                                                                    dtype=self.theta_map.dtype)

@@ -36,8 +36,6 @@ __all__ = [
     "curvature_from_backend",
 ]
 
-ISSUE = "posthoc issue 18"
-
 
 def curvature_from_backend(backend: type | None, backend_kwargs: dict[str, Any] | None,
                            curvature: str | None) -> tuple[str, list[str]]:
@@ -104,7 +102,8 @@ class Laplace(_PosthocLaplace):
         likelihood: "classification", "regression" or "reward_modeling" (laplace-torch's: fitted with the
             classification likelihood on pairs (B, 2, ...) whose two logits are the items' rewards, ``la(x)`` on
             single items (B, ...) returns the reward's ``(f_mu, f_var)`` as regression; ``fitting=True`` gives
-            the pair's class probabilities).
+            the pair's class probabilities; every ``subset_of_weights``, the last layer re-run for items, see
+            :meth:`_rerun_tail_for_items`).
         subset_of_weights: "last_layer" (default), "all" or "subnetwork" (with ``subnetwork_indices``).
         hessian_structure: "kron" (default), "full", "diag" or "lowrank" (posthoc's top-k GGN eigenpairs:
             laplace-torch's uses the Hessian; with laplace-torch's prior variance outside them,
@@ -190,10 +189,6 @@ class Laplace(_PosthocLaplace):
         self.reward_modeling = likelihood == "reward_modeling"
         if self.reward_modeling:
             likelihood = "classification"  # fitted as pairwise classification, predicted as regression
-            if getattr(subset_of_weights, "value", subset_of_weights) == "last_layer":
-                raise NotImplementedError(f"likelihood='reward_modeling' with subset_of_weights='last_layer' is not "
-                                          f"provided yet ({ISSUE}): the pair reshaping after the last layer defeats "
-                                          "its location; use 'all' or 'subnetwork'")
         if damping:
             raise NotImplementedError("damping=True (laplace-torch's KronLaplace option that adds sqrt(delta) to each "
                                       "Kronecker factor) is not provided: posthoc adds the prior exactly in the "
@@ -270,7 +265,23 @@ class Laplace(_PosthocLaplace):
             super().fit(train_loader, override=override, checkpoint=checkpoint, checkpoint_every=checkpoint_every)
         finally:
             self.progress = progress
+        if self.reward_modeling:
+            self._rerun_tail_for_items()
         return self
+
+    def _rerun_tail_for_items(self) -> None:
+        """Reward modelling's last layer: evaluate it by re-running the model, so that single items work too.
+
+        The last layer is located, and what follows it (its tail) classified, on the training pairs (B, 2, ...).
+        A tail read off the pairs as a fixed linear map (e.g. the pair axis squeezed away) is not the map that
+        single items (B, ...) take, so predictions on items re-run the whole model with the layer's weights
+        replaced (posthoc.network.subset's "rerun" tail): correct for pairs and items alike, one forward pass of
+        the model per evaluation. Laplace-torch-style models that flatten the pairs into the batch are re-run
+        anyway (their layer's rows are items, not examples); the curvature fitted on the pairs is the same.
+        """
+        state = self.subset.last_layer_state()
+        if state is not None and state["tail"] != "rerun":
+            self.subset.load_last_layer_state({**state, "tail": "rerun", "matrix": None})
 
     @property
     def posterior_variance(self) -> torch.Tensor:  # type: ignore[override]

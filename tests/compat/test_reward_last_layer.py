@@ -1,0 +1,189 @@
+"""laplace-torch's ``likelihood="reward_modeling"`` with ``subset_of_weights="last_layer"`` on posthoc (float64).
+
+Two ways to write the same reward model: ``FlatPairs`` runs its network on the (2B, d) items of B pairs (as
+laplace-torch's tests do), ``PairAxis`` on the (B, 2, d) pairs themselves, squeezing the reward axis (its last
+layer's tail on pairs is a fixed linear map that single items do not take). References: the Bradley-Terry GGN
+sum_n J_n^T (diag p_n - p_n p_n^T) J_n and the reward's J Sigma J^T from torch.func.jacrev of the last layer's
+(weight, bias), no library code.
+"""
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call, jacrev
+from torch.utils.data import DataLoader, TensorDataset
+
+from posthoc.compat.laplace import Laplace
+
+DTYPE = torch.float64
+LAST = "net.2"
+
+
+class FlatPairs(nn.Module):
+    """Pairs (B, 2, d) -> the net on (2B, d) items -> logits (B, 2); items (B, d) -> rewards (B, 1)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 1)).to(DTYPE)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim == 3:
+            return self.net(x.reshape(-1, x.shape[-1])).reshape(x.shape[0], 2)
+        return self.net(x)
+
+
+class PairAxis(FlatPairs):
+    """The same network on (B, 2, d) pairs directly: (B, 2, 1) squeezed to logits (B, 2); items give (B, 1)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.net(x)
+        return out.squeeze(-1) if x.ndim == 3 else out
+
+
+def _pairs(n: int = 12):
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(n, 2, 3, generator=g, dtype=DTYPE), torch.randint(0, 2, (n,), generator=g)
+
+
+def _loader(batch_size: int = 5) -> DataLoader:
+    return DataLoader(TensorDataset(*_pairs()), batch_size=batch_size)
+
+
+def _items() -> torch.Tensor:
+    return torch.randn(4, 3, generator=torch.Generator().manual_seed(2), dtype=DTYPE)
+
+
+def _last_layer_jacobian(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """J (B, C, 7) of model(x) in the last layer's (weight (1, 6), bias (1,)), by jacrev over the whole batch."""
+    layer = model.get_submodule(LAST)
+    assert isinstance(layer, nn.Linear)
+    theta = torch.cat([layer.weight.detach().reshape(-1), layer.bias.detach()])
+
+    def f(th: torch.Tensor) -> torch.Tensor:
+        params = {f"{LAST}.weight": th[:6].reshape(1, 6), f"{LAST}.bias": th[6:]}
+        return functional_call(model, params, (x,))
+
+    return jacrev(f)(theta).detach()
+
+
+def _bradley_terry_ggn(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Sum_n J_n^T (diag p_n - p_n p_n^T) J_n (7, 7), p_n the pair's softmax over its two rewards."""
+    jac = _last_layer_jacobian(model, x)  # (B, 2, 7)
+    p = torch.softmax(model(x).detach(), -1)
+    lam = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+    return torch.einsum("bcp,bck,bkq->pq", jac, lam, jac)
+
+
+def _dense_precision(la: Laplace) -> torch.Tensor:
+    precision = la.posterior_precision
+    if hasattr(precision, "to_matrix"):
+        return precision.to_matrix()
+    return torch.diag(precision) if precision.ndim == 1 else precision
+
+
+@pytest.mark.parametrize("model_class", [FlatPairs, PairAxis])
+def test_last_layer_full_is_the_bradley_terry_ggn_and_the_reward_variance_is_j_sigma_jt(model_class):
+    model = model_class()
+    x, _ = _pairs()
+    la = Laplace(model, "reward_modeling", "last_layer", "full", prior_precision=0.5).fit(_loader())
+    assert la.subset.last_layer_name == LAST
+    eye = torch.eye(7, dtype=DTYPE)
+    torch.testing.assert_close(la.posterior_precision - 0.5 * eye, _bradley_terry_ggn(model, x), rtol=1e-10,
+                               atol=1e-12)
+    # a shared shift of both rewards leaves the preference unchanged: the bias has no curvature
+    torch.testing.assert_close(la.posterior_precision[-1], 0.5 * eye[-1], rtol=0, atol=1e-12)
+    items = _items()
+    f_mu, f_var = la(items)  # single items: the reward, regression outputs without noise
+    torch.testing.assert_close(f_mu, model(items).detach())
+    jac = _last_layer_jacobian(model, items)  # (4, 1, 7)
+    sigma = torch.linalg.inv(la.posterior_precision)
+    torch.testing.assert_close(f_var, torch.einsum("bcp,pq,bdq->bcd", jac, sigma, jac), rtol=1e-10, atol=1e-12)
+    f_mu_joint, f_cov = la(items, joint=True)
+    flat = jac.reshape(4, 7)
+    torch.testing.assert_close(f_cov, flat @ sigma @ flat.T, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(f_mu_joint, f_mu.reshape(-1))
+
+
+@pytest.mark.filterwarnings("ignore:hessian_structure:UserWarning")  # FlatPairs' diagonal blocks, tested below
+@pytest.mark.parametrize("model_class", [FlatPairs, PairAxis])
+@pytest.mark.parametrize("structure", ["full", "diag", "kron", "ekfac"])
+def test_last_layer_equals_the_all_weights_fit_last_block(model_class, structure):
+    """Every structure whose blocks are per layer (lowrank's top-k eigenpairs are of the whole matrix: none)."""
+    la_last = Laplace(model_class(), "reward_modeling", "last_layer", structure).fit(_loader())
+    la_all = Laplace(model_class(), "reward_modeling", "all", structure).fit(_loader())
+    last, full = _dense_precision(la_last), _dense_precision(la_all)
+    if structure != "full":  # block-diagonal: nothing couples the last layer to the others
+        assert torch.count_nonzero(full[-7:, :-7]) == 0
+    torch.testing.assert_close(last, full[-7:, -7:], rtol=1e-10, atol=1e-12)
+
+
+def test_pair_axis_kron_is_kfac_expand_over_the_two_items():
+    """Layers run on (B, 2, d): G = sum_n sum_i Lambda_n[i, i], A = sum of a a^T over the 2N rows / (2N) (laplace-torch's too)."""
+    model = PairAxis()
+    x, _ = _pairs()
+    la = Laplace(model, "reward_modeling", "last_layer", "kron", prior_precision=1e-3).fit(_loader())
+    with torch.no_grad():
+        a = torch.tanh(model.net[0](x)).reshape(-1, 6)  # (2N, 6)
+        p = torch.softmax(model(x), -1)
+    g = (p * (1 - p)).sum()  # sum of the diagonal entries of diag(p) - p p^T
+    expected = torch.block_diag(g * (a.T @ a) / a.shape[0], g.reshape(1, 1)) + 1e-3 * torch.eye(7, dtype=DTYPE)
+    torch.testing.assert_close(_dense_precision(la), expected, rtol=1e-10, atol=1e-12)
+
+
+def test_flat_pairs_kron_warns_naming_the_layer_and_gives_its_exact_diagonal_block():
+    model = FlatPairs()
+    with pytest.warns(UserWarning, match=r"the layers 'net\.2' have outputs that are not one row per example"):
+        la = Laplace(model, "reward_modeling", "last_layer", "kron", prior_precision=0.5).fit(_loader())
+    x, _ = _pairs()
+    torch.testing.assert_close(_dense_precision(la), torch.diag(torch.diagonal(_bradley_terry_ggn(model, x)) + 0.5),
+                               rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("model_class", [FlatPairs, PairAxis])
+def test_fitting_outputs_nn_predictions_and_marglik_match_the_classification_fit(model_class):
+    model = model_class()
+    x, _ = _pairs()
+    la = Laplace(model, "reward_modeling", "last_layer", "full", prior_precision=0.5).fit(_loader())
+    cls = Laplace(model, "classification", "last_layer", "full", prior_precision=0.5).fit(_loader())
+    torch.testing.assert_close(la(x[:3], fitting=True), cls(x[:3]))  # the pair's class probabilities
+    torch.testing.assert_close(la.log_marginal_likelihood(), cls.log_marginal_likelihood())
+    torch.testing.assert_close(la.optimize_prior_precision(), cls.optimize_prior_precision())
+    items = _items()
+    mean, var = la(items, pred_type="nn", link_approx="mc", n_samples=50, generator=torch.Generator().manual_seed(0))
+    thetas = la.sample(50, generator=torch.Generator().manual_seed(0))  # the same draws
+    with torch.no_grad():
+        rewards = torch.stack([functional_call(model, {f"{LAST}.weight": t[:6].reshape(1, 6), f"{LAST}.bias": t[6:]},
+                                               (items,)) for t in thetas])
+    torch.testing.assert_close(mean, rewards.mean(0))
+    torch.testing.assert_close(var, rewards.var(0))
+    samples = la.predictive_samples(items, n_samples=7, generator=torch.Generator().manual_seed(1))
+    assert samples.shape == (7, 4, 1)  # rewards, not softmax
+    probs = la(x[:3], pred_type="nn", link_approx="mc", fitting=True, n_samples=20)
+    assert probs.shape == (3, 2) and torch.allclose(probs.sum(-1), torch.ones(3, dtype=DTYPE))
+
+
+@pytest.mark.parametrize("model_class", [FlatPairs, PairAxis])
+def test_a_state_dict_round_trip_predicts_items_the_same(model_class):
+    model = model_class()
+    la = Laplace(model, "reward_modeling", "last_layer", "full").fit(_loader())
+    fresh = Laplace(model, "reward_modeling", "last_layer", "full")
+    fresh.load_state_dict(la.state_dict())
+    for mine, theirs in zip(fresh(_items()), la(_items()), strict=True):
+        torch.testing.assert_close(mine, theirs)
+
+
+def test_bad_inputs_raise():
+    model = FlatPairs()
+    la = Laplace(model, "reward_modeling", "last_layer", "full")
+    with pytest.raises(RuntimeError, match="fit"):
+        la(_items())
+    la.fit(_loader())
+    with pytest.raises(ValueError, match="NaN"):
+        la(torch.full((2, 3), float("nan"), dtype=DTYPE))
+    with pytest.raises((ValueError, RuntimeError), match=r"\(4, 5\)"):
+        la(torch.randn(4, 5, dtype=DTYPE))  # items with 5 features for a network of 3
+    with pytest.raises(ValueError, match="pred_type"):
+        la(_items(), pred_type="gp")
+    with pytest.raises(ValueError, match="link_approx='mc'"):
+        la(_items(), pred_type="nn")
