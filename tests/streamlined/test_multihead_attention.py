@@ -373,16 +373,74 @@ def test_unsupported_options_are_named() -> None:
             Streamlined(model, weight_var=variances).predict(x)
 
 
+class MaskedAttentionNet(AttentionNet):
+    """AttentionNet whose call also takes an attn_mask: ``"causal"`` a boolean (L, L) mask made in the forward (True
+    blocks), ``"additive"`` a float (L, L) buffer added to the scores; with ``cross`` a key/value other than the
+    query (a second embedding of x)."""
+
+    def __init__(self, attn_mask: str | None, cross: bool = False, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.memory = nn.Linear(D_IN, E) if cross else None
+        self.attn_mask_kind = attn_mask
+        self.register_buffer("additive", torch.randn(L, L, generator=torch.Generator().manual_seed(7)))
+
+    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        h = torch.tanh(self.embed(x))
+        memory = h if self.memory is None else torch.tanh(self.memory(x))
+        attn_mask = None
+        if self.attn_mask_kind == "causal":
+            attn_mask = torch.ones(L, L, dtype=torch.bool, device=x.device).triu(1)
+        elif self.attn_mask_kind == "additive":
+            attn_mask = self.additive
+        if self.batch_first:
+            out = self.attn(h, memory, memory, key_padding_mask=key_padding_mask, attn_mask=attn_mask)[0]
+        else:
+            t, m = h.transpose(0, 1), memory.transpose(0, 1)
+            out = self.attn(t, m, m, key_padding_mask=key_padding_mask, attn_mask=attn_mask)[0].transpose(0, 1)
+        return self.head(h + out).flatten(1)
+
+
+@pytest.mark.parametrize("batch_first,padding,attn_mask,cross,mode", [
+    (True, True, None, False, "diagonal"), (False, True, None, False, "full"),
+    (True, False, "additive", False, "full"), (False, False, "additive", True, "diagonal"),
+    (True, True, "causal", False, "diagonal"), (True, True, "causal", True, "full"),
+    (False, True, "causal", True, "full"), (False, True, "causal", False, "diagonal")])
+def test_export_route_equals_fx_with_masks(batch_first: bool, padding: bool, attn_mask: str | None, cross: bool,
+                                           mode: str) -> None:
+    """torch.export keeps nn.MultiheadAttention's call signature, so its call is folded whole (query, key, value,
+    key_padding_mask, attn_mask; batch_first=False: the transposes around it too): the numbers of the fx route."""
+    torch.manual_seed(0)
+    model = MaskedAttentionNet(attn_mask, cross=cross, batch_first=batch_first).to(DTYPE).eval()
+    x, mask = _inputs(padding)
+    names = [n for n, _ in model.named_parameters()]
+    variances = _random_variances(model, names, scale=1e-3)
+    fx_pred = Streamlined(model, weight_var=variances, graph="fx", activation_covariance=mode).predict(_batch(x, mask))
+    export_sp = Streamlined(model, weight_var=variances, graph="export", activation_covariance=mode)
+    export_pred = export_sp.predict(_batch(x, mask))
+    assert export_sp.graph_used is not None and export_sp.graph_used.value == "export"
+    torch.testing.assert_close(export_pred.mean, model(x, mask), rtol=0, atol=1e-10)
+    torch.testing.assert_close(export_pred.mean, fx_pred.mean, rtol=0, atol=1e-12)
+    torch.testing.assert_close(export_pred.cov, fx_pred.cov, rtol=1e-10, atol=1e-14)
+
+
 @pytest.mark.parametrize("batch_first", [True, False])
 def test_export_route_takes_self_attention(batch_first: bool) -> None:
-    """torch.export folds a self-attention call without masks into the module's node (and, batch_first=False, the
-    aten transposes around it): the same numbers as fx. With a mask, a clear error naming graph='fx'."""
+    """Without masks, and the attention weights read after the call refused as on the fx route."""
     model = _net(batch_first=batch_first)
-    x, mask = _inputs(True)
+    x, _ = _inputs(False)
     variances = _random_variances(model, [n for n, _ in model.named_parameters()], scale=1e-3)
     fx_pred = Streamlined(model, weight_var=variances, graph="fx").predict(x)
     export_pred = Streamlined(model, weight_var=variances, graph="export").predict(x)
     torch.testing.assert_close(export_pred.mean, fx_pred.mean, rtol=0, atol=1e-12)
     torch.testing.assert_close(export_pred.var, fx_pred.var, rtol=1e-10, atol=1e-14)
-    with pytest.raises(UnsupportedOpError, match="graph='fx'"):
-        Streamlined(model, weight_var=variances, graph="export").predict(_batch(x, mask))
+
+    class ReadsWeights(AttentionNet):
+        def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+            h = torch.tanh(self.embed(x))
+            out, weights = self.attn(h, h, h)
+            return self.head(out).flatten(1) + weights.sum((1, 2)).unsqueeze(1)
+
+    torch.manual_seed(0)
+    reads = ReadsWeights().to(DTYPE).eval()
+    with pytest.raises(UnsupportedOpError, match="attention weights"):
+        Streamlined(reads, weight_var=_random_variances(reads, ["embed.weight"]), graph="export").predict(x)

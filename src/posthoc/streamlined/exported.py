@@ -9,6 +9,8 @@ This module turns that graph into one the traced walk (:func:`posthoc.streamline
   outermost such module, as the fx tracer keeps it a leaf) is folded back into one ``call_module`` node when the
   module's ops read one activation and give one output: Linear, Embedding, LayerNorm, transformers' Conv1D and
   NewGELUActivation, posthoc's blocks... take their module rules exactly as on the fx path, random weights included;
+  an nn.MultiheadAttention call (several inputs: query, key, value, masks) is exported with its call signature kept
+  and folded from it, so its masks and a key/value other than its query reach its rule as on the fx path;
 - the parameters, buffers and lifted constants the remaining ops read become ``get_attr`` nodes, so a random
   parameter read by any other op is refused as on the fx path;
 - a split (chunk) whose parts are read by index becomes one slice per part, which the full mode tracks;
@@ -33,13 +35,13 @@ from typing import Any
 import torch
 from torch import fx, nn
 from torch.export import ExportedProgram
-from torch.export.graph_signature import InputKind, OutputKind
+from torch.export.graph_signature import ConstantArgument, InputKind, OutputKind, TensorArgument
 from torch.utils import _pytree as pytree
 
 from posthoc.streamlined.moments import Moments
 from posthoc.streamlined.rules import Context
 from posthoc.streamlined.rules.base import find_rule
-from posthoc.streamlined.rules.multihead import fold_batch_transposes
+from posthoc.streamlined.rules.multihead import bind_call, fold_batch_transposes
 from posthoc.streamlined.rules.ops import UnsupportedOpError
 from posthoc.streamlined.traced import TracedInputs, _output_of, propagate_traced
 
@@ -77,14 +79,19 @@ def _strip(target: str) -> str:
 def export_model(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> ExportedProgram:
     """torch.export of ``model(*args, **kwargs)`` read to its output tensor, batch axis dynamic (``Dim.AUTO``).
 
-    Call with the model in eval mode. Raises ValueError naming the export error when the forward cannot be
-    exported. Cost: one export (a traced run of the forward on fake tensors).
+    The call signature of every nn.MultiheadAttention is kept (``preserve_module_call_signature``): which graph
+    values are its query, key, value and masks, so that :func:`to_graph_module` folds the call back whole. Call with
+    the model in eval mode. Raises ValueError naming the export error when the forward cannot be exported. Cost:
+    one export (a traced run of the forward on fake tensors).
     """
     inputs = (tuple(args), dict(kwargs))
     dynamic = pytree.tree_map(lambda leaf: {0: torch.export.Dim.AUTO} if isinstance(leaf, torch.Tensor)
                               and leaf.ndim > 0 else None, inputs)
+    attention = tuple(f"{_WRAPPED}.{path}" for path, module in model.named_modules()
+                      if type(module) is nn.MultiheadAttention)
     try:
-        return torch.export.export(_ReadOutput(model), inputs, dynamic_shapes=dynamic)
+        return torch.export.export(_ReadOutput(model), inputs, dynamic_shapes=dynamic,
+                                   preserve_module_call_signature=attention)
     except Exception as err:  # export raises UserError, RuntimeError, TypeError... for forwards it cannot run
         raise ValueError(f"torch.export could not export {type(model).__name__} ({type(err).__name__}: "
                          f"{str(err).splitlines()[0] if str(err) else ''}); register a rule for the module whose "
@@ -110,11 +117,12 @@ def _is_tensor_value(node: fx.Node) -> bool:
     return isinstance(node.meta.get("val"), torch.Tensor)
 
 
-def _fold_modules(graph: fx.Graph, model: nn.Module, lifted: set[fx.Node]) -> None:
+def _fold_modules(graph: fx.Graph, model: nn.Module, lifted: set[fx.Node], calls: dict[str, _Call]) -> None:
     """Fold each call of a module with a rule (one activation in, one tensor out) into a ``call_module`` node.
 
-    A call whose ops read several activations or give several outputs is left as aten ops (their rules, and the
-    refusal of a random parameter read outside a module rule, apply).
+    An nn.MultiheadAttention call is folded from its kept call signature (``calls``, :func:`_multihead_call`),
+    masks and key/value included. Any other call whose ops read several activations or give several outputs is
+    left as aten ops (their rules, and the refusal of a random parameter read outside a module rule, apply).
     """
     groups: dict[str, tuple[str, list[fx.Node]]] = {}
     for node in graph.nodes:
@@ -122,16 +130,23 @@ def _fold_modules(graph: fx.Graph, model: nn.Module, lifted: set[fx.Node]) -> No
             leaf = _leaf_module(node, model)
             if leaf is not None:
                 groups.setdefault(leaf[0], (leaf[1], []))[1].append(node)
+    attention = [(path, members) for path, members in groups.values()
+                 if type(model.get_submodule(path)) is nn.MultiheadAttention]
+    # every attention call node is made before any group is erased, so that a call reading another's output is
+    # rewired by that one's replace_all_uses_with
+    folds = [(_multihead_call(graph, path, members, calls), members) for path, members in attention]
+    for (call, output), members in folds:
+        output.replace_all_uses_with(call)
+        for member in reversed(members):
+            graph.erase_node(member)
     for path, members in groups.values():
+        if type(model.get_submodule(path)) is nn.MultiheadAttention:
+            continue
         inside = set(members)
         inputs = {n for m in members for n in m.all_input_nodes if n not in inside and n not in lifted
                   and _is_tensor_value(n)}
         outputs = [m for m in members if any(user not in inside for user in m.users)]
         if len(inputs) != 1 or len(outputs) != 1 or not _is_tensor_value(outputs[0]):
-            if isinstance(model.get_submodule(path), nn.MultiheadAttention):  # its aten ops move the batch axis
-                raise UnsupportedOpError(f"nn.MultiheadAttention {path!r} is called with masks or a key/value other "
-                                         "than its query; the torch.export route folds a call with one input only: "
-                                         "use graph='fx' (torch.fx keeps the call whole, with its arguments)")
             continue
         with graph.inserting_before(outputs[0]):
             call = graph.call_module(path, (next(iter(inputs)),))
@@ -139,6 +154,65 @@ def _fold_modules(graph: fx.Graph, model: nn.Module, lifted: set[fx.Node]) -> No
         outputs[0].replace_all_uses_with(call)
         for member in reversed(members):
             graph.erase_node(member)
+
+
+@dataclass
+class _Call:
+    """A module call's kept signature: its (args, kwargs) and outputs as graph nodes (by name) or constants."""
+
+    args: tuple
+    kwargs: dict[str, Any]
+    outputs: list[Any]
+
+
+def _call_signatures(program: ExportedProgram, nodes: dict[str, fx.Node]) -> dict[str, _Call]:
+    """Module path -> its call's arguments and outputs, for the modules exported with a kept call signature.
+
+    ``nodes``: the copied graph's node of each exported node name. Raises UnsupportedOpError for a signature with
+    an argument that is neither a tensor nor a constant (a symbolic size, an opaque object).
+    """
+    out = {}
+    for entry in program.module_call_graph:
+        signature = entry.signature
+        if signature is None or not entry.fqn.startswith(_WRAPPED + "."):
+            continue
+
+        def value(argument: Any, path: str = entry.fqn) -> Any:
+            if isinstance(argument, TensorArgument):
+                return nodes[argument.name]
+            if isinstance(argument, ConstantArgument):
+                return argument.value
+            raise UnsupportedOpError(f"the module {_strip(path)!r} is called with an argument torch.export records "
+                                     f"as {type(argument).__name__}; Streamlined takes tensors and constants")
+
+        args, kwargs = pytree.tree_unflatten([value(a) for a in signature.inputs], signature.in_spec)
+        out[_strip(entry.fqn)] = _Call(tuple(args), dict(kwargs), [value(a) for a in signature.outputs])
+    return out
+
+
+def _multihead_call(graph: fx.Graph, path: str, members: list[fx.Node], calls: dict[str, _Call]
+                    ) -> tuple[fx.Node, fx.Node]:
+    """One nn.MultiheadAttention call as a ``call_module`` node, and the attention output node it stands for.
+
+    Built from the call's kept signature: query, key and value positional, the masks and flags by name. Raises UnsupportedOpError when the attention weights or any other value computed inside the call is read
+    outside it (Streamlined propagates the attention output only).
+    """
+    call = calls.get(path)
+    if call is None or not call.outputs or not isinstance(call.outputs[0], fx.Node):
+        raise UnsupportedOpError(f"nn.MultiheadAttention {path!r} was exported without its call signature; "
+                                 "use graph='fx'")
+    output = call.outputs[0]
+    inside = set(members)
+    read_outside = [m for m in members if m is not output and any(user not in inside for user in m.users)]
+    if read_outside:
+        raise UnsupportedOpError(f"the attention weights of nn.MultiheadAttention {path!r} (or another value "
+                                 f"computed inside the call: {read_outside[0].format_node()}) are read after it; "
+                                 "Streamlined propagates its attention output (read [0]) only")
+    args, kwargs = bind_call(call.args, call.kwargs)
+    with graph.inserting_before(output):
+        node = graph.call_module(path, args, kwargs)
+    node.meta = dict(output.meta)
+    return node, output
 
 
 def _split_as_slices(graph: fx.Graph) -> None:
@@ -184,7 +258,9 @@ def to_graph_module(program: ExportedProgram, model: nn.Module) -> fx.GraphModul
         raise ValueError(f"{type(model).__name__}'s forward mutates a buffer or an input in eval mode; "
                          "Streamlined propagates pure forwards only")
     graph = fx.Graph()
-    graph.output(graph.graph_copy(program.graph, {}))  # a copy (graph_copy leaves the output node out)
+    copies: dict[fx.Node, fx.Node] = {}
+    graph.output(graph.graph_copy(program.graph, copies))  # a copy (graph_copy leaves the output node out)
+    nodes = {old.name: new for old, new in copies.items()}
     placeholders = {str(node.target): node for node in graph.nodes if node.op == "placeholder"}
     owned: dict[str, Any] = {}
     lifted: set[fx.Node] = set()
@@ -206,8 +282,9 @@ def to_graph_module(program: ExportedProgram, model: nn.Module) -> fx.GraphModul
         attr.meta = dict(node.meta)
         node.replace_all_uses_with(attr)
         graph.erase_node(node)
+        nodes[spec.arg.name] = attr
         lifted.add(attr)
-    _fold_modules(graph, model, lifted)
+    _fold_modules(graph, model, lifted, _call_signatures(program, nodes))
     fold_batch_transposes(graph, model)  # nn.MultiheadAttention(batch_first=False): its (L, N, E) transposes
     _split_as_slices(graph)
     for node in list(graph.nodes):

@@ -271,6 +271,16 @@ _CALL_ARGS = ("query", "key", "value", "key_padding_mask", "need_weights", "attn
               "is_causal")
 
 
+def bind_call(args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+    """An nn.MultiheadAttention call's arguments as its rule takes them: (query, key, value), the rest by name.
+
+    ``args`` / ``kwargs`` as the forward was called (graph nodes or values); a key or value not given is None.
+    """
+    bound = dict(zip(_CALL_ARGS, args, strict=False)) | dict(kwargs)
+    return tuple(bound.pop(name, None) for name in _CALL_ARGS[:3]), bound
+
+
+
 def _fold_batch_transposes(graph: fx.Graph, node: fx.Node) -> None:
     """Rewrite transpose -> MHA(batch_first=False) -> transpose into one call on the (N, L, E) activations."""
     inputs = [arg for arg in node.args[:3] if arg is not None]
@@ -305,9 +315,7 @@ def fold_multihead_calls(graph: fx.Graph, root: nn.Module) -> None:
         module = root.get_submodule(str(node.target))
         if type(module) is not nn.MultiheadAttention:
             continue
-        bound = dict(zip(_CALL_ARGS, node.args, strict=False)) | dict(node.kwargs)
-        positional = tuple(bound.pop(name, None) for name in _CALL_ARGS[:3])
-        node.args, node.kwargs = positional, bound
+        node.args, node.kwargs = bind_call(tuple(node.args), dict(node.kwargs))
         for user in list(node.users):
             if user.op == "output":
                 continue  # the model returns the tuple: the walk reads its first element
@@ -337,5 +345,6 @@ def fold_batch_transposes(graph: fx.Graph, root: nn.Module) -> None:
                 _fold_batch_transposes(graph, node)
 
 
-__all__ = ["AttentionMixStep", "BATCH_FIRST_FOLDED", "attend_values", "fold_batch_transposes", "fold_multihead_calls",
-           "multihead_attention_rule", "shared_value_variance", "value_posterior", "value_projection"]
+__all__ = ["AttentionMixStep", "BATCH_FIRST_FOLDED", "attend_values", "bind_call", "fold_batch_transposes",
+           "fold_multihead_calls", "multihead_attention_rule", "shared_value_variance", "value_posterior",
+           "value_projection"]
