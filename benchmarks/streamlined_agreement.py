@@ -26,6 +26,7 @@ table. The table says which environment and torch gave each row.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import sys
@@ -155,22 +156,23 @@ def glm_variance(la: Any, x: Any, n_outputs: int) -> torch.Tensor:
     return torch.cat(out).detach()
 
 
-def posterior(model: nn.Module, case: Case, data: tuple, args: Any, run_dir: Path, n_outputs: int
+def posterior(model: nn.Module, case: Case, data: tuple, n_fit: int, fit_dir: Path, n_outputs: int
               ) -> tuple[dict[str, torch.Tensor], dict, torch.Tensor]:
     """The Laplace's weight variances by name, its record and the glm per-input variances (all cached)."""
-    path = run_dir / "posterior.pt"
+    path = fit_dir / "posterior.pt"
     if path.exists():
         saved = torch.load(path)
         return saved["variances"], saved["record"], saved["glm"]
     t0 = time.perf_counter()
-    la = fit_laplace(model, case, data, args.n_fit)
+    la = fit_laplace(model, case, data, n_fit)
     var = la.posterior_variance().detach()
     variances = {b.name: var[b.slice].reshape(b.shape) for b in la.subset.blocks}
-    record = {"prior_precision": float(la.prior_precision), "n_fit": args.n_fit, "n_covered": la.n_params,
+    record = {"prior_precision": float(la.prior_precision), "n_fit": n_fit, "n_covered": la.n_params,
               "laplace_seconds": time.perf_counter() - t0}
     t0 = time.perf_counter()
     glm = glm_variance(la, to64(data[2]), n_outputs)
     record["glm_seconds"] = time.perf_counter() - t0
+    fit_dir.mkdir(parents=True, exist_ok=True)
     torch.save({"variances": variances, "record": record, "glm": glm}, path)
     return variances, record, glm
 
@@ -248,12 +250,15 @@ def options(case: Case) -> list[dict]:
     lns = ("frozen", "linearized") if case.has_layernorm else (None,)
     out = [{"mode": "diagonal", "attention": a, "layernorm": ln}
            for a in (("independent", "shared_value") if case.own_attention else ("independent",)) for ln in lns]
+    out += [{"mode": "diagonal", "attention": "independent", "layernorm": ln, "activations": "quadrature"}
+            for ln in lns]
     return out + [{"mode": "full", "attention": "independent", "layernorm": ln} for ln in lns]
 
 
 def option_key(option: dict) -> str:
-    """A file-name key for an option combination."""
-    return f"{option['mode']}-{option['attention']}-{option['layernorm'] or 'none'}"
+    """A file-name key for an option combination (linearised activations, the default, unnamed)."""
+    suffix = "-quadrature" if option.get("activations") == "quadrature" else ""
+    return f"{option['mode']}-{option['attention']}-{option['layernorm'] or 'none'}{suffix}"
 
 
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -284,6 +289,8 @@ def streamlined_row(model: nn.Module, case: Case, variances: dict, x: Any, mc: d
     full-width check on layers that carry no variance. Raises AssertionError when the propagated mean is not
     model(x) to MEAN_ATOL.
     """
+    from streamlined_agreement_rules import quadrature_activations
+
     from posthoc.streamlined import Streamlined
     idx = torch.arange(2 * N_GROUP)
     if option["mode"] == "full":
@@ -300,7 +307,8 @@ def streamlined_row(model: nn.Module, case: Case, variances: dict, x: Any, mc: d
             inputs = trunk(x)
         row["on"] = "tail"
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), (quadrature_activations() if option.get("activations") == "quadrature"
+                                          else contextlib.nullcontext()):
             warnings.simplefilter("ignore")
             # full mode: a few inputs at a time (per-example D x D covariances; 50 at once took 8.5 GB on SmallViT)
             sp = Streamlined(network, weight_var=variances, batch_size=50 if option["mode"] == "diagonal" else 5,
@@ -320,8 +328,17 @@ def streamlined_row(model: nn.Module, case: Case, variances: dict, x: Any, mc: d
     return row
 
 
+def fit_dirs(model_dir: Path) -> list[Path]:
+    """The model's per-posterior cache folders ``nfit<N>``, the largest n_fit first."""
+    return sorted(model_dir.glob("nfit*"), key=lambda p: -int(p.name[4:]))
+
+
 def evaluate(name: str, args: Any) -> None:
-    """Train, fit, sample and compare one model; every stage cached under ``--run-dir/<name>/``."""
+    """Train, fit, sample and compare one model; every stage cached under ``--run-dir/<name>/``.
+
+    The trained weights sit in ``<name>/``; the posterior, MC chunks, model record and option rows of one fit in
+    ``<name>/nfit<N>/`` (N: the training inputs the Laplace saw), so fits on different amounts of data coexist.
+    """
     case = CASES[name]
     run_dir = Path(args.run_dir) / name
     print(f"== {name}", flush=True)
@@ -331,10 +348,12 @@ def evaluate(name: str, args: Any) -> None:
     model, train_record = train(name, case, data, run_dir)
     covered = cover(model, case)
     n_outputs = int(call(model, take(to64(data[2]), slice(0, 1))).shape[-1])
-    variances, laplace_record, glm = posterior(model, case, data, args, run_dir, n_outputs)
+    n_fit = len(data[1]) if args.n_fit == 0 else min(args.n_fit, len(data[1]))
+    fit_dir = run_dir / f"nfit{n_fit}"
+    variances, laplace_record, glm = posterior(model, case, data, n_fit, fit_dir, n_outputs)
     x = to64(data[2])
     t0 = time.perf_counter()
-    mc = monte_carlo(model, case, x, variances, args, run_dir)
+    mc = monte_carlo(model, case, x, variances, args, fit_dir)
     meta = run_meta()
     record = {"model": name, "env": environment(), "torch": torch.__version__, "date": meta["date"],
               "n_params": sum(p.numel() for p in model.parameters()), "covered": list(case.covered),
@@ -345,9 +364,11 @@ def evaluate(name: str, args: Any) -> None:
               "glm": compare(glm, mc["var"], N_GROUP), "attention_rule": case.attention_rule}
     print(f"  MC: {mc['n_mc']} draws, RMS SE {mc['rms_se']:.3g} / spread {mc['spread']:.3g} = "
           f"{mc['se_over_spread']:.3f} (< {SE_FRACTION} required); glm vs MC {record['glm']}", flush=True)
-    atomic_write_text(run_dir / "model.json", json.dumps(record, indent=1))
+    atomic_write_text(fit_dir / "model.json", json.dumps(record, indent=1))
     for option in options(case):
-        path = run_dir / "rows" / f"{option_key(option)}.json"
+        if option["mode"] == "full" and args.skip_full:
+            continue
+        path = fit_dir / "rows" / f"{option_key(option)}.json"
         if path.exists():
             continue
         row = streamlined_row(model, case, variances, x, mc, option, args.n_full)
@@ -360,13 +381,14 @@ def collect(run_dir: Path) -> list[dict]:
     """Every cached model record with its option rows, in CASES order."""
     out = []
     for name in CASES:
-        path = run_dir / name / "model.json"
-        if path.exists():
-            record = json.loads(path.read_text())
-            record["rows"] = [json.loads((run_dir / name / "rows" / f"{option_key(o)}.json").read_text())
-                              for o in options(CASES[name])
-                              if (run_dir / name / "rows" / f"{option_key(o)}.json").exists()]
-            out.append(record)
+        for fit_dir in fit_dirs(run_dir / name):
+            path = fit_dir / "model.json"
+            if path.exists():
+                record = json.loads(path.read_text())
+                record["rows"] = [json.loads((fit_dir / "rows" / f"{option_key(o)}.json").read_text())
+                                  for o in options(CASES[name])
+                                  if (fit_dir / "rows" / f"{option_key(o)}.json").exists()]
+                out.append(record)
     return out
 
 
@@ -435,7 +457,9 @@ def main() -> None:
     parser.add_argument("--models", default=",".join(n for n, c in CASES.items() if c.env == env))
     parser.add_argument("--data-dir", default=None, help="folder holding FashionMNIST/ (default: $POSTHOC_DATA)")
     parser.add_argument("--run-dir", default=str(ROOT / "runs" / "streamlined_agreement"))
-    parser.add_argument("--n-fit", type=int, default=4000, help="training inputs the Laplace is fitted on")
+    parser.add_argument("--n-fit", type=int, default=0,
+                        help="training inputs the Laplace is fitted on (the first N; 0: all of them)")
+    parser.add_argument("--skip-full", action="store_true", help="leave the full-mode rows for a later run")
     parser.add_argument("--n-train", type=int, default=0, help="train on the first N training inputs (0: all)")
     parser.add_argument("--min-mc", type=int, default=200)
     parser.add_argument("--max-mc", type=int, default=4000)

@@ -115,7 +115,7 @@ def test_wrn_tail_of_trunk_is_the_forward(bench):
 
 def test_table_joins_cached_records_and_names_missing(bench, tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "RESULTS", tmp_path / "results")
-    run = tmp_path / "run" / "mlp"
+    run = tmp_path / "run" / "mlp" / "nfit100"  # one fit's folder: nfit<N>
     (run / "rows").mkdir(parents=True)
     stats = {"spearman": 0.95, "spearman_in": 0.9, "spearman_shift": 0.97, "total": 1.1, "total_in": 1.0,
              "total_shift": 1.2}
@@ -168,3 +168,59 @@ def test_full_mode_on_the_tail_equals_full_mode_on_the_model(bench):
     idx = torch.cat([torch.arange(7), bench.N_GROUP + torch.arange(7)])
     direct = Streamlined(model, weight_var=variances, activation_covariance="full").predict(x[idx]).var.sum(-1)
     assert row["total"] == pytest.approx(float(direct.sum() / mc["var"][idx].sum()), rel=1e-10)
+
+
+@pytest.mark.parametrize("name", ["relu", "tanh", "gelu", "sigmoid", "silu"])
+def test_gaussian_variance_of_activations_matches_dense_integration(name):
+    from streamlined_agreement_rules import _FUNCTIONS, gaussian_variance
+    mu = torch.tensor([-2.0, -0.3, 0.0, 0.4, 1.5], dtype=torch.float64)
+    var = torch.tensor([0.5, 2.0, 1.0, 0.01, 3.0], dtype=torch.float64)
+    t = torch.linspace(-12, 12, 200_001, dtype=torch.float64)[:, None]  # standard normal grid, trapezoid rule
+    density = torch.exp(-0.5 * t * t) / (2 * torch.pi) ** 0.5
+    g = _FUNCTIONS[name](mu + var.sqrt() * t)
+    first = torch.trapezoid(g * density, t, dim=0)
+    reference = torch.trapezoid((g - first).square() * density, t, dim=0)
+    # ReLU in closed form; the smooth ones by 32-node Gauss-Hermite (its error at σ² = 3 is about 1e-3)
+    rtol = 1e-6 if name == "relu" else 5e-3
+    torch.testing.assert_close(gaussian_variance(name, mu, var), reference, rtol=rtol, atol=1e-12)
+    assert float(gaussian_variance(name, mu, torch.zeros_like(var)).abs().max()) < 1e-12
+
+
+def test_quadrature_activations_swap_the_rules_and_restore_them():
+    from streamlined_agreement_rules import quadrature_activations
+
+    from posthoc.streamlined import Streamlined
+    from posthoc.streamlined.rules.base import find_rule
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double().eval()
+    variances = {"0.weight": torch.full((4, 3), 0.3, dtype=torch.float64)}
+    x = torch.randn(5, 3, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    before = find_rule(nn.Tanh)
+    with quadrature_activations():
+        pred = Streamlined(model, weight_var=variances).predict(x)
+    assert find_rule(nn.Tanh) is before
+    # the first layer's output is exactly Gaussian with independent units: the tanh variance, then the last
+    # (deterministic) layer, are exact; its mean stays model(x)
+    with torch.no_grad():
+        mu = model[0](x)
+    from streamlined_agreement_rules import gaussian_variance
+    var_h = gaussian_variance("tanh", mu, x.square() @ variances["0.weight"].T)
+    torch.testing.assert_close(pred.var, var_h @ model[2].weight.square().T)
+    torch.testing.assert_close(pred.mean, model(x))
+
+
+def test_node_diagnosis_of_a_linear_network_is_exact():
+    from streamlined_agreement_nodes import first_outside, mc_nodes, streamlined_nodes
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2)).double().eval()
+    variances = {"0.weight": torch.full((4, 3), 0.2, dtype=torch.float64),
+                 "1.bias": torch.full((2,), 0.1, dtype=torch.float64)}
+    x = torch.randn(6, 3, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    recorded, graph_module, placeholders = streamlined_nodes(model, variances, x, {})
+    assert set(recorded) == {"_0", "_1", "output"}
+    mc = mc_nodes(model, graph_module, placeholders, variances, set(recorded), n_mc=4000)
+    for name, var in recorded.items():  # a linear network with independent weights: diagonal mode is exact
+        torch.testing.assert_close(mc[name][0], var, rtol=0.1, atol=1e-3)
+    assert model[0].weight.grad is None and torch.equal(model(x), graph_module(x))  # weights restored
+    rows = [{"ratio": 1.0}, {"ratio": 1.4}, {"ratio": 2.0}]
+    assert first_outside(rows) is rows[1]
