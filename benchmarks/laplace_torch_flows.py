@@ -5,8 +5,8 @@ Each flow of laplace-torch's docs and examples (regression with the marglik hype
 training, calibration, reward modelling, Bayesian optimisation, continual learning, subnetworks, Hugging Face
 with LoRA, the function-space LA) is written once in benchmarks/laplace_torch_flows_cases.py as
 ``flow(lib, data, record)``, re-created on local data (the sinusoid, the FMNIST CNN on posthoc's embedded data,
-a config-built GPT-2; benchmarks/laplace_torch_flows_extra.py adds the Kronecker ``posterior_precision`` and the
-grid search with a ``loss``). It runs twice: with ``lib`` holding ``laplace``, ``laplace.utils``, ``laplace.curvature``,
+a config-built GPT-2; benchmarks/laplace_torch_flows_extra.py adds reward modelling (all weights and the last
+layer), the Kronecker ``posterior_precision`` and the grid search with a ``loss``). It runs twice: with ``lib`` holding ``laplace``, ``laplace.utils``, ``laplace.curvature``,
 and with ``lib`` holding ``posthoc.compat.laplace`` and its ``utils`` / ``curvature``; same weights, data and
 seeds. Deterministic quantities are compared by their largest relative difference, Monte Carlo ones (draws)
 by the z-score of their sample means and variances; integer ones (subnetwork positions) must be equal. A flow
@@ -52,6 +52,7 @@ MC_LEVEL = 0.0027      # two-sided level of "3 standard errors", Bonferroni-corr
 EXPLAINED = {
     ("regression_marglik", "kron:"): "laplace-torch bug [1]",
     ("reward_modeling", "kron:"): "different approximation [2]",
+    ("reward_modeling", "last_layer kron:"): "different approximation [2]",
 }
 NOTES = (
     "[1] laplace-torch 0.3's KronDecomposed.__mul__ (laplace/utils/matrix.py) scales the eigenvalues by "
@@ -62,10 +63,23 @@ NOTES = (
     "walks elsewhere and the tuned hyperparameters, marglik and variances differ. At the same (delta, sigma) the "
     "two libraries' kron marglik agree: its finite differences in delta and sigma and its autograd gradient in "
     "delta are equal (rows above).",
-    "[2] The reward model evaluates its network on the (2B, d) items of B pairs. posthoc's KFAC gives a layer "
-    "whose output does not have one row per example the exact diagonal GGN block instead (documented in "
-    "posthoc.curvature.kfac), so hessian_structure='kron' here equals 'diag'; laplace-torch's KFAC treats the "
-    "2B rows as one batch. 'full' and 'diag' agree.",
+    "[2] The reward network here runs on the (2B, d) items of B pairs. laplace-torch's KFAC (curvlinops, "
+    "expand) takes the 2B item rows as the layer's batch: G = sum over pairs n and items i of Lambda_n[i, i] "
+    "(Lambda_n = diag p_n - p_n p_n^T), A = (sum over the 2N item rows of a a^T) / N with N the number of pairs. "
+    "The same weights written with the pair axis kept ('pair axis' rows: the network on (B, 2, d)) get KFAC-expand "
+    "over the pair's two items in both libraries, with A divided by 2N, and agree to float precision (all weights "
+    "and last layer). Measured on this flow's weights: laplace-torch's flattened A is exactly 2 x its pair-axis A "
+    "for every layer, G equal; its factor 2 comes from the flattening (curvlinops cannot see a shared dimension in "
+    "(2B, d) rows and divides by the N pairs), so it is not copied. posthoc gives a layer whose output is not one "
+    "row per example its exact diagonal GGN block instead, with a warning naming the layer (documented in "
+    "posthoc.curvature.kfac): 'kron' there equals 'diag'. KFAC-expand over the item rows (A / 2N) would need to "
+    "know which rows belong to which example for 'ekfac' and KFAC-reduce, which a flattened batch hides, and would "
+    "still be half of laplace-torch's. 'full' and 'diag' agree, all weights and last layer.",
+    "[3] laplace-torch 0.3 fails on a reward model's last layer where the rows say 'missing on laplace-torch' and "
+    "the 'fails' rows give its error: hessian_structure='diag' and la(pairs, fitting=True), on both ways of "
+    "writing the network (its last-layer Jacobians are taken on the last layer's own output, 2B item rows or "
+    "(B, 2, 1), not on the model's (B, 2) pair logits). posthoc's values there are checked in float64 against "
+    "torch.func.jacrev references in tests/compat/test_reward_last_layer.py.",
 )
 SETUP_HINT = ("laplace-torch is not importable: run this script with the .venv-bench environment whose setup "
               "benchmarks/README.md gives (under laplace_vs_laplace_torch.py; add `pip install transformers peft` "

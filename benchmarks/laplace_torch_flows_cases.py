@@ -117,6 +117,14 @@ class PairRewardModel(nn.Module):
         return self.net(x)
 
 
+class PairAxisRewardModel(PairRewardModel):
+    """The same reward network run on the pairs (B, 2, d) themselves: (B, 2, 1) squeezed to logits (B, 2)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        out = self.net(x)
+        return out.squeeze(-1) if x.ndim == 3 else out
+
+
 def bayesopt_target(x: torch.Tensor) -> torch.Tensor:
     """A smooth 2-D test function on [0, 1]^2 (n, 1)."""
     return (torch.sin(3 * x[:, :1]) * torch.cos(2 * x[:, 1:]) + 0.5 * (x[:, :1] - 0.3) ** 2)
@@ -169,6 +177,8 @@ def build_data(fmnist_cnn: nn.Module, fmnist_train: TensorDataset, fmnist_test: 
     items["reward_loader"] = DataLoader(TensorDataset(pairs, prefer_second), batch_size=50)
     items["reward_model"] = train(PairRewardModel(), items["reward_loader"], 30, nn.functional.cross_entropy,
                                   lr=1e-2, weight_decay=1e-3)
+    items["reward_model_pair_axis"] = PairAxisRewardModel().eval()  # the same weights, the pair axis kept
+    items["reward_model_pair_axis"].load_state_dict(items["reward_model"].state_dict())
     items["reward_test"] = torch.randn(5, 3, generator=generator)
 
     bo_x = torch.rand(30, 2, generator=generator)
@@ -354,23 +364,6 @@ def calibration(lib: Library, data: FlowData, record: Record) -> None:
                                          generator=torch.Generator().manual_seed(2)))
 
 
-def reward_modeling(lib: Library, data: FlowData, record: Record) -> None:
-    """Bradley-Terry pairs, all weights: fit, tuned prior, ``la(x)`` on single items (the reward's mean, variance).
-
-    The documented call (default structure, kron), then "full" and "diag".
-    """
-    for structure in ("kron", "full", "diag"):
-        la = lib.laplace.Laplace(data.model("reward_model"), likelihood="reward_modeling", subset_of_weights="all",
-                                 hessian_structure=structure)
-        la.fit(data["reward_loader"])
-        record.deterministic(f"{structure}: log marglik at delta=1", la.log_marginal_likelihood())
-        la.optimize_prior_precision()
-        record.deterministic(f"{structure}: prior precision", la.prior_precision)
-        mean, var = la(data["reward_test"])
-        record.deterministic(f"{structure}: reward mean (5)", mean)
-        record.deterministic(f"{structure}: reward var (5)", var)
-
-
 def bayesopt(lib: Library, data: FlowData, record: Record) -> None:
     """All-weights kron with ``enable_backprop``: the UCB's gradient in x through the predictive mean and variance."""
     la = lib.laplace.Laplace(data.model("bo_model"), "regression", subset_of_weights="all", hessian_structure="kron",
@@ -492,6 +485,6 @@ def huggingface_lora(lib: Library, data: FlowData, record: Record) -> None:
 
 FLOWS: dict[str, Callable[[Library, FlowData, Record], None]] = {
     "regression_marglik": regression_marglik, "marglik_training": marglik_training, "calibration": calibration,
-    "reward_modeling": reward_modeling, "bayesopt": bayesopt, "continual": continual, "subnetworks": subnetworks,
+    "bayesopt": bayesopt, "continual": continual, "subnetworks": subnetworks,
     "huggingface_lora": huggingface_lora, "functional_gp": functional_gp,
 }

@@ -1,6 +1,10 @@
-"""More flows of benchmarks/laplace_torch_flows.py: the Kronecker posterior precision and the grid search with ``loss=``.
+"""More flows of benchmarks/laplace_torch_flows.py: reward modelling, the Kronecker posterior precision, ``loss=``.
 
 Same contract as benchmarks/laplace_torch_flows_cases.py (``flow(lib, data, record)``, nothing names a library):
+
+- ``reward_modeling``: ``likelihood="reward_modeling"`` on Bradley-Terry pairs, all weights and the last layer,
+  kron / full / diag, on the reward network written two ways (the pairs flattened into (2B, d) items, or the pair
+  axis kept); see :func:`reward_modeling`.
 
 - ``kron_posterior_precision``: ``la.posterior_precision`` of ``hessian_structure="kron"`` (laplace-torch's
   ``KronDecomposed``) on the sinusoid's 1-50-1 network (regression) and the three-class 2-20-20-3 network
@@ -88,6 +92,56 @@ def gridsearch_loss(lib: Library, data: FlowData, record: Record) -> None:
                                          generator=torch.Generator().manual_seed(2)))
 
 
+def _first_line(error: Exception) -> str:
+    return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+
+
+def _reward_structure(lib: Library, data: FlowData, record: Record, model_key: str, subset: str, name: str) -> Any:
+    """One reward Laplace's rows: evidence at delta = 1, tuned prior, ``la(x)`` on items; a failure is a note."""
+    structure = name.rsplit(" ", 1)[-1]
+    try:
+        la = lib.laplace.Laplace(data.model(model_key), likelihood="reward_modeling", subset_of_weights=subset,
+                                 hessian_structure=structure)
+        la.fit(data["reward_loader"])
+        record.deterministic(f"{name}: log marglik at delta=1", la.log_marginal_likelihood())
+        la.optimize_prior_precision()
+        record.deterministic(f"{name}: prior precision", la.prior_precision)
+        mean, var = la(data["reward_test"])
+        record.deterministic(f"{name}: reward mean (5)", mean)
+        record.deterministic(f"{name}: reward var (5)", var)
+        return la
+    except Exception as error:  # one structure's failure is its row, the others still run
+        record.notes[f"{name}: fails"] = _first_line(error)
+        return None
+
+
+def reward_modeling(lib: Library, data: FlowData, record: Record) -> None:
+    """Bradley-Terry pairs: fit, tuned prior, ``la(x)`` on single items (the reward's mean and variance).
+
+    All weights (the documented default structure, kron, then "full" and "diag") and the last layer, on the reward
+    network that runs on the (2B, d) items of B pairs (laplace-torch's tests' model), then on the same weights
+    written with the pair axis kept ("pair axis": the network on (B, 2, d)). Last layer "full" also gives its
+    "nn" reward samples and the pair probabilities ``la(x, fitting=True)``.
+    """
+    pairs = next(iter(data["reward_loader"]))[0][:5]
+    for model_key, label in (("reward_model", ""), ("reward_model_pair_axis", "pair axis ")):
+        for subset in ("all", "last_layer"):
+            for structure in ("kron", "full", "diag"):
+                scope = "" if subset == "all" else "last_layer "
+                la = _reward_structure(lib, data, record, model_key, subset, f"{label}{scope}{structure}")
+                if la is None or subset == "all" or structure != "full":
+                    continue
+                record.samples(f"{label}last_layer full: nn reward samples (4000 x 5)",
+                               la.predictive_samples(data["reward_test"], pred_type="nn", n_samples=4000,
+                                                     generator=torch.Generator().manual_seed(4)))
+                try:
+                    record.deterministic(f"{label}last_layer full: pair probs fitting=True (5 x 2)",
+                                         la(pairs, fitting=True))
+                except Exception as error:
+                    record.notes[f"{label}last_layer full: la(pairs, fitting=True) fails"] = _first_line(error)
+
+
 EXTRA_FLOWS: dict[str, Callable[[Library, FlowData, Record], None]] = {
-    "kron_posterior_precision": kron_posterior_precision, "gridsearch_loss": gridsearch_loss,
+    "reward_modeling": reward_modeling, "kron_posterior_precision": kron_posterior_precision,
+    "gridsearch_loss": gridsearch_loss,
 }
