@@ -146,8 +146,9 @@ def classification_row(name: str, probs: torch.Tensor, y: torch.Tensor, probs_oo
     return {**row, **extra}
 
 
-def run_small_task(task: ClassificationTask, links: tuple[str, ...], val_recipe: bool) -> list[dict[str, Any]]:
-    """Train the task's MLP, then MAP, temperature and every posterior x link at its defaults.
+def run_small_task(task: ClassificationTask, links: tuple[str, ...], val_recipe: bool,
+                   posteriors: tuple[tuple[str, str, str, dict[str, Any]], ...] = POSTERIORS) -> list[dict[str, Any]]:
+    """Train the task's MLP, then MAP, temperature and each of ``posteriors`` x link at its defaults.
 
     ``val_recipe``: also each posterior x link with the prior tuned by validation NLL (Laplace's default grid,
     logspace(-4, 4, 21)), rows named ``name[link,val]``.
@@ -168,7 +169,7 @@ def run_small_task(task: ClassificationTask, links: tuple[str, ...], val_recipe:
     with torch.no_grad():
         rows.append(classification_row("temperature", temp.predict(x_test).probs(), y_test,
                                        temp.predict(x_ood).probs(), {"temperature": temp.temperature}))
-    for name, subset, structure, options in POSTERIORS:
+    for name, subset, structure, options in posteriors:
         t0 = time.perf_counter()
         la = Laplace(model, "classification", subset, structure, progress=False, structure_options=options)
         la.fit(_loader(x, y))
@@ -194,8 +195,9 @@ def run_small_task(task: ClassificationTask, links: tuple[str, ...], val_recipe:
     return rows
 
 
-def run_uci(name: str, split: int, data_dir: str) -> list[dict[str, Any]]:
-    """One UCI split: a 1 x 50 tanh MLP (seeded), MAP with the training residuals' noise, every posterior."""
+def run_uci(name: str, split: int, data_dir: str,
+            posteriors: tuple[tuple[str, str, str, dict[str, Any]], ...] = POSTERIORS) -> list[dict[str, Any]]:
+    """One UCI split: a 1 x 50 tanh MLP (seeded), MAP with the training residuals' noise, each of ``posteriors``."""
     from posthoc.data.uci import load_uci
 
     data = load_uci(name, split, data_dir=data_dir)
@@ -210,7 +212,7 @@ def run_uci(name: str, split: int, data_dir: str) -> list[dict[str, Any]]:
     y_scale = float(data.y_std)
     rows = [{"method": "map", "nll": metrics.gaussian_nll(mean, torch.full_like(mean, sigma2), y_test, y_scale),
              "sigma_noise": math.sqrt(sigma2)}]
-    for row_name, subset, structure, options in POSTERIORS:
+    for row_name, subset, structure, options in posteriors:
         la = Laplace(model, "regression", subset, structure, progress=False, structure_options=options)
         la.fit(_loader(x, y))
         la.optimize_prior_precision()
@@ -268,6 +270,23 @@ def merge_fmnist(earlier: list[dict[str, Any]], new_rows: list[dict[str, Any]]) 
         raise ValueError(f"the new FMNIST rows come from another MAP (NLL {new_rows[0]['nll']} against "
                          f"{rows['map']['nll']})")
     rows.update({r["method"]: r for r in new_rows})
+    return list(rows.values())
+
+
+def merge_rows(earlier: list[dict[str, Any]], new_rows: list[dict[str, Any]], task: str) -> list[dict[str, Any]]:
+    """A task's earlier rows with ``new_rows`` joined per method: a new row replaces the earlier one in place.
+
+    The earlier ``map`` and ``temperature`` rows are kept (their numbers do not change).
+
+    Raises:
+        ValueError: both have a MAP row and their NLLs differ (another MAP: the rows would not compare).
+    """
+    rows = {r["method"]: r for r in earlier}
+    new = {r["method"]: r for r in new_rows}
+    if "map" in rows and "map" in new and not math.isclose(rows["map"]["nll"], new["map"]["nll"], rel_tol=1e-6):
+        raise ValueError(f"{task}: the new rows come from another MAP (NLL {new['map']['nll']} against "
+                         f"{rows['map']['nll']})")
+    rows.update({m: r for m, r in new.items() if m not in rows or m not in ("map", "temperature")})
     return list(rows.values())
 
 
@@ -367,7 +386,21 @@ def main() -> None:
                              "(to merge runs and add FMNIST rows); recorded in the output's meta")
     parser.add_argument("--small", default=None, help="indices of the small tasks to run, comma-separated "
                         "(default all; '' for none)")
+    parser.add_argument("--methods", default=None, help="posterior rows to run, comma-separated (default all: "
+                        f"{','.join(p[0] for p in POSTERIORS)}); with --tasks-from, a rerun task's new rows replace "
+                        "those methods' rows and keep the others (same MAP, checked); with --data-dir the UCI splits "
+                        "are rerun for them too")
+    parser.add_argument("--merge-from", nargs="*", default=(), metavar="ROWS_JSON",
+                        help="join these files' rows ({'tasks': {task: rows}}, e.g. benchmarks/defaults_large.py's) "
+                        "per task and method (a new row replaces an earlier one; the MAP rows must agree)")
     args = parser.parse_args()
+    posteriors = POSTERIORS
+    if args.methods is not None:
+        names = [m.strip() for m in args.methods.split(",") if m.strip()]
+        unknown = sorted(set(names) - {p[0] for p in POSTERIORS})
+        if unknown:
+            raise SystemExit(f"--methods: unknown {unknown}; choose from {[p[0] for p in POSTERIORS]}")
+        posteriors = tuple(p for p in POSTERIORS if p[0] in names)
     torch.set_num_threads(1)
     tasks: dict[str, list[dict[str, Any]]] = {}
     regression: dict[str, list[dict[str, Any]]] = {}
@@ -381,9 +414,11 @@ def main() -> None:
                 (regression if name.startswith("uci-") else tasks)[name] = rows
     # file names only: the results are tracked and name no folder of this machine
     meta = {**run_meta(), "command": " ".join(Path(a).name if a.startswith("/") else a for a in sys.argv),
-            "tasks_from": [{"file": Path(path).name, "date": run["meta"]["date"], "command": run["meta"]["command"]}
-                           for path, run in zip(args.tasks_from, earlier, strict=True)],
-            "fmnist_results": [Path(p).name for p in args.fmnist_results]}
+            "tasks_from": [*(nested for run in earlier for nested in run["meta"].get("tasks_from", [])),
+                           *({"file": Path(path).name, "date": run["meta"]["date"], "command": run["meta"]["command"]}
+                             for path, run in zip(args.tasks_from, earlier, strict=True))],
+            "fmnist_results": [Path(p).name for p in args.fmnist_results], "methods": args.methods,
+            "merge_from": [Path(p).name for p in args.merge_from]}
 
     def write() -> dict[str, Any]:  # after every task, so an interrupted run keeps what it finished
         payload = {"meta": meta, "tasks": {**tasks, **regression}, "worst_case": worst_cases(tasks),
@@ -394,19 +429,30 @@ def main() -> None:
 
     for task in chosen if args.small is not None or not earlier else ():
         print(f"task {task.name}", flush=True)
-        tasks[task.name] = run_small_task(task, ("probit",) if args.quick else LINKS, not args.quick)
+        rows = run_small_task(task, ("probit",) if args.quick else LINKS, not args.quick, posteriors)
+        previous = [r for run in earlier for r in run["tasks"].get(task.name, [])]
+        tasks[task.name] = merge_rows(previous, rows, task.name) if args.methods is not None else rows
         write()
     if args.fmnist_results:
         tasks["fmnist-embedded-cnn"] = merge_fmnist(earlier, read_bench_rows(args.fmnist_results))
+    elif earlier:  # the earlier runs' FMNIST rows, joined per method
+        fmnist = [r for run in earlier for r in run["tasks"].get("fmnist-embedded-cnn", [])]
+        if fmnist:
+            tasks["fmnist-embedded-cnn"] = merge_rows([], fmnist, "fmnist-embedded-cnn")
     elif not args.skip_fmnist:
         print("task fmnist-embedded", flush=True)
         tasks["fmnist-embedded-cnn"] = fmnist_rows(FMNIST_METHODS)
-    if not earlier and args.data_dir is not None and Path(args.data_dir, "UCI").is_dir():
+    if (not earlier or args.methods is not None) and args.data_dir is not None and Path(args.data_dir, "UCI").is_dir():
         for name in args.uci.split(","):
             for split in range(args.splits):
                 print(f"task uci {name} split {split}", flush=True)
-                regression[f"uci-{name}-split{split}"] = run_uci(name, split, args.data_dir)
+                key = f"uci-{name}-split{split}"
+                regression[key] = merge_rows(regression.get(key, []), run_uci(name, split, args.data_dir, posteriors),
+                                             key)
                 write()
+    for path in args.merge_from:
+        for name, rows in json.loads(Path(path).read_text())["tasks"].items():
+            tasks[name] = merge_rows(tasks.get(name, []), rows, name)
     print(markdown(write()))
 
 

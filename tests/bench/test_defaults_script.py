@@ -58,3 +58,18 @@ def test_new_fmnist_rows_join_the_earlier_ones_on_the_same_map(defaults):
     assert [r["method"] for r in merged] == ["map", "la_kron", "la_kron_centred"]
     with pytest.raises(ValueError, match="another MAP"):
         defaults.merge_fmnist(earlier, [{"method": "map", "nll": 0.4}])
+
+
+def test_rerun_rows_replace_those_methods_in_place_and_keep_the_map(defaults):
+    earlier = [{"method": "map", "nll": 0.5, "ece": 0.1}, {"method": "temperature", "nll": 0.45},
+               {"method": "la_lowrank[probit]", "nll": 2.0}, {"method": "la_kron[probit]", "nll": 0.7}]
+    new = [{"method": "map", "nll": 0.5, "ece": 0.2}, {"method": "temperature", "nll": 0.44},
+           {"method": "la_lowrank[probit]", "nll": 0.49}, {"method": "la_lowrank[mc]", "nll": 0.48}]
+    merged = defaults.merge_rows(earlier, new, "t")
+    assert [r["method"] for r in merged] == ["map", "temperature", "la_lowrank[probit]", "la_kron[probit]",
+                                             "la_lowrank[mc]"]
+    assert merged[0]["ece"] == 0.1 and merged[1]["nll"] == 0.45  # the earlier MAP and temperature rows stay
+    assert merged[2]["nll"] == 0.49 and merged[3]["nll"] == 0.7
+    assert defaults.merge_rows([], new, "t") == new
+    with pytest.raises(ValueError, match="another MAP"):
+        defaults.merge_rows(earlier, [{"method": "map", "nll": 0.6}], "t")
