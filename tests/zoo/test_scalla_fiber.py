@@ -5,9 +5,10 @@ LoRA model.
 
 ScaLLA: the default surrogate (a copy of the model with its last nn.Linear replaced by an identity) trains a few
 steps, the predictive mean is the model's output, the variances are finite and positive. FiberSampler: "all"
-and "last_layer" walk and predict on the same inputs. Hugging Face models run with eager attention: the walk's
-JVPs need forward-mode derivatives, which PyTorch's CPU flash attention ("sdpa") lacks (ScaLLA's JVPs switch to
-SDPA's math kernel themselves; test_scalla_on_sdpa_attention_equals_eager).
+and "last_layer" walk and predict on the same inputs, Hugging Face models with their default attention ("sdpa":
+the walk runs it on SDPA's math kernel, which has forward-mode derivatives and batching rules). The ScaLLA tests
+run Hugging Face models with eager attention (ScaLLA's JVPs switch to SDPA's math kernel themselves;
+test_scalla_on_sdpa_attention_equals_eager).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from zoo.test_zoo import MODELS, _outputs, check_mean_and_cov
 
 from posthoc import ScaLLA
 from posthoc.fiber import FiberSampler
+from posthoc.fiber.projection import outputs_many
 from posthoc.scalla.surrogate import ModelTrunk, build_default_surrogate
 
 SCALLA = dict(n_features=4, steps=5, n_target_points=12, eigen_subsample=12, batch_size=4, progress=False)
@@ -116,9 +118,9 @@ def test_scalla_on_sdpa_attention_equals_eager():
 
 
 @pytest.mark.parametrize("subset", ["all", "last_layer"])
-@pytest.mark.parametrize("name", ["bert", "gpt2_wrapped", "dict_output", "pair_input"])
+@pytest.mark.parametrize("name", ["bert", "gpt2", "gpt2_wrapped", "dict_output", "pair_input"])
 def test_fiber_sampler_on_the_model(name, subset):
-    model, batches, x = _eager(name)
+    model, batches, x = MODELS[name]()  # the default attention implementation
     fs = FiberSampler(model, "classification", subset_of_weights=subset, **FIBER).fit(batches)
     assert fs.info["stage1_within_tol"] > 0
     assert float((fs.particles - fs.subset.theta_map).abs().max()) > 0  # the walk moved
@@ -126,6 +128,9 @@ def test_fiber_sampler_on_the_model(name, subset):
     with torch.no_grad():
         expected = _outputs(model, x)
     assert samples.shape == (4, *expected.shape) and torch.isfinite(samples).all()
+    with torch.no_grad():  # at theta*, the walk's outputs (SDPA's math kernel) are the model's, up to round-off
+        at_map = outputs_many(fs.subset, fs.subset.inputs(x), fs.subset.theta_map.expand(2, -1))
+    torch.testing.assert_close(at_map, expected.expand(2, -1, -1), rtol=0, atol=1e-12)
     if isinstance(x, dict):  # the target entry of a mapping is dropped, as in Laplace
         with_labels = {**x, "labels": torch.zeros(4, dtype=torch.long)}
         torch.testing.assert_close(fs.predict(with_labels, n_samples=4).samples, samples, rtol=0, atol=0)

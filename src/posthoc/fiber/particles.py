@@ -66,7 +66,8 @@ def reads_parameter_values(forward: Callable[[torch.Tensor], Any], theta: torch.
     """Whether ``forward(theta)`` reads a value computed from ``theta`` into Python, or shapes a tensor by one.
 
     Such a function cannot be vmapped over several theta. Reads of tensors that do not depend on ``theta`` (an
-    attention mask among the inputs) do not count. Cost: one call of ``forward`` (without autograd) with a Python
+    attention mask among the inputs) do not count. Conservative: indexing by a 0-dim tensor (``t[i]``) reads ``i``
+    and counts, though vmap has a rule for it (the particles are then looped: slower, the same result). Cost: one call of ``forward`` (without autograd) with a Python
     hook on every operator it dispatches.
     """
     source = theta.detach().clone()
