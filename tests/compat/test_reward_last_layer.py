@@ -187,3 +187,22 @@ def test_bad_inputs_raise():
         la(_items(), pred_type="gp")
     with pytest.raises(ValueError, match="link_approx='mc'"):
         la(_items(), pred_type="nn")
+
+
+@pytest.mark.parametrize("model_class", [FlatPairs, PairAxis])
+def test_enable_backprop_gives_the_items_gradient_of_the_reward_mean_and_variance(model_class):
+    la = Laplace(model_class(), "reward_modeling", "last_layer", "full", enable_backprop=True).fit(_loader())
+    x = _items().requires_grad_(True)
+    f_mu, f_var = la(x)
+    (f_mu.sum() + f_var.sum()).backward()
+    assert x.grad is not None
+    la.enable_backprop = False
+    step = torch.zeros_like(x)
+    step[0, 0] = 1e-6
+
+    def total(inputs: torch.Tensor) -> torch.Tensor:
+        mean, var = la(inputs)
+        return mean.sum() + var.sum()
+
+    finite_difference = (total(x.detach() + step) - total(x.detach() - step)) / 2e-6
+    torch.testing.assert_close(x.grad[0, 0], finite_difference, rtol=1e-6, atol=1e-9)
