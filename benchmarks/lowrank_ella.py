@@ -13,11 +13,12 @@ of one of two bases, computed once per model at the largest rank and cut to each
     * ``jacobian``: the top eigenvectors V of sum_n J_n^T J_n over the same subsample (ELLA's Nystrom span),
       the GGN projected onto them over all the training data, the structure's ``basis="jacobian"``.
 The predictive covariance is J U diag(1 / (lam + delta)) U^T J^T (lam: the GGN on the span, after rotating U
-so that it is diagonal). Priors: ``marglik`` (the scalar delta maximising the lowrank structure's evidence,
--delta/2 |theta|^2 - 1/2 sum_k log(1 + lam_k / delta) + const, on a fine log grid: what
-``optimize_prior_precision()`` converges to) and ``val`` (the delta of Laplace's default validation grid,
-logspace(-4, 4, 21), with the lowest validation NLL under the row's link). Links: probit, probit_centred, mc
-(1,000 samples). Rows ``lib:...``: the same posterior through the public API (``Laplace(...).fit``,
+so that it is diagonal). Priors: ``marglik`` (the scalar delta maximising the omitted posterior's evidence,
+-delta/2 |theta|^2 + P/2 log delta - 1/2 sum_k log(lam_k + delta) + const, on a fine log grid: what
+``optimize_prior_precision()`` converges to since issue 17), ``marglik_full`` (the full model's evidence,
+-delta/2 |theta|^2 - 1/2 sum_k log(1 + lam_k / delta), the structure's before) and ``val`` (the delta of
+Laplace's default validation grid, logspace(-4, 4, 21), with the lowest validation NLL under the row's link).
+Links: probit, probit_centred, mc (1,000 samples). Rows ``lib:...``: the same posterior through the public API (``Laplace(...).fit``,
 ``optimize_prior_precision(val_loader=...)`` at its defaults, ``la.predict``), which must equal its sweep row.
 Rows ``ella_laplace_torch[...]``: laplace-torch's ELLA class (when the environment has it, e.g. .venv-bench)
 on the same MAP: M = 2,000 basis inputs, K = 20 (the ELLA paper's settings), prior by its own validation grid
@@ -172,12 +173,12 @@ def _metrics(probs: torch.Tensor, y: torch.Tensor, probs_ood: torch.Tensor) -> d
 class SpanPosterior:
     """The omit-complement posterior on the first ``rank`` basis directions, from a cached basis state."""
 
-    def __init__(self, state: dict[str, Any], rank: int, logits: dict[str, torch.Tensor]) -> None:
+    def __init__(self, state: dict[str, Any], rank: int, logits: dict[str, torch.Tensor], n_params: int) -> None:
         values, rotation = torch.linalg.eigh(state["curvature"][:rank, :rank])
         self.values = values.clamp_min(0)
         self.features = {split: torch.einsum("nkc,kj->njc", state[split][:, :rank].double(), rotation)
                          for split in ("val", "test", "ood")}
-        self.logits, self.theta_sq = logits, state["theta_sq"]
+        self.logits, self.theta_sq, self.n_params = logits, state["theta_sq"], n_params
 
     def predictive(self, split: str, delta: float) -> GaussianPredictive:
         """N(f(x), J U diag(1 / (lam + delta)) U^T J^T) on ``split``."""
@@ -185,10 +186,11 @@ class SpanPosterior:
         cov = torch.einsum("bkc,k,bkd->bcd", ju, 1 / (self.values + delta), ju)
         return GaussianPredictive(self.logits[split], (cov + cov.transpose(1, 2)) / 2)
 
-    def marglik_prior(self) -> float:
-        """The scalar delta maximising -delta/2 |theta|^2 - 1/2 sum_k log(1 + lam_k / delta) (the evidence)."""
+    def marglik_prior(self, full: bool = False) -> float:
+        """The delta maximising the omitted posterior's evidence (``full``: the full model's; module docstring)."""
         grid = MARGLIK_GRID
-        evidence = -grid / 2 * self.theta_sq - 0.5 * torch.log1p(self.values.unsqueeze(0) / grid.unsqueeze(1)).sum(1)
+        evidence = -grid / 2 * self.theta_sq - 0.5 * torch.log(self.values.unsqueeze(0) + grid.unsqueeze(1)).sum(1)
+        evidence = evidence + (self.values.numel() if full else self.n_params) / 2 * torch.log(grid)
         return float(grid[int(evidence.argmax())])
 
 
@@ -198,15 +200,16 @@ def _probs(pred: Predictive, link: str) -> torch.Tensor:
 
 def sweep_rows(task: Task, state: dict[str, Any], basis: str, ranks: list[int], logits: dict[str, torch.Tensor],
                labels: dict[str, torch.Tensor]) -> dict[str, dict[str, Any]]:
-    """Rows ``lowrank[basis,k=r,prior,link]`` for every rank, prior (marglik, val) and link."""
+    """Rows ``lowrank[basis,k=r,prior,link]`` for every rank, prior (marglik, marglik_full, val) and link."""
     rows = {}
+    n_params = sum(p.numel() for p in task.model.parameters())
     for rank in ranks:
-        post = SpanPosterior(state, rank, logits)
-        marglik = post.marglik_prior()
+        post = SpanPosterior(state, rank, logits, n_params)
+        marglik, marglik_full = post.marglik_prior(), post.marglik_prior(full=True)
         for link in LINKS:
             val_nll = [metrics.nll(_probs(post.predictive("val", float(d)), link), labels["val"]) for d in VAL_GRID]
             best = float(VAL_GRID[min(range(len(val_nll)), key=val_nll.__getitem__)])
-            for prior, delta in (("marglik", marglik), ("val", best)):
+            for prior, delta in (("marglik", marglik), ("marglik_full", marglik_full), ("val", best)):
                 name = f"lowrank[{basis},k={rank},{prior},{link}]"
                 rows[name] = {"method": name, "basis": basis, "rank": rank, "prior": prior, "link": link,
                               "prior_precision": delta,
@@ -415,7 +418,7 @@ def run_task(name: str, args: argparse.Namespace, device: torch.device) -> dict[
     rows["map"] = map_row(logits, labels)
     kmax = max(args.ranks)
     for basis in args.bases:
-        if all(f"lowrank[{basis},k={r},val,{link}]" in rows for r in args.ranks for link in LINKS):
+        if all(f"lowrank[{basis},k={r},marglik_full,{link}]" in rows for r in args.ranks for link in LINKS):
             continue
         t0 = time.perf_counter()
         tag = "" if args.projection_examples is None or basis == "ggn" else f"-proj{args.projection_examples}"

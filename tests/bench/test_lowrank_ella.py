@@ -19,23 +19,30 @@ def test_span_posterior_is_the_dense_subspace_predictive_and_cuts_rank():
         state = _state()
         logits = {s: torch.zeros(6, 4, dtype=DTYPE) for s in ("val", "test", "ood")}
         for rank in (2, 3):
-            post = bench.SpanPosterior(state, rank, logits)
+            post = bench.SpanPosterior(state, rank, logits, 50)
             features = state["test"][:, :rank]  # J V (N, r, C) on the first r directions
             precision = state["curvature"][:rank, :rank] + 0.3 * torch.eye(rank, dtype=DTYPE)
             expected = features.transpose(1, 2) @ torch.linalg.inv(precision) @ features
             torch.testing.assert_close(post.predictive("test", 0.3).cov, expected, rtol=1e-10, atol=1e-12)
 
 
-def test_marglik_prior_maximises_the_lowrank_evidence():
+def test_marglik_priors_maximise_the_omitted_and_the_full_evidence():
     with benchmark_module("lowrank_ella") as bench:
-        post = bench.SpanPosterior(_state(), 3, {s: torch.zeros(6, 4, dtype=DTYPE) for s in ("val", "test", "ood")})
-        delta = post.marglik_prior()
+        n_params = 50
+        post = bench.SpanPosterior(_state(), 3, {s: torch.zeros(6, 4, dtype=DTYPE) for s in ("val", "test", "ood")},
+                                   n_params)
 
-        def evidence(d):
+        def omitted(d):  # the structure's evidence since issue 17: the complement held at theta*
+            return -d / 2 * 7.0 + n_params / 2 * torch.log(d) - 0.5 * torch.log(post.values + d).sum()
+
+        def full(d):
             return -d / 2 * 7.0 - 0.5 * torch.log1p(post.values / d).sum()
 
-        for other in (delta * 0.9, delta * 1.1):
-            assert evidence(delta) >= evidence(other)
+        for evidence, delta in ((omitted, post.marglik_prior()), (full, post.marglik_prior(full=True))):
+            delta = torch.tensor(delta, dtype=DTYPE)
+            for other in (delta * 0.95, delta * 1.05):  # the grid step is 1.2%
+                assert evidence(delta) >= evidence(other)
+        assert post.marglik_prior() > 5 * post.marglik_prior(full=True)
 
 
 def test_goal_check_needs_the_gain_and_the_ece_ratio():
