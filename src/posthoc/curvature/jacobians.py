@@ -18,6 +18,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._pytree import tree_map
 
 from posthoc.curvature.layers import LayerKind, channels_first, layer_kind, patches, record_layers
+from posthoc.curvature.norm_affine import norm_route_ok, normalised_input
 from posthoc.network.inputs import ModelInputs, batch_size, take
 from posthoc.network.subset import ParameterSubset
 
@@ -148,7 +149,9 @@ def parameter_uses(subset: ParameterSubset, inputs: ModelInputs) -> list[int]:
 # (output-side gradient (x) layer input, the input unfolded for Conv2d). The two helpers below reduce these
 # per-example gradients layer by layer: a Linear layer on 2-D inputs (one position) never materialises them
 # (closed forms in g^2 and a^2), a layer with several positions materialises one layer's (K, b, O, I) block per
-# chunk of b examples. Covered parameters outside Linear/Conv2d (groups=1, numeric padding), and networks where a
+# chunk of b examples. A normalisation layer's γ has the per-example gradient sum_l g_l * x̂_l (elementwise, with x̂
+# its normalised input: posthoc.curvature.norm_affine), its β sum_l g_l, so BatchNorm (eval mode), LayerNorm and
+# GroupNorm ride along with the same signals. Covered parameters outside these layers, and networks where a
 # covered parameter is read more than once per forward (a layer called twice, a Parameter shared by two modules or
 # tied to a functional use: parameter_uses), fall back to per-example VJPs of the whole network
 # (per_example_factor_gradients), whose gradients sum every use: the result stays the exact diagonal.
@@ -157,11 +160,15 @@ DEFAULT_CHUNK_BYTES = 2**29  # working-memory budget of one chunk of examples (5
 
 
 def _covered_layers(subset: ParameterSubset) -> list[torch.nn.Module] | None:
-    """The distinct layers owning the covered parameters, or None if one is not a Linear/Conv2d (:func:`layer_kind`)."""
+    """The distinct layers owning the covered parameters, or None if one is not a Linear/Conv2d or norm layer.
+
+    Linear/Conv2d: :func:`layer_kind`; normalisation layers: :func:`norm_route_ok`.
+    """
     layers: list[torch.nn.Module] = []
     for block in subset.blocks:
         layer = block.layer
-        if block.kind not in ("weight", "bias") or layer_kind(layer) not in (LayerKind.LINEAR, LayerKind.CONV2D):
+        readable = layer_kind(layer) in (LayerKind.LINEAR, LayerKind.CONV2D) or norm_route_ok(layer)
+        if block.kind not in ("weight", "bias") or not readable:
             return None
         if not any(layer is seen for seen in layers):
             layers.append(layer)
@@ -171,6 +178,8 @@ def _covered_layers(subset: ParameterSubset) -> list[torch.nn.Module] | None:
 def _layer_signals(subset: ParameterSubset, inputs: ModelInputs, cotangents: torch.Tensor,
                    layers: list[torch.nn.Module]) -> dict[int, tuple[torch.Tensor, torch.Tensor]] | None:
     """For each layer, inputs a (b, L, I) and output gradients g (K, b, L, O) of the K columns of S (b, C, K).
+
+    For a normalisation layer a is its normalised input x̂ (b, L, D), which γ multiplies elementwise (I = O = D).
 
     One forward pass and one backward pass vectorised over the K cotangents. Returns None when a layer is not
     called exactly once (weight sharing), which the callers handle by the generic route.
@@ -185,7 +194,8 @@ def _layer_signals(subset: ParameterSubset, inputs: ModelInputs, cotangents: tor
     signals = {}
     for (name, layer), z_grad in zip(named.items(), grads, strict=True):
         n_cot, batch = z_grad.shape[:2]
-        a = patches(layer, record.inputs[name]).mT  # (b, L, I), I in the weight's row-major order
+        x = record.inputs[name]
+        a = (normalised_input(layer, x) if norm_route_ok(layer) else patches(layer, x)).mT  # (b, L, I) row-major
         g = channels_first(layer, z_grad.flatten(0, 1)).mT  # (K·b, L, O)
         signals[id(layer)] = (a, g.reshape(n_cot, batch, *g.shape[1:]).detach())
     return signals
@@ -215,7 +225,8 @@ def _plan(subset: ParameterSubset, inputs: ModelInputs, n_cot: int,
     if probe is None:
         return None, max(1, chunk_bytes // (2 * n_cot * subset.n_params * itemsize))
     sizes = sum(g[0, 0].numel() + a[0].numel() for a, g in probe.values())
-    largest = max(g.shape[-1] * a.shape[-1] if a.shape[1] > 1 else 0 for a, g in probe.values())
+    largest = max(g.shape[-1] * a.shape[-1] if a.shape[1] > 1 and layer_kind(layer) is not None else 0
+                  for layer, (a, g) in zip(layers or [], probe.values(), strict=True))
     return layers, max(1, chunk_bytes // (n_cot * (sizes + largest) * itemsize))
 
 
@@ -249,6 +260,8 @@ def factor_gradient_squares(subset: ParameterSubset, inputs: ModelInputs, factor
             a, g = signals[id(block.layer)]
             if block.kind == "bias":
                 part = g.sum(2).square().sum((0, 1))
+            elif layer_kind(block.layer) is None:  # a normalisation layer's γ: elementwise, (K, b, D)
+                part = (g * a).sum(2).square().sum((0, 1))
             elif a.shape[1] == 1:
                 part = torch.einsum("kbo,bi->oi", g[:, :, 0].square(), a[:, 0].square())
             else:
@@ -291,6 +304,9 @@ def per_example_weighted_grams(subset: ParameterSubset, inputs: ModelInputs, wei
             if block.kind == "bias":
                 gb = g.sum(2)
                 gram = gram + torch.einsum("kbo,lbo->bkl", gb * w, gb)  # two operands: no (b, C, C, O) temporary
+            elif layer_kind(block.layer) is None:  # a normalisation layer's γ
+                gw = (g * a).sum(2)
+                gram = gram + torch.einsum("kbo,lbo->bkl", gw * w, gw)
             elif a.shape[1] == 1:
                 t = a[:, 0].square() @ w.reshape(g.shape[-1], -1).T  # (b, O)
                 gram = gram + torch.einsum("kbo,lbo->bkl", g[:, :, 0] * t, g[:, :, 0])

@@ -39,7 +39,10 @@ Covered parameters outside such a layer fall back to an exact diagonal
 GGN block, diag(Σ_n Σ_k (J_nᵀ s_nk)²) restricted to those entries, from
 per-example gradients of only those parameters (:mod:`posthoc.curvature.fallback`,
 memory B·K·P_fb per chunk of examples, never B·K·P). This covers
-BatchNorm/LayerNorm affine parameters, ``nn.Embedding`` weights (their exact
+BatchNorm/LayerNorm/GroupNorm affine parameters (their exact diagonal from the
+layer's recorded input and output gradients in the same pass,
+:mod:`posthoc.curvature.norm_affine`, where the layer is called once and
+BatchNorm uses running statistics), ``nn.Embedding`` weights (their exact
 diagonal from segment sums of the output gradients recorded in the same pass,
 :mod:`posthoc.curvature.embedding`, O(B·L·D); a Kronecker block would need a
 V × V input factor),
@@ -77,7 +80,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from posthoc.curvature.embedding import embedding_route_ok, embedding_squared_gradients
-from posthoc.curvature.fallback import RestrictedSubset, chunks
+from posthoc.curvature.fallback import RestrictedSubset
 from posthoc.curvature.jacobians import parameter_uses
 from posthoc.curvature.layers import (
     LayerRecord,
@@ -90,6 +93,7 @@ from posthoc.curvature.layers import (
     weight_is_transposed,
 )
 from posthoc.curvature.layers import positions as layer_positions
+from posthoc.curvature.norm_affine import norm_route_ok, norm_squared_gradients, normalised_input
 from posthoc.curvature.output_factors import OutputFactors
 from posthoc.distributed import sum_count, sum_over_ranks
 from posthoc.network.inputs import ModelInputs, batch_size, take
@@ -147,12 +151,26 @@ def candidate_embeddings(subset: ParameterSubset) -> list[KronLayer]:
             if block.kind == "weight" and embedding_route_ok(block.layer)]
 
 
-def layers_by_name(subset: ParameterSubset, names: Iterable[str], embeddings: bool = False) -> list[KronLayer]:
-    """The KronLayers (or with ``embeddings`` the embedding layers) of ``names`` (e.g. from a state dict)."""
-    found = {layer.name: layer for layer in (candidate_embeddings(subset) if embeddings else candidate_layers(subset))}
+def candidate_norms(subset: ParameterSubset) -> list[KronLayer]:
+    """Normalisation layers with a covered γ or β for the tapped diagonal (:mod:`posthoc.curvature.norm_affine`)."""
+    norms: dict[str, dict[str, int]] = {}
+    modules: dict[str, nn.Module] = {}
+    for index, block in enumerate(subset.blocks):
+        if block.kind in ("weight", "bias") and norm_route_ok(block.layer):
+            norms.setdefault(block.layer_name, {})[block.kind] = index
+            modules[block.layer_name] = block.layer
+    return [KronLayer(name, modules[name], kinds.get("weight"), kinds.get("bias")) for name, kinds in norms.items()]
+
+
+def layers_by_name(subset: ParameterSubset, names: Iterable[str], embeddings: bool = False,
+                   norms: bool = False) -> list[KronLayer]:
+    """The KronLayers (with ``embeddings`` the embedding layers, with ``norms`` the norm layers) of ``names``."""
+    pool = candidate_embeddings(subset) if embeddings else candidate_norms(subset) if norms else \
+        candidate_layers(subset)
+    found = {layer.name: layer for layer in pool}
     missing = [n for n in names if n not in found]
     if missing:
-        what = "nn.Embedding" if embeddings else "Linear/Conv1D/Conv2d"
+        what = "nn.Embedding" if embeddings else "BatchNorm/LayerNorm/GroupNorm" if norms else "Linear/Conv1D/Conv2d"
         raise ValueError(f"layers {missing} are not covered {what} modules of this model")
     return [found[n] for n in names]
 
@@ -165,23 +183,24 @@ def fallback_blocks(subset: ParameterSubset, layers: list[KronLayer]) -> list[in
 
 @torch.no_grad()
 def probe_layers(subset: ParameterSubset, inputs: ModelInputs
-                 ) -> tuple[list[KronLayer], dict[str, int], list[KronLayer]]:
+                 ) -> tuple[list[KronLayer], dict[str, int], list[KronLayer], list[KronLayer]]:
     """The candidate layers called exactly once per forward whose covered weight and bias are read only there.
 
     :func:`posthoc.curvature.jacobians.parameter_uses` counts the reads: a layer used twice, or whose Parameter
     is shared with another module or a functional use, is left to the generic exact diagonal fallback, and so
     is a layer whose output does not have one row per example (GPT-2's position embedding of (1, L) ids).
 
-    Returns the kept Kronecker layers, the weight-sharing positions L of every kept layer, and the kept
-    embeddings (:func:`candidate_embeddings`). Cost: one forward pass on ``inputs`` and one with a graph on
-    its first example.
+    Returns the kept Kronecker layers, the weight-sharing positions L of every kept layer, the kept
+    embeddings (:func:`candidate_embeddings`) and the kept normalisation layers (:func:`candidate_norms`).
+    Cost: one forward pass on ``inputs`` and one with a graph on its first example.
     """
     calls: dict[str, list[int]] = {}
     handles = []
     candidates = candidate_layers(subset)
     embeddings = candidate_embeddings(subset)
+    norms = candidate_norms(subset)
     batch = batch_size(inputs)
-    for layer in candidates + embeddings:
+    for layer in candidates + embeddings + norms:
         def hook(module: nn.Module, args: tuple, output: torch.Tensor, name: str = layer.name) -> None:
             calls.setdefault(name, []).append(layer_positions(module, output))
             if output.shape[0] != batch:  # not per example (broadcast over the batch): never "called once"
@@ -199,9 +218,11 @@ def probe_layers(subset: ParameterSubset, inputs: ModelInputs
         return len(calls.get(layer.name, [])) == 1 and all(uses[b] == 1 for b in layer.block_indices)
 
     kept, kept_embeddings = [layer for layer in candidates if once(layer)], [e for e in embeddings if once(e)]
+    kept_norms = [norm for norm in norms if once(norm)]
     _warn_not_per_example([model_layer_name(subset, layer.name) for layer in candidates
                            if 0 in calls.get(layer.name, [])])
-    return kept, {layer.name: calls[layer.name][0] for layer in kept + kept_embeddings}, kept_embeddings
+    return (kept, {layer.name: calls[layer.name][0] for layer in kept + kept_embeddings + kept_norms},
+            kept_embeddings, kept_norms)
 
 
 def model_layer_name(subset: ParameterSubset, name: str) -> str:
@@ -309,7 +330,8 @@ def tapped_forward(subset: ParameterSubset, layers: list[KronLayer], inputs: Mod
     """
     by_name = {layer.name: layer for layer in layers}
     record = record_layers(lambda: subset.forward(inputs), {n: layer.module for n, layer in by_name.items()},
-                           [n for n, layer in by_name.items() if layer.weight is not None], refuse_reuse=True)
+                           [n for n, layer in by_name.items() if layer.weight is not None or norm_route_ok(layer.module)],
+                           refuse_reuse=True)
     broadcast = record.not_per_example(batch_size(inputs))
     if broadcast:
         raise RuntimeError(
@@ -350,7 +372,8 @@ class KFACFactors:
     ``output_factors[name]`` G (D_out, D_out) for every layer; ``fallback_diag``
     (P_fb,) the exact diagonal GGN of ``fallback`` blocks (in their theta order);
     ``positions[name]`` L (Kronecker layers and embeddings); ``n_outputs`` C;
-    ``embeddings`` the fallback embeddings whose diagonal came from segment sums.
+    ``embeddings`` the fallback embeddings whose diagonal came from segment sums; ``norms`` the fallback
+    normalisation layers whose diagonal came from their recorded inputs and output gradients.
     """
 
     layers: list[KronLayer]
@@ -362,6 +385,7 @@ class KFACFactors:
     n_data: int
     n_outputs: int
     embeddings: list[KronLayer] = field(default_factory=list)
+    norms: list[KronLayer] = field(default_factory=list)
 
 
 def _first_and_rest(batches: Iterable[tuple[ModelInputs, torch.Tensor]]
@@ -384,11 +408,12 @@ def kfac_factors(subset: ParameterSubset, batches: Iterable[tuple[ModelInputs, t
     interact, as in BatchNorm's training mode they would).
     """
     first, stream = _first_and_rest(batches)
-    layers, positions, embeddings = probe_layers(subset, first[0])
+    layers, positions, embeddings, norms = probe_layers(subset, first[0])
     fallback = fallback_blocks(subset, layers)
     by_segments = {e.name: (e.weight, e.module) for e in embeddings if e.weight is not None
                    and isinstance(e.module, nn.Embedding)}
-    generic = [i for i in fallback if i not in {e.weight for e in embeddings}]
+    by_norm = {norm.name: norm for norm in norms}
+    generic = tapped_fallback_excluded(fallback, embeddings, norms)
     restricted = RestrictedSubset(subset, generic) if generic else None
     a_sum: dict[str, torch.Tensor] = {}
     g_sum: dict[str, torch.Tensor] = {}
@@ -396,8 +421,9 @@ def kfac_factors(subset: ParameterSubset, batches: Iterable[tuple[ModelInputs, t
     n_data, n_outputs = 0, 0
     reduce = approximation is KFACApproximation.REDUCE
     for inputs, targets in tqdm(stream, desc=desc, disable=not progress, leave=False):
-        record = tapped_forward(subset, layers + embeddings, inputs)
+        record = tapped_forward(subset, layers + embeddings + norms, inputs)
         s = factors(record.outputs.detach(), targets)  # (B, C, K)
+        x_hats = {norm.name: normalised_input(norm.module, record.inputs[norm.name]) for norm in norms}
         n_data += batch_size(inputs)
         n_outputs = record.outputs.shape[1]
         for name in (layer.name for layer in layers if layer.weight is not None):
@@ -412,6 +438,13 @@ def kfac_factors(subset: ParameterSubset, batches: Iterable[tuple[ModelInputs, t
                     index, module = by_segments[name]
                     diags[index] += embedding_squared_gradients(record.inputs[name], g, module)
                     continue
+                if name in by_norm:
+                    norm = by_norm[name]
+                    for block, term in zip((norm.weight, norm.bias), norm_squared_gradients(x_hats[name], g),
+                                           strict=True):
+                        if block is not None:
+                            diags[block] += term
+                    continue
                 term = gram(g.sum(-1, keepdim=True)) if reduce else gram(g)
                 g_sum[name] = g_sum[name] + term if name in g_sum else term
         del record
@@ -423,7 +456,13 @@ def kfac_factors(subset: ParameterSubset, batches: Iterable[tuple[ModelInputs, t
                                                                                 device=subset.device)
     a_sum, g_sum, diag, n_data = _sum_factors_over_ranks(a_sum, g_sum, diag, n_data)
     a_factors = {name: a / n_data for name, a in a_sum.items()}
-    return KFACFactors(layers, a_factors, g_sum, fallback, diag, positions, n_data, n_outputs, embeddings)
+    return KFACFactors(layers, a_factors, g_sum, fallback, diag, positions, n_data, n_outputs, embeddings, norms)
+
+
+def tapped_fallback_excluded(fallback: list[int], embeddings: list[KronLayer], norms: list[KronLayer]) -> list[int]:
+    """The fallback blocks left to the generic per-example route: not an embedding's or a norm layer's."""
+    tapped = {e.weight for e in embeddings} | {i for norm in norms for i in norm.block_indices}
+    return [i for i in fallback if i not in tapped]
 
 
 def _sum_factors_over_ranks(a_sum: dict[str, torch.Tensor], g_sum: dict[str, torch.Tensor], diag: torch.Tensor,
@@ -434,47 +473,3 @@ def _sum_factors_over_ranks(a_sum: dict[str, torch.Tensor], g_sum: dict[str, tor
     n_total = sum_count(n_data, "the number of training examples")
     return (dict(zip(names_a, summed[:len(names_a)], strict=True)),
             dict(zip(names_g, summed[len(names_a):-1], strict=True)), summed[-1], n_total)
-
-
-def ekfac_eigenvalues(subset: ParameterSubset, layers: list[KronLayer], positions: dict[str, int],
-                      bases: dict[str, tuple[torch.Tensor, torch.Tensor | None]],
-                      batches: Iterable[tuple[ModelInputs, torch.Tensor]], factors: OutputFactors,
-                      progress: bool = True, desc: str = "Laplace fit (ekfac, eigenvalues)") -> dict[int, torch.Tensor]:
-    """EKFAC's corrected eigenvalues, a second data pass.
-
-    For each block, Σ_n Σ_k (Q_Gᵀ ∇W_nk Q_A)² with ∇W_nk = Σ_l g_nkl a_nlᵀ the
-    exact per-example weight gradient of column k (positions summed before
-    squaring): (D_out, D_in) for a weight, Σ_n Σ_k (Q_Gᵀ Σ_l g_nkl)² (D_out,)
-    for a bias. These are diag(Qᵀ H Q) of the exact curvature block H in the
-    KFAC eigenbasis Q = Q_G ⊗ Q_A. ``bases[name]`` = (Q_G, Q_A or None).
-    Returns a dict from block index to eigenvalues. Cost per batch: one forward,
-    K backward passes, and O(B·K·L·D_out·D_in) per weight (O(B·K·D_out·D_in)
-    when L = 1, where the square of the rank-one gradient factorises).
-    """
-    out: dict[int, torch.Tensor] = {}
-
-    def add(index: int, term: torch.Tensor) -> None:
-        out[index] = out[index] + term if index in out else term
-
-    for inputs, targets in tqdm(batches, desc=desc, disable=not progress, leave=False):
-        record = tapped_forward(subset, layers, inputs)
-        s = factors(record.outputs.detach(), targets)
-        n_cols = s.shape[2]
-        for cols in chunks(n_cols, batch_size(inputs) * gradient_elements(layers, positions)):
-            grads = record.output_gradients(s[:, :, cols], retain_graph=cols.stop < n_cols)
-            for layer in layers:
-                g, (q_out, q_in) = grads[layer.name], bases[layer.name]  # g (B, K, D_out, L)
-                if layer.weight is not None:
-                    assert q_in is not None  # a weight layer's basis pair has Q_A
-                    a = record.patches(layer.name)  # (B, D_in, L)
-                    if a.shape[-1] == 1:
-                        add(layer.weight, (g[..., 0] @ q_out).square().sum(1).T @ (a[..., 0] @ q_in).square())
-                    else:
-                        per_example = g.shape[1] * g.shape[2] * a.shape[1]
-                        for part in chunks(g.shape[0], per_example):
-                            add(layer.weight, rotated_weight_gradients(g[part], a[part], q_out, q_in)
-                                .square().sum((0, 1)))
-                if layer.bias is not None:
-                    add(layer.bias, (g.sum(-1) @ q_out).square().sum((0, 1)))
-    indices = sorted(out)
-    return dict(zip(indices, sum_over_ranks([out[i] for i in indices], "the EKFAC eigenvalues"), strict=True))

@@ -25,7 +25,9 @@ from typing import Callable, Iterable, Mapping
 
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
+from posthoc.curvature.norm_affine import norm_channels_first
 from posthoc.utils.conv import conv_input_gram, unfold_patches
 from posthoc.utils.linalg import gram
 
@@ -102,8 +104,17 @@ def weight_is_transposed(module: nn.Module) -> bool:
     return layer_kind(module) is LayerKind.CONV1D
 
 
+def _is_norm(module: nn.Module) -> bool:
+    """Whether ``module`` is a BatchNorm, LayerNorm or GroupNorm (:mod:`posthoc.curvature.norm_affine`'s layout)."""
+    return isinstance(module, (nn.LayerNorm, nn.GroupNorm, _BatchNorm))
+
+
 def out_dim(module: nn.Module) -> int:
-    """D_out of a layer of any :class:`LayerKind`."""
+    """D_out of a layer of any :class:`LayerKind`, or the entries of γ of a normalisation layer."""
+    if _is_norm(module):
+        weight = module.weight
+        assert isinstance(weight, torch.Tensor)
+        return weight.numel()
     if isinstance(module, nn.Conv2d):
         return module.out_channels
     if isinstance(module, nn.Linear):
@@ -125,6 +136,8 @@ def _conv_geometry(module: nn.Conv2d) -> tuple[tuple[int, int], tuple[int, int],
 
 def positions(module: nn.Module, output: torch.Tensor) -> int:
     """Weight-sharing positions L of one example from the layer's output (B, ..., D_out) or (B, C, H, W)."""
+    if _is_norm(module):
+        return output[0].numel() // out_dim(module)
     if isinstance(module, nn.Conv2d):
         return output.shape[-2] * output.shape[-1]
     return output[0].numel() // output.shape[-1]
@@ -142,7 +155,9 @@ def patches(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def channels_first(module: nn.Module, grad: torch.Tensor) -> torch.Tensor:
-    """A gradient in the layer's output, (B, *output), as (B, D_out, L) (a view)."""
+    """A gradient in the layer's output, (B, *output), as (B, D_out, L) (a view; normalisation layers: (B, D, L))."""
+    if _is_norm(module):
+        return norm_channels_first(module, grad)
     if isinstance(module, nn.Conv2d):
         return grad.flatten(2)
     return grad.reshape(grad.shape[0], -1, grad.shape[-1]).mT

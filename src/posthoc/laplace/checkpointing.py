@@ -47,7 +47,8 @@ import torch
 from torch.utils.data import DataLoader, RandomSampler
 from tqdm.auto import tqdm
 
-from posthoc.curvature.kfac import KFACFactors, ekfac_eigenvalues, kfac_factors, layers_by_name
+from posthoc.curvature.ekfac_eigenvalues import ekfac_eigenvalues
+from posthoc.curvature.kfac import KFACFactors, kfac_factors, layers_by_name
 from posthoc.curvature.output_factors import OutputFactors, RecordingFactors
 from posthoc.distributed import (
     broadcast_object,
@@ -184,6 +185,7 @@ def _on_device(la: "Laplace", state: dict[str, Any]) -> dict[str, Any]:
 def _factors_payload(result: KFACFactors) -> dict[str, Any]:
     """KFACFactors as tensors and plain data (its layers by name)."""
     return {"layers": [layer.name for layer in result.layers], "embeddings": [e.name for e in result.embeddings],
+            "norms": [norm.name for norm in result.norms],
             "input_factors": result.input_factors, "output_factors": result.output_factors,
             "fallback": list(result.fallback), "fallback_diag": result.fallback_diag,
             "positions": dict(result.positions), "n_data": result.n_data, "n_outputs": result.n_outputs}
@@ -199,7 +201,8 @@ def _factors_from_payload(la: "Laplace", payload: dict[str, Any]) -> KFACFactors
                        {k: conv(v) for k, v in payload["output_factors"].items()},
                        [int(i) for i in payload["fallback"]], conv(payload["fallback_diag"]),
                        dict(payload["positions"]), int(payload["n_data"]), int(payload["n_outputs"]),
-                       layers_by_name(la.subset, payload["embeddings"], embeddings=True))
+                       layers_by_name(la.subset, payload["embeddings"], embeddings=True),
+                       layers_by_name(la.subset, payload.get("norms", []), norms=True))
 
 
 def _added(total: dict[str, Any] | None, part: dict[str, Any]) -> dict[str, Any]:

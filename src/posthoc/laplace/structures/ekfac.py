@@ -4,7 +4,7 @@ Fit takes two data passes: the KFAC factors and their eigenbases Q_G, Q_A
 (:class:`posthoc.laplace.structures.kron.KronCurvature`), then the corrected
 eigenvalues E = Σ_n Σ_k (Q_Gᵀ ∇W_nk Q_A)², the exact second moments of the
 per-example factor gradients in that basis
-(:func:`posthoc.curvature.kfac.ekfac_eigenvalues`). E is diag(Qᵀ H Q) of the
+(:func:`posthoc.curvature.ekfac_eigenvalues.ekfac_eigenvalues`). E is diag(Qᵀ H Q) of the
 exact curvature block H in the basis Q = Q_G ⊗ Q_A, the best diagonal
 approximation of H in that basis in Frobenius norm. The posterior precision is
 (Q_G ⊗ Q_A) diag(s·E + δ) (Q_G ⊗ Q_A)ᵀ; all posterior algebra, the prior rule
@@ -19,7 +19,8 @@ from typing import Any
 
 import torch
 
-from posthoc.curvature.kfac import ekfac_eigenvalues, kfac_factors
+from posthoc.curvature.ekfac_eigenvalues import ekfac_eigenvalues
+from posthoc.curvature.kfac import kfac_factors
 from posthoc.curvature.output_factors import OutputFactors
 from posthoc.laplace.structures.base import Batches, HessianStructure, check_curvature_finite, register_structure
 from posthoc.laplace.structures.kron import KronCurvature, check_kron_subset

@@ -14,8 +14,9 @@ scale s. A per-parameter prior has no such closed form and raises ValueError.
 Parameters outside supported layers (BatchNorm, LayerNorm, embeddings,
 ``nn.MultiheadAttention``'s projections, ...) get an exact diagonal GGN block
 s·h + δ (an nn.Embedding's from segment sums of its output gradients,
-:mod:`posthoc.curvature.embedding`; the others from per-example gradients of
-those parameters only, :mod:`posthoc.curvature.fallback`), and so does every
+:mod:`posthoc.curvature.embedding`; BatchNorm (eval mode), LayerNorm and GroupNorm affine parameters from
+their recorded inputs and output gradients, :mod:`posthoc.curvature.norm_affine`; the others from
+per-example gradients of those parameters only, :mod:`posthoc.curvature.fallback`), and so does every
 covered parameter of a Linear/Conv1D/Conv2d layer whose weight or bias is shared: a layer called more than
 once per forward, a Parameter held by two modules, a weight tied to another use
 (an output head that is also the embedding, an encoder weight reused
@@ -49,8 +50,10 @@ from posthoc.curvature.kfac import (
     kfac_factors,
     layers_by_name,
     rotated_weight_gradients,
+    tapped_fallback_excluded,
     tapped_forward,
 )
+from posthoc.curvature.norm_affine import norm_grams, normalised_input
 from posthoc.curvature.output_factors import OutputFactors
 from posthoc.laplace.prior import per_block
 from posthoc.laplace.structures.base import (
@@ -122,12 +125,15 @@ class KronCurvature(CurvatureStructure):
 
     def __init__(self, subset: ParameterSubset, layer_names: list[str], blocks: list[KronBlock],
                  fallback: list[int], fallback_diag: torch.Tensor, positions: dict[str, int], n_outputs: int,
-                 approximation: KFACApproximation, embedding_names: list[str] | None = None) -> None:
+                 approximation: KFACApproximation, embedding_names: list[str] | None = None,
+                 norm_names: list[str] | None = None) -> None:
         check_kron_subset(subset, self.structure.value)
         super().__init__(subset)
         self.layers: list[KronLayer] = layers_by_name(subset, layer_names)
         # fallback embeddings whose diagonal and glm term come from segment sums of their output gradients
         self.embeddings: list[KronLayer] = layers_by_name(subset, embedding_names or [], embeddings=True)
+        # fallback normalisation layers whose diagonal and glm term come from their inputs and output gradients
+        self.norms: list[KronLayer] = layers_by_name(subset, norm_names or [], norms=True)
         self.blocks = blocks
         self.fallback = fallback
         self.fallback_diag = fallback_diag  # (P_fb,) exact diagonal GGN of the fallback blocks
@@ -181,7 +187,8 @@ class KronCurvature(CurvatureStructure):
                 blocks.append(KronBlock(layer.bias, layer.name, q_g, None, lam_g))
         check_curvature_finite(result.fallback_diag, f"{cls.structure.value} (diagonal fallback)")
         return cls(subset, [layer.name for layer in result.layers], blocks, result.fallback, result.fallback_diag,
-                   result.positions, result.n_outputs, approximation, [e.name for e in result.embeddings])
+                   result.positions, result.n_outputs, approximation, [e.name for e in result.embeddings],
+                   [norm.name for norm in result.norms])
 
     def largest_eigenvalue(self) -> torch.Tensor | None:
         """Largest Kronecker eigenvalue lambda_G * lambda_A, or None without Kronecker blocks.
@@ -315,25 +322,26 @@ class KronCurvature(CurvatureStructure):
         extra forward of one example), e.g. for a state dict fitted before shared
         parameters were detected.
         """
-        recorded = self.layers + self.embeddings
+        recorded = self.layers + self.embeddings + self.norms
         check_single_use(self.subset, recorded, inputs)
         kron, fallback = self._precision_eigenvalues(prior, scale)
         inverse = {index: 1.0 / values for index, values in kron.items()}
         fallback_inverse = self._split_fallback(1.0 / fallback)
         inverse.update({emb.weight: fallback_inverse[emb.weight] for emb in self.embeddings if emb.weight is not None})
+        inverse.update({i: fallback_inverse[i] for norm in self.norms for i in norm.block_indices})
         # per example: the stacked output gradients, and the rotated Jacobians of weights shared over positions
         per_example = self.n_outputs * (gradient_elements(recorded, self.positions) + sum(
             blk.eigenvalues.numel() for blk in self.blocks if blk.is_weight and self.positions[blk.layer] > 1))
         cov = torch.cat([self._kron_covariance(take(inputs, part.start, part.stop), inverse)
                          for part in chunks(batch_size(inputs), per_example)])
-        generic = [i for i in self.fallback if i not in {emb.weight for emb in self.embeddings}]
+        generic = tapped_fallback_excluded(self.fallback, self.embeddings, self.norms)
         if generic:
             weights = torch.cat([fallback_inverse[i] for i in generic])
             cov = cov + RestrictedSubset(self.subset, generic).weighted_grams(inputs, weights)
         return cov
 
     def _kron_covariance(self, inputs: ModelInputs, inverse: dict[int, torch.Tensor]) -> torch.Tensor:
-        record = tapped_forward(self.subset, self.layers + self.embeddings, inputs)
+        record = tapped_forward(self.subset, self.layers + self.embeddings + self.norms, inputs)
         n, n_out = record.outputs.shape
         eye = torch.eye(n_out, dtype=record.outputs.dtype, device=record.outputs.device)
         grads = record.output_gradients(eye.expand(n, n_out, n_out), retain_graph=False)  # (B, C, D_out, L)
@@ -358,6 +366,10 @@ class KronCurvature(CurvatureStructure):
         for emb in self.embeddings:
             assert emb.weight is not None and isinstance(emb.module, torch.nn.Embedding)
             cov = cov + embedding_grams(record.inputs[emb.name], grads[emb.name], emb.module, inverse[emb.weight])
+        for norm in self.norms:
+            x_hat = normalised_input(norm.module, record.inputs[norm.name])
+            cov = cov + norm_grams(x_hat, grads[norm.name], inverse.get(norm.weight) if norm.weight is not None
+                                   else None, inverse.get(norm.bias) if norm.bias is not None else None)
         return cov
 
     # -------------------------------------------------------------- state dict
@@ -374,6 +386,7 @@ class KronCurvature(CurvatureStructure):
             "fallback": list(self.fallback),
             "fallback_diag": self.fallback_diag,
             "embeddings": [emb.name for emb in self.embeddings],
+            "norms": [norm.name for norm in self.norms],
         }
 
     @classmethod
@@ -387,4 +400,5 @@ class KronCurvature(CurvatureStructure):
                             bool(b.get("transposed", False))) for b in state["blocks"]]
         return cls(subset, list(state["layers"]), blocks, [int(i) for i in state["fallback"]],
                    conv(state["fallback_diag"]), dict(state["positions"]), int(state["n_outputs"]),
-                   KFACApproximation(state["approximation"]), list(state.get("embeddings", [])))
+                   KFACApproximation(state["approximation"]), list(state.get("embeddings", [])),
+                   list(state.get("norms", [])))
