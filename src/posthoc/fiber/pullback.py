@@ -76,7 +76,7 @@ class PullbackMove(nn.Module):
 
     Raises ValueError when the anchors' median nearest-neighbour distance is 0 (most of them repeat another one).
 
-    The pull-back set -- inputs (S, ...) of the covered module, targets, the MAP's outputs (S, C) on it and the NLL
+    The pull-back set -- inputs (S, ...) of the covered module, targets, the MAP's outputs (S, ..., C) on it and the NLL
     threshold -- is set by :meth:`set_pullback_set` and saved in the state dict (``get_extra_state``), so a loaded
     sampler draws without the training data.
     """
@@ -97,7 +97,7 @@ class PullbackMove(nn.Module):
 
     def set_pullback_set(self, inputs: ModelInputs, targets: torch.Tensor, reference: torch.Tensor,
                          threshold: float) -> None:
-        """The examples the pull-back fits: inputs (S, ...), targets (S,) or (S, C), MAP outputs (S, C), NLL threshold."""
+        """The examples the pull-back fits: inputs (S, ...), targets, MAP outputs (S, ..., C), NLL threshold."""
         stored = dict(inputs) if isinstance(inputs, Mapping) else inputs
         self.pullback_set = {"inputs": stored, "targets": targets, "reference": reference, "threshold": float(threshold)}
 

@@ -403,10 +403,9 @@ class FiberSampler:
                 chunk_size: int = 25) -> Predictive:
         """The sample predictive (n_samples, B, C) of f(x; theta_s) for stage-2 samples theta_s.
 
-        Outputs with positions: a :class:`~posthoc.laplace.predict.PositionPredictive` of the samples
-        (n_samples, B, ..., C), whose mean, probs (the mixture over the samples) and samples are (B, ..., C)-shaped.
-        The samples are the same for every call with the same n_samples and seed; inputs x have the training inputs'
-        shape (B, ...). The network runs in eval mode whatever mode it was left in (and is given back its modes).
+        Outputs with positions: a :class:`~posthoc.laplace.predict.PositionPredictive` of samples (n_samples, B, ...,
+        C): mean, probs (the mixture over the samples) (B, ..., C). The samples are the same for every call with the
+        same n_samples and seed; inputs x have the training inputs' shape (B, ...). The network runs in eval mode.
         Regression: the predictive of f; use ``.with_noise(fs.sigma_noise)`` or ``fs(x)`` for y.
         Cost: n_samples forward passes (vmapped in chunks of ``chunk_size``). Raises RuntimeError before fit or if the
         model's weights changed since; ValueError for inputs of another shape or with NaN/Inf, n_samples < 2 or a
@@ -438,7 +437,8 @@ class FiberSampler:
         """laplace-torch's ``la(x)`` convention over ``n_samples`` fiber samples (:meth:`predict` gives the Predictive).
 
         Classification: MC class probabilities (B, C). Regression: ``(f_mu (B, C), f_var (B, C, C))``, the sample
-        mean and covariance of f WITHOUT observation noise (``predict(x).with_noise(sigma_noise)`` gives y's).
+        mean and covariance of f WITHOUT noise (``predict(x).with_noise(sigma_noise)`` gives y's); with positions,
+        (B, ..., C) probabilities, or f_mu (B, ..., C) and f_var (B, ..., C, C) per position.
         """
         pred = self.predict(x, n_samples=n_samples, seed=seed)
         return laplace_torch_outputs(pred, self.likelihood is Likelihood.REGRESSION, LinkApprox.MC)
