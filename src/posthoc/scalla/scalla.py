@@ -23,8 +23,9 @@ from tqdm.auto import tqdm
 
 from posthoc.curvature.output_factors import CurvatureType, OutputFactors, log_likelihood, log_likelihood_terms
 from posthoc.distributed import check_same_on_all_ranks, is_distributed, rank_slice, sum_count, sum_over_ranks
+from posthoc.laplace.predict import PositionPredictive
 from posthoc.likelihood import Likelihood, check_supported
-from posthoc.network.batches import DEFAULT_KEYS, checked_batches, first_batch_inputs, prediction_inputs
+from posthoc.network.batches import DEFAULT_KEYS, checked_batches, prediction_inputs
 from posthoc.network.inputs import (
     InputSpec,
     MappingCall,
@@ -35,26 +36,25 @@ from posthoc.network.inputs import (
     input_spec,
     take,
 )
+from posthoc.network.positions import IGNORE_INDEX, first_batch_layout, observations
 from posthoc.network.subset import ParameterSubset
 from posthoc.predictive import GaussianPredictive, LinkApprox, laplace_torch_outputs
 from posthoc.predictive.tuning import (
     PriorOptimization,
-    checked_grid,
     checked_prior_precision,
     checked_sigma_noise,
-    default_grid,
-    grid_search,
     maximise_evidence,
     tune_sigma_noise_choice,
-    validation_nll_sum,
 )
 from posthoc.scalla import objectives
 from posthoc.scalla.pools import context_pool_of
+from posthoc.scalla.positions import FlatPositions, feature_rows, kept_rows, position_kernel
 from posthoc.scalla.posterior import LatentPosterior, batch_precision
 from posthoc.scalla.rank_checks import SAME_LOADERS, check_not_sharded, input_digest
 from posthoc.scalla.state import restore_scalla_state, scalla_state
 from posthoc.scalla.surrogate import HIDDEN, FeatureMap, SurrogateInit, build_default_surrogate
 from posthoc.scalla.training import InputPool, SurrogateTrainer, TrainSettings, fit_settings, n_context_features
+from posthoc.scalla.tuning import gridsearch_prior
 from posthoc.utils.checks import check_choice, check_positive_int
 from posthoc.utils.modes import eval_mode
 
@@ -107,9 +107,12 @@ class ScaLLA:
             batches keyed "input"/"target", ScaLLA's old defaults, keep their old meaning with a DeprecationWarning).
             Inputs of every training (and context) batch must have the same shapes: pad token inputs to one length.
         mapping_call: how a mapping input reaches the model, "auto", "kwargs" or "argument" (as in Laplace).
-        output_fn: maps the model's raw output to the output tensor (B, C); default: a tensor, the first element
-            of a tuple/list, or ``"logits"`` of a mapping or HF ``ModelOutput``.
+        output_fn: maps the model's raw output to the output tensor (B, C) or (B, ..., C); default: a tensor, the
+            first element of a tuple/list, or ``"logits"`` of a mapping or HF ``ModelOutput``.
         progress: progress bars.
+        ignore_index: outputs with positions (B, ..., C) (per token or pixel, posthoc.scalla.positions): the
+            classification target of positions that count nowhere (PyTorch's -100). Features, kernel and
+            predictive are then per position, (B, ..., m, C), (B, ..., C) and (B, ..., C, C).
 
     Under torch.distributed give every rank the same loaders and seed: each training step and the posterior
     pass are split over the ranks (the combined batch is the single-process batch), unlike Laplace.fit, which
@@ -162,6 +165,7 @@ class ScaLLA:
         progress: bool = True,
         mapping_call: MappingCall | str = MappingCall.AUTO,
         output_fn: Callable[[Any], torch.Tensor] | None = None,
+        ignore_index: int = IGNORE_INDEX,
     ) -> None:
         check_positive_int(n_features, "n_features", "the number of latent features m")
         if surrogate is not None and not isinstance(surrogate, nn.Module):
@@ -197,6 +201,7 @@ class ScaLLA:
         self.input_dtype: torch.dtype | None = None  # the subset's dtype for floating inputs; integer ids keep theirs
         self.example_input: ModelInputs | None = None  # one training input, which builds the default surrogate
         self.n_outputs: int | None = None
+        self.ignore_index, self.position_dims = ignore_index, 0  # outputs (B, ..., C): position_dims > 0
         self.train_record: dict[str, Any] = {}
 
     @property
@@ -230,19 +235,20 @@ class ScaLLA:
     # ----------------------------------------------------------------- fitting
     def _batches(self, loader: Iterable):
         return checked_batches(loader, self.likelihood, self.n_outputs, self.dict_key_x, self.dict_key_y,
-                               self.subset.dtype, self.subset.device, mapping_inputs=True)
+                               self.subset.dtype, self.subset.device, mapping_inputs=True,
+                               position_dims=self.position_dims, ignore_index=self.ignore_index)
 
     def _build_surrogate(self, example: ModelInputs) -> nn.Module:
         assert self.n_outputs is not None
         if self._user_surrogate is not None:
-            surrogate: nn.Module = FeatureMap(self._user_surrogate, self.n_latent, self.n_outputs)
+            surrogate: nn.Module = FeatureMap(self._user_surrogate, self.n_latent, self.n_outputs, self.position_dims)
             with torch.no_grad():
                 surrogate.eval()(take(example, 0, 1))  # fails now, with the shape message, if the output is wrong
             return surrogate
         with warnings.catch_warnings():  # a deep copy of a model can warn (e.g. HF's attention-implementation notes)
             return build_default_surrogate(self.model, example, self.n_latent, self.n_outputs,
                                            init=self.surrogate_init, seed=self.seed, hidden=self.surrogate_hidden,
-                                           call=self.call)
+                                           call=self.call, position_dims=self.position_dims)
 
     def fit(self, train_loader: Iterable, context_loader: Iterable | None = None, steps: int | None = None,
             checkpoint: str | os.PathLike | None = None,
@@ -265,9 +271,10 @@ class ScaLLA:
         with eval_mode(self.model):
             self.subset.capture()
             check_same_on_all_ranks(self.subset.theta_map, "the MAP weights")
-            x0, self.n_outputs = first_batch_inputs(train_loader, self.model, self.likelihood, self.dict_key_x,
-                                                    self.dict_key_y, self.subset.dtype, self.subset.device, self.call,
-                                                    mapping_inputs=True)
+            x0, self.n_outputs, self.position_dims = first_batch_layout(
+                train_loader, self.call, self.likelihood, self.dict_key_x, self.dict_key_y, self.subset.dtype,
+                self.subset.device, mapping_inputs=True, ignore_index=self.ignore_index)
+            self.subset.flatten_positions = self.position_dims > 0  # JVP targets of vec(outputs), (B, L·C)
             self.input_shape = input_spec(x0)
             self.input_dtype = x0.dtype if isinstance(x0, torch.Tensor) else self.subset.dtype
             self.example_input = take(x0, 0, min(2, batch_size(x0, self.dict_key_x)))
@@ -286,9 +293,11 @@ class ScaLLA:
                                                 fix=SAME_LOADERS)
             settings = fit_settings(self.settings, steps, self.default_lr, context_pool)
             self.surrogate = self._build_surrogate(self.example_input)
-            trainer = SurrogateTrainer(self.surrogate, self.subset, self.likelihood, train_pool, context_pool,
+            trained = FlatPositions(self.surrogate) if self.position_dims else self.surrogate
+            trainer = SurrogateTrainer(trained, self.subset, self.likelihood, train_pool, context_pool,
                                        settings, biased=self.biased, checkpoint=checkpoint, progress=self.progress,
-                                       callback=callback).run(self.n_features, self.n_context_features)
+                                       callback=callback, position_outputs=self.n_outputs if self.position_dims else 0
+                                       ).run(self.n_features, self.n_context_features)
             self.train_record = {"steps": trainer.step, "jvp_evaluations": trainer.jvp_evaluations,
                                  "history": trainer.history, "wall_time_s": trainer.wall_time_s}
             self.fit_posterior(train_loader)
@@ -297,6 +306,8 @@ class ScaLLA:
     @torch.no_grad()
     def fit_posterior(self, train_loader: Iterable) -> "ScaLLA":
         """H = sum_n phi(x_n) Gamma_n phi(x_n)^T by one pass over the data (the surrogate stays as it is).
+
+        Outputs with positions: the sum runs over the kept positions, N counts them (posthoc.scalla.positions).
 
         Under torch.distributed every rank reads the same loader and takes its part of each batch; H, N and
         log p(D | theta*) are all-reduced. Raises ValueError (on every rank) if the ranks' loaders yield
@@ -320,9 +331,12 @@ class ScaLLA:
             x, y = take(x, part.start, part.stop), y[part]
             with eval_mode(self.model):
                 outputs = self.call(x)
-            precision += batch_precision(surrogate(x), self.factors(outputs, y))
+            features = surrogate(x)
+            n_data += observations(part.stop - part.start, y, self.likelihood, self.ignore_index, self.position_dims)
+            if self.position_dims:
+                features, outputs, y = kept_rows(features, outputs, y, self.likelihood, self.ignore_index)
+            precision += batch_precision(features, self.factors(outputs, y))
             stat += log_likelihood_terms(outputs, y, self.likelihood)
-            n_data += part.stop - part.start
         check_same_on_all_ranks(digest, "the training inputs of the posterior pass", fix=SAME_LOADERS)
         precision, stat = sum_over_ranks([precision, stat], "the ScaLLA posterior")
         n_data = sum_count(n_data, "the number of training examples")
@@ -358,7 +372,7 @@ class ScaLLA:
 
     @torch.no_grad()
     def features(self, x: ModelInputs) -> torch.Tensor:
-        """phi(x): (B, n_latent, C) (n_latent = m, or m + h for the biased variant).
+        """phi(x): (B, n_latent, C) (n_latent = m, or m + h for the biased variant); positions: (B, ..., n_latent, C).
 
         Raises RuntimeError before fit or if the model's weights changed since; ValueError for another input shape.
         """
@@ -367,19 +381,24 @@ class ScaLLA:
         return surrogate.eval()(self._inputs(x, "x"))
 
     @torch.no_grad()
-    def predict(self, x: ModelInputs) -> GaussianPredictive:
+    def predict(self, x: ModelInputs) -> GaussianPredictive | PositionPredictive:
         """N(f(x; theta*), phi(x)^T Sigma_w phi(x)) with full (B, C, C) covariance, no observation noise.
 
-        Cost: one forward pass of the network and one of the surrogate. Raises RuntimeError before fit or if the
-        model's weights changed since (theta* is the weights at fit); ValueError for another input shape.
+        Outputs with positions: mean (B, ..., C) and per-position covariances (B, ..., C, C), a
+        :class:`posthoc.laplace.predict.PositionPredictive`. Cost: one forward pass of the network and one of the
+        surrogate. Raises RuntimeError before fit or if the model's weights changed since (theta* is the weights at
+        fit); ValueError for another input shape.
         """
         posterior = self._require_fit("predict")
         x = self._inputs(x, "x")
         with eval_mode(self.model):
             mean = self.call(x)
         features = self._require_surrogate()(x)
-        cov = posterior.covariance(features, self.prior_precision, self.factors.scale(self.sigma_noise))
-        return GaussianPredictive(mean, cov=cov)
+        scale = self.factors.scale(self.sigma_noise)
+        if not self.position_dims:
+            return GaussianPredictive(mean, cov=posterior.covariance(features, self.prior_precision, scale))
+        cov = posterior.covariance(feature_rows(features), self.prior_precision, scale)
+        return PositionPredictive(GaussianPredictive(mean.reshape(-1, mean.shape[-1]), cov=cov), tuple(mean.shape))
 
     def __call__(self, x: ModelInputs, link_approx: LinkApprox | str = LinkApprox.PROBIT):
         """laplace-torch's ``la(x)``: class probabilities (B, C); regression ``(f_mu (B, C), f_var (B, C, C))``, no noise."""
@@ -391,11 +410,15 @@ class ScaLLA:
         """The surrogate kernel phi(x1)^T phi(x2), (B1, B2, C, C), for inputs x1 (B1, ...) and x2 (B2, ...).
 
         The approximation of the NTK J(x1) J(x2)^T (not divided by the prior precision). Cost: two surrogate forward
-        passes and an O(B1 B2 m C^2) contraction. Raises like :meth:`features`.
+        passes and an O(B1 B2 m C^2) contraction. Outputs with positions: between every position of both,
+        (B1, ..., B2, ..., C, C). Raises like :meth:`features`.
         """
         self._require_fit("compute the ScaLLA kernel")
         surrogate = self._require_surrogate().eval()
-        return objectives.surrogate_kernel(surrogate(self._inputs(x1, "x1")), surrogate(self._inputs(x2, "x2")))
+        features_1, features_2 = surrogate(self._inputs(x1, "x1")), surrogate(self._inputs(x2, "x2"))
+        if self.position_dims:
+            return position_kernel(features_1, features_2)
+        return objectives.surrogate_kernel(features_1, features_2)
 
     # ----------------------------------------------------------------- evidence and tuning
     def log_marginal_likelihood(self, prior_precision: float | torch.Tensor | None = None,
@@ -440,36 +463,14 @@ class ScaLLA:
         self._require_fit()
         how = check_choice(method, PriorOptimization, "method")
         if how is PriorOptimization.GRIDSEARCH:
-            return self._gridsearch(val_loader, grid, link_approx)
+            self.prior_precision = gridsearch_prior(self, val_loader, grid, link_approx)
+            return self.prior_precision
         tune_sigma = tune_sigma_noise_choice(tune_sigma_noise, self.likelihood)
         prior, sigma = maximise_evidence(self.log_marginal_likelihood, self.prior_precision.log(), self.sigma_noise,
                                          tune_sigma, n_steps, lr, "evidence", self.progress)
         self.prior_precision = prior
         if sigma is not None:
             self.sigma_noise = sigma
-        return self.prior_precision
-
-    @torch.no_grad()
-    def _gridsearch(self, val_loader, grid, link_approx) -> torch.Tensor:
-        if val_loader is None:
-            raise ValueError("method='gridsearch' needs val_loader (held-out data, never the test set)")
-        posterior = self._require_fit("tune the prior precision")
-        grid = checked_grid(default_grid(-4, 4, 33, self.subset.dtype) if grid is None else grid, self.subset.dtype)
-        cached = []
-        for x, y in self._batches(val_loader):
-            self._check_shape(x, "validation inputs")
-            with eval_mode(self.model):
-                cached.append((self.call(x), self._require_surrogate()(x), y))
-        if not cached:
-            raise ValueError("val_loader yielded no batches")
-        scale = self.factors.scale(self.sigma_noise)
-
-        def validation_nll(delta: torch.Tensor) -> float:
-            return sum((validation_nll_sum(GaussianPredictive(mean, cov=posterior.covariance(phi, delta, scale)), y,
-                                           self.likelihood, self.sigma_noise, link_approx, self.seed)
-                        for mean, phi, y in cached), 0.0)
-
-        self.prior_precision = grid_search(validation_nll, grid, progress=self.progress)
         return self.prior_precision
 
     def bench_info(self) -> dict[str, Any]:

@@ -35,6 +35,7 @@ def scalla_state(scalla: ScaLLA) -> dict[str, Any]:
         "biased": scalla.biased, "surrogate_hidden": scalla.surrogate_hidden, "input_shape": scalla.input_shape,
         "input_dtype": str(scalla.input_dtype).removeprefix("torch."),
         "n_outputs": scalla.n_outputs, "example_input": scalla.example_input,
+        "position_dims": scalla.position_dims,  # outputs (B, ..., C): posthoc.scalla.positions
         "theta_check": weight_sums(scalla.subset.theta_map),
         "surrogate": scalla._require_surrogate().state_dict(), "posterior": posterior.state_dict(),
         "prior_precision": scalla.prior_precision, "sigma_noise": scalla.sigma_noise,
@@ -77,6 +78,8 @@ def restore_scalla_state(scalla: ScaLLA, state: dict[str, Any]) -> None:
     scalla.input_shape = tuple(spec) if isinstance(spec, (tuple, list)) and all(isinstance(d, int) for d in spec) \
         else spec
     scalla.n_outputs = state["n_outputs"]
+    scalla.position_dims = int(state.get("position_dims", 0))  # states before positions: outputs (B, C)
+    scalla.subset.flatten_positions = scalla.position_dims > 0
     scalla.input_dtype = getattr(torch, state["input_dtype"]) if "input_dtype" in state else scalla.subset.dtype
     example = state.get("example_input")  # one training input (states before it: zeros of the input shape)
     if example is None:

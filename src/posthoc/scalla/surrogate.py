@@ -17,6 +17,11 @@ A head tied to an input embedding (a language-model head) is replaced in the cop
 its weights). In a peft model the last nn.Linear is an adapter's ``lora_B``; the whole adapted layer (the module
 with a ``base_layer``) is replaced.
 
+Outputs with positions (B, ..., C), a per-token or per-pixel head (posthoc.scalla.positions): the trunk keeps
+the positions, (B, ..., D) (for a language model the hidden state of every token), and the two FC layers act at
+each position, so phi(x, t) (m, C) is a feature matrix per position. A trunk that pools the positions away is
+refused (pass ``surrogate=``).
+
 The trunk is a deep copy (the network itself never changes). ``init="model"`` keeps the trained trunk
 weights as the starting point; ``init="fresh"`` re-draws every trunk layer with PyTorch's default
 initialisation (``reset_parameters``) from a generator seeded by ``seed``. The two new FC layers always get
@@ -62,45 +67,62 @@ class EvalModeModule(nn.Module):
 
 
 class FeatureSurrogate(EvalModeModule):
-    """trunk -> Linear(D, hidden) -> ReLU -> Linear(hidden, m C), times ``scale``, reshaped to (B, m, C)."""
+    """trunk -> Linear(D, hidden) -> ReLU -> Linear(hidden, m C), times ``scale``, reshaped to (B, m, C).
+
+    With ``position_dims`` > 0 (outputs (B, ..., C)) the trunk keeps the positions, (B, ..., D), and the head
+    acts at each position: features (B, ..., m, C), one (m, C) matrix per position.
+    """
 
     def __init__(self, trunk: nn.Module, trunk_dim: int, n_features: int, n_outputs: int,
-                 scale: float, hidden: int = HIDDEN) -> None:
+                 scale: float, hidden: int = HIDDEN, position_dims: int = 0) -> None:
         super().__init__()
         self.trunk = trunk
         self.head = nn.Sequential(nn.Linear(trunk_dim, hidden), nn.ReLU(), nn.Linear(hidden, n_features * n_outputs))
-        self.n_features, self.n_outputs = n_features, n_outputs
+        self.n_features, self.n_outputs, self.position_dims = n_features, n_outputs, position_dims
         self.register_buffer("scale", torch.tensor(float(scale)))
         self.eval()
 
     def forward(self, x: ModelInputs) -> torch.Tensor:
-        """Features (B, m, C) of inputs x (B, ...; or a tuple/mapping for a :class:`ModelTrunk`): one trunk and head pass."""
-        out = self.head(self.trunk(x).flatten(1)) * self.scale
-        return out.reshape(out.shape[0], self.n_features, self.n_outputs)
+        """Features (B, m, C) (positions: (B, ..., m, C)) of inputs x (B, ...; or a tuple/mapping). One trunk and head pass.
+
+        Raises:
+            ValueError: with positions, a trunk output that is not (B, ..., D) with ``position_dims`` positions.
+        """
+        hidden = self.trunk(x)
+        if not self.position_dims:
+            out = self.head(hidden.flatten(1)) * self.scale
+            return out.reshape(out.shape[0], self.n_features, self.n_outputs)
+        if hidden.ndim != 2 + self.position_dims:
+            raise ValueError(f"the surrogate's trunk returned {tuple(hidden.shape)}, not (B, ..., D) with "
+                             f"{self.position_dims} position dimension(s) as the model's outputs")
+        out = self.head(hidden) * self.scale
+        return out.reshape(*out.shape[:-1], self.n_features, self.n_outputs)
 
 
 class FeatureMap(EvalModeModule):
     """Wraps any module returning (B, m C) or (B, m, C) into one returning (B, m, C).
 
-    The output's shape is checked; the wrapped module stays in eval mode.
+    With ``position_dims`` > 0 (outputs (B, ..., C)): (B, ..., m C) or (B, ..., m, C) into (B, ..., m, C), the
+    features of each position. The output's shape is checked; the wrapped module stays in eval mode.
     """
 
-    def __init__(self, module: nn.Module, n_features: int, n_outputs: int) -> None:
+    def __init__(self, module: nn.Module, n_features: int, n_outputs: int, position_dims: int = 0) -> None:
         super().__init__()
         self.module = module
-        self.n_features, self.n_outputs = n_features, n_outputs
+        self.n_features, self.n_outputs, self.position_dims = n_features, n_outputs, position_dims
         self.eval()
 
     def forward(self, x: ModelInputs) -> torch.Tensor:
-        """Features (B, m, C) of inputs x (B, ...); ValueError if the wrapped module's output has another shape."""
+        """Features (B, m, C) (positions: (B, ..., m, C)) of inputs x; ValueError for an output of another shape."""
         out = self.module(x)
-        m, c = self.n_features, self.n_outputs
-        if out.ndim == 2 and out.shape[1] == m * c:
-            return out.reshape(out.shape[0], m, c)
-        if out.shape[1:] == (m, c):
+        m, c, dims = self.n_features, self.n_outputs, self.position_dims
+        if out.ndim == 2 + dims and out.shape[-1] == m * c:
+            return out.reshape(*out.shape[:-1], m, c)
+        if out.ndim == 3 + dims and out.shape[-2:] == (m, c):
             return out
-        raise ValueError(f"the surrogate must return (B, {m * c}) or (B, {m}, {c}) for n_features={m} and "
-                         f"{c} outputs, got {tuple(out.shape)}")
+        where = "(B, ..." if dims else "(B"
+        raise ValueError(f"the surrogate must return {where}, {m * c}) or {where}, {m}, {c}) for n_features={m} and "
+                         f"{c} outputs{f' at {dims} position dimension(s)' if dims else ''}, got {tuple(out.shape)}")
 
 
 class ModelTrunk(nn.Module):
@@ -180,7 +202,8 @@ def _reset(module: nn.Module) -> None:
 
 def build_default_surrogate(model: nn.Module, example_input: ModelInputs, n_features: int, n_outputs: int,
                             init: SurrogateInit | str = SurrogateInit.MODEL, seed: int = 0,
-                            hidden: int = HIDDEN, call: ModelCall | None = None) -> FeatureSurrogate:
+                            hidden: int = HIDDEN, call: ModelCall | None = None,
+                            position_dims: int = 0) -> FeatureSurrogate:
     """The default surrogate for ``model`` (see the module docstring).
 
     Args:
@@ -193,12 +216,23 @@ def build_default_surrogate(model: nn.Module, example_input: ModelInputs, n_feat
         seed: seeds the re-drawn trunk and the head's initialisation.
         hidden: the head's hidden width.
         call: how the model takes its inputs and gives its output (default ``ModelCall(model)``).
+        position_dims: the position dimensions of the model's outputs (B, ..., C) (0 for outputs (B, C)). The trunk
+            must keep the outputs' positions, (B, ..., D): the head then acts per position.
 
     Returns:
-        A :class:`FeatureSurrogate` mapping inputs (B, ...) to (B, m, C). Cost: a deep copy of the trunk (for a
-        :class:`ModelTrunk`, of the whole model) and a few forward passes on one or two examples.
+        A :class:`FeatureSurrogate` mapping inputs (B, ...) to (B, m, C) (positions: (B, ..., m, C)). Cost: a deep
+        copy of the trunk (for a :class:`ModelTrunk`, of the whole model) and a few forward passes on one or two
+        examples (with positions, one more of the model).
+
+    Raises:
+        ValueError: no nn.Linear to replace; with positions, a trunk whose output does not keep them.
     """
     how = check_choice(init, SurrogateInit, "surrogate_init")
+    call = ModelCall(model) if call is None else call
+    positions: tuple[int, ...] = ()
+    if position_dims:
+        with torch.no_grad(), eval_mode(model):
+            positions = tuple(call(take(example_input, 0, 1)).shape[1:-1])
     param = next(model.parameters())
     trunk = _trunk_of(model, example_input, call).to(device=param.device, dtype=param.dtype)
     for p in trunk.parameters():
@@ -209,7 +243,14 @@ def build_default_surrogate(model: nn.Module, example_input: ModelInputs, n_feat
         if how is SurrogateInit.FRESH:
             _reset(trunk)
         with torch.no_grad():
-            trunk_dim = trunk.eval()(take(example_input, 0, 1)).flatten(1).shape[1]
+            hidden_out = trunk.eval()(take(example_input, 0, 1))
+        if positions and tuple(hidden_out.shape[1:-1]) != tuple(positions):
+            raise ValueError(f"the model's outputs have positions {tuple(positions)}, but its part before the last "
+                             f"nn.Linear (the default surrogate's trunk) returns {tuple(hidden_out.shape)}, not "
+                             "(B, ..., D) at those positions, so the surrogate's head cannot act per position; pass "
+                             "surrogate= (an nn.Module returning per-position features (B, ..., m*C))")
+        trunk_dim = hidden_out.shape[-1] if positions else hidden_out.flatten(1).shape[1]
         surrogate = FeatureSurrogate(trunk, trunk_dim, n_features, n_outputs,
-                                     scale=math.sqrt(n_params / n_features), hidden=hidden)
+                                     scale=math.sqrt(n_params / n_features), hidden=hidden,
+                                     position_dims=position_dims)
     return surrogate.to(device=param.device, dtype=param.dtype)

@@ -51,7 +51,7 @@ import time
 from dataclasses import asdict, dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 import torch
 from torch import nn
@@ -63,6 +63,7 @@ from posthoc.curvature.output_factors import OutputFactors
 from posthoc.distributed import collectives
 from posthoc.likelihood import Likelihood
 from posthoc.network.inputs import ModelInputs, batch_size, concat, select, take, tensor_leaves
+from posthoc.network.positions import PositionFactors
 from posthoc.network.subset import ParameterSubset
 from posthoc.scalla import objectives
 from posthoc.scalla.directions import (
@@ -74,6 +75,7 @@ from posthoc.scalla.directions import (
     rademacher,
 )
 from posthoc.scalla.pools import InputPool
+from posthoc.scalla.positions import ggn_targets
 from posthoc.utils.checkpoint import check_writable, data_fingerprint, load_checkpoint, module_digest, save_checkpoint
 from posthoc.utils.checks import check_choice, check_positive_int
 
@@ -197,19 +199,22 @@ class SurrogateTrainer:
         biased: zero the train x context kernel (docs/scalla.md).
         callback: called as callback(step, jvp_evaluations) after every step (for learning curves); it may
             raise to interrupt a run (a checkpointed run then resumes from its last checkpoint).
+        position_outputs: C when the network's outputs have positions (B, ..., C) (the subset flattens them to
+            (B, L·C) and the surrogate gives (B, m, L·C), posthoc.scalla.positions); 0 for outputs (B, C).
     """
 
     def __init__(self, surrogate: nn.Module, subset: ParameterSubset, likelihood: Likelihood,
                  train_pool: InputPool, context_pool: InputPool | None, settings: TrainSettings,
                  biased: bool = False, checkpoint: str | os.PathLike | None = None, progress: bool = True,
                  log: Callable[[str], None] = print,
-                 callback: Callable[[int, int], None] | None = None) -> None:
+                 callback: Callable[[int, int], None] | None = None, position_outputs: int = 0) -> None:
         if biased and context_pool is None:
             raise ValueError("the biased variant needs context points: pass context_loader")
         self.surrogate, self.subset, self.likelihood = surrogate, subset, likelihood
         self.train_pool, self.context_pool, self.settings, self.biased = train_pool, context_pool, settings, biased
         self.checkpoint = None if checkpoint is None else Path(checkpoint)
         self.progress, self.log, self.callback = progress, log, callback
+        self.position_outputs = position_outputs
         self.objective = check_choice(settings.objective, Objective, "objective")
         self.n_features, self.n_context_features = 0, 0  # set by run
         self.generator = torch.Generator().manual_seed(settings.seed)
@@ -277,13 +282,20 @@ class SurrogateTrainer:
         chunk = max(1, self.settings.jvp_chunk * 8)
 
         mine = index[collectives.rank_slice(n_sub)]  # the GGN products are summed over ranks
+        factors, n_out = OutputFactors(self.likelihood), self.position_outputs
+        if n_out:  # the GGN over every position of the subsample (posthoc.scalla.positions)
+            with torch.no_grad():
+                n_positions = self.subset.forward(self.train_pool.take(index[:1])).shape[-1] // n_out
+            factors = cast(OutputFactors, PositionFactors(factors, n_out, self.likelihood))
 
         def batches():
             for start in range(0, len(mine), chunk):
                 x = self.train_pool.take(mine[start:start + chunk])
-                yield x, torch.zeros(batch_size(x), dtype=torch.long)  # the GGN factors ignore the labels
+                # the GGN factors ignore the labels
+                yield x, (ggn_targets(batch_size(x), n_positions, n_out, self.likelihood, self.subset.dtype,
+                                      self.subset.device) if n_out else torch.zeros(batch_size(x), dtype=torch.long))
 
-        pairs = streamed_ggn_eigenpairs(self.subset, batches, OutputFactors(self.likelihood),
+        pairs = streamed_ggn_eigenpairs(self.subset, batches, factors,
                                         min(n_dirs, self.subset.n_params), seed=self.settings.seed, tol=EIGEN_TOL,
                                         progress=self.progress, desc="ScaLLA eigen directions: GGN products")
         self.jvp_evaluations += 2 * int(pairs.info["products"]) * n_sub
