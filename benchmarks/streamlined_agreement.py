@@ -43,14 +43,13 @@ if str(Path(__file__).resolve().parent) not in sys.path:  # the cases module bes
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from streamlined_agreement_cases import CASES, N_GROUP, Case, load_task  # noqa: E402
+from streamlined_agreement_table import GOAL_SPEARMAN, GOAL_TOTAL, SE_FRACTION, verdict, write_tables  # noqa: E402,F401
 
-from posthoc.bench.report import run_meta, write_json  # noqa: E402
+from posthoc.bench.report import run_meta  # noqa: E402
 from posthoc.utils.io import atomic_write_text  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-SE_FRACTION = 0.2  # MC's RMS standard error must be under this fraction of the spread across inputs
-GOAL_SPEARMAN, GOAL_TOTAL = 0.9, 0.25
 MEAN_ATOL = 1e-5
 
 
@@ -131,15 +130,21 @@ def cover(model: nn.Module, case: Case) -> list[str]:
     return names
 
 
-def fit_laplace(model: nn.Module, case: Case, data: tuple, n_fit: int) -> Any:
-    """Diagonal Laplace over the covered weights on the first ``n_fit`` training inputs, prior by marglik."""
+def fit_laplace(model: nn.Module, case: Case, data: tuple, n_fit: int, checkpoint: Path | None = None) -> Any:
+    """Diagonal Laplace over the covered weights on the first ``n_fit`` training inputs, prior by marglik.
+
+    ``checkpoint``: the fit's resumable state (saved every 40 batches of 50), so an interrupted fit goes on.
+    """
     from posthoc.laplace import Laplace
     xtr, ytr = data[0], data[1]
     if isinstance(xtr, dict):
         batches: list = [{**take(xtr, slice(i, i + 50)), "labels": ytr[i:i + 50]} for i in range(0, n_fit, 50)]
     else:
         batches = [(xtr[i:i + 50].double(), ytr[i:i + 50]) for i in range(0, n_fit, 50)]
-    la = Laplace(model, "classification", "all", "diag", prior_precision=1.0, progress=False).fit(batches)
+    la = Laplace(model, "classification", "all", "diag", prior_precision=1.0, progress=False)
+    if checkpoint is not None:
+        checkpoint.parent.mkdir(parents=True, exist_ok=True)
+    la.fit(batches, checkpoint=checkpoint, checkpoint_every=40)
     la.optimize_prior_precision(method="marglik", progress_bar=False)
     return la
 
@@ -164,7 +169,7 @@ def posterior(model: nn.Module, case: Case, data: tuple, n_fit: int, fit_dir: Pa
         saved = torch.load(path)
         return saved["variances"], saved["record"], saved["glm"]
     t0 = time.perf_counter()
-    la = fit_laplace(model, case, data, n_fit)
+    la = fit_laplace(model, case, data, n_fit, fit_dir / "fit-checkpoint.pt")
     var = la.posterior_variance().detach()
     variances = {b.name: var[b.slice].reshape(b.shape) for b in la.subset.blocks}
     record = {"prior_precision": float(la.prior_precision), "n_fit": n_fit, "n_covered": la.n_params,
@@ -392,64 +397,6 @@ def collect(run_dir: Path) -> list[dict]:
     return out
 
 
-def verdict(row: dict) -> str:
-    """"yes" when the row meets both goals, else which one it misses."""
-    misses = [m for m, bad in (("Spearman", row["spearman"] < GOAL_SPEARMAN),
-                               ("total", abs(row["total"] - 1) > GOAL_TOTAL)) if bad]
-    return "yes" if not misses else "no: " + ", ".join(misses)
-
-
-def write_tables(results: list[dict], missing: list[str], args: Any) -> None:
-    """benchmarks/results/streamlined_agreement.{json,md} from the cached records."""
-    write_json(RESULTS / "streamlined_agreement.json", {"models": results, "not_run": missing})
-    lines = ["# Streamlined vs Monte Carlo of the same diagonal Laplace: per-input summed output variance", "",
-             "Issue 16's protocol. Each model trained at least one epoch (Adam, batch 128, float32) over n_train inputs "
-             "(trained column: n_train × epochs; images: Fashion-MNIST training images, 28x28, replicated to 3 "
-             "channels for torchvision; text: sequences of the generated token task of examples/llm_lora.py), "
-             "evaluated in float64. Posterior: "
-             "posthoc.laplace.Laplace, diagonal, over the covered weights (the last two blocks and the head; the rest "
-             "frozen), fitted on the first n_fit training inputs, prior precision by marglik (δ); Streamlined and MC "
-             f"read its variances (cached with the weights, so a rerun does not refit). Inputs: {N_GROUP} "
-             f"in-distribution test inputs and {N_GROUP} shifted ones (images rotated 22.5°-180°, 25 per angle; "
-             "sequences with 30 % of their tokens replaced at random). MC: weight draws of the same posterior until "
-             f"the RMS standard error of the per-input variances is under {SE_FRACTION} × their standard deviation "
-             "across inputs (SE/spread column; MC var mean ± sd: the per-input summed variance's mean and spread). ρ: Spearman correlation of Streamlined's per-input summed logit "
-             "variance with MC's over all inputs (in / shifted); total: Σ Streamlined / Σ MC (in / shifted). Goal: "
-             f"ρ ≥ {GOAL_SPEARMAN} and total within {GOAL_TOTAL:.0%}. Full mode on the first n_full inputs of each "
-             "group; (tail): on the covered tail, the trunk's deterministic activations as its input. glm: the "
-             "Laplace's linearised predictive J Λ⁻¹ Jᵀ against the same MC (where glm misses too, the posterior is "
-             "outside the linearised regime: the nonlinearity, not Streamlined's rules). The propagated mean equals "
-             "model(x) to 1e-5 in every row (asserted). Rows come from two runs (the env column: `main` with the CPU "
-             "torch, `vision` with the torch that loads torchvision), cached per "
-             "(model, option) and joined here.", "",
-             "| model | env (torch) | params / covered | trained | acc in / shift | δ | n_fit | MC draws | MC var mean ± sd | SE/spread | "
-             "mode | "
-             "attention | LayerNorm | inputs | ρ | ρ in / shift | total | total in / shift | goal met | s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in results:
-        head = (f"| {r['model']} | {r['env']} ({r['torch']}) | {r['n_params']:,} / {r['n_covered']:,} | "
-                f"{r['n_train']:,} × {r['epochs']} | {r['acc_in']:.2f} / {r['acc_shift']:.2f} | {r['prior_precision']:.3g} | {r['n_fit']} | "
-                f"{r['n_mc']} | {(r['mc_total_in'] + r['mc_total_shift']) / (2 * N_GROUP):.3g} ± {r['spread']:.3g} | "
-                f"{r['se_over_spread']:.3f}{'' if r['se_over_spread'] < SE_FRACTION else ' (not met at the cap)'} |")
-        g = r["glm"]
-        lines.append(head + f" glm (linearised) | — | — | {2 * N_GROUP} | {g['spearman']:.3f} | "
-                     f"{g['spearman_in']:.3f} / {g['spearman_shift']:.3f} | {g['total']:.3f} | "
-                     f"{g['total_in']:.3f} / {g['total_shift']:.3f} | {verdict(g)} | |")
-        for row in r["rows"]:
-            attention = (row["attention"] if CASES[r["model"]].own_attention or row["mode"] == "full"
-                         else r["attention_rule"])
-            cells = f" {row['mode']}{' (tail)' if row.get('on') == 'tail' else ''} | {attention} | {row['layernorm'] or '—'} | {row['n_inputs']} |"
-            if "error" in row:
-                lines.append(head + cells + f" not run: {row['error'][:160]} | | | | | |")
-                continue
-            lines.append(head + cells + f" {row['spearman']:.3f} | {row['spearman_in']:.3f} / "
-                         f"{row['spearman_shift']:.3f} | {row['total']:.3f} | {row['total_in']:.3f} / "
-                         f"{row['total_shift']:.3f} | {verdict(row)} | {row['seconds']:.1f} |")
-    for name in missing:
-        lines.append(f"| {name} | not run: {args.missing_reason.get(name, 'no cached result')} |" + " |" * 18)
-    atomic_write_text(RESULTS / "streamlined_agreement.md", "\n".join(lines) + "\n")
-
-
 def main() -> None:
     """Command line: evaluate the models this environment can run, then rewrite the tables from every cache."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -466,7 +413,7 @@ def main() -> None:
     parser.add_argument("--mc-chunk", type=int, default=100)
     parser.add_argument("--n-full", type=int, default=50, help="inputs per group in the full mode")
     parser.add_argument("--cached-only", action="store_true", help="rewrite the tables from the caches only")
-    parser.add_argument("--not-run", default="", help="NAME=REASON;... for models reported as not run")
+    parser.add_argument("--not-run", default="", help="NAME=REASON;... for models without a full-data fit")
     args = parser.parse_args()
     torch.set_num_threads(1)
     args.missing_reason = dict(item.split("=", 1) for item in args.not_run.split(";") if item)
@@ -475,9 +422,7 @@ def main() -> None:
             if CASES[name].env != env:
                 raise SystemExit(f"{name} needs the {CASES[name].env} environment, this is {env}")
             evaluate(name, args)
-    results = collect(Path(args.run_dir))
-    done = {r["model"] for r in results}
-    write_tables(results, [n for n in CASES if n not in done], args)
+    write_tables(collect(Path(args.run_dir)), args.missing_reason, RESULTS)
 
 
 if __name__ == "__main__":

@@ -129,13 +129,19 @@ def test_table_joins_cached_records_and_names_missing(bench, tmp_path, monkeypat
     (run / "rows" / "diagonal-independent-none.json").write_text(json.dumps(row))
     (run / "rows" / "full-independent-none.json").write_text(json.dumps(
         {"mode": "full", "attention": "independent", "layernorm": None, "n_inputs": 100, "error": "ValueError: wide"}))
+    partial = tmp_path / "run" / "mlp" / "nfit40"  # an earlier fit on fewer inputs: its own section
+    (partial / "rows").mkdir(parents=True)
+    (partial / "model.json").write_text(json.dumps({**record, "n_fit": 40, "prior_precision": 7.0}))
     results = bench.collect(tmp_path / "run")
-    args = SimpleNamespace(missing_reason={"tv_vit": "no MHA rule"})
-    bench.write_tables(results, ["tv_vit"], args)
+    assert [r["n_fit"] for r in results] == [100, 40]  # the largest fit first
+    (tmp_path / "results").mkdir()
+    bench.write_tables(results, {"tv_vit": "no MHA rule"}, tmp_path / "results")
     table = (tmp_path / "results" / "streamlined_agreement.md").read_text()
     assert "| 1.500 |" in table and "no: total" in table
     assert "not run: ValueError: wide" in table
-    assert "| tv_vit | not run: no MHA rule |" in table
+    assert "- **tv_vit**: no fit on all training inputs: no MHA rule." in table
+    full_part, partial_part = table.split("## Earlier fits")
+    assert "| 100 | 300 |" in full_part and "| 7 | 40 |" in partial_part and "| 7 | 40 |" not in full_part
 
 
 @pytest.mark.parametrize("name", ["mlp", "cnn", "small_resnet"])
