@@ -364,6 +364,8 @@ def markdown(payload: dict[str, Any]) -> str:
     meta = payload["meta"]
     for run in meta.get("tasks_from", []):
         lines += ["", f"Rows of the small and UCI tasks from {run['file']}: `{run['command']}`, {run['date']}."]
+    if meta.get("merge_from"):
+        lines += ["", f"Rows joined per method from {', '.join(meta['merge_from'])} (benchmarks/defaults_large.py)."]
     lines += ["", f"Command: `{meta['command']}`; {meta['date']}; commit {meta['git_commit']}; machine: "
               f"{meta['machine']}; versions: {meta['versions']}."]
     return "\n".join(lines) + "\n"
@@ -414,9 +416,10 @@ def main() -> None:
                 (regression if name.startswith("uci-") else tasks)[name] = rows
     # file names only: the results are tracked and name no folder of this machine
     meta = {**run_meta(), "command": " ".join(Path(a).name if a.startswith("/") else a for a in sys.argv),
-            "tasks_from": [*(nested for run in earlier for nested in run["meta"].get("tasks_from", [])),
-                           *({"file": Path(path).name, "date": run["meta"]["date"], "command": run["meta"]["command"]}
-                             for path, run in zip(args.tasks_from, earlier, strict=True))],
+            "tasks_from": list({json.dumps(entry, sort_keys=True): entry for entry in (  # each earlier run once
+                *(nested for run in earlier for nested in run["meta"].get("tasks_from", [])),
+                *({"file": Path(path).name, "date": run["meta"]["date"], "command": run["meta"]["command"]}
+                  for path, run in zip(args.tasks_from, earlier, strict=True)))}.values()),
             "fmnist_results": [Path(p).name for p in args.fmnist_results], "methods": args.methods,
             "merge_from": [Path(p).name for p in args.merge_from]}
 
