@@ -71,10 +71,10 @@ def test_a_delegating_forward_gets_the_dict_batch_as_one_argument():
 
 def test_pick_last_warns_and_gives_the_last_position_posterior():
     net, batches, x = _data()
-    with pytest.warns(UserWarning, match="pick_last"):
-        la = Laplace(_DictWrapper(net), "classification", subset_of_weights="last_layer", hessian_structure="full",
-                     feature_reduction="pick_last", prior_precision=2.0)
-    la.fit(batches)
+    la = Laplace(_DictWrapper(net), "classification", subset_of_weights="last_layer", hessian_structure="full",
+                 feature_reduction="pick_last", prior_precision=2.0)
+    with pytest.warns(UserWarning, match="pick_last"):  # the model pools itself: said when its output is read
+        la.fit(batches)
     # brute force: GGN of the head's (weight, bias) on the last position's features, softmax Hessian, + prior
     features = torch.tanh(net.body(x))[:, -1, :].detach()
     theta = torch.cat([net.head.weight.detach().reshape(-1), net.head.bias.detach()])
@@ -89,7 +89,7 @@ def test_pick_last_warns_and_gives_the_last_position_posterior():
     torch.testing.assert_close(la.posterior_precision, precision, rtol=1e-8, atol=1e-10)
 
 
-def test_other_feature_reductions_raise():
+def test_unknown_feature_reductions_raise():
     net, _, _ = _data()
-    with pytest.raises(NotImplementedError, match="feature_reduction"):
-        Laplace(_DictWrapper(net), "classification", feature_reduction="average")
+    with pytest.raises(ValueError, match="feature_reduction"):
+        Laplace(_DictWrapper(net), "classification", feature_reduction="max")

@@ -174,10 +174,10 @@ def test_backends_choose_the_curvature():
         CurvlinopsGGN()
 
 
-def test_feature_reduction_other_than_pick_last_raises():
+def test_unknown_feature_reduction_raises():
     model, train_loader, _ = _classification()
-    with pytest.raises(NotImplementedError, match="feature_reduction"):
-        Laplace(model, "classification", feature_reduction="average")
+    with pytest.raises(ValueError, match="feature_reduction"):
+        Laplace(model, "classification", feature_reduction="max")
 
 
 def test_compat_marglik_training_returns_a_compat_laplace():

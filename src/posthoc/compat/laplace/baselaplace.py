@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from posthoc.compat.laplace.curvature import backend_kind
+from posthoc.compat.laplace.feature_reduction import reduced_output_fn
 from posthoc.curvature.output_factors import OutputFactors
 from posthoc.laplace import checkpointing
 from posthoc.laplace.functional import FunctionalLaplace as _FunctionalLaplace
@@ -128,9 +129,10 @@ class Laplace(_PosthocLaplace):
         asdl_fisher_kwargs: cannot change the numbers (one warning).
         subnetwork_indices: positions for "subnetwork" (e.g. a subnetwork mask's ``select()``).
         last_layer_name: for "last_layer", the nn.Linear to cover.
-        feature_reduction: None, or "pick_last" with one warning: posthoc differentiates through the model's own
-            pooling after its last layer, which is laplace-torch's "pick_last" when the model reads the last
-            position (e.g. GPT-2 without right padding); other values raise NotImplementedError.
+        feature_reduction: None, "pick_first", "pick_last" or "average" (or laplace-torch's enum): per-position
+            outputs (B, ..., C) are reduced to (B, C) over their positions, laplace-torch's last-layer function; a
+            model that already returns (B, C) keeps its own pooling, with one warning saying what laplace-torch
+            would differentiate (:mod:`posthoc.compat.laplace.feature_reduction`). Other values: ValueError.
         damping: laplace-torch's KronLaplace option; False (its default) is posthoc's exact prior in the
             eigenbasis, True raises NotImplementedError.
         curvature: posthoc's curvature ("ggn", "ggn_mc", "ef"); contradicting ``backend`` is an error.
@@ -195,14 +197,9 @@ class Laplace(_PosthocLaplace):
                                       "eigenbasis, laplace-torch's damping=False; leave damping=False")
         if not (isinstance(temperature, float | int) and math.isfinite(temperature) and temperature > 0):
             raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
-        feature_reduction = getattr(feature_reduction, "value", feature_reduction)
-        if feature_reduction == "pick_last":
-            warnings.warn("feature_reduction='pick_last': posthoc uses the model's own pooling after its last layer, "
-                          "the same when the model reads the last position (e.g. GPT-2 without right padding)",
-                          UserWarning, stacklevel=2)
-        elif feature_reduction is not None:
-            raise NotImplementedError("feature_reduction is not needed: posthoc finds the last nn.Linear on the path "
-                                      "to the output and keeps the pooling after it; leave it None")
+        output_fn = reduced_output_fn(model, feature_reduction, posthoc_kwargs.pop("output_fn", None))
+        if output_fn is not None:  # posthoc.compat.laplace.feature_reduction
+            posthoc_kwargs["output_fn"] = output_fn
         if hessian_structure == "lowrank":  # laplace-torch's LowRankLaplace keeps the prior outside the top k
             posthoc_kwargs["structure_options"] = {"complement": "prior", **(posthoc_kwargs.get("structure_options")
                                                                             or {})}
