@@ -17,11 +17,12 @@ sampled output per input), then the GGN projected onto them over all the trainin
 V^T H V = R diag(lam) R^T, and U = V R, so that U^T H U = diag(lam) and everything below holds unchanged.
 lam >= 0 can be near 0: directions that shift all logits together move the outputs a lot but the softmax
 ignores them (no GGN curvature in exact arithmetic), so their variance 1/(s lam + delta) is the largest in the
-span; the centred probit and MC links ignore them too, the plain probit link does not. Measured (issue 17, benchmarks/results/lowrank_ella.md): on the embedded FMNIST CNN
-at rank 20 with the prior by validation NLL, NLL gain over the MAP 0.0024 (centred probit) to 0.0027 (probit);
-on benchmarks/defaults.py's four small tasks the validation recipe never raised NLL and raised ECE by at most
-0.0007 under any of the three links ("ggn": up to 0.0046). Tune delta on validation data: the evidence's
-delta (marglik) gave a worst NLL excess of +296% to +631% on those small tasks, depending on the link.
+span; the centred probit and MC links ignore them too, the plain probit link does not. Measured (issue 17,
+benchmarks/results/lowrank_ella.md): on the embedded FMNIST CNN at rank 20 with the prior by validation NLL,
+NLL gain over the MAP 0.0024 (centred probit) to 0.0027 (probit); on benchmarks/defaults.py's four small tasks
+the validation recipe never raised NLL and raised ECE by at most 0.0007 under any of the three links ("ggn":
+up to 0.0046). Without validation data, the default recipe (fit, ``optimize_prior_precision()``, la(x)'s
+centred probit) never raised NLL either (the evidence below; benchmarks/results/defaults.md).
 
 Two posteriors (the ``complement`` option of :meth:`LowRankCurvature.fit`):
 
@@ -42,15 +43,16 @@ No P x P matrix is formed; memory P k.
 The evidence follows the posterior (``logdet_precision``). "prior": the full model's, log det Lambda above
 (laplace-torch's). "omit": the evidence of the omitted posterior itself, whose precision is A on span(U) and
 unbounded on its complement (the complement is held at theta*): log det A replaces log det Lambda (the
-complement's c (P - k) log c, c -> inf, does not depend on delta or sigma and is dropped). For a scalar delta,
+complement's (P - k) log c, c -> inf, does not depend on delta or sigma and is dropped). For a scalar delta,
 marglik then solves delta = (P - k + sum_i s lam_i / (s lam_i + delta)) / |theta*|^2: between (P - k) / |theta*|^2
 and P / |theta*|^2, the prior whose variance matches the weights' mean square. The full model's evidence
 instead counts the uncovered directions as undetermined (gamma = sum_p s lam_p / (s lam_p + delta)), which on
-networks whose GGN is near zero (confidently fitted training data) gives a delta 10-1000x below the validation
-optimum; on the omitted posterior that delta made NLL up to +631% over the MAP's (issue 17,
-benchmarks/results/lowrank_ella.md), the omit evidence's delta is within a factor 4 of the validation optimum
-on benchmarks/defaults.py's small tasks (benchmarks/results/defaults.md). Its value is not comparable with
-other structures' evidence (the dropped constant).
+networks whose GGN is near zero (confidently fitted training data) gives a delta 60-6,000x below the validation
+optimum: on benchmarks/defaults.py's small tasks 0.05-0.25 against the validation grid's 6-40, NLL up to +631%
+over the MAP's (issue 17, benchmarks/results/lowrank_ella.md); the omitted posterior's evidence gives 0.5-36
+there (and 100-700 on the MNIST MLP and the FMNIST CNN) and lowered NLL on every one of those tasks under the
+centred probit (benchmarks/results/defaults.md). Its value is not comparable with other structures' evidence
+(the dropped constant).
 """
 
 from __future__ import annotations
