@@ -251,3 +251,66 @@ def test_targets_without_positions_are_refused():
     x, y = token_data(6, seed=0)
     with pytest.raises(ValueError, match="position"):
         ScaLLA(make_model(), "classification", n_features=4, steps=2, progress=False).fit(loader(x, y[:, 0]))
+
+
+@pytest.mark.parametrize("options", [dict(objective="probes"), dict(biased=True), dict(directions="rademacher")])
+def test_other_objectives_and_the_biased_variant_run_on_positions(options):
+    model = make_model()
+    x, y = token_data(12, seed=0)
+    context, _ = token_data(12, seed=3)
+    s = ScaLLA(model, "classification", n_features=6, steps=5, batch_size=4, progress=False, **options)
+    s.fit(loader(x, y), context_loader=[(context, torch.zeros(12, dtype=torch.long))])
+    n_latent = s.n_latent
+    assert s.features(x[:2]).shape == (2, SEQ, n_latent, CLASSES)
+    pred = s.predict(x[:2])
+    assert pred.cov.shape == (2, SEQ, CLASSES, CLASSES) and bool((pred.var > 0).all())
+
+
+class PixelNet(nn.Module):
+    """Per-pixel logits, channels last: a 3x3 convolution, then a head on every pixel, (B, H, W, C)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, DIM, 3, padding=1)
+        self.head = nn.Linear(DIM, CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.conv(x)).movedim(1, -1))
+
+
+def test_pixel_outputs_with_two_position_dimensions_match_the_dense_lla():
+    torch.manual_seed(0)
+    model = PixelNet().to(DTYPE).eval()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 2, 3, 4, generator=g, dtype=DTYPE)
+    y = torch.randint(0, CLASSES, (6, 3, 4), generator=g)
+    y[:, 0] = -100  # the first row of every image is ignored
+    n_params = ParameterSubset(model, "all").n_params
+    s = ScaLLA(model, "classification", n_features=n_params, prior_precision=2.0, progress=False)
+    s.surrogate = FeatureMap(ExactFeatures(model), n_params, CLASSES, position_dims=2)
+    s.n_outputs, s.input_shape, s.position_dims = CLASSES, (2, 3, 4), 2
+    s.fit_posterior(loader(x, y, batch=3))
+    assert s.posterior.n_data == 6 * 2 * 4
+    points = torch.randn(2, 2, 3, 4, generator=g, dtype=DTYPE)
+    jac, jac_points = jacobians(model, x), jacobians(model, points)  # (B, H, W, C, P)
+    with torch.no_grad():
+        p = torch.softmax(model(x), -1)
+    gamma = (torch.diag_embed(p) - p.unsqueeze(-1) * p.unsqueeze(-2)) * (y != -100).to(DTYPE)[..., None, None]
+    precision = torch.einsum("bhwcp,bhwcd,bhwdq->pq", jac, gamma, jac) + 2.0 * torch.eye(n_params, dtype=DTYPE)
+    ref = torch.einsum("bhwcp,pq,bhwdq->bhwcd", jac_points, torch.linalg.inv(precision), jac_points)
+    pred = s.predict(points)
+    assert pred.mean.shape == (2, 3, 4, CLASSES)
+    torch.testing.assert_close(pred.cov, ref, rtol=1e-7, atol=1e-10)
+    assert s.kernel(points, points[:1]).shape == (2, 3, 4, 1, 3, 4, CLASSES, CLASSES)
+
+
+def test_default_surrogate_keeps_the_pixels():
+    torch.manual_seed(0)
+    model = PixelNet().to(DTYPE).eval()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 2, 3, 4, generator=g, dtype=DTYPE)
+    y = torch.randint(0, CLASSES, (6, 3, 4), generator=g)
+    s = ScaLLA(model, "classification", n_features=5, steps=3, batch_size=4, eigen_subsample=4, progress=False)
+    s.fit(loader(x, y, batch=3))
+    assert s.features(x[:2]).shape == (2, 3, 4, 5, CLASSES)
+    torch.testing.assert_close(s.predict(x[:2]).mean, model(x[:2]).detach(), rtol=0, atol=0)
