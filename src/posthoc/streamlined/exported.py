@@ -40,6 +40,7 @@ from torch.utils import _pytree as pytree
 
 from posthoc.streamlined.moments import Moments
 from posthoc.streamlined.rules import Context
+from posthoc.streamlined.rules.attention import attach_value_sources
 from posthoc.streamlined.rules.base import find_rule
 from posthoc.streamlined.rules.multihead import bind_call, fold_batch_transposes
 from posthoc.streamlined.rules.ops import UnsupportedOpError
@@ -368,6 +369,7 @@ class ExportedGraphs:
             args, kwargs = state
             values = pytree.tree_leaves((tuple(args), dict(kwargs)))
         graph_module, exported = self.graph_for(tuple(args), dict(kwargs))
+        attach_value_sources(graph_module, ctx)  # attention="shared_value": each attention's value projection
         n_inputs = sum(node.op == "placeholder" for node in graph_module.graph.nodes)
         if n_inputs != len(values):
             raise ValueError(f"the exported graph takes {n_inputs} inputs, the call gives {len(values)} leaves; "

@@ -34,6 +34,7 @@ from posthoc.predictive.scale import fit_variance_scale, scaled_gaussian
 from posthoc.streamlined.exported import ExportedGraphs, GraphRoute
 from posthoc.streamlined.moments import ActivationCovariance, Moments
 from posthoc.streamlined.rules import AttentionRule, Context, LayerNormRule, find_rule
+from posthoc.streamlined.rules.attention import attach_value_sources
 from posthoc.streamlined.traced import TracedInputs, propagate_traced, trace
 from posthoc.streamlined.walk import propagate
 from posthoc.streamlined.weight_posteriors import WeightPosterior, from_laplace, from_mean_field, load_means
@@ -303,6 +304,7 @@ class Streamlined:
                 warnings.warn(f"{err}; Streamlined walks the model's torch.export graph instead (graph='auto'; "
                               "pass graph='export' to choose it and silence this warning)", stacklevel=2)
         if self._traced is not None:
+            attach_value_sources(self._traced, ctx)  # attention="shared_value": each attention's value projection
             return propagate_traced(self._traced, state, ctx)
         self.graph_used = GraphRoute.EXPORT
         out, exported = self._exported.propagate(state, ctx)

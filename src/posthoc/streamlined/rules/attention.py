@@ -4,19 +4,31 @@ The paper's attention rule, op by op: the attention weights are computed from th
 a matmul of two random activations, the scores Q Kᵀ, gives the product of the means with no variance), and the
 values V are random (A V with A fixed is linear in V: exact). Softmax of a random input, which the scores rule never
 produces, is linearised through its Jacobian at the mean, J = diag(s) - s sᵀ along ``dim``.
+
+``attention="shared_value"`` in diagonal mode keeps the cross-token covariance that the one random value projection
+W_v gives all tokens. An op rule sees only the values' variances, so the graph is prepared first
+(:func:`attach_value_sources`): each scaled_dot_product_attention whose value is an nn.Linear or transformers'
+Conv1D output re-indexed into heads (view, transpose, split, slice, a cat with an empty key/value cache...) is given
+that projection, its input and where each value entry sits in the projection's output (the re-indexing replayed on
+an index tensor); the rule then propagates the projection and the mixing together (:func:`shared_value_attention`).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import operator
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
+from torch import fx, nn
 
-from posthoc.streamlined.moments import Moments
-from posthoc.streamlined.rules.base import AttentionRule, Context, advance, register_rule
+from posthoc.streamlined.moments import Moments, add_optional
+from posthoc.streamlined.rules.affine import _affine_noise, linear_rule
+from posthoc.streamlined.rules.base import AttentionRule, Context, advance, find_rule, register_rule
+from posthoc.streamlined.rules.layers import conv1d_as_linear, hf_conv1d_rule
 from posthoc.streamlined.rules.ops import (
     MapStep,
     UnsupportedOpError,
@@ -25,6 +37,7 @@ from posthoc.streamlined.rules.ops import (
     _mean_of,
     _op_name,
     is_random,
+    reindex_rule,
 )
 
 MATMULS = (torch.matmul, operator.matmul, torch.bmm, "matmul", "bmm")
@@ -91,37 +104,220 @@ def _attention_weights(query: torch.Tensor, key: torch.Tensor, mask: torch.Tenso
 
 
 _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+# The keyword :func:`attach_value_sources` gives a scaled_dot_product_attention node: its values' projection.
+VALUE_SOURCE = "_streamlined_value_source"
 
 
-@register_rule(F.scaled_dot_product_attention)
+def attention_of_projection(*args: Any, **kwargs: Any) -> torch.Tensor:
+    """F.scaled_dot_product_attention, the ``VALUE_SOURCE`` keyword left out (:func:`attach_value_sources`' target).
+
+    A graph given value sources by :func:`attach_value_sources` still computes the model's output when run.
+    """
+    kwargs.pop(VALUE_SOURCE, None)
+    return F.scaled_dot_product_attention(*args, **kwargs)
+
+
+@register_rule(F.scaled_dot_product_attention, attention_of_projection)
 def sdpa_rule(op: Callable[..., Any], args: tuple, kwargs: dict, ctx: Context) -> Moments:
     """F.scaled_dot_product_attention: weights A from the means of Q and K (and the mask), output A V, exact in V.
 
     Masks (boolean: True keeps; float: added to the scores) and ``is_causal`` as torch applies them; the mask is
-    deterministic. Diagonal mode: Var = A² Var(V) (tokens independent, the authors' rule); full mode J Σ_V Jᵀ.
-    Raises UnsupportedOpError for dropout_p > 0, enable_gqa, a random mask, or ``attention="shared_value"`` in
-    diagonal mode (that rule needs the value projection, which is a separate node here). Cost: one attention on the means
-    plus one A² V product.
+    deterministic. Diagonal mode: Var = A² Var(V) (tokens independent, the authors' rule), or with
+    ``attention="shared_value"`` :func:`shared_value_attention` on the values' projection (given by
+    :func:`attach_value_sources`); full mode J Σ_V Jᵀ. Raises UnsupportedOpError for dropout_p > 0, enable_gqa, a
+    random mask, or ``attention="shared_value"`` on values that are not a projection's output re-indexed. Cost:
+    one attention on the means plus one A² V product.
     """
     bound = dict(zip(_SDPA_ARGS, args, strict=False)) | kwargs
+    source = bound.pop(VALUE_SOURCE, None)
     if float(bound.get("dropout_p", 0.0)) != 0.0 or bound.get("enable_gqa", False):
         raise UnsupportedOpError("scaled_dot_product_attention with dropout_p > 0 or enable_gqa; predict with "
                                  "dropout off (dropout_p=0.0 when not training)")
-    if not ctx.full and ctx.attention is AttentionRule.SHARED_VALUE:
-        raise UnsupportedOpError("attention='shared_value' is a rule of the attention modules (posthoc's "
-                                 "MultiHeadSelfAttention, torch's nn.MultiheadAttention); "
-                                 "scaled_dot_product_attention on traced projections takes the independent-token "
-                                 "rule: pass attention='independent', or activation_covariance='full'")
+    shared_value = not ctx.full and ctx.attention is AttentionRule.SHARED_VALUE
+    if shared_value and source is None:
+        raise UnsupportedOpError("attention='shared_value' on scaled_dot_product_attention needs its value to be "
+                                 "the output of an nn.Linear or transformers' Conv1D re-indexed into heads (view, "
+                                 "transpose, split, slice), so that the shared random W_v is known; this value is "
+                                 "computed otherwise: pass attention='independent', or activation_covariance='full'")
     mask = bound.get("attn_mask")
     if is_random(mask):
         raise UnsupportedOpError("scaled_dot_product_attention with a random attn_mask")
     weights = _attention_weights(_mean_of(bound["query"]), _mean_of(bound["key"]), _mean_of(mask),
                                  bool(bound.get("is_causal", False)), bound.get("scale"))
     value = bound["value"]
+    if shared_value:
+        return shared_value_attention(weights, _mean_of(value), source, ctx)
     if not is_random(value):
         return Moments(weights @ _mean_of(value))
     return _linear_map(value, lambda t: weights @ t, lambda v: weights.square() @ v, ctx,
                        "scaled_dot_product_attention")
+
+
+@dataclass
+class ValueSource:
+    """Where the values of one attention come from, for the "shared_value" rule.
+
+    ``projection`` (nn.Linear or transformers' Conv1D) applied to ``input`` (B, S, D_in); ``index`` (the values'
+    shape): 1 + s·D_out + j for the projection output entry (s, j) each value entry is (0: none).
+    """
+
+    projection: nn.Module
+    input: Moments | torch.Tensor
+    index: torch.Tensor
+
+
+def value_index(projection_output: Moments | torch.Tensor) -> torch.Tensor:
+    """(B, *shape) int64: 1 + the flat position of each entry within its example (0 is kept for "no entry")."""
+    mean = _mean_of(projection_output)
+    per_example = torch.arange(1, mean[0].numel() + 1, device=mean.device).reshape(mean.shape[1:])
+    return per_example.expand(mean.shape).contiguous()
+
+
+def value_source(projection_input: Moments | torch.Tensor, index: Moments | torch.Tensor, projection: nn.Module
+                 ) -> ValueSource:
+    """The :class:`ValueSource` of an attention (the node :func:`attach_value_sources` inserts)."""
+    return ValueSource(projection, projection_input, _mean_of(index))
+
+
+@register_rule(value_index, value_source)
+def value_source_rule(op: Callable[..., Any], args: tuple, kwargs: dict, ctx: Context) -> Any:
+    """:func:`value_index` and :func:`value_source` of random activations: plain values, no moments propagated."""
+    return op(*args, **kwargs)
+
+
+_SDPA_TARGETS = (F.scaled_dot_product_attention, torch.ops.aten.scaled_dot_product_attention.default)
+_SPLITS = (torch.split, torch.chunk, torch.unbind, "split", "chunk", "unbind", torch.ops.aten.split.Tensor,
+           torch.ops.aten.split_with_sizes.default, torch.ops.aten.chunk.default, torch.ops.aten.unbind.int)
+_CATS = (torch.cat, torch.concat, torch.ops.aten.cat.default)
+
+
+def _is_projection(graph_module: fx.GraphModule, node: fx.Node) -> bool:
+    module = graph_module.get_submodule(str(node.target))
+    return find_rule(type(module)) in (linear_rule, hf_conv1d_rule)
+
+
+def _value_chain(graph_module: fx.GraphModule, node: object) -> tuple[fx.Node, list[fx.Node]] | None:
+    """The projection node ``node`` re-indexes the output of, and the re-indexing nodes from it in graph order.
+
+    None if ``node`` is not a projection's output re-indexed (a cat counts where exactly one part is).
+    """
+    if not isinstance(node, fx.Node):
+        return None
+    if node.op == "call_module":
+        return (node, []) if _is_projection(graph_module, node) else None
+    if node.op not in ("call_function", "call_method") or not node.args:
+        return None
+    if node.target in _CATS:
+        parts = [f for f in (_value_chain(graph_module, part) for part in node.args[0]) if f is not None]  # type: ignore[union-attr]
+        return (parts[0][0], [*parts[0][1], node]) if len(parts) == 1 else None
+    if find_rule(node.target) is reindex_rule or node.target in _SPLITS:
+        found = _value_chain(graph_module, node.args[0])
+        return None if found is None else (found[0], [*found[1], node])
+    return None
+
+
+def _copied(copies: dict[fx.Node, fx.Node], node: fx.Node) -> fx.Node:
+    return copies.get(node, node)
+
+
+def attach_value_sources(graph_module: fx.GraphModule, ctx: Context) -> None:
+    """Give each scaled_dot_product_attention of a traced graph its values' projection, for "shared_value".
+
+    Only in diagonal mode with ``attention="shared_value"`` (else nothing changes). Where the value is an nn.Linear
+    or transformers' Conv1D output re-indexed (:func:`_value_chain`), nodes are inserted before the attention:
+    :func:`value_index` of the projection's output, the same re-indexing applied to it, and :func:`value_source`
+    (its input, the index, the projection module read by a ``get_attr`` node), passed to the attention, which
+    becomes :func:`attention_of_projection`, as ``VALUE_SOURCE``. Other attentions are left as they are (their rule
+    raises, naming the fix). Idempotent. Cost: one pass over the graph; at propagation, one index tensor the size
+    of each projection's output.
+    """
+    if ctx.full or ctx.attention is not AttentionRule.SHARED_VALUE:
+        return
+    graph = graph_module.graph
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target not in _SDPA_TARGETS:
+            continue
+        value = node.args[2] if len(node.args) > 2 else node.kwargs.get("value")
+        found = _value_chain(graph_module, value)
+        if found is None:
+            continue
+        projection, chain = found
+        with graph.inserting_before(node):
+            copies = {projection: graph.call_function(value_index, (projection,))}
+            for link in chain:
+                copies[link] = graph.node_copy(link, functools.partial(_copied, copies))
+            module = graph.get_attr(str(projection.target))  # the projection module itself, read as an attribute
+            source = graph.call_function(value_source, (projection.args[0], copies[chain[-1] if chain else projection],
+                                                        module))
+        node.target = attention_of_projection  # the same attention, taking the keyword
+        node.kwargs = {**node.kwargs, VALUE_SOURCE: source}
+
+
+def _value_columns(index: torch.Tensor, value_shape: tuple[int, ...], tokens: int, width: int) -> torch.Tensor:
+    """The projection output column j (*heads, 1, E_v) of each value feature, from the values' index.
+
+    Checked to be the same for every example and token, with value token s = projection token s. Raises
+    UnsupportedOpError otherwise.
+    """
+    if index.is_floating_point():  # a cat with a floating (empty) cache promoted the index
+        if tokens * width + 1 > 2 / torch.finfo(index.dtype).eps:  # the largest exactly held integer
+            raise UnsupportedOpError("attention='shared_value': the value index lost precision in "
+                                     f"{index.dtype}; pass attention='independent'")
+        index = index.round().long()
+    index = index - 1
+    if tuple(index.shape) != value_shape or len(value_shape) < 3 or bool((index < 0).any()):
+        raise UnsupportedOpError("attention='shared_value' needs every value entry to be one of the projection's "
+                                 "outputs (no cached or constant rows): pass attention='independent'")
+    token, column = index // width, index % width
+    positions = torch.arange(value_shape[-2], device=index.device).unsqueeze(-1)
+    first = column[:1, ..., :1, :]
+    if value_shape[-2] != tokens or not bool((token == positions).all()) or not bool((column == first).all()):
+        raise UnsupportedOpError("attention='shared_value' needs the values' token axis (-2) to be the projection's "
+                                 "and each value feature one projection column for all tokens (a head split): "
+                                 "pass attention='independent'")
+    return first[0]
+
+
+def shared_value_attention(weights: torch.Tensor, value_mean: torch.Tensor, source: ValueSource, ctx: Context
+                           ) -> Moments:
+    """A V in diagonal mode keeping the cross-token covariance of the shared random projection W_v.
+
+    V = R(W_v a + b) for the projection input a (B, S, D_in) and a head split R; per value feature (column j):
+    Var(out_t) = Σ_s A_ts² [W̄² σ²_s + Var(δW)·σ²_s]_j + Var(δW ā_t + δb)_j with ā_t = Σ_s A_ts μ_s, as
+    :func:`posthoc.streamlined.rules.multihead.shared_value_variance` (the weight noise on the input means is one draw
+    for all tokens; input variances stay token-independent). ``weights`` (B, *heads, T, S), ``value_mean``
+    (B, *heads, S, E_v). Cost: the projection's variance pass, and per head one A μ product and the weight noise on
+    it (a diagonal posterior: only the head's own columns).
+    """
+    projection = source.projection
+    linear, linear_ctx = ((projection, ctx) if isinstance(projection, nn.Linear)
+                          else conv1d_as_linear(projection, ctx))
+    state = source.input if isinstance(source.input, Moments) else Moments(source.input)
+    mu = state.mean
+    if mu.ndim != 3:
+        raise UnsupportedOpError(f"attention='shared_value' needs the value projection's input as (B, S, D_in), "
+                                 f"got {tuple(mu.shape)}: pass attention='independent'")
+    batch, tokens, width = mu.shape[0], mu.shape[1], linear.out_features
+    columns = _value_columns(source.index, tuple(value_mean.shape), tokens, width)  # (*heads, 1, E_v)
+    lead = (1,) * (value_mean.ndim - 3)  # the head axes
+    noise = _affine_noise(linear, linear_ctx)
+    var = None
+    if state.var is not None:
+        per_token = F.linear(state.var, linear.weight.square())
+        if noise is not None:
+            per_token = per_token + noise.from_input(state.var)
+        per_value = torch.take_along_dim(per_token.reshape(batch, *lead, tokens, width), columns.unsqueeze(0), -1)
+        var = weights.square() @ per_value
+    if noise is not None:
+        attended = weights @ mu.reshape(batch, *lead, tokens, -1)  # ā (B, *heads, T, D_in)
+        if noise.w_diag is not None:  # Σ_k Var(W_jk) ā_k² + Var(b_j) for the head's own columns only
+            shared = attended.square() @ noise.w_diag[columns.squeeze(-2)].transpose(-1, -2)
+            if noise.b_var is not None:
+                shared = shared + noise.b_var[columns]
+        else:
+            shared = torch.take_along_dim(noise.shared(attended), columns.unsqueeze(0), -1)
+        var = add_optional(var, shared)
+    return Moments(weights @ value_mean, var=var)
 
 
 @register_rule(torch.chunk, torch.split, torch.unbind, "chunk", "split", "unbind")

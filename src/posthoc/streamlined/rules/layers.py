@@ -82,11 +82,11 @@ def _conv1d_as_linear_posterior(module: nn.Module, post: LayerPosterior) -> Laye
     return stand_in
 
 
-def hf_conv1d_rule(module: nn.Module, state: Moments, ctx: Context, last: bool) -> Moments:
-    """Transformers' Conv1D (y = x W + b, W (D_in, D_out)): the Linear rule with Wᵀ, O(the Linear rule's).
+def conv1d_as_linear(module: nn.Module, ctx: Context) -> tuple[nn.Linear, Context]:
+    """Transformers' Conv1D as an nn.Linear holding Wᵀ, and a context giving it the layer's posterior.
 
-    The layer's posterior (diagonal, Kronecker or full) is read as the stand-in Linear's
-    (:func:`_conv1d_as_linear_posterior`).
+    The posterior (diagonal, Kronecker or full) is read in the Linear's layout (:func:`_conv1d_as_linear_posterior`).
+    Cost: a copy of the weights (and of a full posterior's covariance).
     """
     weight, bias = cast(torch.Tensor, module.weight), cast(torch.Tensor, module.bias)  # W (D_in, D_out)
     linear = nn.Linear(int(weight.shape[0]), int(weight.shape[1]), device=weight.device, dtype=weight.dtype)
@@ -95,7 +95,16 @@ def hf_conv1d_rule(module: nn.Module, state: Moments, ctx: Context, last: bool) 
         linear.bias.copy_(bias)
     post = ctx.posterior.get(module)
     stand_in_post = None if post is None else _conv1d_as_linear_posterior(module, post)
-    return linear_rule(linear, state, _with_stand_in(ctx, linear, stand_in_post), last)
+    return linear, _with_stand_in(ctx, linear, stand_in_post)
+
+
+def hf_conv1d_rule(module: nn.Module, state: Moments, ctx: Context, last: bool) -> Moments:
+    """Transformers' Conv1D (y = x W + b, W (D_in, D_out)): the Linear rule with Wᵀ (:func:`conv1d_as_linear`).
+
+    Diagonal, Kronecker or full layer posterior. Cost: the Linear rule's.
+    """
+    linear, linear_ctx = conv1d_as_linear(module, ctx)
+    return linear_rule(linear, state, linear_ctx, last)
 
 
 # keyed by the class's registry key, so transformers is not imported (rule_key of transformers.pytorch_utils.Conv1D)
@@ -166,5 +175,5 @@ def group_norm_op_rule(op: Callable[..., Any], args: tuple, kwargs: dict, ctx: C
                        float(bound.get("eps", 1e-5)), ctx)
 
 
-__all__ = ["conv1d_rule", "group_norm_op_rule", "groupnorm_rule", "hf_conv1d_rule",
+__all__ = ["conv1d_as_linear", "conv1d_rule", "group_norm_op_rule", "groupnorm_rule", "hf_conv1d_rule",
            "layer_norm_op_rule"]
