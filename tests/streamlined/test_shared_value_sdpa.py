@@ -21,11 +21,11 @@ from torch.func import functional_call, jacrev
 
 from posthoc.models.vit import MultiHeadSelfAttention
 from posthoc.streamlined import Streamlined, UnsupportedOpError
-from posthoc.streamlined.moments import ActivationCovariance
+from posthoc.streamlined.moments import ActivationCovariance, Moments
 from posthoc.streamlined.rules import AttentionRule, Context
 from posthoc.streamlined.rules.attention import VALUE_SOURCE, attach_value_sources, attention_of_projection
-from posthoc.streamlined.traced import trace
-from posthoc.streamlined.weight_posteriors import WeightPosterior
+from posthoc.streamlined.traced import propagate_traced, trace
+from posthoc.streamlined.weight_posteriors import KronFactor, LayerPosterior, WeightPosterior
 
 DTYPE = torch.float64
 E, HEADS, C, L, B, D_IN = 6, 2, 3, 5, 3, 4
@@ -156,6 +156,38 @@ def test_equals_posthocs_own_attention_rule(way: str, graph: str) -> None:
     torch.testing.assert_close(pred.mean, model(x), rtol=0, atol=1e-12)
     torch.testing.assert_close(pred.mean, own.mean, rtol=0, atol=1e-12)
     torch.testing.assert_close(pred.var, own.var, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("structure", ["kron", "full"])
+def test_kron_and_full_value_posteriors_equal_posthocs_own_rule(structure: str) -> None:
+    """A Kronecker factor or a dense covariance over [W_v, b_v] (the general weight-noise path, not the diagonal
+    one): the same variances as posthoc's attention block given the same layer posterior."""
+    model = _net("separate")
+    ours = _Posthoc(model).eval()
+    x = _inputs()
+    g = torch.Generator().manual_seed(5)
+    if structure == "kron":
+        def orthogonal(n: int) -> torch.Tensor:
+            return torch.linalg.qr(torch.randn(n, n, generator=g, dtype=DTYPE))[0]
+
+        post = LayerPosterior(kron={"weight": KronFactor(orthogonal(E), orthogonal(E),
+                                                         0.1 * torch.rand(E, E, generator=g, dtype=DTYPE)),
+                                    "bias": KronFactor(orthogonal(E), None, 0.1 * torch.rand(E, generator=g,
+                                                                                             dtype=DTYPE))})
+    else:
+        root = torch.randn(E * E + E, E * E + E, generator=g, dtype=DTYPE) / (E * E)
+        post = LayerPosterior(full=(["weight", "bias"], root @ root.T + 0.01 * torch.eye(E * E + E, dtype=DTYPE)))
+    state = Moments(x, var=torch.full_like(x, 0.01))
+    outputs = []
+    for net, name in ((model, "v_proj"), (ours, "attn.v_proj")):
+        ctx = Context(ActivationCovariance.DIAGONAL, WeightPosterior(net, {name: post}, "test posterior"),
+                      AttentionRule.SHARED_VALUE)
+        graph_module = trace(net)
+        attach_value_sources(graph_module, ctx)
+        with torch.no_grad():
+            outputs.append(propagate_traced(graph_module, state, ctx))
+    torch.testing.assert_close(outputs[0].mean, outputs[1].mean, rtol=0, atol=1e-12)
+    torch.testing.assert_close(outputs[0].var, outputs[1].var, rtol=1e-12, atol=1e-15)
 
 
 def _dense_output_cov(model: nn.Module, x: torch.Tensor, variances: dict[str, torch.Tensor]) -> torch.Tensor:

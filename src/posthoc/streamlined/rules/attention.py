@@ -204,7 +204,7 @@ def _value_chain(graph_module: fx.GraphModule, node: object) -> tuple[fx.Node, l
     if not isinstance(node, fx.Node):
         return None
     if node.op == "call_module":
-        return (node, []) if _is_projection(graph_module, node) else None
+        return (node, []) if node.args and _is_projection(graph_module, node) else None
     if node.op not in ("call_function", "call_method") or not node.args:
         return None
     if node.target in _CATS:
