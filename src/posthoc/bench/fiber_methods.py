@@ -65,7 +65,9 @@ class BenchFiber:
 
     def predict(self, x: torch.Tensor) -> SamplePredictive:
         """``n_samples`` stage-2 samples of the outputs for inputs ``x`` (B, ...): (S, B, C); S forward passes."""
-        return self.sampler.predict(x, n_samples=self.n_samples)
+        predictive = self.sampler.predict(x, n_samples=self.n_samples)
+        assert isinstance(predictive, SamplePredictive)  # the bench's models have (B, C) outputs
+        return predictive
 
     def bench_info(self) -> dict[str, float]:
         """:meth:`FiberSampler.bench_info`, for the results' info column."""
