@@ -2,31 +2,22 @@
 """Low-rank Laplace beside ELLA on the FMNIST CNNs (issue 17): which directions, rank, prior and link.
 
 Models: the embedded FMNIST CNN (``posthoc bench --suite fmnist-embedded``'s cached MAP, trained once if absent)
-and the full-FMNIST 40-epoch CNN of the ScaLLA paper's setting (``--full-checkpoint-dir``, default
-runs/scalla_authors, where benchmarks/scalla_authors.py trained it; skipped when the data or the checkpoint is
-absent).
-
-Every low-rank row is the posterior ``complement="omit"`` (covariance U A^-1 U^T: no variance outside span(U))
-of one of two bases, computed once per model at the largest rank and cut to each rank:
-    * ``ggn``: the top GGN eigenvectors (Lanczos over a ``--subsample`` of the training set, scaled to N), the
-      structure's ``basis="ggn"``;
-    * ``jacobian``: the top eigenvectors V of sum_n J_n^T J_n over the same subsample (ELLA's Nystrom span),
-      the GGN projected onto them over all the training data, the structure's ``basis="jacobian"``.
-The predictive covariance is J U diag(1 / (lam + delta)) U^T J^T (lam: the GGN on the span, after rotating U
-so that it is diagonal). Priors: ``marglik`` (the scalar delta maximising the omitted posterior's evidence,
--delta/2 |theta|^2 + P/2 log delta - 1/2 sum_k log(lam_k + delta) + const, on a fine log grid: what
-``optimize_prior_precision()`` converges to since issue 17), ``marglik_full`` (the full model's evidence,
--delta/2 |theta|^2 - 1/2 sum_k log(1 + lam_k / delta), the structure's before) and ``val`` (the delta of
-Laplace's default validation grid, logspace(-4, 4, 21), with the lowest validation NLL under the row's link).
-Links: probit, probit_centred, mc (1,000 samples). Rows ``lib:...``: the same posterior through the public API (``Laplace(...).fit``,
-``optimize_prior_precision(val_loader=...)`` at its defaults, ``la.predict``), which must equal its sweep row.
-Rows ``ella_laplace_torch[...]``: laplace-torch's ELLA class (when the environment has it, e.g. .venv-bench)
-on the same MAP: M = 2,000 basis inputs, K = 20 (the ELLA paper's settings), prior by its own validation grid
-search (logspace(-4, 4, 100), probit).
-
-Everything is cached under ``--run-dir`` (runs/lowrank_ella/<model>/): the basis and the projected Jacobians of
-the validation, test and OOD sets per (basis, rank, subsample), and every finished row; a rerun only computes
-what is missing. ``--device cuda`` runs the passes on a GPU.
+and the full-FMNIST 40-epoch CNN of the ScaLLA paper (``--full-checkpoint-dir``, default runs/scalla_authors;
+skipped when absent). Every low-rank row is the posterior ``complement="omit"`` (covariance U A^-1 U^T) of one
+of two bases, computed once per model at the largest rank and cut to each rank: ``ggn``, the top GGN
+eigenvectors (Lanczos over a ``--subsample`` of the training set, scaled to N); ``jacobian``, the top
+eigenvectors V of sum_n J_n^T J_n over the same subsample (ELLA's span), the GGN projected onto them. The
+predictive covariance is J U diag(1 / (lam + delta)) U^T J^T (U rotated so that the GGN on the span is diagonal).
+Priors: ``marglik`` (the delta maximising the omitted posterior's evidence, -delta/2 |theta|^2 + P/2 log delta
+- 1/2 sum_k log(lam_k + delta), on a fine log grid: what ``optimize_prior_precision()`` converges to since
+issue 17), ``marglik_full`` (the full model's evidence, P replaced by k: the structure's before) and ``val``
+(Laplace's default validation grid, logspace(-4, 4, 21), lowest validation NLL under the row's link). Links:
+probit, probit_centred, mc (1,000 samples). Rows ``lib:...``: the same posterior through the public API with
+``optimize_prior_precision(val_loader=...)``. Rows ``ella_laplace_torch[...]``: laplace-torch's ELLA class (in
+an environment that has it, e.g. .venv-bench) on the same MAP: M = 2,000, K = 20, its own validation grid
+(logspace(-4, 4, 100), probit). Everything is cached under ``--run-dir`` (runs/lowrank_ella/<model>/): the basis,
+the projected Jacobians of the validation, test and OOD sets and every finished row; a rerun only computes what
+is missing. ``--device cuda`` runs the passes on a GPU.
 
 Writes benchmarks/results/lowrank_ella.{json,md}. Usage (from the repository root):
     OMP_NUM_THREADS=1 nice -n 5 .venv-bench/bin/python benchmarks/lowrank_ella.py --data-dir ../shared/data
@@ -188,10 +179,14 @@ class SpanPosterior:
 
     def marglik_prior(self, full: bool = False) -> float:
         """The delta maximising the omitted posterior's evidence (``full``: the full model's; module docstring)."""
-        grid = MARGLIK_GRID
-        evidence = -grid / 2 * self.theta_sq - 0.5 * torch.log(self.values.unsqueeze(0) + grid.unsqueeze(1)).sum(1)
-        evidence = evidence + (self.values.numel() if full else self.n_params) / 2 * torch.log(grid)
-        return float(grid[int(evidence.argmax())])
+        return evidence_prior(self.values, self.theta_sq, self.values.numel() if full else self.n_params)
+
+
+def evidence_prior(values: torch.Tensor, theta_sq: float, n_log: int) -> float:
+    """Argmax on MARGLIK_GRID of -delta/2 |theta|^2 + n_log/2 log delta - 1/2 sum log(lam + delta) (n_log: P or k)."""
+    grid = MARGLIK_GRID
+    evidence = -grid / 2 * theta_sq + n_log / 2 * torch.log(grid)
+    return float(grid[int((evidence - 0.5 * torch.log(values.cpu().unsqueeze(0) + grid.unsqueeze(1)).sum(1)).argmax())])
 
 
 def _probs(pred: Predictive, link: str) -> torch.Tensor:
@@ -304,10 +299,14 @@ def small_task_rows(index: int) -> dict[str, Any]:
     for basis in BASES:
         la = Laplace(model, "classification", "all", "lowrank", progress=False, structure_options={"basis": basis})
         la.fit(suite._loader(x, y))
-        for prior in ("marglik", "val"):
+        values = la.structure.eigenvalues.detach()
+        full_prior = evidence_prior(values, float(la.subset.theta_map.square().sum()), len(values))
+        for prior in ("marglik", "marglik_full", "val"):
             for link in LINKS:
                 if prior == "marglik":
                     la.optimize_prior_precision(method="marglik")
+                elif prior == "marglik_full":  # the full model's evidence (the structure's before issue 17's fix)
+                    la.prior_precision = full_prior
                 else:
                     la.optimize_prior_precision(val_loader=suite._loader(x_val, y_val), link_approx=link)
                 name = f"lowrank[{basis},k=20,{prior},{link}]"
