@@ -58,9 +58,9 @@ def mnist_mlp(data_dir: str | None) -> tuple[torch.nn.Module, dict[str, TensorDa
     """benchmarks/streamlined_mnist_mlp.py's seed-0 MAP (784-128-64-10, ReLU, 10 epochs) and MNIST / FMNIST."""
     train = TensorDataset(*load_images("MNIST", "train", data_dir))
     torch.manual_seed(0)
-    model = MLP(784, (128, 64), 10, "relu")
+    untrained = MLP(784, (128, 64), 10, "relu")
     config = TrainConfig(epochs=10, batch_size=128, lr=1e-3, gamma=1.0, seed=0)
-    model = train_map(model, train, config, checkpoint_dir=REPO / "runs" / "streamlined_mnist",
+    model = train_map(untrained, train, config, checkpoint_dir=REPO / "runs" / "streamlined_mnist",
                       key=f"mnist_mlp128-64-n{len(train)}-e10-s0", log=lambda message: None).model.eval()
     return model, {"train": train, "test": TensorDataset(*load_images("MNIST", "test", data_dir)),
                    "ood": TensorDataset(*load_images("FashionMNIST", "test", data_dir))}

@@ -30,7 +30,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch.utils.data import TensorDataset
@@ -299,7 +299,7 @@ def small_task_rows(index: int) -> dict[str, Any]:
     for basis in BASES:
         la = Laplace(model, "classification", "all", "lowrank", progress=False, structure_options={"basis": basis})
         la.fit(suite._loader(x, y))
-        values = la.structure.eigenvalues.detach()
+        values = cast(Any, la.structure).eigenvalues.detach()
         full_prior = evidence_prior(values, float(la.subset.theta_map.square().sum()), len(values))
         for prior in ("marglik", "marglik_full", "val"):
             for link in LINKS:
