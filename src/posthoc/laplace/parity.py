@@ -151,7 +151,11 @@ class LaplaceTorchAPI:
 
     @property
     def log_det_posterior_precision(self) -> torch.Tensor:
-        """Log det Lambda, 0-d, the structure's own log-determinant (no dense matrix for diag/kron/lowrank)."""
+        """Log det Lambda, 0-d, the structure's own log-determinant (no dense matrix for diag/kron/lowrank).
+
+        Low rank with ``complement="omit"``: log det of the precision on the kept span only (the left-out directions
+        are held at theta*), the term its evidence uses; ``complement="prior"`` gives laplace-torch's log det.
+        """
         curvature, prior, scale = self._parts("read the posterior")
         return curvature.logdet_precision(prior, scale)
 
