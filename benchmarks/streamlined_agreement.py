@@ -15,10 +15,13 @@ RMS standard error of the per-input variances is under 1/5 of their standard dev
 (diagonal mode; full mode where widths allow, on the first ``--n-full`` of each group; attention and LayerNorm
 rules named) the Spearman correlation and the total variance ratio. The goal: Spearman >= 0.9, total within 25 %.
 The linearised (glm) predictive of the same Laplace against MC says whether a miss is Streamlined's or the
-nonlinearity's. The propagated mean must equal model(x) to 1e-5 (asserted).
+nonlinearity's; an extra diagonal-mode option swaps in the moment-matched activation rule of
+streamlined_agreement_rules.py (evidence for a rule change, not posthoc's rule), and streamlined_agreement_nodes.py
+finds the node where a missing row leaves MC. The propagated mean must equal model(x) to 1e-5 (asserted).
 
 Resumable, and runs under either environment: each model's trained weights, posterior variances, MC draws (in
-chunks), glm variances and each (model, option) result are cached under ``--run-dir``; every run rewrites
+chunks), glm variances and each (model, option) result are cached under ``--run-dir`` (one ``<model>/nfit<N>/``
+folder per posterior, its Laplace fit checkpointed, so an interrupted fit resumes); every run rewrites
 benchmarks/results/streamlined_agreement.{md,json} from all cached results, so the two environments' runs fill one
 table. The table says which environment and torch gave each row.
 """

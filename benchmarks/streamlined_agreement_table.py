@@ -93,12 +93,18 @@ def met_summary(records: list[dict]) -> list[str]:
         for row in r["rows"]:
             if "error" in row:
                 continue
-            label = _option_label(r, row).replace(" | ", ", ")
+            label = ", ".join(x for x in (row["mode"] + (" (tail)" if row.get("on") == "tail" else ""),
+                                          row["attention"] if row["attention"] != "independent" else "",
+                                          f"{row['layernorm']} LN" if row["layernorm"] else "",
+                                          f"{row.get('activations', 'linearized')} activations") if x)
             cells.append(f"{label}: {row['spearman']:.2f} / {row['total']:.2f}"
                          f"{' (met)' if verdict(row) == 'yes' else ''}")
-        met = any(verdict(x) == "yes" for x in r["rows"] if "error" not in x)
+        met = [x for x in r["rows"] if "error" not in x and verdict(x) == "yes"]
+        resolved = r["se_over_spread"] < SE_FRACTION
         out.append(f"- **{r['model']}** (n_fit {r['n_fit']:,}, δ {r['prior_precision']:.3g}, {r['n_mc']} MC draws, "
-                   f"SE/spread {r['se_over_spread']:.3f}): {'a Streamlined row meets the goal' if met else 'no Streamlined row meets the goal'}. "
+                   f"SE/spread {r['se_over_spread']:.3f}"
+                   f"{'' if resolved else ': the MC criterion is not met, its per-input variances are not resolved across inputs, so ρ is noise'}): "
+                   f"{len(met)} of {len([x for x in r['rows'] if 'error' not in x])} Streamlined rows meet the goal. "
                    "ρ / total: " + "; ".join(cells) + ".")
     return out
 
