@@ -32,6 +32,7 @@ import argparse
 import contextlib
 import json
 import math
+import shutil
 import sys
 import time
 import warnings
@@ -133,10 +134,12 @@ def cover(model: nn.Module, case: Case) -> list[str]:
     return names
 
 
-def fit_laplace(model: nn.Module, case: Case, data: tuple, n_fit: int, checkpoint: Path | None = None) -> Any:
+def fit_laplace(model: nn.Module, case: Case, data: tuple, n_fit: int, checkpoint: Path | None = None,
+                prior_structure: str = "scalar") -> Any:
     """Diagonal Laplace over the covered weights on the first ``n_fit`` training inputs, prior by marglik.
 
     ``checkpoint``: the fit's resumable state (saved every 40 batches of 50), so an interrupted fit goes on.
+    ``prior_structure``: marglik's prior, "scalar" (one δ) or "layerwise" (one δ per parameter tensor).
     """
     from posthoc.laplace import Laplace
     xtr, ytr = data[0], data[1]
@@ -148,7 +151,7 @@ def fit_laplace(model: nn.Module, case: Case, data: tuple, n_fit: int, checkpoin
     if checkpoint is not None:
         checkpoint.parent.mkdir(parents=True, exist_ok=True)
     la.fit(batches, checkpoint=checkpoint, checkpoint_every=40)
-    la.optimize_prior_precision(method="marglik", progress_bar=False)
+    la.optimize_prior_precision(method="marglik", prior_structure=prior_structure, progress_bar=False)
     return la
 
 
@@ -164,18 +167,25 @@ def glm_variance(la: Any, x: Any, n_outputs: int) -> torch.Tensor:
     return torch.cat(out).detach()
 
 
-def posterior(model: nn.Module, case: Case, data: tuple, n_fit: int, fit_dir: Path, n_outputs: int
-              ) -> tuple[dict[str, torch.Tensor], dict, torch.Tensor]:
+def posterior(model: nn.Module, case: Case, data: tuple, n_fit: int, fit_dir: Path, n_outputs: int,
+              prior_structure: str = "scalar") -> tuple[dict[str, torch.Tensor], dict, torch.Tensor]:
     """The Laplace's weight variances by name, its record and the glm per-input variances (all cached)."""
     path = fit_dir / "posterior.pt"
     if path.exists():
         saved = torch.load(path)
         return saved["variances"], saved["record"], saved["glm"]
     t0 = time.perf_counter()
-    la = fit_laplace(model, case, data, n_fit, fit_dir / "fit-checkpoint.pt")
+    checkpoint = fit_dir / "fit-checkpoint.pt"
+    scalar_checkpoint = fit_dir.parent / f"nfit{n_fit}" / "fit-checkpoint.pt"
+    if not checkpoint.exists() and scalar_checkpoint.exists():  # the same curvature: a finished fit is not redone
+        fit_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(scalar_checkpoint, checkpoint)
+    la = fit_laplace(model, case, data, n_fit, checkpoint, prior_structure)
     var = la.posterior_variance().detach()
     variances = {b.name: var[b.slice].reshape(b.shape) for b in la.subset.blocks}
-    record = {"prior_precision": float(la.prior_precision), "n_fit": n_fit, "n_covered": la.n_params,
+    delta = la.prior_precision.detach().reshape(-1)
+    record = {"prior_precision": float(delta.mean()), "prior_structure": prior_structure,
+              "prior_precision_range": [float(delta.min()), float(delta.max())], "n_fit": n_fit, "n_covered": la.n_params,
               "laplace_seconds": time.perf_counter() - t0}
     t0 = time.perf_counter()
     glm = glm_variance(la, to64(data[2]), n_outputs)
@@ -337,8 +347,13 @@ def streamlined_row(model: nn.Module, case: Case, variances: dict, x: Any, mc: d
 
 
 def fit_dirs(model_dir: Path) -> list[Path]:
-    """The model's per-posterior cache folders ``nfit<N>``, the largest n_fit first."""
-    return sorted(model_dir.glob("nfit*"), key=lambda p: -int(p.name[4:]))
+    """The model's per-posterior cache folders ``nfit<N>[-layerwise]``, the largest n_fit first (scalar prior first)."""
+    return sorted(model_dir.glob("nfit*"), key=lambda p: (-fit_size(p), p.name))
+
+
+def fit_size(fit_dir: Path) -> int:
+    """N of a fit folder ``nfit<N>`` or ``nfit<N>-<prior structure>``."""
+    return int(fit_dir.name[4:].split("-")[0])
 
 
 def evaluate(name: str, args: Any) -> None:
@@ -357,8 +372,8 @@ def evaluate(name: str, args: Any) -> None:
     covered = cover(model, case)
     n_outputs = int(call(model, take(to64(data[2]), slice(0, 1))).shape[-1])
     n_fit = len(data[1]) if args.n_fit == 0 else min(args.n_fit, len(data[1]))
-    fit_dir = run_dir / f"nfit{n_fit}"
-    variances, laplace_record, glm = posterior(model, case, data, n_fit, fit_dir, n_outputs)
+    fit_dir = run_dir / (f"nfit{n_fit}" + ("" if args.prior_structure == "scalar" else f"-{args.prior_structure}"))
+    variances, laplace_record, glm = posterior(model, case, data, n_fit, fit_dir, n_outputs, args.prior_structure)
     x = to64(data[2])
     t0 = time.perf_counter()
     mc = monte_carlo(model, case, x, variances, args, fit_dir)
@@ -409,6 +424,8 @@ def main() -> None:
     parser.add_argument("--run-dir", default=str(ROOT / "runs" / "streamlined_agreement"))
     parser.add_argument("--n-fit", type=int, default=0,
                         help="training inputs the Laplace is fitted on (the first N; 0: all of them)")
+    parser.add_argument("--prior-structure", default="scalar", choices=("scalar", "layerwise"),
+                        help="marglik's prior precision: one δ, or one per parameter tensor (own nfit<N>-layerwise)")
     parser.add_argument("--skip-full", action="store_true", help="leave the full-mode rows for a later run")
     parser.add_argument("--n-train", type=int, default=0, help="train on the first N training inputs (0: all)")
     parser.add_argument("--min-mc", type=int, default=200)

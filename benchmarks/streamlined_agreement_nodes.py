@@ -34,6 +34,7 @@ from streamlined_agreement import (  # noqa: E402
     ROOT,
     cover,
     fit_dirs,
+    fit_size,
     option_key,
     options,
     spearman,
@@ -196,7 +197,7 @@ def diagnose(name: str, args: Any, fit_dir: Path) -> list[dict]:
                          "target": str(node.target) if node else "", "ratio": float(var.sum() / mc_var.sum()),
                          "spearman": spearman(per_input_s, per_input_mc),
                          "mc_total": float(mc_var.sum()), "mc_rel_se": float(se.sum() / mc_var.sum())})
-        result = {"model": name, "n_fit": int(fit_dir.name[4:]), "option": option, "n_inputs": len(idx),
+        result = {"model": name, "n_fit": fit_size(fit_dir), "fit": fit_dir.name, "option": option, "n_inputs": len(idx),
                   "n_mc": args.n_mc, "nodes": rows}
         atomic_write_text(path, json.dumps(result, indent=1))
         results.append(result)
@@ -219,7 +220,7 @@ def write_table(results: list[dict]) -> None:
              "first node outside it (where the error enters).", ""]
     for result in results:
         o = result["option"]
-        lines += [f"## {result['model']}: n_fit {result['n_fit']}, attention {o['attention']}, LayerNorm "
+        lines += [f"## {result['model']}: {result.get('fit', 'nfit' + str(result['n_fit']))}, attention {o['attention']}, LayerNorm "
                   f"{o['layernorm'] or '—'}, activations {o.get('activations', 'linearized')} ({result['n_inputs']} inputs, {result['n_mc']} MC draws)", "",
                   "| node | op | target | ratio | Spearman | MC rel. SE |", "|---|---|---|---|---|---|"]
         first = first_outside(result["nodes"])
@@ -238,13 +239,14 @@ def main() -> None:
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--run-dir", default=str(ROOT / "runs" / "streamlined_agreement"))
     parser.add_argument("--n-fit", type=int, default=0, help="which cached fit (0: the largest n_fit)")
+    parser.add_argument("--fit-suffix", default="", help="which posterior: '' (scalar prior) or '-layerwise'")
     parser.add_argument("--n-inputs", type=int, default=10, help="inputs per group")
     parser.add_argument("--n-mc", type=int, default=2000)
     args = parser.parse_args()
     torch.set_num_threads(1)
     for name in args.models.split(","):
         dirs = fit_dirs(Path(args.run_dir) / name)
-        fit_dir = next((d for d in dirs if args.n_fit in (0, int(d.name[4:]))), None)
+        fit_dir = next((d for d in dirs if args.n_fit in (0, fit_size(d)) and d.name.endswith(args.fit_suffix)), None)
         if fit_dir is None or not (fit_dir / "posterior.pt").exists():
             raise SystemExit(f"{name}: no cached posterior (n_fit {args.n_fit or 'largest'}); run "
                              "streamlined_agreement.py first")

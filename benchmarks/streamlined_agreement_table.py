@@ -22,7 +22,8 @@ PROTOCOL = (
     "torchvision; text: sequences of the generated token task of examples/llm_lora.py), evaluated in float64. "
     "Posterior: posthoc.laplace.Laplace, diagonal GGN, over the covered weights (the last two blocks and the head; "
     "the rest frozen), fitted on the first n_fit training inputs (n_fit = n_train: all of them), prior precision δ "
-    "by marglik; Streamlined and MC read its variances. Inputs: {n} in-distribution test inputs and {n} shifted ones "
+    "by marglik (one δ; rows marked layerwise: one δ per parameter tensor, also by marglik); Streamlined and MC "
+    "read its variances. Inputs: {n} in-distribution test inputs and {n} shifted ones "
     "(images rotated 22.5°-180°, 25 per angle; sequences with 30 % of their tokens replaced at random). MC: weight "
     "draws of the same posterior, in chunks of 100, until the RMS standard error of the per-input variances is under "
     "{se} × their standard deviation across inputs (SE/spread column; at most 4,000 draws; MC var mean ± sd: the "
@@ -50,6 +51,14 @@ def verdict(row: dict) -> str:
     return "yes" if not misses else "no: " + ", ".join(misses)
 
 
+def delta_label(record: dict) -> str:
+    """The prior precision: δ (scalar marglik), or "layerwise δ min-max" (one per parameter tensor)."""
+    if record.get("prior_structure", "scalar") == "scalar":
+        return f"{record['prior_precision']:.3g}"
+    low, high = record["prior_precision_range"]
+    return f"{record['prior_structure']} {low:.3g}-{high:.3g}"
+
+
 def is_full_data(record: dict) -> bool:
     """Whether the record's Laplace saw all of the model's training inputs."""
     return int(record["n_fit"]) >= int(record["n_train"])
@@ -66,7 +75,7 @@ def record_lines(r: dict) -> list[str]:
     """The table lines of one model record: its glm row, then one per Streamlined option."""
     head = (f"| {r['model']} | {r['env']} ({r['torch']}) | {r['n_params']:,} / {r['n_covered']:,} | "
             f"{r['n_train']:,} × {r['epochs']} | {r['acc_in']:.2f} / {r['acc_shift']:.2f} | "
-            f"{r['prior_precision']:.3g} | {r['n_fit']:,} | {r['n_mc']} | "
+            f"{delta_label(r)} | {r['n_fit']:,} | {r['n_mc']} | "
             f"{(r['mc_total_in'] + r['mc_total_shift']) / (2 * N_GROUP):.3g} ± {r['spread']:.3g} | "
             f"{r['se_over_spread']:.3f}{'' if r['se_over_spread'] < SE_FRACTION else ' (not met at the cap)'} |")
     g = r["glm"]
@@ -101,7 +110,7 @@ def met_summary(records: list[dict]) -> list[str]:
                          f"{' (met)' if verdict(row) == 'yes' else ''}")
         met = [x for x in r["rows"] if "error" not in x and verdict(x) == "yes"]
         resolved = r["se_over_spread"] < SE_FRACTION
-        out.append(f"- **{r['model']}** (n_fit {r['n_fit']:,}, δ {r['prior_precision']:.3g}, {r['n_mc']} MC draws, "
+        out.append(f"- **{r['model']}** (n_fit {r['n_fit']:,}, δ {delta_label(r)}, {r['n_mc']} MC draws, "
                    f"SE/spread {r['se_over_spread']:.3f}"
                    f"{'' if resolved else ': the MC criterion is not met, its per-input variances are not resolved across inputs, so ρ is noise'}): "
                    f"{len(met)} of {len([x for x in r['rows'] if 'error' not in x])} Streamlined rows meet the goal. "

@@ -230,3 +230,14 @@ def test_node_diagnosis_of_a_linear_network_is_exact():
     assert model[0].weight.grad is None and torch.equal(model(x), graph_module(x))  # weights restored
     rows = [{"ratio": 1.0}, {"ratio": 1.4}, {"ratio": 2.0}]
     assert first_outside(rows) is rows[1]
+
+
+def test_fit_folders_by_size_and_prior_structure(bench, tmp_path):
+    from streamlined_agreement_table import delta_label
+    for name in ("nfit40", "nfit100-layerwise", "nfit100"):
+        (tmp_path / name).mkdir()
+    assert [p.name for p in bench.fit_dirs(tmp_path)] == ["nfit100", "nfit100-layerwise", "nfit40"]
+    assert bench.fit_size(tmp_path / "nfit100-layerwise") == 100
+    assert delta_label({"prior_precision": 7.0}) == "7"
+    assert delta_label({"prior_precision": 5.0, "prior_structure": "layerwise",
+                        "prior_precision_range": [0.5, 40.0]}) == "layerwise 0.5-40"
