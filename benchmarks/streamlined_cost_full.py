@@ -296,13 +296,15 @@ def write_report(run_dir: Path, batch: int, note: str) -> None:
              "posterior over every parameter (a variance per weight; ViT-B/16's class token and position embedding, "
              "added by plain tensor ops, at their means), Streamlined's diagonal mode. x MAP: median "
              "streamlined time over median MAP forward time of the same process, from alternating (MAP, "
-             "streamlined) calls after warm-up (n = calls of each). MC-100: k sampled forwards (weight sampling "
+             "streamlined) calls after warm-up (n = calls of each); per round: each streamlined call over the mean of "
+             "the MAP calls just before and after it, robust to a load that changes during the case. MC-100: k "
+             "sampled forwards (weight sampling "
              "included) timed once and extrapolated as 100/k times that, over the mean of the MAP forwards just "
              "before and after it. Peak: rise of the peak RSS over the RSS before one call; process peak: the peak "
              "RSS of the case's process from the MC timing on (model, posterior, graph and activations). "
              f"Goal (issue 16): x MAP <= {GOAL_X_MAP:g} and >= {GOAL_SPEEDUP:g}x faster than MC-100."
              + (f" {note}" if note else ""), "",
-             "| on | model | threads | MAP s / batch | streamlined s / batch | × MAP (n) | per-round × MAP range | "
+             "| on | model | threads | MAP s / batch | streamlined s / batch | × MAP (n) | per-round × MAP median (range) | "
              "MC-100 s / batch (k) | MC-100 × MAP | speed-up vs MC-100 | peak MB MAP / streamlined / MC | "
              "process peak MB | load avg before → after | goal |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -314,7 +316,8 @@ def write_report(run_dir: Path, batch: int, note: str) -> None:
         ratios = r["round_ratios"]
         lines.append(
             f"| {r.get('tag', '')} | {r['model']} | {r['threads']} | {r['map_s']:.3f} | {r['streamlined_s']:.3f} | "
-            f"{r['x_map']:.2f} ({len(r['streamlined_times'])}) | {min(ratios):.2f}-{max(ratios):.2f} | "
+            f"{r['x_map']:.2f} ({len(r['streamlined_times'])}) | {statistics.median(ratios):.2f} "
+            f"({min(ratios):.2f}-{max(ratios):.2f}) | "
             f"{r['mc100_s']:.1f} ({r['mc_samples']}) | {r['mc100_x_map']:.0f} | {r['speedup_vs_mc100']:.0f}× | "
             f"{r['map_peak_mb']:.0f} / {r['streamlined_peak_mb']:.0f} / {r['mc_peak_mb']:.0f} | "
             f"{r['process_peak_mb']:.0f} | {r['load_before'][0]:.1f} → {r['load_after'][0]:.1f} | "
