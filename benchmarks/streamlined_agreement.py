@@ -29,7 +29,6 @@ table. The table says which environment and torch gave each row.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import shutil
@@ -269,7 +268,7 @@ def options(case: Case) -> list[dict]:
     out = [{"mode": "diagonal", "attention": a, "layernorm": ln}
            for a in (("independent", "shared_value") if case.own_attention else ("independent",)) for ln in lns]
     out += [{"mode": "diagonal", "attention": "independent", "layernorm": ln, "activations": "quadrature"}
-            for ln in lns]
+            for ln in (*lns, "expected")[:None if case.has_layernorm else 1]]
     return out + [{"mode": "full", "attention": "independent", "layernorm": ln} for ln in lns]
 
 
@@ -307,7 +306,7 @@ def streamlined_row(model: nn.Module, case: Case, variances: dict, x: Any, mc: d
     full-width check on layers that carry no variance. Raises AssertionError when the propagated mean is not
     model(x) to MEAN_ATOL.
     """
-    from streamlined_agreement_rules import quadrature_activations
+    from streamlined_agreement_rules import experimental_rules
 
     from posthoc.streamlined import Streamlined
     idx = torch.arange(2 * N_GROUP)
@@ -316,7 +315,7 @@ def streamlined_row(model: nn.Module, case: Case, variances: dict, x: Any, mc: d
     x = take(x, idx)
     kwargs = {"activation_covariance": option["mode"], "attention": option["attention"]}
     if option["layernorm"] is not None:
-        kwargs["layernorm"] = option["layernorm"]
+        kwargs["layernorm"] = "frozen" if option["layernorm"] == "expected" else option["layernorm"]
     row: dict = {**option, "n_inputs": len(idx)}
     network, inputs = model, x
     if option["mode"] == "full" and case.split is not None:
@@ -325,8 +324,7 @@ def streamlined_row(model: nn.Module, case: Case, variances: dict, x: Any, mc: d
             inputs = trunk(x)
         row["on"] = "tail"
     try:
-        with warnings.catch_warnings(), (quadrature_activations() if option.get("activations") == "quadrature"
-                                          else contextlib.nullcontext()):
+        with warnings.catch_warnings(), experimental_rules(option):
             warnings.simplefilter("ignore")
             # full mode: a few inputs at a time (per-example D x D covariances; 50 at once took 8.5 GB on SmallViT)
             sp = Streamlined(network, weight_var=variances, batch_size=50 if option["mode"] == "diagonal" else 5,

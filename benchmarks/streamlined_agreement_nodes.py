@@ -16,7 +16,6 @@ runs/streamlined_agreement/<model>/nfit<N>/nodes-<option>.json and benchmarks/re
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import sys
@@ -43,7 +42,7 @@ from streamlined_agreement import (  # noqa: E402
     train,
 )
 from streamlined_agreement_cases import CASES, N_GROUP, load_task  # noqa: E402
-from streamlined_agreement_rules import quadrature_activations  # noqa: E402
+from streamlined_agreement_rules import experimental_rules  # noqa: E402
 
 from posthoc.utils.io import atomic_write_text  # noqa: E402
 
@@ -180,8 +179,8 @@ def diagnose(name: str, args: Any, fit_dir: Path) -> list[dict]:
             continue
         kwargs = {"activation_covariance": "diagonal", "attention": option["attention"]}
         if option["layernorm"] is not None:
-            kwargs["layernorm"] = option["layernorm"]
-        with quadrature_activations() if option.get("activations") == "quadrature" else contextlib.nullcontext():
+            kwargs["layernorm"] = "frozen" if option["layernorm"] == "expected" else option["layernorm"]
+        with experimental_rules(option):
             recorded, graph_module, placeholders = streamlined_nodes(model, variances, x, kwargs)
         mc = mc_nodes(model, graph_module, placeholders, variances, set(recorded), args.n_mc)
         nodes = {n.name: n for n in graph_module.graph.nodes}

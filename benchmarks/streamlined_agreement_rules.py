@@ -10,6 +10,7 @@ mode). It lives in the benchmark, not in posthoc: it is the measured evidence fo
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -30,7 +31,11 @@ _MODULES: dict[type, str] = {nn.ReLU: "relu", nn.GELU: "gelu", nn.SiLU: "silu", 
                              nn.Sigmoid: "sigmoid"}
 _OPS: dict[Any, str] = {torch.relu: "relu", F.relu: "relu", "relu": "relu", F.gelu: "gelu", F.silu: "silu",
                         torch.tanh: "tanh", F.tanh: "tanh", "tanh": "tanh", torch.sigmoid: "sigmoid",
-                        F.sigmoid: "sigmoid", "sigmoid": "sigmoid"}
+                        F.sigmoid: "sigmoid", "sigmoid": "sigmoid",
+                        # the aten forms a torch.export graph holds
+                        torch.ops.aten.relu.default: "relu", torch.ops.aten.relu_.default: "relu",
+                        torch.ops.aten.gelu.default: "gelu", torch.ops.aten.silu.default: "silu",
+                        torch.ops.aten.tanh.default: "tanh", torch.ops.aten.sigmoid.default: "sigmoid"}
 
 
 def gaussian_variance(name: str, mu: torch.Tensor, var: torch.Tensor, approximate: str = "none") -> torch.Tensor:
@@ -96,3 +101,54 @@ def quadrature_activations() -> Iterator[None]:
                 RULES[key] = saved[key]
             else:
                 RULES.pop(key, None)
+
+
+def _layernorm_expected(module: nn.LayerNorm, state: Any, ctx: Any, last: bool) -> Any:
+    """LayerNorm with its statistics frozen, the scale the expected one: s² = s²(μ) + mean_j Var x_j (diagonal)."""
+    from posthoc.streamlined.rules.base import advance
+    from posthoc.streamlined.rules.normalisation import AffineNormStep, _param_var
+    if ctx.full:
+        raise ValueError("the expected-statistics LayerNorm rule is diagonal-mode only")
+    if len(module.normalized_shape) != 1:
+        raise ValueError("LayerNorm over the last axis only")
+    mu = state.mean
+    n, _, inv_s = torch.native_layer_norm(mu, (mu.shape[-1],), None, None, module.eps)
+    if state.var is not None:  # E[(1/D) Σ (x_j - x̄)²] = s²(μ) + (1 - 1/D) mean_j Var x_j for independent x_j
+        d = mu.shape[-1]
+        inv_s = (inv_s.square().reciprocal() + state.var.mean(-1, keepdim=True) * (1 - 1 / d)).rsqrt()
+    post = ctx.posterior.get(module)
+    step = AffineNormStep(n, module.weight, module.bias, _param_var(post, "weight", "LayerNorm"),
+                          _param_var(post, "bias", "LayerNorm"), mu.ndim - 2, lambda x: x * inv_s.unsqueeze(1),
+                          lambda v: v * inv_s.square(), state.shape)
+    return advance(state, step, ctx)
+
+
+@contextmanager
+def expected_layernorm() -> Iterator[None]:
+    """Within the block, nn.LayerNorm's rule normalises by the expected standard deviation of its random input.
+
+    posthoc's frozen rule divides by the standard deviation of the mean input s(μ) only, so input noise larger
+    than s(μ) is amplified by 1/s(μ)² where the real LayerNorm bounds it; this rule divides by
+    sqrt(s(μ)² + mean_j Var x_j) instead (diagonal mode; the mean stays LayerNorm(μ)). Restored on exit.
+    """
+    from posthoc.streamlined import RULES
+    from posthoc.streamlined.rules.base import register_rule, rule_key
+    key = rule_key(nn.LayerNorm)
+    saved = RULES.get(key)
+    try:
+        register_rule(nn.LayerNorm, replace=True)(_layernorm_expected)
+        yield
+    finally:
+        if saved is not None:
+            RULES[key] = saved
+
+
+@contextmanager
+def experimental_rules(option: dict) -> Iterator[None]:
+    """The experimental rules an agreement option names: activations "quadrature", LayerNorm "expected"."""
+    with contextlib.ExitStack() as stack:
+        if option.get("activations") == "quadrature":
+            stack.enter_context(quadrature_activations())
+        if option.get("layernorm") == "expected":
+            stack.enter_context(expected_layernorm())
+        yield

@@ -241,3 +241,26 @@ def test_fit_folders_by_size_and_prior_structure(bench, tmp_path):
     assert delta_label({"prior_precision": 7.0}) == "7"
     assert delta_label({"prior_precision": 5.0, "prior_structure": "layerwise",
                         "prior_precision_range": [0.5, 40.0]}) == "layerwise 0.5-40"
+
+
+def test_expected_layernorm_divides_by_the_expected_spread_and_restores_the_rule():
+    from streamlined_agreement_rules import experimental_rules
+
+    from posthoc.streamlined import Streamlined
+    from posthoc.streamlined.rules.base import find_rule
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6)).double().eval()
+    variances = {"0.weight": torch.full((6, 4), 0.5, dtype=torch.float64)}
+    x = torch.randn(5, 4, generator=torch.Generator().manual_seed(10), dtype=torch.float64)
+    before = find_rule(nn.LayerNorm)
+    with experimental_rules({"layernorm": "expected"}):
+        pred = Streamlined(model, weight_var=variances).predict(x)
+    assert find_rule(nn.LayerNorm) is before
+    with torch.no_grad():
+        h = model[0](x)
+    var_h = x.square() @ variances["0.weight"].T  # (5, 6), exact
+    spread = h.var(-1, unbiased=False, keepdim=True) + model[1].eps + var_h.mean(-1, keepdim=True) * (1 - 1 / 6)
+    torch.testing.assert_close(pred.var, var_h / spread * model[1].weight.square())
+    torch.testing.assert_close(pred.mean, model(x))
+    frozen = Streamlined(model, weight_var=variances).predict(x)  # posthoc's rule: the spread of the mean only
+    assert bool((frozen.var > pred.var).all())
