@@ -87,3 +87,35 @@ def test_variance_needed_drops_only_the_nodes_read_as_means() -> None:
     needed = {n.name for n in traced.variance_needed(output.args[0])}
     assert {"v_proj", "out_proj", "head", "scaled_dot_product_attention"} <= needed
     assert not {"q_proj", "k_proj"} & needed
+
+
+def test_hf_bert_query_and_key_projections_run_on_the_means_with_the_same_predictive(monkeypatch) -> None:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.BertConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+                                     vocab_size=50, max_position_embeddings=16, num_labels=3)
+    net = transformers.BertForSequenceClassification(config).to(DTYPE).eval()
+    ids = torch.randint(1, 50, (3, 8))
+    mask = torch.ones(3, 8, dtype=torch.long)
+    mask[1, 5:] = 0
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    gen = torch.Generator().manual_seed(2)
+    variances = {name: 1e-3 * torch.rand(p.shape, generator=gen, dtype=DTYPE) for name, p in net.named_parameters()}
+    names = {id(m.weight): name for name, m in net.named_modules() if isinstance(m, nn.Linear)}
+    with_variance: set[str] = set()
+    original = LinearStep.var
+
+    def spy(step: LinearStep, var_in: torch.Tensor | None) -> torch.Tensor | None:
+        out = original(step, var_in)
+        if out is not None:
+            with_variance.add(names[id(step.module.weight)])
+        return out
+
+    monkeypatch.setattr(LinearStep, "var", spy)
+    fast = Streamlined(net, weight_var=variances, graph="export").predict(inputs)
+    assert {f"bert.encoder.layer.{i}.attention.self.value" for i in range(2)} <= with_variance
+    assert not any(name.endswith(("self.query", "self.key")) for name in with_variance)
+    monkeypatch.setattr(traced, "MEAN_ONLY_ARGUMENTS", {})
+    reference = Streamlined(net, weight_var=variances, graph="export").predict(inputs)
+    torch.testing.assert_close(fast.mean, reference.mean, rtol=0, atol=0)
+    torch.testing.assert_close(fast.cov, reference.cov, rtol=1e-13, atol=1e-15)
