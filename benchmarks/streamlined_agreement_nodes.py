@@ -216,7 +216,9 @@ def write_table(results: list[dict]) -> None:
              "inputs of each group (in-distribution and shifted), with the cached diagonal Laplace of "
              "streamlined_agreement.py (n_fit training inputs). MC runs the same graph with weight draws of the same "
              f"posterior. Nodes whose MC variance is zero (deterministic) are left out. Band: {BAND}; ← marks the "
-             "first node outside it (where the error enters).", ""]
+             "first node outside it (where the error enters). Activations quadrature and LayerNorm expected: the "
+             "experimental rules of benchmarks/streamlined_agreement_rules.py (not posthoc's). A module posthoc "
+             "walks with a graph of its own (ResidualBlock, TransformerBlock) is one node.", ""]
     for result in results:
         o = result["option"]
         lines += [f"## {result['model']}: {result.get('fit', 'nfit' + str(result['n_fit']))}, attention {o['attention']}, LayerNorm "

@@ -39,6 +39,43 @@ PROTOCOL = (
     "`main` (CPU torch) or `vision` (the torch that loads torchvision). Where a row misses, "
     "benchmarks/results/streamlined_agreement_nodes.md locates the node where Streamlined leaves MC."
 )
+FINDINGS = """## Where the missing rows leave Monte Carlo (benchmarks/results/streamlined_agreement_nodes.md)
+
+Node by node, diagonal mode, ratio Σ Streamlined variance / Σ MC variance at each node of the walked graph (first
+5-10 inputs of each group; 500-2,000 MC draws of the same posterior).
+
+- **MLP** (tanh; full data): fc2's output is exact (1.000); the linearised tanh (act2) gives 1.48 of MC, which the
+  output keeps (1.53). With the moment-matched tanh (quadrature) act2 is exact (1.000) and the output 1.18: the
+  last Linear's weight-noise term reads E[h²] as tanh(μ)² + Var h where MC has E[tanh z]² + Var h (the propagated
+  mean is held at model(x)). The quadrature row meets the goal (ρ 0.97, total 1.20), as glm does.
+- **CNN**: every mode meets the goal (the covered part is two Linear layers and a ReLU).
+- **BERT, GPT-2** (full data: all 10,000 sequences): the marglik posterior is prior-dominated. Scalar δ ≈ 8 gives
+  a posterior sd ≈ 0.35 on most covered weights (GGN ≪ δ), while the weights' RMS is 0.02-0.05; a layerwise
+  marglik is wider still for some tensors (δ down to 0.03). MC's per-input variances then barely depend on the
+  input (split-half correlation 0.08 after 600 draws on BERT; SE/spread stays above 1 at 1,000-2,000 draws), so
+  ρ is noise for every method, glm included; only the totals say something. Where the variance goes wrong: (1) the
+  first attention, an sdpa op node: 0.11 (BERT) / 0.20 (GPT-2) of MC with an exact value input (1.00): the sdpa op
+  rule treats the value rows of different tokens as independent, but one random W_v makes them correlated
+  (attention="shared_value" exists only for posthoc's attention module and nn.MultiheadAttention); (2) every
+  LayerNorm then multiplies the ratio: BERT 0.16 → 1.45 and 1.24 → 25 in layer 1, 22 → 440 at layer 2's output;
+  GPT-2 0.20 → 62 (h.1.ln_2), 24 → 74,698 (h.2.ln_1), 2.8e6 → 2.3e10 (ln_f). The frozen (and the linearised)
+  rule scales the input variance by 1/s(μ)², s(μ) the feature spread of the mean input, while the sampled input's
+  noise is larger than s(μ) and the real LayerNorm bounds its output. An experimental rule that divides by the
+  expected spread sqrt(s(μ)² + mean_j Var x_j) (LayerNorm "expected"), with moment-matched activations, brings
+  the totals to 1.18 (BERT) and 1.26 (GPT-2), from 1,786 and 6.3e9; on GPT-2 every LayerNorm output is then
+  within 1.07-1.13 of MC, and what is left is the sdpa nodes (0.20, 0.35: the independent-token rule) and GPT-2's
+  tanh-form GELU module, still linearised (1.37, 1.45; the quadrature rule covers nn.GELU and the functional forms).
+- **SmallViT** (fit on 4,000 inputs; the full-data fit did not finish on the shared CPU): posterior sd 0.2 against
+  weights of RMS 0.08; the first block's output is already 2.6-4.0 × MC in every option of posthoc's rules (the block is one graph
+  of posthoc's own, so the diagnosis does not open it). LayerNorm "expected" with quadrature activations: ρ 0.44,
+  total 0.59 (from ρ -0.32, total 525); glm: ρ -0.36, total 10.4.
+- **SmallResNet** (fit on 4,000 inputs; the full-data fit did not finish): block2 1.27 and block3 1.37 of MC per
+  position, then the global average pool 0.066: in diagonal mode the pooling treats spatial positions as
+  independent, while the shared convolution weights make them strongly correlated (MC's pooled variance is 21 ×
+  the independent-positions value from the same per-position variances, 0.43 of the fully correlated bound;
+  1.37 / 21 = 0.066, as measured). The full mode would carry these covariances but is refused at a 32x14x14 layer
+  (6,272 > max_full_dim 4,096). The WRN has the same pooling after its conv blocks (0.59 / 0.032 at 4,000 inputs).
+"""
 HEADER = ("| model | env (torch) | params / covered | trained | acc in / shift | δ | n_fit | MC draws | MC var mean ± sd "
           "| SE/spread | mode | attention | LayerNorm | activations | inputs | ρ | ρ in / shift | total "
           "| total in / shift | goal met | s |")
@@ -137,7 +174,7 @@ def write_tables(results: list[dict], missing_reason: dict[str, str], results_di
     for name in missing:
         lines.append(f"- **{name}**: no fit on all training inputs: "
                      f"{missing_reason.get(name, 'not fitted on all training inputs yet')}.")
-    lines += ["", *table_head]
+    lines += ["", FINDINGS, *table_head]
     for r in full:
         lines += record_lines(r)
     if partial:
