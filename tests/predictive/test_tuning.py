@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import posthoc.laplace.laplace as laplace_module
 import posthoc.scalla.scalla as scalla_module
+import posthoc.scalla.tuning as scalla_tuning_module
 from posthoc import Laplace, ScaLLA
 from posthoc.likelihood import Likelihood
 from posthoc.predictive import tuning
@@ -205,10 +206,14 @@ def test_laplace_and_scalla_call_the_one_implementation(monkeypatch):
             return original(*args, **kwargs)
         return wrapped
 
-    for module in (laplace_module, scalla_module):
-        for name in ("grid_search", "maximise_evidence", "checked_sigma_noise", "checked_prior_precision"):
+    evidence_names = ("maximise_evidence", "checked_sigma_noise", "checked_prior_precision")
+    users = {laplace_module: ("grid_search",) + evidence_names, scalla_module: evidence_names,
+             scalla_tuning_module: ("grid_search",)}  # ScaLLA's grid search lives in posthoc.scalla.tuning
+    for module, names in users.items():
+        for name in names:
             assert getattr(module, name) is getattr(tuning, name)
             monkeypatch.setattr(module, name, spy(name))
+    for module in (laplace_module, scalla_module):
         assert module.PriorOptimization is tuning.PriorOptimization
     model, train, val = _problem()
     la = _laplace(model, train)
