@@ -66,15 +66,21 @@ Node by node, diagonal mode, ratio Σ Streamlined variance / Σ MC variance at e
   within 1.07-1.13 of MC, and what is left is the sdpa nodes (0.20, 0.35: the independent-token rule) and GPT-2's
   tanh-form GELU module, still linearised (1.37, 1.45; the quadrature rule covers nn.GELU and the functional forms).
 - **SmallViT** (fit on 4,000 inputs; the full-data fit did not finish on the shared CPU): posterior sd 0.2 against
-  weights of RMS 0.08; the first block's output is already 2.6-4.0 × MC in every option of posthoc's rules (the block is one graph
-  of posthoc's own, so the diagnosis does not open it). LayerNorm "expected" with quadrature activations: ρ 0.44,
-  total 0.59 (from ρ -0.32, total 525); glm: ρ -0.36, total 10.4.
+  weights of RMS 0.08; the first block's output is already 2.6-4.0 × MC with posthoc's LayerNorm rules (the block
+  is one graph of posthoc's own, so the diagnosis does not open it). With LayerNorm "expected" and quadrature
+  activations the blocks come to 1.10 and 1.20 and the final norm to 1.03 of MC; then the token-mean pool gives
+  0.087: in diagonal mode it treats tokens as independent, while the shared weights of the blocks correlate them
+  (the same loss as the SmallResNet's spatial pool below). That row: ρ 0.44, total 0.59 (from ρ -0.32, total
+  525); glm: ρ -0.36, total 10.4.
 - **SmallResNet** (fit on 4,000 inputs; the full-data fit did not finish): block2 1.27 and block3 1.37 of MC per
   position, then the global average pool 0.066: in diagonal mode the pooling treats spatial positions as
   independent, while the shared convolution weights make them strongly correlated (MC's pooled variance is 21 ×
   the independent-positions value from the same per-position variances, 0.43 of the fully correlated bound;
   1.37 / 21 = 0.066, as measured). The full mode would carry these covariances but is refused at a 32x14x14 layer
   (6,272 > max_full_dim 4,096). The WRN has the same pooling after its conv blocks (0.59 / 0.032 at 4,000 inputs).
+  The moment-matched ReLU (quadrature) fixes the ranking of both: ρ 0.945 (SmallResNet) and 0.943 (WRN), where
+  glm has 0.65 and 0.51 (MC's ranking comes from the ReLUs' nonlinearity at this posterior width), but not the
+  total (0.019, 0.016): the pooling's lost covariance remains.
 """
 HEADER = ("| model | env (torch) | params / covered | trained | acc in / shift | δ | n_fit | MC draws | MC var mean ± sd "
           "| SE/spread | mode | attention | LayerNorm | activations | inputs | ρ | ρ in / shift | total "
