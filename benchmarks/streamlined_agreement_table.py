@@ -76,15 +76,16 @@ Node by node, diagonal mode, ratio Σ Streamlined variance / Σ MC variance at e
   the ranking is the pool's. Holding Q and K at their means in MC too (an ad-hoc check on 40 inputs, 600 draws)
   changes MC by little (ρ against Streamlined -0.09 → -0.06, total 0.45 → 0.44): the random attention pattern
   is not the cause. At 4,000 inputs (posterior sd 0.2) the first block was already 2.6-4.0 × MC.
-- **SmallResNet** (fit on 4,000 inputs; the full-data fit did not finish): block2 1.27 and block3 1.37 of MC per
+- **SmallResNet**: at full data (δ 79.6) diagonal ρ 0.77, total 0.079 (glm 0.90 / 0.53; quadrature 0.63 / 0.063).
+  Nodes at 4,000 inputs (not yet rerun at full data): block2 1.27 and block3 1.37 of MC per
   position, then the global average pool 0.066: in diagonal mode the pooling treats spatial positions as
   independent, while the shared convolution weights make them strongly correlated (MC's pooled variance is 21 ×
   the independent-positions value from the same per-position variances, 0.43 of the fully correlated bound;
   1.37 / 21 = 0.066, as measured). The full mode would carry these covariances but is refused at a 32x14x14 layer
   (6,272 > max_full_dim 4,096). The WRN has the same pooling after its conv blocks (0.59 / 0.032 at 4,000 inputs).
-  The moment-matched ReLU (quadrature) fixes the ranking of both: ρ 0.945 (SmallResNet) and 0.943 (WRN), where
-  glm has 0.65 and 0.51 (MC's ranking comes from the ReLUs' nonlinearity at this posterior width), but not the
-  total (0.019, 0.016): the pooling's lost covariance remains.
+  At 4,000 inputs the moment-matched ReLU (quadrature) fixed the ranking of both: ρ 0.945 (SmallResNet) and 0.943
+  (WRN), where glm has 0.65 and 0.51 (MC's ranking then came from the ReLUs' nonlinearity at that width), but not
+  the total (0.019, 0.016): the pooling's lost covariance remains; at full data it does not help the ranking.
 """
 HEADER = ("| model | env (torch) | params / covered | trained | acc in / shift | δ | n_fit | MC draws | MC var mean ± sd "
           "| SE/spread | mode | attention | LayerNorm | activations | inputs | ρ | ρ in / shift | total "
