@@ -315,7 +315,7 @@ def streamlined_row(model: nn.Module, case: Case, variances: dict, x: Any, mc: d
     x = take(x, idx)
     kwargs = {"activation_covariance": option["mode"], "attention": option["attention"]}
     if option["layernorm"] is not None:
-        kwargs["layernorm"] = "frozen" if option["layernorm"] == "expected" else option["layernorm"]
+        kwargs["layernorm"] = option["layernorm"]
     row: dict = {**option, "n_inputs": len(idx)}
     network, inputs = model, x
     if option["mode"] == "full" and case.split is not None:

@@ -179,7 +179,7 @@ def diagnose(name: str, args: Any, fit_dir: Path) -> list[dict]:
             continue
         kwargs = {"activation_covariance": "diagonal", "attention": option["attention"]}
         if option["layernorm"] is not None:
-            kwargs["layernorm"] = "frozen" if option["layernorm"] == "expected" else option["layernorm"]
+            kwargs["layernorm"] = option["layernorm"]
         with experimental_rules(option):
             recorded, graph_module, placeholders = streamlined_nodes(model, variances, x, kwargs)
         mc = mc_nodes(model, graph_module, placeholders, variances, set(recorded), args.n_mc)

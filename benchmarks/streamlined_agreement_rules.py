@@ -103,52 +103,14 @@ def quadrature_activations() -> Iterator[None]:
                 RULES.pop(key, None)
 
 
-def _layernorm_expected(module: nn.LayerNorm, state: Any, ctx: Any, last: bool) -> Any:
-    """LayerNorm with its statistics frozen, the scale the expected one: s² = s²(μ) + mean_j Var x_j (diagonal)."""
-    from posthoc.streamlined.rules.base import advance
-    from posthoc.streamlined.rules.normalisation import AffineNormStep, _param_var
-    if ctx.full:
-        raise ValueError("the expected-statistics LayerNorm rule is diagonal-mode only")
-    if len(module.normalized_shape) != 1:
-        raise ValueError("LayerNorm over the last axis only")
-    mu = state.mean
-    n, _, inv_s = torch.native_layer_norm(mu, (mu.shape[-1],), None, None, module.eps)
-    if state.var is not None:  # E[(1/D) Σ (x_j - x̄)²] = s²(μ) + (1 - 1/D) mean_j Var x_j for independent x_j
-        d = mu.shape[-1]
-        inv_s = (inv_s.square().reciprocal() + state.var.mean(-1, keepdim=True) * (1 - 1 / d)).rsqrt()
-    post = ctx.posterior.get(module)
-    step = AffineNormStep(n, module.weight, module.bias, _param_var(post, "weight", "LayerNorm"),
-                          _param_var(post, "bias", "LayerNorm"), mu.ndim - 2, lambda x: x * inv_s.unsqueeze(1),
-                          lambda v: v * inv_s.square(), state.shape)
-    return advance(state, step, ctx)
-
-
-@contextmanager
-def expected_layernorm() -> Iterator[None]:
-    """Within the block, nn.LayerNorm's rule normalises by the expected standard deviation of its random input.
-
-    posthoc's frozen rule divides by the standard deviation of the mean input s(μ) only, so input noise larger
-    than s(μ) is amplified by 1/s(μ)² where the real LayerNorm bounds it; this rule divides by
-    sqrt(s(μ)² + mean_j Var x_j) instead (diagonal mode; the mean stays LayerNorm(μ)). Restored on exit.
-    """
-    from posthoc.streamlined import RULES
-    from posthoc.streamlined.rules.base import register_rule, rule_key
-    key = rule_key(nn.LayerNorm)
-    saved = RULES.get(key)
-    try:
-        register_rule(nn.LayerNorm, replace=True)(_layernorm_expected)
-        yield
-    finally:
-        if saved is not None:
-            RULES[key] = saved
-
-
 @contextmanager
 def experimental_rules(option: dict) -> Iterator[None]:
-    """The experimental rules an agreement option names: activations "quadrature", LayerNorm "expected"."""
+    """The experimental rules an agreement option names: activations "quadrature".
+
+    LayerNorm "expected" started here and is now posthoc's ``Streamlined(layernorm="expected")``, which the
+    option passes on.
+    """
     with contextlib.ExitStack() as stack:
         if option.get("activations") == "quadrature":
             stack.enter_context(quadrature_activations())
-        if option.get("layernorm") == "expected":
-            stack.enter_context(expected_layernorm())
         yield

@@ -243,7 +243,8 @@ def test_fit_folders_by_size_and_prior_structure(bench, tmp_path):
                         "prior_precision_range": [0.5, 40.0]}) == "layerwise 0.5-40"
 
 
-def test_expected_layernorm_divides_by_the_expected_spread_and_restores_the_rule():
+def test_expected_layernorm_divides_by_the_expected_spread():
+    """The agreement option "expected" is posthoc's Streamlined(layernorm="expected") (no rule swapped in)."""
     from streamlined_agreement_rules import experimental_rules
 
     from posthoc.streamlined import Streamlined
@@ -254,8 +255,8 @@ def test_expected_layernorm_divides_by_the_expected_spread_and_restores_the_rule
     x = torch.randn(5, 4, generator=torch.Generator().manual_seed(10), dtype=torch.float64)
     before = find_rule(nn.LayerNorm)
     with experimental_rules({"layernorm": "expected"}):
-        pred = Streamlined(model, weight_var=variances).predict(x)
-    assert find_rule(nn.LayerNorm) is before
+        assert find_rule(nn.LayerNorm) is before
+    pred = Streamlined(model, weight_var=variances, layernorm="expected").predict(x)
     with torch.no_grad():
         h = model[0](x)
     var_h = x.square() @ variances["0.weight"].T  # (5, 6), exact

@@ -74,8 +74,10 @@ class Streamlined:
             O(B D²), for small networks; layers wider than ``max_full_dim`` raise).
         attention: diagonal-mode attention rule, "independent" (authors') or "shared_value"
             (keeps the cross-token covariance of the shared random W_v). Full mode needs neither.
-        layernorm: "frozen" (authors': statistics of the mean input) or "linearized" (the
-            LayerNorm Jacobian at the mean); default frozen in diagonal mode, linearized in full.
+        layernorm: "frozen" (authors': statistics of the mean input), "linearized" (the
+            LayerNorm Jacobian at the mean) or "expected" (frozen, scaled by the expected spread of the
+            random input, so input noise above the mean's spread is not amplified; see
+            docs/streamlined.md for where it matters); default frozen in diagonal mode, linearized in full.
         likelihood: "classification" or "regression" (default: the Laplace object's, else
             classification); ``sigma_noise``: regression noise (default the Laplace's, else 1).
         batch_size: inputs propagated at once (default: all in diagonal mode, 32 in full mode).

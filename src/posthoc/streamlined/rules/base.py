@@ -28,6 +28,7 @@ class LayerNormRule(str, Enum):
     """How LayerNorm is propagated: statistics frozen at the mean input, or its Jacobian there."""
     FROZEN = "frozen"  # the authors': statistics held at their values for the mean input
     LINEARIZED = "linearized"  # the Jacobian of LayerNorm at the mean input
+    EXPECTED = "expected"  # frozen, but the scale the expected spread of the random input (its noise counted)
 
 
 class UnsupportedLayerError(TypeError):

@@ -24,7 +24,7 @@ from posthoc.streamlined.rules.base import (
     advance,
     register_rule,
 )
-from posthoc.streamlined.rules.normalisation import AffineNormStep, _param_var, last_axis_normaliser
+from posthoc.streamlined.rules.normalisation import AffineNormStep, _param_var, input_variances, last_axis_normaliser
 from posthoc.streamlined.rules.ops import UnsupportedOpError, _mean_of
 from posthoc.streamlined.weight_posteriors import LayerPosterior
 from posthoc.utils.registry import add_to_registry
@@ -117,7 +117,9 @@ def _group_norm(state: Moments, groups: int, gamma: torch.Tensor | None, beta: t
     batch, channels = mu.shape[:2]
     if channels % groups:
         raise UnsupportedLayerError(f"GroupNorm of {channels} channels in {groups} groups")
-    n, n_jac, n_var = last_axis_normaliser(mu.reshape(batch, groups, -1), eps, ctx.layernorm)
+    var_in = input_variances(state)
+    n, n_jac, n_var = last_axis_normaliser(mu.reshape(batch, groups, -1), eps, ctx.layernorm,
+                                           None if var_in is None else var_in.reshape(batch, groups, -1))
 
     def jac(directions: torch.Tensor) -> torch.Tensor:
         return n_jac(directions.reshape(batch, directions.shape[1], groups, -1)).reshape(directions.shape)
@@ -158,7 +160,7 @@ def layer_norm_op_rule(op: Callable[..., Any], args: tuple, kwargs: dict, ctx: C
     if len(tuple(shape) if isinstance(shape, (tuple, list, torch.Size)) else (shape,)) != 1:
         raise UnsupportedOpError("layer_norm over the last axis only (normalized_shape of length 1)")
     mu = state.mean
-    n, n_jac, n_var = last_axis_normaliser(mu, float(bound.get("eps", 1e-5)), ctx.layernorm)
+    n, n_jac, n_var = last_axis_normaliser(mu, float(bound.get("eps", 1e-5)), ctx.layernorm, input_variances(state))
     step = AffineNormStep(n, bound.get("weight"), bound.get("bias"), None, None, mu.ndim - 2, n_jac, n_var,
                           state.shape)
     return advance(state, step, ctx)

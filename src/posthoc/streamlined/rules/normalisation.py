@@ -132,16 +132,30 @@ def batchnorm_rule(module: nn.BatchNorm1d | nn.BatchNorm2d, state: Moments, ctx:
     return advance(state, step, ctx)
 
 
-def last_axis_normaliser(mu: torch.Tensor, eps: float, rule: LayerNormRule) -> tuple[
-        torch.Tensor, Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]:
+def input_variances(state: Moments) -> torch.Tensor | None:
+    """The marginal variances of ``state``'s activations shaped like its mean (B, ...), or None without variance."""
+    flat = state.flat_var()
+    return None if flat is None else flat.reshape(state.mean.shape)
+
+
+def last_axis_normaliser(mu: torch.Tensor, eps: float, rule: LayerNormRule, var: torch.Tensor | None = None
+                         ) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor],
+                                    Callable[[torch.Tensor], torch.Tensor]]:
     """(x - mean) / std over the last axis of the mean ``mu`` (B, ..., D), frozen or linearised at ``mu``.
 
     Returns the normalised mean n, the map on directions (B, N, ..., D) and the diagonal-mode variance map on
     (B, ..., D) (frozen: scaled by 1/s; linearised: the squared rows of (I - 11ᵀ/D - n nᵀ/D)/s, O(D)).
+    ``expected``: frozen, but scaled by 1/s_e with s_e² = s² + (1 - 1/D) mean_j Var x_j, the expected squared
+    spread E[(1/D) Σ_j (x_j - x̄)²] of a random input with independent entries of variances ``var`` (shaped like
+    ``mu``; None: no input variance, the frozen rule). The frozen rule divides the input's noise by the spread of
+    the mean alone, which amplifies noise larger than that spread where the real LayerNorm bounds it; n (the
+    mean) stays LayerNorm(μ) in every rule.
     """
     d = mu.shape[-1]
     n, _, inv_s = torch.native_layer_norm(mu, (d,), None, None, eps)  # one fused pass; inv_s (B, ..., 1)
-    if rule is LayerNormRule.FROZEN:
+    if rule is LayerNormRule.EXPECTED and var is not None:
+        inv_s = (inv_s.square().reciprocal() + var.mean(-1, keepdim=True) * (1 - 1 / d)).rsqrt()
+    if rule in (LayerNormRule.FROZEN, LayerNormRule.EXPECTED):
         def n_jac(x):
             return x * inv_s.unsqueeze(1)
 
@@ -163,16 +177,17 @@ def last_axis_normaliser(mu: torch.Tensor, eps: float, rule: LayerNormRule) -> t
 
 @register_rule(nn.LayerNorm)
 def layernorm_rule(module: nn.LayerNorm, state: Moments, ctx: Context, last: bool) -> Moments:
-    """LayerNorm over the last axis, with frozen or linearised statistics (``ctx.layernorm``).
+    """LayerNorm over the last axis, with frozen, linearised or expected statistics (``ctx.layernorm``).
 
     ``frozen``: mean/std of the mean input held fixed (affine per token); ``linearized``: the Jacobian
-    (I - 11ᵀ/D - n nᵀ/D)/s at the mean (diagonal mode: its squared rows applied to the variances, O(D)).
+    (I - 11ᵀ/D - n nᵀ/D)/s at the mean (diagonal mode: its squared rows applied to the variances, O(D));
+    ``expected``: frozen with the std of the random input (:func:`last_axis_normaliser`).
     Raises UnsupportedLayerError unless normalized_shape has length 1.
     """
     if len(module.normalized_shape) != 1:
         raise UnsupportedLayerError("LayerNorm over the last axis only (normalized_shape of length 1)")
     mu = state.mean
-    n, n_jac, n_var = last_axis_normaliser(mu, module.eps, ctx.layernorm)
+    n, n_jac, n_var = last_axis_normaliser(mu, module.eps, ctx.layernorm, input_variances(state))
     post = ctx.posterior.get(module)
     step = AffineNormStep(n, module.weight, module.bias, _param_var(post, "weight", "LayerNorm"),
                           _param_var(post, "bias", "LayerNorm"), mu.ndim - 2, n_jac, n_var, state.shape)
