@@ -51,8 +51,6 @@ MC_LEVEL = 0.0027      # two-sided level of "3 standard errors", Bonferroni-corr
 # Differences traced to their cause (see the notes of the results page): (flow, quantity prefix) -> note.
 EXPLAINED = {
     ("regression_marglik", "kron:"): "laplace-torch bug [1]",
-    ("reward_modeling", "kron:"): "different approximation [2]",
-    ("reward_modeling", "last_layer kron:"): "different approximation [2]",
 }
 NOTES = (
     "[1] laplace-torch 0.3's KronDecomposed.__mul__ (laplace/utils/matrix.py) scales the eigenvalues by "
@@ -65,16 +63,12 @@ NOTES = (
     "delta are equal (rows above).",
     "[2] The reward network here runs on the (2B, d) items of B pairs. laplace-torch's KFAC (curvlinops, "
     "expand) takes the 2B item rows as the layer's batch: G = sum over pairs n and items i of Lambda_n[i, i] "
-    "(Lambda_n = diag p_n - p_n p_n^T), A = (sum over the 2N item rows of a a^T) / N with N the number of pairs. "
-    "The same weights written with the pair axis kept ('pair axis' rows: the network on (B, 2, d)) get KFAC-expand "
-    "over the pair's two items in both libraries, with A divided by 2N, and agree to float precision (all weights "
-    "and last layer). Measured on this flow's weights: laplace-torch's flattened A is exactly 2 x its pair-axis A "
-    "for every layer, G equal; its factor 2 comes from the flattening (curvlinops cannot see a shared dimension in "
-    "(2B, d) rows and divides by the N pairs), so it is not copied. posthoc gives a layer whose output is not one "
-    "row per example its exact diagonal GGN block instead, with a warning naming the layer (documented in "
-    "posthoc.curvature.kfac): 'kron' there equals 'diag'. KFAC-expand over the item rows (A / 2N) would need to "
-    "know which rows belong to which example for 'ekfac' and KFAC-reduce, which a flattened batch hides, and would "
-    "still be half of laplace-torch's. 'full' and 'diag' agree, all weights and last layer.",
+    "(Lambda_n = diag p_n - p_n p_n^T), A = (sum over the 2N item rows of a a^T) / N with N the number of pairs, "
+    "which is exactly 2 x the A of the same weights written with the pair axis kept ('pair axis' rows: KFAC-expand "
+    "over the pair's two items, A / 2N, in both libraries). posthoc.compat.laplace's 'kron' reads such rows as "
+    "laplace-torch does (structure_options={'item_rows': True}), so the 'kron' rows agree; posthoc's own Laplace "
+    "gives a layer whose output is not one row per example its exact diagonal GGN block instead, with a warning "
+    "naming the layer (posthoc.curvature.kfac).",
     "[3] laplace-torch 0.3 fails on a reward model's last layer where the rows say 'missing on laplace-torch' and "
     "the 'fails' rows give its error: hessian_structure='diag' and la(pairs, fitting=True), on both ways of "
     "writing the network (its last-layer Jacobians are taken on the last layer's own output, 2B item rows or "

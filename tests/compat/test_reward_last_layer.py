@@ -131,12 +131,38 @@ def test_pair_axis_kron_is_kfac_expand_over_the_two_items():
     torch.testing.assert_close(_dense_precision(la), expected, rtol=1e-10, atol=1e-12)
 
 
-def test_flat_pairs_kron_warns_naming_the_layer_and_gives_its_exact_diagonal_block():
+def test_flat_pairs_kron_reads_the_item_rows_as_laplace_torch_does():
+    """Layers run on (2B, d): G = sum over pairs and items of Lambda_n[i, i], A = sum of a a^T over the 2N rows / N.
+
+    laplace-torch 0.3's factors for this model (curvlinops sees 2N rows and divides by the N pairs of the data
+    set; benchmarks/laplace_torch_flows.py compares them: equal to 1e-15). Prediction stays on single items.
+    """
     model = FlatPairs()
-    with pytest.warns(UserWarning, match=r"the layers 'net\.2' have outputs that are not one row per example"):
-        la = Laplace(model, "reward_modeling", "last_layer", "kron", prior_precision=0.5).fit(_loader())
     x, _ = _pairs()
-    torch.testing.assert_close(_dense_precision(la), torch.diag(torch.diagonal(_bradley_terry_ggn(model, x)) + 0.5),
+    la = Laplace(model, "reward_modeling", "last_layer", "kron", prior_precision=1e-3).fit(_loader())
+    with torch.no_grad():
+        a = torch.tanh(model.net[0](x)).reshape(-1, 6)  # (2N, 6)
+        p = torch.softmax(model(x), -1)
+    g = (p * (1 - p)).sum()
+    expected = torch.block_diag(g * (a.T @ a) / x.shape[0], g.reshape(1, 1)) + 1e-3 * torch.eye(7, dtype=DTYPE)
+    torch.testing.assert_close(_dense_precision(la), expected, rtol=1e-10, atol=1e-12)
+    f_mu, _ = la(_items())
+    torch.testing.assert_close(f_mu, model(_items()).detach())
+    with pytest.raises(ValueError, match="predict on single items"):
+        la(x[:3], fitting=True)
+
+
+def test_posthoc_kron_gives_item_row_layers_their_exact_diagonal_block():
+    """posthoc's own Laplace (no item_rows): the layer run on (2B, d) gets its exact diagonal GGN block, said once."""
+    import posthoc
+
+    model = FlatPairs()
+    x, _ = _pairs()
+    with pytest.warns(UserWarning, match=r"the layers 'net\.2' have outputs that are not one row per example"):
+        la = posthoc.Laplace(model, "classification", subset_of_weights="last_layer", hessian_structure="kron",
+                             prior_precision=0.5, progress=False).fit(_loader())
+    precision = la.structure.dense_precision(la.prior_precision, torch.tensor(1.0, dtype=DTYPE))
+    torch.testing.assert_close(precision, torch.diag(torch.diagonal(_bradley_terry_ggn(model, x)) + 0.5),
                                rtol=1e-10, atol=1e-12)
 
 

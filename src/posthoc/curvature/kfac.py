@@ -182,13 +182,16 @@ def fallback_blocks(subset: ParameterSubset, layers: list[KronLayer]) -> list[in
 
 
 @torch.no_grad()
-def probe_layers(subset: ParameterSubset, inputs: ModelInputs
+def probe_layers(subset: ParameterSubset, inputs: ModelInputs, item_rows: bool = False
                  ) -> tuple[list[KronLayer], dict[str, int], list[KronLayer], list[KronLayer]]:
     """The candidate layers called exactly once per forward whose covered weight and bias are read only there.
 
     :func:`posthoc.curvature.jacobians.parameter_uses` counts the reads: a layer used twice, or whose Parameter
     is shared with another module or a functional use, is left to the generic exact diagonal fallback, and so
     is a layer whose output does not have one row per example (GPT-2's position embedding of (1, L) ids).
+
+    With ``item_rows`` a Linear/Conv layer whose output has m·B rows (m ≥ 2; e.g. reward modelling's network run
+    on the (2B, d) items of B pairs) is kept too, its rows read as examples (:func:`kfac_factors`).
 
     Returns the kept Kronecker layers, the weight-sharing positions L of every kept layer, the kept
     embeddings (:func:`candidate_embeddings`) and the kept normalisation layers (:func:`candidate_norms`).
@@ -200,10 +203,12 @@ def probe_layers(subset: ParameterSubset, inputs: ModelInputs
     embeddings = candidate_embeddings(subset)
     norms = candidate_norms(subset)
     batch = batch_size(inputs)
+    kron_names = {layer.name for layer in candidates}
     for layer in candidates + embeddings + norms:
         def hook(module: nn.Module, args: tuple, output: torch.Tensor, name: str = layer.name) -> None:
             calls.setdefault(name, []).append(layer_positions(module, output))
-            if output.shape[0] != batch:  # not per example (broadcast over the batch): never "called once"
+            items = item_rows and output.shape[0] > batch and output.shape[0] % batch == 0 and name in kron_names
+            if output.shape[0] != batch and not items:  # not per example (e.g. broadcast): never "called once"
                 calls[name].append(0)
         handles.append(layer.module.register_forward_hook(hook))
     try:
@@ -322,17 +327,28 @@ class TappedForward:
         return out
 
 
-def tapped_forward(subset: ParameterSubset, layers: list[KronLayer], inputs: ModelInputs) -> TappedForward:
+def tapped_forward(subset: ParameterSubset, layers: list[KronLayer], inputs: ModelInputs,
+                   item_rows: bool = False) -> TappedForward:
     """Forward pass at the MAP recording what KFAC, EKFAC and the Kronecker glm predictive need.
 
     ``layers`` must each be called once per forward (see :func:`probe_layers`); a second call raises
-    RuntimeError. Cost: one forward pass, a copy of each weight layer's input (:func:`record_layers`).
+    RuntimeError. Outputs must have one row per example, or with ``item_rows`` (KFAC's factor pass only) a
+    multiple of the batch. Cost: one forward pass, a copy of each weight layer's input (:func:`record_layers`).
     """
     by_name = {layer.name: layer for layer in layers}
     record = record_layers(lambda: subset.forward(inputs), {n: layer.module for n, layer in by_name.items()},
                            [n for n, layer in by_name.items() if layer.weight is not None or norm_route_ok(layer.module)],
                            refuse_reuse=True)
-    broadcast = record.not_per_example(batch_size(inputs))
+    batch = batch_size(inputs)
+    broadcast = record.not_per_example(batch)
+    items = [name for name in broadcast if record.leaves[name].ndim > 0 and record.leaves[name].shape[0] > batch
+             and record.leaves[name].shape[0] % batch == 0]
+    if items and not item_rows:
+        raise ValueError(
+            f"layers {items} have {record.leaves[items[0]].shape[0]} output rows for {batch} inputs here; their "
+            "Kronecker blocks were fitted with their rows read as examples (items of an example, e.g. reward "
+            "modelling's pairs), and the glm predictive needs one row per input: predict on single items")
+    broadcast = [name for name in broadcast if not (item_rows and name in items)]
     if broadcast:
         raise RuntimeError(
             f"layers {broadcast} have outputs that are not per example in this forward pass (broadcast over the "
@@ -400,15 +416,24 @@ def _first_and_rest(batches: Iterable[tuple[ModelInputs, torch.Tensor]]
 
 def kfac_factors(subset: ParameterSubset, batches: Iterable[tuple[ModelInputs, torch.Tensor]],
                  factors: OutputFactors, approximation: KFACApproximation = KFACApproximation.EXPAND,
-                 progress: bool = True, desc: str = "Laplace fit (kron)") -> KFACFactors:
+                 progress: bool = True, desc: str = "Laplace fit (kron)", item_rows: bool = False) -> KFACFactors:
     """Accumulate the KFAC factors and the diagonal fallback over one pass of ``batches``.
 
     ``batches`` yields (inputs of ``subset.module``, targets). Run with the
     model in eval mode (the per-example curvature assumes examples do not
     interact, as in BatchNorm's training mode they would).
+
+    ``item_rows``: a layer whose output has m·B rows for B examples (the network run on the items of each
+    example, e.g. reward modelling's pairs flattened to (2B, d)) gets Kronecker factors with its rows read as
+    examples, A = Σ_rows a aᵀ / N and G = Σ_rows Σ_k g gᵀ (N examples): laplace-torch 0.3's factors for such a
+    model (curvlinops sees a batch of 2B rows and normalises by the N of the data set). Without it such a layer
+    gets its exact diagonal block. Expand only (reduce needs to know which rows form an example).
     """
+    if item_rows and approximation is KFACApproximation.REDUCE:
+        raise ValueError("item_rows=True reads a layer's rows as examples, which the 'reduce' approximation cannot "
+                         "(it averages the positions of one example): use kfac_approx='expand'")
     first, stream = _first_and_rest(batches)
-    layers, positions, embeddings, norms = probe_layers(subset, first[0])
+    layers, positions, embeddings, norms = probe_layers(subset, first[0], item_rows)
     fallback = fallback_blocks(subset, layers)
     by_segments = {e.name: (e.weight, e.module) for e in embeddings if e.weight is not None
                    and isinstance(e.module, nn.Embedding)}
@@ -421,7 +446,7 @@ def kfac_factors(subset: ParameterSubset, batches: Iterable[tuple[ModelInputs, t
     n_data, n_outputs = 0, 0
     reduce = approximation is KFACApproximation.REDUCE
     for inputs, targets in tqdm(stream, desc=desc, disable=not progress, leave=False):
-        record = tapped_forward(subset, layers + embeddings + norms, inputs)
+        record = tapped_forward(subset, layers + embeddings + norms, inputs, item_rows)
         s = factors(record.outputs.detach(), targets)  # (B, C, K)
         x_hats = {norm.name: normalised_input(norm.module, record.inputs[norm.name]) for norm in norms}
         n_data += batch_size(inputs)

@@ -227,7 +227,8 @@ def _segment_sums(la: "Laplace", state: dict[str, Any], batches: Any, factors: O
         return _added(total, {str(index): values for index, values in part.items()})
     if la.structure_cls in (KronCurvature, EKFACCurvature):
         approximation = KronCurvature._parse_options(dict(la.structure_options))
-        fresh = kfac_factors(la.subset, batches(), factors, approximation, progress=False)
+        fresh = kfac_factors(la.subset, batches(), factors, approximation, progress=False,
+                             item_rows=KronCurvature.item_rows(dict(la.structure_options)))
         return _factors_payload(fresh if total is None else combined_factors(_factors_from_payload(la, total), fresh))
     structure = la.structure_cls.fit(la.subset, batches, factors, progress=False, **la.structure_options)
     return _added(total, structure.state_dict())

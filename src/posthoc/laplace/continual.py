@@ -53,7 +53,8 @@ def fit_structure(structure_cls: type[CurvatureStructure], subset: ParameterSubs
         return structure_cls.fit(subset, batches, factors, progress=progress, **options)
     approximation = KronCurvature._parse_options(options)
     check_kron_subset(subset, "kron")
-    result = kfac_factors(subset, batches(), factors, approximation, progress, desc="Laplace fit (kron)")
+    result = kfac_factors(subset, batches(), factors, approximation, progress, desc="Laplace fit (kron)",
+                          item_rows=KronCurvature.item_rows(options))
     return kron_structure(subset, result, approximation)
 
 

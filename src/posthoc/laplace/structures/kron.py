@@ -154,16 +154,25 @@ class KronCurvature(CurvatureStructure):
         approximation = cls._parse_options(options)
         check_kron_subset(subset, cls.structure.value)
         result = kfac_factors(subset, batches(), factors, approximation, progress,
-                              desc=f"Laplace fit ({cls.structure.value})")
+                              desc=f"Laplace fit ({cls.structure.value})", item_rows=cls.item_rows(options))
         return cls._from_factors(subset, result, approximation)
 
     @classmethod
     def _parse_options(cls, options: dict[str, Any]) -> KFACApproximation:
-        unknown = sorted(set(options) - {"kfac_approx"})
+        allowed = {"kfac_approx", "item_rows"} if cls.structure is HessianStructure.KRON else {"kfac_approx"}
+        unknown = sorted(set(options) - allowed)
         if unknown:
-            raise TypeError(f"hessian_structure={cls.structure.value!r} takes the option 'kfac_approx' only, "
+            raise TypeError(f"hessian_structure={cls.structure.value!r} takes the options {sorted(allowed)} only, "
                             f"got {unknown}")
         return check_choice(options.get("kfac_approx", KFACApproximation.EXPAND), KFACApproximation, "kfac_approx")
+
+    @classmethod
+    def item_rows(cls, options: dict[str, Any]) -> bool:
+        """The ``item_rows`` option (default False): see :func:`posthoc.curvature.kfac.kfac_factors`."""
+        value = options.get("item_rows", False)
+        if not isinstance(value, bool):
+            raise TypeError(f"item_rows must be True or False, got {value!r}")
+        return value
 
     @classmethod
     def _from_factors(cls, subset: ParameterSubset, result: KFACFactors,
