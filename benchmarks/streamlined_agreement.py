@@ -15,8 +15,8 @@ RMS standard error of the per-input variances is under 1/5 of their standard dev
 (diagonal mode; full mode where widths allow, on the first ``--n-full`` of each group; attention and LayerNorm
 rules named) the Spearman correlation and the total variance ratio. The goal: Spearman >= 0.9, total within 25 %.
 The linearised (glm) predictive of the same Laplace against MC says whether a miss is Streamlined's or the
-nonlinearity's; an extra diagonal-mode option swaps in the moment-matched activation rule of
-streamlined_agreement_rules.py (evidence for a rule change, not posthoc's rule), and streamlined_agreement_nodes.py
+nonlinearity's; extra diagonal-mode options use posthoc's moment-matched activations ("quadrature" rows:
+``Streamlined(activations="moment_matched")``) and LayerNorm "expected", and streamlined_agreement_nodes.py
 finds the node where a missing row leaves MC. The propagated mean must equal model(x) to 1e-5 (asserted).
 
 Resumable, and runs under either environment: each model's trained weights, posterior variances, MC draws (in
@@ -306,8 +306,6 @@ def streamlined_row(model: nn.Module, case: Case, variances: dict, x: Any, mc: d
     full-width check on layers that carry no variance. Raises AssertionError when the propagated mean is not
     model(x) to MEAN_ATOL.
     """
-    from streamlined_agreement_rules import experimental_rules
-
     from posthoc.streamlined import Streamlined
     idx = torch.arange(2 * N_GROUP)
     if option["mode"] == "full":
@@ -316,6 +314,8 @@ def streamlined_row(model: nn.Module, case: Case, variances: dict, x: Any, mc: d
     kwargs = {"activation_covariance": option["mode"], "attention": option["attention"]}
     if option["layernorm"] is not None:
         kwargs["layernorm"] = option["layernorm"]
+    if option.get("activations") == "quadrature":
+        kwargs["activations"] = "moment_matched"
     row: dict = {**option, "n_inputs": len(idx)}
     network, inputs = model, x
     if option["mode"] == "full" and case.split is not None:
@@ -324,7 +324,7 @@ def streamlined_row(model: nn.Module, case: Case, variances: dict, x: Any, mc: d
             inputs = trunk(x)
         row["on"] = "tail"
     try:
-        with warnings.catch_warnings(), experimental_rules(option):
+        with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             # full mode: a few inputs at a time (per-example D x D covariances; 50 at once took 8.5 GB on SmallViT)
             sp = Streamlined(network, weight_var=variances, batch_size=50 if option["mode"] == "diagonal" else 5,

@@ -42,7 +42,6 @@ from streamlined_agreement import (  # noqa: E402
     train,
 )
 from streamlined_agreement_cases import CASES, N_GROUP, load_task  # noqa: E402
-from streamlined_agreement_rules import experimental_rules  # noqa: E402
 
 from posthoc.utils.io import atomic_write_text  # noqa: E402
 
@@ -180,8 +179,9 @@ def diagnose(name: str, args: Any, fit_dir: Path) -> list[dict]:
         kwargs = {"activation_covariance": "diagonal", "attention": option["attention"]}
         if option["layernorm"] is not None:
             kwargs["layernorm"] = option["layernorm"]
-        with experimental_rules(option):
-            recorded, graph_module, placeholders = streamlined_nodes(model, variances, x, kwargs)
+        if option.get("activations") == "quadrature":
+            kwargs["activations"] = "moment_matched"
+        recorded, graph_module, placeholders = streamlined_nodes(model, variances, x, kwargs)
         mc = mc_nodes(model, graph_module, placeholders, variances, set(recorded), args.n_mc)
         nodes = {n.name: n for n in graph_module.graph.nodes}
         rows = []
@@ -216,8 +216,9 @@ def write_table(results: list[dict]) -> None:
              "inputs of each group (in-distribution and shifted), with the cached diagonal Laplace of "
              "streamlined_agreement.py (n_fit training inputs). MC runs the same graph with weight draws of the same "
              f"posterior. Nodes whose MC variance is zero (deterministic) are left out. Band: {BAND}; ← marks the "
-             "first node outside it (where the error enters). Activations quadrature and LayerNorm expected: the "
-             "experimental rules of benchmarks/streamlined_agreement_rules.py (not posthoc's). A module posthoc "
+             "first node outside it (where the error enters). Activations quadrature and LayerNorm expected: "
+             "Streamlined(activations='moment_matched') and layernorm='expected' (rows before these options moved "
+             "into posthoc used the benchmark's own copy of the same formulas). A module posthoc "
              "walks with a graph of its own (ResidualBlock, TransformerBlock) is one node.", ""]
     for result in results:
         o = result["option"]

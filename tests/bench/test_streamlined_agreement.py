@@ -176,45 +176,6 @@ def test_full_mode_on_the_tail_equals_full_mode_on_the_model(bench):
     assert row["total"] == pytest.approx(float(direct.sum() / mc["var"][idx].sum()), rel=1e-10)
 
 
-@pytest.mark.parametrize("name", ["relu", "tanh", "gelu", "sigmoid", "silu"])
-def test_gaussian_variance_of_activations_matches_dense_integration(name):
-    from streamlined_agreement_rules import _FUNCTIONS, gaussian_variance
-    mu = torch.tensor([-2.0, -0.3, 0.0, 0.4, 1.5], dtype=torch.float64)
-    var = torch.tensor([0.5, 2.0, 1.0, 0.01, 3.0], dtype=torch.float64)
-    t = torch.linspace(-12, 12, 200_001, dtype=torch.float64)[:, None]  # standard normal grid, trapezoid rule
-    density = torch.exp(-0.5 * t * t) / (2 * torch.pi) ** 0.5
-    g = _FUNCTIONS[name](mu + var.sqrt() * t)
-    first = torch.trapezoid(g * density, t, dim=0)
-    reference = torch.trapezoid((g - first).square() * density, t, dim=0)
-    # ReLU in closed form; the smooth ones by 32-node Gauss-Hermite (its error at σ² = 3 is about 1e-3)
-    rtol = 1e-6 if name == "relu" else 5e-3
-    torch.testing.assert_close(gaussian_variance(name, mu, var), reference, rtol=rtol, atol=1e-12)
-    assert float(gaussian_variance(name, mu, torch.zeros_like(var)).abs().max()) < 1e-12
-
-
-def test_quadrature_activations_swap_the_rules_and_restore_them():
-    from streamlined_agreement_rules import quadrature_activations
-
-    from posthoc.streamlined import Streamlined
-    from posthoc.streamlined.rules.base import find_rule
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double().eval()
-    variances = {"0.weight": torch.full((4, 3), 0.3, dtype=torch.float64)}
-    x = torch.randn(5, 3, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
-    before = find_rule(nn.Tanh)
-    with quadrature_activations():
-        pred = Streamlined(model, weight_var=variances).predict(x)
-    assert find_rule(nn.Tanh) is before
-    # the first layer's output is exactly Gaussian with independent units: the tanh variance, then the last
-    # (deterministic) layer, are exact; its mean stays model(x)
-    with torch.no_grad():
-        mu = model[0](x)
-    from streamlined_agreement_rules import gaussian_variance
-    var_h = gaussian_variance("tanh", mu, x.square() @ variances["0.weight"].T)
-    torch.testing.assert_close(pred.var, var_h @ model[2].weight.square().T)
-    torch.testing.assert_close(pred.mean, model(x))
-
-
 def test_node_diagnosis_of_a_linear_network_is_exact():
     from streamlined_agreement_nodes import first_outside, mc_nodes, streamlined_nodes
     torch.manual_seed(0)
@@ -241,27 +202,3 @@ def test_fit_folders_by_size_and_prior_structure(bench, tmp_path):
     assert delta_label({"prior_precision": 7.0}) == "7"
     assert delta_label({"prior_precision": 5.0, "prior_structure": "layerwise",
                         "prior_precision_range": [0.5, 40.0]}) == "layerwise 0.5-40"
-
-
-def test_expected_layernorm_divides_by_the_expected_spread():
-    """The agreement option "expected" is posthoc's Streamlined(layernorm="expected") (no rule swapped in)."""
-    from streamlined_agreement_rules import experimental_rules
-
-    from posthoc.streamlined import Streamlined
-    from posthoc.streamlined.rules.base import find_rule
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6)).double().eval()
-    variances = {"0.weight": torch.full((6, 4), 0.5, dtype=torch.float64)}
-    x = torch.randn(5, 4, generator=torch.Generator().manual_seed(10), dtype=torch.float64)
-    before = find_rule(nn.LayerNorm)
-    with experimental_rules({"layernorm": "expected"}):
-        assert find_rule(nn.LayerNorm) is before
-    pred = Streamlined(model, weight_var=variances, layernorm="expected").predict(x)
-    with torch.no_grad():
-        h = model[0](x)
-    var_h = x.square() @ variances["0.weight"].T  # (5, 6), exact
-    spread = h.var(-1, unbiased=False, keepdim=True) + model[1].eps + var_h.mean(-1, keepdim=True) * (1 - 1 / 6)
-    torch.testing.assert_close(pred.var, var_h / spread * model[1].weight.square())
-    torch.testing.assert_close(pred.mean, model(x))
-    frozen = Streamlined(model, weight_var=variances).predict(x)  # posthoc's rule: the spread of the mean only
-    assert bool((frozen.var > pred.var).all())

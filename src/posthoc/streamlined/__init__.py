@@ -7,6 +7,7 @@ The Gaussian weight posterior is propagated through the network, no sampling and
 from posthoc.streamlined.moments import ActivationCovariance, Moments
 from posthoc.streamlined.rules import (
     RULES,
+    ActivationRule,
     AttentionRule,
     LayerNormRule,
     UnsupportedLayerError,
@@ -18,6 +19,7 @@ from posthoc.streamlined.walk import register_graph, supported_layers
 
 __all__ = [
     "ActivationCovariance",
+    "ActivationRule",
     "AttentionRule",
     "LayerNormRule",
     "Moments",

@@ -33,7 +33,7 @@ from posthoc.predictive import GaussianPredictive, LinkApprox, laplace_torch_out
 from posthoc.predictive.scale import fit_variance_scale, scaled_gaussian
 from posthoc.streamlined.exported import ExportedGraphs, GraphRoute
 from posthoc.streamlined.moments import ActivationCovariance, Moments
-from posthoc.streamlined.rules import AttentionRule, Context, LayerNormRule, find_rule
+from posthoc.streamlined.rules import ActivationRule, AttentionRule, Context, LayerNormRule, find_rule
 from posthoc.streamlined.rules.attention import attach_value_sources
 from posthoc.streamlined.traced import TracedInputs, propagate_traced, trace
 from posthoc.streamlined.walk import propagate
@@ -78,6 +78,9 @@ class Streamlined:
             LayerNorm Jacobian at the mean) or "expected" (frozen, scaled by the expected spread of the
             random input, so input noise above the mean's spread is not amplified; see
             docs/streamlined.md for where it matters); default frozen in diagonal mode, linearized in full.
+        activations: "linearized" (authors': g'(μ)² σ²) or "moment_matched" (diagonal mode: Var g(z) for
+            z ~ N(μ, σ²), ReLU in closed form, smooth activations by 32-node quadrature; the mean stays
+            model(x)).
         likelihood: "classification" or "regression" (default: the Laplace object's, else
             classification); ``sigma_noise``: regression noise (default the Laplace's, else 1).
         batch_size: inputs propagated at once (default: all in diagonal mode, 32 in full mode).
@@ -113,6 +116,7 @@ class Streamlined:
         activation_covariance: ActivationCovariance | str = ActivationCovariance.DIAGONAL,
         attention: AttentionRule | str = AttentionRule.INDEPENDENT,
         layernorm: LayerNormRule | str | None = None,
+        activations: ActivationRule | str = ActivationRule.LINEARIZED,
         likelihood: Likelihood | str | None = None,
         sigma_noise: float | None = None,
         max_full_dim: int = 4096,
@@ -151,6 +155,10 @@ class Streamlined:
         if layernorm is None:
             layernorm = LayerNormRule.LINEARIZED if self.mode is ActivationCovariance.FULL else LayerNormRule.FROZEN
         self.layernorm = check_choice(layernorm, LayerNormRule, "layernorm")
+        self.activations = check_choice(activations, ActivationRule, "activations")
+        if self.activations is ActivationRule.MOMENT_MATCHED and self.mode is ActivationCovariance.FULL:
+            raise ValueError("activations='moment_matched' is diagonal-mode only; use "
+                             "activation_covariance='diagonal' or activations='linearized'")
         check_positive_int(max_full_dim, "max_full_dim", "the largest layer width given a full covariance")
         self.max_full_dim = max_full_dim
         check_positive_int(batch_size, "batch_size", "examples per propagated chunk", allow_none=True)
@@ -211,7 +219,7 @@ class Streamlined:
 
     # ----------------------------------------------------------------- propagation
     def _context(self, posterior: WeightPosterior) -> Context:
-        return Context(self.mode, posterior, self.attention, self.layernorm, self.max_full_dim)
+        return Context(self.mode, posterior, self.attention, self.layernorm, self.max_full_dim, self.activations)
 
     def _input_state(self, x: torch.Tensor, input_var: float | torch.Tensor | None) -> Moments:
         if input_var is None:
@@ -386,5 +394,6 @@ class Streamlined:
         """The settings stored with a bench row: variance scale, modes and the posterior's description."""
         return {"variance_scale": self.variance_scale, "activation_covariance": self.mode.value,
                 "attention": self.attention.value, "layernorm": self.layernorm.value,
+                "activations": self.activations.value,
                 "graph": None if self.graph_used is None else self.graph_used.value,
                 "posterior": self._posterior.description}

@@ -18,6 +18,7 @@ with :func:`propagate_traced` (``Streamlined(graph=...)``).
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from collections import ChainMap, Counter
 from typing import Any, Iterator, Mapping
@@ -253,7 +254,7 @@ def propagate_traced(graph_module: fx.GraphModule, state: Moments | TracedInputs
     last_reader = {} if joint is not None else {arg: node for node in graph.nodes for arg in node.all_input_nodes}
     # diagonal mode: nodes whose variance nobody reads run on the means with the weights at their means
     with_variance = None if joint is not None else variance_needed(returned)
-    mean_ctx = Context(ctx.mode, ctx.posterior.deterministic(), ctx.attention, ctx.layernorm, ctx.max_full_dim)
+    mean_ctx = dataclasses.replace(ctx, posterior=ctx.posterior.deterministic())
     for node, value in _placeholder_values(graph, state):
         env[node] = value
         if joint is not None and isinstance(value, Moments):

@@ -34,6 +34,7 @@ from posthoc.streamlined.rules.activations import ElementwiseStep, activation_ru
 from posthoc.streamlined.rules.affine import AffineNoise, ConvStep, LinearStep, conv2d_rule, linear_rule
 from posthoc.streamlined.rules.base import (
     RULES,
+    ActivationRule,
     AttentionRule,
     Context,
     LayerNormRule,
@@ -60,6 +61,7 @@ __all__ = [
     "ConvStep",
     "ElementwiseStep",
     "LayerNormRule",
+    "ActivationRule",
     "LinearMapStep",
     "LinearStep",
     "MaxPoolStep",

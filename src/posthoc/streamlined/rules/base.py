@@ -31,6 +31,12 @@ class LayerNormRule(str, Enum):
     EXPECTED = "expected"  # frozen, but the scale the expected spread of the random input (its noise counted)
 
 
+class ActivationRule(str, Enum):
+    """How element-wise activations g propagate a variance (diagonal mode)."""
+    LINEARIZED = "linearized"  # the authors': g'(μ)² σ², the activation linearised at the mean
+    MOMENT_MATCHED = "moment_matched"  # Var g(z) for z ~ N(μ, σ²); the mean stays g(μ), i.e. model(x)
+
+
 class UnsupportedLayerError(TypeError):
     """A module has no moment-propagation rule."""
 
@@ -46,6 +52,7 @@ class Context:
     attention: AttentionRule = AttentionRule.INDEPENDENT
     layernorm: LayerNormRule = LayerNormRule.FROZEN
     max_full_dim: int = 4096
+    activations: ActivationRule = ActivationRule.LINEARIZED
 
     @property
     def full(self) -> bool:

@@ -10,6 +10,7 @@ a per-channel affine map.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from typing import Any, Callable, cast
 
 import torch
@@ -36,7 +37,7 @@ def _with_stand_in(ctx: Context, stand_in: nn.Module, post: LayerPosterior | Non
     posterior._by_id = {**ctx.posterior._by_id}
     if post is not None:
         posterior._by_id[id(stand_in)] = post
-    return Context(ctx.mode, posterior, ctx.attention, ctx.layernorm, ctx.max_full_dim)
+    return dataclasses.replace(ctx, posterior=posterior)
 
 
 @register_rule(nn.Conv1d)
