@@ -49,12 +49,12 @@ def test_rows_name_failures_missing_quantities_and_known_causes(bench):
     ref = _result(det={"kron: prior precision": one, "both": one}, exact={"mask": torch.tensor([1, 2])})
     ours = _result(det={"kron: prior precision": one * 1.1}, exact={"mask": torch.tensor([1, 3])},
                    error="TypeError: boom")
-    rows = {r["quantity"]: r for r in bench.compare_flow("reward_modeling", {"laplace-torch": ref, "posthoc": ours},
-                                                         None)}
+    rows = {r["quantity"]: r for r in bench.compare_flow("regression_marglik", {"laplace-torch": ref,
+                                                                                "posthoc": ours}, None)}
     assert rows["error (float32)"]["verdict"] == "posthoc fails" and rows["error (float32)"]["posthoc"] == \
         "TypeError: boom"
     assert rows["both"]["verdict"] == "missing on posthoc"
-    assert rows["kron: prior precision"]["verdict"].startswith("DIFFERS") and "[2]" in \
+    assert rows["kron: prior precision"]["verdict"].startswith("DIFFERS") and "[1]" in \
         rows["kron: prior precision"]["verdict"]
     assert rows["mask"]["verdict"] == "DIFFERS"
 
