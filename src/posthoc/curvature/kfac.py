@@ -73,7 +73,7 @@ import itertools
 import warnings
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -131,18 +131,23 @@ class KronLayer:
         return weight_is_transposed(self.module)
 
 
+def _layers_with_weight_and_bias(subset: ParameterSubset, accepts: Callable[[nn.Module], bool]) -> list[KronLayer]:
+    """The layers ``accepts`` admits that own a covered weight or bias, in block order (their block indices)."""
+    layers: dict[str, dict[str, int]] = {}
+    modules: dict[str, nn.Module] = {}
+    for index, block in enumerate(subset.blocks):
+        if block.kind in ("weight", "bias") and accepts(block.layer):
+            layers.setdefault(block.layer_name, {})[block.kind] = index
+            modules[block.layer_name] = block.layer
+    return [KronLayer(name, modules[name], kinds.get("weight"), kinds.get("bias")) for name, kinds in layers.items()]
+
+
 def candidate_layers(subset: ParameterSubset) -> list[KronLayer]:
     """Layers of a :class:`~posthoc.curvature.layers.LayerKind` with a covered weight or bias, in block order.
 
     No probing: :func:`probe_layers` decides which of them are called once. Cost: O(number of blocks).
     """
-    layers: dict[str, dict[str, int]] = {}
-    modules: dict[str, nn.Module] = {}
-    for index, block in enumerate(subset.blocks):
-        if block.kind in ("weight", "bias") and layer_kind(block.layer) is not None:
-            layers.setdefault(block.layer_name, {})[block.kind] = index
-            modules[block.layer_name] = block.layer
-    return [KronLayer(name, modules[name], kinds.get("weight"), kinds.get("bias")) for name, kinds in layers.items()]
+    return _layers_with_weight_and_bias(subset, lambda module: layer_kind(module) is not None)
 
 
 def candidate_embeddings(subset: ParameterSubset) -> list[KronLayer]:
@@ -153,13 +158,7 @@ def candidate_embeddings(subset: ParameterSubset) -> list[KronLayer]:
 
 def candidate_norms(subset: ParameterSubset) -> list[KronLayer]:
     """Normalisation layers with a covered γ or β for the tapped diagonal (:mod:`posthoc.curvature.norm_affine`)."""
-    norms: dict[str, dict[str, int]] = {}
-    modules: dict[str, nn.Module] = {}
-    for index, block in enumerate(subset.blocks):
-        if block.kind in ("weight", "bias") and norm_route_ok(block.layer):
-            norms.setdefault(block.layer_name, {})[block.kind] = index
-            modules[block.layer_name] = block.layer
-    return [KronLayer(name, modules[name], kinds.get("weight"), kinds.get("bias")) for name, kinds in norms.items()]
+    return _layers_with_weight_and_bias(subset, norm_route_ok)
 
 
 def layers_by_name(subset: ParameterSubset, names: Iterable[str], embeddings: bool = False,
@@ -190,8 +189,7 @@ def probe_layers(subset: ParameterSubset, inputs: ModelInputs, item_rows: bool =
     is shared with another module or a functional use, is left to the generic exact diagonal fallback, and so
     is a layer whose output does not have one row per example (GPT-2's position embedding of (1, L) ids).
 
-    With ``item_rows`` a Linear/Conv layer whose output has m·B rows (m ≥ 2; e.g. reward modelling's network run
-    on the (2B, d) items of B pairs) is kept too, its rows read as examples (:func:`kfac_factors`).
+    With ``item_rows`` a Linear/Conv layer with m·B output rows (m ≥ 2) is kept too (:func:`kfac_factors`).
 
     Returns the kept Kronecker layers, the weight-sharing positions L of every kept layer, the kept
     embeddings (:func:`candidate_embeddings`) and the kept normalisation layers (:func:`candidate_norms`).
@@ -207,7 +205,7 @@ def probe_layers(subset: ParameterSubset, inputs: ModelInputs, item_rows: bool =
     for layer in candidates + embeddings + norms:
         def hook(module: nn.Module, args: tuple, output: torch.Tensor, name: str = layer.name) -> None:
             calls.setdefault(name, []).append(layer_positions(module, output))
-            items = item_rows and output.shape[0] > batch and output.shape[0] % batch == 0 and name in kron_names
+            items = item_rows and _item_rows(output.shape[0], batch) and name in kron_names
             if output.shape[0] != batch and not items:  # not per example (e.g. broadcast): never "called once"
                 calls[name].append(0)
         handles.append(layer.module.register_forward_hook(hook))
@@ -228,6 +226,11 @@ def probe_layers(subset: ParameterSubset, inputs: ModelInputs, item_rows: bool =
                            if 0 in calls.get(layer.name, [])])
     return (kept, {layer.name: calls[layer.name][0] for layer in kept + kept_embeddings + kept_norms},
             kept_embeddings, kept_norms)
+
+
+def _item_rows(rows: int, batch: int) -> bool:
+    """Whether a layer output of ``rows`` rows for ``batch`` examples holds m ≥ 2 item rows per example."""
+    return rows > batch and rows % batch == 0
 
 
 def model_layer_name(subset: ParameterSubset, name: str) -> str:
@@ -341,13 +344,12 @@ def tapped_forward(subset: ParameterSubset, layers: list[KronLayer], inputs: Mod
                            refuse_reuse=True)
     batch = batch_size(inputs)
     broadcast = record.not_per_example(batch)
-    items = [name for name in broadcast if record.leaves[name].ndim > 0 and record.leaves[name].shape[0] > batch
-             and record.leaves[name].shape[0] % batch == 0]
+    items = [name for name in broadcast if record.leaves[name].ndim > 0
+             and _item_rows(record.leaves[name].shape[0], batch)]
     if items and not item_rows:
-        raise ValueError(
-            f"layers {items} have {record.leaves[items[0]].shape[0]} output rows for {batch} inputs here; their "
-            "Kronecker blocks were fitted with their rows read as examples (items of an example, e.g. reward "
-            "modelling's pairs), and the glm predictive needs one row per input: predict on single items")
+        raise ValueError(f"layers {items} have {record.leaves[items[0]].shape[0]} output rows for {batch} inputs "
+                         "here; their Kronecker blocks were fitted with their rows read as examples (e.g. reward "
+                         "modelling's pairs), and the glm predictive needs one row per input: predict on single items")
     broadcast = [name for name in broadcast if not (item_rows and name in items)]
     if broadcast:
         raise RuntimeError(
@@ -423,11 +425,9 @@ def kfac_factors(subset: ParameterSubset, batches: Iterable[tuple[ModelInputs, t
     model in eval mode (the per-example curvature assumes examples do not
     interact, as in BatchNorm's training mode they would).
 
-    ``item_rows``: a layer whose output has m·B rows for B examples (the network run on the items of each
-    example, e.g. reward modelling's pairs flattened to (2B, d)) gets Kronecker factors with its rows read as
-    examples, A = Σ_rows a aᵀ / N and G = Σ_rows Σ_k g gᵀ (N examples): laplace-torch 0.3's factors for such a
-    model (curvlinops sees a batch of 2B rows and normalises by the N of the data set). Without it such a layer
-    gets its exact diagonal block. Expand only (reduce needs to know which rows form an example).
+    ``item_rows``: a layer with m·B output rows for B examples (e.g. reward modelling's pairs flattened to (2B, d))
+    gets A = Σ_rows a aᵀ / N and G = Σ_rows Σ_k g gᵀ, laplace-torch 0.3's factors (curvlinops divides by the N of
+    the data set); without it, its exact diagonal block. Expand only (reduce needs each example's rows).
     """
     if item_rows and approximation is KFACApproximation.REDUCE:
         raise ValueError("item_rows=True reads a layer's rows as examples, which the 'reduce' approximation cannot "

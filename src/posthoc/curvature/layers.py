@@ -25,9 +25,8 @@ from typing import Callable, Iterable, Mapping
 
 import torch
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
-from posthoc.curvature.norm_affine import norm_channels_first
+from posthoc.curvature.norm_affine import NORM_LAYERS, norm_channels_first
 from posthoc.utils.conv import conv_input_gram, unfold_patches
 from posthoc.utils.linalg import gram
 
@@ -106,7 +105,7 @@ def weight_is_transposed(module: nn.Module) -> bool:
 
 def _is_norm(module: nn.Module) -> bool:
     """Whether ``module`` is a BatchNorm, LayerNorm or GroupNorm (:mod:`posthoc.curvature.norm_affine`'s layout)."""
-    return isinstance(module, (nn.LayerNorm, nn.GroupNorm, _BatchNorm))
+    return isinstance(module, NORM_LAYERS)
 
 
 def out_dim(module: nn.Module) -> int:

@@ -25,6 +25,8 @@ from torch import nn
 from torch.nn import functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
+NORM_LAYERS = (nn.LayerNorm, nn.GroupNorm, _BatchNorm)  # the layer types this module lays out and reads
+
 
 def norm_route_ok(module: nn.Module) -> bool:
     """Whether ``module``'s affine parameters can be read from its input and output gradients (see the module doc).

@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 from collections import ChainMap, Counter
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from torch import fx, nn
@@ -169,17 +169,22 @@ def _placeholder_values(graph: fx.Graph, state: Moments | TracedInputs) -> Itera
             raise ValueError(f"the model's forward needs the input {name!r}, which x does not give")
 
 
-def _needed(returned: Any) -> set[fx.Node]:
-    """The nodes the read output depends on: the others (an auxiliary loss, a second head) are not propagated."""
+def _reachable(returned: Any, inputs_of: Callable[[fx.Node], list[fx.Node]]) -> set[fx.Node]:
+    """The nodes reached from the nodes in ``returned`` by following ``inputs_of`` backwards. O(graph)."""
     stack: list[fx.Node] = []
     fx.node.map_arg(returned, stack.append)
-    needed: set[fx.Node] = set()
+    reached: set[fx.Node] = set()
     while stack:
         node = stack.pop()
-        if node not in needed:
-            needed.add(node)
-            stack.extend(node.all_input_nodes)
-    return needed
+        if node not in reached:
+            reached.add(node)
+            stack.extend(inputs_of(node))
+    return reached
+
+
+def _needed(returned: Any) -> set[fx.Node]:
+    """The nodes the read output depends on: the others (an auxiliary loss, a second head) are not propagated."""
+    return _reachable(returned, lambda node: node.all_input_nodes)
 
 
 def _variance_inputs(node: fx.Node) -> list[fx.Node]:
@@ -206,15 +211,7 @@ def variance_needed(returned: Any) -> set[fx.Node]:
     of its inputs with the weights at their means: the mean is the same, and the variance pass nobody reads is
     skipped (for BERT-base two of the six Linear layers per block). Cost: one pass over the graph.
     """
-    stack: list[fx.Node] = []
-    fx.node.map_arg(returned, stack.append)
-    wanted: set[fx.Node] = set()
-    while stack:
-        node = stack.pop()
-        if node not in wanted:
-            wanted.add(node)
-            stack.extend(_variance_inputs(node))
-    return wanted
+    return _reachable(returned, _variance_inputs)
 
 
 def _without_variance(value: Any) -> Any:
