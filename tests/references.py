@@ -140,3 +140,23 @@ def linear_gaussian_fiber(n: int = 4, p: int = 10, delta: float = 2.0, sigma: fl
         model.weight.copy_(theta.reshape(1, p))
     null = torch.eye(p, dtype=DTYPE) - torch.linalg.pinv(x) @ x
     return model, x, y, theta, null
+
+
+class PairRewardNet(nn.Module):
+    """One reward per item: pairs (B, 2, 3) run the net on the (2B, 3) items, logits (B, 2); items (B, 3) give (B, 1)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 1)).to(DTYPE)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim == 3:
+            return self.net(x.reshape(-1, x.shape[-1])).reshape(x.shape[0], 2)
+        return self.net(x)
+
+
+def reward_pairs(n: int = 12) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` pairs (n, 2, 3) and which item is preferred (n,), seeded."""
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(n, 2, 3, generator=g, dtype=DTYPE), torch.randint(0, 2, (n,), generator=g)

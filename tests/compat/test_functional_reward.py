@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from references import dense_jacobians
+from references import PairRewardNet, dense_jacobians, reward_pairs
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -14,29 +14,10 @@ from posthoc.network.subset import ParameterSubset
 DTYPE = torch.float64
 
 
-class RewardModel(nn.Module):
-    """One reward per item: pairs (B, 2, D) give the two rewards as logits (B, 2), items (B, D) give (B, 1)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.net = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 1)).to(DTYPE)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.ndim == 3:
-            return self.net(x.reshape(-1, x.shape[-1])).reshape(x.shape[0], 2)
-        return self.net(x)
-
-
-def _pairs():
-    g = torch.Generator().manual_seed(1)
-    return torch.randn(12, 2, 3, generator=g, dtype=DTYPE), torch.randint(0, 2, (12,), generator=g)
-
-
 @pytest.mark.parametrize("structure", ["full", "diag"])
 def test_reward_modeling_fits_as_classification_and_predicts_rewards_as_regression(structure):
-    model = RewardModel()
-    x, y = _pairs()
+    model = PairRewardNet()
+    x, y = reward_pairs()
     loader = DataLoader(TensorDataset(x, y), batch_size=5)
     la = Laplace(model, "reward_modeling", "all", structure, prior_precision=0.5).fit(loader)
     cls = Laplace(model, "classification", "all", structure, prior_precision=0.5).fit(loader)
@@ -54,8 +35,8 @@ def test_reward_modeling_fits_as_classification_and_predicts_rewards_as_regressi
 
 
 def test_reward_modeling_with_kron_runs():
-    model = RewardModel()
-    x, y = _pairs()
+    model = PairRewardNet()
+    x, y = reward_pairs()
     la = Laplace(model, "reward_modeling", "all").fit(DataLoader(TensorDataset(x, y), batch_size=5))
     f_mu, f_var = la(torch.randn(4, 3, dtype=DTYPE))
     assert f_mu.shape == (4, 1) and f_var.shape == (4, 1, 1) and bool((f_var > 0).all())

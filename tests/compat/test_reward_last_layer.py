@@ -9,28 +9,15 @@ sum_n J_n^T (diag p_n - p_n p_n^T) J_n and the reward's J Sigma J^T from torch.f
 
 import pytest
 import torch
+from references import DTYPE, reward_pairs
+from references import PairRewardNet as FlatPairs
 from torch import nn
 from torch.func import functional_call, jacrev
 from torch.utils.data import DataLoader, TensorDataset
 
 from posthoc.compat.laplace import Laplace
 
-DTYPE = torch.float64
 LAST = "net.2"
-
-
-class FlatPairs(nn.Module):
-    """Pairs (B, 2, d) -> the net on (2B, d) items -> logits (B, 2); items (B, d) -> rewards (B, 1)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.net = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 1)).to(DTYPE)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.ndim == 3:
-            return self.net(x.reshape(-1, x.shape[-1])).reshape(x.shape[0], 2)
-        return self.net(x)
 
 
 class PairAxis(FlatPairs):
@@ -41,13 +28,8 @@ class PairAxis(FlatPairs):
         return out.squeeze(-1) if x.ndim == 3 else out
 
 
-def _pairs(n: int = 12):
-    g = torch.Generator().manual_seed(1)
-    return torch.randn(n, 2, 3, generator=g, dtype=DTYPE), torch.randint(0, 2, (n,), generator=g)
-
-
 def _loader(batch_size: int = 5) -> DataLoader:
-    return DataLoader(TensorDataset(*_pairs()), batch_size=batch_size)
+    return DataLoader(TensorDataset(*reward_pairs()), batch_size=batch_size)
 
 
 def _items() -> torch.Tensor:
@@ -85,7 +67,7 @@ def _dense_precision(la: Laplace) -> torch.Tensor:
 @pytest.mark.parametrize("model_class", [FlatPairs, PairAxis])
 def test_last_layer_full_is_the_bradley_terry_ggn_and_the_reward_variance_is_j_sigma_jt(model_class):
     model = model_class()
-    x, _ = _pairs()
+    x, _ = reward_pairs()
     la = Laplace(model, "reward_modeling", "last_layer", "full", prior_precision=0.5).fit(_loader())
     assert la.subset.last_layer_name == LAST
     eye = torch.eye(7, dtype=DTYPE)
@@ -105,7 +87,7 @@ def test_last_layer_full_is_the_bradley_terry_ggn_and_the_reward_variance_is_j_s
     torch.testing.assert_close(f_mu_joint, f_mu.reshape(-1))
 
 
-@pytest.mark.filterwarnings("ignore:hessian_structure:UserWarning")  # FlatPairs' diagonal blocks, tested below
+@pytest.mark.filterwarnings("ignore:hessian_structure:UserWarning")  # FlatPairs' ekfac: diagonal blocks
 @pytest.mark.parametrize("model_class", [FlatPairs, PairAxis])
 @pytest.mark.parametrize("structure", ["full", "diag", "kron", "ekfac"])
 def test_last_layer_equals_the_all_weights_fit_last_block(model_class, structure):
@@ -118,16 +100,25 @@ def test_last_layer_equals_the_all_weights_fit_last_block(model_class, structure
     torch.testing.assert_close(last, full[-7:, -7:], rtol=1e-10, atol=1e-12)
 
 
-def test_pair_axis_kron_is_kfac_expand_over_the_two_items():
-    """Layers run on (B, 2, d): G = sum_n sum_i Lambda_n[i, i], A = sum of a a^T over the 2N rows / (2N) (laplace-torch's too)."""
-    model = PairAxis()
-    x, _ = _pairs()
-    la = Laplace(model, "reward_modeling", "last_layer", "kron", prior_precision=1e-3).fit(_loader())
+def _last_layer_kfac(model: nn.Module, x: torch.Tensor, divisor: int) -> torch.Tensor:
+    """The last layer's KFAC blocks (7, 7) on pairs x: G ⊗ A for the weight, G for the bias.
+
+    G = sum over pairs and items of Lambda_n[i, i] (Lambda_n = diag p_n - p_n p_n^T), A = sum over the 2N item
+    rows of a a^T / ``divisor``.
+    """
     with torch.no_grad():
         a = torch.tanh(model.net[0](x)).reshape(-1, 6)  # (2N, 6)
         p = torch.softmax(model(x), -1)
     g = (p * (1 - p)).sum()  # sum of the diagonal entries of diag(p) - p p^T
-    expected = torch.block_diag(g * (a.T @ a) / a.shape[0], g.reshape(1, 1)) + 1e-3 * torch.eye(7, dtype=DTYPE)
+    return torch.block_diag(g * (a.T @ a) / divisor, g.reshape(1, 1))
+
+
+def test_pair_axis_kron_is_kfac_expand_over_the_two_items():
+    """Layers run on (B, 2, d): G = sum_n sum_i Lambda_n[i, i], A = sum of a a^T over the 2N rows / (2N) (laplace-torch's too)."""
+    model = PairAxis()
+    x, _ = reward_pairs()
+    la = Laplace(model, "reward_modeling", "last_layer", "kron", prior_precision=1e-3).fit(_loader())
+    expected = _last_layer_kfac(model, x, divisor=2 * x.shape[0]) + 1e-3 * torch.eye(7, dtype=DTYPE)
     torch.testing.assert_close(_dense_precision(la), expected, rtol=1e-10, atol=1e-12)
 
 
@@ -138,13 +129,9 @@ def test_flat_pairs_kron_reads_the_item_rows_as_laplace_torch_does():
     set; benchmarks/laplace_torch_flows.py compares them: equal to 1e-15). Prediction stays on single items.
     """
     model = FlatPairs()
-    x, _ = _pairs()
+    x, _ = reward_pairs()
     la = Laplace(model, "reward_modeling", "last_layer", "kron", prior_precision=1e-3).fit(_loader())
-    with torch.no_grad():
-        a = torch.tanh(model.net[0](x)).reshape(-1, 6)  # (2N, 6)
-        p = torch.softmax(model(x), -1)
-    g = (p * (1 - p)).sum()
-    expected = torch.block_diag(g * (a.T @ a) / x.shape[0], g.reshape(1, 1)) + 1e-3 * torch.eye(7, dtype=DTYPE)
+    expected = _last_layer_kfac(model, x, divisor=x.shape[0]) + 1e-3 * torch.eye(7, dtype=DTYPE)
     torch.testing.assert_close(_dense_precision(la), expected, rtol=1e-10, atol=1e-12)
     f_mu, _ = la(_items())
     torch.testing.assert_close(f_mu, model(_items()).detach())
@@ -157,7 +144,7 @@ def test_posthoc_kron_gives_item_row_layers_their_exact_diagonal_block():
     import posthoc
 
     model = FlatPairs()
-    x, _ = _pairs()
+    x, _ = reward_pairs()
     with pytest.warns(UserWarning, match=r"the layers 'net\.2' have outputs that are not one row per example"):
         la = posthoc.Laplace(model, "classification", subset_of_weights="last_layer", hessian_structure="kron",
                              prior_precision=0.5, progress=False).fit(_loader())
@@ -169,7 +156,7 @@ def test_posthoc_kron_gives_item_row_layers_their_exact_diagonal_block():
 @pytest.mark.parametrize("model_class", [FlatPairs, PairAxis])
 def test_fitting_outputs_nn_predictions_and_marglik_match_the_classification_fit(model_class):
     model = model_class()
-    x, _ = _pairs()
+    x, _ = reward_pairs()
     la = Laplace(model, "reward_modeling", "last_layer", "full", prior_precision=0.5).fit(_loader())
     cls = Laplace(model, "classification", "last_layer", "full", prior_precision=0.5).fit(_loader())
     torch.testing.assert_close(la(x[:3], fitting=True), cls(x[:3]))  # the pair's class probabilities

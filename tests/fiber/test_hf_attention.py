@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 from torch.func import functional_call, jacrev
-from zoo.models import N_CLASSES, tiny_bert, tiny_gpt2, token_batches
+from zoo.models import N_CLASSES, lm_batches, tiny_bert, tiny_gpt2, tiny_gpt2_lm, token_batches
 
 from posthoc.fiber import FiberSampler
 from posthoc.fiber.particles import map_particles, reads_parameter_values
@@ -60,29 +60,10 @@ def test_projection_products_on_default_attention_match_a_dense_jacrev(build):
         torch.testing.assert_close(ju[k], torch.einsum("bcp,bc->p", jac, u[k]), rtol=1e-9, atol=1e-12)
 
 
-def _lm(tie: bool = True) -> nn.Module:
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(vocab_size=7, n_embd=4, n_layer=1, n_head=2, n_positions=5, n_inner=8,
-                                     pad_token_id=0, bos_token_id=1, eos_token_id=1, resid_pdrop=0.0, embd_pdrop=0.0,
-                                     attn_pdrop=0.0, tie_word_embeddings=tie)
-    return transformers.GPT2LMHeadModel(config).to(DTYPE).eval()
-
-
-def _lm_batches() -> list[dict[str, torch.Tensor]]:
-    """Two batches of 3 right-padded sequences of 5 tokens; labels the next token, -100 where there is none."""
-    gen = torch.Generator().manual_seed(1)
-    mask = (torch.arange(5) < torch.tensor([5, 4, 3, 5, 2, 4])[:, None]).long()
-    ids = torch.randint(2, 7, (6, 5), generator=gen) * mask
-    labels = torch.full_like(ids, -100)
-    labels[:, :-1] = torch.where(mask[:, 1:] == 1, ids[:, 1:], -100)
-    return [{"input_ids": ids[i:i + 3], "attention_mask": mask[i:i + 3], "labels": labels[i:i + 3]} for i in (0, 3)]
-
-
 @pytest.mark.parametrize("subset,tie", [("all", True), ("last_layer", False)])
 def test_gpt2_lm_head_walks_on_its_token_outputs(subset, tie):
-    model = _lm(tie)
-    data = _lm_batches()
+    model = tiny_gpt2_lm(tie)
+    data = lm_batches()
     fs = FiberSampler(model, "classification", subset_of_weights=subset, **FIBER).fit(data)
     labels = torch.cat([b["labels"] for b in data])
     with torch.no_grad():
@@ -98,7 +79,8 @@ def test_gpt2_lm_head_walks_on_its_token_outputs(subset, tie):
 
 def test_gpt2_lm_head_tied_to_the_embedding_is_refused_under_last_layer():
     with pytest.raises(ValueError, match="tied weights"):
-        FiberSampler(_lm(tie=True), "classification", subset_of_weights="last_layer", **FIBER).fit(_lm_batches())
+        FiberSampler(tiny_gpt2_lm(tie=True), "classification", subset_of_weights="last_layer",
+                     **FIBER).fit(lm_batches())
 
 
 class _Branching(nn.Module):

@@ -10,40 +10,20 @@ import pytest
 import torch
 from torch.autograd.functional import jacobian
 from torch.func import functional_call
+from zoo.models import LM_SEQ, LM_VOCAB, lm_batches, tiny_gpt2_lm
 
 from posthoc import Laplace
 
 transformers = pytest.importorskip("transformers")
 
 DTYPE = torch.float64
-VOCAB, SEQ = 7, 5
-
-
-def tiny_lm() -> torch.nn.Module:
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(vocab_size=VOCAB, n_embd=4, n_layer=1, n_head=2, n_positions=SEQ, n_inner=8,
-                                     pad_token_id=0, bos_token_id=1, eos_token_id=1, resid_pdrop=0.0,
-                                     embd_pdrop=0.0, attn_pdrop=0.0)
-    return transformers.GPT2LMHeadModel(config).to(DTYPE).eval()
-
-
-def batches() -> list[dict[str, torch.Tensor]]:
-    """Two dict batches of 3 right-padded sequences; labels are the next tokens, -100 where there is none."""
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(2, VOCAB, (6, SEQ), generator=g)
-    lengths = torch.tensor([5, 4, 3, 5, 2, 4])
-    mask = (torch.arange(SEQ) < lengths[:, None]).long()
-    ids = ids * mask
-    labels = torch.full_like(ids, -100)
-    labels[:, :-1] = torch.where(mask[:, 1:] == 1, ids[:, 1:], -100)
-    return [{"input_ids": ids[i:i + 3], "attention_mask": mask[i:i + 3], "labels": labels[i:i + 3]}
-            for i in (0, 3)]
+VOCAB, SEQ = LM_VOCAB, LM_SEQ
 
 
 def test_gpt2_lm_head_all_weights_diag_matches_dense_reference():
-    model = tiny_lm()
+    model = tiny_gpt2_lm()
     assert model.lm_head.weight is model.transformer.wte.weight
-    data = batches()
+    data = lm_batches()
     la = Laplace(model, "classification", "all", "diag", prior_precision=2.0, progress=False).fit(data)
     labels = torch.cat([b["labels"] for b in data])
     assert la.n_data == int((labels != -100).sum())
@@ -81,14 +61,14 @@ def test_gpt2_lm_head_all_weights_diag_matches_dense_reference():
 
 
 def test_gpt2_lm_head_kron_fits_and_predicts_per_token():
-    la = Laplace(tiny_lm(), "classification", "all", "kron", progress=False).fit(batches())
-    x = {k: v for k, v in batches()[0].items() if k != "labels"}
+    la = Laplace(tiny_gpt2_lm(), "classification", "all", "kron", progress=False).fit(lm_batches())
+    x = {k: v for k, v in lm_batches()[0].items() if k != "labels"}
     pred = la.predict(x)
     assert pred.cov.shape == (3, SEQ, VOCAB, VOCAB)
     assert bool((pred.var > 0).all()) and torch.isfinite(la.log_marginal_likelihood())
 
 
 def test_gpt2_tied_lm_head_under_last_layer_is_refused():
-    la = Laplace(tiny_lm(), "classification", "last_layer", "kron", progress=False)
+    la = Laplace(tiny_gpt2_lm(), "classification", "last_layer", "kron", progress=False)
     with pytest.raises(ValueError, match="tied weights.*subset_of_weights='all'"):
-        la.fit(batches())
+        la.fit(lm_batches())

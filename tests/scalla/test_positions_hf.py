@@ -9,40 +9,21 @@ from __future__ import annotations
 
 import pytest
 import torch
+from zoo.models import LM_SEQ, LM_VOCAB, lm_batches, tiny_gpt2_lm
 
 from posthoc import ScaLLA
 
 transformers = pytest.importorskip("transformers")
 
 DTYPE = torch.float64
-VOCAB, SEQ = 7, 5
-
-
-def tiny_lm() -> torch.nn.Module:
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(vocab_size=VOCAB, n_embd=4, n_layer=1, n_head=2, n_positions=SEQ, n_inner=8,
-                                     pad_token_id=0, bos_token_id=1, eos_token_id=1, resid_pdrop=0.0,
-                                     embd_pdrop=0.0, attn_pdrop=0.0)
-    return transformers.GPT2LMHeadModel(config).to(DTYPE).eval()
-
-
-def batches() -> list[dict[str, torch.Tensor]]:
-    """Two dict batches of 3 right-padded sequences; labels are the next tokens, -100 where there is none."""
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(2, VOCAB, (6, SEQ), generator=g)
-    mask = (torch.arange(SEQ) < torch.tensor([5, 4, 3, 5, 2, 4])[:, None]).long()
-    ids = ids * mask
-    labels = torch.full_like(ids, -100)
-    labels[:, :-1] = torch.where(mask[:, 1:] == 1, ids[:, 1:], -100)
-    return [{"input_ids": ids[i:i + 3], "attention_mask": mask[i:i + 3], "labels": labels[i:i + 3]}
-            for i in (0, 3)]
+VOCAB, SEQ = LM_VOCAB, LM_SEQ
 
 
 def test_scalla_on_the_gpt2_lm_head_gives_per_token_predictives():
-    model = tiny_lm()
+    model = tiny_gpt2_lm()
     assert model.lm_head.weight is model.transformer.wte.weight
     weights = [p.detach().clone() for p in model.parameters()]
-    data = batches()
+    data = lm_batches()
     s = ScaLLA(model, "classification", n_features=8, steps=20, batch_size=4, eigen_subsample=6,
                progress=False).fit(data)
     labels = torch.cat([b["labels"] for b in data])

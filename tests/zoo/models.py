@@ -62,6 +62,34 @@ def tiny_gpt2() -> nn.Module:
     return transformers.GPT2ForSequenceClassification(config).double().eval()
 
 
+LM_VOCAB, LM_SEQ = 7, 5  # the tiny GPT-2 LM head of the token-level tests
+
+
+def tiny_gpt2_lm(tie: bool = True) -> nn.Module:
+    """A 1-layer GPT-2 LM head (vocabulary 7, 5 positions, width 4), float64, eval mode.
+
+    ``tie``: the head shares the token embedding's weight (GPT-2's default).
+    """
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=LM_VOCAB, n_embd=4, n_layer=1, n_head=2, n_positions=LM_SEQ,
+                                     n_inner=8, pad_token_id=0, bos_token_id=1, eos_token_id=1, resid_pdrop=0.0,
+                                     embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=tie)
+    return transformers.GPT2LMHeadModel(config).double().eval()
+
+
+def lm_batches() -> list[dict[str, torch.Tensor]]:
+    """Two dict batches of 3 right-padded sequences; labels are the next tokens, -100 where there is none."""
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(2, LM_VOCAB, (6, LM_SEQ), generator=g)
+    mask = (torch.arange(LM_SEQ) < torch.tensor([5, 4, 3, 5, 2, 4])[:, None]).long()
+    ids = ids * mask
+    labels = torch.full_like(ids, -100)
+    labels[:, :-1] = torch.where(mask[:, 1:] == 1, ids[:, 1:], -100)
+    return [{"input_ids": ids[i:i + 3], "attention_mask": mask[i:i + 3], "labels": labels[i:i + 3]}
+            for i in (0, 3)]
+
+
 class DictWrapper(nn.Module):
     """laplace-torch's documented Hugging Face wrapper: one argument, the batch mapping."""
 
