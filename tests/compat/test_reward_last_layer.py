@@ -219,3 +219,27 @@ def test_enable_backprop_gives_the_items_gradient_of_the_reward_mean_and_varianc
 
     finite_difference = (total(x.detach() + step) - total(x.detach() - step)) / 2e-6
     torch.testing.assert_close(x.grad[0, 0], finite_difference, rtol=1e-6, atol=1e-9)
+
+
+class _FlatTokens(nn.Module):
+    """A classifier whose first layer runs on the (3B, 4) token rows of B examples, then per example again."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = nn.Linear(4, 5), nn.Linear(15, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.tanh(self.a(x.reshape(-1, 4))).reshape(x.shape[0], 15))
+
+
+def test_compat_kron_reads_item_rows_only_for_reward_modelling():
+    """Elsewhere a layer that always sees m·B rows keeps its exact diagonal block, so the glm predictive runs."""
+    model = _FlatTokens().to(DTYPE).eval()
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(10, 3, 4, generator=g, dtype=DTYPE), torch.randint(0, 3, (10,), generator=g)
+    with pytest.warns(UserWarning, match=r"the layers 'a' have outputs that are not one row per example"):
+        la = Laplace(model, "classification", "all", "kron").fit(DataLoader(TensorDataset(x, y), batch_size=4))
+    assert [layer.name for layer in la.structure.layers] == ["b"]
+    with torch.no_grad():
+        torch.testing.assert_close(la.predict(x[:4], pred_type="glm").mean, model(x[:4]))

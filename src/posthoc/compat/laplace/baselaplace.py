@@ -109,9 +109,9 @@ class Laplace(_PosthocLaplace):
         hessian_structure: "kron" (default), "full", "diag" or "lowrank" (posthoc's top-k GGN eigenpairs:
             laplace-torch's uses the Hessian; with laplace-torch's prior variance outside them,
             ``structure_options={"complement": "prior"}``, unless given), or posthoc's "ekfac"; "gp" returns a
-            :class:`FunctionalLaplace`. "kron" reads the rows of a layer run on the items of each example (reward
-            modelling's (2B, d) items of B pairs) as examples, as laplace-torch does (``structure_options=
-            {"item_rows": True}``, unless given; posthoc's own ``Laplace`` gives such layers their exact diagonal).
+            :class:`FunctionalLaplace`. With reward modelling, "kron" reads the rows of a layer run on the (2B, d)
+            items of B pairs as examples, as laplace-torch does (``structure_options={"item_rows": True}``, unless
+            given); elsewhere such layers get their exact diagonal block, as in posthoc's own ``Laplace``.
         sigma_noise: the observation noise (regression).
         prior_precision: delta: a scalar, one per parameter tensor, or one per parameter.
         prior_mean: mu_0 of the prior N(mu_0, diag(delta)^-1): a scalar, or one value per covered parameter. It enters
@@ -202,7 +202,9 @@ class Laplace(_PosthocLaplace):
         output_fn = reduced_output_fn(model, feature_reduction, posthoc_kwargs.pop("output_fn", None))
         if output_fn is not None:  # posthoc.compat.laplace.feature_reduction
             posthoc_kwargs["output_fn"] = output_fn
-        if hessian_structure == "kron":  # laplace-torch's KFAC reads the rows of a layer run on items as examples
+        if hessian_structure == "kron" and self.reward_modeling:  # laplace-torch's KFAC on the pairs' item rows;
+            # predictions take single items, one row per input (a model whose layer always sees m·B rows keeps
+            # posthoc's exact diagonal block there, which its glm predictive can evaluate)
             posthoc_kwargs["structure_options"] = {"item_rows": True, **(posthoc_kwargs.get("structure_options")
                                                                          or {})}
         if hessian_structure == "lowrank":  # laplace-torch's LowRankLaplace keeps the prior outside the top k
