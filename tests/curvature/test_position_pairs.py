@@ -2,18 +2,21 @@
 
 A Conv2d layer's per-example gradient is sum_l g_l a_l^T over its L positions. For layers with few positions
 (late stages of a ResNet) the diag fit and the diag glm predictive sum over position pairs instead of forming the
-(K, b, O, I) per-example gradients (posthoc.curvature.jacobians._pairs_cheaper). Both routes, forced in turn on a
+(K, b, O, I) per-example gradients (posthoc.curvature.jacobians.position_pairs_cheaper). Both routes, forced in turn on a
 network with a many-position and a few-position conv, are checked in float64 against jacrev's dense J.
 """
 
 import pytest
 import torch
-from references import DTYPE, dense_ggn, dense_jacobians
+from references import DTYPE, dense_ggn, dense_jacobians, minibatches
 from torch import nn
 
 from posthoc.curvature import jacobians
 from posthoc.curvature.jacobians import factor_gradient_squares, per_example_weighted_grams
 from posthoc.curvature.output_factors import OutputFactors
+from posthoc.laplace.structures import kron
+from posthoc.laplace.structures.ekfac import EKFACCurvature
+from posthoc.laplace.structures.kron import KronCurvature
 from posthoc.network.subset import ParameterSubset
 
 
@@ -34,14 +37,18 @@ def _data() -> tuple[torch.Tensor, torch.Tensor]:
 @pytest.fixture(params=["pairs", "direct", "auto"])
 def route(request, monkeypatch):
     if request.param != "auto":
-        monkeypatch.setattr(jacobians, "_pairs_cheaper", lambda n_positions, n_cot: request.param == "pairs")
+        def forced(n_positions: int, n_cot: int) -> bool:
+            return request.param == "pairs"
+
+        monkeypatch.setattr(jacobians, "position_pairs_cheaper", forced)
+        monkeypatch.setattr(kron, "position_pairs_cheaper", forced)
     return request.param
 
 
 def test_rule_takes_pairs_only_for_few_positions():
-    assert jacobians._pairs_cheaper(16, 10)  # a 4×4 map, 10 classes: measured 8.6× faster
-    assert not jacobians._pairs_cheaper(64, 10)  # 8×8: measured 0.35×
-    assert not jacobians._pairs_cheaper(16, 1)  # one MC sample: no pairs
+    assert jacobians.position_pairs_cheaper(16, 10)  # a 4×4 map, 10 classes: measured 8.6× faster
+    assert not jacobians.position_pairs_cheaper(64, 10)  # 8×8: measured 0.35×
+    assert not jacobians.position_pairs_cheaper(16, 1)  # one MC sample: no pairs
 
 
 @pytest.mark.parametrize("likelihood", ["classification", "regression"])
@@ -71,3 +78,16 @@ def test_weighted_grams_equal_dense_and_their_gradient(route):
     probe = torch.randn(grams.shape, generator=g, dtype=DTYPE)
     (grad,) = torch.autograd.grad((grams * probe).sum(), weights)
     torch.testing.assert_close(grad, torch.einsum("bcd,bcp,bdp->p", probe, jac, jac), rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("cls", [KronCurvature, EKFACCurvature])
+def test_kronecker_glm_covariance_equals_dense(route, cls):
+    model = _model()
+    x, y = _data()
+    subset = ParameterSubset(model, "all")
+    curv = cls.fit(subset, minibatches(subset, x, y, batch=2), OutputFactors("classification"), progress=False)
+    prior, scale = torch.tensor([0.8], dtype=DTYPE), torch.tensor(1.3, dtype=DTYPE)
+    jac = dense_jacobians(subset, x)
+    expected = jac @ torch.linalg.inv(curv.dense_precision(prior, scale)) @ jac.mT
+    torch.testing.assert_close(curv.functional_covariance(x, prior, scale), expected, rtol=1e-10,
+                               atol=1e-12 * float(expected.abs().max()))

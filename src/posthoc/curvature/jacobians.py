@@ -150,7 +150,7 @@ def parameter_uses(subset: ParameterSubset, inputs: ModelInputs) -> list[int]:
 # per-example gradients layer by layer: a Linear layer on 2-D inputs (one position) never materialises them
 # (closed forms in g^2 and a^2), a layer with several positions materialises one layer's (K, b, O, I) block per
 # chunk of b examples, or, when it has few positions (late conv stages), sums over position pairs instead
-# (_pairs_cheaper). A normalisation layer's γ has the per-example gradient sum_l g_l * x̂_l (elementwise, with x̂
+# (position_pairs_cheaper). A normalisation layer's γ has the per-example gradient sum_l g_l * x̂_l (elementwise, with x̂
 # its normalised input: posthoc.curvature.norm_affine), its β sum_l g_l, so BatchNorm (eval mode), LayerNorm and
 # GroupNorm ride along with the same signals. Covered parameters outside these layers, and networks where a
 # covered parameter is read more than once per forward (a layer called twice, a Parameter shared by two modules or
@@ -232,8 +232,8 @@ def _plan(subset: ParameterSubset, inputs: ModelInputs, n_cot: int,
     return layers, max(1, int(chunk_bytes // (n_cot * (sizes + largest) * itemsize)))
 
 
-def _pairs_cheaper(n_positions: int, n_cot: int) -> bool:
-    """Whether a layer with L > 1 positions takes the position-pair route (:func:`_squares_by_position_pairs`).
+def position_pairs_cheaper(n_positions: int, n_cot: int) -> bool:
+    """Whether a layer with L > 1 positions takes the position-pair route (:func:`squares_by_position_pairs`).
 
     Both routes give the same sums (up to round-off). The direct route forms the (K, b, O, I) per-example
     gradients, K L O I multiply-adds whose output writes bound it; the pair route costs about L² / 2 · O I in one
@@ -245,12 +245,12 @@ def _pairs_cheaper(n_positions: int, n_cot: int) -> bool:
 
 def _block_numel(n_positions: int, n_out: int, n_in: int, n_cot: int) -> int:
     """Elements per example of the largest temporary of a layer's per-example block, by its route."""
-    if _pairs_cheaper(n_positions, n_cot):
+    if position_pairs_cheaper(n_positions, n_cot):
         return n_positions * n_positions * (n_out + n_in) + n_cot * n_positions * n_out
     return n_cot * n_out * n_in
 
 
-def _squares_by_position_pairs(g: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+def squares_by_position_pairs(g: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     """sum_{k,n} (sum_l g_knlo a_nli)^2 for g (K, b, L, O), a (b, L, I): (O, I), without per-example gradients.
 
     The square of a sum over positions is a sum over position pairs (l, m): sum_{l,m} (sum_k g_klo g_kmo)
@@ -265,7 +265,7 @@ def _squares_by_position_pairs(g: torch.Tensor, a: torch.Tensor) -> torch.Tensor
     return out_pairs.flatten(0, 1).T @ in_pairs.flatten(0, 1)
 
 
-def _weighted_gram_by_position_pairs(g: torch.Tensor, a: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+def weighted_gram_by_position_pairs(g: torch.Tensor, a: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """sum_{o,i} w_oi J_koi J_loi per example, J_koi = sum_l g_klo a_li: (b, K, K), without J.
 
     For g (K, b, L, O), a (b, L, I), weights (O, I): W_n[l, m, o] = sum_i w_oi a_nli a_nmi (one (b L², I) by
@@ -312,8 +312,8 @@ def factor_gradient_squares(subset: ParameterSubset, inputs: ModelInputs, factor
                 part = (g * a).sum(2).square().sum((0, 1))
             elif a.shape[1] == 1:
                 part = torch.einsum("kbo,bi->oi", g[:, :, 0].square(), a[:, 0].square())
-            elif _pairs_cheaper(a.shape[1], g.shape[0]):
-                part = _squares_by_position_pairs(g, a)
+            elif position_pairs_cheaper(a.shape[1], g.shape[0]):
+                part = squares_by_position_pairs(g, a)
             else:
                 part = torch.einsum("kblo,bli->kboi", g, a).square_().sum((0, 1))
             full[block.slice] += part.reshape(-1)
@@ -360,8 +360,8 @@ def per_example_weighted_grams(subset: ParameterSubset, inputs: ModelInputs, wei
             elif a.shape[1] == 1:
                 t = a[:, 0].square() @ w.reshape(g.shape[-1], -1).T  # (b, O)
                 gram = gram + torch.einsum("kbo,lbo->bkl", g[:, :, 0] * t, g[:, :, 0])
-            elif _pairs_cheaper(a.shape[1], g.shape[0]):
-                gram = gram + _weighted_gram_by_position_pairs(g, a, w.reshape(g.shape[-1], a.shape[-1]))
+            elif position_pairs_cheaper(a.shape[1], g.shape[0]):
+                gram = gram + weighted_gram_by_position_pairs(g, a, w.reshape(g.shape[-1], a.shape[-1]))
             else:
                 jb = torch.einsum("kblo,bli->kboi", g, a).flatten(2)  # (C, b, O*I)
                 gram = gram + torch.einsum("kbp,lbp->bkl", jb * w, jb)

@@ -41,6 +41,7 @@ import torch
 from posthoc.curvature.embedding import embedding_grams
 from posthoc.curvature.factor_eigh import factor_eigh
 from posthoc.curvature.fallback import RestrictedSubset, chunks
+from posthoc.curvature.jacobians import position_pairs_cheaper, weighted_gram_by_position_pairs
 from posthoc.curvature.kfac import (
     KFACApproximation,
     KFACFactors,
@@ -364,11 +365,14 @@ class KronCurvature(CurvatureStructure):
                 if a.shape[-1] == 1:
                     # rank-one rows: Σ_p (Q_Aᵀa)_p² / (s·E_qp + δ) folds the input side into one weight per q
                     rows = g[..., 0] @ q_out  # (B, C, D_out)
-                    weight = ((a[..., 0] @ q_in).square() @ inv.T).unsqueeze(1)
+                    cov = cov + (rows * ((a[..., 0] @ q_in).square() @ inv.T).unsqueeze(1)) @ rows.mT
+                elif position_pairs_cheaper(a.shape[-1], n_out):  # few positions: no (B, C, D_out, D_in) rows
+                    rotated_g = torch.matmul(q_out.T, g).permute(1, 0, 3, 2)  # (C, B, L, D_out)
+                    rotated_a = torch.matmul(q_in.T, a).mT  # (B, L, D_in)
+                    cov = cov + weighted_gram_by_position_pairs(rotated_g, rotated_a, inv.reshape(q_out.shape[0], -1))
                 else:
                     rows = rotated_weight_gradients(g, a, q_out, q_in).reshape(n, n_out, -1)
-                    weight = inv.reshape(1, 1, -1)
-                cov = cov + (rows * weight) @ rows.mT
+                    cov = cov + (rows * inv.reshape(1, 1, -1)) @ rows.mT
             if layer.bias is not None:
                 rows = g.sum(-1) @ q_out
                 cov = cov + (rows * inverse[layer.bias]) @ rows.mT
