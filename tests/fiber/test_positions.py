@@ -190,3 +190,18 @@ def test_bad_position_targets_are_refused():
         FiberSampler(model, "classification", **SETTINGS).fit([(x, torch.full_like(y, -100))])
     with pytest.raises(ValueError, match=r"targets must be"):
         FiberSampler(model, "classification", **SETTINGS).fit([(x, y[:, :2])])
+
+
+def test_another_ignore_index_gives_the_same_walk_as_minus_100():
+    """ignore_index=255 (a segmentation "void" label) skips those positions exactly as -100 does."""
+    model = _model()
+    x, y = _data()
+    void = torch.where(y == -100, 255, y)
+    a = FiberSampler(model, "classification", **SETTINGS).fit([(x, y)])
+    b = FiberSampler(model, "classification", ignore_index=255, **SETTINGS).fit([(x, void)])
+    torch.testing.assert_close(a.particles, b.particles, rtol=0, atol=0)
+    assert a.map_nll == b.map_nll
+    with pytest.raises(ValueError, match=r"\[0, 2\] or be the ignore index -100"):
+        FiberSampler(model, "classification", **SETTINGS).fit([(x, void)])  # 255 without ignore_index=255
+    with pytest.raises(TypeError, match="ignore_index must be an int"):
+        FiberSampler(model, "classification", ignore_index=-100.0, **SETTINGS)

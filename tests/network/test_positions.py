@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
+from posthoc import Laplace, ScaLLA
 from posthoc.curvature.output_factors import OutputFactors
+from posthoc.fiber import FiberSampler
 from posthoc.likelihood import Likelihood
 from posthoc.network.positions import (
     PositionFactors,
     as_rows,
+    check_ignore_index,
     check_layout,
     check_position_targets,
     kept_positions,
@@ -123,3 +127,14 @@ def test_positions_ignored_in_every_example_get_no_columns():
     full = factors(f[:, :-1].flatten(1), padded[:, :-1])  # the same Hessians without the last position
     torch.testing.assert_close((s @ s.transpose(1, 2))[:, :15, :15], full @ full.transpose(1, 2))
     assert bool((s[:, 15:] == 0).all())
+
+
+@pytest.mark.parametrize("bad", [-100.0, True, torch.tensor(-100), "-100"])
+def test_ignore_index_must_be_an_int_in_every_method(bad):
+    assert check_ignore_index(255) == 255
+    model = nn.Linear(2, 3)
+    for build in (lambda: Laplace(model, "classification", ignore_index=bad),
+                  lambda: ScaLLA(model, "classification", ignore_index=bad),
+                  lambda: FiberSampler(model, "classification", ignore_index=bad)):
+        with pytest.raises(TypeError, match="ignore_index must be an int"):
+            build()

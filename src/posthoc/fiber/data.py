@@ -23,15 +23,15 @@ from posthoc.utils.checks import batch_shape
 
 
 def canonical_training_data(train_loader: Iterable, subset: ParameterSubset, likelihood: Likelihood,
-                            dict_key_x: str, dict_key_y: str,
-                            position_dims: int = 0) -> tuple[ModelInputs, torch.Tensor, Any]:
+                            dict_key_x: str, dict_key_y: str, position_dims: int = 0,
+                            ignore_index: int = IGNORE_INDEX) -> tuple[ModelInputs, torch.Tensor, Any]:
     """The whole loader's covered-module inputs, targets and input shape, in a canonical order.
 
     Batches are read as Laplace reads them (:func:`posthoc.network.batches.checked_batches`: (x, y) tuples, or
     mappings with the target under ``dict_key_y`` whose other entries are the model input). Returns the covered
     module's inputs (N, ...; a tuple or mapping of them for such model inputs), the targets (N,) labels or (N, C)
-    values (``position_dims`` > 0, outputs (B, ..., C): (N, ...) labels, the ignore index at skipped positions,
-    or (N, ..., C) values), sorted by a fixed random projection of each example so the walk does not depend on
+    values (``position_dims`` > 0, outputs (B, ..., C): (N, ...) labels, -100 at the positions whose target is
+    ``ignore_index``, whatever its value, so that the walk reads one spelling, or (N, ..., C) values), sorted by a fixed random projection of each example so the walk does not depend on
     the loader's shuffling, and the shape of one model input (a tuple; for a tuple or mapping input, its
     :func:`posthoc.network.inputs.input_spec`). Memory: the whole training set (or its last-layer features).
 
@@ -46,7 +46,7 @@ def canonical_training_data(train_loader: Iterable, subset: ParameterSubset, lik
     input_shape: Any = ()
     shapes: Any = None
     for x, y in checked_batches(train_loader, likelihood, None, dict_key_x, dict_key_y, subset.dtype, subset.device,
-                                mapping_inputs=True, position_dims=position_dims):
+                                mapping_inputs=True, position_dims=position_dims, ignore_index=ignore_index):
         example = _example_shapes(x)
         if not xs:
             input_shape = tuple(x.shape[1:]) if isinstance(x, torch.Tensor) else input_spec(x)
@@ -61,7 +61,7 @@ def canonical_training_data(train_loader: Iterable, subset: ParameterSubset, lik
         raise ValueError("the training loader yielded no batches: nothing to fit")
     inputs, targets = concat(xs), torch.cat(ys)
     n_data = batch_size(inputs)
-    targets = _checked_targets(subset, inputs, targets, likelihood, position_dims)
+    targets = _checked_targets(subset, inputs, targets, likelihood, position_dims, ignore_index)
     # integer inputs (token ids) are ordered by the same projection, taken in float64; a tuple or mapping by the
     # sum of its tensors' projections
     generator = torch.Generator().manual_seed(12345)
@@ -78,8 +78,11 @@ def canonical_training_data(train_loader: Iterable, subset: ParameterSubset, lik
 
 
 def _checked_targets(subset: ParameterSubset, inputs: ModelInputs, targets: torch.Tensor, likelihood: Likelihood,
-                     position_dims: int) -> torch.Tensor:
-    """The targets of all N examples checked against the covered function's outputs; one forward of one example."""
+                     position_dims: int, ignore_index: int) -> torch.Tensor:
+    """The targets of all N examples checked against the covered function's outputs; one forward of one example.
+
+    Positions whose class target is ``ignore_index`` come back as -100 (:data:`IGNORE_INDEX`).
+    """
     with torch.no_grad():
         out = subset.forward(take(inputs, 0, 1))
     if out.ndim != 2 + position_dims:
@@ -90,13 +93,14 @@ def _checked_targets(subset: ParameterSubset, inputs: ModelInputs, targets: torc
         check_layout((n_data, *out.shape[1:]), tuple(targets.shape), likelihood)
     if likelihood is Likelihood.CLASSIFICATION:
         targets = targets.reshape(n_data, *out.shape[1:-1]).long()
-        labels = targets[targets != IGNORE_INDEX] if position_dims else targets
+        skipped = targets == ignore_index if position_dims else torch.zeros_like(targets, dtype=torch.bool)
+        labels = targets[~skipped]
         if labels.numel() == 0:
-            raise ValueError(f"every training target is the ignore index ({IGNORE_INDEX}): no position to fit")
+            raise ValueError(f"every training target is the ignore index ({ignore_index}): no position to fit")
         if int(labels.min()) < 0 or int(labels.max()) >= n_out:
             raise ValueError(f"class labels must lie in [0, {n_out - 1}]"
-                             + (f" or be the ignore index {IGNORE_INDEX}" if position_dims else ""))
-        return targets
+                             + (f" or be the ignore index {ignore_index}" if position_dims else ""))
+        return torch.where(skipped, IGNORE_INDEX, targets)
     targets = targets.reshape(n_data, *out.shape[1:-1], -1)
     if targets.shape[-1] != n_out:
         raise ValueError(f"targets have {targets.shape[-1]} outputs, the model {n_out}")
@@ -138,7 +142,7 @@ def _example_shapes(x: ModelInputs) -> Any:
 
 def training_problem(subset: ParameterSubset, call: ModelCall, train_loader: Iterable, likelihood: Likelihood,
                      dict_keys: tuple[str, str], prior_precision: torch.Tensor,
-                     sigma_noise: float | None) -> tuple[FiberProblem, Any]:
+                     sigma_noise: float | None, ignore_index: int = IGNORE_INDEX) -> tuple[FiberProblem, Any]:
     """The walk's problem from the training loader, and the shape of one model input.
 
     Reads the first batch (:func:`posthoc.network.positions.first_batch_layout`: outputs (B, C) or (B, ..., C)),
@@ -155,7 +159,7 @@ def training_problem(subset: ParameterSubset, call: ModelCall, train_loader: Ite
                                               mapping_inputs=True)
     subset.capture(x0)  # for last_layer, also locates the layer on the first batch
     inputs, targets, input_shape = canonical_training_data(train_loader, subset, likelihood, *dict_keys,
-                                                           position_dims=position_dims)
+                                                           position_dims=position_dims, ignore_index=ignore_index)
     noise = torch.as_tensor(1.0 if sigma_noise is None else sigma_noise, dtype=subset.dtype, device=subset.device)
     if likelihood is Likelihood.REGRESSION and sigma_noise is None:
         with torch.no_grad():

@@ -52,6 +52,7 @@ from posthoc.laplace.predict import PositionPredictive
 from posthoc.likelihood import Likelihood, check_supported
 from posthoc.network.batches import DEFAULT_KEYS
 from posthoc.network.inputs import InputSpec, MappingCall, ModelCall, ModelInputs, tensor_leaves
+from posthoc.network.positions import IGNORE_INDEX, check_ignore_index
 from posthoc.network.subset import ParameterSubset, SubsetOfWeights
 from posthoc.predictive import LinkApprox, Predictive, SamplePredictive
 from posthoc.predictive.base import check_n_samples, laplace_torch_outputs
@@ -96,13 +97,15 @@ class FiberSampler:
         mapping_call: how a mapping input reaches the model, "auto", "kwargs" or "argument" (as in Laplace).
         output_fn: maps the model's raw output to the output tensor (B, C); default: a tensor, the first element
             of a tuple/list, or ``"logits"`` of a mapping or HF ``ModelOutput``.
+        ignore_index: outputs with positions (B, ..., C): the class target of positions that count nowhere
+            (not in the loss, the tolerance's per-position mean or the projection); default -100 (PyTorch's).
 
     The covered weights are those that require grad: freezing all but some (e.g. a peft model's LoRA adapters)
     samples those only. The walk's JVPs need forward-mode derivatives of every operation of the model; attention runs
     on kernels that have them (Hugging Face's default "sdpa" attention on SDPA's math kernel). The particles are
     vmapped unless the forward pass reads values computed from the weights (:mod:`posthoc.fiber.particles`).
     Outputs (B, ..., C) (per-token or per-pixel heads) are one observation per position; positions whose class
-    target is -100 are skipped (:mod:`posthoc.fiber.walk`).
+    target is ``ignore_index`` (default -100, as in Laplace and ScaLLA) are skipped (:mod:`posthoc.fiber.walk`).
 
     ``config`` (WalkConfig) and ``deform_config`` (DeformConfig) hold the settings. The stage-2 fields are also
     attributes (``fs.flow_steps``; ``fs.barrier_weight`` with its default resolved; ``fs.deform`` the map's name,
@@ -126,6 +129,7 @@ class FiberSampler:
         dict_key_y: str = DEFAULT_KEYS[1],
         mapping_call: MappingCall | str = MappingCall.AUTO,
         output_fn: Callable[[Any], torch.Tensor] | None = None,
+        ignore_index: int = IGNORE_INDEX,
         **settings: Any,
     ) -> None:
         self.model = model
@@ -154,6 +158,7 @@ class FiberSampler:
         check_positive_int(checkpoint_every, "checkpoint_every", "walk / flow steps between checkpoints")
         self.seed, self.checkpoint_every, self.progress = seed, checkpoint_every, progress
         self.dict_key_x, self.dict_key_y = dict_key_x, dict_key_y
+        self.ignore_index = check_ignore_index(ignore_index)
         # fitted state
         self.particles: torch.Tensor | None = None
         self.particle_nll: torch.Tensor | None = None  # the particles' all-data mean NLL (M,)
@@ -226,7 +231,7 @@ class FiberSampler:
             check_writable(path.parent, "FiberSampler checkpoint")
         keys = (self.dict_key_x, self.dict_key_y)
         problem, self.input_shape = training_problem(self.subset, self.call, train_loader, self.likelihood, keys,
-                                                     self.prior_precision, self._sigma_given)
+                                                     self.prior_precision, self._sigma_given, self.ignore_index)
         self.sigma_noise, self._vectorise, self._problem_cache = problem.sigma_noise, problem.vectorise, problem
         # everything the result depends on; the data as the walk reads them (canonical order, covered module's inputs)
         self._fingerprint = {"version": STATE_VERSION, "settings": self._settings(),

@@ -46,7 +46,14 @@ from posthoc.network.inputs import (
     input_spec,
     naming_input_shape,
 )
-from posthoc.network.positions import IGNORE_INDEX, PositionFactors, as_rows, first_batch_layout, observations
+from posthoc.network.positions import (
+    IGNORE_INDEX,
+    PositionFactors,
+    as_rows,
+    check_ignore_index,
+    first_batch_layout,
+    observations,
+)
 from posthoc.network.probes import ExampleRoute
 from posthoc.network.subset import ParameterSubset, SubsetOfWeights
 from posthoc.predictive import LinkApprox, Predictive
@@ -156,7 +163,8 @@ class Laplace(LaplaceTorchAPI):
             raise ValueError(f"hessian_structure={self.structure_name!r} does not support subset_of_weights="
                              "'subnetwork'; use 'full', 'diag' or 'lowrank'")
         self.factors = OutputFactors(self.likelihood, curvature or CurvatureType.GGN, mc_samples=mc_samples, seed=seed)
-        self._curvature_default, self.ignore_index, self.position_dims = curvature is None, ignore_index, 0
+        self._curvature_default, self.position_dims = curvature is None, 0
+        self.ignore_index = check_ignore_index(ignore_index)
         self.prior_precision = prior_precision
         self.sigma_noise = sigma_noise
         self.seed, self.default_link_approx = seed, likelihood_link(self.likelihood, self.default_link_approx)
