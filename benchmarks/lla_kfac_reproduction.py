@@ -1,0 +1,341 @@
+"""Issue 17: why all-weights KFAC LA scores ECE .0683 on the FMNIST CNN where the ScaLLA authors report .0239.
+
+    OMP_NUM_THREADS=1 nohup nice -n 5 .venv/bin/python benchmarks/lla_kfac_reproduction.py --data-dir DIR \
+        --seeds 0,1,2 &
+
+The ScaLLA authors' LLA row (ACC .9092, NLL .2714, ECE .0239, Brier .1367, OOD AUROC .993 by the variance score
+1/2 log det Sigma(x); single seed) came from their FMNIST example: laplace-torch's KronLaplace on all weights,
+``fit`` on the 60,000 FMNIST training images, then ``optimize_prior_precision()`` with laplace-torch's defaults
+(evidence, scalar delta, 100 Adam steps of rate 0.1 from delta = 1), the glm predictive N(f(x), J Sigma J^T) with
+its full 10x10 covariance, and every metric computed from the Monte Carlo average of softmax over 2,048 logit
+samples. posthoc's bench row ``la_kron`` (the issue's .0683) has the same posterior and delta but the probit link.
+
+Every variant here is an all-weights KFAC GGN Laplace (``hessian_structure="kron"``) of the ``fmnist`` suite's MAP
+(FMNISTCNN, 40 epochs), differing in the prior precision, the link and the fit data (see ``VARIANTS``). One seed is
+one MAP (``posthoc train --suite fmnist --checkpoint-dir RUN_DIR --seed S``); a seed whose MAP is not in
+``--run-dir`` yet is reported "not run". Resumable: the fitted delta and the glm predictive (test and OOD means and
+covariances) are cached per (seed, fit data, delta) and each variant's metrics per seed as JSON under ``--run-dir``,
+so a rerun only computes what is missing; ``--table-only`` rewrites the table from the cache. Cost per seed on one
+CPU thread: two KFAC fits (55,000 and 60,000 images, about 1.5 min each), three glm passes over the 20,000 test and
+OOD images (about 1 min each), and the links (MC with 2,048 samples: about 1 min per variant).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import ConcatDataset
+
+from posthoc import metrics
+from posthoc.bench.report import recorded_path, run_meta, write_json
+from posthoc.bench.runner import EVAL_BATCH, train_suite_model, variance_score
+from posthoc.bench.suites import get_bench_suite
+from posthoc.data.loaders import make_loader
+from posthoc.data.suites import get_suite
+from posthoc.laplace import Laplace
+from posthoc.models.training import checkpoint_key
+from posthoc.predictive import GaussianPredictive, LinkApprox, predict_loader
+from posthoc.utils.io import atomic_write_text
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+DEFAULT_RUN_DIR = REPO / "runs" / "lla_kfac"
+MC_SAMPLES = 2048  # the authors' metrics average softmax over 2,048 samples of N(f(x), J Sigma J^T)
+MC_CHUNK = 1000  # inputs per MC chunk: 2,048 x 1,000 x 10 floats at a time
+# the ScaLLA paper's table, single seed (FMNIST test; OOD: KMNIST test)
+AUTHORS = {"accuracy": 0.9092, "nll": 0.2714, "ece": 0.0239, "brier": 0.1367, "auroc_variance": 0.993}
+AUTHORS_MAP = {"accuracy": 0.9101, "nll": 0.2539, "ece": 0.0102, "brier": 0.1313}
+METRICS = ("accuracy", "nll", "ece", "brier", "auroc_variance", "auroc_entropy")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One row: fit data ("train": the suite's 55,000; "train+val": all 60,000), delta ("1", "marglik"), link."""
+
+    name: str
+    fit_data: str
+    delta: str
+    link: str  # a LinkApprox value, or "default" (la(x)'s own link)
+    description: str
+
+
+VARIANTS = (
+    Variant("posthoc_default", "train", "marglik", "default",
+            "posthoc's recipe: optimize_prior_precision() (no val_loader: evidence), la(x)'s link"),
+    Variant("marglik_probit", "train", "marglik", "probit",
+            "the bench row la_kron (issue 17's ECE .0683): evidence delta, probit"),
+    Variant("marglik_mc", "train", "marglik", "mc",
+            "the authors' code on our data: evidence delta, MC 2,048"),
+    Variant("delta1_mc", "train", "1", "mc", "delta = 1 fixed (laplace-torch's initial prior), MC 2,048"),
+    Variant("delta1_probit", "train", "1", "probit", "delta = 1 fixed, probit"),
+    Variant("delta1_centred", "train", "1", "probit_centred", "delta = 1 fixed, centred probit"),
+    Variant("authors_60k_marglik_mc", "train+val", "marglik", "mc",
+            "the authors' code: fit on all 60,000 training images, evidence delta, MC 2,048"),
+    Variant("authors_60k_marglik_probit", "train+val", "marglik", "probit",
+            "fit on all 60,000 images, evidence delta, probit"),
+)
+
+
+def fit_laplace(model: torch.nn.Module, dataset, seed: int) -> Laplace:
+    """The all-weights KFAC GGN Laplace of ``model`` on ``dataset`` at delta = 1 (one pass, about 1.5 min)."""
+    la = Laplace(model, "classification", subset_of_weights="all", hessian_structure="kron", prior_precision=1.0,
+                 seed=seed, progress=False)
+    return la.fit(make_loader(dataset, EVAL_BATCH, shuffle=False))
+
+
+class SeedCache:
+    """The fitted deltas and glm predictives of one MAP seed, computed on demand and cached under ``folder``."""
+
+    def __init__(self, folder: Path, model: torch.nn.Module, suite, seed: int) -> None:
+        self.folder, self.model, self.suite, self.seed = folder, model, suite, seed
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._fitted: dict[str, Laplace] = {}
+
+    def _dataset(self, fit_data: str):
+        return self.suite.train if fit_data == "train" else ConcatDataset([self.suite.train, self.suite.val])
+
+    def laplace(self, fit_data: str) -> Laplace:
+        """The fitted Laplace (delta = 1) of ``fit_data``; its fit time goes to ``fit-<data>.json``."""
+        if fit_data not in self._fitted:
+            state_path = self.folder / f"laplace-{fit_data.replace('+', '_')}.pt"
+            if state_path.is_file():
+                la = Laplace(self.model, "classification", subset_of_weights="all", hessian_structure="kron",
+                             seed=self.seed, progress=False)
+                self._fitted[fit_data] = la.load_state_dict(torch.load(state_path, weights_only=False))
+            else:
+                t0 = time.perf_counter()
+                self._fitted[fit_data] = fit_laplace(self.model, self._dataset(fit_data), self.seed)
+                self._update(fit_data, {"fit_s": time.perf_counter() - t0, "n_fit": len(self._dataset(fit_data))})
+                torch.save(self._fitted[fit_data].state_dict(), state_path)
+        return self._fitted[fit_data]
+
+    def _info_path(self, fit_data: str) -> Path:
+        return self.folder / f"fit-{fit_data.replace('+', '_')}.json"
+
+    def _update(self, fit_data: str, values: dict[str, Any]) -> None:
+        path = self._info_path(fit_data)
+        info = json.loads(path.read_text()) if path.is_file() else {}
+        write_json(path, {**info, **values})
+
+    def delta(self, fit_data: str, which: str) -> float:
+        """Delta = 1, or the evidence maximum of ``optimize_prior_precision()`` with posthoc's defaults."""
+        if which == "1":
+            return 1.0
+        path = self._info_path(fit_data)
+        info = json.loads(path.read_text()) if path.is_file() else {}
+        if "marglik_delta" not in info:
+            la = self.laplace(fit_data)
+            la.prior_precision = 1.0
+            t0 = time.perf_counter()
+            delta = float(la.optimize_prior_precision().reshape(-1)[0])
+            self._update(fit_data, {"marglik_delta": delta, "marglik_s": time.perf_counter() - t0,
+                                    "default_link": LinkApprox(la.default_link_approx).value})
+            info = json.loads(path.read_text())
+        return float(info["marglik_delta"])
+
+    def default_link(self, fit_data: str) -> str:
+        """la(x)'s link (recorded when the evidence delta was found)."""
+        self.delta(fit_data, "marglik")
+        return str(json.loads(self._info_path(fit_data).read_text())["default_link"])
+
+    def predictives(self, fit_data: str, which: str) -> tuple[GaussianPredictive, GaussianPredictive, torch.Tensor]:
+        """(test predictive, OOD predictive, test labels): the glm predictive at this delta, cached as tensors."""
+        delta = self.delta(fit_data, which)
+        path = self.folder / f"pred-{fit_data.replace('+', '_')}-delta{which}.pt"
+        if not path.is_file():
+            la = self.laplace(fit_data)
+            la.prior_precision = delta
+            t0 = time.perf_counter()
+            test, y = predict_loader(la.predict, make_loader(self.suite.test, EVAL_BATCH, shuffle=False))
+            ood, _ = predict_loader(la.predict, make_loader(self.suite.ood, EVAL_BATCH, shuffle=False))
+            assert isinstance(test, GaussianPredictive) and isinstance(ood, GaussianPredictive)
+            torch.save({"delta": delta, "test_mean": test.mean, "test_cov": test.cov, "y": y,
+                        "ood_mean": ood.mean, "ood_cov": ood.cov, "predict_s": time.perf_counter() - t0}, path)
+        saved = torch.load(path)
+        return (GaussianPredictive(saved["test_mean"], saved["test_cov"]),
+                GaussianPredictive(saved["ood_mean"], saved["ood_cov"]), saved["y"])
+
+
+def link_probs(pred: GaussianPredictive, link: str, seed: int) -> torch.Tensor:
+    """Class probabilities (B, C) by ``link``; MC with 2,048 samples in chunks of MC_CHUNK inputs."""
+    if link != LinkApprox.MC.value:
+        return pred.probs(link)
+    chunks = []
+    for start in range(0, len(pred), MC_CHUNK):
+        part = GaussianPredictive(pred.mean[start:start + MC_CHUNK], pred.cov[start:start + MC_CHUNK])
+        chunks.append(part.probs(LinkApprox.MC, n_samples=MC_SAMPLES, seed=seed + start))
+    return torch.cat(chunks)
+
+
+def evaluate_variant(cache: SeedCache, variant: Variant) -> dict[str, Any]:
+    """The metrics of one variant on one seed (FMNIST test; OOD: KMNIST test)."""
+    test, ood, y = cache.predictives(variant.fit_data, variant.delta)
+    link = cache.default_link(variant.fit_data) if variant.link == "default" else variant.link
+    t0 = time.perf_counter()
+    probs, ood_probs = link_probs(test, link, cache.seed), link_probs(ood, link, cache.seed + 10**6)
+    return {"variant": variant.name, "seed": cache.seed, "link": link, "fit_data": variant.fit_data,
+            "prior_precision": cache.delta(variant.fit_data, variant.delta),
+            "accuracy": metrics.accuracy(probs, y), "nll": metrics.nll(probs, y),
+            "ece": metrics.calibration_bins(probs, y).ece, "brier": metrics.brier(probs, y),
+            "auroc_variance": metrics.auroc(variance_score(test), variance_score(ood)),
+            "auroc_entropy": metrics.auroc(metrics.entropy(probs), metrics.entropy(ood_probs)),
+            "mean_confidence": metrics.mean_confidence(probs), "link_s": time.perf_counter() - t0}
+
+
+def run_seed(args: argparse.Namespace, bench, suite, seed: int) -> bool:
+    """Evaluate every variant missing from the cache for one seed; False if its MAP is not trained yet."""
+    config = replace(bench.train, seed=seed)
+    map_path = args.run_dir / f"{checkpoint_key(suite.fingerprint, bench.model, bench.model_kwargs, config)}.pt"
+    if not map_path.is_file():
+        print(f"seed {seed}: no MAP {map_path.name} yet (train it with `posthoc train --suite fmnist "
+              f"--checkpoint-dir {recorded_path(args.run_dir, '<run-dir>')} --seed {seed}`): not run", flush=True)
+        return False
+    folder = args.run_dir / f"s{seed}"
+    pending = [v for v in VARIANTS if not (folder / f"{v.name}.json").is_file()]
+    if not pending:
+        return True
+    model = train_suite_model(bench, suite, config, args.run_dir, False, print).model.eval()
+    map_row = folder / "map.json"
+    cache = SeedCache(folder, model, suite, seed)
+    if not map_row.is_file():
+        with torch.no_grad():
+            logits = torch.cat([model(x) for x, _ in make_loader(suite.test, EVAL_BATCH, shuffle=False)])
+        probs, y = torch.softmax(logits, -1), suite.test.tensors[1]
+        write_json(map_row, {"seed": seed, "accuracy": metrics.accuracy(probs, y), "nll": metrics.nll(probs, y),
+                             "ece": metrics.calibration_bins(probs, y).ece, "brier": metrics.brier(probs, y)})
+    for variant in pending:
+        row = evaluate_variant(cache, variant)
+        write_json(folder / f"{variant.name}.json", row)
+        print(f"seed {seed} {variant.name}: ACC {row['accuracy']:.4f} NLL {row['nll']:.4f} ECE {row['ece']:.4f} "
+              f"Brier {row['brier']:.4f} AUROC var {row['auroc_variance']:.3f} ent {row['auroc_entropy']:.3f} "
+              f"delta {row['prior_precision']:.4g}", flush=True)
+    return True
+
+
+def mean_se(values: list[float]) -> tuple[float, float | None]:
+    """Mean and standard error (None for one value)."""
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, None
+    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
+    return mean, math.sqrt(var / len(values))
+
+
+def summary_rows(run_dir: Path, seeds: list[int]) -> list[dict[str, Any]]:
+    """Per variant (and the MAP): the seeds that ran, mean and SE per metric, the authors' value, within 2 SE."""
+    rows = []
+    for name, description, authors in [("map", "the MAP network", AUTHORS_MAP)] + [
+            (v.name, v.description, AUTHORS) for v in VARIANTS]:
+        per_seed = [json.loads(p.read_text()) for s in seeds if (p := run_dir / f"s{s}" / f"{name}.json").is_file()]
+        row: dict[str, Any] = {"variant": name, "description": description, "seeds": [r["seed"] for r in per_seed],
+                               "n_seeds": len(per_seed), "per_seed": per_seed}
+        for key in METRICS + ("prior_precision",):
+            values = [r[key] for r in per_seed if r.get(key) is not None]
+            if not values:
+                continue
+            mean, se = mean_se(values)
+            row[key] = {"mean": mean, "se": se}
+            if key in authors:
+                row[key]["authors"] = authors[key]
+                row[key]["within_2se"] = None if se is None else abs(mean - authors[key]) <= 2 * se
+        rows.append(row)
+    return rows
+
+
+def fmt(cell: dict[str, Any] | None, digits: int) -> str:
+    """'mean ± se' (or 'mean (1 seed)'), with the authors' value and whether it lies within 2 SE."""
+    if cell is None:
+        return "—"
+    text = f"{cell['mean']:.{digits}f}" + (f" ± {cell['se']:.{digits}f}" if cell["se"] is not None else "")
+    if "authors" in cell:
+        verdict = {None: "SE n/a", True: "within 2 SE", False: "outside 2 SE"}[cell["within_2se"]]
+        text += f" ({verdict})"
+    return text
+
+
+def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    """The results page."""
+    lines = ["# LLA-KFAC on the FMNIST CNN: reproducing the ScaLLA authors' row (issue 17)", "",
+             f"Seeds asked: {meta['seeds']}; MAPs trained: {meta['seeds_run']}; not run (MAP not trained yet): "
+             f"{meta['seeds_not_run'] or 'none'}. Mean ± standard error over the seeds that ran; beside each "
+             "metric, whether the authors' value lies within 2 SE of our mean (with one seed the SE is "
+             "unavailable and no claim is made).", "",
+             "Authors (ScaLLA paper, single seed): MAP ACC .9101 / NLL .2539 / ECE .0102 / Brier .1313; LLA all "
+             "weights KFAC ACC .9092 / NLL .2714 / ECE .0239 / Brier .1367 / OOD AUROC (variance) .993.", "",
+             "| variant | n_seeds | delta | ACC | NLL | ECE | Brier | AUROC (variance) | AUROC (entropy) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        delta = row.get("prior_precision")
+        lines.append(f"| {row['variant']} | {row['n_seeds']} | {fmt(delta, 3) if delta else '—'} | "
+                     f"{fmt(row.get('accuracy'), 4)} | {fmt(row.get('nll'), 4)} | {fmt(row.get('ece'), 4)} | "
+                     f"{fmt(row.get('brier'), 4)} | {fmt(row.get('auroc_variance'), 3)} | "
+                     f"{fmt(row.get('auroc_entropy'), 3)} |")
+    lines += ["", "Variants (all: all-weights KFAC GGN Laplace, kfac_approx 'expand', glm predictive with the full "
+              "10x10 logit covariance; fit on the suite's 55,000 training images unless said):", ""]
+    lines += [f"- `{row['variant']}`: {row['description']}" for row in rows]
+    lines += ["", "Per seed:", "", "| variant | seed | delta | ACC | NLL | ECE | Brier | AUROC var | AUROC ent |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        for r in row["per_seed"]:
+            delta = r.get("prior_precision")
+            lines.append(f"| {row['variant']} | {r['seed']} | {'—' if delta is None else f'{delta:.4g}'} | "
+                         f"{r['accuracy']:.4f} | {r['nll']:.4f} | {r['ece']:.4f} | {r['brier']:.4f} | "
+                         + (f"{r['auroc_variance']:.3f} | {r['auroc_entropy']:.3f} |" if "auroc_variance" in r
+                            else "— | — |"))
+    lines += ["", f"{meta['date']}; machine: {json.dumps(meta['machine'])}; versions: {json.dumps(meta['versions'])}; "
+              f"commit {meta['git_commit']}; command: `{meta['command']}`.", ""]
+    if meta.get("explanation"):
+        lines += ["## What moves ECE", "", meta["explanation"], ""]
+    return "\n".join(lines)
+
+
+def write_table(run_dir: Path, out: Path, seeds: list[int], seeds_run: list[int]) -> None:
+    """Write ``out``/lla_kfac_reproduction.{json,md} from the cached rows (keeping an explanation file's text)."""
+    meta = {**run_meta(), "seeds": seeds, "seeds_run": seeds_run,
+            "seeds_not_run": [s for s in seeds if s not in seeds_run], "mc_samples": MC_SAMPLES,
+            "run_dir": recorded_path(run_dir, "<run-dir>", keep_name=False)}
+    explanation = Path(__file__).with_name("lla_kfac_reproduction_explanation.md")
+    if explanation.is_file():
+        meta["explanation"] = explanation.read_text().strip()
+    rows = summary_rows(run_dir, seeds_run)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "lla_kfac_reproduction.json", {"meta": meta, "authors": AUTHORS, "authors_map": AUTHORS_MAP,
+                                                     "rows": rows})
+    atomic_write_text(out / "lla_kfac_reproduction.md", markdown(rows, meta))
+    print(markdown(rows, meta), flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the variants on every seed whose MAP exists, then rewrite the results page."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", default=None, help="root of the full data sets (default: $POSTHOC_DATA)")
+    parser.add_argument("--run-dir", type=Path, default=DEFAULT_RUN_DIR,
+                        help="the MAP checkpoints and the per-seed caches")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--seeds", default="0,1,2", help="comma-separated MAP seeds")
+    parser.add_argument("--table-only", action="store_true", help="only rewrite the table from the cache")
+    args = parser.parse_args(argv)
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    torch.set_grad_enabled(True)
+    bench = get_bench_suite("fmnist")
+    suite = get_suite(bench.data, data_dir=args.data_dir)
+    seeds_run = []
+    for seed in seeds:
+        if args.table_only:
+            if (args.run_dir / f"s{seed}" / f"{VARIANTS[0].name}.json").is_file():
+                seeds_run.append(seed)
+            continue
+        if run_seed(args, bench, suite, seed):
+            seeds_run.append(seed)
+    write_table(args.run_dir, args.out, seeds, seeds_run)
+
+
+if __name__ == "__main__":
+    main()
