@@ -17,8 +17,9 @@ from torch.func import functional_call, jacrev
 from zoo.models import N_CLASSES, lm_batches, tiny_bert, tiny_gpt2, tiny_gpt2_lm, token_batches
 
 from posthoc.fiber import FiberSampler
-from posthoc.fiber.particles import map_particles, reads_parameter_values
+from posthoc.fiber.particles import map_particles
 from posthoc.fiber.projection import jvp_at, outputs_many, vjp_at
+from posthoc.network.probes import reads_values_computed_from
 from posthoc.network.subset import ParameterSubset
 
 DTYPE = torch.float64
@@ -110,15 +111,15 @@ class _MaskRead(nn.Module):
         return out if bool((x > -100).all()) else -out
 
 
-def test_reads_parameter_values_tells_weight_reads_from_input_reads():
+def test_reads_values_computed_from_tells_weight_reads_from_input_reads():
     x = torch.randn(4, 3, dtype=DTYPE)
     for model, expected in ((_Branching(), True), (_MaskRead(), False)):
         subset = ParameterSubset(model.to(DTYPE).eval(), "all")
-        assert reads_parameter_values(lambda th, s=subset: s.forward(x, th), subset.theta_map) is expected
+        assert reads_values_computed_from(lambda th, s=subset: s.forward(x, th), subset.theta_map) is expected
     theta = torch.randn(5, dtype=DTYPE)
-    assert reads_parameter_values(lambda th: th[th > 0].sum(), theta)  # a shape that depends on the values
-    assert not reads_parameter_values(lambda th: th[th.argmax(0, keepdim=True)], theta)  # integer indices batch
-    assert reads_parameter_values(lambda th: th * float(th.sum()), theta)
+    assert reads_values_computed_from(lambda th: th[th > 0].sum(), theta)  # a shape that depends on the values
+    assert not reads_values_computed_from(lambda th: th[th.argmax(0, keepdim=True)], theta)  # integer indices batch
+    assert reads_values_computed_from(lambda th: th * float(th.sum()), theta)
 
 
 def test_a_model_branching_on_its_weights_walks_by_a_loop_over_particles():
