@@ -12,12 +12,13 @@ Priors: ``marglik`` (the delta maximising the omitted posterior's evidence, -del
 - 1/2 sum_k log(lam_k + delta), on a fine log grid: what ``optimize_prior_precision()`` converges to since
 issue 17), ``marglik_full`` (the full model's evidence, P replaced by k: the structure's before) and ``val``
 (Laplace's default validation grid, logspace(-4, 4, 21), lowest validation NLL under the row's link). Links:
-probit, probit_centred, mc (1,000 samples). Rows ``lib:...``: the same posterior through the public API with
-``optimize_prior_precision(val_loader=...)``. Rows ``ella_laplace_torch[...]``: laplace-torch's ELLA class (in
-an environment that has it, e.g. .venv-bench) on the same MAP: M = 2,000, K = 20, its own validation grid
-(logspace(-4, 4, 100), probit). Everything is cached under ``--run-dir`` (runs/lowrank_ella/<model>/): the basis,
-the projected Jacobians of the validation, test and OOD sets and every finished row; a rerun only computes what
-is missing. ``--device cuda`` runs the passes on a GPU.
+probit, probit_centred, mc (1,000 samples). Rows ``lib:...``: the same posterior through the public API (one fit):
+``optimize_prior_precision()`` (the default: the evidence) or ``(val_loader=...)``, la(x)'s default link.
+Rows ``ella_laplace_torch[...]``: laplace-torch's ELLA class (in an environment that has it, e.g.
+.venv-bench) on the same MAP: M = 2,000, K = 20, its own validation grid (logspace(-4, 4, 100), probit).
+Everything is cached under ``--run-dir`` (runs/lowrank_ella/<model>/): the basis, the projected Jacobians of
+the validation, test and OOD sets, the library's fit and every finished row; a rerun only computes what is
+missing. ``--device cuda`` runs the passes on a GPU.
 
 Writes benchmarks/results/lowrank_ella.{json,md}. Usage (from the repository root):
     OMP_NUM_THREADS=1 nice -n 5 .venv-bench/bin/python benchmarks/lowrank_ella.py --data-dir ../shared/data
@@ -213,20 +214,48 @@ def sweep_rows(task: Task, state: dict[str, Any], basis: str, ranks: list[int], 
     return rows
 
 
-def library_row(task: Task, basis: str, rank: int, subsample: int) -> dict[str, Any]:
-    """The default recipe through the public API: fit, optimize_prior_precision(val_loader=...), la.predict."""
-    t0 = time.perf_counter()
+def library_rows(task: Task, basis: str, rank: int, subsample: int, cache: Path, done: set[str],
+                 priors: tuple[str, ...] = ("marglik", "val")) -> dict[str, dict[str, Any]]:
+    """The public API's recipes on one fit (its state cached in ``cache``): the default, then by validation.
+
+    ``lib:...,marglik,...``: fit, ``optimize_prior_precision()`` (no validation data: the evidence), la(x)'s
+    default link; ``lib:...,val,...``: ``optimize_prior_precision(val_loader=...)`` (its default grid under the
+    default link). Only the ``priors`` asked for; rows named in ``done`` are skipped. Cost: the fit (Lanczos
+    over the subsample and the projection over all training examples, k JVPs each), k JVPs per test/OOD input
+    per row and per validation input per grid value (21).
+    """
     la = Laplace(task.model, "classification", "all", "lowrank", progress=False,
                  structure_options={"rank": rank, "subsample": subsample, "basis": basis})
-    la.fit(make_loader(task.train, BATCH, shuffle=False))
-    la.optimize_prior_precision(val_loader=make_loader(task.val, BATCH, shuffle=False))
-    probs = torch.cat([la.predict(x).probs() for x, _ in make_loader(task.test, BATCH, shuffle=False)]).cpu()
-    probs_ood = torch.cat([la.predict(x).probs() for x, _ in make_loader(task.ood, BATCH, shuffle=False)]).cpu()
     link = LinkApprox(la.default_link_approx).value
-    name = f"lib:lowrank[{basis},k={rank},val,{link}]"
-    return {"method": name, "basis": basis, "rank": rank, "prior": "val", "link": link,
-            "prior_precision": float(la.prior_precision.mean()), "fit_predict_s": time.perf_counter() - t0,
-            **_metrics(probs, task.test.tensors[1].cpu(), probs_ood)}
+    names = {prior: f"lib:lowrank[{basis},k={rank},{prior},{link}]" for prior in priors}
+    if all(name in done for name in names.values()):
+        return {}
+    t0 = time.perf_counter()
+    if cache.is_file():
+        la.load_state_dict(torch.load(cache, map_location=task.train.tensors[0].device))
+        fit_s = float(json.loads(cache.with_suffix(".json").read_text())["fit_s"])
+    else:
+        la.fit(make_loader(task.train, BATCH, shuffle=False))
+        fit_s = time.perf_counter() - t0
+        torch.save(la.state_dict(), cache)
+        atomic_write_text(cache.with_suffix(".json"), json.dumps({"fit_s": fit_s}))
+    rows = {}
+    for prior, name in names.items():
+        if name in done:
+            continue
+        t0 = time.perf_counter()
+        if prior == "marglik":
+            la.optimize_prior_precision()
+        else:
+            la.optimize_prior_precision(val_loader=make_loader(task.val, BATCH, shuffle=False))
+        tune_s = time.perf_counter() - t0
+        probs = torch.cat([la.predict(x).probs() for x, _ in make_loader(task.test, BATCH, shuffle=False)]).cpu()
+        probs_ood = torch.cat([la.predict(x).probs() for x, _ in make_loader(task.ood, BATCH, shuffle=False)]).cpu()
+        rows[name] = {"method": name, "basis": basis, "rank": rank, "prior": prior, "link": link,
+                      "prior_precision": float(la.prior_precision.mean()), "fit_s": fit_s, "tune_s": tune_s,
+                      "predict_s": time.perf_counter() - t0 - tune_s,
+                      **_metrics(probs, task.test.tensors[1].cpu(), probs_ood)}
+    return rows
 
 
 def ella_rows(task: Task, seed: int) -> dict[str, dict[str, Any]]:
@@ -375,7 +404,8 @@ def markdown(payload: dict[str, Any]) -> str:
              f"MAP, whichever is larger) and ECE <= {GOAL_ECE_RATIO} x the MAP's. Rows: "
              "`lowrank[basis,k=rank,prior,link]` (complement omitted; prior `marglik` = the evidence's maximiser, "
              "`val` = Laplace's default validation grid under the row's link), `lib:` the same through the public "
-             "API at its defaults, `ella_laplace_torch[link]` laplace-torch 0.3's ELLA class on our MAP "
+             "API (fit, `optimize_prior_precision()` (marglik) or `(val_loader=...)` (val), la(x)'s default "
+             "link), `ella_laplace_torch[link]` laplace-torch 0.3's ELLA class on our MAP "
              "(M = 2,000, K = 20, its validation grid). Generated by benchmarks/lowrank_ella.py.", ""]
     lines += [f"Note: {note}" for note in payload["meta"].get("notes", [])] + [""] * bool(payload["meta"].get("notes"))
     lines += summary(payload["tasks"])
@@ -427,11 +457,10 @@ def run_task(name: str, args: argparse.Namespace, device: torch.device) -> dict[
         rows.update(sweep_rows(task, state, basis, args.ranks, logits, labels))
         save()
     for basis, rank in args.library:
-        key = f"lib:lowrank[{basis},k={rank},"
-        if not any(k.startswith(key) for k in rows):
-            row = library_row(task, basis, rank, args.subsample)
-            rows[row["method"]] = row
-            save()
+        rows.update(library_rows(task, basis, rank, args.subsample,
+                                 folder / f"lib-{basis}-k{rank}-n{args.subsample}.pt", set(rows),
+                                 tuple(args.library_priors)))
+        save()
     if args.ella and "ella_laplace_torch[probit]" not in rows:
         try:
             rows.update(ella_rows(task, args.seed))
@@ -456,6 +485,9 @@ def main(argv: list[str] | None = None) -> None:
                         "default all, as the structure does")
     parser.add_argument("--library", nargs="*", default=["jacobian:20"], metavar="BASIS:RANK",
                         help="public-API default-recipe rows to add")
+    parser.add_argument("--library-priors", nargs="+", choices=("marglik", "val"), default=["marglik", "val"],
+                        help="the lib: rows' priors: marglik (optimize_prior_precision(), the default recipe) and "
+                        "val (with val_loader: 21 grid values, k JVPs per validation input each)")
     parser.add_argument("--no-ella", dest="ella", action="store_false", help="skip laplace-torch's ELLA rows")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
