@@ -13,7 +13,6 @@ from posthoc.likelihood import Likelihood
 from posthoc.network.positions import (
     PositionFactors,
     as_rows,
-    check_ignore_index,
     check_layout,
     check_position_targets,
     kept_positions,
@@ -131,7 +130,6 @@ def test_positions_ignored_in_every_example_get_no_columns():
 
 @pytest.mark.parametrize("bad", [-100.0, True, torch.tensor(-100), "-100"])
 def test_ignore_index_must_be_an_int_in_every_method(bad):
-    assert check_ignore_index(255) == 255
     model = nn.Linear(2, 3)
     for build in (lambda: Laplace(model, "classification", ignore_index=bad),
                   lambda: ScaLLA(model, "classification", ignore_index=bad),

@@ -5,19 +5,18 @@
     thetas = fs.sample(100)                       # (100, P), drawn in one pass each (no chain)
     pred = fs.predict(x)                          # SamplePredictive over outputs
 
-Stage 1 (:mod:`posthoc.fiber.walk`) runs projected Langevin dynamics on the fiber through theta*,
-targeting the prior N(0, delta^-1 I) restricted to the low-loss set; stage 2
-(:mod:`posthoc.fiber.deform`) fits a map z -> theta on the walked samples; see docs/fiber.md.
+Stage 1 (:mod:`posthoc.fiber.walk`) runs projected Langevin dynamics on the fiber through theta*, targeting the prior
+N(0, delta^-1 I) restricted to the low-loss set; stage 2 (:mod:`posthoc.fiber.deform`) fits a map z -> theta on the
+walked samples; see docs/fiber.md.
 
-Checkpoints: with ``checkpoint=path`` the state is written atomically every ``checkpoint_every`` walk
-steps and flow steps, after the walk's final check, and when done; a rerun with the same path, settings,
-model weights and data resumes where it stopped and gives the same result as an uninterrupted run. They are
-:mod:`posthoc.utils.checkpoint` files: one written with other settings, other weights or buffers anywhere in the
-model, or other training data (all of it is hashed, in the walk's canonical order) is refused with the keys that
-differ, and so is a damaged file.
+Checkpoints: with ``checkpoint=path`` the state is written atomically every ``checkpoint_every`` walk steps and flow
+steps, after the walk's final check, and when done; a rerun with the same path, settings, model weights and data
+resumes where it stopped and gives the same result as an uninterrupted run. They are :mod:`posthoc.utils.checkpoint`
+files: one written with other settings, other weights or buffers anywhere in the model, or other training data (all of
+it is hashed, in the walk's canonical order) is refused with the keys that differ, and so is a damaged file.
 
-theta* is the model's weights when ``walk``/``fit`` starts; ``sample``, ``predict`` and ``state_dict`` raise if
-the model's weights or buffers changed since.
+theta* is the model's weights when ``walk``/``fit`` starts; ``sample``, ``predict`` and ``state_dict`` raise if the
+model's weights or buffers changed since.
 """
 
 from __future__ import annotations
@@ -52,12 +51,12 @@ from posthoc.laplace.predict import PositionPredictive
 from posthoc.likelihood import Likelihood, check_supported
 from posthoc.network.batches import DEFAULT_KEYS
 from posthoc.network.inputs import InputSpec, MappingCall, ModelCall, ModelInputs, tensor_leaves
-from posthoc.network.positions import IGNORE_INDEX, check_ignore_index
+from posthoc.network.positions import IGNORE_INDEX
 from posthoc.network.subset import ParameterSubset, SubsetOfWeights
 from posthoc.predictive import LinkApprox, Predictive, SamplePredictive
 from posthoc.predictive.base import check_n_samples, laplace_torch_outputs
 from posthoc.utils.checkpoint import check_writable, data_fingerprint, load_checkpoint, module_digest, save_checkpoint
-from posthoc.utils.checks import check_choice, check_positive, check_positive_int
+from posthoc.utils.checks import check_choice, check_int, check_positive, check_positive_int
 from posthoc.utils.modes import eval_mode
 
 STATE_VERSION = 2  # 2: weights identified by a digest of the whole model; input shape; posthoc.utils.checkpoint files
@@ -69,9 +68,9 @@ class FiberSampler:
 
     The settings of the two stages come either as a :class:`~posthoc.fiber.WalkConfig` (``walk=``) and a
     :class:`~posthoc.fiber.DeformConfig` (``deform=``), whose docstrings describe each setting, or as flat keywords
-    named like their fields (``FiberSampler(model, "classification", steps=400, deform="anchored",
-    flow_steps=500)``; without a WalkConfig, ``burn_in`` defaults to steps // 2). Both forms give the same
-    sampler. Giving one stage's settings both ways raises ValueError; an unknown keyword raises TypeError.
+    named like their fields (``FiberSampler(model, "classification", steps=400, deform="anchored", flow_steps=500)``;
+    without a WalkConfig, ``burn_in`` defaults to steps // 2). Both forms give the same sampler. Giving one stage's
+    settings both ways raises ValueError; an unknown keyword raises TypeError.
 
     Args:
         model: the trained network (its weights are theta*); put in eval mode.
@@ -97,19 +96,18 @@ class FiberSampler:
         mapping_call: how a mapping input reaches the model, "auto", "kwargs" or "argument" (as in Laplace).
         output_fn: maps the model's raw output to the output tensor (B, C); default: a tensor, the first element
             of a tuple/list, or ``"logits"`` of a mapping or HF ``ModelOutput``.
-        ignore_index: outputs with positions (B, ..., C): the class target of positions that count nowhere
-            (not in the loss, the tolerance's per-position mean or the projection); default -100 (PyTorch's).
+        ignore_index: the class target of skipped positions in outputs (B, ..., C) (default -100, PyTorch's).
 
-    The covered weights are those that require grad: freezing all but some (e.g. a peft model's LoRA adapters)
-    samples those only. The walk's JVPs need forward-mode derivatives of every operation of the model; attention runs
-    on kernels that have them (Hugging Face's default "sdpa" attention on SDPA's math kernel). The particles are
-    vmapped unless the forward pass reads values computed from the weights (:mod:`posthoc.fiber.particles`).
-    Outputs (B, ..., C) (per-token or per-pixel heads) are one observation per position; positions whose class
-    target is ``ignore_index`` (default -100, as in Laplace and ScaLLA) are skipped (:mod:`posthoc.fiber.walk`).
+    The covered weights are those that require grad: freezing all but some (e.g. a peft model's LoRA adapters) samples
+    those only. The walk's JVPs need forward-mode derivatives of every operation of the model; attention runs on
+    kernels that have them (Hugging Face's default "sdpa" attention on SDPA's math kernel). The particles are vmapped
+    unless the forward pass reads values computed from the weights (:mod:`posthoc.fiber.particles`). Outputs (B, ...,
+    C) (per-token or per-pixel heads) are one observation per position; positions whose class target is
+    ``ignore_index`` are skipped (:mod:`posthoc.fiber.walk`).
 
     ``config`` (WalkConfig) and ``deform_config`` (DeformConfig) hold the settings. The stage-2 fields are also
-    attributes (``fs.flow_steps``; ``fs.barrier_weight`` with its default resolved; ``fs.deform`` the map's name,
-    a DeformKind for the built-in maps); setting one replaces ``deform_config`` (validated again).
+    attributes (``fs.flow_steps``; ``fs.barrier_weight`` with its default resolved; ``fs.deform`` the map's name, a
+    DeformKind for the built-in maps); setting one replaces ``deform_config`` (validated again).
     """
 
     def __init__(
@@ -144,8 +142,8 @@ class FiberSampler:
             raise ValueError("the walk keeps fewer than 2 samples: raise n_particles or steps, or lower burn_in/thin")
         prior = torch.as_tensor(prior_precision, dtype=self.subset.dtype, device=self.subset.device).detach()
         if prior.numel() not in (1, self.subset.n_params):
-            raise ValueError(f"prior_precision must be a scalar or have one entry per parameter "
-                             f"({self.subset.n_params}), got {prior.numel()} entries")
+            raise ValueError(f"prior_precision must be a scalar or have one entry per parameter ({self.subset.n_params}), "
+                             f"got {prior.numel()} entries")
         check_positive(prior, "prior_precision")
         self.prior_precision = prior.reshape(-1) if prior.numel() > 1 else prior.reshape(())
         if sigma_noise is not None:
@@ -153,12 +151,11 @@ class FiberSampler:
             if self.likelihood is Likelihood.CLASSIFICATION and float(sigma_noise) != 1.0:
                 raise ValueError("sigma_noise is for regression; leave it unset for classification")
         self._sigma_given = None if sigma_noise is None else float(sigma_noise)
-        self.sigma_noise = torch.as_tensor(1.0 if sigma_noise is None else float(sigma_noise),
-                                           dtype=self.subset.dtype, device=self.subset.device)
+        self.sigma_noise = torch.as_tensor(1.0 if sigma_noise is None else float(sigma_noise), dtype=self.subset.dtype,
+                                           device=self.subset.device)
         check_positive_int(checkpoint_every, "checkpoint_every", "walk / flow steps between checkpoints")
         self.seed, self.checkpoint_every, self.progress = seed, checkpoint_every, progress
-        self.dict_key_x, self.dict_key_y = dict_key_x, dict_key_y
-        self.ignore_index = check_ignore_index(ignore_index)
+        self.dict_key_x, self.dict_key_y, self.ignore_index = dict_key_x, dict_key_y, check_int(ignore_index, "ignore_index")
         # fitted state
         self.particles: torch.Tensor | None = None
         self.particle_nll: torch.Tensor | None = None  # the particles' all-data mean NLL (M,)
@@ -212,8 +209,7 @@ class FiberSampler:
                 "flow": [self.flow_layers, self.flow_hidden, self.flow_steps, self.flow_lr, self.flow_loss_weight,
                          self.flow_loss_batch, self.flow_loss_samples],
                 "sigma_given": self._sigma_given, "seed": self.seed, "n_check": self.n_check,
-                # the map's own entries ("variational", "anchored": the barrier settings; none for the other
-                # maps, so their checkpoints written before those settings existed load)
+                # a map's own entries (the barrier's; none for other maps, so their older checkpoints still load)
                 **self._method.settings(self)}
 
     def vectorises(self, inputs: ModelInputs) -> bool:
@@ -226,12 +222,11 @@ class FiberSampler:
         """Forget any fit, check the checkpoint folder, read theta* and the data, load the checkpoint (or None)."""
         self.particles = self.particle_nll = self.map_nll = self.coords = self.flow = None
         self.info, self._cache, self._callback = {}, None, callback
-        path = Path(checkpoint) if checkpoint is not None else None
-        if path is not None:
+        if (path := Path(checkpoint) if checkpoint is not None else None) is not None:
             check_writable(path.parent, "FiberSampler checkpoint")
-        keys = (self.dict_key_x, self.dict_key_y)
-        problem, self.input_shape = training_problem(self.subset, self.call, train_loader, self.likelihood, keys,
-                                                     self.prior_precision, self._sigma_given, self.ignore_index)
+        problem, self.input_shape = training_problem(self.subset, self.call, train_loader, self.likelihood,
+                                                     (self.dict_key_x, self.dict_key_y), self.prior_precision,
+                                                     self._sigma_given, self.ignore_index)
         self.sigma_noise, self._vectorise, self._problem_cache = problem.sigma_noise, problem.vectorise, problem
         # everything the result depends on; the data as the walk reads them (canonical order, covered module's inputs)
         self._fingerprint = {"version": STATE_VERSION, "settings": self._settings(),

@@ -46,14 +46,7 @@ from posthoc.network.inputs import (
     input_spec,
     naming_input_shape,
 )
-from posthoc.network.positions import (
-    IGNORE_INDEX,
-    PositionFactors,
-    as_rows,
-    check_ignore_index,
-    first_batch_layout,
-    observations,
-)
+from posthoc.network.positions import IGNORE_INDEX, PositionFactors, as_rows, first_batch_layout, observations
 from posthoc.network.probes import ExampleRoute
 from posthoc.network.subset import ParameterSubset, SubsetOfWeights
 from posthoc.predictive import LinkApprox, Predictive
@@ -72,7 +65,7 @@ from posthoc.predictive.tuning import (
     tune_sigma_noise_choice,
     validation_nll_sum,
 )
-from posthoc.utils.checks import check_choice
+from posthoc.utils.checks import check_choice, check_int
 from posthoc.utils.modes import eval_mode
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -164,9 +157,8 @@ class Laplace(LaplaceTorchAPI):
                              "'subnetwork'; use 'full', 'diag' or 'lowrank'")
         self.factors = OutputFactors(self.likelihood, curvature or CurvatureType.GGN, mc_samples=mc_samples, seed=seed)
         self._curvature_default, self.position_dims = curvature is None, 0
-        self.ignore_index = check_ignore_index(ignore_index)
-        self.prior_precision = prior_precision
-        self.sigma_noise = sigma_noise
+        self.ignore_index = check_int(ignore_index, "ignore_index")
+        self.prior_precision, self.sigma_noise = prior_precision, sigma_noise
         self.seed, self.default_link_approx = seed, likelihood_link(self.likelihood, self.default_link_approx)
         self.dict_key_x, self.dict_key_y = dict_key_x, dict_key_y
         self.progress = progress

@@ -39,17 +39,6 @@ if TYPE_CHECKING:  # only for annotations
 IGNORE_INDEX = -100  # torch.nn.CrossEntropyLoss's default ignore_index, which laplace-torch's metrics use too
 
 
-def check_ignore_index(value: object) -> int:
-    """Return ``value`` if it is an ``int`` (``bool`` refused): the class target of skipped positions.
-
-    Raises:
-        TypeError: another type (a float or a tensor would compare unpredictably with the integer targets).
-    """
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"ignore_index must be an int (PyTorch's default -100), got {value!r}")
-    return value
-
-
 def check_layout(output_shape: tuple[int, ...], target_shape: tuple[int, ...], likelihood: Likelihood) -> None:
     """Raise ValueError unless outputs (B, ..., C) and targets (B, ...) (regression (B, ..., C)) agree.
 

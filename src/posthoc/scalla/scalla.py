@@ -36,7 +36,7 @@ from posthoc.network.inputs import (
     input_spec,
     take,
 )
-from posthoc.network.positions import IGNORE_INDEX, check_ignore_index, first_batch_layout, observations
+from posthoc.network.positions import IGNORE_INDEX, first_batch_layout, observations
 from posthoc.network.subset import ParameterSubset
 from posthoc.predictive import GaussianPredictive, LinkApprox, laplace_torch_outputs
 from posthoc.predictive.tuning import (
@@ -55,7 +55,7 @@ from posthoc.scalla.state import restore_scalla_state, scalla_state
 from posthoc.scalla.surrogate import HIDDEN, FeatureMap, SurrogateInit, build_default_surrogate
 from posthoc.scalla.training import InputPool, SurrogateTrainer, TrainSettings, fit_settings, n_context_features
 from posthoc.scalla.tuning import gridsearch_prior
-from posthoc.utils.checks import check_choice, check_positive_int
+from posthoc.utils.checks import check_choice, check_int, check_positive_int
 from posthoc.utils.modes import eval_mode
 
 
@@ -201,7 +201,7 @@ class ScaLLA:
         self.input_dtype: torch.dtype | None = None  # the subset's dtype for floating inputs; integer ids keep theirs
         self.example_input: ModelInputs | None = None  # one training input, which builds the default surrogate
         self.n_outputs: int | None = None
-        self.ignore_index, self.position_dims = check_ignore_index(ignore_index), 0  # outputs (B, ..., C): position_dims > 0
+        self.ignore_index, self.position_dims = check_int(ignore_index, "ignore_index"), 0  # outputs (B, ..., C): position_dims > 0
         self.train_record: dict[str, Any] = {}
 
     @property

@@ -93,6 +93,18 @@ def batch_shape(example_shape: tuple[int, ...] | None) -> str:
     return "(" + ", ".join(["B", *map(str, example_shape or ())]) + ")"
 
 
+def check_int(value: object, name: str, hint: str = "") -> int:
+    """Return ``value`` if it is an ``int`` of any sign (``bool`` refused); else raise TypeError naming ``name``.
+
+    A float or a tensor where an int is meant (a class index such as ``ignore_index``) would compare unpredictably.
+    Cost: O(1).
+    """
+    if isinstance(value, bool) or not isinstance(value, int):
+        extra = f" ({hint})" if hint else ""
+        raise TypeError(f"{name} must be an int{extra}, got {value!r}")
+    return value
+
+
 @overload
 def check_positive_int(value: object, name: str, hint: str = "", *, allow_none: Literal[False] = False) -> int: ...
 
