@@ -249,8 +249,8 @@ def library_rows(task: Task, basis: str, rank: int, subsample: int, cache: Path,
         else:
             la.optimize_prior_precision(val_loader=make_loader(task.val, BATCH, shuffle=False))
         tune_s = time.perf_counter() - t0
-        probs = torch.cat([la.predict(x).probs() for x, _ in make_loader(task.test, BATCH, shuffle=False)]).cpu()
-        probs_ood = torch.cat([la.predict(x).probs() for x, _ in make_loader(task.ood, BATCH, shuffle=False)]).cpu()
+        probs = torch.cat([la.predict(x).probs(link) for x, _ in make_loader(task.test, BATCH, shuffle=False)]).cpu()
+        probs_ood = torch.cat([la.predict(x).probs(link) for x, _ in make_loader(task.ood, BATCH, shuffle=False)]).cpu()
         rows[name] = {"method": name, "basis": basis, "rank": rank, "prior": prior, "link": link,
                       "prior_precision": float(la.prior_precision.mean()), "fit_s": fit_s, "tune_s": tune_s,
                       "predict_s": time.perf_counter() - t0 - tune_s,
