@@ -145,17 +145,17 @@ def parameter_uses(subset: ParameterSubset, inputs: ModelInputs) -> list[int]:
 
 # --- Per-example squared gradients without a (B, K, P) tensor where the layers allow ---------------------------
 #
-# For a Linear or Conv2d layer the per-example gradient of J_n^T s is sum_l g_l (x) a_l over positions l
-# (output-side gradient (x) layer input, the input unfolded for Conv2d). The two helpers below reduce these
-# per-example gradients layer by layer: a Linear layer on 2-D inputs (one position) never materialises them
-# (closed forms in g^2 and a^2), a layer with several positions materialises one layer's (K, b, O, I) block per
-# chunk of b examples, or, when it has few positions (late conv stages), sums over position pairs instead
-# (position_pairs_cheaper). A normalisation layer's γ has the per-example gradient sum_l g_l * x̂_l (elementwise, with x̂
-# its normalised input: posthoc.curvature.norm_affine), its β sum_l g_l, so BatchNorm (eval mode), LayerNorm and
-# GroupNorm ride along with the same signals. Covered parameters outside these layers, and networks where a
-# covered parameter is read more than once per forward (a layer called twice, a Parameter shared by two modules or
-# tied to a functional use: parameter_uses), fall back to per-example VJPs of the whole network
-# (per_example_factor_gradients), whose gradients sum every use: the result stays the exact diagonal.
+# For a Linear or Conv2d layer the per-example gradient of J_n^T s is sum_l g_l (x) a_l over positions l (output-side
+# gradient (x) layer input, the input unfolded for Conv2d). The two helpers below reduce these per-example gradients
+# layer by layer: a Linear layer on 2-D inputs (one position) never materialises them (closed forms in g^2 and a^2), a
+# layer with several positions materialises one layer's (K, b, O, I) block per chunk of b examples, or, when it has
+# few positions (late conv stages), sums over position pairs instead (position_pairs_cheaper). A normalisation layer's
+# γ has the per-example gradient sum_l g_l * x̂_l (elementwise, with x̂ its normalised input:
+# posthoc.curvature.norm_affine), its β sum_l g_l, so BatchNorm (eval mode), LayerNorm and GroupNorm ride along with
+# the same signals. Covered parameters outside these layers, and networks where a covered parameter is read more than
+# once per forward (a layer called twice, a Parameter shared by two modules or tied to a functional use:
+# parameter_uses), fall back to per-example VJPs of the whole network (per_example_factor_gradients), whose gradients
+# sum every use: the result stays the exact diagonal.
 
 DEFAULT_CHUNK_BYTES = 2**29  # working-memory budget of one chunk of examples (512 MiB)
 
@@ -286,11 +286,11 @@ def factor_gradient_squares(subset: ParameterSubset, inputs: ModelInputs, factor
                             chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> torch.Tensor:
     """sum_n sum_k (J_n^T s_nk)^2 elementwise: (P,), for factors S (B, C, K).
 
-    This is diag(sum_n J_n^T S_n S_n^T J_n). Linear/Conv2d networks: one forward and one K-batched backward
-    per chunk plus, per layer with several positions, a (K, b, O, I) per-example gradient block (for Conv2d
-    the cost of K weight-gradient passes) or, with few positions, one (O, b L²/2) by (b L²/2, I) matmul; a Linear layer on 2-D inputs costs an (O, I) matmul. Other networks:
-    per-example VJPs of the whole network, (b, K, P) per chunk. Chunks of b examples keep the working memory
-    under about ``chunk_bytes``.
+    This is diag(sum_n J_n^T S_n S_n^T J_n). Linear/Conv2d networks: one forward and one K-batched backward per chunk
+    plus, per layer with several positions, a (K, b, O, I) per-example gradient block (for Conv2d the cost of K
+    weight-gradient passes) or, with few positions, one (O, b L²/2) by (b L²/2, I) matmul; a Linear layer on 2-D
+    inputs costs an (O, I) matmul. Other networks: per-example VJPs of the whole network, (b, K, P) per chunk. Chunks
+    of b examples keep the working memory under about ``chunk_bytes``.
     """
     layers, step = _plan(subset, inputs, factors.shape[-1], chunk_bytes)
     if layers is None:

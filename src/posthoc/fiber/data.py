@@ -31,9 +31,10 @@ def canonical_training_data(train_loader: Iterable, subset: ParameterSubset, lik
     mappings with the target under ``dict_key_y`` whose other entries are the model input). Returns the covered
     module's inputs (N, ...; a tuple or mapping of them for such model inputs), the targets (N,) labels or (N, C)
     values (``position_dims`` > 0, outputs (B, ..., C): (N, ...) labels, -100 at the positions whose target is
-    ``ignore_index``, whatever its value, so that the walk reads one spelling, or (N, ..., C) values), sorted by a fixed random projection of each example so the walk does not depend on
-    the loader's shuffling, and the shape of one model input (a tuple; for a tuple or mapping input, its
-    :func:`posthoc.network.inputs.input_spec`). Memory: the whole training set (or its last-layer features).
+    ``ignore_index``, whatever its value, so that the walk reads one spelling, or (N, ..., C) values), sorted by a
+    fixed random projection of each example so the walk does not depend on the loader's shuffling, and the shape of
+    one model input (a tuple; for a tuple or mapping input, its :func:`posthoc.network.inputs.input_spec`). Memory:
+    the whole training set (or its last-layer features).
 
     Raises:
         ValueError: for an empty loader, batches of different example shapes (token inputs padded to different
@@ -156,7 +157,7 @@ def training_problem(subset: ParameterSubset, call: ModelCall, train_loader: Ite
         ValueError, TypeError: as :func:`canonical_training_data` and ``first_batch_layout``.
     """
     x0, _, position_dims = first_batch_layout(train_loader, call, likelihood, *dict_keys, subset.dtype, subset.device,
-                                              mapping_inputs=True)
+                                              mapping_inputs=True, ignore_index=ignore_index)
     subset.capture(x0)  # for last_layer, also locates the layer on the first batch
     inputs, targets, input_shape = canonical_training_data(train_loader, subset, likelihood, *dict_keys,
                                                            position_dims=position_dims, ignore_index=ignore_index)

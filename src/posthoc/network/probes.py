@@ -101,9 +101,9 @@ def reads_values_computed_from(forward: Callable[[torch.Tensor], Any], source: t
 
     Such a function cannot be vmapped over ``source`` (the fiber walk's parameter vectors,
     :mod:`posthoc.fiber.particles`). Reads of tensors that do not depend on ``source`` (an attention mask among the
-    inputs) do not count, unlike :func:`reads_tensor_values`. Conservative: indexing by a 0-dim tensor (``t[i]``) reads ``i``
-    and counts, though vmap has a rule for it (the particles are then looped: slower, the same result). Cost: one call of ``forward`` (without autograd) with a Python
-    hook on every operator it dispatches.
+    inputs) do not count, unlike :func:`reads_tensor_values`. Conservative: indexing by a 0-dim tensor (``t[i]``)
+    reads ``i`` and counts, though vmap has a rule for it (the particles are then looped: slower, the same result).
+    Cost: one call of ``forward`` (without autograd) with a Python hook on every operator it dispatches.
     """
     marked = source.detach().clone()
     with torch.no_grad(), _DependentReads(marked) as mode:
