@@ -39,6 +39,7 @@ from posthoc import metrics
 from posthoc.bench.report import recorded_path, run_meta, write_json
 from posthoc.bench.runner import EVAL_BATCH, train_suite_model, variance_score
 from posthoc.bench.suites import get_bench_suite
+from posthoc.bench.uci import mean_se as bench_mean_se
 from posthoc.data.loaders import make_loader
 from posthoc.data.suites import get_suite
 from posthoc.data.vision import load_images
@@ -321,12 +322,9 @@ def evaluate_model(model: torch.nn.Module | None, suite, seed: int, folder: Path
 
 
 def mean_se(values: list[float]) -> tuple[float, float | None]:
-    """Mean and standard error (None for one value)."""
-    mean = sum(values) / len(values)
-    if len(values) < 2:
-        return mean, None
-    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
-    return mean, math.sqrt(var / len(values))
+    """Mean and standard error (:func:`posthoc.bench.uci.mean_se`), the error None for one value."""
+    mean, se = bench_mean_se(values)
+    return mean, None if math.isnan(se) else se
 
 
 def summary_rows(run_dir: Path, seeds: list[int], authors_seeds: list[int]) -> list[dict[str, Any]]:
