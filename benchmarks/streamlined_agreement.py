@@ -269,12 +269,17 @@ def options(case: Case) -> list[dict]:
            for a in (("independent", "shared_value") if case.own_attention else ("independent",)) for ln in lns]
     out += [{"mode": "diagonal", "attention": "independent", "layernorm": ln, "activations": "quadrature"}
             for ln in (*lns, "expected")[:None if case.has_layernorm else 1]]
+    if case.pools:  # the pooled entries' variances combined as perfectly correlated, both activation rules
+        out += [{"mode": "diagonal", "attention": "independent", "layernorm": ln, "pooling": "correlated", **act}
+                for ln in (*lns, "expected")[:None if case.has_layernorm else 1]
+                for act in ({}, {"activations": "quadrature"})]
     return out + [{"mode": "full", "attention": "independent", "layernorm": ln} for ln in lns]
 
 
 def option_key(option: dict) -> str:
     """A file-name key for an option combination (linearised activations, the default, unnamed)."""
     suffix = "-quadrature" if option.get("activations") == "quadrature" else ""
+    suffix += "-correlated-pooling" if option.get("pooling") == "correlated" else ""
     return f"{option['mode']}-{option['attention']}-{option['layernorm'] or 'none'}{suffix}"
 
 
@@ -316,6 +321,8 @@ def streamlined_row(model: nn.Module, case: Case, variances: dict, x: Any, mc: d
         kwargs["layernorm"] = option["layernorm"]
     if option.get("activations") == "quadrature":
         kwargs["activations"] = "moment_matched"
+    if option.get("pooling") is not None:
+        kwargs["pooling"] = option["pooling"]
     row: dict = {**option, "n_inputs": len(idx)}
     network, inputs = model, x
     if option["mode"] == "full" and case.split is not None:

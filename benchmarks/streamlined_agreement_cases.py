@@ -43,6 +43,7 @@ class Case:
     has_layernorm: bool = False
     own_attention: bool = False  # an attention module rule (posthoc's block, nn.MultiheadAttention): "shared_value" applies
     attention_rule: str = "—"  # the attention rule the graph meets, named in the table
+    pools: bool = False  # an average pooling or mean over positions / tokens: pooling="correlated" applies
     split: Callable[[nn.Module], tuple[Callable, nn.Module]] | None = None
     notes: dict[str, Any] = field(default_factory=dict)
 
@@ -176,15 +177,17 @@ CASES: dict[str, Case] = {
     "mlp": Case("main", _posthoc("mlp"), "fmnist", ("fc2.", "fc3."), split=_sequential_split("fc2")),
     "cnn": Case("main", _posthoc("cnn"), "fmnist", ("fc1.", "fc2."), split=_sequential_split("fc1")),
     "small_resnet": Case("main", _posthoc("small_resnet"), "fmnist", ("blocks.block2.", "blocks.block3.", "fc."),
-                         split=_small_resnet_split),
+                         split=_small_resnet_split, pools=True),
     "small_vit": Case("main", _posthoc("small_vit"), "fmnist", ("blocks.block1.", "blocks.block2.", "norm.", "head."),
-                      has_layernorm=True, own_attention=True),
-    "wrn": Case("main", lambda: WRN(k=1), "fmnist", ("block2.", "block3.", "bn.", "fc."), split=_wrn_split),
+                      has_layernorm=True, own_attention=True, pools=True),
+    "wrn": Case("main", lambda: WRN(k=1), "fmnist", ("block2.", "block3.", "bn.", "fc."), split=_wrn_split,
+                pools=True),
     "bert": Case("main", _bert, "tokens", ("bert.encoder.layer.1.", "bert.encoder.layer.2.", "bert.pooler.",
                                            "classifier."), epochs=3, has_layernorm=True, attention_rule=SDPA),
     "gpt2": Case("main", _gpt2, "tokens", ("transformer.h.1.", "transformer.h.2.", "transformer.ln_f.", "score."),
                  epochs=3, has_layernorm=True, attention_rule=SDPA),
-    "tv_resnet18": Case("vision", _resnet18, "fmnist3", ("layer4.", "fc."), split=_resnet18_split),
+    "tv_resnet18": Case("vision", _resnet18, "fmnist3", ("layer4.", "fc."), split=_resnet18_split,
+                        pools=True),
     "tv_vit": Case("vision", _tv_vit, "fmnist3", ("encoder.layers.encoder_layer_1.", "encoder.layers.encoder_layer_2.",
                                                    "encoder.ln.", "heads."), has_layernorm=True, own_attention=True,
                    attention_rule="nn.MultiheadAttention module rule"),

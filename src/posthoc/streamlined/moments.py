@@ -9,7 +9,7 @@ A state describes the activations of one layer for a batch of B inputs:
   random layer), which the rules use to skip work;
 - full mode only: ``crosses``, cross-covariances (B, D, D_anchor) of the current
   activations with earlier ones (the input of each open residual block), so a residual
-  join keeps the branch/skip covariance (see :func:`posthoc.streamlined.walk.residual`).
+  join keeps the branch/skip covariance (see :mod:`posthoc.streamlined.joint`).
 """
 
 from __future__ import annotations

@@ -33,7 +33,7 @@ from posthoc.predictive import GaussianPredictive, LinkApprox, laplace_torch_out
 from posthoc.predictive.scale import fit_variance_scale, scaled_gaussian
 from posthoc.streamlined.exported import ExportedGraphs, GraphRoute
 from posthoc.streamlined.moments import ActivationCovariance, Moments
-from posthoc.streamlined.rules import ActivationRule, AttentionRule, Context, LayerNormRule, find_rule
+from posthoc.streamlined.rules import ActivationRule, AttentionRule, Context, LayerNormRule, PoolingRule, find_rule
 from posthoc.streamlined.rules.attention import attach_value_sources
 from posthoc.streamlined.traced import TracedInputs, propagate_traced, trace
 from posthoc.streamlined.walk import propagate
@@ -81,6 +81,10 @@ class Streamlined:
         activations: "linearized" (authors': g'(μ)² σ²) or "moment_matched" (diagonal mode: Var g(z) for
             z ~ N(μ, σ²), ReLU in closed form, smooth activations by 32-node quadrature; the mean stays
             model(x)).
+        pooling: diagonal mode, how average pooling and mean/sum reductions combine the variances of the
+            entries they pool: "independent" (authors': Σ a_i² σ_i², which under-counts a pool over positions
+            that share random weights by up to the pool's size) or "correlated" ((Σ a_i σ_i)², the upper bound;
+            see docs/streamlined.md for the measured effect on pooled CNNs and ViTs). Full mode needs neither.
         likelihood: "classification" or "regression" (default: the Laplace object's, else
             classification); ``sigma_noise``: regression noise (default the Laplace's, else 1).
         batch_size: inputs propagated at once (default: all in diagonal mode, 32 in full mode).
@@ -117,6 +121,7 @@ class Streamlined:
         attention: AttentionRule | str = AttentionRule.INDEPENDENT,
         layernorm: LayerNormRule | str | None = None,
         activations: ActivationRule | str = ActivationRule.LINEARIZED,
+        pooling: PoolingRule | str = PoolingRule.INDEPENDENT,
         likelihood: Likelihood | str | None = None,
         sigma_noise: float | None = None,
         max_full_dim: int = 4096,
@@ -159,6 +164,7 @@ class Streamlined:
         if self.activations is ActivationRule.MOMENT_MATCHED and self.mode is ActivationCovariance.FULL:
             raise ValueError("activations='moment_matched' is diagonal-mode only; use "
                              "activation_covariance='diagonal' or activations='linearized'")
+        self.pooling = check_choice(pooling, PoolingRule, "pooling")
         check_positive_int(max_full_dim, "max_full_dim", "the largest layer width given a full covariance")
         self.max_full_dim = max_full_dim
         check_positive_int(batch_size, "batch_size", "examples per propagated chunk", allow_none=True)
@@ -219,7 +225,8 @@ class Streamlined:
 
     # ----------------------------------------------------------------- propagation
     def _context(self, posterior: WeightPosterior) -> Context:
-        return Context(self.mode, posterior, self.attention, self.layernorm, self.max_full_dim, self.activations)
+        return Context(self.mode, posterior, self.attention, self.layernorm, self.max_full_dim, self.activations,
+                       self.pooling)
 
     def _input_state(self, x: torch.Tensor, input_var: float | torch.Tensor | None) -> Moments:
         if input_var is None:
@@ -394,6 +401,6 @@ class Streamlined:
         """The settings stored with a bench row: variance scale, modes and the posterior's description."""
         return {"variance_scale": self.variance_scale, "activation_covariance": self.mode.value,
                 "attention": self.attention.value, "layernorm": self.layernorm.value,
-                "activations": self.activations.value,
+                "activations": self.activations.value, "pooling": self.pooling.value,
                 "graph": None if self.graph_used is None else self.graph_used.value,
                 "posterior": self._posterior.description}

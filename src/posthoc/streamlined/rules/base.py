@@ -37,6 +37,12 @@ class ActivationRule(str, Enum):
     MOMENT_MATCHED = "moment_matched"  # Var g(z) for z ~ N(μ, σ²); the mean stays g(μ), i.e. model(x)
 
 
+class PoolingRule(str, Enum):
+    """How diagonal-mode average pooling and mean/sum reductions combine the variances of the entries they pool."""
+    INDEPENDENT = "independent"  # the authors': entries uncorrelated, Var(Σ a_i x_i) = Σ a_i² σ_i²
+    CORRELATED = "correlated"  # entries perfectly correlated, (Σ a_i σ_i)²: the upper bound (Cauchy-Schwarz)
+
+
 class UnsupportedLayerError(TypeError):
     """A module has no moment-propagation rule."""
 
@@ -53,6 +59,7 @@ class Context:
     layernorm: LayerNormRule = LayerNormRule.FROZEN
     max_full_dim: int = 4096
     activations: ActivationRule = ActivationRule.LINEARIZED
+    pooling: PoolingRule = PoolingRule.INDEPENDENT
 
     @property
     def full(self) -> bool:

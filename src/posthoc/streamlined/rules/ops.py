@@ -21,7 +21,7 @@ from torch import nn
 
 from posthoc.streamlined.moments import Moments, add_optional
 from posthoc.streamlined.rules.activations import activation_rule
-from posthoc.streamlined.rules.base import Context, Step, UnsupportedLayerError, advance, register_rule
+from posthoc.streamlined.rules.base import Context, PoolingRule, Step, UnsupportedLayerError, advance, register_rule
 from posthoc.streamlined.rules.pooling import avgpool_rule, maxpool_rule
 
 TensorMap = Callable[[torch.Tensor], torch.Tensor]
@@ -114,8 +114,13 @@ def reindex_rule(op: Callable[..., Any] | str, args: tuple, kwargs: dict, ctx: C
 
 @register_rule("mean", "sum", torch.mean, torch.sum)
 def reduction_rule(op: Callable[..., Any] | str, args: tuple, kwargs: dict, ctx: Context) -> Moments:
-    """Sum / mean over feature axes; diagonal mode: Σ var (sum) or Σ var / n² (mean over n entries)."""
+    """Sum / mean over feature axes; diagonal mode by ``ctx.pooling``.
+
+    "independent": Σ var (sum) or Σ var / n² (mean over n entries); "correlated": (Σ σ)² or (Σ σ / n)².
+    """
     state, fn = _unary(op, args, kwargs)
+    if ctx.pooling is PoolingRule.CORRELATED:
+        return _linear_map(state, fn, lambda v: fn(v.sqrt()).square(), ctx, _op_name(op))
     if _op_name(op) == "sum":
         return _linear_map(state, fn, fn, ctx, "sum")
     n_per_output = state.mean[0].numel() // max(fn(state.mean[:1]).numel(), 1)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from posthoc.streamlined.moments import Moments
-from posthoc.streamlined.rules.base import Context, Step, UnsupportedLayerError, advance, register_rule
+from posthoc.streamlined.rules.base import Context, PoolingRule, Step, UnsupportedLayerError, advance, register_rule
 
 
 class MaxPoolStep(Step):
@@ -68,7 +68,11 @@ class LinearMapStep(Step):
 
 @register_rule(nn.AvgPool2d, nn.AdaptiveAvgPool2d)
 def avgpool_rule(module: nn.Module, state: Moments, ctx: Context, last: bool) -> Moments:
-    """Average pooling is linear: exact in full mode; diagonal mode sums window variances / n²."""
+    """Average pooling is linear: exact in full mode; diagonal mode by ``ctx.pooling``.
+
+    "independent": Σ σ² / n² per window; "correlated": (Σ σ / n)² (a window's entries perfectly correlated).
+    """
+    correlated = ctx.pooling is PoolingRule.CORRELATED
     if isinstance(module, nn.AvgPool2d):
         kh, kw = nn.modules.utils._pair(module.kernel_size)
         pad = nn.modules.utils._pair(module.padding)
@@ -76,7 +80,7 @@ def avgpool_rule(module: nn.Module, state: Moments, ctx: Context, last: bool) ->
             raise UnsupportedLayerError("AvgPool2d with divisor_override or count_include_pad=False and padding")
 
         def var_fn(v: torch.Tensor) -> torch.Tensor:
-            return module(v) / (kh * kw)
+            return module(v.sqrt()).square() if correlated else module(v) / (kh * kw)
     else:
         h, w = state.shape[-2:]
         oh, ow = nn.modules.utils._pair(module.output_size)
@@ -87,5 +91,5 @@ def avgpool_rule(module: nn.Module, state: Moments, ctx: Context, last: bool) ->
         kh, kw = h // oh, w // ow
 
         def var_fn(v: torch.Tensor) -> torch.Tensor:
-            return F.avg_pool2d(v, (kh, kw)) / (kh * kw)
+            return F.avg_pool2d(v.sqrt(), (kh, kw)).square() if correlated else F.avg_pool2d(v, (kh, kw)) / (kh * kw)
     return advance(state, LinearMapStep(module, state, var_fn), ctx)
