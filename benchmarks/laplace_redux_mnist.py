@@ -50,6 +50,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from posthoc import Laplace
 from posthoc.bench import METHODS, BenchContext
 from posthoc.bench.report import recorded_path, run_meta, write_json
+from posthoc.bench.uci import mean_se
 from posthoc.data.shift import rotate_images
 from posthoc.data.suites import ImageSuite
 from posthoc.data.vision import load_images
@@ -260,12 +261,9 @@ def run_one(method: str, seed: int, data: Data, args: argparse.Namespace) -> dic
 
 
 def _mean_se(values: list[float]) -> tuple[float, float | None]:
-    n = len(values)
-    mean = sum(values) / n
-    if n < 2:
-        return mean, None
-    var = sum((v - mean) ** 2 for v in values) / (n - 1)
-    return mean, math.sqrt(var / n)
+    """Mean and standard error over seeds (:func:`posthoc.bench.uci.mean_se`), the error None for one seed."""
+    mean, se = mean_se(values)
+    return mean, None if math.isnan(se) else se
 
 
 def aggregate(method: str, results: list[dict[str, Any]]) -> dict[str, Any]:

@@ -23,6 +23,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from posthoc.bench.report import recorded_path, run_meta, write_json  # noqa: E402
+from posthoc.bench.uci import mean_se  # noqa: E402
 from posthoc.plots.figures import save_figure  # noqa: E402
 from posthoc.utils.io import atomic_write_text  # noqa: E402
 
@@ -34,11 +35,9 @@ METRICS = ("accuracy", "nll", "ece_15", "ece_100")
 
 
 def _mean_se(values: list[float]) -> tuple[float, float | None]:
-    n = len(values)
-    mean = sum(values) / n
-    if n < 2:
-        return mean, None
-    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
+    """Mean and standard error over seeds (:func:`posthoc.bench.uci.mean_se`), the error None for one seed."""
+    mean, se = mean_se(values)
+    return mean, None if math.isnan(se) else se
 
 
 def load_results(cache_dir: Path, method: str, epochs: int, gamma: float) -> list[dict[str, Any]]:
