@@ -267,8 +267,10 @@ def render_markdown(meta: dict[str, Any], rows: list[dict[str, Any]], checks: li
     notes = [f"- {r['model']} ScaLLA N={r['n']}: surrogate training {_num(r['scalla_training_s'])} s of the fit"
              for r in rows if r["method"] == "scalla" and r["scalla_training_s"] is not None]
     done_n = sorted({(r["model"], r["n"]) for r in rows if r["status"] == "done"})
+    not_run = [r for r in rows if r["status"] == "not run"]
     notes.insert(0, "- Done so far at " + ", ".join(f"{m} N={n}" for m, n in done_n) + "; the issue asks for 10,000 "
-                 "images and 200 sequences: the \"not run\" rows are left for a later run (`--n 10000`).")
+                 "images and 200 sequences: " + (f"{len(not_run)} \"not run\" rows are left for a later run "
+                                                 "(`--n 10000`)." if not_run else "every planned case has a record."))
     lines += ["", "## Notes", "", *notes,
               "- Peak memory is the process's peak resident set (VmHWM), reset between the MAP pass, the fit and "
               "the predictive; it includes the model, the data and (when predicting) the fitted posterior.",
