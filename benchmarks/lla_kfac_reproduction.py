@@ -78,9 +78,9 @@ ECE on the FMNIST test set, mean ± SE over seeds.
 3. The fit data move little: all 60,000 training images as in the authors' code (the suite holds 5,000 out for
    validation) give .0305 ± .0005 with MC (.0327 on 55,000).
 4. The MAP recipe does not close the rest: MAPs trained as the authors train theirs (60,000 images in file order,
-   unshuffled; seeds 1 and 2) match their MAP row (ACC .9114 / NLL .2498 / ECE .0090 / Brier .1289 against .9101 /
-   .2539 / .0102 / .1313), yet their LLA (fit on 60,000, evidence delta, MC 2,048) scores ECE .0339 ± .0006, NLL
-   .2569 (seed 1: .0334, seed 2: .0345).
+   unshuffled; seeds 0, 1, 2) match their MAP row (ACC .9111 / NLL .2505 / ECE .0101 / Brier .1296 against .9101 /
+   .2539 / .0102 / .1313; ECE and Brier within 2 SE), yet their LLA (fit on 60,000, evidence delta, MC 2,048)
+   scores ECE .0330 ± .0010, NLL .2568 ± .0008 (seed 0: .0311, seed 1: .0334, seed 2: .0345).
 
 So the .0683 -> .0239 gap is mostly the link (.068 -> .033) and a little the fit data (-> .031); the remaining
 ~.007 in ECE is not explained by any setting tried here, and it comes with the NLL on the other side (theirs .2714,
