@@ -252,8 +252,8 @@ def test_posthoc_models_are_traced_like_any_network(name: str, mode: str) -> Non
     """posthoc's own networks have no rule for themselves or their blocks: their forward is traced like a user's.
 
     Only posthoc's attention (Q and K from the means, ``attention="shared_value"``) and positional embedding (a
-    random parameter read in the forward) register a rule, through the public ``register_rule``. Their variances
-    against Monte Carlo: tests/streamlined/test_mc_agreement.py.
+    random parameter read in the forward) have a rule, keyed by class name (posthoc.streamlined imports no model).
+    Their variances against Monte Carlo: tests/streamlined/test_mc_agreement.py.
     """
     from posthoc.models import (
         FMNISTCNN,

@@ -4,7 +4,6 @@ Every learned map is an ``nn.Linear`` or ``nn.Conv2d`` (what KFAC hooks see), an
 network's children are listed in forward order so moment propagation can walk them.
 """
 
-from posthoc.models import streamlined_rules as _streamlined_rules  # noqa: F401  (registers Streamlined's rules)
 from posthoc.models.cnn import FMNISTCNN
 from posthoc.models.lenet import LeNet
 from posthoc.models.mlp import MLP, Activation, make_activation

@@ -3,8 +3,8 @@
 A model is propagated through its torch.fx graph (:mod:`posthoc.streamlined.traced`); every module with a rule in
 the one registry (:data:`posthoc.streamlined.rules.RULES`, exact type match, filled by
 :func:`posthoc.streamlined.rules.register_rule`) is a leaf of that graph. Streamlined knows no model: posthoc's own
-networks are traced like a user's, and the two of their blocks that need a rule register it through the same public
-``register_rule`` (:mod:`posthoc.models.streamlined_rules`).
+networks are traced like a user's, and the two of their blocks that need a rule have it registered under their
+class's name, without importing them (:mod:`posthoc.streamlined.rules.posthoc_blocks`).
 
 Residual connections: diagonal mode adds means and variances (the authors' rule, the branch/skip covariance
 dropped). Full mode keeps that covariance: the traced walk's join (:mod:`posthoc.streamlined.joint`).

@@ -30,6 +30,7 @@ from __future__ import annotations
 from posthoc.streamlined.rules import aten as _aten  # noqa: F401  (registers torch.export's aten op rules)
 from posthoc.streamlined.rules import attention as _attention  # noqa: F401  (registers the attention op rules)
 from posthoc.streamlined.rules import multihead as _multihead  # noqa: F401  (registers nn.MultiheadAttention's)
+from posthoc.streamlined.rules import posthoc_blocks as _posthoc_blocks  # noqa: F401  (posthoc's attention, positions)
 from posthoc.streamlined.rules.activations import ElementwiseStep, activation_rule, flatten_rule, identity_rule
 from posthoc.streamlined.rules.affine import AffineNoise, ConvStep, LinearStep, conv2d_rule, linear_rule
 from posthoc.streamlined.rules.base import (

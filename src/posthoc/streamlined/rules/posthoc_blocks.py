@@ -1,30 +1,35 @@
-"""Streamlined's rules for two of posthoc's own blocks, registered through its public ``register_rule``.
+"""Rules for two of posthoc's own blocks, keyed by class name so that posthoc.streamlined imports no model.
 
 :mod:`posthoc.streamlined` knows no model: it traces a network's forward and applies one rule per leaf module and
-op, and posthoc's networks go through that same path. Two blocks register a rule of their own, as a user's block
-would:
+op, and posthoc's networks go through that same path. Two blocks of :mod:`posthoc.models.vit` need a rule, as a
+user's block with a stated approximation would; they are registered under the registry key of their class (its
+import path, as transformers' NewGELUActivation is in :mod:`.aten`) and read the module by its attributes:
 
-- :class:`~posthoc.models.vit.MultiHeadSelfAttention`: the authors' attention rule (Q and K from the mean input, V
-  random) with ``attention="shared_value"``, which the traced matmul and softmax ops cannot give (an op rule sees
-  the values' variances, not the one random W_v that correlates them).
-- :class:`~posthoc.models.vit.PositionalEmbedding`: its table is a parameter read inside the forward, which the
-  traced walk refuses when it is random; the rule adds the table with its diagonal variances.
+- ``MultiHeadSelfAttention`` (``attention_weights``, ``v_proj``, ``out_proj``, ``n_heads``): the authors' attention
+  rule (Q and K from the mean input, V random) with ``attention="shared_value"``, which the traced matmul and
+  softmax ops cannot give (an op rule sees the values' variances, not the one random W_v that correlates them).
+- ``PositionalEmbedding`` (``weight``, added to the input): its table is a parameter read inside the forward, which
+  the traced walk refuses when it is random; the rule adds the table with its diagonal variances.
 
 ResidualBlock, TransformerBlock, PatchEmbedding and TokenMeanPool have no rule: they are traced like any network.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
-from posthoc.models.vit import MultiHeadSelfAttention, PositionalEmbedding
 from posthoc.streamlined.moments import Moments, add_optional
-from posthoc.streamlined.rules import Context, Step, advance, register_rule
+from posthoc.streamlined.rules.base import RULES, Context, Step, advance
 from posthoc.streamlined.rules.multihead import attend_values
+from posthoc.utils.registry import add_to_registry
+
+ATTENTION_KEY = "module posthoc.models.vit.MultiHeadSelfAttention"  # rule_key of the class, without importing it
+POSITIONAL_KEY = "module posthoc.models.vit.PositionalEmbedding"
 
 
-@register_rule(MultiHeadSelfAttention)
-def self_attention_rule(module: MultiHeadSelfAttention, state: Moments, ctx: Context, last: bool) -> Moments:
+def self_attention_rule(module: Any, state: Moments, ctx: Context, last: bool) -> Moments:
     """Self-attention with Q, K deterministic and V random: out = out_proj(A v), linear in v.
 
     Q and K come from the mean input and mean weights (their posterior is not used). Diagonal mode:
@@ -58,11 +63,14 @@ class ShiftStep(Step):
         return torch.diag_embed(self.weight_var.reshape(1, -1).expand(self.mean.shape[0], -1))
 
 
-@register_rule(PositionalEmbedding)
-def positional_embedding_rule(module: PositionalEmbedding, state: Moments, ctx: Context, last: bool) -> Moments:
+def positional_embedding_rule(module: Any, state: Moments, ctx: Context, last: bool) -> Moments:
     """Add the positional table to x; its weight may carry a diagonal posterior (ValueError for another form)."""
     post = ctx.posterior.get(module)
     var = None if post is None else post.diag.get("weight")
     if post is not None and var is None and post.is_random("weight"):
         raise ValueError("PositionalEmbedding.weight supports a diagonal posterior only")
     return advance(state, ShiftStep(state, module.weight, var), ctx)
+
+
+add_to_registry(RULES, ATTENTION_KEY, self_attention_rule, "moment-propagation rule")
+add_to_registry(RULES, POSITIONAL_KEY, positional_embedding_rule, "moment-propagation rule")
