@@ -120,7 +120,7 @@ def reduction_rule(op: Callable[..., Any] | str, args: tuple, kwargs: dict, ctx:
     """
     state, fn = _unary(op, args, kwargs)
     if ctx.pooling is PoolingRule.CORRELATED:
-        return _linear_map(state, fn, lambda v: fn(v.sqrt()).square(), ctx, _op_name(op))
+        return _linear_map(state, fn, lambda v: fn(v.clamp_min(0).sqrt()).square(), ctx, _op_name(op))
     if _op_name(op) == "sum":
         return _linear_map(state, fn, fn, ctx, "sum")
     n_per_output = state.mean[0].numel() // max(fn(state.mean[:1]).numel(), 1)

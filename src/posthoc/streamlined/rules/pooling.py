@@ -80,7 +80,7 @@ def avgpool_rule(module: nn.Module, state: Moments, ctx: Context, last: bool) ->
             raise UnsupportedLayerError("AvgPool2d with divisor_override or count_include_pad=False and padding")
 
         def var_fn(v: torch.Tensor) -> torch.Tensor:
-            return module(v.sqrt()).square() if correlated else module(v) / (kh * kw)
+            return module(v.clamp_min(0).sqrt()).square() if correlated else module(v) / (kh * kw)
     else:
         h, w = state.shape[-2:]
         oh, ow = nn.modules.utils._pair(module.output_size)
@@ -91,5 +91,7 @@ def avgpool_rule(module: nn.Module, state: Moments, ctx: Context, last: bool) ->
         kh, kw = h // oh, w // ow
 
         def var_fn(v: torch.Tensor) -> torch.Tensor:
-            return F.avg_pool2d(v.sqrt(), (kh, kw)).square() if correlated else F.avg_pool2d(v, (kh, kw)) / (kh * kw)
+            if correlated:
+                return F.avg_pool2d(v.clamp_min(0).sqrt(), (kh, kw)).square()
+            return F.avg_pool2d(v, (kh, kw)) / (kh * kw)
     return advance(state, LinearMapStep(module, state, var_fn), ctx)
