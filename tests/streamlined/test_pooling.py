@@ -32,12 +32,16 @@ class MeanOverPositions(nn.Module):
         return x.mean(dim=(2, 3)) if self.op == "mean" else x.sum(dim=(2, 3))
 
 
+def _pool(kind: str) -> nn.Module:
+    """(B, C, H, W) -> (B, C·k): AdaptiveAvgPool2d, AvgPool2d, or a traced mean / sum over the positions."""
+    return {"adaptive": lambda: nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten()),
+            "avg": lambda: nn.Sequential(nn.AvgPool2d(3), nn.Flatten()),
+            "mean": lambda: MeanOverPositions("mean"), "sum": lambda: MeanOverPositions("sum")}[kind]()
+
+
 def _network(pool: str) -> nn.Module:
     torch.manual_seed(0)
-    pools = {"adaptive": nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten()),
-             "avg": nn.Sequential(nn.AvgPool2d(3), nn.Flatten()),
-             "mean": MeanOverPositions("mean"), "sum": MeanOverPositions("sum")}
-    return nn.Sequential(nn.Conv2d(2, 3, 3), pools[pool]).to(DTYPE)  # the outputs are the pooled entries
+    return nn.Sequential(nn.Conv2d(2, 3, 3), _pool(pool)).to(DTYPE)  # the outputs are the pooled entries
 
 
 def _variances(model: nn.Module, which: str) -> dict[str, torch.Tensor]:
@@ -86,12 +90,9 @@ def test_independent_is_exact_for_independent_input_noise(pool):
     """Deterministic weights and independent noise on each input entry, pooled directly (a 3x3 conv first would
     correlate neighbouring positions through its overlapping windows)."""
     torch.manual_seed(0)
-    pools = {"adaptive": nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten()),
-             "avg": nn.Sequential(nn.AvgPool2d(3), nn.Flatten()),
-             "mean": MeanOverPositions("mean"), "sum": MeanOverPositions("sum")}
     identity = nn.Conv2d(2, 2, 1, bias=False)  # deterministic; keeps each position's noise at its position
     nn.init.dirac_(identity.weight)
-    model = nn.Sequential(identity, pools[pool]).to(DTYPE)
+    model = nn.Sequential(identity, _pool(pool)).to(DTYPE)
     x = torch.randn(2, 2, 6, 6, dtype=DTYPE)
     full = Streamlined(model, weight_var={}, activation_covariance="full").predict(x, input_var=0.05).var
     torch.testing.assert_close(Streamlined(model, weight_var={}).predict(x, input_var=0.05).var, full,

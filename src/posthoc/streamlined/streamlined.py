@@ -36,7 +36,6 @@ from posthoc.streamlined.moments import ActivationCovariance, Moments
 from posthoc.streamlined.rules import ActivationRule, AttentionRule, Context, LayerNormRule, PoolingRule, find_rule
 from posthoc.streamlined.rules.attention import attach_value_sources
 from posthoc.streamlined.traced import TracedInputs, propagate_traced, trace
-from posthoc.streamlined.walk import propagate
 from posthoc.streamlined.weight_posteriors import WeightPosterior, from_laplace, from_mean_field, load_means
 from posthoc.utils.checks import check_choice, check_finite, check_positive, check_positive_int
 from posthoc.utils.modes import eval_mode
@@ -306,11 +305,12 @@ class Streamlined:
 
     def _propagate_state(self, state: Moments | TracedInputs, ctx: Context) -> Moments:
         """The walk: a model with a rule of its own takes it; any other, its torch.fx graph (traced once)."""
-        if find_rule(type(self.model)) is not None:
+        rule = find_rule(type(self.model))
+        if rule is not None:
             if not isinstance(state, Moments):
                 raise ValueError(f"{type(self.model).__name__} has a module rule, which takes one input tensor; "
                                  "give x as a tensor")
-            return propagate(self.model, state, ctx, last=True)
+            return rule(self.model, state, ctx, True)
         if self.graph_used is None and self.graph is not GraphRoute.EXPORT:
             try:
                 self._traced = trace(self.model)

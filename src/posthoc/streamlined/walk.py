@@ -1,4 +1,4 @@
-"""The module walk: a module's rule, or a container without one walked as the chain of its children.
+"""The rule registry's public helpers: supported_layers, the unsupported-module error, register_graph (deprecated).
 
 A model is propagated through its torch.fx graph (:mod:`posthoc.streamlined.traced`); every module with a rule in
 the one registry (:data:`posthoc.streamlined.rules.RULES`, exact type match, filled by
@@ -17,9 +17,8 @@ from typing import Callable
 
 from torch import nn
 
-from posthoc.streamlined.moments import Moments
-from posthoc.streamlined.rules import RULES, Context, UnsupportedLayerError, register_rule
-from posthoc.streamlined.rules.base import RuleT, find_rule
+from posthoc.streamlined.rules import RULES, UnsupportedLayerError, register_rule
+from posthoc.streamlined.rules.base import RuleT
 
 
 def register_graph(*types: type, replace: bool = False) -> Callable[[RuleT], RuleT]:
@@ -38,19 +37,6 @@ def supported_layers() -> list[str]:
     Containers without a rule (nn.Sequential, a user's network) need none: their forward is traced.
     """
     return sorted({key.rpartition(".")[2] for key in RULES if key.startswith("module ")})
-
-
-def propagate(module: nn.Module, state: Moments, ctx: Context, last: bool = False) -> Moments:
-    """Propagate a state through ``module``; ``last`` marks the network's final layer."""
-    rule = find_rule(type(module))
-    if rule is not None:
-        return rule(module, state, ctx, last)
-    children = list(module.children())
-    if children:
-        for i, child in enumerate(children):
-            state = propagate(child, state, ctx, last and i == len(children) - 1)
-        return state
-    raise unsupported_module(module)
 
 
 def unsupported_module(module: nn.Module) -> UnsupportedLayerError:

@@ -21,8 +21,8 @@ from torch import nn
 
 from posthoc.streamlined.moments import Moments, add_optional
 from posthoc.streamlined.rules.activations import activation_rule
-from posthoc.streamlined.rules.base import Context, PoolingRule, Step, UnsupportedLayerError, advance, register_rule
-from posthoc.streamlined.rules.pooling import avgpool_rule, maxpool_rule
+from posthoc.streamlined.rules.base import Context, Step, UnsupportedLayerError, advance, register_rule
+from posthoc.streamlined.rules.pooling import avgpool_rule, maxpool_rule, pooled_variance
 
 TensorMap = Callable[[torch.Tensor], torch.Tensor]
 
@@ -114,17 +114,11 @@ def reindex_rule(op: Callable[..., Any] | str, args: tuple, kwargs: dict, ctx: C
 
 @register_rule("mean", "sum", torch.mean, torch.sum)
 def reduction_rule(op: Callable[..., Any] | str, args: tuple, kwargs: dict, ctx: Context) -> Moments:
-    """Sum / mean over feature axes; diagonal mode by ``ctx.pooling``.
-
-    "independent": Σ var (sum) or Σ var / n² (mean over n entries); "correlated": (Σ σ)² or (Σ σ / n)².
-    """
+    """Sum / mean over feature axes; diagonal mode by ``ctx.pooling`` (:func:`.pooling.pooled_variance`)."""
     state, fn = _unary(op, args, kwargs)
-    if ctx.pooling is PoolingRule.CORRELATED:
-        return _linear_map(state, fn, lambda v: fn(v.clamp_min(0).sqrt()).square(), ctx, _op_name(op))
-    if _op_name(op) == "sum":
-        return _linear_map(state, fn, fn, ctx, "sum")
-    n_per_output = state.mean[0].numel() // max(fn(state.mean[:1]).numel(), 1)
-    return _linear_map(state, fn, lambda v: fn(v) / n_per_output, ctx, "mean")
+    name = _op_name(op)
+    divisor = 1 if name == "sum" else state.mean[0].numel() // max(fn(state.mean[:1]).numel(), 1)
+    return _linear_map(state, fn, pooled_variance(fn, divisor, ctx.pooling), ctx, name)
 
 
 def _split_operands(args: tuple, kwargs: dict, what: str) -> tuple[object, object]:

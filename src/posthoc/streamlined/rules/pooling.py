@@ -66,21 +66,27 @@ class LinearMapStep(Step):
         return None if var_in is None else self.var_fn(var_in)
 
 
+def pooled_variance(pool: Callable[[torch.Tensor], torch.Tensor], divisor: int, rule: PoolingRule
+                    ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Diagonal-mode variance map of a pool y = Σ_i x_i / d over its entries (a mean: d = n, a sum: d = 1).
+
+    ``pool`` maps x to y; "independent": Σ σ_i² / d² = pool(σ²) / d; "correlated": (Σ σ_i / d)² = pool(σ)², the
+    entries perfectly correlated (variances clamped at 0 before the square root: round-off).
+    """
+    if rule is PoolingRule.CORRELATED:
+        return lambda v: pool(v.clamp_min(0).sqrt()).square()
+    return lambda v: pool(v) / divisor
+
+
 @register_rule(nn.AvgPool2d, nn.AdaptiveAvgPool2d)
 def avgpool_rule(module: nn.Module, state: Moments, ctx: Context, last: bool) -> Moments:
-    """Average pooling is linear: exact in full mode; diagonal mode by ``ctx.pooling``.
-
-    "independent": Σ σ² / n² per window; "correlated": (Σ σ / n)² (a window's entries perfectly correlated).
-    """
-    correlated = ctx.pooling is PoolingRule.CORRELATED
+    """Average pooling is linear: exact in full mode; diagonal mode by ``ctx.pooling`` (:func:`pooled_variance`)."""
     if isinstance(module, nn.AvgPool2d):
         kh, kw = nn.modules.utils._pair(module.kernel_size)
         pad = nn.modules.utils._pair(module.padding)
         if module.divisor_override is not None or (any(pad) and not module.count_include_pad):
             raise UnsupportedLayerError("AvgPool2d with divisor_override or count_include_pad=False and padding")
-
-        def var_fn(v: torch.Tensor) -> torch.Tensor:
-            return module(v.clamp_min(0).sqrt()).square() if correlated else module(v) / (kh * kw)
+        pool: Callable[[torch.Tensor], torch.Tensor] = module
     else:
         h, w = state.shape[-2:]
         oh, ow = nn.modules.utils._pair(module.output_size)
@@ -90,8 +96,6 @@ def avgpool_rule(module: nn.Module, state: Moments, ctx: Context, last: bool) ->
                                         "windows; supported: sizes that divide the input")
         kh, kw = h // oh, w // ow
 
-        def var_fn(v: torch.Tensor) -> torch.Tensor:
-            if correlated:
-                return F.avg_pool2d(v.clamp_min(0).sqrt(), (kh, kw)).square()
-            return F.avg_pool2d(v, (kh, kw)) / (kh * kw)
-    return advance(state, LinearMapStep(module, state, var_fn), ctx)
+        def pool(t: torch.Tensor) -> torch.Tensor:
+            return F.avg_pool2d(t, (kh, kw))
+    return advance(state, LinearMapStep(module, state, pooled_variance(pool, kh * kw, ctx.pooling)), ctx)
