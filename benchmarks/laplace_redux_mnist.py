@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -50,7 +49,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from posthoc import Laplace
 from posthoc.bench import METHODS, BenchContext
 from posthoc.bench.report import recorded_path, run_meta, write_json
-from posthoc.bench.uci import mean_se
+from posthoc.bench.uci import mean_se_or_none
 from posthoc.data.shift import rotate_images
 from posthoc.data.suites import ImageSuite
 from posthoc.data.vision import load_images
@@ -260,26 +259,20 @@ def run_one(method: str, seed: int, data: Data, args: argparse.Namespace) -> dic
     return result
 
 
-def _mean_se(values: list[float]) -> tuple[float, float | None]:
-    """Mean and standard error over seeds (:func:`posthoc.bench.uci.mean_se`), the error None for one seed."""
-    mean, se = mean_se(values)
-    return mean, None if math.isnan(se) else se
-
-
 def aggregate(method: str, results: list[dict[str, Any]]) -> dict[str, Any]:
     """One table row: mean and standard error over seeds; OOD figures averaged over the OOD sets first."""
     row: dict[str, Any] = {"method": method, "n_seeds": len(results), "seeds": [r["seed"] for r in results]}
     for key in ("ood_confidence", "ood_auroc"):
         per_seed = [sum(r["per_ood_set"][s][key] for s in OOD_SETS) / len(OOD_SETS) for r in results]
-        row[key], row[f"{key}_se"] = _mean_se(per_seed)
+        row[key], row[f"{key}_se"] = mean_se_or_none(per_seed)
     row["per_ood_set"] = {}
     for s in OOD_SETS:
         row["per_ood_set"][s] = {}
         for key in ("ood_confidence", "ood_auroc"):
-            mean, se = _mean_se([r["per_ood_set"][s][key] for r in results])
+            mean, se = mean_se_or_none([r["per_ood_set"][s][key] for r in results])
             row["per_ood_set"][s][key], row["per_ood_set"][s][f"{key}_se"] = mean, se
     for key in ("test_accuracy", "nll", "ece_15", "ece_100", "test_confidence", "fit_s"):
-        row[key], row[f"{key}_se"] = _mean_se([r[key] for r in results])
+        row[key], row[f"{key}_se"] = mean_se_or_none([r[key] for r in results])
     if "prior_precision" in results[0]:
         row["prior_precision"] = [r["prior_precision"] for r in results]
     if "members" in results[0]:

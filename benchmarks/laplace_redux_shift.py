@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from posthoc.bench.report import recorded_path, run_meta, write_json  # noqa: E402
-from posthoc.bench.uci import mean_se  # noqa: E402
+from posthoc.bench.uci import mean_se_or_none  # noqa: E402
 from posthoc.plots.figures import save_figure  # noqa: E402
 from posthoc.utils.io import atomic_write_text  # noqa: E402
 
@@ -32,12 +31,6 @@ RESULTS = ROOT / "benchmarks" / "results"
 METHODS = ("map", "la", "la_star", "de")
 LABELS = {"map": "MAP", "la": "LA (LL, KFAC GGN)", "la_star": "LA* (LL, full EF)", "de": "DE (5 nets)"}
 METRICS = ("accuracy", "nll", "ece_15", "ece_100")
-
-
-def _mean_se(values: list[float]) -> tuple[float, float | None]:
-    """Mean and standard error over seeds (:func:`posthoc.bench.uci.mean_se`), the error None for one seed."""
-    mean, se = mean_se(values)
-    return mean, None if math.isnan(se) else se
 
 
 def load_results(cache_dir: Path, method: str, epochs: int, gamma: float) -> list[dict[str, Any]]:
@@ -54,7 +47,7 @@ def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
     for angle in angles:
         per_angle[angle] = {}
         for key in METRICS:
-            mean, se = _mean_se([r["rotated"][angle][key] for r in results])
+            mean, se = mean_se_or_none([r["rotated"][angle][key] for r in results])
             per_angle[angle][key], per_angle[angle][f"{key}_se"] = mean, se
     return {"n_seeds": len(results), "seeds": [r["seed"] for r in results], "per_angle": per_angle}
 

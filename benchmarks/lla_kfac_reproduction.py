@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -39,7 +38,7 @@ from posthoc import metrics
 from posthoc.bench.report import recorded_path, run_meta, write_json
 from posthoc.bench.runner import EVAL_BATCH, train_suite_model, variance_score
 from posthoc.bench.suites import get_bench_suite
-from posthoc.bench.uci import mean_se as bench_mean_se
+from posthoc.bench.uci import mean_se_or_none
 from posthoc.data.loaders import make_loader
 from posthoc.data.suites import get_suite
 from posthoc.data.vision import load_images
@@ -321,12 +320,6 @@ def evaluate_model(model: torch.nn.Module | None, suite, seed: int, folder: Path
               f"delta {row['prior_precision']:.4g}", flush=True)
 
 
-def mean_se(values: list[float]) -> tuple[float, float | None]:
-    """Mean and standard error (:func:`posthoc.bench.uci.mean_se`), the error None for one value."""
-    mean, se = bench_mean_se(values)
-    return mean, None if math.isnan(se) else se
-
-
 def summary_rows(run_dir: Path, seeds: list[int], authors_seeds: list[int]) -> list[dict[str, Any]]:
     """Per variant (and the MAPs): the seeds that ran, mean and SE per metric, the authors' value, within 2 SE.
 
@@ -349,7 +342,7 @@ def summary_rows(run_dir: Path, seeds: list[int], authors_seeds: list[int]) -> l
             values = [r[key] for r in per_seed if r.get(key) is not None]
             if not values:
                 continue
-            mean, se = mean_se(values)
+            mean, se = mean_se_or_none(values)
             row[key] = {"mean": mean, "se": se}
             if key in authors:
                 row[key]["authors"] = authors[key]

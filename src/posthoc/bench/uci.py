@@ -92,6 +92,12 @@ def mean_se(values: Sequence[float]) -> tuple[float, float]:
     return float(t.mean()), se
 
 
+def mean_se_or_none(values: Sequence[float]) -> tuple[float, float | None]:
+    """:func:`mean_se` with the error None (JSON null) instead of NaN for one value."""
+    mean, se = mean_se(values)
+    return mean, None if math.isnan(se) else se
+
+
 class UCICellCache:
     """One JSON result per (dataset, split, method) and the MAP weights per (dataset, split), under ``run_dir``.
 
