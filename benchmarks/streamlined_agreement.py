@@ -267,12 +267,12 @@ def options(case: Case) -> list[dict]:
     lns = ("frozen", "linearized") if case.has_layernorm else (None,)
     out = [{"mode": "diagonal", "attention": a, "layernorm": ln}
            for a in (("independent", "shared_value") if case.own_attention else ("independent",)) for ln in lns]
+    lns_expected = (*lns, "expected") if case.has_layernorm else lns
     out += [{"mode": "diagonal", "attention": "independent", "layernorm": ln, "activations": "quadrature"}
-            for ln in (*lns, "expected")[:None if case.has_layernorm else 1]]
+            for ln in lns_expected]
     if case.pools:  # the pooled entries' variances combined as perfectly correlated, both activation rules
         out += [{"mode": "diagonal", "attention": "independent", "layernorm": ln, "pooling": "correlated", **act}
-                for ln in (*lns, "expected")[:None if case.has_layernorm else 1]
-                for act in ({}, {"activations": "quadrature"})]
+                for ln in lns_expected for act in ({}, {"activations": "quadrature"})]
     return out + [{"mode": "full", "attention": "independent", "layernorm": ln} for ln in lns]
 
 

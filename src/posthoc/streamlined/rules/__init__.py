@@ -22,7 +22,8 @@ group_norm) on the core in :mod:`.base`, with the rules for the ops of traced gr
 and K from the mean: nn.MultiheadAttention and posthoc's block), and their aten forms for torch.export
 graphs in :mod:`.aten`; importing this package
 registers them all in the one registry :data:`RULES` (keyed by module type, function or tensor-method name).
-Attention and residual blocks are graphs of these rules (:mod:`posthoc.streamlined.walk`).
+Residual and attention blocks need no rule of their own: their forward is traced into these (posthoc's attention
+block and positional embedding keep one, :mod:`.posthoc_blocks`).
 """
 
 from __future__ import annotations
