@@ -125,3 +125,14 @@ def test_streamlined_knows_no_model_and_register_graph_is_deprecated():
     with pytest.warns(DeprecationWarning, match="register_rule"):
         register_graph(Block)(lambda module, state, ctx, last: state)
     del RULES[rule_key(Block)]
+
+
+def test_a_model_without_weights_keeps_the_inputs_dtype():
+    """No parameter to take a dtype from: float64 inputs are propagated in float64 (they were cast to float32)."""
+    model = nn.Sequential(nn.AvgPool2d(2), nn.Flatten())
+    x = torch.randn(2, 2, 4, 4, dtype=DTYPE)
+    pred = Streamlined(model, weight_var={}).predict(x, input_var=0.05)
+    assert pred.mean.dtype == DTYPE
+    torch.testing.assert_close(pred.mean, model(x), rtol=0, atol=0)
+    # four independent entries of variance 0.05 averaged: 0.05 / 4 exactly, up to float64 round-off
+    torch.testing.assert_close(pred.var, torch.full_like(pred.var, 0.05 / 4), rtol=1e-14, atol=0)

@@ -179,6 +179,8 @@ class Streamlined:
         first = next(iter(self.model.parameters()), None)
         self._dtype = first.dtype if first is not None else torch.get_default_dtype()
         self._device = first.device if first is not None else torch.device("cpu")
+        # inputs are cast to the weights' dtype; a model without weights (input noise only) keeps the inputs'
+        self._casts_inputs = first is not None
 
     # ----------------------------------------------------------------- staleness
     @staticmethod
@@ -248,9 +250,11 @@ class Streamlined:
         if isinstance(x, torch.Tensor):
             if x.ndim < 2:
                 raise ValueError(f"x must be a batched tensor (B, ...), got shape {tuple(x.shape)}")
-            x = x.to(device=self._device, dtype=self._dtype if x.is_floating_point() else x.dtype)
+            cast = x.is_floating_point() and self._casts_inputs
+            x = x.to(device=self._device, dtype=self._dtype if cast else x.dtype)
             return check_finite(x, "x")
-        inputs = place(as_model_inputs(x), self._device, self._dtype)
+        inputs = as_model_inputs(x)
+        inputs = place(inputs, self._device, self._dtype) if self._casts_inputs else inputs
         batch_size(inputs)  # every leaf batched alike, else a ValueError naming the shapes
         return check_finite_inputs(inputs, "x")
 
