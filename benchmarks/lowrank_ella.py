@@ -352,21 +352,24 @@ def map_row(logits: dict[str, torch.Tensor], labels: dict[str, torch.Tensor]) ->
 
 
 def goal_check(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Issue 17's low-rank goal for each low-rank row: NLL <= the MAP's, gain >= ELLA's, ECE <= 0.67x the MAP's.
+    """Issue 17's low-rank goal for each row, read two ways.
 
-    ELLA's gain: the paper's (0.0009) and, where present, laplace-torch's ELLA (probit) on this MAP.
+    ``passes``: against the paper (NLL gain over the MAP >= ELLA's over its MAP, 0.0009, and ECE <= 0.67x the
+    MAP's). ``vs_torch_ella``: against laplace-torch's ELLA on this same MAP under the row's link, where it ran
+    (gain >= that ELLA row's gain and ECE <= its ECE); None without such a row.
     """
     base = rows["map"]
-    torch_ella = rows.get("ella_laplace_torch[probit]")
-    needed = max(GOAL_GAIN, base["nll"] - torch_ella["nll"]) if torch_ella else GOAL_GAIN
     checks = {}
     for name, row in rows.items():
         if name == "map":
             continue
         gain = base["nll"] - row["nll"]
+        ella = None if name.startswith("ella") else rows.get(f"ella_laplace_torch[{name.rstrip(']').split(',')[-1]}]")
         checks[name] = {"nll_gain": gain, "ece_ratio": row["ece"] / base["ece"],
-                        "passes": bool(gain >= needed and row["ece"] <= GOAL_ECE_RATIO * base["ece"])}
-    return {"gain_needed": needed, "ece_ratio_needed": GOAL_ECE_RATIO, "rows": checks}
+                        "passes": bool(gain >= GOAL_GAIN and row["ece"] <= GOAL_ECE_RATIO * base["ece"]),
+                        "vs_torch_ella": None if ella is None else bool(gain >= base["nll"] - ella["nll"]
+                                                                       and row["ece"] <= ella["ece"])}
+    return {"gain_needed": GOAL_GAIN, "ece_ratio_needed": GOAL_ECE_RATIO, "rows": checks}
 
 
 def _fmt(value: Any) -> str:
@@ -382,7 +385,10 @@ def summary(tasks: dict[str, dict[str, Any]]) -> list[str]:
     lines = ["## Worst case per recipe (rank 20)", "",
              "NLL excess: NLL / MAP's NLL - 1; ECE excess: ECE - MAP's ECE; over the tasks that have the row. "
              "FMNIST goal: the embedded (and full, when run) CNN rows meet the gain and ECE-ratio goal.", "",
-             "| recipe | tasks | worst NLL excess | on | worst ECE excess | on | FMNIST goal |", "|---|---|---|---|---|---|---|"]
+             "FMNIST vs ELLA: on the full-FMNIST MAP, the gain and ECE at least as good as laplace-torch's ELLA on "
+             "that MAP under the same link.", "",
+             "| recipe | tasks | worst NLL excess | on | worst ECE excess | on | FMNIST goal | FMNIST vs ELLA |",
+             "|---|---|---|---|---|---|---|---|"]
     for recipe in recipes:
         name = f"lowrank[{recipe}"
         have = {task: block for task, block in tasks.items() if name in block["rows"]}
@@ -390,8 +396,10 @@ def summary(tasks: dict[str, dict[str, Any]]) -> list[str]:
         ece = {t: b["rows"][name]["ece"] - b["rows"]["map"]["ece"] for t, b in have.items()}
         worst_nll, worst_ece = max(nll, key=nll.__getitem__), max(ece, key=ece.__getitem__)
         fmnist = [b["goal"]["rows"][name]["passes"] for t, b in have.items() if t in ("embedded", "full")]
+        vs_ella = have["full"]["goal"]["rows"][name].get("vs_torch_ella") if "full" in have else None
         lines.append(f"| {name} | {len(have)} | {100 * nll[worst_nll]:+.2f}% | {worst_nll} | {ece[worst_ece]:+.4f} | "
-                     f"{worst_ece} | {'—' if not fmnist else ('yes' if all(fmnist) else 'no')} |")
+                     f"{worst_ece} | {'—' if not fmnist else ('yes' if all(fmnist) else 'no')} | "
+                     f"{'—' if vs_ella is None else ('yes' if vs_ella else 'no')} |")
     return lines + [""]
 
 
@@ -400,8 +408,9 @@ def markdown(payload: dict[str, Any]) -> str:
     lines = ["# Low-rank Laplace beside ELLA (issue 17)", "",
              "Goal (issue 17): a low-rank posterior whose NLL gain over our MAP is at least ELLA's over its MAP "
              f"(the ScaLLA paper's FMNIST rows: MAP {PAPER['map']['nll']} / ECE {PAPER['map']['ece']}, ELLA "
-             f"{PAPER['ella']['nll']} / {PAPER['ella']['ece']}: gain {GOAL_GAIN:.4f}; or laplace-torch's ELLA on our "
-             f"MAP, whichever is larger) and ECE <= {GOAL_ECE_RATIO} x the MAP's. Rows: "
+             f"{PAPER['ella']['nll']} / {PAPER['ella']['ece']}: gain {GOAL_GAIN:.4f}) and ECE <= {GOAL_ECE_RATIO} x the "
+             "MAP's (column goal); or, the issue's alternative, laplace-torch's ELLA on our MAP as the comparison "
+             "(column vs ELLA: a gain and an ECE at least as good as its row under the same link). Rows: "
              "`lowrank[basis,k=rank,prior,link]` (complement omitted; prior `marglik` = the evidence's maximiser, "
              "`val` = Laplace's default validation grid under the row's link), `lib:` the same through the public "
              "API (fit, `optimize_prior_precision()` (marglik) or `(val_loader=...)` (val), la(x)'s default "
@@ -414,14 +423,16 @@ def markdown(payload: dict[str, Any]) -> str:
         lines += [f"## {task}", "", f"MAP NLL {rows['map']['nll']:.4f}, ECE {rows['map']['ece']:.4f}; gain needed "
                   f"{check['gain_needed']:.4f}, ECE needed <= {GOAL_ECE_RATIO * rows['map']['ece']:.4f}. "
                   f"{sum(c['passes'] for c in check['rows'].values())} of {len(check['rows'])} rows meet the goal.",
-                  "", "| method | accuracy | nll | ece | auroc_entropy | prior_precision | nll gain | ece / map | goal |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "", "| method | accuracy | nll | ece | auroc_entropy | prior_precision | nll gain | ece / map | goal "
+                  "| vs ELLA |", "|---|---|---|---|---|---|---|---|---|---|"]
         for name, row in rows.items():
             c = check["rows"].get(name)
             lines.append("| " + " | ".join([name] + [_fmt(row.get(k)) for k in
                                                       ("accuracy", "nll", "ece", "auroc_entropy", "prior_precision")]
-                                            + ([f"{c['nll_gain']:+.4f}", f"{c['ece_ratio']:.2f}",
-                                                "yes" if c["passes"] else "no"] if c else ["—", "—", "—"])) + " |")
+                                            + ([f"{c['nll_gain']:+.4f}", f"{c['ece_ratio']:.3f}",
+                                                "yes" if c["passes"] else "no",
+                                                {None: "—", True: "yes", False: "no"}[c.get("vs_torch_ella")]]
+                                               if c else ["—"] * 4)) + " |")
         lines.append("")
     meta = payload["meta"]
     lines.append(f"Command: `{meta['command']}`; {meta['date']}; commit {meta['git_commit']}; device {meta['device']}; "
