@@ -302,14 +302,15 @@ def compare(var: torch.Tensor, reference: torch.Tensor, n_in: int) -> dict:
             "total_shift": float(var[n_in:].sum() / reference[n_in:].sum())}
 
 
-def streamlined_row(model: nn.Module, case: Case, variances: dict, x: Any, mc: dict, option: dict, n_full: int
-                    ) -> dict:
+def streamlined_row(model: nn.Module, case: Case, variances: dict, x: Any, mc: dict, option: dict, n_full: int,
+                    max_full_dim: int = 4096, full_batch_size: int = 5) -> dict:
     """One option: Streamlined's per-input summed variances against MC's.
 
     Full mode runs on the first ``n_full`` inputs of each group and, where the case splits the network, on the
     covered tail with the trunk's (deterministic) activations as its input: the same propagation, without the
     full-width check on layers that carry no variance. Raises AssertionError when the propagated mean is not
-    model(x) to MEAN_ATOL.
+    model(x) to MEAN_ATOL. ``max_full_dim``: Streamlined's limit on the full mode's layer widths;
+    ``full_batch_size``: inputs propagated at once in the full mode.
     """
     from posthoc.streamlined import Streamlined
     idx = torch.arange(2 * N_GROUP)
@@ -334,8 +335,8 @@ def streamlined_row(model: nn.Module, case: Case, variances: dict, x: Any, mc: d
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             # full mode: a few inputs at a time (per-example D x D covariances; 50 at once took 8.5 GB on SmallViT)
-            sp = Streamlined(network, weight_var=variances, batch_size=50 if option["mode"] == "diagonal" else 5,
-                             **kwargs)
+            sp = Streamlined(network, weight_var=variances, batch_size=50 if option["mode"] == "diagonal" else full_batch_size,
+                             max_full_dim=max_full_dim, **kwargs)
             t0 = time.perf_counter()
             pred = sp.predict(inputs)
             row["seconds"] = time.perf_counter() - t0
