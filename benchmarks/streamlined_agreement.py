@@ -421,13 +421,19 @@ def collect(run_dir: Path) -> list[dict]:
     return out
 
 
-def main() -> None:
-    """Command line: evaluate the models this environment can run, then rewrite the tables from every cache."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def common_arguments(parser: argparse.ArgumentParser) -> str:
+    """The options every agreement script takes (models, data, run folder); returns this environment's name."""
     env = environment()
     parser.add_argument("--models", default=",".join(n for n, c in CASES.items() if c.env == env))
     parser.add_argument("--data-dir", default=None, help="folder holding FashionMNIST/ (default: $POSTHOC_DATA)")
     parser.add_argument("--run-dir", default=str(ROOT / "runs" / "streamlined_agreement"))
+    return env
+
+
+def main() -> None:
+    """Command line: evaluate the models this environment can run, then rewrite the tables from every cache."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    env = common_arguments(parser)
     parser.add_argument("--n-fit", type=int, default=0,
                         help="training inputs the Laplace is fitted on (the first N; 0: all of them)")
     parser.add_argument("--prior-structure", default="scalar", choices=("scalar", "layerwise"),

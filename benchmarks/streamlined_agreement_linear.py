@@ -40,6 +40,7 @@ if str(Path(__file__).resolve().parent) not in sys.path:
 
 from streamlined_agreement import (  # noqa: E402
     CASES,
+    common_arguments,
     cover,
     environment,
     fit_dirs,
@@ -220,10 +221,7 @@ def markdown(payload: dict) -> str:
 def main() -> None:
     """Run the models this environment can, keep the others' cached results, write the tables."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    env = environment()
-    parser.add_argument("--models", default=",".join(n for n, c in CASES.items() if c.env == env))
-    parser.add_argument("--data-dir", default=None, help="folder holding FashionMNIST/ (default: $POSTHOC_DATA)")
-    parser.add_argument("--run-dir", default=str(ROOT / "runs" / "streamlined_agreement"))
+    env = common_arguments(parser)
     parser.add_argument("--scale", type=float, default=1e-6, help="s: the weight variances' factor")
     parser.add_argument("--n-full", type=int, default=50, help="inputs per group in the full mode")
     parser.add_argument("--keep", nargs="*", default=[], help="keep the variance only on these name prefixes")
