@@ -75,3 +75,23 @@ def test_last_linear_output_covariance_with_a_diagonal_posterior_equals_the_full
     assert diagonal.has_full_cov
     torch.testing.assert_close(diagonal.cov, full.cov, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(diagonal.cov, diagonal.cov.transpose(1, 2), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("conv", [dict(kernel_size=3, padding=1), dict(kernel_size=3, stride=2, padding=1),
+                                  dict(kernel_size=3, dilation=2, padding=2), dict(kernel_size=(2, 3), stride=(1, 2)),
+                                  dict(kernel_size=1, stride=2)])
+def test_conv_full_mode_reads_only_same_feature_covariances_with_diagonal_weight_noise(conv: dict,
+                                                                                         monkeypatch) -> None:
+    """A Conv2d with diagonal weight noise after a random layer: the same-feature slices of the input covariance
+    give the same full-mode output as the (L·K)² covariance of the unfolded patches (the path Kronecker noise
+    takes), forced here by reporting that the noise needs cross-feature covariances."""
+    from posthoc.streamlined.rules.affine import AffineNoise
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Tanh(), nn.Conv2d(3, 2, **conv), nn.Flatten()).to(DTYPE)
+    variances = _random_variances(model)
+    x = torch.randn(2, 2, 6, 7, dtype=DTYPE)
+    fast = Streamlined(model, weight_var=variances, activation_covariance="full").predict(x, input_var=0.1)
+    monkeypatch.setattr(AffineNoise, "needs_cross_feature_cov", lambda self: True)
+    patches = Streamlined(model, weight_var=variances, activation_covariance="full").predict(x, input_var=0.1)
+    torch.testing.assert_close(fast.cov, patches.cov, rtol=1e-10, atol=1e-14)
+    assert float(torch.diagonal(fast.cov, dim1=1, dim2=2).min()) > 0

@@ -83,12 +83,24 @@ class AffineNoise:
         return torch.zeros(*var.shape[:-1], self.c_out, dtype=var.dtype, device=var.device)
 
     # ---- full mode
-    def full_cov(self, mu: torch.Tensor, cov: torch.Tensor | None = None, var: torch.Tensor | None = None
-                 ) -> torch.Tensor:
+    def needs_cross_feature_cov(self) -> bool:
+        """Whether :meth:`full_cov` reads input covariances between different features.
+
+        True for Kronecker or full weight noise; a diagonal one reads only each feature's covariance across
+        positions (``same_feature``).
+        """
+        return self.w_kron is not None or (self.full is not None and self.full[0] is not None)
+
+    def full_cov(self, mu: torch.Tensor, cov: torch.Tensor | None = None, var: torch.Tensor | None = None,
+                 same_feature: torch.Tensor | None = None) -> torch.Tensor:
         """(B, L·C, L·C) weight-noise covariance for input mean μ (B, L, K).
 
-        The input covariance is either ``cov`` (B, L·K, L·K) in (position, feature) order or diagonal ``var`` (B, L, K).
+        The input covariance is either ``cov`` (B, L·K, L·K) in (position, feature) order, diagonal ``var``
+        (B, L, K), or, where :meth:`needs_cross_feature_cov` is False, only its same-feature part
+        ``same_feature`` (B, L, L, K): Cov(a_lk, a_mk).
         """
+        if same_feature is not None and self.needs_cross_feature_cov():
+            raise ValueError("Kronecker or full weight noise needs the input covariance across features (cov=)")
         b, n_pos, k = mu.shape
         c = self.c_out
         eye_pos = torch.eye(n_pos, dtype=mu.dtype, device=mu.device)
@@ -110,6 +122,8 @@ class AffineNoise:
                 m = mu.unsqueeze(2) * mu.unsqueeze(1)
                 if cov5 is not None:
                     m = m + torch.diagonal(cov5, dim1=2, dim2=4)
+                elif same_feature is not None:
+                    m = m + same_feature
                 elif var is not None:
                     m = m + eye_pos[None, :, :, None] * var.unsqueeze(2)
                 n = m @ self.w_diag.T  # (B, L, L, C)
@@ -263,19 +277,51 @@ class ConvStep(Step):
         noise = self._to_image(noise_p)
         return noise if var_in is None else noise + self._conv(var_in, w_sq)
 
+    def _same_feature_cov(self, cov_in: torch.Tensor) -> torch.Tensor:
+        """Cov(a_lk, a_mk) (B, L, L, K) of the unfolded patches, from the input covariance (B, D, D), D = C·H·W.
+
+        Patch entry k = (c, i, j) at output position l reads input channel c at l's window offset (i, j), zero in
+        the padding, so each offset is a strided slice of the channel-diagonal covariance (B, C, H, W, H, W)
+        padded with zeros. Memory O(B C (HW)² + B L² K), where the full patch covariance is O(B (L K)²).
+        """
+        m = self.module
+        b, (c, h, w) = cov_in.shape[0], self.in_shape
+        (kh, kw), (dh, dw), (sh, sw) = (cast("tuple[int, int]", v) for v in (m.kernel_size, m.dilation, m.stride))
+        ph, pw = self.padding
+        h_out, w_out = self.out_shape[1:]
+        per_channel = torch.diagonal(cov_in.reshape(b, c, h, w, c, h, w), dim1=1, dim2=4)  # (B, H, W, H, W, C)
+        padded = F.pad(per_channel.permute(0, 5, 1, 2, 3, 4), (pw, pw, ph, ph, pw, pw, ph, ph))
+        offsets = []
+        for i in range(kh):
+            rows = slice(i * dh, i * dh + sh * (h_out - 1) + 1, sh)
+            for j in range(kw):
+                cols = slice(j * dw, j * dw + sw * (w_out - 1) + 1, sw)
+                offsets.append(padded[:, :, rows, cols, rows, cols])  # (B, C, H', W', H', W')
+        n_pos = h_out * w_out
+        same = torch.stack(offsets, 2).reshape(b, c * kh * kw, n_pos, n_pos)  # k in (c, i, j) order, as unfold
+        return same.permute(0, 2, 3, 1)
+
     def noise_full(self, cov_in: torch.Tensor | None) -> torch.Tensor | None:
-        """The weight noise's covariance (B, C·L, C·L) in (channel, position) order, or None without noise."""
+        """The weight noise's covariance (B, C·L, C·L) in (channel, position) order, or None without noise.
+
+        Cost: with a diagonal weight posterior O(B (C_out L)² + B L² K) (only same-feature input covariances are
+        read); with Kronecker or full weight noise O(B (L K)²) for the unfolded patch covariance.
+        """
         if self.noise is None:
             return None
         b, d = self.mu.shape[0], self.mu[0].numel()
         mu_p = self._patches(self.mu)
         n_pos, k = mu_p.shape[1:]
-        cov_p = None
-        if cov_in is not None:
-            rows = self._patches(cov_in.reshape(b * d, *self.in_shape)).reshape(b, d, n_pos * k)
-            cov_p = self._patches(rows.transpose(1, 2).reshape(b * n_pos * k, *self.in_shape))
-            cov_p = cov_p.reshape(b, n_pos * k, n_pos * k)
-        noise = self.noise.full_cov(mu_p, cov=cov_p)  # (position, channel) order
+        if cov_in is not None and not self.noise.needs_cross_feature_cov():
+            # diagonal weight noise reads Cov(a_lk, a_mk) only: (B, L, L, K) instead of the (B, L·K, L·K) patches
+            noise = self.noise.full_cov(mu_p, same_feature=self._same_feature_cov(cov_in))
+        else:
+            cov_p = None
+            if cov_in is not None:
+                rows = self._patches(cov_in.reshape(b * d, *self.in_shape)).reshape(b, d, n_pos * k)
+                cov_p = self._patches(rows.transpose(1, 2).reshape(b * n_pos * k, *self.in_shape))
+                cov_p = cov_p.reshape(b, n_pos * k, n_pos * k)
+            noise = self.noise.full_cov(mu_p, cov=cov_p)  # (position, channel) order
         c = self.noise.c_out
         return noise.reshape(b, n_pos, c, n_pos, c).permute(0, 2, 1, 4, 3).reshape(b, c * n_pos, c * n_pos)
 
