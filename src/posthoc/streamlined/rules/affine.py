@@ -312,16 +312,15 @@ class ConvStep(Step):
         b, d = self.mu.shape[0], self.mu[0].numel()
         mu_p = self._patches(self.mu)
         n_pos, k = mu_p.shape[1:]
-        if cov_in is not None and not self.noise.needs_cross_feature_cov():
-            # diagonal weight noise reads Cov(a_lk, a_mk) only: (B, L, L, K) instead of the (B, L·K, L·K) patches
-            noise = self.noise.full_cov(mu_p, same_feature=self._same_feature_cov(cov_in))
+        if cov_in is None or not self.noise.needs_cross_feature_cov():
+            # diagonal weight noise reads Cov(a_lk, a_mk) only: (B, L, L, K) instead of the (B, L·K, L·K) patches;
+            # bias noise reads no input covariance
+            same = None if cov_in is None or self.noise.w_diag is None else self._same_feature_cov(cov_in)
+            noise = self.noise.full_cov(mu_p, same_feature=same)
         else:
-            cov_p = None
-            if cov_in is not None:
-                rows = self._patches(cov_in.reshape(b * d, *self.in_shape)).reshape(b, d, n_pos * k)
-                cov_p = self._patches(rows.transpose(1, 2).reshape(b * n_pos * k, *self.in_shape))
-                cov_p = cov_p.reshape(b, n_pos * k, n_pos * k)
-            noise = self.noise.full_cov(mu_p, cov=cov_p)  # (position, channel) order
+            rows = self._patches(cov_in.reshape(b * d, *self.in_shape)).reshape(b, d, n_pos * k)
+            cov_p = self._patches(rows.transpose(1, 2).reshape(b * n_pos * k, *self.in_shape))
+            noise = self.noise.full_cov(mu_p, cov=cov_p.reshape(b, n_pos * k, n_pos * k))  # (position, channel)
         c = self.noise.c_out
         return noise.reshape(b, n_pos, c, n_pos, c).permute(0, 2, 1, 4, 3).reshape(b, c * n_pos, c * n_pos)
 
