@@ -95,3 +95,23 @@ def test_conv_full_mode_reads_only_same_feature_covariances_with_diagonal_weight
     patches = Streamlined(model, weight_var=variances, activation_covariance="full").predict(x, input_var=0.1)
     torch.testing.assert_close(fast.cov, patches.cov, rtol=1e-10, atol=1e-14)
     assert float(torch.diagonal(fast.cov, dim1=1, dim2=2).min()) > 0
+
+
+def test_full_mode_width_limit_applies_to_layers_that_carry_covariance_only() -> None:
+    """Layers before the first random weight are deterministic: a wide one passes in the full mode (it was refused
+    by max_full_dim); the output is that of the random tail alone, and a wide random layer is still refused."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Conv2d(2, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(2),
+                          nn.Flatten(), nn.Linear(32, 5), nn.Tanh(), nn.Linear(5, 3)).to(DTYPE).eval()
+    tail = model[5:]
+    variances = {name: v for name, v in _random_variances(model).items() if name.startswith(("5.", "7."))}
+    x = torch.randn(3, 2, 6, 6, dtype=DTYPE)
+    full = Streamlined(model, weight_var=variances, activation_covariance="full", max_full_dim=40).predict(x)
+    with torch.no_grad():
+        features = model[:5](x)
+    expected = Streamlined(tail, weight_var=variances, activation_covariance="full").predict(features)  # same names
+    torch.testing.assert_close(full.mean, model(x), rtol=0, atol=1e-12)
+    torch.testing.assert_close(full.cov, expected.cov, rtol=1e-12, atol=1e-14)
+    variances["0.weight"] = torch.full_like(model[0].weight, 1e-3)  # the 288-wide conv output is random now
+    with pytest.raises(MemoryError, match="288 x 288 .* above max_full_dim=40"):
+        Streamlined(model, weight_var=variances, activation_covariance="full", max_full_dim=40).predict(x)

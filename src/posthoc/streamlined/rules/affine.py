@@ -163,6 +163,11 @@ class LinearStep(Step):
         self.noise = _affine_noise(module, ctx)
         self.mean = F.linear(state.mean, module.weight, module.bias)
 
+    @property
+    def has_noise(self) -> bool:
+        """Whether the weight or bias is random."""
+        return self.noise is not None
+
     def jac(self, directions: torch.Tensor) -> torch.Tensor:
         """J on directions (B, N, *in_shape) -> (B, N, *out_shape): W̄ applied to each direction."""
         return F.linear(directions, self.module.weight)
@@ -241,6 +246,11 @@ class ConvStep(Step):
         self.noise = _affine_noise(module, ctx)
         self.mean = self._conv(state.mean, module.weight, module.bias)
         self.out_shape = tuple(self.mean.shape[1:])
+
+    @property
+    def has_noise(self) -> bool:
+        """Whether the weight or bias is random."""
+        return self.noise is not None
 
     def _conv(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         m = self.module

@@ -84,11 +84,22 @@ class Step:
         """Full mode: weight-noise covariance (B, D_out, D_out) given the input covariance, or None."""
         return None
 
+    @property
+    def has_noise(self) -> bool:
+        """Whether the layer adds noise of its own (random weights): by default, whether it defines noise_full."""
+        return type(self).noise_full is not Step.noise_full
+
 
 def advance(state: Moments, step: Step, ctx: Context) -> Moments:
-    """Apply a linearised layer to a state in the context's mode."""
+    """Apply a linearised layer to a state in the context's mode.
+
+    Full mode: a deterministic input through a layer without noise stays deterministic, whatever its width (the
+    layers before the first random weight carry no covariance); else MemoryError above ``ctx.max_full_dim``.
+    """
     if not ctx.full:
         return Moments(step.mean, var=step.var(state.var))
+    if state.cov is None and not state.crosses and not step.has_noise:
+        return Moments(step.mean)
     d_out = int(step.mean[0].numel())
     if d_out > ctx.max_full_dim:
         raise MemoryError(f"full activation covariance needs {d_out} x {d_out} per example (a layer output of "

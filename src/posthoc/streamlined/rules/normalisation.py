@@ -50,6 +50,11 @@ class AffineNormStep(Step):
             mean = mean_n if self.gamma is None else mean_n * self.gamma
             self.mean = mean if self.beta is None else mean + self.beta
 
+    @property
+    def has_noise(self) -> bool:
+        """Whether γ or β is random."""
+        return self.gamma_var is not None or self.beta_var is not None
+
     def _scale(self, x: torch.Tensor, power: int = 1) -> torch.Tensor:
         return x if self.gamma is None else x * self.gamma**power
 

@@ -48,6 +48,11 @@ class ShiftStep(Step):
     def __init__(self, state: Moments, weight: torch.Tensor, weight_var: torch.Tensor | None) -> None:
         self.mean, self.weight_var = state.mean + weight, weight_var
 
+    @property
+    def has_noise(self) -> bool:
+        """Whether the table is random."""
+        return self.weight_var is not None
+
     def jac(self, directions: torch.Tensor) -> torch.Tensor:
         """J on directions (B, N, *in_shape) -> (B, N, *out_shape): the identity."""
         return directions
