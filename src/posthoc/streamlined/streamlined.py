@@ -70,7 +70,8 @@ class Streamlined:
         weight_var: the posterior variances, same forms; a parameter missing from ``weight_var`` is deterministic.
         activation_covariance: "diagonal" (units independent, O(D) per layer, the authors'
             rule) or "full" (per-example D x D covariance carried through every layer; memory
-            O(B D²), for small networks; layers wider than ``max_full_dim`` raise).
+            O(B D²), for small networks or narrow random tails; a layer whose output carries a covariance
+            wider than ``max_full_dim`` raises MemoryError, deterministic layers before it do not).
         attention: diagonal-mode attention rule, "independent" (authors') or "shared_value"
             (keeps the cross-token covariance of the shared random W_v). Full mode needs neither.
         layernorm: "frozen" (authors': statistics of the mean input), "linearized" (the
