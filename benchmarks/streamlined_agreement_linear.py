@@ -53,6 +53,7 @@ from streamlined_agreement import (  # noqa: E402
     train,
 )
 from streamlined_agreement_cases import load_task  # noqa: E402
+from streamlined_agreement_table import option_label  # noqa: E402
 
 from posthoc.bench.report import run_meta, write_json  # noqa: E402
 from posthoc.utils.io import atomic_write_text  # noqa: E402
@@ -60,19 +61,6 @@ from posthoc.utils.io import atomic_write_text  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 NAME = "streamlined_agreement_linear"
-
-
-def option_label(option: dict) -> str:
-    """The option as the agreement table names it."""
-    parts = [option["mode"]]
-    if option["attention"] != "independent":
-        parts.append(option["attention"])
-    if option["layernorm"]:
-        parts.append(f"{option['layernorm']} LN")
-    parts.append(f"{option.get('activations', 'linearized')} activations")
-    if option.get("pooling"):
-        parts.append(f"{option['pooling']} pooling")
-    return ", ".join(parts)
 
 
 def exact_linearised_variance(model: torch.nn.Module, variances: dict[str, torch.Tensor], x: Any,

@@ -123,7 +123,7 @@ def is_full_data(record: dict) -> bool:
     return int(record["n_fit"]) >= int(record["n_train"])
 
 
-def _option_label(record: dict, row: dict) -> str:
+def _option_cells(record: dict, row: dict) -> str:
     attention = (row["attention"] if CASES[record["model"]].own_attention or row["mode"] == "full"
                  else record["attention_rule"])
     return (f"{row['mode']}{' (tail)' if row.get('on') == 'tail' else ''} | {attention} | "
@@ -143,7 +143,7 @@ def record_lines(r: dict) -> list[str]:
              f"{g['spearman_in']:.3f} / {g['spearman_shift']:.3f} | {g['total']:.3f} | "
              f"{g['total_in']:.3f} / {g['total_shift']:.3f} | {verdict(g)} | |"]
     for row in r["rows"]:
-        cells = f" {_option_label(r, row)} | {row['n_inputs']} |"
+        cells = f" {_option_cells(r, row)} | {row['n_inputs']} |"
         if "error" in row:
             lines.append(head + cells + f" not run: {row['error'][:160]} | | | | | |")
             continue
@@ -151,6 +151,15 @@ def record_lines(r: dict) -> list[str]:
                      f"{row['spearman_shift']:.3f} | {row['total']:.3f} | {row['total_in']:.3f} / "
                      f"{row['total_shift']:.3f} | {verdict(row)} | {row['seconds']:.1f} |")
     return lines
+
+
+def option_label(row: dict) -> str:
+    """An option (or its result row) in words: "diagonal, frozen LN, quadrature activations, correlated pooling"."""
+    return ", ".join(x for x in (row["mode"] + (" (tail)" if row.get("on") == "tail" else ""),
+                                 row["attention"] if row["attention"] != "independent" else "",
+                                 f"{row['layernorm']} LN" if row["layernorm"] else "",
+                                 f"{row.get('activations', 'linearized')} activations",
+                                 "correlated pooling" if row.get("pooling") == "correlated" else "") if x)
 
 
 def met_summary(records: list[dict]) -> list[str]:
@@ -162,12 +171,7 @@ def met_summary(records: list[dict]) -> list[str]:
         for row in r["rows"]:
             if "error" in row:
                 continue
-            label = ", ".join(x for x in (row["mode"] + (" (tail)" if row.get("on") == "tail" else ""),
-                                          row["attention"] if row["attention"] != "independent" else "",
-                                          f"{row['layernorm']} LN" if row["layernorm"] else "",
-                                          f"{row.get('activations', 'linearized')} activations",
-                                          "correlated pooling" if row.get("pooling") == "correlated" else "") if x)
-            cells.append(f"{label}: {row['spearman']:.2f} / {row['total']:.2f}"
+            cells.append(f"{option_label(row)}: {row['spearman']:.2f} / {row['total']:.2f}"
                          f"{' (met)' if verdict(row) == 'yes' else ''}")
         met = [x for x in r["rows"] if "error" not in x and verdict(x) == "yes"]
         resolved = r["se_over_spread"] < SE_FRACTION
