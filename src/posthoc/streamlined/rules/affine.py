@@ -155,18 +155,24 @@ def _affine_noise(module: nn.Linear | nn.Conv2d, ctx: Context) -> AffineNoise | 
     return AffineNoise(post, module.weight, module.bias, module)
 
 
-class LinearStep(Step):
+class AffineStep(Step):
+    """A Linear or Conv2d step: ``noise`` holds its weight-noise moments, None when its weights are deterministic."""
+
+    noise: AffineNoise | None
+
+    @property
+    def has_noise(self) -> bool:
+        """Whether the weight or bias is random."""
+        return self.noise is not None
+
+
+class LinearStep(AffineStep):
     """nn.Linear on (B, *lead, K): the lead dims are positions sharing W (tokens)."""
 
     def __init__(self, module: nn.Linear, state: Moments, ctx: Context) -> None:
         self.module, self.mu = module, state.mean
         self.noise = _affine_noise(module, ctx)
         self.mean = F.linear(state.mean, module.weight, module.bias)
-
-    @property
-    def has_noise(self) -> bool:
-        """Whether the weight or bias is random."""
-        return self.noise is not None
 
     def jac(self, directions: torch.Tensor) -> torch.Tensor:
         """J on directions (B, N, *in_shape) -> (B, N, *out_shape): W̄ applied to each direction."""
@@ -237,7 +243,7 @@ def _conv_padding(module: nn.Conv2d) -> tuple[int, int]:
     return padding
 
 
-class ConvStep(Step):
+class ConvStep(AffineStep):
     """nn.Conv2d: the affine rules on unfolded patches (positions share the kernel)."""
 
     def __init__(self, module: nn.Conv2d, state: Moments, ctx: Context) -> None:
@@ -246,11 +252,6 @@ class ConvStep(Step):
         self.noise = _affine_noise(module, ctx)
         self.mean = self._conv(state.mean, module.weight, module.bias)
         self.out_shape = tuple(self.mean.shape[1:])
-
-    @property
-    def has_noise(self) -> bool:
-        """Whether the weight or bias is random."""
-        return self.noise is not None
 
     def _conv(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         m = self.module
