@@ -273,7 +273,10 @@ def options(case: Case) -> list[dict]:
     if case.pools:  # the pooled entries' variances combined as perfectly correlated, both activation rules
         out += [{"mode": "diagonal", "attention": "independent", "layernorm": ln, "pooling": "correlated", **act}
                 for ln in lns_expected for act in ({}, {"activations": "quadrature"})]
-    return out + [{"mode": "full", "attention": "independent", "layernorm": ln} for ln in lns]
+    out += [{"mode": "full", "attention": "independent", "layernorm": ln} for ln in lns]
+    if case.attends:  # the attention weights linearised in Q and K too (with every rule linearised: first order)
+        out.append({"mode": "full", "attention": "linearized", "layernorm": "linearized"})
+    return out
 
 
 def option_key(option: dict) -> str:

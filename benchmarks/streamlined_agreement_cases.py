@@ -42,6 +42,7 @@ class Case:
     epochs: int = 1
     has_layernorm: bool = False
     own_attention: bool = False  # an attention module rule (posthoc's block, nn.MultiheadAttention): "shared_value" applies
+    attends: bool = False  # has attention: the full mode's attention="linearized" applies
     attention_rule: str = "—"  # the attention rule the graph meets, named in the table
     pools: bool = False  # an average pooling or mean over positions / tokens: pooling="correlated" applies
     split: Callable[[nn.Module], tuple[Callable, nn.Module]] | None = None
@@ -179,17 +180,17 @@ CASES: dict[str, Case] = {
     "small_resnet": Case("main", _posthoc("small_resnet"), "fmnist", ("blocks.block2.", "blocks.block3.", "fc."),
                          split=_small_resnet_split, pools=True),
     "small_vit": Case("main", _posthoc("small_vit"), "fmnist", ("blocks.block1.", "blocks.block2.", "norm.", "head."),
-                      has_layernorm=True, own_attention=True, pools=True),
+                      has_layernorm=True, own_attention=True, attends=True, pools=True),
     "wrn": Case("main", lambda: WRN(k=1), "fmnist", ("block2.", "block3.", "bn.", "fc."), split=_wrn_split,
                 pools=True),
     "bert": Case("main", _bert, "tokens", ("bert.encoder.layer.1.", "bert.encoder.layer.2.", "bert.pooler.",
-                                           "classifier."), epochs=3, has_layernorm=True, attention_rule=SDPA),
+                                           "classifier."), epochs=3, has_layernorm=True, attends=True, attention_rule=SDPA),
     "gpt2": Case("main", _gpt2, "tokens", ("transformer.h.1.", "transformer.h.2.", "transformer.ln_f.", "score."),
-                 epochs=3, has_layernorm=True, attention_rule=SDPA),
+                 epochs=3, has_layernorm=True, attends=True, attention_rule=SDPA),
     "tv_resnet18": Case("vision", _resnet18, "fmnist3", ("layer4.", "fc."), split=_resnet18_split,
                         pools=True),
     "tv_vit": Case("vision", _tv_vit, "fmnist3", ("encoder.layers.encoder_layer_1.", "encoder.layers.encoder_layer_2.",
-                                                   "encoder.ln.", "heads."), has_layernorm=True, own_attention=True,
+                                                   "encoder.ln.", "heads."), has_layernorm=True, own_attention=True, attends=True,
                    attention_rule="nn.MultiheadAttention module rule"),
 }
 

@@ -148,7 +148,8 @@ def model_rows(name: str, args: Any) -> dict:
     previous = {r["label"]: r for r in args.previous.get(key, {}).get("rows", [])}
     for option in options(case):
         label = option_label(option)
-        if args.modes and option["mode"] not in args.modes:
+        if (args.modes and option["mode"] not in args.modes) or \
+                (args.attentions and option["attention"] not in args.attentions):
             if label in previous:  # kept from an earlier run of the other mode
                 out["rows"].append(previous[label])
             continue
@@ -226,6 +227,9 @@ def main() -> None:
     parser.add_argument("--full-batch-size", type=int, default=5, help="inputs at once in the full mode")
     parser.add_argument("--modes", nargs="*", choices=("diagonal", "full"), default=[],
                         help="run only these modes (the other mode's rows kept from the last run); default both")
+    parser.add_argument("--attentions", nargs="*", choices=("independent", "shared_value", "linearized"), default=[],
+                        help="run only the options with these attention rules (the other rows kept from the last "
+                             "run); default all")
     args = parser.parse_args()
     torch.set_num_threads(1)
     path = RESULTS / f"{NAME}.json"

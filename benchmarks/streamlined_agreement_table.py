@@ -156,7 +156,8 @@ def record_lines(r: dict) -> list[str]:
 def option_label(row: dict) -> str:
     """An option (or its result row) in words: "diagonal, frozen LN, quadrature activations, correlated pooling"."""
     return ", ".join(x for x in (row["mode"] + (" (tail)" if row.get("on") == "tail" else ""),
-                                 row["attention"] if row["attention"] != "independent" else "",
+                                 {"independent": "", "linearized": "linearized attention"}.get(row["attention"],
+                                                                                               row["attention"]),
                                  f"{row['layernorm']} LN" if row["layernorm"] else "",
                                  f"{row.get('activations', 'linearized')} activations",
                                  "correlated pooling" if row.get("pooling") == "correlated" else "") if x)

@@ -17,7 +17,7 @@ import torch
 from torch import fx
 
 from posthoc.streamlined.moments import Moments
-from posthoc.streamlined.rules.ops import is_random
+from posthoc.streamlined.rules.ops import UnsupportedOpError, is_random
 
 
 class JointCovariances:
@@ -145,6 +145,25 @@ def cat_parts(parts: list[object], nodes: list[object], dim: int, joint: JointCo
         rows = [r if r is not None else mean.new_zeros(batch, size, width) for r, size in zip(found, sizes, strict=True)]
         crosses.append(torch.cat(rows, 1)[:, index])
     return Moments(mean, cov=stacked[:, index][:, :, index], crosses=crosses)
+
+
+def stack_operands(values: list[object], nodes: list[object], joint: JointCovariances, env: dict[fx.Node, object]
+                   ) -> tuple[Moments, list[tuple[int, ...]]]:
+    """The joint moments of an op's operands stacked flat per example (B, Σ D_i), and each operand's feature shape.
+
+    ``values``: Moments carrying their crosses with the walk's anchors, or fixed tensors; ``nodes``: the node each
+    came from. Raises UnsupportedOpError for operands of different batch sizes. Cost: :func:`cat_parts`'.
+    """
+    means = [_tensor(v) for v in values]
+    batch = means[0].shape[0]
+    if any(m.shape[0] != batch for m in means):
+        raise UnsupportedOpError("operands of different batch sizes (one broadcast over the batch) in a joint "
+                                 "linearisation; expand it to the batch first")
+    flat: list[object] = [Moments(v.mean.reshape(batch, -1), cov=v.cov, crosses=v.crosses)
+                          if isinstance(v, Moments) and is_random(v) else m.reshape(batch, -1)
+                          for v, m in zip(values, means, strict=True)]
+    stacked = cat_parts(flat, nodes, 1, joint, env, torch.cat([m.reshape(batch, -1) for m in means], 1))
+    return stacked, [tuple(m.shape[1:]) for m in means]
 
 
 def _tensor(value: object) -> torch.Tensor:

@@ -72,8 +72,11 @@ class Streamlined:
             rule) or "full" (per-example D x D covariance carried through every layer; memory
             O(B D²), for small networks or narrow random tails; a layer whose output carries a covariance
             wider than ``max_full_dim`` raises MemoryError, deterministic layers before it do not).
-        attention: diagonal-mode attention rule, "independent" (authors') or "shared_value"
-            (keeps the cross-token covariance of the shared random W_v). Full mode needs neither.
+        attention: "independent" (authors': the attention weights from the means of Q and K, V random;
+            diagonal mode treats tokens as independent), "shared_value" (diagonal mode: keeps the
+            cross-token covariance of the shared random W_v; full mode carries it anyway) or "linearized"
+            (full mode only: the attention weights linearised in Q and K as well, so the variance of Q and K
+            reaches the output: exact to first order, where "independent" loses it).
         layernorm: "frozen" (authors': statistics of the mean input), "linearized" (the
             LayerNorm Jacobian at the mean) or "expected" (frozen, scaled by the expected spread of the
             random input, so input noise above the mean's spread is not amplified; see
@@ -157,6 +160,10 @@ class Streamlined:
         self.sigma_noise = float(sigma_noise) if sigma_noise is not None else default_sigma
         check_positive(self.sigma_noise, "sigma_noise")
         self.attention = check_choice(attention, AttentionRule, "attention")
+        if self.attention is AttentionRule.LINEARIZED and self.mode is not ActivationCovariance.FULL:
+            raise ValueError("attention='linearized' needs the cross-covariances of Q, K and V, which the diagonal "
+                             "mode does not carry: use activation_covariance='full', or attention='independent' "
+                             "/ 'shared_value' in the diagonal mode")
         if layernorm is None:
             layernorm = LayerNormRule.LINEARIZED if self.mode is ActivationCovariance.FULL else LayerNormRule.FROZEN
         self.layernorm = check_choice(layernorm, LayerNormRule, "layernorm")

@@ -26,10 +26,11 @@ from typing import Any, Callable, Iterator, Mapping
 import torch
 from torch import fx, nn
 
-from posthoc.streamlined.joint import JointCovariances, cat_parts, join
+from posthoc.streamlined.joint import JointCovariances, cat_parts, join, stack_operands
 from posthoc.streamlined.moments import Moments
 from posthoc.streamlined.rules import Context, UnsupportedLayerError
-from posthoc.streamlined.rules.base import find_rule, rule_key
+from posthoc.streamlined.rules.attention import joint_operands, linearised_joint
+from posthoc.streamlined.rules.base import AttentionRule, find_rule, rule_key
 from posthoc.streamlined.rules.multihead import fold_multihead_calls
 from posthoc.streamlined.rules.ops import ADDS, SUBS, UnsupportedOpError, _apply, is_random
 from posthoc.streamlined.walk import unsupported_module
@@ -312,6 +313,10 @@ def _call(graph_module: fx.GraphModule, node: fx.Node, env: dict[fx.Node, Any], 
         if dim % mean.ndim == 0:
             raise UnsupportedOpError("cat along the batch axis")
         result = cat_parts(parts, part_nodes, dim, joint, env, mean)
+    elif joint is not None and ctx.attention is AttentionRule.LINEARIZED and \
+            (operands := joint_operands(node.target, node.args, node.kwargs, args, kwargs)) is not None:
+        stacked, shapes = stack_operands([v for _, v in operands], [n for n, _ in operands], joint, env)
+        result = linearised_joint(node.target, args, kwargs, stacked, shapes, ctx)
     else:
         result = _call_op(node, args, kwargs, ctx)
     if joint is None:

@@ -27,7 +27,7 @@ from torch import fx, nn
 
 from posthoc.streamlined.moments import Moments, add_optional
 from posthoc.streamlined.rules.affine import _affine_noise, linear_rule
-from posthoc.streamlined.rules.base import AttentionRule, Context, advance, find_rule, register_rule
+from posthoc.streamlined.rules.base import AttentionRule, Context, Step, advance, find_rule, register_rule
 from posthoc.streamlined.rules.layers import conv1d_as_linear, hf_conv1d_rule
 from posthoc.streamlined.rules.ops import (
     MapStep,
@@ -87,6 +87,29 @@ def softmax_rule(op: Callable[..., Any] | str, args: tuple, kwargs: dict, ctx: C
     _check_keeps_batch(jvp, state, "softmax")
     step = MapStep(jvp, state, var_fn)
     step.mean = s  # the map is the Jacobian at the mean; the mean itself is softmax(μ)
+    return advance(state, step, ctx)
+
+
+@register_rule("masked_fill", torch.masked_fill, torch.ops.aten.masked_fill.Scalar)
+def masked_fill_rule(op: Callable[..., Any] | str, args: tuple, kwargs: dict, ctx: Context) -> Moments:
+    """x.masked_fill(mask, value) with x random, the mask and value fixed: exact (linear).
+
+    The filled entries become the constant (no variance), the others pass through: masked attention scores written
+    out (Hugging Face's "eager" attention).
+    """
+    names = ("input", "mask", "value")
+    bound = dict(zip(names, args, strict=False)) | kwargs
+    state, mask, value = (bound.get(name) for name in names)
+    if not isinstance(state, Moments) or is_random(mask) or is_random(value) or mask is None or value is None:
+        raise UnsupportedOpError(f"{_op_name(op)} with a random mask or fill value")
+    mask, value = _mean_of(mask), _mean_of(value)
+
+    def fn(t: torch.Tensor) -> torch.Tensor:
+        return t.masked_fill(mask, 0)
+
+    _check_keeps_batch(fn, state, _op_name(op))
+    step = MapStep(fn, state, fn)
+    step.mean = state.mean.masked_fill(mask, value)
     return advance(state, step, ctx)
 
 
@@ -151,6 +174,94 @@ def sdpa_rule(op: Callable[..., Any], args: tuple, kwargs: dict, ctx: Context) -
         return Moments(weights @ _mean_of(value))
     return _linear_map(value, lambda t: weights @ t, lambda v: weights.square() @ v, ctx,
                        "scaled_dot_product_attention")
+
+
+class JointStep(Step):
+    """A map of several jointly Gaussian operands linearised at their means (full mode only).
+
+    The operands are stacked flat per example (B, Σ D_i) in the order of ``shapes`` (each operand's feature shape);
+    ``jvp(*directions)`` maps the operands' directions (B, N, *shape_i) to the output's (B, N, *out_shape).
+    """
+
+    def __init__(self, mean: torch.Tensor, shapes: list[tuple[int, ...]], jvp: Callable[..., torch.Tensor]) -> None:
+        self.mean, self.shapes, self.jvp = mean, shapes, jvp
+        self.sizes = [math.prod(shape) for shape in shapes]
+
+    def jac(self, directions: torch.Tensor) -> torch.Tensor:
+        """J on directions (B, N, Σ D_i) -> (B, N, *out_shape)."""
+        batch, n = directions.shape[:2]
+        parts = directions.reshape(batch, n, -1).split(self.sizes, -1)
+        return self.jvp(*(p.reshape(batch, n, *shape) for p, shape in zip(parts, self.shapes, strict=True)))
+
+    def var(self, var_in: torch.Tensor | None) -> torch.Tensor | None:
+        """Not defined: the operands' cross-covariances are needed (diagonal mode has none)."""
+        raise UnsupportedOpError("a map of several random operands needs their cross-covariances: "
+                                 "activation_covariance='full'")
+
+
+def attention_jvp(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, weights: torch.Tensor, scale: float,
+                  d_query: torch.Tensor, d_key: torch.Tensor, d_value: torch.Tensor) -> torch.Tensor:
+    """d(A V) for A = softmax(Q Kᵀ·scale + mask) at the means, on directions (B, N, ..., L|S, E) of Q, K and V.
+
+    dS = scale (dQ K̄ᵀ + Q̄ dKᵀ), dA = A ⊙ (dS - Σ_s A dS) (zero where A is, so masked positions stay masked),
+    d out = dA V̄ + A dV. Means (B, ..., L|S, E) and ``weights`` (B, ..., L, S). Cost: four attention-sized
+    products per direction.
+    """
+    query, key, value, weights = (t.unsqueeze(1) for t in (query, key, value, weights))
+    d_scores = (d_query @ key.transpose(-2, -1) + query @ d_key.transpose(-2, -1)) * scale
+    d_weights = weights * (d_scores - (weights * d_scores).sum(-1, keepdim=True))
+    return d_weights @ value + weights @ d_value
+
+
+def joint_operands(target: Any, node_args: tuple, node_kwargs: dict, args: tuple, kwargs: dict
+                   ) -> list[tuple[Any, Any]] | None:
+    """The operands ``attention="linearized"`` linearises jointly at an op, as (graph node, value) pairs, or None.
+
+    scaled_dot_product_attention with a random query or key: (query, key, value); a matmul of two random
+    operands (attention scores Q Kᵀ written out): both. None where the op's own rule applies (exact there).
+    """
+    if target in _SDPA_TARGETS:
+        bound, nodes = dict(zip(_SDPA_ARGS, args, strict=False)) | kwargs, \
+            dict(zip(_SDPA_ARGS, node_args, strict=False)) | node_kwargs
+        if not (is_random(bound.get("query")) or is_random(bound.get("key"))):
+            return None
+        return [(nodes.get(name), bound.get(name)) for name in ("query", "key", "value")]
+    if target in MATMULS and len(args) == 2 and not kwargs and is_random(args[0]) and is_random(args[1]):
+        return [(node_args[0], args[0]), (node_args[1], args[1])]
+    return None
+
+
+def linearised_joint(target: Any, args: tuple, kwargs: dict, stacked: Moments, shapes: list[tuple[int, ...]],
+                     ctx: Context) -> Moments:
+    """The op of :func:`joint_operands` linearised in all its operands (full mode, ``attention="linearized"``).
+
+    ``stacked``: the operands' joint moments, flat per example in their order (:func:`posthoc.streamlined.joint.
+    stack_operands`); ``shapes`` their feature shapes. The mean is the op on the means (= model(x)). Raises
+    UnsupportedOpError for dropout_p > 0, enable_gqa or a random mask. Cost: the map on Σ D_i + D_out directions
+    per example.
+    """
+    if target in MATMULS:
+        a, b = _mean_of(args[0]), _mean_of(args[1])
+        if a.ndim < 3 or b.ndim < 3:
+            raise UnsupportedOpError("a matmul of two random activations needs both batched (B, ..., M, N)")
+
+        def matmul_jvp(d_a: torch.Tensor, d_b: torch.Tensor) -> torch.Tensor:
+            return d_a @ b.unsqueeze(1) + a.unsqueeze(1) @ d_b
+
+        return advance(stacked, JointStep(a @ b, shapes, matmul_jvp), ctx)
+    bound = dict(zip(_SDPA_ARGS, args, strict=False)) | kwargs
+    if float(bound.get("dropout_p", 0.0)) != 0.0 or bound.get("enable_gqa", False):
+        raise UnsupportedOpError("scaled_dot_product_attention with dropout_p > 0 or enable_gqa; predict with "
+                                 "dropout off (dropout_p=0.0 when not training)")
+    mask = bound.get("attn_mask")
+    if is_random(mask):
+        raise UnsupportedOpError("scaled_dot_product_attention with a random attn_mask")
+    query, key, value = (_mean_of(bound[name]) for name in ("query", "key", "value"))
+    scale = bound.get("scale")
+    scale = 1 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
+    weights = _attention_weights(query, key, _mean_of(mask), bool(bound.get("is_causal", False)), scale)
+    jvp = functools.partial(attention_jvp, query, key, value, weights, scale)
+    return advance(stacked, JointStep(weights @ value, shapes, jvp), ctx)
 
 
 @dataclass

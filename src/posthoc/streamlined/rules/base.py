@@ -18,10 +18,11 @@ from posthoc.utils.registry import add_to_registry
 
 
 class AttentionRule(str, Enum):
-    """Diagonal-mode variance rule for self-attention (Q, K deterministic, V random)."""
+    """How attention propagates: Q, K at their means and V random (the first two), or linearised in Q, K and V."""
 
     INDEPENDENT = "independent"  # the authors': Σ_o,t = Σ_s A_ts² Σ_v,s (tokens independent)
-    SHARED_VALUE = "shared_value"  # keeps the cross-token covariance of the shared random W_v
+    SHARED_VALUE = "shared_value"  # diagonal mode: keeps the cross-token covariance of the shared random W_v
+    LINEARIZED = "linearized"  # full mode: the attention weights linearised in Q and K too (exact to first order)
 
 
 class LayerNormRule(str, Enum):

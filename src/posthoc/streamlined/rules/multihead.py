@@ -17,14 +17,16 @@ rewrites the traced graph so the module's node is its attention output (the ``[0
 
 from __future__ import annotations
 
+import math
 import operator
 from typing import Any
 
 import torch
 from torch import fx, nn
 
-from posthoc.streamlined.moments import Moments, add_optional
+from posthoc.streamlined.moments import Moments, add_optional, rearrange
 from posthoc.streamlined.rules.affine import LinearStep, _affine_noise, linear_rule
+from posthoc.streamlined.rules.attention import JointStep, attention_jvp
 from posthoc.streamlined.rules.base import (
     AttentionRule,
     Context,
@@ -116,6 +118,70 @@ def attend_values(value: Moments, weights: torch.Tensor, v_proj: nn.Linear, out_
     return _linear(out_proj, mixed, ctx, last)
 
 
+class StackedStep(Step):
+    """Layers reading one input, their outputs stacked on a new feature axis: (B, P, *out_shape) (full mode).
+
+    Each layer's weights are independent of the others', so the weight noise is block-diagonal across the parts;
+    the input's covariance correlates them through the stacked Jacobian.
+    """
+
+    def __init__(self, steps: list[Step]) -> None:
+        self.steps = steps
+        self.mean = torch.stack([step.mean for step in steps], 1)
+
+    @property
+    def has_noise(self) -> bool:
+        """Whether any of the layers is random."""
+        return any(step.has_noise for step in self.steps)
+
+    def jac(self, directions: torch.Tensor) -> torch.Tensor:
+        """J on directions (B, N, *in_shape) -> (B, N, P, *out_shape)."""
+        return torch.stack([step.jac(directions) for step in self.steps], 2)
+
+    def var(self, var_in: torch.Tensor | None) -> torch.Tensor | None:
+        """Not used: the stacked parts are for a joint (full-mode) linearisation."""
+        raise UnsupportedOpError("stacked projections are propagated in full mode only")
+
+    def noise_full(self, cov_in: torch.Tensor | None) -> torch.Tensor | None:
+        """The layers' weight-noise covariances on the block diagonal (B, P·D, P·D), or None."""
+        blocks = [step.noise_full(cov_in) for step in self.steps]
+        if all(block is None for block in blocks):
+            return None
+        batch, width = self.mean.shape[0], int(self.mean[0, 0].numel())
+        out = self.mean.new_zeros(batch, len(blocks) * width, len(blocks) * width)
+        for i, block in enumerate(blocks):
+            if block is not None:
+                out[:, i * width:(i + 1) * width, i * width:(i + 1) * width] = block
+        return out
+
+
+def linearised_self_attention(qkv: Moments, n_heads: int, scale: float, out_proj: nn.Linear, ctx: Context,
+                              last: bool) -> Moments:
+    """out_proj(merge_heads(softmax(Q Kᵀ·scale) V)) linearised in Q, K and V (``attention="linearized"``).
+
+    ``qkv`` (B, 3, T, E): the queries, keys and values with their joint full covariance (the shared input's and
+    the projections' noise); heads split as posthoc's and torch's attention do (head h: features h·d … (h+1)·d − 1).
+    Cost: the attention map on 3·T·E + T·E directions per example, then out_proj's full-mode rule.
+    """
+    batch, _, tokens, width = qkv.mean.shape
+    head = width // n_heads
+
+    def split(x: torch.Tensor) -> torch.Tensor:  # (..., T, E) -> (..., H, T, d)
+        return x.reshape(*x.shape[:-2], tokens, n_heads, head).transpose(-3, -2)
+
+    def merge(x: torch.Tensor) -> torch.Tensor:  # (..., H, T, d) -> (..., T, E)
+        return x.transpose(-3, -2).reshape(*x.shape[:-3], tokens, width)
+
+    query, key, value = (split(part) for part in qkv.mean.unbind(1))
+    weights = torch.softmax(query @ key.transpose(-2, -1) * scale, -1)
+
+    def jvp(d_query: torch.Tensor, d_key: torch.Tensor, d_value: torch.Tensor) -> torch.Tensor:
+        return merge(attention_jvp(query, key, value, weights, scale, split(d_query), split(d_key), split(d_value)))
+
+    mixed = advance(qkv, JointStep(merge(weights @ value), [(tokens, width)] * 3, jvp), ctx)
+    return _linear(out_proj, mixed, ctx, last)
+
+
 def _value_rows(module: nn.MultiheadAttention) -> tuple[str, str | None, slice]:
     """The attributes holding the value projection's weight and bias, and their rows for V."""
     e = module.embed_dim
@@ -146,11 +212,39 @@ def value_posterior(module: nn.MultiheadAttention, post: LayerPosterior | None) 
     the layer's dense covariance. The query and key rows are dropped (Q and K are taken from the mean). Returns
     None when the value projection is deterministic.
     """
-    if post is None:
-        return None
     weight_attr, bias_attr, rows = _value_rows(module)
     e = module.embed_dim
-    bias_rows = slice(2 * e, 3 * e)
+    return _rows_posterior(module, post, weight_attr, bias_attr, rows, slice(2 * e, 3 * e))
+
+
+def in_projection(module: nn.MultiheadAttention, post: LayerPosterior | None
+                  ) -> tuple[nn.Linear, LayerPosterior | None]:
+    """The fused query/key/value projection of an nn.MultiheadAttention as a stand-in nn.Linear(E, 3E), with a posterior.
+
+    The posterior is ``post`` (the module's) read for all the projection's rows (diagonal, Kronecker or full: the
+    rows' correlations kept). Needs the fused ``in_proj_weight`` (kdim = vdim = embed_dim).
+    """
+    weight, bias = module.in_proj_weight, module.in_proj_bias
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device,
+                       dtype=weight.dtype)
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+        if bias is not None:
+            linear.bias.copy_(bias)
+    rows = slice(None)
+    return linear, _rows_posterior(module, post, "in_proj_weight", None if bias is None else "in_proj_bias", rows,
+                                   rows)
+
+
+def _rows_posterior(module: nn.MultiheadAttention, post: LayerPosterior | None, weight_attr: str,
+                    bias_attr: str | None, rows: slice, bias_rows: slice) -> LayerPosterior | None:
+    """The posterior of some rows of an nn.MultiheadAttention's projection, as a stand-in Linear's.
+
+    Rows ``rows`` of ``weight_attr`` and ``bias_rows`` of ``bias_attr`` become the stand-in's "weight" and "bias";
+    None when they are deterministic.
+    """
+    if post is None:
+        return None
     stand_in = LayerPosterior()
     for attr, name, attr_rows in ((weight_attr, "weight", rows), (bias_attr, "bias", bias_rows)):
         if attr is None:
@@ -235,6 +329,9 @@ def multihead_attention_rule(module: nn.MultiheadAttention, query: Moments, ctx:
     if crosses and not value_state.crosses:  # full mode, a fixed value: the output is independent of the live nodes
         value_state = Moments(value_state.mean, cov=value_state.cov,
                               crosses=[c.new_zeros(c.shape[0], value_state.dim, c.shape[2]) for c in crosses])
+    if ctx.full and ctx.attention is AttentionRule.LINEARIZED:
+        return _linearised_multihead(module, query, key_state, value_state, ctx, last,
+                                     key_padding_mask is not None or attn_mask is not None or is_causal)
     means = [s.mean for s in (query, key_state, value_state)]
     if batch_first_folded:
         means = [m.transpose(0, 1) for m in means]  # the (L, N, E) layout the module takes
@@ -246,6 +343,23 @@ def multihead_attention_rule(module: nn.MultiheadAttention, query: Moments, ctx:
     v_proj = value_projection(module)
     value_ctx = _with_stand_in(ctx, v_proj, value_posterior(module, ctx.posterior.get(module)))
     return attend_values(value_state, weights, v_proj, module.out_proj, module.num_heads, ctx, last, value_ctx)
+
+
+def _linearised_multihead(module: nn.MultiheadAttention, query: Moments, key: Moments, value: Moments, ctx: Context,
+                          last: bool, masked: bool) -> Moments:
+    """nn.MultiheadAttention self-attention linearised in Q, K and V through its fused in_proj (full mode)."""
+    same = all(s is query or s.mean is query.mean for s in (key, value))
+    if not same or masked or not module._qkv_same_embed_dim:
+        raise UnsupportedOpError("attention='linearized' on nn.MultiheadAttention supports self-attention (query, "
+                                 "key and value one activation) without masks, with the fused in_proj_weight; "
+                                 "pass attention='independent' for this model")
+    projection, post = in_projection(module, ctx.posterior.get(module))
+    projection_ctx = _with_stand_in(ctx, projection, post)
+    packed = advance(query, LinearStep(projection, query, projection_ctx), projection_ctx)  # (B, T, 3E)
+    width = module.embed_dim
+    qkv = rearrange(packed, lambda t: t.unflatten(-1, (3, width)).movedim(-2, 1))  # (B, 3, T, E)
+    head = width // module.num_heads
+    return linearised_self_attention(qkv, module.num_heads, 1 / math.sqrt(head), module.out_proj, ctx, last)
 
 
 _TRANSPOSES = {torch.transpose: "transpose", torch.permute: "permute", torch.ops.aten.transpose.int: "transpose",
@@ -345,6 +459,6 @@ def fold_batch_transposes(graph: fx.Graph, root: nn.Module) -> None:
                 _fold_batch_transposes(graph, node)
 
 
-__all__ = ["AttentionMixStep", "BATCH_FIRST_FOLDED", "attend_values", "bind_call", "fold_batch_transposes",
-           "fold_multihead_calls", "multihead_attention_rule", "shared_value_variance", "value_posterior",
-           "value_projection"]
+__all__ = ["AttentionMixStep", "BATCH_FIRST_FOLDED", "StackedStep", "attend_values", "bind_call",
+           "fold_batch_transposes", "fold_multihead_calls", "in_projection", "linearised_self_attention",
+           "multihead_attention_rule", "shared_value_variance", "value_posterior", "value_projection"]

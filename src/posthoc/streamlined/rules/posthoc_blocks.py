@@ -21,8 +21,9 @@ from typing import Any
 import torch
 
 from posthoc.streamlined.moments import Moments, add_optional
-from posthoc.streamlined.rules.base import RULES, Context, Step, advance
-from posthoc.streamlined.rules.multihead import attend_values
+from posthoc.streamlined.rules.affine import LinearStep
+from posthoc.streamlined.rules.base import RULES, AttentionRule, Context, Step, advance
+from posthoc.streamlined.rules.multihead import StackedStep, attend_values, linearised_self_attention
 from posthoc.utils.registry import add_to_registry
 
 ATTENTION_KEY = "module posthoc.models.vit.MultiHeadSelfAttention"  # rule_key of the class, without importing it
@@ -32,11 +33,17 @@ POSITIONAL_KEY = "module posthoc.models.vit.PositionalEmbedding"
 def self_attention_rule(module: Any, state: Moments, ctx: Context, last: bool) -> Moments:
     """Self-attention with Q, K deterministic and V random: out = out_proj(A v), linear in v.
 
-    Q and K come from the mean input and mean weights (their posterior is not used). Diagonal mode:
+    Q and K come from the mean input and mean weights (their posterior is not used), except with
+    ``attention="linearized"`` (full mode): the weights linearised in Q, K and V, each projection's noise included
+    (:func:`posthoc.streamlined.rules.multihead.linearised_self_attention`). Diagonal mode:
     ``attention="independent"`` Σ_o,t = Σ_s A_ts² Σ_v,s (the authors' rule) or ``"shared_value"``
     (:func:`posthoc.streamlined.rules.multihead.shared_value_variance`). Full mode carries the complete cross-token
     covariance of v (shared W_v included) through the mixing.
     """
+    if ctx.full and ctx.attention is AttentionRule.LINEARIZED:
+        projections = StackedStep([LinearStep(p, state, ctx) for p in (module.q_proj, module.k_proj, module.v_proj)])
+        qkv = advance(state, projections, ctx)
+        return linearised_self_attention(qkv, module.n_heads, module.scale, module.out_proj, ctx, last)
     with torch.no_grad():
         weights = module.attention_weights(state.mean)
     return attend_values(state, weights, module.v_proj, module.out_proj, module.n_heads, ctx, last)
