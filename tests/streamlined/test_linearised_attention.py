@@ -107,21 +107,45 @@ def test_torch_multihead_attention_is_exact_to_first_order(batch_first: bool) ->
     _check(model, x, 2, model(x))
 
 
-def test_torch_multihead_attention_with_a_mask_names_the_fix() -> None:
+class MaskedTorchAttention(nn.Module):
+    """nn.MultiheadAttention self-attention with a key padding mask and a causal attn_mask (torch's semantics)."""
+
+    def __init__(self, dim: int = 8, heads: int = 2) -> None:
+        super().__init__()
+        self.embed, self.attn, self.head = nn.Linear(3, dim), nn.MultiheadAttention(dim, heads, batch_first=True), \
+            nn.Linear(dim, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.embed(x))
+        causal = torch.ones(x.shape[1], x.shape[1], dtype=torch.bool, device=x.device).triu(1)  # True: not allowed
+        padding = x[..., 0] > 1.0  # True: a key to ignore
+        return self.head(self.attn(h, h, h, key_padding_mask=padding, attn_mask=causal)[0].mean(1))
+
+
+def test_torch_multihead_attention_with_masks_is_exact_to_first_order() -> None:
+    torch.manual_seed(0)
+    model = MaskedTorchAttention().to(DTYPE).eval()
+    x = torch.randn(3, 5, 3, dtype=DTYPE, generator=torch.Generator().manual_seed(2))
+    x[:, 0, 0] = 0.0  # the first key is never padding, so no row is fully masked
+    assert bool((x[..., 0] > 1.0).any())
+    _check(model, x, 3, model(x))
+
+
+def test_torch_cross_attention_names_the_fix() -> None:
     model = TorchAttentionNet(True).to(DTYPE).eval()
 
-    class Masked(nn.Module):
+    class Cross(nn.Module):
         def __init__(self) -> None:
             super().__init__()
             self.inner = model
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             h = self.inner.norm(self.inner.embed(x))
-            return self.inner.attn(h, h, h, key_padding_mask=x[..., 0] > 5.0)[0].mean(1)
+            return self.inner.attn(h, torch.tanh(h), h)[0].mean(1)
 
     x = torch.randn(2, 4, 3, dtype=DTYPE)
     with pytest.raises(UnsupportedOpError, match="attention='independent'"):
-        Streamlined(Masked(), weight_var=_variances(Masked()), activation_covariance="full",
+        Streamlined(Cross(), weight_var=_variances(Cross()), activation_covariance="full",
                     attention="linearized").predict(x)
 
 

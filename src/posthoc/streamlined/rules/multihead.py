@@ -156,12 +156,14 @@ class StackedStep(Step):
 
 
 def linearised_self_attention(qkv: Moments, n_heads: int, scale: float, out_proj: nn.Linear, ctx: Context,
-                              last: bool) -> Moments:
-    """out_proj(merge_heads(softmax(Q Kᵀ·scale) V)) linearised in Q, K and V (``attention="linearized"``).
+                              last: bool, weights: torch.Tensor | None = None) -> Moments:
+    """out_proj(merge_heads(softmax(Q Kᵀ·scale + mask) V)) linearised in Q, K and V (``attention="linearized"``).
 
     ``qkv`` (B, 3, T, E): the queries, keys and values with their joint full covariance (the shared input's and
     the projections' noise); heads split as posthoc's and torch's attention do (head h: features h·d … (h+1)·d − 1).
-    Cost: the attention map on 3·T·E + T·E directions per example, then out_proj's full-mode rule.
+    ``weights`` (B, H, T, T): the attention weights at the means with any mask applied (default: unmasked, from
+    the means of Q and K). Cost: the attention map on 3·T·E + T·E directions per example, then out_proj's
+    full-mode rule.
     """
     batch, _, tokens, width = qkv.mean.shape
     head = width // n_heads
@@ -173,7 +175,8 @@ def linearised_self_attention(qkv: Moments, n_heads: int, scale: float, out_proj
         return x.transpose(-3, -2).reshape(*x.shape[:-3], tokens, width)
 
     query, key, value = (split(part) for part in qkv.mean.unbind(1))
-    weights = torch.softmax(query @ key.transpose(-2, -1) * scale, -1)
+    if weights is None:
+        weights = torch.softmax(query @ key.transpose(-2, -1) * scale, -1)
 
     def jvp(d_query: torch.Tensor, d_key: torch.Tensor, d_value: torch.Tensor) -> torch.Tensor:
         return merge(attention_jvp(query, key, value, weights, scale, split(d_query), split(d_key), split(d_value)))
@@ -329,9 +332,6 @@ def multihead_attention_rule(module: nn.MultiheadAttention, query: Moments, ctx:
     if crosses and not value_state.crosses:  # full mode, a fixed value: the output is independent of the live nodes
         value_state = Moments(value_state.mean, cov=value_state.cov,
                               crosses=[c.new_zeros(c.shape[0], value_state.dim, c.shape[2]) for c in crosses])
-    if ctx.full and ctx.attention is AttentionRule.LINEARIZED:
-        return _linearised_multihead(module, query, key_state, value_state, ctx, last,
-                                     key_padding_mask is not None or attn_mask is not None or is_causal)
     means = [s.mean for s in (query, key_state, value_state)]
     if batch_first_folded:
         means = [m.transpose(0, 1) for m in means]  # the (L, N, E) layout the module takes
@@ -340,26 +340,33 @@ def multihead_attention_rule(module: nn.MultiheadAttention, query: Moments, ctx:
                             need_weights=True, attn_mask=_deterministic(attn_mask, "attn_mask"),
                             average_attn_weights=False, is_causal=is_causal)
     assert weights is not None  # (B, H, T, S) with need_weights=True
+    if ctx.full and ctx.attention is AttentionRule.LINEARIZED:
+        return _linearised_multihead(module, query, key_state, value_state, weights, ctx, last)
     v_proj = value_projection(module)
     value_ctx = _with_stand_in(ctx, v_proj, value_posterior(module, ctx.posterior.get(module)))
     return attend_values(value_state, weights, v_proj, module.out_proj, module.num_heads, ctx, last, value_ctx)
 
 
-def _linearised_multihead(module: nn.MultiheadAttention, query: Moments, key: Moments, value: Moments, ctx: Context,
-                          last: bool, masked: bool) -> Moments:
-    """nn.MultiheadAttention self-attention linearised in Q, K and V through its fused in_proj (full mode)."""
+def _linearised_multihead(module: nn.MultiheadAttention, query: Moments, key: Moments, value: Moments,
+                          weights: torch.Tensor, ctx: Context, last: bool) -> Moments:
+    """nn.MultiheadAttention self-attention linearised in Q, K and V through its fused in_proj (full mode).
+
+    ``weights`` (B, H, T, T): the module's attention weights on the means, its masks applied as torch applies them
+    (a masked position has weight 0, so its score's variation does not reach the output).
+    """
     same = all(s is query or s.mean is query.mean for s in (key, value))
-    if not same or masked or not module._qkv_same_embed_dim:
+    if not same or not module._qkv_same_embed_dim:
         raise UnsupportedOpError("attention='linearized' on nn.MultiheadAttention supports self-attention (query, "
-                                 "key and value one activation) without masks, with the fused in_proj_weight; "
-                                 "pass attention='independent' for this model")
+                                 "key and value one activation) with the fused in_proj_weight; pass "
+                                 "attention='independent' for this model")
     projection, post = in_projection(module, ctx.posterior.get(module))
     projection_ctx = _with_stand_in(ctx, projection, post)
     packed = advance(query, LinearStep(projection, query, projection_ctx), projection_ctx)  # (B, T, 3E)
     width = module.embed_dim
     qkv = rearrange(packed, lambda t: t.unflatten(-1, (3, width)).movedim(-2, 1))  # (B, 3, T, E)
     head = width // module.num_heads
-    return linearised_self_attention(qkv, module.num_heads, 1 / math.sqrt(head), module.out_proj, ctx, last)
+    return linearised_self_attention(qkv, module.num_heads, 1 / math.sqrt(head), module.out_proj, ctx, last,
+                                     weights)
 
 
 _TRANSPOSES = {torch.transpose: "transpose", torch.permute: "permute", torch.ops.aten.transpose.int: "transpose",
