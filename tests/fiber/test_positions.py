@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, jacrev
 
-from posthoc.fiber import FiberSampler, register_deform
+from posthoc.fiber import FiberSampler, projection, register_deform
 from posthoc.fiber.projection import jvp_at, project_null, vjp_at
 from posthoc.fiber.stage2 import DEFORMS, DeformMethod
 from posthoc.fiber.walk import kept_outputs, mean_nll
@@ -92,8 +92,14 @@ def test_jacobian_rows_match_a_dense_jacrev_and_drop_ignored_positions(vectorise
                                    torch.einsum("btcp,btc->p", jac, u[k]), rtol=1e-10, atol=1e-12)
 
 
-def test_projection_equals_the_dense_projection_on_the_kept_rows():
-    """P v = v - J_k^T (J_k J_k^T + d I)^-1 J_k v with J_k the kept positions' rows; the ignored ones stay free."""
+@pytest.mark.parametrize("route", ["dense", "jvp"])
+def test_projection_equals_the_dense_projection_on_the_kept_rows(route, monkeypatch):
+    """P v = v - J_k^T (J_k J_k^T + d I)^-1 J_k v with J_k the kept positions' rows; the ignored ones stay free.
+
+    Both routes of the Jacobian products: dense J_k (this problem is small) and JVP / VJP calls.
+    """
+    if route == "jvp":
+        monkeypatch.setattr(projection, "DENSE_JACOBIAN_NUMEL", 0)
     model = _model()
     x, y = _data()
     subset = ParameterSubset(model, "all")

@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from references import DTYPE, small_cnn, small_mlp
 
+from posthoc.fiber import projection
 from posthoc.fiber.projection import batched_cg, min_norm_step, project_null
 from posthoc.network.subset import ParameterSubset
+
+
+@pytest.fixture(params=["dense", "jvp"])
+def route(request, monkeypatch) -> str:
+    """Both routes of the Jacobian products: dense J_k (these problems are small) and JVP / VJP calls."""
+    if request.param == "jvp":
+        monkeypatch.setattr(projection, "DENSE_JACOBIAN_NUMEL", 0)
+    return request.param
 
 
 def _dense_jacobian(subset: ParameterSubset, inputs: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
@@ -21,7 +31,7 @@ def _thetas(subset: ParameterSubset) -> torch.Tensor:
                         subset.theta_map + 0.3 * torch.randn(subset.n_params, generator=generator, dtype=DTYPE)])
 
 
-def test_projection_matches_dense_null_space_projector():
+def test_projection_matches_dense_null_space_projector(route):
     torch.set_num_threads(1)
     for model, inputs in ((small_mlp(), torch.randn(4, 3, dtype=DTYPE)),
                           (small_cnn(), torch.randn(2, 1, 6, 6, dtype=DTYPE))):
@@ -40,7 +50,7 @@ def test_projection_matches_dense_null_space_projector():
         torch.testing.assert_close(twice, projected, rtol=1e-7, atol=1e-9)  # idempotent
 
 
-def test_min_norm_step_is_the_pseudoinverse_solution():
+def test_min_norm_step_is_the_pseudoinverse_solution(route):
     torch.set_num_threads(1)
     subset = ParameterSubset(small_mlp(), "last_layer")
     inputs = subset.inputs(torch.randn(3, 3, dtype=DTYPE))
@@ -61,3 +71,38 @@ def test_batched_cg_solves_each_system_with_its_own_steps():
     x = batched_cg(lambda u: torch.einsum("kij,kj->ki", spd, u), rhs, steps=10, damping=0.5)
     expected = torch.linalg.solve(spd + 0.5 * torch.eye(5, dtype=DTYPE), rhs)
     torch.testing.assert_close(x, expected, rtol=1e-8, atol=1e-10)
+
+
+def test_dense_and_jvp_routes_do_the_same_arithmetic(monkeypatch):
+    """A few CG steps (far from converged): the dense route gives the JVP route's iterates to round-off."""
+    torch.set_num_threads(1)
+    subset = ParameterSubset(small_mlp(), "all")
+    inputs = torch.randn(5, 3, dtype=DTYPE)
+    thetas = _thetas(subset)
+    v = torch.randn(thetas.shape, dtype=DTYPE)
+    change = torch.randn(2, *subset.forward(inputs).shape, dtype=DTYPE)
+    assert projection.dense_chunk(change[0].numel(), subset.n_params) is not None
+    dense = (project_null(subset, inputs, thetas, v, cg_steps=2, damping=1e-3),
+             min_norm_step(subset, inputs, thetas, change, cg_steps=2, damping=1e-3))
+    monkeypatch.setattr(projection, "DENSE_JACOBIAN_NUMEL", 0)
+    assert projection.dense_chunk(change[0].numel(), subset.n_params) is None
+    jvp = (project_null(subset, inputs, thetas, v, cg_steps=2, damping=1e-3),
+           min_norm_step(subset, inputs, thetas, change, cg_steps=2, damping=1e-3))
+    for a, b in zip(dense, jvp, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13)
+
+
+def test_particles_in_chunks_give_the_same_steps(monkeypatch):
+    """A budget of one particle's Jacobian: the particles go one at a time, with the same results."""
+    torch.set_num_threads(1)
+    subset = ParameterSubset(small_mlp(), "all")
+    inputs = torch.randn(5, 3, dtype=DTYPE)
+    thetas = _thetas(subset)
+    v = torch.randn(thetas.shape, dtype=DTYPE)
+    change = torch.randn(2, *subset.forward(inputs).shape, dtype=DTYPE)
+    together = (project_null(subset, inputs, thetas, v, 2, 1e-3), min_norm_step(subset, inputs, thetas, change, 2, 1e-3))
+    monkeypatch.setattr(projection, "DENSE_JACOBIAN_NUMEL", change[0].numel() * subset.n_params)
+    assert projection.dense_chunk(change[0].numel(), subset.n_params) == 1
+    apart = (project_null(subset, inputs, thetas, v, 2, 1e-3), min_norm_step(subset, inputs, thetas, change, 2, 1e-3))
+    for a, b in zip(together, apart, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13)
