@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import pytest
 import torch
 from references import DTYPE, small_cnn, small_mlp
@@ -73,36 +75,34 @@ def test_batched_cg_solves_each_system_with_its_own_steps():
     torch.testing.assert_close(x, expected, rtol=1e-8, atol=1e-10)
 
 
-def test_dense_and_jvp_routes_do_the_same_arithmetic(monkeypatch):
-    """A few CG steps (far from converged): the dense route gives the JVP route's iterates to round-off."""
+def _two_cg_steps() -> tuple[ParameterSubset, int, Callable[[], tuple[torch.Tensor, torch.Tensor]]]:
+    """An MLP at two particles; the projection and the minimum-norm step after 2 CG steps (far from converged)."""
     torch.set_num_threads(1)
     subset = ParameterSubset(small_mlp(), "all")
     inputs = torch.randn(5, 3, dtype=DTYPE)
     thetas = _thetas(subset)
     v = torch.randn(thetas.shape, dtype=DTYPE)
     change = torch.randn(2, *subset.forward(inputs).shape, dtype=DTYPE)
-    assert projection.dense_chunk(change[0].numel(), subset.n_params) is not None
-    dense = (project_null(subset, inputs, thetas, v, cg_steps=2, damping=1e-3),
-             min_norm_step(subset, inputs, thetas, change, cg_steps=2, damping=1e-3))
+    return subset, change[0].numel(), lambda: (project_null(subset, inputs, thetas, v, 2, 1e-3),
+                                               min_norm_step(subset, inputs, thetas, change, 2, 1e-3))
+
+
+def test_dense_and_jvp_routes_do_the_same_arithmetic(monkeypatch):
+    """The dense route gives the JVP route's CG iterates to round-off."""
+    subset, rows, steps = _two_cg_steps()
+    assert projection.dense_chunk(rows, subset.n_params) is not None
+    dense = steps()
     monkeypatch.setattr(projection, "DENSE_JACOBIAN_NUMEL", 0)
-    assert projection.dense_chunk(change[0].numel(), subset.n_params) is None
-    jvp = (project_null(subset, inputs, thetas, v, cg_steps=2, damping=1e-3),
-           min_norm_step(subset, inputs, thetas, change, cg_steps=2, damping=1e-3))
-    for a, b in zip(dense, jvp, strict=True):
+    assert projection.dense_chunk(rows, subset.n_params) is None
+    for a, b in zip(dense, steps(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13)
 
 
 def test_particles_in_chunks_give_the_same_steps(monkeypatch):
     """A budget of one particle's Jacobian: the particles go one at a time, with the same results."""
-    torch.set_num_threads(1)
-    subset = ParameterSubset(small_mlp(), "all")
-    inputs = torch.randn(5, 3, dtype=DTYPE)
-    thetas = _thetas(subset)
-    v = torch.randn(thetas.shape, dtype=DTYPE)
-    change = torch.randn(2, *subset.forward(inputs).shape, dtype=DTYPE)
-    together = (project_null(subset, inputs, thetas, v, 2, 1e-3), min_norm_step(subset, inputs, thetas, change, 2, 1e-3))
-    monkeypatch.setattr(projection, "DENSE_JACOBIAN_NUMEL", change[0].numel() * subset.n_params)
-    assert projection.dense_chunk(change[0].numel(), subset.n_params) == 1
-    apart = (project_null(subset, inputs, thetas, v, 2, 1e-3), min_norm_step(subset, inputs, thetas, change, 2, 1e-3))
-    for a, b in zip(together, apart, strict=True):
+    subset, rows, steps = _two_cg_steps()
+    together = steps()
+    monkeypatch.setattr(projection, "DENSE_JACOBIAN_NUMEL", rows * subset.n_params)
+    assert projection.dense_chunk(rows, subset.n_params) == 1
+    for a, b in zip(together, steps(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13)

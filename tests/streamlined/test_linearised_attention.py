@@ -155,20 +155,9 @@ def test_linearized_attention_in_diagonal_mode_names_the_fix() -> None:
         Streamlined(model, weight_var=_variances(model), attention="linearized")
 
 
-transformers = pytest.importorskip("transformers")
-
-
-class DictArgument(nn.Module):
-    def __init__(self, inner: nn.Module) -> None:
-        super().__init__()
-        self.inner = inner
-
-    def forward(self, batch):
-        return self.inner(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-
-
 def _hf(name: str) -> nn.Module:
     """One layer, width 8; weights drawn wider than HF's 0.02 so that the attention weights depend on Q and K."""
+    transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     if name == "bert":
         config = transformers.BertConfig(vocab_size=20, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
@@ -183,7 +172,10 @@ def _hf(name: str) -> nn.Module:
 @pytest.mark.filterwarnings("ignore::UserWarning")
 @pytest.mark.parametrize("name", ["bert", "gpt2"])
 def test_hugging_face_attention_is_exact_to_first_order(name: str) -> None:
-    model = DictArgument(_hf(name))
+    inner = _hf(name)
+    from streamlined.test_exported import DictArgument  # laplace-torch's documented dict wrapper
+
+    model = DictArgument(inner)
     mask = torch.ones(2, 5, dtype=torch.long)
     mask[1, 3:] = 0
     ids = torch.randint(1, 20, (2, 5), generator=torch.Generator().manual_seed(1)) * mask

@@ -5,6 +5,12 @@ a matmul of two random activations, the scores Q Kᵀ, gives the product of the 
 values V are random (A V with A fixed is linear in V: exact). Softmax of a random input, which the scores rule never
 produces, is linearised through its Jacobian at the mean, J = diag(s) - s sᵀ along ``dim``.
 
+``attention="linearized"`` (full mode) drops the means-only rule: the traced walk stacks the operands of a
+scaled_dot_product_attention with a random query or key, or of a matmul of two random activations, with their
+cross-covariances (:func:`joint_operands`, :func:`posthoc.streamlined.joint.stack_operands`) and applies the op's
+Jacobian at the means to the joint covariance (:func:`linearised_joint`, :func:`attention_jvp`): exact to first
+order.
+
 ``attention="shared_value"`` in diagonal mode keeps the cross-token covariance that the one random value projection
 W_v gives all tokens. An op rule sees only the values' variances, so the graph is prepared first
 (:func:`attach_value_sources`): each scaled_dot_product_attention whose value is an nn.Linear or transformers'

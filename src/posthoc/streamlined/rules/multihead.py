@@ -193,11 +193,8 @@ def _value_rows(module: nn.MultiheadAttention) -> tuple[str, str | None, slice]:
     return "v_proj_weight", None if module.in_proj_bias is None else "in_proj_bias", slice(None)
 
 
-def value_projection(module: nn.MultiheadAttention) -> nn.Linear:
-    """The value projection of an nn.MultiheadAttention as a stand-in nn.Linear(vdim, E) (a copy of its weights)."""
-    weight_attr, bias_attr, rows = _value_rows(module)
-    weight = getattr(module, weight_attr)[rows]
-    bias = module.in_proj_bias[2 * module.embed_dim:] if bias_attr is not None else None
+def _stand_in_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    """An nn.Linear holding a copy of ``weight`` (out, in) and ``bias``."""
     linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device,
                        dtype=weight.dtype)
     with torch.no_grad():
@@ -205,6 +202,13 @@ def value_projection(module: nn.MultiheadAttention) -> nn.Linear:
         if bias is not None:
             linear.bias.copy_(bias)
     return linear
+
+
+def value_projection(module: nn.MultiheadAttention) -> nn.Linear:
+    """The value projection of an nn.MultiheadAttention as a stand-in nn.Linear(vdim, E) (a copy of its weights)."""
+    weight_attr, bias_attr, rows = _value_rows(module)
+    bias = module.in_proj_bias[2 * module.embed_dim:] if bias_attr is not None else None
+    return _stand_in_linear(getattr(module, weight_attr)[rows], bias)
 
 
 def value_posterior(module: nn.MultiheadAttention, post: LayerPosterior | None) -> LayerPosterior | None:
@@ -227,16 +231,10 @@ def in_projection(module: nn.MultiheadAttention, post: LayerPosterior | None
     The posterior is ``post`` (the module's) read for all the projection's rows (diagonal, Kronecker or full: the
     rows' correlations kept). Needs the fused ``in_proj_weight`` (kdim = vdim = embed_dim).
     """
-    weight, bias = module.in_proj_weight, module.in_proj_bias
-    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device,
-                       dtype=weight.dtype)
-    with torch.no_grad():
-        linear.weight.copy_(weight)
-        if bias is not None:
-            linear.bias.copy_(bias)
+    bias = module.in_proj_bias
     rows = slice(None)
-    return linear, _rows_posterior(module, post, "in_proj_weight", None if bias is None else "in_proj_bias", rows,
-                                   rows)
+    return (_stand_in_linear(module.in_proj_weight, bias),
+            _rows_posterior(module, post, "in_proj_weight", None if bias is None else "in_proj_bias", rows, rows))
 
 
 def _rows_posterior(module: nn.MultiheadAttention, post: LayerPosterior | None, weight_attr: str,
