@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from fiber.common import (
@@ -113,3 +115,17 @@ def test_clear_errors(problem):
         fitted.predict(torch.full((2, 3), float("nan"), dtype=DTYPE))
     with pytest.raises(ValueError, match="labels"):
         FiberSampler(model, "classification", **SETTINGS).fit(shuffled_loader(x, y + 5, 0))
+
+
+def test_fit_warns_when_most_stage2_samples_leave_the_low_loss_set(problem):
+    """A Gaussian map ignores the tolerance: at a tolerance far below its samples' NLL excess it warns, by name."""
+    model, x, y = problem
+    settings = {**SETTINGS, "deform": "gaussian", "n_check": 8}
+    with pytest.warns(UserWarning, match="stage-2 samples are within loss_tolerance.*deform='pullback'"):
+        fs = FiberSampler(model, "classification", **{**settings, "loss_tolerance": 1e-9}).fit(
+            shuffled_loader(x, y, 0))
+    assert fs.bench_info()["stage2_within_tol"] < 0.5
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        fs = FiberSampler(model, "classification", **{**SETTINGS, "deform": "pullback"}).fit(shuffled_loader(x, y, 0))
+    assert fs.bench_info()["stage2_within_tol"] >= 0.5
