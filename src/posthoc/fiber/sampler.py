@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import os
 import time
-import warnings
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -37,7 +36,7 @@ from posthoc.fiber.data import is_tensor_spec, prediction_model_inputs, training
 from posthoc.fiber.deform import DeformKind, PrincipalCoordinates
 from posthoc.fiber.particles import vectorises_over_particles
 from posthoc.fiber.projection import outputs_many
-from posthoc.fiber.stage2 import DeformMethod, fitted_coords, stage2_samples, walked
+from posthoc.fiber.stage2 import DeformMethod, fitted_coords, stage2_check, stage2_samples, walked
 from posthoc.fiber.walk import (
     FiberProblem,
     WalkConfig,
@@ -62,8 +61,6 @@ from posthoc.utils.modes import eval_mode
 
 STATE_VERSION = 2  # 2: weights identified by a digest of the whole model; input shape; posthoc.utils.checkpoint files
 CHECKPOINT_WHAT = "FiberSampler"
-# fit warns when fewer of the checked stage-2 samples than this are within the loss tolerance on all training data
-MIN_STAGE2_WITHIN_TOL = 0.5
 
 
 class FiberSampler:
@@ -322,18 +319,7 @@ class FiberSampler:
         self.info["deform_s"] = self.info.get("deform_s", 0.0) + time.perf_counter() - t0
         self._cache = None
         if self.n_check > 0:
-            t0 = time.perf_counter()
-            nll, map_nll = full_data_nll(problem, self.sample(self.n_check, seed=self.seed + 7)), walked(self)[2]
-            self.info["stage2_within_tol"] = float((nll <= map_nll + self.config.loss_tolerance).double().mean())
-            self.info["stage2_nll_excess_mean"] = float((nll - map_nll).mean())
-            if self.info["stage2_within_tol"] < MIN_STAGE2_WITHIN_TOL:
-                warnings.warn(
-                    f"only {self.info['stage2_within_tol']:.0%} of {self.n_check} stage-2 samples are within "
-                    f"loss_tolerance={self.config.loss_tolerance:g} of the MAP's NLL on all training data: the "
-                    f"predictive draws from a {str(self.deform_config.name)!r} map that leaves the low-loss set. Use "
-                    "deform='pullback' (the default: its samples are pulled back onto the set), train the map longer "
-                    "(flow_steps), or check the walk (bench_info()['stage1_within_tol'])", UserWarning, stacklevel=3)
-            self.info["stage2_check_s"] = time.perf_counter() - t0
+            self.info.update(stage2_check(self, problem))
             self.info.update(self._method.diagnostics(self, self.n_check, self.seed + 7))
         self._save(path, "done", state=self.state_dict())
         return self

@@ -17,6 +17,8 @@ a registered map resumes exactly like the built-in ones (its training must draw 
 from __future__ import annotations
 
 import math
+import time
+import warnings
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
@@ -33,7 +35,7 @@ from posthoc.fiber.deform import (
     variational_training_step,
 )
 from posthoc.fiber.projection import outputs_many
-from posthoc.fiber.walk import FiberProblem, mean_nll
+from posthoc.fiber.walk import FiberProblem, full_data_nll, mean_nll
 from posthoc.network.inputs import select
 from posthoc.utils.registry import add_to_registry
 
@@ -319,3 +321,35 @@ def variational_energy(fs: FiberSampler, problem: FiberProblem, generator: torch
         return neg_log_prior + barrier * torch.relu(nll - ref - 0.5 * tol) / tol
 
     return energy
+
+
+# FiberSampler.fit warns when fewer of the checked stage-2 samples than this are within the loss tolerance
+MIN_STAGE2_WITHIN_TOL = 0.5
+
+
+def stage2_check(fs: FiberSampler, problem: FiberProblem) -> dict[str, float]:
+    """The all-data check of ``fs.n_check`` stage-2 samples, as ``info`` entries.
+
+    The fraction within the loss tolerance of the MAP's NLL, the mean NLL excess and the seconds taken; warns when
+    most samples are off the set (:func:`warn_if_off_the_set`). Cost: ``n_check`` forward passes over the data.
+    """
+    t0 = time.perf_counter()
+    nll, map_nll = full_data_nll(problem, fs.sample(fs.n_check, seed=fs.seed + 7)), walked(fs)[2]
+    within = float((nll <= map_nll + fs.config.loss_tolerance).double().mean())
+    warn_if_off_the_set(within, fs.n_check, fs.config.loss_tolerance, str(fs.deform_config.name))
+    return {"stage2_within_tol": within, "stage2_nll_excess_mean": float((nll - map_nll).mean()),
+            "stage2_check_s": time.perf_counter() - t0}
+
+
+def warn_if_off_the_set(within: float, n_check: int, tolerance: float, deform: str) -> None:
+    """Warn when too few stage-2 samples are inside the loss tolerance: the predictive's map left the low-loss set.
+
+    ``within``: the fraction of ``n_check`` samples within the tolerance on all training data; the threshold is
+    MIN_STAGE2_WITHIN_TOL.
+    """
+    if within < MIN_STAGE2_WITHIN_TOL:
+        warnings.warn(f"only {within:.0%} of {n_check} stage-2 samples are within loss_tolerance={tolerance:g} of the "
+                      f"MAP's NLL on all training data: the predictive draws from a {deform!r} map that leaves the "
+                      "low-loss set. Use deform='pullback' (the default: its samples are pulled back onto the set), "
+                      "train the map longer (flow_steps), or check the walk (bench_info()['stage1_within_tol'])",
+                      UserWarning, stacklevel=5)
