@@ -38,7 +38,7 @@ from torch.func import jvp, vjp
 
 from posthoc.curvature.jacobians import per_example_jacobians
 from posthoc.fiber.particles import map_particles
-from posthoc.network.inputs import ModelInputs
+from posthoc.network.inputs import ModelInputs, batch_size
 from posthoc.network.subset import ParameterSubset
 
 # The most Jacobian entries (particles x rows x P) held at once (about 270 MB in float64): particles go in chunks
@@ -170,9 +170,11 @@ def project_null(subset: ParameterSubset, inputs: ModelInputs, thetas: torch.Ten
     products plus one JVP and one VJP per particle; memory O(K (P + B L C)) (small problems: the dense J_k, see the
     module docstring).
     """
-    with torch.no_grad():
-        outputs = subset.forward(inputs, thetas[0]).shape
-    chunk = dense_chunk(outputs.numel(), thetas.shape[1])
+    chunk = None
+    if batch_size(inputs) * thetas.shape[1] <= DENSE_JACOBIAN_NUMEL:  # else even one output per example is too many
+        with torch.no_grad():  # the number of rows: one forward pass, only where the dense route may apply
+            outputs = subset.forward(inputs, thetas[0]).shape
+        chunk = dense_chunk(outputs.numel(), thetas.shape[1])
     if chunk is not None:  # the same CG on dense J_k, a chunk of particles at a time (their systems are independent)
         parts = []
         for th, vv in zip(thetas.split(chunk), v.split(chunk), strict=True):

@@ -146,6 +146,23 @@ def attention_of_projection(*args: Any, **kwargs: Any) -> torch.Tensor:
     return F.scaled_dot_product_attention(*args, **kwargs)
 
 
+def _bound_sdpa(args: tuple, kwargs: dict) -> dict[str, Any]:
+    """A scaled_dot_product_attention call's arguments by name; UnsupportedOpError for dropout_p > 0 or enable_gqa."""
+    bound = dict(zip(_SDPA_ARGS, args, strict=False)) | kwargs
+    if float(bound.get("dropout_p", 0.0)) != 0.0 or bound.get("enable_gqa", False):
+        raise UnsupportedOpError("scaled_dot_product_attention with dropout_p > 0 or enable_gqa; predict with "
+                                 "dropout off (dropout_p=0.0 when not training)")
+    return bound
+
+
+def _fixed_mask(bound: dict[str, Any]) -> torch.Tensor | None:
+    """The call's attn_mask as a plain tensor (None without one); UnsupportedOpError for a random mask."""
+    mask = bound.get("attn_mask")
+    if is_random(mask):
+        raise UnsupportedOpError("scaled_dot_product_attention with a random attn_mask")
+    return _mean_of(mask)
+
+
 @register_rule(F.scaled_dot_product_attention, attention_of_projection)
 def sdpa_rule(op: Callable[..., Any], args: tuple, kwargs: dict, ctx: Context) -> Moments:
     """F.scaled_dot_product_attention: weights A from the means of Q and K (and the mask), output A V, exact in V.
@@ -157,21 +174,15 @@ def sdpa_rule(op: Callable[..., Any], args: tuple, kwargs: dict, ctx: Context) -
     random mask, or ``attention="shared_value"`` on values that are not a projection's output re-indexed. Cost:
     one attention on the means plus one A² V product.
     """
-    bound = dict(zip(_SDPA_ARGS, args, strict=False)) | kwargs
+    bound = _bound_sdpa(args, kwargs)
     source = bound.pop(VALUE_SOURCE, None)
-    if float(bound.get("dropout_p", 0.0)) != 0.0 or bound.get("enable_gqa", False):
-        raise UnsupportedOpError("scaled_dot_product_attention with dropout_p > 0 or enable_gqa; predict with "
-                                 "dropout off (dropout_p=0.0 when not training)")
     shared_value = not ctx.full and ctx.attention is AttentionRule.SHARED_VALUE
     if shared_value and source is None:
         raise UnsupportedOpError("attention='shared_value' on scaled_dot_product_attention needs its value to be "
                                  "the output of an nn.Linear or transformers' Conv1D re-indexed into heads (view, "
                                  "transpose, split, slice), so that the shared random W_v is known; this value is "
                                  "computed otherwise: pass attention='independent', or activation_covariance='full'")
-    mask = bound.get("attn_mask")
-    if is_random(mask):
-        raise UnsupportedOpError("scaled_dot_product_attention with a random attn_mask")
-    weights = _attention_weights(_mean_of(bound["query"]), _mean_of(bound["key"]), _mean_of(mask),
+    weights = _attention_weights(_mean_of(bound["query"]), _mean_of(bound["key"]), _fixed_mask(bound),
                                  bool(bound.get("is_causal", False)), bound.get("scale"))
     value = bound["value"]
     if shared_value:
@@ -255,17 +266,12 @@ def linearised_joint(target: Any, args: tuple, kwargs: dict, stacked: Moments, s
             return d_a @ b.unsqueeze(1) + a.unsqueeze(1) @ d_b
 
         return advance(stacked, JointStep(a @ b, shapes, matmul_jvp), ctx)
-    bound = dict(zip(_SDPA_ARGS, args, strict=False)) | kwargs
-    if float(bound.get("dropout_p", 0.0)) != 0.0 or bound.get("enable_gqa", False):
-        raise UnsupportedOpError("scaled_dot_product_attention with dropout_p > 0 or enable_gqa; predict with "
-                                 "dropout off (dropout_p=0.0 when not training)")
-    mask = bound.get("attn_mask")
-    if is_random(mask):
-        raise UnsupportedOpError("scaled_dot_product_attention with a random attn_mask")
+    bound = _bound_sdpa(args, kwargs)
+    mask = _fixed_mask(bound)
     query, key, value = (_mean_of(bound[name]) for name in ("query", "key", "value"))
     scale = bound.get("scale")
     scale = 1 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
-    weights = _attention_weights(query, key, _mean_of(mask), bool(bound.get("is_causal", False)), scale)
+    weights = _attention_weights(query, key, mask, bool(bound.get("is_causal", False)), scale)
     jvp = functools.partial(attention_jvp, query, key, value, weights, scale)
     return advance(stacked, JointStep(weights @ value, shapes, jvp), ctx)
 

@@ -165,7 +165,7 @@ def linearised_self_attention(qkv: Moments, n_heads: int, scale: float, out_proj
     the means of Q and K). Cost: the attention map on 3·T·E + T·E directions per example, then out_proj's
     full-mode rule.
     """
-    batch, _, tokens, width = qkv.mean.shape
+    tokens, width = qkv.mean.shape[2:]
     head = width // n_heads
 
     def split(x: torch.Tensor) -> torch.Tensor:  # (..., T, E) -> (..., H, T, d)
