@@ -22,11 +22,11 @@ over particles, each particle with its own step lengths). With enough steps and 
 P is the orthogonal projection onto null(J); with few steps it is an approximation whose
 leftover output change the walk's pull-back removes.
 
-Small problems (rows x P up to :data:`DENSE_JACOBIAN_NUMEL`, e.g. an MLP on a UCI set with the loss check on all
-training points) hold J_k densely for one projection or step (:func:`~posthoc.curvature.jacobians.
+Small problems (rows x P up to :data:`DENSE_JACOBIAN_PER_PARTICLE`, e.g. an MLP on a small UCI set with the loss
+check on all training points) hold J_k densely for one projection or step (:func:`~posthoc.curvature.jacobians.
 per_example_jacobians`, particles in chunks that fit) and run the same CG with matrix products: the same arithmetic
 up to round-off, without the per-call cost of 2 (cg_steps + 1) vmapped JVP / VJP calls that dominates on tiny
-networks (a UCI fiber fit: 90 s -> 19 s on yacht).
+networks (a UCI fiber fit: 90 s -> 19 s on yacht). Above that size, building J costs more than it saves.
 """
 
 from __future__ import annotations
@@ -44,6 +44,10 @@ from posthoc.network.subset import ParameterSubset
 # The most Jacobian entries (particles x rows x P) held at once (about 270 MB in float64): particles go in chunks
 # that fit; a single particle's J above it goes through JVPs and VJPs.
 DENSE_JACOBIAN_NUMEL = 2**25
+# The dense route only pays while the per-call cost of JVP / VJP dominates: one particle's J (rows x P entries)
+# above this goes through JVPs and VJPs. UCI fiber fits on one CPU thread, dense / matrix-free time: bostonHousing
+# (3.4e5 entries) 0.70, wine-quality-red (9.4e5) 1.16, kin8nm (3.7e6) 1.55.
+DENSE_JACOBIAN_PER_PARTICLE = 2**19
 
 
 def _keep(values: torch.Tensor, kept: torch.Tensor | None) -> torch.Tensor:
@@ -125,9 +129,14 @@ def batched_cg(matvec: Callable[[torch.Tensor], torch.Tensor], rhs: torch.Tensor
 
 
 def dense_chunk(rows: int, n_params: int) -> int | None:
-    """Particles per chunk of dense Jacobians (rows x P each) within DENSE_JACOBIAN_NUMEL; None if one exceeds it."""
+    """Particles per chunk of dense Jacobians (rows x P each) within DENSE_JACOBIAN_NUMEL.
+
+    None (the matrix-free route) when one particle's J exceeds that or DENSE_JACOBIAN_PER_PARTICLE.
+    """
     per_particle = rows * n_params
-    return None if per_particle > DENSE_JACOBIAN_NUMEL else max(1, DENSE_JACOBIAN_NUMEL // per_particle)
+    if per_particle > min(DENSE_JACOBIAN_NUMEL, DENSE_JACOBIAN_PER_PARTICLE):
+        return None
+    return max(1, DENSE_JACOBIAN_NUMEL // per_particle)
 
 
 def dense_jacobians(subset: ParameterSubset, inputs: ModelInputs, thetas: torch.Tensor, outputs: torch.Size,
@@ -171,7 +180,7 @@ def project_null(subset: ParameterSubset, inputs: ModelInputs, thetas: torch.Ten
     module docstring).
     """
     chunk = None
-    if batch_size(inputs) * thetas.shape[1] <= DENSE_JACOBIAN_NUMEL:  # else even one output per example is too many
+    if dense_chunk(batch_size(inputs), thetas.shape[1]) is not None:  # else even one output per example is too many
         with torch.no_grad():  # the number of rows: one forward pass, only where the dense route may apply
             outputs = subset.forward(inputs, thetas[0]).shape
         chunk = dense_chunk(outputs.numel(), thetas.shape[1])
