@@ -20,6 +20,12 @@ training images, test and OOD predictions; cached per step reached) and rewrites
 reference schedule, read from ``--run-dir``; train it there first with
 ``posthoc train --suite fmnist --checkpoint-dir <run-dir>``. ``--table-only`` rewrites the table from the cached
 evaluations alone (safe while another invocation trains).
+
+Across machines: each invocation that stops a variant short of the full run copies its checkpoint and the MAP to
+``--resume-dir`` (benchmarks/checkpoints/scalla_authors, tracked in git; about 5 MB per variant) and a fresh clone
+copies them back into ``--run-dir`` first; our rows already in the results file are imported into the evaluation
+cache, so a variant finished elsewhere keeps its row, and a row from further along stays until the run passes it.
+The folder empties once every variant has finished.
 """
 
 from __future__ import annotations
@@ -43,11 +49,12 @@ from posthoc.data.suites import get_suite
 from posthoc.models.training import checkpoint_key
 from posthoc.scalla import ScaLLA
 from posthoc.scalla.training import REFERENCE_RECIPE
-from posthoc.utils.io import atomic_write_text
+from posthoc.utils.io import atomic_write_bytes, atomic_write_text
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 DEFAULT_RUN_DIR = REPO / "runs" / "scalla_authors"
+DEFAULT_RESUME_DIR = REPO / "benchmarks" / "checkpoints" / "scalla_authors"
 VARIANTS = {"unbiased": False, "biased": True}
 AUTHOR_STEPS = REFERENCE_RECIPE.steps
 CHECKPOINT_EVERY = 2000
@@ -150,6 +157,62 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+# the cached evaluation of each row label (the results file's rows carry the label)
+EVAL_KEYS = {"MAP (ours)": "eval-map", "ScaLLA, authors' settings (ours)": "eval-unbiased",
+             "ScaLLA-biased, authors' settings (ours)": "eval-biased",
+             "ScaLLA, posthoc defaults (ours)": "eval-defaults-unbiased",
+             "ScaLLA-biased, posthoc defaults (ours)": "eval-defaults-biased"}
+
+
+def import_results(results: Path, run_dir: Path) -> list[str]:
+    """Write each of our rows in ``results`` (scalla_authors.json) into ``run_dir``'s evaluation cache if missing.
+
+    A fresh machine then keeps the rows of earlier runs (the unbiased variant's finished row, the defaults) instead
+    of dropping them from the table. Returns the cache keys imported.
+    """
+    if not results.is_file():
+        return []
+    imported = []
+    for row in json.loads(results.read_text())["rows"]:
+        key = EVAL_KEYS.get(row["label"])
+        path = run_dir / f"{key}.json"
+        if key is not None and "method" in row and not path.is_file():
+            write_json(path, {k: v for k, v in row.items() if k != "label"})
+            imported.append(key)
+    return imported
+
+
+def restore_checkpoints(resume_dir: Path, run_dir: Path) -> list[str]:
+    """Copy the checkpoints kept in ``resume_dir`` (the MAP, unfinished surrogates) into ``run_dir`` where missing."""
+    restored = []
+    for path in sorted(resume_dir.glob("*.pt")) if resume_dir.is_dir() else []:
+        if not (run_dir / path.name).is_file():
+            run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(run_dir / path.name, path.read_bytes())
+            restored.append(path.name)
+    return restored
+
+
+def keep_resumable(resume_dir: Path, run_dir: Path, map_path: Path, finished: list[str],
+                   unfinished: list[str]) -> None:
+    """Mirror into ``resume_dir`` what a later machine needs: each unfinished surrogate's checkpoint and the MAP.
+
+    A finished variant's checkpoint is removed from it (its row is in the results file), and the MAP too once no
+    surrogate checkpoint is left, so the folder empties when the runs are done. Variants in neither list are left
+    as they are.
+    """
+    for variant in finished:
+        (resume_dir / f"scalla-{variant}.pt").unlink(missing_ok=True)
+    for variant in unfinished:
+        resume_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(resume_dir / f"scalla-{variant}.pt", (run_dir / f"scalla-{variant}.pt").read_bytes())
+    if resume_dir.is_dir() and any(resume_dir.glob("scalla-*.pt")):
+        if not (resume_dir / map_path.name).is_file():
+            atomic_write_bytes(resume_dir / map_path.name, map_path.read_bytes())
+    else:
+        (resume_dir / map_path.name).unlink(missing_ok=True)
+
+
 def table_rows(run_dir: Path) -> list[dict[str, Any]]:
     """The cached rows in table order: per variant ours (authors' settings), posthoc defaults, the paper's."""
     rows = []
@@ -174,6 +237,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--run-dir", type=Path, default=DEFAULT_RUN_DIR,
                         help="MAP checkpoint, surrogate checkpoints and evaluation cache")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder of scalla_authors.{json,md}")
+    parser.add_argument("--resume-dir", type=Path, default=DEFAULT_RESUME_DIR,
+                        help="where the MAP and the unfinished surrogates' checkpoints are kept for another machine "
+                        "(tracked in git, so a fresh clone resumes)")
     parser.add_argument("--max-minutes", type=float, default=60.0,
                         help="training time of this invocation (evaluations not counted), shared by the variants "
                         "still training")
@@ -193,6 +259,10 @@ def main(argv: list[str] | None = None) -> None:
     suite = get_suite(bench.data, data_dir=args.data_dir)
     config = replace(bench.train, seed=args.seed, epochs=args.epochs or bench.train.epochs)
     map_path = args.run_dir / f"{checkpoint_key(suite.fingerprint, bench.model, bench.model_kwargs, config)}.pt"
+    for name in restore_checkpoints(args.resume_dir, args.run_dir):
+        print(f"restored {name} from {args.resume_dir}")
+    for key in import_results(args.out / "scalla_authors.json", args.run_dir):
+        print(f"imported {key} from {args.out / 'scalla_authors.json'}")
     if not map_path.is_file():
         raise FileNotFoundError(f"no MAP checkpoint {map_path}: train it first with `posthoc train --suite fmnist "
                                 f"--checkpoint-dir {args.run_dir} --seed {args.seed} --epochs {config.epochs}` (40 "
@@ -213,17 +283,23 @@ def main(argv: list[str] | None = None) -> None:
     pending = list(args.variants)
     budget, trained = 60.0 * args.max_minutes, 0.0  # training seconds only: evaluations do not count
     for variant in args.variants:
+        path, checkpoint = args.run_dir / f"eval-{variant}.json", args.run_dir / f"scalla-{variant}.pt"
+        cached = cached_row(path)
+        if cached is not None and cached.get("finished") and not checkpoint.is_file():
+            print(f"{variant}: finished on an earlier machine (its row is kept; no checkpoint to go on from)")
+            pending.remove(variant)
+            continue
         share = max(0.0, budget - trained) / len(pending)
         t0 = time.perf_counter()
-        s, step, done = train_variant(model, ctx.train_loader, ctx.context_loader, VARIANTS[variant],
-                                      args.run_dir / f"scalla-{variant}.pt", share, steps=args.steps, seed=args.seed,
-                                      progress=args.progress)
+        s, step, done = train_variant(model, ctx.train_loader, ctx.context_loader, VARIANTS[variant], checkpoint,
+                                      share, steps=args.steps, seed=args.seed, progress=args.progress)
         trained += time.perf_counter() - t0
         print(f"{variant}: step {step:,} / {args.steps:,} ({'finished' if done else 'stopped at a checkpoint'}; "
               f"{time.perf_counter() - t0:.0f} s this run)", flush=True)
         pending.remove(variant)
-        path = args.run_dir / f"eval-{variant}.json"
-        if cached_row(path, step) is None:
+        keep_resumable(args.resume_dir, args.run_dir, map_path, [variant] if done else [], [] if done else [variant])
+        # a row from further along (an earlier machine's run of the same seeded recipe) stays until this run passes it
+        if cached is None or cached.get("steps_reached", -1) < step:
             row = evaluate(spec_of(f"scalla_{variant}_authors", with_posterior(s)), ctx)
             write_json(path, {**row, "steps_reached": step, "steps_total": args.steps, "finished": done})
     write_table(args.run_dir, args.out, meta)

@@ -73,3 +73,27 @@ def test_cached_evaluation_counts_only_at_its_step(bench, tmp_path):
     assert bench.cached_row(path, 4000)["nll"] == 0.3
     assert bench.cached_row(path, 6000) is None
     assert bench.cached_row(tmp_path / "missing.json") is None
+
+
+def test_a_fresh_machine_keeps_the_results_rows_and_resumes_from_the_kept_checkpoints(bench, tmp_path):
+    results, run_dir, resume = tmp_path / "scalla_authors.json", tmp_path / "run", tmp_path / "resume"
+    ours = {"label": "ScaLLA, authors' settings (ours)", "method": "scalla_unbiased_authors", "nll": 0.25,
+            "steps_reached": 1_000_000, "finished": True}
+    paper = {"label": "ScaLLA (paper)", "nll": 0.2528}
+    results.write_text(json.dumps({"meta": {}, "rows": [ours, paper]}))
+    assert bench.import_results(results, run_dir) == ["eval-unbiased"]
+    assert bench.cached_row(run_dir / "eval-unbiased.json") == {k: v for k, v in ours.items() if k != "label"}
+    assert bench.import_results(results, run_dir) == []  # a cached evaluation is never overwritten
+    # an unfinished variant's checkpoint and the MAP go to the kept folder, and come back on a fresh machine
+    map_path = run_dir / "map.pt"
+    map_path.write_bytes(b"map")
+    (run_dir / "scalla-biased.pt").write_bytes(b"step 2000")
+    bench.keep_resumable(resume, run_dir, map_path, [], ["biased"])
+    assert sorted(p.name for p in resume.iterdir()) == ["map.pt", "scalla-biased.pt"]
+    fresh = tmp_path / "fresh"
+    assert bench.restore_checkpoints(resume, fresh) == ["map.pt", "scalla-biased.pt"]
+    assert (fresh / "scalla-biased.pt").read_bytes() == b"step 2000"
+    assert bench.restore_checkpoints(resume, fresh) == []  # never over a newer local checkpoint
+    # once the variant finishes, its checkpoint and then the MAP leave the kept folder
+    bench.keep_resumable(resume, run_dir, map_path, ["biased"], [])
+    assert list(resume.iterdir()) == []

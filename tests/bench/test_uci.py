@@ -72,6 +72,17 @@ def test_rows_lists_finished_cells_in_numeric_split_order(tmp_path):
     assert [r["split"] for r in rows] == [0, 2, 10]
 
 
+def test_import_rows_adds_the_missing_cells_of_an_earlier_results_file_and_keeps_the_cached_ones(tmp_path):
+    cache = uci.UCICellCache(tmp_path)
+    cache.save("energy", 0, "map", {"dataset": "energy", "split": 0, "method": "map", "nll": 1.0})
+    earlier = [{"dataset": "energy", "split": 0, "method": "map", "nll": 9.0},
+               {"dataset": "energy", "split": 1, "method": "fiber", "nll": 2.0}]
+    assert cache.import_rows(earlier) == 1
+    assert cache.load("energy", 0, "map")["nll"] == 1.0  # the local cell wins
+    assert cache.load("energy", 1, "fiber") == earlier[1]
+    assert cache.import_rows(earlier) == 0
+
+
 def test_load_rejects_a_cell_that_is_not_a_json_object(tmp_path):
     cache = uci.UCICellCache(tmp_path)
     path = cache.result_path("yacht", 0, "map")

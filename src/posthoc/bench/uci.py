@@ -14,7 +14,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -146,6 +146,20 @@ class UCICellCache:
         row = {"dataset": dataset, "split": int(split), "method": method, **compute()}
         self.save(dataset, split, method, row)
         return row
+
+    def import_rows(self, rows: Iterable[dict[str, Any]]) -> int:
+        """Store every row (a cell's result with dataset, split and method) whose cell is not in the cache yet.
+
+        This lets a fresh machine resume from a results file written earlier instead of rerunning its cells.
+        Returns the number of cells imported.
+        """
+        imported = 0
+        for row in rows:
+            dataset, split, method = row["dataset"], int(row["split"]), row["method"]
+            if not self.has(dataset, split, method):
+                self.save(dataset, split, method, row)
+                imported += 1
+        return imported
 
     def map_model(self, split: UCISplit, seed: int | None = None) -> tuple[nn.Module, dict[str, Any]]:
         """The split's MAP network: loaded from the cache, else trained (seed: the split index) and stored.
