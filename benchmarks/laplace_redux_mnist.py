@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -55,9 +56,9 @@ from posthoc.data.suites import ImageSuite
 from posthoc.data.vision import load_images
 from posthoc.metrics import accuracy, auroc, ece, mean_confidence, nll
 from posthoc.models import LeNet
-from posthoc.models.training import TrainConfig, checkpoint_key, train_map
+from posthoc.models.training import LRSchedule, TrainConfig, checkpoint_key, train_map
 from posthoc.utils.checkpoint import tensor_digest
-from posthoc.utils.io import atomic_write_text
+from posthoc.utils.io import atomic_write_bytes, atomic_write_text, copy_missing
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -154,13 +155,12 @@ def train_network(index: int, data: Data, args: argparse.Namespace) -> LeNet:
         return _NETWORKS[index]
     torch.manual_seed(index)
     model = LeNet()
-    config = TrainConfig(epochs=args.epochs, batch_size=128, lr=1e-3, gamma=args.gamma, weight_decay=5e-4,
-                         seed=index)
-    key = network_path(index, data, args).stem
-    result = train_map(model, data.train_set, config, checkpoint_dir=Path(args.cache_dir) / "models", key=key,
+    path = network_path(index, data, args)
+    result = train_map(model, data.train_set, map_config(index, args), checkpoint_dir=path.parent, key=path.stem,
                        progress=False, log=lambda s: None)
     if not result.from_cache:
         print(f"  trained network {index} in {result.wall_time_s:.0f} s", flush=True)
+        keep(path, args)
     _NETWORKS[index] = model.eval()  # train_map trained it in place
     return _NETWORKS[index]
 
@@ -216,11 +216,29 @@ def ensemble_members(k: int) -> list[int]:
     return list(range(ENSEMBLE_SIZE * k, ENSEMBLE_SIZE * (k + 1)))
 
 
+def map_config(index: int, args: argparse.Namespace) -> TrainConfig:
+    """The MAP training settings of network ``index``."""
+    return TrainConfig(epochs=args.epochs, batch_size=128, lr=1e-3, gamma=args.gamma, weight_decay=5e-4,
+                       seed=index, schedule=args.schedule)
+
+
 def network_path(index: int, data: Data, args: argparse.Namespace) -> Path:
     """Where network ``index`` is cached once trained."""
-    config = TrainConfig(epochs=args.epochs, batch_size=128, lr=1e-3, gamma=args.gamma, weight_decay=5e-4,
-                         seed=index)
-    return Path(args.cache_dir) / "models" / f"{checkpoint_key(data.fingerprint, 'lenet', {}, config)}.pt"
+    key = checkpoint_key(data.fingerprint, "lenet", {}, map_config(index, args))
+    return Path(args.cache_dir) / "models" / f"{key}.pt"
+
+
+def result_path(method: str, seed: int, args: argparse.Namespace) -> Path:
+    """Where the result of (method, seed) is cached under the schedule asked for."""
+    schedule = f"g{args.gamma}" if args.schedule == "step" else args.schedule
+    return Path(args.cache_dir) / "results" / f"{method}-s{seed}-e{args.epochs}-{schedule}.json"
+
+
+def keep(path: Path, args: argparse.Namespace) -> None:
+    """Copy a finished network or result from the cache to ``--keep-dir`` (if given), for a later machine."""
+    if args.keep_dir is not None:
+        relative = path.relative_to(args.cache_dir)
+        atomic_write_bytes(Path(args.keep_dir) / relative, path.read_bytes())
 
 
 def networks_needed(method: str, seed: int) -> list[int]:
@@ -230,7 +248,7 @@ def networks_needed(method: str, seed: int) -> list[int]:
 
 def run_one(method: str, seed: int, data: Data, args: argparse.Namespace) -> dict[str, Any]:
     """Fit and evaluate one (method, seed), or read it from cache-dir/results."""
-    path = Path(args.cache_dir) / "results" / f"{method}-s{seed}-e{args.epochs}-g{args.gamma}.json"
+    path = result_path(method, seed, args)
     if path.exists():
         return json.loads(path.read_text())
     t0 = time.perf_counter()
@@ -255,6 +273,7 @@ def run_one(method: str, seed: int, data: Data, args: argparse.Namespace) -> dic
               "fit_s": fit_s, "total_s": time.perf_counter() - t0}
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(result, indent=1))
+    keep(path, args)
     print(f"  {method} seed {seed}: acc {result['test_accuracy']:.4f}, done in {result['total_s']:.0f} s", flush=True)
     return result
 
@@ -338,7 +357,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, default=5, help="seeds of the map / la / la_star rows")
     parser.add_argument("--n-ensembles", type=int, default=5, help="independent 5-member ensembles (de row)")
     parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--gamma", type=float, default=0.8, help="learning-rate factor per epoch")
+    parser.add_argument("--gamma", type=float, default=0.8, help="learning-rate factor per epoch (schedule step)")
+    parser.add_argument("--schedule", choices=[s.value for s in LRSchedule], default=LRSchedule.STEP.value,
+                        help="MAP learning rate: x gamma per epoch (step) or annealed per step (cosine, the paper's)")
+    parser.add_argument("--keep-dir", default=None,
+                        help="a folder (e.g. tracked in git) that keeps every finished network and result: restored "
+                        "into --cache-dir first, so another machine goes on where this one stopped")
+    parser.add_argument("--max-minutes", type=float, default=math.inf,
+                        help="start no network's training after this many minutes (finished work is cached)")
     parser.add_argument("--methods", nargs="+", default=list(CORE), choices=[*CORE, *EXTRAS])
     parser.add_argument("--extra-seeds", type=int, default=1, help="seeds of the extra rows")
     parser.add_argument("--out", default="laplace_redux_mnist",
@@ -349,21 +375,27 @@ def main(argv: list[str] | None = None) -> None:
                              "that evaluates while the first one trains)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
+    deadline = time.perf_counter() + 60.0 * args.max_minutes
+    if args.keep_dir is not None:
+        for pattern in ("models/*.pt", "results/*.json"):
+            copy_missing(args.keep_dir, args.cache_dir, pattern)
     data = Data(args.data_dir)
     results: dict[str, list[dict[str, Any]]] = {}
     for method in args.methods:
         n = {"de": args.n_ensembles}.get(method, args.seeds if method in CORE else args.extra_seeds)
         for seed in range(n):
-            path = Path(args.cache_dir) / "results" / f"{method}-s{seed}-e{args.epochs}-g{args.gamma}.json"
+            path = result_path(method, seed, args)
             if args.report_only and not path.exists():
                 continue
-            if args.only_trained and not path.exists() and not all(
+            trained_only = args.only_trained or time.perf_counter() > deadline
+            if trained_only and not path.exists() and not all(
                     network_path(i, data, args).exists() for i in networks_needed(method, seed)):
                 continue
             results.setdefault(method, []).append(run_one(method, seed, data, args))
+    schedule = f"x {args.gamma} per epoch" if args.schedule == "step" else "cosine-annealed per step"
     meta = {**run_meta(), "seeds": {m: [r["seed"] for r in rs] for m, rs in results.items()},
             "cache_dir": recorded_path(args.cache_dir, "<cache-dir>"),
-            "recipe": (f"LeNet-5 (44,426 parameters), MAP by Adam lr 1e-3 x {args.gamma} per epoch, weight decay 5e-4, "
+            "recipe": (f"LeNet-5 (44,426 parameters), MAP by Adam lr 1e-3 {schedule}, weight decay 5e-4, "
                        f"batch 128, {args.epochs} epochs (paper: 100 epochs, cosine); test = 8,000 of MNIST test "
                        "(the other 2,000: validation); OOD: Fashion-MNIST and KMNIST test (paper: also EMNIST)")}
     rows = [aggregate(m, rs) for m, rs in results.items()]

@@ -33,9 +33,9 @@ LABELS = {"map": "MAP", "la": "LA (LL, KFAC GGN)", "la_star": "LA* (LL, full EF)
 METRICS = ("accuracy", "nll", "ece_15", "ece_100")
 
 
-def load_results(cache_dir: Path, method: str, epochs: int, gamma: float) -> list[dict[str, Any]]:
-    """Every cached (method, seed) result of this MAP schedule, in seed order."""
-    paths = sorted((cache_dir / "results").glob(f"{method}-s*-e{epochs}-g{gamma}.json"),
+def load_results(cache_dir: Path, method: str, epochs: int, schedule: str) -> list[dict[str, Any]]:
+    """Every cached (method, seed) result of this MAP schedule (``g<gamma>`` or ``cosine``), in seed order."""
+    paths = sorted((cache_dir / "results").glob(f"{method}-s*-e{epochs}-{schedule}.json"),
                    key=lambda p: int(p.name.split("-s")[1].split("-")[0]))
     return [json.loads(p.read_text()) for p in paths]
 
@@ -107,11 +107,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cache-dir", default=str(ROOT / "runs" / "laplace_redux"))
     parser.add_argument("--epochs", type=int, default=10, help="the MAP schedule's epochs (results are keyed by it)")
     parser.add_argument("--gamma", type=float, default=0.8, help="the MAP schedule's learning-rate factor per epoch")
+    parser.add_argument("--schedule", choices=["step", "cosine"], default="step",
+                        help="the MAP schedule (laplace_redux_mnist.py --schedule); gamma applies to step only")
     args = parser.parse_args(argv)
     cache_dir = Path(args.cache_dir)
     summary = {}
     for method in METHODS:
-        results = load_results(cache_dir, method, args.epochs, args.gamma)
+        results = load_results(cache_dir, method, args.epochs,
+                               f"g{args.gamma}" if args.schedule == "step" else args.schedule)
         if results:
             summary[method] = summarise(results)
     if not summary:

@@ -49,7 +49,7 @@ from posthoc.data.suites import get_suite
 from posthoc.models.training import checkpoint_key
 from posthoc.scalla import ScaLLA
 from posthoc.scalla.training import REFERENCE_RECIPE
-from posthoc.utils.io import atomic_write_bytes, atomic_write_text
+from posthoc.utils.io import atomic_write_bytes, atomic_write_text, copy_missing
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -182,17 +182,6 @@ def import_results(results: Path, run_dir: Path) -> list[str]:
     return imported
 
 
-def restore_checkpoints(resume_dir: Path, run_dir: Path) -> list[str]:
-    """Copy the checkpoints kept in ``resume_dir`` (the MAP, unfinished surrogates) into ``run_dir`` where missing."""
-    restored = []
-    for path in sorted(resume_dir.glob("*.pt")) if resume_dir.is_dir() else []:
-        if not (run_dir / path.name).is_file():
-            run_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_bytes(run_dir / path.name, path.read_bytes())
-            restored.append(path.name)
-    return restored
-
-
 def keep_resumable(resume_dir: Path, run_dir: Path, map_path: Path, finished: list[str],
                    unfinished: list[str]) -> None:
     """Mirror into ``resume_dir`` what a later machine needs: each unfinished surrogate's checkpoint and the MAP.
@@ -259,7 +248,7 @@ def main(argv: list[str] | None = None) -> None:
     suite = get_suite(bench.data, data_dir=args.data_dir)
     config = replace(bench.train, seed=args.seed, epochs=args.epochs or bench.train.epochs)
     map_path = args.run_dir / f"{checkpoint_key(suite.fingerprint, bench.model, bench.model_kwargs, config)}.pt"
-    for name in restore_checkpoints(args.resume_dir, args.run_dir):
+    for name in copy_missing(args.resume_dir, args.run_dir, "*.pt"):
         print(f"restored {name} from {args.resume_dir}")
     for key in import_results(args.out / "scalla_authors.json", args.run_dir):
         print(f"imported {key} from {args.out / 'scalla_authors.json'}")

@@ -91,9 +91,9 @@ def test_a_fresh_machine_keeps_the_results_rows_and_resumes_from_the_kept_checkp
     bench.keep_resumable(resume, run_dir, map_path, [], ["biased"])
     assert sorted(p.name for p in resume.iterdir()) == ["map.pt", "scalla-biased.pt"]
     fresh = tmp_path / "fresh"
-    assert bench.restore_checkpoints(resume, fresh) == ["map.pt", "scalla-biased.pt"]
+    assert bench.copy_missing(resume, fresh, "*.pt") == ["map.pt", "scalla-biased.pt"]
     assert (fresh / "scalla-biased.pt").read_bytes() == b"step 2000"
-    assert bench.restore_checkpoints(resume, fresh) == []  # never over a newer local checkpoint
+    assert bench.copy_missing(resume, fresh, "*.pt") == []  # never over a newer local checkpoint
     # once the variant finishes, its checkpoint and then the MAP leave the kept folder
     bench.keep_resumable(resume, run_dir, map_path, ["biased"], [])
     assert list(resume.iterdir()) == []

@@ -1,5 +1,7 @@
 """MAP training: caching by key, exact resume after an interruption, bad input."""
 
+import math
+
 import pytest
 import torch
 from torch.utils.data import TensorDataset
@@ -35,21 +37,50 @@ def test_training_lowers_loss_and_caches(tmp_path):
     torch.testing.assert_close(_weights(again.model), _weights(result.model), rtol=0, atol=0)
 
 
-def test_interrupted_run_resumes_to_the_same_result(tmp_path):
-    reference = train_map(_model(), _data(), CONFIG, tmp_path / "a", "k", progress=False)
+COSINE = TrainConfig(epochs=3, batch_size=32, lr=1e-2, seed=4, schedule="cosine")
+OLD_DIGEST = "93ad5908d5ef"  # checkpoint_key of CONFIG before `schedule` was a setting
+
+
+@pytest.mark.parametrize("config", [CONFIG, COSINE], ids=["step", "cosine"])
+def test_interrupted_run_resumes_to_the_same_result(tmp_path, config):
+    reference = train_map(_model(), _data(), config, tmp_path / "a", "k", progress=False)
 
     def interrupt_after_epoch_2(message: str) -> None:
         if message.startswith("MAP epoch 2/"):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        train_map(_model(), _data(), CONFIG, tmp_path / "b", "k", progress=True, log=interrupt_after_epoch_2)
+        train_map(_model(), _data(), config, tmp_path / "b", "k", progress=True, log=interrupt_after_epoch_2)
     assert (tmp_path / "b" / "k.partial.pt").exists() and not (tmp_path / "b" / "k.pt").exists()
     messages = []
-    resumed = train_map(_model(), _data(), CONFIG, tmp_path / "b", "k", progress=False, log=messages.append)
+    resumed = train_map(_model(), _data(), config, tmp_path / "b", "k", progress=False, log=messages.append)
     assert any("resuming MAP training from epoch 2" in m for m in messages)
     torch.testing.assert_close(_weights(resumed.model), _weights(reference.model), rtol=0, atol=0)
     assert [h["train_loss"] for h in resumed.history] == [h["train_loss"] for h in reference.history]
+
+
+def test_cosine_schedule_anneals_every_step_to_zero(monkeypatch):
+    seen = []
+    step = torch.optim.Adam.step
+
+    def record(self, *args, **kwargs):
+        seen.append(self.param_groups[0]["lr"])
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", record)
+    train_map(_model(), _data(), COSINE, progress=False)
+    total = 3 * 4  # 120 examples in batches of 32: 4 steps per epoch
+    expected = [0.5 * 1e-2 * (1 + math.cos(math.pi * t / total)) for t in range(total)]
+    assert seen == pytest.approx(expected, rel=1e-9, abs=1e-15)
+
+
+def test_default_schedule_keeps_the_keys_written_before_it_was_a_setting():
+    # the key of TrainConfig(epochs=3, batch_size=32, lr=1e-2, gamma=0.9, seed=4) before `schedule` existed
+    assert checkpoint_key("data1", "mlp", {}, CONFIG) == "mlp-e3-s4-" + OLD_DIGEST
+    assert checkpoint_key("data1", "mlp", {}, COSINE) != checkpoint_key("data1", "mlp", {}, TrainConfig(
+        epochs=3, batch_size=32, lr=1e-2, seed=4))
+    with pytest.raises(ValueError, match="unknown schedule 'linear'"):
+        TrainConfig(schedule="linear")
 
 
 def test_key_depends_on_data_model_and_settings():

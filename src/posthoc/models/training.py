@@ -30,6 +30,7 @@ import os
 import time
 from collections.abc import Sized
 from dataclasses import asdict, dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -57,14 +58,21 @@ CHECKPOINT_FORMAT = 2  # 2: posthoc.utils.checkpoint files (fingerprint with dat
 FINAL, PARTIAL = "MAP model", "partial MAP training"
 
 
+class LRSchedule(str, Enum):
+    """The learning rate over MAP training."""
+
+    STEP = "step"  # multiplied by TrainConfig.gamma after every epoch (StepLR)
+    COSINE = "cosine"  # cosine-annealed from lr to 0 over all steps, updated every step (gamma unused)
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """MAP training settings (defaults: the FMNIST reference schedule; see docs/benchmarks.md).
 
-    Adam(lr, weight_decay), StepLR(step 1 epoch, gamma), ``epochs`` epochs of
-    shuffled minibatches of ``batch_size``, seeded by ``seed``. ``drop_last``
-    skips each epoch's incomplete last batch (needed with BatchNorm when the
-    data leave a last batch of one example: :func:`train_map` raises then).
+    Adam(lr, weight_decay), ``epochs`` epochs of shuffled minibatches of ``batch_size``, seeded by ``seed``, the
+    learning rate following ``schedule`` (:class:`LRSchedule`: ``"step"``, StepLR with ``gamma`` per epoch, or
+    ``"cosine"``, annealed to 0 over every step). ``drop_last`` skips each epoch's incomplete last batch (needed
+    with BatchNorm when the data leave a last batch of one example: :func:`train_map` raises then).
     """
 
     epochs: int = 40
@@ -75,13 +83,26 @@ class TrainConfig:
     seed: int = 0
     likelihood: str = Likelihood.CLASSIFICATION.value
     drop_last: bool = False
+    schedule: str = LRSchedule.STEP.value
 
     def __post_init__(self) -> None:
+        check_choice(self.schedule, LRSchedule, "schedule")
         check_supported(check_choice(self.likelihood, Likelihood, "likelihood"), (Likelihood.CLASSIFICATION, Likelihood.REGRESSION), "MAP training")
         check_positive_int(self.epochs, "epochs", "passes over the training set")
         check_positive_int(self.batch_size, "batch_size", "examples per optimizer step")
         if not self.lr > 0 or not 0 < self.gamma <= 1 or self.weight_decay < 0:
             raise ValueError("need lr > 0, 0 < gamma <= 1 and weight_decay >= 0")
+
+
+def _config_record(config: TrainConfig) -> dict[str, Any]:
+    """The settings as they enter checkpoint keys and fingerprints.
+
+    The default schedule is left out, so the keys of checkpoints written before it was a setting stay valid.
+    """
+    record = asdict(config)
+    if record["schedule"] == LRSchedule.STEP.value:
+        del record["schedule"]
+    return record
 
 
 @dataclass
@@ -104,7 +125,7 @@ def checkpoint_key(data_fingerprint: str, model_name: str, model_kwargs: dict[st
     """
     kwargs = json.loads(json.dumps(model_kwargs, default=str))
     digest = fingerprint_digest({"data": data_fingerprint, "model": model_name, "model_kwargs": kwargs,
-                                 "config": asdict(config), "format": CHECKPOINT_FORMAT})[:12]
+                                 "config": _config_record(config), "format": CHECKPOINT_FORMAT})[:12]
     return f"{model_name}-e{config.epochs}-s{config.seed}-{digest}"
 
 
@@ -126,7 +147,7 @@ def _tensors_of(dataset: Dataset) -> Iterable[torch.Tensor]:
 
 def _fingerprint(model: nn.Module, dataset: Dataset, config: TrainConfig) -> dict[str, Any]:
     """What the trained weights depend on: the settings, the model's class and initial weights, all the data."""
-    return {"format": CHECKPOINT_FORMAT, "config": asdict(config), "model": type(model).__qualname__,
+    return {"format": CHECKPOINT_FORMAT, "config": _config_record(config), "model": type(model).__qualname__,
             "initial_weights": module_digest(model), "data": data_fingerprint(_tensors_of(dataset))}
 
 
@@ -264,7 +285,13 @@ def train_map(
 
     torch.manual_seed(config.seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=config.gamma)
+    per_step = check_choice(config.schedule, LRSchedule, "schedule") is LRSchedule.COSINE
+    if per_step:
+        total_steps = config.epochs * len(_epoch_loader(train_set, config, 0))
+        scheduler: torch.optim.lr_scheduler.LRScheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+            optimizer, T_max=total_steps)
+    else:
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=config.gamma)
     history: list[dict[str, float]] = []
     start_epoch, elapsed = 0, 0.0
     state = None
@@ -306,10 +333,13 @@ def train_map(
             loss.backward()
             collectives.sum_gradients(list(model.parameters()))
             optimizer.step()
+            if per_step:
+                scheduler.step()
             total += loss.item() * (batch if world > 1 else len(x))
             count += batch if world > 1 else len(x)
             bar.set_postfix(loss=f"{total / count:.4f}")
-        scheduler.step()
+        if not per_step:
+            scheduler.step()
         if world > 1:  # the epoch's loss: each rank summed its slices' shares of the batch means
             total = float(collectives.sum_over_ranks([torch.tensor([total], dtype=torch.float64)],
                                                      "the epoch's training loss")[0])

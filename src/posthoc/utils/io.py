@@ -55,6 +55,22 @@ def atomic_save_torch(obj: Any, path: str | os.PathLike) -> Path:
     return atomic_write_bytes(path, buffer.getvalue())
 
 
+def copy_missing(source: str | os.PathLike, target: str | os.PathLike, pattern: str = "*") -> list[str]:
+    """Copy each file of ``source`` matching ``pattern`` (a glob, may hold subfolders) that ``target`` lacks.
+
+    Atomic per file; a file already in ``target`` is never overwritten (it may be newer). Returns the copied
+    paths relative to ``source``, sorted. A missing ``source`` copies nothing.
+    """
+    source, target = Path(source), Path(target)
+    copied = []
+    for path in sorted(source.glob(pattern)) if source.is_dir() else []:
+        relative = path.relative_to(source)
+        if path.is_file() and not (target / relative).exists():
+            atomic_write_bytes(target / relative, path.read_bytes())
+            copied.append(str(relative))
+    return copied
+
+
 def check_writable(directory: str | os.PathLike, what: str = "output") -> Path:
     """Make sure files can be written into ``directory`` (created if missing) BEFORE long work starts.
 
