@@ -199,7 +199,8 @@ def main() -> None:
         print(f"{cache.import_rows(json.loads(previous.read_text())['cells'])} cells imported from {previous}")
     if not args.report_only:
         run_cells(cache, args.datasets, args.methods, args.data_dir, args.max_splits, time.time() + args.time_budget)
-    write_results(cache, args.datasets, args.methods, args.data_dir)
+    # the whole table from every cached cell, whichever subset this invocation ran (a subset would drop the rest)
+    write_results(cache, list(UCI_DATASETS), list(METHODS), args.data_dir)
 
 
 if __name__ == "__main__":
