@@ -58,7 +58,7 @@ from posthoc.metrics import accuracy, auroc, ece, mean_confidence, nll
 from posthoc.models import LeNet
 from posthoc.models.training import LRSchedule, TrainConfig, checkpoint_key, train_map
 from posthoc.utils.checkpoint import tensor_digest
-from posthoc.utils.io import atomic_write_bytes, atomic_write_text, copy_missing
+from posthoc.utils.io import atomic_copy, atomic_write_text, copy_missing
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -228,17 +228,21 @@ def network_path(index: int, data: Data, args: argparse.Namespace) -> Path:
     return Path(args.cache_dir) / "models" / f"{key}.pt"
 
 
+def schedule_tag(schedule: str, gamma: float) -> str:
+    """The MAP schedule's part of a result file's name: ``g<gamma>`` (step) or ``cosine``."""
+    return f"g{gamma}" if schedule == LRSchedule.STEP.value else schedule
+
+
 def result_path(method: str, seed: int, args: argparse.Namespace) -> Path:
     """Where the result of (method, seed) is cached under the schedule asked for."""
-    schedule = f"g{args.gamma}" if args.schedule == "step" else args.schedule
-    return Path(args.cache_dir) / "results" / f"{method}-s{seed}-e{args.epochs}-{schedule}.json"
+    tag = schedule_tag(args.schedule, args.gamma)
+    return Path(args.cache_dir) / "results" / f"{method}-s{seed}-e{args.epochs}-{tag}.json"
 
 
 def keep(path: Path, args: argparse.Namespace) -> None:
     """Copy a finished network or result from the cache to ``--keep-dir`` (if given), for a later machine."""
     if args.keep_dir is not None:
-        relative = path.relative_to(args.cache_dir)
-        atomic_write_bytes(Path(args.keep_dir) / relative, path.read_bytes())
+        atomic_copy(path, Path(args.keep_dir) / path.relative_to(args.cache_dir))
 
 
 def networks_needed(method: str, seed: int) -> list[int]:

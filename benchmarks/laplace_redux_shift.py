@@ -20,6 +20,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from laplace_redux_mnist import schedule_tag  # noqa: E402  (result file names: the script that writes them)
 
 from posthoc.bench.report import recorded_path, run_meta, write_json  # noqa: E402
 from posthoc.bench.uci import mean_se_or_none  # noqa: E402
@@ -113,8 +114,7 @@ def main(argv: list[str] | None = None) -> None:
     cache_dir = Path(args.cache_dir)
     summary = {}
     for method in METHODS:
-        results = load_results(cache_dir, method, args.epochs,
-                               f"g{args.gamma}" if args.schedule == "step" else args.schedule)
+        results = load_results(cache_dir, method, args.epochs, schedule_tag(args.schedule, args.gamma))
         if results:
             summary[method] = summarise(results)
     if not summary:

@@ -49,7 +49,7 @@ from posthoc.data.suites import get_suite
 from posthoc.models.training import checkpoint_key
 from posthoc.scalla import ScaLLA
 from posthoc.scalla.training import REFERENCE_RECIPE
-from posthoc.utils.io import atomic_write_bytes, atomic_write_text, copy_missing
+from posthoc.utils.io import atomic_copy, atomic_write_text, copy_missing
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -157,11 +157,12 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-# the cached evaluation of each row label (the results file's rows carry the label)
-EVAL_KEYS = {"MAP (ours)": "eval-map", "ScaLLA, authors' settings (ours)": "eval-unbiased",
-             "ScaLLA-biased, authors' settings (ours)": "eval-biased",
-             "ScaLLA, posthoc defaults (ours)": "eval-defaults-unbiased",
-             "ScaLLA-biased, posthoc defaults (ours)": "eval-defaults-biased"}
+NAMES = {"unbiased": "ScaLLA", "biased": "ScaLLA-biased"}
+# the label of each of our rows and the cached evaluation it shows (the results file's rows carry the label)
+EVAL_KEYS = {"MAP (ours)": "eval-map",
+             **{f"{NAMES[v]}, authors' settings (ours)": f"eval-{v}" for v in VARIANTS},
+             **{f"{NAMES[v]}, posthoc defaults (ours)": f"eval-defaults-{v}" for v in VARIANTS}}
+LABELS = {key: label for label, key in EVAL_KEYS.items()}
 
 
 def import_results(results: Path, run_dir: Path) -> list[str]:
@@ -193,11 +194,10 @@ def keep_resumable(resume_dir: Path, run_dir: Path, map_path: Path, finished: li
     for variant in finished:
         (resume_dir / f"scalla-{variant}.pt").unlink(missing_ok=True)
     for variant in unfinished:
-        resume_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(resume_dir / f"scalla-{variant}.pt", (run_dir / f"scalla-{variant}.pt").read_bytes())
+        atomic_copy(run_dir / f"scalla-{variant}.pt", resume_dir / f"scalla-{variant}.pt")
     if resume_dir.is_dir() and any(resume_dir.glob("scalla-*.pt")):
         if not (resume_dir / map_path.name).is_file():
-            atomic_write_bytes(resume_dir / map_path.name, map_path.read_bytes())
+            atomic_copy(map_path, resume_dir / map_path.name)
     else:
         (resume_dir / map_path.name).unlink(missing_ok=True)
 
@@ -205,16 +205,15 @@ def keep_resumable(resume_dir: Path, run_dir: Path, map_path: Path, finished: li
 def table_rows(run_dir: Path) -> list[dict[str, Any]]:
     """The cached rows in table order: per variant ours (authors' settings), posthoc defaults, the paper's."""
     rows = []
-    for label, key in (("MAP (ours)", "eval-map"), ("MAP (paper)", None)):
-        rows.append({"label": label, **(PAPER["map"] if key is None else cached_row(run_dir / f"{key}.json") or {})})
+    rows.append({"label": LABELS["eval-map"], **(cached_row(run_dir / "eval-map.json") or {})})
+    rows.append({"label": "MAP (paper)", **PAPER["map"]})
     for variant in VARIANTS:
-        name = "ScaLLA" if variant == "unbiased" else "ScaLLA-biased"
         ours = cached_row(run_dir / f"eval-{variant}.json")
-        rows.append({"label": f"{name}, authors' settings (ours)", **(ours or {})})
+        rows.append({"label": LABELS[f"eval-{variant}"], **(ours or {})})
         defaults = cached_row(run_dir / f"eval-defaults-{variant}.json")
         if defaults is not None:
-            rows.append({"label": f"{name}, posthoc defaults (ours)", **defaults})
-        rows.append({"label": f"{name} (paper)", **PAPER[variant], "steps_reached": AUTHOR_STEPS,
+            rows.append({"label": LABELS[f"eval-defaults-{variant}"], **defaults})
+        rows.append({"label": f"{NAMES[variant]} (paper)", **PAPER[variant], "steps_reached": AUTHOR_STEPS,
                      "prior_precision": 1.0})
     return rows
 

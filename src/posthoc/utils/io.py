@@ -55,6 +55,11 @@ def atomic_save_torch(obj: Any, path: str | os.PathLike) -> Path:
     return atomic_write_bytes(path, buffer.getvalue())
 
 
+def atomic_copy(source: str | os.PathLike, target: str | os.PathLike) -> Path:
+    """Copy the file ``source`` to ``target`` atomically (see :func:`atomic_write_bytes`; creates parent folders)."""
+    return atomic_write_bytes(target, Path(source).read_bytes())
+
+
 def copy_missing(source: str | os.PathLike, target: str | os.PathLike, pattern: str = "*") -> list[str]:
     """Copy each file of ``source`` matching ``pattern`` (a glob, may hold subfolders) that ``target`` lacks.
 
@@ -66,7 +71,7 @@ def copy_missing(source: str | os.PathLike, target: str | os.PathLike, pattern: 
     for path in sorted(source.glob(pattern)) if source.is_dir() else []:
         relative = path.relative_to(source)
         if path.is_file() and not (target / relative).exists():
-            atomic_write_bytes(target / relative, path.read_bytes())
+            atomic_copy(path, target / relative)
             copied.append(str(relative))
     return copied
 
