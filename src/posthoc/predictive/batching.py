@@ -22,6 +22,10 @@ def concat(predictives: list[Predictive]) -> Predictive:
     gaussians = [p for p in predictives if isinstance(p, GaussianPredictive)]
     if len(gaussians) == len(predictives):
         mean = torch.cat([p.mean for p in gaussians])
+        factored = [(p.cov_diag, p.cov_factor) for p in gaussians if p.cov_factor is not None and p.cov_diag is not None]
+        if len(factored) == len(gaussians) and len({f.shape[-1] for _, f in factored}) == 1:  # F Fᵀ + diag(d) kept
+            return GaussianPredictive(mean, var=torch.cat([d for d, _ in factored]),
+                                      cov_factor=torch.cat([f for _, f in factored]))
         if all(p.has_full_cov for p in gaussians):
             return GaussianPredictive(mean, cov=torch.cat([p.cov for p in gaussians]))
         return GaussianPredictive(mean, var=torch.cat([p.var for p in gaussians]))
@@ -42,6 +46,9 @@ def gather(pred: Predictive, what: str = "predictions") -> Predictive:
         return BernoulliPredictive(gather(pred.logits, what))
     if isinstance(pred, GaussianPredictive):
         mean = gather_rows(pred.mean, f"{what} (means)")
+        if pred.cov_factor is not None and pred.cov_diag is not None:  # every rank's factor has the model's rank R
+            return GaussianPredictive(mean, var=gather_rows(pred.cov_diag, f"{what} (variances)"),
+                                      cov_factor=gather_rows(pred.cov_factor, f"{what} (covariance factors)"))
         if pred.has_full_cov:
             return GaussianPredictive(mean, cov=gather_rows(pred.cov, f"{what} (covariances)"))
         return GaussianPredictive(mean, var=gather_rows(pred.var, f"{what} (variances)"))

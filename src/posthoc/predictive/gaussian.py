@@ -19,6 +19,10 @@ class GaussianPredictive(Predictive):
         mean: (B, C) predictive mean (logits for classification).
         cov: (B, C, C) full covariance, or
         var: (B, C) marginal variances (a diagonal covariance). Give exactly one.
+        cov_factor: (B, C, R), with ``var``: the covariance F Fᵀ + diag(var), kept in that form (a low-rank
+            term plus a diagonal, as torch.distributions.LowRankMultivariateNormal). Worth it where R < C: the
+            probit links, sampling and the variances cost O(B·C·R) instead of the O(B·C²·R) of forming the
+            (B, C, C) matrix, which :attr:`cov` builds only when read (e.g. a 1,000-class head on 512 features).
             A zero variance is allowed (e.g. the MAP predictive).
         link_approx: the link :meth:`probs` uses when none is given (default "probit"; a Laplace's glm
             predictive gets the Laplace's ``default_link_approx``, the link of ``la(x)``).
@@ -33,14 +37,20 @@ class GaussianPredictive(Predictive):
         cov: torch.Tensor | None = None,
         var: torch.Tensor | None = None,
         *,
+        cov_factor: torch.Tensor | None = None,
         link_approx: LinkApprox | str = LinkApprox.PROBIT,
     ) -> None:
         self.link_approx = parse_link(link_approx)
+        self._factor: torch.Tensor | None = None
+        self._diag: torch.Tensor  # d of F Fᵀ + diag(d), set with a cov_factor only
+        self._dense: torch.Tensor | None = None  # the factored covariance formed, once read through .cov
         self._cov: torch.Tensor | None
         # The covariance (B, C, C) or the variances (B, C), whichever was given: what the links take.
         self._cov_or_var: torch.Tensor
         if (cov is None) == (var is None):
             raise ValueError("give exactly one of cov (B, C, C) or var (B, C)")
+        if cov_factor is not None and var is None:
+            raise ValueError("cov_factor needs var= (the diagonal of F Fᵀ + diag(var)), not cov=")
         if not isinstance(mean, torch.Tensor) or mean.ndim != 2:
             shape = tuple(mean.shape) if isinstance(mean, torch.Tensor) else type(mean).__name__
             raise ValueError(f"mean must be a tensor of shape (B, C), got {shape}")
@@ -64,6 +74,13 @@ class GaussianPredictive(Predictive):
             if bool((var < 0).any()):
                 raise ValueError("var has negative entries: variances must be >= 0")
             self._cov, self._cov_or_var = None, var.to(mean.dtype)
+            if cov_factor is not None:
+                if cov_factor.ndim != 3 or cov_factor.shape[:2] != (batch, n_out):
+                    raise ValueError(f"cov_factor must have shape ({batch}, {n_out}, R), got {tuple(cov_factor.shape)}")
+                self._factor = check_finite(cov_factor, "cov_factor").to(mean.dtype)
+                self._diag = self._cov_or_var
+                # the marginal variances (what the diagonal links read): the diagonal plus the factor's row norms
+                self._cov_or_var = self._diag + self._factor.square().sum(-1)
         self._mean = mean
 
     @property
@@ -73,22 +90,50 @@ class GaussianPredictive(Predictive):
 
     @property
     def var(self) -> torch.Tensor:
-        """Marginal variances (B, C): as given, or the covariance's diagonal (a view, no copy)."""
+        """Marginal variances (B, C): as given, the covariance's diagonal (a view) or var + F's row norms.
+
+        With a ``cov_factor`` F the row norms were added once, at construction.
+        """
         if self._cov is not None:
             return torch.diagonal(self._cov, dim1=-2, dim2=-1)
         return self._cov_or_var
 
     @property
     def cov(self) -> torch.Tensor:
-        """Covariance (B, C, C): as given, or ``diag_embed(var)`` (allocates B·C² when only variances are known)."""
+        """Covariance (B, C, C): as given, F Fᵀ + diag(var), or ``diag_embed(var)``.
+
+        With a ``cov_factor`` the matrix is formed on the first read (O(B·C²·R)) and kept; with variances only,
+        each read allocates B·C².
+        """
         if self._cov is not None:
             return self._cov
+        if self._factor is not None:
+            if self._dense is None:
+                self._dense = torch.baddbmm(torch.diag_embed(self._diag), self._factor, self._factor.transpose(1, 2))
+            return self._dense
         return torch.diag_embed(self._cov_or_var)
 
     @property
+    def cov_factor(self) -> torch.Tensor | None:
+        """F (B, C, R) of a covariance given as F Fᵀ + diag(d), else None."""
+        return self._factor
+
+    @property
+    def cov_diag(self) -> torch.Tensor | None:
+        """The diagonal part d (B, C) of a covariance given as F Fᵀ + diag(d) (``cov_factor``), else None."""
+        return self._diag if self._factor is not None else None
+
+    @property
     def has_full_cov(self) -> bool:
-        """Whether cross-output covariances are known (else only the diagonal)."""
-        return self._cov is not None
+        """Whether cross-output covariances are known (else only the diagonal): a full or factored covariance."""
+        return self._cov is not None or self._factor is not None
+
+    def _centred_variances(self) -> torch.Tensor:
+        """diag(P Σ P) (B, C), P = I - 11ᵀ/C; with a factor O(B·C·R): P F's row norms plus the diagonal's part."""
+        if self._factor is None:
+            return links.centred_variances(self._cov_or_var)
+        centred_factor = self._factor - self._factor.mean(dim=-2, keepdim=True)
+        return links.centred_variances(self._diag) + centred_factor.square().sum(-1)
 
     def probs(
         self,
@@ -111,12 +156,12 @@ class GaussianPredictive(Predictive):
         if link is LinkApprox.PROBIT:
             return links.probit(self.mean, self._cov_or_var)
         if link is LinkApprox.PROBIT_CENTRED:
-            return links.probit_centred(self.mean, self._cov_or_var)
+            return links.probit(links.centred_mean(self.mean), self._centred_variances())
         if link is LinkApprox.BRIDGE:
-            return links.laplace_bridge(self.mean, self._cov_or_var, correction=bridge_correction)
+            return links.laplace_bridge(self.mean, self._cov_or_var if self._factor is None else self.cov,
+                                        correction=bridge_correction)
         check_n_samples(n_samples)
-        generator = links.make_generator(seed, self.mean.device)
-        return links.mc_probs(self.mean, self._cov_or_var, n_samples, generator)
+        return torch.softmax(self.sample(n_samples, seed), dim=-1).mean(0)
 
     def sample(self, n_samples: int, seed: int = 0) -> torch.Tensor:
         """Draw ``n_samples`` outputs (S, B, C) from N(mean, Sigma), seeded by ``seed``.
@@ -128,12 +173,21 @@ class GaussianPredictive(Predictive):
         """
         check_n_samples(n_samples)
         generator = links.make_generator(seed, self.mean.device)
-        return links.sample_gaussian(self.mean, self._cov_or_var, n_samples, generator)
+        if self._factor is None:
+            return links.sample_gaussian(self.mean, self._cov_or_var, n_samples, generator)
+        # F z + sqrt(d) e with z ~ N(0, I_R), e ~ N(0, I_C): covariance F Fᵀ + diag(d), O(S·B·C·R)
+        low_rank = torch.randn((n_samples, *self._factor.shape[::2]), generator=generator, dtype=self.mean.dtype,
+                               device=self.mean.device)
+        return links.sample_gaussian(self.mean, self._diag, n_samples, generator) \
+            + torch.einsum("bcr,sbr->sbc", self._factor, low_rank)
 
     def with_noise(self, sigma_noise: float | torch.Tensor) -> "GaussianPredictive":
         """N(mean, Sigma + sigma_noise^2 I): the predictive of y for regression."""
         check_positive(sigma_noise, "sigma_noise")
         noise_var = torch.as_tensor(sigma_noise, dtype=self.mean.dtype, device=self.mean.device) ** 2
+        if self._factor is not None:
+            return GaussianPredictive(self.mean, var=self._diag + noise_var, cov_factor=self._factor,
+                                      link_approx=self.link_approx)
         if self._cov is None:
             return GaussianPredictive(self.mean, var=self._cov_or_var + noise_var, link_approx=self.link_approx)
         eye = torch.eye(self.n_outputs, dtype=self.mean.dtype, device=self.mean.device)
@@ -149,12 +203,12 @@ class GaussianPredictive(Predictive):
         """
         y = self._check_targets(y)
         resid = y - self.mean
-        if self._cov is None:
+        if self._cov is None and self._factor is None:
             var = self._cov_or_var
             if bool((var <= 0).any()):
                 raise ValueError("log_prob needs positive variances; add observation noise with with_noise(sigma)")
             return -0.5 * (resid**2 / var + torch.log(2 * math.pi * var)).sum(-1)
-        chol, info = torch.linalg.cholesky_ex(self._cov)
+        chol, info = torch.linalg.cholesky_ex(self.cov)
         if bool((info != 0).any()):
             raise ValueError("log_prob needs a positive definite covariance; add noise with with_noise(sigma)")
         white = torch.linalg.solve_triangular(chol, resid.unsqueeze(-1), upper=False).squeeze(-1)
@@ -164,10 +218,14 @@ class GaussianPredictive(Predictive):
     def to(self, *args, **kwargs) -> "GaussianPredictive":
         """A copy with tensors moved/cast like ``torch.Tensor.to``."""
         mean = self.mean.to(*args, **kwargs)
+        if self._factor is not None:
+            return GaussianPredictive(mean, var=self._diag.to(*args, **kwargs),
+                                      cov_factor=self._factor.to(*args, **kwargs), link_approx=self.link_approx)
         if self._cov is not None:
             return GaussianPredictive(mean, cov=self._cov.to(*args, **kwargs), link_approx=self.link_approx)
         return GaussianPredictive(mean, var=self._cov_or_var.to(*args, **kwargs), link_approx=self.link_approx)
 
     def __repr__(self) -> str:
-        kind = "cov" if self._cov is not None else "var"
+        kind = "cov" if self._cov is not None else f"cov_factor R={self._factor.shape[-1]}" \
+            if self._factor is not None else "var"
         return f"GaussianPredictive(B={len(self)}, C={self.n_outputs}, {kind}, dtype={self.mean.dtype})"

@@ -80,9 +80,13 @@ def probit_centred(mean: torch.Tensor, cov_or_var: torch.Tensor) -> torch.Tensor
     Sigma 1 = 0; invariant to mu + c 1 and Sigma + c 11^T. A diagonal input (B, C) is read as diag(v).
     Cost O(BC^2) (O(BC) for variances).
     """
+    return probit(centred_mean(mean), centred_variances(cov_or_var))
+
+
+def centred_mean(mean: torch.Tensor) -> torch.Tensor:
+    """P mu (B, C): the logits minus their mean over classes (softmax unchanged)."""
     # mean / C summed, not mean(): the sum of huge logits may overflow where the average does not
-    centred_mean = mean - (mean / mean.shape[-1]).sum(dim=-1, keepdim=True)
-    return probit(centred_mean, centred_variances(cov_or_var))
+    return mean - (mean / mean.shape[-1]).sum(dim=-1, keepdim=True)
 
 
 def _bridge_log_alpha(mean: torch.Tensor, cov_or_var: torch.Tensor, correction: bool) -> torch.Tensor:

@@ -22,16 +22,21 @@ GRID_POINTS = 61
 GOLDEN_STEPS = 40
 
 
-def scaled_gaussian(mean: torch.Tensor, cov_or_var: torch.Tensor, scale: float) -> GaussianPredictive:
+def scaled_gaussian(mean: torch.Tensor, cov_or_var: torch.Tensor, scale: float,
+                    cov_factor: torch.Tensor | None = None) -> GaussianPredictive:
     """N(mean (B, C), κ Σ) from a covariance (B, C, C) or variances (B, C); κ = ``scale`` > 0.
 
-    A covariance is symmetrised (round-off of propagated covariances). Cost: O(B·C²) or O(B·C).
+    With ``cov_factor`` F (B, C, R), Σ = F Fᵀ + diag(``cov_or_var``), kept factored (F scaled by √κ).
+    A covariance is symmetrised (round-off of propagated covariances). Cost: O(B·C²), O(B·C·R) or O(B·C).
 
     Raises:
         ValueError: Unless ``scale`` > 0.
     """
     if not scale > 0:
         raise ValueError(f"the variance scale must be > 0, got {scale}")
+    if cov_factor is not None:
+        return GaussianPredictive(mean, var=scale * cov_or_var,
+                                  cov_factor=cov_factor if scale == 1 else math.sqrt(scale) * cov_factor)
     if cov_or_var.ndim == 3:
         cov = scale * cov_or_var
         return GaussianPredictive(mean, cov=0.5 * (cov + cov.transpose(1, 2)))
@@ -40,6 +45,8 @@ def scaled_gaussian(mean: torch.Tensor, cov_or_var: torch.Tensor, scale: float) 
 
 def scale_predictive(pred: GaussianPredictive, scale: float) -> GaussianPredictive:
     """N(mean, κ Σ): the same predictive with its covariance (or variances) multiplied by κ > 0."""
+    if pred.cov_factor is not None and pred.cov_diag is not None:
+        return scaled_gaussian(pred.mean, pred.cov_diag, scale, pred.cov_factor)
     return scaled_gaussian(pred.mean, pred.cov if pred.has_full_cov else pred.var, scale)
 
 

@@ -9,7 +9,10 @@ A state describes the activations of one layer for a batch of B inputs:
   random layer), which the rules use to skip work;
 - full mode only: ``crosses``, cross-covariances (B, D, D_anchor) of the current
   activations with earlier ones (the input of each open residual block), so a residual
-  join keeps the branch/skip covariance (see :mod:`posthoc.streamlined.joint`).
+  join keeps the branch/skip covariance (see :mod:`posthoc.streamlined.joint`);
+- the network's output only: ``factor`` F (B, C, R) with ``var`` d, the covariance
+  F Fᵀ + diag(d) kept factored (the diagonal mode's last Linear when R < C; see
+  :meth:`posthoc.streamlined.rules.affine.LinearStep.factored_output`).
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ class Moments:
     var: torch.Tensor | None = None
     cov: torch.Tensor | None = None
     crosses: list[torch.Tensor] = field(default_factory=list)
+    factor: torch.Tensor | None = None
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -105,3 +109,23 @@ def rearrange(state: Moments, fn: Callable[[torch.Tensor], torch.Tensor]) -> Mom
     index = fn(torch.arange(state.dim, device=state.mean.device).reshape(1, *state.shape)).reshape(-1)
     cov = None if state.cov is None else state.cov[:, index][:, :, index]
     return Moments(mean, cov=cov, crosses=[c[:, index] for c in state.crosses])
+
+
+def joined(outputs: list[Moments]) -> Moments:
+    """The network outputs of several input chunks as one batch: means (B, C) and their covariances joined.
+
+    Every chunk carries the same form (full, diagonal, or factored with the same rank), as one walk gives; a
+    chunk without variance counts as zero variance. Cost: one copy of each chunk (none for a single chunk).
+    """
+    if len(outputs) == 1:
+        return outputs[0]
+    mean = torch.cat([out.mean for out in outputs])
+    if all(out.cov is not None for out in outputs):
+        return Moments(mean, cov=torch.cat([out.cov for out in outputs if out.cov is not None]))
+    var = torch.cat([out.var if out.var is not None else torch.zeros_like(out.mean) for out in outputs])
+    factors = [out.factor for out in outputs if out.factor is not None]
+    if not factors:
+        return Moments(mean, var=var)
+    if len(factors) != len(outputs) or len({f.shape[-1] for f in factors}) != 1:
+        raise RuntimeError("the chunks' output covariances differ in form; propagate the inputs as one batch")
+    return Moments(mean, var=var, factor=torch.cat(factors))

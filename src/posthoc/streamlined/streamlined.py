@@ -32,13 +32,21 @@ from posthoc.network.inputs import (
 from posthoc.predictive import GaussianPredictive, LinkApprox, laplace_torch_outputs
 from posthoc.predictive.scale import fit_variance_scale, scaled_gaussian
 from posthoc.streamlined.exported import ExportedGraphs, GraphRoute
-from posthoc.streamlined.moments import ActivationCovariance, Moments
+from posthoc.streamlined.moments import ActivationCovariance, Moments, joined
 from posthoc.streamlined.rules import ActivationRule, AttentionRule, Context, LayerNormRule, PoolingRule, find_rule
 from posthoc.streamlined.rules.attention import attach_value_sources
 from posthoc.streamlined.traced import TracedInputs, propagate_traced, trace
 from posthoc.streamlined.weight_posteriors import WeightPosterior, from_laplace, from_mean_field, load_means
 from posthoc.utils.checks import check_choice, check_finite, check_positive, check_positive_int
 from posthoc.utils.modes import eval_mode
+
+
+def output_gaussian(out: Moments, scale: float) -> GaussianPredictive:
+    """The predictive N(mean, κ Σ) of the network's output Moments (full, diagonal or factored Σ), κ = ``scale``."""
+    if out.cov is not None:
+        return scaled_gaussian(out.mean, out.cov, scale)
+    var = out.var if out.var is not None else torch.zeros_like(out.mean)
+    return scaled_gaussian(out.mean, var, scale, out.factor)
 
 
 class Streamlined:
@@ -268,8 +276,10 @@ class Streamlined:
 
     @torch.no_grad()
     def _propagate(self, x: object, input_var, deterministic: bool = False,
-                   action: str = "predict") -> tuple[torch.Tensor, torch.Tensor]:
-        """(mean (B, C), cov (B, C, C) or var (B, C)) of the eval-mode network, without the variance scale.
+                   action: str = "predict") -> Moments:
+        """The eval-mode network's output Moments, without the variance scale (see :func:`output_gaussian`).
+
+        Mean (B, C) with cov (B, C, C), var (B, C), or var and factor (F Fᵀ + diag(var)).
 
         ``deterministic``: the weights at their means (input noise only).
         """
@@ -280,8 +290,7 @@ class Streamlined:
         with eval_mode(self.model):
             return self._propagate_eval(x, input_var, posterior)
 
-    def _propagate_eval(self, x: ModelInputs, input_var, posterior: WeightPosterior
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _propagate_eval(self, x: ModelInputs, input_var, posterior: WeightPosterior) -> Moments:
         """The propagation itself, the model in eval mode; the first batch ever is checked against model(x)."""
         ctx = self._context(posterior)
         if not isinstance(x, torch.Tensor) and input_var is not None:
@@ -289,7 +298,7 @@ class Streamlined:
                              "inputs are deterministic")
         n = batch_size(x)
         step = n if self.batch_size is None else self.batch_size
-        means, covs = [], []
+        outs = []
         for start in range(0, n, step):
             xb = take(x, start, start + step)
             state: Moments | TracedInputs
@@ -308,12 +317,8 @@ class Streamlined:
                                      "another forward, or an in-place op whose input is read again); register a "
                                      "rule for the module that contains it (posthoc.streamlined.register_rule)")
                 self._checked = True
-            means.append(out.mean)
-            if out.cov is not None:
-                covs.append(out.cov)
-            else:
-                covs.append(out.var if out.var is not None else torch.zeros_like(out.mean))
-        return torch.cat(means), torch.cat(covs)
+            outs.append(out)
+        return joined(outs)
 
     def _propagate_state(self, state: Moments | TracedInputs, ctx: Context) -> Moments:
         """The walk: a model with a rule of its own takes it; any other, its torch.fx graph (traced once)."""
@@ -357,8 +362,7 @@ class Streamlined:
         use ``.with_noise(sp.sigma_noise)`` for regression. Cost: diagonal mode with a
         diagonal posterior about 2-3 forward passes; full mode O(D²) per layer and example.
         """
-        mean, cov = self._propagate(x, input_var)
-        return scaled_gaussian(mean, cov, self.variance_scale)
+        return output_gaussian(self._propagate(x, input_var), self.variance_scale)
 
     def __call__(self, x: ModelInputs, link_approx: LinkApprox | str = LinkApprox.PROBIT, n_samples: int = 1000,
                  seed: int = 0, input_var: float | torch.Tensor | None = None,
@@ -376,8 +380,7 @@ class Streamlined:
         """The output covariance due to input noise alone (weights at their means), unscaled."""
         if input_var is None:
             raise ValueError("input_sensitivity needs input_var")
-        mean, cov = self._propagate(x, input_var, True, "compute input_sensitivity")
-        return scaled_gaussian(mean, cov, 1.0)
+        return output_gaussian(self._propagate(x, input_var, True, "compute input_sensitivity"), 1.0)
 
     def fit_variance_scale(self, val_loader: Iterable, bounds: tuple[float, float] = (1e-3, 1e3),
                            dict_key_x: str = "input", dict_key_y: str = "target") -> float:
@@ -393,19 +396,18 @@ class Streamlined:
         (classification) or targets of another width than the outputs (regression), and
         RuntimeError if the model's weights changed since the Laplace's fit (see the class docstring).
         """
-        means, covs, targets = [], [], []
+        outs, targets = [], []
         batches = checked_batches(val_loader, self.likelihood, None, dict_key_x, dict_key_y, self._dtype, self._device)
         for x, y in batches:
-            mean, cov = self._propagate(x, None, False, "fit_variance_scale")
+            out = self._propagate(x, None, False, "fit_variance_scale")
             # the targets checked again now that the number of outputs C is known (labels in [0, C), width C)
-            _, y = next(checked_batches([(x, y)], self.likelihood, mean.shape[-1], dict_key_x, dict_key_y,
+            _, y = next(checked_batches([(x, y)], self.likelihood, out.mean.shape[-1], dict_key_x, dict_key_y,
                                         self._dtype, self._device))
-            means.append(mean)
-            covs.append(cov)
+            outs.append(out)
             targets.append(y)
-        if not means:
+        if not outs:
             raise ValueError("val_loader yielded no batches")
-        pred = scaled_gaussian(torch.cat(means), torch.cat(covs), 1.0)
+        pred = output_gaussian(joined(outs), 1.0)
         self.variance_scale = fit_variance_scale(pred, torch.cat(targets), self.likelihood, self.sigma_noise, bounds)
         return self.variance_scale
 

@@ -29,10 +29,14 @@ def check_choice(value: object, enum: type[E], name: str) -> E:
 
 
 def check_finite(x: torch.Tensor, name: str) -> torch.Tensor:
-    """Raise ``ValueError`` if ``x`` holds NaN or Inf (cost: one pass over ``x``)."""
+    """Raise ``ValueError`` if ``x`` holds NaN or Inf (cost: one reduction over ``x``, no copy).
+
+    A finite sum proves every entry finite (a NaN or Inf entry makes the sum NaN or Inf); only a sum that is not
+    finite (bad entries, or finite ones overflowing the dtype) takes the element-wise check.
+    """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.is_floating_point() or x.is_complex():
+    if (x.is_floating_point() or x.is_complex()) and not bool(torch.isfinite(x.sum())):
         bad = ~torch.isfinite(x)
         if bool(bad.any()):
             n_bad = int(bad.sum())

@@ -201,6 +201,26 @@ class LinearStep(AffineStep):
         b = self.mu.shape[0]
         return self.noise.full_cov(self.mu.reshape(b, -1, self.noise.k), cov=cov_in)
 
+    def factored_output(self, var_in: torch.Tensor | None) -> Moments | None:
+        """The output as F Fᵀ + diag(d) (B, C, K) where that is smaller than the (B, C, C) matrix, else None.
+
+        With input units independent, W diag(var) Wᵀ = F Fᵀ for F = W diag(√var) (K inputs, C outputs), and a
+        diagonal weight and bias noise adds only d. Used when K < C (e.g. ResNet-18's 512 features, 1,000
+        classes): O(B·C·K) where forming the matrix costs O(B·C²·K) and its B·C² entries several passes.
+        """
+        w, noise = self.module.weight, self.noise
+        if var_in is None or w.shape[1] >= w.shape[0]:
+            return None
+        if noise is None:
+            diag = torch.zeros_like(self.mean)
+        elif noise.w_diag is not None and noise.full is None and noise.b_cov is None:
+            # Σ_k Var(W_ck)(μ_k² + var_k) + Var(b_c): diagonal weight and bias noise reach only the diagonal
+            diag = F.linear(torch.addcmul(var_in, self.mu, self.mu), noise.w_diag, noise.b_var)
+        else:
+            return None  # Kronecker, full or correlated bias noise: cross-output terms beyond the factor
+        factor = w * var_in.clamp_min(0).sqrt().unsqueeze(1)  # (B, C, K); round-off may leave -eps variances
+        return Moments(self.mean, var=diag, factor=factor)
+
     def cov_from_var(self, var_in: torch.Tensor | None) -> torch.Tensor:
         """(B, C, C) output covariance for 2-D inputs with independent units (diagonal mode's last layer)."""
         w = self.module.weight
@@ -226,11 +246,13 @@ def linear_rule(module: nn.Linear, state: Moments, ctx: Context, last: bool) -> 
 
     Diagonal mode: σ²_h = W̄² σ²_a + Var(δW μ_a + δb) + Var(δW)·σ²_a (per position); as the
     last layer of a diagonal-mode walk on 2-D inputs the (B, C, C) output covariance is
-    returned (input units independent). Full mode: Σ_h = W̄ Σ_a W̄ᵀ + E[δW (Σ_a + μμᵀ) δWᵀ] + Σ_b.
+    returned (input units independent), factored as F Fᵀ + diag(d) where that is smaller (K < C:
+    :meth:`LinearStep.factored_output`). Full mode: Σ_h = W̄ Σ_a W̄ᵀ + E[δW (Σ_a + μμᵀ) δWᵀ] + Σ_b.
     """
     step = LinearStep(module, state, ctx)
     if last and not ctx.full and state.mean.ndim == 2 and not state.crosses:
-        return Moments(step.mean, cov=step.cov_from_var(state.var))
+        factored = step.factored_output(state.var)
+        return factored if factored is not None else Moments(step.mean, cov=step.cov_from_var(state.var))
     return advance(state, step, ctx)
 
 
