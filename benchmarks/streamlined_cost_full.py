@@ -278,6 +278,24 @@ def _case_path(run_dir: Path, tag: str, name: str, threads: int, batch: int) -> 
     return run_dir / f"{tag}-{name}-t{threads}-b{batch}.json"
 
 
+def restore_cases(run_dir: Path, results: Path) -> int:
+    """Write each row of the results file whose case file ``run_dir`` lacks (a fresh machine, another machine's run).
+
+    The table is rebuilt from the case files, so without this a run on a machine that lacks earlier cases would
+    drop their rows. Never overwrites a case file. Returns the number restored.
+    """
+    if not results.is_file():
+        return 0
+    restored = 0
+    for row in json.loads(results.read_text())["rows"]:
+        path = _case_path(run_dir, row.get("tag", ""), row["model"], row["threads"], row["batch"])
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(path, json.dumps(row, indent=1))
+            restored += 1
+    return restored
+
+
 def write_report(run_dir: Path, batch: int, note: str) -> None:
     """Rebuild benchmarks/results/streamlined_cost_full.{md,json} from every cached case of this batch size."""
     rows = [json.loads(p.read_text()) for p in sorted(run_dir.glob(f"*-b{batch}.json"))]
@@ -368,6 +386,7 @@ def main() -> None:
         print(json.dumps({**row, "tag": args.tag}))
         return
     args.run_dir.mkdir(parents=True, exist_ok=True)
+    print(f"{restore_cases(args.run_dir, RESULTS / 'streamlined_cost_full.json')} cases restored from the results file")
     for name in [] if args.report_only else args.models.split(","):
         for threads in (int(t) for t in args.threads.split(",")):
             path = _case_path(args.run_dir, args.tag, name, threads, args.batch)

@@ -303,7 +303,8 @@ class ConvStep(AffineStep):
         if self.noise.w_diag is not None:  # conv(σ²_a, W̄² + S) + conv(μ², S): two convolutions, no unfolding
             s_w = self.noise.w_diag.reshape(w_sq.shape)
             noise = self._conv(self.mu.square(), s_w, self.noise.b_var)
-            return noise if var_in is None else noise + self._conv(var_in, w_sq + s_w)
+            # accumulated in place: a fresh output is a fresh allocation (on CPU, page faults on first touch)
+            return noise if var_in is None else noise.add_(self._conv(var_in, w_sq + s_w))
         noise_p = self.noise.shared(self._patches(self.mu))
         if var_in is not None:
             noise_p = noise_p + self.noise.from_input(self._patches(var_in))

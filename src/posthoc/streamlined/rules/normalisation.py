@@ -6,7 +6,7 @@ may carry diagonal posterior variances.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, cast
 
 import torch
 from torch import nn
@@ -128,13 +128,44 @@ def batchnorm_rule(module: nn.BatchNorm1d | nn.BatchNorm2d, state: Moments, ctx:
     shape = [1] * state.mean.ndim
     shape[1] = -1
     inv_sd = torch.rsqrt(module.running_var + module.eps).reshape(shape)
+    post = ctx.posterior.get(module)
+    gamma_var, beta_var = _param_var(post, "weight", "BatchNorm"), _param_var(post, "bias", "BatchNorm")
+    if not ctx.full:
+        return _batchnorm_diagonal(module, state, inv_sd, gamma_var, beta_var)
     mean_n = torch.addcmul(-module.running_mean.reshape(shape) * inv_sd, state.mean, inv_sd)  # (μ - m) / sd
     inv_sd_dir = inv_sd.unsqueeze(1)
-    post = ctx.posterior.get(module)
-    step = AffineNormStep(mean_n, module.weight, module.bias, _param_var(post, "weight", "BatchNorm"),
-                          _param_var(post, "bias", "BatchNorm"), 0, lambda d: d * inv_sd_dir,
+    step = AffineNormStep(mean_n, module.weight, module.bias, gamma_var, beta_var, 0, lambda d: d * inv_sd_dir,
                           inv_sd.square().reshape(-1), state.shape)
     return advance(state, step, ctx)
+
+
+def _batchnorm_diagonal(module: nn.BatchNorm1d | nn.BatchNorm2d, state: Moments, inv_sd: torch.Tensor,
+                        gamma_var: torch.Tensor | None, beta_var: torch.Tensor | None) -> Moments:
+    """Diagonal mode of eval-mode BatchNorm y = a x + b per channel (a = γ/sd, b = β - m a), γ and β random.
+
+    Var y = (γ̄² + Var γ) var_x / sd² + Var(γ) (μ - m)² / sd² + Var β: the mean in one pass over the activations
+    and the variance in at most three (the (μ - m)·√Var(γ)/sd term formed once and squared in place), where the
+    general affine-norm step takes five.
+    """
+    view = inv_sd.shape
+    running_mean = cast(torch.Tensor, module.running_mean).reshape(view)
+    gamma = None if module.weight is None else module.weight.reshape(view)
+    scale = inv_sd if gamma is None else inv_sd * gamma
+    shift = -running_mean * scale if module.bias is None else module.bias.reshape(view) - running_mean * scale
+    mean = torch.addcmul(shift, state.mean, scale)
+    var = None
+    if state.var is not None:
+        coef = inv_sd.square() if gamma is None else inv_sd.square() * gamma.square()
+        if gamma_var is not None:
+            coef = coef + inv_sd.square() * gamma_var.reshape(view)
+        var = state.var * coef if beta_var is None else torch.addcmul(beta_var.reshape(view), state.var, coef)
+    elif beta_var is not None:
+        var = beta_var.reshape(view).expand_as(mean).clone()
+    if gamma_var is not None:
+        root = inv_sd * gamma_var.reshape(view).sqrt()
+        centred = torch.addcmul(-running_mean * root, state.mean, root)  # (μ - m) √Var(γ) / sd
+        var = centred.square_() if var is None else var.addcmul_(centred, centred)
+    return Moments(mean, var=var)
 
 
 def input_variances(state: Moments) -> torch.Tensor | None:
