@@ -54,10 +54,17 @@ MODELS = {
     "vit_b_16": "torchvision vit_b_16 (ViT-B/16 config), 224x224, 1000 classes",
     "bert_base": "BertForSequenceClassification, BERT-base config, 128 tokens with attention mask, 2 classes",
 }
+# The agreement table's models at their small configs (benchmarks/streamlined_agreement_cases.py), random init:
+# 28x28 images (1 channel; torchvision's with 3), or 24 token ids of a 64-token vocabulary with an attention mask.
+SMALL = "small:"
+SMALL_CASES = ("mlp", "cnn", "small_resnet", "small_vit", "wrn", "bert", "gpt2", "tv_resnet18", "tv_vit")
+MODELS.update({SMALL + case: f"the agreement table's {case} (small config)" for case in SMALL_CASES})
+SMALL_SEQ_LEN = 24
 # Parameters read by ops outside any module rule (ViT's class token and position embedding are added to the
 # activations by plain tensor ops, which the traced walk only passes deterministic values through): kept at their
 # means, 0.2 % of ViT-B's parameters; every other parameter has a variance.
-DETERMINISTIC = {"vit_b_16": ("class_token", "encoder.pos_embedding")}
+DETERMINISTIC = {"vit_b_16": ("class_token", "encoder.pos_embedding"),
+                 SMALL + "tv_vit": ("class_token", "encoder.pos_embedding")}
 WEIGHT_VAR = 1e-4  # every parameter's posterior variance (the cost does not depend on it)
 SEQ_LEN = 128
 GOAL_X_MAP, GOAL_SPEEDUP = 3.0, 30.0
@@ -66,6 +73,17 @@ GOAL_X_MAP, GOAL_SPEEDUP = 3.0, 30.0
 def build(name: str, batch: int) -> tuple[nn.Module, Any]:
     """The model (eval mode, random init, seed 0) and one input batch: an image tensor or a token mapping."""
     torch.manual_seed(0)
+    if name.startswith(SMALL):
+        from streamlined_agreement_cases import CASES
+
+        case = CASES[name[len(SMALL):]]
+        model = case.build().eval()
+        if case.task == "tokens":
+            ids = torch.randint(1, 64, (batch, SMALL_SEQ_LEN))
+            lengths = torch.linspace(SMALL_SEQ_LEN // 2, SMALL_SEQ_LEN, batch).long()
+            mask = (torch.arange(SMALL_SEQ_LEN)[None, :] < lengths[:, None]).long()
+            return model, {"input_ids": ids * mask, "attention_mask": mask}
+        return model, torch.randn(batch, 3 if case.task == "fmnist3" else 1, 28, 28)
     if name in ("resnet18", "vit_b_16"):
         import torchvision
 
