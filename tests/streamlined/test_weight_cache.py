@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import copy
+
+import pytest
 import torch
 from torch import nn
 
 from posthoc.streamlined import Streamlined
-from posthoc.streamlined.rules.affine import derived_from_weight
+from posthoc.streamlined.rules.affine import cached_on
 
 DTYPE = torch.float64
 
@@ -14,32 +17,64 @@ DTYPE = torch.float64
 def test_cache_hits_and_misses_follow_the_tensors_versions_and_identity() -> None:
     weight = torch.randn(3, 4, dtype=DTYPE)
     variance = torch.rand(3, 4, dtype=DTYPE)
-    first = derived_from_weight(weight, "t", lambda: weight + variance, variance)
-    assert derived_from_weight(weight, "t", lambda: weight + variance, variance) is first
+    first = cached_on((weight, variance), "t", lambda: weight + variance)
+    assert cached_on((weight, variance), "t", lambda: weight + variance) is first
     weight.mul_(2)  # an in-place write bumps the version counter
-    second = derived_from_weight(weight, "t", lambda: weight + variance, variance)
+    second = cached_on((weight, variance), "t", lambda: weight + variance)
     torch.testing.assert_close(second, weight + variance)
     other = variance.clone()  # another posterior: another tensor object, same values and version
-    assert derived_from_weight(weight, "t", lambda: weight + other, other) is not second
+    assert cached_on((weight, other), "t", lambda: weight + other) is not second
     with torch.no_grad():
         variance.add_(1.0)
-    torch.testing.assert_close(derived_from_weight(weight, "t", lambda: weight + variance, variance), weight + variance)
+    torch.testing.assert_close(cached_on((weight, variance), "t", lambda: weight + variance), weight + variance)
 
 
-def test_predictions_follow_weights_changed_in_place_between_calls() -> None:
+class _Attention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(4, 2, batch_first=True)
+        self.head = nn.Linear(12, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = x.reshape(x.shape[0], 3, 4)
+        return self.head(self.attn(tokens, tokens, tokens, need_weights=False)[0].flatten(1))
+
+
+def _conv1d() -> nn.Module:
+    return nn.Sequential(nn.Conv1d(2, 3, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(18, 4))
+
+
+def _hf_conv1d() -> nn.Module:
+    conv1d = pytest.importorskip("transformers.pytorch_utils").Conv1D
+    return nn.Sequential(nn.Flatten(), conv1d(5, 12), nn.Tanh(), conv1d(3, 5))
+
+
+MODELS = {  # name: (model, input shape, the parameter changed in place)
+    "conv2d": (lambda: nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.Conv2d(3, 3, 3, padding=1),
+                                     nn.Flatten(), nn.Linear(48, 4)), (2, 4, 4), "2.weight"),
+    "conv1d as conv2d": (_conv1d, (2, 6), "0.weight"),
+    "transformers Conv1D as linear": (_hf_conv1d, (2, 6), "1.weight"),
+    "multihead attention projections": (_Attention, (12,), "attn.in_proj_weight"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_predictions_follow_weights_changed_in_place_between_calls(name: str) -> None:
+    build, shape, changed = MODELS[name]
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.Conv2d(3, 3, 3, padding=1), nn.Flatten(),
-                          nn.Linear(48, 4)).to(DTYPE).eval()
-    variances = {name: 0.01 * torch.rand_like(p) for name, p in model.named_parameters()}
-    x = torch.randn(5, 2, 4, 4, dtype=DTYPE)
+    model = build().to(DTYPE).eval()
+    variances = {n: 0.01 * torch.rand_like(p) for n, p in model.named_parameters()}
+    x = torch.randn(5, *shape, dtype=DTYPE)
     sp = Streamlined(model, weight_var=variances)
     before = sp.predict(x).var
     assert torch.equal(sp.predict(x).var, before)  # the second call reads the cache
     with torch.no_grad():
-        model[2].weight.mul_(1.5)
-        variances["2.weight"].mul_(3.0)
+        dict(model.named_parameters())[changed].mul_(1.5)
+        variances[changed].mul_(3.0)
     after = sp.predict(x)
-    fresh = Streamlined(model, weight_var={k: v.clone() for k, v in variances.items()}).predict(x)
+    # a copy of the model: new parameters, so nothing cached from the first model's reaches it
+    twin = copy.deepcopy(model)
+    fresh = Streamlined(twin, weight_var={k: v.clone() for k, v in variances.items()}).predict(x)
     torch.testing.assert_close(after.var, fresh.var, rtol=1e-12, atol=0)
     torch.testing.assert_close(after.mean, model(x), rtol=1e-12, atol=1e-12)
     assert not torch.allclose(after.var, before)

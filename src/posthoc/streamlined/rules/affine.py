@@ -7,7 +7,7 @@ layer posterior.
 from __future__ import annotations
 
 import weakref
-from typing import Callable, cast
+from typing import Callable, TypeVar, cast
 
 import torch
 import torch.nn.functional as F
@@ -20,34 +20,58 @@ from posthoc.streamlined.rules.base import Context, Step, UnsupportedLayerError,
 from posthoc.streamlined.weight_posteriors import LayerPosterior
 from posthoc.utils.conv import unfold_patches
 
-# Per weight tensor: what the rules derive from it and its posterior variances (W̄², W̄² + Var W), kept while
-# neither changes. Squaring every weight on every call cost as much as the convolutions themselves where the feature
-# maps are small (torchvision's ResNet-18 on 28x28 inputs: 11M weights, 1x1-4x4 maps in its last blocks).
-_DERIVED = WeakIdKeyDictionary()  # by the tensor's identity (a WeakKeyDictionary would compare tensors by ==)
+# Per parameter: what the rules build from it (W̄², W̄² + Var W, stand-in layers), kept while it is unchanged.
+# Squaring every weight on every call cost as much as the convolutions themselves where the feature maps are small
+# (torchvision's ResNet-18 on 28x28 inputs: 11M weights, 1x1-4x4 maps in its last blocks), and rules that read a
+# layer through another (GPT-2's Conv1D as an nn.Linear, nn.MultiheadAttention's projections, Conv1d as Conv2d)
+# constructed and filled a module on every prediction. By the tensor's identity (a WeakKeyDictionary compares by ==).
+_BUILT = WeakIdKeyDictionary()
+T = TypeVar("T")
 
 
-def derived_from_weight(weight: torch.Tensor, tag: str, fn: Callable[[], torch.Tensor],
-                        variance: torch.Tensor | None = None) -> torch.Tensor:
-    """``fn()``, a tensor computed from ``weight`` (and ``variance``), reused while neither has changed.
+def cached_on(tensors: tuple[torch.Tensor | None, ...], tag: str, build: Callable[[], T]) -> T:
+    """``build()``, computed from ``tensors`` (parameters or views of them), reused while none of them changed.
 
-    Changes are read from the tensors' version counters (every in-place write, an optimizer step or
-    ``load_state_dict`` included) and storage; ``variance`` must be the same tensor object. Tensors without a
-    version counter (inference mode) or needing grad are computed every time.
+    A change is read from the tensors' version counters (every in-place write, an optimizer step and
+    ``load_state_dict`` included) and storage, and their bases must be the same objects. One value is kept per
+    (tag, shape, stride, offset) of the first tensor. Built anew, not kept: tensors without a version counter
+    (inference mode), or any that needs grad while grad is enabled (the value must join the autograd graph).
     """
+    def base(t: torch.Tensor) -> torch.Tensor:
+        return t._base if t._base is not None else t
+
+    first = tensors[0]
+    assert first is not None
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return build()
     try:
-        key = (weight._version, weight.data_ptr(), weight.dtype,
-               None if variance is None else (variance._version, variance.data_ptr()))
+        versions = tuple(None if t is None else (t._version, t.data_ptr(), t.dtype, t.device) for t in tensors)
     except RuntimeError:  # inference tensors have no version counter
-        return fn()
-    if weight.requires_grad and torch.is_grad_enabled():
-        return fn()
-    entries = _DERIVED.setdefault(weight, {})
-    cached = entries.get(tag)
-    if cached is not None and cached[0] == key and (variance is None or cached[1]() is variance):
-        return cached[2]
-    value = fn()
-    entries[tag] = (key, None if variance is None else weakref.ref(variance), value)
+        return build()
+    slot = (tag, tuple(first.shape), first.stride(), first.storage_offset())
+    bases = tuple(None if t is None else base(t) for t in tensors)
+    entries = _BUILT.setdefault(base(first), {})
+    cached = entries.get(slot)
+    if cached is not None and cached[0] == versions and all(
+            (ref is None) == (b is None) and (ref is None or ref() is b)
+            for ref, b in zip(cached[1], bases, strict=True)):
+        return cast(T, cached[2])
+    value = build()
+    entries[slot] = (versions, tuple(None if b is None else weakref.ref(b) for b in bases), value)
     return value
+
+
+def stand_in_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    """An nn.Linear holding copies of ``weight`` (D_out, D_in) and ``bias``, built once while they are unchanged."""
+    def build() -> nn.Linear:
+        layer = nn.Linear(int(weight.shape[1]), int(weight.shape[0]), bias=bias is not None, device=weight.device,
+                          dtype=weight.dtype)
+        with torch.no_grad():
+            layer.weight.copy_(weight)
+            if bias is not None and layer.bias is not None:
+                layer.bias.copy_(bias)
+        return layer.requires_grad_(False)
+    return cached_on((weight, bias), "stand-in linear", build)
 
 
 class AffineNoise:
@@ -213,7 +237,7 @@ class LinearStep(AffineStep):
     def var(self, var_in: torch.Tensor | None) -> torch.Tensor | None:
         """Output variances (B, *lead, C) from the input variances and the weight noise; cost O(B L K C)."""
         weight = self.module.weight
-        w_sq = derived_from_weight(weight, "square", weight.square)
+        w_sq = cached_on((weight,), "square", weight.square)
         if self.noise is None:
             return None if var_in is None else F.linear(var_in, w_sq)
         if var_in is not None and self.noise.w_diag is not None:
@@ -331,7 +355,7 @@ class ConvStep(AffineStep):
     def var(self, var_in: torch.Tensor | None) -> torch.Tensor | None:
         """Output variances (B, C, H', W'): convolutions of the variances (diagonal noise) or unfolded patches."""
         weight = self.module.weight
-        w_sq = derived_from_weight(weight, "square", weight.square)
+        w_sq = cached_on((weight,), "square", weight.square)
         if self.noise is None:
             return None if var_in is None else self._conv(var_in, w_sq)
         if self.noise.w_diag is not None:  # conv(σ²_a, W̄² + S) + conv(μ², S): two convolutions, no unfolding
@@ -339,7 +363,7 @@ class ConvStep(AffineStep):
             noise = self._conv(self.mu.square(), s_w, self.noise.b_var)
             if var_in is None:
                 return noise
-            second = derived_from_weight(weight, "square + variance", lambda: w_sq + s_w, self.noise.w_var)
+            second = cached_on((weight, self.noise.w_var), "square + variance", lambda: w_sq + s_w)
             # accumulated in place: a fresh output is a fresh allocation (on CPU, page faults on first touch)
             return noise.add_(self._conv(var_in, second))
         noise_p = self.noise.shared(self._patches(self.mu))

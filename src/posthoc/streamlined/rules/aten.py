@@ -26,7 +26,7 @@ from torch import nn
 
 from posthoc.streamlined.moments import Moments
 from posthoc.streamlined.rules.activations import activation_rule
-from posthoc.streamlined.rules.affine import linear_rule
+from posthoc.streamlined.rules.affine import linear_rule, stand_in_linear
 from posthoc.streamlined.rules.attention import like_rule, matmul_rule, sdpa_rule, softmax_rule, split_rule
 from posthoc.streamlined.rules.base import RULES, Context, register_rule
 from posthoc.streamlined.rules.layers import layer_norm_op_rule
@@ -113,13 +113,7 @@ def _stand_in_linear(weight: torch.Tensor, bias: object) -> nn.Linear:
     if isinstance(weight, Moments) or isinstance(bias, Moments):
         raise UnsupportedOpError("linear with a weight or bias computed from an activation (a product of two "
                                  "activations); register a rule for the module that contains it (register_rule)")
-    layer = nn.Linear(int(weight.shape[1]), int(weight.shape[0]), bias=bias is not None, device=weight.device,
-                      dtype=weight.dtype)
-    with torch.no_grad():
-        layer.weight.copy_(weight)
-        if isinstance(bias, torch.Tensor) and layer.bias is not None:
-            layer.bias.copy_(bias)
-    return layer
+    return stand_in_linear(weight, bias if isinstance(bias, torch.Tensor) else None)
 
 
 @register_rule(aten.linear.default)

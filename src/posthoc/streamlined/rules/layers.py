@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from posthoc.streamlined.moments import Moments, rearrange
-from posthoc.streamlined.rules.affine import ConvStep, linear_rule
+from posthoc.streamlined.rules.affine import ConvStep, cached_on, linear_rule, stand_in_linear
 from posthoc.streamlined.rules.base import (
     RULES,
     Context,
@@ -46,13 +46,17 @@ def conv1d_rule(module: nn.Conv1d, state: Moments, ctx: Context, last: bool) -> 
     if isinstance(module.padding, str) and module.padding != "valid":
         raise UnsupportedLayerError(f"Conv1d with padding={module.padding!r} (supported: integers or 'valid')")
     padding = 0 if module.padding == "valid" else int(module.padding[0])
-    conv = nn.Conv2d(module.in_channels, module.out_channels, (1, module.kernel_size[0]), (1, module.stride[0]),
-                     (0, padding), (1, module.dilation[0]), module.groups, module.bias is not None,
-                     module.padding_mode, device=module.weight.device, dtype=module.weight.dtype)
-    with torch.no_grad():
-        conv.weight.copy_(module.weight.unsqueeze(2))
-        if module.bias is not None and conv.bias is not None:
-            conv.bias.copy_(module.bias)
+
+    def build() -> nn.Conv2d:
+        conv = nn.Conv2d(module.in_channels, module.out_channels, (1, module.kernel_size[0]), (1, module.stride[0]),
+                         (0, padding), (1, module.dilation[0]), module.groups, module.bias is not None,
+                         module.padding_mode, device=module.weight.device, dtype=module.weight.dtype)
+        with torch.no_grad():
+            conv.weight.copy_(module.weight.unsqueeze(2))
+            if module.bias is not None and conv.bias is not None:
+                conv.bias.copy_(module.bias)
+        return conv.requires_grad_(False)
+    conv = cached_on((module.weight, module.bias), "stand-in conv2d", build)
     sub_ctx = _with_stand_in(ctx, conv, ctx.posterior.get(module))
     image = rearrange(state, lambda t: t.unsqueeze(-2))
     out = advance(image, ConvStep(conv, image, sub_ctx), sub_ctx)
@@ -90,10 +94,7 @@ def conv1d_as_linear(module: nn.Module, ctx: Context) -> tuple[nn.Linear, Contex
     Cost: a copy of the weights (and of a full posterior's covariance).
     """
     weight, bias = cast(torch.Tensor, module.weight), cast(torch.Tensor, module.bias)  # W (D_in, D_out)
-    linear = nn.Linear(int(weight.shape[0]), int(weight.shape[1]), device=weight.device, dtype=weight.dtype)
-    with torch.no_grad():
-        linear.weight.copy_(weight.T)
-        linear.bias.copy_(bias)
+    linear = stand_in_linear(weight.T, bias)
     post = ctx.posterior.get(module)
     stand_in_post = None if post is None else _conv1d_as_linear_posterior(module, post)
     return linear, _with_stand_in(ctx, linear, stand_in_post)

@@ -25,7 +25,7 @@ import torch
 from torch import fx, nn
 
 from posthoc.streamlined.moments import Moments, add_optional, rearrange
-from posthoc.streamlined.rules.affine import LinearStep, _affine_noise, linear_rule
+from posthoc.streamlined.rules.affine import LinearStep, _affine_noise, linear_rule, stand_in_linear
 from posthoc.streamlined.rules.attention import JointStep, attention_jvp
 from posthoc.streamlined.rules.base import (
     AttentionRule,
@@ -193,22 +193,11 @@ def _value_rows(module: nn.MultiheadAttention) -> tuple[str, str | None, slice]:
     return "v_proj_weight", None if module.in_proj_bias is None else "in_proj_bias", slice(None)
 
 
-def _stand_in_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
-    """An nn.Linear holding a copy of ``weight`` (out, in) and ``bias``."""
-    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device,
-                       dtype=weight.dtype)
-    with torch.no_grad():
-        linear.weight.copy_(weight)
-        if bias is not None:
-            linear.bias.copy_(bias)
-    return linear
-
-
 def value_projection(module: nn.MultiheadAttention) -> nn.Linear:
     """The value projection of an nn.MultiheadAttention as a stand-in nn.Linear(vdim, E) (a copy of its weights)."""
     weight_attr, bias_attr, rows = _value_rows(module)
     bias = module.in_proj_bias[2 * module.embed_dim:] if bias_attr is not None else None
-    return _stand_in_linear(getattr(module, weight_attr)[rows], bias)
+    return stand_in_linear(getattr(module, weight_attr)[rows], bias)
 
 
 def value_posterior(module: nn.MultiheadAttention, post: LayerPosterior | None) -> LayerPosterior | None:
@@ -233,7 +222,7 @@ def in_projection(module: nn.MultiheadAttention, post: LayerPosterior | None
     """
     bias = module.in_proj_bias
     rows = slice(None)
-    return (_stand_in_linear(module.in_proj_weight, bias),
+    return (stand_in_linear(module.in_proj_weight, bias),
             _rows_posterior(module, post, "in_proj_weight", None if bias is None else "in_proj_bias", rows, rows))
 
 
