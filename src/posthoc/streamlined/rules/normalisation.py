@@ -179,6 +179,8 @@ def _batchnorm_diagonal(module: nn.BatchNorm1d | nn.BatchNorm2d, state: Moments,
 
 def input_variances(state: Moments) -> torch.Tensor | None:
     """The marginal variances of ``state``'s activations shaped like its mean (B, ...), or None without variance."""
+    if state.cov is None:
+        return state.var  # already shaped like the mean (flattening a non-contiguous one would copy it twice)
     flat = state.flat_var()
     return None if flat is None else flat.reshape(state.mean.shape)
 
