@@ -71,11 +71,14 @@ def streamlined_nodes(model: torch.nn.Module, variances: dict, x: Any, kwargs: d
     recorded: dict[str, torch.Tensor] = {}
     placeholders: list[Any] = []
     graph_modules: list[fx.GraphModule] = []
-    call, placeholder_values = traced._call, traced._placeholder_values
+    call, placeholder_values, plan = traced._call, traced._placeholder_values, traced._plan
 
-    def recording_call(graph_module: fx.GraphModule, node: fx.Node, *rest: Any) -> Any:
-        out = call(graph_module, node, *rest)
+    def recording_plan(graph_module: fx.GraphModule) -> Any:  # called once per walk with the graph walked
         graph_modules[:] = [graph_module]
+        return plan(graph_module)
+
+    def recording_call(graph_plan: Any, node: fx.Node, *rest: Any) -> Any:
+        out = call(graph_plan, node, *rest)
         var = _variance(out)
         if var is not None:
             recorded[node.name] = var
@@ -90,12 +93,13 @@ def streamlined_nodes(model: torch.nn.Module, variances: dict, x: Any, kwargs: d
 
     n = len(x["input_ids"]) if isinstance(x, dict) else len(x)
     traced._call, traced._placeholder_values = recording_call, recording_placeholders
+    traced._plan = recording_plan
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             out = Streamlined(model, weight_var=variances, batch_size=n, **kwargs).predict(x)
     finally:
-        traced._call, traced._placeholder_values = call, placeholder_values
+        traced._call, traced._placeholder_values, traced._plan = call, placeholder_values, plan
     recorded["output"] = out.var.detach().clone()
     return recorded, graph_modules[0], placeholders
 
