@@ -1,4 +1,4 @@
-"""The rules' cache of W̄² and W̄² + Var W: reused while the weights and variances are unchanged, never stale."""
+"""The rules' caches (W̄², W̄² + Var W, stand-in layers, the walk's graph plan): reused while unchanged, never stale, never keeping a model alive."""
 
 from __future__ import annotations
 
@@ -78,3 +78,20 @@ def test_predictions_follow_weights_changed_in_place_between_calls(name: str) ->
     torch.testing.assert_close(after.var, fresh.var, rtol=1e-12, atol=0)
     torch.testing.assert_close(after.mean, model(x), rtol=1e-12, atol=1e-12)
     assert not torch.allclose(after.var, before)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_the_caches_do_not_keep_a_model_alive(name: str) -> None:
+    import gc
+    import weakref
+
+    build, shape, _ = MODELS[name]
+    model = build().to(DTYPE).eval()
+    sp = Streamlined(model, weight_var={n: 0.01 * torch.rand_like(p) for n, p in model.named_parameters()})
+    sp.predict(torch.randn(2, *shape, dtype=DTYPE))
+    refs = [weakref.ref(p) for p in model.parameters()] + [weakref.ref(model)]
+    if sp._traced is not None:
+        refs.append(weakref.ref(sp._traced))
+    del sp, model
+    gc.collect()
+    assert all(ref() is None for ref in refs)

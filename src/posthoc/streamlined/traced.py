@@ -26,7 +26,6 @@ from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from torch import fx, nn
-from torch.utils.weak import WeakIdKeyDictionary
 
 from posthoc.streamlined.joint import JointCovariances, cat_parts, join, stack_operands
 from posthoc.streamlined.moments import Moments
@@ -241,14 +240,18 @@ class _GraphPlan:
     modules: dict[fx.Node, nn.Module]
 
 
-_PLANS = WeakIdKeyDictionary()
+PLAN_ATTRIBUTE = "_posthoc_walk_plan"
 
 
 def _plan(graph_module: fx.GraphModule) -> _GraphPlan:
-    """The graph's plan, built once per structure (its node sequence), not on every prediction. O(graph) to check."""
+    """The graph's plan, built once per structure (its node sequence), not on every prediction. O(graph) to check.
+
+    Kept on the graph module itself, so it lives and dies with it (the plan's nodes reference their graph and
+    so the module: a module-level cache keyed on the module would keep every module walked alive).
+    """
     graph = graph_module.graph
     nodes = tuple(graph.nodes)
-    cached = _PLANS.get(graph_module)
+    cached = getattr(graph_module, PLAN_ATTRIBUTE, None)
     if cached is not None and len(cached.nodes) == len(nodes) and all(a is b for a, b in zip(cached.nodes, nodes,
                                                                                               strict=True)):
         return cached
@@ -261,7 +264,7 @@ def _plan(graph_module: fx.GraphModule) -> _GraphPlan:
         {arg: node for node in nodes for arg in node.all_input_nodes},
         variance_needed(returned),
         {node: graph_module.get_submodule(str(node.target)) for node in nodes if node.op == "call_module"})
-    _PLANS[graph_module] = plan
+    setattr(graph_module, PLAN_ATTRIBUTE, plan)
     return plan
 
 
