@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from posthoc import metrics
 from posthoc.baselines import TemperatureScaling
-from posthoc.bench.report import run_meta, write_json
+from posthoc.bench.report import run_meta, write_json, write_markdown_keeping_notes
 from posthoc.data.toy import two_moons
 from posthoc.laplace import Laplace
 from posthoc.laplace.function_space import exact_lla
@@ -47,6 +47,7 @@ from posthoc.models.mlp import MLP
 from posthoc.network.subset import ParameterSubset
 
 RESULTS = Path(__file__).resolve().parent / "results"
+CLOSING_NOTES = "## Closing note"  # hand-written sections of the results file start so; a rerun keeps them
 DTYPE = torch.float64
 N_AGREEMENT = 200  # test points of the exact-LLA comparison
 
@@ -427,7 +428,7 @@ def main() -> None:
         payload = {"meta": meta, "tasks": {**tasks, **regression}, "worst_case": worst_cases(tasks),
                    "regression_worst_case": regression_worst_cases(regression)}
         write_json(RESULTS / f"{args.name}.json", payload)
-        (RESULTS / f"{args.name}.md").write_text(markdown(payload))
+        write_markdown_keeping_notes(RESULTS / f"{args.name}.md", markdown(payload), CLOSING_NOTES)
         return payload
 
     for task in chosen if args.small is not None or not earlier else ():

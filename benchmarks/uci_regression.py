@@ -47,7 +47,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from posthoc import Laplace
-from posthoc.bench.report import run_meta, write_json
+from posthoc.bench.report import run_meta, write_json, write_markdown_keeping_notes
 from posthoc.bench.uci import UCICellCache, fiber_uci_sampler, original_units, residual_sigma, summarise
 from posthoc.data.paths import resolve_data_dir
 from posthoc.data.uci import UCI_DATASETS, UCISplit, load_uci, n_splits
@@ -55,7 +55,6 @@ from posthoc.predictive.base import Predictive
 from posthoc.predictive.gaussian import GaussianPredictive
 from posthoc.scalla import ScaLLA
 from posthoc.streamlined import Streamlined
-from posthoc.utils.io import atomic_write_text
 
 RESULTS = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parent.parent
@@ -165,16 +164,12 @@ def write_results(cache: UCICellCache, datasets: list[str], methods: list[str], 
     meta = run_meta()
     write_json(RESULTS / "uci_regression.json", {"meta": meta, "standard_splits": totals, "summary": summary,
                                                  "cells": rows})
-    old = RESULTS / "uci_regression.md"
-    notes = old.read_text().split(NOTES, 1)[1].strip() if old.is_file() and NOTES in old.read_text() else ""
     lines = ["# UCI regression: the full protocol", "", (__doc__ or "").split("\n\n", 2)[2].strip(), "",
              "Mean ± standard error over the splits done (n_splits: done / standard); original units. fit s: "
              "the method's own fit on the MAP, mean per split (map: its noise only; MAP training is not counted).", "",
              *table(summary, datasets, methods, totals), "",
              f"Date {meta['date']}; machine {json.dumps(meta['machine'])}; versions {json.dumps(meta['versions'])}"]
-    if notes:  # the hand-written closing note survives a rewrite of the table
-        lines += ["", NOTES, "", notes]
-    atomic_write_text(RESULTS / "uci_regression.md", "\n".join(lines) + "\n")
+    write_markdown_keeping_notes(RESULTS / "uci_regression.md", "\n".join(lines), NOTES)
 
 
 def main() -> None:

@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from posthoc.bench.processes import peak_rss_bytes, reset_peak_rss, run_limited
-from posthoc.bench.report import git_commit, run_meta
+from posthoc.bench.report import git_commit, run_meta, write_markdown_keeping_notes
 
 
 def test_run_meta_records_machine_versions_commit_and_command():
@@ -81,3 +81,18 @@ def test_find_map_checkpoint_given_cached_and_missing(tmp_path):
                                cache_dir=tmp_path).name == "fmnist_cnn-e15-s0-a.pt"
     given = tmp_path / "fmnist_cnn-e15-s0-b.pt"
     assert find_map_checkpoint(given, ["x"], cache_dir=tmp_path) == given
+
+
+def test_rewriting_a_results_table_keeps_the_hand_written_notes(tmp_path):
+    path = tmp_path / "table.md"
+    write_markdown_keeping_notes(path, "# Table\n\n| a |\n| 1 |\n", "## Closing note")
+    assert path.read_text() == "# Table\n\n| a |\n| 1 |\n"  # no old file: the table alone
+    notes = "## Closing note (by hand)\n\n- a finding\n\n## Closing note 2\n\n- another\n"
+    path.write_text(path.read_text() + "\n" + notes)
+    write_markdown_keeping_notes(path, "# Table\n\n| a |\n| 2 |", "## Closing note")
+    assert path.read_text() == "# Table\n\n| a |\n| 2 |\n\n" + notes  # new table, both notes kept, in order
+    write_markdown_keeping_notes(path, "# Table\n\n| a |\n| 2 |", "## Closing note")
+    assert path.read_text() == "# Table\n\n| a |\n| 2 |\n\n" + notes  # a second rerun changes nothing
+    path.write_text("# Table\n\nsome text mentioning ## Closing note mid-line\n")
+    write_markdown_keeping_notes(path, "# New", "## Closing note")
+    assert path.read_text() == "# New\n"  # only a line that starts with the marker opens the notes

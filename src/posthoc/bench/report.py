@@ -132,6 +132,22 @@ def write_json(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
     return atomic_write_text(path, json.dumps(payload, indent=2, default=str))
 
 
+def write_markdown_keeping_notes(path: str | os.PathLike, generated: str, marker: str) -> Path:
+    """Write the generated markdown ``generated`` to ``path``, keeping the hand-written part of the file there.
+
+    The hand-written part is everything of the old file from the first line that starts with ``marker`` (e.g.
+    ``"## Closing note"``) to its end; it is appended after ``generated``, so a rerun of a benchmark rewrites its
+    tables without losing the notes written beside them. Atomic, as :func:`write_json`.
+    """
+    old = Path(path).read_text() if Path(path).is_file() else ""
+    lines = old.splitlines(keepends=True)
+    start = next((i for i, line in enumerate(lines) if line.startswith(marker)), None)
+    text = generated.rstrip("\n") + "\n"
+    if start is not None:
+        text += "\n" + "".join(lines[start:]).rstrip("\n") + "\n"
+    return atomic_write_text(path, text)
+
+
 def format_markdown(rows: list[dict[str, Any]]) -> str:
     """A markdown table of the result rows; missing values print as '—'."""
     header = "| " + " | ".join(h for _, h, _ in COLUMNS) + " |"
