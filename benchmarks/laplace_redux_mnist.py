@@ -32,6 +32,8 @@ MAP / LA / LA* rows uses network ``s``; ensemble ``k`` has networks ``5k .. 5k +
 MAP networks, so it costs no training; the others need five new networks each), so no network is in two
 ensembles. Every trained network and every finished (method, seed) result is
 cached under ``--cache-dir`` (models/ and results/): a rerun skips them and a later session can add seeds.
+A process trains a network under a lock on its checkpoint, so a second process (``--train-networks``, e.g. the
+last ensembles' networks in reverse order) can train beside it without training any network twice.
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ from posthoc.metrics import accuracy, auroc, ece, mean_confidence, nll
 from posthoc.models import LeNet
 from posthoc.models.training import LRSchedule, TrainConfig, checkpoint_key, train_map
 from posthoc.utils.checkpoint import tensor_digest
-from posthoc.utils.io import atomic_copy, atomic_write_text, copy_missing
+from posthoc.utils.io import atomic_copy, atomic_write_text, copy_missing, exclusive_lock
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -156,8 +158,9 @@ def train_network(index: int, data: Data, args: argparse.Namespace) -> LeNet:
     torch.manual_seed(index)
     model = LeNet()
     path = network_path(index, data, args)
-    result = train_map(model, data.train_set, map_config(index, args), checkpoint_dir=path.parent, key=path.stem,
-                       progress=False, log=lambda s: None)
+    with exclusive_lock(path.with_suffix(".lock")):  # another process training it: wait, then read its checkpoint
+        result = train_map(model, data.train_set, map_config(index, args), checkpoint_dir=path.parent,
+                           key=path.stem, progress=False, log=lambda s: None)
     if not result.from_cache:
         print(f"  trained network {index} in {result.wall_time_s:.0f} s", flush=True)
         keep(path, args)
@@ -378,6 +381,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="laplace_redux_mnist",
                         help="stem of the results files in benchmarks/results (e.g. for a side run of another schedule)")
     parser.add_argument("--report-only", action="store_true", help="write the tables from cached results only")
+    parser.add_argument("--train-networks", type=int, nargs="+", default=None, metavar="INDEX",
+                        help="only train these networks, in this order, and exit (e.g. a second process training the "
+                             "later ensembles' networks from the other end; a network another process is training "
+                             "is waited for, not trained twice)")
     parser.add_argument("--only-trained", action="store_true",
                         help="skip (method, seed) pairs whose networks are not trained yet (for a second process "
                              "that evaluates while the first one trains)")
@@ -388,6 +395,12 @@ def main(argv: list[str] | None = None) -> None:
         for pattern in ("models/*.pt", "results/*.json"):
             copy_missing(args.keep_dir, args.cache_dir, pattern)
     data = Data(args.data_dir)
+    if args.train_networks is not None:
+        for index in args.train_networks:
+            if time.perf_counter() > deadline:
+                break
+            train_network(index, data, args)
+        return
     results: dict[str, list[dict[str, Any]]] = {}
     for method in args.methods:
         n = {"de": args.n_ensembles}.get(method, args.seeds if method in CORE else args.extra_seeds)

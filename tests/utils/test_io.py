@@ -26,3 +26,31 @@ def test_copy_missing_copies_only_what_the_target_lacks(tmp_path):
     assert (target / "models" / "b.pt").read_bytes() == b"newer"  # never overwritten
     assert not (target / "notes.txt").exists()
     assert io.copy_missing(tmp_path / "missing", target) == []
+
+
+def _hold_lock_in_child(lock, marker, then):
+    """A child process that takes the lock, writes ``marker`` 'held', sleeps, writes 'released' and ``then``s."""
+    import subprocess
+    import sys
+    code = ("import os, sys, time\n"
+            "from posthoc.utils.io import exclusive_lock\n"
+            "lock, marker, then = sys.argv[1:]\n"
+            "with exclusive_lock(lock):\n"
+            "    open(marker, 'w').write('held')\n"
+            "    time.sleep(0.5)\n"
+            "    open(marker, 'w').write('released')\n"
+            "    if then == 'die':\n"
+            "        os._exit(3)\n")
+    return subprocess.Popen([sys.executable, "-c", code, str(lock), str(marker), then])
+
+
+def test_exclusive_lock_waits_for_the_other_holder_even_one_that_dies(tmp_path):
+    import time
+    for then in ("leave", "die"):  # leaves the with block / dies holding the lock (the OS releases it)
+        marker = tmp_path / f"marker-{then}"
+        child = _hold_lock_in_child(tmp_path / "net.lock", marker, then)
+        while not (marker.exists() and marker.read_text()):
+            time.sleep(0.01)
+        with io.exclusive_lock(tmp_path / "net.lock"):
+            assert marker.read_text() == "released"  # we got the lock only after the child was done with it
+        assert child.wait() == (3 if then == "die" else 0)

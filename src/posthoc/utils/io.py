@@ -6,9 +6,12 @@ a half-written file.
 
 from __future__ import annotations
 
+import fcntl
 import io
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -93,3 +96,22 @@ def check_writable(directory: str | os.PathLike, what: str = "output") -> Path:
         raise PermissionError(f"cannot write the {what} into {directory} ({type(err).__name__}: "
                               f"{err.strerror or err}); pass a writable folder") from err
     return directory
+
+
+@contextmanager
+def exclusive_lock(path: str | os.PathLike) -> Iterator[Path]:
+    """Hold an exclusive advisory lock on the file ``path`` (created if missing) for the ``with`` block.
+
+    A second holder, in this process or another on the same machine, waits until the first leaves its block (or
+    dies: the operating system releases the lock with the process). For work that several processes may start
+    at once, e.g. training one cached network: the one that waited then finds the result in the cache. POSIX only
+    (``fcntl.flock``); the lock file is left in place.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield path
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
