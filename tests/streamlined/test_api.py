@@ -135,9 +135,12 @@ def test_bench_methods_registered():
 @pytest.mark.parametrize("module", [nn.ReLU(), nn.Tanh(), nn.Sigmoid(), nn.SiLU(), nn.GELU(), nn.GELU("tanh")],
                          ids=["relu", "tanh", "sigmoid", "silu", "gelu", "gelu_tanh"])
 def test_activation_slopes_equal_autograd(module):
-    # the linearisation every activation rule uses: its slope must be the exact derivative (float64)
-    from posthoc.streamlined.rules.activations import _activation_derivative
+    # the linearisation every activation rule uses: its value must be the module's and its slope the exact
+    # derivative (float64)
+    from posthoc.streamlined.rules.activations import _value_and_slope
 
     x = torch.linspace(-5, 5, 101, dtype=torch.float64)
     ref = torch.func.vmap(torch.func.grad(lambda t: module(t)))(x)
-    torch.testing.assert_close(_activation_derivative(module, x).to(x.dtype), ref, rtol=1e-12, atol=1e-12)
+    value, slope = _value_and_slope(module, x.clone())
+    torch.testing.assert_close(value, module(x), rtol=0, atol=0)
+    torch.testing.assert_close(slope.to(x.dtype), ref, rtol=1e-12, atol=1e-12)

@@ -444,3 +444,21 @@ def test_export_route_takes_self_attention(batch_first: bool) -> None:
     reads = ReadsWeights().to(DTYPE).eval()
     with pytest.raises(UnsupportedOpError, match="attention weights"):
         Streamlined(reads, weight_var=_random_variances(reads, ["embed.weight"]), graph="export").predict(x)
+
+
+@pytest.mark.parametrize("options,cross", [({}, False), ({}, True), ({"bias": False}, False),
+                                           ({"kdim": 5, "vdim": 7}, True)])
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_unmasked_attention_weights_are_the_modules(options: dict, cross: bool, batch_first: bool) -> None:
+    # without masks the rule computes the weights from the query and key projections alone: they must be the
+    # module's own (float64), whatever its layout, bias and projection weights (fused or separate)
+    from posthoc.streamlined.rules.multihead import _unmasked_weights
+
+    torch.manual_seed(0)
+    module = nn.MultiheadAttention(12, 3, batch_first=batch_first, **options).double().eval()
+    query = torch.randn(4, 6, 12, dtype=torch.float64)
+    key = torch.randn(4, 9, options.get("kdim", 12), dtype=torch.float64) if cross else query
+    value = torch.randn(4, 9, options.get("vdim", 12), dtype=torch.float64) if cross else query
+    inputs = (query, key, value) if batch_first else tuple(t.transpose(0, 1) for t in (query, key, value))
+    _, expected = module(*inputs, need_weights=True, average_attn_weights=False)
+    torch.testing.assert_close(_unmasked_weights(module, query, key), expected, rtol=1e-14, atol=1e-14)

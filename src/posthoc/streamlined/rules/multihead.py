@@ -22,6 +22,7 @@ import operator
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 
 from posthoc.streamlined.moments import Moments, add_optional, rearrange
@@ -305,8 +306,8 @@ def multihead_attention_rule(module: nn.MultiheadAttention, query: Moments, ctx:
     v_proj_weight) and out_proj's may be diagonal, Kronecker or full; the query and key rows' is not used (Q and K
     from the mean, the paper's rule). Inputs (B, L, E) (``batch_first=True``, or a folded batch_first=False call).
     Raises UnsupportedLayerError for add_bias_kv / add_zero_attn, UnsupportedOpError for batch_first=False
-    outside the folded pattern or a random mask. Cost: one forward of the module on the means plus
-    :func:`attend_values`.
+    outside the folded pattern or a random mask. Cost: the attention weights from the means (without masks, the
+    query and key projections only; with masks, one forward of the module) plus :func:`attend_values`.
     """
     if set(marker) - {BATCH_FIRST_FOLDED}:
         raise UnsupportedOpError(f"nn.MultiheadAttention called with unknown arguments {sorted(marker)}")
@@ -319,19 +320,47 @@ def multihead_attention_rule(module: nn.MultiheadAttention, query: Moments, ctx:
     if crosses and not value_state.crosses:  # full mode, a fixed value: the output is independent of the live nodes
         value_state = Moments(value_state.mean, cov=value_state.cov,
                               crosses=[c.new_zeros(c.shape[0], value_state.dim, c.shape[2]) for c in crosses])
-    means = [s.mean for s in (query, key_state, value_state)]
-    if batch_first_folded:
-        means = [m.transpose(0, 1) for m in means]  # the (L, N, E) layout the module takes
-    with torch.no_grad():
-        _, weights = module(*means, key_padding_mask=_deterministic(key_padding_mask, "key_padding_mask"),
-                            need_weights=True, attn_mask=_deterministic(attn_mask, "attn_mask"),
-                            average_attn_weights=False, is_causal=is_causal)
+    key_padding_mask = _deterministic(key_padding_mask, "key_padding_mask")
+    attn_mask = _deterministic(attn_mask, "attn_mask")
+    if key_padding_mask is None and attn_mask is None and not is_causal and not (module.training and module.dropout):
+        weights = _unmasked_weights(module, query.mean, key_state.mean)
+    else:  # torch's own module applies the masks, so their semantics are torch's
+        means = [s.mean for s in (query, key_state, value_state)]
+        if batch_first_folded:
+            means = [m.transpose(0, 1) for m in means]  # the (L, N, E) layout the module takes
+        with torch.no_grad():
+            _, weights = module(*means, key_padding_mask=key_padding_mask, need_weights=True, attn_mask=attn_mask,
+                                average_attn_weights=False, is_causal=is_causal)
     assert weights is not None  # (B, H, T, S) with need_weights=True
     if ctx.full and ctx.attention is AttentionRule.LINEARIZED:
         return _linearised_multihead(module, query, key_state, value_state, weights, ctx, last)
     v_proj = value_projection(module)
     value_ctx = _with_stand_in(ctx, v_proj, value_posterior(module, ctx.posterior.get(module)))
     return attend_values(value_state, weights, v_proj, module.out_proj, module.num_heads, ctx, last, value_ctx)
+
+
+def _unmasked_weights(module: nn.MultiheadAttention, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    """softmax(Q Kᵀ / sqrt(d)) per head (B, H, T, S) as nn.MultiheadAttention computes it without masks.
+
+    ``query`` (B, T, E) and ``key`` (B, S, kdim), batch first whatever the module's layout. Only the query
+    and key projections run: the module's own call would also project the values and apply out_proj, which the
+    rule computes again with their variances. Cost: two projections and one score product per head.
+    """
+    e, heads = module.embed_dim, module.num_heads
+    bias = module.in_proj_bias
+    b_q, b_k = (None, None) if bias is None else (bias[:e], bias[e:2 * e])
+    if module._qkv_same_embed_dim:
+        w_q, w_k = module.in_proj_weight[:e], module.in_proj_weight[e:2 * e]
+    else:
+        w_q, w_k = module.q_proj_weight, module.k_proj_weight
+    with torch.no_grad():
+        if key is query and module._qkv_same_embed_dim:  # self-attention: one product for Q and K
+            q, k = F.linear(query, module.in_proj_weight[:2 * e], None if bias is None else bias[:2 * e]).chunk(2, -1)
+        else:
+            q, k = F.linear(query, w_q, b_q), F.linear(key, w_k, b_k)
+        q = q.unflatten(-1, (heads, e // heads)).transpose(1, 2)  # (B, H, T, d)
+        k = k.unflatten(-1, (heads, e // heads)).transpose(1, 2)
+        return torch.softmax((q * math.sqrt(1.0 / (e // heads))) @ k.transpose(-2, -1), dim=-1)
 
 
 def _linearised_multihead(module: nn.MultiheadAttention, query: Moments, key: Moments, value: Moments,
