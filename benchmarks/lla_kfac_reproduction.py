@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -49,13 +50,16 @@ from posthoc.predictive import GaussianPredictive, LinkApprox, predict_loader
 from posthoc.utils.checkpoint import load_checkpoint, save_checkpoint
 from posthoc.utils.io import atomic_write_text
 
+if str(Path(__file__).resolve().parent) not in sys.path:  # the helper module beside this script
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+from scalla_authors_metrics import authors_code_probs  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 DEFAULT_RUN_DIR = REPO / "runs" / "lla_kfac"
 MC_SAMPLES = 2048  # the authors' metrics average softmax over 2,048 samples of N(f(x), J Sigma J^T)
 MC_CHUNK = 1000  # inputs per MC chunk: 2,048 x 1,000 x 10 floats at a time
-AUTHORS_CODE = "authors_code"  # a link: their SoftmaxClassification metric's sampling, reproduced as published
-AUTHORS_BATCH, AUTHORS_GENERATOR_SEED = 100, 2147483647  # their evaluation batches and metric generator seed
+AUTHORS_CODE = "authors_code"  # a link: their metric's sampling as published (scalla_authors_metrics.py)
 # the ScaLLA paper's table, single seed (FMNIST test; OOD: KMNIST test)
 AUTHORS = {"accuracy": 0.9092, "nll": 0.2714, "ece": 0.0239, "brier": 0.1367, "auroc_variance": 0.993}
 AUTHORS_MAP = {"accuracy": 0.9101, "nll": 0.2539, "ece": 0.0102, "brier": 0.1313}
@@ -273,44 +277,6 @@ class SeedCache:
         saved = torch.load(path)
         return (GaussianPredictive(saved["test_mean"], saved["test_cov"]),
                 GaussianPredictive(saved["ood_mean"], saved["ood_cov"]), saved["y"])
-
-
-def _authors_cholesky(cov: torch.Tensor) -> torch.Tensor:
-    """Their safe_cholesky: the lower Cholesky factor of ``cov`` (b, C, C).
-
-    On failure, jitter 1e-6 (float32) x 10^i is added to every diagonal of the batch until it succeeds (at most
-    ten tries), as their code does.
-    """
-    try:
-        return torch.linalg.cholesky(cov)
-    except RuntimeError:
-        shifted, added = cov.clone(), 0.0
-        for i in range(10):
-            jitter = (1e-6 if cov.dtype == torch.float32 else 1e-8) * 10**i
-            shifted.diagonal(dim1=-2, dim2=-1).add_(jitter - added)
-            added = jitter
-            try:
-                return torch.linalg.cholesky(shifted)
-            except RuntimeError:
-                continue
-        raise
-
-
-def authors_code_probs(pred: GaussianPredictive) -> torch.Tensor:
-    """Class probabilities (B, C) as the authors' metric code computes them (AUTHORS_CODE), in float32.
-
-    Per batch of AUTHORS_BATCH inputs in order: L = their safe_cholesky(Sigma), z ~ N(0, I) of shape (2048, b, C)
-    from one generator seeded AUTHORS_GENERATOR_SEED, samples mean + einsum("sna,nab->snb", z, L) = mean + z^T L
-    (covariance L^T L, their code as published), probabilities the mean of the samples' softmax.
-    """
-    generator = torch.Generator().manual_seed(AUTHORS_GENERATOR_SEED)
-    mean, cov = pred.mean.float(), pred.cov.float()
-    chunks = []
-    for start in range(0, len(mean), AUTHORS_BATCH):
-        m, factor = mean[start:start + AUTHORS_BATCH], _authors_cholesky(cov[start:start + AUTHORS_BATCH])
-        z = torch.randn(MC_SAMPLES, *m.shape, generator=generator, dtype=m.dtype)
-        chunks.append((m + torch.einsum("sna,nab->snb", z, factor)).softmax(-1).mean(0))
-    return torch.cat(chunks).double()
 
 
 def link_probs(pred: GaussianPredictive, link: str, seed: int) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""benchmarks/lla_kfac_reproduction.py: the authors' metric code as published, and keeping earlier rows."""
+"""benchmarks/scalla_authors_metrics.py (the authors' metric code as published) and lla_kfac_reproduction.py's
+keeping of earlier rows."""
 
 import json
 
@@ -15,6 +16,12 @@ def bench():
         yield module
 
 
+@pytest.fixture(scope="module")
+def authors():
+    with benchmark_module("scalla_authors_metrics") as module:
+        yield module
+
+
 def _predictive(n=200):
     # a logit covariance dominated by the all-ones direction (which softmax ignores), as the KFAC posteriors are
     ones = torch.ones(3, 1, dtype=torch.float64)
@@ -23,10 +30,10 @@ def _predictive(n=200):
     return GaussianPredictive(mean, cov)
 
 
-def test_authors_code_samples_with_the_transposed_cholesky_factor(bench):
+def test_authors_code_samples_with_the_transposed_cholesky_factor(authors):
     pred = _predictive()
     factor = torch.linalg.cholesky(pred.cov[0])
-    theirs = bench.authors_code_probs(pred)
+    theirs = authors.authors_code_probs(pred)
     # their samples mean + z^T L have covariance L^T L: MC of that Gaussian gives their probabilities ...
     transposed = GaussianPredictive(pred.mean, (factor.T @ factor).expand_as(pred.cov).clone())
     expected = transposed.probs("mc", n_samples=20000, seed=0).mean(0)
@@ -37,9 +44,9 @@ def test_authors_code_samples_with_the_transposed_cholesky_factor(bench):
     assert (theirs.mean(0) - correct).abs().max() > 0.1
 
 
-def test_authors_cholesky_adds_their_jitter_to_a_semidefinite_batch(bench):
+def test_authors_cholesky_adds_their_jitter_to_a_semidefinite_batch(authors):
     cov = torch.ones(2, 3, 3)  # rank one: no Cholesky factor without jitter
-    factor = bench._authors_cholesky(cov)
+    factor = authors.authors_cholesky(cov)
     shifted = factor @ factor.transpose(-1, -2) - cov
     jitter = shifted.diagonal(dim1=-2, dim2=-1)
     assert torch.allclose(jitter, jitter[0, 0].expand_as(jitter)) and 5e-7 <= float(jitter[0, 0]) <= 1e-3  # 1e-6 in float32

@@ -97,3 +97,21 @@ def test_a_fresh_machine_keeps_the_results_rows_and_resumes_from_the_kept_checkp
     # once the variant finishes, its checkpoint and then the MAP leave the kept folder
     bench.keep_resumable(resume, run_dir, map_path, ["biased"], [])
     assert list(resume.iterdir()) == []
+
+
+def test_our_rows_are_also_scored_by_the_authors_metric_code(bench, tmp_path):
+    from types import SimpleNamespace
+
+    model, train, context = _setup()
+    s, _, _ = bench.train_variant(model, train, context, False, tmp_path / "s.pt", 0.0, steps=20, checkpoint_every=10)
+    g = torch.Generator().manual_seed(2)
+    test = TensorDataset(torch.randn(30, 4, generator=g), torch.randint(3, (30,), generator=g))
+    row = bench.authors_code_row(s, SimpleNamespace(suite=SimpleNamespace(test=test), train_loader=train))
+    assert set(row) == {"accuracy", "nll", "ece", "brier"} and all(math.isfinite(v) for v in row.values())
+    assert s.posterior is not None  # a checkpoint's surrogate gets its posterior before it is scored
+    cached = {"accuracy": 0.9, "nll": 0.3, "ece": 0.01, "brier": 0.14, "prior_precision": 1.0, "steps_reached": 20,
+              "authors_code": row}
+    (tmp_path / "eval-unbiased.json").write_text(json.dumps(cached))
+    rows = bench.table_rows(tmp_path)
+    theirs = next(r for r in rows if r["label"] == "ScaLLA, authors' settings (ours), through the authors' metric code")
+    assert theirs["nll"] == row["nll"] and theirs["steps_reached"] == 20
