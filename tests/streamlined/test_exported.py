@@ -309,3 +309,40 @@ def test_split_read_by_index_is_exact_in_full_mode_through_export(name):
     pred = sp.input_sensitivity(x, input_var)
     for b in range(x.shape[0]):
         torch.testing.assert_close(pred.cov[b], _jacobian_sandwich(model, x, input_var, b), rtol=1e-10, atol=1e-12)
+
+
+class _EncoderClassifier(nn.Module):
+    """torch's own TransformerEncoderLayer (no rule of its own; its forward branches on its inputs) inside a model."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Linear(16, 3)  # registered before the trunk
+        self.embed = nn.Linear(5, 16)
+        self.encoder = nn.TransformerEncoderLayer(16, 4, 32, dropout=0.1, activation="gelu", batch_first=True,
+                                                  norm_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(self.embed(x)).mean(1))
+
+
+def test_a_torch_composite_module_without_a_rule_is_traced_into_not_refused():
+    # fx keeps torch.nn modules as leaves by default; a composite one without a rule must not stop the walk at "no
+    # rule" but be traced into, and here (its forward branches on its inputs) go to the export graph under "auto"
+    torch.manual_seed(0)
+    model = _EncoderClassifier().double().eval()
+    x = torch.randn(4, 7, 5, dtype=torch.float64)
+    weight_var = {name: torch.full_like(p, 1e-3) for name, p in model.named_parameters()}
+    with pytest.raises(ValueError, match="torch.fx could not trace _EncoderClassifier"):
+        posthoc.Streamlined(model, weight_var=weight_var, graph="fx").predict(x)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        auto = posthoc.Streamlined(model, weight_var=weight_var).predict(x)
+    assert any("torch.export" in str(w.message) for w in caught)
+    exported = posthoc.Streamlined(model, weight_var=weight_var, graph="export").predict(x)
+    torch.testing.assert_close(auto.mean, model(x), rtol=0, atol=1e-12)
+    torch.testing.assert_close(auto.cov, exported.cov, rtol=0, atol=0)
+    # a childless torch.nn layer without a rule still stops the walk with the layer's name
+    with pytest.raises(UnsupportedLayerError, match="Softplus"):
+        posthoc.Streamlined(nn.Sequential(nn.Linear(3, 4), nn.Softplus(), nn.Linear(4, 2)).double(),
+                            weight_var={"0.weight": torch.full((4, 3), 1e-3, dtype=torch.float64)},
+                            graph="fx").predict(torch.randn(2, 3, dtype=torch.float64))

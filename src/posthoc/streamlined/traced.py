@@ -45,13 +45,18 @@ MEAN_ONLY_ARGUMENTS: dict[Any, tuple[tuple[int, ...], tuple[str, ...]]] = {
 
 
 class _RuleLeafTracer(fx.Tracer):
-    """Keeps every module with a rule, and torch.nn's own layers, as ``call_module`` nodes; traces through others.
+    """Keeps every module with a rule, and torch.nn's own childless layers, as ``call_module`` nodes.
 
-    A torch.nn layer without a rule (e.g. Softplus) stays a leaf so that the error names the layer.
+    A torch.nn layer without a rule and without submodules (e.g. Softplus) stays a leaf so that the error names the
+    layer. torch.nn's composite modules without a rule (e.g. TransformerEncoderLayer) are traced into like a user's
+    own: their parts have rules, and a forward fx cannot trace fails the trace, so ``graph="auto"`` walks the
+    torch.export graph instead.
     """
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return find_rule(type(m)) is not None or super().is_leaf_module(m, module_qualified_name)
+        if find_rule(type(m)) is not None:
+            return True
+        return super().is_leaf_module(m, module_qualified_name) and next(m.children(), None) is None
 
 
 def trace(model: nn.Module) -> fx.GraphModule:
