@@ -318,8 +318,8 @@ class ScaLLA:
         self.subset.check_current("fit the ScaLLA posterior")
         check_not_sharded(train_loader)
         surrogate.eval()
-        precision = torch.zeros(self.n_latent, self.n_latent, dtype=self.subset.dtype, device=self.subset.device)
-        stat = precision.new_zeros(())
+        precision = torch.zeros(self.n_latent, self.n_latent, dtype=torch.float64, device=self.subset.device)
+        stat = precision.new_zeros(())  # both float64 (posterior.py), the log-likelihood cast back below
         n_data, n_seen, digest = 0, 0, torch.zeros(4, dtype=torch.float64)
         for x, y in tqdm(self._batches(train_loader), desc="ScaLLA posterior", disable=not self.progress, leave=False):
             self._check_shape(x, "training inputs")
@@ -343,7 +343,7 @@ class ScaLLA:
         theta, n_outputs = self.subset.theta_map, self.n_outputs
         if n_outputs is None:  # set by fit and load_state_dict, like the surrogate
             raise RuntimeError("call fit(train_loader) first: ScaLLA has no trained surrogate")
-        self.posterior = LatentPosterior(precision, stat, n_data, n_outputs, theta.square().sum(),
+        self.posterior = LatentPosterior(precision, stat.to(theta.dtype), n_data, n_outputs, theta.square().sum(),
                                          self.subset.n_params)
         return self
 
