@@ -77,3 +77,16 @@ def test_full_mode_refuses_it():
     with pytest.raises(ValueError, match="diagonal-mode only"):
         Streamlined(model, weight_var={"0.weight": torch.ones(4, 3, dtype=DTYPE)}, activation_covariance="full",
                     activations="moment_matched")
+
+
+@pytest.mark.parametrize("name", sorted(ACTIVATIONS))
+def test_gaussian_variance_in_float32_keeps_units_far_from_the_kink(name):
+    """float32 gives the float64 variance where σ ≪ |μ| (E[g²] - E[g]² would cancel: ReLU at μ = 100 gave 0)."""
+    module = ACTIVATIONS[name]
+    mu = torch.tensor([-3.0, -0.5, 0.0, 0.7, 3.0, 10.0, 30.0, 100.0], dtype=DTYPE).repeat(3)
+    var = torch.tensor([1e-6, 1e-4, 1.0], dtype=DTYPE).repeat_interleave(8)
+    reference = gaussian_variance(module, mu, var)
+    got = gaussian_variance(module, mu.float(), var.float()).double()
+    big = reference > 1e-3 * var  # tanh and sigmoid saturate: their tiny variances are below float32's resolution
+    torch.testing.assert_close(got[big], reference[big], rtol=2e-3, atol=0.0)
+    assert float((got - reference).abs().max()) <= 1e-3 * float(var.max())

@@ -74,13 +74,13 @@ def gaussian_variance(module: nn.Module, mu: torch.Tensor, var: torch.Tensor) ->
     """
     sd = var.clamp_min(0).sqrt()
     if isinstance(module, nn.ReLU):
-        safe = torch.where(sd > 0, sd, torch.ones_like(sd))
-        a = mu / safe
-        cdf = 0.5 * (1 + torch.erf(a / math.sqrt(2)))
+        a = mu / torch.where(sd > 0, sd, torch.ones_like(sd))
+        upper, lower = 0.5 * torch.erfc(-a / math.sqrt(2)), 0.5 * torch.erfc(a / math.sqrt(2))  # Φ(a), 1 - Φ(a)
         pdf = torch.exp(-0.5 * a * a) / math.sqrt(2 * math.pi)
-        first = mu * cdf + sd * pdf
-        second = (mu * mu + var) * cdf + mu * sd * pdf
-        return torch.where(sd > 0, (second - first * first).clamp_min(0), torch.zeros_like(mu))
+        # Var / σ² = Φ + a² Φ (1 - Φ) + a φ (1 - 2Φ) - φ², a = μ / σ: E[g²] - E[g]² cancels the μ² terms, which in
+        # float32 lost the variance of units far on the linear side (μ = 100, σ² = 1e-4 gave 0)
+        scaled = upper + a * a * upper * lower + a * pdf * (lower - upper) - pdf * pdf
+        return torch.where(sd > 0, (var * scaled).clamp_min(0), torch.zeros_like(mu))
     nodes, weights = _hermite_rule(QUADRATURE_NODES)
     x = torch.as_tensor(nodes, dtype=mu.dtype, device=mu.device)
     w = torch.as_tensor(weights, dtype=mu.dtype, device=mu.device)
