@@ -25,7 +25,10 @@ Methods (all on the same MAP of each split):
   starting from delta = 1, sigma = 1; predictive plus noise.
 - fiber: benchmarks/fiber_uci.py's settings (posthoc.bench.uci.fiber_uci_sampler): all weights, delta =
   0.1 P / ||theta*||^2, noise the MAP's training residual RMS, 8 particles x 200 steps, loss check on all
-  training points, 200 MC samples, mixture predictive with noise.
+  training points, 200 MC samples, mixture predictive with noise; stage 2 the coupling flow (deform="flow", the
+  library's default when these runs began).
+- fiber_pullback: the same walk with the library's default stage 2 now, deform="pullback" (every stage-2 sample a
+  walked one moved and pulled back onto the low-loss set).
 
 DATA: the folder holding UCI/ (or set $POSTHOC_DATA). Every (dataset, split, method) result is one JSON under
 --run-dir with the split's MAP weights beside it; a rerun skips finished cells, and the cells already in
@@ -59,7 +62,7 @@ from posthoc.streamlined import Streamlined
 RESULTS = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parent.parent
 CHEAP = ("map", "la_kron", "streamlined", "streamlined_full")
-EXPENSIVE = ("scalla", "fiber")
+EXPENSIVE = ("scalla", "fiber", "fiber_pullback")
 METHODS = CHEAP + EXPENSIVE
 NOTES = "## Notes"
 
@@ -97,8 +100,9 @@ def run_method(method: str, model: torch.nn.Module, split: UCISplit) -> dict[str
         scalla.optimize_prior_precision(method="marglik")
         pred = scalla.predict(split.x_test).with_noise(scalla.sigma_noise)
         row.update(prior_precision=float(scalla.prior_precision), sigma_noise=float(scalla.sigma_noise))
-    elif method == "fiber":
-        sampler = fiber_uci_sampler(model, split.x_train.shape[0], split.split)
+    elif method in ("fiber", "fiber_pullback"):
+        deform = "pullback" if method == "fiber_pullback" else "flow"
+        sampler = fiber_uci_sampler(model, split.x_train.shape[0], split.split, deform=deform)
         sampler.fit(loader)
         pred = sampler.predict(split.x_test, n_samples=200).with_noise(sampler.sigma_noise)
         row.update(prior_precision=float(sampler.prior_precision), sigma_noise=float(sampler.sigma_noise),

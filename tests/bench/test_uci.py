@@ -127,3 +127,14 @@ def test_summarise_counts_splits_and_aggregates_per_dataset_and_method():
     assert summary[0]["nll"] == pytest.approx(2.0) and summary[0]["nll_se"] == pytest.approx(1 / math.sqrt(3))
     assert summary[0]["rmse"] == pytest.approx(0.6) and summary[0]["rmse_se"] == pytest.approx(0.1 / math.sqrt(3))
     assert math.isnan(summary[1]["nll_se"]) and summary[1]["fit_s"] == 30.0
+
+
+def test_fiber_uci_sampler_keeps_the_flow_runs_setting_and_offers_the_library_default():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 50), torch.nn.ReLU(), torch.nn.Linear(50, 1))
+    flow = uci.fiber_uci_sampler(model, 40, 0)
+    assert flow.deform_config.kind == "flow" and flow.deform_config.flow_steps == 200
+    pullback = uci.fiber_uci_sampler(model, 40, 0, deform="pullback")
+    assert pullback.deform_config.kind == "pullback"
+    assert pullback.config == flow.config  # the walk is the same
+    with pytest.raises(ValueError, match="'flow' or 'pullback'"):
+        uci.fiber_uci_sampler(model, 40, 0, deform="gaussian")
