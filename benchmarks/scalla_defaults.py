@@ -55,7 +55,8 @@ NOTE = """## What limits ScaLLA on these tasks (issue 17)
   n_target_points training inputs, the target set is filled with jittered training inputs (target_jitter = 1.0)
   and the default lr is 3e-3; otherwise nothing changes (lr 1e-3, the FMNIST-measured rate; the FMNIST rows were not
   rerun: its 4,000+ training images and MNIST context never trigger the fill).
-- Remaining: mix-d20's margin is small (0.903 / 0.907 at delta 1), relative errors stay 0.4-0.85 (ranks agree,
+- Remaining: mix-d20's margin is small (0.901 / 0.908 at delta 1 for seeds 0 / 1; 0.907 / 0.903 when this rule was
+  set, before later changes to the surrogate's training), relative errors stay 0.4-0.85 (ranks agree,
   magnitudes do not: mix-d2's 0.85 at delta 1), and the "probes" objective and the biased variant keep their old
   targets (not measured here)."""
 
