@@ -172,7 +172,8 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
               "link, ECE 15 bins, variance score 1/2 log det of the logit covariance; rows 'through the authors' "
               "metric code': the same predictive scored as their code scores it (2,048 samples whose covariance "
               "is L^T L, L the Cholesky factor of the logit covariance; benchmarks/scalla_authors_metrics.py); "
-              "paper rows: single seed, their table, from that code. A row short of 1,000,000 steps is a checkpoint on the way, not the recipe's result.",
+              "paper rows: single seed, their table, from that code. A row short of 1,000,000 steps is a checkpoint "
+              "on the way, not the recipe's result.",
               f"MAP: {json.dumps(meta['map'])}. Seed {meta['seed']}. Machine shared with other jobs.",
               f"Machine: {json.dumps(meta['machine'])}; versions: {json.dumps(meta['versions'])}; {meta['date']}; "
               f"commit {meta['git_commit']}.", ""]

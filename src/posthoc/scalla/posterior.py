@@ -60,17 +60,17 @@ class LatentPosterior:
         """phi(x)^T Sigma_w phi(x): (B, C, C) in the features' dtype from features (B, m, C). Cost O(B m^2 C)."""
         eigenvectors = self.eigenvectors.to(features.device)
         rotated = torch.einsum("km,bkc->bmc", eigenvectors, features.to(torch.float64))
-        cov = torch.einsum("bmc,m,bmd->bcd", rotated, self._inverse_eigenvalues(delta, scale, eigenvectors), rotated)
+        cov = torch.einsum("bmc,m,bmd->bcd", rotated, self._inverse_eigenvalues(delta, scale, features.device), rotated)
         return (0.5 * (cov + cov.transpose(1, 2))).to(features.dtype)
 
-    def _inverse_eigenvalues(self, delta: torch.Tensor, scale: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """1 / (s lam + delta) in float64 on ``like``'s device, differentiable in delta and s."""
-        scale64, delta64 = (torch.as_tensor(t).to(device=like.device, dtype=torch.float64) for t in (scale, delta))
-        return 1.0 / (scale64 * self.eigenvalues.to(like.device) + delta64)
+    def _inverse_eigenvalues(self, delta: torch.Tensor, scale: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """1 / (s lam + delta) in float64 on ``device``, differentiable in delta and s."""
+        scale64, delta64 = (torch.as_tensor(t).to(device=device, dtype=torch.float64) for t in (scale, delta))
+        return 1.0 / (scale64 * self.eigenvalues.to(device) + delta64)
 
     def logdet_precision(self, delta: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """Log det(s H + delta I_m) in the model's dtype, differentiable in delta and s."""
-        return -torch.log(self._inverse_eigenvalues(delta, scale, self.eigenvalues)).sum().to(self.dtype)
+        return -torch.log(self._inverse_eigenvalues(delta, scale, self.eigenvalues.device)).sum().to(self.dtype)
 
     def latent_evidence_term(self, delta: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """-1/2 log det(I + s H / delta): the Occam term of the latent model (no interior optimum in delta)."""
