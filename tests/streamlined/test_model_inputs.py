@@ -92,7 +92,8 @@ def test_one_argument_dict_and_batching():
     chunked = posthoc.Streamlined(model, weight_var=weight_var, batch_size=3).predict(batch)
     torch.testing.assert_close(whole.mean, inner(**batch))
     torch.testing.assert_close(whole.var, _reference(inner, batch, weight_var), rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(chunked.var, whole.var, rtol=0, atol=0)
+    # the same arithmetic per input; BLAS kernels may block a batch of 3 and of 7 differently (a few ulp, seen on AVX512)
+    torch.testing.assert_close(chunked.var, whole.var, rtol=1e-13, atol=0)
 
 
 def test_from_a_laplace_fitted_on_dict_batches():
