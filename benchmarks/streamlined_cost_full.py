@@ -21,7 +21,8 @@ two MAP forwards and extrapolated to 100 samples as 100/k times that. Peak memor
 Per-rule costs: one more streamlined call with every registered rule timed (exclusive of the rules it calls) and one
 more MAP forward with its leaf modules timed by hooks. The machine's load average is recorded around each case.
 Resumable: each finished case is cached as JSON in ``--run-dir``; the report is rebuilt from all cached cases.
-Writes benchmarks/results/streamlined_cost_full.{md,json}.
+Writes benchmarks/results/streamlined_cost_full.{md,json} (batch 32, the goal's; other batch sizes:
+streamlined_cost_full_b<batch>.{md,json}).
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ DETERMINISTIC = {"vit_b_16": ("class_token", "encoder.pos_embedding"),
                  SMALL + "tv_vit": ("class_token", "encoder.pos_embedding")}
 WEIGHT_VAR = 1e-4  # every parameter's posterior variance (the cost does not depend on it)
 SEQ_LEN = 128
-GOAL_X_MAP, GOAL_SPEEDUP = 3.0, 30.0
+GOAL_X_MAP, GOAL_SPEEDUP, GOAL_BATCH = 3.0, 30.0, 32
 
 
 def build(name: str, batch: int) -> tuple[nn.Module, Any]:
@@ -314,8 +315,14 @@ def restore_cases(run_dir: Path, results: Path) -> int:
     return restored
 
 
+def results_stem(batch: int) -> str:
+    """streamlined_cost_full for the goal's batch (32), streamlined_cost_full_b<batch> for any other."""
+    return "streamlined_cost_full" if batch == GOAL_BATCH else f"streamlined_cost_full_b{batch}"
+
+
 def write_report(run_dir: Path, batch: int, note: str) -> None:
-    """Rebuild benchmarks/results/streamlined_cost_full.{md,json} from every cached case of this batch size."""
+    """Rebuild benchmarks/results/<results_stem(batch)>.{md,json} from every cached case of this batch size."""
+    stem = results_stem(batch)
     rows = [json.loads(p.read_text()) for p in sorted(run_dir.glob(f"*-b{batch}.json"))]
     order = list(MODELS)
     rows.sort(key=lambda r: (r.get("tag", ""), order.index(r["model"]) if r["model"] in order else 99,
@@ -323,7 +330,7 @@ def write_report(run_dir: Path, batch: int, note: str) -> None:
     run = run_meta()
     meta = {"date": run["date"], "machine": run["machine"], "run": run, "batch": batch, "dtype": "float32",
             "weight_var": WEIGHT_VAR, "note": note}
-    write_json(RESULTS / "streamlined_cost_full.json", {"meta": meta, "rows": rows})
+    write_json(RESULTS / f"{stem}.json", {"meta": meta, "rows": rows})
     machines = sorted({(r.get("tag", ""), r.get("cpu", ""), ", ".join(f"{k} {v}" for k, v in r["versions"].items()))
                        for r in rows if "versions" in r})
     lines = ["# Streamlined prediction at full-size configs: cost", "",
@@ -375,7 +382,7 @@ def write_report(run_dir: Path, batch: int, note: str) -> None:
             right = (f"{module_items[i][0]} | {module_items[i][1]['s']:.3f} | {module_items[i][1]['calls']}"
                      if i < len(module_items) else " | | ")
             lines.append(f"| {left} | | {right} |")
-    atomic_write_text(RESULTS / "streamlined_cost_full.md", "\n".join(lines) + "\n")
+    atomic_write_text(RESULTS / f"{stem}.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
@@ -404,7 +411,8 @@ def main() -> None:
         print(json.dumps({**row, "tag": args.tag}))
         return
     args.run_dir.mkdir(parents=True, exist_ok=True)
-    print(f"{restore_cases(args.run_dir, RESULTS / 'streamlined_cost_full.json')} cases restored from the results file")
+    restored = restore_cases(args.run_dir, RESULTS / f"{results_stem(args.batch)}.json")
+    print(f"{restored} cases restored from the results file")
     for name in [] if args.report_only else args.models.split(","):
         for threads in (int(t) for t in args.threads.split(",")):
             path = _case_path(args.run_dir, args.tag, name, threads, args.batch)

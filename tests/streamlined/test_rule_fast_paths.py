@@ -115,3 +115,36 @@ def test_full_mode_width_limit_applies_to_layers_that_carry_covariance_only() ->
     variances["0.weight"] = torch.full_like(model[0].weight, 1e-3)  # the 288-wide conv output is random now
     with pytest.raises(MemoryError, match="288 x 288 .* above max_full_dim=40"):
         Streamlined(model, weight_var=variances, activation_covariance="full", max_full_dim=40).predict(x)
+
+
+@pytest.mark.parametrize("random", ["weight and bias", "weight only", "no bias", "deterministic head"])
+def test_last_linear_one_product_covariance_equals_the_unfused_route(random: str, monkeypatch) -> None:
+    """Few classes: the last Linear's covariance from one product with a cached matrix (LinearStep._fused_cov) equals
+    the three-pass route, also after the head's weights and variances change in place (the cache follows them)."""
+    from posthoc.streamlined.rules import affine
+
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3, bias=random != "no bias")).to(DTYPE)
+    variances = _random_variances(model)
+    if random == "weight only":
+        variances.pop("2.bias")
+    if random == "deterministic head":
+        variances = {name: v for name, v in variances.items() if name.startswith("0.")}
+    x = torch.randn(5, 4, dtype=DTYPE)
+
+    def both() -> tuple[torch.Tensor, torch.Tensor]:
+        fused = Streamlined(model, weight_var=variances).predict(x).cov
+        with monkeypatch.context() as patch:
+            patch.setattr(affine, "FUSED_COV_MAX", 0)
+            return fused, Streamlined(model, weight_var=variances).predict(x).cov
+
+    sp = Streamlined(model, weight_var=variances)
+    for change in ("weights", "variances", None):
+        fused, unfused = both()
+        torch.testing.assert_close(fused, unfused, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(sp.predict(x).cov, unfused, rtol=1e-12, atol=1e-14)  # one object, cached
+        with torch.no_grad():
+            if change == "weights":
+                model[2].weight.mul_(1.7)
+            for name in variances if change == "variances" else ():
+                variances[name].mul_(2.5)

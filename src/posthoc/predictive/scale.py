@@ -37,10 +37,10 @@ def scaled_gaussian(mean: torch.Tensor, cov_or_var: torch.Tensor, scale: float,
     if cov_factor is not None:
         return GaussianPredictive(mean, var=scale * cov_or_var,
                                   cov_factor=cov_factor if scale == 1 else math.sqrt(scale) * cov_factor)
+    scaled = cov_or_var if scale == 1 else scale * cov_or_var
     if cov_or_var.ndim == 3:
-        cov = scale * cov_or_var
-        return GaussianPredictive(mean, cov=0.5 * (cov + cov.transpose(1, 2)))
-    return GaussianPredictive(mean, var=scale * cov_or_var)
+        return GaussianPredictive(mean, cov=torch.add(scaled, scaled.transpose(1, 2)).mul_(0.5))
+    return GaussianPredictive(mean, var=scaled)
 
 
 def scale_predictive(pred: GaussianPredictive, scale: float) -> GaussianPredictive:

@@ -300,7 +300,7 @@ class Streamlined:
         step = n if self.batch_size is None else self.batch_size
         outs = []
         for start in range(0, n, step):
-            xb = take(x, start, start + step)
+            xb = x if step >= n else take(x, start, start + step)
             state: Moments | TracedInputs
             if isinstance(x, torch.Tensor) and isinstance(xb, torch.Tensor):
                 state = self._input_state(xb, self._slice_var(input_var, x, start, step))
