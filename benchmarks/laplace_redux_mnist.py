@@ -314,6 +314,18 @@ def _pm(mean: float, se: float | None, digits: int = 1) -> str:
     return f"{mean:.{digits}f}" if se is None else f"{mean:.{digits}f} ± {se:.{digits}f}"
 
 
+def _extras_seeds_note(rows: list[dict[str, Any]]) -> str:
+    """Which networks the extra rows ran on, and what they compare with."""
+    counts = sorted({row["n_seeds"] for row in rows if row["method"] in EXTRAS})
+    if not counts:
+        return ""
+    if counts == [1]:
+        return (" The extra rows ran on network 0 only: compare them with that seed's map row in the cached results, "
+                "not with the mean.")
+    return (f" The extra rows ran on networks 0-{max(counts) - 1} (the map row's networks; "
+            f"{', '.join(map(str, counts))} seeds): mean ± standard error as for the map row.")
+
+
 def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     """The results table with the paper's figures beside ours."""
     lines = ["# Laplace Redux, Table 1 (MNIST column)", "",
@@ -352,8 +364,7 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
               "laplace_redux_mnist_e30.md), and the LA-minus-LA* OOD-confidence gap grows from 2.3 points (10 "
               "epochs) to 4.9 (30) and 10.7 (100 epochs, lr x 0.95 per epoch; laplace_redux_mnist_e100.md; one "
               "seed each), against the paper's 11.4 at 100 epochs, so LA* is the row most sensitive to the "
-              "schedule. The extra rows ran on network 0 only: compare them with that seed's map row in the "
-              "cached results, not with the mean."]
+              "schedule." + _extras_seeds_note(rows)]
     lines += ["", "Extra rows: " + "; ".join(f"{name}: {desc}" for name, (_, desc) in EXTRAS.items()), "",
               f"Machine: {json.dumps(meta['machine'])}; versions: {json.dumps(meta['versions'])}; "
               f"commit {meta['git_commit']}; {meta['date']}.", ""]

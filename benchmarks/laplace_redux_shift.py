@@ -1,12 +1,14 @@
 """Laplace Redux dataset shift: rotated MNIST, 0..180 degrees in 15 degree steps (the paper's Figure 5, MNIST).
 
     .venv/bin/python benchmarks/laplace_redux_shift.py [--cache-dir runs/laplace_redux] [--epochs 10]
+    .venv/bin/python benchmarks/laplace_redux_shift.py --epochs 100 --schedule cosine \
+        --out laplace_redux_shift_e100_cosine
 
 Reads the per-angle results that benchmarks/laplace_redux_mnist.py caches for every (method, seed) (it rotates
 the 8,000 test images by posthoc.data.shift.rotate_images, bilinear, zero fill, and evaluates every predictive
 on each angle; the recipe is in that script's docstring) and writes benchmarks/results/
-laplace_redux_shift.{json,md,png}: accuracy, NLL and ECE (15 and 100 bins) per angle for MAP, LA, LA* and DE,
-mean and standard error over the seeds found. Nothing is trained or evaluated here.
+laplace_redux_shift.{json,md,png} (``--out``: another stem): accuracy, NLL and ECE (15 and 100 bins) per angle
+for MAP, LA, LA* and DE, mean and standard error over the seeds found. Nothing is trained or evaluated here.
 """
 
 from __future__ import annotations
@@ -110,6 +112,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--gamma", type=float, default=0.8, help="the MAP schedule's learning-rate factor per epoch")
     parser.add_argument("--schedule", choices=["step", "cosine"], default="step",
                         help="the MAP schedule (laplace_redux_mnist.py --schedule); gamma applies to step only")
+    parser.add_argument("--out", default="laplace_redux_shift", help="stem of the results files in benchmarks/results")
     args = parser.parse_args(argv)
     cache_dir = Path(args.cache_dir)
     summary = {}
@@ -120,10 +123,12 @@ def main(argv: list[str] | None = None) -> None:
     if not summary:
         raise SystemExit(f"no cached results under {cache_dir / 'results'}: run benchmarks/laplace_redux_mnist.py first")
     meta = {**run_meta(), "cache_dir": recorded_path(cache_dir, "<cache-dir>"), "angles": list(range(0, 181, 15)),
-            "recipe": f"LeNet-5, MAP {args.epochs} epochs (see laplace_redux_mnist.json); 8,000 MNIST test images"}
-    write_json(RESULTS / "laplace_redux_shift.json", {"meta": meta, "methods": summary})
-    atomic_write_text(RESULTS / "laplace_redux_shift.md", markdown(summary, meta))
-    plot(summary, RESULTS / "laplace_redux_shift.png")
+            "recipe": (f"LeNet-5, MAP {args.epochs} epochs, "
+                       + ("Adam lr 1e-3 cosine-annealed per step (the paper's)" if args.schedule == "cosine" else
+                          f"lr x {args.gamma} per epoch") + " (see laplace_redux_mnist.py); 8,000 MNIST test images")}
+    write_json(RESULTS / f"{args.out}.json", {"meta": meta, "methods": summary})
+    atomic_write_text(RESULTS / f"{args.out}.md", markdown(summary, meta))
+    plot(summary, RESULTS / f"{args.out}.png")
 
 
 if __name__ == "__main__":
