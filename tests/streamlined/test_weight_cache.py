@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from posthoc.streamlined import Streamlined
-from posthoc.streamlined.rules.affine import cached_on
+from posthoc.streamlined.rules.weight_cache import IdentityMap, cached_on
 
 DTYPE = torch.float64
 
@@ -27,6 +27,22 @@ def test_cache_hits_and_misses_follow_the_tensors_versions_and_identity() -> Non
     with torch.no_grad():
         variance.add_(1.0)
     torch.testing.assert_close(cached_on((weight, variance), "t", lambda: weight + variance), weight + variance)
+
+
+def test_identity_map_keys_by_identity_and_forgets_collected_keys() -> None:
+    import gc
+
+    cache: IdentityMap[torch.Tensor, str] = IdentityMap()
+    a, b = torch.zeros(3), torch.zeros(3)  # equal values, two objects
+    assert cache.set(a, "a") == "a" and cache.get(a) == "a" and cache.get(b) is None
+    cache.set(b, "b")
+    cache.set(a, "a2")
+    assert (cache.get(a), cache.get(b), len(cache)) == ("a2", "b", 2)
+    del a
+    gc.collect()
+    assert len(cache) == 1  # the collected key's entry went with it
+    for _ in range(50):  # new objects may reuse a dead key's id: they never see its value
+        assert cache.get(torch.zeros(3)) is None
 
 
 class _Attention(nn.Module):

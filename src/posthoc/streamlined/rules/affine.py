@@ -6,74 +6,21 @@ layer posterior.
 
 from __future__ import annotations
 
-import weakref
-from typing import Callable, TypeVar, cast
+from typing import cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.weak import WeakIdKeyDictionary
 
 from posthoc.curvature.layers import conv_padding, conv_support_problem
 from posthoc.streamlined.moments import Moments
 from posthoc.streamlined.rules.base import Context, Step, UnsupportedLayerError, advance, register_rule
+from posthoc.streamlined.rules.weight_cache import IdentityMap, cached_on
 from posthoc.streamlined.weight_posteriors import LayerPosterior
 from posthoc.utils.conv import unfold_patches
 
-# Per parameter: what the rules build from it (W̄², W̄² + Var W, stand-in layers), kept while it is unchanged.
-# Squaring every weight on every call cost as much as the convolutions themselves where the feature maps are small
-# (torchvision's ResNet-18 on 28x28 inputs: 11M weights, 1x1-4x4 maps in its last blocks), and rules that read a
-# layer through another (GPT-2's Conv1D as an nn.Linear, nn.MultiheadAttention's projections, Conv1d as Conv2d)
-# constructed and filled a module on every prediction. By the tensor's identity (a WeakKeyDictionary compares by ==).
-_BUILT = WeakIdKeyDictionary()
-T = TypeVar("T")
 # Largest C² · 2K (entries) of the matrix behind LinearStep._fused_cov: 16 MB in float32.
 FUSED_COV_MAX = 1 << 22
-
-
-def cached_on(tensors: tuple[torch.Tensor | None, ...], tag: str, build: Callable[[], T]) -> T:
-    """``build()``, computed from ``tensors`` (parameters or views of them), reused while none of them changed.
-
-    A change is read from the tensors' version counters (every in-place write, an optimizer step and
-    ``load_state_dict`` included) and storage, and their bases must be the same objects. One value is kept per
-    (tag, shape, stride, offset) of the first tensor. Built anew, not kept: tensors without a version counter
-    (inference mode), or any that needs grad while grad is enabled (the value must join the autograd graph).
-    """
-    def base(t: torch.Tensor) -> torch.Tensor:
-        return t._base if t._base is not None else t
-
-    first = tensors[0]
-    assert first is not None
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        return build()
-    try:
-        versions = tuple(None if t is None else (t._version, t.data_ptr(), t.dtype, t.device) for t in tensors)
-    except RuntimeError:  # inference tensors have no version counter
-        return build()
-    slot = (tag, tuple(first.shape), first.stride(), first.storage_offset())
-    bases = tuple(None if t is None else base(t) for t in tensors)
-    entries = _BUILT.setdefault(base(first), {})
-    cached = entries.get(slot)
-    if cached is not None and cached[0] == versions and all(
-            (ref is None) == (b is None) and (ref is None or ref() is b)
-            for ref, b in zip(cached[1], bases, strict=True)):
-        return cast(T, cached[2])
-    value = build()
-    entries[slot] = (versions, tuple(None if b is None else weakref.ref(b) for b in bases), value)
-    return value
-
-
-def stand_in_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
-    """An nn.Linear holding copies of ``weight`` (D_out, D_in) and ``bias``, built once while they are unchanged."""
-    def build() -> nn.Linear:
-        layer = nn.Linear(int(weight.shape[1]), int(weight.shape[0]), bias=bias is not None, device=weight.device,
-                          dtype=weight.dtype)
-        with torch.no_grad():
-            layer.weight.copy_(weight)
-            if bias is not None and layer.bias is not None:
-                layer.bias.copy_(bias)
-        return layer.requires_grad_(False)
-    return cached_on((weight, bias), "stand-in linear", build)
 
 
 class AffineNoise:
@@ -216,7 +163,7 @@ class AffineNoise:
 
 # Per layer posterior (a WeightPosterior's entry, replaced when the Laplace changes) and module: its AffineNoise,
 # whose views and factors depend on nothing else, built once instead of on every prediction.
-_NOISE: WeakIdKeyDictionary = WeakIdKeyDictionary()
+_NOISE: IdentityMap[LayerPosterior, IdentityMap[nn.Module, AffineNoise]] = IdentityMap()
 
 
 def _affine_noise(module: nn.Linear | nn.Conv2d, ctx: Context) -> AffineNoise | None:
@@ -225,10 +172,10 @@ def _affine_noise(module: nn.Linear | nn.Conv2d, ctx: Context) -> AffineNoise | 
         return None
     by_module = _NOISE.get(post)
     if by_module is None:
-        by_module = _NOISE[post] = WeakIdKeyDictionary()
+        by_module = _NOISE.set(post, IdentityMap())
     noise = by_module.get(module)
     if noise is None or noise.bias_present is not (module.bias is not None):
-        noise = by_module[module] = AffineNoise(post, module.weight, module.bias, module)
+        noise = by_module.set(module, AffineNoise(post, module.weight, module.bias, module))
     return noise
 
 

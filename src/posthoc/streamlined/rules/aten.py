@@ -26,7 +26,7 @@ from torch import nn
 
 from posthoc.streamlined.moments import Moments
 from posthoc.streamlined.rules.activations import activation_rule
-from posthoc.streamlined.rules.affine import linear_rule, stand_in_linear
+from posthoc.streamlined.rules.affine import linear_rule
 from posthoc.streamlined.rules.attention import like_rule, matmul_rule, sdpa_rule, softmax_rule, split_rule
 from posthoc.streamlined.rules.base import RULES, Context, register_rule
 from posthoc.streamlined.rules.layers import layer_norm_op_rule
@@ -40,6 +40,7 @@ from posthoc.streamlined.rules.ops import (
     reduction_rule,
     reindex_rule,
 )
+from posthoc.streamlined.rules.weight_cache import stand_in_linear
 from posthoc.utils.registry import add_to_registry
 
 aten = torch.ops.aten

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from posthoc.streamlined.moments import Moments, rearrange
-from posthoc.streamlined.rules.affine import ConvStep, cached_on, linear_rule, stand_in_linear
+from posthoc.streamlined.rules.affine import ConvStep, linear_rule
 from posthoc.streamlined.rules.base import (
     RULES,
     Context,
@@ -27,6 +27,7 @@ from posthoc.streamlined.rules.base import (
 )
 from posthoc.streamlined.rules.normalisation import AffineNormStep, _param_var, input_variances, last_axis_normaliser
 from posthoc.streamlined.rules.ops import UnsupportedOpError, _mean_of
+from posthoc.streamlined.rules.weight_cache import cached_on, stand_in_linear
 from posthoc.streamlined.weight_posteriors import LayerPosterior
 from posthoc.utils.registry import add_to_registry
 

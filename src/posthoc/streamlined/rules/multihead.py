@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from posthoc.streamlined.moments import Moments, add_optional, rearrange
-from posthoc.streamlined.rules.affine import LinearStep, _affine_noise, linear_rule, stand_in_linear
+from posthoc.streamlined.rules.affine import LinearStep, _affine_noise, linear_rule
 from posthoc.streamlined.rules.attention import JointStep, attention_jvp
 from posthoc.streamlined.rules.base import (
     AttentionRule,
@@ -39,6 +39,7 @@ from posthoc.streamlined.rules.base import (
 )
 from posthoc.streamlined.rules.layers import _with_stand_in
 from posthoc.streamlined.rules.ops import UnsupportedOpError, _mean_of, is_random
+from posthoc.streamlined.rules.weight_cache import stand_in_linear
 from posthoc.streamlined.weight_posteriors import KronFactor, LayerPosterior
 
 # The marker the fold puts on a batch_first=False call whose (N, L, E) <-> (L, N, E) transposes it folded in.
