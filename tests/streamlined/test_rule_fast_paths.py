@@ -148,3 +148,26 @@ def test_last_linear_one_product_covariance_equals_the_unfused_route(random: str
                 model[2].weight.mul_(1.7)
             for name in variances if change == "variances" else ():
                 variances[name].mul_(2.5)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels-last conv variances"])
+def test_layer_noise_cache_follows_variances_changed_in_place(layout: str) -> None:
+    """The per-layer noise view built once per posterior (affine._NOISE) never serves stale variances: after an
+    in-place change of the user's weight_var tensors (channels-last conv variances too, whose (C, K) reshape is a
+    copy), the same Streamlined object predicts what a fresh one does."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Tanh(), nn.Conv2d(3, 4, 3), nn.Tanh(), nn.Flatten(),
+                          nn.Linear(16, 3)).to(DTYPE)
+    variances = _random_variances(model)
+    if layout != "contiguous":
+        variances = {name: v.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2) if v.ndim == 4 else v
+                     for name, v in variances.items()}
+        assert not variances["2.weight"].is_contiguous()
+    x = torch.randn(5, 2, 4, 4, dtype=DTYPE)
+    sp = Streamlined(model, weight_var=variances)
+    sp.predict(x)
+    with torch.no_grad():
+        for v in variances.values():
+            v.mul_(3.0)
+    fresh = Streamlined(model, weight_var={name: v.clone() for name, v in variances.items()}).predict(x)
+    torch.testing.assert_close(sp.predict(x).cov, fresh.cov, rtol=1e-12, atol=1e-15)

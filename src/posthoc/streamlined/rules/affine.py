@@ -60,6 +60,10 @@ class AffineNoise:
         elif bias is not None and "bias" in post.kron:
             self.b_cov = post.kron["bias"].dense_bias_cov()
             self.b_var = post.kron["bias"].q_out.square() @ post.kron["bias"].inv
+        # a view of the posterior's variances follows their in-place changes; the reshape of a non-contiguous conv
+        # weight's variances is a copy, which would not
+        self.follows_posterior = self.w_var is None or self.w_diag is None or \
+            self.w_diag.untyped_storage().data_ptr() == self.w_var.untyped_storage().data_ptr()
 
     def diagonal_weight_var(self) -> torch.Tensor | None:
         """Var(W) (C, K) where the weight and bias noise are diagonal, else None (Kronecker, full or correlated bias).
@@ -175,7 +179,9 @@ def _affine_noise(module: nn.Linear | nn.Conv2d, ctx: Context) -> AffineNoise | 
         by_module = _NOISE.set(post, IdentityMap())
     noise = by_module.get(module)
     if noise is None or noise.bias_present is not (module.bias is not None):
-        noise = by_module.set(module, AffineNoise(post, module.weight, module.bias, module))
+        noise = AffineNoise(post, module.weight, module.bias, module)
+        if noise.follows_posterior:  # else built on every call, as its copy of the variances could go stale
+            by_module.set(module, noise)
     return noise
 
 
