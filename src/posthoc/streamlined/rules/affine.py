@@ -36,7 +36,7 @@ class AffineNoise:
                  module: nn.Module) -> None:
         self.c_out, self.k = weight.shape[0], weight[0].numel()
         self.bias_present = bias is not None
-        self.w_diag = self.w_kron = self.full = None
+        self.w_kron = self.full = None
         self.b_var = self.b_cov = None
         if post.full is not None:
             self.full = post.full_blocks(module)
@@ -48,9 +48,7 @@ class AffineNoise:
             if cbb is not None:
                 self.b_cov, self.b_var = cbb, torch.diagonal(cbb)
         self.w_var: torch.Tensor | None = post.diag.get("weight")  # the posterior's own tensor (a cache key)
-        if self.w_var is not None:
-            self.w_diag = self.w_var.reshape(self.c_out, self.k)
-        elif "weight" in post.kron:
+        if self.w_var is None and "weight" in post.kron:
             f = post.kron["weight"]
             if f.q_in is None:
                 raise ValueError("a weight's Kronecker factor needs its input basis q_in (this one is a bias's)")
@@ -60,10 +58,15 @@ class AffineNoise:
         elif bias is not None and "bias" in post.kron:
             self.b_cov = post.kron["bias"].dense_bias_cov()
             self.b_var = post.kron["bias"].q_out.square() @ post.kron["bias"].inv
-        # a view of the posterior's variances follows their in-place changes; the reshape of a non-contiguous conv
-        # weight's variances is a copy, which would not
-        self.follows_posterior = self.w_var is None or self.w_diag is None or \
-            self.w_diag.untyped_storage().data_ptr() == self.w_var.untyped_storage().data_ptr()
+
+    @property
+    def w_diag(self) -> torch.Tensor | None:
+        """Var(W) as (C, K), or None: read from the posterior's own tensor on every access.
+
+        So in-place changes of the variances are seen, also where the reshape is a copy (non-contiguous conv
+        variances); elsewhere it is a view.
+        """
+        return None if self.w_var is None else self.w_var.reshape(self.c_out, self.k)
 
     def diagonal_weight_var(self) -> torch.Tensor | None:
         """Var(W) (C, K) where the weight and bias noise are diagonal, else None (Kronecker, full or correlated bias).
@@ -179,9 +182,7 @@ def _affine_noise(module: nn.Linear | nn.Conv2d, ctx: Context) -> AffineNoise | 
         by_module = _NOISE.set(post, IdentityMap())
     noise = by_module.get(module)
     if noise is None or noise.bias_present is not (module.bias is not None):
-        noise = AffineNoise(post, module.weight, module.bias, module)
-        if noise.follows_posterior:  # else built on every call, as its copy of the variances could go stale
-            by_module.set(module, noise)
+        noise = by_module.set(module, AffineNoise(post, module.weight, module.bias, module))
     return noise
 
 

@@ -75,8 +75,8 @@ def cached_on(tensors: tuple[torch.Tensor | None, ...], tag: str, build: Callabl
     except RuntimeError:  # inference tensors have no version counter
         return build()
     slot = (tag, tuple(first.shape), first.stride(), first.storage_offset())
-    bases = tuple(None if t is None else base(t) for t in tensors)
     root = base(first)
+    bases = (root, *(None if t is None else base(t) for t in tensors[1:]))
     entries = _BUILT.get(root)
     if entries is None:
         entries = _BUILT.set(root, {})
