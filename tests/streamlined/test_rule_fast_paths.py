@@ -41,6 +41,8 @@ CASES = {
     "groupnorm": (lambda: nn.Sequential(nn.GroupNorm(2, 4), nn.Flatten()), (4, 3), {"layernorm": "linearized"}),
     "relu": (lambda: nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Identity()), (5,), {}),
     "gelu": (lambda: nn.Sequential(nn.Linear(5, 7), nn.GELU(), nn.Identity()), (5,), {}),
+    "gelu_tanh": (lambda: nn.Sequential(nn.Linear(5, 7), nn.GELU(approximate="tanh"), nn.Identity()), (5,), {}),
+    "silu": (lambda: nn.Sequential(nn.Linear(5, 7), nn.SiLU(), nn.Identity()), (5,), {}),
 }
 
 

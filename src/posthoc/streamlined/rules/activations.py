@@ -32,16 +32,20 @@ def _hermite_rule(n_nodes: int) -> tuple[np.ndarray, np.ndarray]:
     return nodes, weights / weights.sum()
 
 
+def _times_slope(module: nn.SiLU | nn.GELU, t: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
+    """The product t · g'(μ) by torch's fused derivative kernel of SiLU or GELU (one op instead of about ten)."""
+    if isinstance(module, nn.SiLU):
+        return torch.ops.aten.silu_backward(t, mu)
+    return torch.ops.aten.gelu_backward(t, mu, approximate=module.approximate)
+
+
 def _activation_derivative(module: nn.Module, mu: torch.Tensor) -> torch.Tensor:
     if isinstance(module, nn.ReLU):
         # the 0/1 mask written by the comparison in μ's dtype: a product with a float mask is about twice as fast as
         # with a bool one (no per-element cast), and the mask is its own square (see ElementwiseStep's is_mask)
         return torch.gt(mu, 0, out=torch.empty_like(mu))
-    # SiLU and GELU: torch's own fused derivative kernels (one op instead of about ten elementwise ones)
-    if isinstance(module, nn.SiLU):
-        return torch.ops.aten.silu_backward(torch.ones_like(mu), mu)
-    if isinstance(module, nn.GELU):
-        return torch.ops.aten.gelu_backward(torch.ones_like(mu), mu, approximate=module.approximate)
+    if isinstance(module, (nn.SiLU, nn.GELU)):
+        return _times_slope(module, torch.ones_like(mu), mu)
     raise UnsupportedLayerError(type(module).__name__)
 
 
@@ -103,6 +107,12 @@ def activation_rule(module: nn.Module, state: Moments, ctx: Context, last: bool)
                              "activations='linearized'")
         var = None if state.var is None else gaussian_variance(module, state.mean, state.var)
         return Moments(module(state.mean), var=var)
+    if not ctx.full and isinstance(module, (nn.SiLU, nn.GELU)):
+        # var · g'(μ)² as two fused derivative passes, each t · g'(μ), without forming the slope: 3/4 of the time of
+        # the slope, its square and the product (a BERT-base GELU input, one thread: 74 against 100 ms)
+        var = None if state.var is None else _times_slope(module, _times_slope(module, state.var, state.mean),
+                                                          state.mean)
+        return Moments(module(state.mean), var=var)  # after the variance: an in-place module overwrites μ
     mean, slope = _value_and_slope(module, state.mean)
     return advance(state, ElementwiseStep(mean, slope, is_mask=isinstance(module, nn.ReLU)), ctx)
 

@@ -42,7 +42,10 @@ from posthoc.streamlined.rules.ops import (
     _linear_map,
     _mean_of,
     _op_name,
+    call_key,
+    elementwise_keeps_batch,
     is_random,
+    matmul_keeps_batch,
     reindex_rule,
 )
 
@@ -65,11 +68,11 @@ def matmul_rule(op: Callable[..., Any] | str, args: tuple, kwargs: dict, ctx: Co
     if is_random(a):
         right = _mean_of(b)
         return _linear_map(a, lambda t: torch.matmul(t, right), lambda v: torch.matmul(v, right.square()), ctx,
-                           _op_name(op))
+                           _op_name(op), keeps_batch=matmul_keeps_batch(a.mean.shape, right.shape, True))
     left = _mean_of(a)
     assert isinstance(b, Moments)
     return _linear_map(b, lambda t: torch.matmul(left, t), lambda v: torch.matmul(left.square(), v), ctx,
-                       _op_name(op))
+                       _op_name(op), keeps_batch=matmul_keeps_batch(b.mean.shape, left.shape, False))
 
 
 @register_rule(torch.softmax, F.softmax, "softmax")
@@ -90,7 +93,8 @@ def softmax_rule(op: Callable[..., Any] | str, args: tuple, kwargs: dict, ctx: C
     def var_fn(v: torch.Tensor) -> torch.Tensor:
         return s.square() * ((1 - 2 * s) * v + (s.square() * v).sum(dim, keepdim=True))
 
-    _check_keeps_batch(jvp, state, "softmax")
+    if not isinstance(dim, int) or dim % state.mean.ndim == 0:  # any other axis keeps the examples apart
+        _check_keeps_batch(jvp, state, "softmax")
     step = MapStep(jvp, state, var_fn)
     step.mean = s  # the map is the Jacobian at the mean; the mean itself is softmax(μ)
     return advance(state, step, ctx)
@@ -113,7 +117,8 @@ def masked_fill_rule(op: Callable[..., Any] | str, args: tuple, kwargs: dict, ct
     def fn(t: torch.Tensor) -> torch.Tensor:
         return t.masked_fill(mask, 0)
 
-    _check_keeps_batch(fn, state, _op_name(op))
+    if not elementwise_keeps_batch(state.mean.shape, mask):
+        _check_keeps_batch(fn, state, _op_name(op))
     step = MapStep(fn, state, fn)
     step.mean = state.mean.masked_fill(mask, value)
     return advance(state, step, ctx)
@@ -190,7 +195,8 @@ def sdpa_rule(op: Callable[..., Any], args: tuple, kwargs: dict, ctx: Context) -
     if not is_random(value):
         return Moments(weights @ _mean_of(value))
     return _linear_map(value, lambda t: weights @ t, lambda v: weights.square() @ v, ctx,
-                       "scaled_dot_product_attention")
+                       "scaled_dot_product_attention",
+                       keeps_batch=matmul_keeps_batch(value.mean.shape, weights.shape, False))
 
 
 class JointStep(Step):
@@ -480,4 +486,5 @@ def like_rule(op: str, args: tuple, kwargs: dict, ctx: Context) -> Moments:
         return Moments(getattr(_mean_of(args[0]), op)(target))
     state = args[0]
     assert isinstance(state, Moments)
-    return _linear_map(state, lambda t: getattr(t, op)(target), lambda v: getattr(v, op)(target), ctx, op)
+    return _linear_map(state, lambda t: getattr(t, op)(target), lambda v: getattr(v, op)(target), ctx, op,
+                       key=call_key(op, state, (tuple(target.shape),), {}))

@@ -13,7 +13,7 @@ reducing over it, concatenating along it) are refused.
 from __future__ import annotations
 
 import operator
-from typing import Any, Callable
+from typing import Any, Callable, Hashable
 
 import torch
 import torch.nn.functional as F
@@ -71,18 +71,94 @@ class MapStep(Step):
         return None if var_in is None else self.var_fn(var_in)
 
 
-def _check_keeps_batch(fn: TensorMap, state: Moments, what: str) -> None:
-    """Raise unless the linear ``fn`` keeps the batch axis: example 0 set to ones, the rest zero, moves nowhere else."""
+def _check_keeps_batch(fn: TensorMap, state: Moments, what: str, key: Hashable | None = None) -> None:
+    """Raise unless the linear ``fn`` keeps the batch axis: example 0 set to ones, the rest zero, moves nowhere else.
+
+    The probe is a pass over a tensor of the activation's size (with ``fn`` on it: for attention's value product, a
+    product as large as the op's). ``key`` (see :func:`call_key`): a description of the call that determines the
+    answer; a key that passed once is not probed again.
+    """
+    if key is not None and key in _KEEPS_BATCH:
+        return
     probe = torch.zeros_like(state.mean)
     probe[0] = 1
     out = fn(probe)
     if out.ndim == 0 or out.shape[0] != probe.shape[0] or bool(out[1:].any()):
         raise UnsupportedOpError(f"{what} mixes or indexes the batch axis (input {tuple(state.mean.shape)}, output "
                                  f"{tuple(out.shape)}); the propagation keeps examples independent")
+    if key is not None:
+        if len(_KEEPS_BATCH) >= _KEEPS_BATCH_MAX:
+            _KEEPS_BATCH.clear()
+        _KEEPS_BATCH.add(key)
 
 
-def _linear_map(state: Moments, fn: TensorMap, var_fn: TensorMap, ctx: Context, what: str) -> Moments:
-    _check_keeps_batch(fn, state, what)
+# Calls that passed the batch probe, by call_key; bounded (cleared when full: a cleared key is probed once more).
+_KEEPS_BATCH: set[Hashable] = set()
+_KEEPS_BATCH_MAX = 4096
+
+
+class _NotConstant(Exception):
+    pass
+
+
+def _constant(value: object) -> Hashable:
+    if isinstance(value, slice):
+        return ("slice", _constant(value.start), _constant(value.stop), _constant(value.step))
+    if isinstance(value, (tuple, list)):
+        return (type(value).__name__, *(_constant(v) for v in value))
+    if value is None or value is Ellipsis or isinstance(value, (bool, int, float, str, torch.dtype, torch.device,
+                                                                torch.memory_format, torch.layout)):
+        return (type(value).__name__, value)
+    raise _NotConstant
+
+
+def call_key(op: Callable[..., Any] | str, state: Moments, args: tuple, kwargs: dict) -> Hashable | None:
+    """A hashable key of the call: (op, its other arguments, the activation's shape and dtype), or None.
+
+    None when an argument is not a constant (ints, slices, dtypes, ...): a tensor argument, e.g. an index computed
+    from the data, may change the answer between calls. For a keyed call the output's layout is a function of the
+    key alone, so whether it keeps the batch axis is too.
+    """
+    try:
+        return (op, _constant(args), _constant(sorted(kwargs.items())), tuple(state.mean.shape), state.mean.dtype)
+    except _NotConstant:
+        return None
+
+
+def elementwise_keeps_batch(shape: torch.Size, other: object) -> bool:
+    """Whether an element-wise op of an activation of ``shape`` with a fixed ``other`` keeps the batch axis.
+
+    True for a number, or a tensor that broadcasts to ``shape`` without enlarging it (no probe needed).
+    """
+    if not isinstance(other, torch.Tensor):
+        return isinstance(other, (int, float, bool))
+    try:
+        return other.ndim <= len(shape) and torch.broadcast_shapes(other.shape, shape) == shape
+    except RuntimeError:
+        return False
+
+
+def matmul_keeps_batch(random: torch.Size, fixed: torch.Size, random_left: bool) -> bool:
+    """Whether ``random @ fixed`` (``fixed @ random`` when not ``random_left``) keeps the batch axis, by shapes.
+
+    The random operand's axis 0 must be a batch axis of the product (or, on the left, its rows) with the fixed
+    operand's batch axes broadcasting into the random one's. False means "probe", not "mixes".
+    """
+    if len(random) < (2 if random_left else 3):
+        return False  # axis 0 is contracted (a vector, or the right operand's rows)
+    if len(fixed) <= 2:
+        return True
+    try:
+        return len(fixed) <= len(random) and torch.broadcast_shapes(fixed[:-2], random[:-2]) == random[:-2]
+    except RuntimeError:
+        return False
+
+
+def _linear_map(state: Moments, fn: TensorMap, var_fn: TensorMap, ctx: Context, what: str,
+                key: Hashable | None = None, keeps_batch: bool = False) -> Moments:
+    """A fixed linear map as a step; ``keeps_batch``: the caller proved the batch axis kept, else it is probed."""
+    if not keeps_batch:
+        _check_keeps_batch(fn, state, what, key)
     return advance(state, MapStep(fn, state, var_fn), ctx)
 
 
@@ -109,7 +185,7 @@ def reindex_rule(op: Callable[..., Any] | str, args: tuple, kwargs: dict, ctx: C
     if op is operator.getitem and isinstance(args[0], (tuple, list)):
         return args[0][_mean_of(args[1])]
     state, fn = _unary(op, args, kwargs)
-    return _linear_map(state, fn, fn, ctx, _op_name(op))
+    return _linear_map(state, fn, fn, ctx, _op_name(op), key=call_key(op, state, args[1:], kwargs))
 
 
 @register_rule("mean", "sum", torch.mean, torch.sum)
@@ -118,7 +194,8 @@ def reduction_rule(op: Callable[..., Any] | str, args: tuple, kwargs: dict, ctx:
     state, fn = _unary(op, args, kwargs)
     name = _op_name(op)
     divisor = 1 if name == "sum" else state.mean[0].numel() // max(fn(state.mean[:1]).numel(), 1)
-    return _linear_map(state, fn, pooled_variance(fn, divisor, ctx.pooling), ctx, name)
+    return _linear_map(state, fn, pooled_variance(fn, divisor, ctx.pooling), ctx, name,
+                       key=call_key(op, state, args[1:], kwargs))
 
 
 def _split_operands(args: tuple, kwargs: dict, what: str) -> tuple[object, object]:
@@ -195,7 +272,8 @@ def scale_rule(op: Callable[..., Any] | str, args: tuple, kwargs: dict, ctx: Con
     def fn(t: torch.Tensor) -> torch.Tensor:
         return t / factor if divide else t * factor
 
-    return _linear_map(state, fn, lambda v: v * coefficient * coefficient, ctx, _op_name(op))
+    return _linear_map(state, fn, lambda v: v * coefficient * coefficient, ctx, _op_name(op),
+                       keeps_batch=elementwise_keeps_batch(state.mean.shape, factor))
 
 
 @register_rule(torch.cat, torch.concat)
