@@ -143,6 +143,8 @@ def test_lowrank_state_dict_round_trip_and_options(classification_data):
         _fit(subset, x, y, rank=5, bogus=1)
     with pytest.raises(ValueError, match="rank"):
         _fit(subset, x, y, rank=0)
+    with pytest.raises(ValueError, match=r"rank=\d+ directions \(default 20\).*structure_options=\{'rank': k\}"):
+        _fit(subset, x, y, rank=subset.n_params + 1)
     with pytest.raises(ValueError, match="empty"):
         LowRankCurvature.fit(subset, lambda: iter([]), OutputFactors("classification"), progress=False)
 

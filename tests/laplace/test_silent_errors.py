@@ -128,6 +128,20 @@ class UnusedLast(nn.Module):
         return self.head(self.body(x))
 
 
+class FrozenRegisteredLast(nn.Module):
+    """A frozen nn.Linear inside the body, registered after the head (the last registered Linear has nothing
+    to fit, yet the model's last layer, the head, has)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Linear(6, 3)
+        self.body = nn.Sequential(nn.Linear(4, 6), nn.Tanh())
+        self.frozen = nn.Linear(6, 6).requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.frozen(self.body(x))))
+
+
 class Scaled(nn.Module):
     """A parameter-free scaling after the head (linear tail)."""
 
@@ -204,8 +218,8 @@ class TemperatureAfter(nn.Module):
         return self.head(self.body(x)) * self.log_t.exp()
 
 
-@pytest.mark.parametrize("cls", [HeadFirst, UnusedLast, Scaled, PooledPositions, LogSoftmaxed, InputSkip,
-                                 FrozenNormAfter])
+@pytest.mark.parametrize("cls", [HeadFirst, UnusedLast, FrozenRegisteredLast, Scaled, PooledPositions, LogSoftmaxed,
+                                 InputSkip, FrozenNormAfter])
 @pytest.mark.parametrize("structure", ["full", "kron"])
 def test_last_layer_is_the_last_linear_on_the_path_to_the_output(cls, structure):
     x, y = _data()
@@ -256,6 +270,14 @@ def test_a_last_layer_with_tied_weights_raises():
     la = Laplace(TiedOutput().to(DTYPE), "classification", "last_layer", "full", progress=False)
     with pytest.raises(ValueError, match="tied weights"):
         la.fit(_loader(tokens, y))
+
+
+def test_a_frozen_last_layer_raises_naming_it():
+    x, y = _data()
+    model = HeadFirst().to(DTYPE)
+    model.head.requires_grad_(False)
+    with pytest.raises(ValueError, match="last layer 'head' has no parameters that require grad"):
+        Laplace(model, "classification", "last_layer", "full", progress=False).fit(_loader(x, y))
 
 
 def test_last_layer_name_chooses_the_layer():

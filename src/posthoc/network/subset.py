@@ -184,7 +184,11 @@ class ParameterSubset:
             if last_layer_name is not None and last_layer_name not in linears:
                 raise ValueError(f"last_layer_name={last_layer_name!r} is not an nn.Linear of the model; "
                                  f"its nn.Linear layers are {', '.join(repr(n) for n in linears)}")
-            self._set_module(last_layer_name if last_layer_name is not None else list(linears)[-1])
+            # provisional until located by a forward pass: the last registered Linear that has trainable
+            # parameters (a frozen one registered after the head must not fail the construction)
+            trainable = [n for n, m in linears.items() if any(p.requires_grad for p in m.parameters())]
+            provisional = (trainable or list(linears))[-1]
+            self._set_module(last_layer_name if last_layer_name is not None else provisional)
         else:
             self._set_module(None)
         if self.kind is SubsetOfWeights.SUBNETWORK:

@@ -162,6 +162,10 @@ class LowRankCurvature(CurvatureStructure):
             raise TypeError(f"hessian_structure='lowrank' got unknown options {sorted(options)}; "
                             "it takes rank, subsample, n_data, seed, tol, chunk_bytes, complement, basis")
         complement = check_choice(complement, LowRankComplement, "complement")  # before the costly products
+        if not 1 <= rank <= subset.n_params:
+            raise ValueError(f"hessian_structure='lowrank' keeps rank={rank} directions (default 20) but the covered "
+                             f"weights have P = {subset.n_params}: pass structure_options={{'rank': k}} with "
+                             f"1 <= k <= {subset.n_params}, or hessian_structure='full' for so few weights")
         if basis is None:
             basis = LowRankBasis.JACOBIAN if complement is LowRankComplement.OMIT else LowRankBasis.GGN
             if basis is LowRankBasis.JACOBIAN:
