@@ -58,3 +58,74 @@ def test_marglik_training_scalar_prior_classification_and_errors():
         marglik_training(model, loader, "classification", temperature=0.5)
     with pytest.raises(NotImplementedError, match="enable_backprop"):
         marglik_training(model, loader, "classification", enable_backprop=True)
+
+
+class _Interrupting:
+    """A loader that raises KeyboardInterrupt when its ``stop_at``-th batch (counted over every pass) is due."""
+
+    def __init__(self, loader, stop_at=None):
+        self.loader, self.dataset, self.stop_at, self.batches = loader, loader.dataset, stop_at, 0
+
+    def __iter__(self):
+        for batch in self.loader:
+            self.batches += 1
+            if self.stop_at is not None and self.batches == self.stop_at:
+                raise KeyboardInterrupt
+            yield batch
+
+
+def _resumable_run(loader, checkpoint, seed=0):
+    torch.manual_seed(123)  # the shuffling loader's orders come from the global generator
+    return marglik_training(
+        _mlp(seed), loader, "regression", hessian_structure="diag", optimizer_kwargs={"lr": 0.02},
+        scheduler_cls=torch.optim.lr_scheduler.StepLR, scheduler_kwargs={"step_size": 5, "gamma": 0.7},
+        n_epochs=6, n_hypersteps=3, marglik_frequency=2, n_epochs_burnin=1, checkpoint=checkpoint)
+
+
+def _same_result(a, b):
+    (la_a, model_a, margliks_a, losses_a), (la_b, model_b, margliks_b, losses_b) = a, b
+    assert margliks_a == margliks_b and losses_a == losses_b
+    for (name, p), q in zip(model_a.state_dict().items(), model_b.state_dict().values(), strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=0, msg=name)
+    torch.testing.assert_close(la_a.prior_precision, la_b.prior_precision, rtol=0, atol=0)
+    torch.testing.assert_close(la_a.sigma_noise, la_b.sigma_noise, rtol=0, atol=0)
+
+
+def test_an_interrupted_run_resumes_to_the_uninterrupted_result_bitwise(tmp_path):
+    x, y = _sinusoid()
+    loader = DataLoader(TensorDataset(x, y), batch_size=16, shuffle=True)  # 3 batches per epoch
+    reference = _resumable_run(loader, None)
+    path = tmp_path / "marglik.ckpt"
+    finished = tmp_path / "finished.ckpt"
+    _resumable_run(loader, finished)
+    counting = _Interrupting(loader)
+    _same_result(_resumable_run(counting, finished), reference)  # finished: the digest's pass and the final fit
+    fit_reads = counting.batches - 3
+    # batches read: 3 for the digest, 3 per epoch, fit_reads per Laplace fit (after epochs 2 and 4): stop in epoch 5
+    with pytest.raises(KeyboardInterrupt):
+        _resumable_run(_Interrupting(loader, stop_at=3 + 3 * 4 + 2 * fit_reads + 2), path)
+    counting = _Interrupting(loader)
+    _same_result(_resumable_run(counting, path), reference)
+    assert counting.batches == 3 + 3 * 2 + 2 * fit_reads  # the digest, epochs 5 and 6, the fit after 6, the final
+
+
+def test_a_checkpoint_of_another_computation_is_refused_naming_what_differs(tmp_path):
+    from posthoc.utils.checkpoint import CheckpointError
+
+    x, y = _sinusoid()
+    path = tmp_path / "marglik.ckpt"
+    _resumable_run(DataLoader(TensorDataset(x, y), batch_size=16), path)
+    relabelled = DataLoader(TensorDataset(x, y.flip(0)), batch_size=16)  # same values, other pairs
+    with pytest.raises(CheckpointError, match="train_data"):
+        _resumable_run(relabelled, path)
+    with pytest.raises(CheckpointError, match="initial_weights"):
+        _resumable_run(DataLoader(TensorDataset(x, y), batch_size=16), path, seed=1)
+    reordered = DataLoader(TensorDataset(x.flip(0), y.flip(0)), batch_size=8)  # the same examples: resumed
+    _resumable_run(reordered, path)
+
+
+def test_an_unwritable_checkpoint_folder_fails_before_training(tmp_path):
+    x, y = _sinusoid()
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(PermissionError, match="marglik_training checkpoint"):
+        _resumable_run(DataLoader(TensorDataset(x, y), batch_size=16), tmp_path / "a_file" / "marglik.ckpt")

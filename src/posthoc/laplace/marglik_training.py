@@ -14,13 +14,28 @@ current weights. Each epoch:
 
 The weights and hyperparameters with the best evidence seen (the values of the last hyperparameter step of an
 estimate, where its evidence was evaluated) are restored at the end and a Laplace is fitted there. Cost: ``n_epochs`` training epochs plus one Laplace fit per evidence estimate.
+
+Resumable (``checkpoint=PATH``): after every epoch the network, both optimisers, the scheduler, the
+hyperparameters, the evidence and loss histories, the best state so far and torch's random state are written to
+``PATH`` (a :mod:`posthoc.utils.checkpoint` file, atomic; its folder is checked writable before training).
+Called again with the same arguments after an interruption (KeyboardInterrupt, a killed process), it resumes
+after the last finished epoch and returns what an uninterrupted run returns, bitwise; a finished run's file
+stays, so a rerun only refits the final Laplace. The file is resumed only by the same computation: its
+fingerprint holds the settings (optimiser and scheduler keyword arguments by their repr), a digest of the
+network's weights and buffers *before* training (rebuild the model as the interrupted run started it) and an
+order-independent digest of the training examples (one pass over the loader; a shuffling loader gives the same
+digest, a loader with random augmentation or other data does not); otherwise a CheckpointError names what
+differs.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import math
+import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import torch
@@ -31,7 +46,11 @@ from posthoc.laplace.prior import per_parameter
 from posthoc.likelihood import Likelihood, check_supported
 from posthoc.network.subset import ParameterSubset
 from posthoc.predictive.tuning import PriorStructure, prior_structure_choice
+from posthoc.utils.checkpoint import load_checkpoint, module_digest, save_checkpoint
 from posthoc.utils.checks import check_choice, check_positive_int
+from posthoc.utils.io import check_writable
+
+CHECKPOINT_KIND = "marglik_training"
 
 
 def _batch(data: Any, dict_key_x: str, dict_key_y: str) -> tuple[Any, torch.Tensor]:
@@ -49,6 +68,41 @@ def _n_examples(train_loader: Iterable, dict_key_x: str, dict_key_y: str) -> int
     if n == 0:
         raise ValueError("train_loader yielded no examples")
     return n
+
+
+def _leaves(value: Any) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, Mapping):
+        return [t for key in sorted(value) for t in _leaves(value[key])]
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in _leaves(v)]
+    return []
+
+
+def examples_digest(train_loader: Iterable, dict_key_x: str, dict_key_y: str) -> dict[str, Any]:
+    """An order-independent fingerprint of the training examples: N and the sum modulo 2^64 of one hash per example.
+
+    Each example's hash covers the bytes of its inputs and its target together (a relabelled example changes
+    it), so the digest does not depend on the order of the examples or their batching (a shuffling loader) and
+    changes with any value. Cost: one pass over the loader and one 8-byte blake2b per example.
+    """
+    total, n = 0, 0
+    for data in train_loader:
+        x, y = _batch(data, dict_key_x, dict_key_y)
+        rows = [t.detach().cpu().contiguous().view(torch.uint8).reshape(len(y), -1).numpy()
+                for t in _leaves(x) + _leaves(y)]
+        for i in range(len(y)):
+            h = hashlib.blake2b(digest_size=8)
+            for r in rows:
+                h.update(r[i].tobytes())
+            total = (total + int.from_bytes(h.digest(), "little")) % 2 ** 64
+        n += len(y)
+    return {"examples": n, "sum_of_hashes": f"{total:016x}"}
+
+
+def _name(value: Any) -> str | None:
+    return None if value is None else f"{getattr(value, '__module__', '')}.{getattr(value, '__qualname__', value)}"
 
 
 def marglik_training(
@@ -76,6 +130,7 @@ def marglik_training(
     dict_key_x: str = "input",
     dict_key_y: str = "target",
     laplace_cls: type[Laplace] = Laplace,
+    checkpoint: str | os.PathLike | None = None,
 ) -> tuple[Laplace, nn.Module, list[float], list[float]]:
     """Train ``model`` and its prior precision (and noise) jointly by the Laplace evidence; see the module docstring.
 
@@ -104,6 +159,7 @@ def marglik_training(
         dict_key_x: the input's key in dict batches.
         dict_key_y: the target's key in dict batches.
         laplace_cls: the Laplace class to build (a subclass of posthoc's ``Laplace``).
+        checkpoint: a file to write after every epoch and to resume from (see the module docstring).
 
     Returns:
         (la, model, margliks, losses): the Laplace fitted at the best weights and hyperparameters, the model (with
@@ -113,6 +169,7 @@ def marglik_training(
     Raises:
         NotImplementedError: ``temperature`` other than 1 or ``enable_backprop``.
         ValueError: bad counts or options, an empty loader.
+        posthoc.utils.checkpoint.CheckpointError: a checkpoint of another computation, or a damaged one.
     """
     kind = check_supported(check_choice(likelihood, Likelihood, "likelihood"), (Likelihood.CLASSIFICATION, Likelihood.REGRESSION), "marglik_training")
     if temperature != 1.0:
@@ -149,7 +206,43 @@ def marglik_training(
     margliks: list[float] = []
     losses: list[float] = []
     best: tuple[float, dict[str, Any], torch.Tensor, torch.Tensor] | None = None
-    for epoch in range(1, n_epochs + 1):
+    start = 1
+    fingerprint: dict[str, Any] = {}
+    if checkpoint is not None:
+        check_writable(Path(checkpoint).parent, "marglik_training checkpoint")
+        fingerprint = {
+            "settings": {"likelihood": kind.value, "hessian_structure": str(hessian_structure),
+                         "curvature": str(curvature), "optimizer": _name(optimizer_cls),
+                         "optimizer_kwargs": repr(sorted(optimizer_kwargs.items())),
+                         "scheduler": _name(scheduler_cls), "scheduler_kwargs": repr(sorted((scheduler_kwargs or
+                                                                                             {}).items())),
+                         "n_epochs": n_epochs, "lr_hyp": lr_hyp, "prior_structure": str(prior_structure),
+                         "n_epochs_burnin": n_epochs_burnin, "n_hypersteps": n_hypersteps,
+                         "marglik_frequency": marglik_frequency, "prior_prec_init": prior_prec_init,
+                         "sigma_noise_init": sigma_noise_init, "fix_sigma_noise": fix_sigma_noise,
+                         "dict_keys": [dict_key_x, dict_key_y], "laplace_cls": _name(laplace_cls)},
+            "initial_weights": module_digest(model),
+        }
+        rng = torch.get_rng_state()  # the digest's pass draws a shuffling loader's order: training must not see it
+        fingerprint["train_data"] = examples_digest(train_loader, dict_key_x, dict_key_y)
+        torch.set_rng_state(rng)
+        if os.path.exists(checkpoint):
+            state = load_checkpoint(checkpoint, fingerprint, CHECKPOINT_KIND)
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            hyper_optimizer.load_state_dict(state["hyper_optimizer"])
+            if scheduler is not None:
+                scheduler.load_state_dict(state["scheduler"])
+            with torch.no_grad():
+                log_prior.copy_(state["log_prior"])
+                log_sigma.copy_(state["log_sigma"])
+            margliks, losses = list(state["margliks"]), list(state["losses"])
+            if state["best"] is not None:
+                score, weights, prior, noise = state["best"]
+                best = (float(score), weights, prior, noise)
+            torch.set_rng_state(state["torch_rng"])
+            start = int(state["epoch"]) + 1
+    for epoch in range(start, n_epochs + 1):
         model.train()
         total, n_data = 0.0, 0
         delta = per_parameter(log_prior.detach().exp(), subset)
@@ -167,6 +260,9 @@ def marglik_training(
             n_data += len(y)
         losses.append(total / n_data)
         if epoch % marglik_frequency != 0 or epoch < n_epochs_burnin:
+            if checkpoint is not None:
+                _save(checkpoint, fingerprint, epoch, model, optimizer, hyper_optimizer, scheduler, log_prior,
+                      log_sigma, margliks, losses, best)
             continue
         la = build().fit(train_loader)
         for _ in range(n_hypersteps):
@@ -179,6 +275,9 @@ def marglik_training(
             margliks.append(float(neg_evidence.detach()))
         if best is None or margliks[-1] < best[0]:
             best = (margliks[-1], copy.deepcopy(model.state_dict()), *evaluated)
+        if checkpoint is not None:
+            _save(checkpoint, fingerprint, epoch, model, optimizer, hyper_optimizer, scheduler, log_prior, log_sigma,
+                  margliks, losses, best)
         if progress_bar:
             print(f"marglik_training epoch {epoch}: loss {losses[-1]:.4g}, -log evidence {margliks[-1]:.4g}")
     if best is not None:
@@ -187,3 +286,17 @@ def marglik_training(
             log_prior.copy_(best[2])
             log_sigma.copy_(best[3])
     return build().fit(train_loader), model, margliks, losses
+
+
+def _save(path: str | os.PathLike, fingerprint: dict[str, Any], epoch: int, model: nn.Module,
+          optimizer: torch.optim.Optimizer, hyper_optimizer: torch.optim.Optimizer, scheduler: Any,
+          log_prior: torch.Tensor, log_sigma: torch.Tensor, margliks: list[float], losses: list[float],
+          best: tuple[float, dict[str, Any], torch.Tensor, torch.Tensor] | None) -> None:
+    """Everything the loop carries from one epoch to the next (see the module docstring)."""
+    save_checkpoint(path, {
+        "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+        "hyper_optimizer": hyper_optimizer.state_dict(),
+        "scheduler": None if scheduler is None else scheduler.state_dict(),
+        "log_prior": log_prior.detach().clone(), "log_sigma": log_sigma.detach().clone(),
+        "margliks": list(margliks), "losses": list(losses), "best": None if best is None else list(best),
+        "torch_rng": torch.get_rng_state()}, fingerprint, CHECKPOINT_KIND)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any, Callable, Iterable
 
 import torch
@@ -38,6 +39,7 @@ def marglik_training(
     enable_backprop: bool = False,
     dict_key_x: str = "input_ids",
     dict_key_y: str = "labels",
+    checkpoint: str | os.PathLike | None = None,
 ) -> tuple[Laplace, nn.Module, list[float], list[float]]:
     """Marginal-likelihood training with laplace-torch's arguments; returns (la, model, margliks, losses).
 
@@ -45,7 +47,8 @@ def marglik_training(
     everything else is :func:`posthoc.laplace.marglik_training.marglik_training`, and ``la`` is a
     :class:`posthoc.compat.laplace.Laplace`.
 
-    ``enable_backprop`` makes the returned Laplace's ``la(x)`` differentiable in x.
+    ``enable_backprop`` makes the returned Laplace's ``la(x)`` differentiable in x. ``checkpoint`` (posthoc's
+    addition; not in laplace-torch) makes the run resumable after an interruption.
 
     Raises:
         ValueError: a Hessian backend. NotImplementedError: ``temperature`` != 1.
@@ -59,7 +62,8 @@ def marglik_training(
         prior_structure=getattr(prior_structure, "value", prior_structure), n_epochs_burnin=n_epochs_burnin,
         n_hypersteps=n_hypersteps, marglik_frequency=marglik_frequency, prior_prec_init=prior_prec_init,
         sigma_noise_init=sigma_noise_init, temperature=temperature, fix_sigma_noise=fix_sigma_noise,
-        progress_bar=progress_bar, dict_key_x=dict_key_x, dict_key_y=dict_key_y, laplace_cls=Laplace)
+        progress_bar=progress_bar, dict_key_x=dict_key_x, dict_key_y=dict_key_y, laplace_cls=Laplace,
+        checkpoint=checkpoint)
     assert isinstance(la, Laplace)
     la.enable_backprop = bool(enable_backprop)  # the returned Laplace covers all weights, where backprop works
     return la, model, margliks, losses
