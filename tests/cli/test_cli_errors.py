@@ -125,3 +125,16 @@ def test_run_bench_checks_out_dir_before_any_work(tmp_path, no_work):
     out = _unwritable(tmp_path)
     with pytest.raises(PermissionError, match=str(out)):
         runner.run_bench("fmnist-embedded", methods=["map"], out_dir=out, checkpoint_dir=tmp_path, log=lambda m: None)
+
+
+def test_a_method_named_twice_is_an_error(capsys, tmp_path, no_work):
+    code = main(["bench", "--methods", "map,temperature,map", "--out", str(tmp_path / "out"), "--checkpoint-dir",
+                 str(tmp_path)])
+    assert code == 2
+    assert "map more than once" in capsys.readouterr().err
+
+
+def test_data_dir_with_the_embedded_suite_says_it_is_not_read(capsys, tmp_path, no_work):
+    with pytest.raises(WorkStarted):
+        main(["train", "--data-dir", str(tmp_path / "nowhere"), "--checkpoint-dir", str(tmp_path), "--no-progress"])
+    assert "--data-dir is not read" in capsys.readouterr().out

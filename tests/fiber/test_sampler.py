@@ -115,6 +115,8 @@ def test_clear_errors(problem):
         fitted.predict(torch.full((2, 3), float("nan"), dtype=DTYPE))
     with pytest.raises(ValueError, match="labels"):
         FiberSampler(model, "classification", **SETTINGS).fit(shuffled_loader(x, y + 5, 0))
+    with pytest.raises(ValueError, match="integer class labels"):  # were truncated to y by .long()
+        FiberSampler(model, "classification", **SETTINGS).fit(shuffled_loader(x, y.to(DTYPE) + 0.7, 0))
 
 
 def test_fit_warns_when_most_stage2_samples_leave_the_low_loss_set(problem):

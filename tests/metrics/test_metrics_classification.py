@@ -96,6 +96,15 @@ def test_nll_clamps_zero_probability():
     assert value32 == pytest.approx(-math.log(torch.finfo(torch.float32).tiny), rel=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_nll_of_half_precision_probabilities_is_not_capped_at_their_tiny(dtype):
+    probs = torch.tensor([[1 - 6e-6, 6e-6], [0.5, 0.5], [1.0, 0.0]], dtype=torch.float64).to(dtype)
+    value = nll(probs, torch.tensor([1, 0, 1]))
+    p_true = probs[:2].double()[[0, 1], [1, 0]]
+    expected = -(p_true.log().sum() + math.log(torch.finfo(torch.float32).tiny)) / 3
+    assert value == pytest.approx(float(expected), rel=1e-12)
+
+
 def test_binary_brier_is_twice_sklearn():
     # For C = 2: (p1 - y)^2 + (p0 - (1 - y))^2 = 2 (p1 - y)^2, while sklearn's binary
     # brier_score_loss scores the positive class only.

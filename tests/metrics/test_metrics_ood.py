@@ -20,6 +20,12 @@ def test_entropy_uniform_and_one_hot():
     assert entropy(torch.full((2, 4), 0.25)).dtype == torch.float32
 
 
+def test_entropy_of_round_off_negatives_is_finite():
+    """The probability check accepts entries down to -1e-6 (round-off); p log p must not turn them into NaN."""
+    h = entropy(torch.tensor([[1 + 5e-7, -5e-7], [0.5, 0.5]], dtype=torch.float64))
+    assert torch.isfinite(h).all() and h[0] == pytest.approx(0.0, abs=1e-5)
+
+
 def test_entropy_rejects_logits():
     with pytest.raises(ValueError, match="not logits"):
         entropy(torch.tensor([[3.0, -1.0]]))

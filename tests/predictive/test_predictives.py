@@ -118,3 +118,21 @@ def test_bad_options():
     with pytest.raises(ValueError, match="with_noise"):
         GaussianPredictive(torch.zeros(2, 1), var=torch.zeros(2, 1)).log_prob(torch.zeros(2, 1))
     assert math.isclose(float(pred.probs().sum()), 2.0)
+
+
+def test_with_noise_adds_the_same_variances_in_every_covariance_form():
+    torch.manual_seed(0)
+    mean = torch.randn(3, 3, dtype=torch.float64)
+    a = torch.randn(3, 3, 2, dtype=torch.float64)
+    var = torch.rand(3, 3, dtype=torch.float64)
+    forms = [GaussianPredictive(mean, cov=a @ a.transpose(1, 2) + torch.diag_embed(var)),
+             GaussianPredictive(mean, var=var, cov_factor=a)]
+    for sigma in (0.3, torch.tensor([0.1, 0.2, 0.3]), torch.tensor([[0.1], [0.2], [0.3]]), torch.rand(3, 3) + 0.1):
+        noisy = [p.with_noise(sigma) for p in forms]
+        expected = (a @ a.transpose(1, 2)).diagonal(0, 1, 2) + var + torch.as_tensor(sigma, dtype=torch.float64) ** 2
+        for pred in noisy:  # B == C: a (B, 1) sigma is per input, never read as per output
+            torch.testing.assert_close(pred.var, expected)
+        torch.testing.assert_close(GaussianPredictive(mean, var=var).with_noise(sigma).var,
+                                   var + torch.as_tensor(sigma, dtype=torch.float64) ** 2)
+    with pytest.raises(ValueError, match=r"does not broadcast to the outputs \(B, C\) = \(3, 3\)"):
+        forms[0].with_noise(torch.full((4,), 0.1))

@@ -51,6 +51,8 @@ MIXING = {
     "softmax over the batch": lambda h: torch.softmax(h, 0),
     "mean over the batch, broadcast back": lambda h: h.mean(0, keepdim=True).expand_as(h),
     "scaled by a tensor with a new leading axis": lambda h: (h * h.new_ones(2, 1, 1))[1],
+    "a permutation that keeps example 0": lambda h: h[[0, 2, 1, 3]],  # the example-0-only probe passed it
+    "rows minus permuted rows": lambda h: h - h[[0, 2, 1, 3]],  # diagonal mode gave examples 0 and 3 a variance
 }
 
 

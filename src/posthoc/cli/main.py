@@ -129,6 +129,9 @@ def _methods(text: str | None) -> list[str] | None:
     if not names:
         raise ValueError(f"--methods {text!r} names no method; give a comma-separated list from: "
                          f"{', '.join(METHODS)} (or leave --methods out for the suite's list)")
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ValueError(f"--methods names {', '.join(repeated)} more than once; each method is one row")
     get_methods(names)  # unknown names: an error listing the available ones
     return names
 
@@ -184,6 +187,12 @@ def _command(args: argparse.Namespace) -> int:
     try:
         methods = _methods(args.methods) if args.command == "bench" else None
         _check_checkpoint_dir(args)
+        from posthoc.bench.suites import get_bench_suite
+
+        suite = get_bench_suite("fmnist-embedded" if args.command == "demo" else args.suite)
+        if args.data_dir is not None and suite.data == "fmnist-embedded":
+            _say(f"posthoc {args.command}: note: --data-dir is not read: the fmnist-embedded suite's data ship with "
+                 "the package (--suite fmnist reads the full files there)")
         if args.command == "train":
             return _train(args)
         if args.command == "demo":

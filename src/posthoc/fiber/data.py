@@ -93,6 +93,8 @@ def _checked_targets(subset: ParameterSubset, inputs: ModelInputs, targets: torc
     if position_dims:
         check_layout((n_data, *out.shape[1:]), tuple(targets.shape), likelihood)
     if likelihood is Likelihood.CLASSIFICATION:
+        if targets.is_floating_point() and not bool(torch.all(targets == targets.round())):
+            raise ValueError("targets must hold integer class labels, got non-integer floats")
         targets = targets.reshape(n_data, *out.shape[1:-1]).long()
         skipped = targets == ignore_index if position_dims else torch.zeros_like(targets, dtype=torch.bool)
         labels = targets[~skipped]

@@ -99,12 +99,15 @@ def nll(probs: torch.Tensor, y: torch.Tensor) -> float:
     ``p`` is therefore clamped from below at ``torch.finfo(probs.dtype).tiny``
     (the smallest positive normal number of the dtype: 1.2e-38 for float32,
     2.2e-308 for float64), so one such point contributes at most about 87.3
-    (float32) or 708.4 (float64) to the sum. Cost: O(N·C).
+    (float32) or 708.4 (float64) to the sum. Half-precision probabilities are
+    clamped at float32's (float16's own, 6.1e-5, would cap a point at 9.7 and
+    raise every smaller true-class probability to it). Computed in float64. Cost: O(N·C).
     """
     probs, y = _check_probs_labels(probs, y)
     p_true = probs.gather(1, y[:, None]).squeeze(1)
-    p_true = p_true.clamp(min=torch.finfo(probs.dtype).tiny)
-    return float(-p_true.log().double().mean())
+    floor_dtype = probs.dtype if probs.dtype in (torch.float32, torch.float64) else torch.float32
+    p_true = p_true.double().clamp(min=torch.finfo(floor_dtype).tiny)
+    return float(-p_true.log().mean())
 
 
 def brier(probs: torch.Tensor, y: torch.Tensor) -> float:

@@ -27,6 +27,7 @@ def entropy(probs: torch.Tensor) -> torch.Tensor:
         (N,) tensor in the dtype of ``probs``, between 0 and log C. Cost: O(N·C).
     """
     _check_probs(probs)
+    probs = probs.clamp(min=0)  # the check tolerates round-off down to -1e-6, where p log p is NaN
     return -torch.special.xlogy(probs, probs).sum(dim=1)
 
 

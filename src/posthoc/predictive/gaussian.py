@@ -183,16 +183,25 @@ class GaussianPredictive(Predictive):
             + torch.einsum("bcr,sbr->sbc", self._factor, low_rank)
 
     def with_noise(self, sigma_noise: float | torch.Tensor) -> "GaussianPredictive":
-        """N(mean, Sigma + sigma_noise^2 I): the predictive of y for regression."""
+        """N(mean, Sigma + diag(sigma_noise^2)): the predictive of y for regression.
+
+        ``sigma_noise``: a scalar, (C,) per output, (B, 1) per input or (B, C); anything else that does not
+        broadcast to the outputs (B, C) raises ValueError (every covariance form adds the same variances).
+        """
         check_positive(sigma_noise, "sigma_noise")
         noise_var = torch.as_tensor(sigma_noise, dtype=self.mean.dtype, device=self.mean.device) ** 2
+        try:
+            per_entry = torch.broadcast_to(noise_var, self.mean.shape)
+        except RuntimeError:
+            raise ValueError(f"sigma_noise of shape {tuple(noise_var.shape)} does not broadcast to the outputs (B, C) = "
+                             f"{tuple(self.mean.shape)}: give a scalar, (C,) per output, (B, 1) per input or "
+                             "(B, C)") from None
         if self._factor is not None:
-            return GaussianPredictive(self.mean, var=self._diag + noise_var, cov_factor=self._factor,
+            return GaussianPredictive(self.mean, var=self._diag + per_entry, cov_factor=self._factor,
                                       link_approx=self.link_approx)
         if self._cov is None:
-            return GaussianPredictive(self.mean, var=self._cov_or_var + noise_var, link_approx=self.link_approx)
-        eye = torch.eye(self.n_outputs, dtype=self.mean.dtype, device=self.mean.device)
-        return GaussianPredictive(self.mean, cov=self._cov + noise_var * eye, link_approx=self.link_approx)
+            return GaussianPredictive(self.mean, var=self._cov_or_var + per_entry, link_approx=self.link_approx)
+        return GaussianPredictive(self.mean, cov=self._cov + torch.diag_embed(per_entry), link_approx=self.link_approx)
 
     def log_prob(self, y: torch.Tensor) -> torch.Tensor:
         """Log N(y; mean, Sigma) per input (B,) for targets ``y`` (B, C). Call on ``with_noise(sigma)`` for y.

@@ -15,7 +15,7 @@ import torch
 from posthoc.likelihood import Likelihood, check_supported
 from posthoc.metrics import nll
 from posthoc.predictive.gaussian import GaussianPredictive
-from posthoc.predictive.links import probit
+from posthoc.predictive.links import LinkApprox, probit
 from posthoc.utils.checks import check_choice
 
 GRID_POINTS = 61
@@ -23,7 +23,8 @@ GOLDEN_STEPS = 40
 
 
 def scaled_gaussian(mean: torch.Tensor, cov_or_var: torch.Tensor, scale: float,
-                    cov_factor: torch.Tensor | None = None) -> GaussianPredictive:
+                    cov_factor: torch.Tensor | None = None,
+                    link_approx: LinkApprox | str = LinkApprox.PROBIT) -> GaussianPredictive:
     """N(mean (B, C), κ Σ) from a covariance (B, C, C) or variances (B, C); κ = ``scale`` > 0.
 
     With ``cov_factor`` F (B, C, R), Σ = F Fᵀ + diag(``cov_or_var``), kept factored (F scaled by √κ).
@@ -36,18 +37,21 @@ def scaled_gaussian(mean: torch.Tensor, cov_or_var: torch.Tensor, scale: float,
         raise ValueError(f"the variance scale must be > 0, got {scale}")
     if cov_factor is not None:
         return GaussianPredictive(mean, var=scale * cov_or_var,
-                                  cov_factor=cov_factor if scale == 1 else math.sqrt(scale) * cov_factor)
+                                  cov_factor=cov_factor if scale == 1 else math.sqrt(scale) * cov_factor,
+                                  link_approx=link_approx)
     scaled = cov_or_var if scale == 1 else scale * cov_or_var
     if cov_or_var.ndim == 3:
-        return GaussianPredictive(mean, cov=torch.add(scaled, scaled.transpose(1, 2)).mul_(0.5))
-    return GaussianPredictive(mean, var=scaled)
+        return GaussianPredictive(mean, cov=torch.add(scaled, scaled.transpose(1, 2)).mul_(0.5),
+                                  link_approx=link_approx)
+    return GaussianPredictive(mean, var=scaled, link_approx=link_approx)
 
 
 def scale_predictive(pred: GaussianPredictive, scale: float) -> GaussianPredictive:
-    """N(mean, κ Σ): the same predictive with its covariance (or variances) multiplied by κ > 0."""
+    """N(mean, κ Σ): the same predictive (and default link) with its covariance (or variances) multiplied by κ > 0."""
     if pred.cov_factor is not None and pred.cov_diag is not None:
-        return scaled_gaussian(pred.mean, pred.cov_diag, scale, pred.cov_factor)
-    return scaled_gaussian(pred.mean, pred.cov if pred.has_full_cov else pred.var, scale)
+        return scaled_gaussian(pred.mean, pred.cov_diag, scale, pred.cov_factor, pred.link_approx)
+    return scaled_gaussian(pred.mean, pred.cov if pred.has_full_cov else pred.var, scale,
+                           link_approx=pred.link_approx)
 
 
 def fit_variance_scale(pred: GaussianPredictive, targets: torch.Tensor, likelihood: Likelihood | str,

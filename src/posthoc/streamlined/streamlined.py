@@ -41,6 +41,23 @@ from posthoc.utils.checks import check_choice, check_finite, check_positive, che
 from posthoc.utils.modes import eval_mode
 
 
+def model_structure(model: nn.Module) -> tuple:
+    """What a traced or exported graph of ``model`` bakes in besides its parameters and buffers.
+
+    Per module (by name): its object and type, and its plain attributes (numbers, strings, None; tensors that are
+    not parameters or buffers by identity), e.g. a temperature or a flag its forward reads as a Python value.
+    Cost: one pass over the modules' attributes.
+    """
+    def plain(value: object) -> object:
+        if isinstance(value, torch.Tensor):
+            return ("tensor", id(value))
+        return value if value is None or isinstance(value, (bool, int, float, str)) else NotImplemented
+
+    return tuple((name, id(module), type(module), tuple(
+        (key, v) for key, value in vars(module).items() if (v := plain(value)) is not NotImplemented))
+        for name, module in model.named_modules())
+
+
 def output_gaussian(out: Moments, scale: float) -> GaussianPredictive:
     """The predictive N(mean, κ Σ) of the network's output Moments (full, diagonal or factored Σ), κ = ``scale``."""
     if out.cov is not None:
@@ -192,6 +209,7 @@ class Streamlined:
         self.graph = check_choice(graph, GraphRoute, "graph")
         self.graph_used: GraphRoute | None = None  # FX or EXPORT once a prediction walked a graph
         self._exported = ExportedGraphs(self.model)
+        self._structure: tuple = ()  # model_structure(model) when its graph was last walked
         first = next(iter(self.model.parameters()), None)
         self._dtype = first.dtype if first is not None else torch.get_default_dtype()
         self._device = first.device if first is not None else torch.device("cpu")
@@ -297,6 +315,8 @@ class Streamlined:
             raise ValueError("input_var (input noise) needs x as one tensor; with tuple or mapping inputs the "
                              "inputs are deterministic")
         n = batch_size(x)
+        if n == 0:
+            raise ValueError("x holds no examples (batch size 0)")
         step = n if self.batch_size is None else self.batch_size
         outs = []
         for start in range(0, n, step):
@@ -328,6 +348,13 @@ class Streamlined:
                 raise ValueError(f"{type(self.model).__name__} has a module rule, which takes one input tensor; "
                                  "give x as a tensor")
             return rule(self.model, state, ctx, True)
+        structure = model_structure(self.model)
+        if self.graph_used is not None and structure != self._structure:
+            # a module replaced, or a plain attribute the forward reads (a temperature), since the graph was built:
+            # the graph holds the old ones, so it is built again and its first batch checked against model(x)
+            self._traced, self.graph_used, self._checked = None, None, False
+            self._exported = ExportedGraphs(self.model)
+        self._structure = structure
         if self.graph_used is None and self.graph is not GraphRoute.EXPORT:
             try:
                 self._traced = trace(self.model)

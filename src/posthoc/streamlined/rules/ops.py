@@ -72,20 +72,39 @@ class MapStep(Step):
 
 
 def _check_keeps_batch(fn: TensorMap, state: Moments, what: str, key: Hashable | None = None) -> None:
-    """Raise unless the linear ``fn`` keeps the batch axis: example 0 set to ones, the rest zero, moves nowhere else.
+    """Raise unless the linear ``fn`` keeps the batch axis: every example's output comes from that example alone.
 
-    The probe is a pass over a tensor of the activation's size (with ``fn`` on it: for attention's value product, a
-    product as large as the op's). ``key`` (see :func:`call_key`): a description of the call that determines the
-    answer; a key that passed once is not probed again.
+    Two probes of the activation's size: ones, and example i filled with i + 1. A map that keeps the examples
+    apart gives, for the second, (i + 1) times its output on the first in row i; a map that reads another row in
+    any example (a batch mean, a permutation, ``h - h[perm]``) does not. In half precision, whose rounding would
+    hide that, the probe is example 0 set to ones, the rest zero, which must move nowhere else. Cost: the probes'
+    passes through ``fn`` (for attention's value product, products as large as the op's). ``key`` (see
+    :func:`call_key`): a description of the call that determines the answer; a key that passed once is not
+    probed again.
     """
     if key is not None and key in _KEEPS_BATCH:
         return
-    probe = torch.zeros_like(state.mean)
-    probe[0] = 1
-    out = fn(probe)
-    if out.ndim == 0 or out.shape[0] != probe.shape[0] or bool(out[1:].any()):
-        raise UnsupportedOpError(f"{what} mixes or indexes the batch axis (input {tuple(state.mean.shape)}, output "
-                                 f"{tuple(out.shape)}); the propagation keeps examples independent")
+    mean = state.mean
+    problem = mean.ndim == 0
+    if not problem and torch.finfo(mean.dtype).eps > 1e-4:
+        probe = torch.zeros_like(mean)
+        probe[0] = 1
+        out = fn(probe)
+        problem = out.ndim == 0 or out.shape[0] != probe.shape[0] or bool(out[1:].any())
+    elif not problem:
+        ones = torch.ones_like(mean)
+        weights = torch.arange(1, mean.shape[0] + 1, dtype=mean.dtype, device=mean.device)
+        out_ones = fn(ones)
+        out = fn(ones * weights.reshape(-1, *[1] * (mean.ndim - 1)))
+        problem = out.ndim == 0 or out.shape != out_ones.shape or out.shape[0] != mean.shape[0]
+        if not problem:
+            expected = out_ones * weights.reshape(-1, *[1] * (out.ndim - 1))
+            tolerance = 64 * torch.finfo(mean.dtype).eps * (float(expected.abs().max()) + 1.0)
+            problem = bool(((out - expected).abs() > tolerance).any())
+    if problem:
+        shape = tuple(out.shape) if not mean.ndim == 0 else ()
+        raise UnsupportedOpError(f"{what} mixes or indexes the batch axis (input {tuple(mean.shape)}, output "
+                                 f"{shape}); the propagation keeps examples independent")
     if key is not None:
         if len(_KEEPS_BATCH) >= _KEEPS_BATCH_MAX:
             _KEEPS_BATCH.clear()
@@ -233,7 +252,7 @@ def add_rule(op: Callable[..., Any] | str, args: tuple, kwargs: dict, ctx: Conte
         return Moments(mean, var=None if var is None else var.expand_as(mean))
     state = a if is_random(a) else b
     assert isinstance(state, Moments)
-    coefficient = float(alpha) if state is b else 1.0
+    coefficient = (-float(alpha) if subtract else float(alpha)) if state is b else 1.0  # c - αh: -α
     if state.cov is not None or state.crosses:
         if mean.shape != state.mean.shape:
             raise UnsupportedOpError(f"{_op_name(op)} broadcasts a random activation {tuple(state.mean.shape)} to "
