@@ -283,3 +283,29 @@ def test_lowrank_keeps_the_prior_outside_the_top_k_as_laplace_torch():
     assert not torch.allclose(compat.predict(x[:5]).cov, omitted.predict(x[:5]).cov)
     chosen = LowRankLaplace(model, "classification", structure_options={"rank": 3, "complement": "omit"})
     assert chosen.structure_options["complement"] == "omit"
+
+
+def test_n_layers_sizes_a_layerwise_prior_and_2d_priors_are_refused():
+    model, loader, x = _classification()
+    la = Laplace(model, "classification", subset_of_weights="all", hessian_structure="diag")
+    la.fit(loader)
+    assert la.n_layers == 4  # two weights and two biases, laplace-torch's len(self.params)
+    la.prior_precision = torch.ones(la.n_layers, dtype=DTYPE)
+    last = Laplace(model, "classification", subset_of_weights="last_layer", hessian_structure="kron")
+    last.fit(loader)
+    assert last.n_layers == 2
+    for bad in (torch.ones(2, 2, dtype=DTYPE), torch.ones(1, 1, dtype=DTYPE)):  # laplace-torch refuses them too
+        with pytest.raises(ValueError, match="scalar or a 1-D tensor"):
+            la.prior_precision = bad
+        with pytest.raises(ValueError, match="scalar or a 1-D tensor"):
+            la.log_marginal_likelihood(bad)
+
+
+def test_classification_with_one_output_names_the_binary_likelihood():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(20, 2, generator=g, dtype=DTYPE)
+    model = nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 1)).to(DTYPE)
+    for y in (torch.zeros(20, dtype=torch.long), (x[:, 0] > 0).long()):  # all-zero labels used to fit silently
+        with pytest.raises(ValueError, match="likelihood='binary'"):
+            posthoc.Laplace(model, "classification", "all", "diag", progress=False).fit(
+                DataLoader(TensorDataset(x, y), batch_size=10))

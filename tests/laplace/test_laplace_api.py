@@ -295,3 +295,18 @@ def test_log_likelihood_and_n_data_for_every_structure(classification_data, stru
         expected = torch.log_softmax(model(x), -1).gather(1, y[:, None]).sum()
     assert la.n_data == len(x)
     torch.testing.assert_close(la._loglik_stat, expected)
+
+
+def test_a_squeezed_output_names_the_squeeze():
+    class Squeezed(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.head = torch.nn.Linear(2, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(x).squeeze(-1)
+
+    x, y = torch.randn(20, 2), torch.randn(20)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=10)
+    with pytest.raises(ValueError, match=r"got \(1,\) for one example.*\.squeeze\(\).*output_fn="):
+        Laplace(Squeezed(), "regression", "all", "diag", progress=False).fit(loader)

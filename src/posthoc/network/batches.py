@@ -133,6 +133,10 @@ def checked_batches(loader: Iterable, likelihood: Likelihood, n_outputs: int | N
             if y.ndim == 2 and y.shape[1] > 1:
                 raise ValueError(f"classification targets must be class indices of shape (B,), got {tuple(y.shape)} "
                                  "(one-hot or probability vectors?); pass the class indices, y.argmax(-1)")
+            if n_outputs == 1:
+                raise ValueError("likelihood='classification' needs C >= 2 outputs (a softmax over one class is "
+                                 "always 1); a model with one logit per input is a binary classifier: "
+                                 "likelihood='binary'")
             if n_outputs is not None:
                 y = check_labels(y.reshape(-1) if y.ndim == 2 else y, n_outputs, "targets")
         elif likelihood is Likelihood.BINARY:

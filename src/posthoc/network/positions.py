@@ -181,7 +181,9 @@ def first_batch_layout(loader: Iterable, call: ModelCall, likelihood: Likelihood
     with torch.no_grad():
         out0 = call(take(place(as_model_inputs(x, "inputs"), device, dtype), 0, 1))
     if out0.ndim < 2:
-        raise ValueError(f"the model must return (B, C) or (B, ..., C) outputs, got {tuple(out0.shape)}")
+        raise ValueError(f"the model must return (B, C) or (B, ..., C) outputs, got {tuple(out0.shape)} for one "
+                         "example (a batch of 1, as the fit first calls it): a .squeeze() in the forward drops the "
+                         "batch or output axis; keep (B, 1) for one output, or select the output with output_fn=")
     position_dims = out0.ndim - 2
     if position_dims and likelihood is Likelihood.BINARY:
         raise NotImplementedError(f"likelihood='binary' needs outputs (B, K), got {tuple(out0.shape)} (outputs with "

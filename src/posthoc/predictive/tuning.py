@@ -107,8 +107,12 @@ def checked_prior_precision(value: torch.Tensor) -> torch.Tensor:
     (Laplace: 1, per tensor or per parameter; ScaLLA: 1). Cost: one pass over ``value``.
 
     Raises:
-        ValueError: Naming the first bad entry.
+        ValueError: Naming the first bad entry, or for a tensor of more than one dimension (its entries would be
+            read in flattened order against an unknown layout; laplace-torch refuses it too).
     """
+    if isinstance(value, torch.Tensor) and value.ndim > 1:
+        raise ValueError(f"prior_precision must be a scalar or a 1-D tensor (one value, one per parameter tensor or "
+                         f"one per parameter), got shape {tuple(value.shape)}")
     check_positive(value, "prior_precision")
     return value.reshape(-1)
 

@@ -235,6 +235,11 @@ class Laplace(_PosthocLaplace):
         return prediction_inputs(x, None, self.dict_key_y, self.subset.device, self.subset.dtype)
 
     @property
+    def n_layers(self) -> int:
+        """The number of covered parameter tensors (laplace-torch's ``len(self.params)``), e.g. a layerwise prior's length."""
+        return len(self.subset.blocks)
+
+    @property
     def prior_mean(self) -> torch.Tensor:
         """mu_0: a 0-d tensor (one value for every parameter) or (P,)."""
         return self._prior_mean

@@ -18,9 +18,10 @@ s·h + δ (an nn.Embedding's from segment sums of its output gradients,
 their recorded inputs and output gradients, :mod:`posthoc.curvature.norm_affine`; the others from
 per-example gradients of those parameters only, :mod:`posthoc.curvature.fallback`), and so does every
 covered parameter of a Linear/Conv1D/Conv2d layer whose weight or bias is shared: a layer called more than
-once per forward, a Parameter held by two modules, a weight tied to another use
-(an output head that is also the embedding, an encoder weight reused
-transposed). Such a parameter's per-example gradient sums its uses, so it has no
+once per forward, or the layer a Parameter held by two modules (a weight tied to another use: an output head
+that is also the embedding, an encoder weight reused transposed) is covered under; the other module holding
+that Parameter keeps a Kronecker block (G only) for its own, unshared bias. A shared parameter's per-example
+gradient sums its uses, so it has no
 exact Kronecker block; its exact diagonal (all uses, all curvature types) is
 used instead, and the glm predictive takes its whole Jacobian (every use).
 Everything below only rotates
