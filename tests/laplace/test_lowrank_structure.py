@@ -107,6 +107,15 @@ def test_lowrank_subsample_scaling(classification_data):
                                                       basis="ggn").eigenvalues * 1000 / len(x))
 
 
+def test_ggn_basis_warns_when_it_keeps_fewer_directions_than_asked(classification_data):
+    """A subsample of 10 examples x 3 outputs gives the GGN rank < P: the missing directions are named, not hidden."""
+    x, y = classification_data
+    subset = ParameterSubset(small_mlp(), "all")
+    with pytest.warns(UserWarning, match=r"kept \d+ of the rank=\d+ directions.*basis='jacobian'"):
+        curv = _fit(subset, x, y, rank=subset.n_params, subsample=10, basis="ggn")
+    assert curv.rank < subset.n_params
+
+
 @pytest.mark.parametrize("prior_kind", ["scalar", "parameter"])
 def test_lowrank_logdet_gradient_matches_finite_differences(classification_data, prior_kind):
     x, y = classification_data

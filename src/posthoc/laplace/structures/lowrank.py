@@ -178,6 +178,13 @@ class LowRankCurvature(CurvatureStructure):
             pairs = top_ggn_eigenpairs(subset, batches, factors, rank, subsample=subsample, n_data=n_data,
                                        seed=seed, tol=tol, progress=progress, what="lowrank",
                                        desc="Laplace fit (lowrank): GGN products")
+            if pairs.eigenvalues.numel() < rank:
+                warnings.warn(f"hessian_structure='lowrank' (basis='ggn') kept {pairs.eigenvalues.numel()} of the "
+                              f"rank={rank} directions asked for: the GGN has no more positive eigenvalues on the "
+                              "subsample" + (", and under complement='omit' the others get no posterior variance; "
+                                             "basis='jacobian' keeps the Jacobian span instead"
+                                             if complement is LowRankComplement.OMIT else ""), UserWarning,
+                              stacklevel=3)
             return cls(subset, pairs.eigenvectors, pairs.eigenvalues, {**pairs.info, "basis": basis.value},
                        chunk_bytes, complement)
         pairs = top_ggn_eigenpairs(subset, batches, OutputFactors(Likelihood.REGRESSION), rank, subsample=subsample,
