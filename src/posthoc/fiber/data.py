@@ -19,7 +19,7 @@ from posthoc.network.batches import checked_batches, prediction_inputs
 from posthoc.network.inputs import ModelCall, ModelInputs, batch_size, concat, input_spec, select, take, tensor_leaves
 from posthoc.network.positions import IGNORE_INDEX, check_layout, first_batch_layout
 from posthoc.network.subset import ParameterSubset
-from posthoc.utils.checks import batch_shape
+from posthoc.utils.checks import batch_shape, check_integer_labels
 
 
 def canonical_training_data(train_loader: Iterable, subset: ParameterSubset, likelihood: Likelihood,
@@ -93,9 +93,7 @@ def _checked_targets(subset: ParameterSubset, inputs: ModelInputs, targets: torc
     if position_dims:
         check_layout((n_data, *out.shape[1:]), tuple(targets.shape), likelihood)
     if likelihood is Likelihood.CLASSIFICATION:
-        if targets.is_floating_point() and not bool(torch.all(targets == targets.round())):
-            raise ValueError("targets must hold integer class labels, got non-integer floats")
-        targets = targets.reshape(n_data, *out.shape[1:-1]).long()
+        targets = check_integer_labels(targets, "targets").reshape(n_data, *out.shape[1:-1]).long()
         skipped = targets == ignore_index if position_dims else torch.zeros_like(targets, dtype=torch.bool)
         labels = targets[~skipped]
         if labels.numel() == 0:

@@ -44,6 +44,7 @@ from torch import nn
 from posthoc.laplace.laplace import Laplace
 from posthoc.laplace.prior import per_parameter
 from posthoc.likelihood import Likelihood, check_supported
+from posthoc.network.inputs import as_model_inputs, tensor_leaves
 from posthoc.network.subset import ParameterSubset
 from posthoc.predictive.tuning import PriorStructure, prior_structure_choice
 from posthoc.utils.checkpoint import load_checkpoint, module_digest, save_checkpoint
@@ -70,16 +71,6 @@ def _n_examples(train_loader: Iterable, dict_key_x: str, dict_key_y: str) -> int
     return n
 
 
-def _leaves(value: Any) -> list[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, Mapping):
-        return [t for key in sorted(value) for t in _leaves(value[key])]
-    if isinstance(value, (tuple, list)):
-        return [t for v in value for t in _leaves(v)]
-    return []
-
-
 def examples_digest(train_loader: Iterable, dict_key_x: str, dict_key_y: str) -> dict[str, Any]:
     """An order-independent fingerprint of the training examples: N and the sum modulo 2^64 of one hash per example.
 
@@ -91,7 +82,7 @@ def examples_digest(train_loader: Iterable, dict_key_x: str, dict_key_y: str) ->
     for data in train_loader:
         x, y = _batch(data, dict_key_x, dict_key_y)
         rows = [t.detach().cpu().contiguous().view(torch.uint8).reshape(len(y), -1).numpy()
-                for t in _leaves(x) + _leaves(y)]
+                for t in [*tensor_leaves(as_model_inputs(x, "inputs")), y]]
         for i in range(len(y)):
             h = hashlib.blake2b(digest_size=8)
             for r in rows:

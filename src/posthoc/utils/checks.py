@@ -57,14 +57,20 @@ def check_ndim(x: torch.Tensor, ndim: int | tuple[int, ...], name: str, shape_do
     return x
 
 
-def check_labels(y: torch.Tensor, n_classes: int, name: str = "y") -> torch.Tensor:
-    """Check integer class labels in ``[0, n_classes)``; returns ``y`` as int64."""
-    if not isinstance(y, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor of integer class labels")
+def check_integer_labels(y: torch.Tensor, name: str = "y") -> torch.Tensor:
+    """Class labels of any shape as int64; float labels must be whole numbers (0.7 is an error, not class 0)."""
     if y.is_floating_point():
         if not bool(torch.all(y == y.round())):
             raise ValueError(f"{name} must hold integer class labels, got non-integer floats")
         y = y.long()
+    return y
+
+
+def check_labels(y: torch.Tensor, n_classes: int, name: str = "y") -> torch.Tensor:
+    """Check integer class labels in ``[0, n_classes)``; returns ``y`` as int64."""
+    if not isinstance(y, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of integer class labels")
+    y = check_integer_labels(y, name)
     if y.ndim != 1:
         raise ValueError(f"{name} must have shape (N,), got {tuple(y.shape)}")
     if y.numel() and (int(y.min()) < 0 or int(y.max()) >= n_classes):

@@ -85,15 +85,16 @@ def _check_keeps_batch(fn: TensorMap, state: Moments, what: str, key: Hashable |
     if key is not None and key in _KEEPS_BATCH:
         return
     mean = state.mean
-    problem = mean.ndim == 0
-    if not problem and torch.finfo(mean.dtype).eps > 1e-4:
+    if mean.ndim == 0:
+        raise UnsupportedOpError(f"{what} takes a random activation without a batch axis (shape ())")
+    if torch.finfo(mean.dtype).eps > 1e-4:
         probe = torch.zeros_like(mean)
         probe[0] = 1
         out = fn(probe)
-        problem = out.ndim == 0 or out.shape[0] != probe.shape[0] or bool(out[1:].any())
-    elif not problem:
-        ones = torch.ones_like(mean)
+        problem = out.ndim == 0 or out.shape[0] != mean.shape[0] or bool(out[1:].any())
+    else:
         weights = torch.arange(1, mean.shape[0] + 1, dtype=mean.dtype, device=mean.device)
+        ones = torch.ones_like(mean)  # the activation's layout, which views and reshapes may depend on
         out_ones = fn(ones)
         out = fn(ones * weights.reshape(-1, *[1] * (mean.ndim - 1)))
         problem = out.ndim == 0 or out.shape != out_ones.shape or out.shape[0] != mean.shape[0]
@@ -102,9 +103,8 @@ def _check_keeps_batch(fn: TensorMap, state: Moments, what: str, key: Hashable |
             tolerance = 64 * torch.finfo(mean.dtype).eps * (float(expected.abs().max()) + 1.0)
             problem = bool(((out - expected).abs() > tolerance).any())
     if problem:
-        shape = tuple(out.shape) if not mean.ndim == 0 else ()
         raise UnsupportedOpError(f"{what} mixes or indexes the batch axis (input {tuple(mean.shape)}, output "
-                                 f"{shape}); the propagation keeps examples independent")
+                                 f"{tuple(out.shape)}); the propagation keeps examples independent")
     if key is not None:
         if len(_KEEPS_BATCH) >= _KEEPS_BATCH_MAX:
             _KEEPS_BATCH.clear()
